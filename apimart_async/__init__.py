@@ -1,0 +1,70 @@
+"""apimart-async: an asyncio SDK for APIMart's video-generation API.
+
+Submit fast, watch cheaply, never pay twice, never lose a job. See README.md.
+"""
+
+from ._client import AsyncApimart
+from ._config import Timeout
+from ._errors import (
+    APIConnectionError,
+    ApimartError,
+    ApimartWarning,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ClientClosedError,
+    ConfigurationError,
+    ConflictError,
+    FieldError,
+    InsufficientBalanceError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseValidationError,
+    ServerError,
+    TaskFailedError,
+    TaskTimeoutError,
+    ValidationError,
+)
+from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video, VideoRequest
+from ._retry import set_testing
+from ._specs import MODEL_SPECS, IntRange, ModelSpec
+from ._version import __version__
+
+__all__ = [
+    "MODEL_SPECS",
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ApimartError",
+    "ApimartWarning",
+    "AsyncApimart",
+    "AuthenticationError",
+    "BadRequestError",
+    "Balance",
+    "ClientClosedError",
+    "ConfigurationError",
+    "ConflictError",
+    "FieldError",
+    "InsufficientBalanceError",
+    "IntRange",
+    "ModelSpec",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ResponseValidationError",
+    "ServerError",
+    "Task",
+    "TaskError",
+    "TaskFailedError",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "Timeout",
+    "UploadedImage",
+    "ValidationError",
+    "Video",
+    "VideoRequest",
+    "__version__",
+    "set_testing",
+]

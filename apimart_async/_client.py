@@ -1,0 +1,455 @@
+"""``AsyncApimart``: the endpoints a video user needs, over one transport."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import anyio
+
+from . import _converter as conv
+from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
+from ._errors import (
+    APIStatusError,
+    ConfigurationError,
+    FieldError,
+    NotFoundError,
+    ResponseValidationError,
+    TaskFailedError,
+    TaskTimeoutError,
+    ValidationError,
+)
+from ._models import Balance, Task, UploadedImage, VideoRequest
+from ._transport import Reply, Transport, new_idempotency_key
+
+__all__ = ["AsyncApimart"]
+
+logger = logging.getLogger("apimart_async")
+
+T = TypeVar("T")
+
+BATCH_LIMIT: Final = 100
+MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024
+#: Waits between status checks of the simple wait, in seconds (the last one repeats).
+WAIT_SCHEDULE: Final = (1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
+
+_IMAGE_MAGIC: Final = (
+    (b"\xff\xd8\xff", "image/jpeg", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png", "png"),
+    (b"GIF87a", "image/gif", "gif"),
+    (b"GIF89a", "image/gif", "gif"),
+)
+
+
+def _parse(fn: Callable[..., T]) -> Callable[[Reply], T]:
+    """Adapt a body parser of ``_converter`` to a transport ``parse`` callback."""
+    return lambda reply: fn(reply.body, status=reply.status)
+
+
+def sniff_image(data: bytes) -> tuple[str, str] | None:
+    """(content type, extension) of a JPEG, PNG, WebP or GIF image, from its first bytes."""
+    for magic, content_type, ext in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return content_type, ext
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp", "webp"
+    return None
+
+
+def _check_task_id(task_id: Any, field: str = "task_id") -> str:
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise ValidationError([FieldError(field, "must be a non-empty string", task_id)])
+    if any(c.isspace() or ord(c) < 32 for c in task_id) or "/" in task_id:
+        raise ValidationError([FieldError(field, "must not contain '/' or white space", task_id)])
+    return task_id
+
+
+def _check_idempotency_key(key: Any) -> str:
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= 255
+        or not key.isascii()
+        or not key.isprintable()
+        or key != key.strip()
+    ):
+        raise ValidationError(
+            [FieldError("idempotency_key", "must be 1 to 255 printable ASCII characters", key)]
+        )
+    return key
+
+
+class AsyncApimart:
+    """Async client for the APIMart video API.
+
+    ::
+
+        async with AsyncApimart() as client:          # key from APIMART_API_KEY
+            task = await client.videos.generate(VideoRequest("sora-2-preview", "a cat"))
+
+    Args:
+        api_key: the API key; default ``APIMART_API_KEY``. Never shown in reprs or logs.
+        base_url: default ``APIMART_BASE_URL``, else ``https://api.apimart.ai``. Plain http is
+            refused unless the host is loopback (the built-in emulator).
+        timeout: per-attempt timeouts, a ``Timeout``, seconds for every phase, or None.
+        max_retries: retries after the first attempt for retryable failures (see ``_retry``).
+        language: language of the service's error messages: en, zh, ja or ko.
+        status_concurrency: parallel status GETs when the batch status route is missing.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: Timeout | float | None = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        language: str = "en",
+        status_concurrency: int = 8,
+    ) -> None:
+        key = resolve_api_key(api_key)
+        url = check_base_url(base_url)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if language not in LANGUAGES:
+            raise ConfigurationError(
+                f"language must be one of {', '.join(LANGUAGES)}, got {language!r}"
+            )
+        if (
+            isinstance(status_concurrency, bool)
+            or not isinstance(status_concurrency, int)
+            or status_concurrency < 1
+        ):
+            raise ConfigurationError(
+                f"status_concurrency must be an int >= 1, got {status_concurrency!r}"
+            )
+        self.language = language
+        self.status_concurrency = status_concurrency
+        self._transport = Transport(
+            api_key=key, base_url=url, timeout=Timeout.of(timeout), max_retries=max_retries
+        )
+        #: None until the batch status route has answered; False once it proved missing.
+        self._batch_route: bool | None = None
+        self.videos = Videos(self)
+        self.tasks = Tasks(self)
+        self.uploads = Uploads(self)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> Self:
+        await self._transport.open()
+        return self
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def base_url(self) -> str:
+        return self._transport.base_url
+
+    @property
+    def timeout(self) -> Timeout:
+        return self._transport.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self._transport.max_retries
+
+    @property
+    def batch_route_available(self) -> bool | None:
+        """True once the batch status route answered, False once it proved missing."""
+        return self._batch_route
+
+    def request_counts(self) -> dict[str, int]:
+        """HTTP attempts made so far, by kind (submit, task, batch, balance, upload, retries)."""
+        return dict(self._transport.counters)
+
+    def __repr__(self) -> str:
+        state = (
+            "open" if self._transport.is_open else "closed" if self._transport.is_closed else "new"
+        )
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self._transport.counters.items()))
+        return f"<AsyncApimart {self.base_url} [{state}] requests: {counts or 'none'}>"
+
+    # -- account -----------------------------------------------------------------------------
+
+    async def balance(self, *, account: bool = False) -> Balance:
+        """The balance of this key (``GET /v1/balance``), or of the whole account."""
+        path = "/v1/user/balance" if account else "/v1/balance"
+        return await self._transport.request(
+            "GET", path, kind="balance", retry="read", parse=_parse(conv.parse_balance)
+        )
+
+
+class Videos:
+    """``client.videos``: submit generations and wait for them."""
+
+    def __init__(self, client: AsyncApimart) -> None:
+        self._client = client
+
+    async def submit(self, request: VideoRequest, *, idempotency_key: str | None = None) -> str:
+        """Submit one generation; returns its task id.
+
+        The POST carries an ``Idempotency-Key`` (``idempotency_key`` or a fresh one) that is
+        the same on every retry, so a retried submit never creates a second task.
+        """
+        if not isinstance(request, VideoRequest):
+            raise ValidationError(
+                [
+                    FieldError(
+                        "request", "must be a VideoRequest (see VideoRequest.from_dict)", request
+                    )
+                ]
+            )
+        key = (
+            new_idempotency_key()
+            if idempotency_key is None
+            else _check_idempotency_key(idempotency_key)
+        )
+        return await self._client._transport.request(
+            "POST",
+            "/v1/videos/generations",
+            kind="submit",
+            retry="submit",
+            parse=_parse(conv.parse_submit),
+            json_body=request.to_body(),
+            headers={"Idempotency-Key": key},
+        )
+
+    async def generate(
+        self,
+        request: VideoRequest,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        poll_interval: float | None = None,
+    ) -> Task:
+        """Submit and wait until the task ends. Raises ``TaskFailedError`` if it failed and
+        ``TaskTimeoutError`` after ``timeout`` seconds (the task itself keeps running)."""
+        task_id = await self.submit(request, idempotency_key=idempotency_key)
+        return await self._client.tasks.wait(task_id, timeout=timeout, poll_interval=poll_interval)
+
+
+class Tasks:
+    """``client.tasks``: status of submitted tasks."""
+
+    def __init__(self, client: AsyncApimart) -> None:
+        self._client = client
+
+    async def get(self, task_id: str) -> Task:
+        """``GET /v1/tasks/{task_id}``. Raises ``NotFoundError`` for an unknown or expired task."""
+        task_id = _check_task_id(task_id)
+
+        def parse(reply: Reply) -> Task:
+            task = conv.parse_task(reply.body, status=reply.status)
+            if task.id != task_id:
+                raise ResponseValidationError(
+                    f"asked for task {task_id}, got {task.id}", body=reply.body, status=reply.status
+                )
+            return task
+
+        return await self._client._transport.request(
+            "GET",
+            f"/v1/tasks/{quote(task_id, safe='')}",
+            kind="task",
+            retry="read",
+            parse=parse,
+            params={"language": self._client.language},
+        )
+
+    async def get_many(self, task_ids: Iterable[str]) -> list[Task]:
+        """The status of many tasks, in the order asked; tasks the service does not know are
+        left out. Uses ``POST /v1/tasks/batch`` (100 ids a request) and, once that route
+        proves missing or unreadable, per-task GETs for the rest of the session."""
+        ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
+        found: dict[str, Task] = {}
+        for start in range(0, len(ids), BATCH_LIMIT):
+            chunk = ids[start : start + BATCH_LIMIT]
+            if self._client._batch_route is not False:
+                batch = await self._batch(chunk)
+                if batch is not None:
+                    found.update((t.id, t) for t in batch if t.id in chunk)
+                    continue
+            found.update(await self._each(chunk))
+        return [found[t] for t in ids if t in found]
+
+    async def _batch(self, chunk: Sequence[str]) -> list[Task] | None:
+        """One batch status request; None when the route turned out to be missing."""
+        try:
+            tasks = await self._client._transport.request(
+                "POST",
+                "/v1/tasks/batch",
+                kind="batch",
+                retry="read",
+                parse=_parse(conv.parse_task_list),
+                json_body={"task_ids": list(chunk)},
+            )
+        except (NotFoundError, ResponseValidationError) as exc:
+            self._route_missing(exc)
+            return None
+        except APIStatusError as exc:
+            if exc.status not in (405, 501):
+                raise
+            self._route_missing(exc)
+            return None
+        self._client._batch_route = True
+        return tasks
+
+    def _route_missing(self, exc: Exception) -> None:
+        if self._client._batch_route is not False:
+            logger.warning(
+                "batch status route unusable (%s); using per-task status requests from now on",
+                type(exc).__name__,
+            )
+        self._client._batch_route = False
+
+    async def _each(self, chunk: Sequence[str]) -> dict[str, Task]:
+        found: dict[str, Task] = {}
+        limiter = anyio.CapacityLimiter(self._client.status_concurrency)
+
+        async def one(task_id: str) -> None:
+            async with limiter:
+                with contextlib.suppress(NotFoundError):
+                    found[task_id] = await self.get(task_id)
+
+        async with anyio.create_task_group() as tg:
+            for task_id in chunk:
+                tg.start_soon(one, task_id)
+        return found
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float | None = None,
+    ) -> Task:
+        """Poll one task until it ends; return it if completed, raise ``TaskFailedError`` if
+        it failed or was cancelled, ``TaskTimeoutError`` after ``timeout`` seconds."""
+        task_id = _check_task_id(task_id)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValidationError(
+                [FieldError("timeout", "must be a positive number of seconds", timeout)]
+            )
+        if poll_interval is not None and not (
+            isinstance(poll_interval, (int, float)) and poll_interval >= 0
+        ):
+            raise ValidationError(
+                [FieldError("poll_interval", "must be >= 0 seconds", poll_interval)]
+            )
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        last: Task | None = None
+        checks = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TaskTimeoutError(task_id, float(timeout or 0), last)
+            if poll_interval is not None:
+                delay = poll_interval
+            else:
+                delay = WAIT_SCHEDULE[min(checks, len(WAIT_SCHEDULE) - 1)]
+            await anyio.sleep(min(delay, remaining))
+            checks += 1
+            last = await self.get(task_id)
+            if last.is_terminal:
+                if last.ok:
+                    return last
+                raise TaskFailedError(last)
+
+
+class Uploads:
+    """``client.uploads``: images to use as reference media."""
+
+    def __init__(self, client: AsyncApimart) -> None:
+        self._client = client
+
+    async def image(
+        self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
+    ) -> str:
+        """Upload a JPEG, PNG, WebP or GIF image (at most 20 MB); returns its URL (72 h)."""
+        return (await self.create(file, filename=filename)).url
+
+    async def create(
+        self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
+    ) -> UploadedImage:
+        """Upload an image and return the whole reply. Type and size are checked first."""
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            data = bytes(file)
+            name = filename or "image"
+        elif isinstance(file, (str, os.PathLike)):
+            path = Path(file)
+            try:
+                size = (await anyio.Path(path).stat()).st_size
+            except OSError as exc:
+                raise ValidationError(
+                    [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
+                ) from None
+            if size > MAX_UPLOAD_BYTES:
+                raise ValidationError(
+                    [
+                        FieldError(
+                            "file",
+                            f"must be at most {MAX_UPLOAD_BYTES // 2**20} MB",
+                            f"{size} bytes",
+                        )
+                    ]
+                )
+            data = await anyio.Path(path).read_bytes()
+            name = filename or path.name
+        else:
+            raise ValidationError(
+                [FieldError("file", "must be a path or bytes", type(file).__name__)]
+            )
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ValidationError(
+                [
+                    FieldError(
+                        "file",
+                        f"must be at most {MAX_UPLOAD_BYTES // 2**20} MB",
+                        f"{len(data)} bytes",
+                    )
+                ]
+            )
+        if not data:
+            raise ValidationError([FieldError("file", "is empty", name)])
+        kind = sniff_image(data)
+        if kind is None:
+            raise ValidationError(
+                [FieldError("file", "must be a JPEG, PNG, WebP or GIF image", name)]
+            )
+        content_type, ext = kind
+        if "." not in name:
+            name = f"{name}.{ext}"
+
+        def form() -> aiohttp.FormData:
+            fd = aiohttp.FormData()
+            fd.add_field("file", data, filename=name, content_type=content_type)
+            return fd
+
+        return await self._client._transport.request(
+            "POST",
+            "/v1/uploads/images",
+            kind="upload",
+            retry="read",
+            parse=_parse(conv.parse_upload),
+            data_factory=form,
+        )

@@ -1,0 +1,260 @@
+"""The private cattrs converter: wire JSON to models, tolerant of what the service may add.
+
+Unknown fields are ignored, unknown statuses become ``TaskStatus.UNKNOWN``, numbers sent as
+strings are read as numbers. Anything else that does not fit raises
+``ResponseValidationError`` with an excerpt of the body: never a KeyError or TypeError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, TypeVar
+
+import cattrs
+from cattrs.gen import make_dict_structure_fn
+
+from ._errors import APIStatusError, ResponseValidationError
+from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video
+
+__all__ = [
+    "load_json",
+    "parse_balance",
+    "parse_submit",
+    "parse_task",
+    "parse_task_list",
+    "parse_upload",
+]
+
+T = TypeVar("T")
+
+_conv = cattrs.Converter(forbid_extra_keys=False, detailed_validation=False)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        number = float(value.strip())
+    else:
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _opt_float(value: Any, _: Any) -> float | None:
+    return None if value is None else _number(value)
+
+
+def _opt_int(value: Any, _: Any) -> int | None:
+    return None if value is None else round(_number(value))
+
+
+def _opt_str(value: Any, _: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"expected a string, got {type(value).__name__}")
+
+
+def _str(value: Any, _: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _code(value: Any, _: Any) -> int | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise TypeError(f"expected an int or string code, got {type(value).__name__}")
+
+
+def _bool(value: Any, _: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1, None):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise TypeError(f"expected a boolean, got {value!r}")
+
+
+def _status(value: Any, _: Any) -> TaskStatus:
+    if not isinstance(value, str):
+        raise TypeError(f"status must be a string, got {type(value).__name__}")
+    return TaskStatus.parse(value)
+
+
+def _video(value: Any, _: Any) -> Video:
+    if isinstance(value, str):  # a bare URL
+        return Video(urls=(value,))
+    if not isinstance(value, dict):
+        raise TypeError(f"video must be an object, got {type(value).__name__}")
+    urls = value.get("url", value.get("urls"))
+    if urls is None:
+        urls = []
+    elif isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise TypeError("video url must be a string or a list of strings")
+    return Video(urls=tuple(urls), expires_at=_opt_int(value.get("expires_at"), None))
+
+
+def _videos(value: Any, _: Any) -> tuple[Video, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TypeError(f"videos must be a list, got {type(value).__name__}")
+    return tuple(_video(v, None) for v in value)
+
+
+def _task_error(value: Any, _: Any) -> TaskError | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return TaskError(message=value)
+    if not isinstance(value, dict):
+        raise TypeError(f"error must be an object, got {type(value).__name__}")
+    return TaskError(
+        code=_code(value.get("code"), None),
+        message=_opt_str(value.get("message"), None),
+        type=_opt_str(value.get("type"), None),
+    )
+
+
+_conv.register_structure_hook(float | None, _opt_float)
+_conv.register_structure_hook(int | None, _opt_int)
+_conv.register_structure_hook(str | None, _opt_str)
+_conv.register_structure_hook(str, _str)
+_conv.register_structure_hook(float, lambda v, _: _number(v))
+_conv.register_structure_hook(bool, _bool)
+_conv.register_structure_hook(TaskStatus, _status)
+_conv.register_structure_hook_func(lambda t: t == tuple[Video, ...], _videos)
+_conv.register_structure_hook(TaskError | None, _task_error)
+
+_structure_task_fields = make_dict_structure_fn(Task, _conv)
+
+
+def _structure_task(value: Any, _: Any) -> Task:
+    if not isinstance(value, dict):
+        raise TypeError(f"task must be an object, got {type(value).__name__}")
+    data = dict(value)
+    if "id" not in data and "task_id" in data:
+        data["id"] = data["task_id"]
+    if not isinstance(data.get("id"), str) or not data["id"]:
+        raise TypeError("task has no id")
+    if "status" not in data:
+        raise TypeError("task has no status")
+    result = data.get("result")
+    if isinstance(result, dict) and "videos" in result:
+        data["videos"] = result["videos"]
+    elif result is not None and not isinstance(result, dict):
+        raise TypeError(f"result must be an object, got {type(result).__name__}")
+    data["raw_status"] = data["status"]
+    return _structure_task_fields(data, Task)
+
+
+_conv.register_structure_hook(Task, _structure_task)
+
+
+def _rve(message: str, body: bytes | str, status: int | None) -> ResponseValidationError:
+    return ResponseValidationError(message, body=body, status=status)
+
+
+def load_json(body: bytes, *, status: int | None = None) -> Any:
+    """Decode a reply body as JSON, or raise ResponseValidationError."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ResponseValidationError(
+            "reply is not JSON", body=body, status=status, decodable=False
+        ) from None
+
+
+def _structure(data: Any, cls: type[T], what: str, body: bytes, status: int | None) -> T:
+    try:
+        return _conv.structure(data, cls)
+    except Exception as exc:  # noqa: BLE001 - every structuring failure is one typed error
+        raise _rve(f"cannot read {what}: {exc}", body, status) from None
+
+
+def _data(payload: Any, what: str, body: bytes, status: int | None) -> Any:
+    if not isinstance(payload, dict):
+        raise _rve(f"cannot read {what}: reply is not a JSON object", body, status)
+    if "data" not in payload:
+        raise _rve(f"cannot read {what}: reply has no 'data'", body, status)
+    return payload["data"]
+
+
+def parse_submit(body: bytes, *, status: int | None = None) -> str:
+    """The task id of a submit reply: ``data`` as a list of ``{task_id}`` or an object ``{id}``."""
+    data = _data(load_json(body, status=status), "submit reply", body, status)
+    item = data[0] if isinstance(data, list) and data else data
+    if isinstance(item, dict):
+        task_id = item.get("task_id", item.get("id"))
+        if isinstance(task_id, str) and task_id:
+            return task_id
+    raise _rve("cannot read submit reply: no task id", body, status)
+
+
+def parse_task(body: bytes, *, status: int | None = None) -> Task:
+    data = _data(load_json(body, status=status), "task", body, status)
+    return _structure(data, Task, "task", body, status)
+
+
+def parse_task_list(body: bytes, *, status: int | None = None) -> list[Task]:
+    """The tasks of a batch status reply (``data`` as a list of task objects)."""
+    data = _data(load_json(body, status=status), "batch status", body, status)
+    if isinstance(data, dict):
+        for key in ("tasks", "items", "list"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if not isinstance(data, list):
+        raise _rve("cannot read batch status: 'data' is not a list", body, status)
+    return [_structure(item, Task, "task in batch", body, status) for item in data]
+
+
+def parse_balance(body: bytes, *, status: int | None = None) -> Balance:
+    payload = load_json(body, status=status)
+    wrapped = isinstance(payload, dict) and isinstance(payload.get("data"), dict)
+    if wrapped and "remain_balance" not in payload:
+        payload = payload["data"]
+    if not isinstance(payload, dict):
+        raise _rve("cannot read balance: reply is not a JSON object", body, status)
+    if payload.get("success") is False:
+        message = payload.get("message")
+        raise APIStatusError(
+            message if isinstance(message, str) and message else "balance query failed",
+            status=status or 200,
+            type="balance_error",
+            body=body,
+        )
+    if "remain_balance" not in payload:
+        raise _rve("cannot read balance: no remain_balance", body, status)
+    return _structure(payload, Balance, "balance", body, status)
+
+
+def parse_upload(body: bytes, *, status: int | None = None) -> UploadedImage:
+    payload = load_json(body, status=status)
+    if isinstance(payload, dict) and isinstance(payload.get("data"), dict):
+        payload = payload["data"]
+    if not isinstance(payload, dict) or not isinstance(payload.get("url"), str):
+        raise _rve("cannot read upload reply: no url", body, status)
+    return _structure(payload, UploadedImage, "upload reply", body, status)
+
+
+def structure_task(data: Any) -> Task:
+    """Structure one task object (webhook payloads, journals). Raises ResponseValidationError."""
+    raw = json.dumps(data, default=str).encode() if data is not None else b""
+    return _structure(data, Task, "task", raw, None)

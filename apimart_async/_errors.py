@@ -1,0 +1,285 @@
+"""The exceptions of apimart-async: one root, every foreign error translated at the boundary.
+
+::
+
+    ApimartError
+    ├── ConfigurationError (ValueError)      bad client settings: no key, http to a remote host
+    ├── ValidationError (ValueError)         a request broke a model's rule; nothing was sent
+    ├── ClientClosedError                    the client is not open, or was closed meanwhile
+    ├── APIConnectionError                   the request did not get a complete reply
+    │   └── APITimeoutError (TimeoutError)   ... because a timeout ran out
+    ├── ResponseValidationError              a reply this SDK cannot read (carries an excerpt)
+    ├── APIStatusError                       the service answered with an error
+    │   ├── BadRequestError                  400, 422, 500 build_request_failed
+    │   ├── AuthenticationError              401
+    │   ├── InsufficientBalanceError         402
+    │   ├── PermissionDeniedError            403
+    │   ├── NotFoundError                    404 (unknown route, task unknown or expired)
+    │   ├── ConflictError                    409 (idempotency_in_progress / _key_reused / ...)
+    │   ├── RateLimitError                   429 (``retry_after`` in seconds, when given)
+    │   └── ServerError                      5xx
+    ├── TaskFailedError                      the task ended ``failed`` or ``cancelled``
+    └── TaskTimeoutError (TimeoutError)      waiting for a task took longer than allowed
+
+No aiohttp or asyncio exception escapes the client. No exception of this module ever holds the
+API key: requests are described by method and path only, never by their headers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from ._models import Task
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ApimartError",
+    "ApimartWarning",
+    "AuthenticationError",
+    "BadRequestError",
+    "ClientClosedError",
+    "ConfigurationError",
+    "ConflictError",
+    "FieldError",
+    "InsufficientBalanceError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ResponseValidationError",
+    "ServerError",
+    "TaskFailedError",
+    "TaskTimeoutError",
+    "ValidationError",
+    "status_error_class",
+]
+
+EXCERPT_LIMIT = 200
+
+
+def excerpt(body: bytes | str, limit: int = EXCERPT_LIMIT) -> str:
+    """A short printable excerpt of a reply body, for error messages."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ApimartWarning(UserWarning):
+    """Something the service would do silently that the caller probably did not intend."""
+
+
+class ApimartError(Exception):
+    """Root of every error raised by apimart-async."""
+
+
+class ConfigurationError(ApimartError, ValueError):
+    """The client was configured in a way that cannot work (no key, insecure URL, ...)."""
+
+
+class ClientClosedError(ApimartError):
+    """The client is not open (use ``async with``), or was closed while work was running."""
+
+
+@attrs.frozen
+class FieldError:
+    """One broken rule: the field (``image_urls[2]``), the rule in words, and the value."""
+
+    field: str
+    rule: str
+    value: Any = attrs.field(default=None, repr=False)
+    has_value: bool = attrs.field(default=True, repr=False)
+
+    def __str__(self) -> str:
+        if not self.has_value:
+            return f"{self.field}: {self.rule}"
+        return f"{self.field}: {self.rule}, got {_short_repr(self.value)}"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ValidationError(ApimartError, ValueError):
+    """A request broke one or more rules of its model; raised before anything is sent.
+
+    ``errors`` lists every broken rule; ``field`` and ``rule`` are those of the first.
+    """
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        if not errors:
+            raise ValueError("ValidationError needs at least one FieldError")
+        self.errors: tuple[FieldError, ...] = tuple(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+    @property
+    def field(self) -> str:
+        return self.errors[0].field
+
+    @property
+    def rule(self) -> str:
+        return self.errors[0].rule
+
+
+class APIConnectionError(ApimartError):
+    """The request did not get a complete reply (refused, reset, dropped, TLS, ...)."""
+
+    def __init__(self, message: str, *, method: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.method = method
+        self.path = path
+
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """A connect, read or total timeout ran out."""
+
+
+class ResponseValidationError(ApimartError):
+    """The service replied with something this SDK cannot read.
+
+    ``body`` is a short excerpt of what came back (never the request or its headers).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        body: bytes | str = b"",
+        status: int | None = None,
+        decodable: bool = True,
+    ) -> None:
+        self.body = excerpt(body)
+        #: False when the body was not even JSON (a proxy page, a cut reply): worth a retry.
+        self.decodable = decodable
+        self.status = status
+        self.message = message
+        text = f"{message} (HTTP {status})" if status is not None else message
+        super().__init__(f"{text}; body: {self.body!r}" if self.body else text)
+
+
+class APIStatusError(ApimartError):
+    """The service answered with an error status.
+
+    ``status`` is the HTTP status, ``type`` and ``code`` come from the error body
+    (``code`` may be an int or a string), ``param`` names the offending field when given,
+    ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        type: str | None = None,
+        code: int | str | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        body: bytes | str = b"",
+    ) -> None:
+        self.message = message
+        self.retry_after = retry_after
+        self.status = status
+        self.type = type
+        self.code = code
+        self.param = param
+        self.request_id = request_id
+        self.body = excerpt(body)
+        parts = [f"HTTP {status}"]
+        if type:
+            parts.append(type)
+        if request_id:
+            parts.append(f"request_id={request_id}")
+        super().__init__(f"{message} ({', '.join(parts)})")
+
+
+class BadRequestError(APIStatusError):
+    """400/422 (or 500 ``build_request_failed``): the service refused the parameters."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing or wrong."""
+
+
+class InsufficientBalanceError(APIStatusError):
+    """402: the account cannot pay for this request."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: this key may not use this model or endpoint."""
+
+
+class NotFoundError(APIStatusError):
+    """404: unknown route, or a task that does not exist or has expired."""
+
+
+class ConflictError(APIStatusError):
+    """409: an idempotency conflict; ``type`` says which (``idempotency_key_reused``, ...)."""
+
+
+class RateLimitError(APIStatusError):
+    """429: too many requests. ``retry_after`` is the server's wait in seconds, if it gave one."""
+
+
+class ServerError(APIStatusError):
+    """5xx: a fault at the service; usually transient."""
+
+
+class TaskFailedError(ApimartError):
+    """The task ended ``failed`` (or ``cancelled``). ``task`` is the final task."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.task_id = task.id
+        err = task.error
+        if err is not None:
+            detail = err.message or "no message"
+            if err.code is not None:
+                detail = f"{detail} (code {err.code})"
+        else:
+            detail = "no error details"
+        super().__init__(f"task {task.id} {task.status.value}: {detail}")
+
+
+class TaskTimeoutError(ApimartError, TimeoutError):
+    """Waiting for a task took longer than allowed. The task may still finish (and be billed)."""
+
+    def __init__(self, task_id: str, timeout: float, task: Task | None = None) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        self.task = task
+        last = f"; last status {task.status.value}" if task is not None else ""
+        super().__init__(f"task {task_id} not finished after {timeout:g} s{last}")
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: InsufficientBalanceError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: BadRequestError,
+    429: RateLimitError,
+}
+
+#: Error ``type`` values that decide the class whatever the HTTP status says.
+_BY_TYPE: dict[str, type[APIStatusError]] = {
+    "build_request_failed": BadRequestError,  # validation reported as 500
+}
+
+
+def status_error_class(status: int, type: str | None = None) -> type[APIStatusError]:
+    """The error class for an HTTP status and error type (the mapping table)."""
+    if type is not None and type in _BY_TYPE:
+        return _BY_TYPE[type]
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    if status >= 500:
+        return ServerError
+    return APIStatusError

@@ -1,0 +1,526 @@
+"""Request and reply models: frozen attrs classes, validated against the rules in ``_specs``."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import types
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._errors import ApimartWarning, FieldError, ValidationError
+from ._specs import IntRange, ModelSpec, get_spec
+
+__all__ = [
+    "Balance",
+    "Task",
+    "TaskError",
+    "TaskStatus",
+    "UploadedImage",
+    "Video",
+    "VideoRequest",
+]
+
+#: Field names of ``VideoRequest`` that map one to one onto the body.
+_TYPED_FIELDS = (
+    "prompt",
+    "image_urls",
+    "video_urls",
+    "duration",
+    "resolution",
+    "aspect_ratio",
+    "seed",
+    "extend_from_task_id",
+    "webhook",
+)
+_IMAGE_EXTENSIONS = frozenset({"jpeg", "jpg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic"})
+
+
+def _to_tuple(value: Any) -> Any:
+    # A bare string is a common slip for a one-element list: keep it so validation names it.
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _to_frozen_mapping(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return types.MappingProxyType(dict(value))
+    return value
+
+
+@attrs.frozen(eq=True, hash=False, repr=False)
+class VideoRequest:
+    """One video generation request, checked against its model's rules on construction.
+
+    Unset fields are not sent, so the service's defaults apply. ``extra`` is merged into the
+    body unchecked: it is the way to pass fields this SDK does not know (new models).
+
+    Raises:
+        ValidationError: a field breaks a rule; the message names the field, rule and value.
+    """
+
+    model: str
+    prompt: str | None = None
+    image_urls: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_tuple)
+    video_urls: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_tuple)
+    duration: int | None = attrs.field(default=None, kw_only=True)
+    resolution: str | None = attrs.field(default=None, kw_only=True)
+    aspect_ratio: str | None = attrs.field(default=None, kw_only=True)
+    seed: int | None = attrs.field(default=None, kw_only=True)
+    extend_from_task_id: str | None = attrs.field(default=None, kw_only=True)
+    webhook: str | None = attrs.field(default=None, kw_only=True)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True, converter=_to_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        errors, notes = check_request(self)
+        if errors:
+            raise ValidationError(errors)
+        for note in notes:
+            warnings.warn(note, ApimartWarning, stacklevel=3)
+
+    def __repr__(self) -> str:
+        parts = [f"model={self.model!r}"]
+        if self.prompt is not None:
+            prompt = self.prompt if len(self.prompt) <= 40 else self.prompt[:39] + "…"
+            parts.append(f"prompt={prompt!r}")
+        for name in _TYPED_FIELDS[1:]:
+            value = getattr(self, name)
+            if value not in (None, ()):
+                parts.append(f"{name}={value!r}")
+        if self.extra:
+            parts.append(f"extra={dict(self.extra)!r}")
+        return f"VideoRequest({', '.join(parts)})"
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        """The rules this request was checked against (None for a model not known here)."""
+        return get_spec(self.model)
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body of the submit request: set fields only, then ``extra``."""
+        body: dict[str, Any] = {"model": self.model}
+        for name in _TYPED_FIELDS:
+            value = getattr(self, name)
+            if value is None or value == ():
+                continue
+            body[name] = list(value) if isinstance(value, tuple) else value
+        body.update(self.extra)
+        return body
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON body: equal for requests that send the same thing."""
+        canonical = json.dumps(self.to_body(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VideoRequest:
+        """Build a request from a JSON-like mapping; keys that are not fields go to ``extra``."""
+        if not isinstance(data, Mapping):
+            raise ValidationError([FieldError("request", "must be a JSON object", data)])
+        fields: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(data.get("extra") or {}) if "extra" in data else {}
+        for key, value in data.items():
+            if key == "extra":
+                continue
+            if key == "model" or key in _TYPED_FIELDS:
+                fields[key] = value
+            else:
+                extra[key] = value
+        if "model" not in fields:
+            raise ValidationError([FieldError("model", "is required", has_value=False)])
+        return cls(**fields, extra=extra)
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _choices(options: Iterable[Any]) -> str:
+    items = [repr(o) for o in options]
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _url_error(value: Any, *, allow_data_video: bool = False) -> str | None:
+    """The rule a URL breaks, or None."""
+    schemes = "an http(s) URL or a data:video/ URI" if allow_data_video else "an http(s) URL"
+    if not isinstance(value, str):
+        return f"must be {schemes}"
+    if allow_data_video and value.startswith("data:video/"):
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return f"must be {schemes}"
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return f"must be {schemes}"
+    if any(c.isspace() for c in value):
+        return "must not contain white space"
+    return None
+
+
+def _extension(url: str) -> str | None:
+    path = urlsplit(url).path
+    last = path.rsplit("/", 1)[-1]
+    if "." not in last:
+        return None
+    ext = last.rsplit(".", 1)[-1].lower()
+    return ext if ext in _IMAGE_EXTENSIONS else None
+
+
+def _check_url_list(
+    errors: list[FieldError],
+    name: str,
+    value: Any,
+    *,
+    allow_data_video: bool = False,
+) -> list[str]:
+    if isinstance(value, str):
+        errors.append(FieldError(name, "takes a list of URLs, not a single string", value))
+        return []
+    if not isinstance(value, tuple):
+        errors.append(FieldError(name, "must be a list of URLs", value))
+        return []
+    good: list[str] = []
+    for i, url in enumerate(value):
+        rule = _url_error(url, allow_data_video=allow_data_video)
+        if rule is not None:
+            errors.append(FieldError(f"{name}[{i}]", rule, url))
+        else:
+            good.append(url)
+    return good
+
+
+def _check_count(
+    errors: list[FieldError],
+    name: str,
+    count: int,
+    limits: tuple[int, int | None] | None,
+    model: str,
+    what: str,
+) -> None:
+    if limits is None:
+        if count:
+            errors.append(FieldError(name, f"{model} takes no reference {what}s", count))
+        return
+    low, high = limits
+    if high is None:
+        if count < low:
+            errors.append(FieldError(name, f"{model} needs at least {low} {what}(s)", count))
+        return
+    if not low <= count <= high:
+        if low == 0:
+            rule = f"{model} takes at most {high} {what}{'s' if high != 1 else ''}"
+        else:
+            rule = f"{model} takes {low} to {high} {what}s"
+        errors.append(FieldError(name, rule, count))
+
+
+def check_request(req: VideoRequest) -> tuple[list[FieldError], list[str]]:
+    """Every broken rule of ``req`` and the warnings it deserves (the service would silently
+    ignore something). Generic checks apply to every model; the rest come from its spec."""
+    errors: list[FieldError] = []
+    notes: list[str] = []
+
+    model = req.model
+    if not isinstance(model, str) or not model.strip():
+        errors.append(FieldError("model", "must be a non-empty string", model))
+        return errors, notes
+    spec = get_spec(model)
+
+    prompt: Any = req.prompt  # Any: the caller may have passed anything
+    if prompt is not None and not isinstance(prompt, str):
+        errors.append(FieldError("prompt", "must be a string", prompt))
+        prompt = None
+
+    images = _check_url_list(errors, "image_urls", req.image_urls)
+    videos = _check_url_list(errors, "video_urls", req.video_urls, allow_data_video=True)
+
+    duration = req.duration
+    if duration is not None and (not _is_int(duration) or duration <= 0):
+        errors.append(
+            FieldError("duration", "must be a positive whole number of seconds", duration)
+        )
+        duration = None
+    for name in ("resolution", "aspect_ratio", "extend_from_task_id"):
+        value = getattr(req, name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            errors.append(FieldError(name, "must be a non-empty string", value))
+    if req.seed is not None and not _is_int(req.seed):
+        errors.append(FieldError("seed", "must be an integer", req.seed))
+    if req.webhook is not None:
+        rule = _url_error(req.webhook)
+        if rule is not None:
+            errors.append(FieldError("webhook", rule, req.webhook))
+    _check_extra(errors, req)
+
+    if spec is not None:
+        _check_spec(errors, notes, spec, req, prompt, images, videos, duration)
+    return errors, notes
+
+
+def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
+    extra: Any = req.extra
+    if not isinstance(extra, Mapping):
+        errors.append(FieldError("extra", "must be a mapping of field names to JSON values", extra))
+        return
+    for key, value in extra.items():
+        if not isinstance(key, str) or not key:
+            errors.append(FieldError("extra", "keys must be non-empty strings", key))
+            continue
+        if key == "model":
+            errors.append(FieldError(f"extra[{key!r}]", "set the model with model=", value))
+            continue
+        if key in _TYPED_FIELDS and getattr(req, key) not in (None, ()):
+            errors.append(FieldError(f"extra[{key!r}]", f"{key} is already set as a field", value))
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            errors.append(FieldError(f"extra[{key!r}]", "must be JSON-serialisable", value))
+
+
+def _check_spec(
+    errors: list[FieldError],
+    notes: list[str],
+    spec: ModelSpec,
+    req: VideoRequest,
+    prompt: str | None,
+    images: Sequence[str],
+    videos: Sequence[str],
+    duration: int | None,
+) -> None:
+    model = spec.name
+    has_prompt = prompt is not None and prompt.strip() != ""
+    if spec.prompt == "required" and not has_prompt:
+        errors.append(FieldError("prompt", f"{model} requires a prompt", prompt))
+    elif spec.prompt == "required_or_media" and not (
+        has_prompt or req.image_urls or req.video_urls
+    ):
+        errors.append(
+            FieldError(
+                "prompt",
+                f"{model} needs a prompt or reference media (image_urls / video_urls)",
+                prompt,
+            )
+        )
+    limit = spec.prompt_max_chars
+    if prompt is not None and limit is not None and len(prompt) > limit:
+        errors.append(
+            FieldError(
+                "prompt", f"{model} takes at most {limit} characters", f"{len(prompt)} characters"
+            )
+        )
+
+    if isinstance(req.image_urls, tuple):
+        _check_count(errors, "image_urls", len(req.image_urls), spec.image_count, model, "image")
+    if isinstance(req.video_urls, tuple):
+        _check_count(errors, "video_urls", len(req.video_urls), spec.video_count, model, "video")
+    if spec.image_formats:
+        allowed = ", ".join(sorted({f.upper() for f in spec.image_formats}))
+        for i, url in enumerate(req.image_urls if isinstance(req.image_urls, tuple) else ()):
+            if url not in images:
+                continue
+            ext = _extension(url)
+            if ext is not None and ext not in spec.image_formats:
+                errors.append(
+                    FieldError(f"image_urls[{i}]", f"{model} takes {allowed} images", url)
+                )
+
+    if duration is not None:
+        if spec.durations is None:
+            errors.append(FieldError("duration", f"{model} does not take a duration", duration))
+        elif isinstance(spec.durations, IntRange):
+            if duration not in spec.durations:
+                rule = f"{model} takes {spec.durations.describe()} seconds"
+                errors.append(FieldError("duration", rule, duration))
+        elif duration not in spec.durations:
+            rule = f"{model} takes only {_choices(spec.durations)} seconds"
+            errors.append(FieldError("duration", rule, duration))
+
+    resolution = req.resolution
+    if isinstance(resolution, str):
+        if spec.resolutions is None:
+            errors.append(
+                FieldError("resolution", f"{model} does not take a resolution", resolution)
+            )
+        elif resolution not in spec.resolutions:
+            rule = f"{model} takes {_choices(spec.resolutions)}"
+            errors.append(FieldError("resolution", rule, resolution))
+
+    aspect = req.aspect_ratio
+    if isinstance(aspect, str):
+        if spec.aspect_ratios is None:
+            errors.append(
+                FieldError("aspect_ratio", f"{model} does not take an aspect ratio", aspect)
+            )
+        elif aspect not in spec.aspect_ratios:
+            rule = f"{model} takes {_choices(spec.aspect_ratios)}"
+            if spec.aspect_ratio_fallback:
+                rule += f" (the service would silently use {spec.aspect_ratio_fallback})"
+            errors.append(FieldError("aspect_ratio", rule, aspect))
+
+    if req.seed is not None and not spec.seed:
+        errors.append(FieldError("seed", f"{model} does not take a seed", req.seed))
+    if req.extend_from_task_id is not None:
+        if not spec.extend:
+            errors.append(
+                FieldError(
+                    "extend_from_task_id",
+                    f"{model} cannot extend an earlier task",
+                    req.extend_from_task_id,
+                )
+            )
+        elif req.video_urls:
+            errors.append(
+                FieldError(
+                    "extend_from_task_id",
+                    "cannot be combined with video_urls",
+                    req.extend_from_task_id,
+                )
+            )
+
+    if spec.first_image_only and len(images) > 1:
+        notes.append(
+            f"image_urls: {model} uses only the first image; "
+            f"the other {len(images) - 1} will be ignored by the service"
+        )
+    if spec.first_image_only and images and aspect is not None:
+        notes.append(
+            f"aspect_ratio: {model} takes the aspect ratio of the reference image; "
+            f"aspect_ratio={aspect!r} will be ignored by the service"
+        )
+    if spec.video_overrides_aspect and videos and aspect is not None:
+        notes.append(
+            f"aspect_ratio: {model} ignores aspect_ratio when a reference video is given; "
+            f"aspect_ratio={aspect!r} will be ignored by the service"
+        )
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+class TaskStatus(enum.Enum):
+    """A task's status. ``UNKNOWN`` stands for any value this SDK has never seen: running."""
+
+    SUBMITTED = "submitted"
+    PENDING = "pending"
+    PROCESSING = "processing"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, value: str) -> TaskStatus:
+        try:
+            return cls(value.strip().lower())
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+@attrs.frozen
+class Video:
+    """One result video: its URLs (usually one) and when they expire (Unix seconds)."""
+
+    urls: tuple[str, ...] = ()
+    expires_at: int | None = None
+
+    @property
+    def url(self) -> str | None:
+        return self.urls[0] if self.urls else None
+
+    def is_expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+@attrs.frozen
+class TaskError:
+    """Why a task failed. ``code`` may be an int or a string, as the service sends it."""
+
+    code: int | str | None = None
+    message: str | None = None
+    type: str | None = None
+
+
+@attrs.frozen
+class Task:
+    """A generation task as the status endpoints report it."""
+
+    id: str
+    status: TaskStatus
+    progress: int | None = None
+    estimated_time: float | None = None
+    actual_time: float | None = None
+    created: int | None = None
+    completed: int | None = None
+    cost: float | None = None
+    credits_cost: float | None = None
+    videos: tuple[Video, ...] = ()
+    error: TaskError | None = None
+    #: The status string as the service sent it (differs from ``status.value`` for UNKNOWN).
+    raw_status: str = attrs.field(default="", eq=False)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TaskStatus.COMPLETED
+
+    @property
+    def video_urls(self) -> list[str]:
+        return [url for video in self.videos for url in video.urls]
+
+
+@attrs.frozen
+class Balance:
+    """Remaining and used money (USD) and credits. ``remain_balance`` is -1 when unlimited."""
+
+    remain_balance: float
+    used_balance: float = 0.0
+    remain_credits: float | None = None
+    used_credits: float | None = None
+    unlimited_quota: bool = False
+    message: str = ""
+
+    @property
+    def unlimited(self) -> bool:
+        return self.unlimited_quota or self.remain_balance == -1
+
+    def covers(self, amount: float) -> bool:
+        return self.unlimited or (math.isfinite(amount) and self.remain_balance >= amount)
+
+
+@attrs.frozen
+class UploadedImage:
+    """An uploaded image: ``url`` lives 72 h and can go into ``image_urls``."""
+
+    url: str
+    filename: str | None = None
+    content_type: str | None = None
+    bytes: int | None = None
+    created_at: int | None = None

@@ -1,0 +1,338 @@
+"""The only module that touches aiohttp: session, auth header, timeouts, retries, error mapping.
+
+The API key is added per request to API calls only (never to downloads of result files),
+redirects are never followed with it, and no log record, repr or exception built here holds it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+import attrs
+import backoff
+
+from . import _retry
+from ._config import Secret, Timeout
+from ._errors import (
+    APIConnectionError,
+    ApimartError,
+    APIStatusError,
+    APITimeoutError,
+    ClientClosedError,
+    status_error_class,
+)
+from ._version import __version__
+
+__all__ = ["Reply", "RetryMode", "Transport", "new_idempotency_key"]
+
+logger = logging.getLogger("apimart_async")
+
+RetryMode = Literal["read", "submit", "never"]
+T = TypeVar("T")
+
+#: Largest API reply read into memory (result files are streamed, not read through here).
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+def new_idempotency_key() -> str:
+    return f"am-{uuid.uuid4().hex}"
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def _error_from_reply(status: int, headers: Mapping[str, str], body: bytes) -> APIStatusError:
+    """Build the typed error for an error reply, reading the documented error body if any."""
+    message: str | None = None
+    err_type: str | None = None
+    code: int | str | None = None
+    param: str | None = None
+    request_id: str | None = headers.get("X-Request-Id") or headers.get("Request-Id")
+    try:
+        payload: Any = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        payload = None
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, dict):
+            message = _as_str(err.get("message"))
+            err_type = _as_str(err.get("type"))
+            raw_code = err.get("code")
+            if isinstance(raw_code, (int, str)) and not isinstance(raw_code, bool):
+                code = raw_code
+            param = _as_str(err.get("param"))
+            request_id = _as_str(err.get("request_id")) or request_id
+        elif isinstance(err, str):
+            message = err
+        message = message or _as_str(payload.get("message")) or _as_str(payload.get("msg"))
+        request_id = _as_str(payload.get("request_id")) or request_id
+    if not message:
+        message = body.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
+    cls = status_error_class(status, err_type)
+    retry_after = _retry.parse_retry_after(headers.get("Retry-After"))
+    return cls(
+        message,
+        status=status,
+        type=err_type,
+        code=code,
+        param=param,
+        request_id=request_id,
+        retry_after=retry_after,
+        body=body,
+    )
+
+
+def _as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _embedded_error(status: int, body: bytes) -> int | None:
+    """A 2xx reply that is really an error (``{"error": {...}}`` or ``{"code": 4xx}`` with no
+    data): the status to report it under, else None."""
+    if not body.startswith(b"{") or (b'"data"' in body and b'"error"' not in body):
+        return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(payload, dict) or payload.get("data") is not None:
+        return None
+    code: Any = None
+    err = payload.get("error")
+    if isinstance(err, dict):
+        code = err.get("code")
+        if not (isinstance(code, int) and 400 <= code <= 599):
+            code = 400
+    elif isinstance(payload.get("code"), int) and 400 <= payload["code"] <= 599:
+        code = payload["code"]
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+class Transport:
+    """One aiohttp session and the retry loop around it. Opened and closed by the client."""
+
+    def __init__(
+        self,
+        *,
+        api_key: Secret,
+        base_url: str,
+        timeout: Timeout,
+        max_retries: int,
+        connection_limit: int = 100,
+    ) -> None:
+        self._key = api_key
+        self.base_url = base_url
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.connection_limit = connection_limit
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        #: Attempts made, by kind of request ("submit", "task", "batch", ...), and "retries".
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this client was closed; create a new AsyncApimart")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connection_limit),
+                headers={"User-Agent": f"apimart-async/{__version__}"},
+                timeout=self.client_timeout(self.timeout),
+                raise_for_status=False,
+            )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            if self._closed:
+                raise ClientClosedError("the client was closed")
+            raise ClientClosedError(
+                "the client is not open: use 'async with AsyncApimart() as client:' "
+                "or 'await client.open()'"
+            )
+        return self._session
+
+    @staticmethod
+    def client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        retry: RetryMode,
+        parse: Callable[[Reply], T],
+        json_body: Any = None,
+        data_factory: Callable[[], aiohttp.FormData] | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: Timeout | None = None,
+    ) -> T:
+        """Send one API request with the retry policy of ``retry`` and return ``parse(reply)``
+        of its 2xx reply, or raise a typed error. Parsing is part of each attempt, so a reply
+        that is not even JSON is retried like a dropped one. ``data_factory`` builds a fresh
+        multipart body per attempt."""
+
+        async def attempt() -> T:
+            reply = await self._attempt(
+                method,
+                path,
+                kind=kind,
+                json_body=json_body,
+                data=data_factory() if data_factory is not None else None,
+                params=params,
+                headers=headers,
+                timeout=timeout,
+            )
+            return parse(reply)
+
+        if retry == "never" or self.max_retries <= 0:
+            return await attempt()
+        submit = retry == "submit"
+
+        async def on_backoff(details: Any) -> None:
+            exc = details.get("exception")
+            self.counters["retries"] += 1
+            logger.info(
+                "retrying %s %s in %.2f s (attempt %d of %d) after %s",
+                method,
+                path,
+                details.get("wait", 0.0),
+                details["tries"] + 1,
+                self.max_retries + 1,
+                _retry.describe(exc) if isinstance(exc, ApimartError) else "error",
+            )
+
+        retrying: Callable[[], Awaitable[T]] = backoff.on_exception(
+            _retry.wait_gen,
+            ApimartError,
+            max_tries=self.max_retries + 1,
+            giveup=lambda exc: not _retry.is_retryable(exc, submit=submit),
+            jitter=None,
+            logger=None,
+            on_backoff=on_backoff,
+        )(attempt)
+        return await retrying()
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        json_body: Any,
+        data: aiohttp.FormData | None,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        timeout: Timeout | None,
+    ) -> Reply:
+        session = self.session()
+        all_headers = {
+            "Authorization": f"Bearer {self._key.reveal()}",
+            "Accept": "application/json",
+        }
+        if headers:
+            all_headers.update(headers)
+        self.counters[kind] += 1
+        started = time.perf_counter()
+        try:
+            async with session.request(
+                method,
+                self.url(path),
+                json=json_body if data is None else None,
+                data=data,
+                params=params,
+                headers=all_headers,
+                allow_redirects=False,
+                timeout=self.client_timeout(timeout) if timeout is not None else None,
+            ) as resp:
+                status = resp.status
+                reply_headers = dict(resp.headers.items())
+                body = await resp.content.read(MAX_REPLY_BYTES + 1)
+        except TimeoutError as exc:
+            logger.debug("%s %s timed out", method, path)
+            raise APITimeoutError(
+                f"{method} {path} timed out ({type(exc).__name__})", method=method, path=path
+            ) from None
+        except aiohttp.ClientError as exc:
+            if self._closed:
+                raise ClientClosedError("the client was closed during the request") from None
+            logger.debug("%s %s failed: %s", method, path, type(exc).__name__)
+            raise APIConnectionError(
+                f"{method} {path} failed: {type(exc).__name__}: {_safe_str(exc)}",
+                method=method,
+                path=path,
+            ) from None
+        except RuntimeError:  # aiohttp: "Session is closed"
+            if self._closed or session.closed:
+                raise ClientClosedError("the client was closed during the request") from None
+            raise
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        if len(body) > MAX_REPLY_BYTES:
+            raise APIConnectionError(
+                f"{method} {path}: reply larger than {MAX_REPLY_BYTES} bytes",
+                method=method,
+                path=path,
+            )
+        declared = reply_headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) != len(body):
+            raise APIConnectionError(
+                f"{method} {path}: reply cut short ({len(body)} of {declared} bytes)",
+                method=method,
+                path=path,
+            )
+        if 300 <= status < 400:
+            raise APIStatusError(
+                f"{method} {path} answered with a redirect; redirects are not followed "
+                "so that the API key is never sent elsewhere",
+                status=status,
+                body=body,
+            )
+        if status >= 400:
+            raise _error_from_reply(status, reply_headers, body)
+        embedded = _embedded_error(status, body)
+        if embedded is not None:
+            raise _error_from_reply(embedded, reply_headers, body)
+        return Reply(status=status, headers=reply_headers, body=body)
+
+
+def _safe_str(exc: BaseException) -> str:
+    """``str(exc)`` of a client error, which names the host and port but never headers."""
+    text = str(exc)
+    return text[:300]

@@ -1,0 +1,82 @@
+"""``python -m apimart_async.emulator``: run the emulator until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+
+from ._server import Emulator
+
+
+def _parse_duration(text: str) -> float | tuple[float, float]:
+    if "-" in text.strip("-"):
+        low, high = text.split("-", 1)
+        return float(low), float(high)
+    return float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apimart_async.emulator", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="key to accept (default: a random one)")
+    p.add_argument("--mode", choices=("auto", "manual"), default="auto")
+    p.add_argument(
+        "--duration", type=_parse_duration, default=(2.0, 6.0), help="task seconds, N or LOW-HIGH"
+    )
+    p.add_argument("--failure-rate", type=float, default=0.0)
+    p.add_argument(
+        "--fault-rate", type=float, default=0.0, help="fraction of requests given a random fault"
+    )
+    p.add_argument(
+        "--no-batch-route", action="store_true", help="answer 404 on POST /v1/tasks/batch"
+    )
+    p.add_argument(
+        "--balance", type=float, default=1000.0, help="starting USD balance (-1: unlimited)"
+    )
+    p.add_argument("--video-bytes", type=int, default=64 * 1024)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+async def serve(args: argparse.Namespace) -> None:
+    emu = Emulator(
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+        mode=args.mode,
+        task_duration=args.duration,
+        failure_rate=args.failure_rate,
+        batch_route=not args.no_batch_route,
+        balance=None if args.balance == -1 else args.balance,
+        video_bytes=args.video_bytes,
+        seed=args.seed,
+    )
+    if args.fault_rate:
+        emu.faults.set_rate(args.fault_rate)
+    async with emu:
+        # One JSON line first, so a parent process can read where to connect.
+        print(json.dumps({"base_url": emu.base_url, "api_key": emu.api_key}), flush=True)
+        print(
+            f"APIMart emulator on {emu.base_url}\n"
+            f"  export APIMART_BASE_URL={emu.base_url}\n"
+            f"  export APIMART_API_KEY={emu.api_key}\n"
+            "Ctrl-C to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

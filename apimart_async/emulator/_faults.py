@@ -1,0 +1,169 @@
+"""Fault injection for the emulator: scripted faults (exactly N times) and random ones (a rate).
+
+Endpoint names: ``submit``, ``task``, ``batch``, ``balance``, ``upload``, ``file``; ``*`` is
+any of them. Kinds:
+
+- ``status``: an error reply (``status``, error ``type``, optional ``Retry-After``)
+- ``drop``: the connection is closed with no reply at all; nothing was executed
+- ``malformed``: HTTP 200 with a body that is not JSON; nothing was executed
+- ``truncated``: the reply's headers promise more bytes than come; nothing was executed
+- ``slow``: the reply is delayed by ``delay`` real seconds, then served normally
+- ``lost_reply``: the request is executed (a submit creates its task), then the connection is
+  dropped before any reply: the case idempotency keys exist for
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Final, Literal
+
+import attrs
+
+__all__ = ["ENDPOINTS", "Fault", "FaultPlan"]
+
+ENDPOINTS: Final = ("submit", "task", "batch", "balance", "upload", "file")
+FaultKind = Literal["status", "drop", "malformed", "truncated", "slow", "lost_reply"]
+
+
+@attrs.frozen
+class Fault:
+    kind: FaultKind
+    status: int = 503
+    type: str | None = None
+    message: str | None = None
+    retry_after: str | None = None
+    delay: float = 0.0
+
+    @classmethod
+    def error(
+        cls,
+        status: int,
+        type: str | None = None,
+        *,
+        message: str | None = None,
+        retry_after: float | str | None = None,
+    ) -> Fault:
+        ra = None if retry_after is None else str(retry_after)
+        return cls("status", status=status, type=type, message=message, retry_after=ra)
+
+    @classmethod
+    def rate_limited(cls, retry_after: float | str | None = 1) -> Fault:
+        return cls.error(
+            429, "rate_limit_error", message="Too many requests", retry_after=retry_after
+        )
+
+    @classmethod
+    def server_error(cls, status: int = 503) -> Fault:
+        return cls.error(status, "server_error", message="The service is temporarily unavailable")
+
+    @classmethod
+    def drop(cls) -> Fault:
+        return cls("drop")
+
+    @classmethod
+    def malformed(cls) -> Fault:
+        return cls("malformed")
+
+    @classmethod
+    def truncated(cls) -> Fault:
+        return cls("truncated")
+
+    @classmethod
+    def slow(cls, delay: float) -> Fault:
+        return cls("slow", delay=delay)
+
+    @classmethod
+    def lost_reply(cls) -> Fault:
+        return cls("lost_reply")
+
+
+#: What a random fault draws from, by default: every kind that the client must survive.
+DEFAULT_RANDOM: Final = (
+    Fault.server_error(500),
+    Fault.server_error(502),
+    Fault.server_error(503),
+    Fault.rate_limited(0),
+    Fault.drop(),
+    Fault.malformed(),
+    Fault.truncated(),
+    Fault.lost_reply(),
+)
+
+
+class FaultPlan:
+    """Which request gets which fault. Scripted faults come first, in the order injected."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._scripted: dict[str, deque[Fault]] = {}
+        self._rate = 0.0
+        self._rate_endpoints: frozenset[str] = frozenset()
+        self._random: tuple[Fault, ...] = DEFAULT_RANDOM
+        self._rng = random.Random(seed)
+        #: Faults served, by (endpoint, kind).
+        self.served: dict[tuple[str, str], int] = {}
+
+    def inject(self, endpoint: str, fault: Fault, *, times: int = 1) -> None:
+        """The next ``times`` requests to ``endpoint`` (or ``*``) get ``fault``."""
+        _check_endpoint(endpoint)
+        with self._lock:
+            self._scripted.setdefault(endpoint, deque()).extend([fault] * times)
+
+    def set_rate(
+        self,
+        rate: float,
+        *,
+        endpoints: Iterable[str] = ENDPOINTS,
+        faults: Iterable[Fault] | None = None,
+    ) -> None:
+        """A fraction ``rate`` of requests to ``endpoints`` get a fault drawn from ``faults``
+        (by default every kind: 5xx, 429, drops, garbage, cut replies, lost submit replies)."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("rate must be between 0 and 1")
+        eps = frozenset(endpoints)
+        for ep in eps:
+            _check_endpoint(ep)
+        with self._lock:
+            self._rate = rate
+            self._rate_endpoints = eps
+            self._random = tuple(faults) if faults is not None else DEFAULT_RANDOM
+
+    def clear(self) -> None:
+        with self._lock:
+            self._scripted.clear()
+            self._rate = 0.0
+
+    def pending(self) -> int:
+        """Scripted faults not yet served."""
+        with self._lock:
+            return sum(len(q) for q in self._scripted.values())
+
+    def total_served(self) -> int:
+        return sum(self.served.values())
+
+    def next(self, endpoint: str) -> Fault | None:
+        with self._lock:
+            for key in (endpoint, "*"):
+                queue = self._scripted.get(key)
+                if queue:
+                    return self._serve(endpoint, queue.popleft())
+            if self._rate and endpoint in self._rate_endpoints and self._rng.random() < self._rate:
+                choices = [
+                    f for f in self._random if f.kind != "lost_reply" or endpoint == "submit"
+                ]
+                if choices:
+                    return self._serve(endpoint, self._rng.choice(choices))
+        return None
+
+    def _serve(self, endpoint: str, fault: Fault) -> Fault:
+        key = (endpoint, fault.kind)
+        self.served[key] = self.served.get(key, 0) + 1
+        return fault
+
+
+def _check_endpoint(endpoint: str) -> None:
+    if endpoint != "*" and endpoint not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)} or '*'")

@@ -1,0 +1,354 @@
+"""The emulated service's state: clock, tasks and their lifecycle, idempotency, money, counters.
+
+Plain synchronous code; the aiohttp handlers in ``_server`` call it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import heapq
+import json
+import random
+import time
+from typing import Any, Final, Literal
+
+import attrs
+
+from ._rules import price
+
+__all__ = ["Clock", "EmuTask", "IdemRecord", "State", "file_bytes"]
+
+Mode = Literal["auto", "manual"]
+TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PATTERN_SIZE: Final = 1 << 20
+_MP4_HEAD: Final = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+
+
+class Clock:
+    """Unix time of the emulated service. Runs with real time unless ``frozen``; ``advance()``
+    moves it forward at once (tasks whose time has come finish at the next look)."""
+
+    def __init__(self, *, frozen: bool = False, start: float | None = None) -> None:
+        self.frozen = frozen
+        self._base = time.time() if start is None else start
+        self._mono0 = time.monotonic()
+        self._offset = 0.0
+
+    def now(self) -> float:
+        running = 0.0 if self.frozen else time.monotonic() - self._mono0
+        return self._base + running + self._offset
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("the clock only moves forward")
+        self._offset += seconds
+
+
+@attrs.define
+class EmuTask:
+    id: str
+    model: str
+    body: dict[str, Any]
+    created: float
+    duration: float
+    estimated: int
+    price: float
+    will_fail: bool
+    idempotency_key: str | None
+    status: str = "submitted"
+    progress: int = 0
+    finished_at: float | None = None
+    cost: float | None = None
+    error: dict[str, Any] | None = None
+    expires_at: int | None = None
+    videos: int = 1
+
+
+@attrs.define
+class IdemRecord:
+    body_hash: str
+    task_id: str | None = None
+    in_progress: bool = True
+
+
+def _pattern(seed: int) -> bytes:
+    return random.Random(seed).randbytes(_PATTERN_SIZE)
+
+
+def file_bytes(pattern: bytes, task_id: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of a task's result file: an MP4 ``ftyp`` head,
+    then a pseudo-random pattern shifted by the task id, so files differ and are cheap."""
+    out = bytearray()
+    if start < len(_MP4_HEAD):
+        out += _MP4_HEAD[start : min(end, len(_MP4_HEAD))]
+        start = len(_MP4_HEAD)
+    if start >= end:
+        return bytes(out)
+    shift = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big")
+    size = len(pattern)
+    pos = (start + shift) % size
+    remaining = end - start
+    while remaining > 0:
+        take = min(remaining, size - pos)
+        out += pattern[pos : pos + take]
+        remaining -= take
+        pos = 0
+    return bytes(out)
+
+
+class State:
+    """Everything the emulated service knows."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        mode: Mode,
+        task_duration: float | tuple[float, float],
+        estimate_error: float,
+        failure_rate: float,
+        seed: int,
+        balance: float | None,
+        video_bytes: int,
+        video_ttl: float,
+        task_ttl: float,
+        clock: Clock,
+        blocked_words: tuple[str, ...],
+    ) -> None:
+        self.api_key = api_key
+        self.mode: Mode = mode
+        self.task_duration = task_duration
+        self.estimate_error = estimate_error
+        self.failure_rate = failure_rate
+        self.rng = random.Random(seed)
+        self.unlimited = balance is None
+        self.remain_balance = 0.0 if balance is None else float(balance)
+        self.used_balance = 0.0
+        self.video_bytes = video_bytes
+        self.video_ttl = video_ttl
+        self.task_ttl = task_ttl
+        self.clock = clock
+        self.blocked_words = blocked_words
+        self.pattern = _pattern(seed)
+        self.tasks: dict[str, EmuTask] = {}
+        self.idempotency: dict[str, IdemRecord] = {}
+        self.uploads: dict[str, tuple[str, bytes, float]] = {}
+        self._due: list[tuple[float, str]] = []
+        self.unfinished = 0
+        # -- counters --
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.statuses: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.tasks_per_key: collections.Counter[str] = collections.Counter()
+        self.submits_without_key = 0
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.max_in_flight: collections.Counter[str] = collections.Counter()
+        self.max_unfinished = 0
+        self.file_requests_with_auth = 0
+        self.finished_log: list[str] = []
+
+    # -- ids and helpers ---------------------------------------------------------------------
+
+    def new_task_id(self) -> str:
+        millis = int(self.clock.now() * 1000)
+        head = "".join(_CROCKFORD[(millis >> (5 * i)) & 31] for i in reversed(range(10)))
+        tail = "".join(self.rng.choice(_CROCKFORD) for _ in range(16))
+        return f"task_{head}{tail}"
+
+    @staticmethod
+    def body_hash(body: Any) -> str:
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def _sample_duration(self) -> float:
+        d = self.task_duration
+        if isinstance(d, tuple):
+            return self.rng.uniform(d[0], d[1])
+        return float(d)
+
+    def can_pay(self, amount: float) -> bool:
+        return self.unlimited or self.remain_balance + 1e-9 >= amount
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def create_task(
+        self, model: str, params: dict[str, Any], body: dict[str, Any], key: str | None
+    ) -> EmuTask:
+        now = self.clock.now()
+        duration = self._sample_duration()
+        err = self.estimate_error
+        estimate = (
+            max(1, round(duration * self.rng.uniform(1 - err, 1 + err))) if duration > 0 else 1
+        )
+        amount = price(model, params)
+        task = EmuTask(
+            id=self.new_task_id(),
+            model=model,
+            body=body,
+            created=now,
+            duration=duration,
+            estimated=estimate,
+            price=amount,
+            will_fail=self.rng.random() < self.failure_rate,
+            idempotency_key=key,
+        )
+        self.tasks[task.id] = task
+        if key is None:
+            self.submits_without_key += 1
+        else:
+            self.tasks_per_key[key] += 1
+        if not self.unlimited:
+            self.remain_balance -= amount
+        self.used_balance += amount
+        self.unfinished += 1
+        self.max_unfinished = max(self.max_unfinished, self.unfinished)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) and any(w in prompt for w in self.blocked_words):
+            self._finish(
+                task,
+                now,
+                failed={
+                    "code": "content_policy_violation",
+                    "message": "The prompt was rejected by moderation",
+                    "type": "moderation_error",
+                },
+            )
+        elif self.mode == "auto":
+            heapq.heappush(self._due, (now + duration, task.id))
+        return task
+
+    def sweep(self) -> list[EmuTask]:
+        """Finish every auto-mode task whose time has come; returns them."""
+        now = self.clock.now()
+        done: list[EmuTask] = []
+        while self._due and self._due[0][0] <= now:
+            when, task_id = heapq.heappop(self._due)
+            task = self.tasks.get(task_id)
+            if task is None or task.status in TERMINAL:
+                continue
+            if task.will_fail:
+                self._finish(
+                    task,
+                    when,
+                    failed={
+                        "code": "generation_failed",
+                        "message": "Video generation failed",
+                        "type": "task_error",
+                    },
+                )
+            else:
+                self._finish(task, when)
+            done.append(task)
+        return done
+
+    def next_due(self) -> float | None:
+        return self._due[0][0] if self._due else None
+
+    def _finish(
+        self,
+        task: EmuTask,
+        when: float,
+        *,
+        failed: dict[str, Any] | None = None,
+        status: str | None = None,
+    ) -> None:
+        task.finished_at = when
+        self.unfinished -= 1
+        if failed is not None or status == "cancelled":
+            task.status = status or "failed"
+            task.error = failed
+            task.cost = 0.0
+            if not self.unlimited:
+                self.remain_balance += task.price
+            self.used_balance -= task.price
+        else:
+            task.status = "completed"
+            task.progress = 100
+            task.cost = task.price
+            task.expires_at = int(when + self.video_ttl)
+        self.finished_log.append(task.id)
+
+    def status_of(self, task: EmuTask) -> tuple[str, int]:
+        """(status, progress) now; auto-mode tasks move with the clock."""
+        if task.status in TERMINAL or self.mode == "manual":
+            return task.status, task.progress
+        age = self.clock.now() - task.created
+        frac = age / task.duration if task.duration > 0 else 1.0
+        if frac < 0.05:
+            return "submitted", 0
+        if frac < 0.15:
+            return "pending", 0
+        return "processing", min(99, int(frac * 100))
+
+    def expired(self, task: EmuTask) -> bool:
+        return self.clock.now() - task.created > self.task_ttl
+
+    # -- manual control ----------------------------------------------------------------------
+
+    def get(self, task_id: str) -> EmuTask:
+        try:
+            return self.tasks[task_id]
+        except KeyError:
+            raise KeyError(f"no task {task_id!r} at the emulator") from None
+
+    def set_running(self, task_id: str, progress: int = 0, status: str = "processing") -> None:
+        task = self.get(task_id)
+        if task.status in TERMINAL:
+            raise ValueError(f"task {task_id} already ended ({task.status})")
+        task.status = status
+        task.progress = progress
+
+    def complete(self, task_id: str) -> None:
+        task = self.get(task_id)
+        if task.status in TERMINAL:
+            raise ValueError(f"task {task_id} already ended ({task.status})")
+        self._finish(task, self.clock.now())
+
+    def fail(
+        self,
+        task_id: str,
+        *,
+        code: int | str = "generation_failed",
+        message: str = "Video generation failed",
+        type: str = "task_error",
+    ) -> None:
+        task = self.get(task_id)
+        if task.status in TERMINAL:
+            raise ValueError(f"task {task_id} already ended ({task.status})")
+        self._finish(
+            task, self.clock.now(), failed={"code": code, "message": message, "type": type}
+        )
+
+    def cancel(self, task_id: str) -> None:
+        task = self.get(task_id)
+        if task.status in TERMINAL:
+            raise ValueError(f"task {task_id} already ended ({task.status})")
+        self._finish(task, self.clock.now(), status="cancelled")
+
+    # -- the wire shape ----------------------------------------------------------------------
+
+    def task_object(self, task: EmuTask, base_url: str) -> dict[str, Any]:
+        status, progress = self.status_of(task)
+        obj: dict[str, Any] = {
+            "id": task.id,
+            "status": status,
+            "progress": progress,
+            "created": int(task.created),
+            "estimated_time": task.estimated,
+        }
+        if status in TERMINAL and task.finished_at is not None:
+            obj["completed"] = int(task.finished_at)
+            obj["actual_time"] = max(0, round(task.finished_at - task.created))
+            obj["cost"] = task.cost
+            obj["credits_cost"] = round((task.cost or 0.0) * 10, 4)
+        if status == "completed":
+            obj["result"] = {
+                "videos": [
+                    {"url": [f"{base_url}/files/{task.id}/{n}.mp4"], "expires_at": task.expires_at}
+                    for n in range(task.videos)
+                ]
+            }
+        if status == "failed" and task.error is not None:
+            obj["error"] = task.error
+        return obj
