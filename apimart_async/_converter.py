@@ -155,6 +155,8 @@ def _structure_task(value: Any, _: Any) -> Task:
         raise TypeError("task has no id")
     if "status" not in data:
         raise TypeError("task has no status")
+    if not isinstance(data["status"], str):
+        raise TypeError(f"status must be a string, got {type(data['status']).__name__}")
     result = data.get("result")
     if isinstance(result, dict) and "videos" in result:
         data["videos"] = result["videos"]

@@ -270,6 +270,9 @@ class Transport:
             all_headers.update(headers)
         self.counters[kind] += 1
         started = time.perf_counter()
+        options: dict[str, Any] = {}
+        if timeout is not None:  # else the session's; passing None would mean "no limit"
+            options["timeout"] = self.client_timeout(timeout)
         try:
             async with session.request(
                 method,
@@ -279,7 +282,7 @@ class Transport:
                 params=params,
                 headers=all_headers,
                 allow_redirects=False,
-                timeout=self.client_timeout(timeout) if timeout is not None else None,
+                **options,
             ) as resp:
                 status = resp.status
                 reply_headers = dict(resp.headers.items())

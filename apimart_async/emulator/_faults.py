@@ -8,12 +8,14 @@ any of them. Kinds:
 - ``malformed``: HTTP 200 with a body that is not JSON; nothing was executed
 - ``truncated``: the reply's headers promise more bytes than come; nothing was executed
 - ``slow``: the reply is delayed by ``delay`` real seconds, then served normally
+- ``reply``: a given status and body (JSON or bytes) instead of the real reply
 - ``lost_reply``: the request is executed (a submit creates its task), then the connection is
   dropped before any reply: the case idempotency keys exist for
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections import deque
@@ -25,7 +27,7 @@ import attrs
 __all__ = ["ENDPOINTS", "Fault", "FaultPlan"]
 
 ENDPOINTS: Final = ("submit", "task", "batch", "balance", "upload", "file")
-FaultKind = Literal["status", "drop", "malformed", "truncated", "slow", "lost_reply"]
+FaultKind = Literal["status", "drop", "malformed", "truncated", "slow", "lost_reply", "reply"]
 
 
 @attrs.frozen
@@ -36,6 +38,7 @@ class Fault:
     message: str | None = None
     retry_after: str | None = None
     delay: float = 0.0
+    body: bytes = b""
 
     @classmethod
     def error(
@@ -58,6 +61,12 @@ class Fault:
     @classmethod
     def server_error(cls, status: int = 503) -> Fault:
         return cls.error(status, "server_error", message="The service is temporarily unavailable")
+
+    @classmethod
+    def reply(cls, status: int, body: object) -> Fault:
+        """Answer ``status`` with ``body`` (bytes as they are, anything else as JSON)."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return cls("reply", status=status, body=raw)
 
     @classmethod
     def drop(cls) -> Fault:

@@ -383,6 +383,7 @@ class Emulator:
             state.max_in_flight[endpoint] = max(
                 state.max_in_flight[endpoint], state.in_flight[endpoint]
             )
+            self._changed.set()
             status = 0
             try:
                 resp = await self._serve(request, endpoint, handler, auth)
@@ -414,6 +415,10 @@ class Emulator:
                     fault.message or "injected error",
                     fault.type or "server_error",
                     headers=headers,
+                )
+            elif fault.kind == "reply":
+                return web.Response(
+                    status=fault.status, body=fault.body, content_type="application/json"
                 )
             elif fault.kind == "drop":
                 return await self._drop(request)
@@ -508,6 +513,7 @@ class Emulator:
                 return self._submitted(request, record.task_id or "")
             record = IdemRecord(body_hash)
             state.idempotency[key] = record
+            self._changed.set()
         try:
             if delay:
                 await asyncio.sleep(delay)

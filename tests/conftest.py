@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import apimart_async as am
+from apimart_async.emulator import Emulator
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_waits() -> Iterator[None]:
+    am.set_testing(True)
+    yield
+    am.set_testing(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("APIMART_API_KEY", raising=False)
+    monkeypatch.delenv("APIMART_BASE_URL", raising=False)
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    """An emulator whose clock moves only when a test advances it; tasks take 10 s."""
+    async with Emulator(frozen_clock=True, task_duration=10.0, estimate_error=0.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def manual_emu() -> AsyncIterator[Emulator]:
+    """An emulator where tasks move only when the test says so."""
+    async with Emulator(mode="manual", frozen_clock=True) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def client(emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url) as c:
+        yield c
+
+
+@pytest.fixture
+async def manual_client(manual_emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
+    async with am.AsyncApimart(manual_emu.api_key, base_url=manual_emu.base_url) as c:
+        yield c

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import apimart_async as am
+from apimart_async import emulator
+
+
+def test_all_is_exactly_the_public_names() -> None:
+    public = {n for n in dir(am) if not n.startswith("_")} - {"emulator"}
+    assert set(am.__all__) == public | {"__version__"}
+    assert set(emulator.__all__) == {"ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan"}
+
+
+def test_error_tree() -> None:
+    for name in am.__all__:
+        obj = getattr(am, name)
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning):
+            if obj is am.ApimartError:
+                continue
+            assert issubclass(obj, am.ApimartError), name
+    assert issubclass(am.ValidationError, ValueError)
+    assert issubclass(am.APITimeoutError, am.APIConnectionError)
+    assert issubclass(am.APITimeoutError, TimeoutError)
+    for cls in (
+        am.BadRequestError,
+        am.AuthenticationError,
+        am.InsufficientBalanceError,
+        am.PermissionDeniedError,
+        am.NotFoundError,
+        am.ConflictError,
+        am.RateLimitError,
+        am.ServerError,
+    ):
+        assert issubclass(cls, am.APIStatusError)
+    assert am._errors.__doc__ is not None
+    assert "ApimartError" in am._errors.__doc__
+
+
+def test_status_table() -> None:
+    from apimart_async._errors import status_error_class as cls
+
+    assert [cls(s) for s in (400, 401, 402, 403, 404, 409, 422, 429, 500, 502, 503, 418)] == [
+        am.BadRequestError,
+        am.AuthenticationError,
+        am.InsufficientBalanceError,
+        am.PermissionDeniedError,
+        am.NotFoundError,
+        am.ConflictError,
+        am.BadRequestError,
+        am.RateLimitError,
+        am.ServerError,
+        am.ServerError,
+        am.ServerError,
+        am.APIStatusError,
+    ]
+    assert cls(500, "build_request_failed") is am.BadRequestError
+
+
+def test_py_typed_is_shipped() -> None:
+    import importlib.resources
+
+    assert importlib.resources.files("apimart_async").joinpath("py.typed").is_file()

@@ -1,0 +1,97 @@
+"""The API key never appears in a log record, repr, exception message or args."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+import pytest
+
+import apimart_async as am
+from apimart_async._config import Secret
+from apimart_async.emulator import Emulator, Fault
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-live-SECRETSECRET0123456789"
+PREFIX = KEY[:12]
+
+
+def _all_text(exc: BaseException) -> str:
+    parts = [str(exc), repr(exc), *map(repr, exc.args), repr(vars(exc))]
+    if exc.__cause__ is not None:
+        parts.append(_all_text(exc.__cause__))
+    if exc.__context__ is not None and exc.__context__ is not exc.__cause__:
+        parts.append(_all_text(exc.__context__))
+    return "\n".join(parts)
+
+
+async def test_key_absent_everywhere_under_faults(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    errors: list[BaseException] = []
+    async with Emulator(api_key=KEY, frozen_clock=True) as emu:
+        client = am.AsyncApimart(KEY, base_url=emu.base_url, max_retries=1)
+        async with client:
+            for fault in (
+                Fault.drop(),
+                Fault.malformed(),
+                Fault.truncated(),
+                Fault.server_error(),
+                Fault.rate_limited(0),
+                Fault.lost_reply(),
+                Fault.error(400, "invalid_request_error"),
+            ):
+                emu.faults.inject("submit", fault, times=2)
+                try:
+                    await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+                except am.ApimartError as exc:
+                    errors.append(exc)
+            for endpoint in ("task", "batch", "balance"):
+                emu.faults.inject(endpoint, Fault.server_error(), times=2)
+            for call in (
+                client.tasks.get("task_x"),
+                client.tasks.get_many(["task_x"]),
+                client.balance(),
+            ):
+                try:
+                    await call
+                except am.ApimartError as exc:
+                    errors.append(exc)
+            texts = [repr(client), str(client), repr(client._transport.__dict__)]
+        async with am.AsyncApimart("wrong-key", base_url=emu.base_url) as other:
+            with pytest.raises(am.AuthenticationError) as info:
+                await other.balance()
+        assert "wrong-key" not in _all_text(info.value)
+    assert len(errors) >= 4
+    texts += [_all_text(e) for e in errors]
+    texts += [r.getMessage() + repr(r.args) + repr(r.__dict__) for r in caplog.records]
+    assert caplog.records  # there was something to scan
+    for text in texts:
+        assert KEY not in text
+        assert PREFIX not in text
+
+
+def test_secret_never_shows() -> None:
+    s = Secret(KEY)
+    assert KEY not in f"{s} {s!r} {s:>40}"
+    with pytest.raises(TypeError, match="not pickled"):
+        pickle.dumps(s)
+    assert s.reveal() == KEY
+
+
+def test_configuration_errors_do_not_echo_the_key() -> None:
+    with pytest.raises(am.ConfigurationError) as info:
+        am.AsyncApimart(KEY + "\nX-Injected: 1")
+    assert KEY not in _all_text(info.value)
+    with pytest.raises(am.ConfigurationError) as info:
+        am.AsyncApimart(KEY, base_url="http://evil.example.com")
+    assert KEY not in _all_text(info.value)
+
+
+async def test_redirects_are_not_followed(emu: Emulator) -> None:
+    emu.faults.inject("balance", Fault.reply(302, {"moved": True}))
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url) as c:
+        with pytest.raises(am.APIStatusError, match="redirects are not followed") as info:
+            await c.balance()
+    assert info.value.status == 302
+    assert emu.counters["balance"] == 1
