@@ -252,3 +252,56 @@ def test_fuzz_json(value: Any) -> None:
 def test_deeply_nested_json_is_a_typed_error() -> None:
     with pytest.raises(am.ResponseValidationError):
         conv.parse_task(b"[" * 100_000 + b"]" * 100_000)
+
+
+# -- error bodies: any status, any body: a typed APIStatusError ---------------------------------
+
+from apimart_async._transport import _embedded_error, _error_from_reply  # noqa: E402
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(min_value=200, max_value=599),
+    st.one_of(st.binary(max_size=100), shaped.map(lambda v: json.dumps(v).encode())),
+    st.dictionaries(
+        st.sampled_from(["Retry-After", "X-Request-Id"]), st.text(max_size=30), max_size=2
+    ),
+)
+def test_fuzz_error_bodies(status: int, body: bytes, headers: dict[str, str]) -> None:
+    err = _error_from_reply(max(400, status), headers, body)
+    assert isinstance(err, am.APIStatusError)
+    assert err.status == max(400, status)
+    assert err.retry_after is None or err.retry_after >= 0
+    embedded = _embedded_error(status, body)
+    assert embedded is None or 400 <= embedded <= 599
+
+
+def test_documented_error_body() -> None:
+    body = b(
+        {
+            "error": {
+                "code": 400,
+                "message": "bad duration",
+                "type": "invalid_request_error",
+                "param": "duration",
+            },
+            "request_id": "req_1",
+        }
+    )
+    err = _error_from_reply(400, {}, body)
+    assert type(err) is am.BadRequestError
+    assert (err.message, err.type, err.code, err.param, err.request_id) == (
+        "bad duration",
+        "invalid_request_error",
+        400,
+        "duration",
+        "req_1",
+    )
+    assert str(err) == "bad duration (HTTP 400, invalid_request_error, request_id=req_1)"
+
+
+def test_error_inside_a_200_reply_is_an_error() -> None:
+    assert _embedded_error(200, b(DOC_TASK)) is None
+    assert _embedded_error(200, b({"error": {"code": 402, "message": "no money"}})) == 402
+    assert _embedded_error(200, b({"error": {"message": "x"}})) == 400
+    assert _embedded_error(200, b({"code": 500, "msg": "x"})) == 500

@@ -1,0 +1,45 @@
+"""``python -m apimart_async.emulator`` runs standalone and serves a real client."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import anyio
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import apimart_async as am
+
+pytestmark = pytest.mark.anyio
+
+CMD = [
+    sys.executable,
+    "-m",
+    "apimart_async.emulator",
+    "--port",
+    "0",
+    "--duration",
+    "0",
+    "--api-key",
+    "sk-test",
+]
+
+
+async def test_standalone_emulator() -> None:
+    async with await anyio.open_process(CMD) as proc:
+        assert proc.stdout is not None
+        try:
+            with anyio.fail_after(30):
+                line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 4096)
+            info = json.loads(line)
+            assert info["api_key"] == "sk-test"
+            assert info["base_url"].startswith("http://127.0.0.1:")
+            async with am.AsyncApimart(info["api_key"], base_url=info["base_url"]) as client:
+                task = await client.videos.generate(
+                    am.VideoRequest("sora-2-preview", "x"), poll_interval=0
+                )
+            assert task.ok
+        finally:
+            proc.terminate()
+            await proc.wait()
