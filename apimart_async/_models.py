@@ -294,6 +294,27 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
             errors.append(FieldError(f"extra[{key!r}]", "must be JSON-serialisable", value))
 
 
+def _check_choice(
+    errors: list[FieldError],
+    name: str,
+    value: Any,
+    choices: tuple[str, ...] | None,
+    model: str,
+    noun: str,
+    *,
+    fallback: str | None = None,
+) -> None:
+    if not isinstance(value, str):
+        return  # unset, or already reported as not a string
+    if choices is None:
+        errors.append(FieldError(name, f"{model} does not take {noun}", value))
+    elif value not in choices:
+        rule = f"{model} takes {_choices(choices)}"
+        if fallback:
+            rule += f" (the service would silently use {fallback})"
+        errors.append(FieldError(name, rule, value))
+
+
 def _check_spec(
     errors: list[FieldError],
     notes: list[str],
@@ -352,27 +373,17 @@ def _check_spec(
             rule = f"{model} takes only {_choices(spec.durations)} seconds"
             errors.append(FieldError("duration", rule, duration))
 
-    resolution = req.resolution
-    if isinstance(resolution, str):
-        if spec.resolutions is None:
-            errors.append(
-                FieldError("resolution", f"{model} does not take a resolution", resolution)
-            )
-        elif resolution not in spec.resolutions:
-            rule = f"{model} takes {_choices(spec.resolutions)}"
-            errors.append(FieldError("resolution", rule, resolution))
-
+    _check_choice(errors, "resolution", req.resolution, spec.resolutions, model, "a resolution")
     aspect = req.aspect_ratio
-    if isinstance(aspect, str):
-        if spec.aspect_ratios is None:
-            errors.append(
-                FieldError("aspect_ratio", f"{model} does not take an aspect ratio", aspect)
-            )
-        elif aspect not in spec.aspect_ratios:
-            rule = f"{model} takes {_choices(spec.aspect_ratios)}"
-            if spec.aspect_ratio_fallback:
-                rule += f" (the service would silently use {spec.aspect_ratio_fallback})"
-            errors.append(FieldError("aspect_ratio", rule, aspect))
+    _check_choice(
+        errors,
+        "aspect_ratio",
+        aspect,
+        spec.aspect_ratios,
+        model,
+        "an aspect ratio",
+        fallback=spec.aspect_ratio_fallback,
+    )
 
     if req.seed is not None and not spec.seed:
         errors.append(FieldError("seed", f"{model} does not take a seed", req.seed))

@@ -292,17 +292,19 @@ class State:
         except KeyError:
             raise KeyError(f"no task {task_id!r} at the emulator") from None
 
-    def set_running(self, task_id: str, progress: int = 0, status: str = "processing") -> None:
+    def unfinished_task(self, task_id: str) -> EmuTask:
         task = self.get(task_id)
         if task.status in TERMINAL:
             raise ValueError(f"task {task_id} already ended ({task.status})")
+        return task
+
+    def set_running(self, task_id: str, progress: int = 0, status: str = "processing") -> None:
+        task = self.unfinished_task(task_id)
         task.status = status
         task.progress = progress
 
     def complete(self, task_id: str) -> None:
-        task = self.get(task_id)
-        if task.status in TERMINAL:
-            raise ValueError(f"task {task_id} already ended ({task.status})")
+        task = self.unfinished_task(task_id)
         self._finish(task, self.clock.now())
 
     def fail(
@@ -313,17 +315,13 @@ class State:
         message: str = "Video generation failed",
         type: str = "task_error",
     ) -> None:
-        task = self.get(task_id)
-        if task.status in TERMINAL:
-            raise ValueError(f"task {task_id} already ended ({task.status})")
+        task = self.unfinished_task(task_id)
         self._finish(
             task, self.clock.now(), failed={"code": code, "message": message, "type": type}
         )
 
     def cancel(self, task_id: str) -> None:
-        task = self.get(task_id)
-        if task.status in TERMINAL:
-            raise ValueError(f"task {task_id} already ended ({task.status})")
+        task = self.unfinished_task(task_id)
         self._finish(task, self.clock.now(), status="cancelled")
 
     # -- the wire shape ----------------------------------------------------------------------
