@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video, VideoRequest
 from ._retry import set_testing
+from ._schedule import PollPolicy
 from ._specs import MODEL_SPECS, IntRange, ModelSpec
 from ._version import __version__
 
@@ -52,6 +53,7 @@ __all__ = [
     "ModelSpec",
     "NotFoundError",
     "PermissionDeniedError",
+    "PollPolicy",
     "RateLimitError",
     "ResponseValidationError",
     "ServerError",

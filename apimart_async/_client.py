@@ -6,7 +6,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -15,20 +14,24 @@ from urllib.parse import quote
 
 import aiohttp
 import anyio
+import anyio.abc
 
 from . import _converter as conv
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._errors import (
+    ApimartError,
     APIStatusError,
     ConfigurationError,
     FieldError,
     NotFoundError,
     ResponseValidationError,
     TaskFailedError,
-    TaskTimeoutError,
     ValidationError,
 )
 from ._models import Balance, Task, UploadedImage, VideoRequest
+from ._poller import Poller
+from ._schedule import PollPolicy
+from ._scheduler import RateLimiter, Throttle
 from ._transport import Reply, Transport, new_idempotency_key
 
 __all__ = ["AsyncApimart"]
@@ -39,8 +42,6 @@ T = TypeVar("T")
 
 BATCH_LIMIT: Final = 100
 MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024
-#: Waits between status checks of the simple wait, in seconds (the last one repeats).
-WAIT_SCHEDULE: Final = (1.0, 2.0, 3.0, 5.0, 8.0, 10.0)
 
 _IMAGE_MAGIC: Final = (
     (b"\xff\xd8\xff", "image/jpeg", "jpg"),
@@ -103,6 +104,9 @@ class AsyncApimart:
         max_retries: retries after the first attempt for retryable failures (see ``_retry``).
         language: language of the service's error messages: en, zh, ja or ko.
         status_concurrency: parallel status GETs when the batch status route is missing.
+        poll: the shared poller's ``PollPolicy`` (when to check each pending task).
+        requests_per_second: an optional cap on all requests of this client (submit, status,
+            upload), shared by everything the client does.
     """
 
     def __init__(
@@ -114,6 +118,8 @@ class AsyncApimart:
         max_retries: int = 3,
         language: str = "en",
         status_concurrency: int = 8,
+        poll: PollPolicy | None = None,
+        requests_per_second: float | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         url = check_base_url(base_url)
@@ -131,11 +137,25 @@ class AsyncApimart:
             raise ConfigurationError(
                 f"status_concurrency must be an int >= 1, got {status_concurrency!r}"
             )
+        if poll is not None and not isinstance(poll, PollPolicy):
+            raise ConfigurationError(f"poll must be a PollPolicy, got {type(poll).__name__}")
+        try:
+            limiter = RateLimiter(requests_per_second) if requests_per_second is not None else None
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(str(exc)) from None
         self.language = language
         self.status_concurrency = status_concurrency
         self._transport = Transport(
-            api_key=key, base_url=url, timeout=Timeout.of(timeout), max_retries=max_retries
+            api_key=key,
+            base_url=url,
+            timeout=Timeout.of(timeout),
+            max_retries=max_retries,
+            throttle=Throttle(),
+            limiter=limiter,
         )
+        self._poller = Poller(self, poll or PollPolicy())
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         #: None until the batch status route has answered; False once it proved missing.
         self._batch_route: bool | None = None
         self.videos = Videos(self)
@@ -145,10 +165,24 @@ class AsyncApimart:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> Self:
+        """Open the HTTP session and start the shared poller. Prefer ``async with``; if you
+        call ``open()`` yourself, call ``aclose()`` from the same task."""
         await self._transport.open()
+        if self._stack is None:
+            stack = contextlib.AsyncExitStack()
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self._tg.start_soon(self._poller.run, name="apimart-async poller")
+            self._stack = stack
         return self
 
     async def aclose(self) -> None:
+        """Close the client: running waits and batches end with ``ClientClosedError``."""
+        self._poller.close("the client was closed")
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            await stack.aclose()
         await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
@@ -173,6 +207,15 @@ class AsyncApimart:
     @property
     def max_retries(self) -> int:
         return self._transport.max_retries
+
+    @property
+    def poll_policy(self) -> PollPolicy:
+        return self._poller.schedule.policy
+
+    @property
+    def throttle(self) -> Throttle:
+        """Client-wide back-pressure from 429s (read-only use: ``factor``, ``rate_limited``)."""
+        return self._transport.throttle
 
     @property
     def batch_route_available(self) -> bool | None:
@@ -241,12 +284,14 @@ class Videos:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
-        poll_interval: float | None = None,
     ) -> Task:
-        """Submit and wait until the task ends. Raises ``TaskFailedError`` if it failed and
-        ``TaskTimeoutError`` after ``timeout`` seconds (the task itself keeps running)."""
+        """Submit and wait (through the shared poller) until the task ends. Raises
+        ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
+        (the task itself keeps running at the service, and is billed)."""
+        _check_timeout(timeout)
+        submitted_at = self._client._poller.now()
         task_id = await self.submit(request, idempotency_key=idempotency_key)
-        return await self._client.tasks.wait(task_id, timeout=timeout, poll_interval=poll_interval)
+        return await self._client.tasks._wait(task_id, timeout=timeout, submitted_at=submitted_at)
 
 
 class Tasks:
@@ -336,44 +381,114 @@ class Tasks:
                 tg.start_soon(one, task_id)
         return found
 
-    async def wait(
-        self,
-        task_id: str,
-        *,
-        timeout: float | None = None,
-        poll_interval: float | None = None,
+    async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """Wait for a task submitted earlier (here, in another process, in an earlier run)
+        through the shared poller. Returns it when completed; raises ``TaskFailedError`` if it
+        failed or was cancelled, ``TaskTimeoutError`` after ``timeout`` seconds, and
+        ``NotFoundError`` if the service does not know it."""
+        _check_timeout(timeout)
+        return await self._wait(_check_task_id(task_id), timeout=timeout, submitted_at=None)
+
+    async def _wait(
+        self, task_id: str, *, timeout: float | None, submitted_at: float | None
     ) -> Task:
-        """Poll one task until it ends; return it if completed, raise ``TaskFailedError`` if
-        it failed or was cancelled, ``TaskTimeoutError`` after ``timeout`` seconds."""
-        task_id = _check_task_id(task_id)
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValidationError(
-                [FieldError("timeout", "must be a positive number of seconds", timeout)]
-            )
-        if poll_interval is not None and not (
-            isinstance(poll_interval, (int, float)) and poll_interval >= 0
-        ):
-            raise ValidationError(
-                [FieldError("poll_interval", "must be >= 0 seconds", poll_interval)]
-            )
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        last: Task | None = None
-        checks = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TaskTimeoutError(task_id, float(timeout or 0), last)
-            if poll_interval is not None:
-                delay = poll_interval
-            else:
-                delay = WAIT_SCHEDULE[min(checks, len(WAIT_SCHEDULE) - 1)]
-            await anyio.sleep(min(delay, remaining))
-            checks += 1
-            last = await self.get(task_id)
-            if last.is_terminal:
-                if last.ok:
-                    return last
-                raise TaskFailedError(last)
+        poller = self._client._poller
+        done = anyio.Event()
+        box: list[Task | ApimartError] = []
+
+        def on_done(_: str, result: Task | ApimartError) -> None:
+            box.append(result)
+            done.set()
+
+        poller.watch(
+            task_id,
+            on_done,
+            timeout=timeout,
+            submitted_at=submitted_at,
+            reattach=submitted_at is None,
+        )
+        try:
+            await done.wait()
+        finally:
+            if not box:
+                poller.unwatch(task_id, on_done)
+        result = box[0]
+        if isinstance(result, ApimartError):
+            raise result
+        if not result.ok:
+            raise TaskFailedError(result)
+        return result
+
+    def watch(self, task_ids: Iterable[str]) -> TaskWatch:
+        """Follow many tasks through the shared poller; yields each as it ends::
+
+        async with client.tasks.watch(ids) as stream:
+            async for task in stream:      # completion order; failed ones too
+                ...
+        """
+        ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
+        return TaskWatch(self._client._poller, ids)
+
+
+class TaskWatch:
+    """The async context manager of ``tasks.watch``: an async iterator of ended tasks.
+
+    A task the service no longer knows raises ``NotFoundError`` from the iteration (the others
+    are still followed if you iterate again); leaving the block stops following the rest.
+    """
+
+    def __init__(self, poller: Poller, ids: list[str]) -> None:
+        self._poller = poller
+        self._ids = ids
+        self._remaining = set(ids)
+        self._send, self._receive = anyio.create_memory_object_stream[Task | ApimartError](
+            max_buffer_size=math.inf
+        )
+
+    async def __aenter__(self) -> TaskWatch:
+        if not self._ids:
+            self._send.close()
+        for task_id in self._ids:
+            self._poller.watch(task_id, self._on_done, reattach=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task_id in list(self._remaining):
+            self._poller.unwatch(task_id, self._on_done)
+        self._send.close()
+        self._receive.close()
+
+    def _on_done(self, task_id: str, result: Task | ApimartError) -> None:
+        self._remaining.discard(task_id)
+        self._send.send_nowait(result)
+        if not self._remaining:
+            self._send.close()
+
+    @property
+    def remaining(self) -> list[str]:
+        """Ids not ended yet."""
+        return [t for t in self._ids if t in self._remaining]
+
+    def __aiter__(self) -> TaskWatch:
+        return self
+
+    async def __anext__(self) -> Task:
+        try:
+            item = await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+        if isinstance(item, ApimartError):
+            raise item
+        return item
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (
+        isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+    ):
+        raise ValidationError(
+            [FieldError("timeout", "must be a positive number of seconds", timeout)]
+        )
 
 
 class Uploads:

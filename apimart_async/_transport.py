@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
 
 import aiohttp
+import anyio
 import attrs
 import backoff
 
@@ -28,6 +29,7 @@ from ._errors import (
     ClientClosedError,
     status_error_class,
 )
+from ._scheduler import RateLimiter, Throttle
 from ._version import __version__
 
 __all__ = ["Reply", "RetryMode", "Transport", "new_idempotency_key"]
@@ -130,8 +132,13 @@ class Transport:
         timeout: Timeout,
         max_retries: int,
         connection_limit: int = 100,
+        throttle: Throttle | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._key = api_key
+        #: Client-wide back-pressure from 429s, and the optional requests-per-second cap.
+        self.throttle = throttle or Throttle()
+        self.limiter = limiter
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
@@ -262,6 +269,7 @@ class Transport:
         timeout: Timeout | None,
     ) -> Reply:
         session = self.session()
+        await self._pace()
         all_headers = {
             "Authorization": f"Bearer {self._key.reveal()}",
             "Accept": "application/json",
@@ -307,6 +315,11 @@ class Transport:
             raise
         elapsed_ms = (time.perf_counter() - started) * 1000
         logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        if status == 429:
+            retry_after = _retry.parse_retry_after(reply_headers.get("Retry-After"))
+            self.throttle.on_rate_limited(time.monotonic(), retry_after)
+        elif status < 300:
+            self.throttle.on_success(time.monotonic())
         if len(body) > MAX_REPLY_BYTES:
             raise APIConnectionError(
                 f"{method} {path}: reply larger than {MAX_REPLY_BYTES} bytes",
@@ -333,6 +346,16 @@ class Transport:
         if embedded is not None:
             raise _error_from_reply(embedded, reply_headers, body)
         return Reply(status=status, headers=reply_headers, body=body)
+
+    async def _pace(self) -> None:
+        """Wait out a server-requested pause (skipped under ``set_testing``) and the
+        requests-per-second cap, if any."""
+        now = time.monotonic()
+        wait = 0.0 if _retry.is_testing() else self.throttle.wait_time(now)
+        if self.limiter is not None:
+            wait = max(wait, self.limiter.reserve(now, factor=self.throttle.factor))
+        if wait > 0:
+            await anyio.sleep(wait)
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -40,13 +40,19 @@ async def manual_emu() -> AsyncIterator[Emulator]:
         yield emulator
 
 
+#: Polls within milliseconds, so tests driven by the emulator's controls finish at once.
+FAST_POLL = am.PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.005, jitter=0.0)
+
+
 @pytest.fixture
 async def client(emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
-    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url) as c:
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as c:
         yield c
 
 
 @pytest.fixture
 async def manual_client(manual_emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
-    async with am.AsyncApimart(manual_emu.api_key, base_url=manual_emu.base_url) as c:
+    async with am.AsyncApimart(
+        manual_emu.api_key, base_url=manual_emu.base_url, poll=FAST_POLL
+    ) as c:
         yield c

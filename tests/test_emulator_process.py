@@ -35,10 +35,10 @@ async def test_standalone_emulator() -> None:
             info = json.loads(line)
             assert info["api_key"] == "sk-test"
             assert info["base_url"].startswith("http://127.0.0.1:")
-            async with am.AsyncApimart(info["api_key"], base_url=info["base_url"]) as client:
-                task = await client.videos.generate(
-                    am.VideoRequest("sora-2-preview", "x"), poll_interval=0
-                )
+            async with am.AsyncApimart(
+                info["api_key"], base_url=info["base_url"], poll=am.PollPolicy(first_check=0.01)
+            ) as client:
+                task = await client.videos.generate(am.VideoRequest("sora-2-preview", "x"))
             assert task.ok
         finally:
             proc.terminate()

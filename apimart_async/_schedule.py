@@ -1,0 +1,327 @@
+"""When to check which task: the poll schedule, logic only (no I/O, no clock of its own).
+
+Every pending task of a client lives here with a next-check time. The async poller asks
+``due(now)`` for the ids to check, sends the status requests, and reports back with
+``on_status`` / ``on_missing`` / ``on_error``. Tests drive it with a fake clock.
+
+How the next check is chosen (``PollPolicy``):
+
+1. A new task is first checked ``first_check`` seconds after it was submitted: that check
+   learns ``estimated_time`` and ``progress``.
+2. While it runs, its end is predicted from progress (linear in age: with progress ``p`` % at
+   age ``a`` the task ends by ``a * 100 / p``, an upper bound when the service rounds progress
+   down), else from ``estimated_time``. An early, uncertain prediction (low progress, far away)
+   gets one refining check at 70 % of the way; otherwise the next check is the predicted end.
+3. A task still running at or after its predicted end is checked every ``min_interval``
+   seconds for a while (so a finish is noticed within about a second), then ever less often,
+   growing by ``overdue_growth`` up to ``max_interval`` (so a task that runs long is not
+   hammered). No wait is ever longer than ``max_interval``.
+4. Checks get a small positive jitter (never early), and with the batch status route tasks
+   due within ``coalesce`` seconds ride along in a request that is going out anyway.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Iterable
+from typing import Final
+
+import attrs
+
+from ._models import Task
+
+__all__ = ["BATCH_IDS", "PollPolicy", "PollSchedule"]
+
+BATCH_IDS: Final = 100
+
+
+def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"PollPolicy.{attribute.name} must be a positive number, got {value!r}")
+
+
+def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise ValueError(f"PollPolicy.{attribute.name} must be between 0 and 1, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class PollPolicy:
+    """How often the shared poller checks a task (seconds). The defaults suit 5 s to 10 min
+    videos; all of a client's tasks share one policy (the client's ``poll=``)."""
+
+    first_check: float = attrs.field(default=2.0, validator=_positive)
+    min_interval: float = attrs.field(default=1.0, validator=_positive)
+    #: The longest wait between two checks of a running task, whatever the prediction says.
+    max_interval: float = attrs.field(default=60.0, validator=_positive)
+    overdue_growth: float = attrs.field(default=1.5, validator=_positive)
+    #: How long (as a fraction of the predicted duration) checks stay at ``min_interval``
+    #: after the predicted end before they start to space out.
+    overdue_window: float = attrs.field(default=0.25, validator=_fraction)
+    jitter: float = attrs.field(default=0.1, validator=_fraction)
+    coalesce: float = attrs.field(default=1.0, validator=_fraction)
+    default_estimate: float = attrs.field(default=30.0, validator=_positive)
+    use_progress: bool = True
+
+
+@attrs.define(slots=True)
+class _Watch:
+    task_id: str
+    #: Monotonic time the task started (submit time, or derived from ``created``), or None.
+    t0: float | None
+    next_at: float
+    version: int = 0
+    checking: bool = False
+    deadline: float | None = None
+    predicted: float | None = None
+    predicted_span: float = 0.0
+    overdue_checks: int = 0
+    last_progress: int | None = None
+    last_at: float | None = None
+    absences: int = 0
+    checks: int = 0
+    errors: int = 0
+
+
+class PollSchedule:
+    """The next-check times of every watched task. All times are the caller's monotonic clock.
+
+    Example (fake clock)::
+
+        s = PollSchedule(PollPolicy(jitter=0))
+        s.add("task_a", now=0.0)
+        s.due(now=1.0)   # []
+        s.due(now=2.0)   # ["task_a"]
+    """
+
+    def __init__(self, policy: PollPolicy | None = None, *, seed: int | None = None) -> None:
+        self.policy = policy or PollPolicy()
+        self._rng = random.Random(seed)
+        self._watches: dict[str, _Watch] = {}
+        self._heap: list[tuple[float, int, str, int]] = []
+        self._deadlines: list[tuple[float, str, int]] = []
+        self._seq = itertools.count()
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._watches)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._watches
+
+    def ids(self) -> list[str]:
+        return list(self._watches)
+
+    def add(
+        self,
+        task_id: str,
+        *,
+        now: float,
+        submitted_at: float | None = None,
+        deadline: float | None = None,
+        check_now: bool = False,
+    ) -> None:
+        """Watch a task. ``submitted_at``: when it was submitted (default ``now``; None-like
+        tasks re-attached from elsewhere should pass ``check_now=True``)."""
+        existing = self._watches.get(task_id)
+        if existing is not None:
+            if deadline is not None and (existing.deadline is None or deadline < existing.deadline):
+                existing.deadline = deadline
+                heapq.heappush(self._deadlines, (deadline, task_id, existing.version))
+            if check_now and not existing.checking:
+                self._schedule(existing, now)
+            return
+        t0 = now if submitted_at is None and not check_now else submitted_at
+        first = now if check_now else (t0 if t0 is not None else now) + min(
+            self.policy.first_check, self.policy.max_interval
+        )
+        watch = _Watch(task_id, t0, next_at=first, deadline=deadline)
+        self._watches[task_id] = watch
+        self._push(watch, first)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, task_id, watch.version))
+
+    def remove(self, task_id: str) -> None:
+        self._watches.pop(task_id, None)  # heap entries die lazily
+
+    def next_check(self, task_id: str) -> float | None:
+        w = self._watches.get(task_id)
+        return None if w is None or w.checking else w.next_at
+
+    # -- what to do now ------------------------------------------------------------------------
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time anything is due (a check or a deadline), or None."""
+        self._prune()
+        times = []
+        if self._heap:
+            times.append(self._heap[0][0])
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        return min(times) if times else None
+
+    def due(self, now: float, *, batched: bool = True) -> list[str]:
+        """Ids to check now. With ``batched``, tasks due within ``coalesce`` seconds are added
+        while they fill the last request of 100 ids. Returned tasks are marked as being
+        checked until ``on_status``/``on_missing``/``on_error`` reports on them."""
+        out: list[str] = []
+        self._pop_until(now, out, limit=None)
+        if batched and out and self.policy.coalesce > 0:
+            room = (-len(out)) % BATCH_IDS
+            if room:
+                self._pop_until(now + self.policy.coalesce, out, limit=room)
+        return out
+
+    def expired(self, now: float) -> list[str]:
+        """Ids whose deadline has passed; they are removed from the schedule."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, task_id, _version = heapq.heappop(self._deadlines)
+            w = self._watches.get(task_id)
+            if w is not None and w.deadline is not None and w.deadline <= now:
+                del self._watches[task_id]
+                out.append(task_id)
+        return out
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def on_status(self, task: Task, now: float, *, wall_now: float | None = None) -> bool:
+        """Record a status. Returns True when the task is terminal (and no longer watched)."""
+        w = self._watches.get(task.id)
+        if w is None:
+            return task.is_terminal
+        w.checking = False
+        w.checks += 1
+        w.absences = 0
+        w.errors = 0
+        if task.is_terminal:
+            del self._watches[task.id]
+            return True
+        if w.t0 is None and task.created is not None and wall_now is not None:
+            age = wall_now - task.created
+            if 0 <= age <= 7 * 24 * 3600:
+                w.t0 = now - age
+        self._plan(w, task, now)
+        return False
+
+    def on_missing(self, task_id: str, now: float, *, grace: int = 2) -> bool:
+        """The service did not report the task. Returns True once it has been absent
+        ``grace`` times in a row (it no longer exists); else it is checked again soon."""
+        w = self._watches.get(task_id)
+        if w is None:
+            return False
+        w.checking = False
+        w.absences += 1
+        if w.absences >= grace:
+            del self._watches[task_id]
+            return True
+        self._set(w, now + self.policy.min_interval)
+        return False
+
+    def on_error(self, task_ids: Iterable[str], now: float) -> None:
+        """A status request failed (after its own retries): try these again later."""
+        for task_id in task_ids:
+            w = self._watches.get(task_id)
+            if w is None:
+                continue
+            w.checking = False
+            w.errors += 1
+            delay = min(self.policy.max_interval, self.policy.min_interval * 2**w.errors)
+            self._set(w, now + delay)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _push(self, w: _Watch, at: float) -> None:
+        heapq.heappush(self._heap, (at, next(self._seq), w.task_id, w.version))
+
+    def _set(self, w: _Watch, at: float) -> None:
+        w.version += 1
+        w.next_at = at
+        self._push(w, at)
+
+    def _prune(self) -> None:
+        heap = self._heap
+        while heap:
+            _at, _, task_id, version = heap[0]
+            w = self._watches.get(task_id)
+            if w is not None and w.version == version and not w.checking:
+                break
+            heapq.heappop(heap)
+        dl = self._deadlines
+        while dl:
+            _, task_id, version = dl[0]
+            w = self._watches.get(task_id)
+            if w is not None and w.deadline is not None and w.deadline <= dl[0][0]:
+                break
+            heapq.heappop(dl)
+
+    def _pop_until(self, until: float, out: list[str], limit: int | None) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= until and (limit is None or limit > 0):
+            _, _, task_id, version = heapq.heappop(heap)
+            w = self._watches.get(task_id)
+            if w is None or w.version != version or w.checking:
+                continue
+            w.checking = True
+            out.append(task_id)
+            if limit is not None:
+                limit -= 1
+
+    def _schedule(self, w: _Watch, at: float) -> None:
+        self._set(w, at)
+
+    def _jittered(self, now: float, at: float) -> float:
+        delay = min(max(0.0, at - now), self.policy.max_interval)
+        extra = self.policy.jitter * min(delay, self.policy.min_interval) * self._rng.random()
+        return now + delay + extra
+
+    def _plan(self, w: _Watch, task: Task, now: float) -> None:
+        """Choose the next check of a running task (see the module docstring)."""
+        p = self.policy
+        progress = task.progress if p.use_progress else None
+        predicted: float | None = None
+        refine = False
+        if progress is not None and 0 < progress < 100:
+            if w.t0 is not None and now > w.t0:
+                age = now - w.t0
+                predicted = w.t0 + age * 100.0 / progress
+                refine = progress < 20
+            elif (
+                w.last_progress is not None and w.last_at is not None and progress > w.last_progress
+            ):
+                rate = (progress - w.last_progress) / (now - w.last_at)
+                predicted = now + (101 - progress) / rate
+                refine = progress < 20
+        if predicted is None and task.estimated_time is not None and task.estimated_time > 0:
+            base = w.t0 if w.t0 is not None else now
+            predicted = base + task.estimated_time
+        if predicted is None:
+            base = w.t0 if w.t0 is not None else now
+            predicted = base + p.default_estimate
+        w.last_progress = progress
+        w.last_at = now
+
+        start = w.t0 if w.t0 is not None else now
+        overdue = w.predicted is not None and now >= w.predicted
+        if not overdue and predicted > now:
+            w.predicted = predicted
+            w.predicted_span = predicted - start
+            remaining = predicted - now
+            at = now + 0.7 * remaining if refine and remaining > 3 * p.min_interval else predicted
+            self._set(w, self._jittered(now, max(at, now + 0.5 * p.min_interval)))
+            return
+        # At or past the predicted end and still running: tight for a while, then spaced out.
+        w.predicted = w.predicted if w.predicted is not None else now
+        w.overdue_checks += 1
+        span = w.predicted_span or (predicted - start)
+        tight = max(3, math.ceil(p.overdue_window * span / p.min_interval))
+        if w.overdue_checks <= tight:
+            interval = p.min_interval
+        else:
+            growth = p.overdue_growth ** (w.overdue_checks - tight)
+            interval = min(p.max_interval, p.min_interval * growth)
+        self._set(w, self._jittered(now, now + interval))
