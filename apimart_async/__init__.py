@@ -3,7 +3,8 @@
 Submit fast, watch cheaply, never pay twice, never lose a job. See README.md.
 """
 
-from ._client import AsyncApimart
+from ._batch import Batch, BatchEvent, BatchStats, BatchStoppedError, Outcome
+from ._client import AsyncApimart, TaskWatch
 from ._config import Timeout
 from ._errors import (
     APIConnectionError,
@@ -44,6 +45,10 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "Balance",
+    "Batch",
+    "BatchEvent",
+    "BatchStats",
+    "BatchStoppedError",
     "ClientClosedError",
     "ConfigurationError",
     "ConflictError",
@@ -52,6 +57,7 @@ __all__ = [
     "IntRange",
     "ModelSpec",
     "NotFoundError",
+    "Outcome",
     "PermissionDeniedError",
     "PollPolicy",
     "RateLimitError",
@@ -62,6 +68,7 @@ __all__ = [
     "TaskFailedError",
     "TaskStatus",
     "TaskTimeoutError",
+    "TaskWatch",
     "Timeout",
     "UploadedImage",
     "ValidationError",

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 
 from . import _converter as conv
+from ._batch import Batch, BatchEvent
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._errors import (
     ApimartError,
@@ -232,6 +233,53 @@ class AsyncApimart:
         )
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self._transport.counters.items()))
         return f"<AsyncApimart {self.base_url} [{state}] requests: {counts or 'none'}>"
+
+    # -- many jobs ---------------------------------------------------------------------------
+
+    def batch(
+        self,
+        requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
+        *,
+        concurrency: int = 8,
+        max_pending: int | None = None,
+        requests_per_second: float | None = None,
+        poll: PollPolicy | None = None,
+        job_timeout: float | None = None,
+        timeout: float | None = None,
+        stop_on_error: bool = False,
+        on_event: Callable[[BatchEvent], None] | None = None,
+    ) -> Batch:
+        """Run many jobs; outcomes arrive in completion order::
+
+            async with client.batch(jobs, concurrency=16) as results:
+                async for outcome in results:
+                    ...
+
+        Args:
+            requests: any iterable or async iterable of ``VideoRequest``, read lazily.
+            concurrency: submit requests in flight at most (scaled down after 429s).
+            max_pending: submitted-but-unfinished tasks at most (account limits).
+            requests_per_second: cap on all of this client's requests while the batch runs.
+            poll: a ``PollPolicy`` for this batch's tasks (default: the client's).
+            job_timeout: seconds a task may run after its submit before its outcome is a
+                ``TaskTimeoutError`` (it keeps running at the service).
+            timeout: seconds for the whole batch; then nothing more is submitted and every
+                pending job ends with ``TaskTimeoutError``.
+            stop_on_error: stop submitting after the first failed or errored job.
+            on_event: called with each ``BatchEvent`` (submitted, progress, completed, ...).
+        """
+        return Batch(
+            self,
+            requests,
+            concurrency=concurrency,
+            max_pending=max_pending,
+            requests_per_second=requests_per_second,
+            job_timeout=job_timeout,
+            timeout=timeout,
+            stop_on_error=stop_on_error,
+            on_event=on_event,
+            poll=poll,
+        )
 
     # -- account -----------------------------------------------------------------------------
 

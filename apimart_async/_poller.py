@@ -83,6 +83,7 @@ class Poller:
         timeout: float | None = None,
         submitted_at: float | None = None,
         reattach: bool = False,
+        policy: PollPolicy | None = None,
     ) -> None:
         """Follow ``task_id`` until it ends; ``on_done`` is called exactly once (unless
         ``unwatch`` comes first). ``reattach``: a task submitted elsewhere, checked at once."""
@@ -108,6 +109,7 @@ class Poller:
             submitted_at=submitted_at if submitted_at is not None else (None if reattach else now),
             deadline=deadline,
             check_now=reattach,
+            policy=policy,
         )
         self._wake.set()
 

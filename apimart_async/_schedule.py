@@ -73,6 +73,7 @@ class _Watch:
     #: Monotonic time the task started (submit time, or derived from ``created``), or None.
     t0: float | None
     next_at: float
+    policy: PollPolicy
     version: int = 0
     checking: bool = False
     deadline: float | None = None
@@ -124,9 +125,11 @@ class PollSchedule:
         submitted_at: float | None = None,
         deadline: float | None = None,
         check_now: bool = False,
+        policy: PollPolicy | None = None,
     ) -> None:
-        """Watch a task. ``submitted_at``: when it was submitted (default ``now``; None-like
-        tasks re-attached from elsewhere should pass ``check_now=True``)."""
+        """Watch a task (with its own ``policy``, else the schedule's). ``submitted_at``: when
+        it was submitted (default ``now``); a task re-attached from elsewhere passes
+        ``check_now=True`` to be checked at once."""
         existing = self._watches.get(task_id)
         if existing is not None:
             if deadline is not None and (existing.deadline is None or deadline < existing.deadline):
@@ -135,11 +138,14 @@ class PollSchedule:
             if check_now and not existing.checking:
                 self._schedule(existing, now)
             return
+        pol = policy or self.policy
         t0 = now if submitted_at is None and not check_now else submitted_at
-        first = now if check_now else (t0 if t0 is not None else now) + min(
-            self.policy.first_check, self.policy.max_interval
+        first = (
+            now
+            if check_now
+            else (t0 if t0 is not None else now) + min(pol.first_check, pol.max_interval)
         )
-        watch = _Watch(task_id, t0, next_at=first, deadline=deadline)
+        watch = _Watch(task_id, t0, next_at=first, policy=pol, deadline=deadline)
         self._watches[task_id] = watch
         self._push(watch, first)
         if deadline is not None:
@@ -219,7 +225,7 @@ class PollSchedule:
         if w.absences >= grace:
             del self._watches[task_id]
             return True
-        self._set(w, now + self.policy.min_interval)
+        self._set(w, now + w.policy.min_interval)
         return False
 
     def on_error(self, task_ids: Iterable[str], now: float) -> None:
@@ -230,7 +236,7 @@ class PollSchedule:
                 continue
             w.checking = False
             w.errors += 1
-            delay = min(self.policy.max_interval, self.policy.min_interval * 2**w.errors)
+            delay = min(w.policy.max_interval, w.policy.min_interval * 2**w.errors)
             self._set(w, now + delay)
 
     # -- internals -----------------------------------------------------------------------------
@@ -274,14 +280,14 @@ class PollSchedule:
     def _schedule(self, w: _Watch, at: float) -> None:
         self._set(w, at)
 
-    def _jittered(self, now: float, at: float) -> float:
-        delay = min(max(0.0, at - now), self.policy.max_interval)
-        extra = self.policy.jitter * min(delay, self.policy.min_interval) * self._rng.random()
-        return now + delay + extra
+    def _jittered(self, w: _Watch, now: float, at: float) -> float:
+        p = w.policy
+        delay = min(max(0.0, at - now), p.max_interval)
+        return now + delay + p.jitter * min(delay, p.min_interval) * self._rng.random()
 
     def _plan(self, w: _Watch, task: Task, now: float) -> None:
         """Choose the next check of a running task (see the module docstring)."""
-        p = self.policy
+        p = w.policy
         progress = task.progress if p.use_progress else None
         predicted: float | None = None
         refine = False
@@ -312,7 +318,7 @@ class PollSchedule:
             w.predicted_span = predicted - start
             remaining = predicted - now
             at = now + 0.7 * remaining if refine and remaining > 3 * p.min_interval else predicted
-            self._set(w, self._jittered(now, max(at, now + 0.5 * p.min_interval)))
+            self._set(w, self._jittered(w, now, max(at, now + 0.5 * p.min_interval)))
             return
         # At or past the predicted end and still running: tight for a while, then spaced out.
         w.predicted = w.predicted if w.predicted is not None else now
@@ -324,4 +330,4 @@ class PollSchedule:
         else:
             growth = p.overdue_growth ** (w.overdue_checks - tight)
             interval = min(p.max_interval, p.min_interval * growth)
-        self._set(w, self._jittered(now, now + interval))
+        self._set(w, self._jittered(w, now, now + interval))
