@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import anyio.abc
 import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import (
     ApimartError,
@@ -193,9 +194,9 @@ class Batch:
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = 0.0
         self._baseline: dict[str, int] = {}
-        self._send, self._receive = anyio.create_memory_object_stream[Outcome](
-            max_buffer_size=math.inf
-        )
+        # Made in __aenter__, so a Batch that is never entered holds no open stream.
+        self._send: MemoryObjectSendStream[Outcome]
+        self._receive: MemoryObjectReceiveStream[Outcome]
 
     # -- context manager -----------------------------------------------------------------------
 
@@ -203,6 +204,9 @@ class Batch:
         if self._tg is not None:
             raise RuntimeError("a Batch can be entered only once")
         self._client._transport.session()  # raises ClientClosedError if the client is not open
+        self._send, self._receive = anyio.create_memory_object_stream[Outcome](
+            max_buffer_size=math.inf
+        )
         self._started = time.monotonic()
         self._baseline = self._client.request_counts()
         if self._rps is not None:

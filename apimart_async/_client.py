@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -14,7 +15,6 @@ from urllib.parse import quote
 
 import aiohttp
 import anyio
-import anyio.abc
 
 from . import _converter as conv
 from ._batch import Batch, BatchEvent
@@ -155,8 +155,8 @@ class AsyncApimart:
             limiter=limiter,
         )
         self._poller = Poller(self, poll or PollPolicy())
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stop_runner = anyio.Event()
         #: None until the batch status route has answered; False once it proved missing.
         self._batch_route: bool | None = None
         self.videos = Videos(self)
@@ -166,24 +166,31 @@ class AsyncApimart:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> Self:
-        """Open the HTTP session and start the shared poller. Prefer ``async with``; if you
-        call ``open()`` yourself, call ``aclose()`` from the same task."""
+        """Open the HTTP session and start the shared poller (prefer ``async with``)."""
         await self._transport.open()
-        if self._stack is None:
-            stack = contextlib.AsyncExitStack()
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
-            self._tg.start_soon(self._poller.run, name="apimart-async poller")
-            self._stack = stack
+        if self._runner is None:
+            self._stop_runner = anyio.Event()
+            # The poller's task group lives in a task of its own that the client owns and
+            # joins in aclose(), so the client can be closed from any task, even from inside
+            # a batch, without unwinding cancel scopes out of order.
+            self._runner = asyncio.get_running_loop().create_task(
+                self._run_background(), name="apimart-async client"
+            )
         return self
+
+    async def _run_background(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._poller.run, name="apimart-async poller")
+            await self._stop_runner.wait()
+            tg.cancel_scope.cancel()
 
     async def aclose(self) -> None:
         """Close the client: running waits and batches end with ``ClientClosedError``."""
         self._poller.close("the client was closed")
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
-            await stack.aclose()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            self._stop_runner.set()
+            await runner
         await self._transport.aclose()
 
     async def __aenter__(self) -> Self:

@@ -11,14 +11,23 @@ NO_JITTER = am.PollPolicy(jitter=0.0)
 
 
 def running(task_id: str, progress: int | None = None, estimate: float | None = None) -> am.Task:
-    return am.Task(id=task_id, status=am.TaskStatus.PROCESSING, progress=progress, estimated_time=estimate)
+    return am.Task(
+        id=task_id, status=am.TaskStatus.PROCESSING, progress=progress, estimated_time=estimate
+    )
 
 
 def done(task_id: str) -> am.Task:
     return am.Task(id=task_id, status=am.TaskStatus.COMPLETED, progress=100)
 
 
-def simulate(schedule: PollSchedule, durations: dict[str, float], *, linear: bool = True, estimate: dict[str, float] | None = None, until: float = 1000.0) -> dict[str, list[float]]:
+def simulate(
+    schedule: PollSchedule,
+    durations: dict[str, float],
+    *,
+    linear: bool = True,
+    estimate: dict[str, float] | None = None,
+    until: float = 1000.0,
+) -> dict[str, list[float]]:
     """Drive the schedule like the poller does; a task reports floor(age/d*100)% progress."""
     checks: dict[str, list[float]] = {t: [] for t in durations}
     now = 0.0
@@ -66,7 +75,14 @@ def test_progress_upper_bound_is_never_early_for_floored_progress() -> None:
 
 
 def test_estimate_only_then_tight_then_spaced_out_and_capped() -> None:
-    policy = am.PollPolicy(jitter=0.0, use_progress=False, min_interval=1.0, max_interval=10.0, overdue_growth=2.0, overdue_window=0.25)
+    policy = am.PollPolicy(
+        jitter=0.0,
+        use_progress=False,
+        min_interval=1.0,
+        max_interval=10.0,
+        overdue_growth=2.0,
+        overdue_window=0.25,
+    )
     s = PollSchedule(policy)
     s.add("a", now=0.0)
     checks = simulate(s, {"a": 60.0}, linear=False, estimate={"a": 12.0})
