@@ -3,6 +3,8 @@
 Submit fast, watch cheaply, never pay twice, never lose a job. See README.md.
 """
 
+import logging as _logging
+
 from ._batch import Batch, BatchEvent, BatchStats, BatchStoppedError, Outcome
 from ._client import AsyncApimart, TaskWatch
 from ._config import Timeout
@@ -77,3 +79,6 @@ __all__ = [
     "__version__",
     "set_testing",
 ]
+
+# A library logs, an application decides where logs go.
+_logging.getLogger("apimart_async").addHandler(_logging.NullHandler())

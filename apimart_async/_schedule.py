@@ -11,7 +11,9 @@ How the next check is chosen (``PollPolicy``):
 2. While it runs, its end is predicted from progress (linear in age: with progress ``p`` % at
    age ``a`` the task ends by ``a * 100 / p``, an upper bound when the service rounds progress
    down), else from ``estimated_time``. An early, uncertain prediction (low progress, far away)
-   gets one refining check at 70 % of the way; otherwise the next check is the predicted end.
+   gets one refining check at 70 % of the way; a prediction from the estimate alone gets one
+   at the early edge of the estimate (``estimate_margin``); otherwise the next check is the
+   predicted end.
 3. A task still running at or after its predicted end is checked every ``min_interval``
    seconds for a while (so a finish is noticed within about a second), then ever less often,
    growing by ``overdue_growth`` up to ``max_interval`` (so a task that runs long is not
@@ -64,6 +66,9 @@ class PollPolicy:
     jitter: float = attrs.field(default=0.1, validator=_fraction)
     coalesce: float = attrs.field(default=1.0, validator=_fraction)
     default_estimate: float = attrs.field(default=30.0, validator=_positive)
+    #: Estimates are trusted to within this fraction: with no progress to go on, the next
+    #: check comes at the early edge of the estimate (then progress says the rest).
+    estimate_margin: float = attrs.field(default=0.25, validator=_fraction)
     use_progress: bool = True
 
 
@@ -302,9 +307,11 @@ class PollSchedule:
                 rate = (progress - w.last_progress) / (now - w.last_at)
                 predicted = now + (101 - progress) / rate
                 refine = progress < 20
+        early: float | None = None
         if predicted is None and task.estimated_time is not None and task.estimated_time > 0:
             base = w.t0 if w.t0 is not None else now
             predicted = base + task.estimated_time
+            early = base + task.estimated_time * (1 - p.estimate_margin)
         if predicted is None:
             base = w.t0 if w.t0 is not None else now
             predicted = base + p.default_estimate
@@ -317,7 +324,12 @@ class PollSchedule:
             w.predicted = predicted
             w.predicted_span = predicted - start
             remaining = predicted - now
-            at = now + 0.7 * remaining if refine and remaining > 3 * p.min_interval else predicted
+            if refine and remaining > 3 * p.min_interval:
+                at = now + 0.7 * remaining
+            elif early is not None and early > now + p.min_interval:
+                at = early
+            else:
+                at = predicted
             self._set(w, self._jittered(w, now, max(at, now + 0.5 * p.min_interval)))
             return
         # At or past the predicted end and still running: tight for a while, then spaced out.

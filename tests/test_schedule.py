@@ -86,10 +86,11 @@ def test_estimate_only_then_tight_then_spaced_out_and_capped() -> None:
     s = PollSchedule(policy)
     s.add("a", now=0.0)
     checks = simulate(s, {"a": 60.0}, linear=False, estimate={"a": 12.0})
-    # first check at 2, then at the estimate (12), then every second for 3 checks
-    # (25 % of 12 s is 3 s), then 2, 4, 8, 10 (cap), 10, ... until done at 60
-    assert checks["a"][:9] == [2.0, 12.0, 13.0, 14.0, 15.0, 17.0, 21.0, 29.0, 39.0]
-    gaps = [b - a for a, b in zip(checks["a"][8:], checks["a"][9:], strict=False)]
+    # first check at 2, then at the early edge of the estimate (75 % of 12 s), then at the
+    # estimate, then every second for 3 checks (25 % of 12 s is 3 s), then 2, 4, 8, 10 (the
+    # cap), 10, ... until done at 60
+    assert checks["a"][:10] == [2.0, 9.0, 12.0, 13.0, 14.0, 15.0, 17.0, 21.0, 29.0, 39.0]
+    gaps = [b - a for a, b in zip(checks["a"][9:], checks["a"][10:], strict=False)]
     assert all(g == 10.0 for g in gaps)
 
 

@@ -178,6 +178,7 @@ class Emulator:
         app.router.add_get("/uploads/{name}", self._uploaded)
         app.router.add_get("/_emulator/stats", self._stats)
         app.router.add_post("/_emulator/advance", self._advance)
+        app.router.add_get("/_emulator/finished", self._finished)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -694,6 +695,13 @@ class Emulator:
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.stats())
+
+    async def _finished(self, request: web.Request) -> web.StreamResponse:
+        """Exact finish times (emulator clock, Unix seconds) of ended tasks, for benchmarks."""
+        tasks = self.state.tasks
+        return web.json_response(
+            {t: tasks[t].finished_at for t in self.state.finished_log if t in tasks}
+        )
 
     async def _advance(self, request: web.Request) -> web.StreamResponse:
         try:
