@@ -5,9 +5,18 @@ Submit fast, watch cheaply, never pay twice, never lose a job. See README.md.
 
 import logging as _logging
 
-from ._batch import Batch, BatchEvent, BatchStats, BatchStoppedError, Outcome
+from ._batch import (
+    Batch,
+    BatchEvent,
+    BatchStats,
+    BatchStoppedError,
+    BudgetExceededError,
+    Outcome,
+    ReplayedError,
+)
 from ._client import AsyncApimart, TaskWatch
 from ._config import Timeout
+from ._download import DownloadError, DownloadExpiredError, DownloadTooLargeError
 from ._errors import (
     APIConnectionError,
     ApimartError,
@@ -30,7 +39,17 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
 )
-from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video, VideoRequest
+from ._journal import JobRecord, Journal, JournalError, JournalMismatchError, SqliteJournal
+from ._models import (
+    Balance,
+    DownloadedFile,
+    Task,
+    TaskError,
+    TaskStatus,
+    UploadedImage,
+    Video,
+    VideoRequest,
+)
 from ._retry import set_testing
 from ._schedule import PollPolicy
 from ._specs import MODEL_SPECS, IntRange, ModelSpec
@@ -51,20 +70,31 @@ __all__ = [
     "BatchEvent",
     "BatchStats",
     "BatchStoppedError",
+    "BudgetExceededError",
     "ClientClosedError",
     "ConfigurationError",
     "ConflictError",
+    "DownloadError",
+    "DownloadExpiredError",
+    "DownloadTooLargeError",
+    "DownloadedFile",
     "FieldError",
     "InsufficientBalanceError",
     "IntRange",
+    "JobRecord",
+    "Journal",
+    "JournalError",
+    "JournalMismatchError",
     "ModelSpec",
     "NotFoundError",
     "Outcome",
     "PermissionDeniedError",
     "PollPolicy",
     "RateLimitError",
+    "ReplayedError",
     "ResponseValidationError",
     "ServerError",
+    "SqliteJournal",
     "Task",
     "TaskError",
     "TaskFailedError",

@@ -1,43 +1,66 @@
 """``client.batch(...)``: many jobs, submitted under limits, watched by the shared poller.
 
 The ``Batch`` async context manager owns an anyio task group (one feeder task that reads the
-input lazily and one short-lived task per submit in flight) and hands out outcomes through a
-memory object stream, in completion order. Pending tasks cost no task at all here: the
-client's single poller calls back when each one ends.
+input lazily, one short-lived task per submit in flight, one per job being finalised) and
+hands out outcomes through a memory object stream, in completion order. Pending tasks cost no
+task at all here: the client's single poller calls back when each one ends.
+
+With a journal, every step is recorded before it is taken (see ``_journal``), so running the
+same batch again resumes it: nothing is submitted twice and nothing is lost. With a download
+directory, each completed job's files are fetched, verified and recorded before its outcome
+is handed out; a JSONL manifest gets one line per finished job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._converter import structure_task, task_to_wire
+from ._download import DownloadError, safe_name
 from ._errors import (
     ApimartError,
+    APIStatusError,
     ClientClosedError,
     FieldError,
+    InsufficientBalanceError,
+    NotFoundError,
     TaskFailedError,
     TaskTimeoutError,
     ValidationError,
 )
-from ._models import Task, VideoRequest
+from ._journal import JobRecord, Journal, JournalMismatchError, SqliteJournal
+from ._models import DownloadedFile, Task, VideoRequest
 from ._schedule import PollPolicy
-from ._scheduler import RateLimiter, SubmitScheduler
+from ._scheduler import Budget, RateLimiter, SubmitScheduler
 from ._transport import new_idempotency_key
 
 if TYPE_CHECKING:
     from ._client import AsyncApimart
 
-__all__ = ["Batch", "BatchEvent", "BatchStats", "BatchStoppedError", "Outcome"]
+__all__ = [
+    "Batch",
+    "BatchEvent",
+    "BatchStats",
+    "BatchStoppedError",
+    "BudgetExceededError",
+    "Outcome",
+    "ReplayedError",
+]
 
 logger = logging.getLogger("apimart_async")
 
@@ -45,11 +68,25 @@ logger = logging.getLogger("apimart_async")
 MAX_UNREAD_OUTCOMES = 10_000
 
 EventKind = Literal["submitted", "progress", "completed", "failed", "errored"]
+JobInput = VideoRequest | tuple[str, VideoRequest]
 
 
 class BatchStoppedError(ApimartError):
     """The job was not submitted because the batch stopped (an error with
-    ``stop_on_error``, the batch deadline, or a closed client)."""
+    ``stop_on_error``, the batch deadline, ``stop()``, or a closed client)."""
+
+
+class BudgetExceededError(BatchStoppedError):
+    """Budget reached: submitting this job could pass ``max_cost``; it was not submitted."""
+
+
+class ReplayedError(ApimartError):
+    """The recorded error of a job that ended in an earlier run (replayed from the journal).
+    ``error_type`` names the original exception class."""
+
+    def __init__(self, message: str, error_type: str | None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 @attrs.frozen
@@ -58,8 +95,9 @@ class Outcome:
 
     ``task_id`` is None if no task was created; ``task`` is the terminal task when the service
     reported one; ``error`` is None on success (``TaskFailedError``, a submit error, a
-    timeout...). ``idempotency_key`` is the key the submit used: resubmitting with it can never
-    create a second task.
+    timeout, a ``DownloadError``...). ``files`` are the downloaded videos (with
+    ``download_dir``). ``idempotency_key`` is the key the submit used: resubmitting with it can
+    never create a second task. ``replayed``: the job ended in an earlier run (journal).
     """
 
     index: int
@@ -68,6 +106,9 @@ class Outcome:
     task: Task | None = None
     error: ApimartError | None = None
     idempotency_key: str | None = None
+    name: str | None = None
+    files: tuple[DownloadedFile, ...] = ()
+    replayed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -97,6 +138,8 @@ class BatchStats:
     cost: float
     elapsed: float
     requests: dict[str, int]
+    replayed: int = 0
+    downloading: int = 0
 
     @property
     def done(self) -> int:
@@ -108,7 +151,9 @@ class _Job:
     index: int
     request: VideoRequest
     key: str
+    name: str | None = None
     submitted_at: float = 0.0
+    journaled: bool = False
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -125,6 +170,75 @@ def _check_seconds(name: str, value: object) -> None:
         raise ValidationError([FieldError(name, "must be a positive number of seconds", value)])
 
 
+def _definitive(exc: ApimartError) -> bool:
+    """A submit error after which the task surely does not exist (the job can be closed);
+    otherwise the POST may have created it and a resume retries with the same key."""
+    if isinstance(exc, ValidationError):
+        return True
+    if isinstance(exc, APIStatusError):
+        return 400 <= exc.status < 500 and exc.status not in (408, 409, 429)
+    return False
+
+
+class _Manifest:
+    """The JSONL manifest: one line per finished job, flushed as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[str] | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def open(self, lines: list[dict[str, Any]]) -> None:
+        def run() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("w", encoding="utf-8")
+            for line in lines:
+                self._fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self._fh.flush()
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def write(self, line: dict[str, Any]) -> None:
+        def run() -> None:
+            if self._fh is not None:
+                self._fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                self._fh.flush()
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def close(self) -> None:
+        def run() -> None:
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+
+        await anyio.to_thread.run_sync(run, limiter=self._limiter)
+
+
+def _manifest_line(
+    index: int,
+    name: str | None,
+    body: dict[str, Any] | None,
+    task_id: str | None,
+    status: str,
+    cost: float | None,
+    files: tuple[DownloadedFile, ...],
+    error: str | None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "name": name,
+        "request": body,
+        "task_id": task_id,
+        "status": status,
+        "cost": cost,
+        "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files],
+        "error": error,
+    }
+
+
 class Batch:
     """Run many jobs; iterate the outcomes in completion order::
 
@@ -134,13 +248,14 @@ class Batch:
 
     Leaving the block early stops submitting and polling at once; the tasks already
     submitted keep running (and are billed) at the service: ``pending_task_ids()`` lists them
-    and ``unconfirmed_submissions()`` lists submits cut off before their reply.
+    and ``unconfirmed_submissions()`` lists submits cut off before their reply. With a
+    journal, running the same batch again picks all of them up.
     """
 
     def __init__(
         self,
         client: AsyncApimart,
-        requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
+        requests: Iterable[JobInput] | AsyncIterable[JobInput],
         *,
         concurrency: int = 8,
         max_pending: int | None = None,
@@ -150,9 +265,18 @@ class Batch:
         stop_on_error: bool = False,
         on_event: Callable[[BatchEvent], None] | None = None,
         poll: PollPolicy | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        download_dir: str | os.PathLike[str] | None = None,
+        manifest: str | os.PathLike[str] | None = None,
+        max_bytes: int | None = None,
+        max_cost: float | None = None,
+        cost_estimate: Callable[[VideoRequest], float | None] | None = None,
+        check_balance: bool = False,
+        replay_finished: bool = True,
     ) -> None:
         _check_positive_int("concurrency", concurrency)
         _check_positive_int("max_pending", max_pending, allow_none=True)
+        _check_positive_int("max_bytes", max_bytes, allow_none=True)
         _check_seconds("job_timeout", job_timeout)
         _check_seconds("timeout", timeout)
         _check_seconds("requests_per_second", requests_per_second)
@@ -168,14 +292,36 @@ class Batch:
         self._sched = SubmitScheduler(
             concurrency=concurrency, max_pending=max_pending, throttle=client.throttle
         )
+        try:
+            self._budget = Budget(max_cost, cost_estimate) if max_cost is not None else None
+        except ValueError as exc:
+            raise ValidationError(
+                [FieldError("max_cost", str(exc).split(", got")[0], max_cost)]
+            ) from None
+        self._check_balance = check_balance
         self._rps = requests_per_second
         self._saved_limiter: RateLimiter | None = None
         self.job_timeout = job_timeout
         self.timeout = timeout
         self.stop_on_error = stop_on_error
+        self.replay_finished = replay_finished
         self._on_event = on_event
+        if journal is None or isinstance(journal, (str, os.PathLike)):
+            self._journal: Journal | None = (
+                SqliteJournal(os.fspath(journal)) if journal is not None else None
+            )
+        else:
+            self._journal = journal
+        self.download_dir = Path(download_dir) if download_dir is not None else None
+        if manifest is None and self.download_dir is not None:
+            manifest = self.download_dir / "manifest.jsonl"
+        self.manifest_path = Path(manifest) if manifest is not None else None
+        self._manifest: _Manifest | None = None
+        self.max_bytes = max_bytes
+        self._records: dict[int, JobRecord] = {}
         self._jobs: dict[str, _Job] = {}  # pending: task id -> job
         self._submitting: dict[int, _Job] = {}
+        self._finishing = 0
         self._unconfirmed: list[_Job] = []
         self._abandoned: list[str] = []  # timed out here, still running at the service
         self._read = 0
@@ -183,6 +329,7 @@ class Batch:
         self._completed = 0
         self._failed = 0
         self._errored = 0
+        self._replayed = 0
         self._cost = 0.0
         self._delivered = 0
         self._emitted = 0
@@ -204,6 +351,21 @@ class Batch:
         if self._tg is not None:
             raise RuntimeError("a Batch can be entered only once")
         self._client._transport.session()  # raises ClientClosedError if the client is not open
+        if self._check_balance:
+            await self._require_balance()
+        if self._journal is not None:
+            self._records = await self._journal.open()
+            for rec in self._records.values():
+                if rec.cost and rec.state in ("done", "downloading"):
+                    self._cost += rec.cost
+                    if self._budget is not None:
+                        self._budget.spent += rec.cost
+        if self.manifest_path is not None:
+            self._manifest = _Manifest(self.manifest_path)
+            done = [r for r in self._records.values() if r.state == "done"]
+            await self._manifest.open(
+                [self._line_of(r) for r in sorted(done, key=lambda r: r.index)]
+            )
         self._send, self._receive = anyio.create_memory_object_stream[Outcome](
             max_buffer_size=math.inf
         )
@@ -233,14 +395,33 @@ class Batch:
         for task_id in list(self._jobs):
             poller.unwatch(task_id, self._on_done)
         self._unconfirmed.extend(self._submitting.values())
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-        if self._rps is not None:
-            self._client._transport.limiter = self._saved_limiter
-        self._send.close()
-        self._receive.close()
+        try:
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+        finally:
+            if self._rps is not None:
+                self._client._transport.limiter = self._saved_limiter
+            self._send.close()
+            self._receive.close()
+            with anyio.CancelScope(shield=True):
+                if self._manifest is not None:
+                    await self._manifest.close()
+                if self._journal is not None:
+                    await self._journal.close()
         return None
+
+    async def _require_balance(self) -> None:
+        balance = await self._client.balance()
+        if balance.unlimited:
+            return
+        budget_left = self._budget.max_cost if self._budget is not None else math.inf
+        if balance.remain_balance <= 0 or balance.remain_balance < min(budget_left, 0.01):
+            raise InsufficientBalanceError(
+                f"balance ${balance.remain_balance:.2f} cannot cover any job; not starting",
+                status=402,
+                type="insufficient_balance",
+            )
 
     # -- iteration -----------------------------------------------------------------------------
 
@@ -275,6 +456,10 @@ class Batch:
         """Why the batch stopped submitting, if it did."""
         return self._stopped
 
+    @property
+    def budget(self) -> Budget | None:
+        return self._budget
+
     def stats(self) -> BatchStats:
         counts = self._client.request_counts()
         requests = {
@@ -293,6 +478,8 @@ class Batch:
             cost=round(self._cost, 6),
             elapsed=(time.monotonic() - self._started) if self._started else 0.0,
             requests=requests,
+            replayed=self._replayed,
+            downloading=self._finishing,
         )
 
     def __repr__(self) -> str:
@@ -304,6 +491,20 @@ class Batch:
             f"completed={s.completed} failed={s.failed} errored={s.errored} | "
             f"cost=${s.cost:.2f} | requests: {reqs}{stop}>"
         )
+
+    async def stop(self, *, grace: float = 0.0) -> None:
+        """Stop submitting now; keep following the tasks already submitted for up to ``grace``
+        seconds, then end the iteration. Unfinished jobs stay in the journal for a resume."""
+        self._stop("stopped by the caller")
+        if grace > 0 and self._jobs:
+            with anyio.move_on_after(grace):
+                while self._jobs:
+                    await self._changed_wait()
+        poller = self._client._poller
+        for task_id in list(self._jobs):
+            poller.unwatch(task_id, self._on_done)
+        self._jobs.clear()
+        self._maybe_close()
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -324,6 +525,17 @@ class Batch:
             for item in requests:
                 yield item
 
+    def _unpack(
+        self, index: int, item: object
+    ) -> tuple[str | None, VideoRequest] | ValidationError:
+        name: str | None = None
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, item = item
+        if not isinstance(item, VideoRequest):
+            rule = "must be a VideoRequest or (name, VideoRequest) (see VideoRequest.from_dict)"
+            return ValidationError([FieldError(f"requests[{index}]", rule, item)])
+        return name, item
+
     async def _feed(self) -> None:
         tg = self._tg
         assert tg is not None
@@ -336,29 +548,41 @@ class Batch:
                     break
                 index = self._read
                 self._read += 1
-                if not isinstance(item, VideoRequest):
-                    rule = "must be a VideoRequest (see VideoRequest.from_dict)"
+                unpacked = self._unpack(index, item)
+                if isinstance(unpacked, ValidationError):
                     self._errored += 1
-                    self._emit(
-                        Outcome(
-                            index,
-                            None,
-                            error=ValidationError([FieldError(f"requests[{index}]", rule, item)]),
-                        )
-                    )
+                    self._emit(Outcome(index, None, error=unpacked))
                     continue
-                if not await self._admit():
+                name, request = unpacked
+                record = self._records.pop(index, None)
+                if record is not None:
+                    fingerprint = request.fingerprint()
+                    if record.fingerprint != fingerprint:
+                        mismatch = JournalMismatchError(index, record.fingerprint, fingerprint)
+                        self._errored += 1
+                        self._emit(Outcome(index, request, error=mismatch, name=name))
+                        self._stop(str(mismatch))
+                        break
+                    if self._resume(record, request, name):
+                        continue
+                verdict = await self._admit(index, request)
+                if verdict != "ok":
                     self._errored += 1
-                    reason = self._stopped or "stopped"
-                    self._emit(
-                        Outcome(
-                            index,
-                            item,
-                            error=BatchStoppedError(f"job {index} not submitted: {reason}"),
+                    if verdict == "over":
+                        assert self._budget is not None
+                        budget = self._budget
+                        error: ApimartError = BudgetExceededError(
+                            f"budget reached: job {index} not submitted (${budget.committed:.2f}"
+                            f" of ${budget.max_cost:.2f} committed)"
                         )
-                    )
+                        self._emit(Outcome(index, request, error=error, name=name))
+                        continue
+                    reason = self._stopped or "stopped"
+                    stopped = BatchStoppedError(f"job {index} not submitted: {reason}")
+                    self._emit(Outcome(index, request, error=stopped, name=name))
                     break
-                job = _Job(index, item, new_idempotency_key())
+                key = record.idempotency_key if record is not None else new_idempotency_key()
+                job = _Job(index, request, key, name, journaled=record is not None)
                 self._sched.started()
                 self._submitting[index] = job
                 tg.start_soon(self._submit, job)
@@ -370,25 +594,129 @@ class Batch:
             await inputs.aclose()
             self._maybe_close()
 
-    async def _admit(self) -> bool:
+    def _resume(self, record: JobRecord, request: VideoRequest, name: str | None) -> bool:
+        """Pick up a job recorded in an earlier run. False: it still has to be (re)submitted
+        with its recorded idempotency key."""
+        tg = self._tg
+        assert tg is not None
+        job = _Job(
+            record.index, request, record.idempotency_key, name or record.name, journaled=True
+        )
+        if record.state == "submitting":
+            return False
+        if record.state == "pending" and record.task_id:
+            self._sched.started()
+            self._sched.submitted(ok=True)
+            self._submitted += 1
+            job.submitted_at = time.monotonic()
+            self._jobs[record.task_id] = job
+            if self._budget is not None:
+                est = self._budget.estimate(request) or 0.0
+                self._budget.reserve(job.index, request, est)
+            self._client._poller.watch(
+                record.task_id,
+                self._on_done,
+                on_progress=self._on_progress,
+                reattach=True,
+                policy=self._poll,
+            )
+            return True
+        task = structure_task(record.task) if record.task is not None else None
+        files_missing = (
+            self.download_dir is not None
+            and task is not None
+            and task.ok
+            and not _files_complete(record.files)
+        )
+        if record.state == "downloading" or (record.state == "done" and files_missing):
+            if task is None:
+                return False
+            self._submitted += 1
+            self._finishing += 1
+            tg.start_soon(self._finalize, job, record.task_id or task.id, task)
+            return True
+        # done: replay
+        self._replayed += 1
+        error: ApimartError | None = None
+        if record.status == "completed":
+            self._completed += 1
+        elif task is not None and record.status in ("failed", "cancelled"):
+            self._failed += 1
+            error = TaskFailedError(task)
+        else:
+            self._errored += 1
+            error = ReplayedError(record.error or "failed in an earlier run", record.error_type)
+        if self.replay_finished:
+            self._emit(
+                Outcome(
+                    record.index,
+                    request,
+                    record.task_id,
+                    task,
+                    error,
+                    record.idempotency_key,
+                    job.name,
+                    record.files,
+                    replayed=True,
+                )
+            )
+        return True
+
+    async def _admit(self, index: int, request: VideoRequest) -> Literal["ok", "over", "stopped"]:
         while not self._stopped:
             if self._emitted - self._delivered >= MAX_UNREAD_OUTCOMES:
                 await self._changed_wait()
                 continue
             wait = self._sched.admit(time.monotonic())
-            if wait == 0.0:
-                return True
-            await self._changed_wait(math.inf if wait is None else wait)
-        return False
+            if wait is None:
+                await self._changed_wait()
+                continue
+            if wait > 0:
+                await self._changed_wait(wait)
+                continue
+            if self._budget is not None:
+                verdict, est = self._budget.check(request)
+                if verdict == "wait":
+                    await self._changed_wait()
+                    continue
+                if verdict == "over":
+                    return "over"
+                self._budget.reserve(index, request, est)
+            return "ok"
+        return "stopped"
 
     async def _submit(self, job: _Job) -> None:
         try:
+            if self._journal is not None and not job.journaled:
+                body = job.request.to_body()
+                await self._journal.add(
+                    job.index, job.request.fingerprint(), job.key, job.name, body
+                )
+                job.journaled = True
             task_id = await self._client.videos.submit(job.request, idempotency_key=job.key)
         except ApimartError as exc:
             self._submitting.pop(job.index, None)
             self._sched.submitted(ok=False)
+            if self._budget is not None:
+                self._budget.settle(job.index, job.request, None)
             self._errored += 1
-            self._emit(Outcome(job.index, job.request, error=exc, idempotency_key=job.key))
+            outcome = Outcome(
+                job.index, job.request, error=exc, idempotency_key=job.key, name=job.name
+            )
+            if self._journal is not None and job.journaled and _definitive(exc):
+                await self._journal.finish(
+                    job.index,
+                    status="error",
+                    cost=None,
+                    task=None,
+                    files=(),
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                )
+                await self._write_manifest(outcome, "error")
+            elif self._journal is None:
+                await self._write_manifest(outcome, "error")
+            self._emit(outcome)
             self._event("errored", job.index, error=exc)
             if isinstance(exc, ClientClosedError):
                 self._stop("the client was closed")
@@ -396,6 +724,9 @@ class Batch:
                 self._stop(f"job {job.index} could not be submitted: {exc}")
             self._maybe_close()
             return
+        if self._journal is not None:
+            with anyio.CancelScope(shield=True):  # the id of a paid task is never lost
+                await self._journal.set_task(job.index, task_id)
         self._submitting.pop(job.index, None)
         self._sched.submitted(ok=True)
         self._notify()
@@ -437,34 +768,138 @@ class Batch:
         if job is None:
             return
         self._sched.task_done()
-        if isinstance(result, Task):
-            if result.cost:
-                self._cost += result.cost
-            if result.ok:
-                self._completed += 1
-                outcome = Outcome(job.index, job.request, task_id, result, None, job.key)
-                self._event("completed", job.index, task_id=task_id, task=result)
-            else:
-                self._failed += 1
-                error = TaskFailedError(result)
-                outcome = Outcome(job.index, job.request, task_id, result, error, job.key)
-                self._event("failed", job.index, task_id=task_id, task=result, error=error)
-                if self.stop_on_error:
-                    self._stop(f"task {task_id} (job {job.index}) failed")
-        else:
+        # Decide about stopping now, before the feeder can admit another job.
+        if isinstance(result, ClientClosedError):
+            self._stop("the client was closed")
+        elif self.stop_on_error and (isinstance(result, ApimartError) or not result.ok):
+            self._stop(f"task {task_id} (job {job.index}) failed")
+        self._notify()
+        tg = self._tg
+        if tg is None:
+            return
+        self._finishing += 1
+        tg.start_soon(self._finalize, job, task_id, result)
+
+    async def _finalize(self, job: _Job, task_id: str, result: Task | ApimartError) -> None:
+        """Record, download and hand out one ended job."""
+        try:
+            await self._finalize_job(job, task_id, result)
+        finally:
+            self._finishing -= 1
+            self._maybe_close()
+
+    async def _finalize_job(self, job: _Job, task_id: str, result: Task | ApimartError) -> None:
+        journal = self._journal
+        if isinstance(result, ApimartError):
             self._errored += 1
+            if self._budget is not None:
+                self._budget.settle(job.index, job.request, None)
             if isinstance(result, TaskTimeoutError):
                 self._abandoned.append(task_id)
-            outcome = Outcome(job.index, job.request, task_id, None, result, job.key)
+            outcome = Outcome(job.index, job.request, task_id, None, result, job.key, job.name)
+            definitive = isinstance(result, NotFoundError)  # the service forgot the task
+            if definitive and journal is not None:
+                await journal.finish(
+                    job.index,
+                    status="error",
+                    cost=None,
+                    task=None,
+                    files=(),
+                    error=str(result),
+                    error_type=type(result).__name__,
+                )
+            if definitive or journal is None:
+                await self._write_manifest(outcome, "error")
+            self._emit(outcome)
             self._event("errored", job.index, task_id=task_id, error=result)
-            if isinstance(result, ClientClosedError):
-                self._stop("the client was closed")
-            elif self.stop_on_error:
-                self._stop(f"task {task_id} (job {job.index}): {result}")
+            return
+        task = result
+        cost = task.cost
+        if self._budget is not None:
+            self._budget.settle(job.index, job.request, cost or 0.0)
+        if not task.ok:
+            self._failed += 1
+            if cost:
+                self._cost += cost
+            error = TaskFailedError(task)
+            outcome = Outcome(job.index, job.request, task_id, task, error, job.key, job.name)
+            if journal is not None:
+                await journal.finish(
+                    job.index,
+                    status=task.status.value,
+                    cost=cost,
+                    task=task_to_wire(task),
+                    files=(),
+                    error=str(error),
+                    error_type="TaskFailedError",
+                )
+            await self._write_manifest(outcome, task.status.value)
+            self._emit(outcome)
+            self._event("failed", job.index, task_id=task_id, task=task, error=error)
+            return
+        files: tuple[DownloadedFile, ...] = ()
+        if self.download_dir is not None:
+            if journal is not None:
+                await journal.set_downloading(job.index, task_to_wire(task), cost)
+            stem = job.name if job.name else f"{job.index:06d}"
+            try:
+                files = await self._client._downloader.task_files(
+                    task, self.download_dir, safe_name(stem), max_bytes=self.max_bytes
+                )
+            except (DownloadError, ApimartError) as exc:
+                # Paid and completed, files missing: the journal keeps it for a resume.
+                self._errored += 1
+                if cost:
+                    self._cost += cost
+                outcome = Outcome(job.index, job.request, task_id, task, exc, job.key, job.name)
+                if journal is None:
+                    await self._write_manifest(outcome, "download_failed")
+                self._emit(outcome)
+                self._event("errored", job.index, task_id=task_id, task=task, error=exc)
+                return
+        self._completed += 1
+        if cost:
+            self._cost += cost
+        outcome = Outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
+        if journal is not None:
+            await journal.finish(
+                job.index,
+                status="completed",
+                cost=cost,
+                task=task_to_wire(task),
+                files=files,
+                error=None,
+                error_type=None,
+            )
+        await self._write_manifest(outcome, "completed")
         self._emit(outcome)
-        self._maybe_close()
+        self._event("completed", job.index, task_id=task_id, task=task)
 
     # -- plumbing --------------------------------------------------------------------------------
+
+    def _line_of(self, record: JobRecord) -> dict[str, Any]:
+        return _manifest_line(
+            record.index,
+            record.name,
+            None,
+            record.task_id,
+            record.status or "error",
+            record.cost,
+            record.files,
+            record.error,
+        )
+
+    async def _write_manifest(self, outcome: Outcome, status: str) -> None:
+        if self._manifest is None:
+            return
+        body = outcome.request.to_body() if outcome.request is not None else None
+        cost = outcome.task.cost if outcome.task is not None else None
+        error = str(outcome.error) if outcome.error is not None else None
+        line = _manifest_line(
+            outcome.index, outcome.name, body, outcome.task_id, status, cost, outcome.files, error
+        )
+        with anyio.CancelScope(shield=True):
+            await self._manifest.write(line)
 
     def _emit(self, outcome: Outcome) -> None:
         self._emitted += 1
@@ -495,6 +930,18 @@ class Batch:
         self._notify()
 
     def _maybe_close(self) -> None:
-        if not self._feeding and not self._submitting and not self._jobs:
+        if not self._feeding and not self._submitting and not self._jobs and not self._finishing:
             self._finished = True
             self._send.close()
+
+
+def _files_complete(files: tuple[DownloadedFile, ...]) -> bool:
+    if not files:
+        return False
+    for f in files:
+        try:
+            if os.path.getsize(f.path) != f.bytes:
+                return False
+        except OSError:
+            return False
+    return True

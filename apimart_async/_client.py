@@ -19,6 +19,7 @@ import anyio
 from . import _converter as conv
 from ._batch import Batch, BatchEvent
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
+from ._download import Downloader, DownloadError, DownloadExpiredError
 from ._errors import (
     ApimartError,
     APIStatusError,
@@ -29,7 +30,8 @@ from ._errors import (
     TaskFailedError,
     ValidationError,
 )
-from ._models import Balance, Task, UploadedImage, VideoRequest
+from ._journal import Journal
+from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
 from ._poller import Poller
 from ._schedule import PollPolicy
 from ._scheduler import RateLimiter, Throttle
@@ -107,7 +109,8 @@ class AsyncApimart:
         status_concurrency: parallel status GETs when the batch status route is missing.
         poll: the shared poller's ``PollPolicy`` (when to check each pending task).
         requests_per_second: an optional cap on all requests of this client (submit, status,
-            upload), shared by everything the client does.
+            upload, download), shared by everything the client does.
+        download_concurrency: result files downloaded at once.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class AsyncApimart:
         status_concurrency: int = 8,
         poll: PollPolicy | None = None,
         requests_per_second: float | None = None,
+        download_concurrency: int = 4,
     ) -> None:
         key = resolve_api_key(api_key)
         url = check_base_url(base_url)
@@ -154,7 +158,16 @@ class AsyncApimart:
             throttle=Throttle(),
             limiter=limiter,
         )
+        if (
+            isinstance(download_concurrency, bool)
+            or not isinstance(download_concurrency, int)
+            or download_concurrency < 1
+        ):
+            raise ConfigurationError(
+                f"download_concurrency must be an int >= 1, got {download_concurrency!r}"
+            )
         self._poller = Poller(self, poll or PollPolicy())
+        self._downloader = Downloader(self, concurrency=download_concurrency)
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner = anyio.Event()
         #: None until the batch status route has answered; False once it proved missing.
@@ -255,6 +268,14 @@ class AsyncApimart:
         timeout: float | None = None,
         stop_on_error: bool = False,
         on_event: Callable[[BatchEvent], None] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        download_dir: str | os.PathLike[str] | None = None,
+        manifest: str | os.PathLike[str] | None = None,
+        max_bytes: int | None = None,
+        max_cost: float | None = None,
+        cost_estimate: Callable[[VideoRequest], float | None] | None = None,
+        check_balance: bool = False,
+        replay_finished: bool = True,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
 
@@ -274,6 +295,23 @@ class AsyncApimart:
                 pending job ends with ``TaskTimeoutError``.
             stop_on_error: stop submitting after the first failed or errored job.
             on_event: called with each ``BatchEvent`` (submitted, progress, completed, ...).
+            journal: an SQLite file (or a ``Journal``) recording every job; running the same
+                batch with the same journal resumes it without submitting anything twice.
+            download_dir: fetch each completed job's videos there (``<index>.mp4`` or
+                ``<name>.mp4``), verified, before its outcome is handed out.
+            manifest: a JSONL file with one line per finished job (default
+                ``<download_dir>/manifest.jsonl``).
+            max_bytes: refuse result files larger than this.
+            max_cost: USD; no job is submitted that could take the batch past it (jobs left
+                out end with ``BudgetExceededError``).
+            cost_estimate: a job's expected cost, for ``max_cost`` (default: learnt from
+                finished jobs of the same model, duration and resolution).
+            check_balance: ask ``balance()`` first and refuse to start if nothing can be paid.
+            replay_finished: with a journal, hand out the outcomes of jobs finished in earlier
+                runs again (``Outcome.replayed``); False skips them.
+
+        Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
+        names the downloaded files and appears in the manifest.
         """
         return Batch(
             self,
@@ -286,7 +324,60 @@ class AsyncApimart:
             stop_on_error=stop_on_error,
             on_event=on_event,
             poll=poll,
+            journal=journal,
+            download_dir=download_dir,
+            manifest=manifest,
+            max_bytes=max_bytes,
+            max_cost=max_cost,
+            cost_estimate=cost_estimate,
+            check_balance=check_balance,
+            replay_finished=replay_finished,
         )
+
+    async def download(
+        self,
+        item: Task | Video | str,
+        dest: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+    ) -> list[DownloadedFile]:
+        """Download a completed task's videos (or one ``Video`` / URL) to ``dest``.
+
+        ``dest`` is a directory (files named ``<task id>.mp4``, ``-N`` for later videos) or a
+        file path. Streams to ``.part``, resumes with Range, checks the length, computes the
+        sha256, renames when complete. An expired task URL is renewed once by a status request.
+        """
+        target = Path(dest)
+        if isinstance(item, Task):
+            if not item.ok:
+                raise ValidationError(
+                    [FieldError("task", "must be completed to download", item.status.value)]
+                )
+            is_dir = await anyio.Path(target).is_dir()
+            if is_dir or str(dest).endswith(("/", os.sep)):
+                directory, stem = target, item.id
+            else:
+                directory, stem = target.parent, target.stem
+            return list(
+                await self._downloader.task_files(item, directory, stem, max_bytes=max_bytes)
+            )
+        url = item.url if isinstance(item, Video) else item
+        if not isinstance(url, str):
+            raise ValidationError([FieldError("item", "must be a Task, a Video or a URL", item)])
+        if await anyio.Path(target).is_dir():
+            raise ValidationError(
+                [FieldError("dest", "must be a file path for a single URL", str(dest))]
+            )
+        try:
+            return [await self._downloader.fetch(url, target, max_bytes=max_bytes)]
+        except DownloadError as exc:
+            if type(exc).__name__ == "_Gone":
+                raise DownloadExpiredError(
+                    f"result URL answered HTTP {exc.status}; pass the Task to renew it",
+                    url=url,
+                    status=exc.status,
+                ) from None
+            raise
 
     # -- account -----------------------------------------------------------------------------
 

@@ -260,3 +260,31 @@ def structure_task(data: Any) -> Task:
     """Structure one task object (webhook payloads, journals). Raises ResponseValidationError."""
     raw = json.dumps(data, default=str).encode() if data is not None else b""
     return _structure(data, Task, "task", raw, None)
+
+
+def task_to_wire(task: Task) -> dict[str, Any]:
+    """A task as the status endpoint shapes it (for journals); ``structure_task`` reads it."""
+    data: dict[str, Any] = {"id": task.id, "status": task.raw_status or task.status.value}
+    for name in (
+        "progress",
+        "estimated_time",
+        "actual_time",
+        "created",
+        "completed",
+        "cost",
+        "credits_cost",
+    ):
+        value = getattr(task, name)
+        if value is not None:
+            data[name] = value
+    if task.videos:
+        data["result"] = {
+            "videos": [{"url": list(v.urls), "expires_at": v.expires_at} for v in task.videos]
+        }
+    if task.error is not None:
+        data["error"] = {
+            "code": task.error.code,
+            "message": task.error.message,
+            "type": task.error.type,
+        }
+    return data

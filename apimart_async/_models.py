@@ -19,6 +19,7 @@ from ._specs import IntRange, ModelSpec, get_spec
 
 __all__ = [
     "Balance",
+    "DownloadedFile",
     "Task",
     "TaskError",
     "TaskStatus",
@@ -524,6 +525,16 @@ class Balance:
 
     def covers(self, amount: float) -> bool:
         return self.unlimited or (math.isfinite(amount) and self.remain_balance >= amount)
+
+
+@attrs.frozen
+class DownloadedFile:
+    """A result file on disk: its path, size, sha256, and the URL it was fetched from."""
+
+    path: str
+    bytes: int
+    sha256: str
+    url: str = ""
 
 
 @attrs.frozen

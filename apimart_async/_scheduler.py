@@ -15,8 +15,10 @@ All methods are synchronous and take ``now`` (a monotonic clock) so tests use a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, Literal
 
-__all__ = ["RateLimiter", "SubmitScheduler", "Throttle"]
+__all__ = ["Budget", "RateLimiter", "SubmitScheduler", "Throttle"]
 
 
 class Throttle:
@@ -135,3 +137,74 @@ class SubmitScheduler:
             f"<SubmitScheduler in_flight={self.in_flight}/{self.limit} "
             f"pending={self.pending}/{self.max_pending if self.max_pending is not None else '∞'}>"
         )
+
+
+class Budget:
+    """``max_cost`` for a batch (USD): no submission that could pass it.
+
+    Committed money = known costs of finished jobs + an estimate for every job submitted and
+    not yet finished. A job's estimate comes from ``estimate(request)`` if given, else from
+    what the same kind of job (model, duration, resolution) cost before; for a kind never seen,
+    one probe job runs alone until its cost is known.
+    """
+
+    def __init__(
+        self, max_cost: float, estimate: Callable[[Any], float | None] | None = None
+    ) -> None:
+        if not (isinstance(max_cost, (int, float)) and max_cost >= 0 and math.isfinite(max_cost)):
+            raise ValueError(f"max_cost must be a non-negative number of USD, got {max_cost!r}")
+        self.max_cost = float(max_cost)
+        self.spent = 0.0
+        self._estimate = estimate
+        self._reserved: dict[int, float] = {}
+        self._learned: dict[tuple[Any, ...], float] = {}
+        self._probing: dict[tuple[Any, ...], int] = {}
+
+    @staticmethod
+    def kind(request: Any) -> tuple[Any, ...]:
+        return (request.model, request.duration, request.resolution)
+
+    @property
+    def committed(self) -> float:
+        return self.spent + sum(self._reserved.values())
+
+    def estimate(self, request: Any) -> float | None:
+        if self._estimate is not None:
+            value = self._estimate(request)
+            if value is not None:
+                return float(value)
+        return self._learned.get(self.kind(request))
+
+    def check(self, request: Any) -> tuple[Literal["ok", "wait", "over"], float]:
+        """ "ok" (with the estimate to reserve), "wait" (jobs in flight may free room or teach
+        the price), or "over" (it cannot fit even when everything in flight is settled)."""
+        est = self.estimate(request)
+        if est is None:
+            if self._probing.get(self.kind(request)):
+                return "wait", 0.0
+            est = 0.0  # a probe: the first job of its kind teaches the price
+        if self.committed + est <= self.max_cost + 1e-9:
+            return "ok", est
+        if self._reserved:
+            return "wait", est
+        return "over", est
+
+    def reserve(self, index: int, request: Any, est: float) -> None:
+        self._reserved[index] = est
+        if self.estimate(request) is None:
+            kind = self.kind(request)
+            self._probing[kind] = self._probing.get(kind, 0) + 1
+
+    def settle(self, index: int, request: Any, cost: float | None) -> None:
+        """The job ended; ``cost`` is what it really cost (None: no task or unknown)."""
+        self._reserved.pop(index, None)
+        kind = self.kind(request)
+        if self._probing.get(kind):
+            self._probing[kind] -= 1
+        if cost is not None:
+            self.spent += cost
+            if cost > 0:
+                self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
+
+    def __repr__(self) -> str:
+        return f"<Budget committed=${self.committed:.2f} of ${self.max_cost:.2f}>"

@@ -7,12 +7,14 @@ redirects are never followed with it, and no log record, repr or exception built
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -32,7 +34,7 @@ from ._errors import (
 from ._scheduler import RateLimiter, Throttle
 from ._version import __version__
 
-__all__ = ["Reply", "RetryMode", "Transport", "new_idempotency_key"]
+__all__ = ["Reply", "RetryMode", "StreamReply", "Transport", "new_idempotency_key"]
 
 logger = logging.getLogger("apimart_async")
 
@@ -356,6 +358,48 @@ class Transport:
             wait = max(wait, self.limiter.reserve(now, factor=self.throttle.factor))
         if wait > 0:
             await anyio.sleep(wait)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, url: str, *, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[StreamReply]:
+        """GET a result file (never with the API key; redirects followed, http(s) only).
+        Connection failures and timeouts become APIConnectionError / APITimeoutError."""
+        session = self.session()
+        await self._pace()
+        self.counters["download"] += 1
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read
+        )
+        try:
+            async with session.get(url, headers=headers, timeout=timeout) as resp:
+                yield StreamReply(resp)
+        except TimeoutError:
+            raise APITimeoutError("download timed out", method="GET", path=_url_path(url)) from None
+        except aiohttp.ClientError as exc:
+            if self._closed:
+                raise ClientClosedError("the client was closed during a download") from None
+            raise APIConnectionError(
+                f"download failed: {type(exc).__name__}: {_safe_str(exc)}",
+                method="GET",
+                path=_url_path(url),
+            ) from None
+
+
+class StreamReply:
+    """A streaming reply: status, headers, and the body in chunks."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+
+    def chunks(self, size: int) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_chunked(size)
+
+
+def _url_path(url: str) -> str:
+    return urlsplit(url).path[:200]
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -221,7 +221,7 @@ async def test_outcomes_events_and_stats(
     assert isinstance(outcomes[3].error, am.ValidationError) and outcomes[3].request is None
     assert (
         str(outcomes[3].error)
-        == "requests[3]: must be a VideoRequest (see VideoRequest.from_dict), got 'not a request'"
+        == "requests[3]: must be a VideoRequest or (name, VideoRequest) (see VideoRequest.from_dict), got 'not a request'"
     )
     assert ("submitted", 0) in events and ("progress", 0) in events and ("completed", 0) in events
     assert ("failed", 1) in events and ("errored", 2) in events

@@ -1,0 +1,295 @@
+"""Result files to disk: streamed to ``<name>.part``, resumed with Range, checked, renamed.
+
+- Only http and https URLs are fetched, never with the API key.
+- A partial file is resumed from where it stopped (``Range: bytes=N-``); a server that ignores
+  the range restarts it. The length is checked against Content-Length / Content-Range and the
+  sha256 is computed on the way; only a complete file is renamed into place, so a ``.part``
+  is never mistaken for a finished one.
+- ``max_bytes`` stops a file that is (or becomes) larger than allowed.
+- A URL that has expired (403/404/410, or past ``expires_at``) costs one fresh status request
+  for a new URL before giving up.
+- File names come from the caller (the job's index or name), sanitised; nothing from the
+  server names a file, and no name can leave the download directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import time
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import anyio
+import anyio.to_thread
+
+from ._errors import APIConnectionError, ApimartError, ClientClosedError
+from ._models import DownloadedFile, Task, Video
+
+if TYPE_CHECKING:
+    from ._client import AsyncApimart
+
+__all__ = [
+    "DownloadError",
+    "DownloadExpiredError",
+    "DownloadTooLargeError",
+    "Downloader",
+    "safe_name",
+]
+
+CHUNK = 1 << 20
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class DownloadError(ApimartError):
+    """A result file could not be fetched completely. ``url`` is where it was fetched from."""
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class DownloadExpiredError(DownloadError):
+    """The result URL expired, and a fresh status request gave no working one."""
+
+
+class DownloadTooLargeError(DownloadError):
+    """The file is larger than ``max_bytes``."""
+
+
+def safe_name(name: str, *, fallback: str = "video") -> str:
+    """A file name that is safe on every OS and cannot name another directory."""
+    text = unicodedata.normalize("NFKC", str(name))
+    text = _SAFE.sub("_", text).strip("._")[:120]
+    return text or fallback
+
+
+def inside(directory: Path, name: str) -> Path:
+    """``directory / name`` after checking that it stays inside ``directory``."""
+    base = directory.resolve()
+    path = (base / name).resolve()
+    if path.parent != base:
+        raise DownloadError(f"file name {name!r} would leave {base}")
+    return path
+
+
+class _PartFile:
+    """The ``.part`` file and its running sha256 (all file work on a worker thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self.hash = hashlib.sha256()
+        self._fh: BinaryIO | None = None
+
+    def open_sync(self, *, resume: bool) -> None:
+        self.hash = hashlib.sha256()
+        self.size = 0
+        if resume and self.path.exists():
+            with self.path.open("rb") as fh:
+                while block := fh.read(CHUNK):
+                    self.hash.update(block)
+                    self.size += len(block)
+            self._fh = self.path.open("ab")
+        else:
+            self._fh = self.path.open("wb")
+
+    def write_sync(self, data: bytes) -> None:
+        assert self._fh is not None
+        self._fh.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def close_sync(self, *, sync: bool) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+            fh.close()
+
+
+class Downloader:
+    """Fetches result files for one client, at most ``concurrency`` at a time."""
+
+    def __init__(self, client: AsyncApimart, *, concurrency: int = 4) -> None:
+        self._client = client
+        self.limiter = anyio.CapacityLimiter(concurrency)
+
+    async def fetch(self, url: str, dest: Path, *, max_bytes: int | None = None) -> DownloadedFile:
+        """Download ``url`` to ``dest`` (resuming ``dest.part``). Raises DownloadError, or
+        ``_Gone`` for a URL that answers 403/404/410 (the caller may refresh it)."""
+        if not url.lower().startswith(("http://", "https://")):
+            raise DownloadError(f"refusing to download a non-http(s) URL: {url[:80]!r}", url=url)
+        async with self.limiter:
+            return await self._fetch(url, dest, max_bytes)
+
+    async def _fetch(self, url: str, dest: Path, max_bytes: int | None) -> DownloadedFile:
+        transport = self._client._transport
+        part = _PartFile(dest.with_name(dest.name + ".part"))
+        await anyio.to_thread.run_sync(lambda: dest.parent.mkdir(parents=True, exist_ok=True))
+        resume = True
+        attempts = transport.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            await anyio.to_thread.run_sync(functools.partial(part.open_sync, resume=resume))
+            try:
+                complete = await self._stream(url, part, max_bytes)
+            except APIConnectionError:
+                if attempt == attempts:
+                    raise
+                resume = True
+                continue
+            except DownloadTooLargeError:
+                await anyio.to_thread.run_sync(lambda: part.close_sync(sync=False))
+                await anyio.to_thread.run_sync(lambda: part.path.unlink(missing_ok=True))
+                raise
+            finally:
+                await anyio.to_thread.run_sync(lambda: part.close_sync(sync=False))
+            if complete is None:  # the server ignored the range or the part was bad: restart
+                resume = False
+                continue
+            if complete:
+                digest = part.hash.hexdigest()
+                size = part.size
+                await anyio.to_thread.run_sync(lambda: _finalise(part.path, dest))
+                return DownloadedFile(path=str(dest), bytes=size, sha256=digest, url=url)
+            resume = True  # cut short: resume from what we have
+        raise DownloadError(
+            f"download of {dest.name} stayed incomplete after {attempts} attempts", url=url
+        )
+
+    async def _stream(self, url: str, part: _PartFile, max_bytes: int | None) -> bool | None:
+        """One GET. True: complete. False: cut short. None: start again from zero."""
+        offset = part.size
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        async with self._client._transport.stream(url, headers=headers) as resp:
+            if resp.status in (403, 404, 410):
+                raise _Gone(resp.status)
+            if resp.status == 416 and offset:
+                return None  # the part is not a prefix of this file
+            if resp.status not in (200, 206):
+                raise DownloadError(
+                    f"download answered HTTP {resp.status}", url=url, status=resp.status
+                )
+            if offset and resp.status == 200:
+                return None
+            total = _total_size(resp.status, resp.headers, offset)
+            if max_bytes is not None and total is not None and total > max_bytes:
+                raise DownloadTooLargeError(
+                    f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
+                )
+            buffer = bytearray()
+            async for chunk in resp.chunks(CHUNK):
+                buffer += chunk
+                if max_bytes is not None and part.size + len(buffer) > max_bytes:
+                    raise DownloadTooLargeError(f"file exceeds max_bytes={max_bytes}", url=url)
+                if len(buffer) >= CHUNK:
+                    data, buffer = bytes(buffer), bytearray()
+                    await anyio.to_thread.run_sync(part.write_sync, data)
+            if buffer:
+                await anyio.to_thread.run_sync(part.write_sync, bytes(buffer))
+            if total is None:
+                return True
+            if part.size > total:
+                return None
+            return part.size == total
+
+    async def task_files(
+        self,
+        task: Task,
+        directory: Path,
+        stem: str,
+        *,
+        max_bytes: int | None = None,
+    ) -> tuple[DownloadedFile, ...]:
+        """Every video of a completed task into ``directory`` as ``<stem>.mp4`` (``-N`` for
+        the second and later videos). One fresh status request renews expired URLs."""
+        files = []
+        fresh: Task | None = None
+        for n, video in enumerate(task.videos):
+            name = safe_name(stem) + (f"-{n}" if n else "") + ".mp4"
+            dest = inside(directory, name)
+            url = video.url
+            if url is None:
+                raise DownloadError(f"task {task.id} lists a video without a URL")
+            if video.is_expired(time.time()) and fresh is None:
+                fresh = await self._refresh(task)
+                url = _nth_url(fresh, n) or url
+            try:
+                files.append(await self.fetch(url, dest, max_bytes=max_bytes))
+                continue
+            except _Gone as gone:
+                if fresh is not None:
+                    raise DownloadExpiredError(
+                        f"result URL of task {task.id} answered HTTP {gone.status}, "
+                        "also after a refresh",
+                        url=url,
+                        status=gone.status,
+                    ) from None
+            fresh = await self._refresh(task)
+            new_url = _nth_url(fresh, n)
+            if new_url is None:
+                raise DownloadExpiredError(
+                    f"task {task.id} has no URL for video {n} any more", url=url
+                )
+            try:
+                files.append(await self.fetch(new_url, dest, max_bytes=max_bytes))
+            except _Gone as gone:
+                raise DownloadExpiredError(
+                    f"result URL of task {task.id} answered HTTP {gone.status}, "
+                    "also after a refresh",
+                    url=new_url,
+                    status=gone.status,
+                ) from None
+        return tuple(files)
+
+    async def _refresh(self, task: Task) -> Task:
+        try:
+            return await self._client.tasks.get(task.id)
+        except ClientClosedError:
+            raise
+        except ApimartError as exc:
+            raise DownloadExpiredError(
+                f"result URL of task {task.id} expired and the refresh failed: {exc}"
+            ) from None
+
+
+class _Gone(DownloadError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}", status=status)
+
+
+def _nth_url(task: Task, n: int) -> str | None:
+    return task.videos[n].url if n < len(task.videos) else None
+
+
+def _total_size(status: int, headers: Any, offset: int) -> int | None:
+    if status == 206:
+        content_range = headers.get("Content-Range", "")
+        if "/" in content_range:
+            total = content_range.rsplit("/", 1)[1]
+            if total.isdigit():
+                return int(total)
+    length = headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        return int(length) + (offset if status == 206 else 0)
+    return None
+
+
+def _finalise(part: Path, dest: Path) -> None:
+    with part.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(part, dest)
+
+
+def video_of(item: Task | Video | str) -> tuple[Task | None, list[str]]:
+    """The task (if any) and the URLs of what ``client.download`` was given."""
+    if isinstance(item, Task):
+        return item, [v.url for v in item.videos if v.url]
+    if isinstance(item, Video):
+        return None, list(item.urls[:1])
+    return None, [item]

@@ -1,0 +1,261 @@
+"""The batch journal: a durable record of every job, so a crash never bills twice or loses one.
+
+One row per job, moving through these states, each committed before the step it protects::
+
+    submitting  the idempotency key is stored; the POST may or may not have reached the service
+    pending     the task id is known; the task runs at the service
+    downloading the task completed (its JSON is stored); files are not all on disk yet
+    done        the outcome is final (completed with files, failed, or a definitive error)
+
+Resuming reads the rows: ``done`` jobs are replayed (never resubmitted), ``downloading`` ones
+fetch what is missing, ``pending`` ones are re-attached by task id (no POST), ``submitting``
+ones are sent again with the SAME idempotency key (the service returns the original task).
+
+``Journal`` is the interface the batch engine uses; ``SqliteJournal`` is the default store
+(standard library sqlite3 in WAL mode, all calls on one worker thread so the event loop never
+blocks). Another store (PostgreSQL for several machines) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from ._errors import ApimartError
+from ._models import DownloadedFile
+
+__all__ = ["JobRecord", "Journal", "JournalError", "JournalMismatchError", "SqliteJournal"]
+
+JobState = Literal["submitting", "pending", "downloading", "done"]
+SCHEMA_VERSION = 1
+
+
+class JournalError(ApimartError):
+    """The journal cannot be used (unreadable, from another tool, newer schema, ...)."""
+
+
+class JournalMismatchError(JournalError):
+    """The input changed under the same journal: job ``index`` now sends something else."""
+
+    def __init__(self, index: int, expected: str, got: str) -> None:
+        self.index = index
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            f"job {index} differs from the one recorded in the journal "
+            f"(request hash {got[:12]} vs {expected[:12]}); use a new journal for new input"
+        )
+
+
+@attrs.frozen
+class JobRecord:
+    index: int
+    fingerprint: str
+    idempotency_key: str
+    state: JobState
+    name: str | None = None
+    task_id: str | None = None
+    status: str | None = None
+    cost: float | None = None
+    error: str | None = None
+    error_type: str | None = None
+    task: dict[str, Any] | None = None
+    files: tuple[DownloadedFile, ...] = ()
+
+
+class Journal(Protocol):
+    """What the batch engine needs from a journal. Every method is durable on return."""
+
+    async def open(self) -> dict[int, JobRecord]:
+        """Open (creating if needed) and return every recorded job by index."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def add(
+        self, index: int, fingerprint: str, key: str, name: str | None, body: dict[str, Any]
+    ) -> None:
+        """Record a job and its idempotency key (state ``submitting``) before its POST."""
+        ...
+
+    async def set_task(self, index: int, task_id: str) -> None:
+        """The submit returned ``task_id`` (state ``pending``)."""
+        ...
+
+    async def set_downloading(self, index: int, task: dict[str, Any], cost: float | None) -> None:
+        """The task completed; its files are still to be fetched."""
+        ...
+
+    async def finish(
+        self,
+        index: int,
+        *,
+        status: str,
+        cost: float | None,
+        task: dict[str, Any] | None,
+        files: tuple[DownloadedFile, ...],
+        error: str | None,
+        error_type: str | None,
+    ) -> None:
+        """The job's outcome is final (state ``done``)."""
+        ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    idx INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    name TEXT,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_id TEXT,
+    status TEXT,
+    cost REAL,
+    error TEXT,
+    error_type TEXT,
+    task TEXT,
+    files TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class SqliteJournal:
+    """The default journal: one SQLite file (WAL), written on a single worker thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"<SqliteJournal {str(self.path)!r} {'open' if self._conn else 'closed'}>"
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        # abandon_on_cancel=False: a write that has started always finishes (and commits or
+        # rolls back as a whole) even if the caller is cancelled, so the file stays consistent.
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- sync parts, run on the worker thread --------------------------------------------------
+
+    def _open_sync(self) -> dict[int, JobRecord]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise JournalError(
+                    f"{self.path} was written by a newer apimart-async (schema {row[0]})"
+                )
+            rows = conn.execute(
+                "SELECT idx, fingerprint, idempotency_key, state, name, task_id, status, cost,"
+                " error, error_type, task, files FROM jobs"
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
+        self._conn = conn
+        out: dict[int, JobRecord] = {}
+        for r in rows:
+            files = tuple(DownloadedFile(**f) for f in json.loads(r[11])) if r[11] else ()
+            out[r[0]] = JobRecord(
+                index=r[0],
+                fingerprint=r[1],
+                idempotency_key=r[2],
+                state=r[3],
+                name=r[4],
+                task_id=r[5],
+                status=r[6],
+                cost=r[7],
+                error=r[8],
+                error_type=r[9],
+                task=json.loads(r[10]) if r[10] else None,
+                files=files,
+            )
+        return out
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        if self._conn is None:
+            raise JournalError("the journal is closed")
+        self._conn.execute(sql, args)  # autocommit: one statement, one transaction
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+
+    # -- the protocol --------------------------------------------------------------------------
+
+    async def open(self) -> dict[int, JobRecord]:
+        result: dict[int, JobRecord] = await self._run(self._open_sync)
+        return result
+
+    async def close(self) -> None:
+        await self._run(self._close_sync)
+
+    async def add(
+        self, index: int, fingerprint: str, key: str, name: str | None, body: dict[str, Any]
+    ) -> None:
+        await self._run(
+            self._write,
+            "INSERT INTO jobs (idx, fingerprint, idempotency_key, name, body, state, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, 'submitting', ?)",
+            (index, fingerprint, key, name, json.dumps(body, sort_keys=True), time.time()),
+        )
+
+    async def set_task(self, index: int, task_id: str) -> None:
+        await self._run(
+            self._write,
+            "UPDATE jobs SET state='pending', task_id=?, updated_at=? WHERE idx=?",
+            (task_id, time.time(), index),
+        )
+
+    async def set_downloading(self, index: int, task: dict[str, Any], cost: float | None) -> None:
+        await self._run(
+            self._write,
+            "UPDATE jobs SET state='downloading', status='completed', task=?, cost=?, updated_at=?"
+            " WHERE idx=?",
+            (json.dumps(task), cost, time.time(), index),
+        )
+
+    async def finish(
+        self,
+        index: int,
+        *,
+        status: str,
+        cost: float | None,
+        task: dict[str, Any] | None,
+        files: tuple[DownloadedFile, ...],
+        error: str | None,
+        error_type: str | None,
+    ) -> None:
+        await self._run(
+            self._write,
+            "UPDATE jobs SET state='done', status=?, cost=?, task=?, files=?, error=?,"
+            " error_type=?, updated_at=? WHERE idx=?",
+            (
+                status,
+                cost,
+                json.dumps(task) if task is not None else None,
+                json.dumps([attrs.asdict(f) for f in files]),
+                error,
+                error_type,
+                time.time(),
+                index,
+            ),
+        )
