@@ -149,6 +149,8 @@ class Downloader:
                 raise
             finally:
                 await anyio.to_thread.run_sync(lambda: part.close_sync(sync=False))
+                if part.size == 0:  # nothing worth resuming: leave no empty .part behind
+                    await anyio.to_thread.run_sync(lambda: part.path.unlink(missing_ok=True))
             if complete is None:  # the server ignored the range or the part was bad: restart
                 resume = False
                 continue

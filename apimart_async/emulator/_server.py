@@ -100,6 +100,7 @@ class Emulator:
         frozen_clock: the clock moves only by ``advance()``; otherwise with real time too.
         batch_route: serve ``POST /v1/tasks/batch``; False answers 404 as a missing route.
         video_bytes: size of each result file. seed: makes ids, durations, failures repeatable.
+        file_chunk_delay: real seconds of pause after each 256 KiB of a result file.
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class Emulator:
         batch_route: bool = True,
         blocked_words: tuple[str, ...] = ("[blocked]",),
         webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
+        file_chunk_delay: float = 0.0,
     ) -> None:
         if mode not in ("auto", "manual"):
             raise ValueError("mode must be 'auto' or 'manual'")
@@ -131,6 +133,8 @@ class Emulator:
         self.port = port
         self.batch_route = batch_route
         self.webhook_retry_delays = webhook_retry_delays
+        #: Real seconds to pause after each 256 KiB of a result file (a slow CDN).
+        self.file_chunk_delay = file_chunk_delay
         self.clock = Clock(frozen=frozen_clock)
         self.faults = FaultPlan(seed)
         self.state = State(
@@ -688,6 +692,8 @@ class Emulator:
         chunk = 256 * 1024
         for pos in range(start, end, chunk):
             await resp.write(file_bytes(self.state.pattern, name, pos, min(end, pos + chunk)))
+            if self.file_chunk_delay:
+                await asyncio.sleep(self.file_chunk_delay)
         await resp.write_eof()
         return resp
 

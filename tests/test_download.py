@@ -1,0 +1,138 @@
+"""Downloads: resume, verification, expiry refresh, size guard, names that cannot escape."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+import apimart_async as am
+from apimart_async._download import inside, safe_name
+from apimart_async.emulator import Emulator, Fault
+
+pytestmark = pytest.mark.anyio
+
+SORA = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+
+
+async def completed_task(emu: Emulator, client: am.AsyncApimart) -> am.Task:
+    task_id = await client.videos.submit(SORA)
+    emu.advance(10)
+    return await client.tasks.get(task_id)
+
+
+async def test_download_task_to_directory(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    (f,) = await client.download(task, tmp_path)
+    path = Path(f.path)
+    assert path == tmp_path / f"{task.id}.mp4"
+    data = path.read_bytes()
+    assert len(data) == f.bytes == 64 * 1024
+    assert f.sha256 == hashlib.sha256(data).hexdigest() == emu.file_sha256(task.id)
+    assert not path.with_name(path.name + ".part").exists()
+    assert emu.state.file_requests_with_auth == 0
+
+
+async def test_download_to_a_file_path(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    (f,) = await client.download(task, tmp_path / "sub" / "clip.mp4")
+    assert f.path == str(tmp_path / "sub" / "clip.mp4")
+
+
+async def test_range_resume_of_a_half_written_file(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    (whole,) = await client.download(task, tmp_path / "ref.mp4")
+    data = (tmp_path / "ref.mp4").read_bytes()
+    part = tmp_path / "clip.mp4.part"
+    part.write_bytes(data[:20_000])
+    before = emu.counters["file"]
+    (f,) = await client.download(task, tmp_path / "clip.mp4")
+    assert emu.counters["file"] == before + 1
+    assert emu.state.statuses[("file", 206)] == 1  # resumed, not restarted
+    assert f.sha256 == whole.sha256 and f.bytes == len(data)
+    assert not part.exists()
+
+
+async def test_a_corrupt_part_longer_than_the_file_restarts(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    (tmp_path / "clip.mp4.part").write_bytes(b"x" * (64 * 1024 + 10))
+    (f,) = await client.download(task, tmp_path / "clip.mp4")
+    assert f.sha256 == emu.file_sha256(task.id)
+
+
+async def test_cut_transfers_are_resumed(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    emu.faults.inject("file", Fault.drop())
+    (f,) = await client.download(task, tmp_path)
+    assert f.sha256 == emu.file_sha256(task.id)
+    assert emu.counters["file"] == 2
+
+
+async def test_expired_url_is_refreshed_once(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    emu.faults.inject("file", Fault.error(403, "expired"))
+    n = emu.counters["task"]
+    (f,) = await client.download(task, tmp_path)
+    assert emu.counters["task"] == n + 1  # one fresh status request
+    assert f.sha256 == emu.file_sha256(task.id)
+
+
+async def test_expired_for_good_is_a_clear_error(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    task = await completed_task(emu, client)
+    emu.advance(25 * 3600)  # past expires_at: the service's URL is refused
+    with pytest.raises(am.DownloadExpiredError, match="answered HTTP 403, also after a refresh"):
+        await client.download(task, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+async def test_max_bytes(emu: Emulator, client: am.AsyncApimart, tmp_path: Path) -> None:
+    task = await completed_task(emu, client)
+    with pytest.raises(am.DownloadTooLargeError, match="more than max_bytes=1000"):
+        await client.download(task, tmp_path, max_bytes=1000)
+    assert not list(tmp_path.iterdir())  # neither the file nor a .part
+
+
+async def test_only_http_urls(client: am.AsyncApimart, tmp_path: Path) -> None:
+    with pytest.raises(am.DownloadError, match="refusing to download a non-http"):
+        await client.download("file:///etc/passwd", tmp_path / "x.mp4")
+    with pytest.raises(am.ValidationError, match="^task: must be completed"):
+        await client.download(am.Task(id="t", status=am.TaskStatus.PROCESSING), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "safe"),
+    [
+        ("../../etc/passwd", "etc_passwd"),
+        ("/abs/path", "abs_path"),
+        ("..", "video"),
+        ("", "video"),
+        ("a\x00b", "a_b"),
+        ("ｆｕｌｌｗｉｄｔｈ", "fullwidth"),
+        ("名前", "video"),
+        ("C:\\win\\x", "C_win_x"),
+        ("ok-name_1.2", "ok-name_1.2"),
+    ],
+)
+def test_safe_names(name: str, safe: str, tmp_path: Path) -> None:
+    assert safe_name(name) == safe
+    assert inside(tmp_path, safe_name(name) + ".mp4").parent == tmp_path.resolve()
+
+
+def test_inside_refuses_escapes(tmp_path: Path) -> None:
+    with pytest.raises(am.DownloadError, match="would leave"):
+        inside(tmp_path, "../x.mp4")

@@ -1,0 +1,266 @@
+"""Journal, resume, manifest and budget, in process against the emulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import apimart_async as am
+from apimart_async.emulator import Emulator, Fault
+
+from .conftest import FAST_POLL
+
+pytestmark = pytest.mark.anyio
+
+
+def jobs(n: int, *, changed: int | None = None) -> list[tuple[str, am.VideoRequest]]:
+    return [
+        (f"job{i}", am.VideoRequest("sora-2-preview", f"prompt {i}{' v2' if i == changed else ''}"))
+        for i in range(n)
+    ]
+
+
+def client_for(emu: Emulator, **kw: object) -> am.AsyncApimart:
+    return am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL, **kw)  # type: ignore[arg-type]
+
+
+async def test_resume_never_resubmits_and_replays_finished(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with client_for(manual_emu) as client, client.batch(jobs(5), journal=journal) as results:
+        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 5)
+        await manual_emu.wait_until(lambda: len(client._poller) == 5)
+        t = manual_emu.task_ids()
+        manual_emu.complete(t[0])
+        manual_emu.fail(t[1])
+        first = [await results.__anext__(), await results.__anext__()]
+    assert sorted(o.index for o in first) == [0, 1]
+    submits = manual_emu.counters["submit"]
+    # second run: nothing is posted again; the 3 running tasks are re-attached by id
+    async with client_for(manual_emu) as client, client.batch(jobs(5), journal=journal) as results:
+        await manual_emu.wait_until(lambda: len(client._poller) == 3)
+        manual_emu.complete_all()
+        second = [o async for o in results]
+    assert manual_emu.counters["submit"] == submits
+    assert manual_emu.tasks_created == 5
+    assert sorted(o.index for o in second) == [0, 1, 2, 3, 4]
+    replayed = {o.index: o for o in second if o.replayed}
+    assert set(replayed) == {0, 1}
+    assert replayed[0].ok and isinstance(replayed[1].error, am.TaskFailedError)
+    assert replayed[1].task is not None and replayed[1].task.id == t[1]
+    assert {o.task_id for o in second} == set(t)
+    # third run: everything replayed, nothing sent but nothing lost
+    async with client_for(manual_emu) as client, client.batch(jobs(5), journal=journal) as results:
+        third = [o async for o in results]
+    assert [o.replayed for o in third] == [True] * 5
+    assert manual_emu.counters["submit"] == submits
+    async with (
+        client_for(manual_emu) as client,
+        client.batch(jobs(5), journal=journal, replay_finished=False) as results,
+    ):
+        assert [o async for o in results] == []
+
+
+async def test_unknown_submit_outcome_is_retried_with_the_same_key(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    emu.faults.inject("submit", Fault.lost_reply())
+    async with (
+        client_for(emu, max_retries=0) as client,
+        client.batch(jobs(1), journal=journal) as results,
+    ):
+        (outcome,) = [o async for o in results]
+    assert isinstance(outcome.error, am.APIConnectionError)
+    assert emu.tasks_created == 1  # the task exists; the client does not know its id
+    async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
+        emu.advance(10)
+        (outcome,) = [o async for o in results]
+    assert outcome.ok
+    assert emu.tasks_created == 1
+    assert emu.tasks_per_key == {outcome.idempotency_key: 1}
+    assert emu.counters["submit"] == 2
+
+
+async def test_definitive_submit_errors_are_not_retried_on_resume(
+    emu: Emulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    emu.faults.inject("submit", Fault.error(400, "invalid_request_error", message="bad"))
+    async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
+        (first,) = [o async for o in results]
+    assert isinstance(first.error, am.BadRequestError)
+    async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
+        (again,) = [o async for o in results]
+    assert again.replayed and isinstance(again.error, am.ReplayedError)
+    assert again.error.error_type == "BadRequestError"
+    assert emu.counters["submit"] == 1
+
+
+async def test_changed_input_is_reported(emu: Emulator, tmp_path: Path) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
+        await emu.wait_until(lambda: emu.tasks_created == 3)
+    async with (
+        client_for(emu) as client,
+        client.batch(jobs(3, changed=1), journal=journal) as results,
+    ):
+        emu.advance(10)  # job 0, re-attached, may finish; jobs 1 and 2 are never mixed in
+        outcomes = [o async for o in results]
+    mismatch = [o for o in outcomes if isinstance(o.error, am.JournalMismatchError)]
+    assert len(mismatch) == 1 and mismatch[0].index == 1
+    assert "job 1 differs from the one recorded in the journal" in str(mismatch[0].error)
+    assert results.stopped is not None and "differs" in results.stopped
+    assert emu.tasks_created == 3
+
+
+async def test_not_a_journal(tmp_path: Path) -> None:
+    bad = tmp_path / "x.sqlite"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    async with Emulator() as emu, client_for(emu) as client:
+        with pytest.raises(am.JournalError, match="cannot use"):
+            async with client.batch(jobs(1), journal=bad):
+                pass
+
+
+async def test_downloads_and_manifest_exactly_once(tmp_path: Path) -> None:
+    out = tmp_path / "videos"
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        items = [
+            *jobs(3),
+            ("../../escape", am.VideoRequest("sora-2-preview", "evil name")),
+            am.VideoRequest("sora-2-preview", "no name"),
+        ]
+        async with (
+            client_for(emu) as client,
+            client.batch(items, journal=journal, download_dir=out) as results,
+        ):
+            outcomes = [o async for o in results]
+        async with (
+            client_for(emu) as client,
+            client.batch(items, journal=journal, download_dir=out) as results,
+        ):
+            replayed = [o async for o in results]
+        assert all(o.ok for o in outcomes) and all(o.replayed for o in replayed)
+        names = sorted(p.name for p in out.iterdir())
+        assert names == [
+            "000004.mp4",
+            "escape.mp4",
+            "job0.mp4",
+            "job1.mp4",
+            "job2.mp4",
+            "manifest.jsonl",
+        ]
+        for o in outcomes:
+            (f,) = o.files
+            assert Path(f.path).parent == out.resolve() or Path(f.path).parent == out
+            assert f.sha256 == emu.file_sha256(o.task_id or "")
+        lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
+        by_index = {line["index"]: line for line in lines}
+        assert by_index[3]["status"] == "completed"
+        assert (
+            by_index[3]["files"][0]["sha256"]
+            == outcomes[[o.index for o in outcomes].index(3)].files[0].sha256
+        )
+        assert emu.tasks_created == 5
+
+
+async def test_missing_files_are_fetched_again_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "videos"
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        async with (
+            client_for(emu) as client,
+            client.batch(jobs(2), journal=journal, download_dir=out) as results,
+        ):
+            [o async for o in results]
+        (out / "job1.mp4").unlink()
+        files_before = emu.counters["file"]
+        async with (
+            client_for(emu) as client,
+            client.batch(jobs(2), journal=journal, download_dir=out) as results,
+        ):
+            again = {o.index: o async for o in results}
+        assert emu.counters["file"] == files_before + 1
+        assert again[0].replayed and not again[1].replayed and again[1].ok
+        assert (out / "job1.mp4").exists()
+        assert emu.tasks_created == 2
+
+
+async def test_budget_with_an_estimate(tmp_path: Path) -> None:
+    async with Emulator(task_duration=0.0) as emu, client_for(emu) as client:
+        async with client.batch(jobs(6), max_cost=1.0, cost_estimate=lambda r: 0.4) as results:
+            outcomes = sorted([o async for o in results], key=lambda o: o.index)
+    assert [o.ok for o in outcomes] == [True, True, False, False, False, False]
+    assert all(isinstance(o.error, am.BudgetExceededError) for o in outcomes[2:])
+    assert str(outcomes[2].error).startswith(
+        "budget reached: job 2 not submitted ($0.80 of $1.00 committed)"
+    )
+    assert emu.tasks_created == 2
+    assert results.stats().cost == pytest.approx(0.8)
+
+
+async def test_budget_learns_prices_from_a_probe() -> None:
+    async with Emulator(task_duration=0.0) as emu, client_for(emu) as client:
+        async with client.batch(jobs(5), max_cost=1.0, concurrency=5) as results:
+            outcomes = [o async for o in results]
+    assert sum(o.ok for o in outcomes) == 2
+    assert emu.tasks_created == 2
+    assert emu.state.max_unfinished == 1  # the first (probe) ran alone
+
+
+async def test_budget_counts_what_earlier_runs_spent(tmp_path: Path) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
+            [o async for o in results]
+        async with (
+            client_for(emu) as client,
+            client.batch(
+                jobs(4), journal=journal, max_cost=1.0, cost_estimate=lambda r: 0.4
+            ) as results,
+        ):
+            outcomes = {o.index: o for o in [o async for o in results]}
+        assert emu.tasks_created == 2  # 0.8 already spent: nothing else fits
+        assert isinstance(outcomes[2].error, am.BudgetExceededError)
+
+
+async def test_check_balance_refuses_to_start() -> None:
+    async with Emulator(balance=0.0) as emu, client_for(emu) as client:
+        with pytest.raises(am.InsufficientBalanceError, match="cannot cover any job"):
+            async with client.batch(jobs(1), check_balance=True):
+                pass
+        assert emu.counters == {"balance": 1}
+
+
+async def test_stop_with_grace_leaves_a_resumable_journal(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+
+    def endless() -> Iterator[tuple[str, am.VideoRequest]]:
+        i = 0
+        while True:
+            yield f"job{i}", am.VideoRequest("sora-2-preview", f"prompt {i}")
+            i += 1
+
+    async with (
+        client_for(manual_emu) as client,
+        client.batch(endless(), journal=journal, max_pending=3) as results,
+    ):
+        await manual_emu.wait_until(lambda: len(client._poller) == 3)
+        await results.stop(grace=0.01)
+        (held,) = [o async for o in results]  # nothing finished; the job in hand was not sent
+        assert held.index == 3 and isinstance(held.error, am.BatchStoppedError)
+        assert results.stopped == "stopped by the caller"
+    async with client_for(manual_emu) as client, client.batch(jobs(3), journal=journal) as results:
+        await manual_emu.wait_until(lambda: len(client._poller) == 3)
+        manual_emu.complete_all()
+        assert len([o async for o in results]) == 3
+    assert manual_emu.tasks_created == 3
