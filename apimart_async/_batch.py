@@ -13,11 +13,15 @@ is handed out; a JSONL manifest gets one line per finished job.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -273,6 +277,7 @@ class Batch:
         cost_estimate: Callable[[VideoRequest], float | None] | None = None,
         check_balance: bool = False,
         replay_finished: bool = True,
+        sigint_grace: float | None = None,
     ) -> None:
         _check_positive_int("concurrency", concurrency)
         _check_positive_int("max_pending", max_pending, allow_none=True)
@@ -318,6 +323,15 @@ class Batch:
         self.manifest_path = Path(manifest) if manifest is not None else None
         self._manifest: _Manifest | None = None
         self.max_bytes = max_bytes
+        if sigint_grace is not None and not (
+            isinstance(sigint_grace, (int, float)) and sigint_grace >= 0
+        ):
+            raise ValidationError(
+                [FieldError("sigint_grace", "must be >= 0 seconds", sigint_grace)]
+            )
+        self.sigint_grace = sigint_grace
+        self._interrupts = 0
+        self._sigint_installed = False
         self._records: dict[int, JobRecord] = {}
         self._jobs: dict[str, _Job] = {}  # pending: task id -> job
         self._submitting: dict[int, _Job] = {}
@@ -378,6 +392,7 @@ class Batch:
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(self._feed, name="apimart-async batch feeder")
+        self._install_sigint()
         if self.timeout is not None:
             tg.start_soon(self._deadline, self.timeout, name="apimart-async batch deadline")
         return self
@@ -388,6 +403,7 @@ class Batch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        self._remove_sigint()
         tg, self._tg = self._tg, None
         if not self._finished:
             self._stop("the batch was left")
@@ -410,6 +426,48 @@ class Batch:
                 if self._journal is not None:
                     await self._journal.close()
         return None
+
+    # -- Ctrl-C ----------------------------------------------------------------------------------
+
+    @property
+    def interrupted(self) -> int:
+        """How many times Ctrl-C reached this batch (with ``sigint_grace``)."""
+        return self._interrupts
+
+    def _install_sigint(self) -> None:
+        if self.sigint_grace is None or threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (NotImplementedError, RuntimeError):  # not on this platform / loop
+            return
+        self._sigint_installed = True
+
+    def _remove_sigint(self) -> None:
+        if self._sigint_installed:
+            self._sigint_installed = False
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+
+    def _on_sigint(self) -> None:
+        """First Ctrl-C: stop submitting and follow running tasks for ``sigint_grace`` s.
+        Second: end the iteration now. The journal is consistent either way."""
+        self._interrupts += 1
+        tg = self._tg
+        if self._interrupts == 1 and tg is not None and self.sigint_grace:
+            logger.warning(
+                "interrupted: no more submits; waiting up to %ss for running tasks",
+                self.sigint_grace,
+            )
+            tg.start_soon(functools.partial(self.stop, grace=self.sigint_grace))
+            self._stopped = self._stopped or "interrupted"
+            return
+        self._stopped = self._stopped or "interrupted"
+        poller = self._client._poller
+        for task_id in list(self._jobs):
+            poller.unwatch(task_id, self._on_done)
+        self._jobs.clear()
+        self._finished = True
+        self._send.close()
 
     async def _require_balance(self) -> None:
         balance = await self._client.balance()
@@ -497,6 +555,7 @@ class Batch:
         seconds, then end the iteration. Unfinished jobs stay in the journal for a resume."""
         self._stop("stopped by the caller")
         if grace > 0 and self._jobs:
+            self._notify()
             with anyio.move_on_after(grace):
                 while self._jobs:
                     await self._changed_wait()

@@ -276,6 +276,7 @@ class AsyncApimart:
         cost_estimate: Callable[[VideoRequest], float | None] | None = None,
         check_balance: bool = False,
         replay_finished: bool = True,
+        sigint_grace: float | None = None,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
 
@@ -309,6 +310,10 @@ class AsyncApimart:
             check_balance: ask ``balance()`` first and refuse to start if nothing can be paid.
             replay_finished: with a journal, hand out the outcomes of jobs finished in earlier
                 runs again (``Outcome.replayed``); False skips them.
+            sigint_grace: handle Ctrl-C while the batch runs (main thread only): the first
+                stops submitting and follows running tasks for this many seconds, the second
+                ends the iteration at once; ``results.interrupted`` tells. The journal keeps
+                everything needed to resume.
 
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.
@@ -332,6 +337,7 @@ class AsyncApimart:
             cost_estimate=cost_estimate,
             check_balance=check_balance,
             replay_finished=replay_finished,
+            sigint_grace=sigint_grace,
         )
 
     async def download(
