@@ -112,26 +112,51 @@ async def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
         assert any(parts for *_, parts in killed)  # some kills left half-written files
         assert await run_worker(emu, journal, out, None) == 0
 
-        # -- nothing billed twice --------------------------------------------------------------
-        assert emu.tasks_created == JOBS
-        assert set(emu.tasks_per_key.values()) == {1}
-        prompts = Counter(t.body["prompt"] for t in emu.state.tasks.values())
-        assert set(prompts.values()) == {1} and len(prompts) == JOBS
-        task_of = {t.body["prompt"]: t.id for t in emu.state.tasks.values()}
+        check_finished(emu, out)
 
-        # -- every file whole and verified -------------------------------------------------------
-        assert sorted(p.name for p in out.glob("*.part")) == []
-        lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-        assert sorted(line["index"] for line in lines) == list(range(JOBS))  # each exactly once
-        for line in lines:
-            i = line["index"]
-            assert line["status"] == "completed"
-            assert line["task_id"] == task_of[f"prompt {i}"]
-            (f,) = line["files"]
-            assert Path(f["path"]).name == f"job{i}.mp4"
-            assert f["sha256"] == emu.file_sha256(line["task_id"])
-            assert Path(f["path"]).stat().st_size == 512 * 1024 == f["bytes"]
-        assert len(list(out.glob("*.mp4"))) == JOBS
+
+def check_finished(emu: Emulator, out: Path) -> None:
+    """Nothing billed twice, nothing lost, every file whole and verified, manifest complete."""
+    assert emu.tasks_created == JOBS
+    assert set(emu.tasks_per_key.values()) == {1}
+    prompts = Counter(t.body["prompt"] for t in emu.state.tasks.values())
+    assert set(prompts.values()) == {1} and len(prompts) == JOBS
+    task_of = {t.body["prompt"]: t.id for t in emu.state.tasks.values()}
+    assert sorted(p.name for p in out.glob("*.part")) == []
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(JOBS))  # each exactly once
+    size = emu.state.video_bytes
+    for line in lines:
+        i = line["index"]
+        assert line["status"] == "completed"
+        assert line["task_id"] == task_of[f"prompt {i}"]
+        (f,) = line["files"]
+        assert Path(f["path"]).name == f"job{i}.mp4"
+        assert f["sha256"] == emu.file_sha256(line["task_id"])
+        assert Path(f["path"]).stat().st_size == size == f["bytes"]
+    assert len(list(out.glob("*.mp4"))) == JOBS
+
+
+KILL_POINTS = {
+    "submitting": lambda emu: emu.tasks_created >= 40,
+    "polling": lambda emu: emu.counters.get("batch", 0) >= 4,
+    "mid-download": lambda emu: emu.counters.get("file", 0) >= 40,
+    "late download": lambda emu: emu.counters.get("file", 0) >= 200,
+    "first download": lambda emu: emu.counters.get("file", 0) >= 1,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+async def test_each_kill_point_then_one_rerun_finishes(tmp_path: Path, point: str) -> None:
+    journal = tmp_path / "run.sqlite"
+    out = tmp_path / "videos"
+    async with Emulator(
+        task_duration=(0.1, 0.6), video_bytes=256 * 1024, file_chunk_delay=0.005, seed=7
+    ) as emu:
+        when = KILL_POINTS[point]
+        assert await run_worker(emu, journal, out, lambda: when(emu)) is None  # killed
+        assert await run_worker(emu, journal, out, None) == 0
+        check_finished(emu, out)
 
 
 @pytest.mark.parametrize(
