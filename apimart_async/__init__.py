@@ -39,6 +39,7 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
 )
+from ._jobsfile import JobLine, JobsFileError, read_jobs
 from ._journal import JobRecord, Journal, JournalError, JournalMismatchError, SqliteJournal
 from ._models import (
     Balance,
@@ -81,7 +82,9 @@ __all__ = [
     "FieldError",
     "InsufficientBalanceError",
     "IntRange",
+    "JobLine",
     "JobRecord",
+    "JobsFileError",
     "Journal",
     "JournalError",
     "JournalMismatchError",
@@ -107,6 +110,7 @@ __all__ = [
     "Video",
     "VideoRequest",
     "__version__",
+    "read_jobs",
     "set_testing",
 ]
 

@@ -17,7 +17,7 @@ import aiohttp
 import anyio
 
 from . import _converter as conv
-from ._batch import Batch, BatchEvent
+from ._batch import Batch, BatchEvent, JobInput
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader, DownloadError, DownloadExpiredError
 from ._errors import (
@@ -258,7 +258,7 @@ class AsyncApimart:
 
     def batch(
         self,
-        requests: Iterable[VideoRequest] | AsyncIterable[VideoRequest],
+        requests: Iterable[JobInput] | AsyncIterable[JobInput],
         *,
         concurrency: int = 8,
         max_pending: int | None = None,

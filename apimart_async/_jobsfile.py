@@ -1,0 +1,164 @@
+"""Reading a jobs file (JSONL or CSV) into requests, with every bad line reported by number.
+
+JSONL: one JSON object per line, the fields of ``VideoRequest`` (unknown keys go to
+``extra``) and an optional ``name``. Blank lines and lines starting with ``#`` are skipped.
+
+CSV: a header row naming the same fields; list fields (``image_urls``, ``video_urls``) hold
+URLs separated by ``|``; ``duration`` and ``seed`` are integers; other columns are sent as
+written (numbers and true/false as such). Empty cells are left unset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._errors import ApimartWarning, ValidationError
+from ._models import VideoRequest
+
+__all__ = ["JobLine", "JobsFileError", "read_jobs"]
+
+MAX_LINE_BYTES = 1 << 20
+MAX_FILE_BYTES = 512 << 20
+_LIST_FIELDS = ("image_urls", "video_urls")
+_INT_FIELDS = ("duration", "seed")
+
+
+@attrs.frozen
+class JobLine:
+    line: int
+    name: str | None
+    request: VideoRequest
+    warnings: tuple[str, ...] = ()
+
+
+class JobsFileError(Exception):
+    """The jobs file has bad lines. ``problems`` is a list of (line number, message)."""
+
+    def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        head = "\n".join(f"{path}:{n}: {msg}" for n, msg in problems[:50])
+        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(head + more)
+
+
+def _request(data: Any) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
+    if not isinstance(data, dict):
+        raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        raise ValueError("name: must be a string")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ApimartWarning)
+        request = VideoRequest.from_dict(data)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, ApimartWarning))
+    return name, request, notes
+
+
+def _csv_value(key: str, text: str) -> Any:
+    if key in _LIST_FIELDS:
+        return [part.strip() for part in text.split("|") if part.strip()]
+    if key in _INT_FIELDS:
+        try:
+            return int(text)
+        except ValueError:
+            return text  # validation names the field and the rule
+    if key in (
+        "prompt",
+        "model",
+        "name",
+        "resolution",
+        "aspect_ratio",
+        "webhook",
+        "extend_from_task_id",
+    ):
+        return text
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(text) if text[:1] in "-0123456789" else text
+    except ValueError:
+        return text
+
+
+def read_jobs(path: str | Path) -> list[JobLine]:
+    """Every job of the file, or JobsFileError listing every bad line (nothing is sent)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise JobsFileError(str(p), [(0, f"file is larger than {MAX_FILE_BYTES >> 20} MB")])
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise JobsFileError(str(p), [(0, f"cannot read: {exc.strerror}")]) from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    is_csv = p.suffix.lower() == ".csv"
+    jobs: list[JobLine] = []
+    problems: list[tuple[int, str]] = []
+
+    def add(n: int, build: Any) -> None:
+        try:
+            name, request, notes = build()
+        except ValidationError as exc:
+            problems.extend((n, str(e)) for e in exc.errors)
+            return
+        except (ValueError, TypeError, RecursionError) as exc:
+            problems.append(
+                (n, str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply")
+            )
+            return
+        jobs.append(JobLine(n, name, request, notes))
+
+    if is_csv:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise JobsFileError(str(p), [(line, "not valid UTF-8")]) from None
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "model" not in reader.fieldnames:
+            raise JobsFileError(str(p), [(1, "the header row must name the columns, with 'model'")])
+        for row in reader:
+            n = reader.line_num
+            if None in row:
+                problems.append((n, "more cells than header columns"))
+                continue
+            data = {k: _csv_value(k, v) for k, v in row.items() if k and v not in ("", None)}
+            add(n, lambda data=data: _request(data))
+    else:
+        for n, raw_line in enumerate(raw.split(b"\n"), start=1):
+            stripped = raw_line.strip()
+            if not stripped or stripped.startswith(b"#"):
+                continue
+            if len(raw_line) > MAX_LINE_BYTES:
+                problems.append((n, f"line longer than {MAX_LINE_BYTES >> 10} KB"))
+                continue
+            try:
+                text = stripped.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append((n, "not valid UTF-8"))
+                continue
+
+            def build(text: str = text) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+                return _request(data)
+
+            add(n, build)
+    if problems:
+        raise JobsFileError(str(p), problems)
+    if not jobs:
+        raise JobsFileError(str(p), [(0, "no jobs in the file")])
+    return jobs
