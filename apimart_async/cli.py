@@ -273,6 +273,7 @@ async def cmd_wait(args: argparse.Namespace, argv: Sequence[str]) -> int:
             async for task in stream:
                 d = _task_dict(task)
                 if task.ok and args.download:
+                    await anyio.Path(args.download).mkdir(parents=True, exist_ok=True)
                     files = await client.download(task, Path(args.download))
                     d["files"] = [f.path for f in files]
                 failed += not task.ok
