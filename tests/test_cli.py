@@ -42,7 +42,7 @@ def no_control_chars(text: str) -> bool:
 
 async def test_run_emulated_batch_to_disk(tmp_path: Path) -> None:
     out = tmp_path / "videos"
-    code, stdout, stderr = await cli("run", str(JOBS), "--emulate", "--out", str(out), check=0)
+    _code, stdout, stderr = await cli("run", str(JOBS), "--emulate", "--out", str(out), check=0)
     names = sorted(p.name for p in out.glob("*.mp4"))
     assert names == ["apple.mp4", "bear-hug.mp4", "lighthouse.mp4", "neon-cat.mp4", "waterfall.mp4"]
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -72,7 +72,7 @@ async def test_bad_lines_are_listed_and_nothing_is_submitted(tmp_path: Path) -> 
         b'["not", "an", "object"]\n'
     )
     async with Emulator() as emu:
-        code, stdout, stderr = await cli(
+        code, _stdout, stderr = await cli(
             "run",
             str(jobs),
             "--out",
