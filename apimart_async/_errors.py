@@ -5,6 +5,15 @@
     ApimartError
     ├── ConfigurationError (ValueError)      bad client settings: no key, http to a remote host
     ├── ValidationError (ValueError)         a request broke a model's rule; nothing was sent
+    ├── JobsFileError (ValueError)           a jobs file has bad lines (listed by number)
+    ├── JournalError                         the journal cannot be used
+    │   └── JournalMismatchError             the input changed under the same journal
+    ├── BatchStoppedError                    a job not submitted because the batch stopped
+    │   └── BudgetExceededError              ... because it could pass max_cost
+    ├── DownloadError                        a result file could not be fetched completely
+    │   ├── DownloadExpiredError             its URL expired, also after a refresh
+    │   └── DownloadTooLargeError            it is larger than max_bytes
+    ├── ReplayedError                        an error recorded by an earlier run (journal)
     ├── ClientClosedError                    the client is not open, or was closed meanwhile
     ├── APIConnectionError                   the request did not get a complete reply
     │   └── APITimeoutError (TimeoutError)   ... because a timeout ran out

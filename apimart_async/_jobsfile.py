@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from ._errors import ApimartWarning, ValidationError
+from ._errors import ApimartError, ApimartWarning, ValidationError
 from ._models import VideoRequest
 
 __all__ = ["JobLine", "JobsFileError", "read_jobs"]
@@ -38,7 +38,7 @@ class JobLine:
     warnings: tuple[str, ...] = ()
 
 
-class JobsFileError(Exception):
+class JobsFileError(ApimartError, ValueError):
     """The jobs file has bad lines. ``problems`` is a list of (line number, message)."""
 
     def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
