@@ -216,14 +216,14 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _request_from_flags(args: argparse.Namespace) -> am.VideoRequest:
-    if args.json:
+    if args.request:
         try:
-            data = json.loads(args.json)
+            data = json.loads(args.request)
         except ValueError as exc:
-            raise UsageError(f"--json is not JSON: {exc}") from None
+            raise UsageError(f"--request is not JSON: {exc}") from None
         return am.VideoRequest.from_dict(data)
     if not args.model:
-        raise UsageError("give --model (and the other fields) or --json")
+        raise UsageError("give --model (and the other fields) or --request '{...}'")
     fields: dict[str, Any] = {"model": args.model}
     for name in ("prompt", "duration", "resolution", "aspect_ratio", "seed"):
         value = getattr(args, name)
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     submit = sub.add_parser("submit", parents=[common], help="submit one job, print its task id")
-    submit.add_argument("--json", help="the whole request as JSON")
+    submit.add_argument("--request", help="the whole request as a JSON object")
     submit.add_argument("--model")
     submit.add_argument("--prompt")
     submit.add_argument("--image-url", action="append")
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--resolution")
     submit.add_argument("--aspect-ratio")
     submit.add_argument("--seed", type=int)
-    submit.add_argument("--as-json", action="store_true", help="print JSON")
+    submit.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", parents=[common], help="status of tasks")

@@ -179,9 +179,9 @@ async def test_single_task_commands(tmp_path: Path) -> None:
         _, stdout, _ = await cli(
             "submit",
             *base,
-            "--json",
+            "--request",
             '{"model": "sora-2-preview", "prompt": "x"}',
-            "--as-json",
+            "--json",
             key=emu.api_key,
             check=0,
         )
@@ -253,3 +253,31 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
         in tty.getvalue()
     )
     assert plain.getvalue() == "submitted job 0 as task_a\ncompleted job 0 task_a\n"
+
+
+async def test_emulator_command() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "apimart_async.cli",
+        "emulator",
+        "--port",
+        "0",
+        "--api-key",
+        "sk-cli-emu",
+    ]
+    async with await anyio.open_process(cmd, env=env) as proc:
+        assert proc.stdout is not None
+        try:
+            from anyio.streams.buffered import BufferedByteReceiveStream
+
+            with anyio.fail_after(30):
+                info = json.loads(
+                    await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 4096)
+                )
+            code, stdout, _ = await cli("balance", "--base-url", info["base_url"], key="sk-cli-emu")
+            assert code == 0 and "left" in stdout
+        finally:
+            proc.terminate()
+            await proc.wait()
