@@ -17,9 +17,9 @@ import aiohttp
 import anyio
 
 from . import _converter as conv
-from ._batch import Batch, BatchEvent, JobInput
+from ._batch import Batch, BatchEvent, JobInput, _check_seconds
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
-from ._download import Downloader, DownloadError, DownloadExpiredError
+from ._download import Downloader, DownloadExpiredError, _Gone
 from ._errors import (
     ApimartError,
     APIStatusError,
@@ -33,7 +33,7 @@ from ._errors import (
 from ._journal import Journal
 from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
 from ._poller import Poller
-from ._schedule import PollPolicy
+from ._schedule import BATCH_IDS, PollPolicy
 from ._scheduler import RateLimiter, Throttle
 from ._transport import Reply, Transport, new_idempotency_key
 
@@ -43,7 +43,6 @@ logger = logging.getLogger("apimart_async")
 
 T = TypeVar("T")
 
-BATCH_LIMIT: Final = 100
 MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024
 
 _IMAGE_MAGIC: Final = (
@@ -376,14 +375,12 @@ class AsyncApimart:
             )
         try:
             return [await self._downloader.fetch(url, target, max_bytes=max_bytes)]
-        except DownloadError as exc:
-            if type(exc).__name__ == "_Gone":
-                raise DownloadExpiredError(
-                    f"result URL answered HTTP {exc.status}; pass the Task to renew it",
-                    url=url,
-                    status=exc.status,
-                ) from None
-            raise
+        except _Gone as exc:
+            raise DownloadExpiredError(
+                f"result URL answered HTTP {exc.status}; pass the Task to renew it",
+                url=url,
+                status=exc.status,
+            ) from None
 
     # -- account -----------------------------------------------------------------------------
 
@@ -440,7 +437,7 @@ class Videos:
         """Submit and wait (through the shared poller) until the task ends. Raises
         ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
         (the task itself keeps running at the service, and is billed)."""
-        _check_timeout(timeout)
+        _check_seconds("timeout", timeout)
         submitted_at = self._client._poller.now()
         task_id = await self.submit(request, idempotency_key=idempotency_key)
         return await self._client.tasks._wait(task_id, timeout=timeout, submitted_at=submitted_at)
@@ -479,8 +476,8 @@ class Tasks:
         proves missing or unreadable, per-task GETs for the rest of the session."""
         ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
         found: dict[str, Task] = {}
-        for start in range(0, len(ids), BATCH_LIMIT):
-            chunk = ids[start : start + BATCH_LIMIT]
+        for start in range(0, len(ids), BATCH_IDS):
+            chunk = ids[start : start + BATCH_IDS]
             if self._client._batch_route is not False:
                 batch = await self._batch(chunk)
                 if batch is not None:
@@ -538,7 +535,7 @@ class Tasks:
         through the shared poller. Returns it when completed; raises ``TaskFailedError`` if it
         failed or was cancelled, ``TaskTimeoutError`` after ``timeout`` seconds, and
         ``NotFoundError`` if the service does not know it."""
-        _check_timeout(timeout)
+        _check_seconds("timeout", timeout)
         return await self._wait(_check_task_id(task_id), timeout=timeout, submitted_at=None)
 
     async def _wait(
@@ -632,15 +629,6 @@ class TaskWatch:
         if isinstance(item, ApimartError):
             raise item
         return item
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (
-        isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
-    ):
-        raise ValidationError(
-            [FieldError("timeout", "must be a positive number of seconds", timeout)]
-        )
 
 
 class Uploads:

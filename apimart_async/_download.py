@@ -27,7 +27,7 @@ import anyio
 import anyio.to_thread
 
 from ._errors import APIConnectionError, ApimartError, ClientClosedError
-from ._models import DownloadedFile, Task, Video
+from ._models import DownloadedFile, Task
 
 if TYPE_CHECKING:
     from ._client import AsyncApimart
@@ -286,12 +286,3 @@ def _finalise(part: Path, dest: Path) -> None:
     with part.open("rb") as fh:
         os.fsync(fh.fileno())
     os.replace(part, dest)
-
-
-def video_of(item: Task | Video | str) -> tuple[Task | None, list[str]]:
-    """The task (if any) and the URLs of what ``client.download`` was given."""
-    if isinstance(item, Task):
-        return item, [v.url for v in item.videos if v.url]
-    if isinstance(item, Video):
-        return None, list(item.urls[:1])
-    return None, [item]

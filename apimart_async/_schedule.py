@@ -141,7 +141,7 @@ class PollSchedule:
                 existing.deadline = deadline
                 heapq.heappush(self._deadlines, (deadline, task_id, existing.version))
             if check_now and not existing.checking:
-                self._schedule(existing, now)
+                self._set(existing, now)
             return
         pol = policy or self.policy
         t0 = now if submitted_at is None and not check_now else submitted_at
@@ -281,9 +281,6 @@ class PollSchedule:
             out.append(task_id)
             if limit is not None:
                 limit -= 1
-
-    def _schedule(self, w: _Watch, at: float) -> None:
-        self._set(w, at)
 
     def _jittered(self, w: _Watch, now: float, at: float) -> float:
         p = w.policy
