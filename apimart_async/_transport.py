@@ -104,7 +104,9 @@ def _as_str(value: Any) -> str | None:
 def _embedded_error(status: int, body: bytes) -> int | None:
     """A 2xx reply that is really an error (``{"error": {...}}`` or ``{"code": 4xx}`` with no
     data): the status to report it under, else None."""
-    if not body.startswith(b"{") or (b'"data"' in body and b'"error"' not in body):
+    # A reply with data is never an embedded error: skip it without parsing, so the status
+    # replies on the poller's path are parsed once, by their own parser.
+    if not body.startswith(b"{") or b'"data"' in body:
         return None
     try:
         payload = json.loads(body)

@@ -9,15 +9,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quickstart_generates_one_video_per_seed_model() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run an example script as a user would, with only this checkout importable."""
+    return subprocess.run(
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
         env={"PATH": "", "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_quickstart_generates_one_video_per_seed_model() -> None:
+    proc = run_example(str(ROOT / "examples" / "quickstart.py"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     done = [line.split()[0] for line in lines if " completed " in line]
@@ -36,14 +41,7 @@ def test_quickstart_generates_one_video_per_seed_model() -> None:
 
 def test_batch_to_disk_example(tmp_path: Path) -> None:
     out = tmp_path / "videos"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "batch_to_disk.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"PATH": "", "PYTHONPATH": str(ROOT)},
-    )
+    proc = run_example(str(ROOT / "examples" / "batch_to_disk.py"), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.glob("*.mp4")) == [f"clip-{i:02d}.mp4" for i in range(6)]
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 6
