@@ -836,11 +836,21 @@ class Batch:
         tg = self._tg
         if tg is None:
             return
+        needs_io = (
+            self._journal is not None
+            or self._manifest is not None
+            or (self.download_dir is not None and isinstance(result, Task) and result.ok)
+        )
+        if not needs_io:  # nothing to record or fetch: hand it out now, no task needed
+            outcome, _, _, event = self._conclude(job, task_id, result)
+            self._publish(outcome, event)
+            self._maybe_close()
+            return
         self._finishing += 1
         tg.start_soon(self._finalize, job, task_id, result)
 
     async def _finalize(self, job: _Job, task_id: str, result: Task | ApimartError) -> None:
-        """Record, download and hand out one ended job."""
+        """Download, record and hand out one ended job."""
         try:
             await self._finalize_job(job, task_id, result)
         finally:
@@ -849,6 +859,45 @@ class Batch:
 
     async def _finalize_job(self, job: _Job, task_id: str, result: Task | ApimartError) -> None:
         journal = self._journal
+        files: tuple[DownloadedFile, ...] = ()
+        download_error: ApimartError | None = None
+        if isinstance(result, Task) and result.ok and self.download_dir is not None:
+            if journal is not None:
+                await journal.set_downloading(job.index, task_to_wire(result), result.cost)
+            stem = job.name if job.name else f"{job.index:06d}"
+            try:
+                files = await self._client._downloader.task_files(
+                    result, self.download_dir, safe_name(stem), max_bytes=self.max_bytes
+                )
+            except (DownloadError, ApimartError) as exc:
+                download_error = exc
+        outcome, status, record, event = self._conclude(job, task_id, result, files, download_error)
+        if record and journal is not None:
+            task = outcome.task
+            await journal.finish(
+                job.index,
+                status=status if outcome.error is None or task is not None else "error",
+                cost=task.cost if task is not None else None,
+                task=task_to_wire(task) if task is not None else None,
+                files=files,
+                error=str(outcome.error) if outcome.error is not None else None,
+                error_type=type(outcome.error).__name__ if outcome.error is not None else None,
+            )
+        if record or journal is None:
+            await self._write_manifest(outcome, status)
+        self._publish(outcome, event)
+
+    def _conclude(
+        self,
+        job: _Job,
+        task_id: str,
+        result: Task | ApimartError,
+        files: tuple[DownloadedFile, ...] = (),
+        download_error: ApimartError | None = None,
+    ) -> tuple[Outcome, str, bool, BatchEvent]:
+        """Count one ended job and build its outcome. Returns the outcome, its manifest
+        status, whether the journal closes the job (False: a later run picks it up again) and
+        the event to report."""
         if isinstance(result, ApimartError):
             self._errored += 1
             if self._budget is not None:
@@ -857,82 +906,39 @@ class Batch:
                 self._abandoned.append(task_id)
             outcome = Outcome(job.index, job.request, task_id, None, result, job.key, job.name)
             definitive = isinstance(result, NotFoundError)  # the service forgot the task
-            if definitive and journal is not None:
-                await journal.finish(
-                    job.index,
-                    status="error",
-                    cost=None,
-                    task=None,
-                    files=(),
-                    error=str(result),
-                    error_type=type(result).__name__,
-                )
-            if definitive or journal is None:
-                await self._write_manifest(outcome, "error")
-            self._emit(outcome)
-            self._event("errored", job.index, task_id=task_id, error=result)
-            return
+            event = BatchEvent("errored", job.index, task_id, None, result)
+            return outcome, "error", definitive, event
         task = result
         cost = task.cost
         if self._budget is not None:
             self._budget.settle(job.index, job.request, cost or 0.0)
-        if not task.ok:
-            self._failed += 1
-            if cost:
-                self._cost += cost
-            error = TaskFailedError(task)
-            outcome = Outcome(job.index, job.request, task_id, task, error, job.key, job.name)
-            if journal is not None:
-                await journal.finish(
-                    job.index,
-                    status=task.status.value,
-                    cost=cost,
-                    task=task_to_wire(task),
-                    files=(),
-                    error=str(error),
-                    error_type="TaskFailedError",
-                )
-            await self._write_manifest(outcome, task.status.value)
-            self._emit(outcome)
-            self._event("failed", job.index, task_id=task_id, task=task, error=error)
-            return
-        files: tuple[DownloadedFile, ...] = ()
-        if self.download_dir is not None:
-            if journal is not None:
-                await journal.set_downloading(job.index, task_to_wire(task), cost)
-            stem = job.name if job.name else f"{job.index:06d}"
-            try:
-                files = await self._client._downloader.task_files(
-                    task, self.download_dir, safe_name(stem), max_bytes=self.max_bytes
-                )
-            except (DownloadError, ApimartError) as exc:
-                # Paid and completed, files missing: the journal keeps it for a resume.
-                self._errored += 1
-                if cost:
-                    self._cost += cost
-                outcome = Outcome(job.index, job.request, task_id, task, exc, job.key, job.name)
-                if journal is None:
-                    await self._write_manifest(outcome, "download_failed")
-                self._emit(outcome)
-                self._event("errored", job.index, task_id=task_id, task=task, error=exc)
-                return
-        self._completed += 1
         if cost:
             self._cost += cost
-        outcome = Outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
-        if journal is not None:
-            await journal.finish(
-                job.index,
-                status="completed",
-                cost=cost,
-                task=task_to_wire(task),
-                files=files,
-                error=None,
-                error_type=None,
+        if not task.ok:
+            self._failed += 1
+            error = TaskFailedError(task)
+            outcome = Outcome(job.index, job.request, task_id, task, error, job.key, job.name)
+            event = BatchEvent("failed", job.index, task_id, task, error)
+            return outcome, task.status.value, True, event
+        if download_error is not None:
+            # Paid and completed, files missing: the journal keeps it for a resume.
+            self._errored += 1
+            outcome = Outcome(
+                job.index, job.request, task_id, task, download_error, job.key, job.name
             )
-        await self._write_manifest(outcome, "completed")
+            event = BatchEvent("errored", job.index, task_id, task, download_error)
+            return outcome, "download_failed", False, event
+        self._completed += 1
+        outcome = Outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
+        return outcome, "completed", True, BatchEvent("completed", job.index, task_id, task)
+
+    def _publish(self, outcome: Outcome, event: BatchEvent) -> None:
         self._emit(outcome)
-        self._event("completed", job.index, task_id=task_id, task=task)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("on_event callback failed")
 
     # -- plumbing --------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -68,10 +69,14 @@ def sniff_image(data: bytes) -> tuple[str, str] | None:
     return None
 
 
+#: White space (the regex ``\s`` is str.isspace's set), control characters and '/'.
+_BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f/]")
+
+
 def _check_task_id(task_id: Any, field: str = "task_id") -> str:
     if not isinstance(task_id, str) or not task_id.strip():
         raise ValidationError([FieldError(field, "must be a non-empty string", task_id)])
-    if any(c.isspace() or ord(c) < 32 for c in task_id) or "/" in task_id:
+    if _BAD_ID_CHAR.search(task_id) is not None:
         raise ValidationError([FieldError(field, "must not contain '/' or white space", task_id)])
     return task_id
 
@@ -517,17 +522,19 @@ class Tasks:
         self._client._batch_route = False
 
     async def _each(self, chunk: Sequence[str]) -> dict[str, Task]:
+        """Per-task GETs, ``status_concurrency`` at a time (a few workers over the chunk, not a
+        task per id)."""
         found: dict[str, Task] = {}
-        limiter = anyio.CapacityLimiter(self._client.status_concurrency)
+        todo = iter(chunk)
 
-        async def one(task_id: str) -> None:
-            async with limiter:
+        async def worker() -> None:
+            for task_id in todo:
                 with contextlib.suppress(NotFoundError):
                     found[task_id] = await self.get(task_id)
 
         async with anyio.create_task_group() as tg:
-            for task_id in chunk:
-                tg.start_soon(one, task_id)
+            for _ in range(min(self._client.status_concurrency, len(chunk))):
+                tg.start_soon(worker)
         return found
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:

@@ -300,6 +300,22 @@ async def test_manual_mode_controls(manual_emu: Emulator, http: aiohttp.ClientSe
     assert emu.stats()["unfinished"] == 0
 
 
+async def test_bulk_created_tasks(manual_emu: Emulator, http: aiohttp.ClientSession) -> None:
+    emu = manual_emu
+    url = emu.base_url + "/_emulator/tasks"
+    async with http.post(url, json={"count": 250}) as r:
+        ids = (await r.json())["task_ids"]
+    assert len(set(ids)) == 250 == emu.tasks_created == emu.stats()["unfinished"]
+    assert emu.counters.get("submit", 0) == 0
+    assert emu.task(ids[0])["status"] == "submitted"
+    async with http.post(url, json={"count": 1, "body": {"model": "sora-2-preview", "prompt": "x", "duration": 7}}) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["param"] == "duration"
+    async with http.post(url, json={"count": -1}) as r:
+        assert r.status == 400
+    assert emu.tasks_created == 250
+
+
 async def test_random_faults_are_counted(emu: Emulator, http: aiohttp.ClientSession) -> None:
     emu.faults.set_rate(1.0, endpoints=["balance"], faults=[Fault.server_error(502)])
     async with http.get(f"{emu.base_url}/v1/balance", headers=auth(emu)) as r:

@@ -183,6 +183,7 @@ class Emulator:
         app.router.add_get("/_emulator/stats", self._stats)
         app.router.add_post("/_emulator/advance", self._advance)
         app.router.add_get("/_emulator/finished", self._finished)
+        app.router.add_post("/_emulator/tasks", self._create_tasks)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -259,6 +260,20 @@ class Emulator:
             self.state.complete(task_id)
         self._after_change([self.state.tasks[t] for t in ids])
         return len(ids)
+
+    def create_tasks(self, count: int, body: dict[str, Any] | None = None) -> list[str]:
+        """Create ``count`` tasks at once, as if each had been submitted with ``body`` (default:
+        a sora-2-preview prompt) and no idempotency key; returns their ids. For load tests that
+        need many pending tasks without paying for many POSTs (use manual mode to keep them
+        pending)."""
+        if not isinstance(count, int) or count < 0:
+            raise ValueError("count must be a non-negative integer")
+        body = body if body is not None else {"model": "sora-2-preview", "prompt": "load"}
+        model, params = check_body(body)
+        tasks = [self.state.create_task(model, params, body, None) for _ in range(count)]
+        self._after_change([t for t in tasks if t.status in TERMINAL])
+        self._wake.set()
+        return [t.id for t in tasks]
 
     def task(self, task_id: str) -> dict[str, Any]:
         """The task as the status endpoint would report it now."""
@@ -708,6 +723,17 @@ class Emulator:
         return web.json_response(
             {t: tasks[t].finished_at for t in self.state.finished_log if t in tasks}
         )
+
+    async def _create_tasks(self, request: web.Request) -> web.StreamResponse:
+        """``{"count": N, "body": {...}}`` -> ``{"task_ids": [...]}`` (see ``create_tasks``)."""
+        try:
+            data = await request.json()
+            ids = self.create_tasks(int(data.get("count", 0)), data.get("body"))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        except RuleError as exc:
+            return _error(400, exc.message, "invalid_request_error", param=exc.param)
+        return web.json_response({"task_ids": ids})
 
     async def _advance(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -1,0 +1,302 @@
+"""One measured client, run in a process of its own by ``run.py`` (the emulator runs in another).
+
+    python benchmarks/_worker.py KIND BASE_URL API_KEY [options]
+
+Prints one JSON line: the figures of that client alone (CPU seconds and peak RSS of this
+process, counted from after the imports). Kinds:
+
+- ``sdk-poll`` / ``fixed-poll``: submit jobs and follow them; report when each task's end
+  became known (Unix time), for latency against the emulator's exact finish times.
+- ``sdk-overhead`` / ``bare-overhead``: many near-instant jobs, CPU and memory per job.
+- ``scale``: hold many pending tasks in the poller; memory per task, CPU per poll round.
+- ``sdk-download`` / ``bare-download``: one result file fetched several times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import apimart_async as am
+
+PROMPT = "a cat on a skateboard"
+MODEL = "sora-2-preview"
+CHUNK = 1 << 20
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+class Meter:
+    """CPU seconds and wall time since it was made, and the process's RSS figures."""
+
+    def __init__(self) -> None:
+        self.cpu0 = cpu_seconds()
+        self.wall0 = time.monotonic()
+        self.rss0 = current_rss_mb()
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "cpu_s": round(cpu_seconds() - self.cpu0, 3),
+            "wall_s": round(time.monotonic() - self.wall0, 3),
+            "rss_start_mb": round(self.rss0, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+
+
+# -- polling ---------------------------------------------------------------------------------
+
+
+async def sdk_poll(base_url: str, key: str, jobs: int, concurrency: int) -> dict[str, Any]:
+    known: dict[str, float] = {}
+    meter = Meter()
+    async with am.AsyncApimart(key, base_url=base_url) as client:
+        requests = (am.VideoRequest(MODEL, f"{PROMPT} {i}") for i in range(jobs))
+        async with client.batch(requests, concurrency=concurrency) as results:
+            async for outcome in results:
+                if not outcome.ok:
+                    raise SystemExit(f"job {outcome.index} failed: {outcome.error}")
+                known[outcome.task_id or ""] = time.time()
+    return {"known": known, **meter.figures()}
+
+
+async def fixed_poll(
+    base_url: str, key: str, jobs: int, concurrency: int, interval: float
+) -> dict[str, Any]:
+    """What other SDKs and hand-written clients do: one loop per job, a GET every
+    ``interval`` seconds until the task ends."""
+    known: dict[str, float] = {}
+    meter = Meter()
+    sem = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=100)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(base_url, headers=headers, connector=connector) as http:
+
+        async def one(i: int) -> None:
+            async with sem:
+                body = {"model": MODEL, "prompt": f"{PROMPT} {i}"}
+                async with http.post("/v1/videos/generations", json=body) as r:
+                    task_id = (await r.json())["data"][0]["task_id"]
+            while True:
+                await asyncio.sleep(interval)
+                async with http.get(f"/v1/tasks/{task_id}") as r:
+                    status = (await r.json())["data"]["status"]
+                if status in ("completed", "failed", "cancelled"):
+                    known[task_id] = time.time()
+                    return
+
+        await asyncio.gather(*(one(i) for i in range(jobs)))
+    return {"known": known, **meter.figures()}
+
+
+# -- overhead --------------------------------------------------------------------------------
+
+
+async def sdk_overhead(base_url: str, key: str, jobs: int, concurrency: int) -> dict[str, Any]:
+    meter = Meter()
+    ok = 0
+    policy = am.PollPolicy(first_check=0.5)  # near-instant jobs: look soon after submitting
+    async with am.AsyncApimart(key, base_url=base_url, poll=policy) as client:
+        requests = (am.VideoRequest(MODEL, f"{PROMPT} {i}") for i in range(jobs))
+        async with client.batch(requests, concurrency=concurrency) as results:
+            async for outcome in results:
+                ok += outcome.ok
+    return {"jobs": jobs, "ok": ok, **meter.figures()}
+
+
+async def bare_overhead(base_url: str, key: str, jobs: int, concurrency: int) -> dict[str, Any]:
+    """The floor: exactly one POST and one GET per job, nothing else."""
+    meter = Meter()
+    ok = 0
+    sem = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=100)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(base_url, headers=headers, connector=connector) as http:
+
+        async def one(i: int) -> None:
+            nonlocal ok
+            async with sem:
+                body = {"model": MODEL, "prompt": f"{PROMPT} {i}"}
+                async with http.post("/v1/videos/generations", json=body) as r:
+                    task_id = (await r.json())["data"][0]["task_id"]
+                async with http.get(f"/v1/tasks/{task_id}") as r:
+                    ok += (await r.json())["data"]["status"] == "completed"
+
+        await asyncio.gather(*(one(i) for i in range(jobs)))
+    return {"jobs": jobs, "ok": ok, **meter.figures()}
+
+
+# -- scale -----------------------------------------------------------------------------------
+
+
+async def scale(base_url: str, key: str, tasks: int, rounds: int) -> dict[str, Any]:
+    """Hold ``tasks`` pending tasks (the emulator is in manual mode, so none ends) in one
+    client's poller. Memory: traced Python allocations held per pending task after every task
+    was checked once. CPU: seconds per poll round (one status check of every task)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base_url + "/_emulator/tasks", json={"count": tasks}) as r:
+            ids: list[str] = (await r.json())["task_ids"]
+    # Checks come as fast as the emulator answers, so a round is as short as it can be.
+    policy = am.PollPolicy(first_check=0.05, min_interval=0.05, max_interval=0.05, jitter=0.0)
+    async with am.AsyncApimart(key, base_url=base_url, poll=policy) as client:
+        poller = client._poller  # benchmarks read the poller's counters
+        gc.collect()
+        tracemalloc.start()
+        base, _ = tracemalloc.get_traced_memory()
+        async with client.tasks.watch(ids) as watch:
+            while poller.checks < tasks:
+                await asyncio.sleep(0.01)
+            gc.collect()
+            held, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rss_held = current_rss_mb()
+            # CPU per round, with nothing traced: count checks over whole rounds.
+            checks0, cpu0, wall0 = poller.checks, cpu_seconds(), time.monotonic()
+            while poller.checks < checks0 + rounds * tasks:
+                await asyncio.sleep(0.01)
+            cpu = cpu_seconds() - cpu0
+            wall = time.monotonic() - wall0
+            done_rounds = (poller.checks - checks0) / tasks
+            pending = len(watch.remaining)
+    return {
+        "tasks": tasks,
+        "pending": pending,
+        "bytes_per_task": round((held - base) / tasks),
+        "peak_bytes_per_task_first_round": round((peak - base) / tasks),
+        "rss_mb": round(rss_held, 1),
+        "rounds": round(done_rounds, 2),
+        "cpu_s_per_round": round(cpu / done_rounds, 3),
+        "cpu_us_per_check": round(cpu / (done_rounds * tasks) * 1e6, 2),
+        "wall_s_per_round": round(wall / done_rounds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+# -- downloads -------------------------------------------------------------------------------
+
+
+async def _completed_task(base_url: str, key: str) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base_url + "/_emulator/tasks", json={"count": 1}) as r:
+            task_id: str = (await r.json())["task_ids"][0]
+        headers = {"Authorization": f"Bearer {key}"}
+        for _ in range(500):
+            async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
+                if (await r.json())["data"]["status"] == "completed":
+                    return task_id
+            await asyncio.sleep(0.01)
+    raise SystemExit("the emulator did not complete the download task")
+
+
+async def sdk_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
+    task_id = await _completed_task(base_url, key)
+    tmp = Path(tempfile.mkdtemp(prefix="apimart-bench-"))
+    times, size = [], 0
+    meter = Meter()
+    try:
+        async with am.AsyncApimart(key, base_url=base_url) as client:
+            task = await client.tasks.get(task_id)
+            for _ in range(reps):
+                dest = tmp / "video.mp4"
+                t0 = time.perf_counter()
+                [file] = await client.download(task, dest)
+                times.append(time.perf_counter() - t0)
+                size = file.bytes
+                dest.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _download_figures(size, times, meter)
+
+
+async def bare_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
+    """The floor: ``iter_chunked`` into a file, as a hand-written client does."""
+    task_id = await _completed_task(base_url, key)
+    tmp = Path(tempfile.mkdtemp(prefix="apimart-bench-"))
+    times, size = [], 0
+    meter = Meter()
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
+                url = (await r.json())["data"]["result"]["videos"][0]["url"][0]
+            for _ in range(reps):
+                dest = tmp / "video.mp4"
+                t0 = time.perf_counter()
+                size = 0
+                async with http.get(url) as r:
+                    r.raise_for_status()
+                    with dest.open("wb") as fh:
+                        async for chunk in r.content.iter_chunked(CHUNK):
+                            fh.write(chunk)
+                            size += len(chunk)
+                times.append(time.perf_counter() - t0)
+                dest.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _download_figures(size, times, meter)
+
+
+def _download_figures(size: int, times: list[float], meter: Meter) -> dict[str, Any]:
+    median = statistics.median(times)
+    return {
+        "bytes": size,
+        "reps": len(times),
+        "median_s": round(median, 4),
+        "mb_per_s": round(size / median / 1e6, 1),
+        **meter.figures(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("kind")
+    p.add_argument("base_url")
+    p.add_argument("api_key")
+    p.add_argument("--jobs", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--tasks", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
+    u, k = a.base_url, a.api_key
+    runs = {
+        "sdk-poll": lambda: sdk_poll(u, k, a.jobs, a.concurrency),
+        "fixed-poll": lambda: fixed_poll(u, k, a.jobs, a.concurrency, a.interval),
+        "sdk-overhead": lambda: sdk_overhead(u, k, a.jobs, a.concurrency),
+        "bare-overhead": lambda: bare_overhead(u, k, a.jobs, a.concurrency),
+        "scale": lambda: scale(u, k, a.tasks, a.rounds),
+        "sdk-download": lambda: sdk_download(u, k, a.reps),
+        "bare-download": lambda: bare_download(u, k, a.reps),
+    }
+    result = asyncio.run(runs[a.kind]())
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
