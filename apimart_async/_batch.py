@@ -357,6 +357,8 @@ class Batch:
         self._baseline: dict[str, int] = {}
         # Made in __aenter__, so a Batch that is never entered holds no open stream.
         self._send: MemoryObjectSendStream[Outcome]
+        self._to_submit: MemoryObjectSendStream[_Job]
+        self._submit_queue: MemoryObjectReceiveStream[_Job]
         self._receive: MemoryObjectReceiveStream[Outcome]
 
     # -- context manager -----------------------------------------------------------------------
@@ -383,6 +385,11 @@ class Batch:
         self._send, self._receive = anyio.create_memory_object_stream[Outcome](
             max_buffer_size=math.inf
         )
+        # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
+        # most), cheaper than a task per job; admission keeps one free for every queued job.
+        self._to_submit, self._submit_queue = anyio.create_memory_object_stream[_Job](
+            max_buffer_size=math.inf
+        )
         self._started = time.monotonic()
         self._baseline = self._client.request_counts()
         if self._rps is not None:
@@ -392,6 +399,8 @@ class Batch:
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(self._feed, name="apimart-async batch feeder")
+        for _ in range(self._sched.concurrency):
+            tg.start_soon(self._submitter, name="apimart-async batch submitter")
         self._install_sigint()
         if self.timeout is not None:
             tg.start_soon(self._deadline, self.timeout, name="apimart-async batch deadline")
@@ -416,6 +425,8 @@ class Batch:
                 tg.cancel_scope.cancel()
                 await tg.__aexit__(None, None, None)
         finally:
+            self._to_submit.close()
+            self._submit_queue.close()
             if self._rps is not None:
                 self._client._transport.limiter = self._saved_limiter
             self._send.close()
@@ -644,12 +655,13 @@ class Batch:
                 job = _Job(index, request, key, name, journaled=record is not None)
                 self._sched.started()
                 self._submitting[index] = job
-                tg.start_soon(self._submit, job)
+                self._to_submit.send_nowait(job)
         except Exception as exc:  # noqa: BLE001 - the caller's iterable failed: re-raised to them
             self._feed_error = exc
             self._stop(f"reading the requests failed: {exc!r}")
         finally:
             self._feeding = False
+            self._to_submit.close()  # the submitters end once the queue is empty
             await inputs.aclose()
             self._maybe_close()
 
@@ -743,6 +755,10 @@ class Batch:
                 self._budget.reserve(index, request, est)
             return "ok"
         return "stopped"
+
+    async def _submitter(self) -> None:
+        async for job in self._submit_queue:
+            await self._submit(job)
 
     async def _submit(self, job: _Job) -> None:
         try:
