@@ -481,6 +481,7 @@ class Tasks:
         proves missing or unreadable, per-task GETs for the rest of the session."""
         ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
         found: dict[str, Task] = {}
+        one_by_one: list[str] = []
         for start in range(0, len(ids), BATCH_IDS):
             chunk = ids[start : start + BATCH_IDS]
             if self._client._batch_route is not False:
@@ -488,7 +489,9 @@ class Tasks:
                 if batch is not None:
                     found.update((t.id, t) for t in batch if t.id in chunk)
                     continue
-            found.update(await self._each(chunk))
+            one_by_one.extend(chunk)
+        if one_by_one:
+            found.update(await self._each(one_by_one))
         return [found[t] for t in ids if t in found]
 
     async def _batch(self, chunk: Sequence[str]) -> list[Task] | None:

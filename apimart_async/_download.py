@@ -28,6 +28,7 @@ import anyio.to_thread
 
 from ._errors import APIConnectionError, ApimartError, ClientClosedError
 from ._models import DownloadedFile, Task
+from ._transport import StreamReply
 
 if TYPE_CHECKING:
     from ._client import AsyncApimart
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 CHUNK = 1 << 20
+#: Chunks of CHUNK bytes that may wait for the writer thread (memory per download: ~3 MiB).
+_QUEUED = 2
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -78,7 +81,7 @@ def inside(directory: Path, name: str) -> Path:
 
 
 class _PartFile:
-    """The ``.part`` file and its running sha256 (all file work on a worker thread)."""
+    """The ``.part`` file and its running sha256 (all file work on worker threads)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -89,6 +92,7 @@ class _PartFile:
     def open_sync(self, *, resume: bool) -> None:
         self.hash = hashlib.sha256()
         self.size = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             with self.path.open("rb") as fh:
                 while block := fh.read(CHUNK):
@@ -98,19 +102,36 @@ class _PartFile:
         else:
             self._fh = self.path.open("wb")
 
-    def write_sync(self, data: bytes) -> None:
+    def write_many_sync(self, pieces: list[bytes]) -> None:
         assert self._fh is not None
-        self._fh.write(data)
-        self.hash.update(data)
-        self.size += len(data)
+        self._fh.writelines(pieces)
+        for data in pieces:
+            self.hash.update(data)
+            self.size += len(data)
 
-    def close_sync(self, *, sync: bool) -> None:
+    def close_sync(self) -> None:
+        """Close, keeping what arrived for a resume (an empty part is removed)."""
         fh, self._fh = self._fh, None
         if fh is not None:
-            fh.flush()
-            if sync:
-                os.fsync(fh.fileno())
             fh.close()
+        if self.size == 0:
+            self.path.unlink(missing_ok=True)
+
+    def discard_sync(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+        self.path.unlink(missing_ok=True)
+
+    def finish_sync(self, dest: Path) -> None:
+        """The part is complete: flush it to disk, then rename it into place, so a file under
+        its final name is always whole (also after a power cut)."""
+        fh, self._fh = self._fh, None
+        assert fh is not None
+        with fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(self.path, dest)
 
 
 class Downloader:
@@ -131,35 +152,29 @@ class Downloader:
     async def _fetch(self, url: str, dest: Path, max_bytes: int | None) -> DownloadedFile:
         transport = self._client._transport
         part = _PartFile(dest.with_name(dest.name + ".part"))
-        await anyio.to_thread.run_sync(lambda: dest.parent.mkdir(parents=True, exist_ok=True))
         resume = True
         attempts = transport.max_retries + 1
         for attempt in range(1, attempts + 1):
             await anyio.to_thread.run_sync(functools.partial(part.open_sync, resume=resume))
+            complete: bool | None = False
             try:
                 complete = await self._stream(url, part, max_bytes)
             except APIConnectionError:
                 if attempt == attempts:
                     raise
-                resume = True
-                continue
             except DownloadTooLargeError:
-                await anyio.to_thread.run_sync(lambda: part.close_sync(sync=False))
-                await anyio.to_thread.run_sync(lambda: part.path.unlink(missing_ok=True))
+                await anyio.to_thread.run_sync(part.discard_sync)
                 raise
             finally:
-                await anyio.to_thread.run_sync(lambda: part.close_sync(sync=False))
-                if part.size == 0:  # nothing worth resuming: leave no empty .part behind
-                    await anyio.to_thread.run_sync(lambda: part.path.unlink(missing_ok=True))
-            if complete is None:  # the server ignored the range or the part was bad: restart
-                resume = False
-                continue
+                if not complete:  # keep what arrived for a resume; a complete part is kept open
+                    await anyio.to_thread.run_sync(part.close_sync)
             if complete:
                 digest = part.hash.hexdigest()
                 size = part.size
-                await anyio.to_thread.run_sync(lambda: _finalise(part.path, dest))
+                await anyio.to_thread.run_sync(part.finish_sync, dest)
                 return DownloadedFile(path=str(dest), bytes=size, sha256=digest, url=url)
-            resume = True  # cut short: resume from what we have
+            # None: the server ignored the range or the part was bad: restart; else resume
+            resume = complete is not None
         raise DownloadError(
             f"download of {dest.name} stayed incomplete after {attempts} attempts", url=url
         )
@@ -184,21 +199,54 @@ class Downloader:
                 raise DownloadTooLargeError(
                     f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
                 )
-            buffer = bytearray()
-            async for chunk in resp.chunks(CHUNK):
-                buffer += chunk
-                if max_bytes is not None and part.size + len(buffer) > max_bytes:
-                    raise DownloadTooLargeError(f"file exceeds max_bytes={max_bytes}", url=url)
-                if len(buffer) >= CHUNK:
-                    data, buffer = bytes(buffer), bytearray()
-                    await anyio.to_thread.run_sync(part.write_sync, data)
-            if buffer:
-                await anyio.to_thread.run_sync(part.write_sync, bytes(buffer))
+            await self._copy(resp, part, url, max_bytes)
             if total is None:
                 return True
             if part.size > total:
                 return None
             return part.size == total
+
+    async def _copy(
+        self, resp: StreamReply, part: _PartFile, url: str, max_bytes: int | None
+    ) -> None:
+        """Body to the part file. A writer task hashes and writes about 1 MiB at a time on a
+        worker thread while the next MiB arrives; at most ``_QUEUED`` MiB wait in memory, so
+        memory stays flat whatever the file size."""
+        send, receive = anyio.create_memory_object_stream[list[bytes]](_QUEUED)
+        failed: list[OSError] = []
+
+        async def writer() -> None:
+            async with receive:
+                try:
+                    async for pieces in receive:
+                        await anyio.to_thread.run_sync(part.write_many_sync, pieces)
+                except OSError as exc:  # disk full, say: the reader stops at its next send
+                    failed.append(exc)
+
+        received = part.size
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            async with send:
+                pieces: list[bytes] = []
+                size = 0
+                try:
+                    async for chunk in resp.chunks(CHUNK):
+                        received += len(chunk)
+                        if max_bytes is not None and received > max_bytes:
+                            raise DownloadTooLargeError(
+                                f"file exceeds max_bytes={max_bytes}", url=url
+                            )
+                        pieces.append(chunk)
+                        size += len(chunk)
+                        if size >= CHUNK:
+                            await send.send(pieces)
+                            pieces, size = [], 0
+                    if pieces:
+                        await send.send(pieces)
+                except anyio.BrokenResourceError:
+                    pass  # the writer failed; raised below
+        if failed:
+            raise failed[0]
 
     async def task_files(
         self,
@@ -280,9 +328,3 @@ def _total_size(status: int, headers: Any, offset: int) -> int | None:
     if length is not None and length.isdigit():
         return int(length) + (offset if status == 206 else 0)
     return None
-
-
-def _finalise(part: Path, dest: Path) -> None:
-    with part.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(part, dest)

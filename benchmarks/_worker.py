@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hashlib
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -158,9 +160,11 @@ async def scale(base_url: str, key: str, tasks: int, rounds: int) -> dict[str, A
     """Hold ``tasks`` pending tasks (the emulator is in manual mode, so none ends) in one
     client's poller. Memory: traced Python allocations held per pending task after every task
     was checked once. CPU: seconds per poll round (one status check of every task)."""
-    async with aiohttp.ClientSession() as http:
-        async with http.post(base_url + "/_emulator/tasks", json={"count": tasks}) as r:
-            ids: list[str] = (await r.json())["task_ids"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(base_url + "/_emulator/tasks", json={"count": tasks}) as r,
+    ):
+        ids: list[str] = (await r.json())["task_ids"]
     # Checks come as fast as the emulator answers, so a round is as short as it can be.
     policy = am.PollPolicy(first_check=0.05, min_interval=0.05, max_interval=0.05, jitter=0.0)
     async with am.AsyncApimart(key, base_url=base_url, poll=policy) as client:
@@ -169,7 +173,7 @@ async def scale(base_url: str, key: str, tasks: int, rounds: int) -> dict[str, A
         tracemalloc.start()
         base, _ = tracemalloc.get_traced_memory()
         async with client.tasks.watch(ids) as watch:
-            while poller.checks < tasks:
+            while poller.checks < tasks:  # noqa: ASYNC110 - sampling a counter, not waiting
                 await asyncio.sleep(0.01)
             gc.collect()
             held, peak = tracemalloc.get_traced_memory()
@@ -177,7 +181,7 @@ async def scale(base_url: str, key: str, tasks: int, rounds: int) -> dict[str, A
             rss_held = current_rss_mb()
             # CPU per round, with nothing traced: count checks over whole rounds.
             checks0, cpu0, wall0 = poller.checks, cpu_seconds(), time.monotonic()
-            while poller.checks < checks0 + rounds * tasks:
+            while poller.checks < checks0 + rounds * tasks:  # noqa: ASYNC110 - as above
                 await asyncio.sleep(0.01)
             cpu = cpu_seconds() - cpu0
             wall = time.monotonic() - wall0
@@ -261,6 +265,39 @@ async def bare_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
     return _download_figures(size, times, meter)
 
 
+async def ceilings(reps: int) -> dict[str, Any]:
+    """What the SDK's download guarantees cost on this machine, apart from any network: sha256
+    of every byte (the SDK hashes each file as it arrives) and fsync of a freshly written file
+    (the SDK makes a file durable before it takes its final name). 200 MiB each."""
+    block = os.urandom(CHUNK)
+    hash_times, sync_times = [], []
+    tmp = Path(tempfile.mkdtemp(prefix="apimart-bench-"))
+    try:
+        for _ in range(reps):
+            digest = hashlib.sha256()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                digest.update(block)
+            hash_times.append(time.perf_counter() - t0)
+            with (tmp / "f.bin").open("wb") as fh:
+                for _ in range(200):
+                    fh.write(block)
+                fh.flush()
+                t0 = time.perf_counter()
+                os.fsync(fh.fileno())
+                sync_times.append(time.perf_counter() - t0)
+            (tmp / "f.bin").unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = 200 * CHUNK
+    return {
+        "bytes": size,
+        "reps": reps,
+        "sha256_mb_per_s": round(size / statistics.median(hash_times) / 1e6, 1),
+        "fsync_ms_per_100mb": round(statistics.median(sync_times) / size * 1e8 * 1e3, 1),
+    }
+
+
 def _download_figures(size: int, times: list[float], meter: Meter) -> dict[str, Any]:
     median = statistics.median(times)
     return {
@@ -293,6 +330,7 @@ def main() -> None:
         "scale": lambda: scale(u, k, a.tasks, a.rounds),
         "sdk-download": lambda: sdk_download(u, k, a.reps),
         "bare-download": lambda: bare_download(u, k, a.reps),
+        "ceilings": lambda: ceilings(a.reps),
     }
     result = asyncio.run(runs[a.kind]())
     sys.stdout.write(json.dumps(result) + "\n")

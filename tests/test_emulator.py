@@ -308,7 +308,9 @@ async def test_bulk_created_tasks(manual_emu: Emulator, http: aiohttp.ClientSess
     assert len(set(ids)) == 250 == emu.tasks_created == emu.stats()["unfinished"]
     assert emu.counters.get("submit", 0) == 0
     assert emu.task(ids[0])["status"] == "submitted"
-    async with http.post(url, json={"count": 1, "body": {"model": "sora-2-preview", "prompt": "x", "duration": 7}}) as r:
+    async with http.post(
+        url, json={"count": 1, "body": {"model": "sora-2-preview", "prompt": "x", "duration": 7}}
+    ) as r:
         assert r.status == 400
         assert (await r.json())["error"]["param"] == "duration"
     async with http.post(url, json={"count": -1}) as r:

@@ -1,0 +1,79 @@
+"""The benchmarks never rot: ``benchmarks/run.py --quick`` runs every scenario end to end.
+
+Nothing here times anything: the figures are the script's business. What is checked is that
+each scenario ran, accounted for every job, and wrote its results, table and plot.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(240)
+def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quick"] is True
+    scenarios = results["scenarios"]
+    assert set(scenarios) == {"polling", "overhead", "scale", "downloads"}
+
+    polling = scenarios["polling"]["runs"]
+    jobs = scenarios["polling"]["jobs"]
+    assert {
+        "apimart-async, batch route",
+        "apimart-async, per-task GETs",
+        "fixed 0.5 s loop per job",
+        "fixed 1 s loop per job",
+        "fixed 2 s loop per job",
+        "fixed 3 s loop per job",
+        "lower bound (one check at completion)",
+    } == set(polling)
+    for name, run in polling.items():
+        if not run.get("analytic"):
+            assert run["outcomes"] == run["tasks_created"] == jobs, name
+            assert run["status_requests"] > 0, name
+    # The batch route carries up to 100 ids a request: far fewer requests than jobs.
+    assert polling["apimart-async, batch route"]["status_requests"] < jobs
+
+    overhead = scenarios["overhead"]["runs"]
+    assert overhead["bare aiohttp (1 POST + 1 GET per job)"]["requests_per_job"] == 2.0
+    assert all(run["cpu_s"] > 0 and run["peak_rss_mb"] > 0 for run in overhead.values())
+
+    scale = scenarios["scale"]
+    assert scale["pending"] == scale["tasks"]
+    assert scale["rounds"] >= 2
+    assert scale["bytes_per_task"] > 0
+
+    downloads = scenarios["downloads"]["runs"]
+    assert len(downloads) == 4
+    assert all(run["bytes"] == run["size_mb"] * 1_000_000 for run in downloads.values())
+
+    targets = results["targets"]
+    assert len(targets) >= 12
+    assert all(isinstance(t["met"], bool) and t["measured"] for t in targets)
+    text = (tmp_path / "RESULTS.md").read_text()
+    for heading in (
+        "## Targets",
+        "## 1. Polling",
+        "## 2. Client overhead",
+        "## 3. Scale",
+        "## 4. Downloads",
+    ):
+        assert heading in text
+    assert results["plot"] == "polling.png"
+    assert (tmp_path / "polling.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "(polling.png)" in text
