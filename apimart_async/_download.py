@@ -22,10 +22,12 @@ import time
 import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 
+from . import _retry
 from ._errors import APIConnectionError, ApimartError, ClientClosedError
 from ._models import DownloadedFile, Task
 from ._transport import StreamReply
@@ -159,9 +161,11 @@ class Downloader:
             complete: bool | None = False
             try:
                 complete = await self._stream(url, part, max_bytes)
-            except APIConnectionError:
+            except APIConnectionError:  # also a 408/429/5xx from the file server
                 if attempt == attempts:
                     raise
+                if not _retry.is_testing():
+                    await anyio.sleep(_retry.backoff_delay(attempt))
             except DownloadTooLargeError:
                 await anyio.to_thread.run_sync(part.discard_sync)
                 raise
@@ -188,6 +192,10 @@ class Downloader:
                 raise _Gone(resp.status)
             if resp.status == 416 and offset:
                 return None  # the part is not a prefix of this file
+            if resp.status in _retry.RETRY_STATUSES or (resp.status >= 500 and resp.status != 501):
+                raise APIConnectionError(
+                    f"download answered HTTP {resp.status}", method="GET", path=urlsplit(url).path
+                )
             if resp.status not in (200, 206):
                 raise DownloadError(
                     f"download answered HTTP {resp.status}", url=url, status=resp.status

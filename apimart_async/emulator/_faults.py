@@ -108,9 +108,8 @@ class FaultPlan:
     def __init__(self, seed: int = 0) -> None:
         self._lock = threading.Lock()
         self._scripted: dict[str, deque[Fault]] = {}
-        self._rate = 0.0
-        self._rate_endpoints: frozenset[str] = frozenset()
-        self._random: tuple[Fault, ...] = DEFAULT_RANDOM
+        #: Random faults by endpoint: (rate, what to draw from).
+        self._rates: dict[str, tuple[float, tuple[Fault, ...]]] = {}
         self._rng = random.Random(seed)
         #: Faults served, by (endpoint, kind).
         self.served: dict[tuple[str, str], int] = {}
@@ -129,21 +128,22 @@ class FaultPlan:
         faults: Iterable[Fault] | None = None,
     ) -> None:
         """A fraction ``rate`` of requests to ``endpoints`` get a fault drawn from ``faults``
-        (by default every kind: 5xx, 429, drops, garbage, cut replies, lost submit replies)."""
+        (by default every kind: 5xx, 429, drops, garbage, cut replies, lost submit replies).
+        Calls for different endpoints add up; a later call for an endpoint replaces its rate."""
         if not 0.0 <= rate <= 1.0:
             raise ValueError("rate must be between 0 and 1")
         eps = frozenset(endpoints)
         for ep in eps:
             _check_endpoint(ep)
+        drawn = tuple(faults) if faults is not None else DEFAULT_RANDOM
         with self._lock:
-            self._rate = rate
-            self._rate_endpoints = eps
-            self._random = tuple(faults) if faults is not None else DEFAULT_RANDOM
+            for ep in eps:
+                self._rates[ep] = (rate, drawn)
 
     def clear(self) -> None:
         with self._lock:
             self._scripted.clear()
-            self._rate = 0.0
+            self._rates.clear()
 
     def pending(self) -> int:
         """Scripted faults not yet served."""
@@ -159,10 +159,9 @@ class FaultPlan:
                 queue = self._scripted.get(key)
                 if queue:
                     return self._serve(endpoint, queue.popleft())
-            if self._rate and endpoint in self._rate_endpoints and self._rng.random() < self._rate:
-                choices = [
-                    f for f in self._random if f.kind != "lost_reply" or endpoint == "submit"
-                ]
+            rate, drawn = self._rates.get(endpoint, (0.0, ()))
+            if rate and self._rng.random() < rate:
+                choices = [f for f in drawn if f.kind != "lost_reply" or endpoint == "submit"]
                 if choices:
                     return self._serve(endpoint, self._rng.choice(choices))
         return None
