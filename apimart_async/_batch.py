@@ -353,6 +353,8 @@ class Batch:
         self._feed_error: BaseException | None = None
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Download file stems claimed so far (lower-cased), with the job that claimed each.
+        self._file_stems: dict[str, int] = {}
         self._started = 0.0
         self._baseline: dict[str, int] = {}
         # Made in __aenter__, so a Batch that is never entered holds no open stream.
@@ -624,6 +626,11 @@ class Batch:
                     self._emit(Outcome(index, None, error=unpacked))
                     continue
                 name, request = unpacked
+                clash = self._claim_file_name(index, name)
+                if clash is not None:
+                    self._errored += 1
+                    self._emit(Outcome(index, request, error=clash, name=name))
+                    continue
                 record = self._records.pop(index, None)
                 if record is not None:
                     fingerprint = request.fingerprint()
@@ -664,6 +671,19 @@ class Batch:
             self._to_submit.close()  # the submitters end once the queue is empty
             await inputs.aclose()
             self._maybe_close()
+
+    def _claim_file_name(self, index: int, name: str | None) -> ValidationError | None:
+        """With downloads, every job needs a file name of its own: two names that sanitise to
+        the same file (``a/b`` and ``a_b``, or a name used twice) would overwrite each other's
+        video. The later job is refused, the same way on every run of the same input."""
+        if self.download_dir is None:
+            return None
+        stem = _file_stem(index, name).lower()  # case-insensitive file systems too
+        first = self._file_stems.setdefault(stem, index)
+        if first == index:
+            return None
+        rule = f"gives the same file name as job {first} ({stem}.mp4); names must differ"
+        return ValidationError([FieldError(f"requests[{index}].name", rule, name)])
 
     def _resume(self, record: JobRecord, request: VideoRequest, name: str | None) -> bool:
         """Pick up a job recorded in an earlier run. False: it still has to be (re)submitted
@@ -880,10 +900,10 @@ class Batch:
         if isinstance(result, Task) and result.ok and self.download_dir is not None:
             if journal is not None:
                 await journal.set_downloading(job.index, task_to_wire(result), result.cost)
-            stem = job.name if job.name else f"{job.index:06d}"
+            stem = _file_stem(job.index, job.name)
             try:
                 files = await self._client._downloader.task_files(
-                    result, self.download_dir, safe_name(stem), max_bytes=self.max_bytes
+                    result, self.download_dir, stem, max_bytes=self.max_bytes
                 )
             except (DownloadError, ApimartError) as exc:
                 download_error = exc
@@ -1014,6 +1034,11 @@ class Batch:
         if not self._feeding and not self._submitting and not self._jobs and not self._finishing:
             self._finished = True
             self._send.close()
+
+
+def _file_stem(index: int, name: str | None) -> str:
+    """The file name (without ``.mp4``) of a job's video: its sanitised name, else its index."""
+    return safe_name(name) if name else f"{index:06d}"
 
 
 def _files_complete(files: tuple[DownloadedFile, ...]) -> bool:

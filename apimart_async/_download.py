@@ -232,6 +232,7 @@ class Downloader:
                     failed.append(exc)
 
         received = part.size
+        error: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)
             async with send:
@@ -253,6 +254,11 @@ class Downloader:
                         await send.send(pieces)
                 except anyio.BrokenResourceError:
                     pass  # the writer failed; raised below
+                except Exception as exc:  # noqa: BLE001 - raised below, not as a group
+                    error = exc
+            # the queue is closed here: the writer stores what was queued, then ends
+        if error is not None:
+            raise error
         if failed:
             raise failed[0]
 

@@ -363,10 +363,10 @@ def _check_spec(
                     FieldError(f"image_urls[{i}]", f"{model} takes {allowed} images", url)
                 )
 
-    if duration is not None:
-        if spec.durations is None:
-            errors.append(FieldError("duration", f"{model} does not take a duration", duration))
-        elif isinstance(spec.durations, IntRange):
+    if req.duration is not None and spec.durations is None:  # whatever the value
+        errors.append(FieldError("duration", f"{model} does not take a duration", req.duration))
+    elif duration is not None and spec.durations is not None:
+        if isinstance(spec.durations, IntRange):
             if duration not in spec.durations:
                 rule = f"{model} takes {spec.durations.describe()} seconds"
                 errors.append(FieldError("duration", rule, duration))

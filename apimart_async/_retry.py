@@ -8,7 +8,8 @@
 - 400, 401, 402, 403, 404 and the other 409s are never retried.
 - Waits: the server's ``Retry-After`` when it sent one (up to ``MAX_RETRY_AFTER``; a longer
   one is not waited for), else exponential backoff with full jitter, capped.
-- ``set_testing(True)`` makes every wait zero, so retry paths run instantly in tests.
+- ``set_testing(True)`` makes every wait zero, so retry paths run instantly in tests (but for
+  a 50 ms pause while the service reports the same submit still in progress).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ RETRY_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 BACKOFF_BASE: Final = 0.5
 BACKOFF_CAP: Final = 8.0
 MAX_RETRY_AFTER: Final = 120.0
+#: The pause between retries of a submit the service reports in progress, under set_testing.
+IN_PROGRESS_TEST_PAUSE: Final = 0.05
 
 _testing = False
 
@@ -108,12 +111,18 @@ def wait_gen() -> Generator[float, BaseException | None, None]:
     while True:
         attempt += 1
         if _testing:
-            delay = 0.0
+            # Zero, except while the service says the same submit is still being processed:
+            # a short real pause lets that first request finish (else retries burn at once).
+            delay = IN_PROGRESS_TEST_PAUSE if _in_progress(exc) else 0.0
         elif isinstance(exc, APIStatusError) and exc.retry_after is not None:
             delay = min(exc.retry_after, MAX_RETRY_AFTER)
         else:
             delay = backoff_delay(attempt)
         exc = yield delay
+
+
+def _in_progress(exc: BaseException | None) -> bool:
+    return isinstance(exc, ConflictError) and exc.type == "idempotency_in_progress"
 
 
 def describe(exc: ApimartError) -> str:

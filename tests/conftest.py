@@ -56,3 +56,36 @@ async def manual_client(manual_emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
         manual_emu.api_key, base_url=manual_emu.base_url, poll=FAST_POLL
     ) as c:
         yield c
+
+
+# -- the reliability suite: short by default, full size with --long ---------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run tests/reliability at full size (3,000-job chaos soak, 20 SIGKILLs, "
+        "10,000 examples per fuzz test)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from hypothesis import HealthCheck, Phase, settings
+
+    common = {
+        "deadline": None,
+        "suppress_health_check": [HealthCheck.too_slow],
+        # no "explain" phase: its line tracing makes each example many times slower
+        "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    }
+    settings.register_profile("apimart-short", max_examples=150, **common)
+    settings.register_profile("apimart-long", max_examples=10_000, **common)
+    settings.load_profile("apimart-long" if config.getoption("--long") else "apimart-short")
+
+
+@pytest.fixture
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True under ``--long``: reliability tests run at full size."""
+    return bool(request.config.getoption("--long"))

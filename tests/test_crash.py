@@ -32,6 +32,7 @@ async def run_worker(
     sig: signal.Signals = signal.SIGKILL,
     times: int = 1,
     grace: float | None = None,
+    jobs: int = JOBS,
 ) -> int | None:
     """Start the worker; send it ``sig`` (``times`` times) once ``kill_when()`` holds.
     Returns its exit code, or None if SIGKILL ended it."""
@@ -42,7 +43,7 @@ async def run_worker(
         emu.api_key,
         str(journal),
         str(out),
-        str(JOBS),
+        str(jobs),
     ]
     if grace is not None:
         cmd.append(str(grace))
@@ -115,16 +116,16 @@ async def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
         check_finished(emu, out)
 
 
-def check_finished(emu: Emulator, out: Path) -> None:
+def check_finished(emu: Emulator, out: Path, jobs: int = JOBS) -> None:
     """Nothing billed twice, nothing lost, every file whole and verified, manifest complete."""
-    assert emu.tasks_created == JOBS
+    assert emu.tasks_created == jobs
     assert set(emu.tasks_per_key.values()) == {1}
     prompts = Counter(t.body["prompt"] for t in emu.state.tasks.values())
-    assert set(prompts.values()) == {1} and len(prompts) == JOBS
+    assert set(prompts.values()) == {1} and len(prompts) == jobs
     task_of = {t.body["prompt"]: t.id for t in emu.state.tasks.values()}
     assert sorted(p.name for p in out.glob("*.part")) == []
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert sorted(line["index"] for line in lines) == list(range(JOBS))  # each exactly once
+    assert sorted(line["index"] for line in lines) == list(range(jobs))  # each exactly once
     size = emu.state.video_bytes
     for line in lines:
         i = line["index"]
@@ -134,7 +135,7 @@ def check_finished(emu: Emulator, out: Path) -> None:
         assert Path(f["path"]).name == f"job{i}.mp4"
         assert f["sha256"] == emu.file_sha256(line["task_id"])
         assert Path(f["path"]).stat().st_size == size == f["bytes"]
-    assert len(list(out.glob("*.mp4"))) == JOBS
+    assert len(list(out.glob("*.mp4"))) == jobs
 
 
 KILL_POINTS = {
