@@ -227,6 +227,7 @@ STRICTER = (
     "does not take",
     "silently",
     "cannot extend",
+    "takes no ",
     "must be a non-empty string",
     "must be a string",
     "must be an integer",
