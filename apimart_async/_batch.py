@@ -912,7 +912,7 @@ class Batch:
             task = outcome.task
             await journal.finish(
                 job.index,
-                status=status if outcome.error is None or task is not None else "error",
+                status=status,
                 cost=task.cost if task is not None else None,
                 task=task_to_wire(task) if task is not None else None,
                 files=files,

@@ -192,7 +192,7 @@ class Downloader:
                 raise _Gone(resp.status)
             if resp.status == 416 and offset:
                 return None  # the part is not a prefix of this file
-            if resp.status in _retry.RETRY_STATUSES or (resp.status >= 500 and resp.status != 501):
+            if _retry.is_retryable_status(resp.status):
                 raise APIConnectionError(
                     f"download answered HTTP {resp.status}", method="GET", path=urlsplit(url).path
                 )

@@ -34,6 +34,7 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "RETRY_STATUSES",
     "is_retryable",
+    "is_retryable_status",
     "is_testing",
     "parse_retry_after",
     "set_testing",
@@ -89,14 +90,19 @@ def is_retryable(exc: BaseException, *, submit: bool = False) -> bool:
     if isinstance(exc, ResponseValidationError):
         return not exc.decodable
     if isinstance(exc, ConflictError):
-        return submit and exc.type == "idempotency_in_progress"
+        return submit and _in_progress(exc)
     if isinstance(exc, APIStatusError):
         if exc.type == "build_request_failed":
             return False
         if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER:
             return False
-        return exc.status in RETRY_STATUSES or (exc.status >= 500 and exc.status != 501)
+        return is_retryable_status(exc.status)
     return False
+
+
+def is_retryable_status(status: int) -> bool:
+    """An HTTP status worth another attempt: 408, 429 and 5xx but 501 (not implemented)."""
+    return status in RETRY_STATUSES or (status >= 500 and status != 501)
 
 
 def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -219,37 +218,33 @@ async def _completed_task(base_url: str, key: str) -> str:
 
 async def sdk_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
     task_id = await _completed_task(base_url, key)
-    tmp = Path(tempfile.mkdtemp(prefix="apimart-bench-"))
     times, size = [], 0
     meter = Meter()
-    try:
+    with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
+        dest = Path(tmp) / "video.mp4"
         async with am.AsyncApimart(key, base_url=base_url) as client:
             task = await client.tasks.get(task_id)
             for _ in range(reps):
-                dest = tmp / "video.mp4"
                 t0 = time.perf_counter()
                 [file] = await client.download(task, dest)
                 times.append(time.perf_counter() - t0)
                 size = file.bytes
                 dest.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _download_figures(size, times, meter)
 
 
 async def bare_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
     """The floor: ``iter_chunked`` into a file, as a hand-written client does."""
     task_id = await _completed_task(base_url, key)
-    tmp = Path(tempfile.mkdtemp(prefix="apimart-bench-"))
     times, size = [], 0
     meter = Meter()
-    try:
-        headers = {"Authorization": f"Bearer {key}"}
+    headers = {"Authorization": f"Bearer {key}"}
+    with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
+        dest = Path(tmp) / "video.mp4"
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
                 url = (await r.json())["data"]["result"]["videos"][0]["url"][0]
             for _ in range(reps):
-                dest = tmp / "video.mp4"
                 t0 = time.perf_counter()
                 size = 0
                 async with http.get(url) as r:
@@ -260,8 +255,6 @@ async def bare_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
                             size += len(chunk)
                 times.append(time.perf_counter() - t0)
                 dest.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return _download_figures(size, times, meter)
 
 
@@ -271,24 +264,22 @@ async def ceilings(reps: int) -> dict[str, Any]:
     (the SDK makes a file durable before it takes its final name). 200 MiB each."""
     block = os.urandom(CHUNK)
     hash_times, sync_times = [], []
-    tmp = Path(tempfile.mkdtemp(prefix="apimart-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
+        path = Path(tmp) / "f.bin"
         for _ in range(reps):
             digest = hashlib.sha256()
             t0 = time.perf_counter()
             for _ in range(200):
                 digest.update(block)
             hash_times.append(time.perf_counter() - t0)
-            with (tmp / "f.bin").open("wb") as fh:
+            with path.open("wb") as fh:
                 for _ in range(200):
                     fh.write(block)
                 fh.flush()
                 t0 = time.perf_counter()
                 os.fsync(fh.fileno())
                 sync_times.append(time.perf_counter() - t0)
-            (tmp / "f.bin").unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            path.unlink()
     size = 200 * CHUNK
     return {
         "bytes": size,

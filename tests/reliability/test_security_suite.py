@@ -26,19 +26,12 @@ import apimart_async as am
 from apimart_async._download import inside, safe_name
 from apimart_async.emulator import Emulator, Fault
 from tests.conftest import FAST_POLL
+from tests.test_security import _all_text
 
 pytestmark = [pytest.mark.anyio, pytest.mark.reliability]
 
 KEY = "sk-live-ReliabilitySuiteKey0123456789abcdef"
 PREFIX = KEY[:12]
-
-
-def _exc_text(exc: BaseException) -> str:
-    parts = [str(exc), repr(exc), *map(repr, exc.args), repr(vars(exc))]
-    for linked in (exc.__cause__, exc.__context__):
-        if linked is not None and linked is not exc:
-            parts.append(_exc_text(linked))
-    return "\n".join(parts)
 
 
 def _assert_clean(where: str, data: str | bytes) -> None:
@@ -76,7 +69,7 @@ async def test_the_key_is_nowhere_after_a_faulty_durable_batch(
     for text in texts:
         _assert_clean("a repr", text)
     for exc in errors:
-        _assert_clean(f"an exception ({type(exc).__name__})", _exc_text(exc))
+        _assert_clean(f"an exception ({type(exc).__name__})", _all_text(exc))
     records = [r.getMessage() + repr(r.args) + repr(vars(r)) for r in caplog.records]
     assert any("retrying" in r for r in records)  # there was plenty to scan
     for record in records:
@@ -152,7 +145,7 @@ async def test_redirects_never_carry_the_key_elsewhere(tmp_path: Path) -> None:
                 with pytest.raises(am.APIStatusError, match="redirects are not followed") as info:
                     await call
                 assert info.value.status == 307
-                _assert_clean("a redirect error", _exc_text(info.value))
+                _assert_clean("a redirect error", _all_text(info.value))
             assert seen == []  # the API's redirect was never followed
             # a result file may move to a CDN: followed, but without the key
             [file] = await client.download(api_url + "/files/v.mp4", tmp_path / "v.mp4")
@@ -170,7 +163,7 @@ def test_http_only_for_loopback_and_downloads_only_http() -> None:
     for url in ("http://api.apimart.ai", "http://10.0.0.1:8000", "ftp://127.0.0.1/"):
         with pytest.raises(am.ConfigurationError) as info:
             am.AsyncApimart(KEY, base_url=url)
-        _assert_clean("a configuration error", _exc_text(info.value))
+        _assert_clean("a configuration error", _all_text(info.value))
     am.AsyncApimart(KEY, base_url="http://127.0.0.1:9")  # loopback http is fine
     am.AsyncApimart(KEY, base_url="https://api.apimart.ai")
 
