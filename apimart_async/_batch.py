@@ -47,7 +47,7 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
 )
-from ._journal import JobRecord, Journal, JournalMismatchError, SqliteJournal
+from ._journal import JobRecord, Journal, JournalError, JournalMismatchError, SqliteJournal
 from ._models import DownloadedFile, Task, VideoRequest
 from ._schedule import PollPolicy
 from ._scheduler import Budget, RateLimiter, SubmitScheduler
@@ -194,11 +194,17 @@ class _Manifest:
 
     async def open(self, lines: list[dict[str, Any]]) -> None:
         def run() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("w", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fh = self.path.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise JournalError(
+                    f"cannot write the manifest {self.path}: {exc.strerror or exc}"
+                ) from None
+            self._fh = fh
             for line in lines:
-                self._fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-            self._fh.flush()
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+            fh.flush()
 
         await anyio.to_thread.run_sync(run, limiter=self._limiter)
 
@@ -371,8 +377,25 @@ class Batch:
         self._client._transport.session()  # raises ClientClosedError if the client is not open
         if self._check_balance:
             await self._require_balance()
+        opened = False
+        try:
+            if self._journal is not None:
+                self._records = await self._journal.open()
+                opened = True
+            await self._enter()
+        except BaseException:
+            # __aexit__ will not run: close what this batch opened (the journal's connection)
+            with anyio.CancelScope(shield=True):
+                if self._manifest is not None:
+                    await self._manifest.close()
+                if opened:
+                    assert self._journal is not None
+                    await self._journal.close()
+            raise
+        return self
+
+    async def _enter(self) -> None:
         if self._journal is not None:
-            self._records = await self._journal.open()
             for rec in self._records.values():
                 if rec.cost and rec.state in ("done", "downloading"):
                     self._cost += rec.cost
@@ -406,7 +429,6 @@ class Batch:
         self._install_sigint()
         if self.timeout is not None:
             tg.start_soon(self._deadline, self.timeout, name="apimart-async batch deadline")
-        return self
 
     async def __aexit__(
         self,
@@ -609,8 +631,6 @@ class Batch:
         return name, item
 
     async def _feed(self) -> None:
-        tg = self._tg
-        assert tg is not None
         inputs = self._inputs()
         try:
             while not self._stopped:

@@ -148,9 +148,23 @@ class SqliteJournal:
     # -- sync parts, run on the worker thread --------------------------------------------------
 
     def _open_sync(self) -> dict[int, JobRecord]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._conn is not None:
+            raise JournalError(f"{self.path} is already open in this journal")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
+        try:
+            records = self._read_sync(conn)
+        except BaseException:
+            conn.close()  # every path that does not keep the connection closes it
+            raise
+        self._conn = conn
+        return records
+
+    def _read_sync(self, conn: sqlite3.Connection) -> dict[int, JobRecord]:
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
@@ -158,6 +172,8 @@ class SqliteJournal:
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif not str(row[0]).isdigit():
+                raise JournalError(f"cannot use {self.path} as a journal: schema {row[0]!r}")
             elif int(row[0]) > SCHEMA_VERSION:
                 raise JournalError(
                     f"{self.path} was written by a newer apimart-async (schema {row[0]})"
@@ -168,10 +184,15 @@ class SqliteJournal:
             ).fetchall()
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
-        self._conn = conn
         out: dict[int, JobRecord] = {}
         for r in rows:
-            files = tuple(DownloadedFile(**f) for f in json.loads(r[11])) if r[11] else ()
+            try:
+                files = tuple(DownloadedFile(**f) for f in json.loads(r[11])) if r[11] else ()
+                task = json.loads(r[10]) if r[10] else None
+            except (ValueError, TypeError) as exc:
+                raise JournalError(
+                    f"cannot use {self.path} as a journal: job {r[0]} is unreadable ({exc})"
+                ) from None
             out[r[0]] = JobRecord(
                 index=r[0],
                 fingerprint=r[1],
@@ -183,7 +204,7 @@ class SqliteJournal:
                 cost=r[7],
                 error=r[8],
                 error_type=r[9],
-                task=json.loads(r[10]) if r[10] else None,
+                task=task,
                 files=files,
             )
         return out
@@ -196,8 +217,12 @@ class SqliteJournal:
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.close()
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # the WAL is folded in on the next open; the data is already committed
+            finally:
+                conn.close()
 
     # -- the protocol --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import pytest
 import apimart_async as am
 from apimart_async.emulator import Emulator, Fault
 
+from .batch_events import BatchEvents
 from .conftest import FAST_POLL
 
 pytestmark = pytest.mark.anyio
@@ -18,6 +19,13 @@ pytestmark = pytest.mark.anyio
 
 def sora(i: int) -> am.VideoRequest:
     return am.VideoRequest("sora-2-preview", f"a cat, take {i}", duration=4)
+
+
+def task_ids_by_prompt(emu: Emulator, n: int) -> list[str]:
+    """The emulator's task for each of ``sora(0) ... sora(n - 1)``: concurrent submits reach
+    the emulator in any order, so its creation order says nothing about the job's index."""
+    by_prompt = {emu.state.tasks[t].body["prompt"]: t for t in emu.task_ids()}
+    return [by_prompt[sora(i).prompt] for i in range(n)]
 
 
 async def drain(results: am.Batch) -> list[am.Outcome]:
@@ -94,9 +102,15 @@ async def test_max_pending_holds_back_submits_and_reads_lazily(
             pulled += 1
             yield sora(i)
 
-    async with manual_client.batch(jobs(), concurrency=4, max_pending=5) as results:
-        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 5)
+    # Wait for the client's own state, not the emulator's: a task exists at the emulator a
+    # moment before the client has read the submit's reply and counts it pending.
+    events = BatchEvents()
+    async with manual_client.batch(
+        jobs(), concurrency=4, max_pending=5, on_event=events
+    ) as results:
+        await events.wait_until(lambda: events.count("submitted") == 5)
         assert results.stats().pending == 5
+        assert results.stats().submitted == 5
         assert pulled == 6  # five submitted, one waiting in hand; the rest never read
         first = manual_emu.task_ids()[0]
         manual_emu.complete(first)
@@ -200,21 +214,21 @@ async def test_vanished_task_ends_with_a_clear_error(
 async def test_outcomes_events_and_stats(
     manual_emu: Emulator, manual_client: am.AsyncApimart
 ) -> None:
-    events: list[tuple[str, int]] = []
+    seen = BatchEvents()
     jobs = [sora(0), sora(1), am.VideoRequest("no-such-model", "x"), "not a request"]
-    async with manual_client.batch(
-        jobs, on_event=lambda e: events.append((e.kind, e.index))
-    ) as results:  # type: ignore[arg-type]
+    async with manual_client.batch(jobs, on_event=seen) as results:  # type: ignore[arg-type]
         await manual_emu.wait_until(lambda: manual_emu.tasks_created == 2)
-        t0, t1 = manual_emu.task_ids()
+        t0, t1 = task_ids_by_prompt(manual_emu, 2)  # submits may arrive in any order
         manual_emu.set_running(t0, 50)
-        n = manual_emu.counters.get("batch", 0)
-        await manual_emu.wait_until(lambda: manual_emu.counters.get("batch", 0) > n)
+        # the client has seen it running (a poll that merely reached the emulator may still
+        # be reading the state when the task completes)
+        await seen.wait_until(lambda: seen.count("progress") > 0)
         manual_emu.complete(t0)
         manual_emu.fail(t1, message="nope")
         outcomes = {o.index: o async for o in results}
         stats = results.stats()
         text = repr(results)
+    events = [(e.kind, e.index) for e in seen.seen]
     assert outcomes[0].ok and outcomes[0].task is not None and outcomes[0].task.cost == 0.4
     assert isinstance(outcomes[1].error, am.TaskFailedError) and outcomes[1].task_id == t1
     assert isinstance(outcomes[2].error, am.BadRequestError) and outcomes[2].task_id is None
@@ -276,8 +290,11 @@ async def test_input_errors_reach_the_caller_after_the_outcomes(
 async def test_break_leaves_paid_tasks_listed_and_nothing_running(
     manual_emu: Emulator, manual_client: am.AsyncApimart
 ) -> None:
-    async with manual_client.batch([sora(i) for i in range(10)], concurrency=10) as results:
-        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 10)
+    events = BatchEvents()
+    async with manual_client.batch(
+        [sora(i) for i in range(10)], concurrency=10, on_event=events
+    ) as results:
+        await events.wait_until(lambda: events.count("submitted") == 10)  # all ids known
         first = manual_emu.task_ids()[0]
         manual_emu.complete(first)
         async for outcome in results:
@@ -302,10 +319,14 @@ async def test_exception_in_the_block_propagates_and_cleans_up(
 
 
 async def test_cancellation_cleans_up(manual_emu: Emulator, manual_client: am.AsyncApimart) -> None:
-    batch = manual_client.batch([sora(i) for i in range(3)])
-    with anyio.move_on_after(0.2) as scope:
-        async with batch as results:
-            await drain(results)  # never ends: manual tasks
+    events = BatchEvents()
+    batch = manual_client.batch([sora(i) for i in range(3)], on_event=events)
+    with anyio.CancelScope() as scope:
+        async with batch as results, anyio.create_task_group() as tg:
+            tg.start_soon(drain, results)  # never ends: manual tasks
+            # all three known to the client: cancel now, not after a guessed delay
+            await events.wait_until(lambda: events.count("submitted") == 3)
+            scope.cancel()
     assert scope.cancelled_caught
     assert len(batch.pending_task_ids()) == 3
     assert len(manual_client._poller) == 0

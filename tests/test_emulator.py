@@ -90,6 +90,15 @@ async def test_submit_shapes(emu: Emulator, http: aiohttp.ClientSession) -> None
             "video_urls",
         ),
         ({"model": "nope", "prompt": "x"}, "model"),
+        # reference-image formats, per model, as the seed pages state them: every image of the
+        # array is checked (sora: .jpeg/.jpg/.png/.webp, even though only the first is used)
+        ({**SORA, "image_urls": ["https://e/a.png", "https://e/d.gif"]}, "image_urls"),
+        ({**SORA, "image_urls": ["https://e/a.bmp"]}, "image_urls"),
+        ({"model": "viduq3", "prompt": "x", "image_urls": ["https://e/a.gif"]}, "image_urls"),
+        (
+            {"model": "gemini-omni-flash-preview", "image_urls": ["https://e/a.webp"]},
+            "image_urls",
+        ),
     ],
 )
 async def test_validation_errors_name_the_param(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import sqlite3
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import apimart_async as am
+from apimart_async._journal import SqliteJournal
 from apimart_async.emulator import Emulator, Fault
 
 from .conftest import FAST_POLL
@@ -23,6 +29,13 @@ def jobs(n: int, *, changed: int | None = None) -> list[tuple[str, am.VideoReque
     ]
 
 
+def task_ids_by_index(emu: Emulator, n: int) -> list[str]:
+    """The emulator's task of each of ``jobs(n)``, found by its prompt: concurrent submits
+    reach the emulator in any order."""
+    by_prompt = {emu.state.tasks[t].body["prompt"]: t for t in emu.task_ids()}
+    return [by_prompt[f"prompt {i}"] for i in range(n)]
+
+
 def client_for(emu: Emulator, **kw: object) -> am.AsyncApimart:
     return am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL, **kw)  # type: ignore[arg-type]
 
@@ -34,7 +47,7 @@ async def test_resume_never_resubmits_and_replays_finished(
     async with client_for(manual_emu) as client, client.batch(jobs(5), journal=journal) as results:
         await manual_emu.wait_until(lambda: manual_emu.tasks_created == 5)
         await manual_emu.wait_until(lambda: len(client._poller) == 5)
-        t = manual_emu.task_ids()
+        t = task_ids_by_index(manual_emu, 5)  # the emulator may create them in any order
         manual_emu.complete(t[0])
         manual_emu.fail(t[1])
         first = [await results.__anext__(), await results.__anext__()]
@@ -264,3 +277,125 @@ async def test_stop_with_grace_leaves_a_resumable_journal(
         manual_emu.complete_all()
         assert len([o async for o in results]) == 3
     assert manual_emu.tasks_created == 3
+
+
+# -- every SQLite connection the journal opens is closed, on every path ----------------------
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[sqlite3.Connection]]:
+    """Every connection the journal opens during the test; at the end each must be closed, and
+    dropping them must give no ``ResourceWarning`` (Python 3.13 reports unclosed ones)."""
+    opened: list[sqlite3.Connection] = []
+    real = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    yield opened
+    monkeypatch.undo()
+    assert opened, "the test opened no journal"
+    still_open = []
+    for conn in opened:
+        try:
+            conn.execute("SELECT 1")
+            still_open.append(conn)
+        except sqlite3.ProgrammingError:  # "Cannot operate on a closed database."
+            pass
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for conn in still_open:  # do not leak them into later tests either
+            conn.close()
+        opened.clear()
+        gc.collect()
+    assert not still_open, f"{len(still_open)} of the journal's connections left open"
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def _set_meta(path: Path, sql: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(sql)
+        conn.commit()
+
+
+async def _fresh_journal(path: Path) -> None:
+    journal = SqliteJournal(path)
+    await journal.open()
+    await journal.add(0, "fp", "key-0", None, {"model": "sora-2-preview"})
+    await journal.close()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "not a database",
+        "newer schema",
+        "unreadable schema",
+        "unreadable row",
+        "opened twice",
+        "opened and closed",
+    ],
+)
+async def test_the_journal_closes_its_connection_on_every_path(
+    how: str, tmp_path: Path, connections: list[sqlite3.Connection]
+) -> None:
+    path = tmp_path / "run.sqlite"
+    if how == "not a database":
+        path.write_bytes(b"this is not sqlite" * 100)
+    else:
+        await _fresh_journal(path)
+    if how == "newer schema":
+        _set_meta(path, "UPDATE meta SET value='99' WHERE key='schema'")
+    elif how == "unreadable schema":
+        _set_meta(path, "UPDATE meta SET value='x' WHERE key='schema'")
+    elif how == "unreadable row":
+        _set_meta(path, "UPDATE jobs SET files='{not json' WHERE idx=0")
+    journal = SqliteJournal(path)
+    if how == "opened and closed":
+        assert set(await journal.open()) == {0}
+        await journal.close()
+        await journal.close()  # a second close is harmless
+        return
+    if how == "opened twice":
+        await journal.open()
+        with pytest.raises(am.JournalError, match="already open"):
+            await journal.open()
+        await journal.close()
+        return
+    expected = {
+        "not a database": "cannot use",
+        "newer schema": "newer apimart-async",
+        "unreadable schema": "cannot use",
+        "unreadable row": "cannot use",
+    }[how]
+    with pytest.raises(am.JournalError, match=expected):
+        await journal.open()
+    assert "closed" in repr(journal)
+    await journal.close()  # closing a journal that never opened is harmless
+
+
+@pytest.mark.parametrize("how", ["manifest cannot be opened", "body raises", "newer schema"])
+async def test_a_batch_closes_its_journal_on_every_path(
+    how: str, emu: Emulator, client: am.AsyncApimart, tmp_path: Path,
+    connections: list[sqlite3.Connection],
+) -> None:  # fmt: skip
+    path = tmp_path / "run.sqlite"
+    if how == "newer schema":
+        await _fresh_journal(path)
+        _set_meta(path, "UPDATE meta SET value='99' WHERE key='schema'")
+        with pytest.raises(am.JournalError, match="newer"):
+            async with client.batch(jobs(1), journal=path):
+                pass
+    elif how == "manifest cannot be opened":
+        (tmp_path / "manifest.jsonl").mkdir()  # a directory where the file should go
+        with pytest.raises(am.ApimartError, match="manifest"):
+            async with client.batch(jobs(1), journal=path, manifest=tmp_path / "manifest.jsonl"):
+                pass
+    else:
+        with pytest.raises(KeyError, match="boom"):
+            async with client.batch(jobs(1), journal=path):
+                raise KeyError("boom")
+    assert emu.tasks_created == 0

@@ -34,6 +34,7 @@ KNOWN_MODELS: Final = SEED_MODELS + OTHER_MODELS
 
 _VIDU_FORMATS: Final = {"png", "jpeg", "jpg", "webp"}
 _GEMINI_FORMATS: Final = {"png", "jpeg", "jpg"}
+_SORA_FORMATS: Final = {"jpeg", "jpg", "png", "webp"}
 _IMAGE_EXTS: Final = {"jpeg", "jpg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic"}
 
 
@@ -168,8 +169,9 @@ def check_body(body: Any) -> tuple[str, dict[str, Any]]:
                 raise RuleError("resolution", "resolution is only supported by sora-2-pro-preview")
             if body["resolution"] not in ("standard", "high"):
                 raise RuleError("resolution", "resolution must be standard or high")
+        # only the first image is used, but the page's format limit is on the whole array
         images = _url_list(body, "image_urls")
-        _formats(images[:1], _VIDU_FORMATS, model)
+        _formats(images, _SORA_FORMATS, model)
         params["duration"] = duration
     else:
         duration = body.get("duration")
