@@ -215,6 +215,7 @@ async def test_outcomes_events_and_stats(
     manual_emu: Emulator, manual_client: am.AsyncApimart
 ) -> None:
     seen = BatchEvents()
+    manual_emu.faults.inject("submit", Fault.slow(0.2))  # created last: any order is possible
     jobs = [sora(0), sora(1), am.VideoRequest("no-such-model", "x"), "not a request"]
     async with manual_client.batch(jobs, on_event=seen) as results:  # type: ignore[arg-type]
         await manual_emu.wait_until(lambda: manual_emu.tasks_created == 2)
