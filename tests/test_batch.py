@@ -223,7 +223,12 @@ async def test_outcomes_events_and_stats(
         manual_emu.set_running(t0, 50)
         # the client has seen it running (a poll that merely reached the emulator may still
         # be reading the state when the task completes)
-        await seen.wait_until(lambda: seen.count("progress") > 0)
+        await seen.wait_until(
+            lambda: any(
+                e.kind == "progress" and e.index == 0 and e.task and e.task.progress == 50
+                for e in seen.seen
+            )
+        )
         manual_emu.complete(t0)
         manual_emu.fail(t1, message="nope")
         outcomes = {o.index: o async for o in results}
