@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -71,18 +73,55 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+#: The seed of the randomized exploration under ``--long`` (None: the deterministic default).
+_LONG_SEED: int | None = None
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis's own pytest_configure reads the seed
 def pytest_configure(config: pytest.Config) -> None:
+    global _LONG_SEED
     from hypothesis import HealthCheck, Phase, settings
 
-    common = {
+    common: dict[str, Any] = {
         "deadline": None,
         "suppress_health_check": [HealthCheck.too_slow],
         # no "explain" phase: its line tracing makes each example many times slower
         "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        # nothing carried over from earlier runs on this machine: a run's result depends on the
+        # code alone (a failure found under --long is replayed by its seed, printed below)
+        "database": None,
     }
-    settings.register_profile("apimart-short", max_examples=150, **common)
+    # Every ordinary run (CI included) draws the same examples: derandomized, so a test that
+    # passes once passes on every run of the same code.
+    settings.register_profile("apimart-short", max_examples=150, derandomize=True, **common)
+    # --long explores: new examples on every run, from a seed it prints so a failure replays
+    # with --hypothesis-seed.
     settings.register_profile("apimart-long", max_examples=10_000, **common)
-    settings.load_profile("apimart-long" if config.getoption("--long") else "apimart-short")
+    if config.getoption("--long"):
+        settings.load_profile("apimart-long")
+        seed = config.getoption("--hypothesis-seed", None)
+        if seed is None:
+            seed = str(random.SystemRandom().randrange(2**32))
+            config.option.hypothesis_seed = seed
+        _LONG_SEED = int(seed)
+    else:
+        settings.load_profile("apimart-short")
+
+
+def _replay_line() -> str:
+    return (
+        f"hypothesis seed {_LONG_SEED} (replay: python -m pytest tests/reliability --long "
+        f"--hypothesis-seed={_LONG_SEED})"
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return _replay_line() if _LONG_SEED is not None else None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _LONG_SEED is not None:
+        terminalreporter.write_line(_replay_line())
 
 
 @pytest.fixture
