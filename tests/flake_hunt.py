@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
