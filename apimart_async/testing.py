@@ -6,26 +6,40 @@ A plain async context manager::
         task_id = await api.client.videos.submit(VideoRequest("sora-2-preview", "a cat"))
         api.emulator.complete(task_id)
 
-and pytest fixtures (registered automatically when apimart-async is installed; async tests
-need an async plugin such as anyio's ``@pytest.mark.anyio``):
+and a pytest plugin, which you opt into (nothing is loaded into pytest runs that do not ask)::
+
+    # conftest.py
+    pytest_plugins = ["apimart_async.testing"]
+
+or ``pytest -p apimart_async.testing``. Its fixtures:
 
 - ``apimart_emulator``: a running ``Emulator`` (tasks finish at once; ``advance()``,
   ``complete()``, ``faults``, ``counters`` and the rest are yours);
-- ``apimart_client``: an open ``AsyncApimart`` pointed at it, polling every few milliseconds.
+- ``apimart_client``: an open ``AsyncApimart`` pointed at it, polling every few milliseconds;
+- ``apimart_api``: both, as an ``EmulatedAPI``.
+
+They are async: run the tests that use them with anyio's plugin (``@pytest.mark.anyio``;
+installed with apimart-async) or with pytest-asyncio (``@pytest.mark.asyncio`` in strict
+mode, or auto mode). They run on asyncio (aiohttp needs it): the plugin pins anyio's
+``anyio_backend`` to ``"asyncio"``, so an installed trio adds no trio variants; define your own
+``anyio_backend`` fixture to choose otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._client import AsyncApimart
 from ._retry import is_testing, set_testing
 from ._schedule import PollPolicy
-from .emulator import Emulator
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
 
 __all__ = ["FAST_POLL", "EmulatedAPI", "emulated_api"]
 
@@ -50,6 +64,8 @@ async def emulated_api(
 ) -> AsyncIterator[EmulatedAPI]:
     """Start an emulator (``emulator_options`` go to ``Emulator``; tasks finish at once unless
     you say otherwise), open a client on it, and make retry waits zero meanwhile."""
+    from .emulator import Emulator  # the aiohttp server: imported only when used
+
     emulator_options.setdefault("task_duration", 0.0)
     was_testing = is_testing()
     set_testing(True)
@@ -62,21 +78,69 @@ async def emulated_api(
         set_testing(was_testing)
 
 
-try:  # pytest fixtures, when pytest is there
+try:  # the pytest plugin, when pytest is there (loaded only by those who opt in)
     import pytest
 except ImportError:  # pragma: no cover - the context manager works without pytest
     pass
 else:
 
-    @pytest.fixture
-    async def apimart_api() -> AsyncIterator[EmulatedAPI]:
+    async def _apimart_api(**_plugin_arguments: Any) -> AsyncIterator[EmulatedAPI]:
+        # _plugin_arguments: what async plugins add to the fixture's arguments for their own
+        # use (pytest-asyncio before 1.0 adds ``event_loop`` and ``request``)
         async with emulated_api() as api:
             yield api
 
+    async def apimart_api() -> AsyncIterator[EmulatedAPI]:
+        """A running emulator and an open client on it (``api.emulator``, ``api.client``)."""
+        async for api in _apimart_api():
+            yield api
+
+    try:  # pytest-asyncio in strict mode runs only the async fixtures made with its decorator
+        import pytest_asyncio
+    except ImportError:
+        apimart_api = pytest.fixture(apimart_api)
+    else:
+        apimart_api = pytest_asyncio.fixture(apimart_api)
+
     @pytest.fixture
     def apimart_emulator(apimart_api: EmulatedAPI) -> Emulator:
+        """The running emulator of ``apimart_api``."""
         return apimart_api.emulator
 
     @pytest.fixture
     def apimart_client(apimart_api: EmulatedAPI) -> AsyncApimart:
+        """An open ``AsyncApimart`` on ``apimart_emulator``."""
         return apimart_api.client
+
+    def _asyncio_backend() -> str:
+        return "asyncio"
+
+    def pytest_configure(config: pytest.Config) -> None:
+        """anyio's tests run on asyncio (aiohttp needs it), not on every installed backend.
+
+        The ``anyio_backend`` fixture saying so is registered as a plugin of its own, here, so
+        after anyio's plugin however this one was loaded (``-p`` loads it before anyio's): it
+        wins over anyio's default, and a project's own ``anyio_backend`` fixture (conftest or
+        test module) still wins over both."""
+        name = "apimart_async.testing.anyio_backend"
+        if config.pluginmanager.get_plugin(name) is None:
+            holder = types.ModuleType(name)
+            holder.anyio_backend = pytest.fixture(  # type: ignore[attr-defined]
+                _asyncio_backend, scope="module", name="anyio_backend"
+            )
+            config.pluginmanager.register(holder, name)
+
+    @pytest.hookimpl(tryfirst=True, hookwrapper=True)
+    def pytest_fixture_setup(fixturedef: Any, request: Any) -> Any:
+        """For a test that anyio's plugin runs (it uses ``anyio_backend``), set
+        ``apimart_api`` up as a plain async fixture, which anyio runs on the test's event loop
+        (and pytest-asyncio, whose fixture it otherwise is, leaves alone)."""
+        if fixturedef.argname != "apimart_api" or "anyio_backend" not in request.fixturenames:
+            yield
+            return
+        original = fixturedef.func, fixturedef.argnames
+        fixturedef.func = _apimart_api
+        try:
+            yield
+        finally:  # anyio before 4.12 leaves its own wrapper and argument in place
+            fixturedef.func, fixturedef.argnames = original

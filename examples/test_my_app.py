@@ -1,9 +1,11 @@
 """How to test your own code with apimart-async's fixtures (no key, no network).
 
-    pip install "apimart-async[test]" && python -m pytest examples/test_my_app.py
+    pip install "apimart-async[testing]" && python -m pytest examples/test_my_app.py
 
-The fixtures ``apimart_client`` and ``apimart_emulator`` come with the package (a pytest
-plugin); the anyio marker runs the async tests.
+The fixtures ``apimart_client`` and ``apimart_emulator`` come with the package, in a pytest
+plugin you opt into: ``pytest_plugins = ["apimart_async.testing"]`` in your top-level
+``conftest.py`` (here, in the test module itself, so that the example stands alone), or
+``pytest -p apimart_async.testing``. anyio's marker runs the async tests, on asyncio.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import apimart_async as am
 from apimart_async.emulator import Emulator, Fault
 
+pytest_plugins = ["apimart_async.testing"]
 pytestmark = pytest.mark.anyio
 
 
