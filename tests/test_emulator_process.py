@@ -43,3 +43,28 @@ async def test_standalone_emulator() -> None:
         finally:
             proc.terminate()
             await proc.wait()
+
+
+def test_variant_flags() -> None:
+    from apimart_async.emulator.__main__ import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "--batch-route",
+            "keyed",
+            "--unknown-task",
+            "400",
+            "--conflict-code-in",
+            "code",
+            "--status-name",
+            "completed=success",
+            "--status-name",
+            "failed=failure",
+        ]
+    )
+    assert (args.batch_route, args.unknown_task, args.conflict_code_in) == ("keyed", "400", "code")
+    assert dict(args.status_name) == {"completed": "success", "failed": "failure"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--status-name", "completed"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--batch-route", "sometimes"])
