@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -48,6 +48,13 @@ class SkewClock:
     def advance(self, seconds: float) -> None:
         self.offset += seconds
         self._poller._wake.set()
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait for a state of the client (no event to wait on); bounded by ``DEADLINE``."""
+    with anyio.fail_after(DEADLINE):
+        while not predicate():  # noqa: ASYNC110 - the schedule has no event to wait on
+            await anyio.sleep(0.001)
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -221,7 +228,7 @@ async def test_task_left_out_of_batch_replies_is_read_by_id_and_not_lost(
                 hidden = manual.task_ids()[2]
                 manual.batch_hidden.add(hidden)
                 n = manual.counters.get("batch", 0)
-                await manual.wait_until(lambda: manual.counters["batch"] >= n + 4)
+                await manual.wait_until(lambda: manual.counters.get("batch", 0) >= n + 4)
                 assert results.stats().pending == 5
                 manual.complete_all()
                 outcomes = [o async for o in results]
@@ -262,6 +269,8 @@ async def test_gone_task_ends_after_two_confirmations_over_the_grace_period(vari
             with anyio.fail_after(DEADLINE):
                 async with client.tasks.watch([task_id]) as stream:
                     await emu.wait_until(lambda: emu.counters.get("task", 0) == 1)
+                    # the poller has taken the answer in: the next check is planned
+                    await until(lambda: client._poller.schedule.next_check(task_id) is not None)
                     assert stream.remaining == [task_id]
                     clock.advance(30)
                     assert stream.remaining == [task_id]
