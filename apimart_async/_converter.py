@@ -138,10 +138,14 @@ _conv.register_structure_hook(int | None, _opt_int)
 _conv.register_structure_hook(str | None, _opt_str)
 _conv.register_structure_hook(str, _str)
 _conv.register_structure_hook(float, lambda v, _: _number(v))
+_conv.register_structure_hook(int, lambda v, _: round(_number(v)))  # cattrs 23.2: optional ints
 _conv.register_structure_hook(bool, _bool)
 _conv.register_structure_hook(TaskStatus, _status)
 _conv.register_structure_hook_func(lambda t: t == tuple[Video, ...], _videos)
 _conv.register_structure_hook(TaskError | None, _task_error)
+# Older cattrs (23.2) structures an optional attrs field through the class's own hook, not the
+# union's: register the class too, so ``error.code`` as an int or a string reads the same.
+_conv.register_structure_hook(TaskError, _task_error)
 
 _structure_task_fields = make_dict_structure_fn(Task, _conv)
 
