@@ -60,7 +60,9 @@ ProgressCallback = Callable[[Task], None]
 #: A message saying the task id is not known: "invalid task ID", "task not found", "task does
 #: not exist or has expired", "unknown task_id"...
 _UNKNOWN_ID = re.compile(
-    r"(?=.*\b(task|id)s?\b)(?=.*(not (exist|found)|unknown|invalid|expired|no such))",
+    r"(?=.*(task|\bids?\b))(?=.*(not (exist|found)|unknown|invalid|expired|no such))"
+    # the same in the other languages of ``?language=``
+    r"|任务.*(不存在|过期)|タスク.*(存在しない|有効期限)|작업.*(존재하지|만료)",
     re.IGNORECASE | re.DOTALL,
 )
 

@@ -469,3 +469,32 @@ def test_error_code_int_or_str_is_read(code: object, read: object) -> None:
     task = _converter.parse_task(json.dumps(body).encode())
     assert task.error is not None
     assert task.error.code == read
+
+
+@pytest.mark.parametrize(
+    ("message", "unknown"),
+    [
+        ("invalid task ID", True),
+        ("task does not exist or has expired", True),
+        ("unknown task_id: task_x", True),
+        ("Task not found", True),
+        ("no such id", True),
+        ("任务不存在或已过期", True),
+        ("タスクが存在しないか、有効期限が切れています", True),
+        ("작업이 존재하지 않거나 만료되었습니다", True),
+        ("language is not supported", False),
+        ("invalid request", False),
+        ("model not found", False),
+    ],
+)
+def test_which_400s_say_the_task_is_unknown(message: str, unknown: bool) -> None:
+    from apimart_async._poller import classify, is_unknown_task
+
+    exc = am.BadRequestError(message, status=400)
+    assert is_unknown_task(exc) is unknown
+    assert classify(exc) == ("gone" if unknown else "hard")
+    assert is_unknown_task(am.NotFoundError("x", status=404))
+    assert classify(am.ServerError("x", status=503)) == "transient"
+    assert classify(am.ResponseValidationError("x", decodable=False)) == "transient"
+    assert classify(am.ResponseValidationError("x")) == "hard"
+    assert classify(am.APIStatusError("redirect", status=302)) == "hard"
