@@ -63,6 +63,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "status-synonyms": {
         "status_names": {"completed": "success", "failed": "failure", "cancelled": "canceled"}
     },
+    "409-in-type": {"conflict_code_in": "type"},
+    "409-in-code": {"conflict_code_in": "code"},
+}
+#: Variants whose submits are sometimes slower than the client's read timeout, so a retry
+#: meets the first request still running (409 ``idempotency_in_progress``).
+SLOW_SUBMITS = {"409-in-type", "409-in-code"}
+SLOW = Fault.slow(0.3)
+SHORT_READ = {"timeout": am.Timeout(connect=5.0, read=0.1, total=10.0)}
+#: Cells that fail for a reason another branch fixes: strict, so they are noticed once fixed.
+KNOWN: dict[tuple[str, str], str] = {
+    ("faults", "409-in-code"): "409 sub-codes are read from error.type only; reading "
+    "error.code too is the transport work of issue 11",
 }
 
 
@@ -79,7 +91,20 @@ class Network:
 #: and a CONNECT proxy come with the transport work of issue 11 and are added here as values.
 NETWORKS: dict[str, Network] = {"loopback": Network()}
 
-CELLS = [(v, n) for v in VARIANTS for n in NETWORKS]
+
+def cells(scenario: str) -> list[Any]:
+    """Every variant x network, each marked strict-xfail where ``KNOWN`` says why."""
+    return [
+        pytest.param(
+            v,
+            n,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN[scenario, v])]
+            if (scenario, v) in KNOWN
+            else [],
+        )
+        for v in VARIANTS
+        for n in NETWORKS
+    ]
 
 
 @attrs.define
@@ -115,7 +140,10 @@ def emulator(variant: str, network: str, **extra: Any) -> Emulator:
             **extra,
         }
     )
-    emu.faults.set_rate(FAULT_RATE, endpoints=["submit", "task", "batch"], faults=API_FAULTS)
+    emu.faults.set_rate(FAULT_RATE, endpoints=["task", "batch"], faults=API_FAULTS)
+    emu.faults.set_rate(FAULT_RATE, endpoints=["submit"], faults=API_FAULTS)
+    if variant in SLOW_SUBMITS:
+        emu.faults.inject("submit", SLOW, times=3)
     emu.faults.set_rate(FAULT_RATE, endpoints=["file"], faults=FILE_FAULTS)
     return emu
 
@@ -137,11 +165,12 @@ def record(tally: Tally, name: str, emu: Emulator, jobs: int) -> None:
     tally.rows.append(
         f"{name}: {jobs} jobs, {served} faults, tasks {emu.tasks_created}, "
         f"batch {requests.get('batch', 0)} task {requests.get('task', 0)} "
-        f"file {requests.get('file', 0)}"
+        f"file {requests.get('file', 0)}, submit 409s {emu.state.statuses[('submit', 409)]}, "
+        f"served {dict(sorted(emu.faults.served.items()))}"
     )
 
 
-@pytest.mark.parametrize(("variant", "network"), CELLS)
+@pytest.mark.parametrize(("variant", "network"), cells("faults"))
 async def test_faults(
     tmp_path: Path, variant: str, network: str, long_run: bool, tally: Tally
 ) -> None:
@@ -154,6 +183,7 @@ async def test_faults(
                 base_url=emu.base_url,
                 poll=POLL,
                 max_retries=8,
+                **(SHORT_READ if variant in SLOW_SUBMITS else {}),
                 **NETWORKS[network].client,
             ) as client:
                 requests = [
@@ -187,7 +217,7 @@ async def test_faults(
         assert emu.faults.total_served() > 0
 
 
-@pytest.mark.parametrize(("variant", "network"), CELLS)
+@pytest.mark.parametrize(("variant", "network"), cells("sigkill"))
 async def test_sigkill(
     tmp_path: Path, variant: str, network: str, long_run: bool, tally: Tally
 ) -> None:
