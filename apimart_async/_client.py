@@ -175,7 +175,7 @@ class AsyncApimart:
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner = anyio.Event()
         #: Whether status reads use ``POST /v1/tasks/batch`` (times on the poller's clock).
-        self._route = BatchRoute()
+        self._route = BatchRoute(retry_after=self._poller.schedule.policy.batch_route_retry)
         self.videos = Videos(self)
         self.tasks = Tasks(self)
         self.uploads = Uploads(self)

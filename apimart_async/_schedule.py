@@ -83,6 +83,9 @@ class PollPolicy:
     #: 400 for a known id, a reply that cannot be read, completed without a video) before
     #: the wait ends with that error.
     hard_error_tries: int = attrs.field(default=3, validator=_count)
+    #: Seconds after which a batch status route that refused or kept failing is tried again
+    #: (the client's policy only; meanwhile status reads go task by task).
+    batch_route_retry: float = attrs.field(default=600.0, validator=_positive)
 
 
 @attrs.define(slots=True)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 
 import apimart_async as am
@@ -498,3 +499,38 @@ def test_which_400s_say_the_task_is_unknown(message: str, unknown: bool) -> None
     assert classify(am.ResponseValidationError("x", decodable=False)) == "transient"
     assert classify(am.ResponseValidationError("x")) == "hard"
     assert classify(am.APIStatusError("redirect", status=302)) == "hard"
+
+
+def test_batch_route_state() -> None:
+    from apimart_async._client import BatchRoute
+
+    route = BatchRoute(retry_after=600.0, max_failures=3)
+    assert route.available is None and route.usable(0.0)
+    route.on_ok()
+    assert route.available is True
+    assert not route.on_failed(1.0) and not route.on_failed(2.0)
+    route.on_ok()  # a success in between: counting starts again
+    assert not route.on_failed(3.0) and not route.on_failed(4.0)
+    assert route.on_failed(5.0)  # the third in a row switches it off
+    assert route.available is False and not route.usable(604.9)
+    assert route.usable(605.0)  # tried again ten minutes later
+    assert route.available is None
+    assert not route.on_refused(606.0)  # not the first switch of the session
+    assert route.switches == 2 and not route.usable(1205.9) and route.usable(1206.0)
+    assert repr(route) == "<BatchRoute untried failures=0 switches=2>"
+
+
+async def test_batch_route_retry_is_the_client_policy(manual: Emulator) -> None:
+    manual.batch_route = "refuse"
+    policy = attrs.evolve(FAST_POLL, batch_route_retry=30.0)
+    async with client_of(manual, poll=policy) as client:
+        clock = SkewClock(client)
+        (task_id,) = manual.create_tasks(1)
+        with anyio.fail_after(DEADLINE):
+            async with client.tasks.watch([task_id]) as stream:
+                await manual.wait_until(lambda: manual.counters.get("task", 0) >= 2)
+                clock.advance(30)
+                await manual.wait_until(lambda: manual.counters["batch"] == 2)
+                manual.complete(task_id)
+                (task,) = [t async for t in stream]
+    assert task.ok
