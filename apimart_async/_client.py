@@ -652,8 +652,11 @@ class Tasks:
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
         """Wait for a task submitted earlier (here, in another process, in an earlier run)
         through the shared poller. Returns it when completed; raises ``TaskFailedError`` if it
-        failed or was cancelled, ``TaskTimeoutError`` after ``timeout`` seconds, and
-        ``NotFoundError`` if the service does not know it."""
+        failed, was cancelled or expired, ``TaskTimeoutError`` after ``timeout`` seconds,
+        ``NotFoundError`` if the service says twice (``PollPolicy.not_found_grace`` apart) that
+        it does not know it, ``NoVideoError`` if it completed with no video URL, and the error
+        of a status read that waiting cannot heal (401, 403, ...) after
+        ``PollPolicy.hard_error_tries`` reads."""
         _check_seconds("timeout", timeout)
         return await self._wait(_check_task_id(task_id), timeout=timeout, submitted_at=None)
 
