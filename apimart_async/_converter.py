@@ -200,7 +200,7 @@ def _data(payload: Any, what: str, body: bytes, status: int | None) -> Any:
         raise _rve(f"cannot read {what}: reply is not a JSON object", body, status)
     data = payload.get("data")
     code = payload.get("code")
-    if data is None and isinstance(code, int) and not isinstance(code, bool) and code >= 400:
+    if data is None and isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
         # HTTP 200 carrying an error (``{"code": 404, "message": ..., "data": null}``): read
         # it as if the body's code were the HTTP status
         message = payload.get("message") or payload.get("msg")
