@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 
 from ._errors import (
+    APIConnectionError,
     ApimartError,
     APIStatusError,
     ClientClosedError,
@@ -82,14 +83,18 @@ def is_unknown_task(exc: ApimartError) -> bool:
 
 
 def classify(exc: ApimartError) -> ReadVerdict:
-    """What a failed status read of one task means (see the module docstring)."""
+    """What a failed status read of one task means (see the module docstring): only what a
+    retry may heal is transient (a lost or cut reply, a timeout, 408, 429, 5xx, a body that is
+    not even JSON); anything else is bounded."""
     if is_unknown_task(exc):
         return "gone"
+    if isinstance(exc, APIConnectionError):
+        return "transient"
     if isinstance(exc, ResponseValidationError):
-        return "hard" if exc.decodable else "transient"
-    if isinstance(exc, APIStatusError) and not is_retryable_status(exc.status):
-        return "hard"
-    return "transient"
+        return "transient" if not exc.decodable else "hard"
+    if isinstance(exc, APIStatusError) and is_retryable_status(exc.status):
+        return "transient"
+    return "hard"
 
 
 class _Watchers:

@@ -499,6 +499,10 @@ def test_which_400s_say_the_task_is_unknown(message: str, unknown: bool) -> None
     assert classify(am.ResponseValidationError("x", decodable=False)) == "transient"
     assert classify(am.ResponseValidationError("x")) == "hard"
     assert classify(am.APIStatusError("redirect", status=302)) == "hard"
+    assert classify(am.APITimeoutError("slow")) == "transient"
+    assert classify(am.RateLimitError("x", status=429)) == "transient"
+    # a local error (an id the service gave that we cannot even send back) never heals
+    assert classify(am.ValidationError([am.FieldError("task_id", "bad", "a b")])) == "hard"
 
 
 def test_batch_route_state() -> None:
