@@ -10,16 +10,19 @@ its sha256 verified. Two scenarios per cell:
   same journal until it finishes.
 
 Small by default (every CI run); ``pytest --long`` runs ten times the jobs. The network axis
-holds what the emulator can play: add a ``Network`` to ``NETWORKS`` (e.g. the emulator's
-``network="real"`` profile, https with a private CA, a CONNECT proxy) and every variant runs
+holds what the emulator can play: add a ``Network`` to ``NETWORKS`` (Emulator keywords such as
+``network="real"``, and a ``prepare`` that returns the client's keywords and the worker's
+environment, e.g. an ``ssl=`` context and ``SSL_CERT_FILE`` for https with a private CA, a
+CONNECT proxy started on the cell's exit stack and ``HTTPS_PROXY``) and every variant runs
 over it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +81,22 @@ KNOWN: dict[tuple[str, str], str] = {
 }
 
 
+Env = dict[str, str]
+#: Given the running emulator and an exit stack for anything it starts (a proxy), the client's
+#: keywords and the worker process's environment.
+Prepare = Callable[[Emulator, contextlib.AsyncExitStack], Awaitable[tuple[dict[str, Any], Env]]]
+
+
+async def _plain(emu: Emulator, stack: contextlib.AsyncExitStack) -> tuple[dict[str, Any], Env]:
+    return {}, {}
+
+
 @attrs.frozen
 class Network:
-    """A network profile: Emulator keywords, client keywords, and the worker's environment."""
+    """A network profile: Emulator keywords, and what the client and worker need over it."""
 
     emulator: dict[str, Any] = attrs.field(factory=dict)
-    client: dict[str, Any] = attrs.field(factory=dict)
-    env: dict[str, str] = attrs.field(factory=dict)
+    prepare: Prepare = _plain
 
 
 #: Network profiles. Loopback only for now: the real-network profile, https with a private CA
@@ -176,7 +188,11 @@ async def test_faults(
 ) -> None:
     jobs = 400 if long_run else 40
     out = tmp_path / "videos"
-    async with emulator(variant, network, failure_rate=0.05, seed=len(tally.rows)) as emu:
+    async with (
+        emulator(variant, network, failure_rate=0.05, seed=len(tally.rows)) as emu,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        client_options, _ = await NETWORKS[network].prepare(emu, stack)
         with anyio.fail_after(CELL_DEADLINE * (10 if long_run else 1)):
             async with am.AsyncApimart(
                 emu.api_key,
@@ -184,7 +200,7 @@ async def test_faults(
                 poll=POLL,
                 max_retries=8,
                 **(SHORT_READ if variant in SLOW_SUBMITS else {}),
-                **NETWORKS[network].client,
+                **client_options,
             ) as client:
                 requests = [
                     (f"job{i}", am.VideoRequest("sora-2-preview", f"p {i}")) for i in range(jobs)
@@ -223,10 +239,13 @@ async def test_sigkill(
 ) -> None:
     jobs = 300 if long_run else 30
     journal, out = tmp_path / "run.sqlite", tmp_path / "videos"
-    async with emulator(variant, network, seed=len(tally.rows)) as emu:
+    async with (
+        emulator(variant, network, seed=len(tally.rows)) as emu,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        _, env = await NETWORKS[network].prepare(emu, stack)
         with anyio.fail_after(CELL_DEADLINE * (10 if long_run else 1)):
             # killed half-way through submitting, then run again on the same journal
-            env = NETWORKS[network].env
             half = jobs // 2
             killed = await run_worker(
                 emu, journal, out, lambda: emu.tasks_created >= half, jobs=jobs, env=env
