@@ -751,7 +751,7 @@ class Batch:
         error: ApimartError | None = None
         if record.status == "completed":
             self._completed += 1
-        elif task is not None and record.status in ("failed", "cancelled"):
+        elif task is not None and record.status in ("failed", "cancelled", "expired"):
             self._failed += 1
             error = TaskFailedError(task)
         else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -24,16 +23,17 @@ from ._download import Downloader, DownloadExpiredError, _Gone
 from ._errors import (
     ApimartError,
     APIStatusError,
+    ClientClosedError,
     ConfigurationError,
     FieldError,
-    NotFoundError,
     ResponseValidationError,
     TaskFailedError,
     ValidationError,
 )
 from ._journal import Journal
 from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
-from ._poller import Poller
+from ._poller import Poller, is_unknown_task
+from ._retry import is_retryable_status
 from ._schedule import BATCH_IDS, PollPolicy
 from ._scheduler import RateLimiter, Throttle
 from ._transport import Reply, Transport, new_idempotency_key
@@ -174,8 +174,8 @@ class AsyncApimart:
         self._downloader = Downloader(self, concurrency=download_concurrency)
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner = anyio.Event()
-        #: None until the batch status route has answered; False once it proved missing.
-        self._batch_route: bool | None = None
+        #: Whether status reads use ``POST /v1/tasks/batch`` (times on the poller's clock).
+        self._route = BatchRoute(retry_after=self._poller.schedule.policy.batch_route_retry)
         self.videos = Videos(self)
         self.tasks = Tasks(self)
         self.uploads = Uploads(self)
@@ -244,8 +244,10 @@ class AsyncApimart:
 
     @property
     def batch_route_available(self) -> bool | None:
-        """True once the batch status route answered, False once it proved missing."""
-        return self._batch_route
+        """True once the batch status route answered, False while status reads go task by
+        task because it refused or kept failing (it is tried again after a while), None
+        before it has answered."""
+        return self._route.available
 
     def request_counts(self) -> dict[str, int]:
         """HTTP attempts made so far, by kind (submit, task, batch, balance, upload, retries)."""
@@ -448,6 +450,81 @@ class Videos:
         return await self._client.tasks._wait(task_id, timeout=timeout, submitted_at=submitted_at)
 
 
+#: Seconds after which a batch status route that proved unusable is tried again.
+BATCH_ROUTE_RETRY: Final = 600.0
+#: Batch status requests failing in a row (each after its retries) that switch to per-task.
+BATCH_ROUTE_FAILURES: Final = 3
+
+
+def _refused(exc: ApimartError) -> bool:
+    """A batch status reply that says the route will not serve us: an error status other than
+    408, 429 and 5xx (404 missing, 400 another body wanted, 401/403, a redirect, 501), or a
+    body that cannot be read (an unknown shape, or not even JSON after the retries)."""
+    if isinstance(exc, ResponseValidationError):
+        return True
+    return isinstance(exc, APIStatusError) and not is_retryable_status(exc.status)
+
+
+class BatchRoute:
+    """Whether status reads go through ``POST /v1/tasks/batch``: logic only, no I/O; times
+    are the poller's clock.
+
+    The route is the cheaper path, never the only one: a refusal switches to per-task reads
+    at once, ``max_failures`` transient failures in a row do too, and ``retry_after`` seconds
+    later the route is tried again.
+    """
+
+    def __init__(
+        self, *, retry_after: float = BATCH_ROUTE_RETRY, max_failures: int = BATCH_ROUTE_FAILURES
+    ) -> None:
+        self.retry_after = retry_after
+        self.max_failures = max_failures
+        #: None until the route answered, True once it did, False while it is off.
+        self.available: bool | None = None
+        self.failures = 0
+        self.off_until: float | None = None
+        #: How many times the route was switched off.
+        self.switches = 0
+
+    def __repr__(self) -> str:
+        state = {None: "untried", True: "on", False: "off"}[self.available]
+        return f"<BatchRoute {state} failures={self.failures} switches={self.switches}>"
+
+    def usable(self, now: float) -> bool:
+        """Whether to send a batch request now (an off route is tried again once its time
+        has come)."""
+        if self.available is not False:
+            return True
+        if self.off_until is not None and now >= self.off_until:
+            self.available = None
+            self.off_until = None
+            return True
+        return False
+
+    def on_ok(self) -> None:
+        self.available = True
+        self.failures = 0
+
+    def on_refused(self, now: float) -> bool:
+        """The route refused: off now. Returns True for the first switch of the session."""
+        self._off(now)
+        return self.switches == 1
+
+    def on_failed(self, now: float) -> bool:
+        """A transient failure. Returns True when it switched the route off."""
+        self.failures += 1
+        if self.failures < self.max_failures:
+            return False
+        self._off(now)
+        return True
+
+    def _off(self, now: float) -> None:
+        self.available = False
+        self.failures = 0
+        self.off_until = now + self.retry_after
+        self.switches += 1
+
+
 class Tasks:
     """``client.tasks``: status of submitted tasks."""
 
@@ -477,74 +554,109 @@ class Tasks:
 
     async def get_many(self, task_ids: Iterable[str]) -> list[Task]:
         """The status of many tasks, in the order asked; tasks the service does not know are
-        left out. Uses ``POST /v1/tasks/batch`` (100 ids a request) and, once that route
-        proves missing or unreadable, per-task GETs for the rest of the session."""
+        left out. Uses ``POST /v1/tasks/batch`` (100 ids a request) while that route works,
+        per-task GETs for ids it leaves out and while it refuses or keeps failing. Raises the
+        first error of a read that failed otherwise (after its retries)."""
         ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
-        found: dict[str, Task] = {}
-        one_by_one: list[str] = []
+        results = await self._statuses(ids)
+        found: list[Task] = []
+        for task_id in ids:
+            result = results.get(task_id)
+            if isinstance(result, Task):
+                found.append(result)
+            elif result is not None and not is_unknown_task(result):
+                raise result
+        return found
+
+    async def _statuses(self, ids: Sequence[str]) -> dict[str, Task | ApimartError]:
+        """A result for every id: its task, or the error its read ended with (after retries).
+
+        Batch requests first while the route is usable; an id a batch reply leaves out, or
+        whose item cannot be read, is read by id (absence proves nothing). A refused or
+        unreadable batch route switches to per-task reads (see ``BatchRoute``); a transient
+        failure of a batch request is the result of each of its ids. Raises only
+        ``ClientClosedError``."""
+        route = self._client._route
+        results: dict[str, Task | ApimartError] = {}
+        by_id: list[str] = []
         for start in range(0, len(ids), BATCH_IDS):
             chunk = ids[start : start + BATCH_IDS]
-            if self._client._batch_route is not False:
-                batch = await self._batch(chunk)
-                if batch is not None:
-                    found.update((t.id, t) for t in batch if t.id in chunk)
-                    continue
-            one_by_one.extend(chunk)
-        if one_by_one:
-            found.update(await self._each(one_by_one))
-        return [found[t] for t in ids if t in found]
-
-    async def _batch(self, chunk: Sequence[str]) -> list[Task] | None:
-        """One batch status request; None when the route turned out to be missing."""
-        try:
-            tasks = await self._client._transport.request(
-                "POST",
-                "/v1/tasks/batch",
-                kind="batch",
-                retry="read",
-                parse=_parse(conv.parse_task_list),
-                json_body={"task_ids": list(chunk)},
-            )
-        except (NotFoundError, ResponseValidationError) as exc:
-            self._route_missing(exc)
-            return None
-        except APIStatusError as exc:
-            if exc.status not in (405, 501):
+            if not route.usable(self._client._poller.now()):
+                by_id.extend(chunk)
+                continue
+            try:
+                tasks, unreadable = await self._batch(chunk)
+            except ClientClosedError:
                 raise
-            self._route_missing(exc)
-            return None
-        self._client._batch_route = True
-        return tasks
+            except ApimartError as exc:
+                now = self._client._poller.now()
+                if _refused(exc):
+                    self._switch(route.on_refused(now), exc)
+                    by_id.extend(chunk)
+                elif route.on_failed(now):
+                    self._switch(route.switches == 1, exc)
+                    by_id.extend(chunk)
+                else:
+                    results.update((task_id, exc) for task_id in chunk)
+                continue
+            route.on_ok()
+            wanted = set(chunk)
+            results.update((t.id, t) for t in tasks if t.id in wanted)
+            by_id.extend(t for t in chunk if t not in results or t in unreadable)
+        if by_id:
+            results.update(await self._each(by_id))
+        return results
 
-    def _route_missing(self, exc: Exception) -> None:
-        if self._client._batch_route is not False:
-            logger.warning(
-                "batch status route unusable (%s); using per-task status requests from now on",
-                type(exc).__name__,
-            )
-        self._client._batch_route = False
+    async def _batch(
+        self, chunk: Sequence[str]
+    ) -> tuple[list[Task], dict[str, ResponseValidationError]]:
+        """One batch status request: the tasks read, and the ids of items that could not be."""
+        return await self._client._transport.request(
+            "POST",
+            "/v1/tasks/batch",
+            kind="batch",
+            retry="read",
+            parse=_parse(conv.parse_task_items),
+            json_body={"task_ids": list(chunk)},
+        )
 
-    async def _each(self, chunk: Sequence[str]) -> dict[str, Task]:
+    def _switch(self, first: bool, exc: ApimartError) -> None:
+        """Log a switch to per-task reads: one WARNING a session, later ones at INFO."""
+        logger.log(
+            logging.WARNING if first else logging.INFO,
+            "batch status route unusable (%s: %s); using per-task status requests from now on"
+            " (the route is tried again in %.0f s)",
+            type(exc).__name__,
+            str(exc)[:200],
+            self._client._route.retry_after,
+        )
+
+    async def _each(self, chunk: Sequence[str]) -> dict[str, Task | ApimartError]:
         """Per-task GETs, ``status_concurrency`` at a time (a few workers over the chunk, not a
-        task per id)."""
-        found: dict[str, Task] = {}
+        task per id); each read's task or error."""
+        results: dict[str, Task | ApimartError] = {}
         todo = iter(chunk)
 
         async def worker() -> None:
             for task_id in todo:
-                with contextlib.suppress(NotFoundError):
-                    found[task_id] = await self.get(task_id)
+                try:
+                    results[task_id] = await self.get(task_id)
+                except ApimartError as exc:
+                    results[task_id] = exc
 
         async with anyio.create_task_group() as tg:
             for _ in range(min(self._client.status_concurrency, len(chunk))):
                 tg.start_soon(worker)
-        return found
+        return results
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
         """Wait for a task submitted earlier (here, in another process, in an earlier run)
         through the shared poller. Returns it when completed; raises ``TaskFailedError`` if it
-        failed or was cancelled, ``TaskTimeoutError`` after ``timeout`` seconds, and
-        ``NotFoundError`` if the service does not know it."""
+        failed, was cancelled or expired, ``TaskTimeoutError`` after ``timeout`` seconds,
+        ``NotFoundError`` if the service says twice (``PollPolicy.not_found_grace`` apart) that
+        it does not know it, ``NoVideoError`` if it completed with no video URL, and the error
+        of a status read that waiting cannot heal (401, 403, ...) after
+        ``PollPolicy.hard_error_tries`` reads."""
         _check_seconds("timeout", timeout)
         return await self._wait(_check_task_id(task_id), timeout=timeout, submitted_at=None)
 

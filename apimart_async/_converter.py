@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import cattrs
 from cattrs.gen import make_dict_structure_fn
 
-from ._errors import APIStatusError, ResponseValidationError
+from ._errors import APIStatusError, ResponseValidationError, status_error_class
 from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "parse_balance",
     "parse_submit",
     "parse_task",
+    "parse_task_items",
     "parse_task_list",
     "parse_upload",
 ]
@@ -137,10 +138,14 @@ _conv.register_structure_hook(int | None, _opt_int)
 _conv.register_structure_hook(str | None, _opt_str)
 _conv.register_structure_hook(str, _str)
 _conv.register_structure_hook(float, lambda v, _: _number(v))
+_conv.register_structure_hook(int, lambda v, _: round(_number(v)))  # cattrs 23.2: optional ints
 _conv.register_structure_hook(bool, _bool)
 _conv.register_structure_hook(TaskStatus, _status)
 _conv.register_structure_hook_func(lambda t: t == tuple[Video, ...], _videos)
 _conv.register_structure_hook(TaskError | None, _task_error)
+# Older cattrs (23.2) structures an optional attrs field through the class's own hook, not the
+# union's: register the class too, so ``error.code`` as an int or a string reads the same.
+_conv.register_structure_hook(TaskError, _task_error)
 
 _structure_task_fields = make_dict_structure_fn(Task, _conv)
 
@@ -193,9 +198,17 @@ def _structure(data: Any, cls: type[T], what: str, body: bytes, status: int | No
 def _data(payload: Any, what: str, body: bytes, status: int | None) -> Any:
     if not isinstance(payload, dict):
         raise _rve(f"cannot read {what}: reply is not a JSON object", body, status)
+    data = payload.get("data")
+    code = payload.get("code")
+    if data is None and isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        # HTTP 200 carrying an error (``{"code": 404, "message": ..., "data": null}``): read
+        # it as if the body's code were the HTTP status
+        message = payload.get("message") or payload.get("msg")
+        text = message if isinstance(message, str) and message else f"error code {code}"
+        raise status_error_class(code)(text, status=code, body=body)
     if "data" not in payload:
         raise _rve(f"cannot read {what}: reply has no 'data'", body, status)
-    return payload["data"]
+    return data
 
 
 def parse_submit(body: bytes, *, status: int | None = None) -> str:
@@ -214,17 +227,49 @@ def parse_task(body: bytes, *, status: int | None = None) -> Task:
     return _structure(data, Task, "task", body, status)
 
 
-def parse_task_list(body: bytes, *, status: int | None = None) -> list[Task]:
-    """The tasks of a batch status reply (``data`` as a list of task objects)."""
+def _task_items(body: bytes, status: int | None) -> list[Any]:
+    """The task objects of a batch status reply: ``data`` as a list, as ``{"tasks": [...]}``
+    (or ``items`` / ``list``), or as an object keyed by task id."""
     data = _data(load_json(body, status=status), "batch status", body, status)
     if isinstance(data, dict):
         for key in ("tasks", "items", "list"):
             if isinstance(data.get(key), list):
-                data = data[key]
-                break
+                return list(data[key])
+        if all(isinstance(k, str) and isinstance(v, dict) for k, v in data.items()):
+            return [
+                {"id": k, **v} if "id" not in v and "task_id" not in v else v
+                for k, v in data.items()
+            ]
     if not isinstance(data, list):
         raise _rve("cannot read batch status: 'data' is not a list", body, status)
-    return [_structure(item, Task, "task in batch", body, status) for item in data]
+    return data
+
+
+def parse_task_list(body: bytes, *, status: int | None = None) -> list[Task]:
+    """The tasks of a batch status reply (see ``parse_task_items``); any unreadable item
+    makes the whole reply unreadable."""
+    return [
+        _structure(item, Task, "task in batch", body, status) for item in _task_items(body, status)
+    ]
+
+
+def parse_task_items(
+    body: bytes, *, status: int | None = None
+) -> tuple[list[Task], dict[str, ResponseValidationError]]:
+    """A batch status reply read item by item: the tasks read, and for each item that names
+    its id but cannot be read, the error (items without a readable id are skipped: their ids
+    are simply absent). Raises ResponseValidationError only for a reply of unknown shape."""
+    tasks: list[Task] = []
+    bad: dict[str, ResponseValidationError] = {}
+    for item in _task_items(body, status):
+        try:
+            tasks.append(_conv.structure(item, Task))
+        except Exception as exc:  # noqa: BLE001 - every structuring failure is one typed error
+            task_id = item.get("id", item.get("task_id")) if isinstance(item, dict) else None
+            if isinstance(task_id, str) and task_id:
+                raw = json.dumps(item, default=str).encode()
+                bad[task_id] = _rve(f"cannot read task in batch: {exc}", raw, status)
+    return tasks, bad
 
 
 def parse_balance(body: bytes, *, status: int | None = None) -> Balance:

@@ -18,6 +18,7 @@
     ├── APIConnectionError                   the request did not get a complete reply
     │   └── APITimeoutError (TimeoutError)   ... because a timeout ran out
     ├── ResponseValidationError              a reply this SDK cannot read (carries an excerpt)
+    │   └── NoVideoError                     a task reported completed with no video URL
     ├── APIStatusError                       the service answered with an error
     │   ├── BadRequestError                  400, 422, 500 build_request_failed
     │   ├── AuthenticationError              401
@@ -27,7 +28,7 @@
     │   ├── ConflictError                    409 (idempotency_in_progress / _key_reused / ...)
     │   ├── RateLimitError                   429 (``retry_after`` in seconds, when given)
     │   └── ServerError                      5xx
-    ├── TaskFailedError                      the task ended ``failed`` or ``cancelled``
+    ├── TaskFailedError                      the task ended failed, cancelled or expired
     └── TaskTimeoutError (TimeoutError)      waiting for a task took longer than allowed
 
 No aiohttp or asyncio exception escapes the client. No exception of this module ever holds the
@@ -56,6 +57,7 @@ __all__ = [
     "ConflictError",
     "FieldError",
     "InsufficientBalanceError",
+    "NoVideoError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -171,6 +173,19 @@ class ResponseValidationError(ApimartError):
         super().__init__(f"{text}; body: {self.body!r}" if self.body else text)
 
 
+class NoVideoError(ResponseValidationError):
+    """The service reported the task ``completed`` but its reply has no video URL.
+
+    ``task`` is the task as read. The task was billed; a journal keeps the job open, so a
+    later run reads it again (nothing is downloaded, no file is written).
+    """
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.task_id = task.id
+        super().__init__(f"task {task.id} is completed but its reply has no video URL")
+
+
 class APIStatusError(ApimartError):
     """The service answered with an error status.
 
@@ -240,7 +255,7 @@ class ServerError(APIStatusError):
 
 
 class TaskFailedError(ApimartError):
-    """The task ended ``failed`` (or ``cancelled``). ``task`` is the final task."""
+    """The task ended ``failed`` (or ``cancelled`` / ``expired``). ``task`` is the final task."""
 
     def __init__(self, task: Task) -> None:
         self.task = task

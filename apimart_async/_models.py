@@ -427,7 +427,11 @@ def _check_spec(
 
 
 class TaskStatus(enum.Enum):
-    """A task's status. ``UNKNOWN`` stands for any value this SDK has never seen: running."""
+    """A task's status. ``UNKNOWN`` stands for any value this SDK has never seen: running.
+
+    Words other clients have seen map onto these: ``success``/``succeeded`` are COMPLETED,
+    ``failure``/``error`` FAILED, ``canceled`` CANCELLED; ``expired`` ends a task, not ok.
+    """
 
     SUBMITTED = "submitted"
     PENDING = "pending"
@@ -436,12 +440,14 @@ class TaskStatus(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
     UNKNOWN = "unknown"
 
     @classmethod
     def parse(cls, value: str) -> TaskStatus:
+        word = value.strip().lower()
         try:
-            return cls(value.strip().lower())
+            return cls(_STATUS_SYNONYMS.get(word, word))
         except ValueError:
             return cls.UNKNOWN
 
@@ -450,7 +456,17 @@ class TaskStatus(enum.Enum):
         return self in _TERMINAL
 
 
-_TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+_TERMINAL = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED}
+)
+#: Status words seen in other clients of the service, and the status each one means.
+_STATUS_SYNONYMS: dict[str, str] = {
+    "success": "completed",
+    "succeeded": "completed",
+    "failure": "failed",
+    "error": "failed",
+    "canceled": "cancelled",
+}
 
 
 @attrs.frozen

@@ -1,28 +1,54 @@
-"""The one status loop of a client: it runs ``PollSchedule`` over ``tasks.get_many``.
+"""The one status loop of a client: it runs ``PollSchedule`` over the client's status reads.
 
 Every waiter of the client (batches, ``generate``, ``tasks.wait``, ``tasks.watch``) registers
 a callback here; one background loop (in the client's task group) asks the service about every
 due task in shared requests and calls back once with the terminal ``Task`` or an error.
+
+No id is ever stranded: every read of a round ends in a result per id, and every id is
+reported back to the schedule, whatever the round raised. What a result means:
+
+- a running task: the schedule plans its next check; a terminal one ends the wait;
+- ``completed`` with no video URL, a reply that cannot be read, or an error that waiting
+  cannot heal (401, 403, a redirect, a 400 for the id, any other 4xx but 408/429): read again
+  after a backoff, and after ``PollPolicy.hard_error_tries`` in a row the wait ends with it
+  (``NoVideoError``, ``ResponseValidationError``, the ``APIStatusError``);
+- "no such task" (404, or a 400 / an in-body code saying the id is unknown, invalid or
+  expired): ends the wait with ``NotFoundError`` only when said twice at least
+  ``PollPolicy.not_found_grace`` seconds apart (absence from a batch reply is not even that:
+  such an id is read by id first);
+- anything else (connection errors, timeouts, 408, 429, 5xx, a reply that is not even JSON,
+  after the transport's retries): read again after a backoff, until the wait's deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-from ._errors import ApimartError, ClientClosedError, NotFoundError, TaskTimeoutError
+from ._errors import (
+    APIConnectionError,
+    ApimartError,
+    APIStatusError,
+    ClientClosedError,
+    NotFoundError,
+    NoVideoError,
+    ResponseValidationError,
+    TaskTimeoutError,
+)
 from ._models import Task
+from ._retry import is_retryable_status
 from ._schedule import PollPolicy, PollSchedule
 
 if TYPE_CHECKING:
     from ._client import AsyncApimart
 
-__all__ = ["Poller", "WatchCallback"]
+__all__ = ["Poller", "WatchCallback", "classify", "is_unknown_task"]
 
 logger = logging.getLogger("apimart_async")
 
@@ -30,6 +56,45 @@ logger = logging.getLogger("apimart_async")
 WatchCallback = Callable[[str, Task | ApimartError], None]
 #: Called with every non-terminal status seen (for progress displays).
 ProgressCallback = Callable[[Task], None]
+
+
+#: A message saying the task id is not known: "invalid task ID", "task not found", "task does
+#: not exist or has expired", "unknown task_id"...
+_UNKNOWN_ID = re.compile(
+    r"(?=.*(task|\bids?\b))(?=.*(not (exist|found)|unknown|invalid|expired|no such))"
+    # the same in the other languages of ``?language=``
+    r"|任务.*(不存在|过期)|タスク.*(存在しない|有効期限)|작업.*(존재하지|만료)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+ReadVerdict = Literal["gone", "hard", "transient"]
+
+
+def is_unknown_task(exc: ApimartError) -> bool:
+    """The service says it does not know the task: a 404, or a 400 (also a 200 carrying the
+    code 400) whose message says the id is unknown, invalid or expired."""
+    if isinstance(exc, NotFoundError):
+        return True
+    return (
+        isinstance(exc, APIStatusError)
+        and exc.status == 400
+        and _UNKNOWN_ID.search(exc.message) is not None
+    )
+
+
+def classify(exc: ApimartError) -> ReadVerdict:
+    """What a failed status read of one task means (see the module docstring): only what a
+    retry may heal is transient (a lost or cut reply, a timeout, 408, 429, 5xx, a body that is
+    not even JSON); anything else is bounded."""
+    if is_unknown_task(exc):
+        return "gone"
+    if isinstance(exc, APIConnectionError):
+        return "transient"
+    if isinstance(exc, ResponseValidationError):
+        return "transient" if not exc.decodable else "hard"
+    if isinstance(exc, APIStatusError) and is_retryable_status(exc.status):
+        return "transient"
+    return "hard"
 
 
 class _Watchers:
@@ -147,7 +212,7 @@ class Poller:
             entry = self._watchers.get(task_id)
             timeout = entry.timeout if entry is not None and entry.timeout is not None else 0.0
             self._finish(task_id, TaskTimeoutError(task_id, timeout))
-        batched = self._client.batch_route_available is not False
+        batched = self._client._route.usable(now)
         ids = self.schedule.due(now, batched=batched)
         if ids:
             await self._check(ids)
@@ -161,21 +226,41 @@ class Poller:
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
         try:
-            tasks = await self._client.tasks.get_many(ids)
+            results = await self._client.tasks._statuses(ids)
         except ClientClosedError:
             self.close("the client was closed")
             return
-        except ApimartError as exc:
-            logger.warning("status check of %d task(s) failed: %s", len(ids), exc)
+        except Exception:  # a bug, never a reason to strand the round: read them again later
+            logger.exception(
+                "status check of %d task(s) failed; reading them again later", len(ids)
+            )
             self.schedule.on_error(ids, self._clock())
             return
         now = self._clock()
+        try:
+            self._report(ids, results, now)
+        finally:
+            self.schedule.release(ids, now)
+
+    def _report(self, ids: list[str], results: dict[str, Task | ApimartError], now: float) -> None:
+        """Tell the schedule about every id of a round, and end the waits that are over."""
         wall = self._wall()
-        found = {t.id: t for t in tasks}
         self.checks += len(ids)
+        retry: list[str] = []
+        reason: ApimartError | None = None
         for task_id in ids:
-            task = found.get(task_id)
-            if task is None:
+            result = results.get(task_id)
+            if isinstance(result, Task):
+                self._on_task(task_id, result, now, wall)
+                continue
+            if isinstance(result, ClientClosedError):
+                self.close("the client was closed")
+                return
+            if result is None:  # not answered at all: read again
+                retry.append(task_id)
+                continue
+            verdict = classify(result)
+            if verdict == "gone":
                 if self.schedule.on_missing(task_id, now):
                     self._finish(
                         task_id,
@@ -184,13 +269,33 @@ class Poller:
                             status=404,
                         ),
                     )
-            elif self.schedule.on_status(task, now, wall_now=wall):
-                self._finish(task_id, task)
+            elif verdict == "hard":
+                if self.schedule.on_hard_error(task_id, now):
+                    self._finish(task_id, result)
             else:
-                entry = self._watchers.get(task_id)
-                if entry is not None:
-                    for cb in list(entry.progress):
-                        cb(task)
+                retry.append(task_id)
+                reason = result
+        if retry:
+            logger.info(
+                "status of %d task(s) not read this round (%s); reading them again later",
+                len(retry),
+                f"{type(reason).__name__}: {reason}" if reason is not None else "no answer",
+            )
+            self.schedule.on_error(retry, now)
+
+    def _on_task(self, task_id: str, task: Task, now: float, wall: float) -> None:
+        if task.ok and not task.video_urls:
+            # completed, but nothing to fetch: read again a few times, then an error
+            if self.schedule.on_hard_error(task_id, now):
+                self._finish(task_id, NoVideoError(task))
+            return
+        if self.schedule.on_status(task, now, wall_now=wall):
+            self._finish(task_id, task)
+            return
+        entry = self._watchers.get(task_id)
+        if entry is not None:
+            for cb in list(entry.progress):
+                cb(task)
 
     def _finish(self, task_id: str, result: Task | ApimartError) -> None:
         entry = self._watchers.pop(task_id, None)

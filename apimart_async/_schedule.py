@@ -45,6 +45,11 @@ def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> Non
         raise ValueError(f"PollPolicy.{attribute.name} must be a positive number, got {value!r}")
 
 
+def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"PollPolicy.{attribute.name} must be a whole number >= 1, got {value!r}")
+
+
 def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not (isinstance(value, (int, float)) and 0 <= value <= 1):
         raise ValueError(f"PollPolicy.{attribute.name} must be between 0 and 1, got {value!r}")
@@ -70,6 +75,17 @@ class PollPolicy:
     #: check comes at the early edge of the estimate (then progress says the rest).
     estimate_margin: float = attrs.field(default=0.25, validator=_fraction)
     use_progress: bool = True
+    #: A task the service says it does not know ends as ``NotFoundError`` only once it has said
+    #: so twice, at least this many seconds apart (a new task may not be visible everywhere
+    #: yet; absence from a batch reply alone is never taken as proof).
+    not_found_grace: float = attrs.field(default=10.0, validator=_positive)
+    #: Reads of a task that ended in an error waiting cannot heal (401, 403, a redirect, a
+    #: 400 for a known id, a reply that cannot be read, completed without a video) before
+    #: the wait ends with that error.
+    hard_error_tries: int = attrs.field(default=3, validator=_count)
+    #: Seconds after which a batch status route that refused or kept failing is tried again
+    #: (the client's policy only; meanwhile status reads go task by task).
+    batch_route_retry: float = attrs.field(default=600.0, validator=_positive)
 
 
 @attrs.define(slots=True)
@@ -88,8 +104,10 @@ class _Watch:
     last_progress: int | None = None
     last_at: float | None = None
     absences: int = 0
+    absent_since: float | None = None
     checks: int = 0
     errors: int = 0
+    hard_errors: int = 0
 
 
 class PollSchedule:
@@ -208,7 +226,9 @@ class PollSchedule:
         w.checking = False
         w.checks += 1
         w.absences = 0
+        w.absent_since = None
         w.errors = 0
+        w.hard_errors = 0
         if task.is_terminal:
             del self._watches[task.id]
             return True
@@ -219,30 +239,61 @@ class PollSchedule:
         self._plan(w, task, now)
         return False
 
-    def on_missing(self, task_id: str, now: float, *, grace: int = 2) -> bool:
-        """The service did not report the task. Returns True once it has been absent
-        ``grace`` times in a row (it no longer exists); else it is checked again soon."""
+    def on_missing(self, task_id: str, now: float, *, times: int = 2) -> bool:
+        """The service said it does not know the task. Returns True once it has said so
+        ``times`` times with no status in between, the last at least the policy's
+        ``not_found_grace`` seconds after the first (the task no longer exists); else the task
+        is checked again when that can be."""
         w = self._watches.get(task_id)
         if w is None:
             return False
         w.checking = False
         w.absences += 1
-        if w.absences >= grace:
+        if w.absent_since is None:
+            w.absent_since = now
+        grace = w.policy.not_found_grace
+        if w.absences >= times and now - w.absent_since >= grace:
             del self._watches[task_id]
             return True
-        self._set(w, now + w.policy.min_interval)
+        self._set(w, max(now + w.policy.min_interval, w.absent_since + grace))
         return False
 
     def on_error(self, task_ids: Iterable[str], now: float) -> None:
-        """A status request failed (after its own retries): try these again later."""
+        """A status request failed (after its own retries): try these again later, backing
+        off exponentially up to ``max_interval``."""
         for task_id in task_ids:
             w = self._watches.get(task_id)
             if w is None:
                 continue
             w.checking = False
             w.errors += 1
-            delay = min(w.policy.max_interval, w.policy.min_interval * 2**w.errors)
-            self._set(w, now + delay)
+            self._set(w, now + self._backoff(w))
+
+    def on_hard_error(self, task_id: str, now: float) -> bool:
+        """A read ended in an error that waiting is unlikely to heal. Returns True on the
+        ``hard_error_tries``-th in a row (the task is no longer watched); else it is read again
+        after a backoff."""
+        w = self._watches.get(task_id)
+        if w is None:
+            return False
+        w.checking = False
+        w.errors += 1
+        w.hard_errors += 1
+        if w.hard_errors >= w.policy.hard_error_tries:
+            del self._watches[task_id]
+            return True
+        self._set(w, now + self._backoff(w))
+        return False
+
+    def release(self, task_ids: Iterable[str], now: float) -> None:
+        """Ids handed out by ``due`` that are still marked as being checked get an error
+        report (a round that ended without reporting on them never strands them)."""
+        self.on_error([t for t in task_ids if (w := self._watches.get(t)) and w.checking], now)
+
+    @staticmethod
+    def _backoff(w: _Watch) -> float:
+        growth: float = 2.0 ** min(w.errors, 32)
+        return min(w.policy.max_interval, w.policy.min_interval * growth)
 
     # -- internals -----------------------------------------------------------------------------
 

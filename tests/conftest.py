@@ -43,7 +43,9 @@ async def manual_emu() -> AsyncIterator[Emulator]:
 
 
 #: Polls within milliseconds, so tests driven by the emulator's controls finish at once.
-FAST_POLL = am.PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.005, jitter=0.0)
+FAST_POLL = am.PollPolicy(
+    first_check=0.001, min_interval=0.001, max_interval=0.005, jitter=0.0, not_found_grace=0.005
+)
 
 
 @pytest.fixture

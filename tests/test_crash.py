@@ -33,6 +33,7 @@ async def run_worker(
     times: int = 1,
     grace: float | None = None,
     jobs: int = JOBS,
+    env: dict[str, str] | None = None,
 ) -> int | None:
     """Start the worker; send it ``sig`` (``times`` times) once ``kill_when()`` holds.
     Returns its exit code, or None if SIGKILL ended it."""
@@ -47,9 +48,9 @@ async def run_worker(
     ]
     if grace is not None:
         cmd.append(str(grace))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    environ = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     async with await anyio.open_process(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=None
+        cmd, env=environ, stdout=subprocess.DEVNULL, stderr=None
     ) as proc:
         if kill_when is None:
             with anyio.fail_after(120):

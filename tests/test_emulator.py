@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -334,3 +335,121 @@ async def test_random_faults_are_counted(emu: Emulator, http: aiohttp.ClientSess
     assert emu.stats()["faults_served"] == {"balance status": 1}
     with pytest.raises(ValueError, match="unknown endpoint"):
         emu.faults.inject("nope", Fault.drop())
+
+
+# -- service variants -------------------------------------------------------------------------
+
+
+async def batch_reply(
+    http: aiohttp.ClientSession, emu: Emulator, ids: list[str]
+) -> tuple[int, Any]:
+    async with http.post(
+        f"{emu.base_url}/v1/tasks/batch", json={"task_ids": ids}, headers=auth(emu)
+    ) as r:
+        text = await r.text()
+        return r.status, json.loads(text) if text.startswith("{") else text
+
+
+async def test_batch_route_variants(http: aiohttp.ClientSession) -> None:
+    async with Emulator(mode="manual", batch_route="refuse", seed=5) as emu:
+        ids = emu.create_tasks(30)
+        status, body = await batch_reply(http, emu, ids)
+        assert (status, body["error"]["type"]) == (400, "invalid_request_error")
+        emu.batch_route = "nested"
+        status, body = await batch_reply(http, emu, ids)
+        assert status == 200
+        assert [t["id"] for t in body["data"]["tasks"]] == ids
+        emu.batch_route = "keyed"
+        status, body = await batch_reply(http, emu, ids)
+        assert list(body["data"]) == ids
+        assert all(body["data"][i]["id"] == i for i in ids)
+        emu.batch_route = "partial"
+        status, body = await batch_reply(http, emu, ids)
+        shown = [t["id"] for t in body["data"]]
+        assert 0 < len(shown) < len(ids)  # live tasks left out
+        assert all(i in ids for i in shown)
+        emu.batch_route = True
+        emu.batch_hidden.add(ids[3])
+        status, body = await batch_reply(http, emu, ids)
+        assert [t["id"] for t in body["data"]] == ids[:3] + ids[4:]
+        emu.batch_route = False
+        assert emu.batch_route == "absent"
+        status, _ = await batch_reply(http, emu, ids)
+        assert status == 404
+        with pytest.raises(ValueError, match="batch_route must be"):
+            emu.batch_route = "sometimes"  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("variant", "status", "body"),
+    [
+        (
+            "404",
+            404,
+            {"error": {"code": 404, "type": "invalid_request_error"}},
+        ),
+        (
+            "400",
+            400,
+            {"error": {"code": 400, "type": "invalid_request_error"}},
+        ),
+        ("200", 200, {"code": 404, "data": None}),
+    ],
+)
+async def test_unknown_task_variants(
+    http: aiohttp.ClientSession, variant: str, status: int, body: dict[str, Any]
+) -> None:
+    async with Emulator(unknown_task=variant) as emu:  # type: ignore[arg-type]
+        async with http.get(f"{emu.base_url}/v1/tasks/task_nope", headers=auth(emu)) as r:
+            got = await r.json()
+            assert r.status == status
+    for key, value in body.items():
+        if isinstance(value, dict):
+            assert value.items() <= got[key].items()
+        else:
+            assert got[key] == value
+    message = got["error"]["message"] if "error" in got else got["message"]
+    assert "does not exist or has expired" in message
+    if variant == "400":
+        assert message.startswith("invalid task ID")
+
+
+@pytest.mark.parametrize(
+    ("placement", "type_", "code"),
+    [
+        ("both", "idempotency_key_reused", "idempotency_key_reused"),
+        ("type", "idempotency_key_reused", 409),
+        ("code", "invalid_request_error", "idempotency_key_reused"),
+    ],
+)
+async def test_conflict_sub_code_placement(
+    http: aiohttp.ClientSession, placement: str, type_: str, code: object
+) -> None:
+    async with Emulator(conflict_code_in=placement) as emu:  # type: ignore[arg-type]
+        await submit(http, emu, **{"Idempotency-Key": "k"})
+        status, body = await submit(
+            http, emu, {**SORA, "prompt": "other"}, **{"Idempotency-Key": "k"}
+        )
+    assert status == 409
+    assert (body["error"]["type"], body["error"]["code"]) == (type_, code)
+
+
+async def test_status_names_and_completed_without_video(http: aiohttp.ClientSession) -> None:
+    names = {"completed": "succeeded", "failed": "failure", "cancelled": "canceled"}
+    async with Emulator(mode="manual", status_names=names) as emu:
+        a, b, c = emu.create_tasks(3)
+        emu.complete(a, videos=0)
+        emu.fail(b)
+        emu.cancel(c)
+        _, body = await batch_reply(http, emu, [a, b, c])
+    assert [t["status"] for t in body["data"]] == ["succeeded", "failure", "canceled"]
+    assert body["data"][0]["result"] == {"videos": []}
+
+
+def test_variant_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown_task must be one of 404, 400, 200"):
+        Emulator(unknown_task="500")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="conflict_code_in must be one of both, type, code"):
+        Emulator(conflict_code_in="message")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_route must be"):
+        Emulator(batch_route="maybe")  # type: ignore[arg-type]

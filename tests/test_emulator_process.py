@@ -43,3 +43,59 @@ async def test_standalone_emulator() -> None:
         finally:
             proc.terminate()
             await proc.wait()
+
+
+def test_variant_flags() -> None:
+    from apimart_async.emulator.__main__ import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "--batch-route",
+            "keyed",
+            "--unknown-task",
+            "400",
+            "--conflict-code-in",
+            "code",
+            "--status-name",
+            "completed=success",
+            "--status-name",
+            "failed=failure",
+        ]
+    )
+    assert (args.batch_route, args.unknown_task, args.conflict_code_in) == ("keyed", "400", "code")
+    assert dict(args.status_name) == {"completed": "success", "failed": "failure"}
+    defaults = build_parser().parse_args([])
+    assert (defaults.batch_route, defaults.unknown_task, defaults.conflict_code_in) == (
+        "ok",
+        "404",
+        "both",
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--status-name", "completed"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--batch-route", "sometimes"])
+
+
+async def test_standalone_emulator_plays_variants() -> None:
+    flags = ["--batch-route", "refuse", "--unknown-task", "400", "--status-name", "completed=ok!"]
+    async with await anyio.open_process([*CMD, *flags]) as proc:
+        assert proc.stdout is not None
+        try:
+            with anyio.fail_after(30):
+                line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 4096)
+            info = json.loads(line)
+            async with am.AsyncApimart(
+                info["api_key"], base_url=info["base_url"], poll=am.PollPolicy(first_check=0.01)
+            ) as client:
+                task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+                with anyio.fail_after(30):
+                    (task,) = await client.tasks.get_many([task_id])
+                    while task.status is not am.TaskStatus.UNKNOWN:  # "ok!" is no known word
+                        (task,) = await client.tasks.get_many([task_id])
+                assert task.raw_status == "ok!"
+                assert client.batch_route_available is False  # refused
+                with pytest.raises(am.BadRequestError, match="^invalid task ID"):
+                    await client.tasks.get("task_nope")
+        finally:
+            proc.terminate()
+            await proc.wait()

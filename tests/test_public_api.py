@@ -21,6 +21,7 @@ def test_error_tree() -> None:
     assert issubclass(am.ValidationError, ValueError)
     assert issubclass(am.APITimeoutError, am.APIConnectionError)
     assert issubclass(am.APITimeoutError, TimeoutError)
+    assert issubclass(am.NoVideoError, am.ResponseValidationError)
     for cls in (
         am.BadRequestError,
         am.AuthenticationError,

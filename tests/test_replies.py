@@ -224,6 +224,7 @@ shaped = st.recursive(
 PARSERS = [
     conv.parse_task,
     conv.parse_task_list,
+    conv.parse_task_items,
     conv.parse_submit,
     conv.parse_balance,
     conv.parse_upload,

@@ -146,15 +146,67 @@ def test_per_task_mode_does_not_coalesce() -> None:
     assert s.due(2.0, batched=False) == ["a"]
 
 
-def test_missing_twice_means_gone() -> None:
+def test_missing_twice_over_the_grace_period_means_gone() -> None:
+    s = PollSchedule(NO_JITTER)  # not_found_grace: 10 s
+    s.add("a", now=0.0)
+    s.due(2.0)
+    assert not s.on_missing("a", 2.0)
+    assert s.next_check("a") == 12.0  # the second look waits out the grace period
+    s.due(12.0)
+    assert s.on_missing("a", 12.0)
+    assert "a" not in s
+
+
+def test_missing_twice_too_soon_is_not_proof() -> None:
     s = PollSchedule(NO_JITTER)
     s.add("a", now=0.0)
     s.due(2.0)
     assert not s.on_missing("a", 2.0)
-    assert s.next_check("a") == 3.0
-    s.due(3.0)
-    assert s.on_missing("a", 3.0)
+    s.add("a", now=3.0, check_now=True)  # re-attached by another waiter: checked at once
+    assert s.due(3.0) == ["a"]
+    assert not s.on_missing("a", 3.0)  # twice, but within the grace period
+    assert s.next_check("a") == 12.0
+    assert s.due(12.0) == ["a"]
+    assert s.on_missing("a", 12.0)
+
+
+def test_a_status_in_between_resets_absence() -> None:
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0)
+    s.due(2.0)
+    assert not s.on_missing("a", 2.0)
+    s.due(12.0)
+    s.on_status(am.Task("a", am.TaskStatus.PROCESSING, progress=50), 12.0)
+    s.due(s.next_check("a") or 0.0)
+    assert not s.on_missing("a", 30.0)  # counting starts again
+
+
+def test_hard_errors_end_after_the_policy_tries_with_backoff() -> None:
+    s = PollSchedule(am.PollPolicy(jitter=0.0, hard_error_tries=3))
+    s.add("a", now=0.0)
+    now = 2.0
+    times = []
+    for _ in range(2):
+        assert s.due(now) == ["a"]
+        assert not s.on_hard_error("a", now)
+        now = s.next_check("a") or 0.0
+        times.append(now)
+    assert times == [4.0, 8.0]
+    assert s.due(now) == ["a"]
+    assert s.on_hard_error("a", now)
     assert "a" not in s
+
+
+def test_release_reports_ids_left_checking() -> None:
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0)
+    s.add("b", now=0.0)
+    assert s.due(2.0) == ["a", "b"]
+    s.on_status(am.Task("a", am.TaskStatus.PROCESSING), 2.0)
+    planned = s.next_check("a")
+    s.release(["a", "b"], 2.0)
+    assert s.next_check("a") == planned  # reported: untouched
+    assert s.next_check("b") == 4.0  # left checking: read again after a backoff
 
 
 def test_errors_back_off() -> None:

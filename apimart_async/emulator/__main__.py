@@ -8,7 +8,7 @@ import contextlib
 import json
 import sys
 
-from ._server import Emulator
+from ._server import BATCH_ROUTES, CONFLICT_PLACEMENTS, UNKNOWN_TASK_REPLIES, Emulator
 
 
 def _parse_duration(text: str) -> float | tuple[float, float]:
@@ -16,6 +16,13 @@ def _parse_duration(text: str) -> float | tuple[float, float]:
         low, high = text.split("-", 1)
         return float(low), float(high)
     return float(text)
+
+
+def _status_name(text: str) -> tuple[str, str]:
+    status, sep, word = text.partition("=")
+    if not sep or not status or not word:
+        raise argparse.ArgumentTypeError("expected STATUS=WORD, e.g. completed=success")
+    return status, word
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-batch-route", action="store_true", help="answer 404 on POST /v1/tasks/batch"
     )
     p.add_argument(
+        "--batch-route",
+        choices=BATCH_ROUTES,
+        default="ok",
+        help="how POST /v1/tasks/batch behaves: ok, absent (404), refuse (400), partial "
+        "(leaves live tasks out), nested ({data: {tasks: [...]}}), keyed ({data: {id: task}})",
+    )
+    p.add_argument(
+        "--unknown-task",
+        choices=UNKNOWN_TASK_REPLIES,
+        default="404",
+        help="how an unknown task id is answered: 404, 400 (invalid task ID) or 200 with "
+        '{"code": 404}',
+    )
+    p.add_argument(
+        "--conflict-code-in",
+        choices=CONFLICT_PLACEMENTS,
+        default="both",
+        help="where a 409 sub-code goes: both, type (error.type) or code (error.code)",
+    )
+    p.add_argument(
+        "--status-name",
+        type=_status_name,
+        action="append",
+        default=[],
+        metavar="STATUS=WORD",
+        help="the service's word for a status, e.g. completed=success (repeatable)",
+    )
+    p.add_argument(
         "--balance", type=float, default=1000.0, help="starting USD balance (-1: unlimited)"
     )
     p.add_argument("--video-bytes", type=int, default=64 * 1024)
@@ -50,7 +85,10 @@ async def serve(args: argparse.Namespace) -> None:
         mode=args.mode,
         task_duration=args.duration,
         failure_rate=args.failure_rate,
-        batch_route=not args.no_batch_route,
+        batch_route="absent" if args.no_batch_route else args.batch_route,
+        unknown_task=args.unknown_task,
+        conflict_code_in=args.conflict_code_in,
+        status_names=dict(args.status_name),
         balance=None if args.balance == -1 else args.balance,
         video_bytes=args.video_bytes,
         seed=args.seed,

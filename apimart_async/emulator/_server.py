@@ -5,6 +5,22 @@ shape and says so here:
 
 - batch status replies ``{"code": 200, "data": [task, ...]}``, unknown ids absent, <= 100 ids;
 - an unknown or expired task is HTTP 404 with ``type`` ``invalid_request_error``;
+- a 409 carries its sub-code (``idempotency_in_progress``, ...) in both ``error.type`` and
+  ``error.code``.
+
+Service variants (constructor keywords, ``python -m apimart_async.emulator`` flags, and
+attributes a test may change while the emulator runs) play the other shapes apimart-api.md
+says the real service may have:
+
+- ``batch_route``: ``"ok"`` (True, the default), ``"absent"`` (False: 404 as a missing route),
+  ``"refuse"`` (400 for our body), ``"partial"`` (a random third of the live tasks left out of
+  each reply), ``"nested"`` (``{"data": {"tasks": [...]}}``) or ``"keyed"`` (``{"data": {id:
+  task}}``). ``batch_hidden`` is a set of ids every batch reply leaves out.
+- ``unknown_task``: an unknown or expired task id is answered ``"404"`` (default), ``"400"``
+  (``invalid task ID``) or ``"200"`` (HTTP 200 with ``{"code": 404, ..., "data": null}``).
+- ``conflict_code_in``: the 409 sub-code in ``"both"`` (default), only ``"type"`` (``code`` is
+  409) or only ``"code"`` (``type`` is ``invalid_request_error``).
+- ``status_names``: the word the service uses for a status, e.g. ``{"completed": "success"}``.
 - fields a model does not take are ignored (as JSON APIs usually do);
 - a task's price is held at submit and given back if the task fails or is cancelled;
 - result files are served by the emulator itself under ``/files/``, without auth, like a CDN.
@@ -22,7 +38,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -48,6 +64,13 @@ _LANG_NOT_FOUND: Final = {
 _RANGE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 Handler = Callable[[web.Request, float], Awaitable[web.StreamResponse]]
+
+BatchRoute = Literal["ok", "absent", "refuse", "partial", "nested", "keyed"]
+BATCH_ROUTES: Final = ("ok", "absent", "refuse", "partial", "nested", "keyed")
+UnknownTask = Literal["404", "400", "200"]
+UNKNOWN_TASK_REPLIES: Final = ("404", "400", "200")
+ConflictPlacement = Literal["both", "type", "code"]
+CONFLICT_PLACEMENTS: Final = ("both", "type", "code")
 
 
 def _error(
@@ -98,7 +121,12 @@ class Emulator:
         failure_rate: fraction of auto-mode tasks that end ``failed``.
         balance: starting USD balance; None for an unlimited key (``remain_balance`` -1).
         frozen_clock: the clock moves only by ``advance()``; otherwise with real time too.
-        batch_route: serve ``POST /v1/tasks/batch``; False answers 404 as a missing route.
+        batch_route: how ``POST /v1/tasks/batch`` behaves (see the module docstring); True is
+            ``"ok"``, False is ``"absent"`` (404 as a missing route).
+        unknown_task: how an unknown or expired task id is answered: ``"404"``, ``"400"`` or
+            ``"200"`` (an error code inside a 200 reply).
+        conflict_code_in: where a 409's sub-code goes: ``"both"``, ``"type"`` or ``"code"``.
+        status_names: the service's word for a status (``{"completed": "succeeded"}``).
         video_bytes: size of each result file. seed: makes ids, durations, failures repeatable.
         file_chunk_delay: real seconds of pause after each 256 KiB of a result file.
     """
@@ -119,7 +147,10 @@ class Emulator:
         video_ttl: float = 24 * 3600,
         task_ttl: float = 3 * 24 * 3600,
         frozen_clock: bool = False,
-        batch_route: bool = True,
+        batch_route: bool | BatchRoute = True,
+        unknown_task: UnknownTask = "404",
+        conflict_code_in: ConflictPlacement = "both",
+        status_names: dict[str, str] | None = None,
         blocked_words: tuple[str, ...] = ("[blocked]",),
         webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
         file_chunk_delay: float = 0.0,
@@ -131,7 +162,17 @@ class Emulator:
         self.api_key = api_key or "sk-emu-" + secrets.token_hex(16)
         self.host = host
         self.port = port
-        self.batch_route = batch_route
+        self.batch_route = batch_route  # normalised by the setter
+        if unknown_task not in UNKNOWN_TASK_REPLIES:
+            raise ValueError(f"unknown_task must be one of {', '.join(UNKNOWN_TASK_REPLIES)}")
+        if conflict_code_in not in CONFLICT_PLACEMENTS:
+            raise ValueError(f"conflict_code_in must be one of {', '.join(CONFLICT_PLACEMENTS)}")
+        #: How an unknown task id is answered ("404", "400" or "200"); may change at run time.
+        self.unknown_task: UnknownTask = unknown_task
+        #: Where a 409 sub-code goes ("both", "type" or "code"); may change at run time.
+        self.conflict_code_in: ConflictPlacement = conflict_code_in
+        #: Ids every batch status reply leaves out (the task still exists); a test may add ids.
+        self.batch_hidden: set[str] = set()
         self.webhook_retry_delays = webhook_retry_delays
         #: Real seconds to pause after each 256 KiB of a result file (a slow CDN).
         self.file_chunk_delay = file_chunk_delay
@@ -150,6 +191,7 @@ class Emulator:
             task_ttl=task_ttl,
             clock=self.clock,
             blocked_words=blocked_words,
+            status_names=status_names,
         )
         #: Webhook deliveries made: (url, task id, HTTP status or the error's class name).
         self.webhook_deliveries: list[tuple[str, str, int | str]] = []
@@ -160,6 +202,22 @@ class Emulator:
         self._changed = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
         self.base_url = ""
+
+    @property
+    def batch_route(self) -> BatchRoute:
+        """How the batch status route behaves now (see the module docstring); settable, also
+        with True (``"ok"``) or False (``"absent"``)."""
+        return self._batch_route
+
+    @batch_route.setter
+    def batch_route(self, value: bool | BatchRoute) -> None:
+        if value is True:
+            value = "ok"
+        elif value is False:
+            value = "absent"
+        if value not in BATCH_ROUTES:
+            raise ValueError(f"batch_route must be True, False or one of {', '.join(BATCH_ROUTES)}")
+        self._batch_route: BatchRoute = value
 
     def __repr__(self) -> str:
         s = self.state
@@ -234,8 +292,10 @@ class Emulator:
         self.state.set_running(task_id, progress, status)
         self._after_change()
 
-    def complete(self, task_id: str) -> None:
-        self.state.complete(task_id)
+    def complete(self, task_id: str, *, videos: int = 1) -> None:
+        """End a task ``completed`` with ``videos`` result files (0: a completed task whose
+        reply carries no video URL)."""
+        self.state.complete(task_id, videos=videos)
         self._after_change([self.state.tasks[task_id]])
 
     def fail(
@@ -516,18 +576,14 @@ class Emulator:
             record = state.idempotency.get(key)
             if record is not None:
                 if record.body_hash != body_hash:
-                    return _error(
-                        409,
+                    return self._conflict(
                         "Idempotency-Key was already used with a different request body",
                         "idempotency_key_reused",
-                        code="idempotency_key_reused",
                     )
                 if record.in_progress:
-                    return _error(
-                        409,
+                    return self._conflict(
                         "A request with this Idempotency-Key is still being processed",
                         "idempotency_in_progress",
-                        code="idempotency_in_progress",
                         headers={"Retry-After": "1"},
                     )
                 return self._submitted(request, record.task_id or "")
@@ -556,6 +612,15 @@ class Emulator:
             if record is not None and record.in_progress:
                 state.idempotency.pop(key or "", None)
 
+    def _conflict(
+        self, message: str, sub_code: str, *, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        """A 409 with its sub-code where ``conflict_code_in`` says."""
+        placement = self.conflict_code_in
+        type_ = sub_code if placement in ("both", "type") else "invalid_request_error"
+        code = sub_code if placement in ("both", "code") else 409
+        return _error(409, message, type_, code=code, headers=headers)
+
     def _submitted(self, request: web.Request, task_id: str) -> web.Response:
         version = request.headers.get("X-APIMart-Response-Version", "")
         if version and version >= RESPONSE_VERSION_OBJECT:
@@ -566,9 +631,14 @@ class Emulator:
 
     def _not_found(self, request: web.Request) -> web.Response:
         lang = request.query.get("language", "en")
-        return _error(
-            404, _LANG_NOT_FOUND.get(lang, _LANG_NOT_FOUND["en"]), "invalid_request_error"
-        )
+        message = _LANG_NOT_FOUND.get(lang, _LANG_NOT_FOUND["en"])
+        if self.unknown_task == "400":
+            # the vendor's error table: 400 "invalid task ID" for task queries
+            return _error(400, f"invalid task ID: {message}", "invalid_request_error")
+        if self.unknown_task == "200":
+            # the vendor's CLI checks ``code != 200`` on 200 replies
+            return web.json_response({"code": 404, "message": message, "data": None})
+        return _error(404, message, "invalid_request_error")
 
     async def _task(self, request: web.Request, delay: float) -> web.StreamResponse:
         task = self.state.tasks.get(request.match_info["task_id"])
@@ -577,8 +647,13 @@ class Emulator:
         return web.json_response({"code": 200, "data": self.state.task_object(task, self.base_url)})
 
     async def _batch(self, request: web.Request, delay: float) -> web.StreamResponse:
-        if not self.batch_route:
+        variant = self.batch_route
+        if variant == "absent":
             return web.Response(status=404, text="404: Not Found")
+        if variant == "refuse":
+            return _error(
+                400, "ids is required", "invalid_request_error", param="ids"
+            )  # it wants another body than ours
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
@@ -601,8 +676,15 @@ class Emulator:
         data = []
         for task_id in ids:
             task = self.state.tasks.get(task_id)
-            if task is not None and not self.state.expired(task):
-                data.append(self.state.task_object(task, self.base_url))
+            if task is None or self.state.expired(task) or task_id in self.batch_hidden:
+                continue
+            if variant == "partial" and self.state.rng.random() < 1 / 3:
+                continue  # a live task left out: absence proves nothing
+            data.append(self.state.task_object(task, self.base_url))
+        if variant == "nested":
+            return web.json_response({"code": 200, "data": {"tasks": data, "total": len(data)}})
+        if variant == "keyed":
+            return web.json_response({"code": 200, "data": {t["id"]: t for t in data}})
         return web.json_response({"code": 200, "data": data})
 
     async def _balance(self, request: web.Request, delay: float) -> web.StreamResponse:

@@ -117,6 +117,7 @@ class State:
         task_ttl: float,
         clock: Clock,
         blocked_words: tuple[str, ...],
+        status_names: dict[str, str] | None = None,
     ) -> None:
         self.api_key = api_key
         self.mode: Mode = mode
@@ -132,6 +133,8 @@ class State:
         self.task_ttl = task_ttl
         self.clock = clock
         self.blocked_words = blocked_words
+        #: The service's word for each status (a variant: ``{"completed": "success"}``).
+        self.status_names: dict[str, str] = dict(status_names or {})
         self.pattern = _pattern(seed)
         self.tasks: dict[str, EmuTask] = {}
         self.idempotency: dict[str, IdemRecord] = {}
@@ -303,8 +306,10 @@ class State:
         task.status = status
         task.progress = progress
 
-    def complete(self, task_id: str) -> None:
+    def complete(self, task_id: str, *, videos: int = 1) -> None:
+        """End a task ``completed``; ``videos=0`` plays a completed task with no result URL."""
         task = self.unfinished_task(task_id)
+        task.videos = videos
         self._finish(task, self.clock.now())
 
     def fail(
@@ -330,7 +335,7 @@ class State:
         status, progress = self.status_of(task)
         obj: dict[str, Any] = {
             "id": task.id,
-            "status": status,
+            "status": self.status_names.get(status, status),
             "progress": progress,
             "created": int(task.created),
             "estimated_time": task.estimated,
