@@ -21,6 +21,11 @@ def test_error_tree() -> None:
     assert issubclass(am.ValidationError, ValueError)
     assert issubclass(am.APITimeoutError, am.APIConnectionError)
     assert issubclass(am.APITimeoutError, TimeoutError)
+    assert issubclass(am.SubmitIndeterminateError, am.APIConnectionError)
+    for name in am._errors.__all__:  # the drawn tree names every error class of _errors
+        obj = getattr(am._errors, name)
+        if isinstance(obj, type) and issubclass(obj, am.ApimartError):
+            assert name in (am._errors.__doc__ or ""), name
     for cls in (
         am.BadRequestError,
         am.AuthenticationError,
