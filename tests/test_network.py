@@ -338,3 +338,8 @@ async def test_batch_of_50_over_https_through_a_proxy_on_the_real_network_profil
         assert emu.network_profile.counts["gzip"] > 0
         assert emu.network_profile.counts["chunked"] > 0
         assert emu.faults.total_served() > 0
+
+
+def test_unknown_network_profile_is_refused() -> None:
+    with pytest.raises(ValueError, match="network must be one of loopback, real"):
+        Emulator(network="lossy")  # type: ignore[arg-type]
