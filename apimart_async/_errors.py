@@ -208,7 +208,8 @@ class APIStatusError(ApimartError):
     ``idempotency_in_progress``, ``idempotency_key_reused``,
     ``idempotency_result_indeterminate``, ``idempotency_unavailable``,
     ``build_request_failed``), wherever the body carried it: ``error.code``, ``error.type``
-    or the message; else None.
+    or the message; else None. ``http_status`` is the status on the wire: ``status`` but for
+    an error sent inside a 2xx reply (``{"code": 404, ...}`` with HTTP 200).
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class APIStatusError(ApimartError):
     ) -> None:
         self.message = message
         self.sub_code = sub_code or find_sub_code(code, type, message)
+        self.http_status = status
         self.retry_after = retry_after
         self.status = status
         self.type = type

@@ -545,7 +545,9 @@ class Transport:
             raise _error_from_reply(status, reply_headers, body)
         embedded = _embedded_error(status, body)
         if embedded is not None:
-            raise _error_from_reply(embedded, reply_headers, body)
+            error = _error_from_reply(embedded, reply_headers, body)
+            error.http_status = status  # the error came inside a 2xx reply
+            raise error
         return Reply(status=status, headers=reply_headers, body=body)
 
     async def _pace(self) -> None:
