@@ -213,3 +213,22 @@ async def test_cli_doctor_base_url_exits_1_when_the_key_is_refused(
     assert await cmd_doctor(args, []) == 1
     out = capsys.readouterr().out
     assert "refused (HTTP 401)" in out and "sk-wrong" not in out
+
+
+class _Forgetful(dict[str, object]):
+    """An idempotency store that remembers nothing: a service that ignores the key."""
+
+    def __setitem__(self, key: str, value: object) -> None:
+        pass
+
+
+async def test_submit_check_fails_when_a_repeated_key_makes_a_second_task(
+    emu: Emulator, doc_client: am.AsyncApimart
+) -> None:
+    emu.state.idempotency = _Forgetful()  # type: ignore[assignment]
+    findings = await diagnose(doc_client, submit_model="sora-2-preview")
+    got = by_check(findings)
+    assert got["idempotency"].status == "fail"
+    assert "second task" in got["idempotency"].found
+    assert emu.tasks_created == 2
+    assert exit_code(findings) == 1
