@@ -33,6 +33,7 @@ class ConnectProxy:
         self.proxy_auth = proxy_auth
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.url = ""
 
     async def __aenter__(self) -> Self:
@@ -44,21 +45,26 @@ class ConnectProxy:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # End every open connection by closing its sockets, so that each handler returns by
+        # itself (cancelling handlers of asyncio.start_server makes it log tracebacks).
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
         await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -86,6 +92,7 @@ class ConnectProxy:
             return
         self.targets[f"{host}:{port}"] += 1
         up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        self._writers.add(up_writer)
         try:
             if method == "CONNECT":
                 self.tunnels += 1
@@ -109,6 +116,7 @@ class ConnectProxy:
                 up_writer.write(request.encode("latin-1") + b"\r\n")
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
+            self._writers.discard(up_writer)
             up_writer.close()
 
 
