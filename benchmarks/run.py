@@ -11,8 +11,8 @@ to ``--out`` (default: this folder; ``quick/`` under it with ``--quick``) and pr
 Scenarios:
 1. Polling cost and latency: jobs of 5-20 s (``estimated_time`` within 20 %), this SDK with
    and without the batch status route, each also against the emulator's real-network profile
-   (gzip, replies in small segments with pauses, sometimes chunked), fixed-interval per-job loops at 0.5/1/2/3 s, and the
-   lower bound (one check exactly at completion).
+   (gzip, replies in small segments with pauses, sometimes chunked), fixed-interval per-job
+   loops at 0.5/1/2/3 s, and the lower bound (one check exactly at completion).
 2. Client overhead: near-instant jobs, client CPU seconds per job and peak RSS, against a
    bare-aiohttp client doing exactly one POST and one GET per job at the same concurrency.
 3. Scale: pending tasks held by one poller (emulator in manual mode): memory per pending
