@@ -76,11 +76,12 @@ def _raw(reply: Reply) -> Reply:
 async def _send(
     client: AsyncApimart, method: str, path: str, body: Any = None
 ) -> tuple[int, Any, bytes]:
-    """One raw request, no retries: (status, parsed JSON or None, body). Error statuses are
-    returned, not raised; connection failures raise ``APIConnectionError``."""
+    """One raw request (retried like any read on 5xx, 429 and lost connections): (status,
+    parsed JSON or None, body). Error statuses are returned, not raised; a connection that
+    keeps failing raises ``APIConnectionError``."""
     try:
         reply = await client._transport.request(
-            method, path, kind="doctor", retry="never", parse=_raw, json_body=body
+            method, path, kind="doctor", retry="read", parse=_raw, json_body=body
         )
         status, raw = reply.status, reply.body
     except APIStatusError as exc:  # an error status, or an error inside a 2xx reply
