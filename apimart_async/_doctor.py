@@ -12,7 +12,7 @@ cheap job twice with the same Idempotency-Key to prove a repeat is not billed tw
     proxy            ok      none (direct connections)                 connect directly
     key              ok      accepted; balance 12.30 USD
     batch route      warn    refused (400: task_ids is required)       -> per-task reads (...)
-    unknown task id  ok      404 (task does not exist or has expired)  end the wait: NotFoundError
+    unknown task id  ok      404 (task does not exist or has expired)  end the wait: NotFound...
 
 Exit status 0 when everything the SDK relies on works, 1 when something is missing (no
 connection, an untrusted certificate, a refused key, a repeated key that made a second task).
@@ -265,7 +265,9 @@ async def _unknown_id_finding(client: AsyncApimart) -> Finding:
     status, payload, raw = await _send(client, "GET", f"/v1/tasks/{task_id}")
     message = _message(payload, raw)
     if status == 404:
-        return Finding("unknown task id", "ok", f"404 ({message})", "end the wait: NotFoundError")
+        return Finding(
+            "unknown task id", "ok", f"404 ({message})", "end the wait: NotFoundError (confirmed)"
+        )
     if status == 400:
         return Finding(
             "unknown task id",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import gzip
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -313,12 +314,20 @@ def test_trust_env_must_be_a_bool() -> None:
 # -- a whole batch, the way a user far away would run it ------------------------------------
 
 
+@pytest.mark.parametrize("batch_route", [True, False], ids=["batch-route", "per-task"])
 async def test_batch_of_50_over_https_through_a_proxy_on_the_real_network_profile(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, batch_route: bool
 ) -> None:
     jobs = [am.VideoRequest("sora-2-preview", f"scene {i}") for i in range(50)]
     async with (
-        Emulator(network="real", tls=True, task_duration=(0.01, 0.2), seed=11) as emu,
+        Emulator(
+            network="real",
+            tls=True,
+            task_duration=(0.01, 0.2),
+            seed=11,
+            batch_route=batch_route,
+            video_bytes=4096,
+        ) as emu,
         ConnectProxy() as proxy,
     ):
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
@@ -327,7 +336,7 @@ async def test_batch_of_50_over_https_through_a_proxy_on_the_real_network_profil
         async with am.AsyncApimart(
             emu.api_key, base_url=emu.base_url, ssl=ctx, poll=FAST_POLL, max_retries=8
         ) as client:
-            async with client.batch(jobs, concurrency=8) as results:
+            async with client.batch(jobs, concurrency=8, download_dir=tmp_path) as results:
                 outcomes = [o async for o in results]
         assert sorted(o.index for o in outcomes) == list(range(50))
         assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
@@ -338,6 +347,10 @@ async def test_batch_of_50_over_https_through_a_proxy_on_the_real_network_profil
         assert emu.network_profile.counts["gzip"] > 0
         assert emu.network_profile.counts["chunked"] > 0
         assert emu.faults.total_served() > 0
+        # every video downloaded through the tunnel too, and verified
+        for o in outcomes:
+            assert o.task is not None
+            assert [f.sha256 for f in o.files] == [emu.file_sha256(o.task.id)]
 
 
 def test_unknown_network_profile_is_refused() -> None:
