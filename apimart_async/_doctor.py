@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from . import _converter as conv
 from ._client import AsyncApimart
 from ._errors import (
     APIConnectionError,
@@ -42,6 +43,7 @@ from ._errors import (
     AuthenticationError,
     ConfigurationError,
     PermissionDeniedError,
+    ResponseValidationError,
     excerpt,
 )
 from ._models import VideoRequest
@@ -101,6 +103,8 @@ def _shape(payload: Any) -> str:
     if isinstance(data, list):
         return '{"data": [task, ...]}'
     if isinstance(data, dict):
+        if data and all(isinstance(v, dict) for v in data.values()):
+            return '{"data": {id: task, ...}}'
         keys = ", ".join(sorted(data)[:4])
         return f'{{"data": {{{keys}}}}}'
     return "{" + ", ".join(sorted(payload)[:4]) + "}"
@@ -236,7 +240,9 @@ async def _batch_findings(client: AsyncApimart, size: int) -> list[Finding]:
                 f"-> {per_task}",
             )
         ]
-    if not (isinstance(payload, dict) and isinstance(payload.get("data"), list)):
+    try:  # the SDK's own reader decides whether it can use this shape
+        conv.parse_task_list(raw, status=status)
+    except ResponseValidationError:
         return [
             Finding("batch route", "warn", f"answers another shape: {_shape(payload)}", per_task)
         ]

@@ -76,10 +76,27 @@ async def test_batch_route_refused_with_400(emu: Emulator, doc_client: am.AsyncA
     assert exit_code(findings) == 0  # the SDK can do without it
 
 
-async def test_batch_route_with_another_shape(emu: Emulator, doc_client: am.AsyncApimart) -> None:
+async def test_batch_route_with_a_shape_the_sdk_cannot_read(
+    emu: Emulator, doc_client: am.AsyncApimart
+) -> None:
+    emu.faults.inject("batch", Fault.reply(200, {"code": 200, "results": []}))
+    got = by_check(await diagnose(doc_client))
+    assert got["batch route"] == Finding(
+        "batch route",
+        "warn",
+        "answers another shape: {code, results}",
+        "per-task reads (GET /v1/tasks/{id})",
+    )
+
+
+async def test_batch_route_with_a_nested_shape_the_sdk_reads(
+    emu: Emulator, doc_client: am.AsyncApimart
+) -> None:
     emu.faults.inject("batch", Fault.reply(200, {"code": 200, "data": {"tasks": [], "total": 0}}))
     got = by_check(await diagnose(doc_client))
-    assert got["batch route"].found == 'answers another shape: {"data": {tasks, total}}'
+    assert got["batch route"] == Finding(
+        "batch route", "ok", 'answers {"data": {tasks, total}}', "batched status reads"
+    )
 
 
 async def test_batch_route_refusing_100_ids(emu: Emulator, doc_client: am.AsyncApimart) -> None:
