@@ -334,6 +334,7 @@ def add_doctor_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "doctor",
         parents=[common],
+        conflict_handler="resolve",  # the shared options may already hold --emulate, --json
         help="check connectivity, TLS, proxy, key and the service's variants; run this first",
     )
     p.add_argument("--emulate", action="store_true", help="check the built-in emulator instead")
@@ -380,10 +381,9 @@ async def cmd_doctor(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ):
             findings = await diagnose(client, submit_model=args.submit)
     else:
-        key = args.api_key or os.environ.get("APIMART_API_KEY")
-        if not key:
-            print("error: no API key: pass --api-key or set APIMART_API_KEY", file=sys.stderr)
-            return 2
+        from .cli import _key  # the CLI's own key resolution (flags, environment)
+
+        key = _key(args)
         async with AsyncApimart(key, base_url=args.base_url, **options) as client:
             findings = await diagnose(client, submit_model=args.submit)
     if args.as_json:
