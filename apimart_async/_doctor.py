@@ -23,6 +23,7 @@ the raw requests whose full answers the typed API would hide.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -330,23 +331,32 @@ def exit_code(findings: Sequence[Finding]) -> int:
 
 
 def add_doctor_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add ``doctor`` to the CLI's subcommands (the hook in cli.py)."""
+    """Add ``doctor`` to the CLI's subcommands (the hook in cli.py). Options that the shared
+    ``common`` parser already has (``--emulate``, ``--json``) are taken from it."""
+    siblings = list(sub.choices.values())  # format help as the other subcommands do
+    formatter = siblings[0].formatter_class if siblings else argparse.HelpFormatter
     p = sub.add_parser(
         "doctor",
         parents=[common],
-        conflict_handler="resolve",  # the shared options may already hold --emulate, --json
+        formatter_class=formatter,
         help="check connectivity, TLS, proxy, key and the service's variants; run this first",
     )
-    p.add_argument("--emulate", action="store_true", help="check the built-in emulator instead")
-    p.add_argument(
+
+    def add(*flags: str, **kwargs: Any) -> None:
+        # already among the shared options: keep theirs
+        with contextlib.suppress(argparse.ArgumentError):
+            p.add_argument(*flags, **kwargs)
+
+    add("--emulate", action="store_true", help="check the built-in emulator instead")
+    add(
         "--submit",
         metavar="MODEL",
         help="also submit one cheap job of MODEL twice with one Idempotency-Key (spends money)",
     )
-    p.add_argument("--yes", action="store_true", help="do not ask before --submit spends money")
-    p.add_argument("--proxy", help="proxy URL (default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY)")
-    p.add_argument("--ca-file", help="PEM file of extra CAs to trust (like SSL_CERT_FILE)")
-    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    add("--yes", action="store_true", help="do not ask before --submit spends money")
+    add("--proxy", help="proxy URL (default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY)")
+    add("--ca-file", help="PEM file of extra CAs to trust (like SSL_CERT_FILE)")
+    add("--json", dest="as_json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_doctor)
 
 

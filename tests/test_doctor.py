@@ -249,3 +249,20 @@ async def test_submit_check_fails_when_a_repeated_key_makes_a_second_task(
     assert "second task" in got["idempotency"].found
     assert emu.tasks_created == 2
     assert exit_code(findings) == 1
+
+
+def test_doctor_options_leave_the_shared_ones_alone() -> None:
+    import argparse
+
+    from apimart_async._doctor import add_doctor_parser
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--emulate", action="store_true")
+    common.add_argument("--json", dest="as_json", action="store_true")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", parents=[common])
+    add_doctor_parser(sub, common)
+    assert run.parse_args(["--emulate", "--json"]).emulate is True
+    args = parser.parse_args(["doctor", "--emulate", "--json", "--yes"])
+    assert (args.emulate, args.as_json, args.yes) == (True, True, True)
