@@ -447,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--api-key")
     emulator.set_defaults(func=None)
+
+    from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there
+
+    add_doctor_parser(sub, common)
     return parser
 
 

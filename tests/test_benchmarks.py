@@ -39,6 +39,8 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     assert {
         "apimart-async, batch route",
         "apimart-async, per-task GETs",
+        "apimart-async, batch route, real network",
+        "apimart-async, per-task GETs, real network",
         "fixed 0.5 s loop per job",
         "fixed 1 s loop per job",
         "fixed 2 s loop per job",
@@ -51,6 +53,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
             assert run["status_requests"] > 0, name
     # The batch route carries up to 100 ids a request: far fewer requests than jobs.
     assert polling["apimart-async, batch route"]["status_requests"] < jobs
+    assert polling["apimart-async, batch route, real network"]["status_requests"] < jobs
 
     overhead = scenarios["overhead"]["runs"]
     assert overhead["bare aiohttp (1 POST + 1 GET per job)"]["requests_per_job"] == 2.0

@@ -22,6 +22,11 @@ def test_error_tree() -> None:
     assert issubclass(am.APITimeoutError, am.APIConnectionError)
     assert issubclass(am.APITimeoutError, TimeoutError)
     assert issubclass(am.NoVideoError, am.ResponseValidationError)
+    assert issubclass(am.SubmitIndeterminateError, am.APIConnectionError)
+    for name in am._errors.__all__:  # the drawn tree names every error class of _errors
+        obj = getattr(am._errors, name)
+        if isinstance(obj, type) and issubclass(obj, am.ApimartError):
+            assert name in (am._errors.__doc__ or ""), name
     for cls in (
         am.BadRequestError,
         am.AuthenticationError,
