@@ -242,7 +242,7 @@ async def _batch_findings(client: AsyncApimart, size: int) -> list[Finding]:
             )
         ]
     try:  # the SDK's own reader decides whether it can use this shape
-        conv.parse_task_list(raw, status=status)
+        conv.parse_task_items(raw, status=status)  # an unreadable item is read by id
     except ResponseValidationError:
         return [
             Finding("batch route", "warn", f"answers another shape: {_shape(payload)}", per_task)
