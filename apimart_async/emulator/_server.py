@@ -389,7 +389,7 @@ class Emulator:
         for start in range(0, size, 1 << 20):
             h.update(
                 file_bytes(
-                    self.state.pattern, f"{task_id}/{n}", start, min(size, start + (1 << 20))
+                    self.state.pattern, f"{task_id}/{n}", start, min(size, start + (1 << 20)), size
                 )
             )
         return h.hexdigest()
@@ -827,7 +827,7 @@ class Emulator:
         name = f"{task.id}/{n}"
         chunk = 256 * 1024
         for pos in range(start, end, chunk):
-            await resp.write(file_bytes(self.state.pattern, name, pos, min(end, pos + chunk)))
+            await resp.write(file_bytes(self.state.pattern, name, pos, min(end, pos + chunk), size))
             if self.file_chunk_delay:
                 await asyncio.sleep(self.file_chunk_delay)
         await resp.write_eof()
