@@ -230,10 +230,10 @@ def _money(value: float) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
-    s = int(round(seconds))
-    return (
-        f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-    )
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def _elapsed_of(jobs: Sequence[GalleryJob]) -> float | None:
