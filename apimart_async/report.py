@@ -146,7 +146,10 @@ gap:1rem;padding:1rem}
 .card{background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden;
 display:flex;flex-direction:column;min-width:0}
 .card[hidden]{display:none}
-video{display:block;width:100%;aspect-ratio:16/9;background:#000}
+.card{content-visibility:auto;contain-intrinsic-size:auto 28rem}
+.media{aspect-ratio:16/9;background:#000}
+video{display:block;width:100%;height:100%}
+a{color:inherit}
 .body{padding:.6rem .75rem .75rem;display:flex;flex-direction:column;gap:.4rem}
 .top{display:flex;justify-content:space-between;gap:.5rem;align-items:baseline}
 h2{font-size:1rem;margin:0;overflow-wrap:anywhere}
@@ -172,13 +175,20 @@ var st=document.getElementById('f-status'),md=document.getElementById('f-model')
 shown=document.getElementById('shown'),cards=document.querySelectorAll('.card');
 function apply(){var n=0,s=st.value,m=md.value;
 for(var i=0;i<cards.length;i++){var c=cards[i],ok=(!s||c.dataset.status===s)&&
-(!m||c.dataset.model===m);c.hidden=!ok;if(ok)n++}
+(!m||c.dataset.model===m);if(c.hidden===ok)c.hidden=!ok;if(ok)n++}
 shown.textContent=n;var h=new URLSearchParams();if(s)h.set('status',s);if(m)h.set('model',m);
 history.replaceState(null,'',h.toString()?'#'+h:location.pathname+location.search)}
 var q=new URLSearchParams(location.hash.slice(1));
 function pick(el,v){for(var i=0;i<el.options.length;i++)if(el.options[i].value===v)el.value=v}
 pick(st,q.get('status')||'');pick(md,q.get('model')||'');
-st.addEventListener('change',apply);md.addEventListener('change',apply);apply();
+st.addEventListener('change',apply);md.addEventListener('change',apply);
+if(st.value||md.value)apply();
+function show(m){var t=m.querySelector('template');if(t)m.replaceChild(t.content.cloneNode(true),t)}
+setTimeout(function(){var media=document.querySelectorAll('.media');
+if('IntersectionObserver' in window){var io=new IntersectionObserver(function(es){
+es.forEach(function(e){if(e.isIntersecting){io.unobserve(e.target);show(e.target)}})},
+{rootMargin:'800px 0px'});for(var i=0;i<media.length;i++)io.observe(media[i])}
+else for(var i=0;i<media.length;i++)show(media[i])},0);
 var every=+document.body.dataset.refresh;
 if(every>0)setInterval(function(){var v=document.querySelectorAll('video');
 for(var i=0;i<v.length;i++)if(!v[i].paused)return;location.reload()},every*1000);
@@ -203,24 +213,36 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+class _Links:
+    """Links from the page in ``base_dir`` to video files (the folder resolved once)."""
+
+    def __init__(self, base_dir: str | os.PathLike[str] | None) -> None:
+        self.base = os.path.realpath(base_dir) if base_dir is not None else None
+
+    def __call__(self, path: str) -> str:
+        p = os.fspath(path)
+        if self.base is not None and os.path.isabs(p):
+            name = os.path.basename(p)
+            try:
+                rel: str | None = os.path.relpath(p, self.base)
+            except ValueError:  # another drive (Windows)
+                rel = None
+            if rel is None or (
+                not os.path.exists(p) and os.path.exists(os.path.join(self.base, name))
+            ):
+                rel = name  # the folder moved: the video next to the page
+            p = rel
+        if os.path.isabs(p):
+            return Path(p).as_uri()
+        parts = p.replace(os.sep, "/").split("/")
+        return "/".join(quote(part, safe="") for part in parts if part not in ("", ".")) or "."
+
+
 def file_url(path: str, base_dir: str | os.PathLike[str] | None = None) -> str:
     """The page's link to a video: relative to ``base_dir`` (the gallery's folder), each part
     percent-encoded (spaces, ``#``, ``?``, ``%``, non-ASCII), so no file name can change what
     the link means."""
-    p = Path(path)
-    if base_dir is not None and p.is_absolute():
-        base = Path(base_dir).resolve()
-        rel: Path | None
-        try:
-            rel = Path(os.path.relpath(p, base))
-        except ValueError:  # another drive (Windows)
-            rel = None
-        if rel is None or (not p.exists() and (base / p.name).exists()):
-            rel = Path(p.name)  # the folder moved: the video next to the page
-        p = rel
-    if p.is_absolute():
-        return p.as_uri()
-    return "/".join(quote(part, safe="") for part in p.parts) or "."
+    return _Links(base_dir)(path)
 
 
 def _money(value: float) -> str:
@@ -244,20 +266,22 @@ def _elapsed_of(jobs: Sequence[GalleryJob]) -> float | None:
     return max(0.0, float(max(ends)) - float(min(starts)))
 
 
-def _card(job: GalleryJob, base_dir: str | os.PathLike[str] | None) -> str:
+def _card(job: GalleryJob, link: _Links) -> str:
     title = job.name or f"job {job.index}"
     model = job.model or "?"
     out = [
         f'<article class="card g-{job.group}" id="job-{job.index}" '
         f'data-status="{_e(job.status)}" data-model="{_e(model)}">'
     ]
-    if job.files:
-        for n, path in enumerate(job.files):
-            label = title if len(job.files) == 1 else f"{title} ({n + 1}/{len(job.files)})"
-            out.append(
-                f'<video controls preload="metadata" src="{_e(file_url(path, base_dir))}" '
-                f'title="{_e(label)}"></video>'
-            )
+    urls = [link(path) for path in job.files]
+    for n, url in enumerate(urls):
+        label = title if len(urls) == 1 else f"{title} ({n + 1}/{len(urls)})"
+        # Inert until the card nears the screen (the script puts it in place): a thousand
+        # live <video> elements take Chromium many seconds to build.
+        out.append(
+            f'<div class="media"><template><video controls preload="metadata" src="{_e(url)}" '
+            f'title="{_e(label)}"></video></template></div>'
+        )
     if job.error:
         out.append(f'<p class="err">{_e(job.error)}</p>')
     elif not job.files:
@@ -283,6 +307,12 @@ def _card(job: GalleryJob, base_dir: str | os.PathLike[str] | None) -> str:
         rows.append(("cost", _money(job.cost)))
     if job.task_id:
         rows.append(("task", f"<code>{_e(job.task_id)}</code>"))
+    if urls:
+        links = " ".join(
+            f'<a href="{_e(url)}">{_e(Path(path).name)}</a>'
+            for url, path in zip(urls, job.files, strict=True)
+        )
+        rows.append(("file" if len(urls) == 1 else "files", links))
     out.append("<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>")
     out.append("</div></article>")
     return "".join(out)
@@ -318,6 +348,7 @@ def render_gallery(
         now: the "written at" time (default: now, UTC).
     """
     cards = sorted(jobs, key=lambda j: j.index)
+    link = _Links(base_dir)
     groups = {"done": 0, "failed": 0, "pending": 0}
     statuses: dict[str, int] = {}
     models: dict[str, int] = {}
@@ -354,8 +385,9 @@ def render_gallery(
         _options("model", "f-model", models, models),
         '<span>showing <b id="shown">',
         str(len(cards)),
-        "</b></span></div></header>\n<main>\n",
-        "\n".join(_card(job, base_dir) for job in cards),
+        "</b></span></div><noscript><p>JavaScript is off: the videos are not embedded; each "
+        "card links its files.</p></noscript></header>\n<main>\n",
+        "\n".join(_card(job, link) for job in cards),
         "\n</main>\n<footer>written ",
         written,
         " by apimart-async",

@@ -51,6 +51,12 @@ pytestmark = [
     ),
 ]
 
+#: Resolves when no card on the page still holds its video in a <template> (they are put in
+#: place when they near the screen), checked once per frame.
+ALL_MEDIA_IN_PLACE = (
+    "new Promise(done => { const check = () => document.querySelector('.media template')"
+    " ? requestAnimationFrame(check) : done(true); check(); })"
+)
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 ODD_FILE = "odd name #2 ?é 視頻.mp4"
 
@@ -140,6 +146,7 @@ async def test_gallery_in_chromium(page: Any, tmp_path: Path, record_property: A
     logs = [e["entry"]["text"] for e in page.events.get("Log.entryAdded", [])]
     assert not [t for t in logs if "Content Security Policy" in t], logs
     # every video, both of the two-video task and the awkwardly named one, loads its metadata
+    await page.evaluate(ALL_MEDIA_IN_PLACE)
     states = await page.evaluate(
         "Promise.all([...document.querySelectorAll('video')].map(v => v.readyState >= 1"
         " ? [v.readyState, v.duration] : new Promise((ok, bad) => {"
@@ -176,3 +183,37 @@ async def test_gallery_in_chromium(page: Any, tmp_path: Path, record_property: A
     assert background == "rgb(18, 18, 18)"  # dark mode follows the system
     phone = await page.screenshot(tmp_path / "gallery-phone-dark.png")
     print(f"phone, dark: {phone}")
+
+
+async def test_videos_are_put_in_place_as_cards_near_the_screen(page: Any, tmp_path: Path) -> None:
+    from apimart_async.emulator._state import SAMPLE_VIDEO
+
+    cards = []
+    for i in range(60):
+        (tmp_path / f"{i:06d}.mp4").write_bytes(SAMPLE_VIDEO)
+        cards.append(
+            report.GalleryJob(
+                index=i, status="completed", prompt=f"p{i}", files=(str(tmp_path / f"{i:06d}.mp4"),)
+            )
+        )
+    index = report.write_gallery(cards, tmp_path)
+    await page.goto(index.as_uri())
+    live = await page.evaluate(
+        "new Promise(done => { const check = () => { const n ="
+        " document.querySelectorAll('video').length; n ? done(n) : requestAnimationFrame(check)"
+        " }; check(); })"
+    )
+    assert live < 60  # the first screens only
+    assert await page.evaluate("document.querySelector('#job-59 video')") is None
+    await page.evaluate("document.getElementById('job-59').scrollIntoView()")
+    state = await page.evaluate(
+        "new Promise((done, bad) => { const check = () => {"
+        " const v = document.querySelector('#job-59 video');"
+        " if (!v) return requestAnimationFrame(check);"
+        " if (v.readyState >= 1) return done(v.readyState);"
+        " v.addEventListener('loadedmetadata', () => done(v.readyState));"
+        " v.addEventListener('error', () => bad(new Error('cannot load ' + v.currentSrc)));"
+        " }; check(); })",
+        timeout=60,
+    )
+    assert state >= 1

@@ -214,6 +214,7 @@ def test_card_fields_and_header_totals() -> None:
         ("seed", "42"),
         ("cost", "$0.30"),
         ("task", "<code>task_A</code>"),
+        ("file", '<a href="000000.mp4">000000.mp4</a>'),
     ]
     assert [li["id"] for li in page.all("li")] == [
         "t-jobs",
