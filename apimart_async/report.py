@@ -298,9 +298,10 @@ def _card(job: GalleryJob, link: _Links) -> str:
     rows = [("model", _e(model))]
     if job.duration is not None:
         rows.append(("duration", f"{_e(job.duration)} s"))
-    if job.resolution is not None or job.aspect_ratio is not None:
-        res = " · ".join(_e(v) for v in (job.resolution, job.aspect_ratio) if v is not None)
-        rows.append(("resolution", res))
+    if job.resolution is not None:
+        rows.append(("resolution", _e(job.resolution)))
+    if job.aspect_ratio is not None:
+        rows.append(("aspect", _e(job.aspect_ratio)))
     if job.seed is not None:
         rows.append(("seed", _e(job.seed)))
     if job.cost is not None:
