@@ -6,7 +6,12 @@ from apimart_async import emulator
 
 def test_all_is_exactly_the_public_names() -> None:
     # "@py_*": names pytest adds when it rewrites asserts in a package that hosts a plugin
-    public = {n for n in dir(am) if not n.startswith(("_", "@"))} - {"emulator", "cli", "testing"}
+    public = {n for n in dir(am) if not n.startswith(("_", "@"))} - {
+        "emulator",
+        "cli",
+        "testing",
+        "report",
+    }
     assert set(am.__all__) == public | {"__version__"}
     assert set(emulator.__all__) == {"ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan"}
 
