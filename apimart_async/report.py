@@ -56,7 +56,7 @@ INDEX = "index.html"
 #: Statuses of jobs that have not ended; "completed" is done; anything else counts as failed.
 PENDING_STATUSES = frozenset(
     {"queued", "submitting", "submitted", "pending", "processing", "in_progress", "running"}
-    | {"downloading"}
+    | {"downloading"}  # completed at the service, files still coming (journal)
 )
 
 
@@ -107,7 +107,7 @@ class GalleryJob:
             duration=_number(body.get("duration")),
             resolution=_text(resolution),
             aspect_ratio=_text(body.get("aspect_ratio")),
-            seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
+            seed=seed if isinstance(seed := body.get("seed"), int) and seed is not True else None,
             **kw,
         )
 
