@@ -217,3 +217,19 @@ async def test_videos_are_put_in_place_as_cards_near_the_screen(page: Any, tmp_p
         timeout=60,
     )
     assert state >= 1
+
+
+async def test_the_policy_alone_stops_injected_markup(page: Any, tmp_path: Path) -> None:
+    """Defence in depth: were a text ever left unescaped, the page's CSP still runs nothing."""
+    index = report.write_gallery([report.GalleryJob(index=0, status="failed", error="x")], tmp_path)
+    text = index.read_text()
+    injected = text.replace('<p class="err">x</p>', f'<p class="err">{HOSTILE}</p>')
+    assert injected != text
+    index.write_text(injected)
+    await page.goto(index.as_uri())
+    assert await page.evaluate("document.images.length") == 1  # the markup is there...
+    assert await page.evaluate("document.scripts.length") == 2
+    assert "Page.javascriptDialogOpening" not in page.events  # ...and none of it ran
+    logs = [e["entry"]["text"] for e in page.events.get("Log.entryAdded", [])]
+    refused = [t for t in logs if "Content Security Policy" in t]
+    assert len(refused) >= 2, logs  # the inline script and the onerror handler
