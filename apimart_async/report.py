@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import quote
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import attrs
 
@@ -623,8 +624,8 @@ class LiveGallery:
             name, request = item if isinstance(item, tuple) else (None, item)
             self._cards[index] = GalleryJob.from_body(index, "queued", request.to_body(), name=name)
         self._started = clock()
-        self._changed = anyio.Event()
-        self._tg: Any = None
+        self._changed: anyio.Event | None = None  # made on entry, inside the event loop
+        self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
         groups: dict[str, int] = {}
@@ -669,7 +670,8 @@ class LiveGallery:
 
     def _set(self, card: GalleryJob) -> None:
         self._cards[card.index] = card
-        self._changed.set()
+        if self._changed is not None:
+            self._changed.set()
 
     def render(self, *, final: bool = False) -> str:
         return render_gallery(
@@ -695,6 +697,7 @@ class LiveGallery:
 
     async def _writer(self) -> None:
         while True:
+            assert self._changed is not None
             await self._changed.wait()
             delay = self._throttle.wait(self._clock())
             if delay > 0:
@@ -703,6 +706,7 @@ class LiveGallery:
             await self.write()
 
     async def __aenter__(self) -> LiveGallery:
+        self._changed = anyio.Event()
         await self.write()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
