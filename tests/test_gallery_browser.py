@@ -91,7 +91,7 @@ async def _emulated_batch(out: Path) -> list[am.Outcome]:
         ids = {emu.state.tasks[t].body["prompt"]: t for t in emu.task_ids()}
         emu.fail(ids["a storm at sea"], message="the prompt was rejected by moderation")
         emu.fail(ids["a city at night"], code=500, message="upstream generation timed out")
-        emu.state.tasks[ids["the bear waves twice"]].videos = 2
+        emu.complete(ids["the bear waves twice"], videos=2)
         emu.complete_all()
         return [o async for o in results]
 
