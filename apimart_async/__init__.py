@@ -56,6 +56,7 @@ from ._models import (
 from ._retry import set_testing
 from ._schedule import PollPolicy
 from ._specs import MODEL_SPECS, IntRange, ModelSpec
+from ._sync import Apimart, SyncBatch
 from ._version import __version__
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "Apimart",
     "ApimartError",
     "ApimartWarning",
     "AsyncApimart",
@@ -102,6 +104,7 @@ __all__ = [
     "ServerError",
     "SqliteJournal",
     "SubmitIndeterminateError",
+    "SyncBatch",
     "Task",
     "TaskError",
     "TaskFailedError",

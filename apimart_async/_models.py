@@ -426,8 +426,10 @@ def _check_spec(
 # -- replies ---------------------------------------------------------------------------------
 
 
-class TaskStatus(enum.Enum):
-    """A task's status. ``UNKNOWN`` stands for any value this SDK has never seen: running.
+class TaskStatus(enum.StrEnum):
+    """A task's status, a ``str``: ``task.status == "completed"`` holds and it prints as
+    ``completed``. ``UNKNOWN`` stands for any value this SDK has never seen (counted as still
+    running); ``Task.raw_status`` keeps the string the service sent.
 
     Words other clients have seen map onto these: ``success``/``succeeded`` are COMPLETED,
     ``failure``/``error`` FAILED, ``canceled`` CANCELLED; ``expired`` ends a task, not ok.

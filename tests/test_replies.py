@@ -83,6 +83,23 @@ def test_running_and_unknown_statuses_are_not_terminal(status: str) -> None:
         assert task.status is am.TaskStatus.UNKNOWN
 
 
+def test_task_status_is_a_string() -> None:
+    task = conv.parse_task(b(DOC_TASK))
+    assert task.status == "completed"
+    assert isinstance(task.status, str)
+    assert str(task.status) == "completed"
+    assert f"{task.status}" == "completed"
+    assert repr(task.status) == "<TaskStatus.COMPLETED: 'completed'>"
+    assert json.dumps({"status": task.status}) == '{"status": "completed"}'
+    assert am.TaskStatus("in_progress") is am.TaskStatus.IN_PROGRESS
+    # An unknown status still parses (as UNKNOWN), and the service's word is kept.
+    odd = conv.parse_task(b({"data": {"id": "t", "status": "Rendering"}}))
+    assert odd.status is am.TaskStatus.UNKNOWN
+    assert odd.status == "unknown"
+    assert odd.raw_status == "Rendering"
+    assert not odd.is_terminal
+
+
 def test_tolerates_extra_fields_and_numeric_strings() -> None:
     data = {
         "id": "t",

@@ -1,0 +1,360 @@
+"""``Apimart``: a synchronous facade over ``AsyncApimart``, for scripts and notebooks.
+
+The async client runs in an event loop of its own, on a thread started through an anyio
+blocking portal (``anyio.from_thread.start_blocking_portal``); each sync method hands its call
+to that loop and waits for the result. Nothing is written twice: a method of the facade is
+``_blocking(AsyncClass.method)``, a descriptor that forwards the call with the same signature
+and docstring. Because the loop is on its own thread, the facade also works where an event loop
+is already running in the calling thread (Jupyter), which ``asyncio.run`` cannot.
+
+Ctrl-C (KeyboardInterrupt) while a call waits cancels that call in the loop; leaving a batch
+early (``break``, an exception, Ctrl-C) leaves the async batch as ``async with`` would;
+``close()`` closes the client, then stops the loop and its thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable, Iterator
+from types import TracebackType
+from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from ._batch import Batch, Outcome
+from ._client import AsyncApimart, Tasks, Uploads, Videos
+from ._config import DEFAULT_TIMEOUT, Timeout
+from ._errors import ClientClosedError
+from ._schedule import PollPolicy
+
+__all__ = ["Apimart", "SyncBatch"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+W = TypeVar("W")
+
+_END: Final = object()
+
+
+class _Loop:
+    """The event loop thread of one ``Apimart``, shared by its facades."""
+
+    def __init__(self, portal: BlockingPortal) -> None:
+        self.portal = portal
+        self.closed = False
+
+    def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn()`` in the loop and wait for its result. If the wait is interrupted
+        (Ctrl-C), the call is cancelled in the loop before the interruption goes on."""
+        if self.closed:
+            raise ClientClosedError("the client is closed")
+        future = self.portal.start_task_soon(fn)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def call_sync(self, fn: Callable[[], T]) -> T:
+        """Run a plain function in the loop's thread (to read state the loop owns)."""
+
+        async def run() -> T:
+            return fn()
+
+        return self.call(run)
+
+
+class _Facade:
+    """A sync front for one async object (``_target``) living in ``_loop``."""
+
+    def __init__(self, loop: _Loop, target: Any) -> None:
+        self._loop = loop
+        self._target = target
+
+
+class _blocking(Generic[P, T]):
+    """``name = _blocking(AsyncClass.method)`` in a ``_Facade`` subclass: a method with the
+    async method's parameters and docstring that runs it in the facade's loop and returns
+    its result."""
+
+    def __init__(self, method: Callable[Concatenate[Any, P], Awaitable[T]]) -> None:
+        self._method = method
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, T]: ...
+    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, T]:
+        if obj is None:
+            return self
+        method, loop, target = self._method, obj._loop, obj._target
+
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            return loop.call(functools.partial(method, target, *args, **kwargs))
+
+        return call
+
+
+class _in_loop(Generic[P, T]):
+    """``_blocking`` for a plain method: it runs in the loop's thread, which owns the state
+    it reads."""
+
+    def __init__(self, method: Callable[Concatenate[Any, P], T]) -> None:
+        self._method = method
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, T]: ...
+    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, T]:
+        if obj is None:
+            return self
+        method, loop, target = self._method, obj._loop, obj._target
+
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            return loop.call_sync(functools.partial(method, target, *args, **kwargs))
+
+        return call
+
+
+class _in_loop_as(Generic[P, T, W]):
+    """``_in_loop`` whose result is wrapped in a facade (``wrap(loop, result)``)."""
+
+    def __init__(
+        self,
+        method: Callable[Concatenate[Any, P], T],
+        wrap: Callable[[_Loop, T], W],
+    ) -> None:
+        self._method = method
+        self._wrap = wrap
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, W]: ...
+    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, W]:
+        if obj is None:
+            return self
+        method, wrap, loop, target = self._method, self._wrap, obj._loop, obj._target
+
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> W:
+            return wrap(loop, loop.call_sync(functools.partial(method, target, *args, **kwargs)))
+
+        return call
+
+
+class SyncVideos(_Facade):
+    """``client.videos``: submit generations and wait for them (blocking)."""
+
+    submit = _blocking(Videos.submit)
+    generate = _blocking(Videos.generate)
+
+
+class SyncTasks(_Facade):
+    """``client.tasks``: status of submitted tasks (blocking)."""
+
+    get = _blocking(Tasks.get)
+    get_many = _blocking(Tasks.get_many)
+    wait = _blocking(Tasks.wait)
+
+
+class SyncUploads(_Facade):
+    """``client.uploads``: images to use as reference media (blocking)."""
+
+    image = _blocking(Uploads.image)
+    create = _blocking(Uploads.create)
+
+
+class SyncBatch(_Facade):
+    """A batch, iterated synchronously; outcomes in completion order::
+
+        for outcome in client.batch(jobs):          # enters and leaves the batch itself
+            ...
+        with client.batch(jobs) as results:         # or keep it, for stats() afterwards
+            for outcome in results:
+                ...
+            print(results.stats())
+
+    Leaving early (``break``, an exception, Ctrl-C) leaves the batch as ``async with`` would:
+    nothing more is submitted; tasks already submitted keep running at the service
+    (``pending_task_ids()``), and a journal resumes them on the next run.
+    """
+
+    _target: Batch
+
+    def __init__(self, loop: _Loop, batch: Batch) -> None:
+        super().__init__(loop, batch)
+        self._cm: contextlib.AbstractContextManager[Batch] | None = None
+        self._entered = False
+
+    def __enter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("a Batch can be entered only once")
+        if self._loop.closed:
+            raise ClientClosedError("the client is closed")
+        self._entered = True
+        # __aenter__ and __aexit__ run in one task of the loop (the batch's task group
+        # lives there); this thread waits for each.
+        cm = self._loop.portal.wrap_async_context_manager(self._target)
+        cm.__enter__()
+        self._cm = cm
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            cm.__exit__(exc_type, exc, tb)
+
+    def __iter__(self) -> Iterator[Outcome]:
+        if self._cm is not None:
+            yield from self._outcomes()
+            return
+        with self:
+            yield from self._outcomes()
+
+    def _outcomes(self) -> Iterator[Outcome]:
+        while self._cm is not None:
+            item = self._loop.call(self._next)
+            if item is None:
+                return
+            yield item
+
+    async def _next(self) -> Outcome | None:
+        try:
+            return await self._target.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    stats = _in_loop(Batch.stats)
+    pending_task_ids = _in_loop(Batch.pending_task_ids)
+    unconfirmed_submissions = _in_loop(Batch.unconfirmed_submissions)
+    stop = _blocking(Batch.stop)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the batch stopped submitting, if it did."""
+        return self._target.stopped
+
+    @property
+    def interrupted(self) -> int:
+        """How many times Ctrl-C reached this batch (with ``sigint_grace``)."""
+        return self._target.interrupted
+
+    def __repr__(self) -> str:
+        if self._loop.closed:
+            return repr(self._target)
+        return self._loop.call_sync(self._target.__repr__)
+
+
+class Apimart(_Facade):
+    """Synchronous client for the APIMart video API, for scripts and notebooks::
+
+        with Apimart() as client:                   # key from APIMART_API_KEY
+            task = client.videos.generate(VideoRequest("sora-2-preview", "a cat"))
+            for outcome in client.batch(jobs, concurrency=16):
+                ...
+
+    The same engine as ``AsyncApimart`` (same arguments, same behaviour), running in an event
+    loop on a thread of its own, so it works where a loop already runs (Jupyter). The client
+    is open once made; ``close()`` (or leaving ``with``) closes it and stops that thread.
+    ``on_event`` callbacks of a batch run on that thread.
+    """
+
+    _target: AsyncApimart
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeout: Timeout | float | None = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        language: str = "en",
+        status_concurrency: int = 8,
+        poll: PollPolicy | None = None,
+        requests_per_second: float | None = None,
+        download_concurrency: int = 4,
+    ) -> None:
+        stack = contextlib.ExitStack()
+        loop = _Loop(stack.enter_context(start_blocking_portal()))
+        try:
+            # Made and opened in the loop that runs it: its events belong to that loop.
+            client = loop.call(
+                functools.partial(
+                    _open_client,
+                    api_key,
+                    base_url=base_url,
+                    timeout=timeout,
+                    max_retries=max_retries,
+                    language=language,
+                    status_concurrency=status_concurrency,
+                    poll=poll,
+                    requests_per_second=requests_per_second,
+                    download_concurrency=download_concurrency,
+                )
+            )
+        except BaseException:
+            loop.closed = True
+            stack.close()
+            raise
+        super().__init__(loop, client)
+        self._stack = stack
+        self.videos = SyncVideos(loop, client.videos)
+        self.tasks = SyncTasks(loop, client.tasks)
+        self.uploads = SyncUploads(loop, client.uploads)
+
+    def close(self) -> None:
+        """Close the client (waits and batches still running end with ``ClientClosedError``),
+        then stop its event loop thread. Closing twice is harmless."""
+        if self._loop.closed:
+            return
+        try:
+            self._loop.call(self._target.aclose)
+        finally:
+            self._loop.closed = True
+            self._stack.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._loop.closed
+
+    @property
+    def base_url(self) -> str:
+        return self._target.base_url
+
+    def __repr__(self) -> str:
+        return f"<Apimart {self.base_url} [{'closed' if self.closed else 'open'}]>"
+
+    batch = _in_loop_as(AsyncApimart.batch, SyncBatch)
+    balance = _blocking(AsyncApimart.balance)
+    download = _blocking(AsyncApimart.download)
+    request_counts = _in_loop(AsyncApimart.request_counts)
+
+
+async def _open_client(api_key: str | None, **options: Any) -> AsyncApimart:
+    client = AsyncApimart(api_key, **options)
+    await client.open()
+    return client
