@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
@@ -33,6 +34,7 @@ __all__ = ["Apimart", "SyncBatch"]
 P = ParamSpec("P")
 T = TypeVar("T")
 W = TypeVar("W")
+R = TypeVar("R")
 
 _END: Final = object()
 
@@ -73,81 +75,69 @@ class _Facade:
         self._target = target
 
 
-class _blocking(Generic[P, T]):
-    """``name = _blocking(AsyncClass.method)`` in a ``_Facade`` subclass: a method with the
-    async method's parameters and docstring that runs it in the facade's loop and returns
-    its result."""
+class _Forward(Generic[P, R]):
+    """A method of a ``_Facade`` that forwards to the same method of its target, with that
+    method's parameters (``inspect.signature``, type checkers) and docstring."""
+
+    def __init__(self, method: Callable[Concatenate[Any, P], Any]) -> None:
+        self._method = method
+        self.__doc__ = method.__doc__
+        sig = inspect.signature(method)
+        self._signature = sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> R:
+        raise NotImplementedError
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, R]: ...
+    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, R]:
+        if obj is None:
+            return self
+        method, loop, target = self._method, obj._loop, obj._target
+
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            return self._run(loop, functools.partial(method, target, *args, **kwargs))
+
+        functools.update_wrapper(call, method)
+        call.__signature__ = self._signature  # type: ignore[attr-defined]
+        return call
+
+
+class _blocking(_Forward[P, T]):
+    """``name = _blocking(AsyncClass.method)``: runs the coroutine method in the facade's
+    loop and waits for its result."""
 
     def __init__(self, method: Callable[Concatenate[Any, P], Awaitable[T]]) -> None:
-        self._method = method
-        self.__doc__ = method.__doc__
+        super().__init__(method)
 
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, T]: ...
-    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, T]:
-        if obj is None:
-            return self
-        method, loop, target = self._method, obj._loop, obj._target
-
-        @functools.wraps(method)
-        def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            return loop.call(functools.partial(method, target, *args, **kwargs))
-
-        return call
+    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> T:
+        return loop.call(fn)  # type: ignore[no-any-return]
 
 
-class _in_loop(Generic[P, T]):
-    """``_blocking`` for a plain method: it runs in the loop's thread, which owns the state
-    it reads."""
+class _in_loop(_Forward[P, T]):
+    """``name = _in_loop(AsyncClass.method)`` for a plain method: it runs in the loop's
+    thread, which owns the state it reads."""
 
     def __init__(self, method: Callable[Concatenate[Any, P], T]) -> None:
-        self._method = method
-        self.__doc__ = method.__doc__
+        super().__init__(method)
 
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, T]: ...
-    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, T]:
-        if obj is None:
-            return self
-        method, loop, target = self._method, obj._loop, obj._target
-
-        @functools.wraps(method)
-        def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            return loop.call_sync(functools.partial(method, target, *args, **kwargs))
-
-        return call
+    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> T:
+        return loop.call_sync(fn)  # type: ignore[no-any-return]
 
 
-class _in_loop_as(Generic[P, T, W]):
-    """``_in_loop`` whose result is wrapped in a facade (``wrap(loop, result)``)."""
+class _in_loop_as(_Forward[P, W], Generic[P, T, W]):
+    """``_in_loop`` whose result is wrapped in a facade: ``wrap(loop, result)``."""
 
     def __init__(
-        self,
-        method: Callable[Concatenate[Any, P], T],
-        wrap: Callable[[_Loop, T], W],
+        self, method: Callable[Concatenate[Any, P], T], wrap: Callable[[_Loop, T], W]
     ) -> None:
-        self._method = method
+        super().__init__(method)
         self._wrap = wrap
-        self.__doc__ = method.__doc__
 
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(self, obj: _Facade, owner: type[Any]) -> Callable[P, W]: ...
-    def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, W]:
-        if obj is None:
-            return self
-        method, wrap, loop, target = self._method, self._wrap, obj._loop, obj._target
-
-        @functools.wraps(method)
-        def call(*args: P.args, **kwargs: P.kwargs) -> W:
-            return wrap(loop, loop.call_sync(functools.partial(method, target, *args, **kwargs)))
-
-        return call
+    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> W:
+        return self._wrap(loop, loop.call_sync(fn))
 
 
 class SyncVideos(_Facade):

@@ -1,0 +1,278 @@
+"""``Apimart``: the synchronous facade, against an emulator running in a thread of its own
+(the sync client blocks its caller, so the emulator cannot share the caller's loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+import apimart_async as am
+from apimart_async.emulator import Emulator
+
+from .conftest import FAST_POLL
+
+T = TypeVar("T")
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+class ThreadedEmulator:
+    """An ``Emulator`` in its own event loop thread; ``call`` runs a control there."""
+
+    def __init__(self, portal: BlockingPortal, emu: Emulator) -> None:
+        self.portal = portal
+        self.emu = emu
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        async def run() -> T:
+            return fn(*args)
+
+        return self.portal.call(run)
+
+    def wait_until(self, predicate: Callable[[], bool]) -> None:
+        self.portal.call(self.emu.wait_until, predicate)
+
+
+def _threaded(**options: Any) -> Iterator[ThreadedEmulator]:
+    with start_blocking_portal() as portal:
+        emu = Emulator(**options)
+        with portal.wrap_async_context_manager(emu):
+            yield ThreadedEmulator(portal, emu)
+
+
+@pytest.fixture
+def temu() -> Iterator[ThreadedEmulator]:
+    """Tasks end 50 ms after their submit (real time)."""
+    yield from _threaded(task_duration=0.05)
+
+
+@pytest.fixture
+def manual_temu() -> Iterator[ThreadedEmulator]:
+    yield from _threaded(mode="manual")
+
+
+def sync_client(t: ThreadedEmulator) -> am.Apimart:
+    return am.Apimart(t.emu.api_key, base_url=t.emu.base_url, poll=FAST_POLL)
+
+
+def _watching(client: am.Apimart) -> list[str]:
+    """Task ids the client's shared poller follows, read in the client's loop after letting
+    anything already cancelled there finish (checkpoints, no timing)."""
+
+    async def read() -> list[str]:
+        for _ in range(20):
+            await anyio.sleep(0)
+        return client._target._poller.watching()
+
+    return client._loop.call(read)
+
+
+def _portal_threads() -> int:
+    return sum(1 for t in threading.enumerate() if "portal" in t.name)
+
+
+def test_every_endpoint_blocks_and_returns_what_the_async_client_returns(
+    temu: ThreadedEmulator, tmp_path: Path
+) -> None:
+    with sync_client(temu) as client:
+        assert repr(client) == f"<Apimart {temu.emu.base_url} [open]>"
+        assert client.balance().remain_balance == 1000.0
+        task_id = client.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+        task = client.tasks.wait(task_id)
+        assert task.status == "completed"
+        assert client.tasks.get(task_id) == task
+        other = client.videos.generate(am.VideoRequest("sora-2-preview", "a dog", duration=8))
+        assert other.ok
+        assert client.tasks.get_many([other.id, task_id, "task_nope"]) == [other, task]
+        url = client.uploads.image(PNG, filename="ref.png")
+        assert url.startswith(temu.emu.base_url)
+        (file,) = client.download(task, tmp_path)
+        assert Path(file.path) == tmp_path / f"{task_id}.mp4"
+        assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == file.sha256
+        assert file.sha256 == temu.emu.file_sha256(task_id)
+        assert client.balance().used_balance == pytest.approx(0.4 + 0.8)
+        assert client.request_counts()["submit"] == 2
+    assert temu.emu.counters["submit"] == 2
+    assert temu.emu.tasks_created == 2
+    assert client.closed
+
+
+def test_errors_come_through_typed(manual_temu: ThreadedEmulator) -> None:
+    with sync_client(manual_temu) as client:
+        with pytest.raises(am.ValidationError, match="duration"):
+            client.videos.submit(am.VideoRequest("sora-2-preview", "a cat", duration=5))
+        with pytest.raises(am.NotFoundError):
+            client.tasks.get("task_nope")
+        task_id = client.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+        manual_temu.call(manual_temu.emu.fail, task_id)
+        with pytest.raises(am.TaskFailedError, match="Video generation failed"):
+            client.tasks.wait(task_id)
+    with pytest.raises(am.AuthenticationError):
+        with am.Apimart("sk-wrong", base_url=manual_temu.emu.base_url) as bad:
+            bad.balance()
+
+
+def test_a_batch_iterated_with_a_for_loop_yields_every_job_once(temu: ThreadedEmulator) -> None:
+    jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(12)]
+    with sync_client(temu) as client:
+        indexes = [outcome.index for outcome in client.batch(jobs, concurrency=4)]
+        assert all(isinstance(i, int) for i in indexes)
+        assert sorted(indexes) == list(range(12))
+        with client.batch(jobs[:3]) as results:
+            outcomes = list(results)
+            assert [o.ok for o in outcomes] == [True, True, True]
+        stats = results.stats()
+        assert (stats.submitted, stats.completed, stats.pending) == (3, 3, 0)
+        assert repr(results).startswith("<Batch read=3 submitted=3 pending=0 | completed=3")
+    assert temu.emu.tasks_created == 15
+    assert max(temu.emu.tasks_per_key.values()) == 1
+
+
+def test_breaking_out_of_a_batch_leaves_it_and_the_client_goes_on(
+    manual_temu: ThreadedEmulator,
+) -> None:
+    emu = manual_temu.emu
+    jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(5)]
+    with sync_client(manual_temu) as client:
+        with client.batch(jobs, concurrency=5) as results:
+            manual_temu.wait_until(lambda: emu.tasks_created == 5)
+            first = emu.task_ids()[2]
+            manual_temu.call(emu.complete, first)
+            for outcome in results:
+                assert outcome.task_id == first
+                break
+            assert sorted(_watching(client)) == sorted(set(emu.task_ids()) - {first})
+        # Left: nothing is followed any more, the other four are reported as still running.
+        assert results.stopped == "the batch was left"
+        assert sorted(results.pending_task_ids()) == sorted(set(emu.task_ids()) - {first})
+        assert _watching(client) == []
+        assert client.tasks.get(first).ok  # the client is still usable
+
+        # The short form: a plain for loop, left by break, leaves the batch too.
+        def complete_the_next_one() -> None:
+            manual_temu.wait_until(lambda: emu.tasks_created == 6)
+            manual_temu.call(emu.complete_all)
+
+        threading.Thread(target=complete_the_next_one, daemon=True).start()
+        more = [am.VideoRequest("sora-2-preview", f"again {i}") for i in range(3)]
+        for outcome in client.batch(more, max_pending=1):
+            assert outcome.ok
+            break
+        assert _watching(client) == []
+    # max_pending 1: the second job of the short form may have gone out before the break
+    assert emu.counters["submit"] in (6, 7)
+
+
+def test_works_inside_a_running_event_loop(temu: ThreadedEmulator) -> None:
+    """As in Jupyter: the caller's thread already runs an event loop."""
+
+    async def notebook_cell() -> tuple[am.Task, list[bool]]:
+        asyncio.get_running_loop()  # a loop runs here
+        with sync_client(temu) as client:
+            task = client.videos.generate(am.VideoRequest("sora-2-preview", "a cat"))
+            jobs = [am.VideoRequest("sora-2-preview", f"p{i}") for i in range(3)]
+            return task, [o.ok for o in client.batch(jobs)]
+
+    task, oks = asyncio.run(notebook_cell())
+    assert task.status == am.TaskStatus.COMPLETED
+    assert oks == [True, True, True]
+    assert temu.emu.tasks_created == 4
+
+
+def _interrupt_main_thread_when(t: ThreadedEmulator, predicate: Callable[[], bool]) -> None:
+    """From a helper thread: once the emulator sees ``predicate`` hold (the main thread is then
+    blocked in a call), deliver Ctrl-C to the main thread."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def run() -> None:
+        t.wait_until(predicate)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_ctrl_c_while_waiting_cancels_the_wait_in_the_loop(
+    manual_temu: ThreadedEmulator,
+) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    emu = manual_temu.emu
+    with sync_client(manual_temu) as client:
+        task_id = client.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+        reads = emu.counters.get("batch", 0)
+        _interrupt_main_thread_when(manual_temu, lambda: emu.counters.get("batch", 0) >= reads + 2)
+        with pytest.raises(KeyboardInterrupt):
+            client.tasks.wait(task_id)
+        assert _watching(client) == []
+        manual_temu.call(emu.complete, task_id)
+        assert client.tasks.wait(task_id).ok  # the client still works
+
+
+def test_ctrl_c_while_iterating_a_batch_leaves_the_batch(manual_temu: ThreadedEmulator) -> None:
+    emu = manual_temu.emu
+    jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(4)]
+    with sync_client(manual_temu) as client:
+        _interrupt_main_thread_when(manual_temu, lambda: emu.tasks_created == 4)
+        with pytest.raises(KeyboardInterrupt):
+            with client.batch(jobs, concurrency=4) as results:
+                for _ in results:
+                    pytest.fail("no task ends in manual mode")
+        assert results.stopped == "the batch was left"
+        assert sorted(results.pending_task_ids()) == sorted(emu.task_ids())
+        assert _watching(client) == []
+    assert client.closed
+
+
+def test_close_stops_the_thread_and_later_calls_fail_typed(temu: ThreadedEmulator) -> None:
+    before = _portal_threads()
+    client = sync_client(temu)
+    assert _portal_threads() == before + 1
+    batch = client.batch([am.VideoRequest("sora-2-preview", "never run")])
+    client.close()
+    client.close()  # harmless
+    assert _portal_threads() == before
+    assert repr(client) == f"<Apimart {temu.emu.base_url} [closed]>"
+    with pytest.raises(am.ClientClosedError):
+        client.balance()
+    with pytest.raises(am.ClientClosedError):
+        client.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+    with pytest.raises(am.ClientClosedError):
+        list(batch)
+    with pytest.raises(am.ClientClosedError):
+        client.batch([])
+    assert temu.emu.counters.get("submit", 0) == 0
+
+
+def test_bad_options_fail_at_once_and_leave_no_thread(temu: ThreadedEmulator) -> None:
+    before = _portal_threads()
+    with pytest.raises(am.ConfigurationError, match="max_retries"):
+        am.Apimart("k", base_url=temu.emu.base_url, max_retries=-1)
+    with pytest.raises(am.ConfigurationError, match="API key"):
+        am.Apimart(base_url=temu.emu.base_url)
+    assert _portal_threads() == before
+
+
+def test_the_facade_takes_exactly_the_async_clients_arguments() -> None:
+    def shape(fn: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(am.Apimart.__init__) == shape(am.AsyncApimart.__init__)
+    from apimart_async._client import Tasks, Videos
+
+    with am.Apimart("k", base_url="http://127.0.0.1:9") as client:
+        # each method keeps the async method's parameters and documentation
+        assert shape(client.batch) == shape(am.AsyncApimart.batch)[1:]
+        assert shape(client.videos.generate) == shape(Videos.generate)[1:]
+        assert shape(client.tasks.wait) == shape(Tasks.wait)[1:]
+        assert client.tasks.wait.__doc__ == Tasks.wait.__doc__
+        assert client.download.__doc__ == am.AsyncApimart.download.__doc__
