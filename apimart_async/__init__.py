@@ -3,7 +3,9 @@
 Submit fast, watch cheaply, never pay twice, never lose a job. See README.md.
 """
 
+import importlib as _importlib
 import logging as _logging
+import typing as _typing
 
 from ._batch import (
     Batch,
@@ -120,6 +122,19 @@ __all__ = [
     "read_jobs",
     "set_testing",
 ]
+
+if _typing.TYPE_CHECKING:
+    from . import emulator as emulator
+    from . import testing as testing
+else:
+
+    def __getattr__(name: str) -> object:
+        # ``apimart_async.emulator`` and ``apimart_async.testing`` after a plain
+        # ``import apimart_async``, imported on first use (neither costs anything before).
+        if name in ("emulator", "testing"):
+            return _importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # A library logs, an application decides where logs go.
 _logging.getLogger("apimart_async").addHandler(_logging.NullHandler())

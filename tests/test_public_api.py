@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import apimart_async as am
 from apimart_async import emulator
 
@@ -71,3 +74,29 @@ def test_py_typed_is_shipped() -> None:
     import importlib.resources
 
     assert importlib.resources.files("apimart_async").joinpath("py.typed").is_file()
+
+
+def test_sync_client_is_public() -> None:
+    assert am.Apimart.__module__ == "apimart_async._sync"
+    assert {"Apimart", "SyncBatch"} <= set(am.__all__)
+
+
+def test_emulator_and_testing_are_reachable_after_a_plain_import() -> None:
+    code = (
+        "import sys, apimart_async as am\n"
+        "assert 'apimart_async.testing' not in sys.modules\n"
+        "assert 'apimart_async.emulator' not in sys.modules\n"
+        "print(am.testing.emulated_api.__name__, am.emulator.Emulator.__name__)\n"
+        "try:\n"
+        "    am.nothing_here\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "emulated_api Emulator",
+        "module 'apimart_async' has no attribute 'nothing_here'",
+    ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -71,7 +72,7 @@ def _watching(client: am.Apimart) -> list[str]:
 
     async def read() -> list[str]:
         for _ in range(20):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
         return client._target._poller.watching()
 
     return client._loop.call(read)
