@@ -390,10 +390,9 @@ async def cmd_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from apimart_async.emulator.__main__ import main as emulator_main
+    from apimart_async.emulator.__main__ import run
 
-    extra = ["--api-key", args.api_key] if args.api_key else []
-    return emulator_main(["--port", str(args.port), "--host", args.host, *extra])
+    return run(args)
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -478,10 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="known models and their rules")
     models.set_defaults(func=cmd_models)
 
-    emulator = sub.add_parser("emulator", help="run the built-in emulator")
-    emulator.add_argument("--port", type=int, default=8000)
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--api-key")
+    # The emulator's own options, defined once in apimart_async/emulator/__main__.py.
+    from apimart_async.emulator import __main__ as emulator_main
+
+    emulator = sub.add_parser(
+        "emulator",
+        help="run the built-in emulator",
+        description=emulator_main.DESCRIPTION,
+    )
+    emulator_main.add_arguments(emulator)
     emulator.set_defaults(func=None)
 
     from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there

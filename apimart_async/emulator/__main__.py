@@ -1,4 +1,9 @@
-"""``python -m apimart_async.emulator``: run the emulator until interrupted."""
+"""Run the APIMart emulator on loopback until interrupted (Ctrl-C).
+
+It prints one JSON line with ``base_url`` and ``api_key`` first, then how to point the SDK or
+the CLI at it (APIMART_BASE_URL, APIMART_API_KEY). ``python -m apimart_async.emulator`` and
+``apimart-async emulator`` take the same options: both are built by ``add_arguments`` here.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,19 @@ import sys
 from ._network import NETWORK_PROFILES
 from ._server import BATCH_ROUTES, CONFLICT_PLACEMENTS, UNKNOWN_TASK_REPLIES, Emulator
 
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "emulator_from_args", "main", "run"]
+
+DESCRIPTION = "Run the APIMart emulator on loopback until interrupted (Ctrl-C)."
+
 
 def _parse_duration(text: str) -> float | tuple[float, float]:
-    if "-" in text.strip("-"):
-        low, high = text.split("-", 1)
-        return float(low), float(high)
-    return float(text)
+    try:
+        if "-" in text.strip("-"):
+            low, high = text.split("-", 1)
+            return float(low), float(high)
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH seconds, got {text!r}") from None
 
 
 def _status_name(text: str) -> tuple[str, str]:
@@ -27,41 +39,68 @@ def _status_name(text: str) -> tuple[str, str]:
     return status, word
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apimart_async.emulator", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    p.add_argument("--api-key", default=None, help="key to accept (default: a random one)")
-    p.add_argument("--mode", choices=("auto", "manual"), default="auto")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of the emulator, on ``p`` (the one definition both commands use)."""
     p.add_argument(
-        "--duration", type=_parse_duration, default=(2.0, 6.0), help="task seconds, N or LOW-HIGH"
-    )
-    p.add_argument("--failure-rate", type=float, default=0.0)
-    p.add_argument(
-        "--fault-rate", type=float, default=0.0, help="fraction of requests given a random fault"
+        "--host", default="127.0.0.1", help="loopback address to listen on (default: %(default)s)"
     )
     p.add_argument(
-        "--no-batch-route", action="store_true", help="answer 404 on POST /v1/tasks/batch"
+        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    p.add_argument(
+        "--api-key", default=None, help="key to accept (default: a random one, printed at start)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("auto", "manual"),
+        default="auto",
+        help="auto: tasks end after --duration; manual: they stay pending (default: %(default)s)",
+    )
+    p.add_argument(
+        "--duration",
+        type=_parse_duration,
+        default=(2.0, 6.0),
+        metavar="SECONDS",
+        help="how long a task runs: N, or LOW-HIGH drawn per task (default: 2-6)",
+    )
+    p.add_argument(
+        "--failure-rate",
+        type=float,
+        default=0.0,
+        help="fraction of tasks that end failed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        help="fraction of requests given a random fault (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-batch-route",
+        action="store_true",
+        help="answer 404 on POST /v1/tasks/batch (the same as --batch-route absent)",
     )
     p.add_argument(
         "--batch-route",
         choices=BATCH_ROUTES,
         default="ok",
         help="how POST /v1/tasks/batch behaves: ok, absent (404), refuse (400), partial "
-        "(leaves live tasks out), nested ({data: {tasks: [...]}}), keyed ({data: {id: task}})",
+        "(leaves live tasks out), nested ({data: {tasks: [...]}}), keyed ({data: {id: task}}) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--unknown-task",
         choices=UNKNOWN_TASK_REPLIES,
         default="404",
         help="how an unknown task id is answered: 404, 400 (invalid task ID) or 200 with "
-        '{"code": 404}',
+        '{"code": 404} (default: %(default)s)',
     )
     p.add_argument(
         "--conflict-code-in",
         choices=CONFLICT_PLACEMENTS,
         default="both",
-        help="where a 409 sub-code goes: both, type (error.type) or code (error.code)",
+        help="where a 409 sub-code goes: both, type (error.type) or code (error.code) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--status-name",
@@ -69,28 +108,57 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="STATUS=WORD",
-        help="the service's word for a status, e.g. completed=success (repeatable)",
+        help="the service's word for a status, e.g. completed=success (repeatable; default: "
+        "the documented words)",
     )
     p.add_argument(
-        "--balance", type=float, default=1000.0, help="starting USD balance (-1: unlimited)"
+        "--balance",
+        type=float,
+        default=1000.0,
+        help="starting balance in USD; -1 for unlimited (default: %(default)s)",
     )
     p.add_argument(
         "--network",
         choices=NETWORK_PROFILES,
         default="loopback",
-        help="real: gzip when accepted, replies in small segments with pauses, sometimes chunked",
+        help="real: gzip when accepted, replies in small segments with pauses, sometimes "
+        "chunked (default: %(default)s)",
     )
     p.add_argument(
         "--tls",
         action="store_true",
         help="serve https with a private CA (needs trustme); its PEM file is printed as ca_file",
     )
-    p.add_argument("--video-bytes", type=int, default=64 * 1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--video-bytes",
+        type=int,
+        default=64 * 1024,
+        help="size of each result file in bytes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="makes ids, durations and faults repeatable (default: %(default)s)",
+    )
+    p.add_argument(
+        "--state",
+        metavar="PATH",
+        default=None,
+        help=(
+            "keep tasks, balance, idempotency keys and the clock in this file across "
+            "restarts (default: nothing kept)"
+        ),
+    )
+
+
+def build_parser(prog: str = "python -m apimart_async.emulator") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
     return p
 
 
-async def serve(args: argparse.Namespace) -> None:
+def emulator_from_args(args: argparse.Namespace) -> Emulator:
     emu = Emulator(
         api_key=args.api_key,
         host=args.host,
@@ -107,21 +175,28 @@ async def serve(args: argparse.Namespace) -> None:
         seed=args.seed,
         network=args.network,
         tls=args.tls,
+        state_path=args.state,
     )
     if args.fault_rate:
         emu.faults.set_rate(args.fault_rate)
-    async with emu:
+    return emu
+
+
+async def serve(args: argparse.Namespace) -> None:
+    async with emulator_from_args(args) as emu:
         # One JSON line first, so a parent process can read where to connect.
         first = {"base_url": emu.base_url, "api_key": emu.api_key}
         if emu.ca_file is not None:
             first["ca_file"] = emu.ca_file
         print(json.dumps(first), flush=True)
         trust = f"  export SSL_CERT_FILE={emu.ca_file}\n" if emu.ca_file else ""
+        kept = f"  state kept in {emu.state_path}\n" if emu.state_path is not None else ""
         print(
             f"APIMart emulator on {emu.base_url} (network: {emu.network})\n"
             f"  export APIMART_BASE_URL={emu.base_url}\n"
             f"  export APIMART_API_KEY={emu.api_key}\n"
             f"{trust}"
+            f"{kept}"
             "Ctrl-C to stop.",
             file=sys.stderr,
             flush=True,
@@ -129,14 +204,22 @@ async def serve(args: argparse.Namespace) -> None:
         stop = asyncio.Event()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()  # then the emulator stops cleanly (its CA file is removed)
+        await stop.wait()  # then the emulator stops cleanly (CA file removed, state saved)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C or SIGTERM (then save the state file, if any); the exit code."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args))
+    except (OSError, ValueError) as exc:  # port taken, unreadable state file, bad option
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args))
-    return 0
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,13 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -48,7 +50,8 @@ from aiohttp import web
 from ._faults import FaultPlan
 from ._network import NETWORK_PROFILES, LocalCA, Network, NetworkProfile
 from ._rules import RuleError, check_body, price
-from ._state import TERMINAL, Clock, EmuTask, IdemRecord, Mode, State, file_bytes
+from ._state import TERMINAL, Clock, EmuTask, IdemRecord, Mode, State, _pattern, file_bytes
+from ._store import StateFile
 
 __all__ = ["Emulator"]
 
@@ -136,6 +139,12 @@ class Emulator:
             ``_network``), drawn from ``seed``.
         tls: serve https on loopback: True makes a private CA (``ca_file``,
             ``client_ssl_context()``; needs ``trustme``), or pass a server ``ssl.SSLContext``.
+        state_path: a file that keeps the service's state across restarts (see ``_store``):
+            tasks, balance, idempotency keys and the clock are loaded from it at ``start()``
+            and saved on every change and at ``stop()``. An emulator restarted on the same
+            file answers for the same tasks, and tasks created before go on with its clock,
+            so a batch interrupted with Ctrl-C resumes against the same tasks. The seed and
+            file size that made earlier result files are taken from the file.
     """
 
     def __init__(
@@ -163,6 +172,7 @@ class Emulator:
         file_chunk_delay: float = 0.0,
         network: Network = "loopback",
         tls: bool | ssl.SSLContext = False,
+        state_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if network not in NETWORK_PROFILES:
             raise ValueError(f"network must be one of {', '.join(NETWORK_PROFILES)}")
@@ -219,6 +229,9 @@ class Emulator:
         self._tls = tls
         #: The private CA when ``tls=True`` (made at start, removed at stop).
         self.ca: LocalCA | None = None
+        #: Where the state is kept across restarts (None: nowhere).
+        self.state_path = Path(state_path) if state_path is not None else None
+        self._store = StateFile(self.state_path) if self.state_path is not None else None
 
     @property
     def ca_file(self) -> str | None:
@@ -257,6 +270,7 @@ class Emulator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._load_state()
         middlewares = [self.network_profile.middleware] if self.network_profile else []
         app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024, middlewares=middlewares)
         app.router.add_post("/v1/videos/generations", self._wrap("submit", self._submit))
@@ -311,6 +325,47 @@ class Emulator:
         if self.ca is not None:
             self.ca.cleanup()
             self.ca = None
+        self._save_state(final=True)
+
+    def _load_state(self) -> None:
+        if self._store is None:
+            return
+        state = self.state
+        snap = self._store.load()
+        if snap is not None:
+            if (snap.seed, snap.video_bytes) != (state.seed, state.video_bytes):
+                state.seed, state.video_bytes = snap.seed, snap.video_bytes
+                state.pattern = _pattern(snap.seed)
+            if isinstance(snap.rng, list) and len(snap.rng) == 3:
+                with contextlib.suppress(TypeError, ValueError):
+                    state.rng.setstate((snap.rng[0], tuple(snap.rng[1]), snap.rng[2]))
+            state.unlimited = snap.unlimited
+            state.remain_balance, state.used_balance = snap.remain_balance, snap.used_balance
+            self.clock.resume_from(snap.now)
+            state.restore(snap.tasks, keep_for=state.task_ttl)
+        self._save_state()
+        store = self._store
+        state.on_change = lambda task: store.append(
+            task, self.clock.now(), (state.remain_balance, state.used_balance)
+        )
+
+    def _save_state(self, *, final: bool = False) -> None:
+        """Rewrite the state file compactly (atomic); later changes are appended to it."""
+        if self._store is None:
+            return
+        s = self.state
+        header = {
+            "seed": s.seed,
+            "video_bytes": s.video_bytes,
+            "now": self.clock.now(),
+            "unlimited": s.unlimited,
+            "balance": [s.remain_balance, s.used_balance],
+            "rng": s.rng.getstate(),
+        }
+        self._store.rewrite(header, list(s.tasks.values()))
+        if final:  # stopped: nothing more to append
+            s.on_change = None
+            self._store.close()
 
     async def __aenter__(self) -> Emulator:
         await self.start()
@@ -436,8 +491,9 @@ class Emulator:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("emulator condition not reached in time")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -460,8 +516,11 @@ class Emulator:
                 else min(1.0, max(0.001, due - self.clock.now()))
             )
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            # not asyncio.wait_for: on 3.11 it can swallow the cancellation of stop() when the
+            # event is set at the same moment, and the ticker would never end
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     def _on_finished(self, task: EmuTask) -> None:
         webhook = task.body.get("webhook")

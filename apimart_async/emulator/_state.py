@@ -14,6 +14,7 @@ import json
 import random
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import attrs
@@ -59,6 +60,14 @@ class Clock:
         if seconds < 0:
             raise ValueError("the clock only moves forward")
         self._offset += seconds
+
+    def resume_from(self, when: float) -> None:
+        """After a restart at the time the service had reached (``when``): a frozen clock goes
+        on from exactly there; a running one never runs behind it, and the real time that
+        passed while the emulator was down has passed for its tasks too (as at the service)."""
+        behind = when - self.now()
+        if self.frozen or behind > 0:
+            self._offset += behind
 
 
 @attrs.define
@@ -180,14 +189,48 @@ class State:
         self.max_unfinished = 0
         self.file_requests_with_auth = 0
         self.finished_log: list[str] = []
+        #: Called with a task each time it is created or changes (the state file's hook).
+        self.on_change: Callable[[EmuTask], None] | None = None
+        self.seed = seed
+
+    def _changed(self, task: EmuTask) -> None:
+        if self.on_change is not None:
+            self.on_change(task)
+
+    def restore(self, tasks: dict[str, EmuTask], *, keep_for: float) -> None:
+        """Take over the tasks of an earlier run (from a state file): their idempotency keys
+        answer again, unfinished ones go on (auto mode: they end when their time comes, which
+        may already have passed), and tasks older than ``keep_for`` seconds are dropped."""
+        now = self.clock.now()
+        for task in sorted(tasks.values(), key=lambda t: t.created):
+            if now - task.created > keep_for:
+                continue
+            self.tasks[task.id] = task
+            if task.idempotency_key is None:
+                self.submits_without_key += 1
+            else:
+                self.tasks_per_key[task.idempotency_key] += 1
+                self.idempotency[task.idempotency_key] = IdemRecord(
+                    self.body_hash(task.body), task.id, in_progress=False
+                )
+            if task.status in TERMINAL:
+                continue
+            self.unfinished += 1
+            if self.mode == "auto":
+                heapq.heappush(self._due, (task.created + task.duration, task.id))
+        self.max_unfinished = max(self.max_unfinished, self.unfinished)
+        done = [t for t in self.tasks.values() if t.status in TERMINAL]
+        self.finished_log = [t.id for t in sorted(done, key=lambda t: t.finished_at or 0.0)]
 
     # -- ids and helpers ---------------------------------------------------------------------
 
     def new_task_id(self) -> str:
         millis = int(self.clock.now() * 1000)
         head = "".join(_CROCKFORD[(millis >> (5 * i)) & 31] for i in reversed(range(10)))
-        tail = "".join(self.rng.choice(_CROCKFORD) for _ in range(16))
-        return f"task_{head}{tail}"
+        while True:  # unique also against the tasks of an earlier run (same seed)
+            tail = "".join(self.rng.choice(_CROCKFORD) for _ in range(16))
+            if f"task_{head}{tail}" not in self.tasks:
+                return f"task_{head}{tail}"
 
     @staticmethod
     def body_hash(body: Any) -> str:
@@ -248,6 +291,7 @@ class State:
             )
         elif self.mode == "auto":
             heapq.heappush(self._due, (now + duration, task.id))
+        self._changed(task)
         return task
 
     def sweep(self) -> list[EmuTask]:
@@ -300,6 +344,7 @@ class State:
             task.cost = task.price
             task.expires_at = int(when + self.video_ttl)
         self.finished_log.append(task.id)
+        self._changed(task)
 
     def status_of(self, task: EmuTask) -> tuple[str, int]:
         """(status, progress) now; auto-mode tasks move with the clock."""
@@ -334,6 +379,7 @@ class State:
         task = self.unfinished_task(task_id)
         task.status = status
         task.progress = progress
+        self._changed(task)
 
     def complete(self, task_id: str, *, videos: int = 1) -> None:
         """End a task ``completed``; ``videos=0`` plays a completed task with no result URL."""

@@ -1,0 +1,167 @@
+"""The emulator's state file: the service's memory across restarts of the emulator.
+
+JSON lines. The first line is a header (format version, the seed and file size that make
+result files, the clock, the balance, the random generator); then one line per task each time
+it changes (created, running, finished), the last line of a task winning. Each change is
+appended and flushed before the reply that reveals it is sent, so a task id a client has seen
+survives even a killed process; a cut last line is ignored. Opening and closing rewrite the
+file compactly (one line per task) through a temporary file and an atomic rename.
+
+Kept: tasks (with their bodies, timings, results), the balance, idempotency keys (rebuilt from
+the tasks), the clock. Not kept: uploaded images, request counters, injected faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Final
+
+import attrs
+
+from ._state import EmuTask
+
+__all__ = ["FORMAT", "Snapshot", "StateFile"]
+
+#: The header's key, with the format version as its value.
+FORMAT: Final = "apimart_emulator_state"
+VERSION: Final = 1
+
+
+@attrs.define
+class Snapshot:
+    """What a state file holds."""
+
+    seed: int
+    video_bytes: int
+    now: float
+    unlimited: bool
+    remain_balance: float
+    used_balance: float
+    rng: Any = None
+    tasks: dict[str, EmuTask] = attrs.Factory(dict)
+
+
+def task_to_json(task: EmuTask) -> dict[str, Any]:
+    return attrs.asdict(task, recurse=False)
+
+
+def task_from_json(data: Any, where: str) -> EmuTask:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a task must be an object")
+    try:
+        return EmuTask(**data)
+    except TypeError as exc:
+        raise ValueError(f"{where}: not a task ({exc})") from None
+
+
+class StateFile:
+    """Reads, appends to and rewrites one state file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._out: IO[str] | None = None
+
+    def load(self) -> Snapshot | None:
+        """The file's state, or None if there is no file yet. Raises ValueError (naming the
+        file and line) for a file that is not an emulator state file."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"emulator state file {self.path}: cannot read it ({exc})") from None
+        lines = text.split("\n")
+        complete = lines[:-1]  # the part after the last newline is cut (or empty)
+        if not complete:
+            if not lines[-1].strip():
+                return None
+            raise ValueError(f"emulator state file {self.path}: not an emulator state file")
+        snap: Snapshot | None = None
+        for number, line in enumerate(complete, 1):
+            where = f"emulator state file {self.path}, line {number}"
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{where}: not JSON") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: not an object")
+            if snap is None:
+                snap = self._header(record, where)
+                continue
+            task = task_from_json(record.get("task"), where)
+            snap.tasks[task.id] = task
+            self._money(snap, record, where)
+        return snap
+
+    def _header(self, record: dict[str, Any], where: str) -> Snapshot:
+        if record.get(FORMAT) != VERSION:
+            raise ValueError(
+                f"{where}: not an emulator state file of version {VERSION} "
+                f"(first line has {FORMAT}={record.get(FORMAT)!r})"
+            )
+        try:
+            snap = Snapshot(
+                seed=int(record["seed"]),
+                video_bytes=int(record["video_bytes"]),
+                now=float(record["now"]),
+                unlimited=bool(record["unlimited"]),
+                remain_balance=0.0,
+                used_balance=0.0,
+                rng=record.get("rng"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad header ({exc!r})") from None
+        self._money(snap, record, where)
+        return snap
+
+    @staticmethod
+    def _money(snap: Snapshot, record: dict[str, Any], where: str) -> None:
+        try:
+            snap.now = max(snap.now, float(record.get("now", snap.now)))
+            remain, used = record.get("balance", (snap.remain_balance, snap.used_balance))
+            snap.remain_balance, snap.used_balance = float(remain), float(used)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad clock or balance ({exc!r})") from None
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def rewrite(self, header: dict[str, Any], tasks: list[EmuTask]) -> None:
+        """Replace the file with a header and one line per task, atomically (temporary file,
+        fsync, rename), and keep it open for appends."""
+        self.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(json.dumps({FORMAT: VERSION, **header}) + "\n")
+                for task in tasks:
+                    f.write(json.dumps({"task": task_to_json(task)}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        with contextlib.suppress(OSError):  # make the rename itself durable where possible
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._out = self.path.open("a", encoding="utf-8")
+
+    def append(self, task: EmuTask, now: float, balance: tuple[float, float]) -> None:
+        """Record one task's new state (and the clock and balance with it)."""
+        if self._out is None:
+            return
+        line = {"task": task_to_json(task), "now": now, "balance": list(balance)}
+        self._out.write(json.dumps(line) + "\n")
+        self._out.flush()
+
+    def close(self) -> None:
+        out, self._out = self._out, None
+        if out is not None:
+            out.close()
