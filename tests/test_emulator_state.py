@@ -172,6 +172,8 @@ async def test_stop_right_after_a_change_ends_at_once() -> None:
     event was set at the same moment, and stop() never returned."""
     emu = Emulator(frozen_clock=True)
     await emu.start()
+    for _ in range(5):  # let the ticker reach its wait
+        await anyio.sleep(0)
     emu.advance(1)
     with anyio.fail_after(30):  # a bound for a hang, not a timing assertion
         await emu.stop()
