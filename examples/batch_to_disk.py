@@ -1,6 +1,7 @@
 """A durable batch: journal, downloads, manifest and a budget, against the built-in emulator.
 
-python examples/batch_to_disk.py --out videos/          # run it; run it again: it resumes
+python examples/batch_to_disk.py --out videos/          # run it; Ctrl-C and run it again:
+                                                        # it resumes, nothing submitted twice
 APIMART_API_KEY=sk-... python examples/batch_to_disk.py --out videos/ --real   # billed!
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -26,13 +28,15 @@ PROMPTS = [
 
 
 @contextlib.asynccontextmanager
-async def open_client(real: bool) -> AsyncIterator[am.AsyncApimart]:
+async def open_client(real: bool, out: Path) -> AsyncIterator[am.AsyncApimart]:
     if real:
         async with am.AsyncApimart() as client:
             yield client
         return
+    # The emulator keeps its tasks in a state file next to the journal, so a re-run resumes
+    # against the same tasks, as it would against the real service.
     async with (
-        Emulator(task_duration=(1.0, 3.0)) as emu,
+        Emulator(task_duration=(1.0, 3.0), state_path=out / "emulator-state.jsonl") as emu,
         am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
     ):
         yield client
@@ -44,9 +48,7 @@ async def main(out: Path, real: bool, max_cost: float) -> int:
         for i, p in enumerate(PROMPTS)
     ]
     journal = out / ("journal.sqlite" if real else "journal-emulated.sqlite")
-    if not real:
-        journal.unlink(missing_ok=True)  # a fresh emulator knows no earlier tasks
-    async with open_client(real) as client:
+    async with open_client(real, out) as client:
         async with client.batch(
             jobs,
             concurrency=4,
@@ -57,10 +59,15 @@ async def main(out: Path, real: bool, max_cost: float) -> int:
         ) as results:
             async for outcome in results:
                 state = "ok" if outcome.ok else f"error: {outcome.error}"
+                if outcome.replayed:
+                    state += " (finished in an earlier run)"
                 files = ", ".join(f"{f.path} ({f.bytes} bytes)" for f in outcome.files)
-                print(f"{outcome.name}: {state} {files}")
+                print(f"{outcome.name}: {state} {files}", flush=True)
         print(results)
         print(f"manifest: {out / 'manifest.jsonl'}")
+        if results.interrupted:
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return 130
         return 0 if results.stats().completed == len(jobs) else 1
 
 

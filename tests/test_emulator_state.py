@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -173,7 +174,7 @@ async def test_stop_right_after_a_change_ends_at_once() -> None:
     emu = Emulator(frozen_clock=True)
     await emu.start()
     for _ in range(5):  # let the ticker reach its wait
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     emu.advance(1)
     with anyio.fail_after(30):  # a bound for a hang, not a timing assertion
         await emu.stop()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +49,46 @@ def test_batch_to_disk_example(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.glob("*.mp4")) == [f"clip-{i:02d}.mp4" for i in range(6)]
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 6
     assert "<Batch read=6 submitted=6 pending=0 | completed=6" in proc.stdout
+
+
+def test_batch_to_disk_resumes_after_ctrl_c_without_submitting_twice(tmp_path: Path) -> None:
+    out = tmp_path / "videos"
+    script = str(ROOT / "examples" / "batch_to_disk.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PATH": "", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the first job has ended: interrupt now
+    assert first.startswith("clip-0"), first
+    proc.send_signal(signal.SIGINT)
+    rest, stderr = proc.communicate(timeout=120)
+    assert stderr == "interrupted: run the same command again to resume\n"
+    assert proc.returncode == 130
+    first_run = [first, *rest.splitlines()]
+    created = {
+        json.loads(line)["task"]["id"]
+        for line in (out / "emulator-state.jsonl").read_text().splitlines()[1:]
+    }
+    ended = [line for line in first_run if line.startswith("clip-") and ": ok " in line]
+    assert 1 <= len(ended) <= len(created) <= 6
+
+    proc2 = run_example(script, "--out", str(out))
+    assert proc2.returncode == 0, proc2.stderr
+    lines = proc2.stdout.splitlines()
+    replayed = [line for line in lines if "(finished in an earlier run)" in line]
+    assert len(replayed) == len(ended)
+    # only the jobs that never became a task were submitted now; the others were re-attached
+    summary = re.search(r"<Batch read=6 submitted=(\d+) pending=0 \| completed=6 ", proc2.stdout)
+    assert summary is not None, proc2.stdout
+    assert int(summary.group(1)) == 6 - len(created)
+    state = [json.loads(line) for line in (out / "emulator-state.jsonl").read_text().splitlines()]
+    assert len({line["task"]["id"] for line in state[1:]}) == 6  # six tasks, none twice
+    assert sorted(p.name for p in out.glob("*.mp4")) == [f"clip-{i:02d}.mp4" for i in range(6)]
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 6
 
 
 def test_my_app_example_runs_with_the_packaged_fixtures() -> None:
