@@ -97,6 +97,7 @@ async def test_python_block_runs_as_written(block: Block, tmp_path: Path) -> Non
             proc = await anyio.run_process(cmd, cwd=tmp_path, env=env, check=False)
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, f"README.md:{block.line}\n{out}\n{err}"
+    assert "TaskStatus." not in out  # statuses print as words: completed
     if cmd[-1] == "readme_block.py":
         assert err == ""
         if block.output is not None:
