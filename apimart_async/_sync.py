@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
@@ -174,7 +176,10 @@ class SyncBatch(_Facade):
 
     Leaving early (``break``, an exception, Ctrl-C) leaves the batch as ``async with`` would:
     nothing more is submitted; tasks already submitted keep running at the service
-    (``pending_task_ids()``), and a journal resumes them on the next run.
+    (``pending_task_ids()``), and a journal resumes them on the next run. With
+    ``sigint_grace`` (and on the main thread), Ctrl-C inside ``with`` or the loop works as for
+    ``AsyncApimart``: the first stops submitting and follows running tasks for that many
+    seconds, the second ends the iteration; ``interrupted`` counts them.
     """
 
     _target: Batch
@@ -183,6 +188,8 @@ class SyncBatch(_Facade):
         super().__init__(loop, batch)
         self._cm: contextlib.AbstractContextManager[Batch] | None = None
         self._entered = False
+        self._saved_sigint: Any = None
+        self._sigint_installed = False
 
     def __enter__(self) -> Self:
         if self._entered:
@@ -195,6 +202,7 @@ class SyncBatch(_Facade):
         cm = self._loop.portal.wrap_async_context_manager(self._target)
         cm.__enter__()
         self._cm = cm
+        self._install_sigint()
         return self
 
     def __exit__(
@@ -203,9 +211,32 @@ class SyncBatch(_Facade):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._remove_sigint()
         cm, self._cm = self._cm, None
         if cm is not None:
             cm.__exit__(exc_type, exc, tb)
+
+    # With sigint_grace, Ctrl-C works as with AsyncApimart: the first stops submitting and
+    # follows running tasks for the grace period, the second ends the iteration. The batch
+    # cannot install that handler itself: its loop is not on the main thread.
+
+    def _install_sigint(self) -> None:
+        if (
+            self._target.sigint_grace is None
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        self._saved_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        self._sigint_installed = True
+
+    def _remove_sigint(self) -> None:
+        if self._sigint_installed:
+            self._sigint_installed = False
+            saved = self._saved_sigint
+            signal.signal(signal.SIGINT, signal.default_int_handler if saved is None else saved)
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self._loop.portal.start_task_soon(self._target._on_sigint)
 
     def __iter__(self) -> Iterator[Outcome]:
         if self._cm is not None:

@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -277,3 +278,41 @@ def test_the_facade_takes_exactly_the_async_clients_arguments() -> None:
         assert shape(client.tasks.wait) == shape(Tasks.wait)[1:]
         assert client.tasks.wait.__doc__ == Tasks.wait.__doc__
         assert client.download.__doc__ == am.AsyncApimart.download.__doc__
+
+
+def _until(predicate: Callable[[], bool]) -> None:
+    """Wait for a condition another thread makes true (bounded; not a timing assertion)."""
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+def test_sigint_grace_first_ctrl_c_stops_submitting_second_ends(
+    manual_temu: ThreadedEmulator,
+) -> None:
+    emu = manual_temu.emu
+    jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(6)]
+    main = threading.main_thread().ident
+    assert main is not None
+    before = signal.getsignal(signal.SIGINT)
+    with sync_client(manual_temu) as client:
+        results = client.batch(jobs, max_pending=2, sigint_grace=600)
+
+        def press_ctrl_c_twice() -> None:
+            manual_temu.wait_until(lambda: emu.tasks_created == 2)
+            signal.pthread_kill(main, signal.SIGINT)
+            _until(lambda: results.interrupted == 1)
+            manual_temu.call(emu.complete, emu.task_ids()[0])  # still followed
+            _until(lambda: results.stats().completed == 1)
+            signal.pthread_kill(main, signal.SIGINT)
+
+        threading.Thread(target=press_ctrl_c_twice, daemon=True).start()
+        with results:
+            outcomes = list(results)  # no KeyboardInterrupt: the batch handles Ctrl-C
+        assert signal.getsignal(signal.SIGINT) is before  # handler put back
+        assert [o.task_id for o in outcomes if o.ok] == [emu.task_ids()[0]]
+        assert results.interrupted == 2
+        assert results.stopped == "interrupted"
+        assert results.stats().submitted == 2
+    assert emu.counters["submit"] == 2  # nothing submitted after the first Ctrl-C
