@@ -262,3 +262,18 @@ def test_a_bad_state_file_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr == f"error: emulator state file {bad}, line 1: not JSON\n"
+
+
+def test_the_emulator_imports_nothing_of_the_sdk() -> None:
+    import ast
+
+    for path in (ROOT / "apimart_async" / "emulator").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name}: from {'.' * node.level}{node.module}"
+                assert node.level == 1 or not (node.module or "").startswith("apimart_async"), (
+                    f"{path.name}: from {node.module}"
+                )
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("apimart_async"), f"{path.name}: {alias.name}"
