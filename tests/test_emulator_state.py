@@ -277,3 +277,25 @@ def test_the_emulator_imports_nothing_of_the_sdk() -> None:
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     assert not alias.name.startswith("apimart_async"), f"{path.name}: {alias.name}"
+
+
+async def test_a_restart_listens_on_the_same_port_when_it_is_free(tmp_path: Path) -> None:
+    """Result URLs name the port: a download cut by a restart goes on from the same URL."""
+    import socket
+
+    path = tmp_path / "emu.jsonl"
+    async with frozen(path) as emu, client_of(emu) as client:
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+        emu.advance(10)
+        url = (await client.tasks.get(task_id)).video_urls[0]
+        first = emu.base_url
+    async with frozen(path) as emu, client_of(emu) as client:
+        assert emu.base_url == first
+        (file,) = await client.download(url, tmp_path / "a.mp4")
+        assert file.sha256 == emu.file_sha256(task_id)
+    with socket.socket() as taken:  # someone else has the port now: another one is fine
+        taken.bind(("127.0.0.1", emu.port))
+        taken.listen()
+        async with frozen(path) as emu, client_of(emu) as client:
+            assert emu.base_url != first
+            assert (await client.tasks.get(task_id)).ok

@@ -51,7 +51,7 @@ from ._faults import FaultPlan
 from ._network import NETWORK_PROFILES, LocalCA, Network, NetworkProfile
 from ._rules import RuleError, check_body, price
 from ._state import TERMINAL, Clock, EmuTask, IdemRecord, Mode, State, _pattern, file_bytes
-from ._store import StateFile
+from ._store import Snapshot, StateFile
 
 __all__ = ["Emulator"]
 
@@ -270,7 +270,7 @@ class Emulator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._load_state()
+        snap = self._load_state()
         middlewares = [self.network_profile.middleware] if self.network_profile else []
         app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024, middlewares=middlewares)
         app.router.add_post("/v1/videos/generations", self._wrap("submit", self._submit))
@@ -294,7 +294,17 @@ class Emulator:
             self.ca = self.ca or LocalCA()
             server_ssl = self.ca.server_context()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=server_ssl)
-        await site.start()
+        if self.port == 0 and snap is not None and snap.port:
+            # Back on the port of the earlier run if it is free, so result URLs handed out
+            # then (a download cut by a restart) still work, as a CDN's would.
+            again = web.TCPSite(self._runner, self.host, snap.port, ssl_context=server_ssl)
+            try:
+                await again.start()
+                site = again
+            except OSError:
+                await site.start()
+        else:
+            await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
         if not sockets:
@@ -305,6 +315,12 @@ class Emulator:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._ticker = asyncio.create_task(self._tick(), name="apimart-emulator-ticker")
+        if self._store is not None:
+            self._save_state()
+            store, state = self._store, self.state
+            state.on_change = lambda task: store.append(
+                task, self.clock.now(), (state.remain_balance, state.used_balance)
+            )
 
     async def stop(self) -> None:
         if self._ticker is not None:
@@ -327,9 +343,9 @@ class Emulator:
             self.ca = None
         self._save_state(final=True)
 
-    def _load_state(self) -> None:
+    def _load_state(self) -> Snapshot | None:
         if self._store is None:
-            return
+            return None
         state = self.state
         snap = self._store.load()
         if snap is not None:
@@ -343,11 +359,7 @@ class Emulator:
             state.remain_balance, state.used_balance = snap.remain_balance, snap.used_balance
             self.clock.resume_from(snap.now)
             state.restore(snap.tasks, keep_for=state.task_ttl)
-        self._save_state()
-        store = self._store
-        state.on_change = lambda task: store.append(
-            task, self.clock.now(), (state.remain_balance, state.used_balance)
-        )
+        return snap
 
     def _save_state(self, *, final: bool = False) -> None:
         """Rewrite the state file compactly (atomic); later changes are appended to it."""
@@ -361,6 +373,7 @@ class Emulator:
             "unlimited": s.unlimited,
             "balance": [s.remain_balance, s.used_balance],
             "rng": s.rng.getstate(),
+            "port": self.port,
         }
         self._store.rewrite(header, list(s.tasks.values()))
         if final:  # stopped: nothing more to append

@@ -41,6 +41,8 @@ class Snapshot:
     remain_balance: float
     used_balance: float
     rng: Any = None
+    #: The port the emulator listened on (its result URLs name it).
+    port: int = 0
     tasks: dict[str, EmuTask] = attrs.Factory(dict)
 
 
@@ -111,6 +113,7 @@ class StateFile:
                 remain_balance=0.0,
                 used_balance=0.0,
                 rng=record.get("rng"),
+                port=int(record.get("port") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: bad header ({exc!r})") from None
