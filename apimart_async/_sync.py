@@ -19,6 +19,7 @@ import functools
 import inspect
 import signal
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
@@ -331,7 +332,9 @@ class Apimart(_Facade):
             stack.close()
             raise
         super().__init__(loop, client)
-        self._stack = stack
+        # Closed by close(), or when the object is collected, or at interpreter exit (while
+        # the loop's thread still runs; later it could not, and the exit would hang).
+        self._finalizer = weakref.finalize(self, _close, loop, client, stack)
         self.videos = SyncVideos(loop, client.videos)
         self.tasks = SyncTasks(loop, client.tasks)
         self.uploads = SyncUploads(loop, client.uploads)
@@ -339,13 +342,7 @@ class Apimart(_Facade):
     def close(self) -> None:
         """Close the client (waits and batches still running end with ``ClientClosedError``),
         then stop its event loop thread. Closing twice is harmless."""
-        if self._loop.closed:
-            return
-        try:
-            self._loop.call(self._target.aclose)
-        finally:
-            self._loop.closed = True
-            self._stack.close()
+        self._finalizer()
 
     def __enter__(self) -> Self:
         return self
@@ -373,6 +370,16 @@ class Apimart(_Facade):
     balance = _blocking(AsyncApimart.balance)
     download = _blocking(AsyncApimart.download)
     request_counts = _in_loop(AsyncApimart.request_counts)
+
+
+def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> None:
+    if loop.closed:
+        return
+    try:
+        loop.call(client.aclose)
+    finally:
+        loop.closed = True
+        stack.close()
 
 
 async def _open_client(api_key: str | None, **options: Any) -> AsyncApimart:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -316,3 +319,38 @@ def test_sigint_grace_first_ctrl_c_stops_submitting_second_ends(
         assert results.stopped == "interrupted"
         assert results.stats().submitted == 2
     assert emu.counters["submit"] == 2  # nothing submitted after the first Ctrl-C
+
+
+def test_a_client_never_closed_is_closed_when_collected_and_at_exit(
+    temu: ThreadedEmulator,
+) -> None:
+    """A notebook or script that forgets close(): no hang at exit, no unclosed session."""
+    code = (
+        "import gc, sys, threading\n"
+        "import apimart_async as am\n"
+        "def forgotten():\n"
+        "    client = am.Apimart()\n"
+        "    client.balance()\n"
+        "forgotten()\n"
+        "gc.collect()\n"
+        "print([t.name for t in threading.enumerate()])\n"
+        "kept = am.Apimart()  # still open at exit\n"
+        "print(kept.balance().remain_balance)\n"
+    )
+    env = {
+        **os.environ,
+        "APIMART_API_KEY": temu.emu.api_key,
+        "APIMART_BASE_URL": temu.emu.base_url,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a bound for a hang at exit, not a timing assertion
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["['MainThread']", "1000.0"]
+    assert proc.stderr == ""
