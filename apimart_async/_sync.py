@@ -9,7 +9,8 @@ is already running in the calling thread (Jupyter), which ``asyncio.run`` cannot
 
 Ctrl-C (KeyboardInterrupt) while a call waits cancels that call in the loop; leaving a batch
 early (``break``, an exception, Ctrl-C) leaves the async batch as ``async with`` would;
-``close()`` closes the client, then stops the loop and its thread.
+``close()`` closes the client, then stops the loop and its thread (a client never closed is
+closed when collected, or at interpreter exit).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -38,8 +39,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 W = TypeVar("W")
 R = TypeVar("R")
-
-_END: Final = object()
 
 
 class _Loop:
@@ -130,6 +129,16 @@ class _in_loop(_Forward[P, T]):
         return loop.call_sync(fn)  # type: ignore[no-any-return]
 
 
+class _reader(_in_loop[P, T]):
+    """``_in_loop`` for reading state, which also works once the client is closed (then
+    nothing runs in the loop any more, and the state is read here)."""
+
+    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> T:
+        if loop.closed:
+            return fn()  # type: ignore[no-any-return]
+        return loop.call_sync(fn)  # type: ignore[no-any-return]
+
+
 class _in_loop_as(_Forward[P, W], Generic[P, T, W]):
     """``_in_loop`` whose result is wrapped in a facade: ``wrap(loop, result)``."""
 
@@ -214,7 +223,8 @@ class SyncBatch(_Facade):
     ) -> None:
         self._remove_sigint()
         cm, self._cm = self._cm, None
-        if cm is not None:
+        # After close() the loop is gone; stopping it cancelled the batch, which left then.
+        if cm is not None and not self._loop.closed:
             cm.__exit__(exc_type, exc, tb)
 
     # With sigint_grace, Ctrl-C works as with AsyncApimart: the first stops submitting and
@@ -259,9 +269,9 @@ class SyncBatch(_Facade):
         except StopAsyncIteration:
             return None
 
-    stats = _in_loop(Batch.stats)
-    pending_task_ids = _in_loop(Batch.pending_task_ids)
-    unconfirmed_submissions = _in_loop(Batch.unconfirmed_submissions)
+    stats = _reader(Batch.stats)
+    pending_task_ids = _reader(Batch.pending_task_ids)
+    unconfirmed_submissions = _reader(Batch.unconfirmed_submissions)
     stop = _blocking(Batch.stop)
 
     @property
@@ -369,7 +379,7 @@ class Apimart(_Facade):
     batch = _in_loop_as(AsyncApimart.batch, SyncBatch)
     balance = _blocking(AsyncApimart.balance)
     download = _blocking(AsyncApimart.download)
-    request_counts = _in_loop(AsyncApimart.request_counts)
+    request_counts = _reader(AsyncApimart.request_counts)
 
 
 def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> None:
@@ -377,6 +387,8 @@ def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> No
         return
     try:
         loop.call(client.aclose)
+        # Whatever still runs there (a batch left open) is cancelled, so it leaves cleanly.
+        loop.portal.call(loop.portal.stop, True)
     finally:
         loop.closed = True
         stack.close()

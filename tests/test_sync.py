@@ -354,3 +354,17 @@ def test_a_client_never_closed_is_closed_when_collected_and_at_exit(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["['MainThread']", "1000.0"]
     assert proc.stderr == ""
+
+
+def test_closing_the_client_inside_an_open_batch_leaves_the_batch(
+    manual_temu: ThreadedEmulator,
+) -> None:
+    emu = manual_temu.emu
+    with sync_client(manual_temu) as client:
+        with client.batch([am.VideoRequest("sora-2-preview", "a cat")]) as results:
+            manual_temu.wait_until(lambda: emu.tasks_created == 1)
+            client.close()
+        assert client.closed
+    assert results.stopped == "the client was closed"
+    assert results.stats().submitted == 1
+    assert emu.counters["submit"] == 1
