@@ -504,9 +504,8 @@ class Emulator:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("emulator condition not reached in time")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._changed.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
 
     # -- internals ---------------------------------------------------------------------------
 
