@@ -19,6 +19,7 @@ import contextlib
 import functools
 import inspect
 import signal
+import ssl as _ssl
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -318,6 +319,9 @@ class Apimart(_Facade):
         poll: PollPolicy | None = None,
         requests_per_second: float | None = None,
         download_concurrency: int = 4,
+        ssl: _ssl.SSLContext | None = None,
+        proxy: str | None = None,
+        trust_env: bool = True,
     ) -> None:
         stack = contextlib.ExitStack()
         loop = _Loop(stack.enter_context(start_blocking_portal()))
@@ -335,6 +339,9 @@ class Apimart(_Facade):
                     poll=poll,
                     requests_per_second=requests_per_second,
                     download_concurrency=download_concurrency,
+                    ssl=ssl,
+                    proxy=proxy,
+                    trust_env=trust_env,
                 )
             )
         except BaseException:

@@ -197,6 +197,12 @@ def test_both_commands_take_the_same_options() -> None:
     sub = cli.build_parser()._subparsers._group_actions[0].choices["emulator"]  # type: ignore[union-attr]
     assert _options(sub) == standalone
     assert {
+        "--batch-route",
+        "--unknown-task",
+        "--conflict-code-in",
+        "--status-name",
+        "--network",
+        "--tls",
         "--mode",
         "--duration",
         "--failure-rate",

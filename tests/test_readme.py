@@ -2,8 +2,9 @@
 
 Python blocks run as scripts in a fresh interpreter, in an empty directory, with
 ``APIMART_API_KEY`` and ``APIMART_BASE_URL`` pointing at an emulator; a block that defines
-``test_`` functions runs under pytest instead (the packaged fixtures); a ``text`` block right
-after a python block is that block's exact output.
+``test_`` functions runs under pytest instead, with the README's ``conftest.py`` block beside it
+(which itself must make the packaged fixtures available); a ``text`` block right after a python
+block is that block's exact output.
 """
 
 from __future__ import annotations
@@ -57,9 +58,19 @@ def readme_blocks(text: str | None = None) -> list[Block]:
 
 
 PYTHON = [b for b in readme_blocks() if b.lang == "python"]
+CONFTEST = [b for b in PYTHON if re.search(r"^pytest_plugins\b", b.code, re.MULTILINE)]
+
+
+def _kind(block: Block) -> str:
+    if block in CONFTEST:
+        return "conftest"
+    if re.search(r"^(async )?def test_", block.code, re.MULTILINE):
+        return "pytest"
+    return "script"
 
 
 def test_every_block_is_tagged_and_run() -> None:
+    assert len(CONFTEST) <= 1
     blocks = readme_blocks()
     outputs = {b.output for b in PYTHON if b.output is not None}
     for block in blocks:
@@ -87,8 +98,14 @@ async def test_python_block_runs_as_written(block: Block, tmp_path: Path) -> Non
             "APIMART_BASE_URL": emu.base_url,
             "PYTHONPATH": str(ROOT),
         }
-        if re.search(r"^(async )?def test_", block.code, re.MULTILINE):
+        kind = _kind(block)
+        if kind == "conftest":
+            (tmp_path / "conftest.py").write_text(block.code)
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--fixtures"]
+        elif kind == "pytest":
             (tmp_path / "test_readme_block.py").write_text(block.code)
+            for conftest in CONFTEST:
+                (tmp_path / "conftest.py").write_text(conftest.code)
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
         else:
             (tmp_path / "readme_block.py").write_text(block.code)
@@ -98,11 +115,13 @@ async def test_python_block_runs_as_written(block: Block, tmp_path: Path) -> Non
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0, f"README.md:{block.line}\n{out}\n{err}"
     assert "TaskStatus." not in out  # statuses print as words: completed
-    if cmd[-1] == "readme_block.py":
+    if kind == "script":
         assert err == ""
         if block.output is not None:
             assert out == block.output
         else:
             assert out  # every example shows something
+    elif kind == "conftest":
+        assert "apimart_client" in out and "apimart_emulator" in out
     else:
-        assert " passed" in out and "failed" not in out
+        assert " passed" in out and "failed" not in out and "error" not in out
