@@ -11,8 +11,10 @@ from ._batch import (
     BatchStats,
     BatchStoppedError,
     BudgetExceededError,
+    Failure,
     Outcome,
     ReplayedError,
+    Success,
 )
 from ._client import AsyncApimart, TaskWatch
 from ._config import Timeout
@@ -80,6 +82,7 @@ __all__ = [
     "DownloadExpiredError",
     "DownloadTooLargeError",
     "DownloadedFile",
+    "Failure",
     "FieldError",
     "InsufficientBalanceError",
     "IntRange",
@@ -100,6 +103,7 @@ __all__ = [
     "ResponseValidationError",
     "ServerError",
     "SqliteJournal",
+    "Success",
     "Task",
     "TaskError",
     "TaskFailedError",

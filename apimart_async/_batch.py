@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, final
 
 import anyio
 import anyio.abc
@@ -62,8 +62,10 @@ __all__ = [
     "BatchStats",
     "BatchStoppedError",
     "BudgetExceededError",
+    "Failure",
     "Outcome",
     "ReplayedError",
+    "Success",
 ]
 
 logger = logging.getLogger("apimart_async")
@@ -116,7 +118,59 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
+        """True when the task completed and nothing went wrong after (e.g. its download)."""
         return self.error is None and self.task is not None and self.task.ok
+
+
+@final
+class Success(Outcome):
+    """An ``Outcome`` whose task completed: ``task`` is set and ``error`` is None.
+
+    A batch yields ``Success | Failure``, so a type checker narrows on
+    ``isinstance(outcome, Success)`` (or a ``match`` on the class) and, for mypy, on
+    ``outcome.ok`` too.
+    """
+
+    if TYPE_CHECKING:
+        # Narrower views of the inherited fields, for type checkers only.
+        task: Task
+        error: None
+
+        @property
+        def ok(self) -> Literal[True]: ...
+
+
+@final
+class Failure(Outcome):
+    """An ``Outcome`` that did not succeed: ``error`` says why (``TaskFailedError`` for a failed
+    task, a submit error, a timeout, a ``DownloadError``...); ``task`` is set when the service
+    reported one."""
+
+    if TYPE_CHECKING:
+        error: ApimartError
+
+        @property
+        def ok(self) -> Literal[False]: ...
+
+
+def _outcome(
+    index: int,
+    request: VideoRequest | None,
+    task_id: str | None = None,
+    task: Task | None = None,
+    error: ApimartError | None = None,
+    idempotency_key: str | None = None,
+    name: str | None = None,
+    files: tuple[DownloadedFile, ...] = (),
+    *,
+    replayed: bool = False,
+) -> Success | Failure:
+    """The ``Success`` or ``Failure`` these fields make."""
+    if error is None and task is not None and task.ok:
+        return Success(index, request, task_id, task, None, idempotency_key, name, files, replayed)
+    if error is None:  # a finished job with no readable task: say so rather than claim success
+        error = ReplayedError("the journal holds no completed task for this job", None)
+    return Failure(index, request, task_id, task, error, idempotency_key, name, files, replayed)
 
 
 @attrs.frozen
@@ -364,10 +418,10 @@ class Batch:
         self._started = 0.0
         self._baseline: dict[str, int] = {}
         # Made in __aenter__, so a Batch that is never entered holds no open stream.
-        self._send: MemoryObjectSendStream[Outcome]
+        self._send: MemoryObjectSendStream[Success | Failure]
         self._to_submit: MemoryObjectSendStream[_Job]
         self._submit_queue: MemoryObjectReceiveStream[_Job]
-        self._receive: MemoryObjectReceiveStream[Outcome]
+        self._receive: MemoryObjectReceiveStream[Success | Failure]
 
     # -- context manager -----------------------------------------------------------------------
 
@@ -407,7 +461,7 @@ class Batch:
             await self._manifest.open(
                 [self._line_of(r) for r in sorted(done, key=lambda r: r.index)]
             )
-        self._send, self._receive = anyio.create_memory_object_stream[Outcome](
+        self._send, self._receive = anyio.create_memory_object_stream[Success | Failure](
             max_buffer_size=math.inf
         )
         # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
@@ -518,10 +572,10 @@ class Batch:
 
     # -- iteration -----------------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[Outcome]:
+    def __aiter__(self) -> AsyncIterator[Success | Failure]:
         return self
 
-    async def __anext__(self) -> Outcome:
+    async def __anext__(self) -> Success | Failure:
         try:
             outcome = await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -643,13 +697,13 @@ class Batch:
                 unpacked = self._unpack(index, item)
                 if isinstance(unpacked, ValidationError):
                     self._errored += 1
-                    self._emit(Outcome(index, None, error=unpacked))
+                    self._emit(_outcome(index, None, error=unpacked))
                     continue
                 name, request = unpacked
                 clash = self._claim_file_name(index, name)
                 if clash is not None:
                     self._errored += 1
-                    self._emit(Outcome(index, request, error=clash, name=name))
+                    self._emit(_outcome(index, request, error=clash, name=name))
                     continue
                 record = self._records.pop(index, None)
                 if record is not None:
@@ -657,7 +711,7 @@ class Batch:
                     if record.fingerprint != fingerprint:
                         mismatch = JournalMismatchError(index, record.fingerprint, fingerprint)
                         self._errored += 1
-                        self._emit(Outcome(index, request, error=mismatch, name=name))
+                        self._emit(_outcome(index, request, error=mismatch, name=name))
                         self._stop(str(mismatch))
                         break
                     if self._resume(record, request, name):
@@ -672,11 +726,11 @@ class Batch:
                             f"budget reached: job {index} not submitted (${budget.committed:.2f}"
                             f" of ${budget.max_cost:.2f} committed)"
                         )
-                        self._emit(Outcome(index, request, error=error, name=name))
+                        self._emit(_outcome(index, request, error=error, name=name))
                         continue
                     reason = self._stopped or "stopped"
                     stopped = BatchStoppedError(f"job {index} not submitted: {reason}")
-                    self._emit(Outcome(index, request, error=stopped, name=name))
+                    self._emit(_outcome(index, request, error=stopped, name=name))
                     break
                 key = record.idempotency_key if record is not None else new_idempotency_key()
                 job = _Job(index, request, key, name, journaled=record is not None)
@@ -759,7 +813,7 @@ class Batch:
             error = ReplayedError(record.error or "failed in an earlier run", record.error_type)
         if self.replay_finished:
             self._emit(
-                Outcome(
+                _outcome(
                     record.index,
                     request,
                     record.task_id,
@@ -815,7 +869,7 @@ class Batch:
             if self._budget is not None:
                 self._budget.settle(job.index, job.request, None)
             self._errored += 1
-            outcome = Outcome(
+            outcome = _outcome(
                 job.index, job.request, error=exc, idempotency_key=job.key, name=job.name
             )
             if self._journal is not None and job.journaled and _definitive(exc):
@@ -950,7 +1004,7 @@ class Batch:
         result: Task | ApimartError,
         files: tuple[DownloadedFile, ...] = (),
         download_error: ApimartError | None = None,
-    ) -> tuple[Outcome, str, bool, BatchEvent]:
+    ) -> tuple[Success | Failure, str, bool, BatchEvent]:
         """Count one ended job and build its outcome. Returns the outcome, its manifest
         status, whether the journal closes the job (False: a later run picks it up again) and
         the event to report."""
@@ -960,7 +1014,7 @@ class Batch:
                 self._budget.settle(job.index, job.request, None)
             if isinstance(result, TaskTimeoutError):
                 self._abandoned.append(task_id)
-            outcome = Outcome(job.index, job.request, task_id, None, result, job.key, job.name)
+            outcome = _outcome(job.index, job.request, task_id, None, result, job.key, job.name)
             definitive = isinstance(result, NotFoundError)  # the service forgot the task
             event = BatchEvent("errored", job.index, task_id, None, result)
             return outcome, "error", definitive, event
@@ -973,22 +1027,22 @@ class Batch:
         if not task.ok:
             self._failed += 1
             error = TaskFailedError(task)
-            outcome = Outcome(job.index, job.request, task_id, task, error, job.key, job.name)
+            outcome = _outcome(job.index, job.request, task_id, task, error, job.key, job.name)
             event = BatchEvent("failed", job.index, task_id, task, error)
             return outcome, task.status.value, True, event
         if download_error is not None:
             # Paid and completed, files missing: the journal keeps it for a resume.
             self._errored += 1
-            outcome = Outcome(
+            outcome = _outcome(
                 job.index, job.request, task_id, task, download_error, job.key, job.name
             )
             event = BatchEvent("errored", job.index, task_id, task, download_error)
             return outcome, "download_failed", False, event
         self._completed += 1
-        outcome = Outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
+        outcome = _outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
         return outcome, "completed", True, BatchEvent("completed", job.index, task_id, task)
 
-    def _publish(self, outcome: Outcome, event: BatchEvent) -> None:
+    def _publish(self, outcome: Success | Failure, event: BatchEvent) -> None:
         self._emit(outcome)
         if self._on_event is not None:
             try:
@@ -1022,7 +1076,7 @@ class Batch:
         with anyio.CancelScope(shield=True):
             await self._manifest.write(line)
 
-    def _emit(self, outcome: Outcome) -> None:
+    def _emit(self, outcome: Success | Failure) -> None:
         self._emitted += 1
         # If the caller already left, the outcome only counts in the stats.
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):

@@ -43,17 +43,23 @@ _TYPED_FIELDS = (
 _IMAGE_EXTENSIONS = frozenset({"jpeg", "jpg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic"})
 
 
-def _to_tuple(value: Any) -> Any:
-    # A bare string is a common slip for a one-element list: keep it so validation names it.
-    if isinstance(value, (list, tuple)):
+def _to_tuple(value: Sequence[str]) -> tuple[str, ...]:
+    """``image_urls`` / ``video_urls`` as given (a sequence of URLs), as a tuple.
+
+    Anything else is kept as it is, so that validation names the field and the rule (a bare
+    string is a common slip for a one-element list; a type checker cannot catch it, as a
+    ``str`` is a sequence of strings)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
         return tuple(value)
-    return value
+    return value  # type: ignore[return-value]  # refused by check_request
 
 
-def _to_frozen_mapping(value: Any) -> Any:
-    if isinstance(value, Mapping):
+def _to_frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``extra`` as a read-only mapping (anything else is kept for validation to name)."""
+    given: object = value  # the caller may pass anything
+    if isinstance(given, Mapping):
         return types.MappingProxyType(dict(value))
-    return value
+    return value  # refused by check_request
 
 
 @attrs.frozen(eq=True, hash=False, repr=False)

@@ -30,18 +30,19 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import attrs
 
 from ._client import AsyncApimart
+from ._config import Timeout
 from ._retry import is_testing, set_testing
 from ._schedule import PollPolicy
 
 if TYPE_CHECKING:
     from .emulator import Emulator
 
-__all__ = ["FAST_POLL", "EmulatedAPI", "emulated_api"]
+__all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api"]
 
 #: A poll policy for tests: checks within milliseconds.
 FAST_POLL = PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.01, jitter=0.0)
@@ -55,25 +56,70 @@ class EmulatedAPI:
     emulator: Emulator
 
 
+class ClientOptions(TypedDict, total=False):
+    """Keyword arguments of ``AsyncApimart`` that ``emulated_api`` passes on."""
+
+    timeout: Timeout | float | None
+    max_retries: int
+    language: str
+    status_concurrency: int
+    requests_per_second: float | None
+    download_concurrency: int
+
+
 @contextlib.asynccontextmanager
 async def emulated_api(
     *,
     poll: PollPolicy = FAST_POLL,
-    client_options: dict[str, Any] | None = None,
-    **emulator_options: Any,
+    client_options: ClientOptions | None = None,
+    mode: Literal["auto", "manual"] = "auto",
+    task_duration: float | tuple[float, float] = 0.0,
+    estimate_error: float = 0.2,
+    failure_rate: float = 0.0,
+    seed: int = 0,
+    balance: float | None = 1000.0,
+    video_bytes: int = 64 * 1024,
+    video_ttl: float = 24 * 3600,
+    task_ttl: float = 3 * 24 * 3600,
+    frozen_clock: bool = False,
+    batch_route: bool = True,
+    blocked_words: tuple[str, ...] = ("[blocked]",),
+    webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
+    file_chunk_delay: float = 0.0,
 ) -> AsyncIterator[EmulatedAPI]:
-    """Start an emulator (``emulator_options`` go to ``Emulator``; tasks finish at once unless
-    you say otherwise), open a client on it, and make retry waits zero meanwhile."""
+    """Start an emulator, open a client on it, and make retry waits zero meanwhile.
+
+    The emulator's options are ``Emulator``'s, with the same defaults except
+    ``task_duration``: tasks finish at once unless you say otherwise. ``poll`` and
+    ``client_options`` go to ``AsyncApimart``.
+    """
     from .emulator import Emulator  # the aiohttp server: imported only when used
 
-    emulator_options.setdefault("task_duration", 0.0)
     was_testing = is_testing()
     set_testing(True)
     try:
-        async with Emulator(**emulator_options) as emu:
-            options = {"poll": poll, **(client_options or {})}
-            async with AsyncApimart(emu.api_key, base_url=emu.base_url, **options) as client:
-                yield EmulatedAPI(client, emu)
+        async with (
+            Emulator(
+                mode=mode,
+                task_duration=task_duration,
+                estimate_error=estimate_error,
+                failure_rate=failure_rate,
+                seed=seed,
+                balance=balance,
+                video_bytes=video_bytes,
+                video_ttl=video_ttl,
+                task_ttl=task_ttl,
+                frozen_clock=frozen_clock,
+                batch_route=batch_route,
+                blocked_words=blocked_words,
+                webhook_retry_delays=webhook_retry_delays,
+                file_chunk_delay=file_chunk_delay,
+            ) as emu,
+            AsyncApimart(
+                emu.api_key, base_url=emu.base_url, poll=poll, **(client_options or {})
+            ) as client,
+        ):
+            yield EmulatedAPI(client, emu)
     finally:
         set_testing(was_testing)
 
