@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal, final
+from typing import IO, TYPE_CHECKING, Any, Literal, cast, final
 
 import anyio
 import anyio.abc
@@ -677,8 +677,10 @@ class Batch:
         self, index: int, item: object
     ) -> tuple[str | None, VideoRequest] | ValidationError:
         name: str | None = None
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, item = item
+        if isinstance(item, tuple):
+            pair = cast("tuple[object, ...]", item)
+            if len(pair) == 2 and isinstance(pair[0], str):
+                name, item = pair[0], pair[1]
         if not isinstance(item, VideoRequest):
             rule = "must be a VideoRequest or (name, VideoRequest) (see VideoRequest.from_dict)"
             return ValidationError([FieldError(f"requests[{index}]", rule, item)])

@@ -272,7 +272,7 @@ class Downloader:
     ) -> tuple[DownloadedFile, ...]:
         """Every video of a completed task into ``directory`` as ``<stem>.mp4`` (``-N`` for
         the second and later videos). One fresh status request renews expired URLs."""
-        files = []
+        files: list[DownloadedFile] = []
         fresh: Task | None = None
         for n, video in enumerate(task.videos):
             name = safe_name(stem) + (f"-{n}" if n else "") + ".mp4"

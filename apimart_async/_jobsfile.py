@@ -11,15 +11,18 @@ written (numbers and true/false as such). Empty cells are left unset.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from ._errors import ApimartError, ApimartWarning, ValidationError
+from ._json import is_object
 from ._models import VideoRequest
 
 __all__ = ["JobLine", "JobsFileError", "read_jobs"]
@@ -50,7 +53,7 @@ class JobsFileError(ApimartError, ValueError):
 
 
 def _request(data: Any) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
-    if not isinstance(data, dict):
+    if not is_object(data):
         raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("name", None)
@@ -106,7 +109,7 @@ def read_jobs(path: str | Path) -> list[JobLine]:
     jobs: list[JobLine] = []
     problems: list[tuple[int, str]] = []
 
-    def add(n: int, build: Any) -> None:
+    def add(n: int, build: Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]) -> None:
         try:
             name, request, notes = build()
         except ValidationError as exc:
@@ -134,7 +137,7 @@ def read_jobs(path: str | Path) -> list[JobLine]:
                 problems.append((n, "more cells than header columns"))
                 continue
             data = {k: _csv_value(k, v) for k, v in row.items() if k and v not in ("", None)}
-            add(n, lambda data=data: _request(data))
+            add(n, functools.partial(_request, data))
     else:
         for n, raw_line in enumerate(raw.split(b"\n"), start=1):
             stripped = raw_line.strip()

@@ -9,7 +9,7 @@ import math
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -83,7 +83,9 @@ class VideoRequest:
     seed: int | None = attrs.field(default=None, kw_only=True)
     extend_from_task_id: str | None = attrs.field(default=None, kw_only=True)
     webhook: str | None = attrs.field(default=None, kw_only=True)
-    extra: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True, converter=_to_frozen_mapping)
+    extra: Mapping[str, Any] = attrs.field(
+        factory=dict[str, Any], kw_only=True, converter=_to_frozen_mapping
+    )
 
     def __attrs_post_init__(self) -> None:
         errors, notes = check_request(self)
@@ -117,7 +119,7 @@ class VideoRequest:
             value = getattr(self, name)
             if value is None or value == ():
                 continue
-            body[name] = list(value) if isinstance(value, tuple) else value
+            body[name] = list(cast("tuple[str, ...]", value)) if isinstance(value, tuple) else value
         body.update(self.extra)
         return body
 
@@ -203,11 +205,11 @@ def _check_url_list(
         errors.append(FieldError(name, "must be a list of URLs", value))
         return []
     good: list[str] = []
-    for i, url in enumerate(value):
+    for i, url in enumerate(cast("tuple[object, ...]", value)):
         rule = _url_error(url, allow_data_video=allow_data_video)
         if rule is not None:
             errors.append(FieldError(f"{name}[{i}]", rule, url))
-        else:
+        elif isinstance(url, str):  # always, when there is no rule broken
             good.append(url)
     return good
 
@@ -285,7 +287,7 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
     if not isinstance(extra, Mapping):
         errors.append(FieldError("extra", "must be a mapping of field names to JSON values", extra))
         return
-    for key, value in extra.items():
+    for key, value in cast("Mapping[object, object]", extra).items():
         if not isinstance(key, str) or not key:
             errors.append(FieldError("extra", "keys must be non-empty strings", key))
             continue

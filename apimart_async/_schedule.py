@@ -186,7 +186,7 @@ class PollSchedule:
     def next_wakeup(self) -> float | None:
         """The earliest time anything is due (a check or a deadline), or None."""
         self._prune()
-        times = []
+        times: list[float] = []
         if self._heap:
             times.append(self._heap[0][0])
         if self._deadlines:
@@ -207,7 +207,7 @@ class PollSchedule:
 
     def expired(self, now: float) -> list[str]:
         """Ids whose deadline has passed; they are removed from the schedule."""
-        out = []
+        out: list[str] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, task_id, _version = heapq.heappop(self._deadlines)
             w = self._watches.get(task_id)

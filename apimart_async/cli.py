@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -124,7 +124,7 @@ def _key(args: argparse.Namespace) -> str:
 @contextlib.asynccontextmanager
 async def _client(
     args: argparse.Namespace, emulate: bool = False
-) -> AsyncIterator[am.AsyncApimart]:
+) -> AsyncGenerator[am.AsyncApimart, None]:
     if emulate:
         emu = Emulator(task_duration=(1.0, 3.0))
         async with emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import attrs
@@ -86,7 +86,7 @@ async def emulated_api(
     blocked_words: tuple[str, ...] = ("[blocked]",),
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
     file_chunk_delay: float = 0.0,
-) -> AsyncIterator[EmulatedAPI]:
+) -> AsyncGenerator[EmulatedAPI, None]:
     """Start an emulator, open a client on it, and make retry waits zero meanwhile.
 
     The emulator's options are ``Emulator``'s, with the same defaults except

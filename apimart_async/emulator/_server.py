@@ -38,7 +38,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -658,8 +658,10 @@ class Emulator:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             return _error(400, "request body is not valid JSON", "invalid_request_error")
-        ids = body.get("task_ids") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raw: Any = cast("dict[str, Any]", body).get("task_ids") if isinstance(body, dict) else None
+        items: list[object] = cast("list[object]", raw) if isinstance(raw, list) else []
+        ids = [i for i in items if isinstance(i, str)]
+        if not isinstance(raw, list) or len(ids) != len(items):
             return _error(
                 400,
                 "task_ids must be an array of task ids",
@@ -673,7 +675,7 @@ class Emulator:
                 "invalid_request_error",
                 param="task_ids",
             )
-        data = []
+        data: list[dict[str, Any]] = []
         for task_id in ids:
             task = self.state.tasks.get(task_id)
             if task is None or self.state.expired(task) or task_id in self.batch_hidden:
