@@ -16,7 +16,7 @@ from ._batch import (
     ReplayedError,
     Success,
 )
-from ._client import AsyncApimart, TaskWatch
+from ._client import AsyncApimart, Tasks, TaskWatch, Uploads, Videos
 from ._config import Timeout
 from ._download import DownloadError, DownloadExpiredError, DownloadTooLargeError
 from ._errors import (
@@ -56,6 +56,7 @@ from ._models import (
 )
 from ._retry import set_testing
 from ._schedule import PollPolicy
+from ._scheduler import Budget, Throttle
 from ._specs import MODEL_SPECS, IntRange, ModelSpec
 from ._version import __version__
 
@@ -74,6 +75,7 @@ __all__ = [
     "BatchEvent",
     "BatchStats",
     "BatchStoppedError",
+    "Budget",
     "BudgetExceededError",
     "ClientClosedError",
     "ConfigurationError",
@@ -110,11 +112,15 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "TaskWatch",
+    "Tasks",
+    "Throttle",
     "Timeout",
     "UploadedImage",
+    "Uploads",
     "ValidationError",
     "Video",
     "VideoRequest",
+    "Videos",
     "__version__",
     "read_jobs",
     "set_testing",

@@ -377,10 +377,10 @@ class Batch:
             )
         else:
             self._journal = journal
-        self.download_dir = Path(download_dir) if download_dir is not None else None
+        self.download_dir: Path | None = Path(download_dir) if download_dir is not None else None
         if manifest is None and self.download_dir is not None:
             manifest = self.download_dir / "manifest.jsonl"
-        self.manifest_path = Path(manifest) if manifest is not None else None
+        self.manifest_path: Path | None = Path(manifest) if manifest is not None else None
         self._manifest: _Manifest | None = None
         self.max_bytes = max_bytes
         if sigint_grace is not None and not (

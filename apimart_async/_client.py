@@ -38,7 +38,7 @@ from ._schedule import BATCH_IDS, PollPolicy
 from ._scheduler import RateLimiter, Throttle
 from ._transport import Reply, Transport, new_idempotency_key
 
-__all__ = ["AsyncApimart"]
+__all__ = ["AsyncApimart", "TaskWatch", "Tasks", "Uploads", "Videos"]
 
 logger = logging.getLogger("apimart_async")
 
@@ -176,9 +176,9 @@ class AsyncApimart:
         self._stop_runner = anyio.Event()
         #: Whether status reads use ``POST /v1/tasks/batch`` (times on the poller's clock).
         self._route = BatchRoute(retry_after=self._poller.schedule.policy.batch_route_retry)
-        self.videos = Videos(self)
-        self.tasks = Tasks(self)
-        self.uploads = Uploads(self)
+        self.videos: Videos = Videos(self)
+        self.tasks: Tasks = Tasks(self)
+        self.uploads: Uploads = Uploads(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -164,7 +164,7 @@ class ResponseValidationError(ApimartError):
         status: int | None = None,
         decodable: bool = True,
     ) -> None:
-        self.body = excerpt(body)
+        self.body: str = excerpt(body)
         #: False when the body was not even JSON (a proxy page, a cut reply): worth a retry.
         self.decodable = decodable
         self.status = status
@@ -213,7 +213,7 @@ class APIStatusError(ApimartError):
         self.code = code
         self.param = param
         self.request_id = request_id
-        self.body = excerpt(body)
+        self.body: str = excerpt(body)
         parts = [f"HTTP {status}"]
         if type:
             parts.append(type)
@@ -259,7 +259,7 @@ class TaskFailedError(ApimartError):
 
     def __init__(self, task: Task) -> None:
         self.task = task
-        self.task_id = task.id
+        self.task_id: str = task.id
         err = task.error
         if err is not None:
             detail = err.message or "no message"

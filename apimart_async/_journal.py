@@ -133,7 +133,7 @@ class SqliteJournal:
     """The default journal: one SQLite file (WAL), written on a single worker thread."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path: Path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
 

@@ -122,7 +122,7 @@ class PollSchedule:
     """
 
     def __init__(self, policy: PollPolicy | None = None, *, seed: int | None = None) -> None:
-        self.policy = policy or PollPolicy()
+        self.policy: PollPolicy = policy or PollPolicy()
         self._rng = random.Random(seed)
         self._watches: dict[str, _Watch] = {}
         self._heap: list[tuple[float, int, str, int]] = []

@@ -33,14 +33,14 @@ class Throttle:
         cut_cooldown: float = 1.0,
         default_pause: float = 1.0,
     ) -> None:
-        self.factor = 1.0
-        self.pause_until = 0.0
+        self.factor: float = 1.0
+        self.pause_until: float = 0.0
         self.decrease = decrease
         self.increase = increase
         self.min_factor = min_factor
         self.cut_cooldown = cut_cooldown
         self.default_pause = default_pause
-        self.rate_limited = 0
+        self.rate_limited: int = 0
         self._last_cut = -math.inf
 
     def on_rate_limited(self, now: float, retry_after: float | None) -> None:
@@ -153,8 +153,8 @@ class Budget:
     ) -> None:
         if not (isinstance(max_cost, (int, float)) and max_cost >= 0 and math.isfinite(max_cost)):
             raise ValueError(f"max_cost must be a non-negative number of USD, got {max_cost!r}")
-        self.max_cost = float(max_cost)
-        self.spent = 0.0
+        self.max_cost: float = float(max_cost)
+        self.spent: float = 0.0
         self._estimate = estimate
         self._reserved: dict[int, float] = {}
         self._learned: dict[tuple[Any, ...], float] = {}

@@ -39,10 +39,13 @@ class Progress:
     def __init__(self, total: int, stream: TextIO, *, tty: bool | None = None) -> None:
         self.total = total
         self.stream = stream
-        self.tty = stream.isatty() if tty is None else tty
-        self.submitted = self.completed = self.failed = self.errored = 0
-        self.cost = 0.0
-        self.started = time.monotonic()
+        self.tty: bool = stream.isatty() if tty is None else tty
+        self.submitted: int = 0
+        self.completed: int = 0
+        self.failed: int = 0
+        self.errored: int = 0
+        self.cost: float = 0.0
+        self.started: float = time.monotonic()
         self._last_draw = 0.0
 
     @property

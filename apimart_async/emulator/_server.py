@@ -159,9 +159,9 @@ class Emulator:
             raise ValueError("mode must be 'auto' or 'manual'")
         if not _is_loopback_url(f"http://{host}/"):
             raise ValueError("the emulator listens on loopback only")
-        self.api_key = api_key or "sk-emu-" + secrets.token_hex(16)
+        self.api_key: str = api_key or "sk-emu-" + secrets.token_hex(16)
         self.host = host
-        self.port = port
+        self.port: int = port
         self.batch_route = batch_route  # normalised by the setter
         if unknown_task not in UNKNOWN_TASK_REPLIES:
             raise ValueError(f"unknown_task must be one of {', '.join(UNKNOWN_TASK_REPLIES)}")
@@ -176,9 +176,9 @@ class Emulator:
         self.webhook_retry_delays = webhook_retry_delays
         #: Real seconds to pause after each 256 KiB of a result file (a slow CDN).
         self.file_chunk_delay = file_chunk_delay
-        self.clock = Clock(frozen=frozen_clock)
-        self.faults = FaultPlan(seed)
-        self.state = State(
+        self.clock: Clock = Clock(frozen=frozen_clock)
+        self.faults: FaultPlan = FaultPlan(seed)
+        self.state: State = State(
             api_key=self.api_key,
             mode=mode,
             task_duration=task_duration,
@@ -201,7 +201,7 @@ class Emulator:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
-        self.base_url = ""
+        self.base_url: str = ""
 
     @property
     def batch_route(self) -> BatchRoute:
