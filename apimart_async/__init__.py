@@ -57,8 +57,14 @@ from ._models import (
 from ._retry import set_testing
 from ._schedule import PollPolicy
 from ._scheduler import Budget, Throttle
-from ._specs import MODEL_SPECS, IntRange, ModelSpec
-from ._version import __version__
+from ._specs import MODEL_SPECS as _MODEL_SPECS
+from ._specs import IntRange, ModelSpec
+from ._version import __version__ as _version
+
+MODEL_SPECS = _MODEL_SPECS
+"""The rules of every model this SDK knows, by name; other models get generic checks only."""
+__version__ = _version
+"""The version of this package."""
 
 __all__ = [
     "MODEL_SPECS",

@@ -70,8 +70,8 @@ __all__ = [
 
 logger = logging.getLogger("apimart_async")
 
-#: Outcomes the caller has not read yet beyond which no new job is submitted (memory bound).
 MAX_UNREAD_OUTCOMES = 10_000
+"""Outcomes the caller has not read yet beyond which no new job is submitted (memory bound)."""
 
 EventKind = Literal["submitted", "progress", "completed", "failed", "errored"]
 JobInput = VideoRequest | tuple[str, VideoRequest]
@@ -107,14 +107,23 @@ class Outcome:
     """
 
     index: int
+    """The job's position in the input, from 0."""
     request: VideoRequest | None
+    """The job's request (None when the input item was not a request)."""
     task_id: str | None = None
+    """The task's id, if one was created."""
     task: Task | None = None
+    """The terminal task, when the service reported one."""
     error: ApimartError | None = None
+    """Why the job did not succeed; None on success."""
     idempotency_key: str | None = None
+    """The key the submit used (resubmitting with it never creates a second task)."""
     name: str | None = None
+    """The job's name, for ``(name, request)`` input items."""
     files: tuple[DownloadedFile, ...] = ()
+    """The downloaded videos (with ``download_dir``)."""
     replayed: bool = False
+    """True when the job ended in an earlier run of the same journal."""
 
     @property
     def ok(self) -> bool:
@@ -178,29 +187,49 @@ class BatchEvent:
     """A step of one job, for progress displays (``on_event``)."""
 
     kind: EventKind
+    """``"submitted"``, ``"progress"``, ``"completed"``, ``"failed"`` or ``"errored"``."""
     index: int
+    """The job's position in the input."""
     task_id: str | None = None
+    """The task's id, once known."""
     task: Task | None = None
+    """The task as last read (progress and terminal events)."""
     error: ApimartError | None = None
+    """The error of a failed or errored job."""
 
 
 @attrs.frozen
 class BatchStats:
+    """Counts of a batch at one moment (``Batch.stats()``)."""
+
     read: int
+    """Input items read so far."""
     submitting: int
+    """Submits in flight."""
     submitted: int
+    """Jobs submitted (a task was created)."""
     pending: int
+    """Tasks submitted and not finished."""
     completed: int
+    """Jobs that succeeded."""
     failed: int
+    """Jobs whose task failed or was cancelled."""
     errored: int
+    """Jobs that ended with any other error (bad input, submit error, timeout, download...)."""
     cost: float
+    """Money spent on finished tasks, in USD."""
     elapsed: float
+    """Seconds since the batch started."""
     requests: dict[str, int]
+    """HTTP requests of the client so far, by endpoint."""
     replayed: int = 0
+    """Jobs replayed from an earlier run."""
     downloading: int = 0
+    """Jobs whose files are being downloaded."""
 
     @property
     def done(self) -> int:
+        """Jobs that ended: completed, failed or errored."""
         return self.completed + self.failed + self.errored
 
 
@@ -367,9 +396,13 @@ class Batch:
         self._rps = requests_per_second
         self._saved_limiter: RateLimiter | None = None
         self.job_timeout = job_timeout
+        """Seconds one job may take from its submit to its end (None: no limit)."""
         self.timeout = timeout
+        """Seconds the whole batch may take (None: no limit)."""
         self.stop_on_error = stop_on_error
+        """Whether the first error stops submitting."""
         self.replay_finished = replay_finished
+        """Whether jobs finished in an earlier run are handed out again."""
         self._on_event = on_event
         if journal is None or isinstance(journal, (str, os.PathLike)):
             self._journal: Journal | None = (
@@ -378,11 +411,14 @@ class Batch:
         else:
             self._journal = journal
         self.download_dir: Path | None = Path(download_dir) if download_dir is not None else None
+        """Where result videos go (None: not downloaded)."""
         if manifest is None and self.download_dir is not None:
             manifest = self.download_dir / "manifest.jsonl"
         self.manifest_path: Path | None = Path(manifest) if manifest is not None else None
+        """The JSONL manifest, one line per finished job (None: none)."""
         self._manifest: _Manifest | None = None
         self.max_bytes = max_bytes
+        """The largest result file accepted, in bytes (None: no limit)."""
         if sigint_grace is not None and not (
             isinstance(sigint_grace, (int, float)) and sigint_grace >= 0
         ):
@@ -390,6 +426,7 @@ class Batch:
                 [FieldError("sigint_grace", "must be >= 0 seconds", sigint_grace)]
             )
         self.sigint_grace = sigint_grace
+        """Seconds the first Ctrl-C leaves running tasks to finish (None: no handler)."""
         self._interrupts = 0
         self._sigint_installed = False
         self._records: dict[int, JobRecord] = {}
@@ -605,9 +642,11 @@ class Batch:
 
     @property
     def budget(self) -> Budget | None:
+        """The ``max_cost`` budget and what it has committed (None without ``max_cost``)."""
         return self._budget
 
     def stats(self) -> BatchStats:
+        """The batch's counts now."""
         counts = self._client.request_counts()
         requests = {
             k: v - self._baseline.get(k, 0)

@@ -153,7 +153,9 @@ class AsyncApimart:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         self.language = language
+        """The language of the service's error messages."""
         self.status_concurrency = status_concurrency
+        """Parallel status GETs when the batch status route is missing."""
         self._transport = Transport(
             api_key=key,
             base_url=url,
@@ -177,8 +179,11 @@ class AsyncApimart:
         #: Whether status reads use ``POST /v1/tasks/batch`` (times on the poller's clock).
         self._route = BatchRoute(retry_after=self._poller.schedule.policy.batch_route_retry)
         self.videos: Videos = Videos(self)
+        """Submit and generate videos."""
         self.tasks: Tasks = Tasks(self)
+        """Read, wait for and watch tasks."""
         self.uploads: Uploads = Uploads(self)
+        """Upload reference images."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -223,18 +228,22 @@ class AsyncApimart:
 
     @property
     def base_url(self) -> str:
+        """The API's base URL."""
         return self._transport.base_url
 
     @property
     def timeout(self) -> Timeout:
+        """The per-attempt timeouts."""
         return self._transport.timeout
 
     @property
     def max_retries(self) -> int:
+        """Retries after the first attempt of a retryable request."""
         return self._transport.max_retries
 
     @property
     def poll_policy(self) -> PollPolicy:
+        """When the shared poller checks each pending task."""
         return self._poller.schedule.policy
 
     @property

@@ -97,7 +97,8 @@ class ClientClosedError(ApimartError):
 
 @attrs.frozen
 class FieldError:
-    """One broken rule: the field (``image_urls[2]``), the rule in words, and the value."""
+    """One broken rule: the ``field`` (``image_urls[2]``), the ``rule`` in words, and the
+    ``value`` (``has_value`` is False when there was none to show)."""
 
     field: str
     rule: str
@@ -137,7 +138,10 @@ class ValidationError(ApimartError, ValueError):
 
 
 class APIConnectionError(ApimartError):
-    """The request did not get a complete reply (refused, reset, dropped, TLS, ...)."""
+    """The request did not get a complete reply (refused, reset, dropped, TLS, ...).
+
+    ``message`` says what happened; ``method`` and ``path`` name the request when known.
+    """
 
     def __init__(self, message: str, *, method: str | None = None, path: str | None = None) -> None:
         super().__init__(message)
@@ -153,7 +157,9 @@ class APITimeoutError(APIConnectionError, TimeoutError):
 class ResponseValidationError(ApimartError):
     """The service replied with something this SDK cannot read.
 
-    ``body`` is a short excerpt of what came back (never the request or its headers).
+    ``body`` is a short excerpt of what came back (never the request or its headers),
+    ``status`` the HTTP status when there was one, ``message`` what could not be read;
+    ``decodable`` is False when the body was not even JSON.
     """
 
     def __init__(
@@ -165,8 +171,8 @@ class ResponseValidationError(ApimartError):
         decodable: bool = True,
     ) -> None:
         self.body: str = excerpt(body)
-        #: False when the body was not even JSON (a proxy page, a cut reply): worth a retry.
         self.decodable = decodable
+        """False when the body was not even JSON (a proxy page, a cut reply): worth a retry."""
         self.status = status
         self.message = message
         text = f"{message} (HTTP {status})" if status is not None else message
@@ -191,7 +197,9 @@ class APIStatusError(ApimartError):
 
     ``status`` is the HTTP status, ``type`` and ``code`` come from the error body
     (``code`` may be an int or a string), ``param`` names the offending field when given,
-    ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one.
+    ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one,
+    ``request_id`` the service's id of the request, ``message`` its message, ``body`` a short
+    excerpt of the reply.
     """
 
     def __init__(
@@ -255,7 +263,8 @@ class ServerError(APIStatusError):
 
 
 class TaskFailedError(ApimartError):
-    """The task ended ``failed`` (or ``cancelled`` / ``expired``). ``task`` is the final task."""
+    """The task ended ``failed`` (or ``cancelled`` / ``expired``). ``task`` is the final task,
+    ``task_id`` its id."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -271,7 +280,10 @@ class TaskFailedError(ApimartError):
 
 
 class TaskTimeoutError(ApimartError, TimeoutError):
-    """Waiting for a task took longer than allowed. The task may still finish (and be billed)."""
+    """Waiting for a task took longer than allowed. The task may still finish (and be billed).
+
+    ``task_id`` is the task, ``timeout`` the seconds waited, ``task`` its last status if read.
+    """
 
     def __init__(self, task_id: str, timeout: float, task: Task | None = None) -> None:
         self.task_id = task_id

@@ -35,14 +35,21 @@ _INT_FIELDS = ("duration", "seed")
 
 @attrs.frozen
 class JobLine:
+    """One job of a jobs file (``read_jobs``)."""
+
     line: int
+    """Its line number in the file, from 1."""
     name: str | None
+    """Its ``name``, if the line gave one."""
     request: VideoRequest
+    """The validated request."""
     warnings: tuple[str, ...] = ()
+    """What validation warned about (the service would ignore something)."""
 
 
 class JobsFileError(ApimartError, ValueError):
-    """The jobs file has bad lines. ``problems`` is a list of (line number, message)."""
+    """The jobs file at ``path`` has bad lines. ``problems`` is a list of (line number,
+    message)."""
 
     def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
         self.path = path

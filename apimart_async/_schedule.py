@@ -61,20 +61,27 @@ class PollPolicy:
     videos; all of a client's tasks share one policy (the client's ``poll=``)."""
 
     first_check: float = attrs.field(default=2.0, validator=_positive)
+    """The first check, this long after the submit (it learns ``estimated_time``)."""
     min_interval: float = attrs.field(default=1.0, validator=_positive)
-    #: The longest wait between two checks of a running task, whatever the prediction says.
+    """The shortest wait between two checks of one task."""
     max_interval: float = attrs.field(default=60.0, validator=_positive)
+    """The longest wait between two checks of a running task, whatever the prediction says."""
     overdue_growth: float = attrs.field(default=1.5, validator=_positive)
-    #: How long (as a fraction of the predicted duration) checks stay at ``min_interval``
-    #: after the predicted end before they start to space out.
+    """Once a task is overdue, each wait is this many times the one before."""
     overdue_window: float = attrs.field(default=0.25, validator=_fraction)
+    """How long (as a fraction of the predicted duration) checks stay at ``min_interval`` after the
+    predicted end before they start to space out."""
     jitter: float = attrs.field(default=0.1, validator=_fraction)
+    """Each wait is spread at random by up to this fraction, so checks do not bunch up."""
     coalesce: float = attrs.field(default=1.0, validator=_fraction)
+    """Tasks due within this many seconds join a batch status request that has room."""
     default_estimate: float = attrs.field(default=30.0, validator=_positive)
-    #: Estimates are trusted to within this fraction: with no progress to go on, the next
-    #: check comes at the early edge of the estimate (then progress says the rest).
+    """The duration assumed for a task whose service gives no estimate."""
     estimate_margin: float = attrs.field(default=0.25, validator=_fraction)
+    """Estimates are trusted to within this fraction: with no progress to go on, the next check
+    comes at the early edge of the estimate (then progress says the rest)."""
     use_progress: bool = True
+    """Whether progress reports move the predicted end."""
     #: A task the service says it does not know ends as ``NotFoundError`` only once it has said
     #: so twice, at least this many seconds apart (a new task may not be visible everywhere
     #: yet; absence from a batch reply alone is never taken as proof).
@@ -91,8 +98,8 @@ class PollPolicy:
 @attrs.define(slots=True)
 class _Watch:
     task_id: str
-    #: Monotonic time the task started (submit time, or derived from ``created``), or None.
     t0: float | None
+    """Monotonic time the task started (submit time, or derived from ``created``), or None."""
     next_at: float
     policy: PollPolicy
     version: int = 0

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api"]
 
-#: A poll policy for tests: checks within milliseconds.
 FAST_POLL = PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.01, jitter=0.0)
+"""A poll policy for tests: checks within milliseconds."""
 
 
 @attrs.frozen
@@ -53,18 +53,26 @@ class EmulatedAPI:
     """A client and the emulator it talks to."""
 
     client: AsyncApimart
+    """An open client pointed at ``emulator``."""
     emulator: Emulator
+    """The running emulator."""
 
 
 class ClientOptions(TypedDict, total=False):
     """Keyword arguments of ``AsyncApimart`` that ``emulated_api`` passes on."""
 
     timeout: Timeout | float | None
+    """Per-attempt timeouts (``AsyncApimart``'s ``timeout``)."""
     max_retries: int
+    """Retries after the first attempt."""
     language: str
+    """Language of the service's error messages."""
     status_concurrency: int
+    """Parallel status GETs when the batch route is missing."""
     requests_per_second: float | None
+    """A cap on all requests of the client."""
     download_concurrency: int
+    """Result files downloaded at once."""
 
 
 @contextlib.asynccontextmanager

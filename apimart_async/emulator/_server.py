@@ -160,8 +160,11 @@ class Emulator:
         if not _is_loopback_url(f"http://{host}/"):
             raise ValueError("the emulator listens on loopback only")
         self.api_key: str = api_key or "sk-emu-" + secrets.token_hex(16)
+        """The key the emulator accepts (random unless given)."""
         self.host = host
+        """The loopback address it listens on."""
         self.port: int = port
+        """The port it listens on (the one picked, once started with port 0)."""
         self.batch_route = batch_route  # normalised by the setter
         if unknown_task not in UNKNOWN_TASK_REPLIES:
             raise ValueError(f"unknown_task must be one of {', '.join(UNKNOWN_TASK_REPLIES)}")
@@ -174,10 +177,13 @@ class Emulator:
         #: Ids every batch status reply leaves out (the task still exists); a test may add ids.
         self.batch_hidden: set[str] = set()
         self.webhook_retry_delays = webhook_retry_delays
-        #: Real seconds to pause after each 256 KiB of a result file (a slow CDN).
+        """Seconds between webhook delivery attempts."""
         self.file_chunk_delay = file_chunk_delay
+        """Real seconds to pause after each 256 KiB of a result file (a slow CDN)."""
         self.clock: Clock = Clock(frozen=frozen_clock)
+        """The emulated service's clock (``advance()`` moves it)."""
         self.faults: FaultPlan = FaultPlan(seed)
+        """Faults to inject (``inject()``, ``set_rate()``)."""
         self.state: State = State(
             api_key=self.api_key,
             mode=mode,
@@ -193,8 +199,9 @@ class Emulator:
             blocked_words=blocked_words,
             status_names=status_names,
         )
-        #: Webhook deliveries made: (url, task id, HTTP status or the error's class name).
+        """The emulator's internals (tasks, counters), for white-box assertions; no stable API."""
         self.webhook_deliveries: list[tuple[str, str, int | str]] = []
+        """Webhook deliveries made: (url, task id, HTTP status or the error's class name)."""
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -202,6 +209,7 @@ class Emulator:
         self._changed = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
         self.base_url: str = ""
+        """``http://host:port`` once started."""
 
     @property
     def batch_route(self) -> BatchRoute:
@@ -229,6 +237,7 @@ class Emulator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start listening (prefer ``async with``)."""
         app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024)
         app.router.add_post("/v1/videos/generations", self._wrap("submit", self._submit))
         app.router.add_post("/v1/tasks/batch", self._wrap("batch", self._batch))
@@ -257,6 +266,7 @@ class Emulator:
         self._ticker = asyncio.create_task(self._tick(), name="apimart-emulator-ticker")
 
     async def stop(self) -> None:
+        """Stop listening and end background work."""
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -306,10 +316,12 @@ class Emulator:
         message: str = "Video generation failed",
         type: str = "task_error",
     ) -> None:
+        """Manual mode: the task fails now, with this error."""
         self.state.fail(task_id, code=code, message=message, type=type)
         self._after_change([self.state.tasks[task_id]])
 
     def cancel(self, task_id: str) -> None:
+        """Manual mode: the task is cancelled now."""
         self.state.cancel(task_id)
         self._after_change([self.state.tasks[task_id]])
 
@@ -341,6 +353,7 @@ class Emulator:
         return self.state.task_object(self.state.get(task_id), self.base_url)
 
     def task_ids(self) -> list[str]:
+        """Every task created, in creation order."""
         return list(self.state.tasks)
 
     def file_sha256(self, task_id: str, n: int = 0) -> str:
@@ -362,6 +375,7 @@ class Emulator:
 
     @property
     def tasks_created(self) -> int:
+        """How many tasks were created (a submit retried with its key creates one)."""
         return len(self.state.tasks)
 
     @property
@@ -370,6 +384,7 @@ class Emulator:
         return dict(self.state.tasks_per_key)
 
     def stats(self) -> dict[str, Any]:
+        """Counters and balance as one dict, for reports."""
         s = self.state
         return {
             "requests": dict(s.requests),

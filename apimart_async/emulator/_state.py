@@ -38,10 +38,12 @@ class Clock:
         self._offset = 0.0
 
     def now(self) -> float:
+        """The emulated Unix time."""
         running = 0.0 if self.frozen else time.monotonic() - self._mono0
         return self._base + running + self._offset
 
     def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward at once."""
         if seconds < 0:
             raise ValueError("the clock only moves forward")
         self._offset += seconds
