@@ -13,9 +13,10 @@ and a pytest plugin, which you opt into (nothing is loaded into pytest runs that
 
 or ``pytest -p apimart_async.testing``. Its fixtures:
 
-- ``apimart_emulator``: a running ``Emulator`` (tasks finish at once; ``advance()``,
-  ``complete()``, ``faults``, ``counters`` and the rest are yours);
-- ``apimart_client``: an open ``AsyncApimart`` pointed at it, polling every few milliseconds;
+- ``apimart_emulator``: a running ``apimart_async.emulator.Emulator`` (tasks finish at
+  once; ``advance()``, ``complete()``, ``faults``, ``counters`` and the rest are yours);
+- ``apimart_client``: an open ``apimart_async.AsyncApimart`` pointed at it, polling every few
+  milliseconds;
 - ``apimart_api``: both, as an ``EmulatedAPI``.
 
 They are async: run the tests that use them with anyio's plugin (``@pytest.mark.anyio``;
@@ -59,10 +60,10 @@ class EmulatedAPI:
 
 
 class ClientOptions(TypedDict, total=False):
-    """Keyword arguments of ``AsyncApimart`` that ``emulated_api`` passes on."""
+    """Keyword arguments of ``apimart_async.AsyncApimart`` that ``emulated_api`` passes on."""
 
     timeout: Timeout | float | None
-    """Per-attempt timeouts (``AsyncApimart``'s ``timeout``)."""
+    """Per-attempt timeouts (``apimart_async.AsyncApimart``'s ``timeout``)."""
     max_retries: int
     """Retries after the first attempt."""
     language: str
@@ -97,9 +98,9 @@ async def emulated_api(
 ) -> AsyncGenerator[EmulatedAPI, None]:
     """Start an emulator, open a client on it, and make retry waits zero meanwhile.
 
-    The emulator's options are ``Emulator``'s, with the same defaults except
-    ``task_duration``: tasks finish at once unless you say otherwise. ``poll`` and
-    ``client_options`` go to ``AsyncApimart``.
+    The emulator's options are ``apimart_async.emulator.Emulator``'s, with the same defaults
+    except ``task_duration``: tasks finish at once unless you say otherwise. ``poll`` and
+    ``client_options`` go to ``apimart_async.AsyncApimart``.
     """
     from .emulator import Emulator  # the aiohttp server: imported only when used
 
