@@ -196,3 +196,24 @@ def test_verifytypes_is_complete() -> None:
     assert completeness["completenessScore"] == 1.0, unknown
     assert completeness["exportedSymbolCounts"]["withUnknownType"] == 0
     assert completeness["exportedSymbolCounts"]["withAmbiguousType"] == 0
+
+
+def test_emulated_api_takes_the_emulator_options_by_name() -> None:
+    import inspect
+
+    from apimart_async.emulator import Emulator
+    from apimart_async.testing import emulated_api
+
+    ours = inspect.signature(emulated_api, eval_str=True).parameters
+    theirs = inspect.signature(Emulator, eval_str=True).parameters
+    own = {"poll", "client_options"}
+    # every emulator option that a test may want, with the emulator's default but one
+    assert set(ours) - own <= set(theirs)
+    assert set(theirs) - set(ours) == {"api_key", "host", "port"}
+    for name in set(ours) - own:
+        assert ours[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert ours[name].annotation == theirs[name].annotation, name
+        if name == "task_duration":
+            assert ours[name].default == 0.0  # tasks finish at once in tests
+        else:
+            assert ours[name].default == theirs[name].default, name
