@@ -182,8 +182,8 @@ class ResponseValidationError(ApimartError):
 class NoVideoError(ResponseValidationError):
     """The service reported the task ``completed`` but its reply has no video URL.
 
-    ``task`` is the task as read. The task was billed; a journal keeps the job open, so a
-    later run reads it again (nothing is downloaded, no file is written).
+    ``task`` is the task as read, ``task_id`` its id. The task was billed; a journal keeps the
+    job open, so a later run reads it again (nothing is downloaded, no file is written).
     """
 
     def __init__(self, task: Task) -> None:

@@ -82,17 +82,17 @@ class PollPolicy:
     comes at the early edge of the estimate (then progress says the rest)."""
     use_progress: bool = True
     """Whether progress reports move the predicted end."""
-    #: A task the service says it does not know ends as ``NotFoundError`` only once it has said
-    #: so twice, at least this many seconds apart (a new task may not be visible everywhere
-    #: yet; absence from a batch reply alone is never taken as proof).
     not_found_grace: float = attrs.field(default=10.0, validator=_positive)
-    #: Reads of a task that ended in an error waiting cannot heal (401, 403, a redirect, a
-    #: 400 for a known id, a reply that cannot be read, completed without a video) before
-    #: the wait ends with that error.
+    """A task the service says it does not know ends as ``NotFoundError`` only once it has said so
+    twice, at least this many seconds apart (a new task may not be visible everywhere yet;
+    absence from a batch reply alone is never taken as proof)."""
     hard_error_tries: int = attrs.field(default=3, validator=_count)
-    #: Seconds after which a batch status route that refused or kept failing is tried again
-    #: (the client's policy only; meanwhile status reads go task by task).
+    """Reads of a task that ended in an error waiting cannot heal (401, 403, a redirect, a 400 for a
+    known id, a reply that cannot be read, completed without a video) before the wait ends with
+    that error."""
     batch_route_retry: float = attrs.field(default=600.0, validator=_positive)
+    """Seconds after which a batch status route that refused or kept failing is tried again (the
+    client's policy only; meanwhile status reads go task by task)."""
 
 
 @attrs.define(slots=True)

@@ -170,12 +170,12 @@ class Emulator:
             raise ValueError(f"unknown_task must be one of {', '.join(UNKNOWN_TASK_REPLIES)}")
         if conflict_code_in not in CONFLICT_PLACEMENTS:
             raise ValueError(f"conflict_code_in must be one of {', '.join(CONFLICT_PLACEMENTS)}")
-        #: How an unknown task id is answered ("404", "400" or "200"); may change at run time.
         self.unknown_task: UnknownTask = unknown_task
-        #: Where a 409 sub-code goes ("both", "type" or "code"); may change at run time.
+        """How an unknown task id is answered ("404", "400" or "200"); may change at run time."""
         self.conflict_code_in: ConflictPlacement = conflict_code_in
-        #: Ids every batch status reply leaves out (the task still exists); a test may add ids.
+        """Where a 409 sub-code goes ("both", "type" or "code"); may change at run time."""
         self.batch_hidden: set[str] = set()
+        """Ids every batch status reply leaves out (the task still exists); a test may add ids."""
         self.webhook_retry_delays = webhook_retry_delays
         """Seconds between webhook delivery attempts."""
         self.file_chunk_delay = file_chunk_delay
