@@ -188,7 +188,7 @@ class NoVideoError(ResponseValidationError):
 
     def __init__(self, task: Task) -> None:
         self.task = task
-        self.task_id = task.id
+        self.task_id: str = task.id
         super().__init__(f"task {task.id} is completed but its reply has no video URL")
 
 
