@@ -319,6 +319,7 @@ def _manifest_line(
     cost: float | None,
     files: tuple[DownloadedFile, ...],
     error: str | None,
+    times: tuple[int | None, int | None] = (None, None),
 ) -> dict[str, Any]:
     return {
         "index": index,
@@ -329,6 +330,9 @@ def _manifest_line(
         "cost": cost,
         "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files],
         "error": error,
+        # the task's created / completed times at the service (Unix seconds)
+        "created": times[0],
+        "completed": times[1],
     }
 
 
@@ -1094,15 +1098,17 @@ class Batch:
     # -- plumbing --------------------------------------------------------------------------------
 
     def _line_of(self, record: JobRecord) -> dict[str, Any]:
+        task = record.task or {}
         return _manifest_line(
             record.index,
             record.name,
-            None,
+            record.request,
             record.task_id,
             record.status or "error",
             record.cost,
             record.files,
             record.error,
+            (task.get("created"), task.get("completed")),
         )
 
     async def _write_manifest(self, outcome: Outcome, status: str) -> None:
@@ -1111,8 +1117,18 @@ class Batch:
         body = outcome.request.to_body() if outcome.request is not None else None
         cost = outcome.task.cost if outcome.task is not None else None
         error = str(outcome.error) if outcome.error is not None else None
+        task = outcome.task
+        times = (task.created, task.completed) if task is not None else (None, None)
         line = _manifest_line(
-            outcome.index, outcome.name, body, outcome.task_id, status, cost, outcome.files, error
+            outcome.index,
+            outcome.name,
+            body,
+            outcome.task_id,
+            status,
+            cost,
+            outcome.files,
+            error,
+            times,
         )
         with anyio.CancelScope(shield=True):
             await self._manifest.write(line)

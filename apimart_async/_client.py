@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import ssl as _ssl
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +18,7 @@ import aiohttp
 import anyio
 
 from . import _converter as conv
+from . import _retry
 from ._batch import Batch, BatchEvent, JobInput, _check_seconds
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader, DownloadExpiredError, _Gone
@@ -27,6 +29,7 @@ from ._errors import (
     ConfigurationError,
     FieldError,
     ResponseValidationError,
+    SubmitIndeterminateError,
     TaskFailedError,
     ValidationError,
 )
@@ -36,7 +39,7 @@ from ._poller import Poller, is_unknown_task
 from ._retry import is_retryable_status
 from ._schedule import BATCH_IDS, PollPolicy
 from ._scheduler import RateLimiter, Throttle
-from ._transport import Reply, Transport, new_idempotency_key
+from ._transport import Reply, SendTrack, Transport, check_proxy_url, new_idempotency_key
 
 __all__ = ["AsyncApimart", "TaskWatch", "Tasks", "Uploads", "Videos"]
 
@@ -81,16 +84,20 @@ def _check_task_id(task_id: Any, field: str = "task_id") -> str:
     return task_id
 
 
+#: The vendor's own client's rule for a caller-supplied Idempotency-Key.
+_IDEMPOTENCY_KEY: Final = re.compile(r"[!-~]{1,191}")
+
+
 def _check_idempotency_key(key: Any) -> str:
-    if (
-        not isinstance(key, str)
-        or not 1 <= len(key) <= 255
-        or not key.isascii()
-        or not key.isprintable()
-        or key != key.strip()
-    ):
+    if not isinstance(key, str) or _IDEMPOTENCY_KEY.fullmatch(key) is None:
         raise ValidationError(
-            [FieldError("idempotency_key", "must be 1 to 255 printable ASCII characters", key)]
+            [
+                FieldError(
+                    "idempotency_key",
+                    "must be 1 to 191 visible ASCII characters, no spaces (^[!-~]{1,191}$)",
+                    key,
+                )
+            ]
         )
     return key
 
@@ -115,6 +122,12 @@ class AsyncApimart:
         requests_per_second: an optional cap on all requests of this client (submit, status,
             upload, download), shared by everything the client does.
         download_concurrency: result files downloaded at once.
+        ssl: an ``ssl.SSLContext`` for https (a private CA, a client certificate); default:
+            the system's CAs, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set.
+        proxy: an http(s) proxy for every request of this client, e.g.
+            ``http://user:pass@proxy.example:3128`` (credentials are never shown).
+        trust_env: without ``proxy``, follow ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
+            (read when the client opens), as requests and httpx do; False ignores them.
     """
 
     def __init__(
@@ -129,8 +142,19 @@ class AsyncApimart:
         poll: PollPolicy | None = None,
         requests_per_second: float | None = None,
         download_concurrency: int = 4,
+        ssl: _ssl.SSLContext | None = None,
+        proxy: str | None = None,
+        trust_env: bool = True,
     ) -> None:
         key = resolve_api_key(api_key)
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise ConfigurationError(
+                f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}"
+            )
+        if proxy is not None:
+            proxy = check_proxy_url(proxy)
+        if not isinstance(trust_env, bool):
+            raise ConfigurationError(f"trust_env must be True or False, got {trust_env!r}")
         url = check_base_url(base_url)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
@@ -163,6 +187,9 @@ class AsyncApimart:
             max_retries=max_retries,
             throttle=Throttle(),
             limiter=limiter,
+            ssl_context=ssl,
+            proxy=proxy,
+            trust_env=trust_env,
         )
         if (
             isinstance(download_concurrency, bool)
@@ -419,6 +446,11 @@ class Videos:
 
         The POST carries an ``Idempotency-Key`` (``idempotency_key`` or a fresh one) that is
         the same on every retry, so a retried submit never creates a second task.
+
+        Raises ``SubmitIndeterminateError`` (carrying ``idempotency_key``) when the outcome is
+        unknown: the service answered ``idempotency_result_indeterminate``, or an attempt
+        reached it without a reply and the retries did not settle it. Submit again with that
+        key to get the original task, if one was created, instead of a second one.
         """
         if not isinstance(request, VideoRequest):
             raise ValidationError(
@@ -433,15 +465,34 @@ class Videos:
             if idempotency_key is None
             else _check_idempotency_key(idempotency_key)
         )
-        return await self._client._transport.request(
-            "POST",
-            "/v1/videos/generations",
-            kind="submit",
-            retry="submit",
-            parse=_parse(conv.parse_submit),
-            json_body=request.to_body(),
-            headers={"Idempotency-Key": key},
-        )
+        track = SendTrack()
+        path = "/v1/videos/generations"
+        try:
+            return await self._client._transport.request(
+                "POST",
+                path,
+                kind="submit",
+                retry="submit",
+                parse=_parse(conv.parse_submit),
+                json_body=request.to_body(),
+                headers={"Idempotency-Key": key},
+                track=track,
+            )
+        except ApimartError as exc:
+            if isinstance(exc, APIStatusError) and (
+                exc.sub_code == "idempotency_result_indeterminate"
+            ):
+                reason = "the service cannot say whether it created the task"
+            elif track.unanswered and _retry.is_retryable(exc, submit=True):
+                reason = f"an attempt reached the service without a reply; last error: {exc}"
+            else:
+                raise
+            raise SubmitIndeterminateError(
+                f"submit outcome unknown ({reason}); submit again with "
+                f"idempotency_key={key!r} to get the original task if there is one",
+                idempotency_key=key,
+                path=path,
+            ) from exc
 
     async def generate(
         self,

@@ -16,7 +16,9 @@
     ├── ReplayedError                        an error recorded by an earlier run (journal)
     ├── ClientClosedError                    the client is not open, or was closed meanwhile
     ├── APIConnectionError                   the request did not get a complete reply
-    │   └── APITimeoutError (TimeoutError)   ... because a timeout ran out
+    │   ├── APITimeoutError (TimeoutError)   ... because a timeout ran out
+    │   └── SubmitIndeterminateError         a submit whose outcome is unknown: resubmit with
+    │                                        its ``idempotency_key``
     ├── ResponseValidationError              a reply this SDK cannot read (carries an excerpt)
     │   └── NoVideoError                     a task reported completed with no video URL
     ├── APIStatusError                       the service answered with an error
@@ -37,7 +39,8 @@ API key: requests are described by method and path only, never by their headers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from ._models import Task
 
 __all__ = [
+    "SUB_CODES",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
@@ -63,6 +67,7 @@ __all__ = [
     "RateLimitError",
     "ResponseValidationError",
     "ServerError",
+    "SubmitIndeterminateError",
     "TaskFailedError",
     "TaskTimeoutError",
     "ValidationError",
@@ -154,6 +159,28 @@ class APITimeoutError(APIConnectionError, TimeoutError):
     """A connect, read or total timeout ran out."""
 
 
+class SubmitIndeterminateError(APIConnectionError):
+    """A submit whose outcome is unknown: the service may or may not have created the task.
+
+    Raised when the service answers ``idempotency_result_indeterminate``, or when every
+    attempt of a submit that reached the service ended without a reply (dropped connection,
+    timeout after the request was sent). Submit again with the same ``idempotency_key``: the
+    service then returns the original task, if there is one, instead of creating another.
+    ``__cause__`` is the last error seen.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        idempotency_key: str,
+        method: str | None = "POST",
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message, method=method, path=path)
+        self.idempotency_key = idempotency_key
+
+
 class ResponseValidationError(ApimartError):
     """The service replied with something this SDK cannot read.
 
@@ -197,9 +224,15 @@ class APIStatusError(ApimartError):
 
     ``status`` is the HTTP status, ``type`` and ``code`` come from the error body
     (``code`` may be an int or a string), ``param`` names the offending field when given,
-    ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one,
-    ``request_id`` the service's id of the request, ``message`` its message, ``body`` a short
-    excerpt of the reply.
+    ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one.
+    ``sub_code`` is the APIMart sub-code this SDK acts on (one of ``SUB_CODES``:
+    ``idempotency_in_progress``, ``idempotency_key_reused``,
+    ``idempotency_result_indeterminate``, ``idempotency_unavailable``,
+    ``build_request_failed``), wherever the body carried it: ``error.code``, ``error.type``
+    or the message; else None. ``http_status`` is the status on the wire: ``status`` but for
+    an error sent inside a 2xx reply (``{"code": 404, ...}`` with HTTP 200).
+    ``request_id`` is the service's id of the request, ``message`` its message, ``body`` a
+    short excerpt of the reply.
     """
 
     def __init__(
@@ -213,8 +246,11 @@ class APIStatusError(ApimartError):
         request_id: str | None = None,
         retry_after: float | None = None,
         body: bytes | str = b"",
+        sub_code: str | None = None,
     ) -> None:
         self.message = message
+        self.sub_code = sub_code or find_sub_code(code, type, message)
+        self.http_status = status
         self.retry_after = retry_after
         self.status = status
         self.type = type
@@ -251,7 +287,8 @@ class NotFoundError(APIStatusError):
 
 
 class ConflictError(APIStatusError):
-    """409: an idempotency conflict; ``type`` says which (``idempotency_key_reused``, ...)."""
+    """409: an idempotency conflict; ``sub_code`` says which (``idempotency_key_reused``,
+    ``idempotency_in_progress``, ...)."""
 
 
 class RateLimitError(APIStatusError):
@@ -304,14 +341,42 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     429: RateLimitError,
 }
 
-#: Error ``type`` values that decide the class whatever the HTTP status says.
+#: The sub-codes the SDK acts on, found in ``error.code``, ``error.type`` or the message.
+SUB_CODES: Final = (
+    "idempotency_in_progress",
+    "idempotency_key_reused",
+    "idempotency_result_indeterminate",
+    "idempotency_unavailable",
+    "build_request_failed",
+)
+_SUB_CODE_IN_TEXT: Final = re.compile(r"\b(" + "|".join(SUB_CODES) + r")\b")
+
+
+def find_sub_code(code: object, type: object, message: object) -> str | None:
+    """The sub-code of an error body: ``code`` first (as the vendor's client reads it), then
+    ``type``, then the first one named in the message; None when there is none."""
+    for value in (code, type):
+        if isinstance(value, str) and value in SUB_CODES:
+            return value
+    if isinstance(message, str):
+        found = _SUB_CODE_IN_TEXT.search(message)
+        if found is not None:
+            return found.group(1)
+    return None
+
+
+#: Sub-codes (or error ``type`` values) that decide the class whatever the HTTP status says.
 _BY_TYPE: dict[str, type[APIStatusError]] = {
     "build_request_failed": BadRequestError,  # validation reported as 500
+    "idempotency_in_progress": ConflictError,
+    "idempotency_key_reused": ConflictError,
+    "idempotency_result_indeterminate": ConflictError,
 }
 
 
 def status_error_class(status: int, type: str | None = None) -> type[APIStatusError]:
-    """The error class for an HTTP status and error type (the mapping table)."""
+    """The error class for an HTTP status and a sub-code or error type (the mapping table);
+    ``idempotency_unavailable`` keeps its status's class (503: ``ServerError``)."""
     if type is not None and type in _BY_TYPE:
         return _BY_TYPE[type]
     if status in _BY_STATUS:

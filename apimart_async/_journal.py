@@ -85,6 +85,8 @@ class JobRecord:
     """The terminal task in its wire form."""
     files: tuple[DownloadedFile, ...] = ()
     """The downloaded files."""
+    #: The request body as it was sent (``VideoRequest.to_body()``).
+    request: dict[str, Any] | None = None
 
 
 class Journal(Protocol):
@@ -148,6 +150,41 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+_SELECT = (
+    "SELECT idx, fingerprint, idempotency_key, state, name, task_id, status, cost,"
+    " error, error_type, task, files, body FROM jobs"
+)
+
+
+def _records(rows: list[Any], path: Path) -> dict[int, JobRecord]:
+    out: dict[int, JobRecord] = {}
+    for r in rows:
+        try:
+            files = tuple(DownloadedFile(**f) for f in json.loads(r[11])) if r[11] else ()
+            task = json.loads(r[10]) if r[10] else None
+            request = json.loads(r[12]) if r[12] else None
+        except (ValueError, TypeError) as exc:
+            raise JournalError(
+                f"cannot use {path} as a journal: job {r[0]} is unreadable ({exc})"
+            ) from None
+        out[r[0]] = JobRecord(
+            index=r[0],
+            fingerprint=r[1],
+            idempotency_key=r[2],
+            state=r[3],
+            name=r[4],
+            task_id=r[5],
+            status=r[6],
+            cost=r[7],
+            error=r[8],
+            error_type=r[9],
+            task=task,
+            files=files,
+            request=request,
+        )
+    return out
+
+
 class SqliteJournal(Journal):
     """The default journal: one SQLite file (WAL), written on a single worker thread."""
 
@@ -198,36 +235,36 @@ class SqliteJournal(Journal):
                 raise JournalError(
                     f"{self.path} was written by a newer apimart-async (schema {row[0]})"
                 )
-            rows = conn.execute(
-                "SELECT idx, fingerprint, idempotency_key, state, name, task_id, status, cost,"
-                " error, error_type, task, files FROM jobs"
-            ).fetchall()
+            rows = conn.execute(_SELECT).fetchall()
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
-        out: dict[int, JobRecord] = {}
-        for r in rows:
-            try:
-                files = tuple(DownloadedFile(**f) for f in json.loads(r[11])) if r[11] else ()
-                task = json.loads(r[10]) if r[10] else None
-            except (ValueError, TypeError) as exc:
-                raise JournalError(
-                    f"cannot use {self.path} as a journal: job {r[0]} is unreadable ({exc})"
-                ) from None
-            out[r[0]] = JobRecord(
-                index=r[0],
-                fingerprint=r[1],
-                idempotency_key=r[2],
-                state=r[3],
-                name=r[4],
-                task_id=r[5],
-                status=r[6],
-                cost=r[7],
-                error=r[8],
-                error_type=r[9],
-                task=task,
-                files=files,
-            )
-        return out
+        return _records(rows, self.path)
+
+    @staticmethod
+    def read(path: str | Path) -> dict[int, JobRecord]:
+        """Every recorded job by index, read without changing the file (a running batch may
+        be writing it). Blocking: call it from a worker thread in async code."""
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(16)
+        except OSError as exc:
+            raise JournalError(f"cannot read journal {path}: {exc.strerror or exc}") from None
+        if head != b"SQLite format 3\x00":
+            raise JournalError(f"{path} is not a journal (not an SQLite file)")
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot use {path} as a journal: {exc}") from None
+        try:
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            rows = conn.execute(_SELECT).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot use {path} as a journal: {exc}") from None
+        finally:
+            conn.close()
+        return _records(rows, path)
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         if self._conn is None:

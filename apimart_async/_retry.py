@@ -3,6 +3,8 @@
 - Reads (task status GETs, the batch status POST, balance, uploads): retried on connection
   errors, timeouts, 408, 429, 5xx (not 501, not ``build_request_failed``) and on replies that
   are not even JSON.
+- ``idempotency_unavailable`` (the service did NOT run the request) is retried whatever its
+  status; ``build_request_failed`` (a validation error, often sent as a 500) never is.
 - The submit POST: the same, plus 409 ``idempotency_in_progress``; it always carries an
   ``Idempotency-Key`` that stays the same on every retry, so a retry never bills twice.
 - 400, 401, 402, 403, 404 and the other 409s are never retried.
@@ -89,13 +91,15 @@ def is_retryable(exc: BaseException, *, submit: bool = False) -> bool:
         return True
     if isinstance(exc, ResponseValidationError):
         return not exc.decodable
-    if isinstance(exc, ConflictError):
-        return submit and _in_progress(exc)
     if isinstance(exc, APIStatusError):
-        if exc.type == "build_request_failed":
-            return False
         if exc.retry_after is not None and exc.retry_after > MAX_RETRY_AFTER:
             return False
+        if exc.sub_code == "idempotency_unavailable":
+            return True
+        if exc.sub_code == "build_request_failed":
+            return False
+        if isinstance(exc, ConflictError):
+            return submit and _in_progress(exc)
         return is_retryable_status(exc.status)
     return False
 
@@ -128,7 +132,7 @@ def wait_gen() -> Generator[float, BaseException | None, None]:
 
 
 def _in_progress(exc: BaseException | None) -> bool:
-    return isinstance(exc, ConflictError) and exc.type == "idempotency_in_progress"
+    return isinstance(exc, ConflictError) and exc.sub_code == "idempotency_in_progress"
 
 
 def describe(exc: ApimartError) -> str:

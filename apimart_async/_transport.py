@@ -2,16 +2,31 @@
 
 The API key is added per request to API calls only (never to downloads of result files),
 redirects are never followed with it, and no log record, repr or exception built here holds it.
+
+Replies are read whole however they travel (many segments, chunked, gzip or deflate, which
+aiohttp decodes); aiohttp checks that the wire carried every byte a ``Content-Length`` or the
+chunked framing promised, and a reply cut short becomes a retryable ``APIConnectionError``.
+
+Proxies: ``proxy=`` names one; otherwise, unless ``trust_env=False``, ``HTTPS_PROXY`` /
+``HTTP_PROXY`` / ``NO_PROXY`` (read when the session opens) decide, as in requests and httpx.
+They are resolved here rather than by aiohttp's ``trust_env``, which would also read
+``~/.netrc`` credentials into requests that already carry the API key (aiohttp then refuses
+them) and costs a thread hop per request. TLS: ``ssl=`` takes an ``ssl.SSLContext``;
+without one, ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` are honoured when set.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import json
 import logging
 import os
+import ssl
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -29,13 +44,24 @@ from ._errors import (
     APIStatusError,
     APITimeoutError,
     ClientClosedError,
+    ConfigurationError,
+    ResponseValidationError,
+    find_sub_code,
     status_error_class,
 )
 from ._json import is_object
 from ._scheduler import RateLimiter, Throttle
 from ._version import __version__
 
-__all__ = ["Reply", "RetryMode", "StreamReply", "Transport", "new_idempotency_key"]
+__all__ = [
+    "Reply",
+    "RetryMode",
+    "SendTrack",
+    "StreamReply",
+    "Transport",
+    "check_proxy_url",
+    "new_idempotency_key",
+]
 
 logger = logging.getLogger("apimart_async")
 
@@ -48,6 +74,111 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 def new_idempotency_key() -> str:
     return f"am-{os.urandom(16).hex()}"  # 128 random bits, as uuid4 but cheaper
+
+
+@attrs.define
+class SendTrack:
+    """Filled in by the attempts of one request: how many may have reached the service and
+    ended without a reply (a dropped connection, a timeout after sending). A submit with
+    such an attempt has an unknown outcome if its retries do not settle it."""
+
+    unanswered: int = 0
+
+
+#: aiohttp errors raised before the request left this machine (nothing reached the service).
+_NOT_SENT: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake, proxy unreachable
+    aiohttp.ClientHttpProxyError,  # the proxy refused the tunnel
+    *((aiohttp.ConnectionTimeoutError,) if hasattr(aiohttp, "ConnectionTimeoutError") else ()),
+)
+
+
+def check_proxy_url(proxy: Any) -> str:
+    """A proxy URL as given to ``AsyncApimart(proxy=...)``: http(s) with a host; credentials
+    in it are allowed and never shown in errors."""
+    ok = isinstance(proxy, str)
+    if ok:
+        try:
+            parts = urlsplit(proxy.strip())
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # a bad port raises ValueError
+        except ValueError:
+            ok = False
+    if not ok:
+        shown = "a URL with credentials" if isinstance(proxy, str) and "@" in proxy else proxy
+        raise ConfigurationError(
+            f"proxy must be an http(s) URL such as 'http://proxy.example:3128', got {shown!r}"
+        )
+    return str(proxy).strip()
+
+
+class _Proxies:
+    """Which proxy, if any, a URL goes through: the named one, or the environment's."""
+
+    def __init__(self, proxy: str | None, *, trust_env: bool) -> None:
+        self._fixed = _split_proxy(proxy) if proxy is not None else None
+        self._env: dict[str, str] = {}
+        self._by_origin: dict[tuple[str, str], tuple[str | None, Mapping[str, str] | None]] = {}
+        if proxy is None and trust_env:
+            self._env = {
+                k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https", "no")
+            }
+
+    def for_url(self, url: str) -> tuple[str | None, Mapping[str, str] | None]:
+        if self._fixed is not None:
+            return self._fixed
+        if not self._env:
+            return None, None
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname or "")
+        found = self._by_origin.get(key)
+        if found is None:
+            proxy = self._env.get(parts.scheme)
+            if proxy is None or _bypassed(key[1], self._env):
+                found = (None, None)
+            else:
+                found = _split_proxy(proxy)
+            self._by_origin[key] = found
+        return found
+
+    @property
+    def in_use(self) -> bool:
+        return self._fixed is not None or bool(set(self._env) - {"no"})
+
+
+def _bypassed(host: str, env: Mapping[str, str]) -> bool:
+    if "no" in env:
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        return bool(bypass(host, dict(env)))
+    try:
+        return bool(urllib.request.proxy_bypass(host))
+    except OSError:  # pragma: no cover - system proxy settings unreadable
+        return False
+
+
+def _split_proxy(proxy: str) -> tuple[str, Mapping[str, str] | None]:
+    """(proxy URL without credentials, a ``Proxy-Authorization`` header for them or None)."""
+    parts = urlsplit(proxy)
+    if parts.username is None:
+        return proxy, None
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    auth = {"Proxy-Authorization": f"Basic {token}"}
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), auth
+
+
+def _default_ssl() -> ssl.SSLContext | bool:
+    """aiohttp's shared verified context, unless ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` is set:
+    aiohttp builds its context at import time, so a fresh one reads them as they are now."""
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context()
+    return True
 
 
 @attrs.frozen
@@ -80,11 +211,17 @@ def _error_from_reply(status: int, headers: Mapping[str, str], body: bytes) -> A
             request_id = _as_str(err.get("request_id")) or request_id
         elif isinstance(err, str):
             message = err
+        else:  # a flat body: {"code": "idempotency_key_reused", "message": "..."}
+            raw_code = payload.get("code")
+            if isinstance(raw_code, (int, str)) and not isinstance(raw_code, bool):
+                code = raw_code
+            err_type = err_type or _as_str(payload.get("type"))
         message = message or _as_str(payload.get("message")) or _as_str(payload.get("msg"))
         request_id = _as_str(payload.get("request_id")) or request_id
     if not message:
         message = body.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
-    cls = status_error_class(status, err_type)
+    sub_code = find_sub_code(code, err_type, message)
+    cls = status_error_class(status, sub_code or err_type)
     retry_after = _retry.parse_retry_after(headers.get("Retry-After"))
     return cls(
         message,
@@ -95,6 +232,7 @@ def _error_from_reply(status: int, headers: Mapping[str, str], body: bytes) -> A
         request_id=request_id,
         retry_after=retry_after,
         body=body,
+        sub_code=sub_code,
     )
 
 
@@ -139,8 +277,16 @@ class Transport:
         connection_limit: int = 100,
         throttle: Throttle | None = None,
         limiter: RateLimiter | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
+        trust_env: bool = True,
     ) -> None:
         self._key = api_key
+        self._ssl_context = ssl_context
+        self._proxy = proxy
+        self.trust_env = trust_env
+        #: Resolved when the session opens (the environment as it is then).
+        self.proxies = _Proxies(proxy, trust_env=False)
         #: Client-wide back-pressure from 429s, and the optional requests-per-second cap.
         self.throttle = throttle or Throttle()
         self.limiter = limiter
@@ -169,8 +315,10 @@ class Transport:
         if self._closed:
             raise ClientClosedError("this client was closed; create a new AsyncApimart")
         if self._session is None:
+            self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
+            ssl_option = self._ssl_context if self._ssl_context is not None else _default_ssl()
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connection_limit),
+                connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=ssl_option),
                 headers={"User-Agent": f"apimart-async/{__version__}"},
                 timeout=self.client_timeout(self.timeout),
                 raise_for_status=False,
@@ -216,11 +364,13 @@ class Transport:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: Timeout | None = None,
+        track: SendTrack | None = None,
     ) -> T:
         """Send one API request with the retry policy of ``retry`` and return ``parse(reply)``
         of its 2xx reply, or raise a typed error. Parsing is part of each attempt, so a reply
         that is not even JSON is retried like a dropped one. ``data_factory`` builds a fresh
-        multipart body per attempt."""
+        multipart body per attempt. ``track`` counts attempts that may have reached the
+        service without a reply."""
 
         if retry == "never" or self.max_retries <= 0:
             run: Callable[..., Awaitable[Any]] = self._parsed_attempt
@@ -236,6 +386,7 @@ class Transport:
             params,
             headers,
             timeout,
+            track,
         )
         return result
 
@@ -282,6 +433,7 @@ class Transport:
         params: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
         timeout: Timeout | None,
+        track: SendTrack | None = None,
     ) -> T:
         """One attempt, parsed (so a reply that is not even JSON is retried like a lost one)."""
         reply = await self._attempt(
@@ -293,6 +445,7 @@ class Transport:
             params=params,
             headers=headers,
             timeout=timeout,
+            track=track,
         )
         return parse(reply)
 
@@ -307,6 +460,7 @@ class Transport:
         params: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
         timeout: Timeout | None,
+        track: SendTrack | None = None,
     ) -> Reply:
         session = self.session()
         await self._pace()
@@ -321,10 +475,15 @@ class Transport:
         options: dict[str, Any] = {}
         if timeout is not None:  # else the session's; passing None would mean "no limit"
             options["timeout"] = self.client_timeout(timeout)
+        url = self.url(path)
+        proxy, proxy_headers = self.proxies.for_url(url)
+        if proxy is not None:
+            options["proxy"] = proxy
+            options["proxy_headers"] = proxy_headers
         try:
             async with session.request(
                 method,
-                self.url(path),
+                url,
                 json=json_body if data is None else None,
                 data=data,
                 params=params,
@@ -334,8 +493,10 @@ class Transport:
             ) as resp:
                 status = resp.status
                 reply_headers = resp.headers  # case-insensitive, read-only
-                body = await resp.content.read(MAX_REPLY_BYTES + 1)
+                body = await _read_whole(resp, method, path)
         except TimeoutError as exc:
+            if track is not None and not isinstance(exc, _NOT_SENT):
+                track.unanswered += 1
             logger.debug("%s %s timed out", method, path)
             raise APITimeoutError(
                 f"{method} {path} timed out ({type(exc).__name__})", method=method, path=path
@@ -343,6 +504,8 @@ class Transport:
         except aiohttp.ClientError as exc:
             if self._closed:
                 raise ClientClosedError("the client was closed during the request") from None
+            if track is not None and not isinstance(exc, _NOT_SENT):
+                track.unanswered += 1
             logger.debug("%s %s failed: %s", method, path, type(exc).__name__)
             raise APIConnectionError(
                 f"{method} {path} failed: {type(exc).__name__}: {_safe_str(exc)}",
@@ -360,14 +523,13 @@ class Transport:
             self.throttle.on_rate_limited(time.monotonic(), retry_after)
         elif status < 300:
             self.throttle.on_success(time.monotonic())
-        if len(body) > MAX_REPLY_BYTES:
-            raise APIConnectionError(
-                f"{method} {path}: reply larger than {MAX_REPLY_BYTES} bytes",
-                method=method,
-                path=path,
-            )
         declared = reply_headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) != len(body):
+        if (
+            declared is not None
+            and declared.isdigit()
+            and "Content-Encoding" not in reply_headers
+            and int(declared) != len(body)
+        ):  # aiohttp checks the framing; this is a second look at an uncompressed body
             raise APIConnectionError(
                 f"{method} {path}: reply cut short ({len(body)} of {declared} bytes)",
                 method=method,
@@ -384,7 +546,9 @@ class Transport:
             raise _error_from_reply(status, reply_headers, body)
         embedded = _embedded_error(status, body)
         if embedded is not None:
-            raise _error_from_reply(embedded, reply_headers, body)
+            error = _error_from_reply(embedded, reply_headers, body)
+            error.http_status = status  # the error came inside a 2xx reply
+            raise error
         return Reply(status=status, headers=reply_headers, body=body)
 
     async def _pace(self) -> None:
@@ -410,7 +574,10 @@ class Transport:
             total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read
         )
         try:
-            async with session.get(url, headers=headers, timeout=timeout) as resp:
+            proxy, proxy_headers = self.proxies.for_url(url)
+            async with session.get(
+                url, headers=headers, timeout=timeout, proxy=proxy, proxy_headers=proxy_headers
+            ) as resp:
                 yield StreamReply(resp)
         except TimeoutError:
             raise APITimeoutError("download timed out", method="GET", path=_url_path(url)) from None
@@ -422,6 +589,31 @@ class Transport:
                 method="GET",
                 path=_url_path(url),
             ) from None
+
+
+async def _read_whole(resp: aiohttp.ClientResponse, method: str, path: str) -> bytes:
+    """The whole body of an API reply, decoded (gzip, deflate), however many pieces it came
+    in; a declared length over ``MAX_REPLY_BYTES`` is refused before reading, an undeclared
+    body (or one that inflates) is cut off past it. A reply cut short raises aiohttp's
+    ``ClientPayloadError``, which the caller maps to a retryable ``APIConnectionError``."""
+    limit = MAX_REPLY_BYTES
+    declared = resp.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ResponseValidationError(
+            f"{method} {path}: the reply declares {declared} bytes, more than the "
+            f"{limit} bytes an API reply may have",
+            status=resp.status,
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ResponseValidationError(
+                f"{method} {path}: reply larger than {limit} bytes", status=resp.status
+            )
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class StreamReply:

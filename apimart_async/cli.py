@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import webbrowser
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,6 +22,7 @@ from typing import Any, TextIO
 import anyio
 
 import apimart_async as am
+from apimart_async import report
 from apimart_async.emulator import Emulator
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -191,7 +193,13 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             await anyio.Path(str(journal) + suffix).unlink(missing_ok=True)
     progress = Progress(len(jobs), sys.stderr)
     items = [(j.name, j.request) if j.name else j.request for j in jobs]
-    async with _client(args, emulate=args.emulate) as client:
+    gallery = report.LiveGallery(out, [(j.name, j.request) for j in jobs])
+
+    def on_event(event: am.BatchEvent) -> None:
+        progress.event(event)
+        gallery.event(event)
+
+    async with _client(args, emulate=args.emulate) as client, gallery:
         async with client.batch(
             items,
             concurrency=args.concurrency,
@@ -200,22 +208,40 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             journal=journal,
             download_dir=out,
             sigint_grace=args.grace,
-            on_event=progress.event,
+            on_event=on_event,
         ) as results:
             async for outcome in results:
                 progress.outcome(outcome)
+                gallery.outcome(outcome)
         progress.close()
         stats = results.stats()
     print(
         f"\n{'jobs':<12}{len(jobs)}\n{'completed':<12}{progress.completed}\n"
         f"{'failed':<12}{progress.failed}\n{'errors':<12}{progress.errored}\n"
         f"{'cost':<12}${stats.cost:.2f}\n{'files':<12}{out}\n"
-        f"{'manifest':<12}{out / 'manifest.jsonl'}\n{'journal':<12}{journal}"
+        f"{'manifest':<12}{out / 'manifest.jsonl'}\n{'journal':<12}{journal}\n"
+        f"{'gallery':<12}{gallery.path}"
     )
+    if gallery.error is not None:
+        print(f"warning: {gallery.error}", file=sys.stderr)
     if results.interrupted:
         print(f"\ninterrupted; resume with:\n  {_resume_command(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if progress.completed == len(jobs) else EXIT_FAILED
+
+
+async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    out = Path(args.dir)
+    source = Path(args.journal) if args.journal else out / "manifest.jsonl"
+    try:
+        path = await anyio.to_thread.run_sync(report.write_gallery, source, out)
+    except (report.GalleryError, am.JournalError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(path)
+    if args.open:
+        webbrowser.open(path.resolve().as_uri())
+    return EXIT_OK
 
 
 def _request_from_flags(args: argparse.Namespace) -> am.VideoRequest:
@@ -390,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run a batch from a JSONL or CSV file")
     run.add_argument("jobs", help="JSONL (one VideoRequest per line, optional name) or CSV")
-    run.add_argument("--out", required=True, help="directory for the videos, manifest and journal")
+    run.add_argument(
+        "--out",
+        required=True,
+        help="directory for the videos, manifest, journal and gallery (index.html)",
+    )
     run.add_argument("--journal", help="journal file (default: OUT/.apimart-journal.sqlite)")
     run.add_argument("--concurrency", type=int, default=8)
     run.add_argument("--max-pending", type=int, default=None)
@@ -403,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=10.0, help="seconds to follow running tasks after Ctrl-C"
     )
     run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="write DIR/index.html: a gallery of a batch's videos")
+    rep.add_argument("dir", help="the batch's --out folder")
+    rep.add_argument("--journal", help="read this journal instead of DIR/manifest.jsonl")
+    rep.add_argument("--open", action="store_true", help="open the page in the browser")
+    rep.set_defaults(func=cmd_report)
 
     submit = sub.add_parser("submit", parents=[common], help="submit one job, print its task id")
     submit.add_argument("--request", help="the whole request as a JSON object")
@@ -450,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--api-key")
     emulator.set_defaults(func=None)
+
+    from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there
+
+    add_doctor_parser(sub, common)
     return parser
 
 

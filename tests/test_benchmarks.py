@@ -32,13 +32,15 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True
     scenarios = results["scenarios"]
-    assert set(scenarios) == {"polling", "overhead", "scale", "downloads"}
+    assert set(scenarios) == {"polling", "overhead", "scale", "downloads", "gallery"}
 
     polling = scenarios["polling"]["runs"]
     jobs = scenarios["polling"]["jobs"]
     assert {
         "apimart-async, batch route",
         "apimart-async, per-task GETs",
+        "apimart-async, batch route, real network",
+        "apimart-async, per-task GETs, real network",
         "fixed 0.5 s loop per job",
         "fixed 1 s loop per job",
         "fixed 2 s loop per job",
@@ -51,6 +53,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
             assert run["status_requests"] > 0, name
     # The batch route carries up to 100 ids a request: far fewer requests than jobs.
     assert polling["apimart-async, batch route"]["status_requests"] < jobs
+    assert polling["apimart-async, batch route, real network"]["status_requests"] < jobs
 
     overhead = scenarios["overhead"]["runs"]
     assert overhead["bare aiohttp (1 POST + 1 GET per job)"]["requests_per_job"] == 2.0
@@ -65,6 +68,11 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     assert len(downloads) == 4
     assert all(run["bytes"] == run["size_mb"] * 1_000_000 for run in downloads.values())
 
+    gallery = scenarios["gallery"]
+    assert gallery["jobs"] == 1000 and gallery["page_bytes"] > 100_000
+    if gallery["browser"] is not None:  # figures from Chromium where it is installed
+        assert gallery["load_ms"] > 0 and gallery["videos_in_place_at_load"] > 0
+
     targets = results["targets"]
     assert len(targets) >= 12
     assert all(isinstance(t["met"], bool) and t["measured"] for t in targets)
@@ -75,6 +83,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "## 2. Client overhead",
         "## 3. Scale",
         "## 4. Downloads",
+        "## 5. Gallery",
     ):
         assert heading in text
     if importlib.util.find_spec("matplotlib") is not None:  # the bench and dev extras

@@ -131,7 +131,7 @@ async def test_submit_rejects_non_requests_before_sending(
     with pytest.raises(am.ValidationError, match="^request: must be a VideoRequest"):
         await client.videos.submit({"model": "sora-2-preview"})  # type: ignore[arg-type]
     with pytest.raises(
-        am.ValidationError, match="^idempotency_key: must be 1 to 255 printable ASCII"
+        am.ValidationError, match=r"^idempotency_key: must be 1 to 191 visible ASCII"
     ):
         await client.videos.submit(SORA, idempotency_key="")
     assert emu.counters == {}

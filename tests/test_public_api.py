@@ -8,7 +8,12 @@ from apimart_async import emulator
 
 def test_all_is_exactly_the_public_names() -> None:
     # "@py_*": names pytest adds when it rewrites asserts in a package that hosts a plugin
-    public = {n for n in dir(am) if not n.startswith(("_", "@"))} - {"emulator", "cli", "testing"}
+    public = {n for n in dir(am) if not n.startswith(("_", "@"))} - {
+        "emulator",
+        "cli",
+        "testing",
+        "report",
+    }
     assert set(am.__all__) == public | {"__version__"}
     assert set(emulator.__all__) == {"ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan"}
 
@@ -24,6 +29,11 @@ def test_error_tree() -> None:
     assert issubclass(am.APITimeoutError, am.APIConnectionError)
     assert issubclass(am.APITimeoutError, TimeoutError)
     assert issubclass(am.NoVideoError, am.ResponseValidationError)
+    assert issubclass(am.SubmitIndeterminateError, am.APIConnectionError)
+    for name in am._errors.__all__:  # the drawn tree names every error class of _errors
+        obj = getattr(am._errors, name)
+        if isinstance(obj, type) and issubclass(obj, am.ApimartError):
+            assert name in (am._errors.__doc__ or ""), name
     for cls in (
         am.BadRequestError,
         am.AuthenticationError,

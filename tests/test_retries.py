@@ -114,7 +114,7 @@ async def test_in_progress_conflict_is_not_retried_for_reads(
         (401, "authentication_error", am.AuthenticationError),
         (402, "payment_required", am.InsufficientBalanceError),
         (403, "permission_error", am.PermissionDeniedError),
-        (409, "idempotency_result_indeterminate", am.ConflictError),
+        (409, "idempotency_key_reused", am.ConflictError),  # indeterminate: test_error_codes
         (422, "invalid_request_error", am.BadRequestError),
         (500, "build_request_failed", am.BadRequestError),
         (501, "server_error", am.ServerError),

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 
+from ._network import NETWORK_PROFILES
 from ._server import BATCH_ROUTES, CONFLICT_PLACEMENTS, UNKNOWN_TASK_REPLIES, Emulator
 
 
@@ -72,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--balance", type=float, default=1000.0, help="starting USD balance (-1: unlimited)"
     )
+    p.add_argument(
+        "--network",
+        choices=NETWORK_PROFILES,
+        default="loopback",
+        help="real: gzip when accepted, replies in small segments with pauses, sometimes chunked",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve https with a private CA (needs trustme); its PEM file is printed as ca_file",
+    )
     p.add_argument("--video-bytes", type=int, default=64 * 1024)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -92,21 +105,31 @@ async def serve(args: argparse.Namespace) -> None:
         balance=None if args.balance == -1 else args.balance,
         video_bytes=args.video_bytes,
         seed=args.seed,
+        network=args.network,
+        tls=args.tls,
     )
     if args.fault_rate:
         emu.faults.set_rate(args.fault_rate)
     async with emu:
         # One JSON line first, so a parent process can read where to connect.
-        print(json.dumps({"base_url": emu.base_url, "api_key": emu.api_key}), flush=True)
+        first = {"base_url": emu.base_url, "api_key": emu.api_key}
+        if emu.ca_file is not None:
+            first["ca_file"] = emu.ca_file
+        print(json.dumps(first), flush=True)
+        trust = f"  export SSL_CERT_FILE={emu.ca_file}\n" if emu.ca_file else ""
         print(
-            f"APIMart emulator on {emu.base_url}\n"
+            f"APIMart emulator on {emu.base_url} (network: {emu.network})\n"
             f"  export APIMART_BASE_URL={emu.base_url}\n"
             f"  export APIMART_API_KEY={emu.api_key}\n"
+            f"{trust}"
             "Ctrl-C to stop.",
             file=sys.stderr,
             flush=True,
         )
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()  # then the emulator stops cleanly (its CA file is removed)
 
 
 def main(argv: list[str] | None = None) -> int:

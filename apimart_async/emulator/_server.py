@@ -36,6 +36,7 @@ import json
 import logging
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, cast
@@ -45,6 +46,7 @@ import aiohttp
 from aiohttp import web
 
 from ._faults import FaultPlan
+from ._network import NETWORK_PROFILES, LocalCA, Network, NetworkProfile
 from ._rules import RuleError, check_body, price
 from ._state import TERMINAL, Clock, EmuTask, IdemRecord, Mode, State, file_bytes
 
@@ -129,6 +131,11 @@ class Emulator:
         status_names: the service's word for a status (``{"completed": "succeeded"}``).
         video_bytes: size of each result file. seed: makes ids, durations, failures repeatable.
         file_chunk_delay: real seconds of pause after each 256 KiB of a result file.
+        network: ``loopback`` (default: every reply in one piece, uncompressed) or ``real``
+            (gzip when accepted, small segments with pauses, sometimes chunked; see
+            ``_network``), drawn from ``seed``.
+        tls: serve https on loopback: True makes a private CA (``ca_file``,
+            ``client_ssl_context()``; needs ``trustme``), or pass a server ``ssl.SSLContext``.
     """
 
     def __init__(
@@ -154,7 +161,11 @@ class Emulator:
         blocked_words: tuple[str, ...] = ("[blocked]",),
         webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
         file_chunk_delay: float = 0.0,
+        network: Network = "loopback",
+        tls: bool | ssl.SSLContext = False,
     ) -> None:
+        if network not in NETWORK_PROFILES:
+            raise ValueError(f"network must be one of {', '.join(NETWORK_PROFILES)}")
         if mode not in ("auto", "manual"):
             raise ValueError("mode must be 'auto' or 'manual'")
         if not _is_loopback_url(f"http://{host}/"):
@@ -210,6 +221,23 @@ class Emulator:
         self._http: aiohttp.ClientSession | None = None
         self.base_url: str = ""
         """``http://host:port`` once started."""
+        self.network = network
+        #: The ``real`` profile's middleware and its counts, or None.
+        self.network_profile = NetworkProfile(seed) if network == "real" else None
+        self._tls = tls
+        #: The private CA when ``tls=True`` (made at start, removed at stop).
+        self.ca: LocalCA | None = None
+
+    @property
+    def ca_file(self) -> str | None:
+        """PEM file of the private CA when ``tls=True`` (for ``SSL_CERT_FILE``), else None."""
+        return self.ca.ca_file if self.ca is not None else None
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A client SSL context that trusts this emulator's private CA (``tls=True`` only)."""
+        if self.ca is None:
+            raise RuntimeError("client_ssl_context() needs Emulator(tls=True), started")
+        return self.ca.client_context()
 
     @property
     def batch_route(self) -> BatchRoute:
@@ -238,7 +266,8 @@ class Emulator:
 
     async def start(self) -> None:
         """Start listening (prefer ``async with``)."""
-        app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024)
+        middlewares = [self.network_profile.middleware] if self.network_profile else []
+        app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024, middlewares=middlewares)
         app.router.add_post("/v1/videos/generations", self._wrap("submit", self._submit))
         app.router.add_post("/v1/tasks/batch", self._wrap("batch", self._batch))
         app.router.add_get("/v1/tasks/{task_id}", self._wrap("task", self._task))
@@ -253,14 +282,21 @@ class Emulator:
         app.router.add_post("/_emulator/tasks", self._create_tasks)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        server_ssl: ssl.SSLContext | None = None
+        if isinstance(self._tls, ssl.SSLContext):
+            server_ssl = self._tls
+        elif self._tls:
+            self.ca = self.ca or LocalCA()
+            server_ssl = self.ca.server_context()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=server_ssl)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
         if not sockets:
             raise RuntimeError("the emulator did not get a listening socket")
         self.port = sockets[0].getsockname()[1]
-        self.base_url = f"http://{self.host}:{self.port}"
+        scheme = "https" if server_ssl is not None else "http"
+        self.base_url = f"{scheme}://{self.host}:{self.port}"
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._ticker = asyncio.create_task(self._tick(), name="apimart-emulator-ticker")
@@ -282,6 +318,9 @@ class Emulator:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.ca is not None:
+            self.ca.cleanup()
+            self.ca = None
 
     async def __aenter__(self) -> Emulator:
         await self.start()
@@ -363,7 +402,7 @@ class Emulator:
         for start in range(0, size, 1 << 20):
             h.update(
                 file_bytes(
-                    self.state.pattern, f"{task_id}/{n}", start, min(size, start + (1 << 20))
+                    self.state.pattern, f"{task_id}/{n}", start, min(size, start + (1 << 20)), size
                 )
             )
         return h.hexdigest()
@@ -805,7 +844,7 @@ class Emulator:
         name = f"{task.id}/{n}"
         chunk = 256 * 1024
         for pos in range(start, end, chunk):
-            await resp.write(file_bytes(self.state.pattern, name, pos, min(end, pos + chunk)))
+            await resp.write(file_bytes(self.state.pattern, name, pos, min(end, pos + chunk), size))
             if self.file_chunk_delay:
                 await asyncio.sleep(self.file_chunk_delay)
         await resp.write_eof()

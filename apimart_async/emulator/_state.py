@@ -6,10 +6,13 @@ Plain synchronous code; the aiohttp handlers in ``_server`` call it.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import heapq
+import importlib.resources
 import json
 import random
+import struct
 import time
 from typing import Any, Final, Literal
 
@@ -17,7 +20,7 @@ import attrs
 
 from ._rules import price
 
-__all__ = ["Clock", "EmuTask", "IdemRecord", "State", "file_bytes"]
+__all__ = ["SAMPLE_VIDEO", "Clock", "EmuTask", "IdemRecord", "State", "file_bytes"]
 
 Mode = Literal["auto", "manual"]
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
@@ -25,6 +28,17 @@ TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PATTERN_SIZE: Final = 1 << 20
 _MP4_HEAD: Final = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+
+#: A real video (4.3 KB): 3 s of moving colour gradients, 480x270, 15 fps, VP9 in MP4 with the
+#: metadata first, no audio. VP9 plays in Chromium (also Debian's, which has no H.264),
+#: Firefox and Safari. Made with ffmpeg 5.1 (Debian 12) by:
+#:   ffmpeg -f lavfi -i "gradients=s=480x270:r=15:d=3:speed=0.03:c0=0x1d4ed8:c1=0xf97316:\
+#:     c2=0x10b981:nb_colors=3:seed=7" -c:v libvpx-vp9 -crf 45 -b:v 0 -deadline good \
+#:     -cpu-used 1 -g 45 -pix_fmt yuv420p -an -map_metadata -1 -fflags +bitexact \
+#:     -flags:v +bitexact -movflags +faststart -f mp4 sample.mp4
+SAMPLE_VIDEO: Final = (
+    importlib.resources.files(__package__ or "apimart_async.emulator") / "sample.mp4"
+).read_bytes()
 
 
 class Clock:
@@ -80,21 +94,36 @@ def _pattern(seed: int) -> bytes:
     return random.Random(seed).randbytes(_PATTERN_SIZE)
 
 
-def file_bytes(pattern: bytes, task_id: str, start: int, end: int) -> bytes:
-    """Bytes ``start`` to ``end`` (exclusive) of a task's result file: an MP4 ``ftyp`` head,
-    then a pseudo-random pattern shifted by the task id, so files differ and are cheap."""
+@functools.lru_cache(maxsize=64)
+def _file_head(size: int) -> bytes:
+    """The fixed start of every result file of ``size`` bytes: the sample video and the header
+    of a ``free`` box that fills the rest (players skip it), or, when the sample does not fit,
+    just an MP4 ``ftyp`` box (a file of that size cannot be a real video)."""
+    free = size - len(SAMPLE_VIDEO)
+    if free < 32:  # room for the box header and some bytes that differ per task
+        return _MP4_HEAD
+    if free <= 0xFFFFFFFF:
+        return SAMPLE_VIDEO + struct.pack(">I4s", free, b"free")
+    return SAMPLE_VIDEO + struct.pack(">I4sQ", 1, b"free", free)  # 64-bit "largesize"
+
+
+def file_bytes(pattern: bytes, task_id: str, start: int, end: int, size: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of a task's result file of ``size`` bytes: a
+    playable MP4 (``SAMPLE_VIDEO``), then a ``free`` box holding a pseudo-random pattern
+    shifted by the task id, so files differ and are cheap to make at any size."""
+    head = _file_head(size)
     out = bytearray()
-    if start < len(_MP4_HEAD):
-        out += _MP4_HEAD[start : min(end, len(_MP4_HEAD))]
-        start = len(_MP4_HEAD)
+    if start < len(head):
+        out += head[start : min(end, len(head))]
+        start = len(head)
     if start >= end:
         return bytes(out)
     shift = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big")
-    size = len(pattern)
-    pos = (start + shift) % size
+    psize = len(pattern)
+    pos = (start + shift) % psize
     remaining = end - start
     while remaining > 0:
-        take = min(remaining, size - pos)
+        take = min(remaining, psize - pos)
         out += pattern[pos : pos + take]
         remaining -= take
         pos = 0
