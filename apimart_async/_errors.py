@@ -225,7 +225,7 @@ class APIStatusError(ApimartError):
     ``status`` is the HTTP status, ``type`` and ``code`` come from the error body
     (``code`` may be an int or a string), ``param`` names the offending field when given,
     ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one.
-    ``sub_code`` is the APIMart sub-code this SDK acts on (one of ``SUB_CODES``:
+    ``sub_code`` is the APIMart sub-code this SDK acts on (one of
     ``idempotency_in_progress``, ``idempotency_key_reused``,
     ``idempotency_result_indeterminate``, ``idempotency_unavailable``,
     ``build_request_failed``), wherever the body carried it: ``error.code``, ``error.type``

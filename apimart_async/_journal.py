@@ -85,8 +85,8 @@ class JobRecord:
     """The terminal task in its wire form."""
     files: tuple[DownloadedFile, ...] = ()
     """The downloaded files."""
-    #: The request body as it was sent (``VideoRequest.to_body()``).
     request: dict[str, Any] | None = None
+    """The request body as it was sent (``VideoRequest.to_body()``)."""
 
 
 class Journal(Protocol):

@@ -40,9 +40,23 @@ ALLOWED_PRIVATE = {
     "apimart_async.emulator._state.State",
     # TaskWatch(poller, ids): built by Tasks.watch() only; users never construct one.
     "apimart_async._poller.Poller",
+    # Emulator.ca: the private CA of tls=True, an internal helper (use ca_file or
+    # client_ssl_context()).
+    "apimart_async.emulator._network.LocalCA",
+    # pdoc names a base class from another module by the module that defines it; the class
+    # itself is documented as apimart_async.ApimartError.
+    "apimart_async._errors.ApimartError",
 }
 #: Capitalised words in backticks that are not API names.
-NOT_NAMES = {"APIMART_API_KEY", "APIMART_BASE_URL"}
+NOT_NAMES = {
+    "APIMART_API_KEY",
+    "APIMART_BASE_URL",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_DIR",
+    "SSL_CERT_FILE",
+}
 
 _CODE = re.compile(r"<code>(.*?)</code>", re.S)
 _API_NAME = re.compile(r"(?:[A-Z]\w*|apimart_async)(?:\.\w+)*(?:\(\))?")

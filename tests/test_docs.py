@@ -40,6 +40,7 @@ def test_reference_covers_the_public_modules() -> None:
     assert build.public_modules() == [
         "apimart_async",
         "apimart_async.emulator",
+        "apimart_async.report",
         "apimart_async.testing",
     ]
 

@@ -222,11 +222,12 @@ class Emulator:
         self.base_url: str = ""
         """``http://host:port`` once started."""
         self.network = network
-        #: The ``real`` profile's middleware and its counts, or None.
+        """The network profile: ``"loopback"`` or ``"real"``."""
         self.network_profile = NetworkProfile(seed) if network == "real" else None
+        """The ``real`` profile's middleware and its counts, or None."""
         self._tls = tls
-        #: The private CA when ``tls=True`` (made at start, removed at stop).
         self.ca: LocalCA | None = None
+        """The private CA when ``tls=True`` (made at start, removed at stop)."""
 
     @property
     def ca_file(self) -> str | None:
