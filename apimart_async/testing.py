@@ -29,6 +29,7 @@ mode, or auto mode). They run on asyncio (aiohttp needs it): the plugin pins any
 from __future__ import annotations
 
 import contextlib
+import ssl
 import types
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
@@ -95,6 +96,8 @@ async def emulated_api(
     unknown_task: Literal["404", "400", "200"] = "404",
     conflict_code_in: Literal["both", "type", "code"] = "both",
     status_names: dict[str, str] | None = None,
+    network: Literal["loopback", "real"] = "loopback",
+    tls: bool | ssl.SSLContext = False,
     blocked_words: tuple[str, ...] = ("[blocked]",),
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
     file_chunk_delay: float = 0.0,
@@ -126,6 +129,8 @@ async def emulated_api(
                 unknown_task=unknown_task,
                 conflict_code_in=conflict_code_in,
                 status_names=status_names,
+                network=network,
+                tls=tls,
                 blocked_words=blocked_words,
                 webhook_retry_delays=webhook_retry_delays,
                 file_chunk_delay=file_chunk_delay,
