@@ -13,10 +13,12 @@ from ._batch import (
     BatchStats,
     BatchStoppedError,
     BudgetExceededError,
+    Failure,
     Outcome,
     ReplayedError,
+    Success,
 )
-from ._client import AsyncApimart, TaskWatch
+from ._client import AsyncApimart, Tasks, TaskWatch, Uploads, Videos
 from ._config import Timeout
 from ._download import DownloadError, DownloadExpiredError, DownloadTooLargeError
 from ._errors import (
@@ -57,9 +59,16 @@ from ._models import (
 )
 from ._retry import set_testing
 from ._schedule import PollPolicy
-from ._specs import MODEL_SPECS, IntRange, ModelSpec
+from ._scheduler import Budget, Throttle
+from ._specs import MODEL_SPECS as _MODEL_SPECS
+from ._specs import IntRange, ModelSpec
 from ._sync import Apimart, SyncBatch
-from ._version import __version__
+from ._version import __version__ as _version
+
+MODEL_SPECS = _MODEL_SPECS
+"""The rules of every model this SDK knows, by name; other models get generic checks only."""
+__version__ = _version
+"""The version of this package."""
 
 __all__ = [
     "MODEL_SPECS",
@@ -77,6 +86,7 @@ __all__ = [
     "BatchEvent",
     "BatchStats",
     "BatchStoppedError",
+    "Budget",
     "BudgetExceededError",
     "ClientClosedError",
     "ConfigurationError",
@@ -85,6 +95,7 @@ __all__ = [
     "DownloadExpiredError",
     "DownloadTooLargeError",
     "DownloadedFile",
+    "Failure",
     "FieldError",
     "InsufficientBalanceError",
     "IntRange",
@@ -106,6 +117,7 @@ __all__ = [
     "ServerError",
     "SqliteJournal",
     "SubmitIndeterminateError",
+    "Success",
     "SyncBatch",
     "Task",
     "TaskError",
@@ -113,11 +125,15 @@ __all__ = [
     "TaskStatus",
     "TaskTimeoutError",
     "TaskWatch",
+    "Tasks",
+    "Throttle",
     "Timeout",
     "UploadedImage",
+    "Uploads",
     "ValidationError",
     "Video",
     "VideoRequest",
+    "Videos",
     "__version__",
     "read_jobs",
     "set_testing",

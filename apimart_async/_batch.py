@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast, final
 
 import anyio
 import anyio.abc
@@ -62,14 +62,16 @@ __all__ = [
     "BatchStats",
     "BatchStoppedError",
     "BudgetExceededError",
+    "Failure",
     "Outcome",
     "ReplayedError",
+    "Success",
 ]
 
 logger = logging.getLogger("apimart_async")
 
-#: Outcomes the caller has not read yet beyond which no new job is submitted (memory bound).
 MAX_UNREAD_OUTCOMES = 10_000
+"""Outcomes the caller has not read yet beyond which no new job is submitted (memory bound)."""
 
 EventKind = Literal["submitted", "progress", "completed", "failed", "errored"]
 JobInput = VideoRequest | tuple[str, VideoRequest]
@@ -105,18 +107,79 @@ class Outcome:
     """
 
     index: int
+    """The job's position in the input, from 0."""
     request: VideoRequest | None
+    """The job's request (None when the input item was not a request)."""
     task_id: str | None = None
+    """The task's id, if one was created."""
     task: Task | None = None
+    """The terminal task, when the service reported one."""
     error: ApimartError | None = None
+    """Why the job did not succeed; None on success."""
     idempotency_key: str | None = None
+    """The key the submit used (resubmitting with it never creates a second task)."""
     name: str | None = None
+    """The job's name, for ``(name, request)`` input items."""
     files: tuple[DownloadedFile, ...] = ()
+    """The downloaded videos (with ``download_dir``)."""
     replayed: bool = False
+    """True when the job ended in an earlier run of the same journal."""
 
     @property
     def ok(self) -> bool:
+        """True when the task completed and nothing went wrong after (e.g. its download)."""
         return self.error is None and self.task is not None and self.task.ok
+
+
+@final
+class Success(Outcome):
+    """An ``Outcome`` whose task completed: ``task`` is set and ``error`` is None.
+
+    A batch yields ``Success | Failure``, so a type checker narrows on
+    ``isinstance(outcome, Success)`` (or a ``match`` on the class) and, for mypy, on
+    ``outcome.ok`` too.
+    """
+
+    if TYPE_CHECKING:
+        # Narrower views of the inherited fields, for type checkers only.
+        task: Task
+        error: None
+
+        @property
+        def ok(self) -> Literal[True]: ...
+
+
+@final
+class Failure(Outcome):
+    """An ``Outcome`` that did not succeed: ``error`` says why (``TaskFailedError`` for a failed
+    task, a submit error, a timeout, a ``DownloadError``...); ``task`` is set when the service
+    reported one."""
+
+    if TYPE_CHECKING:
+        error: ApimartError
+
+        @property
+        def ok(self) -> Literal[False]: ...
+
+
+def _outcome(
+    index: int,
+    request: VideoRequest | None,
+    task_id: str | None = None,
+    task: Task | None = None,
+    error: ApimartError | None = None,
+    idempotency_key: str | None = None,
+    name: str | None = None,
+    files: tuple[DownloadedFile, ...] = (),
+    *,
+    replayed: bool = False,
+) -> Success | Failure:
+    """The ``Success`` or ``Failure`` these fields make."""
+    if error is None and task is not None and task.ok:
+        return Success(index, request, task_id, task, None, idempotency_key, name, files, replayed)
+    if error is None:  # a finished job with no readable task: say so rather than claim success
+        error = ReplayedError("the journal holds no completed task for this job", None)
+    return Failure(index, request, task_id, task, error, idempotency_key, name, files, replayed)
 
 
 @attrs.frozen
@@ -124,29 +187,49 @@ class BatchEvent:
     """A step of one job, for progress displays (``on_event``)."""
 
     kind: EventKind
+    """``"submitted"``, ``"progress"``, ``"completed"``, ``"failed"`` or ``"errored"``."""
     index: int
+    """The job's position in the input."""
     task_id: str | None = None
+    """The task's id, once known."""
     task: Task | None = None
+    """The task as last read (progress and terminal events)."""
     error: ApimartError | None = None
+    """The error of a failed or errored job."""
 
 
 @attrs.frozen
 class BatchStats:
+    """Counts of a batch at one moment (``Batch.stats()``)."""
+
     read: int
+    """Input items read so far."""
     submitting: int
+    """Submits in flight."""
     submitted: int
+    """Jobs submitted (a task was created)."""
     pending: int
+    """Tasks submitted and not finished."""
     completed: int
+    """Jobs that succeeded."""
     failed: int
+    """Jobs whose task failed or was cancelled."""
     errored: int
+    """Jobs that ended with any other error (bad input, submit error, timeout, download...)."""
     cost: float
+    """Money spent on finished tasks, in USD."""
     elapsed: float
+    """Seconds since the batch started."""
     requests: dict[str, int]
+    """HTTP requests of the client so far, by endpoint."""
     replayed: int = 0
+    """Jobs replayed from an earlier run."""
     downloading: int = 0
+    """Jobs whose files are being downloaded."""
 
     @property
     def done(self) -> int:
+        """Jobs that ended: completed, failed or errored."""
         return self.completed + self.failed + self.errored
 
 
@@ -317,9 +400,13 @@ class Batch:
         self._rps = requests_per_second
         self._saved_limiter: RateLimiter | None = None
         self.job_timeout = job_timeout
+        """Seconds one job may take from its submit to its end (None: no limit)."""
         self.timeout = timeout
+        """Seconds the whole batch may take (None: no limit)."""
         self.stop_on_error = stop_on_error
+        """Whether the first error stops submitting."""
         self.replay_finished = replay_finished
+        """Whether jobs finished in an earlier run are handed out again."""
         self._on_event = on_event
         if journal is None or isinstance(journal, (str, os.PathLike)):
             self._journal: Journal | None = (
@@ -327,12 +414,15 @@ class Batch:
             )
         else:
             self._journal = journal
-        self.download_dir = Path(download_dir) if download_dir is not None else None
+        self.download_dir: Path | None = Path(download_dir) if download_dir is not None else None
+        """Where result videos go (None: not downloaded)."""
         if manifest is None and self.download_dir is not None:
             manifest = self.download_dir / "manifest.jsonl"
-        self.manifest_path = Path(manifest) if manifest is not None else None
+        self.manifest_path: Path | None = Path(manifest) if manifest is not None else None
+        """The JSONL manifest, one line per finished job (None: none)."""
         self._manifest: _Manifest | None = None
         self.max_bytes = max_bytes
+        """The largest result file accepted, in bytes (None: no limit)."""
         if sigint_grace is not None and not (
             isinstance(sigint_grace, (int, float)) and sigint_grace >= 0
         ):
@@ -340,6 +430,7 @@ class Batch:
                 [FieldError("sigint_grace", "must be >= 0 seconds", sigint_grace)]
             )
         self.sigint_grace = sigint_grace
+        """Seconds the first Ctrl-C leaves running tasks to finish (None: no handler)."""
         self._interrupts = 0
         self._sigint_installed = False
         self._records: dict[int, JobRecord] = {}
@@ -368,10 +459,10 @@ class Batch:
         self._started = 0.0
         self._baseline: dict[str, int] = {}
         # Made in __aenter__, so a Batch that is never entered holds no open stream.
-        self._send: MemoryObjectSendStream[Outcome]
+        self._send: MemoryObjectSendStream[Success | Failure]
         self._to_submit: MemoryObjectSendStream[_Job]
         self._submit_queue: MemoryObjectReceiveStream[_Job]
-        self._receive: MemoryObjectReceiveStream[Outcome]
+        self._receive: MemoryObjectReceiveStream[Success | Failure]
 
     # -- context manager -----------------------------------------------------------------------
 
@@ -411,7 +502,7 @@ class Batch:
             await self._manifest.open(
                 [self._line_of(r) for r in sorted(done, key=lambda r: r.index)]
             )
-        self._send, self._receive = anyio.create_memory_object_stream[Outcome](
+        self._send, self._receive = anyio.create_memory_object_stream[Success | Failure](
             max_buffer_size=math.inf
         )
         # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
@@ -522,10 +613,10 @@ class Batch:
 
     # -- iteration -----------------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[Outcome]:
+    def __aiter__(self) -> AsyncIterator[Success | Failure]:
         return self
 
-    async def __anext__(self) -> Outcome:
+    async def __anext__(self) -> Success | Failure:
         try:
             outcome = await self._receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -555,9 +646,11 @@ class Batch:
 
     @property
     def budget(self) -> Budget | None:
+        """The ``max_cost`` budget and what it has committed (None without ``max_cost``)."""
         return self._budget
 
     def stats(self) -> BatchStats:
+        """The batch's counts now."""
         counts = self._client.request_counts()
         requests = {
             k: v - self._baseline.get(k, 0)
@@ -627,8 +720,10 @@ class Batch:
         self, index: int, item: object
     ) -> tuple[str | None, VideoRequest] | ValidationError:
         name: str | None = None
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, item = item
+        if isinstance(item, tuple):
+            pair = cast("tuple[object, ...]", item)
+            if len(pair) == 2 and isinstance(pair[0], str):
+                name, item = pair[0], pair[1]
         if not isinstance(item, VideoRequest):
             rule = "must be a VideoRequest or (name, VideoRequest) (see VideoRequest.from_dict)"
             return ValidationError([FieldError(f"requests[{index}]", rule, item)])
@@ -647,13 +742,13 @@ class Batch:
                 unpacked = self._unpack(index, item)
                 if isinstance(unpacked, ValidationError):
                     self._errored += 1
-                    self._emit(Outcome(index, None, error=unpacked))
+                    self._emit(_outcome(index, None, error=unpacked))
                     continue
                 name, request = unpacked
                 clash = self._claim_file_name(index, name)
                 if clash is not None:
                     self._errored += 1
-                    self._emit(Outcome(index, request, error=clash, name=name))
+                    self._emit(_outcome(index, request, error=clash, name=name))
                     continue
                 record = self._records.pop(index, None)
                 if record is not None:
@@ -661,7 +756,7 @@ class Batch:
                     if record.fingerprint != fingerprint:
                         mismatch = JournalMismatchError(index, record.fingerprint, fingerprint)
                         self._errored += 1
-                        self._emit(Outcome(index, request, error=mismatch, name=name))
+                        self._emit(_outcome(index, request, error=mismatch, name=name))
                         self._stop(str(mismatch))
                         break
                     if self._resume(record, request, name):
@@ -676,11 +771,11 @@ class Batch:
                             f"budget reached: job {index} not submitted (${budget.committed:.2f}"
                             f" of ${budget.max_cost:.2f} committed)"
                         )
-                        self._emit(Outcome(index, request, error=error, name=name))
+                        self._emit(_outcome(index, request, error=error, name=name))
                         continue
                     reason = self._stopped or "stopped"
                     stopped = BatchStoppedError(f"job {index} not submitted: {reason}")
-                    self._emit(Outcome(index, request, error=stopped, name=name))
+                    self._emit(_outcome(index, request, error=stopped, name=name))
                     break
                 key = record.idempotency_key if record is not None else new_idempotency_key()
                 job = _Job(index, request, key, name, journaled=record is not None)
@@ -763,7 +858,7 @@ class Batch:
             error = ReplayedError(record.error or "failed in an earlier run", record.error_type)
         if self.replay_finished:
             self._emit(
-                Outcome(
+                _outcome(
                     record.index,
                     request,
                     record.task_id,
@@ -819,7 +914,7 @@ class Batch:
             if self._budget is not None:
                 self._budget.settle(job.index, job.request, None)
             self._errored += 1
-            outcome = Outcome(
+            outcome = _outcome(
                 job.index, job.request, error=exc, idempotency_key=job.key, name=job.name
             )
             if self._journal is not None and job.journaled and _definitive(exc):
@@ -954,7 +1049,7 @@ class Batch:
         result: Task | ApimartError,
         files: tuple[DownloadedFile, ...] = (),
         download_error: ApimartError | None = None,
-    ) -> tuple[Outcome, str, bool, BatchEvent]:
+    ) -> tuple[Success | Failure, str, bool, BatchEvent]:
         """Count one ended job and build its outcome. Returns the outcome, its manifest
         status, whether the journal closes the job (False: a later run picks it up again) and
         the event to report."""
@@ -964,7 +1059,7 @@ class Batch:
                 self._budget.settle(job.index, job.request, None)
             if isinstance(result, TaskTimeoutError):
                 self._abandoned.append(task_id)
-            outcome = Outcome(job.index, job.request, task_id, None, result, job.key, job.name)
+            outcome = _outcome(job.index, job.request, task_id, None, result, job.key, job.name)
             definitive = isinstance(result, NotFoundError)  # the service forgot the task
             event = BatchEvent("errored", job.index, task_id, None, result)
             return outcome, "error", definitive, event
@@ -977,22 +1072,22 @@ class Batch:
         if not task.ok:
             self._failed += 1
             error = TaskFailedError(task)
-            outcome = Outcome(job.index, job.request, task_id, task, error, job.key, job.name)
+            outcome = _outcome(job.index, job.request, task_id, task, error, job.key, job.name)
             event = BatchEvent("failed", job.index, task_id, task, error)
             return outcome, task.status.value, True, event
         if download_error is not None:
             # Paid and completed, files missing: the journal keeps it for a resume.
             self._errored += 1
-            outcome = Outcome(
+            outcome = _outcome(
                 job.index, job.request, task_id, task, download_error, job.key, job.name
             )
             event = BatchEvent("errored", job.index, task_id, task, download_error)
             return outcome, "download_failed", False, event
         self._completed += 1
-        outcome = Outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
+        outcome = _outcome(job.index, job.request, task_id, task, None, job.key, job.name, files)
         return outcome, "completed", True, BatchEvent("completed", job.index, task_id, task)
 
-    def _publish(self, outcome: Outcome, event: BatchEvent) -> None:
+    def _publish(self, outcome: Success | Failure, event: BatchEvent) -> None:
         self._emit(outcome)
         if self._on_event is not None:
             try:
@@ -1038,7 +1133,7 @@ class Batch:
         with anyio.CancelScope(shield=True):
             await self._manifest.write(line)
 
-    def _emit(self, outcome: Outcome) -> None:
+    def _emit(self, outcome: Success | Failure) -> None:
         self._emitted += 1
         # If the caller already left, the outcome only counts in the stats.
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):

@@ -41,7 +41,7 @@ from ._schedule import BATCH_IDS, PollPolicy
 from ._scheduler import RateLimiter, Throttle
 from ._transport import Reply, SendTrack, Transport, check_proxy_url, new_idempotency_key
 
-__all__ = ["AsyncApimart"]
+__all__ = ["AsyncApimart", "TaskWatch", "Tasks", "Uploads", "Videos"]
 
 logger = logging.getLogger("apimart_async")
 
@@ -177,7 +177,9 @@ class AsyncApimart:
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
         self.language = language
+        """The language of the service's error messages."""
         self.status_concurrency = status_concurrency
+        """Parallel status GETs when the batch status route is missing."""
         self._transport = Transport(
             api_key=key,
             base_url=url,
@@ -203,9 +205,12 @@ class AsyncApimart:
         self._stop_runner = anyio.Event()
         #: Whether status reads use ``POST /v1/tasks/batch`` (times on the poller's clock).
         self._route = BatchRoute(retry_after=self._poller.schedule.policy.batch_route_retry)
-        self.videos = Videos(self)
-        self.tasks = Tasks(self)
-        self.uploads = Uploads(self)
+        self.videos: Videos = Videos(self)
+        """Submit and generate videos."""
+        self.tasks: Tasks = Tasks(self)
+        """Read, wait for and watch tasks."""
+        self.uploads: Uploads = Uploads(self)
+        """Upload reference images."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -250,18 +255,22 @@ class AsyncApimart:
 
     @property
     def base_url(self) -> str:
+        """The API's base URL."""
         return self._transport.base_url
 
     @property
     def timeout(self) -> Timeout:
+        """The per-attempt timeouts."""
         return self._transport.timeout
 
     @property
     def max_retries(self) -> int:
+        """Retries after the first attempt of a retryable request."""
         return self._transport.max_retries
 
     @property
     def poll_policy(self) -> PollPolicy:
+        """When the shared poller checks each pending task."""
         return self._poller.schedule.policy
 
     @property

@@ -39,8 +39,11 @@ class Timeout:
     """
 
     connect: float | None = attrs.field(default=10.0, validator=_non_negative)
+    """Seconds to open a connection."""
     read: float | None = attrs.field(default=30.0, validator=_non_negative)
+    """Seconds between two chunks of the reply."""
     total: float | None = attrs.field(default=60.0, validator=_non_negative)
+    """Seconds for the whole attempt."""
 
     @classmethod
     def of(cls, value: Timeout | float | None) -> Timeout:

@@ -15,6 +15,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
+from ._json import is_array, is_object
 from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video
 
 __all__ = [
@@ -99,14 +100,14 @@ def _status(value: Any, _: Any) -> TaskStatus:
 def _video(value: Any, _: Any) -> Video:
     if isinstance(value, str):  # a bare URL
         return Video(urls=(value,))
-    if not isinstance(value, dict):
+    if not is_object(value):
         raise TypeError(f"video must be an object, got {type(value).__name__}")
     urls = value.get("url", value.get("urls"))
     if urls is None:
         urls = []
     elif isinstance(urls, str):
         urls = [urls]
-    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+    if not is_array(urls) or not all(isinstance(u, str) for u in urls):
         raise TypeError("video url must be a string or a list of strings")
     return Video(urls=tuple(urls), expires_at=_opt_int(value.get("expires_at"), None))
 
@@ -114,7 +115,7 @@ def _video(value: Any, _: Any) -> Video:
 def _videos(value: Any, _: Any) -> tuple[Video, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list):
+    if not is_array(value):
         raise TypeError(f"videos must be a list, got {type(value).__name__}")
     return tuple(_video(v, None) for v in value)
 
@@ -124,7 +125,7 @@ def _task_error(value: Any, _: Any) -> TaskError | None:
         return None
     if isinstance(value, str):
         return TaskError(message=value)
-    if not isinstance(value, dict):
+    if not is_object(value):
         raise TypeError(f"error must be an object, got {type(value).__name__}")
     return TaskError(
         code=_code(value.get("code"), None),
@@ -151,7 +152,7 @@ _structure_task_fields = make_dict_structure_fn(Task, _conv)
 
 
 def _structure_task(value: Any, _: Any) -> Task:
-    if not isinstance(value, dict):
+    if not is_object(value):
         raise TypeError(f"task must be an object, got {type(value).__name__}")
     data = dict(value)
     if "id" not in data and "task_id" in data:
@@ -163,9 +164,9 @@ def _structure_task(value: Any, _: Any) -> Task:
     if not isinstance(data["status"], str):
         raise TypeError(f"status must be a string, got {type(data['status']).__name__}")
     result = data.get("result")
-    if isinstance(result, dict) and "videos" in result:
+    if is_object(result) and "videos" in result:
         data["videos"] = result["videos"]
-    elif result is not None and not isinstance(result, dict):
+    elif result is not None and not is_object(result):
         raise TypeError(f"result must be an object, got {type(result).__name__}")
     data["raw_status"] = data["status"]
     return _structure_task_fields(data, Task)
@@ -196,7 +197,7 @@ def _structure(data: Any, cls: type[T], what: str, body: bytes, status: int | No
 
 
 def _data(payload: Any, what: str, body: bytes, status: int | None) -> Any:
-    if not isinstance(payload, dict):
+    if not is_object(payload):
         raise _rve(f"cannot read {what}: reply is not a JSON object", body, status)
     data = payload.get("data")
     code = payload.get("code")
@@ -214,8 +215,8 @@ def _data(payload: Any, what: str, body: bytes, status: int | None) -> Any:
 def parse_submit(body: bytes, *, status: int | None = None) -> str:
     """The task id of a submit reply: ``data`` as a list of ``{task_id}`` or an object ``{id}``."""
     data = _data(load_json(body, status=status), "submit reply", body, status)
-    item = data[0] if isinstance(data, list) and data else data
-    if isinstance(item, dict):
+    item = data[0] if is_array(data) and data else data
+    if is_object(item):
         task_id = item.get("task_id", item.get("id"))
         if isinstance(task_id, str) and task_id:
             return task_id
@@ -231,16 +232,16 @@ def _task_items(body: bytes, status: int | None) -> list[Any]:
     """The task objects of a batch status reply: ``data`` as a list, as ``{"tasks": [...]}``
     (or ``items`` / ``list``), or as an object keyed by task id."""
     data = _data(load_json(body, status=status), "batch status", body, status)
-    if isinstance(data, dict):
+    if is_object(data):
         for key in ("tasks", "items", "list"):
-            if isinstance(data.get(key), list):
+            if is_array(data.get(key)):
                 return list(data[key])
-        if all(isinstance(k, str) and isinstance(v, dict) for k, v in data.items()):
+        if all(isinstance(k, str) and is_object(v) for k, v in data.items()):
             return [
                 {"id": k, **v} if "id" not in v and "task_id" not in v else v
                 for k, v in data.items()
             ]
-    if not isinstance(data, list):
+    if not is_array(data):
         raise _rve("cannot read batch status: 'data' is not a list", body, status)
     return data
 
@@ -265,7 +266,7 @@ def parse_task_items(
         try:
             tasks.append(_conv.structure(item, Task))
         except Exception as exc:  # noqa: BLE001 - every structuring failure is one typed error
-            task_id = item.get("id", item.get("task_id")) if isinstance(item, dict) else None
+            task_id = item.get("id", item.get("task_id")) if is_object(item) else None
             if isinstance(task_id, str) and task_id:
                 raw = json.dumps(item, default=str).encode()
                 bad[task_id] = _rve(f"cannot read task in batch: {exc}", raw, status)
@@ -274,10 +275,10 @@ def parse_task_items(
 
 def parse_balance(body: bytes, *, status: int | None = None) -> Balance:
     payload = load_json(body, status=status)
-    wrapped = isinstance(payload, dict) and isinstance(payload.get("data"), dict)
+    wrapped = is_object(payload) and is_object(payload.get("data"))
     if wrapped and "remain_balance" not in payload:
         payload = payload["data"]
-    if not isinstance(payload, dict):
+    if not is_object(payload):
         raise _rve("cannot read balance: reply is not a JSON object", body, status)
     if payload.get("success") is False:
         message = payload.get("message")
@@ -294,9 +295,9 @@ def parse_balance(body: bytes, *, status: int | None = None) -> Balance:
 
 def parse_upload(body: bytes, *, status: int | None = None) -> UploadedImage:
     payload = load_json(body, status=status)
-    if isinstance(payload, dict) and isinstance(payload.get("data"), dict):
+    if is_object(payload) and is_object(payload.get("data")):
         payload = payload["data"]
-    if not isinstance(payload, dict) or not isinstance(payload.get("url"), str):
+    if not is_object(payload) or not isinstance(payload.get("url"), str):
         raise _rve("cannot read upload reply: no url", body, status)
     return _structure(payload, UploadedImage, "upload reply", body, status)
 

@@ -50,7 +50,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class DownloadError(ApimartError):
-    """A result file could not be fetched completely. ``url`` is where it was fetched from."""
+    """A result file could not be fetched completely. ``url`` is where it was fetched from,
+    ``status`` the HTTP status of the failed fetch, when there was one."""
 
     def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
         super().__init__(message)
@@ -272,7 +273,7 @@ class Downloader:
     ) -> tuple[DownloadedFile, ...]:
         """Every video of a completed task into ``directory`` as ``<stem>.mp4`` (``-N`` for
         the second and later videos). One fresh status request renews expired URLs."""
-        files = []
+        files: list[DownloadedFile] = []
         fresh: Task | None = None
         for n, video in enumerate(task.videos):
             name = safe_name(stem) + (f"-{n}" if n else "") + ".mp4"

@@ -102,7 +102,8 @@ class ClientClosedError(ApimartError):
 
 @attrs.frozen
 class FieldError:
-    """One broken rule: the field (``image_urls[2]``), the rule in words, and the value."""
+    """One broken rule: the ``field`` (``image_urls[2]``), the ``rule`` in words, and the
+    ``value`` (``has_value`` is False when there was none to show)."""
 
     field: str
     rule: str
@@ -142,7 +143,10 @@ class ValidationError(ApimartError, ValueError):
 
 
 class APIConnectionError(ApimartError):
-    """The request did not get a complete reply (refused, reset, dropped, TLS, ...)."""
+    """The request did not get a complete reply (refused, reset, dropped, TLS, ...).
+
+    ``message`` says what happened; ``method`` and ``path`` name the request when known.
+    """
 
     def __init__(self, message: str, *, method: str | None = None, path: str | None = None) -> None:
         super().__init__(message)
@@ -180,7 +184,9 @@ class SubmitIndeterminateError(APIConnectionError):
 class ResponseValidationError(ApimartError):
     """The service replied with something this SDK cannot read.
 
-    ``body`` is a short excerpt of what came back (never the request or its headers).
+    ``body`` is a short excerpt of what came back (never the request or its headers),
+    ``status`` the HTTP status when there was one, ``message`` what could not be read;
+    ``decodable`` is False when the body was not even JSON.
     """
 
     def __init__(
@@ -191,9 +197,9 @@ class ResponseValidationError(ApimartError):
         status: int | None = None,
         decodable: bool = True,
     ) -> None:
-        self.body = excerpt(body)
-        #: False when the body was not even JSON (a proxy page, a cut reply): worth a retry.
+        self.body: str = excerpt(body)
         self.decodable = decodable
+        """False when the body was not even JSON (a proxy page, a cut reply): worth a retry."""
         self.status = status
         self.message = message
         text = f"{message} (HTTP {status})" if status is not None else message
@@ -203,13 +209,13 @@ class ResponseValidationError(ApimartError):
 class NoVideoError(ResponseValidationError):
     """The service reported the task ``completed`` but its reply has no video URL.
 
-    ``task`` is the task as read. The task was billed; a journal keeps the job open, so a
-    later run reads it again (nothing is downloaded, no file is written).
+    ``task`` is the task as read, ``task_id`` its id. The task was billed; a journal keeps the
+    job open, so a later run reads it again (nothing is downloaded, no file is written).
     """
 
     def __init__(self, task: Task) -> None:
         self.task = task
-        self.task_id = task.id
+        self.task_id: str = task.id
         super().__init__(f"task {task.id} is completed but its reply has no video URL")
 
 
@@ -219,12 +225,14 @@ class APIStatusError(ApimartError):
     ``status`` is the HTTP status, ``type`` and ``code`` come from the error body
     (``code`` may be an int or a string), ``param`` names the offending field when given,
     ``retry_after`` is the server's ``Retry-After`` in seconds when it sent one.
-    ``sub_code`` is the APIMart sub-code this SDK acts on (one of ``SUB_CODES``:
+    ``sub_code`` is the APIMart sub-code this SDK acts on (one of
     ``idempotency_in_progress``, ``idempotency_key_reused``,
     ``idempotency_result_indeterminate``, ``idempotency_unavailable``,
     ``build_request_failed``), wherever the body carried it: ``error.code``, ``error.type``
     or the message; else None. ``http_status`` is the status on the wire: ``status`` but for
     an error sent inside a 2xx reply (``{"code": 404, ...}`` with HTTP 200).
+    ``request_id`` is the service's id of the request, ``message`` its message, ``body`` a
+    short excerpt of the reply.
     """
 
     def __init__(
@@ -249,7 +257,7 @@ class APIStatusError(ApimartError):
         self.code = code
         self.param = param
         self.request_id = request_id
-        self.body = excerpt(body)
+        self.body: str = excerpt(body)
         parts = [f"HTTP {status}"]
         if type:
             parts.append(type)
@@ -292,11 +300,12 @@ class ServerError(APIStatusError):
 
 
 class TaskFailedError(ApimartError):
-    """The task ended ``failed`` (or ``cancelled`` / ``expired``). ``task`` is the final task."""
+    """The task ended ``failed`` (or ``cancelled`` / ``expired``). ``task`` is the final task,
+    ``task_id`` its id."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
-        self.task_id = task.id
+        self.task_id: str = task.id
         err = task.error
         if err is not None:
             detail = err.message or "no message"
@@ -308,7 +317,10 @@ class TaskFailedError(ApimartError):
 
 
 class TaskTimeoutError(ApimartError, TimeoutError):
-    """Waiting for a task took longer than allowed. The task may still finish (and be billed)."""
+    """Waiting for a task took longer than allowed. The task may still finish (and be billed).
+
+    ``task_id`` is the task, ``timeout`` the seconds waited, ``task`` its last status if read.
+    """
 
     def __init__(self, task_id: str, timeout: float, task: Task | None = None) -> None:
         self.task_id = task_id

@@ -11,15 +11,18 @@ written (numbers and true/false as such). Empty cells are left unset.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from ._errors import ApimartError, ApimartWarning, ValidationError
+from ._json import is_object
 from ._models import VideoRequest
 
 __all__ = ["JobLine", "JobsFileError", "read_jobs"]
@@ -32,14 +35,21 @@ _INT_FIELDS = ("duration", "seed")
 
 @attrs.frozen
 class JobLine:
+    """One job of a jobs file (``read_jobs``)."""
+
     line: int
+    """Its line number in the file, from 1."""
     name: str | None
+    """Its ``name``, if the line gave one."""
     request: VideoRequest
+    """The validated request."""
     warnings: tuple[str, ...] = ()
+    """What validation warned about (the service would ignore something)."""
 
 
 class JobsFileError(ApimartError, ValueError):
-    """The jobs file has bad lines. ``problems`` is a list of (line number, message)."""
+    """The jobs file at ``path`` has bad lines. ``problems`` is a list of (line number,
+    message)."""
 
     def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
         self.path = path
@@ -50,7 +60,7 @@ class JobsFileError(ApimartError, ValueError):
 
 
 def _request(data: Any) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
-    if not isinstance(data, dict):
+    if not is_object(data):
         raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("name", None)
@@ -106,7 +116,7 @@ def read_jobs(path: str | Path) -> list[JobLine]:
     jobs: list[JobLine] = []
     problems: list[tuple[int, str]] = []
 
-    def add(n: int, build: Any) -> None:
+    def add(n: int, build: Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]) -> None:
         try:
             name, request, notes = build()
         except ValidationError as exc:
@@ -134,7 +144,7 @@ def read_jobs(path: str | Path) -> list[JobLine]:
                 problems.append((n, "more cells than header columns"))
                 continue
             data = {k: _csv_value(k, v) for k, v in row.items() if k and v not in ("", None)}
-            add(n, lambda data=data: _request(data))
+            add(n, functools.partial(_request, data))
     else:
         for n, raw_line in enumerate(raw.split(b"\n"), start=1):
             stripped = raw_line.strip()

@@ -42,7 +42,10 @@ class JournalError(ApimartError):
 
 
 class JournalMismatchError(JournalError):
-    """The input changed under the same journal: job ``index`` now sends something else."""
+    """The input changed under the same journal: job ``index`` now sends something else.
+
+    ``expected`` is the fingerprint recorded in the journal, ``got`` the new one.
+    """
 
     def __init__(self, index: int, expected: str, got: str) -> None:
         self.index = index
@@ -56,20 +59,34 @@ class JournalMismatchError(JournalError):
 
 @attrs.frozen
 class JobRecord:
+    """One job as a journal holds it."""
+
     index: int
+    """The job's position in the input."""
     fingerprint: str
+    """``VideoRequest.fingerprint()`` of the job's request."""
     idempotency_key: str
+    """The key its submit uses, recorded before the POST."""
     state: JobState
+    """``"submitting"``, ``"pending"``, ``"downloading"`` or ``"done"``."""
     name: str | None = None
+    """The job's name, for named input items."""
     task_id: str | None = None
+    """The task's id, once the submit returned it."""
     status: str | None = None
+    """The final status (``"completed"``, ``"failed"``, ``"error"``...), when done."""
     cost: float | None = None
+    """What the task cost, in USD."""
     error: str | None = None
+    """The error message of a job that did not succeed."""
     error_type: str | None = None
+    """The class name of that error."""
     task: dict[str, Any] | None = None
+    """The terminal task in its wire form."""
     files: tuple[DownloadedFile, ...] = ()
-    #: The request body as it was sent (``VideoRequest.to_body()``).
+    """The downloaded files."""
     request: dict[str, Any] | None = None
+    """The request body as it was sent (``VideoRequest.to_body()``)."""
 
 
 class Journal(Protocol):
@@ -79,7 +96,9 @@ class Journal(Protocol):
         """Open (creating if needed) and return every recorded job by index."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the journal; a closed journal can be opened again."""
+        ...
 
     async def add(
         self, index: int, fingerprint: str, key: str, name: str | None, body: dict[str, Any]
@@ -166,11 +185,12 @@ def _records(rows: list[Any], path: Path) -> dict[int, JobRecord]:
     return out
 
 
-class SqliteJournal:
+class SqliteJournal(Journal):
     """The default journal: one SQLite file (WAL), written on a single worker thread."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path: Path = Path(path)
+        """The database file."""
         self._conn: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
 

@@ -9,7 +9,7 @@ import math
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -43,17 +43,23 @@ _TYPED_FIELDS = (
 _IMAGE_EXTENSIONS = frozenset({"jpeg", "jpg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic"})
 
 
-def _to_tuple(value: Any) -> Any:
-    # A bare string is a common slip for a one-element list: keep it so validation names it.
-    if isinstance(value, (list, tuple)):
+def _to_tuple(value: Sequence[str]) -> tuple[str, ...]:
+    """``image_urls`` / ``video_urls`` as given (a sequence of URLs), as a tuple.
+
+    Anything else is kept as it is, so that validation names the field and the rule (a bare
+    string is a common slip for a one-element list; a type checker cannot catch it, as a
+    ``str`` is a sequence of strings)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
         return tuple(value)
-    return value
+    return value  # type: ignore[return-value]  # refused by check_request
 
 
-def _to_frozen_mapping(value: Any) -> Any:
-    if isinstance(value, Mapping):
+def _to_frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``extra`` as a read-only mapping (anything else is kept for validation to name)."""
+    given: object = value  # the caller may pass anything
+    if isinstance(given, Mapping):
         return types.MappingProxyType(dict(value))
-    return value
+    return value  # refused by check_request
 
 
 @attrs.frozen(eq=True, hash=False, repr=False)
@@ -68,16 +74,29 @@ class VideoRequest:
     """
 
     model: str
+    """The model name, e.g. ``"sora-2-preview"`` (see ``MODEL_SPECS``)."""
     prompt: str | None = None
+    """What to generate. Required by most models."""
     image_urls: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_tuple)
+    """Reference images: http(s) URLs (``Uploads.image`` gives one for a local file)."""
     video_urls: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_tuple)
+    """Reference videos: http(s) URLs, or ``data:video/`` URIs where the model takes them."""
     duration: int | None = attrs.field(default=None, kw_only=True)
+    """Length of the video in whole seconds."""
     resolution: str | None = attrs.field(default=None, kw_only=True)
+    """e.g. ``"720p"``, or ``"standard"``/``"high"`` for Sora 2 Pro."""
     aspect_ratio: str | None = attrs.field(default=None, kw_only=True)
+    """e.g. ``"16:9"`` or ``"portrait"``, as the model names them."""
     seed: int | None = attrs.field(default=None, kw_only=True)
+    """A seed for reproducible output, where the model takes one."""
     extend_from_task_id: str | None = attrs.field(default=None, kw_only=True)
+    """The id of an earlier task whose video this one continues."""
     webhook: str | None = attrs.field(default=None, kw_only=True)
-    extra: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True, converter=_to_frozen_mapping)
+    """An http(s) URL the service calls when the task ends."""
+    extra: Mapping[str, Any] = attrs.field(
+        factory=dict[str, Any], kw_only=True, converter=_to_frozen_mapping
+    )
+    """Fields sent as they are, merged into the body after the typed ones."""
 
     def __attrs_post_init__(self) -> None:
         errors, notes = check_request(self)
@@ -111,7 +130,7 @@ class VideoRequest:
             value = getattr(self, name)
             if value is None or value == ():
                 continue
-            body[name] = list(value) if isinstance(value, tuple) else value
+            body[name] = list(cast("tuple[str, ...]", value)) if isinstance(value, tuple) else value
         body.update(self.extra)
         return body
 
@@ -197,11 +216,11 @@ def _check_url_list(
         errors.append(FieldError(name, "must be a list of URLs", value))
         return []
     good: list[str] = []
-    for i, url in enumerate(value):
+    for i, url in enumerate(cast("tuple[object, ...]", value)):
         rule = _url_error(url, allow_data_video=allow_data_video)
         if rule is not None:
             errors.append(FieldError(f"{name}[{i}]", rule, url))
-        else:
+        elif isinstance(url, str):  # always, when there is no rule broken
             good.append(url)
     return good
 
@@ -279,7 +298,7 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
     if not isinstance(extra, Mapping):
         errors.append(FieldError("extra", "must be a mapping of field names to JSON values", extra))
         return
-    for key, value in extra.items():
+    for key, value in cast("Mapping[object, object]", extra).items():
         if not isinstance(key, str) or not key:
             errors.append(FieldError("extra", "keys must be non-empty strings", key))
             continue
@@ -436,17 +455,28 @@ class TaskStatus(enum.StrEnum):
     """
 
     SUBMITTED = "submitted"
+    """Accepted, not started yet."""
     PENDING = "pending"
+    """Queued at the service."""
     PROCESSING = "processing"
+    """Being generated."""
     IN_PROGRESS = "in_progress"
+    """Being generated (another spelling the service uses)."""
     COMPLETED = "completed"
+    """Finished with videos: terminal."""
     FAILED = "failed"
+    """Finished without videos (``Task.error`` says why): terminal."""
     CANCELLED = "cancelled"
+    """Cancelled: terminal."""
     EXPIRED = "expired"
+    """The result is gone: terminal, not ok."""
     UNKNOWN = "unknown"
+    """A status this SDK does not know; treated as still running."""
 
     @classmethod
     def parse(cls, value: str) -> TaskStatus:
+        """The member for a status string as the service sends it (case and spaces ignored);
+        ``UNKNOWN`` for a value never seen."""
         word = value.strip().lower()
         try:
             return cls(_STATUS_SYNONYMS.get(word, word))
@@ -455,6 +485,7 @@ class TaskStatus(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
+        """True for ``COMPLETED``, ``FAILED`` and ``CANCELLED``: the task will not change."""
         return self in _TERMINAL
 
 
@@ -476,13 +507,17 @@ class Video:
     """One result video: its URLs (usually one) and when they expire (Unix seconds)."""
 
     urls: tuple[str, ...] = ()
+    """Where to fetch the file (usually one URL)."""
     expires_at: int | None = None
+    """When the URLs stop working, in Unix seconds (None: not said)."""
 
     @property
     def url(self) -> str | None:
+        """The first URL, or None."""
         return self.urls[0] if self.urls else None
 
     def is_expired(self, now: float) -> bool:
+        """Whether the URLs have expired at ``now`` (Unix seconds)."""
         return self.expires_at is not None and now >= self.expires_at
 
 
@@ -491,8 +526,11 @@ class TaskError:
     """Why a task failed. ``code`` may be an int or a string, as the service sends it."""
 
     code: int | str | None = None
+    """The service's error code."""
     message: str | None = None
+    """A human-readable reason."""
     type: str | None = None
+    """The service's error type, e.g. ``"content_policy_violation"``."""
 
 
 @attrs.frozen
@@ -500,29 +538,43 @@ class Task:
     """A generation task as the status endpoints report it."""
 
     id: str
+    """The task id (``task_...``)."""
     status: TaskStatus
+    """Where the task is in its life."""
     progress: int | None = None
+    """Percent done (0 to 100), when the service says."""
     estimated_time: float | None = None
+    """The service's estimate of the whole run, in seconds."""
     actual_time: float | None = None
+    """How long the run took, in seconds (finished tasks)."""
     created: int | None = None
+    """When the task was created, in Unix seconds."""
     completed: int | None = None
+    """When the task finished, in Unix seconds."""
     cost: float | None = None
+    """What the task cost, in USD."""
     credits_cost: float | None = None
+    """What the task cost, in credits."""
     videos: tuple[Video, ...] = ()
+    """The result videos (completed tasks)."""
     error: TaskError | None = None
-    #: The status string as the service sent it (differs from ``status.value`` for UNKNOWN).
+    """Why the task failed (failed tasks)."""
     raw_status: str = attrs.field(default="", eq=False)
+    """The status string as the service sent it (differs from ``status.value`` for UNKNOWN)."""
 
     @property
     def is_terminal(self) -> bool:
+        """True once the task can no longer change (completed, failed or cancelled)."""
         return self.status.is_terminal
 
     @property
     def ok(self) -> bool:
+        """True when the task completed."""
         return self.status is TaskStatus.COMPLETED
 
     @property
     def video_urls(self) -> list[str]:
+        """Every URL of every result video, in order."""
         return [url for video in self.videos for url in video.urls]
 
 
@@ -531,17 +583,25 @@ class Balance:
     """Remaining and used money (USD) and credits. ``remain_balance`` is -1 when unlimited."""
 
     remain_balance: float
+    """Money left, in USD (-1: unlimited)."""
     used_balance: float = 0.0
+    """Money spent so far, in USD."""
     remain_credits: float | None = None
+    """Credits left, when the account has credits."""
     used_credits: float | None = None
+    """Credits spent so far."""
     unlimited_quota: bool = False
+    """True when the account has no spending limit."""
     message: str = ""
+    """The service's message, if any."""
 
     @property
     def unlimited(self) -> bool:
+        """True when the account has no spending limit."""
         return self.unlimited_quota or self.remain_balance == -1
 
     def covers(self, amount: float) -> bool:
+        """Whether ``amount`` USD can be spent."""
         return self.unlimited or (math.isfinite(amount) and self.remain_balance >= amount)
 
 
@@ -550,9 +610,13 @@ class DownloadedFile:
     """A result file on disk: its path, size, sha256, and the URL it was fetched from."""
 
     path: str
+    """Where the file is."""
     bytes: int
+    """Its size in bytes."""
     sha256: str
+    """The hex sha256 of its content."""
     url: str = ""
+    """The URL it was downloaded from."""
 
 
 @attrs.frozen
@@ -560,7 +624,12 @@ class UploadedImage:
     """An uploaded image: ``url`` lives 72 h and can go into ``image_urls``."""
 
     url: str
+    """The image's URL, for ``VideoRequest.image_urls``."""
     filename: str | None = None
+    """The file name the service recorded."""
     content_type: str | None = None
+    """The image's MIME type."""
     bytes: int | None = None
+    """Its size in bytes."""
     created_at: int | None = None
+    """When it was uploaded, in Unix seconds."""

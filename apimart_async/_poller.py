@@ -118,15 +118,15 @@ class Poller:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
-        self.schedule = PollSchedule(policy)
+        self.schedule: PollSchedule = PollSchedule(policy)
         self._clock = clock
         self._wall = wall
         self._watchers: dict[str, _Watchers] = {}
         self._wake = anyio.Event()
         self._closed = False
         #: Check rounds run and task statuses read, for stats and benchmarks.
-        self.rounds = 0
-        self.checks = 0
+        self.rounds: int = 0
+        self.checks: int = 0
 
     def __len__(self) -> int:
         return len(self._watchers)

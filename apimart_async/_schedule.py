@@ -61,38 +61,45 @@ class PollPolicy:
     videos; all of a client's tasks share one policy (the client's ``poll=``)."""
 
     first_check: float = attrs.field(default=2.0, validator=_positive)
+    """The first check, this long after the submit (it learns ``estimated_time``)."""
     min_interval: float = attrs.field(default=1.0, validator=_positive)
-    #: The longest wait between two checks of a running task, whatever the prediction says.
+    """The shortest wait between two checks of one task."""
     max_interval: float = attrs.field(default=60.0, validator=_positive)
+    """The longest wait between two checks of a running task, whatever the prediction says."""
     overdue_growth: float = attrs.field(default=1.5, validator=_positive)
-    #: How long (as a fraction of the predicted duration) checks stay at ``min_interval``
-    #: after the predicted end before they start to space out.
+    """Once a task is overdue, each wait is this many times the one before."""
     overdue_window: float = attrs.field(default=0.25, validator=_fraction)
+    """How long (as a fraction of the predicted duration) checks stay at ``min_interval`` after the
+    predicted end before they start to space out."""
     jitter: float = attrs.field(default=0.1, validator=_fraction)
+    """Each wait is spread at random by up to this fraction, so checks do not bunch up."""
     coalesce: float = attrs.field(default=1.0, validator=_fraction)
+    """Tasks due within this many seconds join a batch status request that has room."""
     default_estimate: float = attrs.field(default=30.0, validator=_positive)
-    #: Estimates are trusted to within this fraction: with no progress to go on, the next
-    #: check comes at the early edge of the estimate (then progress says the rest).
+    """The duration assumed for a task whose service gives no estimate."""
     estimate_margin: float = attrs.field(default=0.25, validator=_fraction)
+    """Estimates are trusted to within this fraction: with no progress to go on, the next check
+    comes at the early edge of the estimate (then progress says the rest)."""
     use_progress: bool = True
-    #: A task the service says it does not know ends as ``NotFoundError`` only once it has said
-    #: so twice, at least this many seconds apart (a new task may not be visible everywhere
-    #: yet; absence from a batch reply alone is never taken as proof).
+    """Whether progress reports move the predicted end."""
     not_found_grace: float = attrs.field(default=10.0, validator=_positive)
-    #: Reads of a task that ended in an error waiting cannot heal (401, 403, a redirect, a
-    #: 400 for a known id, a reply that cannot be read, completed without a video) before
-    #: the wait ends with that error.
+    """A task the service says it does not know ends as ``NotFoundError`` only once it has said so
+    twice, at least this many seconds apart (a new task may not be visible everywhere yet;
+    absence from a batch reply alone is never taken as proof)."""
     hard_error_tries: int = attrs.field(default=3, validator=_count)
-    #: Seconds after which a batch status route that refused or kept failing is tried again
-    #: (the client's policy only; meanwhile status reads go task by task).
+    """Reads of a task that ended in an error waiting cannot heal (401, 403, a redirect, a 400 for a
+    known id, a reply that cannot be read, completed without a video) before the wait ends with
+    that error."""
     batch_route_retry: float = attrs.field(default=600.0, validator=_positive)
+    """Seconds after which a batch status route that refused or kept failing is tried again (the
+    client's policy only; meanwhile status reads go task by task)."""
 
 
 @attrs.define(slots=True)
 class _Watch:
     task_id: str
-    #: Monotonic time the task started (submit time, or derived from ``created``), or None.
     t0: float | None
+    """Monotonic time the task started (submit time, or derived from ``created``), or None."""
     next_at: float
     policy: PollPolicy
     version: int = 0
@@ -122,7 +129,7 @@ class PollSchedule:
     """
 
     def __init__(self, policy: PollPolicy | None = None, *, seed: int | None = None) -> None:
-        self.policy = policy or PollPolicy()
+        self.policy: PollPolicy = policy or PollPolicy()
         self._rng = random.Random(seed)
         self._watches: dict[str, _Watch] = {}
         self._heap: list[tuple[float, int, str, int]] = []
@@ -186,7 +193,7 @@ class PollSchedule:
     def next_wakeup(self) -> float | None:
         """The earliest time anything is due (a check or a deadline), or None."""
         self._prune()
-        times = []
+        times: list[float] = []
         if self._heap:
             times.append(self._heap[0][0])
         if self._deadlines:
@@ -207,7 +214,7 @@ class PollSchedule:
 
     def expired(self, now: float) -> list[str]:
         """Ids whose deadline has passed; they are removed from the schedule."""
-        out = []
+        out: list[str] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, task_id, _version = heapq.heappop(self._deadlines)
             w = self._watches.get(task_id)

@@ -22,7 +22,13 @@ __all__ = ["Budget", "RateLimiter", "SubmitScheduler", "Throttle"]
 
 
 class Throttle:
-    """Client-wide back-pressure from 429s (AIMD on a concurrency factor, plus pauses)."""
+    """Client-wide back-pressure from 429s (AIMD on a concurrency factor, plus pauses).
+
+    ``client.throttle`` is the client's; read it, the client drives it. Each 429 multiplies
+    ``factor`` by ``decrease`` (at most once per ``cut_cooldown`` seconds, never below
+    ``min_factor``) and pauses every request until ``pause_until`` (the server's
+    ``Retry-After``, else ``default_pause`` seconds); each success adds ``increase`` back.
+    """
 
     def __init__(
         self,
@@ -33,17 +39,21 @@ class Throttle:
         cut_cooldown: float = 1.0,
         default_pause: float = 1.0,
     ) -> None:
-        self.factor = 1.0
-        self.pause_until = 0.0
+        self.factor: float = 1.0
+        """What every batch's concurrency is multiplied by now (1.0: no 429 lately)."""
+        self.pause_until: float = 0.0
+        """Monotonic time before which no request is sent."""
         self.decrease = decrease
         self.increase = increase
         self.min_factor = min_factor
         self.cut_cooldown = cut_cooldown
         self.default_pause = default_pause
-        self.rate_limited = 0
+        self.rate_limited: int = 0
+        """429 replies seen."""
         self._last_cut = -math.inf
 
     def on_rate_limited(self, now: float, retry_after: float | None) -> None:
+        """A 429 arrived at ``now``: pause, and cut the factor."""
         self.rate_limited += 1
         pause = self.default_pause if retry_after is None else retry_after
         self.pause_until = max(self.pause_until, now + pause)
@@ -52,6 +62,7 @@ class Throttle:
             self._last_cut = now
 
     def on_success(self, now: float) -> None:
+        """A request succeeded at ``now``: let the factor recover a step."""
         if self.factor < 1.0 and now - self._last_cut >= self.cut_cooldown:
             self.factor = min(1.0, self.factor + self.increase)
 
@@ -60,6 +71,7 @@ class Throttle:
         return max(0.0, self.pause_until - now)
 
     def scaled(self, limit: int) -> int:
+        """``limit`` scaled by the factor (at least 1)."""
         return max(1, math.floor(limit * self.factor))
 
     def __repr__(self) -> str:
@@ -145,7 +157,7 @@ class Budget:
     Committed money = known costs of finished jobs + an estimate for every job submitted and
     not yet finished. A job's estimate comes from ``estimate(request)`` if given, else from
     what the same kind of job (model, duration, resolution) cost before; for a kind never seen,
-    one probe job runs alone until its cost is known.
+    one probe job runs alone until its cost is known. ``batch.budget`` is the batch's.
     """
 
     def __init__(
@@ -153,8 +165,10 @@ class Budget:
     ) -> None:
         if not (isinstance(max_cost, (int, float)) and max_cost >= 0 and math.isfinite(max_cost)):
             raise ValueError(f"max_cost must be a non-negative number of USD, got {max_cost!r}")
-        self.max_cost = float(max_cost)
-        self.spent = 0.0
+        self.max_cost: float = float(max_cost)
+        """The limit, in USD."""
+        self.spent: float = 0.0
+        """Known costs of finished jobs, in USD."""
         self._estimate = estimate
         self._reserved: dict[int, float] = {}
         self._learned: dict[tuple[Any, ...], float] = {}
@@ -162,13 +176,16 @@ class Budget:
 
     @staticmethod
     def kind(request: Any) -> tuple[Any, ...]:
+        """What makes jobs cost the same: (model, duration, resolution)."""
         return (request.model, request.duration, request.resolution)
 
     @property
     def committed(self) -> float:
+        """Money spent plus the estimates of jobs in flight, in USD."""
         return self.spent + sum(self._reserved.values())
 
     def estimate(self, request: Any) -> float | None:
+        """What ``request`` is expected to cost, or None when nothing is known yet."""
         if self._estimate is not None:
             value = self._estimate(request)
             if value is not None:
@@ -190,6 +207,7 @@ class Budget:
         return "over", est
 
     def reserve(self, index: int, request: Any, est: float) -> None:
+        """Job ``index`` is being submitted: hold ``est`` USD for it."""
         self._reserved[index] = est
         if self.estimate(request) is None:
             kind = self.kind(request)

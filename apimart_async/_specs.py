@@ -28,6 +28,7 @@ class IntRange:
         return isinstance(value, int) and self.low <= value <= self.high
 
     def describe(self) -> str:
+        """The range in words, e.g. ``"3 to 16"``."""
         return f"{self.low} to {self.high}"
 
 
@@ -36,29 +37,41 @@ class ModelSpec:
     """The rules of one model. ``None`` for a field means the model does not take it."""
 
     name: str
+    """The model's name as the service knows it."""
     summary: str
+    """One line on what the model does."""
     prompt: PromptRule = "optional"
+    """``"required"``, ``"required_or_media"`` (a prompt or reference media) or ``"optional"``."""
     prompt_max_chars: int | None = None
-    #: (min, max) number of reference images (max None: no limit), or None: not taken.
+    """The longest prompt taken, in characters (None: no limit known)."""
     image_count: tuple[int, int | None] | None = None
-    #: Image formats by file extension, checked when the URL path has a known image extension.
+    """(min, max) number of reference images (max None: no limit), or None: not taken."""
     image_formats: tuple[str, ...] = ()
+    """Image formats by file extension, checked when the URL path has a known image extension."""
     video_count: tuple[int, int | None] | None = None
-    #: A range, an explicit tuple of choices, or None (no duration parameter).
+    """(min, max) number of reference videos (max None: no limit), or None: not taken."""
     durations: IntRange | tuple[int, ...] | None = None
+    """A range, an explicit tuple of choices, or None (no duration parameter)."""
     default_duration: int | None = None
+    """The duration the service uses when none is given."""
     resolutions: tuple[str, ...] | None = None
+    """The resolutions taken, or None: not taken."""
     aspect_ratios: tuple[str, ...] | None = None
-    #: The service silently maps unknown aspect ratios to this one instead of refusing them.
+    """The aspect ratios taken, or None: not taken."""
     aspect_ratio_fallback: str | None = None
+    """The service silently maps unknown aspect ratios to this one instead of refusing them."""
     seed: bool = False
+    """Whether the model takes a ``seed``."""
     extend: bool = False
-    #: The service uses only the first reference image (and its aspect ratio).
+    """Whether the model can extend an earlier task (``extend_from_task_id``)."""
     first_image_only: bool = False
-    #: The service ignores ``aspect_ratio`` when a reference video is given.
+    """The service uses only the first reference image (and its aspect ratio)."""
     video_overrides_aspect: bool = False
+    """The service ignores ``aspect_ratio`` when a reference video is given."""
     billing: str = ""
+    """How the service bills the model, in words."""
     unchecked: tuple[str, ...] = ()
+    """Rules of the service this SDK cannot check before sending (e.g. image sizes)."""
 
 
 _JPEG_PNG = ("jpeg", "jpg", "png")
@@ -132,6 +145,7 @@ MODEL_SPECS: Mapping[str, ModelSpec] = {
         _sora("sora-2-pro-preview", ("standard", "high"), "sora-2 with a high resolution"),
     )
 }
+"""The rules of every model this SDK knows, by name; other models get generic checks only."""
 
 
 def get_spec(model: str) -> ModelSpec | None:

@@ -27,7 +27,7 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -49,6 +49,7 @@ from ._errors import (
     find_sub_code,
     status_error_class,
 )
+from ._json import is_object
 from ._scheduler import RateLimiter, Throttle
 from ._version import __version__
 
@@ -198,9 +199,9 @@ def _error_from_reply(status: int, headers: Mapping[str, str], body: bytes) -> A
         payload: Any = json.loads(body) if body else None
     except (ValueError, RecursionError):
         payload = None
-    if isinstance(payload, dict):
+    if is_object(payload):
         err = payload.get("error")
-        if isinstance(err, dict):
+        if is_object(err):
             message = _as_str(err.get("message"))
             err_type = _as_str(err.get("type"))
             raw_code = err.get("code")
@@ -250,11 +251,11 @@ def _embedded_error(status: int, body: bytes) -> int | None:
         payload = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(payload, dict) or payload.get("data") is not None:
+    if not is_object(payload) or payload.get("data") is not None:
         return None
     code: Any = None
     err = payload.get("error")
-    if isinstance(err, dict):
+    if is_object(err):
         code = err.get("code")
         if not (isinstance(code, int) and 400 <= code <= 599):
             code = 400
@@ -563,7 +564,7 @@ class Transport:
     @contextlib.asynccontextmanager
     async def stream(
         self, url: str, *, headers: Mapping[str, str] | None = None
-    ) -> AsyncIterator[StreamReply]:
+    ) -> AsyncGenerator[StreamReply, None]:
         """GET a result file (never with the API key; redirects followed, http(s) only).
         Connection failures and timeouts become APIConnectionError / APITimeoutError."""
         session = self.session()

@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 import webbrowser
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,10 +41,13 @@ class Progress:
     def __init__(self, total: int, stream: TextIO, *, tty: bool | None = None) -> None:
         self.total = total
         self.stream = stream
-        self.tty = stream.isatty() if tty is None else tty
-        self.submitted = self.completed = self.failed = self.errored = 0
-        self.cost = 0.0
-        self.started = time.monotonic()
+        self.tty: bool = stream.isatty() if tty is None else tty
+        self.submitted: int = 0
+        self.completed: int = 0
+        self.failed: int = 0
+        self.errored: int = 0
+        self.cost: float = 0.0
+        self.started: float = time.monotonic()
         self._last_draw = 0.0
 
     @property
@@ -126,7 +129,7 @@ def _key(args: argparse.Namespace) -> str:
 @contextlib.asynccontextmanager
 async def _client(
     args: argparse.Namespace, emulate: bool = False
-) -> AsyncIterator[am.AsyncApimart]:
+) -> AsyncGenerator[am.AsyncApimart, None]:
     if emulate:
         emu = Emulator(task_duration=(1.0, 3.0))
         async with emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:

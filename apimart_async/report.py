@@ -54,11 +54,11 @@ logger = logging.getLogger("apimart_async.report")
 
 INDEX = "index.html"
 
-#: Statuses of jobs that have not ended; "completed" is done; anything else counts as failed.
 PENDING_STATUSES = frozenset(
     {"queued", "submitting", "submitted", "pending", "processing", "in_progress", "running"}
     | {"downloading"}  # completed at the service, files still coming (journal)
 )
+"""Statuses of jobs that have not ended; "completed" is done; anything else counts as failed."""
 
 
 class GalleryError(am.ApimartError):
@@ -68,7 +68,12 @@ class GalleryError(am.ApimartError):
 @attrs.frozen
 class GalleryJob:
     """One card of the gallery. ``files`` are paths of the job's videos (absolute, or
-    relative to the gallery's folder); ``created``/``completed`` are the task's Unix times."""
+    relative to the gallery's folder); ``created``/``completed`` are the task's Unix times.
+
+    The job: ``index`` (its position in the input), ``name``, ``status``; its request:
+    ``prompt``, ``model``, ``duration``, ``resolution``, ``aspect_ratio``, ``seed``; its end:
+    ``task_id``, ``cost`` (USD), ``error``.
+    """
 
     index: int
     status: str
@@ -97,7 +102,8 @@ class GalleryJob:
     def from_body(
         cls, index: int, status: str, body: Mapping[str, Any] | None, **kw: Any
     ) -> GalleryJob:
-        """A card from a submit body (``VideoRequest.to_body()``, the manifest's ``request``)."""
+        """A card from a submit body (``apimart_async.VideoRequest.to_body()``, the
+        manifest's ``request``)."""
         body = body if isinstance(body, Mapping) else {}
         resolution = body.get("resolution", body.get("size"))
         return cls(
@@ -613,9 +619,13 @@ class LiveGallery:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.out_dir = Path(out_dir)
+        """The gallery's folder."""
         self.path = self.out_dir / INDEX
+        """The page: ``out_dir/index.html``."""
         self.refresh = refresh
+        """Seconds between the page's reloads while the batch runs."""
         self.writes = 0
+        """How many times the page was written."""
         self.error: GalleryError | None = None
         self._clock = clock
         self._throttle = _Throttle(interval)
@@ -636,6 +646,7 @@ class LiveGallery:
 
     @property
     def jobs(self) -> list[GalleryJob]:
+        """The cards, in input order."""
         return list(self._cards.values())
 
     def event(self, event: am.BatchEvent) -> None:
@@ -674,6 +685,7 @@ class LiveGallery:
             self._changed.set()
 
     def render(self, *, final: bool = False) -> str:
+        """The page as it would be written now (``final``: the batch has ended)."""
         return render_gallery(
             self.jobs,
             base_dir=self.out_dir,

@@ -13,9 +13,10 @@ and a pytest plugin, which you opt into (nothing is loaded into pytest runs that
 
 or ``pytest -p apimart_async.testing``. Its fixtures:
 
-- ``apimart_emulator``: a running ``Emulator`` (tasks finish at once; ``advance()``,
-  ``complete()``, ``faults``, ``counters`` and the rest are yours);
-- ``apimart_client``: an open ``AsyncApimart`` pointed at it, polling every few milliseconds;
+- ``apimart_emulator``: a running ``apimart_async.emulator.Emulator`` (tasks finish at
+  once; ``advance()``, ``complete()``, ``faults``, ``counters`` and the rest are yours);
+- ``apimart_client``: an open ``apimart_async.AsyncApimart`` pointed at it, polling every few
+  milliseconds;
 - ``apimart_api``: both, as an ``EmulatedAPI``.
 
 They are async: run the tests that use them with anyio's plugin (``@pytest.mark.anyio``;
@@ -28,23 +29,25 @@ mode, or auto mode). They run on asyncio (aiohttp needs it): the plugin pins any
 from __future__ import annotations
 
 import contextlib
+import ssl
 import types
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import attrs
 
 from ._client import AsyncApimart
+from ._config import Timeout
 from ._retry import is_testing, set_testing
 from ._schedule import PollPolicy
 
 if TYPE_CHECKING:
     from .emulator import Emulator
 
-__all__ = ["FAST_POLL", "EmulatedAPI", "emulated_api"]
+__all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api"]
 
-#: A poll policy for tests: checks within milliseconds.
 FAST_POLL = PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.01, jitter=0.0)
+"""A poll policy for tests: checks within milliseconds."""
 
 
 @attrs.frozen
@@ -52,28 +55,91 @@ class EmulatedAPI:
     """A client and the emulator it talks to."""
 
     client: AsyncApimart
+    """An open client pointed at ``emulator``."""
     emulator: Emulator
+    """The running emulator."""
+
+
+class ClientOptions(TypedDict, total=False):
+    """Keyword arguments of ``apimart_async.AsyncApimart`` that ``emulated_api`` passes on."""
+
+    timeout: Timeout | float | None
+    """Per-attempt timeouts (``apimart_async.AsyncApimart``'s ``timeout``)."""
+    max_retries: int
+    """Retries after the first attempt."""
+    language: str
+    """Language of the service's error messages."""
+    status_concurrency: int
+    """Parallel status GETs when the batch route is missing."""
+    requests_per_second: float | None
+    """A cap on all requests of the client."""
+    download_concurrency: int
+    """Result files downloaded at once."""
 
 
 @contextlib.asynccontextmanager
 async def emulated_api(
     *,
     poll: PollPolicy = FAST_POLL,
-    client_options: dict[str, Any] | None = None,
-    **emulator_options: Any,
-) -> AsyncIterator[EmulatedAPI]:
-    """Start an emulator (``emulator_options`` go to ``Emulator``; tasks finish at once unless
-    you say otherwise), open a client on it, and make retry waits zero meanwhile."""
+    client_options: ClientOptions | None = None,
+    mode: Literal["auto", "manual"] = "auto",
+    task_duration: float | tuple[float, float] = 0.0,
+    estimate_error: float = 0.2,
+    failure_rate: float = 0.0,
+    seed: int = 0,
+    balance: float | None = 1000.0,
+    video_bytes: int = 64 * 1024,
+    video_ttl: float = 24 * 3600,
+    task_ttl: float = 3 * 24 * 3600,
+    frozen_clock: bool = False,
+    batch_route: bool | Literal["ok", "absent", "refuse", "partial", "nested", "keyed"] = True,
+    unknown_task: Literal["404", "400", "200"] = "404",
+    conflict_code_in: Literal["both", "type", "code"] = "both",
+    status_names: dict[str, str] | None = None,
+    network: Literal["loopback", "real"] = "loopback",
+    tls: bool | ssl.SSLContext = False,
+    blocked_words: tuple[str, ...] = ("[blocked]",),
+    webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
+    file_chunk_delay: float = 0.0,
+) -> AsyncGenerator[EmulatedAPI, None]:
+    """Start an emulator, open a client on it, and make retry waits zero meanwhile.
+
+    The emulator's options are ``apimart_async.emulator.Emulator``'s, with the same defaults
+    except ``task_duration``: tasks finish at once unless you say otherwise. ``poll`` and
+    ``client_options`` go to ``apimart_async.AsyncApimart``.
+    """
     from .emulator import Emulator  # the aiohttp server: imported only when used
 
-    emulator_options.setdefault("task_duration", 0.0)
     was_testing = is_testing()
     set_testing(True)
     try:
-        async with Emulator(**emulator_options) as emu:
-            options = {"poll": poll, **(client_options or {})}
-            async with AsyncApimart(emu.api_key, base_url=emu.base_url, **options) as client:
-                yield EmulatedAPI(client, emu)
+        async with (
+            Emulator(
+                mode=mode,
+                task_duration=task_duration,
+                estimate_error=estimate_error,
+                failure_rate=failure_rate,
+                seed=seed,
+                balance=balance,
+                video_bytes=video_bytes,
+                video_ttl=video_ttl,
+                task_ttl=task_ttl,
+                frozen_clock=frozen_clock,
+                batch_route=batch_route,
+                unknown_task=unknown_task,
+                conflict_code_in=conflict_code_in,
+                status_names=status_names,
+                network=network,
+                tls=tls,
+                blocked_words=blocked_words,
+                webhook_retry_delays=webhook_retry_delays,
+                file_chunk_delay=file_chunk_delay,
+            ) as emu,
+            AsyncApimart(
+                emu.api_key, base_url=emu.base_url, poll=poll, **(client_options or {})
+            ) as client,
+        ):
+            yield EmulatedAPI(client, emu)
     finally:
         set_testing(was_testing)
 

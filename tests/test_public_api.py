@@ -3,6 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import apimart_async as am
 from apimart_async import emulator
 
@@ -100,3 +102,32 @@ def test_emulator_and_testing_are_reachable_after_a_plain_import() -> None:
         "emulated_api Emulator",
         "module 'apimart_async' has no attribute 'nothing_here'",
     ]
+
+
+@pytest.mark.anyio
+async def test_the_resources_users_hold_have_public_names() -> None:
+    async with am.AsyncApimart("sk-test", base_url="http://127.0.0.1:9") as client:
+        assert type(client.videos) is am.Videos
+        assert type(client.tasks) is am.Tasks
+        assert type(client.uploads) is am.Uploads
+        assert type(client.throttle) is am.Throttle
+        async with client.batch([], max_cost=1.0) as results:
+            assert type(results.budget) is am.Budget
+            assert [outcome async for outcome in results] == []
+    for cls in (am.Success, am.Failure):
+        assert issubclass(cls, am.Outcome)
+
+
+def test_outcome_kinds() -> None:
+    task = am.Task("task_1", am.TaskStatus.COMPLETED)
+    failed = am.Task("task_2", am.TaskStatus.FAILED)
+    success = am._batch._outcome(0, None, "task_1", task)
+    assert type(success) is am.Success
+    assert success.ok
+    failure = am._batch._outcome(1, None, "task_2", failed, am.TaskFailedError(failed))
+    assert type(failure) is am.Failure
+    assert not failure.ok
+    # a finished job whose task cannot be read is not a success
+    unread = am._batch._outcome(2, None, "task_3")
+    assert type(unread) is am.Failure
+    assert isinstance(unread.error, am.ReplayedError)

@@ -8,8 +8,13 @@ It knows nothing of the SDK's internals: its validation rules and reply shapes a
 from apimart-api.md alone, so the SDK is tested against an independent implementation.
 """
 
-from ._faults import ENDPOINTS, Fault, FaultPlan
+from ._faults import ENDPOINTS as _ENDPOINTS
+from ._faults import Fault, FaultPlan
 from ._server import Emulator
 from ._state import Clock
 
 __all__ = ["ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan"]
+
+ENDPOINTS = _ENDPOINTS
+"""The endpoints faults can target: ``"submit"``, ``"task"``, ``"batch"``, ``"balance"``,
+``"upload"`` and ``"file"`` (result downloads)."""

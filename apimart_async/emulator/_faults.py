@@ -27,18 +27,31 @@ import attrs
 __all__ = ["ENDPOINTS", "Fault", "FaultPlan"]
 
 ENDPOINTS: Final = ("submit", "task", "batch", "balance", "upload", "file")
+"""The endpoints faults can target: ``"submit"``, ``"task"``, ``"batch"``, ``"balance"``,
+``"upload"`` and ``"file"`` (result downloads)."""
 FaultKind = Literal["status", "drop", "malformed", "truncated", "slow", "lost_reply", "reply"]
 
 
 @attrs.frozen
 class Fault:
+    """What to do to one request instead of (or on top of) answering it; build one with the
+    class methods (``Fault.rate_limited()``, ``Fault.lost_reply()``...)."""
+
     kind: FaultKind
+    """``"status"``, ``"reply"``, ``"drop"``, ``"malformed"``, ``"truncated"``, ``"slow"`` or
+    ``"lost_reply"``."""
     status: int = 503
+    """The HTTP status of a ``"status"`` or ``"reply"`` fault."""
     type: str | None = None
+    """The error type in the error body."""
     message: str | None = None
+    """The error message in the error body."""
     retry_after: str | None = None
+    """The ``Retry-After`` header to send."""
     delay: float = 0.0
+    """Seconds a ``"slow"`` reply waits before it is sent."""
     body: bytes = b""
+    """The body of a ``"reply"`` fault."""
 
     @classmethod
     def error(
@@ -49,17 +62,20 @@ class Fault:
         message: str | None = None,
         retry_after: float | str | None = None,
     ) -> Fault:
+        """Answer ``status`` with the service's error body (``type``, ``message``)."""
         ra = None if retry_after is None else str(retry_after)
         return cls("status", status=status, type=type, message=message, retry_after=ra)
 
     @classmethod
     def rate_limited(cls, retry_after: float | str | None = 1) -> Fault:
+        """A 429 with ``Retry-After`` (seconds or an HTTP date; None: no header)."""
         return cls.error(
             429, "rate_limit_error", message="Too many requests", retry_after=retry_after
         )
 
     @classmethod
     def server_error(cls, status: int = 503) -> Fault:
+        """A 5xx error."""
         return cls.error(status, "server_error", message="The service is temporarily unavailable")
 
     @classmethod
@@ -70,26 +86,30 @@ class Fault:
 
     @classmethod
     def drop(cls) -> Fault:
+        """Close the connection without a reply."""
         return cls("drop")
 
     @classmethod
     def malformed(cls) -> Fault:
+        """A 200 whose body is not JSON."""
         return cls("malformed")
 
     @classmethod
     def truncated(cls) -> Fault:
+        """A reply cut off in the middle of its body."""
         return cls("truncated")
 
     @classmethod
     def slow(cls, delay: float) -> Fault:
+        """The normal reply, ``delay`` real seconds late."""
         return cls("slow", delay=delay)
 
     @classmethod
     def lost_reply(cls) -> Fault:
+        """Do the work (a submit creates its task), then drop the connection."""
         return cls("lost_reply")
 
 
-#: What a random fault draws from, by default: every kind that the client must survive.
 DEFAULT_RANDOM: Final = (
     Fault.server_error(500),
     Fault.server_error(502),
@@ -100,6 +120,7 @@ DEFAULT_RANDOM: Final = (
     Fault.truncated(),
     Fault.lost_reply(),
 )
+"""What a random fault draws from, by default: every kind that the client must survive."""
 
 
 class FaultPlan:
@@ -111,8 +132,8 @@ class FaultPlan:
         #: Random faults by endpoint: (rate, what to draw from).
         self._rates: dict[str, tuple[float, tuple[Fault, ...]]] = {}
         self._rng = random.Random(seed)
-        #: Faults served, by (endpoint, kind).
         self.served: dict[tuple[str, str], int] = {}
+        """Faults served, by (endpoint, kind)."""
 
     def inject(self, endpoint: str, fault: Fault, *, times: int = 1) -> None:
         """The next ``times`` requests to ``endpoint`` (or ``*``) get ``fault``."""
@@ -141,6 +162,7 @@ class FaultPlan:
                 self._rates[ep] = (rate, drawn)
 
     def clear(self) -> None:
+        """Forget every scripted fault and random rate."""
         with self._lock:
             self._scripted.clear()
             self._rates.clear()
@@ -151,9 +173,11 @@ class FaultPlan:
             return sum(len(q) for q in self._scripted.values())
 
     def total_served(self) -> int:
+        """Faults served so far, of every kind."""
         return sum(self.served.values())
 
     def next(self, endpoint: str) -> Fault | None:
+        """The fault for the next request to ``endpoint``, if any (the server asks)."""
         with self._lock:
             for key in (endpoint, "*"):
                 queue = self._scripted.get(key)

@@ -7,7 +7,7 @@ apimart-api.md, including where the service is lenient (gemini maps unknown aspe
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 __all__ = ["KNOWN_MODELS", "OTHER_MODELS", "RuleError", "check_body", "price"]
@@ -73,13 +73,14 @@ def _url_list(body: dict[str, Any], name: str, *, data_video: bool = False) -> l
         return []
     if not isinstance(value, list):
         raise RuleError(name, f"{name} must be an array of URLs")
-    for i, url in enumerate(value):
+    urls = cast("list[object]", value)
+    for i, url in enumerate(urls):
         ok = _http_url(url) or (
             data_video and isinstance(url, str) and url.startswith("data:video/")
         )
         if not ok:
             raise RuleError(name, f"{name}[{i}] is not a valid URL")
-    return value
+    return cast("list[str]", urls)  # each one checked above
 
 
 def _formats(urls: list[str], allowed: set[str], model: str) -> None:
@@ -96,6 +97,7 @@ def check_body(body: Any) -> tuple[str, dict[str, Any]]:
     RuleError naming the parameter."""
     if not isinstance(body, dict):
         raise RuleError("body", "request body must be a JSON object")
+    body = cast("dict[str, Any]", body)  # JSON: keys are strings
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RuleError("model", "model is required")

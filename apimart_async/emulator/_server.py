@@ -41,7 +41,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -180,26 +180,32 @@ class Emulator:
             raise ValueError("mode must be 'auto' or 'manual'")
         if not _is_loopback_url(f"http://{host}/"):
             raise ValueError("the emulator listens on loopback only")
-        self.api_key = api_key or "sk-emu-" + secrets.token_hex(16)
+        self.api_key: str = api_key or "sk-emu-" + secrets.token_hex(16)
+        """The key the emulator accepts (random unless given)."""
         self.host = host
-        self.port = port
+        """The loopback address it listens on."""
+        self.port: int = port
+        """The port it listens on (the one picked, once started with port 0)."""
         self.batch_route = batch_route  # normalised by the setter
         if unknown_task not in UNKNOWN_TASK_REPLIES:
             raise ValueError(f"unknown_task must be one of {', '.join(UNKNOWN_TASK_REPLIES)}")
         if conflict_code_in not in CONFLICT_PLACEMENTS:
             raise ValueError(f"conflict_code_in must be one of {', '.join(CONFLICT_PLACEMENTS)}")
-        #: How an unknown task id is answered ("404", "400" or "200"); may change at run time.
         self.unknown_task: UnknownTask = unknown_task
-        #: Where a 409 sub-code goes ("both", "type" or "code"); may change at run time.
+        """How an unknown task id is answered ("404", "400" or "200"); may change at run time."""
         self.conflict_code_in: ConflictPlacement = conflict_code_in
-        #: Ids every batch status reply leaves out (the task still exists); a test may add ids.
+        """Where a 409 sub-code goes ("both", "type" or "code"); may change at run time."""
         self.batch_hidden: set[str] = set()
+        """Ids every batch status reply leaves out (the task still exists); a test may add ids."""
         self.webhook_retry_delays = webhook_retry_delays
-        #: Real seconds to pause after each 256 KiB of a result file (a slow CDN).
+        """Seconds between webhook delivery attempts."""
         self.file_chunk_delay = file_chunk_delay
-        self.clock = Clock(frozen=frozen_clock)
-        self.faults = FaultPlan(seed)
-        self.state = State(
+        """Real seconds to pause after each 256 KiB of a result file (a slow CDN)."""
+        self.clock: Clock = Clock(frozen=frozen_clock)
+        """The emulated service's clock (``advance()`` moves it)."""
+        self.faults: FaultPlan = FaultPlan(seed)
+        """Faults to inject (``inject()``, ``set_rate()``)."""
+        self.state: State = State(
             api_key=self.api_key,
             mode=mode,
             task_duration=task_duration,
@@ -214,23 +220,26 @@ class Emulator:
             blocked_words=blocked_words,
             status_names=status_names,
         )
-        #: Webhook deliveries made: (url, task id, HTTP status or the error's class name).
+        """The emulator's internals (tasks, counters), for white-box assertions; no stable API."""
         self.webhook_deliveries: list[tuple[str, str, int | str]] = []
+        """Webhook deliveries made: (url, task id, HTTP status or the error's class name)."""
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
-        self.base_url = ""
+        self.base_url: str = ""
+        """``http://host:port`` once started."""
         self.network = network
-        #: The ``real`` profile's middleware and its counts, or None.
+        """The network profile: ``"loopback"`` or ``"real"``."""
         self.network_profile = NetworkProfile(seed) if network == "real" else None
+        """The ``real`` profile's middleware and its counts, or None."""
         self._tls = tls
-        #: The private CA when ``tls=True`` (made at start, removed at stop).
         self.ca: LocalCA | None = None
-        #: Where the state is kept across restarts (None: nowhere).
+        """The private CA when ``tls=True`` (made at start, removed at stop)."""
         self.state_path = Path(state_path) if state_path is not None else None
+        """Where the state is kept across restarts (None: nowhere)."""
         self._store = StateFile(self.state_path) if self.state_path is not None else None
 
     @property
@@ -270,6 +279,7 @@ class Emulator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start listening (prefer ``async with``)."""
         snap = self._load_state()
         middlewares = [self.network_profile.middleware] if self.network_profile else []
         app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024, middlewares=middlewares)
@@ -323,6 +333,7 @@ class Emulator:
             )
 
     async def stop(self) -> None:
+        """Stop listening and end background work."""
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -413,10 +424,12 @@ class Emulator:
         message: str = "Video generation failed",
         type: str = "task_error",
     ) -> None:
+        """Manual mode: the task fails now, with this error."""
         self.state.fail(task_id, code=code, message=message, type=type)
         self._after_change([self.state.tasks[task_id]])
 
     def cancel(self, task_id: str) -> None:
+        """Manual mode: the task is cancelled now."""
         self.state.cancel(task_id)
         self._after_change([self.state.tasks[task_id]])
 
@@ -448,6 +461,7 @@ class Emulator:
         return self.state.task_object(self.state.get(task_id), self.base_url)
 
     def task_ids(self) -> list[str]:
+        """Every task created, in creation order."""
         return list(self.state.tasks)
 
     def file_sha256(self, task_id: str, n: int = 0) -> str:
@@ -469,6 +483,7 @@ class Emulator:
 
     @property
     def tasks_created(self) -> int:
+        """How many tasks were created (a submit retried with its key creates one)."""
         return len(self.state.tasks)
 
     @property
@@ -477,6 +492,7 @@ class Emulator:
         return dict(self.state.tasks_per_key)
 
     def stats(self) -> dict[str, Any]:
+        """Counters and balance as one dict, for reports."""
         s = self.state
         return {
             "requests": dict(s.requests),
@@ -768,8 +784,10 @@ class Emulator:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             return _error(400, "request body is not valid JSON", "invalid_request_error")
-        ids = body.get("task_ids") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raw: Any = cast("dict[str, Any]", body).get("task_ids") if isinstance(body, dict) else None
+        items: list[object] = cast("list[object]", raw) if isinstance(raw, list) else []
+        ids = [i for i in items if isinstance(i, str)]
+        if not isinstance(raw, list) or len(ids) != len(items):
             return _error(
                 400,
                 "task_ids must be an array of task ids",
@@ -783,7 +801,7 @@ class Emulator:
                 "invalid_request_error",
                 param="task_ids",
             )
-        data = []
+        data: list[dict[str, Any]] = []
         for task_id in ids:
             task = self.state.tasks.get(task_id)
             if task is None or self.state.expired(task) or task_id in self.batch_hidden:

@@ -53,10 +53,12 @@ class Clock:
         self._offset = 0.0
 
     def now(self) -> float:
+        """The emulated Unix time."""
         running = 0.0 if self.frozen else time.monotonic() - self._mono0
         return self._base + running + self._offset
 
     def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward at once."""
         if seconds < 0:
             raise ValueError("the clock only moves forward")
         self._offset += seconds
@@ -162,10 +164,10 @@ class State:
         self.task_duration = task_duration
         self.estimate_error = estimate_error
         self.failure_rate = failure_rate
-        self.rng = random.Random(seed)
-        self.unlimited = balance is None
-        self.remain_balance = 0.0 if balance is None else float(balance)
-        self.used_balance = 0.0
+        self.rng: random.Random = random.Random(seed)
+        self.unlimited: bool = balance is None
+        self.remain_balance: float = 0.0 if balance is None else float(balance)
+        self.used_balance: float = 0.0
         self.video_bytes = video_bytes
         self.video_ttl = video_ttl
         self.task_ttl = task_ttl
@@ -173,20 +175,20 @@ class State:
         self.blocked_words = blocked_words
         #: The service's word for each status (a variant: ``{"completed": "success"}``).
         self.status_names: dict[str, str] = dict(status_names or {})
-        self.pattern = _pattern(seed)
+        self.pattern: bytes = _pattern(seed)
         self.tasks: dict[str, EmuTask] = {}
         self.idempotency: dict[str, IdemRecord] = {}
         self.uploads: dict[str, tuple[str, bytes, float]] = {}
         self._due: list[tuple[float, str]] = []
-        self.unfinished = 0
+        self.unfinished: int = 0
         # -- counters --
         self.requests: collections.Counter[str] = collections.Counter()
         self.statuses: collections.Counter[tuple[str, int]] = collections.Counter()
         self.tasks_per_key: collections.Counter[str] = collections.Counter()
-        self.submits_without_key = 0
+        self.submits_without_key: int = 0
         self.in_flight: collections.Counter[str] = collections.Counter()
         self.max_in_flight: collections.Counter[str] = collections.Counter()
-        self.max_unfinished = 0
+        self.max_unfinished: int = 0
         self.file_requests_with_auth = 0
         self.finished_log: list[str] = []
         #: Called with a task each time it is created or changes (the state file's hook).
