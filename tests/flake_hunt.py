@@ -7,8 +7,8 @@ ever failed, with its output. Not part of CI (20 runs take about an hour on 2 co
 
 How it works:
 
-- ``git clone`` of the committed HEAD (uncommitted changes are not hunted: commit first) into
-  a temporary directory, once per run, so no run sees anything an earlier one left behind
+- ``git clone`` of the commit that was HEAD when the hunt started (uncommitted changes are not
+  hunted: commit first) into a temporary directory, once per run, so no run sees anything an earlier one left behind
   (``.pytest_cache``, ``.hypothesis``, journals, videos, bytecode).
 - One virtual environment for the whole hunt, made with ``--python`` and the project installed
   into it from the first clone with its ``test`` extra (a regular install, not editable, so
@@ -42,8 +42,10 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload, no-any-return]
 
 
-def clone(dest: Path) -> None:
-    _run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(dest)])
+def clone(dest: Path, commit: str) -> None:
+    """A fresh checkout of ``commit`` (the HEAD when the hunt started, however HEAD moves)."""
+    _run(["git", "clone", "--quiet", "--no-hardlinks", "--no-checkout", str(ROOT), str(dest)])
+    _run(["git", "-C", str(dest), "checkout", "--quiet", "--detach", commit])
 
 
 def make_venv(python: str, where: Path, source: Path) -> Path:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     dirty = _run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
     if dirty.stdout.strip():
         print("note: uncommitted changes are not part of the hunt (it clones HEAD)")
-    head = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).stdout.strip()
+    commit = _run(["git", "-C", str(ROOT), "rev-parse", "HEAD"]).stdout.strip()
+    head = commit[:10]
 
     tmp = Path(tempfile.mkdtemp(prefix="apimart-flake-hunt-"))
     failed_in: dict[str, list[int]] = defaultdict(list)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     durations: list[float] = []
     try:
         first = tmp / "run-1"
-        clone(first)
+        clone(first, commit)
         if args.venv:
             py = Path(args.venv) / "bin" / "python"
             if not py.exists():
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in range(1, args.runs + 1):
             src = tmp / f"run-{n}"
             if n > 1:
-                clone(src)
+                clone(src, commit)
             report = tmp / f"report-{n}.xml"
             started = time.monotonic()
             proc = subprocess.run(
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
             )
             durations.append(time.monotonic() - started)
+            (tmp / f"output-{n}.txt").write_text(proc.stdout + proc.stderr)
             summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
             found = failures(report)
             if proc.returncode not in (0, 1) or (proc.returncode == 1 and not found):
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(src, ignore_errors=True)
     finally:
         if args.keep:
-            print(f"kept {tmp}")
+            print(f"kept {tmp} (output-N.txt: each run's whole output)")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 

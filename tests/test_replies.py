@@ -254,13 +254,13 @@ def _check_all(body: bytes) -> None:
             parse(body, status=200)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # examples: the profile (conftest)
 @given(st.binary(max_size=200))
 def test_fuzz_bytes(body: bytes) -> None:
     _check_all(body)
 
 
-@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # examples: the profile (conftest)
 @given(shaped)
 def test_fuzz_json(value: Any) -> None:
     _check_all(json.dumps(value).encode())
@@ -277,7 +277,7 @@ def test_deeply_nested_json_is_a_typed_error() -> None:
 from apimart_async._transport import _embedded_error, _error_from_reply  # noqa: E402
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])  # examples: the profile (conftest)
 @given(
     st.integers(min_value=200, max_value=599),
     st.one_of(st.binary(max_size=100), shaped.map(lambda v: json.dumps(v).encode())),
