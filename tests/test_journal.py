@@ -547,3 +547,23 @@ async def test_a_version_1_journal_is_migrated(tmp_path: Path) -> None:
         conn = sqlite3.connect(journal)
         assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
         conn.close()
+
+
+async def test_the_budget_is_never_exceeded_with_mixed_models() -> None:
+    # emulator prices: $0.40, $0.30, $0.80, $1.00; probing all four at once spends $2.50
+    kinds = [
+        am.VideoRequest("sora-2-preview", "a", duration=4),
+        am.VideoRequest("viduq3", "d", image_urls=["https://e/a.png"], duration=8),
+        am.VideoRequest("sora-2-preview", "b", duration=8),
+        am.VideoRequest("gemini-omni-flash-preview", "c"),
+    ]
+    requests = [kinds[i % 4] for i in range(12)]
+    async with Emulator(task_duration=0.0) as emu, client_for(emu) as client:
+        async with client.batch(requests, max_cost=1.0, concurrency=8) as results:
+            outcomes = [o async for o in results]
+        used = emu.state.used_balance
+    assert len(outcomes) == 12
+    assert used <= 1.0 + 1e-9, used
+    assert results.stats().cost <= 1.0 + 1e-9
+    assert any(o.ok for o in outcomes)
+    assert emu.state.max_unfinished == 1  # price probes ran one at a time
