@@ -498,13 +498,21 @@ class Batch:
         tg = self._tg
         if self._interrupts == 1 and tg is not None and self.sigint_grace:
             logger.warning(
-                "interrupted: no more submits; waiting up to %ss for running tasks",
+                "interrupted: no new job will be submitted; following %d running task(s) for"
+                " up to %gs (Ctrl-C again stops at once); what is left is kept for a resume",
+                len(self._jobs) + len(self._submitting),
                 self.sigint_grace,
             )
             tg.start_soon(functools.partial(self.stop, grace=self.sigint_grace))
             self._stopped = self._stopped or "interrupted"
             return
         self._stopped = self._stopped or "interrupted"
+        if self._jobs or self._submitting:
+            logger.warning(
+                "interrupted: stopping now; %d task(s) still running at the service are"
+                " picked up by a resume",
+                len(self._jobs) + len(self._submitting),
+            )
         poller = self._client._poller
         for task_id in list(self._jobs):
             poller.unwatch(task_id, self._on_done)

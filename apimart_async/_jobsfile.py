@@ -52,7 +52,9 @@ class JobsFileError(ApimartError, ValueError):
     def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
         self.path = path
         self.problems = problems
-        head = "\n".join(f"{path}:{n}: {msg}" if n else f"{path}: {msg}" for n, msg in problems[:50])
+        head = "\n".join(
+            f"{path}:{n}: {msg}" if n else f"{path}: {msg}" for n, msg in problems[:50]
+        )
         more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(head + more)
 

@@ -50,7 +50,9 @@ async def test_run_emulated_batch_to_disk(tmp_path: Path) -> None:
     assert all(line["status"] == "completed" for line in lines)
     # off a terminal: plain lines, one per event, no control characters
     assert no_control_chars(stderr)
-    assert stderr.count("submitted job ") == 5 and stderr.count("completed ") == 5
+    assert stderr.count("submitted ") == 5 and stderr.count("completed ") == 5
+    # one naming for every step of a job: its name (or its line number)
+    assert "submitted neon-cat as task_" in stderr and "completed neon-cat task_" in stderr
     assert "completed    5" in stdout.replace("completed   5", "completed    5")
     assert f"manifest    {out / 'manifest.jsonl'}" in stdout
 
@@ -185,7 +187,7 @@ async def test_single_task_commands(tmp_path: Path) -> None:
             key=emu.api_key,
             check=0,
         )
-        assert json.loads(stdout)["task_id"] in emu.task_ids()
+        assert json.loads(stdout)["id"] in emu.task_ids()  # the key status --json uses
         _, stdout, _ = await cli("status", *base, task_id, "--json", key=emu.api_key, check=0)
         (status,) = json.loads(stdout)
         assert status["id"] == task_id and status["status"] == "completed"
@@ -243,16 +245,26 @@ async def test_models_lists_the_rules() -> None:
 def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     tty, plain = io.StringIO(), io.StringIO()
     for stream, is_tty in ((tty, True), (plain, False)):
-        p = Progress(2, stream, tty=is_tty)
+        p = Progress(3, stream, tty=is_tty)
         p.event(am.BatchEvent("submitted", 0, "task_a"))
         task = am.Task(id="task_a", status=am.TaskStatus.COMPLETED, cost=0.5)
         p.outcome(am.Outcome(0, None, "task_a", task))
+        p.outcome(am.Outcome(1, None, error=am.BadRequestError("bad prompt", status=400)))
+        p.outcome(am.Outcome(2, None, error=am.BudgetExceededError("budget reached")))
         p.close()
+    shown = tty.getvalue()
+    assert "] 3/3 running 0 completed 1 failed 0 errored 1 $0.50" in shown
+    # a per-job error is printed above the live bar, not hidden in the manifest
     assert (
-        "\r\x1b[2K[############------------] 1/2 submitted 1 running 0 done 1 failed 0 $0.50"
-        in tty.getvalue()
+        "\r\x1b[2K\x1b[31merrored job 1: BadRequestError: bad prompt (HTTP 400)\x1b[0m\n[" in shown
     )
-    assert plain.getvalue() == "submitted job 0 as task_a\ncompleted job 0 task_a\n"
+    assert "submitted job 0" not in shown  # steps only with -v on a terminal
+    assert plain.getvalue() == (
+        "submitted job 0 as task_a\n"
+        "completed job 0 task_a\n"
+        "errored job 1: BadRequestError: bad prompt (HTTP 400)\n"
+        "not started job 2: budget reached\n"
+    )
 
 
 async def test_emulator_command() -> None:
@@ -281,3 +293,118 @@ async def test_emulator_command() -> None:
         finally:
             proc.terminate()
             await proc.wait()
+
+
+# -- issue 12 -------------------------------------------------------------------------------
+
+SECRET = "sk-live-CliSecretKey0123456789abcdef"
+
+
+async def _interrupted_run(
+    tmp_path: Path, emu: Emulator, *key_args: str, stdin: bytes = b""
+) -> str:
+    """Start a run, Ctrl-C it once the first tasks exist, return its stdout + stderr."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        "".join(
+            json.dumps({"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"}) + "\n"
+            for i in range(6)
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("APIMART_API_KEY", None)
+    cmd = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(tmp_path / "o")]
+    cmd += ["--base-url", emu.base_url, "--grace", "0", "--concurrency", "2", *key_args]
+    before = emu.tasks_created
+    async with await anyio.open_process(cmd, env=env) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        await proc.stdin.send(stdin)
+        await proc.stdin.aclose()
+        await emu.wait_until(lambda: emu.tasks_created >= before + 2, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+        out = (await proc.stdout.receive(1 << 20)).decode()
+        err = (await proc.stderr.receive(1 << 20)).decode()
+    assert proc.returncode == 130, err
+    return out + err
+
+
+@pytest.mark.parametrize(
+    "form", [("--api-key", SECRET), (f"--api-key={SECRET}",), ("--api-key", "-"), ("file",)]
+)
+async def test_the_resume_line_never_contains_the_key(
+    tmp_path: Path, form: tuple[str, ...]
+) -> None:
+    stdin = b""
+    if form == ("--api-key", "-"):
+        stdin = SECRET.encode() + b"\n"
+    if form == ("file",):
+        keyfile = tmp_path / "key.txt"
+        keyfile.write_text(SECRET + "\n")
+        form = ("--api-key-file", str(keyfile))
+    async with Emulator(api_key=SECRET, mode="manual") as emu:
+        text = await _interrupted_run(tmp_path, emu, *form, stdin=stdin)
+    assert "resume with:" in text
+    resume = text.split("resume with:")[1]
+    assert "apimart-async run" in resume
+    assert SECRET not in text and SECRET[:12] not in text
+    if form[0] == "--api-key-file":  # the file's path is no secret: the line keeps it
+        assert f"--api-key-file {form[1]}" in resume
+    else:
+        assert "APIMART_API_KEY" in resume and "--api-key" not in resume
+    assert "interrupted: " in text.split("resume with:")[0]  # what happens next, at once
+
+
+async def test_api_key_from_stdin_and_file(tmp_path: Path) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_text(SECRET + "\n")
+    async with Emulator(api_key=SECRET) as emu:
+        code, out, err = await cli(
+            "balance", "--base-url", emu.base_url, "--api-key-file", str(keyfile)
+        )
+        assert code == 0 and "left" in out, err
+        code, _, err = await cli(
+            "balance", "--base-url", emu.base_url, "--api-key-file", str(tmp_path / "nope")
+        )
+        assert code == 2 and "--api-key-file" in err and "cannot read" in err
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("APIMART_API_KEY", None)
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "apimart_async.cli",
+                "balance",
+                "--base-url",
+                emu.base_url,
+                "--api-key",
+                "-",
+            ],
+            input=SECRET.encode() + b"\n",
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0 and b"left" in result.stdout
+        assert SECRET.encode() not in result.stdout + result.stderr
+
+
+async def test_wait_reports_missing_tasks_and_waits_for_the_others() -> None:
+    async with (
+        Emulator(task_duration=0.5) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+        base = ["--base-url", emu.base_url]
+        code, out, err = await cli("wait", *base, task_id, "task_nope", key=emu.api_key)
+        assert code == 1
+        assert f"{task_id}  completed" in out
+        assert "task task_nope does not exist or has expired" in err
+        assert task_id not in err
+        code, out, err = await cli("wait", *base, "task_nope", key=emu.api_key)
+        assert code == 1 and out == ""
+        assert "task task_nope does not exist or has expired" in err
+        code, out, err = await cli("wait", *base, "task_nope", "--json", key=emu.api_key)
+        assert code == 1
+        (entry,) = json.loads(out)
+        assert entry["id"] == "task_nope" and entry["status"] == "not_found"
