@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import json
 import os
@@ -13,7 +15,7 @@ import anyio
 import pytest
 
 import apimart_async as am
-from apimart_async.cli import Progress
+from apimart_async.cli import Progress, build_parser
 from apimart_async.emulator import Emulator
 
 pytestmark = pytest.mark.anyio
@@ -408,3 +410,213 @@ async def test_wait_reports_missing_tasks_and_waits_for_the_others() -> None:
         assert code == 1
         (entry,) = json.loads(out)
         assert entry["id"] == "task_nope" and entry["status"] == "not_found"
+
+
+async def test_jobs_file_typos_are_caught_before_anything_is_sent(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        '{"model": "sora-2-preview", "prompt": "x", "duraton": 8, "aspectratio": "portrait"}\n'
+        '{"model": "sora2-preview", "prompt": "x"}\n'
+        '{"model": "sora-2-preview", "prompt": "x", "extra": {"new_field": 1}}\n'
+        '{"model": "veo3.1", "prompt": "x", "generate_audio": true}\n'
+    )
+    code, _, err = await cli("run", str(jobs), "--dry-run")
+    assert code == 2
+    assert f"{jobs}:1: duraton: sora-2-preview takes no such field (did you mean 'duration'?" in err
+    assert f"{jobs}:1: aspectratio: sora-2-preview takes no such field (did you mean" in err
+    assert f"{jobs}:2: model: unknown model 'sora2-preview'; did you mean 'sora-2-preview'?" in err
+    assert f"{jobs}:3" not in err and f"{jobs}:4" not in err  # extra, and a model we don't know
+    jobs.write_text('{"model": "sora2-preview", "prompt": "x"}\n')
+    code, out, err = await cli("run", str(jobs), "--dry-run", "--allow-unknown-model", check=0)
+    assert "1 job(s) valid" in out
+    code, _, err = await cli("run", str(tmp_path / "nope.jsonl"), "--dry-run")
+    assert code == 2 and f"{tmp_path / 'nope.jsonl'}: cannot read" in err and ":0:" not in err
+
+
+async def test_dry_run_prints_the_estimated_cost_without_out(tmp_path: Path) -> None:
+    _code, out, _ = await cli("run", str(JOBS), "--dry-run", check=0)
+    assert "5 job(s) valid; nothing submitted (--dry-run)" in out
+    assert "estimated cost: unknown (no price seen yet for" in out
+    # after a run, the journal knows the prices: the estimate covers what is left to do
+    async with Emulator(task_duration=0.0) as emu:
+        o = tmp_path / "o"
+        await cli("run", str(JOBS), "-o", str(o), "--base-url", emu.base_url, key=emu.api_key)
+        _, out, _ = await cli("run", str(JOBS), "-o", str(o), "--dry-run", check=0)
+        assert "5 already submitted or finished (journal); 0 to submit" in out
+        assert "estimated cost: $0.00" in out
+        _, out, _ = await cli("run", str(JOBS), "-o", str(o), "--dry-run", "--json", check=0)
+        assert json.loads(out)["estimated_cost"] == 0
+
+
+async def test_out_pointing_at_a_file_is_a_clean_error(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = await cli("run", str(JOBS), "--emulate", "-o", str(f))
+    assert code == 2 and f"--out: {f} is a file, not a directory" in err
+    assert "Traceback" not in err
+    code, _, err = await cli("download", "task_x", "--emulate", "-o", str(f))
+    assert code == 2 and "is a file, not a directory" in err and "Traceback" not in err
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return dict(parser._subparsers_by_name)  # type: ignore[attr-defined]
+
+
+def test_every_network_command_takes_emulate_base_url_and_the_output_flags() -> None:
+    for name, sub in _subparsers().items():
+        flags = {s for a in sub._actions for s in a.option_strings}
+        if name == "emulator":
+            continue
+        assert {"--json", "-q", "-v", "--no-progress", "--color"} <= flags, name
+        if name != "models":
+            assert {"--emulate", "--base-url", "--api-key", "--api-key-file"} <= flags, name
+
+
+def test_every_flag_has_help_and_shows_its_default() -> None:
+    for name, sub in _subparsers().items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, (name, action.option_strings)
+            if action.default not in (None, False) and action.dest != "help":
+                assert f"(default: {action.default})" in " ".join(text.split()), (
+                    name,
+                    action.option_strings,
+                )
+    run_help = _subparsers()["run"].format_help()
+    assert '"extra"' in run_help or "extra: {...}" in run_help  # the jobs schema
+    assert "separated" in run_help and "by |" in run_help
+
+
+def test_the_no_key_hint_names_only_flags_that_exist() -> None:
+    import re
+
+    from apimart_async.cli import KEY_HELP
+
+    named = set(re.findall(r"--[a-z-]+", KEY_HELP))
+    assert named
+    for name in ("balance", "status", "submit", "run", "wait", "download", "upload"):
+        flags = {s for a in _subparsers()[name]._actions for s in a.option_strings}
+        assert named <= flags, (name, named - flags)
+
+
+async def test_usage_errors_show_the_subcommands_usage() -> None:
+    code, _, err = await cli("run", str(JOBS), "--bogus")
+    assert code == 2 and err.startswith("usage: apimart-async run") and "--bogus" in err
+    code, _, err = await cli("wait")
+    assert code == 2 and err.startswith("usage: apimart-async wait")
+
+
+async def test_emulate_works_for_single_task_commands(tmp_path: Path) -> None:
+    code, out, _ = await cli("balance", "--emulate", "--json", check=0)
+    assert json.loads(out)["remain_balance"] > 0
+    _, out, _ = await cli(
+        "submit", "--emulate", "--model", "sora-2-preview", "--prompt", "x", "--json", check=0
+    )
+    assert json.loads(out)["id"].startswith("task_")
+    code, _, err = await cli("balance", "--emulate", "--base-url", "http://127.0.0.1:9")
+    assert code == 2 and "--emulate and --base-url" in err
+
+
+async def test_json_everywhere(tmp_path: Path) -> None:
+    _, out, _ = await cli("models", "--json", check=0)
+    models = [json.loads(line) for line in out.splitlines()]
+    assert {m["name"] for m in models} >= {"viduq3", "sora-2-preview"}
+    _, out, _err = await cli(
+        "run", str(JOBS), "--emulate", "-o", str(tmp_path / "o"), "--json", check=0
+    )
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events].count("submitted") == 5
+    assert [e["event"] for e in events].count("completed") == 5
+    assert events[-1]["event"] == "summary" and events[-1]["completed"] == 5
+    assert events[-1]["resume"] is None
+    async with Emulator(task_duration=0.0) as emu:
+        base = ["--base-url", emu.base_url]
+        _, out, _ = await cli(
+            "submit",
+            *base,
+            "--model",
+            "sora-2-preview",
+            "--prompt",
+            "x",
+            "--json",
+            key=emu.api_key,
+            check=0,
+        )
+        task_id = json.loads(out)["id"]
+        _, out, _ = await cli(
+            "download",
+            *base,
+            task_id,
+            "-o",
+            str(tmp_path / "d"),
+            "--json",
+            key=emu.api_key,
+            check=0,
+        )
+        (f,) = json.loads(out)
+        assert f["sha256"] == emu.file_sha256(task_id)
+        img = tmp_path / "i.png"
+        img.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+        _, out, _ = await cli("upload", *base, str(img), "--json", key=emu.api_key, check=0)
+        assert json.loads(out)["url"].startswith(emu.base_url)
+        # wait: -o is the flag download uses too; --download stays as an alias
+        _, out, _ = await cli(
+            "wait", *base, task_id, "-o", str(tmp_path / "w"), "--json", key=emu.api_key, check=0
+        )
+        assert json.loads(out)[0]["files"] == [str(tmp_path / "w" / f"{task_id}.mp4")]
+
+
+async def test_summary_cost_leaves_out_jobs_paid_in_earlier_runs(tmp_path: Path) -> None:
+    async with Emulator(task_duration=0.0) as emu:
+        args = ["run", str(JOBS), "-o", str(tmp_path / "o"), "--base-url", emu.base_url]
+        _, first, _ = await cli(*args, key=emu.api_key, check=0)
+        _, again, _ = await cli(*args, key=emu.api_key, check=0)
+    assert "cost        $3.65" in first
+    assert "cost        $0.00 (earlier runs: $3.65)" in again
+    assert "replayed    5 (finished in earlier runs)" in again
+
+
+async def test_ctrl_c_when_everything_then_finishes_exits_0(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        '{"name": "a", "model": "sora-2-preview", "prompt": "a"}\n'
+        '{"name": "b", "model": "sora-2-preview", "prompt": "b"}\n'
+    )
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    async with Emulator(mode="manual") as emu:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": emu.api_key}
+        cmd = [
+            sys.executable,
+            "-m",
+            "apimart_async.cli",
+            "run",
+            str(jobs),
+            "-o",
+            str(tmp_path / "o"),
+            "--base-url",
+            emu.base_url,
+            "--grace",
+            "60",
+        ]
+        async with await anyio.open_process(cmd, env=env) as proc:
+            assert proc.stderr is not None and proc.stdout is not None
+            await emu.wait_until(lambda: emu.tasks_created == 2, timeout=60)
+            proc.send_signal(signal.SIGINT)
+            err = BufferedByteReceiveStream(proc.stderr)
+            with anyio.fail_after(60):
+                notice = await err.receive_until(b"resume", 1 << 16)
+            assert b"interrupted: no new job will be submitted" in notice  # at once
+            emu.complete_all()
+            with anyio.fail_after(60):
+                await proc.wait()
+            rest = b""
+            with contextlib.suppress(anyio.EndOfStream, anyio.IncompleteRead):
+                rest = await err.receive_exactly(1 << 20)
+            out = (await proc.stdout.receive(1 << 16)).decode()
+    assert proc.returncode == 0, rest
+    assert b"resume with" not in rest
+    assert "completed   2" in out and "not started 0" in out
