@@ -866,7 +866,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _common(*, network: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     if network:
         g = p.add_argument_group("connection")
         g.add_argument(
@@ -910,13 +910,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="APIMart video generation from the shell.",
         epilog="Run `apimart-async COMMAND --help` for a command's flags.\n\n" + JOBS_SCHEMA,
         formatter_class=_Formatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"apimart-async {am.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, parents: list[argparse.ArgumentParser], **kw: Any) -> Any:
         return sub.add_parser(
-            name, help=help, description=help, parents=parents, formatter_class=_Formatter, **kw
+            name,
+            help=help,
+            description=help,
+            parents=parents,
+            formatter_class=_Formatter,
+            allow_abbrev=False,
+            **kw,
         )
 
     run = add("run", "run a batch from a JSONL or CSV file", [common], epilog=RUN_EPILOG)
@@ -1061,9 +1068,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
-        # Show the subcommand's usage, not the top level's.
+        # Show the subcommand's usage, not the top level's, and never echo a value: a
+        # mistyped --api-kye=KEY (or a stray key) would be printed back.
         sub = parser._subparsers_by_name.get(args.command, parser)  # type: ignore[attr-defined]
-        sub.error(f"unrecognized arguments: {' '.join(extras)}")
+        shown = [a.split("=", 1)[0] if a.startswith("-") else "<value>" for a in extras]
+        sub.error(f"unrecognized arguments: {' '.join(shown)} (values not shown)")
     return args
 
 

@@ -303,7 +303,7 @@ SECRET = "sk-live-CliSecretKey0123456789abcdef"
 
 
 async def _interrupted_run(
-    tmp_path: Path, emu: Emulator, *key_args: str, stdin: bytes = b""
+    tmp_path: Path, emu: Emulator, *key_args: str, stdin: bytes = b"", env_key: str | None = None
 ) -> str:
     """Start a run, Ctrl-C it once the first tasks exist, return its stdout + stderr."""
     jobs = tmp_path / "jobs.jsonl"
@@ -315,6 +315,8 @@ async def _interrupted_run(
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("APIMART_API_KEY", None)
+    if env_key is not None:
+        env["APIMART_API_KEY"] = env_key
     cmd = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(tmp_path / "o")]
     cmd += ["--base-url", emu.base_url, "--grace", "0", "--concurrency", "2", *key_args]
     before = emu.tasks_created
