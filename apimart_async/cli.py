@@ -219,7 +219,9 @@ class Progress:
             text = f"completed {label} {outcome.task_id} {files}".rstrip() + earlier
             self.ui.line(self.ui.paint(text, "32") if not earlier else text, level="detail")
         elif kind == "failed":
-            text = f"failed {label} {outcome.task_id}: {outcome.error}{earlier}"
+            task_error = outcome.task.error if outcome.task is not None else None
+            reason = task_error.message if task_error is not None else str(outcome.error)
+            text = f"failed {label} {outcome.task_id}: {reason}{earlier}"
             self.ui.line(self.ui.paint(text, "31"), level="error")
         elif kind == "not started":
             self.ui.line(f"not started {label}: {outcome.error}", level="detail")

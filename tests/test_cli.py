@@ -622,3 +622,19 @@ async def test_ctrl_c_when_everything_then_finishes_exits_0(tmp_path: Path) -> N
     assert proc.returncode == 0, rest
     assert b"resume with" not in rest
     assert "completed   2" in out and "not started 0" in out
+
+
+async def test_retry_failed_says_what_it_resubmits_and_costs(tmp_path: Path) -> None:
+    async with Emulator(task_duration=0.0, failure_rate=1.0) as emu:
+        args = ["run", str(JOBS), "-o", str(tmp_path / "o"), "--base-url", emu.base_url]
+        code, out, err = await cli(*args, key=emu.api_key)
+        assert code == 1 and "failed      5" in out
+        assert err.count("failed ") == 5
+        emu.state.failure_rate = 0.0
+        code, out, _ = await cli(*args, key=emu.api_key)  # not without the flag: replayed
+        assert code == 1 and "replayed    5" in out and emu.tasks_created == 5
+        code, out, err = await cli(*args, "--retry-failed", key=emu.api_key)
+        assert code == 0, err
+        assert "--retry-failed: 5 failed job(s) submitted again, estimated" in err
+        assert "retried     5 failed job(s) submitted again" in out
+        assert "completed   5" in out and emu.tasks_created == 10
