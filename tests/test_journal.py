@@ -506,7 +506,7 @@ async def test_retry_failed_resubmits_failed_generations_only_when_asked(
     async with client_for(manual_emu) as client, client.batch(jobs(2), journal=journal) as results:
         await manual_emu.wait_until(lambda: manual_emu.tasks_created == 2)
         await manual_emu.wait_until(lambda: len(client._poller) == 2)
-        t = manual_emu.task_ids()
+        t = task_ids_by_index(manual_emu, 2)
         manual_emu.complete(t[0])
         manual_emu.fail(t[1])
         [o async for o in results]
