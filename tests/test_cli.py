@@ -638,3 +638,37 @@ async def test_retry_failed_says_what_it_resubmits_and_costs(tmp_path: Path) -> 
         assert "--retry-failed: 5 failed job(s) submitted again, estimated" in err
         assert "retried     5 failed job(s) submitted again" in out
         assert "completed   5" in out and emu.tasks_created == 10
+
+
+async def test_wait_shows_live_status_on_a_terminal() -> None:
+    import pty
+
+    async with (
+        Emulator(mode="manual") as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+        master, slave = pty.openpty()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": emu.api_key}
+        cmd = [
+            sys.executable,
+            "-m",
+            "apimart_async.cli",
+            "wait",
+            task_id,
+            "--base-url",
+            emu.base_url,
+        ]
+        seen = b""
+        async with await anyio.open_process(cmd, env=env, stderr=slave) as proc:
+            os.close(slave)
+            with anyio.fail_after(60):
+                while b"waiting for 1 of 1 task(s); 0 ended" not in seen:
+                    await anyio.wait_readable(master)
+                    seen += os.read(master, 4096)
+            emu.complete(task_id)
+            with anyio.fail_after(60):
+                await proc.wait()
+        os.close(master)
+    assert proc.returncode == 0
+    assert seen.startswith(b"\r\x1b[2K")  # a status line redrawn in place
