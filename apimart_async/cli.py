@@ -180,6 +180,8 @@ class Progress:
         self.submitted = 0
         self.counts = {"completed": 0, "failed": 0, "errored": 0, "not started": 0}
         self.replayed = 0
+        #: Errored jobs that never became a task: a re-run sends them again.
+        self.no_task = 0
         self.cost = 0.0  # this run only: replayed outcomes were paid for earlier
         self.earlier_cost = 0.0
         self.started = time.monotonic()
@@ -227,6 +229,12 @@ class Progress:
             self.ui.line(f"not started {label}: {outcome.error}", level="detail")
         else:
             error = outcome.error
+            if (
+                outcome.task_id is None
+                and not outcome.replayed
+                and not isinstance(error, (am.JournalMismatchError, am.ValidationError))
+            ):
+                self.no_task += 1
             what = type(error).__name__ if error is not None else "error"
             text = f"errored {label}: {what}: {error}{earlier}"
             self.ui.line(self.ui.paint(text, "31"), level="error")
@@ -566,6 +574,14 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ]
         if running:
             rows.append(("running", f"{running} (at the service; a resume picks them up)"))
+        if progress.no_task:
+            rows.append(
+                (
+                    "to retry",
+                    f"{progress.no_task} errored job(s) never became a task:"
+                    " re-running the same command sends them again",
+                )
+            )
         if progress.replayed:
             rows.append(("replayed", f"{progress.replayed} (finished in earlier runs)"))
         cost = f"${progress.cost:.2f}"

@@ -680,3 +680,20 @@ async def test_wait_shows_live_status_on_a_terminal() -> None:
         os.close(master)
     assert proc.returncode == 0
     assert seen.startswith(b"\r\x1b[2K")  # a status line redrawn in place
+
+
+async def test_a_refused_run_is_retried_by_running_the_same_command_again(
+    tmp_path: Path,
+) -> None:
+    async with Emulator(task_duration=0.0, balance=1.0) as emu:
+        args = ["run", str(JOBS), "-o", str(tmp_path / "o"), "--base-url", emu.base_url]
+        code, out, err = await cli(*args, key=emu.api_key)
+        assert code == 1 and "InsufficientBalanceError" in err
+        refused = int(out.split("to retry")[1].split()[0])
+        assert refused >= 1 and "re-running the same command sends them again" in out
+        emu.state.remain_balance = 100.0  # topped up
+        code, out, err = await cli(*args, key=emu.api_key)
+        assert code == 0, err
+        assert "completed   5" in out and f"replayed    {5 - refused}" in out
+        assert "ReplayedError" not in err
+        assert emu.tasks_created == 5
