@@ -697,3 +697,21 @@ async def test_a_refused_run_is_retried_by_running_the_same_command_again(
         assert "completed   5" in out and f"replayed    {5 - refused}" in out
         assert "ReplayedError" not in err
         assert emu.tasks_created == 5
+
+
+def test_quiet_verbose_and_color() -> None:
+    from apimart_async.cli import Ui
+
+    def shown(**kw: object) -> str:
+        stream = io.StringIO()
+        ui = Ui(stream=stream, **kw)  # type: ignore[arg-type]
+        ui.line("step", level="detail")
+        ui.line("note", level="info")
+        ui.line(ui.paint("bad", "31"), level="error")
+        return stream.getvalue()
+
+    assert shown(tty=False) == "step\nnote\nbad\n"
+    assert shown(tty=False, quiet=True) == "bad\n"
+    assert shown(tty=True, color="never") == "note\nbad\n"  # steps only with -v on a terminal
+    assert shown(tty=True, color="never", verbose=1) == "step\nnote\nbad\n"
+    assert shown(tty=False, color="always").endswith("\x1b[31mbad\x1b[0m\n")
