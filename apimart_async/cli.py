@@ -1112,6 +1112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.ui = ui
     handler = _LogToUi(ui)
     logger = logging.getLogger("apimart_async")
+    saved_level = logger.level
     logger.addHandler(handler)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logger.setLevel(level)
@@ -1135,6 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(saved_level)  # main() may run inside another program (or a test)
 
 
 if __name__ == "__main__":

@@ -715,3 +715,14 @@ def test_quiet_verbose_and_color() -> None:
     assert shown(tty=True, color="never") == "note\nbad\n"  # steps only with -v on a terminal
     assert shown(tty=True, color="never", verbose=1) == "step\nnote\nbad\n"
     assert shown(tty=False, color="always").endswith("\x1b[31mbad\x1b[0m\n")
+
+
+def test_main_leaves_the_sdk_logger_as_it_found_it() -> None:
+    import logging
+
+    from apimart_async import cli as cli_module
+
+    logger = logging.getLogger("apimart_async")
+    before = (logger.level, list(logger.handlers))
+    assert cli_module.main(["models", "--json", "-q"]) == 0
+    assert (logger.level, list(logger.handlers)) == before
