@@ -312,12 +312,20 @@ def _key(args: argparse.Namespace) -> str:
     return key
 
 
+def emulator_state_path(journal: Path) -> Path:
+    """Where ``run --emulate`` keeps the emulator's state: next to the journal, so Ctrl-C
+    and a re-run resume against the same tasks, as they would at the real service."""
+    return journal.parent / (journal.stem + ".emulator-state.jsonl")
+
+
 @contextlib.asynccontextmanager
-async def _client(args: argparse.Namespace) -> AsyncIterator[am.AsyncApimart]:
+async def _client(
+    args: argparse.Namespace, *, emulator_state: Path | None = None
+) -> AsyncIterator[am.AsyncApimart]:
     if args.emulate:
         if args.base_url:
             raise UsageError("--emulate and --base-url: give one or the other")
-        emu = Emulator(task_duration=(1.0, 3.0))
+        emu = Emulator(task_duration=(1.0, 3.0), state_path=emulator_state)
         async with emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
             yield client
         return
@@ -481,10 +489,6 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         journal = None
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} is a file, not a directory")
-    if args.emulate and not args.journal and journal is not None and not args.dry_run:
-        # A fresh emulator knows no earlier tasks: emulated runs start afresh.
-        for suffix in ("", "-wal", "-shm"):
-            await anyio.Path(str(journal) + suffix).unlink(missing_ok=True)
     records = await _journal_records(journal) if journal is not None else {}
     if args.dry_run:
         return _dry_run(args, jobs, records)
@@ -515,7 +519,8 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress.event(event)
         gallery.event(event)
 
-    async with _client(args) as client, gallery:
+    state = emulator_state_path(journal) if args.emulate else None
+    async with _client(args, emulator_state=state) as client, gallery:
         async with client.batch(
             items,
             concurrency=args.concurrency,
@@ -957,7 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--journal",
         metavar="PATH",
         help="journal file (default: OUT/.apimart-journal.sqlite;"
-        " with --emulate OUT/.apimart-journal-emulated.sqlite)",
+        " with --emulate OUT/.apimart-journal-emulated.sqlite, and the emulator's state"
+        " beside it, so a re-run resumes the demo too)",
     )
     run.add_argument(
         "--concurrency", type=int, default=8, metavar="N", help="submits in flight at most"

@@ -726,3 +726,49 @@ def test_main_leaves_the_sdk_logger_as_it_found_it() -> None:
     before = (logger.level, list(logger.handlers))
     assert cli_module.main(["models", "--json", "-q"]) == 0
     assert (logger.level, list(logger.handlers)) == before
+
+
+async def test_emulated_run_resumes_after_ctrl_c_as_the_readme_shows(tmp_path: Path) -> None:
+    """README: `apimart-async run examples/jobs.jsonl --emulate --out videos/`, Ctrl-C, then
+    the printed resume command: every video once, nothing submitted twice."""
+    import shlex
+
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    out = tmp_path / "videos"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("APIMART_API_KEY", None)
+    cmd = ["run", str(JOBS), "--emulate", "--out", str(out), "--grace", "0"]
+    async with await anyio.open_process(
+        [sys.executable, "-m", "apimart_async.cli", *cmd], env=env
+    ) as proc:
+        assert proc.stderr is not None
+        err = BufferedByteReceiveStream(proc.stderr)
+        with anyio.fail_after(60):
+            await err.receive_until(b"submitted ", 1 << 16)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+        rest = await read_rest(err)
+    stderr = rest.decode()
+    assert proc.returncode == 130, stderr
+    resume = stderr.split("resume with:\n")[1].splitlines()[0].strip()
+    argv = shlex.split(resume)
+    assert argv[0] == "apimart-async" and "--emulate" in argv
+    state = out / ".apimart-journal-emulated.emulator-state.jsonl"
+    assert state.exists()
+    code, stdout, stderr2 = await cli(*argv[1:])
+    assert code == 0, stderr2
+    assert sorted(p.name for p in out.glob("*.mp4")) == [
+        "apple.mp4",
+        "bear-hug.mp4",
+        "lighthouse.mp4",
+        "neon-cat.mp4",
+        "waterfall.mp4",
+    ]
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
+    # the emulator's memory: one task per job across both runs (nothing billed twice)
+    records = [json.loads(line) for line in state.read_text().splitlines()[1:]]
+    assert len({r["task"]["id"] for r in records}) == 5, records
+    assert "completed   5" in stdout
