@@ -241,6 +241,8 @@ class _Job:
     name: str | None = None
     submitted_at: float = 0.0
     journaled: bool = False
+    #: Recorded in an earlier run and sent afresh (new key, maybe a new request).
+    restart: bool = False
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -370,6 +372,7 @@ class Batch:
         cost_estimate: Callable[[VideoRequest], float | None] | None = None,
         check_balance: bool = False,
         replay_finished: bool = True,
+        retry_failed: bool = False,
         sigint_grace: float | None = None,
     ) -> None:
         _check_positive_int("concurrency", concurrency)
@@ -407,6 +410,8 @@ class Batch:
         """Whether the first error stops submitting."""
         self.replay_finished = replay_finished
         """Whether jobs finished in an earlier run are handed out again."""
+        self.retry_failed = retry_failed
+        """Whether jobs whose generation failed are submitted again (costs money)."""
         self._on_event = on_event
         if journal is None or isinstance(journal, (str, os.PathLike)):
             self._journal: Journal | None = (
@@ -585,13 +590,21 @@ class Batch:
         tg = self._tg
         if self._interrupts == 1 and tg is not None and self.sigint_grace:
             logger.warning(
-                "interrupted: no more submits; waiting up to %ss for running tasks",
+                "interrupted: no new job will be submitted; following %d running task(s) for"
+                " up to %gs (Ctrl-C again stops at once); what is left is kept for a resume",
+                len(self._jobs) + len(self._submitting),
                 self.sigint_grace,
             )
             tg.start_soon(functools.partial(self.stop, grace=self.sigint_grace))
             self._stopped = self._stopped or "interrupted"
             return
         self._stopped = self._stopped or "interrupted"
+        if self._jobs or self._submitting:
+            logger.warning(
+                "interrupted: stopping now; %d task(s) still running at the service are"
+                " picked up by a resume",
+                len(self._jobs) + len(self._submitting),
+            )
         poller = self._client._poller
         for task_id in list(self._jobs):
             poller.unwatch(task_id, self._on_done)
@@ -751,14 +764,16 @@ class Batch:
                     self._emit(_outcome(index, request, error=clash, name=name))
                     continue
                 record = self._records.pop(index, None)
-                if record is not None:
+                afresh = record is not None and self._afresh(record)
+                if record is not None and not afresh:
                     fingerprint = request.fingerprint()
                     if record.fingerprint != fingerprint:
+                        # This job may have a task for the old request: leave it alone,
+                        # report it, go on with the others.
                         mismatch = JournalMismatchError(index, record.fingerprint, fingerprint)
                         self._errored += 1
                         self._emit(_outcome(index, request, error=mismatch, name=name))
-                        self._stop(str(mismatch))
-                        break
+                        continue
                     if self._resume(record, request, name):
                         continue
                 verdict = await self._admit(index, request)
@@ -777,8 +792,10 @@ class Batch:
                     stopped = BatchStoppedError(f"job {index} not submitted: {reason}")
                     self._emit(_outcome(index, request, error=stopped, name=name))
                     break
-                key = record.idempotency_key if record is not None else new_idempotency_key()
-                job = _Job(index, request, key, name, journaled=record is not None)
+                if record is not None and not afresh:
+                    job = _Job(index, request, record.idempotency_key, name, journaled=True)
+                else:
+                    job = _Job(index, request, new_idempotency_key(), name, restart=afresh)
                 self._sched.started()
                 self._submitting[index] = job
                 self._to_submit.send_nowait(job)
@@ -803,6 +820,19 @@ class Batch:
             return None
         rule = f"gives the same file name as job {first} ({stem}.mp4); names must differ"
         return ValidationError([FieldError(f"requests[{index}].name", rule, name)])
+
+    def _afresh(self, record: JobRecord) -> bool:
+        """Whether a recorded job is submitted again as a new task, with a fresh key and the
+        request as it reads now: its submit was refused (no task exists), or its generation
+        failed and ``retry_failed`` asks for another go."""
+        if record.state == "refused":
+            return True
+        return (
+            self.retry_failed
+            and record.state == "done"
+            and record.task is not None
+            and record.status in ("failed", "cancelled")
+        )
 
     def _resume(self, record: JobRecord, request: VideoRequest, name: str | None) -> bool:
         """Pick up a job recorded in an earlier run. False: it still has to be (re)submitted
@@ -903,33 +933,30 @@ class Batch:
         try:
             if self._journal is not None and not job.journaled:
                 body = job.request.to_body()
-                await self._journal.add(
-                    job.index, job.request.fingerprint(), job.key, job.name, body
-                )
+                record = self._journal.restart if job.restart else self._journal.add
+                await record(job.index, job.request.fingerprint(), job.key, job.name, body)
                 job.journaled = True
             task_id = await self._client.videos.submit(job.request, idempotency_key=job.key)
         except ApimartError as exc:
-            self._submitting.pop(job.index, None)
             self._sched.submitted(ok=False)
             if self._budget is not None:
                 self._budget.settle(job.index, job.request, None)
-            self._errored += 1
             outcome = _outcome(
                 job.index, job.request, error=exc, idempotency_key=job.key, name=job.name
             )
-            if self._journal is not None and job.journaled and _definitive(exc):
-                await self._journal.finish(
-                    job.index,
-                    status="error",
-                    cost=None,
-                    task=None,
-                    files=(),
-                    error=str(exc),
-                    error_type=type(exc).__name__,
-                )
-                await self._write_manifest(outcome, "error")
-            elif self._journal is None:
-                await self._write_manifest(outcome, "error")
+            # The job stays in _submitting until its outcome is sent: while it awaits the
+            # journal and the manifest, no other job may close the stream under it.
+            with anyio.CancelScope(shield=True):
+                if self._journal is None:
+                    await self._write_manifest(outcome, "error")
+                elif job.journaled and _definitive(exc):
+                    # No task exists: the next run submits the job again, with a fresh key.
+                    await self._journal.refused(
+                        job.index, error=str(exc), error_type=type(exc).__name__
+                    )
+                    await self._write_manifest(outcome, "error")
+            self._submitting.pop(job.index, None)
+            self._errored += 1
             self._emit(outcome)
             self._event("errored", job.index, error=exc)
             if isinstance(exc, ClientClosedError):

@@ -318,6 +318,7 @@ class AsyncApimart:
         cost_estimate: Callable[[VideoRequest], float | None] | None = None,
         check_balance: bool = False,
         replay_finished: bool = True,
+        retry_failed: bool = False,
         sigint_grace: float | None = None,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
@@ -352,6 +353,8 @@ class AsyncApimart:
             check_balance: ask ``balance()`` first and refuse to start if nothing can be paid.
             replay_finished: with a journal, hand out the outcomes of jobs finished in earlier
                 runs again (``Outcome.replayed``); False skips them.
+            retry_failed: with a journal, submit again (as new, billed tasks) the jobs whose
+                generation failed in an earlier run. Off by default: it costs money.
             sigint_grace: handle Ctrl-C while the batch runs (main thread only): the first
                 stops submitting and follows running tasks for this many seconds, the second
                 ends the iteration at once; ``results.interrupted`` tells. The journal keeps
@@ -379,6 +382,7 @@ class AsyncApimart:
             cost_estimate=cost_estimate,
             check_balance=check_balance,
             replay_finished=replay_finished,
+            retry_failed=retry_failed,
             sigint_grace=sigint_grace,
         )
 

@@ -1,11 +1,17 @@
 """Reading a jobs file (JSONL or CSV) into requests, with every bad line reported by number.
 
-JSONL: one JSON object per line, the fields of ``VideoRequest`` (unknown keys go to
-``extra``) and an optional ``name``. Blank lines and lines starting with ``#`` are skipped.
+JSONL: one JSON object per line, the fields of ``VideoRequest``, an optional ``name`` (the
+file name of the video) and an optional ``extra`` object (fields this SDK does not model,
+sent as given). For a model this SDK knows, any other key is an error ("did you mean ...");
+for other models, other keys are sent as extra fields. Blank lines and lines starting with
+``#`` are skipped.
 
 CSV: a header row naming the same fields; list fields (``image_urls``, ``video_urls``) hold
 URLs separated by ``|``; ``duration`` and ``seed`` are integers; other columns are sent as
 written (numbers and true/false as such). Empty cells are left unset.
+
+A model name a small edit away from a known one (``sora2-preview``) is an error unless
+``allow_unknown_model``. Line numbers in errors start at 1.
 """
 
 from __future__ import annotations
@@ -15,15 +21,16 @@ import functools
 import io
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ._errors import ApimartError, ApimartWarning, ValidationError
+from ._errors import ApimartError, ApimartWarning, FieldError, ValidationError
 from ._json import is_object
-from ._models import VideoRequest
+from ._models import _TYPED_FIELDS, VideoRequest
+from ._specs import MODEL_SPECS
 
 __all__ = ["JobLine", "JobsFileError", "read_jobs"]
 
@@ -54,15 +61,65 @@ class JobsFileError(ApimartError, ValueError):
     def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
         self.path = path
         self.problems = problems
-        head = "\n".join(f"{path}:{n}: {msg}" for n, msg in problems[:50])
+        head = "\n".join(
+            f"{path}:{n}: {msg}" if n else f"{path}: {msg}" for n, msg in problems[:50]
+        )
         more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(head + more)
 
 
-def _request(data: Any) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
+_KNOWN_KEYS = ("model", "name", "extra", *_TYPED_FIELDS)
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein edit distance (insert, delete, substitute)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _closest(word: str, options: Iterable[str], *, within: int = 2) -> str | None:
+    best = min(options, key=lambda o: _distance(word.lower(), o.lower()), default=None)
+    if best is None or _distance(word.lower(), best.lower()) > within:
+        return None
+    return best
+
+
+def _check_keys(data: dict[str, Any], allow_unknown_model: bool) -> None:
+    model = data.get("model")
+    if not isinstance(model, str):
+        return  # VideoRequest names the rule
+    if model not in MODEL_SPECS:
+        near = _closest(model, MODEL_SPECS)
+        if near is not None and not allow_unknown_model:
+            raise ValueError(
+                f"model: unknown model {model!r}; did you mean {near!r}?"
+                " (--allow-unknown-model sends it as written)"
+            )
+        return  # a model this SDK does not know: other keys go out as its extra fields
+    problems = []
+    for key in (k for k in data if k not in _KNOWN_KEYS):
+        near = _closest(key, [k for k in _KNOWN_KEYS if k != "extra"], within=3)
+        hint = f"did you mean {near!r}? " if near else ""
+        rule = f"{model} takes no such field ({hint}fields this SDK does not model go in extra)"
+        problems.append(FieldError(key, rule, has_value=False))
+    if problems:
+        raise ValidationError(problems)
+    if "extra" in data and not isinstance(data["extra"], dict):
+        raise ValidationError([FieldError("extra", "must be a JSON object", data["extra"])])
+
+
+def _request(
+    data: Any, allow_unknown_model: bool = False
+) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
     if not is_object(data):
         raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")
     data = dict(data)
+    _check_keys(data, allow_unknown_model)
     name = data.pop("name", None)
     if name is not None and not isinstance(name, str):
         raise ValueError("name: must be a string")
@@ -100,8 +157,11 @@ def _csv_value(key: str, text: str) -> Any:
         return text
 
 
-def read_jobs(path: str | Path) -> list[JobLine]:
-    """Every job of the file, or JobsFileError listing every bad line (nothing is sent)."""
+def read_jobs(path: str | Path, *, allow_unknown_model: bool = False) -> list[JobLine]:
+    """Every job of the file, or JobsFileError listing every bad line (nothing is sent).
+
+    ``allow_unknown_model``: send a model name close to a known one (``sora2-preview``)
+    as written instead of refusing it as a likely typo."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -144,7 +204,13 @@ def read_jobs(path: str | Path) -> list[JobLine]:
                 problems.append((n, "more cells than header columns"))
                 continue
             data = {k: _csv_value(k, v) for k, v in row.items() if k and v not in ("", None)}
-            add(n, functools.partial(_request, data))
+            if "extra" in data and isinstance(data["extra"], str):
+                try:
+                    data["extra"] = json.loads(data["extra"])
+                except ValueError:
+                    problems.append((n, "extra: must be a JSON object"))
+                    continue
+            add(n, functools.partial(_request, data, allow_unknown_model))
     else:
         for n, raw_line in enumerate(raw.split(b"\n"), start=1):
             stripped = raw_line.strip()
@@ -164,7 +230,7 @@ def read_jobs(path: str | Path) -> list[JobLine]:
                     data = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
-                return _request(data)
+                return _request(data, allow_unknown_model)
 
             add(n, build)
     if problems:

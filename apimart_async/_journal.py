@@ -5,11 +5,20 @@ One row per job, moving through these states, each committed before the step it 
     submitting  the idempotency key is stored; the POST may or may not have reached the service
     pending     the task id is known; the task runs at the service
     downloading the task completed (its JSON is stored); files are not all on disk yet
-    done        the outcome is final (completed with files, failed, or a definitive error)
+    refused     the service refused the submit in a way that proves no task exists (a 4xx
+                other than 408/409/429, or a local validation error)
+    done        the outcome is final (completed with files, failed, or the task vanished)
 
-Resuming reads the rows: ``done`` jobs are replayed (never resubmitted), ``downloading`` ones
-fetch what is missing, ``pending`` ones are re-attached by task id (no POST), ``submitting``
-ones are sent again with the SAME idempotency key (the service returns the original task).
+Resuming reads the rows: ``done`` jobs are replayed (never resubmitted; with ``retry_failed``
+a failed generation is submitted again, as a new task), ``downloading`` ones fetch what is
+missing, ``pending`` ones are re-attached by task id (no POST), ``submitting`` ones are sent
+again with the SAME idempotency key (the service returns the original task), and ``refused``
+ones are sent again with a FRESH key (no task exists; a service may cache a refusal by key).
+A job sent afresh is ``restart``-ed: its row gets the new key and request, state
+``submitting``.
+
+Schema 2 added ``refused``; a schema 1 file is migrated when opened (its refused submits were
+stored as ``done`` with status ``error`` and no task id).
 
 ``Journal`` is the interface the batch engine uses; ``SqliteJournal`` is the default store
 (standard library sqlite3 in WAL mode, all calls on one worker thread so the event loop never
@@ -33,8 +42,8 @@ from ._models import DownloadedFile
 
 __all__ = ["JobRecord", "Journal", "JournalError", "JournalMismatchError", "SqliteJournal"]
 
-JobState = Literal["submitting", "pending", "downloading", "done"]
-SCHEMA_VERSION = 1
+JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
+SCHEMA_VERSION = 2
 
 
 class JournalError(ApimartError):
@@ -112,6 +121,18 @@ class Journal(Protocol):
 
     async def set_downloading(self, index: int, task: dict[str, Any], cost: float | None) -> None:
         """The task completed; its files are still to be fetched."""
+        ...
+
+    async def refused(self, index: int, *, error: str, error_type: str) -> None:
+        """The submit was refused and no task exists (state ``refused``): a later run sends
+        the job again."""
+        ...
+
+    async def restart(
+        self, index: int, fingerprint: str, key: str, name: str | None, body: dict[str, Any]
+    ) -> None:
+        """Send a recorded job afresh (refused, failed with ``retry_failed``, or changed
+        before it became a task): new key and request, state ``submitting``, the rest cleared."""
         ...
 
     async def finish(
@@ -235,6 +256,15 @@ class SqliteJournal(Journal):
                 raise JournalError(
                     f"{self.path} was written by a newer apimart-async (schema {row[0]})"
                 )
+            elif int(row[0]) == 1:
+                # Schema 1 stored a refused submit as a final error with no task id.
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "UPDATE jobs SET state='refused' WHERE state='done' AND task_id IS NULL"
+                    " AND status='error'"
+                )
+                conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
+                conn.execute("COMMIT")
             rows = conn.execute(_SELECT).fetchall()
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
@@ -313,6 +343,25 @@ class SqliteJournal(Journal):
             "UPDATE jobs SET state='downloading', status='completed', task=?, cost=?, updated_at=?"
             " WHERE idx=?",
             (json.dumps(task), cost, time.time(), index),
+        )
+
+    async def refused(self, index: int, *, error: str, error_type: str) -> None:
+        await self._run(
+            self._write,
+            "UPDATE jobs SET state='refused', status='error', error=?, error_type=?,"
+            " updated_at=? WHERE idx=?",
+            (error, error_type, time.time(), index),
+        )
+
+    async def restart(
+        self, index: int, fingerprint: str, key: str, name: str | None, body: dict[str, Any]
+    ) -> None:
+        await self._run(
+            self._write,
+            "UPDATE jobs SET fingerprint=?, idempotency_key=?, name=?, body=?,"
+            " state='submitting', task_id=NULL, status=NULL, cost=NULL, error=NULL,"
+            " error_type=NULL, task=NULL, files=NULL, updated_at=? WHERE idx=?",
+            (fingerprint, key, name, json.dumps(body, sort_keys=True), time.time(), index),
         )
 
     async def finish(

@@ -156,8 +156,10 @@ class Budget:
 
     Committed money = known costs of finished jobs + an estimate for every job submitted and
     not yet finished. A job's estimate comes from ``estimate(request)`` if given, else from
-    what the same kind of job (model, duration, resolution) cost before; for a kind never seen,
-    one probe job runs alone until its cost is known. ``batch.budget`` is the batch's.
+    what the same kind of job (model, duration, resolution) cost before. A job of a kind never
+    seen is a price probe: one probe at a time across all kinds, each admitted only if the
+    worst price known so far still fits (the very first runs on its own; without
+    ``estimate`` nothing tells its price before it ends). ``batch.budget`` is the batch's.
     """
 
     def __init__(
@@ -197,9 +199,11 @@ class Budget:
         the price), or "over" (it cannot fit even when everything in flight is settled)."""
         est = self.estimate(request)
         if est is None:
-            if self._probing.get(self.kind(request)):
+            # A probe: the first job of its kind teaches the price. One probe at a time
+            # across all kinds, admitted only if the worst price known so far still fits.
+            if any(self._probing.values()):
                 return "wait", 0.0
-            est = 0.0  # a probe: the first job of its kind teaches the price
+            est = max(self._learned.values(), default=0.0)
         if self.committed + est <= self.max_cost + 1e-9:
             return "ok", est
         if self._reserved:

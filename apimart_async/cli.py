@@ -1,7 +1,9 @@
 """``apimart-async``: the command line, built on the public API only.
 
-Exit codes: 0 all succeeded, 1 some jobs failed, 2 bad input or usage, 130 interrupted.
-The API key comes from ``--api-key`` or ``APIMART_API_KEY`` and is never printed.
+Exit codes: 0 everything completed, 1 some jobs failed or errored, 2 bad input or usage,
+130 interrupted with work left (the summary prints the command that resumes it).
+The API key comes from ``APIMART_API_KEY``, ``--api-key-file PATH``, ``--api-key -`` (stdin)
+or ``--api-key KEY``, and is never printed: a resume line names ``APIMART_API_KEY`` instead.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shlex
 import sys
 import time
 import webbrowser
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,62 +30,229 @@ from apimart_async.emulator import Emulator
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+JOBS_SCHEMA = """\
+jobs file:
+  JSONL  one JSON object per line (blank lines and lines starting with # are skipped):
+           {"name": "neon-cat", "model": "sora-2-preview", "prompt": "a neon cat",
+            "duration": 8, "aspect_ratio": "portrait"}
+         keys: model (required), name (file name of the video; default: the line's index),
+         prompt, image_urls, video_urls, duration, resolution, aspect_ratio, seed,
+         extend_from_task_id, webhook, and extra: {...} for fields this SDK does not model
+         (sent as given). For a model listed by `apimart-async models`, any other key is an
+         error ("did you mean ..."); for other models, other keys are sent as written.
+  CSV    a header row with the same names; image_urls and video_urls hold URLs separated
+         by |; duration and seed are integers; extra holds a JSON object; empty cells are
+         left unset.
+  A model name within 2 edits of a known one is refused as a likely typo unless
+  --allow-unknown-model. Errors name the file and the 1-based line: jobs.jsonl:3: ...
+"""
+
+RUN_EPILOG = (
+    JOBS_SCHEMA
+    + """
+outcomes: completed (video ready), failed (the service ran it and the generation failed),
+errored (it never ran to the end here: refused, lost, timed out, download failed),
+not started (stopped before its turn: Ctrl-C, --max-cost).
+Re-running the same command resumes: nothing finished is paid for twice, refused submits are
+sent again, --retry-failed also resubmits failed generations (billed again).
+"""
+)
+
+KEY_HELP = (
+    "no API key: set APIMART_API_KEY, or pass --api-key-file PATH or --api-key - (read from"
+    " stdin); --emulate runs against the built-in emulator, --base-url points at a running"
+    " `apimart-async emulator`"
+)
+
 
 class UsageError(Exception):
     pass
 
 
-# -- progress -----------------------------------------------------------------------------------
+# -- output ---------------------------------------------------------------------------------
+
+
+class Ui:
+    """Where and how things are printed: a live line on a terminal (stderr), plain lines
+    elsewhere; ``-q`` keeps only errors and the summary, ``-v`` adds every step."""
+
+    def __init__(
+        self,
+        *,
+        stream: TextIO,
+        quiet: bool = False,
+        verbose: int = 0,
+        progress: bool = True,
+        color: str = "auto",
+        tty: bool | None = None,
+    ) -> None:
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.quiet = quiet
+        self.verbose = verbose
+        self.live = self.tty and progress
+        if color == "auto":
+            self.color = self.tty and not os.environ.get("NO_COLOR")
+        else:
+            self.color = color == "always"
+        self._status = ""
+        self._last = 0.0
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+    def line(self, text: str, *, level: str = "info") -> None:
+        """A line above the live status. ``level``: error (always), info (not with -q),
+        detail (off a terminal, or with -v)."""
+        if level == "info" and self.quiet:
+            return
+        if level == "detail" and (self.quiet or (self.live and not self.verbose)):
+            return
+        if self.live and self._status:
+            self.stream.write("\r\x1b[2K")
+        self.stream.write(text + "\n")
+        if self.live and self._status:
+            self.stream.write(self._status)
+        self.stream.flush()
+
+    def status(self, text: str, *, force: bool = False) -> None:
+        if not self.live:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        self._status = text
+        self.stream.write("\r\x1b[2K" + text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live and self._status:
+            self.stream.write("\r\x1b[2K" + self._status + "\n")
+            self.stream.flush()
+            self._status = ""
+
+
+class _LogToUi(logging.Handler):
+    """The SDK's log records (a Ctrl-C notice, retries with -v) as lines above the bar."""
+
+    def __init__(self, ui: Ui) -> None:
+        super().__init__()
+        self.ui = ui
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad record never breaks the run
+            return
+        level = "error" if record.levelno >= logging.WARNING else "info"
+        self.ui.line(f"{record.levelname.lower()}: {text}", level=level)
+
+
+def outcome_kind(outcome: am.Outcome) -> str:
+    """One vocabulary everywhere: completed, failed, errored, not started."""
+    if outcome.ok:
+        return "completed"
+    if isinstance(outcome.error, am.TaskFailedError):
+        return "failed"
+    if isinstance(outcome.error, am.BatchStoppedError):
+        return "not started"
+    return "errored"
 
 
 class Progress:
-    """A live bar on a terminal; plain lines, one per event, anywhere else."""
+    """Counts of one run, a live bar on a terminal, and a line per job event."""
 
-    def __init__(self, total: int, stream: TextIO, *, tty: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO,
+        *,
+        tty: bool | None = None,
+        ui: Ui | None = None,
+        labels: Callable[[int, str | None], str] | None = None,
+        emit_json: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.total = total
-        self.stream = stream
-        self.tty: bool = stream.isatty() if tty is None else tty
-        self.submitted: int = 0
-        self.completed: int = 0
-        self.failed: int = 0
-        self.errored: int = 0
-        self.cost: float = 0.0
-        self.started: float = time.monotonic()
-        self._last_draw = 0.0
+        self.ui = ui or Ui(stream=stream, tty=tty)
+        self.labels = labels or (lambda index, name: name or f"job {index}")
+        self.emit_json = emit_json
+        self.submitted = 0
+        self.counts = {"completed": 0, "failed": 0, "errored": 0, "not started": 0}
+        self.replayed = 0
+        #: Errored jobs that never became a task: a re-run sends them again.
+        self.no_task = 0
+        self.cost = 0.0  # this run only: replayed outcomes were paid for earlier
+        self.earlier_cost = 0.0
+        self.started = time.monotonic()
+
+    @property
+    def completed(self) -> int:
+        return self.counts["completed"]
 
     @property
     def done(self) -> int:
-        return self.completed + self.failed + self.errored
+        return sum(self.counts.values())
 
     def event(self, event: am.BatchEvent) -> None:
         if event.kind == "submitted":
             self.submitted += 1
-            self._line(f"submitted job {event.index} as {event.task_id}")
-        elif event.kind == "progress":
-            self._draw()
+            label = self.labels(event.index, None)
+            self.ui.line(f"submitted {label} as {event.task_id}", level="detail")
+            if self.emit_json is not None:
+                self.emit_json(
+                    {"event": "submitted", "index": event.index, "task_id": event.task_id}
+                )
+        self.draw()
 
     def outcome(self, outcome: am.Outcome) -> None:
-        if outcome.task is not None and outcome.task.cost:
-            self.cost += outcome.task.cost
-        label = outcome.name or f"job {outcome.index}"
-        if outcome.ok:
-            self.completed += 1
+        kind = outcome_kind(outcome)
+        self.counts[kind] += 1
+        cost = outcome.task.cost if outcome.task is not None and outcome.task.cost else 0.0
+        if outcome.replayed:
+            self.replayed += 1
+            self.earlier_cost += cost
+        else:
+            self.cost += cost
+        label = self.labels(outcome.index, outcome.name)
+        earlier = " (earlier run)" if outcome.replayed else ""
+        if kind == "completed":
             files = " ".join(f.path for f in outcome.files)
-            self._line(f"completed {label} {outcome.task_id} {files}".rstrip())
-        elif isinstance(outcome.error, am.TaskFailedError):
-            self.failed += 1
-            self._line(f"failed {label} {outcome.task_id}: {outcome.error}")
+            text = f"completed {label} {outcome.task_id} {files}".rstrip() + earlier
+            self.ui.line(self.ui.paint(text, "32") if not earlier else text, level="detail")
+        elif kind == "failed":
+            task_error = outcome.task.error if outcome.task is not None else None
+            reason = task_error.message if task_error is not None else str(outcome.error)
+            text = f"failed {label} {outcome.task_id}: {reason}{earlier}"
+            self.ui.line(self.ui.paint(text, "31"), level="error")
+        elif kind == "not started":
+            self.ui.line(f"not started {label}: {outcome.error}", level="detail")
         else:
-            self.errored += 1
-            self._line(f"error {label}: {type(outcome.error).__name__}: {outcome.error}")
-        self._draw(force=True)
-
-    def _line(self, text: str) -> None:
-        if not self.tty:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-        else:
-            self._draw()
+            error = outcome.error
+            if (
+                outcome.task_id is None
+                and not outcome.replayed
+                and not isinstance(error, (am.JournalMismatchError, am.ValidationError))
+            ):
+                self.no_task += 1
+            what = type(error).__name__ if error is not None else "error"
+            text = f"errored {label}: {what}: {error}{earlier}"
+            self.ui.line(self.ui.paint(text, "31"), level="error")
+        if self.emit_json is not None:
+            self.emit_json(
+                {
+                    "event": kind.replace(" ", "_"),
+                    "index": outcome.index,
+                    "name": outcome.name,
+                    "task_id": outcome.task_id,
+                    "cost": outcome.task.cost if outcome.task is not None else None,
+                    "files": [f.path for f in outcome.files],
+                    "error": str(outcome.error) if outcome.error is not None else None,
+                    "error_type": type(outcome.error).__name__ if outcome.error else None,
+                    "replayed": outcome.replayed,
+                }
+            )
+        self.draw(force=True)
 
     def bar(self) -> str:
         width = 24
@@ -92,46 +262,70 @@ class Progress:
         if 0 < self.done < self.total:
             secs = int(elapsed / self.done * (self.total - self.done))
             eta = f" ETA {secs // 60}:{secs % 60:02d}"
-        running = max(0, self.submitted - self.done)
+        running = max(0, self.submitted - (self.done - self.replayed - self.counts["not started"]))
+        c = self.counts
         return (
             f"[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} "
-            f"submitted {self.submitted} running {running} done {self.completed} "
-            f"failed {self.failed + self.errored} ${self.cost:.2f}{eta}"
+            f"running {running} completed {c['completed']} failed {c['failed']} "
+            f"errored {c['errored']} ${self.cost:.2f}{eta}"
         )
 
-    def _draw(self, force: bool = False) -> None:
-        if not self.tty:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        self.stream.write("\r\x1b[2K" + self.bar())
-        self.stream.flush()
+    def draw(self, force: bool = False) -> None:
+        self.ui.status(self.bar(), force=force)
 
     def close(self) -> None:
-        if self.tty:
-            self._draw(force=True)
-            self.stream.write("\n")
-            self.stream.flush()
+        self.draw(force=True)
+        self.ui.close()
 
 
 # -- helpers --------------------------------------------------------------------------------
 
 
+def _read_key(args: argparse.Namespace) -> str | None:
+    if getattr(args, "_key", None) is not None:
+        return str(args._key)
+    key: str | None
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise UsageError(
+                f"--api-key-file: cannot read {args.api_key_file} ({reason})"
+            ) from None
+        if not key:
+            raise UsageError(f"--api-key-file: {args.api_key_file} is empty")
+    elif args.api_key == "-":
+        key = sys.stdin.readline().strip()
+        if not key:
+            raise UsageError("--api-key -: no key on standard input")
+    else:
+        key = args.api_key or os.environ.get("APIMART_API_KEY")
+    args._key = key
+    return key
+
+
 def _key(args: argparse.Namespace) -> str:
-    key = args.api_key or os.environ.get("APIMART_API_KEY")
+    key = _read_key(args)
     if not key:
-        raise UsageError("no API key: pass --api-key or set APIMART_API_KEY (or use --emulate)")
-    return str(key)
+        raise UsageError(KEY_HELP)
+    return key
+
+
+def emulator_state_path(journal: Path) -> Path:
+    """Where ``run --emulate`` keeps the emulator's state: next to the journal, so Ctrl-C
+    and a re-run resume against the same tasks, as they would at the real service."""
+    return journal.parent / (journal.stem + ".emulator-state.jsonl")
 
 
 @contextlib.asynccontextmanager
 async def _client(
-    args: argparse.Namespace, emulate: bool = False
+    args: argparse.Namespace, *, emulator_state: Path | None = None
 ) -> AsyncGenerator[am.AsyncApimart, None]:
-    if emulate:
-        emu = Emulator(task_duration=(1.0, 3.0))
+    if args.emulate:
+        if args.base_url:
+            raise UsageError("--emulate and --base-url: give one or the other")
+        emu = Emulator(task_duration=(1.0, 3.0), state_path=emulator_state)
         async with emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
             yield client
         return
@@ -140,32 +334,138 @@ async def _client(
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, ensure_ascii=False, indent=None))
+    print(json.dumps(data, ensure_ascii=False, indent=None), flush=True)
 
 
 def _task_dict(task: am.Task) -> dict[str, Any]:
     return {
         "id": task.id,
-        "status": task.status.value
+        "status": str(task.status.value)
         if task.status is not am.TaskStatus.UNKNOWN
         else task.raw_status,
         "progress": task.progress,
         "cost": task.cost,
-        "video_urls": task.video_urls,
+        "video_urls": list(task.video_urls),
         "error": task.error.message if task.error else None,
     }
 
 
-def _resume_command(argv: Sequence[str]) -> str:
-    return "apimart-async " + " ".join(shlex.quote(a) for a in argv)
+def _missing_dict(task_id: str) -> dict[str, Any]:
+    return {"id": task_id, "status": "not_found", "error": "does not exist or has expired"}
+
+
+_SECRET_FLAGS = ("--api-key",)
+
+
+def resume_command(argv: Sequence[str]) -> list[str]:
+    """The command line that resumes a run, without the key: ``--api-key KEY`` and
+    ``--api-key=KEY`` are left out (the user exports APIMART_API_KEY instead)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _SECRET_FLAGS:
+            skip = True
+            continue
+        if any(arg.startswith(flag + "=") for flag in _SECRET_FLAGS):
+            continue
+        out.append(arg)
+    return ["apimart-async", *out]
+
+
+def _resume_text(argv: Sequence[str], args: argparse.Namespace) -> str:
+    line = " ".join(shlex.quote(a) for a in resume_command(argv))
+    if args.emulate:
+        return line
+    if args.api_key and not args.api_key_file:
+        return (
+            f"{line}\n  (set APIMART_API_KEY to your key first;"
+            " a key given as a flag is not repeated)"
+        )
+    if args.api_key_file:
+        return line
+    return f"{line}\n  (with APIMART_API_KEY set as it is now)"
+
+
+def _label_for(jobs: Sequence[am.JobLine]) -> Callable[[int, str | None], str]:
+    def label(index: int, name: str | None) -> str:
+        if 0 <= index < len(jobs):
+            job = jobs[index]
+            return job.name or f"line {job.line}"
+        return name or f"job {index}"
+
+    return label
+
+
+def _kind(request: am.VideoRequest) -> tuple[Any, ...]:
+    return (request.model, request.duration, request.resolution)
+
+
+def _kind_text(kind: tuple[Any, ...]) -> str:
+    model, duration, resolution = kind
+    parts = [model] + ([f"{duration} s"] if duration else []) + ([resolution] if resolution else [])
+    return " ".join(parts)
+
+
+async def _journal_records(path: Path) -> dict[int, am.JobRecord]:
+    if not await anyio.Path(path).is_file():
+        return {}
+    journal = am.SqliteJournal(path)
+    try:
+        return await journal.open()
+    finally:
+        await journal.close()
+
+
+def _estimate(
+    jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord], indexes: Sequence[int]
+) -> tuple[float, list[tuple[Any, ...]]]:
+    """Estimated cost of ``indexes`` from the prices the journal has seen (the SDK has no
+    price list): the sum for kinds of known price and the kinds of unknown price."""
+    prices: dict[tuple[Any, ...], float] = {}
+    for rec in records.values():
+        if rec.cost and 0 <= rec.index < len(jobs):
+            request = jobs[rec.index].request
+            if rec.fingerprint == request.fingerprint():
+                k = _kind(request)
+                prices[k] = max(prices.get(k, 0.0), rec.cost)
+    total = 0.0
+    unknown: list[tuple[Any, ...]] = []
+    for i in indexes:
+        k = _kind(jobs[i].request)
+        if k in prices:
+            total += prices[k]
+        elif k not in unknown:
+            unknown.append(k)
+    return total, unknown
+
+
+def _cost_text(total: float, unknown: list[tuple[Any, ...]]) -> str:
+    if not unknown:
+        return f"${total:.2f}"
+    kinds = ", ".join(_kind_text(k) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+    known = f"${total:.2f} plus " if total else ""
+    return f"{known}unknown (no price seen yet for {kinds}; --max-cost caps the spend)"
+
+
+def _check_out(out: Path, flag: str = "--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag}: {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot create {out} ({exc.strerror})") from None
 
 
 # -- commands -------------------------------------------------------------------------------
 
 
 async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    ui = args.ui
     try:
-        jobs = am.read_jobs(args.jobs)
+        jobs = am.read_jobs(args.jobs, allow_unknown_model=args.allow_unknown_model)
     except am.JobsFileError as exc:
         print(
             f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
@@ -175,23 +475,43 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return EXIT_USAGE
     for job in jobs:
         for note in job.warnings:
-            print(f"warning: {args.jobs}:{job.line}: {note}", file=sys.stderr)
+            ui.line(f"warning: {args.jobs}:{job.line}: {note}", level="error")
+    if args.out is None and not args.dry_run:
+        raise UsageError("-o/--out DIR is required (where the videos, manifest and journal go)")
+    out = Path(args.out) if args.out is not None else None
+    if args.journal:
+        journal: Path | None = Path(args.journal)
+    elif out is not None:
+        journal = out / (
+            ".apimart-journal-emulated.sqlite" if args.emulate else ".apimart-journal.sqlite"
+        )
+    else:
+        journal = None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is a file, not a directory")
+    records = await _journal_records(journal) if journal is not None else {}
     if args.dry_run:
-        models: dict[str, int] = {}
-        for job in jobs:
-            models[job.request.model] = models.get(job.request.model, 0) + 1
-        print(f"{len(jobs)} job(s) valid; nothing submitted (--dry-run)")
-        for model, count in sorted(models.items()):
-            print(f"  {model}: {count}")
-        return EXIT_OK
-    out = Path(args.out)
-    journal = Path(args.journal) if args.journal else out / ".apimart-journal.sqlite"
-    if args.emulate and not args.journal:
-        # A fresh emulator knows no earlier tasks: emulated runs start afresh.
-        journal = out / ".apimart-journal-emulated.sqlite"
-        for suffix in ("", "-wal", "-shm"):
-            await anyio.Path(str(journal) + suffix).unlink(missing_ok=True)
-    progress = Progress(len(jobs), sys.stderr)
+        return _dry_run(args, jobs, records)
+    assert out is not None
+    assert journal is not None
+    _check_out(out)
+    retry_note = ""
+    if args.retry_failed:
+        failed = [
+            r.index
+            for r in records.values()
+            if r.state == "done"
+            and r.status in ("failed", "cancelled")
+            and 0 <= r.index < len(jobs)
+            and r.fingerprint == jobs[r.index].request.fingerprint()
+        ]
+        if failed:
+            total, unknown = _estimate(jobs, records, failed)
+            cost = _cost_text(total, unknown)
+            retry_note = f"{len(failed)} failed job(s) submitted again, estimated {cost}"
+            ui.line(f"--retry-failed: {retry_note}", level="info")
+    emit_json = _print_json if args.as_json else None
+    progress = Progress(len(jobs), sys.stderr, ui=ui, labels=_label_for(jobs), emit_json=emit_json)
     items = [(j.name, j.request) if j.name else j.request for j in jobs]
     gallery = report.LiveGallery(out, [(j.name, j.request) for j in jobs])
 
@@ -199,7 +519,8 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         progress.event(event)
         gallery.event(event)
 
-    async with _client(args, emulate=args.emulate) as client, gallery:
+    state = emulator_state_path(journal) if args.emulate else None
+    async with _client(args, emulator_state=state) as client, gallery:
         async with client.batch(
             items,
             concurrency=args.concurrency,
@@ -208,26 +529,82 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             journal=journal,
             download_dir=out,
             sigint_grace=args.grace,
+            retry_failed=args.retry_failed,
             on_event=on_event,
         ) as results:
             async for outcome in results:
+                if isinstance(outcome.error, am.JournalMismatchError):
+                    line = jobs[outcome.index].line if outcome.index < len(jobs) else "?"
+                    ui.line(
+                        f"error: {args.jobs}:{line}: this line changed since the journal"
+                        " recorded it, and its job already has a task; restore the line, or"
+                        " use another --journal to run it as a new job",
+                        level="error",
+                    )
                 progress.outcome(outcome)
                 gallery.outcome(outcome)
         progress.close()
-        stats = results.stats()
-    print(
-        f"\n{'jobs':<12}{len(jobs)}\n{'completed':<12}{progress.completed}\n"
-        f"{'failed':<12}{progress.failed}\n{'errors':<12}{progress.errored}\n"
-        f"{'cost':<12}${stats.cost:.2f}\n{'files':<12}{out}\n"
-        f"{'manifest':<12}{out / 'manifest.jsonl'}\n{'journal':<12}{journal}\n"
-        f"{'gallery':<12}{gallery.path}"
-    )
+        running = len(results.pending_task_ids()) + len(results.unconfirmed_submissions())
+    seen = progress.done
+    not_started = progress.counts["not started"] + max(0, len(jobs) - seen - running)
+    c = progress.counts
+    everything_ended = not_started == 0 and running == 0
+    interrupted = bool(results.interrupted) and not everything_ended
+    resume = _resume_text(argv, args) if interrupted else None
+    summary = {
+        "jobs": len(jobs),
+        "completed": c["completed"],
+        "failed": c["failed"],
+        "errored": c["errored"],
+        "not_started": not_started,
+        "running": running,
+        "replayed": progress.replayed,
+        "cost": round(progress.cost, 6),
+        "earlier_cost": round(progress.earlier_cost, 6),
+        "files": str(out),
+        "manifest": str(out / "manifest.jsonl"),
+        "journal": str(journal),
+        "gallery": str(gallery.path),
+        "resume": resume.splitlines()[0] if resume else None,
+    }
+    if args.as_json:
+        _print_json({"event": "summary", **summary})
+    else:
+        rows = [
+            ("jobs", str(len(jobs))),
+            ("completed", str(c["completed"])),
+            ("failed", str(c["failed"])),
+            ("errored", str(c["errored"])),
+            ("not started", str(not_started)),
+        ]
+        if running:
+            rows.append(("running", f"{running} (at the service; a resume picks them up)"))
+        if progress.no_task:
+            rows.append(
+                (
+                    "to retry",
+                    f"{progress.no_task} errored job(s) never became a task:"
+                    " re-running the same command sends them again",
+                )
+            )
+        if progress.replayed:
+            rows.append(("replayed", f"{progress.replayed} (finished in earlier runs)"))
+        cost = f"${progress.cost:.2f}"
+        if progress.earlier_cost:
+            cost += f" (earlier runs: ${progress.earlier_cost:.2f})"
+        rows.append(("cost", cost))
+        if retry_note:
+            rows.append(("retried", retry_note))
+        rows += [("files", str(out)), ("manifest", str(out / "manifest.jsonl"))]
+        rows.append(("journal", str(journal)))
+        rows.append(("gallery", str(gallery.path)))
+        print("\n" + "\n".join(f"{k:<12}{v}" for k, v in rows))
     if gallery.error is not None:
-        print(f"warning: {gallery.error}", file=sys.stderr)
-    if results.interrupted:
-        print(f"\ninterrupted; resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        ui.line(f"warning: {gallery.error}", level="error")
+    if interrupted:
+        print(f"\ninterrupted; resume with:\n  {resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_OK if progress.completed == len(jobs) else EXIT_FAILED
+    return EXIT_OK if c["completed"] == len(jobs) else EXIT_FAILED
 
 
 async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -238,9 +615,51 @@ async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (report.GalleryError, am.JournalError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(path)
+    if args.as_json:
+        _print_json({"path": str(path)})
+    else:
+        print(path)
     if args.open:
         webbrowser.open(path.resolve().as_uri())
+    return EXIT_OK
+
+
+def _dry_run(
+    args: argparse.Namespace, jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord]
+) -> int:
+    done = {
+        r.index
+        for r in records.values()
+        if r.state in ("done", "downloading", "pending")
+        and 0 <= r.index < len(jobs)
+        and r.fingerprint == jobs[r.index].request.fingerprint()
+        and not (args.retry_failed and r.status in ("failed", "cancelled"))
+    }
+    todo = [i for i in range(len(jobs)) if i not in done]
+    total, unknown = _estimate(jobs, records, todo)
+    models: dict[str, int] = {}
+    for job in jobs:
+        models[job.request.model] = models.get(job.request.model, 0) + 1
+    if args.as_json:
+        _print_json(
+            {
+                "jobs": len(jobs),
+                "to_submit": len(todo),
+                "models": models,
+                "estimated_cost": None if unknown else round(total, 6),
+                "known_cost": round(total, 6),
+                "unknown_price": [_kind_text(k) for k in unknown],
+            }
+        )
+        return EXIT_OK
+    print(f"{len(jobs)} job(s) valid; nothing submitted (--dry-run)")
+    for model, count in sorted(models.items()):
+        print(f"  {model}: {count}")
+    if done:
+        print(f"{len(done)} already submitted or finished (journal); {len(todo)} to submit")
+    print(f"estimated cost: {_cost_text(total, unknown)}")
+    if args.max_cost is not None:
+        print(f"budget: --max-cost ${args.max_cost:.2f} (never exceeded)")
     return EXIT_OK
 
 
@@ -270,9 +689,10 @@ async def cmd_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     async with _client(args) as client:
         task_id = await client.videos.submit(request)
     if args.as_json:
-        _print_json({"task_id": task_id})
+        _print_json({"id": task_id})
     else:
         print(task_id)
+        args.ui.line(f"submitted {task_id} ({request.model})", level="detail")
     return EXIT_OK
 
 
@@ -282,49 +702,94 @@ async def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     found = {t.id: t for t in tasks}
     missing = [t for t in args.task_ids if t not in found]
     if args.as_json:
-        _print_json([_task_dict(found[t]) for t in args.task_ids if t in found])
+        _print_json(
+            [_task_dict(found[t]) if t in found else _missing_dict(t) for t in args.task_ids]
+        )
     else:
         for t in args.task_ids:
             if t in found:
                 d = _task_dict(found[t])
                 pct = d["progress"] if d["progress"] is not None else "-"
-                print(f"{t}  {d['status']:<11} {pct:>3}%  {' '.join(d['video_urls'])}")
+                print(f"{t}  {d['status']:<11} {pct:>3}%  {' '.join(d['video_urls'])}".rstrip())
     for t in missing:
         print(f"error: task {t} does not exist or has expired", file=sys.stderr)
     return EXIT_FAILED if missing else EXIT_OK
 
 
 async def cmd_wait(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    results: list[dict[str, Any]] = []
+    ui: Ui = args.ui
+    ids = list(dict.fromkeys(args.task_ids))
+    results: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
     failed = 0
-    async with _client(args) as client, client.tasks.watch(args.task_ids) as stream:
-        with contextlib.suppress(am.NotFoundError):
-            async for task in stream:
-                d = _task_dict(task)
-                if task.ok and args.download:
-                    await anyio.Path(args.download).mkdir(parents=True, exist_ok=True)
-                    files = await client.download(task, Path(args.download))
-                    d["files"] = [f.path for f in files]
-                failed += not task.ok
-                results.append(d)
-                if not args.as_json:
-                    print(f"{task.id}  {d['status']}  {' '.join(d.get('files', d['video_urls']))}")
-        missing = stream.remaining
+    started = time.monotonic()
+
+    def show() -> None:
+        secs = int(time.monotonic() - started)
+        ended = len(results) + len(missing)
+        ui.status(
+            f"waiting for {len(ids) - ended} of {len(ids)} task(s); {ended} ended; "
+            f"{secs // 60}:{secs % 60:02d}",
+            force=True,
+        )
+
+    async def ticker() -> None:
+        while True:
+            show()
+            await anyio.sleep(0.5)
+
+    async with _client(args) as client:
+
+        async def one(task_id: str) -> None:
+            nonlocal failed
+            try:
+                task = await client.tasks.wait(task_id)
+            except am.TaskFailedError as exc:
+                task = exc.task
+            except am.NotFoundError:
+                missing.append(task_id)
+                ui.line(f"error: task {task_id} does not exist or has expired", level="error")
+                return
+            d = _task_dict(task)
+            if task.ok and args.out:
+                await anyio.Path(args.out).mkdir(parents=True, exist_ok=True)
+                files = await client.download(task, Path(args.out))
+                d["files"] = [f.path for f in files]
+            failed += not task.ok
+            results[task_id] = d
+            if not args.as_json:
+                text = f"{task.id}  {d['status']}  {' '.join(d.get('files', d['video_urls']))}"
+                print(text.rstrip(), flush=True)
+            show()
+
+        if args.out:
+            _check_out(Path(args.out))
+        async with anyio.create_task_group() as tg:
+            if ui.live:
+                tg.start_soon(ticker)
+            async with anyio.create_task_group() as waiters:
+                for task_id in ids:
+                    waiters.start_soon(one, task_id)
+            tg.cancel_scope.cancel()
+    ui.close()
     if args.as_json:
-        _print_json(results)
-    for t in missing:
-        print(f"error: task {t} does not exist or has expired", file=sys.stderr)
+        _print_json([results[t] if t in results else _missing_dict(t) for t in ids])
     return EXIT_FAILED if failed or missing else EXIT_OK
 
 
 async def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    out = Path(args.out)
+    _check_out(out)
     async with _client(args) as client:
         task = await client.tasks.get(args.task_id)
         if not task.ok:
             print(f"error: task {task.id} is {task.status.value}, not completed", file=sys.stderr)
             return EXIT_FAILED
-        await anyio.Path(args.out).mkdir(parents=True, exist_ok=True)
-        for f in await client.download(task, Path(args.out)):
+        files = await client.download(task, out)
+    if args.as_json:
+        _print_json([{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files])
+    else:
+        for f in files:
             print(f"{f.path}  {f.bytes} bytes  sha256 {f.sha256}")
     return EXIT_OK
 
@@ -351,43 +816,53 @@ async def cmd_balance(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 async def cmd_upload(args: argparse.Namespace, argv: Sequence[str]) -> int:
     async with _client(args) as client:
-        print(await client.uploads.image(args.file))
+        url = await client.uploads.image(args.file)
+    if args.as_json:
+        _print_json({"url": url, "file": args.file})
+    else:
+        print(url)
     return EXIT_OK
 
 
+def _spec_rules(spec: am.ModelSpec) -> dict[str, str]:
+    durations = spec.durations
+    return {
+        "prompt": spec.prompt.replace("_", " ")
+        + (f", at most {spec.prompt_max_chars} characters" if spec.prompt_max_chars else ""),
+        "duration": "not taken"
+        if durations is None
+        else durations.describe() + " s"
+        if isinstance(durations, am.IntRange)
+        else "/".join(map(str, durations)) + " s",
+        "resolution": "not taken" if spec.resolutions is None else "/".join(spec.resolutions),
+        "aspect_ratio": "not taken" if spec.aspect_ratios is None else "/".join(spec.aspect_ratios),
+        "images": "not taken"
+        if spec.image_count is None
+        else f"{spec.image_count[0]} to {spec.image_count[1] or 'any'}"
+        f" ({', '.join(spec.image_formats)})",
+        "videos": "not taken" if spec.video_count is None else f"up to {spec.video_count[1]}",
+        "billed": spec.billing,
+    }
+
+
 async def cmd_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.as_json:
+        for spec in am.MODEL_SPECS.values():
+            _print_json(
+                {
+                    "name": spec.name,
+                    "summary": spec.summary,
+                    **_spec_rules(spec),
+                    "not_checked": list(spec.unchecked),
+                }
+            )
+        return EXIT_OK
     for spec in am.MODEL_SPECS.values():
         print(f"{spec.name}: {spec.summary}")
-        durations = spec.durations
-        rules = [
-            f"prompt {spec.prompt.replace('_', ' ')}"
-            + (f", at most {spec.prompt_max_chars} characters" if spec.prompt_max_chars else ""),
-            "duration "
-            + (
-                "not taken"
-                if durations is None
-                else durations.describe() + " s"
-                if isinstance(durations, am.IntRange)
-                else "/".join(map(str, durations)) + " s"
-            ),
-            "resolution "
-            + ("not taken" if spec.resolutions is None else "/".join(spec.resolutions)),
-            "aspect_ratio "
-            + ("not taken" if spec.aspect_ratios is None else "/".join(spec.aspect_ratios)),
-            "images "
-            + (
-                "not taken"
-                if spec.image_count is None
-                else f"{spec.image_count[0]} to {spec.image_count[1] or 'any'}"
-                f" ({', '.join(spec.image_formats)})"
-            ),
-            "videos "
-            + ("not taken" if spec.video_count is None else f"up to {spec.video_count[1]}"),
-            f"billed {spec.billing}",
-            *(f"not checked here: {u}" for u in spec.unchecked),
-        ]
-        for rule in rules:
-            print(f"  {rule}")
+        for name, rule in _spec_rules(spec).items():
+            print(f"  {name} {rule}")
+        for u in spec.unchecked:
+            print(f"  not checked here: {u}")
     print("other models: sent as given (generic checks only); extra fields pass through")
     return EXIT_OK
 
@@ -401,83 +876,196 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--api-key", help="API key (default: APIMART_API_KEY); never printed")
-    common.add_argument(
-        "--base-url", help="API base URL (default: APIMART_BASE_URL or https://api.apimart.ai)"
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with the default of every flag that has one, epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _common(*, network: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    if network:
+        g = p.add_argument_group("connection")
+        g.add_argument(
+            "--api-key",
+            metavar="KEY",
+            help="API key; '-' reads it from stdin. Prefer APIMART_API_KEY or --api-key-file:"
+            " a flag shows in ps and shell history. Never printed. Default: APIMART_API_KEY",
+        )
+        g.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file")
+        g.add_argument(
+            "--base-url",
+            metavar="URL",
+            help="API base URL, e.g. that of a running `apimart-async emulator`."
+            " Default: APIMART_BASE_URL or https://api.apimart.ai",
+        )
+        g.add_argument(
+            "--emulate",
+            action="store_true",
+            help="run against a built-in emulator started for this command (no key, no network)",
+        )
+    o = p.add_argument_group("output")
+    o.add_argument("--json", dest="as_json", action="store_true", help="print JSON on stdout")
+    o.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
+    o.add_argument(
+        "-v", "--verbose", action="count", default=0, help="print every step (-vv: requests)"
     )
+    o.add_argument("--no-progress", action="store_true", help="no live status line on a terminal")
+    o.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="color the output (auto: on a terminal, unless NO_COLOR is set)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
     parser = argparse.ArgumentParser(
-        prog="apimart-async", description="APIMart video generation from the shell."
+        prog="apimart-async",
+        description="APIMart video generation from the shell.",
+        epilog="Run `apimart-async COMMAND --help` for a command's flags.\n\n" + JOBS_SCHEMA,
+        formatter_class=_Formatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"apimart-async {am.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run a batch from a JSONL or CSV file")
-    run.add_argument("jobs", help="JSONL (one VideoRequest per line, optional name) or CSV")
+    def add(name: str, help: str, parents: list[argparse.ArgumentParser], **kw: Any) -> Any:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=parents,
+            formatter_class=_Formatter,
+            allow_abbrev=False,
+            **kw,
+        )
+
+    run = add("run", "run a batch from a JSONL or CSV file", [common], epilog=RUN_EPILOG)
+    run.add_argument("jobs", help="the jobs file: .jsonl, or .csv (see below)")
     run.add_argument(
+        "-o",
         "--out",
-        required=True,
-        help="directory for the videos, manifest, journal and gallery (index.html)",
+        metavar="DIR",
+        help="directory for the videos, manifest.jsonl, the journal and the gallery"
+        " (index.html); required unless --dry-run",
     )
-    run.add_argument("--journal", help="journal file (default: OUT/.apimart-journal.sqlite)")
-    run.add_argument("--concurrency", type=int, default=8)
-    run.add_argument("--max-pending", type=int, default=None)
-    run.add_argument("--max-cost", type=float, default=None, help="USD budget")
     run.add_argument(
-        "--emulate", action="store_true", help="run against the built-in emulator (no key)"
+        "--journal",
+        metavar="PATH",
+        help="journal file (default: OUT/.apimart-journal.sqlite;"
+        " with --emulate OUT/.apimart-journal-emulated.sqlite, and the emulator's state"
+        " beside it, so a re-run resumes the demo too)",
     )
-    run.add_argument("--dry-run", action="store_true", help="validate only; submit nothing")
     run.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to follow running tasks after Ctrl-C"
+        "--concurrency", type=int, default=8, metavar="N", help="submits in flight at most"
+    )
+    run.add_argument(
+        "--max-pending",
+        type=int,
+        default=None,
+        metavar="N",
+        help="running tasks at most (default: no limit)",
+    )
+    run.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="budget: no job is submitted that could pass it (default: no limit)",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every line and print the estimated cost; submit nothing",
+    )
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="after Ctrl-C, follow running tasks this long before stopping",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also resubmit jobs whose generation failed in an earlier run (billed again)",
+    )
+    run.add_argument(
+        "--allow-unknown-model",
+        action="store_true",
+        help="send model names that look like typos of known ones as written",
     )
     run.set_defaults(func=cmd_run)
 
-    rep = sub.add_parser("report", help="write DIR/index.html: a gallery of a batch's videos")
+    rep = add(
+        "report",
+        "write DIR/index.html: a gallery of a batch's videos",
+        [_common(network=False)],
+    )
     rep.add_argument("dir", help="the batch's --out folder")
-    rep.add_argument("--journal", help="read this journal instead of DIR/manifest.jsonl")
+    rep.add_argument(
+        "--journal", metavar="PATH", help="read this journal instead of DIR/manifest.jsonl"
+    )
     rep.add_argument("--open", action="store_true", help="open the page in the browser")
     rep.set_defaults(func=cmd_report)
 
-    submit = sub.add_parser("submit", parents=[common], help="submit one job, print its task id")
-    submit.add_argument("--request", help="the whole request as a JSON object")
-    submit.add_argument("--model")
-    submit.add_argument("--prompt")
-    submit.add_argument("--image-url", action="append")
-    submit.add_argument("--video-url", action="append")
-    submit.add_argument("--duration", type=int)
-    submit.add_argument("--resolution")
-    submit.add_argument("--aspect-ratio")
-    submit.add_argument("--seed", type=int)
-    submit.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    submit = add("submit", "submit one job, print its task id", [common])
+    submit.add_argument("--request", metavar="JSON", help="the whole request as a JSON object")
+    submit.add_argument("--model", help="model name (see `apimart-async models`)")
+    submit.add_argument("--prompt", help="what to generate")
+    submit.add_argument(
+        "--image-url", action="append", metavar="URL", help="reference image (repeatable)"
+    )
+    submit.add_argument(
+        "--video-url", action="append", metavar="URL", help="reference video (repeatable)"
+    )
+    submit.add_argument("--duration", type=int, metavar="SECONDS", help="video length")
+    submit.add_argument("--resolution", help="e.g. 720p (the model's rules apply)")
+    submit.add_argument("--aspect-ratio", help="e.g. 16:9, portrait (the model's rules apply)")
+    submit.add_argument("--seed", type=int, help="seed, for models that take one")
     submit.set_defaults(func=cmd_submit)
 
-    status = sub.add_parser("status", parents=[common], help="status of tasks")
-    status.add_argument("task_ids", nargs="+")
-    status.add_argument("--json", dest="as_json", action="store_true")
+    status = add("status", "status of tasks", [common])
+    status.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="task ids")
     status.set_defaults(func=cmd_status)
 
-    wait = sub.add_parser("wait", parents=[common], help="wait for tasks to end")
-    wait.add_argument("task_ids", nargs="+")
-    wait.add_argument("--download", metavar="DIR")
-    wait.add_argument("--json", dest="as_json", action="store_true")
+    wait = add("wait", "wait for tasks to end (live status on a terminal)", [common])
+    wait.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="task ids")
+    wait.add_argument(
+        "-o",
+        "--out",
+        "--download",
+        dest="out",
+        metavar="DIR",
+        help="download the videos of completed tasks here (--download is an alias)",
+    )
     wait.set_defaults(func=cmd_wait)
 
-    download = sub.add_parser("download", parents=[common], help="download a task's videos")
-    download.add_argument("task_id")
-    download.add_argument("--out", required=True)
+    download = add("download", "download a task's videos", [common])
+    download.add_argument("task_id", metavar="TASK_ID", help="a completed task")
+    download.add_argument(
+        "-o", "--out", metavar="DIR", default=".", help="directory for the videos"
+    )
     download.set_defaults(func=cmd_download)
 
-    balance = sub.add_parser("balance", parents=[common], help="remaining balance")
+    balance = add("balance", "remaining balance", [common])
     balance.add_argument("--account", action="store_true", help="the whole account, not this key")
-    balance.add_argument("--json", dest="as_json", action="store_true")
     balance.set_defaults(func=cmd_balance)
 
-    upload = sub.add_parser("upload", parents=[common], help="upload an image, print its URL")
-    upload.add_argument("file")
+    upload = add("upload", "upload an image, print its URL (lives 72 h)", [common])
+    upload.add_argument("file", help="a JPEG, PNG, WebP or GIF image, at most 20 MB")
     upload.set_defaults(func=cmd_upload)
 
-    models = sub.add_parser("models", help="known models and their rules")
+    models = add("models", "known models and their rules", [_common(network=False)])
     models.set_defaults(func=cmd_models)
 
     # The emulator's own options, defined once in apimart_async/emulator/__main__.py.
@@ -485,8 +1073,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator = sub.add_parser(
         "emulator",
-        help="run the built-in emulator",
+        help="run the built-in emulator (prints its URL and key)",
         description=emulator_main.DESCRIPTION,
+        formatter_class=_Formatter,
+        allow_abbrev=False,
     )
     emulator_main.add_arguments(emulator)
     emulator.set_defaults(func=None)
@@ -494,19 +1084,45 @@ def build_parser() -> argparse.ArgumentParser:
     from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there
 
     add_doctor_parser(sub, common)
+    parser._subparsers_by_name = sub.choices  # type: ignore[attr-defined]
     return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # Show the subcommand's usage, not the top level's, and never echo a value: a
+        # mistyped --api-kye=KEY (or a stray key) would be printed back.
+        sub = parser._subparsers_by_name.get(args.command, parser)  # type: ignore[attr-defined]
+        shown = [a.split("=", 1)[0] if a.startswith("-") else "<value>" for a in extras]
+        sub.error(f"unrecognized arguments: {' '.join(shown)} (values not shown)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
+    if args.command == "emulator":
+        return cmd_emulator(args)
+    ui = Ui(
+        stream=sys.stderr,
+        quiet=args.quiet,
+        verbose=args.verbose,
+        progress=not args.no_progress,
+        color=args.color,
+    )
+    args.ui = ui
+    handler = _LogToUi(ui)
+    logger = logging.getLogger("apimart_async")
+    saved_level = logger.level
+    logger.addHandler(handler)
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    logger.setLevel(level)
     try:
-        if args.command == "emulator":
-            return cmd_emulator(args)
         code: int = asyncio.run(args.func(args, argv))
         return code
     except UsageError as exc:
@@ -524,6 +1140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)  # main() may run inside another program (or a test)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import json
 import os
@@ -10,10 +12,11 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 import apimart_async as am
-from apimart_async.cli import Progress
+from apimart_async.cli import Progress, build_parser
 from apimart_async.emulator import Emulator
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +39,15 @@ async def cli(*args: str, key: str | None = None, check: int | None = None) -> t
     return result.returncode, out, err
 
 
+async def read_rest(stream: anyio.abc.ByteReceiveStream) -> bytes:
+    """Everything a stream still gives until it ends."""
+    chunks = []
+    with contextlib.suppress(anyio.EndOfStream):
+        while True:
+            chunks.append(await stream.receive())
+    return b"".join(chunks)
+
+
 def no_control_chars(text: str) -> bool:
     return all(c in "\n\t" or c >= " " for c in text)
 
@@ -50,7 +62,9 @@ async def test_run_emulated_batch_to_disk(tmp_path: Path) -> None:
     assert all(line["status"] == "completed" for line in lines)
     # off a terminal: plain lines, one per event, no control characters
     assert no_control_chars(stderr)
-    assert stderr.count("submitted job ") == 5 and stderr.count("completed ") == 5
+    assert stderr.count("submitted ") == 5 and stderr.count("completed ") == 5
+    # one naming for every step of a job: its name (or its line number)
+    assert "submitted neon-cat as task_" in stderr and "completed neon-cat task_" in stderr
     assert "completed    5" in stdout.replace("completed   5", "completed    5")
     assert f"manifest    {out / 'manifest.jsonl'}" in stdout
 
@@ -185,7 +199,7 @@ async def test_single_task_commands(tmp_path: Path) -> None:
             key=emu.api_key,
             check=0,
         )
-        assert json.loads(stdout)["task_id"] in emu.task_ids()
+        assert json.loads(stdout)["id"] in emu.task_ids()  # the key status --json uses
         _, stdout, _ = await cli("status", *base, task_id, "--json", key=emu.api_key, check=0)
         (status,) = json.loads(stdout)
         assert status["id"] == task_id and status["status"] == "completed"
@@ -243,16 +257,26 @@ async def test_models_lists_the_rules() -> None:
 def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere() -> None:
     tty, plain = io.StringIO(), io.StringIO()
     for stream, is_tty in ((tty, True), (plain, False)):
-        p = Progress(2, stream, tty=is_tty)
+        p = Progress(3, stream, tty=is_tty)
         p.event(am.BatchEvent("submitted", 0, "task_a"))
         task = am.Task(id="task_a", status=am.TaskStatus.COMPLETED, cost=0.5)
         p.outcome(am.Outcome(0, None, "task_a", task))
+        p.outcome(am.Outcome(1, None, error=am.BadRequestError("bad prompt", status=400)))
+        p.outcome(am.Outcome(2, None, error=am.BudgetExceededError("budget reached")))
         p.close()
+    shown = tty.getvalue()
+    assert "] 3/3 running 0 completed 1 failed 0 errored 1 $0.50" in shown
+    # a per-job error is printed above the live bar, not hidden in the manifest
     assert (
-        "\r\x1b[2K[############------------] 1/2 submitted 1 running 0 done 1 failed 0 $0.50"
-        in tty.getvalue()
+        "\r\x1b[2K\x1b[31merrored job 1: BadRequestError: bad prompt (HTTP 400)\x1b[0m\n[" in shown
     )
-    assert plain.getvalue() == "submitted job 0 as task_a\ncompleted job 0 task_a\n"
+    assert "submitted job 0" not in shown  # steps only with -v on a terminal
+    assert plain.getvalue() == (
+        "submitted job 0 as task_a\n"
+        "completed job 0 task_a\n"
+        "errored job 1: BadRequestError: bad prompt (HTTP 400)\n"
+        "not started job 2: budget reached\n"
+    )
 
 
 async def test_emulator_command() -> None:
@@ -281,3 +305,470 @@ async def test_emulator_command() -> None:
         finally:
             proc.terminate()
             await proc.wait()
+
+
+# -- issue 12 -------------------------------------------------------------------------------
+
+SECRET = "sk-live-CliSecretKey0123456789abcdef"
+
+
+async def _interrupted_run(
+    tmp_path: Path, emu: Emulator, *key_args: str, stdin: bytes = b"", env_key: str | None = None
+) -> str:
+    """Start a run, Ctrl-C it once the first tasks exist, return its stdout + stderr."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        "".join(
+            json.dumps({"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"}) + "\n"
+            for i in range(6)
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("APIMART_API_KEY", None)
+    if env_key is not None:
+        env["APIMART_API_KEY"] = env_key
+    cmd = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(tmp_path / "o")]
+    cmd += ["--base-url", emu.base_url, "--grace", "0", "--concurrency", "2", *key_args]
+    before = emu.tasks_created
+    async with await anyio.open_process(cmd, env=env) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        await proc.stdin.send(stdin)
+        await proc.stdin.aclose()
+        await emu.wait_until(lambda: emu.tasks_created >= before + 2, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+        out = (await proc.stdout.receive(1 << 20)).decode()
+        err = (await proc.stderr.receive(1 << 20)).decode()
+    assert proc.returncode == 130, err
+    return out + err
+
+
+@pytest.mark.parametrize(
+    "form", [("--api-key", SECRET), (f"--api-key={SECRET}",), ("--api-key", "-"), ("file",)]
+)
+async def test_the_resume_line_never_contains_the_key(
+    tmp_path: Path, form: tuple[str, ...]
+) -> None:
+    stdin = b""
+    if form == ("--api-key", "-"):
+        stdin = SECRET.encode() + b"\n"
+    if form == ("file",):
+        keyfile = tmp_path / "key.txt"
+        keyfile.write_text(SECRET + "\n")
+        form = ("--api-key-file", str(keyfile))
+    async with Emulator(api_key=SECRET, mode="manual") as emu:
+        text = await _interrupted_run(tmp_path, emu, *form, stdin=stdin)
+    assert "resume with:" in text
+    resume = text.split("resume with:")[1]
+    assert "apimart-async run" in resume
+    assert SECRET not in text and SECRET[:12] not in text
+    if form[0] == "--api-key-file":  # the file's path is no secret: the line keeps it
+        assert f"--api-key-file {form[1]}" in resume
+    else:
+        assert "APIMART_API_KEY" in resume and "--api-key" not in resume
+    assert "interrupted: " in text.split("resume with:")[0]  # what happens next, at once
+
+
+async def test_api_key_from_stdin_and_file(tmp_path: Path) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_text(SECRET + "\n")
+    async with Emulator(api_key=SECRET) as emu:
+        code, out, err = await cli(
+            "balance", "--base-url", emu.base_url, "--api-key-file", str(keyfile)
+        )
+        assert code == 0 and "left" in out, err
+        code, _, err = await cli(
+            "balance", "--base-url", emu.base_url, "--api-key-file", str(tmp_path / "nope")
+        )
+        assert code == 2 and "--api-key-file" in err and "cannot read" in err
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("APIMART_API_KEY", None)
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "apimart_async.cli",
+                "balance",
+                "--base-url",
+                emu.base_url,
+                "--api-key",
+                "-",
+            ],
+            input=SECRET.encode() + b"\n",
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0 and b"left" in result.stdout
+        assert SECRET.encode() not in result.stdout + result.stderr
+
+
+async def test_wait_reports_missing_tasks_and_waits_for_the_others() -> None:
+    async with (
+        Emulator(task_duration=0.5) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+        base = ["--base-url", emu.base_url]
+        code, out, err = await cli("wait", *base, task_id, "task_nope", key=emu.api_key)
+        assert code == 1
+        assert f"{task_id}  completed" in out
+        assert "task task_nope does not exist or has expired" in err
+        assert task_id not in err
+        code, out, err = await cli("wait", *base, "task_nope", key=emu.api_key)
+        assert code == 1 and out == ""
+        assert "task task_nope does not exist or has expired" in err
+        code, out, err = await cli("wait", *base, "task_nope", "--json", key=emu.api_key)
+        assert code == 1
+        (entry,) = json.loads(out)
+        assert entry["id"] == "task_nope" and entry["status"] == "not_found"
+
+
+async def test_jobs_file_typos_are_caught_before_anything_is_sent(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        '{"model": "sora-2-preview", "prompt": "x", "duraton": 8, "aspectratio": "portrait"}\n'
+        '{"model": "sora2-preview", "prompt": "x"}\n'
+        '{"model": "sora-2-preview", "prompt": "x", "extra": {"new_field": 1}}\n'
+        '{"model": "veo3.1", "prompt": "x", "generate_audio": true}\n'
+    )
+    code, _, err = await cli("run", str(jobs), "--dry-run")
+    assert code == 2
+    assert f"{jobs}:1: duraton: sora-2-preview takes no such field (did you mean 'duration'?" in err
+    assert f"{jobs}:1: aspectratio: sora-2-preview takes no such field (did you mean" in err
+    assert f"{jobs}:2: model: unknown model 'sora2-preview'; did you mean 'sora-2-preview'?" in err
+    assert f"{jobs}:3" not in err and f"{jobs}:4" not in err  # extra, and a model we don't know
+    jobs.write_text('{"model": "sora2-preview", "prompt": "x"}\n')
+    code, out, err = await cli("run", str(jobs), "--dry-run", "--allow-unknown-model", check=0)
+    assert "1 job(s) valid" in out
+    code, _, err = await cli("run", str(tmp_path / "nope.jsonl"), "--dry-run")
+    assert code == 2 and f"{tmp_path / 'nope.jsonl'}: cannot read" in err and ":0:" not in err
+
+
+async def test_dry_run_prints_the_estimated_cost_without_out(tmp_path: Path) -> None:
+    _code, out, _ = await cli("run", str(JOBS), "--dry-run", check=0)
+    assert "5 job(s) valid; nothing submitted (--dry-run)" in out
+    assert "estimated cost: unknown (no price seen yet for" in out
+    # after a run, the journal knows the prices: the estimate covers what is left to do
+    async with Emulator(task_duration=0.0) as emu:
+        o = tmp_path / "o"
+        await cli("run", str(JOBS), "-o", str(o), "--base-url", emu.base_url, key=emu.api_key)
+        _, out, _ = await cli("run", str(JOBS), "-o", str(o), "--dry-run", check=0)
+        assert "5 already submitted or finished (journal); 0 to submit" in out
+        assert "estimated cost: $0.00" in out
+        _, out, _ = await cli("run", str(JOBS), "-o", str(o), "--dry-run", "--json", check=0)
+        assert json.loads(out)["estimated_cost"] == 0
+
+
+async def test_out_pointing_at_a_file_is_a_clean_error(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = await cli("run", str(JOBS), "--emulate", "-o", str(f))
+    assert code == 2 and f"--out: {f} is a file, not a directory" in err
+    assert "Traceback" not in err
+    code, _, err = await cli("download", "task_x", "--emulate", "-o", str(f))
+    assert code == 2 and "is a file, not a directory" in err and "Traceback" not in err
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return dict(parser._subparsers_by_name)  # type: ignore[attr-defined]
+
+
+def test_every_network_command_takes_emulate_base_url_and_the_output_flags() -> None:
+    for name, sub in _subparsers().items():
+        flags = {s for a in sub._actions for s in a.option_strings}
+        if name == "emulator":
+            continue
+        assert {"--json", "-q", "-v", "--no-progress", "--color"} <= flags, name
+        if name not in ("models", "report"):  # these two read only local data
+            assert {"--emulate", "--base-url", "--api-key", "--api-key-file"} <= flags, name
+
+
+def test_every_flag_has_help_and_shows_its_default() -> None:
+    for name, sub in _subparsers().items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, (name, action.option_strings)
+            if action.default not in (None, False) and action.dest != "help":
+                assert f"(default: {action.default})" in " ".join(text.split()), (
+                    name,
+                    action.option_strings,
+                )
+    run_help = _subparsers()["run"].format_help()
+    assert '"extra"' in run_help or "extra: {...}" in run_help  # the jobs schema
+    assert "separated" in run_help and "by |" in run_help
+
+
+def test_the_no_key_hint_names_only_flags_that_exist() -> None:
+    import re
+
+    from apimart_async.cli import KEY_HELP
+
+    named = set(re.findall(r"--[a-z-]+", KEY_HELP))
+    assert named
+    for name in ("balance", "status", "submit", "run", "wait", "download", "upload"):
+        flags = {s for a in _subparsers()[name]._actions for s in a.option_strings}
+        assert named <= flags, (name, named - flags)
+
+
+async def test_usage_errors_show_the_subcommands_usage() -> None:
+    code, _, err = await cli("run", str(JOBS), "--bogus")
+    assert code == 2 and err.startswith("usage: apimart-async run") and "--bogus" in err
+    code, _, err = await cli("wait")
+    assert code == 2 and err.startswith("usage: apimart-async wait")
+
+
+async def test_emulate_works_for_single_task_commands(tmp_path: Path) -> None:
+    code, out, _ = await cli("balance", "--emulate", "--json", check=0)
+    assert json.loads(out)["remain_balance"] > 0
+    _, out, _ = await cli(
+        "submit", "--emulate", "--model", "sora-2-preview", "--prompt", "x", "--json", check=0
+    )
+    assert json.loads(out)["id"].startswith("task_")
+    code, _, err = await cli("balance", "--emulate", "--base-url", "http://127.0.0.1:9")
+    assert code == 2 and "--emulate and --base-url" in err
+
+
+async def test_json_everywhere(tmp_path: Path) -> None:
+    _, out, _ = await cli("models", "--json", check=0)
+    models = [json.loads(line) for line in out.splitlines()]
+    assert {m["name"] for m in models} >= {"viduq3", "sora-2-preview"}
+    _, out, _err = await cli(
+        "run", str(JOBS), "--emulate", "-o", str(tmp_path / "o"), "--json", check=0
+    )
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event"] for e in events].count("submitted") == 5
+    assert [e["event"] for e in events].count("completed") == 5
+    assert events[-1]["event"] == "summary" and events[-1]["completed"] == 5
+    assert events[-1]["resume"] is None
+    async with Emulator(task_duration=0.0) as emu:
+        base = ["--base-url", emu.base_url]
+        _, out, _ = await cli(
+            "submit",
+            *base,
+            "--model",
+            "sora-2-preview",
+            "--prompt",
+            "x",
+            "--json",
+            key=emu.api_key,
+            check=0,
+        )
+        task_id = json.loads(out)["id"]
+        _, out, _ = await cli(
+            "download",
+            *base,
+            task_id,
+            "-o",
+            str(tmp_path / "d"),
+            "--json",
+            key=emu.api_key,
+            check=0,
+        )
+        (f,) = json.loads(out)
+        assert f["sha256"] == emu.file_sha256(task_id)
+        img = tmp_path / "i.png"
+        img.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+        _, out, _ = await cli("upload", *base, str(img), "--json", key=emu.api_key, check=0)
+        assert json.loads(out)["url"].startswith(emu.base_url)
+        # wait: -o is the flag download uses too; --download stays as an alias
+        _, out, _ = await cli(
+            "wait", *base, task_id, "-o", str(tmp_path / "w"), "--json", key=emu.api_key, check=0
+        )
+        assert json.loads(out)[0]["files"] == [str(tmp_path / "w" / f"{task_id}.mp4")]
+
+
+async def test_summary_cost_leaves_out_jobs_paid_in_earlier_runs(tmp_path: Path) -> None:
+    async with Emulator(task_duration=0.0) as emu:
+        args = ["run", str(JOBS), "-o", str(tmp_path / "o"), "--base-url", emu.base_url]
+        _, first, _ = await cli(*args, key=emu.api_key, check=0)
+        _, again, _ = await cli(*args, key=emu.api_key, check=0)
+    assert "cost        $3.65" in first
+    assert "cost        $0.00 (earlier runs: $3.65)" in again
+    assert "replayed    5 (finished in earlier runs)" in again
+
+
+async def test_ctrl_c_when_everything_then_finishes_exits_0(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        '{"name": "a", "model": "sora-2-preview", "prompt": "a"}\n'
+        '{"name": "b", "model": "sora-2-preview", "prompt": "b"}\n'
+    )
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    async with Emulator(mode="manual") as emu:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": emu.api_key}
+        cmd = [
+            sys.executable,
+            "-m",
+            "apimart_async.cli",
+            "run",
+            str(jobs),
+            "-o",
+            str(tmp_path / "o"),
+            "--base-url",
+            emu.base_url,
+            "--grace",
+            "60",
+        ]
+        async with await anyio.open_process(cmd, env=env) as proc:
+            assert proc.stderr is not None and proc.stdout is not None
+            await emu.wait_until(lambda: emu.tasks_created == 2, timeout=60)
+            proc.send_signal(signal.SIGINT)
+            err = BufferedByteReceiveStream(proc.stderr)
+            with anyio.fail_after(60):
+                notice = await err.receive_until(b"resume", 1 << 16)
+            assert b"interrupted: no new job will be submitted" in notice  # at once
+            emu.complete_all()
+            with anyio.fail_after(60):
+                await proc.wait()
+            rest = await read_rest(err)
+            out = (await proc.stdout.receive(1 << 16)).decode()
+    assert proc.returncode == 0, rest
+    assert b"resume with" not in rest
+    assert "completed   2" in out and "not started 0" in out
+
+
+async def test_retry_failed_says_what_it_resubmits_and_costs(tmp_path: Path) -> None:
+    async with Emulator(task_duration=0.0, failure_rate=1.0) as emu:
+        args = ["run", str(JOBS), "-o", str(tmp_path / "o"), "--base-url", emu.base_url]
+        code, out, err = await cli(*args, key=emu.api_key)
+        assert code == 1 and "failed      5" in out
+        assert err.count("failed ") == 5
+        emu.state.failure_rate = 0.0
+        code, out, _ = await cli(*args, key=emu.api_key)  # not without the flag: replayed
+        assert code == 1 and "replayed    5" in out and emu.tasks_created == 5
+        code, out, err = await cli(*args, "--retry-failed", key=emu.api_key)
+        assert code == 0, err
+        assert "--retry-failed: 5 failed job(s) submitted again, estimated" in err
+        assert "retried     5 failed job(s) submitted again" in out
+        assert "completed   5" in out and emu.tasks_created == 10
+
+
+async def test_wait_shows_live_status_on_a_terminal() -> None:
+    import pty
+
+    async with (
+        Emulator(mode="manual") as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+        master, slave = pty.openpty()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": emu.api_key}
+        cmd = [
+            sys.executable,
+            "-m",
+            "apimart_async.cli",
+            "wait",
+            task_id,
+            "--base-url",
+            emu.base_url,
+        ]
+        seen = b""
+        async with await anyio.open_process(cmd, env=env, stderr=slave) as proc:
+            os.close(slave)
+            with anyio.fail_after(60):
+                while b"waiting for 1 of 1 task(s); 0 ended" not in seen:
+                    await anyio.wait_readable(master)
+                    seen += os.read(master, 4096)
+            emu.complete(task_id)
+            with anyio.fail_after(60):
+                await proc.wait()
+        os.close(master)
+    assert proc.returncode == 0
+    assert seen.startswith(b"\r\x1b[2K")  # a status line redrawn in place
+
+
+async def test_a_refused_run_is_retried_by_running_the_same_command_again(
+    tmp_path: Path,
+) -> None:
+    async with Emulator(task_duration=0.0, balance=1.0) as emu:
+        args = ["run", str(JOBS), "-o", str(tmp_path / "o"), "--base-url", emu.base_url]
+        code, out, err = await cli(*args, key=emu.api_key)
+        assert code == 1 and "InsufficientBalanceError" in err
+        refused = int(out.split("to retry")[1].split()[0])
+        assert refused >= 1 and "re-running the same command sends them again" in out
+        emu.state.remain_balance = 100.0  # topped up
+        code, out, err = await cli(*args, key=emu.api_key)
+        assert code == 0, err
+        assert "completed   5" in out and f"replayed    {5 - refused}" in out
+        assert "ReplayedError" not in err
+        assert emu.tasks_created == 5
+
+
+def test_quiet_verbose_and_color() -> None:
+    from apimart_async.cli import Ui
+
+    def shown(**kw: object) -> str:
+        stream = io.StringIO()
+        ui = Ui(stream=stream, **kw)  # type: ignore[arg-type]
+        ui.line("step", level="detail")
+        ui.line("note", level="info")
+        ui.line(ui.paint("bad", "31"), level="error")
+        return stream.getvalue()
+
+    assert shown(tty=False) == "step\nnote\nbad\n"
+    assert shown(tty=False, quiet=True) == "bad\n"
+    assert shown(tty=True, color="never") == "note\nbad\n"  # steps only with -v on a terminal
+    assert shown(tty=True, color="never", verbose=1) == "step\nnote\nbad\n"
+    assert shown(tty=False, color="always").endswith("\x1b[31mbad\x1b[0m\n")
+
+
+def test_main_leaves_the_sdk_logger_as_it_found_it() -> None:
+    import logging
+
+    from apimart_async import cli as cli_module
+
+    logger = logging.getLogger("apimart_async")
+    before = (logger.level, list(logger.handlers))
+    assert cli_module.main(["models", "--json", "-q"]) == 0
+    assert (logger.level, list(logger.handlers)) == before
+
+
+async def test_emulated_run_resumes_after_ctrl_c_as_the_readme_shows(tmp_path: Path) -> None:
+    """README: `apimart-async run examples/jobs.jsonl --emulate --out videos/`, Ctrl-C, then
+    the printed resume command: every video once, nothing submitted twice."""
+    import shlex
+
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    out = tmp_path / "videos"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("APIMART_API_KEY", None)
+    cmd = ["run", str(JOBS), "--emulate", "--out", str(out), "--grace", "0"]
+    async with await anyio.open_process(
+        [sys.executable, "-m", "apimart_async.cli", *cmd], env=env
+    ) as proc:
+        assert proc.stderr is not None
+        err = BufferedByteReceiveStream(proc.stderr)
+        with anyio.fail_after(60):
+            await err.receive_until(b"submitted ", 1 << 16)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+        rest = await read_rest(err)
+    stderr = rest.decode()
+    assert proc.returncode == 130, stderr
+    resume = stderr.split("resume with:\n")[1].splitlines()[0].strip()
+    argv = shlex.split(resume)
+    assert argv[0] == "apimart-async" and "--emulate" in argv
+    state = out / ".apimart-journal-emulated.emulator-state.jsonl"
+    assert state.exists()
+    code, stdout, stderr2 = await cli(*argv[1:])
+    assert code == 0, stderr2
+    assert sorted(p.name for p in out.glob("*.mp4")) == [
+        "apple.mp4",
+        "bear-hug.mp4",
+        "lighthouse.mp4",
+        "neon-cat.mp4",
+        "waterfall.mp4",
+    ]
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
+    # the emulator's memory: one task per job across both runs (nothing billed twice)
+    records = [json.loads(line) for line in state.read_text().splitlines()[1:]]
+    assert len({r["task"]["id"] for r in records}) == 5, records
+    assert "completed   5" in stdout

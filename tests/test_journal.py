@@ -101,7 +101,7 @@ async def test_unknown_submit_outcome_is_retried_with_the_same_key(
     assert emu.counters["submit"] == 2
 
 
-async def test_definitive_submit_errors_are_not_retried_on_resume(
+async def test_refused_submits_are_retried_on_resume_with_a_fresh_key(
     emu: Emulator, tmp_path: Path
 ) -> None:
     journal = tmp_path / "run.sqlite"
@@ -110,10 +110,12 @@ async def test_definitive_submit_errors_are_not_retried_on_resume(
         (first,) = [o async for o in results]
     assert isinstance(first.error, am.BadRequestError)
     async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
+        await emu.wait_until(lambda: emu.tasks_created == 1)
+        emu.advance(10)
         (again,) = [o async for o in results]
-    assert again.replayed and isinstance(again.error, am.ReplayedError)
-    assert again.error.error_type == "BadRequestError"
-    assert emu.counters["submit"] == 1
+    assert again.ok and not again.replayed
+    assert again.idempotency_key != first.idempotency_key  # the refusal proved no task
+    assert emu.counters["submit"] == 2 and emu.tasks_created == 1
 
 
 async def test_changed_input_is_reported(emu: Emulator, tmp_path: Path) -> None:
@@ -124,12 +126,13 @@ async def test_changed_input_is_reported(emu: Emulator, tmp_path: Path) -> None:
         client_for(emu) as client,
         client.batch(jobs(3, changed=1), journal=journal) as results,
     ):
-        emu.advance(10)  # job 0, re-attached, may finish; jobs 1 and 2 are never mixed in
+        emu.advance(10)  # jobs 0 and 2, re-attached, finish; job 1 is never mixed in
         outcomes = [o async for o in results]
     mismatch = [o for o in outcomes if isinstance(o.error, am.JournalMismatchError)]
     assert len(mismatch) == 1 and mismatch[0].index == 1
     assert "job 1 differs from the one recorded in the journal" in str(mismatch[0].error)
-    assert results.stopped is not None and "differs" in results.stopped
+    assert sorted(o.index for o in outcomes if o.ok) == [0, 2]
+    assert results.stopped is None
     assert emu.tasks_created == 3
 
 
@@ -400,3 +403,167 @@ async def test_a_batch_closes_its_journal_on_every_path(
             async with client.batch(jobs(1), journal=path):
                 raise KeyError("boom")
     assert emu.tasks_created == 0
+
+
+# -- issue 12: every outcome delivered with a journal; resume retries what never ran ---------
+
+
+async def test_refused_submits_with_a_journal_yield_every_outcome(tmp_path: Path) -> None:
+    journal = tmp_path / "run.sqlite"
+    manifest = tmp_path / "manifest.jsonl"
+    async with Emulator() as emu:
+        async with (
+            am.AsyncApimart("sk-wrong", base_url=emu.base_url, poll=FAST_POLL) as client,
+            client.batch(jobs(5), journal=journal, manifest=manifest, concurrency=5) as results,
+        ):
+            outcomes = [o async for o in results]
+        stats = results.stats()
+    assert sorted(o.index for o in outcomes) == [0, 1, 2, 3, 4]
+    assert all(isinstance(o.error, am.AuthenticationError) for o in outcomes)
+    assert stats.errored == 5 and stats.done == 5
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
+
+
+async def test_refused_submits_are_sent_again_on_the_next_run(tmp_path: Path) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(balance=0.0, task_duration=0.0) as emu:
+        async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
+            first = [o async for o in results]
+        assert all(isinstance(o.error, am.InsufficientBalanceError) for o in first)
+        first_keys = {o.idempotency_key for o in first}
+        assert emu.tasks_created == 0
+        emu.state.remain_balance = 100.0  # topped up
+        async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
+            second = [o async for o in results]
+        assert [o.ok for o in sorted(second, key=lambda o: o.index)] == [True] * 3
+        assert not any(o.replayed for o in second)
+        # the refusal proved no task existed: each job got a fresh key, one task each
+        assert not first_keys & {o.idempotency_key for o in second}
+        assert emu.tasks_created == 3 and set(emu.tasks_per_key.values()) == {1}
+        async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
+            third = [o async for o in results]
+        assert all(o.replayed and o.ok for o in third)
+        assert emu.tasks_created == 3
+
+
+async def test_wrong_key_then_right_key_resumes(tmp_path: Path) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        async with (
+            am.AsyncApimart("sk-wrong", base_url=emu.base_url, poll=FAST_POLL) as client,
+            client.batch(jobs(2), journal=journal) as results,
+        ):
+            first = [o async for o in results]
+        assert all(isinstance(o.error, am.AuthenticationError) for o in first)
+        async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
+            second = [o async for o in results]
+        assert [o.ok for o in second] == [True, True]
+        assert emu.tasks_created == 2
+
+
+async def test_a_changed_line_without_a_task_takes_the_new_line(tmp_path: Path) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        emu.faults.inject("submit", Fault.error(400, "invalid_request_error", message="bad"))
+        async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
+            first = {o.index: o for o in [o async for o in results]}
+        refused = [i for i, o in first.items() if isinstance(o.error, am.BadRequestError)]
+        assert len(refused) == 1
+        (i,) = refused
+        changed = jobs(3, changed=i)
+        async with client_for(emu) as client, client.batch(changed, journal=journal) as results:
+            second = {o.index: o for o in [o async for o in results]}
+        assert second[i].ok and not second[i].replayed
+        assert second[i].request == changed[i][1]
+        assert emu.tasks_created == 3
+
+
+async def test_a_changed_line_with_a_task_is_reported_and_the_others_go_on(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
+            [o async for o in results]
+        async with (
+            client_for(emu) as client,
+            client.batch(jobs(4, changed=0), journal=journal) as results,
+        ):
+            outcomes = {o.index: o for o in [o async for o in results]}
+    assert set(outcomes) == {0, 1, 2, 3}
+    assert isinstance(outcomes[0].error, am.JournalMismatchError)
+    assert "job 0" in str(outcomes[0].error)
+    assert outcomes[1].replayed and outcomes[1].ok
+    assert outcomes[2].ok and outcomes[3].ok and results.stopped is None
+    assert emu.tasks_created == 4
+
+
+async def test_retry_failed_resubmits_failed_generations_only_when_asked(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with client_for(manual_emu) as client, client.batch(jobs(2), journal=journal) as results:
+        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 2)
+        await manual_emu.wait_until(lambda: len(client._poller) == 2)
+        t = task_ids_by_index(manual_emu, 2)
+        manual_emu.complete(t[0])
+        manual_emu.fail(t[1])
+        [o async for o in results]
+    async with client_for(manual_emu) as client, client.batch(jobs(2), journal=journal) as results:
+        again = [o async for o in results]
+    assert all(o.replayed for o in again) and manual_emu.tasks_created == 2
+    async with (
+        client_for(manual_emu) as client,
+        client.batch(jobs(2), journal=journal, retry_failed=True) as results,
+    ):
+        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 3)
+        manual_emu.complete_all()
+        retried = {o.index: o for o in [o async for o in results]}
+    assert retried[0].replayed and retried[0].ok
+    assert not retried[1].replayed and retried[1].ok and retried[1].task_id not in t
+    assert manual_emu.tasks_created == 3
+
+
+async def test_a_version_1_journal_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
+            [o async for o in results]
+        # what version 1 wrote for a refused submit: done, status error, no task id
+        conn = sqlite3.connect(journal)
+        conn.execute("UPDATE meta SET value='1' WHERE key='schema'")
+        conn.execute(
+            "UPDATE jobs SET state='done', status='error', task_id=NULL, task=NULL,"
+            " error='Insufficient balance', error_type='InsufficientBalanceError' WHERE idx=1"
+        )
+        conn.commit()
+        conn.close()
+        async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
+            outcomes = {o.index: o for o in [o async for o in results]}
+        assert outcomes[0].replayed and not outcomes[1].replayed and outcomes[1].ok
+        conn = sqlite3.connect(journal)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+        conn.close()
+
+
+async def test_the_budget_is_never_exceeded_with_mixed_models() -> None:
+    # emulator prices: $0.40, $0.30, $0.80, $1.00; probing all four at once spends $2.50
+    kinds = [
+        am.VideoRequest("sora-2-preview", "a", duration=4),
+        am.VideoRequest("viduq3", "d", image_urls=["https://e/a.png"], duration=8),
+        am.VideoRequest("sora-2-preview", "b", duration=8),
+        am.VideoRequest("gemini-omni-flash-preview", "c"),
+    ]
+    requests = [kinds[i % 4] for i in range(12)]
+    async with Emulator(task_duration=0.0) as emu, client_for(emu) as client:
+        async with client.batch(requests, max_cost=1.0, concurrency=8) as results:
+            outcomes = [o async for o in results]
+        used = emu.state.used_balance
+    assert len(outcomes) == 12
+    assert used <= 1.0 + 1e-9, used
+    assert results.stats().cost <= 1.0 + 1e-9
+    assert any(o.ok for o in outcomes)
+    assert emu.state.max_unfinished == 1  # price probes ran one at a time

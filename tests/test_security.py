@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,45 @@ async def test_redirects_are_not_followed(emu: Emulator) -> None:
             await c.balance()
     assert info.value.status == 302
     assert emu.counters["balance"] == 1
+
+
+# -- the CLI: every path that prints (part of) a command line ------------------------------
+
+
+@pytest.mark.parametrize(
+    "key_args",
+    [
+        ["--api-key", KEY],
+        [f"--api-key={KEY}"],
+        [f"--api-kye={KEY}"],  # a typo: argparse would echo it back
+        ["--api_key", KEY],
+        ["--api", KEY],  # an abbreviation: argparse would list the choices with the value
+        [KEY],  # a stray positional
+    ],
+)
+async def test_cli_usage_errors_never_echo_the_key(key_args: list[str]) -> None:
+    from tests.test_cli import cli
+
+    for command in (["balance"], ["status", "task_x"], ["run", "jobs.jsonl", "--dry-run"]):
+        code, out, err = await cli(*command, "--base-url", "http://127.0.0.1:9", *key_args)
+        text = out + err
+        assert KEY not in text and PREFIX not in text, (command, key_args, text)
+        if key_args[0].startswith("--api-key"):
+            continue
+        assert code == 2 and "usage: apimart-async" in err
+
+
+@pytest.mark.parametrize("form", ["flag", "equals", "stdin", "env"])
+async def test_cli_resume_line_never_contains_the_key(tmp_path: Path, form: str) -> None:
+    from tests.test_cli import _interrupted_run
+
+    key_args, stdin, env_key = {
+        "flag": (["--api-key", KEY], b"", None),
+        "equals": ([f"--api-key={KEY}"], b"", None),
+        "stdin": (["--api-key", "-"], KEY.encode() + b"\n", None),
+        "env": ([], b"", KEY),
+    }[form]
+    async with Emulator(api_key=KEY, mode="manual") as emu:
+        text = await _interrupted_run(tmp_path, emu, *key_args, stdin=stdin, env_key=env_key)
+    assert "resume with:" in text and "APIMART_API_KEY" in text.split("resume with:")[1]
+    assert KEY not in text and PREFIX not in text

@@ -95,13 +95,26 @@ async def test_the_key_is_not_in_cli_output(tmp_path: Path) -> None:
             ["balance", "--base-url", emu.base_url, "--json"],
             ["status", "task_nope", "--base-url", emu.base_url],
             ["balance", "--base-url", "http://example.com"],  # refused: not loopback
+            # the key as a flag, in every form: the outputs that echo a command line
+            [
+                "run",
+                str(jobs),
+                "-o",
+                str(tmp_path / "o2"),
+                "--base-url",
+                emu.base_url,
+                "--api-key",
+                KEY,
+            ],
+            ["wait", "task_nope", "--base-url", emu.base_url, f"--api-key={KEY}", "--json"],
+            ["balance", "--base-url", emu.base_url, f"--api-kye={KEY}"],  # usage error
         ):
             with anyio.fail_after(120):
                 proc = await anyio.run_process(
                     [sys.executable, "-m", "apimart_async.cli", *args], env=env, check=False
                 )
             outputs.append((args[0], proc.returncode, proc.stdout + proc.stderr))
-    assert [code for _, code, _ in outputs] == [0, 0, 1, 2]
+    assert [code for _, code, _ in outputs] == [0, 0, 1, 2, 0, 1, 2]
     for command, _, text in outputs:
         _assert_clean(f"the output of {command}", text)
         assert b"Traceback" not in text
