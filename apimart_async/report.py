@@ -253,11 +253,13 @@ def file_url(path: str, base_dir: str | os.PathLike[str] | None = None) -> str:
 
 
 def _money(value: float) -> str:
+    if not math.isfinite(value):
+        return "–"
     return f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "–"
     s = round(seconds)
     if s >= 3600:
@@ -270,7 +272,8 @@ def _elapsed_of(jobs: Sequence[GalleryJob]) -> float | None:
     ends = [j.completed for j in jobs if j.completed is not None]
     if not starts or not ends:
         return None
-    return max(0.0, float(max(ends)) - float(min(starts)))
+    elapsed = max(0.0, float(max(ends)) - float(min(starts)))
+    return elapsed if math.isfinite(elapsed) else None
 
 
 def _card(job: GalleryJob, link: _Links) -> str:
@@ -414,10 +417,11 @@ def _manifest_job(line: Mapping[str, Any]) -> GalleryJob:
     index = line.get("index")
     if isinstance(index, bool) or not isinstance(index, int):
         raise ValueError("no job index")
+    listed = line.get("files") or ()
+    if not isinstance(listed, list | tuple):
+        raise ValueError("files is not a list")
     files = tuple(
-        f["path"]
-        for f in line.get("files") or ()
-        if isinstance(f, Mapping) and isinstance(f.get("path"), str)
+        f["path"] for f in listed if isinstance(f, Mapping) and isinstance(f.get("path"), str)
     )
     return GalleryJob.from_body(
         index,
@@ -447,7 +451,10 @@ def read_manifest(path: str | os.PathLike[str]) -> list[GalleryJob]:
         if not raw.strip():
             continue
         try:
-            line = json.loads(raw)
+            try:
+                line = json.loads(raw)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
             if not isinstance(line, dict):
                 raise ValueError("not a JSON object")
             job = _manifest_job(line)

@@ -402,6 +402,43 @@ def test_a_cut_off_last_manifest_line_is_skipped(tmp_path: Path) -> None:
     assert [j.index for j in report.read_manifest(manifest)] == [0]
 
 
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"index": 0, "status": "completed", "files": 5}', "files"),
+        ('{"index": 0, "status": "completed", "files": [{"path": 7}], "request": 3}', None),
+        ("[" * 100_000 + "]" * 100_000, "nested"),
+    ],
+    ids=["files-not-a-list", "odd-values", "deeply-nested"],
+)
+def test_a_corrupt_manifest_line_is_an_error_naming_it_or_is_read_leniently(
+    tmp_path: Path, line: str, problem: str | None
+) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(line + "\n")
+    if problem is None:
+        (card,) = report.read_manifest(manifest)
+        assert card.files == () and card.prompt is None
+        return
+    with pytest.raises(
+        report.GalleryError, match=rf"manifest.jsonl:1: not a manifest line.*{problem}"
+    ):
+        report.write_gallery(manifest, tmp_path)
+
+
+def test_absurd_times_and_costs_do_not_break_the_header(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [
+        {"index": 0, "status": "completed", "created": -1e308, "completed": 1e308, "cost": 1e308},
+        {"index": 1, "status": "completed", "cost": 1e308},
+    ]
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    page = report.write_gallery(manifest, tmp_path).read_text()
+    totals = dict(re.findall(r'<li id="t-(\w+)">\w+ <b>([^<]*)</b>', page))
+    assert totals["elapsed"] == "–"
+    assert "inf" not in totals["cost"]
+
+
 # -- writing --------------------------------------------------------------------------------
 
 
