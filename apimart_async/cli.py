@@ -620,7 +620,13 @@ async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     else:
         print(path)
     if args.open:
-        webbrowser.open(path.resolve().as_uri())
+        uri = path.resolve().as_uri()
+        try:
+            opened = webbrowser.open(uri)
+        except webbrowser.Error:
+            opened = False
+        if not opened:  # no browser here (a server, no DISPLAY): say so rather than nothing
+            print(f"no browser could be opened; open {uri} yourself", file=sys.stderr)
     return EXIT_OK
 
 

@@ -581,10 +581,34 @@ def test_report_open_opens_the_page_in_the_browser(
         json.dumps({"index": 0, "status": "failed", "error": "x", "files": []}) + "\n"
     )
     opened: list[str] = []
-    monkeypatch.setattr(cli.webbrowser, "open", opened.append)
+    monkeypatch.setattr(cli.webbrowser, "open", lambda url: opened.append(url) or True)
     assert cli.main(["report", str(tmp_path), "--open"]) == 0
     assert opened == [(tmp_path / "index.html").resolve().as_uri()]
     assert capsys.readouterr().out.strip() == str(tmp_path / "index.html")
+
+
+@pytest.mark.parametrize("failure", ["returns False", "raises"])
+def test_report_open_without_a_browser_says_so(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: str,
+) -> None:
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"index": 0, "status": "failed", "error": "x", "files": []}) + "\n"
+    )
+
+    def no_browser(url: str) -> bool:
+        if failure == "raises":
+            raise cli.webbrowser.Error("could not locate runnable browser")
+        return False
+
+    monkeypatch.setattr(cli.webbrowser, "open", no_browser)
+    assert cli.main(["report", str(tmp_path), "--open"]) == 0  # the page was written
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "index.html")
+    uri = (tmp_path / "index.html").resolve().as_uri()
+    assert f"no browser could be opened; open {uri} yourself" in err
 
 
 async def test_run_writes_the_gallery_of_its_batch(tmp_path: Path) -> None:
