@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -216,8 +217,17 @@ CSP = (
 )
 
 
+# Characters a text must not obey: C0/C1 controls (but tab, newline and carriage return) and
+# the explicit direction embeddings, overrides and isolates. An unclosed U+202E in a prompt or
+# a model name (echoed in an error) would turn the rest of its line backwards ("Trojan
+# Source"); they are shown as their code point instead. Natural RTL text and the RLM/LRM marks
+# need none of them and are left alone.
+_UNSHOWN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    text = _UNSHOWN.sub(lambda m: f"[U+{ord(m.group()):04X}]", str(value))
+    return html.escape(text, quote=True)
 
 
 class _Links:

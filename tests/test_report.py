@@ -108,6 +108,27 @@ def test_hostile_texts_are_escaped_everywhere() -> None:
     assert "<script>alert" not in page_text
 
 
+def test_direction_overrides_and_control_characters_are_shown_not_obeyed() -> None:
+    """An unclosed right-to-left override (U+202E) in a model name, echoed by the service in
+    its error, turned the rest of the error text backwards ("Trojan Source"); a NUL made the
+    page a binary file. They are shown as their code point; natural RTL text and marks stay."""
+    page_text = render(
+        [
+            job(0, name="rtl \u202eevil\u2069 name", prompt="שלום \u200f ok\x00\x07 end"),
+            job(1, "error", model="m\u202e", error="model m\u202e does not exist (HTTP 400)"),
+        ]
+    )
+    for char in ("\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2069"):
+        assert char not in page_text
+    assert "\x00" not in page_text and "\x07" not in page_text
+    page = Page(page_text)
+    assert "rtl [U+202E]evil[U+2069] name" in page.texts
+    assert "model m[U+202E] does not exist (HTTP 400)" in page.texts
+    assert "שלום \u200f ok[U+0000][U+0007] end" in page.texts
+    assert 'data-model="m[U+202E]"' in page_text
+    assert '<option value="m[U+202E]">' in page_text
+
+
 def test_content_security_policy_allows_only_the_pages_own_script_and_style() -> None:
     page_text = render([job(0)])
     page = Page(page_text)
