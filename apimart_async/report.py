@@ -244,10 +244,11 @@ class _Links:
                 rel: str | None = os.path.relpath(p, self.base)
             except ValueError:  # another drive (Windows)
                 rel = None
-            if rel is None or (
-                not os.path.exists(p) and os.path.exists(os.path.join(self.base, name))
-            ):
-                rel = name  # the folder moved: the video next to the page
+            outside = rel is None or rel == os.pardir or rel.startswith(os.pardir + os.sep)
+            if outside and os.path.exists(os.path.join(self.base, name)):
+                # The folder was moved or copied: the video next to the page, not the one
+                # where the manifest says it was written (gone, or the original of a copy).
+                rel = name
             p = rel
         if os.path.isabs(p):
             return Path(p).as_uri()

@@ -180,6 +180,20 @@ def test_a_moved_folder_links_the_video_next_to_the_page(tmp_path: Path) -> None
     assert [v["src"] for v in page.all("video")] == ["000000.mp4"]
 
 
+def test_a_copied_folder_links_its_own_videos_not_the_originals(tmp_path: Path) -> None:
+    """``cp -r videos backup && apimart-async report backup``: the manifest names the files
+    in ``videos/``; the backup's page must show the backup's files (the original may be
+    deleted next), while a file kept elsewhere on purpose stays linked where it is."""
+    original, backup = tmp_path / "videos", tmp_path / "backup"
+    for folder in (original, backup):
+        folder.mkdir()
+        (folder / "000000.mp4").write_bytes(b"x")
+    (tmp_path / "kept.mp4").write_bytes(b"x")
+    files = (str(original / "000000.mp4"), str(tmp_path / "kept.mp4"))
+    page = Page(render([job(0, files=files)], base_dir=backup))
+    assert [v["src"] for v in page.all("video")] == ["000000.mp4", "../kept.mp4"]
+
+
 def test_every_video_of_a_multi_video_task_and_failed_cards() -> None:
     page = Page(
         render(
