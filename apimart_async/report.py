@@ -249,7 +249,8 @@ class _Links:
                 # The folder was moved or copied: the video next to the page, not the one
                 # where the manifest says it was written (gone, or the original of a copy).
                 rel = name
-            p = rel
+            if rel is not None:  # else (another drive, nothing next to the page): as given
+                p = rel
         if os.path.isabs(p):
             return Path(p).as_uri()
         parts = p.replace(os.sep, "/").split("/")
