@@ -58,6 +58,7 @@ INDEX = "index.html"
 PENDING_STATUSES = frozenset(
     {"queued", "submitting", "submitted", "pending", "processing", "in_progress", "running"}
     | {"downloading"}  # completed at the service, files still coming (journal)
+    | {"not submitted"}  # the batch stopped (Ctrl-C, deadline) before sending it: a re-run does
 )
 """Statuses of jobs that have not ended; "completed" is done; anything else counts as failed."""
 
@@ -305,7 +306,8 @@ def _card(job: GalleryJob, link: _Links) -> str:
             f'title="{_e(label)}"></video></template></div>'
         )
     if job.error:
-        out.append(f'<p class="err">{_e(job.error)}</p>')
+        kind = "wait" if job.group == "pending" else "err"  # why it is not sent yet: no failure
+        out.append(f'<p class="{kind}">{_e(job.error)}</p>')
     elif not job.files:
         text = "waiting…" if job.group == "pending" else "no video"
         out.append(f'<p class="wait">{text}</p>')
@@ -606,6 +608,8 @@ class _Throttle:
 def _outcome_status(outcome: am.Outcome) -> str:
     if outcome.ok:
         return "completed"
+    if isinstance(outcome.error, am.BatchStoppedError):
+        return "not submitted"
     task = outcome.task
     if isinstance(outcome.error, am.TaskFailedError) and task is not None:
         return task.raw_status or task.status.value

@@ -569,6 +569,25 @@ async def test_a_burst_of_outcomes_is_one_write_not_one_each(tmp_path: Path) -> 
     assert "$100.00" in "".join(page.texts)
 
 
+async def test_a_job_the_batch_never_submitted_is_not_counted_as_failed(tmp_path: Path) -> None:
+    """Ctrl-C (or a deadline, or stop_on_error) ends a batch before some jobs are sent: the one
+    the feeder held gets a BatchStoppedError outcome. Like the jobs never read, it is still to
+    do (a re-run does it), not a failure: after Ctrl-C the page said "failed" for it."""
+    requests = [am.VideoRequest("sora-2-preview", f"p{i}") for i in range(3)]
+    gallery = report.LiveGallery(tmp_path, requests)
+    async with gallery:
+        task = am.Task("task_0", am.TaskStatus.COMPLETED, cost=0.1)
+        gallery.outcome(am.Outcome(0, requests[0], task.id, task))
+        stopped = am.BatchStoppedError("job 1 not submitted: interrupted")
+        gallery.outcome(am.Outcome(1, requests[1], error=stopped))
+    cards = {c.index: c for c in gallery.jobs}
+    assert [cards[i].status for i in range(3)] == ["completed", "not submitted", "queued"]
+    assert [cards[i].group for i in range(3)] == ["done", "pending", "pending"]
+    assert cards[1].error == "job 1 not submitted: interrupted"
+    totals = dict(re.findall(r'<li id="t-(\w+)">\w+ <b>([^<]*)</b>', gallery.path.read_text()))
+    assert (totals["done"], totals["failed"], totals["pending"]) == ("1", "0", "2")
+
+
 async def test_a_failed_write_never_stops_the_batch(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
