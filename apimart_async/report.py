@@ -709,11 +709,15 @@ class LiveGallery:
 
     def render(self, *, final: bool = False) -> str:
         """The page as it would be written now (``final``: the batch has ended)."""
+        jobs = self.jobs
+        # This run's time, or the tasks' span when longer (a resumed batch replays its
+        # finished jobs at once: "0:00" would be wrong).
+        elapsed = max(self._clock() - self._started, _elapsed_of(jobs) or 0.0)
         return render_gallery(
-            self.jobs,
+            jobs,
             base_dir=self.out_dir,
             title=f"apimart-async · {self.out_dir.resolve().name or self.out_dir}",
-            elapsed=self._clock() - self._started,
+            elapsed=elapsed,
             refresh=None if final else self.refresh,
         )
 

@@ -588,6 +588,19 @@ async def test_a_job_the_batch_never_submitted_is_not_counted_as_failed(tmp_path
     assert (totals["done"], totals["failed"], totals["pending"]) == ("1", "0", "2")
 
 
+async def test_a_resumed_run_shows_how_long_the_batch_took_not_zero(tmp_path: Path) -> None:
+    """Re-running a finished batch replays every job from the journal in no time: the live
+    page said "elapsed 0:00" where ``report`` says how long the tasks took."""
+    requests = [am.VideoRequest("sora-2-preview", f"p{i}") for i in range(2)]
+    gallery = report.LiveGallery(tmp_path, requests, clock=lambda: 50.0)  # no time passes
+    async with gallery:
+        for i, request in enumerate(requests):
+            task = am.Task(f"t{i}", am.TaskStatus.COMPLETED, created=1000 + i, completed=1040 + i)
+            gallery.outcome(am.Outcome(i, request, task.id, task, replayed=True))
+    totals = dict(re.findall(r'<li id="t-(\w+)">\w+ <b>([^<]*)</b>', gallery.path.read_text()))
+    assert totals["elapsed"] == "0:41"
+
+
 async def test_a_failed_write_never_stops_the_batch(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
