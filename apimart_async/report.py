@@ -257,6 +257,14 @@ class _Links:
         parts = p.replace(os.sep, "/").split("/")
         return "/".join(quote(part, safe="") for part in parts if part not in ("", ".")) or "."
 
+    def missing(self, path: str) -> bool:
+        """A recorded (absolute) video that is neither where it was written nor next to the
+        page: deleted. Relative paths and pages without a folder are not checked."""
+        p = os.fspath(path)
+        if self.base is None or not os.path.isabs(p) or os.path.exists(p):
+            return False
+        return not os.path.exists(os.path.join(self.base, os.path.basename(p)))
+
 
 def file_url(path: str, base_dir: str | os.PathLike[str] | None = None) -> str:
     """The page's link to a video: relative to ``base_dir`` (the gallery's folder), each part
@@ -297,8 +305,11 @@ def _card(job: GalleryJob, link: _Links) -> str:
         f'data-status="{_e(job.status)}" data-model="{_e(model)}">'
     ]
     urls = [link(path) for path in job.files]
-    for n, url in enumerate(urls):
+    for n, (url, path) in enumerate(zip(urls, job.files, strict=True)):
         label = title if len(urls) == 1 else f"{title} ({n + 1}/{len(urls)})"
+        if link.missing(path):  # deleted since: say so rather than show a player of nothing
+            out.append(f'<p class="wait">video file not found: {_e(Path(path).name)}</p>')
+            continue
         # Inert until the card nears the screen (the script puts it in place): a thousand
         # live <video> elements take Chromium many seconds to build.
         out.append(

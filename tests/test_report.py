@@ -162,6 +162,8 @@ def test_video_paths_are_relative_and_url_encoded(tmp_path: Path, name: str, url
     out = tmp_path / "out dir #1"
     out.mkdir()
     (out / "sub dir").mkdir()
+    (out / name).write_bytes(b"x")
+    (out / "sub dir" / name).write_bytes(b"x")
     page = Page(
         render(
             [job(0, files=(str(out / name),)), job(1, files=(str(out / "sub dir" / name),))],
@@ -192,6 +194,18 @@ def test_a_copied_folder_links_its_own_videos_not_the_originals(tmp_path: Path) 
     files = (str(original / "000000.mp4"), str(tmp_path / "kept.mp4"))
     page = Page(render([job(0, files=files)], base_dir=backup))
     assert [v["src"] for v in page.all("video")] == ["000000.mp4", "../kept.mp4"]
+
+
+def test_a_deleted_video_is_said_missing_not_shown_as_a_dead_player(tmp_path: Path) -> None:
+    """Delete a video, run ``report``: the card showed a player that loads nothing, with no
+    word why; it says the file is missing (the job stays done: it was made and paid for)."""
+    (tmp_path / "kept.mp4").write_bytes(b"x")
+    files = (str(tmp_path / "kept.mp4"), str(tmp_path / "gone <1>.mp4"))
+    page_text = render([job(0, files=files)], base_dir=tmp_path)
+    page = Page(page_text)
+    assert [v["src"] for v in page.all("video")] == ["kept.mp4"]
+    assert "video file not found: gone <1>.mp4" in page.texts
+    assert page.all("article")[0]["class"] == "card g-done"
 
 
 def test_every_video_of_a_multi_video_task_and_failed_cards() -> None:
