@@ -47,6 +47,7 @@ from ._errors import (
     ResponseValidationError,
     excerpt,
 )
+from ._json import is_array, is_object
 from ._models import VideoRequest
 from ._schedule import BATCH_IDS
 from ._transport import Reply
@@ -98,13 +99,13 @@ async def _send(
 
 def _shape(payload: Any) -> str:
     """A short description of a reply's shape: ``{"data": [task, ...]}`` and the like."""
-    if not isinstance(payload, dict):
+    if not is_object(payload):
         return "not a JSON object"
     data = payload.get("data")
-    if isinstance(data, list):
+    if is_array(data):
         return '{"data": [task, ...]}'
-    if isinstance(data, dict):
-        if data and all(isinstance(v, dict) for v in data.values()):
+    if is_object(data):
+        if data and all(is_object(v) for v in data.values()):
             return '{"data": {id: task, ...}}'
         keys = ", ".join(sorted(data)[:4])
         return f'{{"data": {{{keys}}}}}'
@@ -112,9 +113,9 @@ def _shape(payload: Any) -> str:
 
 
 def _message(payload: Any, raw: bytes) -> str:
-    if isinstance(payload, dict):
+    if is_object(payload):
         err = payload.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
+        if is_object(err) and isinstance(err.get("message"), str):
             return excerpt(err["message"], 60)
         if isinstance(payload.get("message"), str):
             return excerpt(payload["message"], 60)

@@ -101,7 +101,7 @@ def _check_keys(data: dict[str, Any], allow_unknown_model: bool) -> None:
                 " (--allow-unknown-model sends it as written)"
             )
         return  # a model this SDK does not know: other keys go out as its extra fields
-    problems = []
+    problems: list[FieldError] = []
     for key in (k for k in data if k not in _KNOWN_KEYS):
         near = _closest(key, [k for k in _KNOWN_KEYS if k != "extra"], within=3)
         hint = f"did you mean {near!r}? " if near else ""

@@ -352,9 +352,12 @@ class Apimart(_Facade):
         # Closed by close(), or when the object is collected, or at interpreter exit (while
         # the loop's thread still runs; later it could not, and the exit would hang).
         self._finalizer = weakref.finalize(self, _close, loop, client, stack)
-        self.videos = SyncVideos(loop, client.videos)
-        self.tasks = SyncTasks(loop, client.tasks)
-        self.uploads = SyncUploads(loop, client.uploads)
+        self.videos: SyncVideos = SyncVideos(loop, client.videos)
+        """Submit and generate videos (``AsyncApimart.videos``, blocking)."""
+        self.tasks: SyncTasks = SyncTasks(loop, client.tasks)
+        """Read, wait for and watch tasks (``AsyncApimart.tasks``, blocking)."""
+        self.uploads: SyncUploads = SyncUploads(loop, client.uploads)
+        """Upload reference images (``AsyncApimart.uploads``, blocking)."""
 
     def close(self) -> None:
         """Close the client (waits and batches still running end with ``ClientClosedError``),
@@ -374,10 +377,12 @@ class Apimart(_Facade):
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` has run (the client and its loop thread are gone)."""
         return self._loop.closed
 
     @property
     def base_url(self) -> str:
+        """The API's base URL."""
         return self._target.base_url
 
     def __repr__(self) -> str:

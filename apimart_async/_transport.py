@@ -28,7 +28,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -97,7 +97,7 @@ def check_proxy_url(proxy: Any) -> str:
     """A proxy URL as given to ``AsyncApimart(proxy=...)``: http(s) with a host; credentials
     in it are allowed and never shown in errors."""
     ok = isinstance(proxy, str)
-    if ok:
+    if isinstance(proxy, str):
         try:
             parts = urlsplit(proxy.strip())
             ok = parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -148,7 +148,11 @@ class _Proxies:
 
 def _bypassed(host: str, env: Mapping[str, str]) -> bool:
     if "no" in env:
-        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        # not in typeshed: (host, proxies) -> bool
+        bypass = cast(
+            Callable[[str, dict[str, str]], object],
+            urllib.request.proxy_bypass_environment,  # type: ignore[attr-defined]
+        )
         return bool(bypass(host, dict(env)))
     try:
         return bool(urllib.request.proxy_bypass(host))

@@ -160,6 +160,10 @@ def outcome_kind(outcome: am.Outcome) -> str:
     return "errored"
 
 
+def _default_label(index: int, name: str | None) -> str:
+    return name or f"job {index}"
+
+
 class Progress:
     """Counts of one run, a live bar on a terminal, and a line per job event."""
 
@@ -175,7 +179,7 @@ class Progress:
     ) -> None:
         self.total = total
         self.ui = ui or Ui(stream=stream, tty=tty)
-        self.labels = labels or (lambda index, name: name or f"job {index}")
+        self.labels: Callable[[int, str | None], str] = labels or _default_label
         self.emit_json = emit_json
         self.submitted = 0
         self.counts = {"completed": 0, "failed": 0, "errored": 0, "not started": 0}
@@ -1100,7 +1104,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if extras:
         # Show the subcommand's usage, not the top level's, and never echo a value: a
         # mistyped --api-kye=KEY (or a stray key) would be printed back.
-        sub = parser._subparsers_by_name.get(args.command, parser)  # type: ignore[attr-defined]
+        by_name: dict[str, argparse.ArgumentParser] = getattr(parser, "_subparsers_by_name", {})
+        sub = by_name.get(args.command, parser)
         shown = [a.split("=", 1)[0] if a.startswith("-") else "<value>" for a in extras]
         sub.error(f"unrecognized arguments: {' '.join(shown)} (values not shown)")
     return args

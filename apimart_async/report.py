@@ -40,6 +40,7 @@ import anyio.to_thread
 import attrs
 
 import apimart_async as am
+from apimart_async._json import is_array, is_object
 
 __all__ = [
     "GalleryError",
@@ -442,11 +443,11 @@ def _manifest_job(line: Mapping[str, Any]) -> GalleryJob:
     index = line.get("index")
     if isinstance(index, bool) or not isinstance(index, int):
         raise ValueError("no job index")
-    listed = line.get("files") or ()
-    if not isinstance(listed, list | tuple):
+    listed = line.get("files") or []  # JSON: a list, or nothing
+    if not is_array(listed):
         raise ValueError("files is not a list")
-    files = tuple(
-        f["path"] for f in listed if isinstance(f, Mapping) and isinstance(f.get("path"), str)
+    files: tuple[str, ...] = tuple(
+        f["path"] for f in listed if is_object(f) and isinstance(f.get("path"), str)
     )
     return GalleryJob.from_body(
         index,
@@ -480,7 +481,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[GalleryJob]:
                 line = json.loads(raw)
             except RecursionError:
                 raise ValueError("nested too deeply") from None
-            if not isinstance(line, dict):
+            if not is_object(line):
                 raise ValueError("not a JSON object")
             job = _manifest_job(line)
         except ValueError as exc:
@@ -495,7 +496,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[GalleryJob]:
 def read_journal(path: str | os.PathLike[str]) -> list[GalleryJob]:
     """The cards of a batch journal (SQLite): every job it recorded, pending ones included."""
     records = am.SqliteJournal.read(Path(path))
-    jobs = []
+    jobs: list[GalleryJob] = []
     for rec in records.values():
         task = rec.task or {}
         if rec.state == "done":

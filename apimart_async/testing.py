@@ -29,6 +29,7 @@ mode, or auto mode). They run on asyncio (aiohttp needs it): the plugin pins any
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 import types
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -101,6 +102,7 @@ async def emulated_api(
     blocked_words: tuple[str, ...] = ("[blocked]",),
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
     file_chunk_delay: float = 0.0,
+    state_path: str | os.PathLike[str] | None = None,
 ) -> AsyncGenerator[EmulatedAPI, None]:
     """Start an emulator, open a client on it, and make retry waits zero meanwhile.
 
@@ -134,6 +136,7 @@ async def emulated_api(
                 blocked_words=blocked_words,
                 webhook_retry_delays=webhook_retry_delays,
                 file_chunk_delay=file_chunk_delay,
+                state_path=state_path,
             ) as emu,
             AsyncApimart(
                 emu.api_key, base_url=emu.base_url, poll=poll, **(client_options or {})

@@ -143,13 +143,22 @@ class LocalCA:
         self.ca_file = path
 
     def server_context(self) -> ssl.SSLContext:
+        # what trustme's configure_cert does for the stdlib, typed (its signature names
+        # pyOpenSSL, which may not be installed)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._cert.configure_cert(ctx)
+        pem: bytes = self._cert.private_key_and_cert_chain_pem.bytes()
+        fd, path = tempfile.mkstemp(prefix="apimart-emulator-cert-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        self._ca.configure_trust(ctx)
+        ctx.load_verify_locations(cadata=self._ca.cert_pem.bytes().decode("ascii"))
         return ctx
 
     def cleanup(self) -> None:

@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from apimart_async._json import is_array
+
 from ._faults import FaultPlan
 from ._network import NETWORK_PROFILES, LocalCA, Network, NetworkProfile
 from ._rules import RuleError, check_body, price
@@ -363,9 +365,10 @@ class Emulator:
             if (snap.seed, snap.video_bytes) != (state.seed, state.video_bytes):
                 state.seed, state.video_bytes = snap.seed, snap.video_bytes
                 state.pattern = _pattern(snap.seed)
-            if isinstance(snap.rng, list) and len(snap.rng) == 3:
+            rng = snap.rng
+            if is_array(rng) and len(rng) == 3 and is_array(rng[1]):
                 with contextlib.suppress(TypeError, ValueError):
-                    state.rng.setstate((snap.rng[0], tuple(snap.rng[1]), snap.rng[2]))
+                    state.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
             state.unlimited = snap.unlimited
             state.remain_balance, state.used_balance = snap.remain_balance, snap.used_balance
             self.clock.resume_from(snap.now)

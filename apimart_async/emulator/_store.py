@@ -21,6 +21,8 @@ from typing import IO, Any, Final
 
 import attrs
 
+from apimart_async._json import is_object
+
 from ._state import EmuTask
 
 __all__ = ["FORMAT", "Snapshot", "StateFile"]
@@ -43,7 +45,7 @@ class Snapshot:
     rng: Any = None
     #: The port the emulator listened on (its result URLs name it).
     port: int = 0
-    tasks: dict[str, EmuTask] = attrs.Factory(dict)
+    tasks: dict[str, EmuTask] = attrs.field(factory=dict[str, EmuTask])
 
 
 def task_to_json(task: EmuTask) -> dict[str, Any]:
@@ -51,7 +53,7 @@ def task_to_json(task: EmuTask) -> dict[str, Any]:
 
 
 def task_from_json(data: Any, where: str) -> EmuTask:
-    if not isinstance(data, dict):
+    if not is_object(data):
         raise ValueError(f"{where}: a task must be an object")
     try:
         return EmuTask(**data)
@@ -88,7 +90,7 @@ class StateFile:
                 record = json.loads(line)
             except ValueError:
                 raise ValueError(f"{where}: not JSON") from None
-            if not isinstance(record, dict):
+            if not is_object(record):
                 raise ValueError(f"{where}: not an object")
             if snap is None:
                 snap = self._header(record, where)
