@@ -249,7 +249,7 @@ class APIStatusError(ApimartError):
         sub_code: str | None = None,
     ) -> None:
         self.message = message
-        self.sub_code = sub_code or find_sub_code(code, type, message)
+        self.sub_code: str | None = sub_code or find_sub_code(code, type, message)
         self.http_status = status
         self.retry_after = retry_after
         self.status = status

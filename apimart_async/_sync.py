@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
+from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -156,23 +156,23 @@ class _in_loop_as(_Forward[P, W], Generic[P, T, W]):
 class SyncVideos(_Facade):
     """``client.videos``: submit generations and wait for them (blocking)."""
 
-    submit = _blocking(Videos.submit)
-    generate = _blocking(Videos.generate)
+    submit: Final = _blocking(Videos.submit)
+    generate: Final = _blocking(Videos.generate)
 
 
 class SyncTasks(_Facade):
     """``client.tasks``: status of submitted tasks (blocking)."""
 
-    get = _blocking(Tasks.get)
-    get_many = _blocking(Tasks.get_many)
-    wait = _blocking(Tasks.wait)
+    get: Final = _blocking(Tasks.get)
+    get_many: Final = _blocking(Tasks.get_many)
+    wait: Final = _blocking(Tasks.wait)
 
 
 class SyncUploads(_Facade):
     """``client.uploads``: images to use as reference media (blocking)."""
 
-    image = _blocking(Uploads.image)
-    create = _blocking(Uploads.create)
+    image: Final = _blocking(Uploads.image)
+    create: Final = _blocking(Uploads.create)
 
 
 class SyncBatch(_Facade):
@@ -270,10 +270,10 @@ class SyncBatch(_Facade):
         except StopAsyncIteration:
             return None
 
-    stats = _reader(Batch.stats)
-    pending_task_ids = _reader(Batch.pending_task_ids)
-    unconfirmed_submissions = _reader(Batch.unconfirmed_submissions)
-    stop = _blocking(Batch.stop)
+    stats: Final = _reader(Batch.stats)
+    pending_task_ids: Final = _reader(Batch.pending_task_ids)
+    unconfirmed_submissions: Final = _reader(Batch.unconfirmed_submissions)
+    stop: Final = _blocking(Batch.stop)
 
     @property
     def stopped(self) -> str | None:
@@ -388,10 +388,10 @@ class Apimart(_Facade):
     def __repr__(self) -> str:
         return f"<Apimart {self.base_url} [{'closed' if self.closed else 'open'}]>"
 
-    batch = _in_loop_as(AsyncApimart.batch, SyncBatch)
-    balance = _blocking(AsyncApimart.balance)
-    download = _blocking(AsyncApimart.download)
-    request_counts = _reader(AsyncApimart.request_counts)
+    batch: Final = _in_loop_as(AsyncApimart.batch, SyncBatch)
+    balance: Final = _blocking(AsyncApimart.balance)
+    download: Final = _blocking(AsyncApimart.download)
+    request_counts: Final = _reader(AsyncApimart.request_counts)
 
 
 def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> None:

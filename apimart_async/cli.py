@@ -87,12 +87,12 @@ class Ui:
         tty: bool | None = None,
     ) -> None:
         self.stream = stream
-        self.tty = stream.isatty() if tty is None else tty
+        self.tty: bool = stream.isatty() if tty is None else tty
         self.quiet = quiet
         self.verbose = verbose
-        self.live = self.tty and progress
+        self.live: bool = self.tty and progress
         if color == "auto":
-            self.color = self.tty and not os.environ.get("NO_COLOR")
+            self.color: bool = self.tty and not os.environ.get("NO_COLOR")
         else:
             self.color = color == "always"
         self._status = ""
@@ -178,17 +178,17 @@ class Progress:
         emit_json: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.total = total
-        self.ui = ui or Ui(stream=stream, tty=tty)
+        self.ui: Ui = ui or Ui(stream=stream, tty=tty)
         self.labels: Callable[[int, str | None], str] = labels or _default_label
         self.emit_json = emit_json
-        self.submitted = 0
-        self.counts = {"completed": 0, "failed": 0, "errored": 0, "not started": 0}
-        self.replayed = 0
+        self.submitted: int = 0
+        self.counts: dict[str, int] = {"completed": 0, "failed": 0, "errored": 0, "not started": 0}
+        self.replayed: int = 0
         #: Errored jobs that never became a task: a re-run sends them again.
-        self.no_task = 0
-        self.cost = 0.0  # this run only: replayed outcomes were paid for earlier
-        self.earlier_cost = 0.0
-        self.started = time.monotonic()
+        self.no_task: int = 0
+        self.cost: float = 0.0  # this run only: replayed outcomes were paid for earlier
+        self.earlier_cost: float = 0.0
+        self.started: float = time.monotonic()
 
     @property
     def completed(self) -> int:

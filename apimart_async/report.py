@@ -52,7 +52,7 @@ __all__ = [
     "write_gallery",
 ]
 
-logger = logging.getLogger("apimart_async.report")
+logger: logging.Logger = logging.getLogger("apimart_async.report")
 
 INDEX = "index.html"
 
@@ -653,13 +653,13 @@ class LiveGallery:
         refresh: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir: Path = Path(out_dir)
         """The gallery's folder."""
-        self.path = self.out_dir / INDEX
+        self.path: Path = self.out_dir / INDEX
         """The page: ``out_dir/index.html``."""
         self.refresh = refresh
         """Seconds between the page's reloads while the batch runs."""
-        self.writes = 0
+        self.writes: int = 0
         """How many times the page was written."""
         self.error: GalleryError | None = None
         self._clock = clock

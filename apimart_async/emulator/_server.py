@@ -235,12 +235,14 @@ class Emulator:
         """``http://host:port`` once started."""
         self.network = network
         """The network profile: ``"loopback"`` or ``"real"``."""
-        self.network_profile = NetworkProfile(seed) if network == "real" else None
+        self.network_profile: NetworkProfile | None = (
+            NetworkProfile(seed) if network == "real" else None
+        )
         """The ``real`` profile's middleware and its counts, or None."""
         self._tls = tls
         self.ca: LocalCA | None = None
         """The private CA when ``tls=True`` (made at start, removed at stop)."""
-        self.state_path = Path(state_path) if state_path is not None else None
+        self.state_path: Path | None = Path(state_path) if state_path is not None else None
         """Where the state is kept across restarts (None: nowhere)."""
         self._store = StateFile(self.state_path) if self.state_path is not None else None
 
