@@ -43,6 +43,12 @@ ALLOWED_PRIVATE = {
     # Emulator.ca: the private CA of tls=True, an internal helper (use ca_file or
     # client_ssl_context()).
     "apimart_async.emulator._network.LocalCA",
+    # Emulator.network_profile: the middleware of network="real", read for its counts.
+    "apimart_async.emulator._network.NetworkProfile",
+    # SyncBatch(loop, batch): built by Apimart.batch() only; users never construct one. Its
+    # base class is the sync facades' shared plumbing.
+    "apimart_async._sync._Loop",
+    "apimart_async._sync._Facade",
     # pdoc names a base class from another module by the module that defines it; the class
     # itself is documented as apimart_async.ApimartError.
     "apimart_async._errors.ApimartError",
