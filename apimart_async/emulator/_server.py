@@ -47,9 +47,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from apimart_async._json import is_array
-
 from ._faults import FaultPlan
+from ._json import is_array
 from ._network import NETWORK_PROFILES, LocalCA, Network, NetworkProfile
 from ._rules import RuleError, check_body, price
 from ._state import TERMINAL, Clock, EmuTask, IdemRecord, Mode, State, _pattern, file_bytes

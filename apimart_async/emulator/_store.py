@@ -21,8 +21,7 @@ from typing import IO, Any, Final
 
 import attrs
 
-from apimart_async._json import is_object
-
+from ._json import is_object
 from ._state import EmuTask
 
 __all__ = ["FORMAT", "Snapshot", "StateFile"]
