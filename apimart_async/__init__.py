@@ -62,7 +62,7 @@ from ._schedule import PollPolicy
 from ._scheduler import Budget, Throttle
 from ._specs import MODEL_SPECS as _MODEL_SPECS
 from ._specs import IntRange, ModelSpec
-from ._sync import Apimart, SyncBatch
+from ._sync import Apimart, SyncBatch, SyncTasks, SyncUploads, SyncVideos
 from ._version import __version__ as _version
 
 MODEL_SPECS = _MODEL_SPECS
@@ -119,6 +119,9 @@ __all__ = [
     "SubmitIndeterminateError",
     "Success",
     "SyncBatch",
+    "SyncTasks",
+    "SyncUploads",
+    "SyncVideos",
     "Task",
     "TaskError",
     "TaskFailedError",

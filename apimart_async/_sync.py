@@ -352,11 +352,11 @@ class Apimart(_Facade):
         # Closed by close(), or when the object is collected, or at interpreter exit (while
         # the loop's thread still runs; later it could not, and the exit would hang).
         self._finalizer = weakref.finalize(self, _close, loop, client, stack)
-        self.videos = SyncVideos(loop, client.videos)
+        self.videos: SyncVideos = SyncVideos(loop, client.videos)
         """Submit and generate videos (``AsyncApimart.videos``, blocking)."""
-        self.tasks = SyncTasks(loop, client.tasks)
+        self.tasks: SyncTasks = SyncTasks(loop, client.tasks)
         """Read, wait for and watch tasks (``AsyncApimart.tasks``, blocking)."""
-        self.uploads = SyncUploads(loop, client.uploads)
+        self.uploads: SyncUploads = SyncUploads(loop, client.uploads)
         """Upload reference images (``AsyncApimart.uploads``, blocking)."""
 
     def close(self) -> None:
