@@ -443,7 +443,7 @@ def _manifest_job(line: Mapping[str, Any]) -> GalleryJob:
     index = line.get("index")
     if isinstance(index, bool) or not isinstance(index, int):
         raise ValueError("no job index")
-    listed = line.get("files") or []  # JSON: a list, or nothing
+    listed: object = line.get("files") or []  # JSON: a list, or nothing
     if not is_array(listed):
         raise ValueError("files is not a list")
     files: tuple[str, ...] = tuple(
