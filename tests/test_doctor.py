@@ -179,6 +179,35 @@ async def test_proxy_in_use_is_reported_without_credentials(
     assert exit_code(findings) == 0
 
 
+@pytest.mark.parametrize("tls", [True, False], ids=["https-tunnel", "plain-http"])
+async def test_a_proxy_that_refuses_the_credentials_is_the_failing_row(tls: bool) -> None:
+    async with Emulator(tls=tls) as emu, ConnectProxy(proxy_auth="Basic dTpwdw==") as proxy:
+        ctx = emu.client_ssl_context() if tls else None
+        bad = proxy.url.replace("http://", "http://u:wrong@")
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, ssl=ctx, proxy=bad, max_retries=0
+        ) as client:
+            findings = await diagnose(client)
+    got = by_check(findings)
+    assert got["proxy"].status == "fail", render_table(findings)
+    assert "407" in got["proxy"].found and proxy.url in got["proxy"].found
+    assert "credentials" in got["proxy"].action
+    assert "wrong" not in render_table(findings)
+    assert exit_code(findings) == 1
+
+
+async def test_an_unreachable_proxy_is_the_failing_row() -> None:
+    async with Emulator() as emu:
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, proxy="http://127.0.0.1:9", max_retries=0
+        ) as client:
+            findings = await diagnose(client)
+    got = by_check(findings)
+    assert got["proxy"].status == "fail", render_table(findings)
+    assert "cannot connect" in got["proxy"].found
+    assert exit_code(findings) == 1
+
+
 async def test_submit_check_proves_a_repeated_key_returns_the_same_task(
     emu: Emulator, doc_client: am.AsyncApimart
 ) -> None:
