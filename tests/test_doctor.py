@@ -183,7 +183,7 @@ async def test_proxy_in_use_is_reported_without_credentials(
 async def test_a_proxy_that_refuses_the_credentials_is_the_failing_row(tls: bool) -> None:
     async with Emulator(tls=tls) as emu, ConnectProxy(proxy_auth="Basic dTpwdw==") as proxy:
         ctx = emu.client_ssl_context() if tls else None
-        bad = proxy.url.replace("http://", "http://u:wrong@")
+        bad = proxy.url.replace("http://", "http://u:hunter2@")
         async with am.AsyncApimart(
             emu.api_key, base_url=emu.base_url, ssl=ctx, proxy=bad, max_retries=0
         ) as client:
@@ -192,7 +192,7 @@ async def test_a_proxy_that_refuses_the_credentials_is_the_failing_row(tls: bool
     assert got["proxy"].status == "fail", render_table(findings)
     assert "407" in got["proxy"].found and proxy.url in got["proxy"].found
     assert "credentials" in got["proxy"].action
-    assert "wrong" not in render_table(findings)
+    assert "hunter2" not in render_table(findings)
     assert exit_code(findings) == 1
 
 
