@@ -48,8 +48,9 @@ from ._errors import (
     excerpt,
 )
 from ._models import VideoRequest
+from ._poller import is_unknown_task
 from ._schedule import BATCH_IDS
-from ._transport import Reply
+from ._transport import Reply, _embedded_error, _error_from_reply
 
 __all__ = ["Finding", "add_doctor_parser", "cmd_doctor", "diagnose", "render_table"]
 
@@ -337,6 +338,18 @@ async def _unknown_id_finding(client: AsyncApimart) -> Finding:
         return Finding(
             "unknown task id", "ok", f"404 ({message})", "end the wait: NotFoundError (confirmed)"
         )
+    if status == 400 or status < 300:  # the poller's own reading of the reply decides
+        code = status if status == 400 else _embedded_error(status, raw)
+        error = _error_from_reply(code, {}, raw) if code is not None else None
+        if error is not None and not is_unknown_task(error):
+            shown = f"400 ({message})" if status == 400 else f"{status} with {_shape(payload)}"
+            return Finding(
+                "unknown task id",
+                "warn",
+                shown,
+                f"not read as 'no such task': a wait ends with {type(error).__name__} after "
+                f"{client.poll_policy.hard_error_tries} reads",
+            )
     if status == 400:
         return Finding(
             "unknown task id",

@@ -132,6 +132,19 @@ async def test_what_an_unknown_task_id_answers(
     assert got["unknown task id"].found == found
 
 
+async def test_a_400_for_an_unknown_id_the_sdk_cannot_recognise_says_what_the_sdk_does(
+    emu: Emulator, doc_client: am.AsyncApimart
+) -> None:
+    # the poller takes a 400 for "no such task" only when its message says so; any other 400
+    # ends a wait as a refused read after PollPolicy.hard_error_tries: the table must say that
+    emu.faults.inject("task", Fault.reply(400, {"error": {"message": "bad request"}}))
+    got = by_check(await diagnose(doc_client))
+    assert got["unknown task id"].status == "warn"
+    assert got["unknown task id"].found == "400 (bad request)"
+    assert "BadRequestError" in got["unknown task id"].action
+    assert "grace" not in got["unknown task id"].action
+
+
 async def test_refused_key_fails(emu: Emulator) -> None:
     async with am.AsyncApimart("sk-wrong", base_url=emu.base_url) as client:
         findings = await diagnose(client)
