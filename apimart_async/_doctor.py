@@ -452,8 +452,9 @@ async def cmd_doctor(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.ca_file:
         import ssl
 
-        try:
-            ssl_context = ssl.create_default_context(cafile=args.ca_file)
+        try:  # added to the CAs trusted already (system, SSL_CERT_FILE), not instead of them
+            ssl_context = ssl.create_default_context()
+            ssl_context.load_verify_locations(cafile=args.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigurationError(f"--ca-file: cannot load {args.ca_file!r}: {exc}") from None
     options: dict[str, Any] = {"ssl": ssl_context, "proxy": args.proxy}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import anyio
 import pytest
 
 import apimart_async as am
@@ -308,3 +312,25 @@ def test_doctor_options_leave_the_shared_ones_alone() -> None:
     assert run.parse_args(["--emulate", "--json"]).emulate is True
     args = parser.parse_args(["doctor", "--emulate", "--json", "--yes"])
     assert (args.emulate, args.as_json, args.yes) == (True, True, True)
+
+
+async def test_cli_doctor_ca_file_adds_to_the_trusted_cas(tmp_path: Path) -> None:
+    # --ca-file is "extra CAs to trust": the CAs trusted already (here SSL_CERT_FILE, the
+    # emulator's) must still be, e.g. a proxy's CA added while the API's stays trusted
+    trustme = pytest.importorskip("trustme")
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(trustme.CA().cert_pem.bytes())
+    async with Emulator(tls=True) as emu:
+        assert emu.ca_file is not None
+        env = {**os.environ, "APIMART_API_KEY": emu.api_key, "SSL_CERT_FILE": emu.ca_file}
+        for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+            env.pop(name, None)
+        args = ["doctor", "--json", "--base-url", emu.base_url, "--ca-file", str(other)]
+        result = await anyio.run_process(
+            [sys.executable, "-m", "apimart_async.cli", *args],
+            env=env,
+            check=False,
+        )
+    data = json.loads(result.stdout)
+    assert {f["check"]: f["status"] for f in data["findings"]}["tls"] == "ok", data
+    assert result.returncode == 0
