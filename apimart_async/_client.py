@@ -84,6 +84,9 @@ def _check_task_id(task_id: Any, field: str = "task_id") -> str:
     return task_id
 
 
+#: A language code for ``?language=`` (``en``, ``zh-TW``, ``pt_BR``): passed through as given.
+_LANGUAGE: Final = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+
 #: The vendor's own client's rule for a caller-supplied Idempotency-Key.
 _IDEMPOTENCY_KEY: Final = re.compile(r"[!-~]{1,191}")
 
@@ -116,7 +119,8 @@ class AsyncApimart:
             refused unless the host is loopback (the built-in emulator).
         timeout: per-attempt timeouts, a ``Timeout``, seconds for every phase, or None.
         max_retries: retries after the first attempt for retryable failures (see ``_retry``).
-        language: language of the service's error messages: en, zh, ja or ko.
+        language: language of the service's error messages: en, zh, ja, ko or any other
+            language code (passed through: newer docs list more).
         status_concurrency: parallel status GETs when the batch status route is missing.
         poll: the shared poller's ``PollPolicy`` (when to check each pending task).
         requests_per_second: an optional cap on all requests of this client (submit, status,
@@ -158,9 +162,10 @@ class AsyncApimart:
         url = check_base_url(base_url)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if language not in LANGUAGES:
+        if not isinstance(language, str) or _LANGUAGE.fullmatch(language) is None:
             raise ConfigurationError(
-                f"language must be one of {', '.join(LANGUAGES)}, got {language!r}"
+                f"language must be a language code such as 'en' or 'zh-TW' (the service "
+                f"documents {', '.join(LANGUAGES)}; others are passed through), got {language!r}"
             )
         if (
             isinstance(status_concurrency, bool)

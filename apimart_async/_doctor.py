@@ -49,8 +49,9 @@ from ._errors import (
 )
 from ._json import is_array, is_object
 from ._models import VideoRequest
+from ._poller import is_unknown_task
 from ._schedule import BATCH_IDS
-from ._transport import Reply
+from ._transport import Reply, _embedded_error, _error_from_reply
 
 __all__ = ["Finding", "add_doctor_parser", "cmd_doctor", "diagnose", "render_table"]
 
@@ -128,8 +129,7 @@ def _proxy_finding(client: AsyncApimart) -> Finding:
         if client._transport.proxies.in_use:
             return Finding("proxy", "ok", "bypassed for this host (NO_PROXY)", "connect directly")
         return Finding("proxy", "ok", "none (direct connections)", "connect directly")
-    parts = urlsplit(proxy)
-    shown = f"{parts.scheme}://{parts.hostname}:{parts.port or 80}"
+    shown = _shown_proxy(proxy)
     source = "proxy=" if client._transport._proxy is not None else "the environment"
     return Finding("proxy", "ok", f"{shown} (from {source})", "send every request through it")
 
@@ -159,7 +159,14 @@ async def diagnose(
     started = time.perf_counter()
     try:
         balance = await client.balance()
-    except APIConnectionError as exc:
+    except (APIConnectionError, APIStatusError) as exc:
+        failed = _proxy_failed(client, exc)
+        if failed is not None:
+            findings[0] = failed
+            findings.insert(0, Finding("connectivity", "fail", "not reached (the proxy failed)"))
+            return _ordered(findings)
+        if isinstance(exc, APIStatusError):
+            return await _answered(client, exc, findings, submit_model, batch_size)
         text = str(exc)
         if "certificate" in text.lower() or "SSLError" in text:
             findings.insert(0, Finding("connectivity", "ok", f"{client.base_url} reachable"))
@@ -182,17 +189,8 @@ async def diagnose(
                 ),
             )
         return _ordered(findings)
-    except (AuthenticationError, PermissionDeniedError) as exc:
-        findings.insert(0, Finding("connectivity", "ok", f"{client.base_url} answered"))
-        findings.append(_tls_finding(client, connected=True))
-        findings.append(
-            Finding("key", "fail", f"refused (HTTP {exc.status})", "nothing works: check the key")
-        )
-        return _ordered(findings)
     except ApimartError as exc:
-        findings.insert(0, Finding("connectivity", "ok", f"{client.base_url} answered"))
-        findings.append(_tls_finding(client, connected=True))
-        findings.append(Finding("key", "warn", f"balance unreadable: {excerpt(str(exc), 80)}", ""))
+        return await _answered(client, exc, findings, submit_model, batch_size)
     else:
         ms = (time.perf_counter() - started) * 1000
         findings.insert(
@@ -206,11 +204,76 @@ async def diagnose(
         status: Status = "ok" if balance.unlimited or balance.remain_balance > 0 else "warn"
         action = "" if status == "ok" else "submits will fail with InsufficientBalanceError"
         findings.append(Finding("key", status, f"accepted; balance {shown}", action))
+    return await _service_findings(client, findings, submit_model, batch_size)
+
+
+async def _service_findings(
+    client: AsyncApimart, findings: list[Finding], submit_model: str | None, batch_size: int
+) -> list[Finding]:
     findings.extend(await _batch_findings(client, batch_size))
     findings.append(await _unknown_id_finding(client))
     if submit_model is not None:
         findings.append(await _idempotency_finding(client, submit_model))
     return _ordered(findings)
+
+
+async def _answered(
+    client: AsyncApimart,
+    exc: ApimartError,
+    findings: list[Finding],
+    submit_model: str | None = None,
+    batch_size: int = BATCH_IDS,
+) -> list[Finding]:
+    """The service answered the balance request with an error: a refused key ends the checks,
+    anything else is a warning and the checks go on."""
+    findings.insert(0, Finding("connectivity", "ok", f"{client.base_url} answered"))
+    findings.append(_tls_finding(client, connected=True))
+    if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
+        findings.append(
+            Finding("key", "fail", f"refused (HTTP {exc.status})", "nothing works: check the key")
+        )
+        return _ordered(findings)
+    findings.append(Finding("key", "warn", f"balance unreadable: {excerpt(str(exc), 80)}", ""))
+    return await _service_findings(client, findings, submit_model, batch_size)
+
+
+def _proxy_failed(client: AsyncApimart, exc: ApimartError) -> Finding | None:
+    """The proxy row when the request failed at the proxy: it refused the credentials (407,
+    on a tunnel or on a forwarded plain-http request) or could not be reached."""
+    proxy, _ = client._transport.proxies.for_url(client.base_url)
+    if proxy is None:
+        return None
+    text = str(exc)
+    shown = _shown_proxy(proxy)
+    if (isinstance(exc, APIStatusError) and exc.status == 407) or (
+        "ClientHttpProxyError" in text and "407" in text
+    ):
+        return Finding(
+            "proxy",
+            "fail",
+            f"{shown} answered 407 Proxy Authentication Required (credentials missing or wrong)",
+            "nothing works: give the proxy's credentials (http://user:pass@host:port)",
+        )
+    if "ClientHttpProxyError" in text:
+        return Finding(
+            "proxy",
+            "fail",
+            f"{shown} refused: {excerpt(text, 80)}",
+            "nothing works: check the proxy URL (proxy= or HTTPS_PROXY)",
+        )
+    if "ClientProxyConnectionError" in text:
+        return Finding(
+            "proxy",
+            "fail",
+            f"{shown}: cannot connect",
+            "nothing works: check the proxy URL (proxy= or HTTPS_PROXY)",
+        )
+    return None
+
+
+def _shown_proxy(proxy: str) -> str:
+    parts = urlsplit(proxy)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 80}"
 
 
 _ORDER: Final = ("connectivity", "tls", "proxy", "key")
@@ -276,6 +339,18 @@ async def _unknown_id_finding(client: AsyncApimart) -> Finding:
         return Finding(
             "unknown task id", "ok", f"404 ({message})", "end the wait: NotFoundError (confirmed)"
         )
+    if status == 400 or status < 300:  # the poller's own reading of the reply decides
+        code = status if status == 400 else _embedded_error(status, raw)
+        error = _error_from_reply(code, {}, raw) if code is not None else None
+        if error is not None and not is_unknown_task(error):
+            shown = f"400 ({message})" if status == 400 else f"{status} with {_shape(payload)}"
+            return Finding(
+                "unknown task id",
+                "warn",
+                shown,
+                f"not read as 'no such task': a wait ends with {type(error).__name__} after "
+                f"{client.poll_policy.hard_error_tries} reads",
+            )
     if status == 400:
         return Finding(
             "unknown task id",
@@ -378,8 +453,9 @@ async def cmd_doctor(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.ca_file:
         import ssl
 
-        try:
-            ssl_context = ssl.create_default_context(cafile=args.ca_file)
+        try:  # added to the CAs trusted already (system, SSL_CERT_FILE), not instead of them
+            ssl_context = ssl.create_default_context()
+            ssl_context.load_verify_locations(cafile=args.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigurationError(f"--ca-file: cannot load {args.ca_file!r}: {exc}") from None
     options: dict[str, Any] = {"ssl": ssl_context, "proxy": args.proxy}

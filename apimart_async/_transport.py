@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -118,10 +119,14 @@ class _Proxies:
     def __init__(self, proxy: str | None, *, trust_env: bool) -> None:
         self._fixed = _split_proxy(proxy) if proxy is not None else None
         self._env: dict[str, str] = {}
-        self._by_origin: dict[tuple[str, str], tuple[str | None, Mapping[str, str] | None]] = {}
+        self._by_origin: dict[
+            tuple[str, str, int | None], tuple[str | None, Mapping[str, str] | None]
+        ] = {}
         if proxy is None and trust_env:
             self._env = {
-                k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https", "no")
+                k: v if k == "no" or "://" in v else f"http://{v}"  # proxy.corp:3128 is http
+                for k, v in urllib.request.getproxies().items()
+                if k in ("http", "https", "no")
             }
 
     def for_url(self, url: str) -> tuple[str | None, Mapping[str, str] | None]:
@@ -130,11 +135,15 @@ class _Proxies:
         if not self._env:
             return None, None
         parts = urlsplit(url)
-        key = (parts.scheme, parts.hostname or "")
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        except ValueError:
+            port = None
+        key = (parts.scheme, parts.hostname or "", port)
         found = self._by_origin.get(key)
         if found is None:
             proxy = self._env.get(parts.scheme)
-            if proxy is None or _bypassed(key[1], self._env):
+            if proxy is None or _bypassed(key[1], port, self._env):
                 found = (None, None)
             else:
                 found = _split_proxy(proxy)
@@ -146,22 +155,60 @@ class _Proxies:
         return self._fixed is not None or bool(set(self._env) - {"no"})
 
 
-def _bypassed(host: str, env: Mapping[str, str]) -> bool:
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _bypassed(host: str, port: int | None, env: Mapping[str, str]) -> bool:
     if "no" in env:
-        # not in typeshed: (host, proxies) -> bool
-        bypass = cast(
-            Callable[[str, dict[str, str]], object],
-            urllib.request.proxy_bypass_environment,  # type: ignore[attr-defined]
-        )
-        return bool(bypass(host, dict(env)))
+        return _no_proxy_matches(host, port, env["no"])
     try:
         return bool(urllib.request.proxy_bypass(host))
     except OSError:  # pragma: no cover - system proxy settings unreadable
         return False
 
 
+def _no_proxy_matches(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` lists this host, as curl, requests and httpx read it: ``*``; a
+    name that matches itself and its subdomains (``example.com``, ``.example.com``,
+    ``*.example.com``); an IP address or network (``10.0.0.0/8``, ``::1``); any of these with
+    ``:port`` (``127.0.0.1:8000``, ``[::1]:8443``) to match that port only."""
+    host = host.lower().strip("[]").rstrip(".")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for raw in no_proxy.lower().split(","):
+        entry = raw.strip()
+        if entry == "*":
+            return True
+        entry_port: int | None = None
+        if entry.startswith("["):  # [::1] or [::1]:8443
+            entry, _, rest = entry[1:].partition("]")
+            if rest.startswith(":") and rest[1:].isdigit():
+                entry_port = int(rest[1:])
+        elif entry.count(":") == 1:  # host:port (a bare IPv6 address has several colons)
+            name, _, digits = entry.partition(":")
+            if digits.isdigit():
+                entry, entry_port = name, int(digits)
+        if not entry or (entry_port is not None and entry_port != port):
+            continue
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:  # a name: it cannot match an address
+                pass
+            continue
+        name = entry.lstrip("*").lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
 def _split_proxy(proxy: str) -> tuple[str, Mapping[str, str] | None]:
-    """(proxy URL without credentials, a ``Proxy-Authorization`` header for them or None)."""
+    """(proxy URL without credentials, a ``Proxy-Authorization`` header for them or None).
+    aiohttp sends the header to open a tunnel (https); a plain-http request, which the proxy
+    forwards, carries it itself (see ``_with_proxy_auth``)."""
     parts = urlsplit(proxy)
     if parts.username is None:
         return proxy, None
@@ -175,6 +222,17 @@ def _split_proxy(proxy: str) -> tuple[str, Mapping[str, str] | None]:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), auth
+
+
+def _with_proxy_auth(
+    url: str, headers: Mapping[str, str] | None, proxy_headers: Mapping[str, str] | None
+) -> Mapping[str, str] | None:
+    """The request's headers, plus the proxy's credentials when the request is plain http:
+    the proxy forwards it without a tunnel, and aiohttp sends ``proxy_headers`` only on a
+    CONNECT."""
+    if not proxy_headers or not url.startswith("http:"):
+        return headers
+    return {**(headers or {}), **proxy_headers}
 
 
 def _default_ssl() -> ssl.SSLContext | bool:
@@ -484,6 +542,7 @@ class Transport:
         if proxy is not None:
             options["proxy"] = proxy
             options["proxy_headers"] = proxy_headers
+            all_headers = dict(_with_proxy_auth(url, all_headers, proxy_headers) or {})
         try:
             async with session.request(
                 method,
@@ -580,7 +639,11 @@ class Transport:
         try:
             proxy, proxy_headers = self.proxies.for_url(url)
             async with session.get(
-                url, headers=headers, timeout=timeout, proxy=proxy, proxy_headers=proxy_headers
+                url,
+                headers=_with_proxy_auth(url, headers, proxy_headers),
+                timeout=timeout,
+                proxy=proxy,
+                proxy_headers=proxy_headers,
             ) as resp:
                 yield StreamReply(resp)
         except TimeoutError:

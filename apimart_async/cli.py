@@ -1157,4 +1157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m apimart_async.cli`: run the package's own module, not this __main__ copy, so
+    # that the errors raised by modules importing apimart_async.cli are the ones caught here
+    from apimart_async.cli import main as _main
+
+    raise SystemExit(_main())

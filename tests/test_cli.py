@@ -772,3 +772,11 @@ async def test_emulated_run_resumes_after_ctrl_c_as_the_readme_shows(tmp_path: P
     records = [json.loads(line) for line in state.read_text().splitlines()[1:]]
     assert len({r["task"]["id"] for r in records}) == 5, records
     assert "completed   5" in stdout
+
+
+async def test_doctor_without_a_key_is_a_usage_error_when_run_as_a_module() -> None:
+    # `python -m apimart_async.cli` runs cli.py as __main__; doctor imports apimart_async.cli,
+    # a second copy whose UsageError the first one's main() did not catch (a traceback)
+    code, out, err = await cli("doctor", "--base-url", "http://127.0.0.1:9")
+    assert (code, out) == (2, ""), err
+    assert err.startswith("error: no API key: ") and "Traceback" not in err, err

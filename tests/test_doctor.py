@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import anyio
 import pytest
 
 import apimart_async as am
@@ -132,6 +136,19 @@ async def test_what_an_unknown_task_id_answers(
     assert got["unknown task id"].found == found
 
 
+async def test_a_400_for_an_unknown_id_the_sdk_cannot_recognise_says_what_the_sdk_does(
+    emu: Emulator, doc_client: am.AsyncApimart
+) -> None:
+    # the poller takes a 400 for "no such task" only when its message says so; any other 400
+    # ends a wait as a refused read after PollPolicy.hard_error_tries: the table must say that
+    emu.faults.inject("task", Fault.reply(400, {"error": {"message": "bad request"}}))
+    got = by_check(await diagnose(doc_client))
+    assert got["unknown task id"].status == "warn"
+    assert got["unknown task id"].found == "400 (bad request)"
+    assert "BadRequestError" in got["unknown task id"].action
+    assert "grace" not in got["unknown task id"].action
+
+
 async def test_refused_key_fails(emu: Emulator) -> None:
     async with am.AsyncApimart("sk-wrong", base_url=emu.base_url) as client:
         findings = await diagnose(client)
@@ -177,6 +194,35 @@ async def test_proxy_in_use_is_reported_without_credentials(
     assert "secret" not in render_table(findings)
     assert proxy.tunnels >= 1
     assert exit_code(findings) == 0
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["https-tunnel", "plain-http"])
+async def test_a_proxy_that_refuses_the_credentials_is_the_failing_row(tls: bool) -> None:
+    async with Emulator(tls=tls) as emu, ConnectProxy(proxy_auth="Basic dTpwdw==") as proxy:
+        ctx = emu.client_ssl_context() if tls else None
+        bad = proxy.url.replace("http://", "http://u:hunter2@")
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, ssl=ctx, proxy=bad, max_retries=0
+        ) as client:
+            findings = await diagnose(client)
+    got = by_check(findings)
+    assert got["proxy"].status == "fail", render_table(findings)
+    assert "407" in got["proxy"].found and proxy.url in got["proxy"].found
+    assert "credentials" in got["proxy"].action
+    assert "hunter2" not in render_table(findings)
+    assert exit_code(findings) == 1
+
+
+async def test_an_unreachable_proxy_is_the_failing_row() -> None:
+    async with Emulator() as emu:
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, proxy="http://127.0.0.1:9", max_retries=0
+        ) as client:
+            findings = await diagnose(client)
+    got = by_check(findings)
+    assert got["proxy"].status == "fail", render_table(findings)
+    assert "cannot connect" in got["proxy"].found
+    assert exit_code(findings) == 1
 
 
 async def test_submit_check_proves_a_repeated_key_returns_the_same_task(
@@ -266,3 +312,25 @@ def test_doctor_options_leave_the_shared_ones_alone() -> None:
     assert run.parse_args(["--emulate", "--json"]).emulate is True
     args = parser.parse_args(["doctor", "--emulate", "--json", "--yes"])
     assert (args.emulate, args.as_json, args.yes) == (True, True, True)
+
+
+async def test_cli_doctor_ca_file_adds_to_the_trusted_cas(tmp_path: Path) -> None:
+    # --ca-file is "extra CAs to trust": the CAs trusted already (here SSL_CERT_FILE, the
+    # emulator's) must still be, e.g. a proxy's CA added while the API's stays trusted
+    trustme = pytest.importorskip("trustme")
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(trustme.CA().cert_pem.bytes())
+    async with Emulator(tls=True) as emu:
+        assert emu.ca_file is not None
+        env = {**os.environ, "APIMART_API_KEY": emu.api_key, "SSL_CERT_FILE": emu.ca_file}
+        for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+            env.pop(name, None)
+        args = ["doctor", "--json", "--base-url", emu.base_url, "--ca-file", str(other)]
+        result = await anyio.run_process(
+            [sys.executable, "-m", "apimart_async.cli", *args],
+            env=env,
+            check=False,
+        )
+    data = json.loads(result.stdout)
+    assert {f["check"]: f["status"] for f in data["findings"]}["tls"] == "ok", data
+    assert result.returncode == 0

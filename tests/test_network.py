@@ -300,6 +300,73 @@ async def test_trust_env_false_ignores_the_environment(monkeypatch: pytest.Monke
         assert proxy.tunnels == 0
 
 
+async def test_scheme_less_proxy_from_the_environment_is_read_as_http(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # HTTPS_PROXY=proxy.corp:3128 (no scheme) is common; requests and httpx read it as http://
+    async with Emulator(tls=True) as emu, ConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url.removeprefix("http://"))
+        ctx = emu.client_ssl_context()
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, ssl=ctx, max_retries=0
+        ) as client:
+            await client.balance()
+        assert proxy.tunnels == 1
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "url", "bypassed"),
+    [
+        ("127.0.0.1:8443", "https://127.0.0.1:8443/v1/balance", True),
+        ("127.0.0.1:8443", "https://127.0.0.1:9443/v1/balance", False),
+        ("api.example.com:443", "https://api.example.com/v1/balance", True),
+        ("127.0.0.0/8", "https://127.0.0.2:8443/v1/balance", True),
+        ("10.0.0.0/8", "https://127.0.0.1:8443/v1/balance", False),
+        ("*.example.com", "https://api.example.com/v1/balance", True),
+        (".example.com", "https://api.example.com/v1/balance", True),
+        ("example.com", "https://api.example.com/v1/balance", True),
+        ("example.com", "https://badexample.com/v1/balance", False),
+        ("[::1]:8443", "https://[::1]:8443/v1/balance", True),
+        ("::1", "https://[::1]:8443/v1/balance", True),
+        (" other.org , *.example.com ", "https://cdn.example.com/f.mp4", True),
+        ("*", "https://api.apimart.ai/v1/balance", True),
+    ],
+)
+def test_no_proxy_entries_with_ports_networks_and_wildcards(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str, url: str, bypassed: bool
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    proxy, _ = _transport._Proxies(None, trust_env=True).for_url(url)
+    assert (proxy is None) is bypassed
+
+
+async def test_no_proxy_with_the_emulators_port_bypasses_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with Emulator(tls=True) as emu, ConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", f"127.0.0.1:{emu.port}")
+        ctx = emu.client_ssl_context()
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, ssl=ctx) as client:
+            await client.balance()
+        assert proxy.tunnels == 0
+        assert emu.counters["balance"] == 1
+
+
+async def test_plain_http_through_a_proxy_that_wants_credentials() -> None:
+    # plain http goes through the proxy as a forwarded request (no tunnel): the credentials
+    # must travel in that request's Proxy-Authorization (result files may be http URLs)
+    token = "Basic " + base64.b64encode(b"user:pw").decode()
+    async with Emulator() as emu, ConnectProxy(proxy_auth=token) as proxy:
+        proxy_url = proxy.url.replace("http://", "http://user:pw@")
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, proxy=proxy_url, max_retries=0
+        ) as client:
+            await client.balance()
+        assert proxy.forwarded == 1 and proxy.refused == 0
+
+
 @pytest.mark.parametrize("proxy", ["socks5://127.0.0.1:1080", "127.0.0.1:3128", ""])
 def test_proxy_must_be_an_http_url(proxy: str) -> None:
     with pytest.raises(am.ConfigurationError, match="proxy must be an http"):
