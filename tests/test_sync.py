@@ -143,6 +143,10 @@ def test_a_batch_iterated_with_a_for_loop_yields_every_job_once(temu: ThreadedEm
     assert max(temu.emu.tasks_per_key.values()) == 1
 
 
+@pytest.mark.xfail(
+    reason="known race (issue 19): right after break, the poller can still list the last task",
+    strict=False,
+)
 def test_breaking_out_of_a_batch_leaves_it_and_the_client_goes_on(
     manual_temu: ThreadedEmulator,
 ) -> None:
