@@ -5,13 +5,17 @@
   are not even JSON.
 - ``idempotency_unavailable`` (the service did NOT run the request) is retried whatever its
   status; ``build_request_failed`` (a validation error, often sent as a 500) never is.
-- The submit POST: the same, plus 409 ``idempotency_in_progress``; it always carries an
-  ``Idempotency-Key`` that stays the same on every retry, so a retry never bills twice.
+- The submit POST: the same; it always carries an ``Idempotency-Key`` that stays the same on
+  every retry, so a retry never bills twice. A 409 ``idempotency_in_progress`` (the service
+  still works on an earlier attempt with that key) is not a failure: it is asked again after
+  a pause (the server's ``Retry-After``, else 1 s doubling to 8 s) for up to
+  ``IN_PROGRESS_MAX_WAIT`` seconds of pauses, without using up the retries for failures.
 - 400, 401, 402, 403, 404 and the other 409s are never retried.
 - Waits: the server's ``Retry-After`` when it sent one (up to ``MAX_RETRY_AFTER``; a longer
   one is not waited for), else exponential backoff with full jitter, capped.
 - ``set_testing(True)`` makes every wait zero, so retry paths run instantly in tests (but for
-  a 50 ms pause while the service reports the same submit still in progress).
+  a 50 ms pause while the service reports the same submit still in progress: a real service
+  needs real time to finish it).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ BACKOFF_CAP: Final = 8.0
 MAX_RETRY_AFTER: Final = 120.0
 #: The pause between retries of a submit the service reports in progress, under set_testing.
 IN_PROGRESS_TEST_PAUSE: Final = 0.05
+#: Seconds of pauses a submit waits in all while the service reports it in progress.
+IN_PROGRESS_MAX_WAIT = 300.0
+IN_PROGRESS_BASE: Final = 1.0
+IN_PROGRESS_CAP: Final = 8.0
 
 _testing = False
 
@@ -99,9 +107,24 @@ def is_retryable(exc: BaseException, *, submit: bool = False) -> bool:
         if exc.sub_code == "build_request_failed":
             return False
         if isinstance(exc, ConflictError):
-            return submit and _in_progress(exc)
+            return submit and in_progress(exc)
         return is_retryable_status(exc.status)
     return False
+
+
+def is_retryable_failure(exc: BaseException, *, submit: bool = False) -> bool:
+    """``is_retryable`` but for ``idempotency_in_progress``, which is waited out on its own
+    budget (``in_progress_delay``) instead of using up the retries for failures."""
+    return is_retryable(exc, submit=submit) and not in_progress(exc)
+
+
+def in_progress_delay(round_: int, exc: APIStatusError) -> float:
+    """The pause before asking again about a submit the service reports in progress."""
+    if _testing:
+        return IN_PROGRESS_TEST_PAUSE
+    if exc.retry_after is not None:
+        return min(exc.retry_after, MAX_RETRY_AFTER)
+    return min(IN_PROGRESS_CAP, IN_PROGRESS_BASE * 2.0 ** (round_ - 1))
 
 
 def is_retryable_status(status: int) -> bool:
@@ -121,9 +144,7 @@ def wait_gen() -> Generator[float, BaseException | None, None]:
     while True:
         attempt += 1
         if _testing:
-            # Zero, except while the service says the same submit is still being processed:
-            # a short real pause lets that first request finish (else retries burn at once).
-            delay = IN_PROGRESS_TEST_PAUSE if _in_progress(exc) else 0.0
+            delay = 0.0
         elif isinstance(exc, APIStatusError) and exc.retry_after is not None:
             delay = min(exc.retry_after, MAX_RETRY_AFTER)
         else:
@@ -131,7 +152,8 @@ def wait_gen() -> Generator[float, BaseException | None, None]:
         exc = yield delay
 
 
-def _in_progress(exc: BaseException | None) -> bool:
+def in_progress(exc: BaseException | None) -> bool:
+    """A 409 ``idempotency_in_progress``: the service still works on a request with this key."""
     return isinstance(exc, ConflictError) and exc.sub_code == "idempotency_in_progress"
 
 

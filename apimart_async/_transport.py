@@ -46,6 +46,7 @@ from ._errors import (
     APITimeoutError,
     ClientClosedError,
     ConfigurationError,
+    ConflictError,
     ResponseValidationError,
     find_sub_code,
     status_error_class,
@@ -361,7 +362,7 @@ class Transport:
         #: Attempts made, by kind of request ("submit", "task", "batch", ...), and "retries".
         self.counters: collections.Counter[str] = collections.Counter()
         self._retrying_read = self._retrying(submit=False)
-        self._retrying_submit = self._retrying(submit=True)
+        self._retrying_submit = self._waiting_out_in_progress(self._retrying(submit=True))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -457,7 +458,7 @@ class Transport:
         backoff decorator per request costs more than the rest of the request's own work)."""
 
         def giveup(exc: Exception) -> bool:
-            return not _retry.is_retryable(exc, submit=submit)
+            return not _retry.is_retryable_failure(exc, submit=submit)
 
         def on_backoff(details: Any) -> None:
             exc = details.get("exception")
@@ -483,6 +484,46 @@ class Transport:
             on_backoff=on_backoff,
         )(self._parsed_attempt)
         return wrapped
+
+    def _waiting_out_in_progress(
+        self, retrying: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
+        """``retrying`` (a submit with its retries for failures), asked again after a pause
+        while the service reports an earlier attempt with the same key still in progress, for
+        up to ``_retry.IN_PROGRESS_MAX_WAIT`` seconds of pauses in all. Each answer "in
+        progress" proves the service holds the request: it is not a failure, and it does not
+        use up the retries for failures (which a slow service would otherwise exhaust, ending
+        a submit about to succeed as indeterminate)."""
+
+        async def run(*args: Any) -> Any:
+            waited = 0.0
+            rounds = 0
+            while True:
+                try:
+                    return await retrying(*args)
+                except ConflictError as exc:
+                    if not _retry.in_progress(exc) or (
+                        exc.retry_after is not None and exc.retry_after > _retry.MAX_RETRY_AFTER
+                    ):
+                        raise
+                    rounds += 1
+                    delay = _retry.in_progress_delay(rounds, exc)
+                    if waited + delay > _retry.IN_PROGRESS_MAX_WAIT + 1e-9:
+                        raise
+                    waited += delay
+                    self.counters["retries"] += 1
+                    logger.info(
+                        "%s %s: the service still works on this key; asking again in %.2f s "
+                        "(%.0f s of %.0f s waited)",
+                        args[0],
+                        args[1],
+                        delay,
+                        waited,
+                        _retry.IN_PROGRESS_MAX_WAIT,
+                    )
+                    await anyio.sleep(delay)
+
+        return run
 
     async def _parsed_attempt(
         self,

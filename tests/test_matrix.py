@@ -165,6 +165,7 @@ class Tally:
     jobs: int = 0
     faults: int = 0
     duplicates: int = 0
+    resumed: int = 0
     rows: list[str] = attrs.field(factory=list)
 
 
@@ -175,7 +176,8 @@ def tally() -> Iterator[Tally]:
     if t.cells:
         print(
             f"\nmatrix: {t.cells} cells, {t.jobs} jobs, {t.faults} faults injected, "
-            f"{t.duplicates} duplicate tasks, 0 hangs",
+            f"{t.duplicates} duplicate tasks, {t.resumed} indeterminate submits settled by a "
+            "resume, 0 hangs",
             *t.rows,
             sep="\n  ",
         )
@@ -228,15 +230,7 @@ async def test_faults(
     network: str,
     long_run: bool,
     tally: Tally,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if (variant, network) == ("409-in-code", "real-https-proxy"):
-        # Known, open (issue 19): with this cell's seed in a whole run, one submit exhausts its
-        # 8 tries and ends as SubmitIndeterminateError, a documented outcome that keeps its
-        # key; the cell should resume the batch and check it settles without paying twice.
-        request.applymarker(
-            pytest.mark.xfail(reason="one submit can end indeterminate; resume not yet checked")
-        )
     jobs = 400 if long_run else 16
     out = tmp_path / "videos"
     async with (
@@ -256,11 +250,21 @@ async def test_faults(
                 requests = [
                     (f"job{i}", am.VideoRequest("sora-2-preview", f"p {i}")) for i in range(jobs)
                 ]
-                async with client.batch(
-                    requests, concurrency=8, journal=tmp_path / "j.sqlite", download_dir=out
-                ) as results:
-                    outcomes = [o async for o in results]
-                stats = results.stats()
+
+                async def run() -> tuple[list[am.Outcome], am.BatchStats]:
+                    async with client.batch(
+                        requests, concurrency=8, journal=tmp_path / "j.sqlite", download_dir=out
+                    ) as results:
+                        return [o async for o in results], results.stats()
+
+                outcomes, stats = await run()
+                unknown = [o for o in outcomes if isinstance(o.error, am.SubmitIndeterminateError)]
+                if unknown:
+                    # A documented outcome (a run of lost replies can end a submit there): it
+                    # keeps its key in the journal, and running the batch again settles it
+                    # without a second task (checked below, per key and per prompt).
+                    tally.resumed += len(unknown)
+                    outcomes, stats = await run()
                 left = len(client._poller)
         record(tally, f"faults {variant} x {network}", emu, jobs)
         # every job ends exactly once, as completed or failed

@@ -294,7 +294,7 @@ async def test_vanished_task_is_journaled_done_only_after_confirmation(
                 (outcome,) = [o async for o in results]
         assert isinstance(outcome.error, am.NotFoundError)
         assert manual.counters["task"] == 2
-        records = await am.SqliteJournal(str(journal)).open()
+        records = am.SqliteJournal.read(journal)
     assert records[0].state == "done"
     assert records[0].error_type == "NotFoundError"
 
@@ -342,7 +342,7 @@ async def test_unhealable_error_ends_a_batch_job_resumably(
                 manual.faults.inject("*", Fault.error(403, "permission_error"), times=100)
                 (outcome,) = [o async for o in results]
         assert isinstance(outcome.error, am.PermissionDeniedError)
-        records = await am.SqliteJournal(str(tmp_path / "j.sqlite")).open()
+        records = am.SqliteJournal.read(tmp_path / "j.sqlite")
     assert records[0].state == "pending"  # a later run picks the task up again
 
 
@@ -368,7 +368,7 @@ async def test_completed_without_video_is_an_error_no_file_and_resumable(
         assert not outcome.ok
         assert manual.counters.get("file", 0) == 0
         assert not any(out.glob("*.mp4")) if out.exists() else True
-        records = await am.SqliteJournal(str(journal)).open()
+        records = am.SqliteJournal.read(journal)
         assert records[0].state == "pending"  # a later run reads the task again
 
 

@@ -98,6 +98,31 @@ async def test_in_progress_conflict_is_waited_out(emu: Emulator, client: am.Asyn
     assert emu.task_ids() == [task_id]
 
 
+async def test_in_progress_is_waited_out_past_max_retries(emu: Emulator) -> None:
+    # The service still works on the first attempt: a slow network, a busy service. Every
+    # "in progress" answer is the service holding our request, not a failure: it must not use
+    # up the retries meant for failures, or a submit that is about to succeed ends unknown.
+    emu.faults.inject("submit", Fault.error(409, "idempotency_in_progress"), times=6)
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=2) as client:
+        task_id = await client.videos.submit(SORA, idempotency_key="slow-1")
+    assert emu.counters["submit"] == 7
+    assert emu.task_ids() == [task_id]
+    assert emu.tasks_per_key == {"slow-1": 1}
+
+
+async def test_in_progress_wait_is_bounded(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It is bounded by the seconds waited (here 4 pauses of 50 ms), then raised as it is:
+    # no attempt of ours went unanswered, so another holder of the key is running it.
+    monkeypatch.setattr(_retry, "IN_PROGRESS_MAX_WAIT", 4 * _retry.IN_PROGRESS_TEST_PAUSE)
+    emu.faults.inject("submit", Fault.error(409, "idempotency_in_progress"), times=100)
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=2) as client:
+        with pytest.raises(am.ConflictError) as info:
+            await client.videos.submit(SORA, idempotency_key="held")
+    assert info.value.sub_code == "idempotency_in_progress"
+    assert emu.counters["submit"] == 5
+    assert emu.task_ids() == []
+
+
 async def test_in_progress_conflict_is_not_retried_for_reads(
     emu: Emulator, client: am.AsyncApimart
 ) -> None:
