@@ -848,7 +848,7 @@ class Batch:
             self._sched.started()
             self._sched.submitted(ok=True)
             self._submitted += 1
-            job.submitted_at = time.monotonic()
+            job.submitted_at = self._client._poller.now()
             self._jobs[record.task_id] = job
             if self._budget is not None:
                 est = self._budget.estimate(request) or 0.0
@@ -972,7 +972,7 @@ class Batch:
         self._sched.submitted(ok=True)
         self._notify()
         self._submitted += 1
-        job.submitted_at = time.monotonic()
+        job.submitted_at = self._client._poller.now()
         self._jobs[task_id] = job
         self._event("submitted", job.index, task_id=task_id)
         if self._stopped == "the batch deadline passed":

@@ -121,6 +121,9 @@ class Poller:
         self.schedule: PollSchedule = PollSchedule(policy)
         self._clock = clock
         self._wall = wall
+        #: How many of the clock's seconds pass per real second (an emulator's compressed
+        #: clock, see ``apimart_async.testing.follow_clock``); real waits are divided by it.
+        self.time_scale = 1.0
         self._watchers: dict[str, _Watchers] = {}
         self._wake = anyio.Event()
         self._closed = False
@@ -136,6 +139,17 @@ class Poller:
 
     def now(self) -> float:
         return self._clock()
+
+    def use_clock(
+        self, clock: Callable[[], float], wall: Callable[[], float], time_scale: float = 1.0
+    ) -> None:
+        """Schedule on another clock (``time_scale`` of its seconds per real second)."""
+        if not (time_scale > 0 and math.isfinite(time_scale)):
+            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        self._clock = clock
+        self._wall = wall
+        self.time_scale = float(time_scale)
+        self._wake.set()
 
     # -- registration --------------------------------------------------------------------------
 
@@ -204,7 +218,7 @@ class Poller:
                 raise
             except Exception:
                 logger.exception("status poller round failed; continuing")
-                await anyio.sleep(self.schedule.policy.min_interval)
+                await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
 
     async def _round(self) -> None:
         now = self._clock()
@@ -220,7 +234,7 @@ class Poller:
         wakeup = self.schedule.next_wakeup()
         delay = math.inf if wakeup is None else max(0.0, wakeup - self._clock())
         self._wake = anyio.Event()
-        with anyio.move_on_after(delay):
+        with anyio.move_on_after(delay / self.time_scale):
             await self._wake.wait()
 
     async def _check(self, ids: list[str]) -> None:

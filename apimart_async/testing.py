@@ -43,9 +43,9 @@ from ._retry import is_testing, set_testing
 from ._schedule import PollPolicy
 
 if TYPE_CHECKING:
-    from .emulator import Emulator
+    from .emulator import Emulator, RealisticProfile
 
-__all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api"]
+__all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api", "follow_clock"]
 
 FAST_POLL = PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.01, jitter=0.0)
 """A poll policy for tests: checks within milliseconds."""
@@ -78,6 +78,14 @@ class ClientOptions(TypedDict, total=False):
     """Result files downloaded at once."""
 
 
+def follow_clock(client: AsyncApimart, emulator: Emulator) -> None:
+    """Make the client's poller schedule on the emulator's clock: its time, its wall time
+    (for ``created``) and its ``time_scale`` (real waits shrink by it). Needed when the
+    emulator runs with ``time_scale`` != 1 or when a test ``advance()``s its clock."""
+    clock = emulator.clock
+    client._poller.use_clock(clock.monotonic, clock.now, clock.scale)
+
+
 @contextlib.asynccontextmanager
 async def emulated_api(
     *,
@@ -103,12 +111,15 @@ async def emulated_api(
     webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
     file_chunk_delay: float = 0.0,
     state_path: str | os.PathLike[str] | None = None,
+    profile: str | RealisticProfile = "default",
+    time_scale: float = 1.0,
 ) -> AsyncGenerator[EmulatedAPI, None]:
     """Start an emulator, open a client on it, and make retry waits zero meanwhile.
 
     The emulator's options are ``apimart_async.emulator.Emulator``'s, with the same defaults
     except ``task_duration``: tasks finish at once unless you say otherwise. ``poll`` and
-    ``client_options`` go to ``apimart_async.AsyncApimart``.
+    ``client_options`` go to ``apimart_async.AsyncApimart``. With a ``time_scale``, the
+    client schedules on the emulator's clock (``follow_clock``).
     """
     from .emulator import Emulator  # the aiohttp server: imported only when used
 
@@ -137,11 +148,15 @@ async def emulated_api(
                 webhook_retry_delays=webhook_retry_delays,
                 file_chunk_delay=file_chunk_delay,
                 state_path=state_path,
+                profile=profile,
+                time_scale=time_scale,
             ) as emu,
             AsyncApimart(
                 emu.api_key, base_url=emu.base_url, poll=poll, **(client_options or {})
             ) as client,
         ):
+            if emu.clock.scale != 1.0:
+                follow_clock(client, emu)
             yield EmulatedAPI(client, emu)
     finally:
         set_testing(was_testing)

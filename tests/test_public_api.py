@@ -18,7 +18,14 @@ def test_all_is_exactly_the_public_names() -> None:
         "report",
     }
     assert set(am.__all__) == public | {"__version__"}
-    assert set(emulator.__all__) == {"ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan"}
+    assert set(emulator.__all__) == {
+        "ENDPOINTS",
+        "Clock",
+        "Emulator",
+        "Fault",
+        "FaultPlan",
+        "RealisticProfile",
+    }
 
 
 def test_error_tree() -> None:

@@ -10,10 +10,11 @@ from apimart-api.md alone, so the SDK is tested against an independent implement
 
 from ._faults import ENDPOINTS as _ENDPOINTS
 from ._faults import Fault, FaultPlan
+from ._realistic import RealisticProfile
 from ._server import Emulator
 from ._state import Clock
 
-__all__ = ["ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan"]
+__all__ = ["ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan", "RealisticProfile"]
 
 ENDPOINTS = _ENDPOINTS
 """The endpoints faults can target: ``"submit"``, ``"task"``, ``"batch"``, ``"balance"``,

@@ -15,6 +15,7 @@ import signal
 import sys
 
 from ._network import NETWORK_PROFILES
+from ._realistic import DEFAULT_DURATIONS, PROFILES, RealisticProfile
 from ._server import BATCH_ROUTES, CONFLICT_PLACEMENTS, UNKNOWN_TASK_REPLIES, Emulator
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "emulator_from_args", "main", "run"]
@@ -30,6 +31,27 @@ def _parse_duration(text: str) -> float | tuple[float, float]:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH seconds, got {text!r}") from None
+
+
+def _model_duration(text: str) -> tuple[str, tuple[float, float]]:
+    key, sep, span = text.partition("=")
+    try:
+        value = _parse_duration(span) if sep and key else None
+    except (ValueError, argparse.ArgumentTypeError):
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError("expected MODEL[:LENGTH]=LOW-HIGH, e.g. sora-2=60-240")
+    return key, value if isinstance(value, tuple) else (value, value)
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError("the time scale must be a number > 0")
+    return value
 
 
 def _status_name(text: str) -> tuple[str, str]:
@@ -142,6 +164,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="makes ids, durations and faults repeatable (default: %(default)s)",
     )
     p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="default",
+        help="realistic: minute-long jobs per model, estimated_time off by up to 25%%, uneven "
+        "progress, a round trip on every reply (--duration is then ignored)",
+    )
+    p.add_argument(
+        "--model-duration",
+        type=_model_duration,
+        action="append",
+        default=[],
+        metavar="MODEL[:LENGTH]=LOW-HIGH",
+        help="realistic profile: seconds for a model family (and clip length), repeatable; "
+        "defaults: " + ", ".join(f"{k}={lo:g}-{hi:g}" for k, (lo, hi) in DEFAULT_DURATIONS.items()),
+    )
+    p.add_argument(
+        "--estimate-error",
+        type=float,
+        default=None,
+        help="estimated_time is the true duration times 1 +/- this (default 0.2; realistic 0.25)",
+    )
+    p.add_argument(
+        "--rtt", type=float, default=0.2, help="realistic profile: seconds added to every reply"
+    )
+    p.add_argument(
+        "--time-scale",
+        type=_scale,
+        default=1.0,
+        help="the emulator's clock runs this many times faster than real time",
+    )
+    p.add_argument(
         "--state",
         metavar="PATH",
         default=None,
@@ -156,6 +209,15 @@ def build_parser(prog: str = "python -m apimart_async.emulator") -> argparse.Arg
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(p)
     return p
+
+
+def _profile(args: argparse.Namespace) -> str | RealisticProfile:
+    if args.profile != "realistic":
+        return str(args.profile)
+    durations = dict(DEFAULT_DURATIONS)
+    durations.update(dict(args.model_duration))
+    extra = {} if args.estimate_error is None else {"estimate_error": args.estimate_error}
+    return RealisticProfile(durations=durations, rtt=args.rtt, **extra)
 
 
 def emulator_from_args(args: argparse.Namespace) -> Emulator:
@@ -176,6 +238,9 @@ def emulator_from_args(args: argparse.Namespace) -> Emulator:
         network=args.network,
         tls=args.tls,
         state_path=args.state,
+        profile=_profile(args),
+        time_scale=args.time_scale,
+        **({} if args.estimate_error is None else {"estimate_error": args.estimate_error}),
     )
     if args.fault_rate:
         emu.faults.set_rate(args.fault_rate)

@@ -50,6 +50,7 @@ from aiohttp import web
 from ._faults import FaultPlan
 from ._json import is_array
 from ._network import NETWORK_PROFILES, LocalCA, Network, NetworkProfile
+from ._realistic import PROFILES, RealisticProfile, RttMiddleware
 from ._rules import RuleError, check_body, price
 from ._state import TERMINAL, Clock, EmuTask, IdemRecord, Mode, State, _pattern, file_bytes
 from ._store import Snapshot, StateFile
@@ -146,6 +147,13 @@ class Emulator:
             file answers for the same tasks, and tasks created before go on with its clock,
             so a batch interrupted with Ctrl-C resumes against the same tasks. The seed and
             file size that made earlier result files are taken from the file.
+        profile: ``"default"`` or ``"realistic"`` (minute-long jobs per model, ``estimated_time``
+            off by up to 25 %, uneven progress, a 0.2 s round trip on every reply; see
+            ``_realistic``), or a ``RealisticProfile`` with other numbers. With a realistic
+            profile, ``task_duration`` and ``estimate_error`` are the profile's.
+        time_scale: the emulator's clock runs this many times faster than real time (round
+            trips shrink with it). A client scheduling on the same time reads
+            ``clock.monotonic`` and ``clock.now`` and divides its real waits by the scale.
     """
 
     def __init__(
@@ -174,7 +182,17 @@ class Emulator:
         network: Network = "loopback",
         tls: bool | ssl.SSLContext = False,
         state_path: str | os.PathLike[str] | None = None,
+        profile: str | RealisticProfile = "default",
+        time_scale: float = 1.0,
     ) -> None:
+        if isinstance(profile, str):
+            if profile not in PROFILES:
+                raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+            realistic = RealisticProfile() if profile == "realistic" else None
+        elif isinstance(profile, RealisticProfile):
+            realistic = profile
+        else:
+            raise ValueError("profile must be 'default', 'realistic' or a RealisticProfile")
         if network not in NETWORK_PROFILES:
             raise ValueError(f"network must be one of {', '.join(NETWORK_PROFILES)}")
         if mode not in ("auto", "manual"):
@@ -202,8 +220,16 @@ class Emulator:
         """Seconds between webhook delivery attempts."""
         self.file_chunk_delay = file_chunk_delay
         """Real seconds to pause after each 256 KiB of a result file (a slow CDN)."""
-        self.clock: Clock = Clock(frozen=frozen_clock)
+        self.clock: Clock = Clock(frozen=frozen_clock, scale=time_scale)
         """The emulated service's clock (``advance()`` moves it)."""
+        self.profile = realistic
+        """The realistic profile's numbers, or None for the default profile."""
+        self.rtt: RttMiddleware | None = (
+            RttMiddleware(realistic, seed, lambda: self.clock.scale)
+            if realistic is not None and realistic.rtt > 0
+            else None
+        )
+        """The round trip added to every reply (realistic profile with ``rtt > 0``), or None."""
         self.faults: FaultPlan = FaultPlan(seed)
         """Faults to inject (``inject()``, ``set_rate()``)."""
         self.state: State = State(
@@ -220,6 +246,7 @@ class Emulator:
             clock=self.clock,
             blocked_words=blocked_words,
             status_names=status_names,
+            profile=realistic,
         )
         """The emulator's internals (tasks, counters), for white-box assertions; no stable API."""
         self.webhook_deliveries: list[tuple[str, str, int | str]] = []
@@ -285,6 +312,8 @@ class Emulator:
         """Start listening (prefer ``async with``)."""
         snap = self._load_state()
         middlewares = [self.network_profile.middleware] if self.network_profile else []
+        if self.rtt is not None:  # outermost: the round trip covers the whole reply
+            middlewares.insert(0, self.rtt.middleware)
         app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024, middlewares=middlewares)
         app.router.add_post("/v1/videos/generations", self._wrap("submit", self._submit))
         app.router.add_post("/v1/tasks/batch", self._wrap("batch", self._batch))
@@ -545,7 +574,7 @@ class Emulator:
             wait = (
                 1.0
                 if due is None or self.clock.frozen
-                else min(1.0, max(0.001, due - self.clock.now()))
+                else min(1.0, max(0.001, (due - self.clock.now()) / self.clock.scale))
             )
             self._wake.clear()
             # not asyncio.wait_for: on 3.11 it can swallow the cancellation of stop() when the

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 
 import attrs
 
+from ._realistic import Curve, RealisticProfile
 from ._rules import price
 
 __all__ = ["SAMPLE_VIDEO", "Clock", "EmuTask", "IdemRecord", "State", "file_bytes"]
@@ -44,18 +45,31 @@ SAMPLE_VIDEO: Final = (
 
 class Clock:
     """Unix time of the emulated service. Runs with real time unless ``frozen``; ``advance()``
-    moves it forward at once (tasks whose time has come finish at the next look)."""
+    moves it forward at once (tasks whose time has come finish at the next look).
 
-    def __init__(self, *, frozen: bool = False, start: float | None = None) -> None:
+    ``scale`` compresses time: with ``scale=20`` one real second is 20 s of the service. A
+    client that should schedule on the same time reads ``monotonic()`` (and ``now()`` for wall
+    time) and divides its real waits by ``scale``."""
+
+    def __init__(
+        self, *, frozen: bool = False, start: float | None = None, scale: float = 1.0
+    ) -> None:
+        if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+            raise ValueError(f"time_scale must be a positive number, got {scale!r}")
         self.frozen = frozen
+        self.scale = float(scale)
         self._base = time.time() if start is None else start
         self._mono0 = time.monotonic()
         self._offset = 0.0
 
     def now(self) -> float:
         """The emulated Unix time."""
-        running = 0.0 if self.frozen else time.monotonic() - self._mono0
+        running = 0.0 if self.frozen else (time.monotonic() - self._mono0) * self.scale
         return self._base + running + self._offset
+
+    def monotonic(self) -> float:
+        """Seconds of the emulator's time since it started (``advance()`` included)."""
+        return self.now() - self._base
 
     def advance(self, seconds: float) -> None:
         """Move the clock ``seconds`` forward at once."""
@@ -90,6 +104,8 @@ class EmuTask:
     error: dict[str, Any] | None = None
     expires_at: int | None = None
     videos: int = 1
+    #: The realistic profile's progress curve, or None (the default straight line).
+    curve: Curve | None = None
 
 
 @attrs.define
@@ -158,8 +174,11 @@ class State:
         clock: Clock,
         blocked_words: tuple[str, ...],
         status_names: dict[str, str] | None = None,
+        profile: RealisticProfile | None = None,
     ) -> None:
         self.api_key = api_key
+        #: The realistic profile, or None for the default one.
+        self.profile = profile
         self.mode: Mode = mode
         self.task_duration = task_duration
         self.estimate_error = estimate_error
@@ -253,11 +272,17 @@ class State:
         self, model: str, params: dict[str, Any], body: dict[str, Any], key: str | None
     ) -> EmuTask:
         now = self.clock.now()
-        duration = self._sample_duration()
-        err = self.estimate_error
-        estimate = (
-            max(1, round(duration * self.rng.uniform(1 - err, 1 + err))) if duration > 0 else 1
-        )
+        curve: Curve | None = None
+        if self.profile is not None:
+            duration, estimate, curve = self.profile.draw(
+                self.rng, model, params.get("duration", body.get("duration"))
+            )
+        else:
+            duration = self._sample_duration()
+            err = self.estimate_error
+            estimate = (
+                max(1, round(duration * self.rng.uniform(1 - err, 1 + err))) if duration > 0 else 1
+            )
         amount = price(model, params)
         task = EmuTask(
             id=self.new_task_id(),
@@ -269,6 +294,7 @@ class State:
             price=amount,
             will_fail=self.rng.random() < self.failure_rate,
             idempotency_key=key,
+            curve=curve,
         )
         self.tasks[task.id] = task
         if key is None:
@@ -353,6 +379,10 @@ class State:
         if task.status in TERMINAL or self.mode == "manual":
             return task.status, task.progress
         age = self.clock.now() - task.created
+        if task.curve is not None:
+            status, progress = task.curve.status(age)
+            # the clock may have passed the end before the sweep finished the task
+            return ("processing", 99) if status == "completed" else (status, progress)
         frac = age / task.duration if task.duration > 0 else 1.0
         if frac < 0.05:
             return "submitted", 0

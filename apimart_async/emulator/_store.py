@@ -22,7 +22,13 @@ from typing import IO, Any, Final
 import attrs
 
 from ._json import is_object
+from ._realistic import Curve
 from ._state import EmuTask
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
 
 __all__ = ["FORMAT", "Snapshot", "StateFile"]
 
@@ -48,13 +54,19 @@ class Snapshot:
 
 
 def task_to_json(task: EmuTask) -> dict[str, Any]:
-    return attrs.asdict(task, recurse=False)
+    data = attrs.asdict(task, recurse=False)
+    if task.curve is not None:  # the realistic profile's progress curve, kept as numbers
+        data["curve"] = attrs.asdict(task.curve)
+    return data
 
 
 def task_from_json(data: Any, where: str) -> EmuTask:
     if not is_object(data):
         raise ValueError(f"{where}: a task must be an object")
     try:
+        curve = data.get("curve")
+        if isinstance(curve, dict):
+            data = {**data, "curve": Curve(**{k: _tuple(v) for k, v in curve.items()})}
         return EmuTask(**data)
     except TypeError as exc:
         raise ValueError(f"{where}: not a task ({exc})") from None
