@@ -729,6 +729,20 @@ async def run(quick: bool, only: list[str]) -> dict[str, Any]:
     }
 
 
+def _kept_sections(path: Path) -> str:
+    """Sections other scripts wrote into RESULTS.md (between ``<!-- name -->`` and
+    ``<!-- /name -->``, e.g. simulate_polling.py's), carried over when this run rewrites it."""
+    if not path.exists():
+        return ""
+    old = path.read_text()
+    kept = []
+    for name in ("simulate_polling",):
+        start, stop = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if start in old and stop in old:
+            kept.append(start + old.split(start, 1)[1].split(stop, 1)[0] + stop + "\n")
+    return "".join("\n" + k for k in kept)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -756,7 +770,7 @@ def main() -> int:
         plot = "polling.png"
     results["plot"] = plot
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = report(results, plot)
+    text = report(results, plot) + _kept_sections(out / "RESULTS.md")
     (out / "RESULTS.md").write_text(text)
     print(text)
     missed = [v for v in results["targets"] if not v["met"]]
