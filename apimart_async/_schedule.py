@@ -4,22 +4,25 @@ Every pending task of a client lives here with a next-check time. The async poll
 ``due(now)`` for the ids to check, sends the status requests, and reports back with
 ``on_status`` / ``on_missing`` / ``on_error``. Tests drive it with a fake clock.
 
-How the next check is chosen (``PollPolicy``):
+How the next check is chosen (``PollPolicy``), issue 22:
 
 1. A new task is first checked ``first_check`` seconds after it was submitted: that check
    learns ``estimated_time`` and ``progress``.
-2. While it runs, its end is predicted from progress (linear in age: with progress ``p`` % at
-   age ``a`` the task ends by ``a * 100 / p``, an upper bound when the service rounds progress
-   down), else from ``estimated_time``. An early, uncertain prediction (low progress, far away)
-   gets one refining check at 70 % of the way; a prediction from the estimate alone gets one
-   at the early edge of the estimate (``estimate_margin``); otherwise the next check is the
-   predicted end.
-3. A task still running at or after its predicted end is checked every ``min_interval``
-   seconds for a while (so a finish is noticed within about a second), then ever less often,
-   growing by ``overdue_growth`` up to ``max_interval`` (so a task that runs long is not
-   hammered). No wait is ever longer than ``max_interval``.
-4. Checks get a small positive jitter (never early), and with the batch status route tasks
-   due within ``coalesce`` seconds ride along in a request that is going out anyway.
+2. Each status gives a window of plausible ends. ``estimated_time`` is trusted to within
+   ``estimate_margin`` (25 %) either way, and to a rounding (whole seconds): the earliest
+   plausible end is ``(estimated_time - 1) / (1 + margin)`` after the start, the latest
+   ``estimated_time / (1 - margin)``. Progress lags elapsed time and stalls on real services,
+   so it is never extrapolated as exact: without an estimate, half of its extrapolation is the
+   early edge. With neither, ``default_estimate`` with the same margin.
+3. Before the window, nothing is checked (the window's edge is the next check; ``max_interval``
+   still caps every wait). From the window's edge until the task ends, two checks never leave
+   more than ``target_lag`` seconds apart; the checks sit on a grid of a quarter of
+   ``target_lag`` so that tasks in their windows go out together. Past the latest plausible
+   end by ``overdue_window`` of the span, the gaps grow by ``overdue_growth`` up to
+   ``max_interval`` (a task that runs far too long is not hammered).
+4. Checks before the window get a small positive jitter (never early). With the batch status
+   route, tasks due within ``coalesce`` seconds or a quarter of ``target_lag`` (the longer)
+   ride along in a request that is going out anyway, filling its last 100 ids.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class PollPolicy:
     """How often the shared poller checks a task (seconds). The defaults suit 5 s to 10 min
     videos; all of a client's tasks share one policy (the client's ``poll=``)."""
 
+    #: The trade between requests and how late an end is seen: from the earliest plausible
+    #: end of a task until it ends, two checks are never more than this many seconds apart
+    #: (less when ``max_interval`` is shorter). 10 s suits bulk scripts, 1 s web backends.
+    target_lag: float = attrs.field(default=2.0, validator=_positive)
     first_check: float = attrs.field(default=2.0, validator=_positive)
     """The first check, this long after the submit (it learns ``estimated_time``)."""
     min_interval: float = attrs.field(default=1.0, validator=_positive)
@@ -108,6 +115,8 @@ class _Watch:
     predicted: float | None = None
     predicted_span: float = 0.0
     overdue_checks: int = 0
+    #: When the check being answered was handed out by ``due`` (the caller's clock).
+    sent_at: float | None = None
     last_progress: int | None = None
     last_at: float | None = None
     absences: int = 0
@@ -135,6 +144,7 @@ class PollSchedule:
         self._heap: list[tuple[float, int, str, int]] = []
         self._deadlines: list[tuple[float, str, int]] = []
         self._seq = itertools.count()
+        self._sending: float | None = None
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -205,11 +215,19 @@ class PollSchedule:
         while they fill the last request of 100 ids. Returned tasks are marked as being
         checked until ``on_status``/``on_missing``/``on_error`` reports on them."""
         out: list[str] = []
-        self._pop_until(now, out, limit=None)
-        if batched and out and self.policy.coalesce > 0:
-            room = (-len(out)) % BATCH_IDS
-            if room:
-                self._pop_until(now + self.policy.coalesce, out, limit=room)
+        self._sending = now
+        try:
+            self._pop_until(now, out, limit=None)
+            pol = self.policy
+            # a request is going out anyway: tasks due within a quarter of target_lag (or
+            # coalesce, if longer) ride along, so that checks of many tasks share requests
+            horizon = max(pol.coalesce, min(pol.target_lag, pol.max_interval) / 4)
+            if batched and out and horizon > 0:
+                room = (-len(out)) % BATCH_IDS
+                if room:
+                    self._pop_until(now + horizon, out, limit=room)
+        finally:
+            self._sending = None
         return out
 
     def expired(self, now: float) -> list[str]:
@@ -336,6 +354,7 @@ class PollSchedule:
             if w is None or w.version != version or w.checking:
                 continue
             w.checking = True
+            w.sent_at = until if self._sending is None else self._sending
             out.append(task_id)
             if limit is not None:
                 limit -= 1
@@ -348,53 +367,52 @@ class PollSchedule:
     def _plan(self, w: _Watch, task: Task, now: float) -> None:
         """Choose the next check of a running task (see the module docstring)."""
         p = w.policy
+        lag = min(p.target_lag, p.max_interval)
+        start = w.t0 if w.t0 is not None else None
         progress = task.progress if p.use_progress else None
-        predicted: float | None = None
-        refine = False
-        if progress is not None and 0 < progress < 100:
-            if w.t0 is not None and now > w.t0:
-                age = now - w.t0
-                predicted = w.t0 + age * 100.0 / progress
-                refine = progress < 20
-            elif (
-                w.last_progress is not None and w.last_at is not None and progress > w.last_progress
-            ):
-                rate = (progress - w.last_progress) / (now - w.last_at)
-                predicted = now + (101 - progress) / rate
-                refine = progress < 20
-        early: float | None = None
-        if predicted is None and task.estimated_time is not None and task.estimated_time > 0:
-            base = w.t0 if w.t0 is not None else now
-            predicted = base + task.estimated_time
-            early = base + task.estimated_time * (1 - p.estimate_margin)
-        if predicted is None:
-            base = w.t0 if w.t0 is not None else now
-            predicted = base + p.default_estimate
+        estimate = task.estimated_time if task.estimated_time and task.estimated_time > 0 else None
         w.last_progress = progress
         w.last_at = now
-
-        start = w.t0 if w.t0 is not None else now
-        overdue = w.predicted is not None and now >= w.predicted
-        if not overdue and predicted > now:
-            w.predicted = predicted
-            w.predicted_span = predicted - start
-            remaining = predicted - now
-            if refine and remaining > 3 * p.min_interval:
-                at = now + 0.7 * remaining
-            elif early is not None and early > now + p.min_interval:
-                at = early
-            else:
-                at = predicted
-            self._set(w, self._jittered(w, now, max(at, now + 0.5 * p.min_interval)))
-            return
-        # At or past the predicted end and still running: tight for a while, then spaced out.
-        w.predicted = w.predicted if w.predicted is not None else now
-        w.overdue_checks += 1
-        span = w.predicted_span or (predicted - start)
-        tight = max(3, math.ceil(p.overdue_window * span / p.min_interval))
-        if w.overdue_checks <= tight:
-            interval = p.min_interval
+        # The earliest and latest plausible ends. An estimate is off by up to estimate_margin
+        # either way; progress may lag elapsed time and stall, so it only ever stands in for a
+        # missing estimate, and then with half its extrapolation as the early edge.
+        lo: float
+        hi: float
+        m = p.estimate_margin
+        if start is None:
+            lo = hi = now  # age unknown: any moment may be the end
+        elif estimate is not None:
+            # whole seconds on the wire: an estimate rounded up may be up to 1 s over
+            lo = start + max(0.0, estimate - 1) / (1 + m)
+            hi = start + estimate / max(1e-9, 1 - m)
+        elif progress is not None and 0 < progress < 100 and now > start:
+            extrapolated = (now - start) * 100.0 / progress
+            lo = start + 0.5 * extrapolated
+            hi = start + extrapolated
         else:
-            growth = p.overdue_growth ** (w.overdue_checks - tight)
-            interval = min(p.max_interval, p.min_interval * growth)
+            lo = start + p.default_estimate * (1 - m)
+            hi = start + p.default_estimate / max(1e-9, 1 - m)
+        if w.predicted is None or lo < w.predicted:
+            w.predicted = lo
+        w.predicted_span = max(hi - (start if start is not None else now), lag)
+        sent = w.sent_at if w.sent_at is not None else now
+        if now + lag < lo:
+            # before the window: nothing to learn until its edge (max_interval still caps)
+            self._set(w, self._jittered(w, now, lo))
+            return
+        # In the window (or past it): checks target_lag apart, counted from when the last one
+        # left, on a grid of a quarter of target_lag so that tasks in their windows go out
+        # together (one batch request for many). Past the latest plausible end by more than
+        # overdue_window of the span, the gaps grow by overdue_growth up to max_interval.
+        late = hi + p.overdue_window * w.predicted_span
+        if now <= late:
+            w.overdue_checks = 0
+            step = lag / 4
+            at = math.floor((sent + lag) / step) * step
+            if at <= now:
+                at = now + min(p.min_interval, lag) * 0.5
+            self._set(w, at)
+            return
+        w.overdue_checks += 1
+        interval = min(p.max_interval, lag * p.overdue_growth**w.overdue_checks)
         self._set(w, self._jittered(w, now, now + interval))

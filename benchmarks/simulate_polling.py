@@ -25,7 +25,6 @@ the section "Polling on the realistic profile (simulated)" of ``RESULTS.md`` nex
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import random

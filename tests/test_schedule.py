@@ -1,11 +1,17 @@
-"""The poll schedule with a fake clock: given these tasks and this clock, exactly these checks."""
+"""The poll schedule with a fake clock: given these tasks and this clock, exactly these checks
+(issue 22: target_lag, an estimate that is off, progress that is noisy)."""
 
 from __future__ import annotations
+
+import itertools
+import math
+import random
 
 import pytest
 
 import apimart_async as am
 from apimart_async._schedule import PollSchedule
+from apimart_async.emulator import RealisticProfile
 
 NO_JITTER = am.PollPolicy(jitter=0.0)
 
@@ -47,59 +53,102 @@ def simulate(
     return checks
 
 
-def test_first_check_then_predicted_end_from_progress() -> None:
+def test_first_check_then_the_window_from_the_estimate_every_target_lag() -> None:
     s = PollSchedule(NO_JITTER)
     s.add("a", now=0.0)
     assert s.due(1.99) == []
     assert s.next_wakeup() == 2.0
-    # 10 s task: 20 % at 2 s predicts the end at exactly 10 s -> two checks in all
-    assert simulate(s, {"a": 10.0}) == {"a": [2.0, 10.0]}
+    # 100 s task, estimate 100 s trusted to 25 % (and to a rounding): the earliest plausible
+    # end is 99 / 1.25 = 79.2 s; nothing is checked before it (max_interval 60 caps one wait),
+    # then at most target_lag (2 s) apart, on a grid of 0.5 s
+    checks = simulate(s, {"a": 100.0}, estimate={"a": 100.0})["a"]
+    assert checks == [2.0, 62.0, 79.2, *[81.0 + 2 * k for k in range(11)]]
 
 
-def test_low_progress_gets_one_refining_check() -> None:
+def test_progress_alone_is_not_extrapolated_as_exact() -> None:
     s = PollSchedule(NO_JITTER)
     s.add("a", now=0.0)
-    # 20 s task: 10 % at 2 s (uncertain) -> refine at 70 % of the way (14.6 s), then the end
-    assert simulate(s, {"a": 20.0}) == {"a": [2.0, 14.6, 20.0]}
+    assert s.due(2.0) == ["a"]
+    # 10 % at 10 s of age would say "ends at 100 s"; noisy progress only moves the early edge
+    # to half of that
+    s.on_status(running("a", 10), 10.0)
+    assert s.next_check("a") == pytest.approx(50.0)
 
 
-def test_progress_upper_bound_is_never_early_for_floored_progress() -> None:
-    s = PollSchedule(NO_JITTER)
-    durations = {f"t{i}": 5.0 + i * 0.37 for i in range(40)}
-    for task_id in durations:
-        s.add(task_id, now=0.0)
-    checks = simulate(s, durations)
-    for task_id, times in checks.items():
-        assert len(times) <= 3, (task_id, times)
-        assert times[-1] - durations[task_id] < 0.5, (task_id, times)
-
-
-def test_estimate_only_then_tight_then_spaced_out_and_capped() -> None:
-    policy = am.PollPolicy(
-        jitter=0.0,
-        use_progress=False,
-        min_interval=1.0,
-        max_interval=10.0,
-        overdue_growth=2.0,
-        overdue_window=0.25,
-    )
-    s = PollSchedule(policy)
-    s.add("a", now=0.0)
-    checks = simulate(s, {"a": 60.0}, linear=False, estimate={"a": 12.0})
-    # first check at 2, then at the early edge of the estimate (75 % of 12 s), then at the
-    # estimate, then every second for 3 checks (25 % of 12 s is 3 s), then 2, 4, 8, 10 (the
-    # cap), 10, ... until done at 60
-    assert checks["a"][:10] == [2.0, 9.0, 12.0, 13.0, 14.0, 15.0, 17.0, 21.0, 29.0, 39.0]
-    gaps = [b - a for a, b in zip(checks["a"][9:], checks["a"][10:], strict=False)]
-    assert all(g == 10.0 for g in gaps)
-
-
-def test_no_estimate_uses_the_default() -> None:
+def test_no_estimate_no_progress_uses_the_default_with_its_margin() -> None:
     s = PollSchedule(am.PollPolicy(jitter=0.0, default_estimate=30.0))
     s.add("a", now=0.0)
     assert s.due(2.0) == ["a"]
     s.on_status(am.Task(id="a", status=am.TaskStatus.SUBMITTED), 2.0)
-    assert s.next_check("a") == 30.0
+    assert s.next_check("a") == pytest.approx(22.5)
+
+
+def test_overdue_tasks_space_out_up_to_max_interval() -> None:
+    policy = am.PollPolicy(jitter=0.0, max_interval=10.0, overdue_growth=2.0, overdue_window=0.25)
+    s = PollSchedule(policy)
+    s.add("a", now=0.0)
+    checks = simulate(s, {"a": 300.0}, linear=False, estimate={"a": 12.0})["a"]
+    # window from (12 - 1) / 1.25 = 8.8 s (whole-second estimates); latest plausible end 16 s,
+    # plus a quarter of the span: checks at most 2 s apart until 20 s, then spaced out
+    assert checks[:8] == [2.0, 8.8, 10.5, 12.5, 14.5, 16.5, 18.5, 20.5]
+    late = [b - a for a, b in itertools.pairwise(checks) if a >= 20.5]
+    assert late[:3] == [4.0, 8.0, 10.0]
+    assert set(late[3:-1]) == {10.0}
+    assert checks[-1] - 300.0 <= 10.0
+
+
+@pytest.mark.parametrize("target_lag", [1.0, 2.0, 5.0, 10.0, 30.0])
+def test_realistic_draws_never_wait_longer_than_target_lag_in_the_window(
+    target_lag: float,
+) -> None:
+    profile = RealisticProfile()
+    rng = random.Random(int(target_lag))
+    policy = am.PollPolicy(target_lag=target_lag, max_interval=max(60.0, target_lag))
+    s = PollSchedule(policy, seed=1)
+    jobs = {}
+    for i in range(200):
+        model, clip = ("sora-2-preview", 8) if i % 2 else ("viduq3", 5)
+        jobs[f"t{i}"] = profile.draw(rng, model, clip)
+        s.add(f"t{i}", now=0.0)
+    checks: dict[str, list[float]] = {t: [] for t in jobs}
+    now = 0.0
+    while len(s):
+        wake = s.next_wakeup()
+        assert wake is not None
+        now = max(now, wake)
+        for task_id in s.due(now, batched=True):
+            checks[task_id].append(now)
+            duration, estimate, curve = jobs[task_id]
+            status, progress = curve.status(now)
+            task = am.Task(
+                id=task_id,
+                status=am.TaskStatus(status),
+                progress=progress,
+                estimated_time=float(estimate),
+            )
+            assert s.on_status(task, now) == (status == "completed")
+    for task_id, times in checks.items():
+        duration, estimate, _ = jobs[task_id]
+        earliest = (estimate - 1) / 1.25  # off by up to 25 %, rounded to whole seconds
+        assert earliest <= duration
+        window = [t for t in times if t >= earliest - target_lag]
+        assert window and window[-1] >= duration
+        gaps = [b - a for a, b in itertools.pairwise(window)]
+        assert max(gaps, default=0.0) <= target_lag + 1e-9, (task_id, window)
+        assert window[-1] - duration <= target_lag + 1e-9
+        # before the window: the first check and max_interval's caps, nothing else
+        before = [t for t in times if t < earliest - target_lag]
+        assert len(before) <= 1 + math.ceil(earliest / policy.max_interval)
+
+
+def test_target_lag_is_capped_by_max_interval_and_validated() -> None:
+    s = PollSchedule(am.PollPolicy(jitter=0.0, target_lag=10.0, max_interval=3.0))
+    s.add("a", now=0.0)
+    assert s.due(3.0) == ["a"]
+    s.on_status(running("a", estimate=4.0), 3.0)
+    assert s.next_check("a") == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="PollPolicy.target_lag must be a positive number"):
+        am.PollPolicy(target_lag=0)
 
 
 def test_max_interval_caps_every_wait() -> None:
@@ -111,16 +160,20 @@ def test_max_interval_caps_every_wait() -> None:
     assert s.next_check("a") == 6.0
 
 
-def test_jitter_is_positive_and_bounded() -> None:
+def test_jitter_is_positive_before_the_window_and_none_inside() -> None:
     s = PollSchedule(am.PollPolicy(jitter=0.1, min_interval=1.0), seed=7)
     for i in range(50):
         s.add(f"t{i}", now=0.0)
     ids = s.due(2.0)
     for task_id in ids:
-        s.on_status(running(task_id, 20), 2.0)  # predicts 10.0
-    for task_id in ids:
-        at = s.next_check(task_id)
-        assert at is not None and 10.0 <= at <= 10.1
+        s.on_status(running(task_id, estimate=13.5), 2.0)  # window from 10.0
+    times = [s.next_check(t) for t in ids]
+    assert all(at is not None and 10.0 <= at <= 10.1 for at in times)
+    assert len(set(times)) > 1
+    for task_id in s.due(10.1):
+        s.on_status(running(task_id, estimate=13.5), 10.2)
+    # in the window: on a grid, never later than target_lag after the check left
+    assert all((at := s.next_check(t)) is not None and 11.5 < at <= 12.1 for t in ids)
 
 
 def test_due_batches_and_coalesces_only_to_fill_a_request() -> None:
@@ -240,8 +293,8 @@ def test_reattached_tasks_are_checked_at_once_and_aged_from_created() -> None:
     s = PollSchedule(NO_JITTER)
     s.add("a", now=100.0, check_now=True)
     assert s.due(100.0) == ["a"]
-    # created 8 s ago (wall clock 1008) and 40 % done: a 20 s task, ending at 92 + 20 here
-    task = am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=40, created=1000)
+    # created 8 s ago (wall clock 1008), estimate 26 s: the window opens at 92 + 25 / 1.25
+    task = am.Task(id="a", status=am.TaskStatus.PROCESSING, estimated_time=26.0, created=1000)
     s.on_status(task, 100.0, wall_now=1008.0)
     assert s.next_check("a") == pytest.approx(112.0)
 
