@@ -16,10 +16,11 @@ How the next check is chosen (``PollPolicy``), issue 22:
    early edge. With neither, ``default_estimate`` with the same margin.
 3. Before the window, nothing is checked (the window's edge is the next check; ``max_interval``
    still caps every wait). From the window's edge until the task ends, two checks never leave
-   more than ``target_lag`` seconds apart; the checks sit on a grid of a quarter of
-   ``target_lag`` so that tasks in their windows go out together. Past the latest plausible
-   end by ``overdue_window`` of the span, the gaps grow by ``overdue_growth`` up to
-   ``max_interval`` (a task that runs far too long is not hammered).
+   more than ``target_lag`` seconds apart. With the batch route the checks sit on a grid of a
+   quarter of ``target_lag`` so that tasks in their windows go out together; with per-task
+   reads they leave earlier by half the last round's time (the reply is what counts). Past
+   the latest plausible end by ``overdue_window`` of the span, the gaps grow by
+   ``overdue_growth`` up to ``max_interval`` (a task that runs far too long is not hammered).
 4. Checks before the window get a small positive jitter (never early). With the batch status
    route, tasks due within ``coalesce`` seconds or a quarter of ``target_lag`` (the longer)
    ride along in a request that is going out anyway, filling its last 100 ids.
@@ -145,6 +146,8 @@ class PollSchedule:
         self._deadlines: list[tuple[float, str, int]] = []
         self._seq = itertools.count()
         self._sending: float | None = None
+        #: Whether the last ``due`` was for the batch route (checks then share a grid).
+        self._batched = True
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -215,6 +218,7 @@ class PollSchedule:
         while they fill the last request of 100 ids. Returned tasks are marked as being
         checked until ``on_status``/``on_missing``/``on_error`` reports on them."""
         out: list[str] = []
+        self._batched = batched
         self._sending = now
         try:
             self._pop_until(now, out, limit=None)
@@ -407,8 +411,14 @@ class PollSchedule:
         late = hi + p.overdue_window * w.predicted_span
         if now <= late:
             w.overdue_checks = 0
-            step = lag / 4
-            at = math.floor((sent + lag) / step) * step
+            if self._batched:
+                step = lag / 4
+                at = math.floor((sent + lag) / step) * step
+            else:
+                # per-task reads share nothing, so no grid (it would only bunch reads into
+                # waves); and a reply is seen only when its round is back, so the slower the
+                # last round, the sooner the next check leaves
+                at = sent + lag - 0.5 * max(0.0, now - sent)
             if at <= now:
                 at = now + min(p.min_interval, lag) * 0.5
             self._set(w, at)
