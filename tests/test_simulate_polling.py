@@ -36,11 +36,12 @@ def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -
     assert results["jobs"] == 40
     rows = results["rows"]
     routes = {r["route"] for r in rows}
-    assert routes == {"batch route", "per-task reads"}
-    for route in routes:
+    assert routes == {"batch route", "per-task reads", "per-task reads, 64 at a time"}
+    for route in ("batch route", "per-task reads"):
         fixed = sorted(r["interval"] for r in rows if r["route"] == route and r["kind"] == "fixed")
         assert fixed == list(sim.LAGS)
-        assert any(r["kind"] == "sdk" for r in rows if r["route"] == route)
+        sdk = [r["interval"] for r in rows if r["route"] == route and r["kind"] == "sdk"]
+        assert sdk == list(sim.LAGS)  # one SDK row per target_lag
     for r in rows:
         assert r["requests_per_job"] > 0
         assert math.isfinite(r["lag_p99"]) and r["lag_p50"] <= r["lag_p99"] <= r["lag_max"]
