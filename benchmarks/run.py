@@ -736,7 +736,7 @@ def _kept_sections(path: Path) -> str:
         return ""
     old = path.read_text()
     kept = []
-    for name in ("simulate_polling",):
+    for name in ("simulate_polling", "simulate_polling_notes"):
         start, stop = f"<!-- {name} -->", f"<!-- /{name} -->"
         if start in old and stop in old:
             kept.append(start + old.split(start, 1)[1].split(stop, 1)[0] + stop + "\n")
