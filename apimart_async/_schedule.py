@@ -64,10 +64,10 @@ class PollPolicy:
     """How often the shared poller checks a task (seconds). The defaults suit 5 s to 10 min
     videos; all of a client's tasks share one policy (the client's ``poll=``)."""
 
-    #: The trade between requests and how late an end is seen: from the earliest plausible
-    #: end of a task until it ends, two checks are never more than this many seconds apart
-    #: (less when ``max_interval`` is shorter). 10 s suits bulk scripts, 1 s web backends.
     target_lag: float = attrs.field(default=2.0, validator=_positive)
+    """The trade between requests and how late an end is seen: from the earliest plausible
+    end of a task until it ends, two checks are never more than this many seconds apart
+    (less when ``max_interval`` is shorter). 10 s suits bulk scripts, 1 s web backends."""
     first_check: float = attrs.field(default=2.0, validator=_positive)
     """The first check, this long after the submit (it learns ``estimated_time``)."""
     min_interval: float = attrs.field(default=1.0, validator=_positive)

@@ -113,20 +113,27 @@ class RealisticProfile:
     durations: Mapping[str, tuple[float, float]] = attrs.field(
         factory=lambda: dict(DEFAULT_DURATIONS), validator=_durations
     )
+    """Seconds (low, high) per model family, optionally ``"family:clip seconds"``."""
     default_duration: tuple[float, float] = attrs.field(default=(60.0, 120.0), validator=_range)
+    """Seconds (low, high) for a model no entry of ``durations`` matches."""
     estimate_error: float = attrs.field(default=0.25, validator=_unit)
-    #: Share of the duration at 0 % before work starts, drawn per task.
+    """``estimated_time`` is the true duration times ``1 +/- this`` (uniform)."""
     queued: tuple[float, float] = (0.05, 0.25)
-    #: Progress follows ``u ** exponent`` of the working time: > 1 lags early.
+    """Share of the duration at 0 % before work starts, drawn per task."""
     exponent: tuple[float, float] = (1.0, 1.8)
-    #: Per knot: chance that progress holds still; size of the noise (percentage points).
+    """Progress follows ``u ** exponent`` of the working time: > 1 lags early."""
     plateau_chance: float = attrs.field(default=0.2, validator=_unit)
+    """Per knot of the curve: the chance that progress holds still."""
     noise: float = 4.0
-    #: Progress stops rising at this level until the end, then jumps to 100.
+    """Per knot: the standard deviation of the noise, in percentage points."""
     cap: tuple[float, float] = (85.0, 99.0)
+    """Progress stops rising at this level (drawn per task) until the end, then jumps to 100."""
     knots: int = 24
+    """Points of each progress curve."""
     rtt: float = attrs.field(default=0.2, validator=_non_negative)
+    """Seconds of round trip added to every reply (0: none)."""
     rtt_jitter: float = attrs.field(default=0.5, validator=_unit)
+    """The round trip is ``rtt`` times ``1 +/- this`` (uniform)."""
 
     def duration_range(self, model: str, length: object = None) -> tuple[float, float]:
         """The range for ``model`` (and clip ``length`` in seconds, if any)."""
@@ -153,6 +160,7 @@ class RealisticProfile:
         return duration, estimate, self.curve(rng, duration)
 
     def curve(self, rng: random.Random, duration: float) -> Curve:
+        """A progress curve for a task of ``duration`` seconds."""
         queued = rng.uniform(*self.queued)
         exponent = rng.uniform(*self.exponent)
         cap = rng.uniform(*self.cap)
@@ -174,6 +182,7 @@ class RealisticProfile:
         return Curve(duration=duration, queued=queued, ages=tuple(ages), values=tuple(values))
 
     def round_trip(self, rng: random.Random) -> float:
+        """One round trip, in seconds of the emulator's time."""
         j = self.rtt_jitter
         return self.rtt * rng.uniform(1 - j, 1 + j)
 
