@@ -41,9 +41,10 @@ from ._client import AsyncApimart
 from ._config import Timeout
 from ._retry import is_testing, set_testing
 from ._schedule import PollPolicy
+from .emulator._realistic import RealisticProfile
 
 if TYPE_CHECKING:
-    from .emulator import Emulator, RealisticProfile
+    from .emulator import Emulator
 
 __all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api", "follow_clock"]
 

@@ -215,6 +215,11 @@ def test_both_commands_take_the_same_options() -> None:
         "--port",
         "--host",
         "--api-key",
+        "--profile",
+        "--model-duration",
+        "--estimate-error",
+        "--rtt",
+        "--time-scale",
     } == set(standalone)
     assert all(help_text for _, help_text in standalone.values())
 
