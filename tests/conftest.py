@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -121,9 +122,34 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return _replay_line() if _LONG_SEED is not None else None
 
 
+# -- static checks: once per CI run -----------------------------------------------------------
+
+#: Set by CI on every Python but one: the ``static`` tests (type checkers over the package, the
+#: API reference build, the benchmark smoke run) check the source, which is the same on every
+#: Python, and take about two minutes; CI runs them once, on Python 3.11 (see .ci/run).
+STATIC_ELSEWHERE = "APIMART_TESTS_STATIC_ELSEWHERE"
+_static_deselected = 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    global _static_deselected
+    if os.environ.get(STATIC_ELSEWHERE) != "1":
+        return
+    static = [item for item in items if item.get_closest_marker("static") is not None]
+    if static:
+        config.hook.pytest_deselected(items=static)
+        items[:] = [item for item in items if item.get_closest_marker("static") is None]
+        _static_deselected = len(static)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _LONG_SEED is not None:
         terminalreporter.write_line(_replay_line())
+    if _static_deselected:
+        terminalreporter.write_line(
+            f"{_static_deselected} static checks deselected ({STATIC_ELSEWHERE}=1): "
+            "CI runs them once, on Python 3.11"
+        )
 
 
 @pytest.fixture

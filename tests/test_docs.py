@@ -45,6 +45,7 @@ def test_reference_covers_the_public_modules() -> None:
     ]
 
 
+@pytest.mark.static
 @pytest.mark.timeout(600)
 def test_api_reference_builds_with_no_broken_reference(tmp_path: Path) -> None:
     out = tmp_path / "reference"

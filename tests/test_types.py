@@ -19,6 +19,8 @@ from typing import Any
 import attrs
 import pytest
 
+pytestmark = pytest.mark.static
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
