@@ -199,6 +199,8 @@ def emulator(variant: str, network: str, **extra: Any) -> Emulator:
     if variant in SLOW_SUBMITS:
         emu.faults.inject("submit", SLOW, times=3)
     emu.faults.set_rate(FAULT_RATE, endpoints=["file"], faults=FILE_FAULTS)
+    # at least one fault in every cell, whatever the seeded draws give a small cell
+    emu.faults.inject("file", Fault.server_error(503))
     return emu
 
 
