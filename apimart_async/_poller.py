@@ -123,7 +123,7 @@ class Poller:
         self._wall = wall
         #: How many of the clock's seconds pass per real second (an emulator's compressed
         #: clock, see ``apimart_async.testing.follow_clock``); real waits are divided by it.
-        self.time_scale = 1.0
+        self.time_scale: float = 1.0
         self._watchers: dict[str, _Watchers] = {}
         self._wake = anyio.Event()
         self._closed = False

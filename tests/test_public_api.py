@@ -21,10 +21,12 @@ def test_all_is_exactly_the_public_names() -> None:
     assert set(emulator.__all__) == {
         "ENDPOINTS",
         "Clock",
+        "Curve",
         "Emulator",
         "Fault",
         "FaultPlan",
         "RealisticProfile",
+        "RttMiddleware",
     }
 
 

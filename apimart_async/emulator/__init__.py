@@ -10,11 +10,20 @@ from apimart-api.md alone, so the SDK is tested against an independent implement
 
 from ._faults import ENDPOINTS as _ENDPOINTS
 from ._faults import Fault, FaultPlan
-from ._realistic import RealisticProfile
+from ._realistic import Curve, RealisticProfile, RttMiddleware
 from ._server import Emulator
 from ._state import Clock
 
-__all__ = ["ENDPOINTS", "Clock", "Emulator", "Fault", "FaultPlan", "RealisticProfile"]
+__all__ = [
+    "ENDPOINTS",
+    "Clock",
+    "Curve",
+    "Emulator",
+    "Fault",
+    "FaultPlan",
+    "RealisticProfile",
+    "RttMiddleware",
+]
 
 ENDPOINTS = _ENDPOINTS
 """The endpoints faults can target: ``"submit"``, ``"task"``, ``"batch"``, ``"balance"``,

@@ -76,12 +76,16 @@ class Curve:
     non-decreasing, below 100 until ``duration``."""
 
     duration: float
-    #: Share of the duration spent queued (``submitted`` for the first third of it).
+    """Seconds from submit to the end (emulator time)."""
     queued: float
+    """Share of the duration spent queued (``submitted`` for the first third of it)."""
     ages: tuple[float, ...]
+    """The knots' ages, in seconds since submit, increasing."""
     values: tuple[float, ...]
+    """The knots' percentages, non-decreasing, each below 100."""
 
     def progress(self, age: float) -> int:
+        """The percentage shown ``age`` seconds after submit (100 from ``duration`` on)."""
         if age >= self.duration:
             return 100
         i = bisect.bisect_right(self.ages, age)
@@ -193,11 +197,13 @@ class RttMiddleware:
 
     def __init__(self, profile: RealisticProfile, seed: int, scale: Callable[[], float]) -> None:
         self.profile = profile
+        """The profile whose ``rtt`` and ``rtt_jitter`` each reply is held for."""
         self._random = random.Random(seed ^ 0x5EED)
         self._scale = scale
-        #: Replies held, and the emulator seconds added to them in all.
-        self.replies = 0
-        self.added = 0.0
+        self.replies: int = 0
+        """Replies held so far."""
+        self.added: float = 0.0
+        """Emulator seconds added to those replies in all."""
 
     @web.middleware
     async def middleware(
@@ -205,6 +211,7 @@ class RttMiddleware:
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
+        """The aiohttp middleware: half the round trip before the handler, half after."""
         if request.path.startswith("/_"):
             return await handler(request)
         delay = self.profile.round_trip(self._random)

@@ -57,7 +57,7 @@ class Clock:
         if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
             raise ValueError(f"time_scale must be a positive number, got {scale!r}")
         self.frozen = frozen
-        self.scale = float(scale)
+        self.scale: float = float(scale)
         self._base = time.time() if start is None else start
         self._mono0 = time.monotonic()
         self._offset = 0.0

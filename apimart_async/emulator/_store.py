@@ -21,13 +21,14 @@ from typing import IO, Any, Final
 
 import attrs
 
-from ._json import is_object
+from ._json import is_array, is_object
 from ._realistic import Curve
 from ._state import EmuTask
 
 
 def _tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    """A JSON array as the tuple a ``Curve`` field holds; anything else as it is."""
+    return tuple(value) if is_array(value) else value
 
 
 __all__ = ["FORMAT", "Snapshot", "StateFile"]
@@ -65,7 +66,7 @@ def task_from_json(data: Any, where: str) -> EmuTask:
         raise ValueError(f"{where}: a task must be an object")
     try:
         curve = data.get("curve")
-        if isinstance(curve, dict):
+        if is_object(curve):
             data = {**data, "curve": Curve(**{k: _tuple(v) for k, v in curve.items()})}
         return EmuTask(**data)
     except TypeError as exc:
