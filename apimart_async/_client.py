@@ -39,6 +39,7 @@ from ._poller import Poller, is_unknown_task
 from ._retry import is_retryable_status
 from ._schedule import BATCH_IDS, PollPolicy
 from ._scheduler import RateLimiter, Throttle
+from ._status_window import DEFAULT_MAX_STATUS_CONCURRENCY, StatusWindow
 from ._transport import Reply, SendTrack, Transport, check_proxy_url, new_idempotency_key
 
 __all__ = ["AsyncApimart", "TaskWatch", "Tasks", "Uploads", "Videos"]
@@ -121,7 +122,10 @@ class AsyncApimart:
         max_retries: retries after the first attempt for retryable failures (see ``_retry``).
         language: language of the service's error messages: en, zh, ja, ko or any other
             language code (passed through: newer docs list more).
-        status_concurrency: parallel status GETs when the batch status route is missing.
+        status_concurrency: per-task status GETs in flight at first when the batch status
+            route is missing; the number adapts (AIMD) between 1 and ``max_status_concurrency``.
+        max_status_concurrency: the most per-task status GETs in flight (default: 64, or
+            ``status_concurrency`` if larger); ``requests_per_second`` bounds it too.
         poll: the shared poller's ``PollPolicy`` (when to check each pending task).
         requests_per_second: an optional cap on all requests of this client (submit, status,
             upload, download), shared by everything the client does.
@@ -143,6 +147,7 @@ class AsyncApimart:
         max_retries: int = 3,
         language: str = "en",
         status_concurrency: int = 8,
+        max_status_concurrency: int | None = None,
         poll: PollPolicy | None = None,
         requests_per_second: float | None = None,
         download_concurrency: int = 4,
@@ -175,6 +180,18 @@ class AsyncApimart:
             raise ConfigurationError(
                 f"status_concurrency must be an int >= 1, got {status_concurrency!r}"
             )
+        # issue 22: the adaptive per-task read window's bound
+        if max_status_concurrency is None:
+            max_status_concurrency = max(DEFAULT_MAX_STATUS_CONCURRENCY, status_concurrency)
+        elif (
+            isinstance(max_status_concurrency, bool)
+            or not isinstance(max_status_concurrency, int)
+            or max_status_concurrency < status_concurrency
+        ):
+            raise ConfigurationError(
+                f"max_status_concurrency must be an int >= status_concurrency "
+                f"({status_concurrency}), got {max_status_concurrency!r}"
+            )
         if poll is not None and not isinstance(poll, PollPolicy):
             raise ConfigurationError(f"poll must be a PollPolicy, got {type(poll).__name__}")
         try:
@@ -204,7 +221,11 @@ class AsyncApimart:
             raise ConfigurationError(
                 f"download_concurrency must be an int >= 1, got {download_concurrency!r}"
             )
-        self._poller = Poller(self, poll or PollPolicy())
+        self._poller = Poller(
+            self,
+            poll or PollPolicy(),
+            reads=StatusWindow(start=status_concurrency, maximum=max_status_concurrency),
+        )
         self._downloader = Downloader(self, concurrency=download_concurrency)
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner = anyio.Event()
@@ -701,8 +722,8 @@ class Tasks:
         )
 
     async def _each(self, chunk: Sequence[str]) -> dict[str, Task | ApimartError]:
-        """Per-task GETs, ``status_concurrency`` at a time (a few workers over the chunk, not a
-        task per id); each read's task or error."""
+        """Per-task GETs, as many at a time as the poller's read window allows (a few workers
+        over the chunk, not a task per id); each read's task or error."""
         results: dict[str, Task | ApimartError] = {}
         todo = iter(chunk)
 
@@ -714,7 +735,7 @@ class Tasks:
                     results[task_id] = exc
 
         async with anyio.create_task_group() as tg:
-            for _ in range(min(self._client.status_concurrency, len(chunk))):
+            for _ in range(min(self._client._poller.reads.limit(), len(chunk))):
                 tg.start_soon(worker)
         return results
 

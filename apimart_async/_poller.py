@@ -44,6 +44,7 @@ from ._errors import (
 from ._models import Task
 from ._retry import is_retryable_status
 from ._schedule import PollPolicy, PollSchedule
+from ._status_window import ReadTicket, StatusWindow
 
 if TYPE_CHECKING:
     from ._client import AsyncApimart
@@ -116,9 +117,13 @@ class Poller:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        reads: StatusWindow | None = None,
     ) -> None:
         self._client = client
         self.schedule: PollSchedule = PollSchedule(policy)
+        # issue 22: per-task reads leave one by one as they fall due, ``reads.limit`` at most
+        self.reads: StatusWindow = reads or StatusWindow(start=8, maximum=64)
+        self._read_group: anyio.abc.TaskGroup | None = None
         self._clock = clock
         self._wall = wall
         #: How many of the clock's seconds pass per real second (an emulator's compressed
@@ -211,14 +216,19 @@ class Poller:
 
     async def run(self) -> None:
         """Poll until cancelled (the client's task group owns this)."""
-        while True:
+        async with anyio.create_task_group() as reads:  # issue 22: per-task reads in flight
+            self._read_group = reads
             try:
-                await self._round()
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception:
-                logger.exception("status poller round failed; continuing")
-                await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
+                while True:
+                    try:
+                        await self._round()
+                    except anyio.get_cancelled_exc_class():
+                        raise
+                    except Exception:
+                        logger.exception("status poller round failed; continuing")
+                        await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
+            finally:
+                self._read_group = None
 
     async def _round(self) -> None:
         now = self._clock()
@@ -227,12 +237,23 @@ class Poller:
             timeout = entry.timeout if entry is not None and entry.timeout is not None else 0.0
             self._finish(task_id, TaskTimeoutError(task_id, timeout))
         batched = self._client._route.usable(now)
-        ids = self.schedule.due(now, batched=batched)
+        # issue 22 hook: without the batch route, reads leave one by one (``_read_one``)
+        window_full = False
+        if not batched and self._read_group is not None:
+            ids, window_full = self._per_task_due(now)
+            for task_id in ids:
+                self._read_group.start_soon(self._read_one, task_id, self.reads.started(now))
+            if ids:
+                return
+        else:
+            ids = self.schedule.due(now, batched=batched)
         if ids:
             await self._check(ids)
             return
         wakeup = self.schedule.next_wakeup()
         delay = math.inf if wakeup is None else max(0.0, wakeup - self._clock())
+        if window_full:  # a read coming back frees a slot (and wakes the loop)
+            delay = math.inf if self.reads.in_flight else delay
         self._wake = anyio.Event()
         with anyio.move_on_after(delay / self.time_scale):
             await self._wake.wait()
@@ -255,6 +276,51 @@ class Poller:
             self._report(ids, results, now)
         finally:
             self.schedule.release(ids, now)
+
+    # -- issue 22: per-task reads, each on its own ---------------------------------------------
+
+    def _rate(self) -> float | None:
+        limiter = self._client._transport.limiter
+        return None if limiter is None else limiter.rate * self._client.throttle.factor
+
+    def _per_task_due(self, now: float) -> tuple[list[str], bool]:
+        """The ids whose reads may leave now, and whether the window held some back."""
+        free = self.reads.free(self._rate())
+        ids = self.schedule.due(now, batched=False, limit=free)
+        wakeup = self.schedule.next_wakeup() if len(ids) == free else None
+        held = wakeup is not None and wakeup <= now
+        if held:
+            self.reads.held_back(now)
+        return ids, held
+
+    def _trouble(self) -> int:
+        """Client-wide count of 429s and retries (a change while a read was out: congestion)."""
+        return self._client.throttle.rate_limited + self._client._transport.counters["retries"]
+
+    async def _read_one(self, task_id: str, ticket: ReadTicket) -> None:
+        """One per-task read, reported alone as soon as its reply is back."""
+        self.rounds += 1
+        trouble = self._trouble()
+        result: Task | ApimartError
+        try:
+            result = await self._client.tasks.get(task_id)
+        except ApimartError as exc:
+            result = exc
+        except Exception:  # a bug, never a reason to strand the id: read it again later
+            logger.exception("status read of task %s failed; reading it again later", task_id)
+            result = APIConnectionError(f"status read of task {task_id} failed")
+        now = self._clock()
+        congested = self._trouble() != trouble or (
+            isinstance(result, ApimartError) and classify(result) == "transient"
+        )
+        self.reads.finished(ticket, now, congested=congested)
+        try:
+            self._report([task_id], {task_id: result}, now)
+        except Exception:
+            logger.exception("reporting the status of task %s failed", task_id)
+        finally:
+            self.schedule.release([task_id], now)
+            self._wake.set()
 
     def _report(self, ids: list[str], results: dict[str, Task | ApimartError], now: float) -> None:
         """Tell the schedule about every id of a round, and end the waits that are over."""

@@ -213,15 +213,16 @@ class PollSchedule:
             times.append(self._deadlines[0][0])
         return min(times) if times else None
 
-    def due(self, now: float, *, batched: bool = True) -> list[str]:
-        """Ids to check now. With ``batched``, tasks due within ``coalesce`` seconds are added
-        while they fill the last request of 100 ids. Returned tasks are marked as being
-        checked until ``on_status``/``on_missing``/``on_error`` reports on them."""
+    def due(self, now: float, *, batched: bool = True, limit: int | None = None) -> list[str]:
+        """Ids to check now (at most ``limit``, the earliest due first). With ``batched``,
+        tasks due within ``coalesce`` seconds are added while they fill the last request of
+        100 ids. Returned tasks are marked as being checked until
+        ``on_status``/``on_missing``/``on_error`` reports on them."""
         out: list[str] = []
         self._batched = batched
         self._sending = now
         try:
-            self._pop_until(now, out, limit=None)
+            self._pop_until(now, out, limit=limit)
             pol = self.policy
             # a request is going out anyway: tasks due within a quarter of target_lag (or
             # coalesce, if longer) ride along, so that checks of many tasks share requests

@@ -72,7 +72,9 @@ class ClientOptions(TypedDict, total=False):
     language: str
     """Language of the service's error messages."""
     status_concurrency: int
-    """Parallel status GETs when the batch route is missing."""
+    """Per-task status GETs in flight at first when the batch route is missing."""
+    max_status_concurrency: int | None
+    """The most per-task status GETs in flight (the window adapts up to it)."""
     requests_per_second: float | None
     """A cap on all requests of the client."""
     download_concurrency: int

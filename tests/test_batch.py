@@ -179,7 +179,7 @@ async def test_batch_route_missing_falls_back_to_gets(
     assert len(outcomes) == 20 and all(o.ok for o in outcomes)
     assert manual_emu.counters["batch"] == 1
     assert manual_emu.counters["task"] >= 20
-    assert manual_emu.state.max_in_flight["task"] <= manual_client.status_concurrency
+    assert manual_emu.state.max_in_flight["task"] <= manual_client._poller.reads.maximum
 
 
 async def test_unknown_statuses_keep_a_task_running(
