@@ -49,6 +49,8 @@ from ._errors import (
 )
 from ._journal import JobRecord, Journal, JournalError, JournalMismatchError, SqliteJournal
 from ._models import DownloadedFile, Task, VideoRequest
+from ._prior_store import load_priors, save_priors
+from ._priors import kind_of
 from ._schedule import PollPolicy
 from ._scheduler import Budget, RateLimiter, SubmitScheduler
 from ._transport import new_idempotency_key
@@ -482,6 +484,7 @@ class Batch:
             if self._journal is not None:
                 self._records = await self._journal.open()
                 opened = True
+                await load_priors(self._journal, self._client._poller.schedule.priors)  # issue 22
             await self._enter()
         except BaseException:
             # __aexit__ will not run: close what this batch opened (the journal's connection)
@@ -559,7 +562,10 @@ class Batch:
                 if self._manifest is not None:
                     await self._manifest.close()
                 if self._journal is not None:
-                    await self._journal.close()
+                    try:
+                        await save_priors(self._journal, self._client._poller.schedule.priors)
+                    finally:
+                        await self._journal.close()
         return None
 
     # -- Ctrl-C ----------------------------------------------------------------------------------
@@ -859,6 +865,7 @@ class Batch:
                 on_progress=self._on_progress,
                 reattach=True,
                 policy=self._poll,
+                kind=kind_of(request),  # issue 22: learned priors by kind
             )
             return True
         task = structure_task(record.task) if record.task is not None else None
@@ -985,6 +992,7 @@ class Batch:
             timeout=self.job_timeout,
             submitted_at=job.submitted_at,
             policy=self._poll,
+            kind=kind_of(job.request),  # issue 22: learned priors by kind
         )
 
     async def _deadline(self, seconds: float) -> None:

@@ -18,7 +18,9 @@ A job sent afresh is ``restart``-ed: its row gets the new key and request, state
 ``submitting``.
 
 Schema 2 added ``refused``; a schema 1 file is migrated when opened (its refused submits were
-stored as ``done`` with status ``error`` and no task id).
+stored as ``done`` with status ``error`` and no task id). Schema 3 added the table ``priors``
+(what completed tasks taught the poll schedule, by kind: ``_priors``); older files get it
+when opened.
 
 ``Journal`` is the interface the batch engine uses; ``SqliteJournal`` is the default store
 (standard library sqlite3 in WAL mode, all calls on one worker thread so the event loop never
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -39,11 +42,12 @@ import attrs
 
 from ._errors import ApimartError
 from ._models import DownloadedFile
+from ._priors import KindPrior
 
 __all__ = ["JobRecord", "Journal", "JournalError", "JournalMismatchError", "SqliteJournal"]
 
 JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class JournalError(ApimartError):
@@ -168,6 +172,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     files TEXT,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS priors (
+    kind TEXT PRIMARY KEY,
+    samples INTEGER NOT NULL,
+    duration_lo REAL NOT NULL,
+    duration_hi REAL NOT NULL,
+    ratio_lo REAL,
+    ratio_hi REAL,
+    updated_at REAL NOT NULL
+);
 """
 
 
@@ -265,6 +278,9 @@ class SqliteJournal(Journal):
                 )
                 conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
                 conn.execute("COMMIT")
+            if row is not None and int(row[0]) < 3:
+                # Schema 3 added the table ``priors`` (created above): nothing else changes.
+                conn.execute("UPDATE meta SET value='3' WHERE key='schema'")
             rows = conn.execute(_SELECT).fetchall()
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
@@ -363,6 +379,49 @@ class SqliteJournal(Journal):
             " error_type=NULL, task=NULL, files=NULL, updated_at=? WHERE idx=?",
             (fingerprint, key, name, json.dumps(body, sort_keys=True), time.time(), index),
         )
+
+    # -- issue 22: learned poll priors (``_prior_store.PriorStore``) ------------------------
+
+    def _load_priors_sync(self) -> dict[str, KindPrior]:
+        if self._conn is None:
+            raise JournalError("the journal is closed")
+        try:
+            rows = self._conn.execute(
+                "SELECT kind, samples, duration_lo, duration_hi, ratio_lo, ratio_hi FROM priors"
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot read the priors of {self.path}: {exc}") from None
+        out: dict[str, KindPrior] = {}
+        for kind, samples, d_lo, d_hi, r_lo, r_hi in rows:
+            if not (isinstance(kind, str) and isinstance(samples, int) and samples >= 0):
+                continue  # a row nobody could have written: pass over it
+            out[kind] = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
+        return out
+
+    def _save_priors_sync(self, priors: Mapping[str, KindPrior]) -> None:
+        if self._conn is None:
+            raise JournalError("the journal is closed")
+        now = time.time()
+        try:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO priors VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (k, p.samples, p.duration_lo, p.duration_hi, p.ratio_lo, p.ratio_hi, now)
+                    for k, p in priors.items()
+                    if p.samples > 0
+                ],
+            )
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot store the priors in {self.path}: {exc}") from None
+
+    async def load_priors(self) -> dict[str, KindPrior]:
+        """What completed tasks taught the poll schedule, by kind (``_priors``)."""
+        result: dict[str, KindPrior] = await self._run(self._load_priors_sync)
+        return result
+
+    async def save_priors(self, priors: Mapping[str, KindPrior]) -> None:
+        """Store these kinds' priors (replacing what was stored for them)."""
+        await self._run(self._save_priors_sync, priors)
 
     async def finish(
         self,

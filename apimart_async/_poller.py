@@ -168,9 +168,11 @@ class Poller:
         submitted_at: float | None = None,
         reattach: bool = False,
         policy: PollPolicy | None = None,
+        kind: str | None = None,
     ) -> None:
         """Follow ``task_id`` until it ends; ``on_done`` is called exactly once (unless
-        ``unwatch`` comes first). ``reattach``: a task submitted elsewhere, checked at once."""
+        ``unwatch`` comes first). ``reattach``: a task submitted elsewhere, checked at once.
+        ``kind``: what the schedule learns and uses priors by (``_priors.kind_of``)."""
         if self._closed:
             on_done(
                 task_id, ClientClosedError(f"the client is closed; cannot watch task {task_id}")
@@ -194,6 +196,7 @@ class Poller:
             deadline=deadline,
             check_now=reattach,
             policy=policy,
+            kind=kind,
         )
         self._wake.set()
 

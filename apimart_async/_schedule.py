@@ -38,6 +38,7 @@ from typing import Final
 import attrs
 
 from ._models import Task
+from ._priors import Priors
 
 __all__ = ["BATCH_IDS", "PollPolicy", "PollSchedule"]
 
@@ -125,6 +126,11 @@ class _Watch:
     checks: int = 0
     errors: int = 0
     hard_errors: int = 0
+    #: issue 22, learned priors: the task's kind, its last estimate, when the last check that
+    #: saw it running left
+    kind: str | None = None
+    estimate: float | None = None
+    running_sent: float | None = None
 
 
 class PollSchedule:
@@ -142,6 +148,8 @@ class PollSchedule:
         self.policy: PollPolicy = policy or PollPolicy()
         self._rng = random.Random(seed)
         self._watches: dict[str, _Watch] = {}
+        #: What finished tasks taught, by kind (see ``_priors``); a batch's journal keeps them.
+        self.priors: Priors = Priors()
         self._heap: list[tuple[float, int, str, int]] = []
         self._deadlines: list[tuple[float, str, int]] = []
         self._seq = itertools.count()
@@ -169,10 +177,12 @@ class PollSchedule:
         deadline: float | None = None,
         check_now: bool = False,
         policy: PollPolicy | None = None,
+        kind: str | None = None,
     ) -> None:
         """Watch a task (with its own ``policy``, else the schedule's). ``submitted_at``: when
         it was submitted (default ``now``); a task re-attached from elsewhere passes
-        ``check_now=True`` to be checked at once."""
+        ``check_now=True`` to be checked at once. ``kind`` (``_priors.kind_of``): a known kind
+        is first checked at its earliest end seen, not ``first_check`` after the submit."""
         existing = self._watches.get(task_id)
         if existing is not None:
             if deadline is not None and (existing.deadline is None or deadline < existing.deadline):
@@ -183,12 +193,12 @@ class PollSchedule:
             return
         pol = policy or self.policy
         t0 = now if submitted_at is None and not check_now else submitted_at
-        first = (
-            now
-            if check_now
-            else (t0 if t0 is not None else now) + min(pol.first_check, pol.max_interval)
-        )
-        watch = _Watch(task_id, t0, next_at=first, policy=pol, deadline=deadline)
+        wait = pol.first_check
+        prior = self.priors.get(kind)
+        if prior is not None:  # a known kind: nothing to learn before its earliest end
+            wait = max(wait, prior.durations()[0])
+        first = now if check_now else (t0 if t0 is not None else now) + min(wait, pol.max_interval)
+        watch = _Watch(task_id, t0, next_at=first, policy=pol, deadline=deadline, kind=kind)
         self._watches[task_id] = watch
         self._push(watch, first)
         if deadline is not None:
@@ -261,6 +271,7 @@ class PollSchedule:
         w.hard_errors = 0
         if task.is_terminal:
             del self._watches[task.id]
+            self._learn(w, task, now)
             return True
         if w.t0 is None and task.created is not None and wall_now is not None:
             age = wall_now - task.created
@@ -320,6 +331,16 @@ class PollSchedule:
         report (a round that ended without reporting on them never strands them)."""
         self.on_error([t for t in task_ids if (w := self._watches.get(t)) and w.checking], now)
 
+    def _learn(self, w: _Watch, task: Task, now: float) -> None:
+        """A task ended: a completed one of a known kind and start teaches its kind's prior."""
+        if w.kind is None or w.t0 is None or not task.ok:
+            return
+        running = w.running_sent if w.running_sent is not None else w.t0
+        estimate = task.estimated_time if task.estimated_time else w.estimate
+        self.priors.observe(
+            w.kind, seen_running=running - w.t0, seen_done=now - w.t0, estimate=estimate
+        )
+
     @staticmethod
     def _backoff(w: _Watch) -> float:
         growth: float = 2.0 ** min(w.errors, 32)
@@ -378,6 +399,11 @@ class PollSchedule:
         estimate = task.estimated_time if task.estimated_time and task.estimated_time > 0 else None
         w.last_progress = progress
         w.last_at = now
+        w.running_sent = w.sent_at if w.sent_at is not None else now
+        if estimate is not None:
+            w.estimate = estimate
+        prior = self.priors.get(w.kind)
+        ratios = prior.ratios() if prior is not None else None
         # The earliest and latest plausible ends. An estimate is off by up to estimate_margin
         # either way; progress may lag elapsed time and stall, so it only ever stands in for a
         # missing estimate, and then with half its extrapolation as the early edge.
@@ -386,6 +412,10 @@ class PollSchedule:
         m = p.estimate_margin
         if start is None:
             lo = hi = now  # age unknown: any moment may be the end
+        elif estimate is not None and ratios is not None:
+            # a known kind: the range of duration / estimate its completed tasks showed
+            lo = start + estimate * ratios[0]
+            hi = start + estimate * ratios[1]
         elif estimate is not None:
             # whole seconds on the wire: an estimate rounded up may be up to 1 s over
             lo = start + max(0.0, estimate - 1) / (1 + m)
@@ -394,6 +424,8 @@ class PollSchedule:
             extrapolated = (now - start) * 100.0 / progress
             lo = start + 0.5 * extrapolated
             hi = start + extrapolated
+        elif prior is not None:
+            lo, hi = (start + d for d in prior.durations())
         else:
             lo = start + p.default_estimate * (1 - m)
             hi = start + p.default_estimate / max(1e-9, 1 - m)

@@ -1,0 +1,140 @@
+"""What finished tasks of a kind teach the poll schedule (issue 22): logic only, no I/O.
+
+A kind is what makes tasks take alike: model, clip duration, resolution, and whether the job
+has references (images or videos). For each kind, completed tasks teach:
+
+- how long such tasks take (seconds from submit to end), and
+- how far the service's ``estimated_time`` can be trusted: the range of
+  ``duration / estimated_time``.
+
+A task's end lies between the last check that saw it running and the first that saw it done;
+the midpoint is what is learned. After ``min_samples`` tasks of a kind the schedule uses what
+was learned, widened on each side by the range divided by the samples (the expected gap between
+the extremes of a sample and those of the whole population):
+
+- no first check ``first_check`` seconds after the submit: the first check is at the
+  earliest end seen for the kind (it learns ``estimated_time`` then);
+- the window of plausible ends is ``estimated_time`` times the learned range instead of the
+  policy's ``estimate_margin`` either way.
+
+A batch with a journal loads the kinds' priors when it starts and stores them when it ends
+(``SqliteJournal`` table ``priors``, schema 3), so the next run starts from them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+__all__ = ["MIN_SAMPLES", "KindPrior", "Priors", "kind_of"]
+
+#: Completed tasks of a kind before what they taught is used.
+MIN_SAMPLES: Final = 20
+
+
+def kind_of(request: Any) -> str:
+    """The kind of a ``VideoRequest``: ``model/duration/resolution/refs|text``."""
+    refs = bool(getattr(request, "image_urls", ()) or getattr(request, "video_urls", ()))
+    duration = getattr(request, "duration", None)
+    resolution = getattr(request, "resolution", None)
+    return (
+        f"{request.model}/{'' if duration is None else duration}/{resolution or ''}/"
+        f"{'refs' if refs else 'text'}"
+    )
+
+
+@attrs.define(slots=True)
+class KindPrior:
+    """What the completed tasks of one kind showed (seconds; ratios of duration to estimate)."""
+
+    samples: int = 0
+    duration_lo: float = math.inf
+    duration_hi: float = 0.0
+    ratio_lo: float | None = None
+    ratio_hi: float | None = None
+
+    def add(self, duration: float, estimate: float | None) -> None:
+        self.samples += 1
+        self.duration_lo = min(self.duration_lo, duration)
+        self.duration_hi = max(self.duration_hi, duration)
+        if estimate is not None and estimate > 0:
+            ratio = duration / estimate
+            self.ratio_lo = ratio if self.ratio_lo is None else min(self.ratio_lo, ratio)
+            self.ratio_hi = ratio if self.ratio_hi is None else max(self.ratio_hi, ratio)
+
+    def merged(self, other: KindPrior) -> KindPrior:
+        """Both: extremes of both; samples, the larger (merging the same store twice counts
+        it once)."""
+
+        def lo(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        def hi(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else max(a, b)
+
+        return KindPrior(
+            samples=max(self.samples, other.samples),
+            duration_lo=min(self.duration_lo, other.duration_lo),
+            duration_hi=max(self.duration_hi, other.duration_hi),
+            ratio_lo=lo(self.ratio_lo, other.ratio_lo),
+            ratio_hi=hi(self.ratio_hi, other.ratio_hi),
+        )
+
+    def durations(self) -> tuple[float, float]:
+        """The plausible durations of the kind, widened (see the module docstring)."""
+        pad = (self.duration_hi - self.duration_lo) / max(1, self.samples)
+        return max(0.0, self.duration_lo - pad), self.duration_hi + pad
+
+    def ratios(self) -> tuple[float, float] | None:
+        """The plausible ``duration / estimated_time``, widened; None without estimates."""
+        if self.ratio_lo is None or self.ratio_hi is None:
+            return None
+        pad = (self.ratio_hi - self.ratio_lo) / max(1, self.samples)
+        return max(0.0, self.ratio_lo - pad), self.ratio_hi + pad
+
+
+class Priors:
+    """The priors of every kind a client has seen finish (see the module docstring)."""
+
+    def __init__(self, *, min_samples: int = MIN_SAMPLES) -> None:
+        self.min_samples = min_samples
+        self._kinds: dict[str, KindPrior] = {}
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def __repr__(self) -> str:
+        return f"<Priors kinds={len(self._kinds)}>"
+
+    def observe(
+        self, kind: str, *, seen_running: float, seen_done: float, estimate: float | None
+    ) -> None:
+        """A task of ``kind`` completed: last seen running ``seen_running`` seconds after its
+        start, first seen done ``seen_done`` seconds after it; ``estimate``: its last
+        ``estimated_time`` (None if it never gave one)."""
+        if not (0 <= seen_running <= seen_done and math.isfinite(seen_done)):
+            return
+        prior = self._kinds.get(kind)
+        if prior is None:
+            prior = self._kinds[kind] = KindPrior()
+        prior.add((seen_running + seen_done) / 2, estimate)
+
+    def get(self, kind: str | None) -> KindPrior | None:
+        """The prior of ``kind`` once it has ``min_samples`` tasks, else None."""
+        if kind is None:
+            return None
+        prior = self._kinds.get(kind)
+        return prior if prior is not None and prior.samples >= self.min_samples else None
+
+    def export(self) -> dict[str, KindPrior]:
+        """Every kind's prior (copies), for a store."""
+        return {k: attrs.evolve(v) for k, v in self._kinds.items()}
+
+    def merge(self, priors: Mapping[str, KindPrior]) -> None:
+        """Take in priors from a store (an earlier run)."""
+        for kind, prior in priors.items():
+            mine = self._kinds.get(kind)
+            self._kinds[kind] = attrs.evolve(prior) if mine is None else mine.merged(prior)
