@@ -8,7 +8,11 @@ has references (images or videos). For each kind, completed tasks teach:
   ``duration / estimated_time``.
 
 A task's end lies between the last check that saw it running and the first that saw it done;
-the midpoint is what is learned. After ``min_samples`` tasks of a kind the schedule uses what
+the midpoint is what is learned when the two checks were close (``NARROW``); when they were
+far apart, a range that must be wider (the task ended before the earliest end learned, or ran
+past the latest) is widened to the bound that proves it. A task its first check found done is no
+sample (nothing bounds it from below); it only lowers the kind's shortest duration to half its
+age then. After ``min_samples`` tasks of a kind the schedule uses what
 was learned, widened on each side by the range divided by the samples (the expected gap between
 the extremes of a sample and those of the whole population):
 
@@ -33,6 +37,9 @@ __all__ = ["MIN_SAMPLES", "KindPrior", "Priors", "kind_of"]
 
 #: Completed tasks of a kind before what they taught is used.
 MIN_SAMPLES: Final = 20
+#: A sample: a task whose last running and first done checks were at most this fraction of
+#: its age apart.
+NARROW: Final = 0.1
 
 
 def kind_of(request: Any) -> str:
@@ -110,17 +117,40 @@ class Priors:
         return f"<Priors kinds={len(self._kinds)}>"
 
     def observe(
-        self, kind: str, *, seen_running: float, seen_done: float, estimate: float | None
+        self,
+        kind: str,
+        *,
+        seen_running: float | None,
+        seen_done: float,
+        estimate: float | None,
     ) -> None:
         """A task of ``kind`` completed: last seen running ``seen_running`` seconds after its
-        start, first seen done ``seen_done`` seconds after it; ``estimate``: its last
-        ``estimated_time`` (None if it never gave one)."""
-        if not (0 <= seen_running <= seen_done and math.isfinite(seen_done)):
+        start (None: its first check already found it done), first seen done ``seen_done``
+        seconds after it; ``estimate``: its last ``estimated_time`` (None if none)."""
+        if not (0 <= (seen_running or 0.0) <= seen_done and math.isfinite(seen_done)):
             return
         prior = self._kinds.get(kind)
+        if seen_running is None:
+            # It ended before its first check: it says only that such tasks can be that short
+            # (the first check of the kind comes earlier from now on); it is no sample.
+            if prior is not None:
+                prior.duration_lo = min(prior.duration_lo, seen_done / 2)
+            return
         if prior is None:
             prior = self._kinds[kind] = KindPrior()
-        prior.add((seen_running + seen_done) / 2, estimate)
+        mid = (seen_running + seen_done) / 2
+        if seen_done - seen_running <= NARROW * mid:
+            prior.add(mid, estimate)
+            return
+        # Checks far apart (before the window): the midpoint may be far off, so only the
+        # bound that proves the range too narrow moves it, and only as far as that bound.
+        prior.duration_lo = min(prior.duration_lo, seen_done)
+        prior.duration_hi = max(prior.duration_hi, seen_running)
+        if estimate is not None and estimate > 0:
+            if prior.ratio_lo is not None:
+                prior.ratio_lo = min(prior.ratio_lo, seen_done / estimate)
+            if prior.ratio_hi is not None:
+                prior.ratio_hi = max(prior.ratio_hi, seen_running / estimate)
 
     def get(self, kind: str | None) -> KindPrior | None:
         """The prior of ``kind`` once it has ``min_samples`` tasks, else None."""

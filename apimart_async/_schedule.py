@@ -335,11 +335,9 @@ class PollSchedule:
         """A task ended: a completed one of a known kind and start teaches its kind's prior."""
         if w.kind is None or w.t0 is None or not task.ok:
             return
-        running = w.running_sent if w.running_sent is not None else w.t0
+        running = None if w.running_sent is None else w.running_sent - w.t0
         estimate = task.estimated_time if task.estimated_time else w.estimate
-        self.priors.observe(
-            w.kind, seen_running=running - w.t0, seen_done=now - w.t0, estimate=estimate
-        )
+        self.priors.observe(w.kind, seen_running=running, seen_done=now - w.t0, estimate=estimate)
 
     @staticmethod
     def _backoff(w: _Watch) -> float:

@@ -9,22 +9,29 @@ client holds the reply that says so (p50, p99).
 The model of the client (as ``_poller.Poller`` runs it):
 
 - jobs arrive at a steady rate, so that about ``--pending`` are running at a time;
-- the poller runs rounds one after another: a round takes the ids ``due`` now, sends them (the
-  batch route: one request per 100 ids; per-task reads: one request per id, ``--concurrency``
-  at a time), the service reads each task's state half a round trip after the request leaves,
-  and the schedule hears about all of them when the round's last reply is back;
+- batch route: the poller runs rounds one after another: a round takes the ids ``due`` now and
+  sends them, one request per 100 ids, one request after another (as ``Tasks._statuses``
+  does); the service reads each task's state half a round trip after the request leaves, and
+  the schedule hears about all of them when the round's last reply is back;
+- per-task reads: each read leaves when it falls due, as long as the client's
+  ``StatusWindow`` (AIMD, from ``--concurrency`` up to ``--max-concurrency`` in flight) has
+  room, and its reply is reported alone when it is back (as ``Poller._read_one`` does);
+- learned priors: at the default ``target_lag``, a run of 1,000 jobs (submitted at once) with a
+  fresh schedule, then a second run of 1,000 others of the same kinds with the priors the
+  first learned (a batch's journal carries them from one run to the next);
 - a **fixed loop** of interval ``I`` (the vendor's client): per-task, each task checked every
   ``I`` s from its submit; on the batch route, every pending task in one round every ``I`` s.
   Fixed loops are computed in closed form (no schedule to run).
 
-``python benchmarks/simulate_polling.py`` (100,000 jobs) writes ``simulate_polling.json`` and
-the section "Polling on the realistic profile (simulated)" of ``RESULTS.md`` next to it;
-``--jobs 300 --out DIR`` for a quick run.
+``python benchmarks/simulate_polling.py`` (100,000 jobs) writes ``simulate_polling.json``,
+``simulate_polling.png`` (with matplotlib) and the section "Polling on the realistic profile
+(simulated)" of ``RESULTS.md`` next to it; ``--jobs 300 --out DIR`` for a quick run.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import random
@@ -40,11 +47,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import apimart_async as am  # noqa: E402
+from apimart_async._priors import Priors  # noqa: E402
 from apimart_async._schedule import BATCH_IDS, PollSchedule  # noqa: E402
+from apimart_async._status_window import StatusWindow  # noqa: E402
 from apimart_async.emulator import RealisticProfile  # noqa: E402
 from apimart_async.emulator._realistic import Curve  # noqa: E402
 
 LAGS = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: ``PollPolicy().target_lag``: where the learned priors are measured.
+DEFAULT_LAG = 2.0
+#: Jobs per run in the learned-priors comparison (the issue's 1,000-job runs).
+RUN_JOBS = 1000
 #: (model, clip seconds) of the simulated jobs, drawn evenly.
 KINDS = (("sora-2-preview", 8), ("viduq3", 5))
 SECTION = "simulate_polling"
@@ -58,6 +71,7 @@ class Job:
     duration: float
     estimate: int
     curve: Curve
+    kind: str | None = None
 
     @property
     def end(self) -> float:
@@ -73,7 +87,15 @@ def make_jobs(n: int, pending: int, seed: int, profile: RealisticProfile) -> lis
         drawn.append((duration, estimate, curve))
     mean = sum(d for d, _, _ in drawn) / max(1, n)
     rate = pending / mean  # jobs per second that keeps about ``pending`` running
-    return [Job(f"t{i}", i / rate, d, e, c) for i, (d, e, c) in enumerate(drawn)]
+    return [
+        Job(f"t{i}", i / rate, d, e, c, kind_key(*KINDS[i % len(KINDS)]))
+        for i, (d, e, c) in enumerate(drawn)
+    ]
+
+
+def kind_key(model: str, clip: int) -> str:
+    """The kind of a job as ``_priors.kind_of`` names it (text prompt, no resolution)."""
+    return f"{model}/{clip}//text"
 
 
 def status_at(job: Job, t: float) -> am.Task:
@@ -112,10 +134,17 @@ def simulate_sdk(
     profile: RealisticProfile,
     concurrency: int,
     seed: int,
-) -> dict[str, float]:
-    """Run the SDK's schedule as the poller does, on a fake clock."""
+    max_concurrency: int = 64,
+    priors: Priors | None = None,
+) -> dict[str, Any]:
+    """Run the SDK's schedule as the poller does, on a fake clock. ``priors``: what an earlier
+    run learned (the schedule starts from them and goes on learning into them)."""
     rng = random.Random(seed)
     schedule = PollSchedule(policy, seed=seed)
+    if priors is not None:
+        schedule.priors = priors
+    if not batched:
+        return _per_task(jobs, schedule, profile, rng, concurrency, max_concurrency)
     by_id = {j.id: j for j in jobs}
     seen: dict[str, float] = {}
     requests = 0
@@ -124,7 +153,7 @@ def simulate_sdk(
     while len(seen) < len(jobs):
         while nxt < len(jobs) and jobs[nxt].submit <= now:
             j = jobs[nxt]
-            schedule.add(j.id, now=now, submitted_at=j.submit)
+            schedule.add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
         ids = schedule.due(now, batched=batched)
         if not ids:
@@ -154,7 +183,62 @@ def simulate_sdk(
             task = status_at(by_id[task_id], read[task_id])
             if schedule.on_status(task, now):
                 seen[task_id] = now
-    return summary(jobs, seen, requests)
+    return {**summary(jobs, seen, requests), "priors": schedule.priors}
+
+
+def _per_task(
+    jobs: Sequence[Job],
+    schedule: PollSchedule,
+    profile: RealisticProfile,
+    rng: random.Random,
+    start: int,
+    maximum: int,
+) -> dict[str, Any]:
+    """Per-task reads as ``Poller._read_one`` sends them: each leaves when due while the
+    ``StatusWindow`` has room, and is reported when its own reply is back."""
+    window = StatusWindow(start=start, maximum=maximum)
+    by_id = {j.id: j for j in jobs}
+    seen: dict[str, float] = {}
+    requests = 0
+    now = 0.0
+    nxt = 0
+    seq = 0
+    replies: list[tuple[float, int, str, float, Any]] = []  # (back at, seq, id, read at, ticket)
+    while len(seen) < len(jobs):
+        while nxt < len(jobs) and jobs[nxt].submit <= now:
+            j = jobs[nxt]
+            schedule.add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
+            nxt += 1
+        while replies and replies[0][0] <= now:
+            back, _, task_id, read_at, ticket = heapq.heappop(replies)
+            window.finished(ticket, back, congested=False)
+            if schedule.on_status(status_at(by_id[task_id], read_at), back):
+                seen[task_id] = back
+        free = window.free()
+        ids = schedule.due(now, batched=False, limit=free)
+        for task_id in ids:
+            rtt = profile.round_trip(rng)
+            heapq.heappush(replies, (now + rtt, seq, task_id, now + rtt / 2, window.started(now)))
+            seq += 1
+            requests += 1
+        wake = schedule.next_wakeup()
+        full = window.free() == 0
+        if full and wake is not None and wake <= now:
+            window.held_back(now)
+        times = [replies[0][0]] if replies else []
+        if wake is not None and not full:
+            times.append(wake)
+        if nxt < len(jobs):
+            times.append(jobs[nxt].submit)
+        if not times:
+            break
+        now = max(now, min(times))
+    return {
+        **summary(jobs, seen, requests),
+        "priors": schedule.priors,
+        "max_in_flight": window.max_in_flight_seen,
+        "window_final": window.limit(),
+    }
 
 
 def fixed_per_task(
@@ -226,74 +310,97 @@ def _count_le(values: Sequence[float], x: float) -> int:
     return lo
 
 
-def has_target_lag() -> bool:
-    return any(f.name == "target_lag" for f in attrs.fields(am.PollPolicy))
+def _row(
+    route: str, client: str, kind: str, interval: float | None, figures: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "route": route,
+        "client": client,
+        "kind": kind,
+        "interval": interval,
+        **{k: v for k, v in figures.items() if k != "priors"},
+    }
 
 
 def run(
-    n: int, *, pending: int, seed: int, concurrency: int, wide: int, lags: Sequence[float]
+    n: int,
+    *,
+    pending: int,
+    seed: int,
+    concurrency: int,
+    max_concurrency: int,
+    lags: Sequence[float],
 ) -> dict[str, Any]:
     profile = RealisticProfile()
     t0 = time.process_time()
     jobs = make_jobs(n, pending, seed, profile)
     rows: list[dict[str, Any]] = []
-    sdk_policies: list[tuple[str, float | None, am.PollPolicy]]
-    if has_target_lag():
-        sdk_policies = [
-            (f"SDK, target_lag {lag:g} s", lag, am.PollPolicy(target_lag=lag))  # type: ignore[call-arg]
-            for lag in lags
-        ]
-    else:
-        sdk_policies = [("SDK (PollPolicy defaults)", None, am.PollPolicy())]
-    for route, batched, conc in (
-        ("batch route", True, concurrency),
-        ("per-task reads", False, concurrency),
-        (f"per-task reads, {wide} at a time", False, wide),
-    ):
-        for name, lag, policy in sdk_policies:
+    routes = (("batch route", True), ("per-task reads", False))
+    for route, batched in routes:
+        for lag in lags:
             cpu = time.process_time()
             figures = simulate_sdk(
                 jobs,
-                policy,
+                am.PollPolicy(target_lag=lag),
                 batched=batched,
                 profile=profile,
-                concurrency=conc,
+                # batch requests of a round go one after another; per-task reads: the window
+                concurrency=1 if batched else concurrency,
+                max_concurrency=max_concurrency,
                 seed=seed,
             )
-            rows.append(
-                {
-                    "route": route,
-                    "client": name,
-                    "kind": "sdk",
-                    "interval": lag,
-                    **figures,
-                    "cpu_seconds": time.process_time() - cpu,
-                }
-            )
-        if conc == wide:
-            continue  # the fixed loops do not depend on the concurrency
+            row = _row(route, f"SDK, target_lag {lag:g} s", "sdk", lag, figures)
+            row["cpu_seconds"] = time.process_time() - cpu
+            rows.append(row)
         for lag in lags:
             fixed = fixed_batch if batched else fixed_per_task
-            figures = fixed(jobs, lag, profile, seed)
             rows.append(
-                {
-                    "route": route,
-                    "client": f"fixed loop, every {lag:g} s",
-                    "kind": "fixed",
-                    "interval": lag,
-                    **figures,
-                }
+                _row(
+                    route,
+                    f"fixed loop, every {lag:g} s",
+                    "fixed",
+                    lag,
+                    fixed(jobs, lag, profile, seed),
+                )
+            )
+    # learned priors: a run of ``runs`` jobs of the same kinds, all submitted at once, with a
+    # fresh schedule (first run), then another with what the first learned (second run)
+    runs = min(n, RUN_JOBS)
+    first, second = (make_jobs(runs, runs, seed + k, profile) for k in (1, 2))
+    for route, batched in routes:
+        learned = None
+        for name, run_jobs in (("first run", first), ("second run", second)):
+            figures = simulate_sdk(
+                run_jobs,
+                am.PollPolicy(target_lag=DEFAULT_LAG),
+                batched=batched,
+                profile=profile,
+                concurrency=1 if batched else concurrency,
+                max_concurrency=max_concurrency,
+                seed=seed + 1,
+                priors=learned,
+            )
+            learned = figures["priors"]
+            rows.append(
+                _row(
+                    route,
+                    f"SDK, target_lag {DEFAULT_LAG:g} s, {name}",
+                    "priors",
+                    DEFAULT_LAG,
+                    figures,
+                )
             )
     return {
         "jobs": n,
         "pending": pending,
         "seed": seed,
         "concurrency": concurrency,
-        "wide": wide,
+        "max_concurrency": max_concurrency,
         "rtt": profile.rtt,
         "kinds": [f"{m} {c} s" for m, c in KINDS],
         "durations": {k: list(v) for k, v in profile.durations.items()},
         "estimate_error": profile.estimate_error,
+        "run_jobs": runs,
         "rows": rows,
         "cpu_seconds": time.process_time() - t0,
     }
@@ -308,18 +415,87 @@ def table(results: dict[str, Any]) -> str:
         f"profile ({kinds}; sora-2 60-240 s, viduq3 30-120 s; `estimated_time` off by up to "
         f"{results['estimate_error']:.0%}; uneven progress; a {results['rtt']:g} s round trip, "
         f"jittered), about {results['pending']:,} running at a time, the SDK's `PollSchedule` on "
-        f"a fake clock ({results['cpu_seconds']:.0f} s of CPU). Lag: from a task's end to the "
-        "reply that says so in the client's hands.",
+        f"a fake clock ({results['cpu_seconds']:.0f} s of CPU). Per-task reads: the adaptive "
+        f"window from {results['concurrency']} up to {results['max_concurrency']} in flight. "
+        "Lag: from a task's end to the reply that says so in the client's hands.",
         "",
         "| route | client | status requests per job | lag p50 (s) | lag p99 (s) |",
         "|---|---|---:|---:|---:|",
     ]
     for r in results["rows"]:
+        if r["kind"] == "priors":
+            continue
         lines.append(
             f"| {r['route']} | {r['client']} | {r['requests_per_job']:.3f} | "
             f"{r['lag_p50']:.2f} | {r['lag_p99']:.2f} |"
         )
+    lines += [
+        "",
+        f"Learned priors: a run of {results['run_jobs']:,} jobs of the same kinds, all "
+        "submitted at once, at the default `target_lag` with a fresh schedule (first run; it "
+        "learns as its tasks end), then another such run starting from what the first learned "
+        "(second run: what a batch's journal carries over).",
+        "",
+        "| route | run | status requests per job | lag p50 (s) | lag p99 (s) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        if r["kind"] == "priors":
+            lines.append(
+                f"| {r['route']} | {r['client'].rsplit(', ', 1)[1]} | "
+                f"{r['requests_per_job']:.3f} | {r['lag_p50']:.2f} | {r['lag_p99']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Status requests per job against p99 lag, per route: the SDK at each target_lag and the
+    fixed loops of the same intervals (needs matplotlib, the ``bench`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    routes = ("batch route", "per-task reads")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    for ax, route in zip(axes, routes, strict=True):
+        for kind, style, label in (
+            ("sdk", "*-", "SDK (target_lag)"),
+            ("fixed", "o--", "fixed loop"),
+        ):
+            rs = sorted(
+                (r for r in results["rows"] if r["route"] == route and r["kind"] == kind),
+                key=lambda r: r["interval"],
+            )
+            xs = [r["requests_per_job"] for r in rs]
+            ys = [r["lag_p99"] for r in rs]
+            ax.plot(xs, ys, style, label=label, markersize=9 if kind == "sdk" else 6)
+            for r, x, y in zip(rs, xs, ys, strict=True):
+                ax.annotate(
+                    f"{r['interval']:g} s",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(5, 4 if kind == "sdk" else -10),
+                    fontsize=7,
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("status requests per job (log)")
+        ax.set_ylabel("p99 lag, end to outcome (s, log)")
+        ax.set_title(route)
+        ax.grid(True, which="both", linewidth=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{results['jobs']:,} realistic jobs, {results['pending']:,} at a time, "
+        f"{results['rtt']:g} s round trip: cost against lag"
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def write_section(path: Path, text: str) -> None:
@@ -343,27 +519,35 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency",
         type=int,
         default=8,
-        help="requests in flight per round (the client's status_concurrency, default 8)",
+        help="per-task reads in flight at first (the client's status_concurrency, default 8)",
     )
     p.add_argument(
-        "--wide", type=int, default=64, help="per-task reads again with this many in flight"
+        "--max-concurrency",
+        type=int,
+        default=64,
+        help="per-task reads in flight at most (max_status_concurrency, default 64)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and the JSON")
     ns = p.parse_args(argv)
-    if ns.jobs < 1 or ns.pending < 1 or ns.concurrency < 1:
-        p.error("--jobs, --pending and --concurrency must be >= 1")
+    if ns.jobs < 1 or ns.pending < 1 or not 1 <= ns.concurrency <= ns.max_concurrency:
+        p.error("--jobs, --pending and --concurrency must be >= 1, --max-concurrency >= it")
     results = run(
         ns.jobs,
         pending=ns.pending,
         seed=ns.seed,
         concurrency=ns.concurrency,
-        wide=ns.wide,
+        max_concurrency=ns.max_concurrency,
         lags=LAGS,
     )
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "simulate_polling.json").write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
+    if plot(results, ns.out / "simulate_polling.png"):
+        text += (
+            "\n![status requests per job against p99 lag, the SDK at each target_lag and the "
+            "fixed loops](simulate_polling.png)\n"
+        )
     write_section(ns.out / "RESULTS.md", text)
     print(text)
     return 0

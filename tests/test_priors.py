@@ -203,15 +203,36 @@ async def test_a_batch_journal_keeps_the_priors_for_the_next_run(tmp_path: Path)
         conn = sqlite3.connect(journal)
         rows = conn.execute("SELECT kind, samples FROM priors").fetchall()
         conn.close()
-        assert rows == [(KIND, n)]
+        assert len(rows) == 1 and rows[0][0] == KIND and 1 <= rows[0][1] <= n
+        stored = rows[0][1]
         more = [am.VideoRequest("sora-2-preview", f"a dog {i}", duration=8) for i in range(n)]
         async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client:
-            assert client._poller.schedule.priors.get(KIND) is None
+            assert client._poller.schedule.priors.export() == {}
             with anyio.fail_after(30):
                 async with client.batch(jobs + more, journal=journal) as results:
                     # loaded when the batch opened its journal, before any task of it ended
-                    assert client._poller.schedule.priors.get(KIND) is not None
+                    assert client._poller.schedule.priors.export()[KIND].samples == stored
                     await emu.wait_until(lambda: emu.tasks_created == 2 * n)
                     emu.complete_all()
                     again = [o async for o in results]
         assert len(again) == 2 * n and sum(o.replayed for o in again) == n
+
+
+def test_checks_far_apart_only_widen_the_range_and_an_end_before_the_first_check_lowers_it() -> (
+    None
+):
+    priors = Priors(min_samples=1)
+    priors.observe(KIND, seen_running=99.0, seen_done=101.0, estimate=100.0)  # a sample
+    # seen running at 60 s, done at 95 s: no sample (its end could be anywhere between), but
+    # it ended before the shortest learned, so the range reaches down to 95 s (0.95)
+    priors.observe(KIND, seen_running=60.0, seen_done=95.0, estimate=100.0)
+    prior = priors.get(KIND)
+    assert prior is not None and prior.samples == 1
+    assert (prior.duration_lo, prior.duration_hi) == (95.0, 100.0)
+    assert (prior.ratio_lo, prior.ratio_hi) == (0.95, 1.0)
+    # far apart and inside the range: nothing moves
+    priors.observe(KIND, seen_running=20.0, seen_done=99.0, estimate=100.0)
+    assert (prior.samples, prior.duration_lo, prior.ratio_lo) == (1, 95.0, 0.95)
+    # found done by its first check at 90 s: such tasks can be shorter than 90 s
+    priors.observe(KIND, seen_running=None, seen_done=90.0, estimate=100.0)
+    assert (prior.samples, prior.duration_lo, prior.ratio_lo) == (1, 45.0, 0.95)

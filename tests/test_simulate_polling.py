@@ -36,14 +36,18 @@ def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -
     assert results["jobs"] == 40
     rows = results["rows"]
     routes = {r["route"] for r in rows}
-    assert routes == {"batch route", "per-task reads", "per-task reads, 64 at a time"}
+    assert routes == {"batch route", "per-task reads"}
     for route in ("batch route", "per-task reads"):
         fixed = sorted(r["interval"] for r in rows if r["route"] == route and r["kind"] == "fixed")
         assert fixed == list(sim.LAGS)
         sdk = [r["interval"] for r in rows if r["route"] == route and r["kind"] == "sdk"]
         assert sdk == list(sim.LAGS)  # one SDK row per target_lag
+        runs = [r["client"] for r in rows if r["route"] == route and r["kind"] == "priors"]
+        assert [c.rsplit(", ", 1)[1] for c in runs] == ["first run", "second run"]
     for r in rows:
         assert r["requests_per_job"] > 0
         assert math.isfinite(r["lag_p99"]) and r["lag_p50"] <= r["lag_p99"] <= r["lag_max"]
         assert r["lag_p50"] >= 0  # every job was seen, none before its end
-        assert f"| {r['route']} | {r['client']} |" in text
+        if r["kind"] != "priors":
+            assert f"| {r['route']} | {r['client']} |" in text
+    assert text.count("| first run |") == 2 and text.count("| second run |") == 2
