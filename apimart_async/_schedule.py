@@ -6,8 +6,10 @@ Every pending task of a client lives here with a next-check time. The async poll
 
 How the next check is chosen (``PollPolicy``), issue 22:
 
-1. A new task is first checked ``first_check`` seconds after it was submitted: that check
-   learns ``estimated_time`` and ``progress``.
+1. A new task is first checked ``first_check`` seconds after it was submitted (``target_lag``
+   if longer): that check learns ``estimated_time`` and ``progress``. A task of a kind whose
+   completed tasks taught the schedule how long it takes (``_priors``) is first checked at the
+   kind's earliest end instead, and its window uses how far the kind's estimates proved right.
 2. Each status gives a window of plausible ends. ``estimated_time`` is trusted to within
    ``estimate_margin`` (25 %) either way, and to a rounding (whole seconds): the earliest
    plausible end is ``(estimated_time - 1) / (1 + margin)`` after the start, the latest
@@ -70,7 +72,8 @@ class PollPolicy:
     end of a task until it ends, two checks are never more than this many seconds apart
     (less when ``max_interval`` is shorter). 10 s suits bulk scripts, 1 s web backends."""
     first_check: float = attrs.field(default=2.0, validator=_positive)
-    """The first check, this long after the submit (it learns ``estimated_time``)."""
+    """The first check, this long after the submit (it learns ``estimated_time``), or
+    ``target_lag`` after it if that is longer (or, for a kind learned before, its earliest end)."""
     min_interval: float = attrs.field(default=1.0, validator=_positive)
     """The shortest wait between two checks of one task."""
     max_interval: float = attrs.field(default=60.0, validator=_positive)
@@ -193,7 +196,8 @@ class PollSchedule:
             return
         pol = policy or self.policy
         t0 = now if submitted_at is None and not check_now else submitted_at
-        wait = pol.first_check
+        # no check is due before target_lag: a task ending at once is still seen within it
+        wait = max(pol.first_check, min(pol.target_lag, pol.max_interval))
         prior = self.priors.get(kind)
         if prior is not None:  # a known kind: nothing to learn before its earliest end
             wait = max(wait, prior.durations()[0])
