@@ -189,29 +189,35 @@ def test_a_schema_2_journal_gains_the_priors_table(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_a_batch_journal_keeps_the_priors_for_the_next_run(tmp_path: Path) -> None:
     journal = tmp_path / "run.sqlite"
-    n = MIN_SAMPLES + 2
+    n = 3
     jobs = [am.VideoRequest("sora-2-preview", f"a cat {i}", duration=8) for i in range(n)]
+    # what a long first run would have learned (the learning itself: the fake-clock tests)
+    taught = KindPrior(samples=40, duration_lo=60, duration_hi=240, ratio_lo=0.8, ratio_hi=1.3)
     async with Emulator(mode="manual") as emu:
         async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client:
+            client._poller.schedule.priors.merge({KIND: taught})
             with anyio.fail_after(30):
                 async with client.batch(jobs, journal=journal) as results:
-                    await emu.wait_until(lambda: len(client._poller) == n)
-                    await emu.wait_until(lambda: emu.counters.get("batch", 0) >= 2)
+                    await emu.wait_until(lambda: emu.tasks_created == n)
                     emu.complete_all()
                     outcomes = [o async for o in results]
         assert len(outcomes) == n and all(o.ok for o in outcomes)
         conn = sqlite3.connect(journal)
-        rows = conn.execute("SELECT kind, samples FROM priors").fetchall()
+        rows = conn.execute(
+            "SELECT kind, samples, duration_lo, duration_hi, ratio_lo, ratio_hi FROM priors"
+        ).fetchall()
         conn.close()
-        assert len(rows) == 1 and rows[0][0] == KIND and 1 <= rows[0][1] <= n
-        stored = rows[0][1]
+        # these tasks ended before their first check: such tasks can be shorter than 60 s
+        assert len(rows) == 1 and rows[0][:2] == (KIND, 40) and rows[0][2] < 60
+        stored = KindPrior(*rows[0][1:])
+        assert (stored.duration_hi, stored.ratio_lo, stored.ratio_hi) == (240, 0.8, 1.3)
         more = [am.VideoRequest("sora-2-preview", f"a dog {i}", duration=8) for i in range(n)]
         async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client:
-            assert client._poller.schedule.priors.export() == {}
+            assert client._poller.schedule.priors.get(KIND) is None
             with anyio.fail_after(30):
                 async with client.batch(jobs + more, journal=journal) as results:
                     # loaded when the batch opened its journal, before any task of it ended
-                    assert client._poller.schedule.priors.export()[KIND].samples == stored
+                    assert client._poller.schedule.priors.get(KIND) == stored
                     await emu.wait_until(lambda: emu.tasks_created == 2 * n)
                     emu.complete_all()
                     again = [o async for o in results]
