@@ -215,6 +215,12 @@ class PollSchedule:
         w = self._watches.get(task_id)
         return None if w is None or w.checking else w.next_at
 
+    def due_at(self, task_id: str) -> float | None:
+        """When the check being made (or the next one) fell or falls due; None: not watched.
+        ``now - due_at`` for an id ``due`` just handed out: how late its check leaves."""
+        w = self._watches.get(task_id)
+        return None if w is None else w.next_at
+
     # -- what to do now ------------------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:

@@ -204,6 +204,7 @@ def _per_task(
     nxt = 0
     seq = 0
     replies: list[tuple[float, int, str, float, Any]] = []  # (back at, seq, id, read at, ticket)
+    late: list[float] = []  # how long after it fell due each read left
     while len(seen) < len(jobs):
         while nxt < len(jobs) and jobs[nxt].submit <= now:
             j = jobs[nxt]
@@ -217,6 +218,7 @@ def _per_task(
         free = window.free()
         ids = schedule.due(now, batched=False, limit=free)
         for task_id in ids:
+            late.append(now - (schedule.due_at(task_id) or now))
             rtt = profile.round_trip(rng)
             heapq.heappush(replies, (now + rtt, seq, task_id, now + rtt / 2, window.started(now)))
             seq += 1
@@ -238,6 +240,8 @@ def _per_task(
         "priors": schedule.priors,
         "max_in_flight": window.max_in_flight_seen,
         "window_final": window.limit(),
+        "late_p99": percentile(late, 99),
+        "late_max": max(late, default=0.0),
     }
 
 

@@ -327,3 +327,12 @@ def test_in_the_window_the_gap_counts_from_when_the_check_left() -> None:
     assert s.due(9.0, batched=False) == ["a"]
     s.on_status(running("a", estimate=11.0), 9.4)
     assert s.next_check("a") == pytest.approx(9.0 + 2.0 - 0.2)
+
+
+def test_due_at_says_when_a_handed_out_check_fell_due() -> None:
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0)
+    assert s.due_at("a") == 2.0 and s.due_at("zz") is None
+    assert s.due(2.5, batched=False) == ["a"]
+    assert s.next_check("a") is None  # being checked
+    assert s.due_at("a") == 2.0  # left 0.5 s after it fell due
