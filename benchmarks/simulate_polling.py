@@ -423,15 +423,18 @@ def table(results: dict[str, Any]) -> str:
         f"window from {results['concurrency']} up to {results['max_concurrency']} in flight. "
         "Lag: from a task's end to the reply that says so in the client's hands.",
         "",
-        "| route | client | status requests per job | lag p50 (s) | lag p99 (s) |",
-        "|---|---|---:|---:|---:|",
+        "| route | client | status requests per job | lag p50 (s) | lag p99 (s) "
+        "| reads in flight, most | read left after due, p99 (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         if r["kind"] == "priors":
             continue
+        most = r.get("max_in_flight", "")
+        late = f"{r['late_p99']:.3f}" if "late_p99" in r else ""
         lines.append(
             f"| {r['route']} | {r['client']} | {r['requests_per_job']:.3f} | "
-            f"{r['lag_p50']:.2f} | {r['lag_p99']:.2f} |"
+            f"{r['lag_p50']:.2f} | {r['lag_p99']:.2f} | {most} | {late} |"
         )
     lines += [
         "",
