@@ -313,13 +313,13 @@ class Poller:
             logger.exception("status read of task %s failed; reading it again later", task_id)
             result = APIConnectionError(f"status read of task {task_id} failed")
         now = self._clock()
-        congested = self._trouble() != trouble or (
-            isinstance(result, ApimartError) and classify(result) == "transient"
-        )
-        self.reads.finished(ticket, now, congested=congested)
         try:
+            congested = self._trouble() != trouble or (
+                isinstance(result, ApimartError) and classify(result) == "transient"
+            )
+            self.reads.finished(ticket, now, congested=congested)
             self._report([task_id], {task_id: result}, now)
-        except Exception:
+        except Exception:  # a bug: never let it end the poller's reads
             logger.exception("reporting the status of task %s failed", task_id)
         finally:
             self.schedule.release([task_id], now)

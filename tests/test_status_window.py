@@ -180,3 +180,33 @@ async def test_429s_on_per_task_reads_narrow_the_window_and_every_task_still_end
     assert client.throttle.rate_limited >= 1
     assert window.cuts >= 1 and not window.slow_start
     assert any(after <= before // 2 for before, after in cuts if before >= 8)
+
+
+@pytest.mark.anyio
+async def test_a_bug_in_a_per_task_read_reads_that_task_again_and_frees_its_slot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with Emulator(mode="manual") as emu:
+        emu.batch_route = "absent"
+        ids = emu.create_tasks(5)
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, poll=FAST_POLL, status_concurrency=1
+        ) as client:
+            real = client.tasks.get
+            calls: list[str] = []
+
+            async def flaky(task_id: str) -> am.Task:
+                calls.append(task_id)
+                if len(calls) == 7:  # after the first round (the batch route's fallback)
+                    raise RuntimeError("a bug")
+                return await real(task_id)
+
+            client.tasks.get = flaky  # type: ignore[method-assign]
+            with anyio.fail_after(DEADLINE):
+                async with client.tasks.watch(ids) as stream:
+                    await emu.wait_until(lambda: len(calls) >= 12)
+                    emu.complete_all()
+                    done = [t async for t in stream]
+            assert client._poller.reads.in_flight == 0
+    assert sorted(t.id for t in done) == sorted(ids)
+    assert "status read of task" in caplog.text
