@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import anyio
+import anyio.abc
 
 from ._errors import (
     APIConnectionError,

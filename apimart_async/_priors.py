@@ -107,7 +107,7 @@ class Priors:
     """The priors of every kind a client has seen finish (see the module docstring)."""
 
     def __init__(self, *, min_samples: int = MIN_SAMPLES) -> None:
-        self.min_samples = min_samples
+        self.min_samples: int = min_samples
         self._kinds: dict[str, KindPrior] = {}
 
     def __len__(self) -> int:

@@ -59,24 +59,24 @@ class StatusWindow:
                 f"max_status_concurrency must be an int >= status_concurrency ({start}), "
                 f"got {maximum!r}"
             )
-        self.start = start
-        self.maximum = maximum
-        self.decrease = decrease
-        self.fast_factor = fast_factor
-        self.fast_slack = fast_slack
-        self.rtt_weight = rtt_weight
+        self.start: int = start
+        self.maximum: int = maximum
+        self.decrease: float = decrease
+        self.fast_factor: float = fast_factor
+        self.fast_slack: float = fast_slack
+        self.rtt_weight: float = rtt_weight
         self.window: float = float(start)
         """The window before the rate bound (may be fractional during additive increase)."""
-        self.in_flight = 0
-        self.slow_start = True
+        self.in_flight: int = 0
+        self.slow_start: bool = True
         #: The fastest round trip seen, and a smoothed one (None before the first reply).
         self.min_rtt: float | None = None
         self.srtt: float | None = None
         #: Counters for stats and benchmarks.
-        self.cuts = 0
-        self.max_in_flight_seen = 0
-        self._last_cut = -math.inf
-        self._limited_at = -math.inf
+        self.cuts: int = 0
+        self.max_in_flight_seen: int = 0
+        self._last_cut: float = -math.inf
+        self._limited_at: float = -math.inf
 
     def limit(self, rate: float | None = None) -> int:
         """Reads allowed in flight now; ``rate``: the client's requests per second, if capped."""

@@ -52,10 +52,6 @@ ALLOWED_PRIVATE = {
     # pdoc names a base class from another module by the module that defines it; the class
     # itself is documented as apimart_async.ApimartError.
     "apimart_async._errors.ApimartError",
-    # RealisticProfile.draw()/curve(): a task's progress curve, the emulator's internals.
-    "apimart_async.emulator._realistic.Curve",
-    # Emulator.rtt: the round-trip middleware of the realistic profile, read for its counts.
-    "apimart_async.emulator._realistic.RttMiddleware",
     # SqliteJournal.load_priors()/save_priors(): what the poll schedule learned per kind of
     # task; the batch stores and loads it, users never build one.
     "apimart_async._priors.KindPrior",
