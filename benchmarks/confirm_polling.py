@@ -69,7 +69,9 @@ async def run_real(n: int, scale: float, batch_route: bool, seed: int) -> dict[s
                         seen[outcome.task.id] = emu.clock.now()
                         req = outcome.request
                         kinds[outcome.task.id] = None if req is None else kind_of(req)
-            window = client._poller.reads.max_in_flight_seen
+            reads = client._poller.reads
+            window = reads.max_in_flight_seen
+            rtts = (reads.min_rtt, reads.srtt, reads.cuts)
         state = emu.state
         reads = state.requests["batch"] + state.requests["task"]
         t0 = min(t.created for t in state.tasks.values())
@@ -88,6 +90,8 @@ async def run_real(n: int, scale: float, batch_route: bool, seed: int) -> dict[s
             "max_in_flight": window,
             "late_p99": sim.percentile(late, 99),
             "late_max": max(late, default=0.0),
+            "late_over_1s": sum(x > 1.0 for x in late) / max(1, len(late)),
+            "window_rtt": rtts,
         }
 
 
@@ -128,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {r['requests_per_job']:.3f} | {r['lag_p50']:.2f} | "
             f"{r['lag_p99']:.2f} | {most} | {late} |"
+        )
+    if not batched:
+        lo, smooth, cuts = real["window_rtt"]
+        print(
+            f"sockets: reads' round trip fastest {lo or 0:.3f} s, smoothed {smooth or 0:.3f} s, "
+            f"{cuts} cut(s); {real['late_over_1s']:.1%} of checks left over 1 s after due"
         )
     if ns.out is not None:
         ns.out.write_text(json.dumps({"jobs": ns.jobs, "route": route, **rows}, indent=2) + "\n")
