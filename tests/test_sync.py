@@ -143,18 +143,38 @@ def test_a_batch_iterated_with_a_for_loop_yields_every_job_once(temu: ThreadedEm
     assert max(temu.emu.tasks_per_key.values()) == 1
 
 
-@pytest.mark.xfail(
-    reason="known race (issue 19): right after break, the poller can still list the last task",
-    strict=False,
-)
+class SyncEvents:
+    """A batch's ``on_event=`` for the sync facade (events arrive on the client's thread):
+    ``wait_for(kind, n)`` blocks until ``n`` events of that kind were seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[am.BatchEvent] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, event: am.BatchEvent) -> None:
+        with self._changed:
+            self.seen.append(event)
+            self._changed.notify_all()
+
+    def wait_for(self, kind: str, n: int, timeout: float = 30.0) -> None:
+        """``timeout`` only guards against a hang."""
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: sum(e.kind == kind for e in self.seen) >= n, timeout=timeout
+            )
+        assert ok, f"fewer than {n} {kind!r} events: {self.seen}"
+
+
 def test_breaking_out_of_a_batch_leaves_it_and_the_client_goes_on(
     manual_temu: ThreadedEmulator,
 ) -> None:
     emu = manual_temu.emu
     jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(5)]
+    events = SyncEvents()
     with sync_client(manual_temu) as client:
-        with client.batch(jobs, concurrency=5) as results:
-            manual_temu.wait_until(lambda: emu.tasks_created == 5)
+        with client.batch(jobs, concurrency=5, on_event=events) as results:
+            # every task id known to the client, not only created at the emulator
+            events.wait_for("submitted", 5)
             first = emu.task_ids()[2]
             manual_temu.call(emu.complete, first)
             for outcome in results:
