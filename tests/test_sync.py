@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import inspect
 import os
@@ -280,6 +281,35 @@ def test_close_stops_the_thread_and_later_calls_fail_typed(temu: ThreadedEmulato
     with pytest.raises(am.ClientClosedError):
         client.batch([])
     assert temu.emu.counters.get("submit", 0) == 0
+
+
+def test_a_client_used_without_a_name_stays_open_for_its_call(temu: ThreadedEmulator) -> None:
+    """``Apimart(...).balance()``, ``Apimart(...).videos.generate(...)`` or ``for outcome in
+    Apimart(...).batch(jobs)``: nothing names the client, yet it must not be collected (and
+    closed) while its call, facade or batch is in use."""
+
+    before = _portal_threads()
+
+    def new() -> am.Apimart:
+        return am.Apimart(temu.emu.api_key, base_url=temu.emu.base_url, poll=FAST_POLL)
+
+    def collect_then(call: Callable[[], T]) -> T:
+        gc.collect()
+        return call()
+
+    def use_unnamed_clients() -> None:
+        assert new().balance().remain_balance == 1000.0
+        videos = new().videos
+        assert collect_then(lambda: videos.generate(am.VideoRequest("sora-2-preview", "a"))).ok
+        tasks = new().tasks
+        task_id = temu.emu.task_ids()[0]
+        assert collect_then(lambda: tasks.get(task_id)).ok
+        batch = new().batch([am.VideoRequest("sora-2-preview", f"p{i}") for i in range(2)])
+        assert collect_then(lambda: [o.ok for o in batch]) == [True, True]
+
+    use_unnamed_clients()
+    gc.collect()
+    assert _portal_threads() == before  # once nothing refers to them, the clients close
 
 
 def test_bad_options_fail_at_once_and_leave_no_thread(temu: ThreadedEmulator) -> None:
