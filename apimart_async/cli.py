@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -292,6 +293,12 @@ def _read_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file:
         try:
             key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            # The value is not repeated: it may be the key itself, given to the wrong flag.
+            raise UsageError(
+                "--api-key-file: cannot read it: no such file (the value is not shown, in case"
+                " it is a key; this flag takes the path of a file holding the key)"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or "not UTF-8 text"
             raise UsageError(
@@ -452,6 +459,28 @@ def _cost_text(total: float, unknown: list[tuple[Any, ...]]) -> str:
     kinds = ", ".join(_kind_text(k) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
     known = f"${total:.2f} plus " if total else ""
     return f"{known}unknown (no price seen yet for {kinds}; --max-cost caps the spend)"
+
+
+def _whole_at_least_1(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _at_least_0(text: str) -> float:
+    """argparse type: a number >= 0 (``inf`` allowed; not ``nan``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
 
 
 def _check_out(out: Path, flag: str = "--out") -> None:
@@ -976,18 +1005,22 @@ def build_parser() -> argparse.ArgumentParser:
         " beside it, so a re-run resumes the demo too)",
     )
     run.add_argument(
-        "--concurrency", type=int, default=8, metavar="N", help="submits in flight at most"
+        "--concurrency",
+        type=_whole_at_least_1,
+        default=8,
+        metavar="N",
+        help="submits in flight at most",
     )
     run.add_argument(
         "--max-pending",
-        type=int,
+        type=_whole_at_least_1,
         default=None,
         metavar="N",
         help="running tasks at most (default: no limit)",
     )
     run.add_argument(
         "--max-cost",
-        type=float,
+        type=_at_least_0,
         default=None,
         metavar="USD",
         help="budget: no job is submitted that could pass it (default: no limit)",
@@ -999,7 +1032,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--grace",
-        type=float,
+        type=_at_least_0,
         default=10.0,
         metavar="SECONDS",
         help="after Ctrl-C, follow running tasks this long before stopping",
