@@ -29,6 +29,9 @@ import apimart_async as am
 from apimart_async import report
 from apimart_async.emulator import Emulator
 
+from ._jobsfile import _check_keys as check_keys
+from ._json import is_object
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 JOBS_SCHEMA = """\
@@ -702,25 +705,47 @@ def _dry_run(
     return EXIT_OK
 
 
+_FIELD_FLAGS = {
+    "model": "--model",
+    "prompt": "--prompt",
+    "duration": "--duration",
+    "resolution": "--resolution",
+    "aspect_ratio": "--aspect-ratio",
+    "seed": "--seed",
+    "image_url": "--image-url",
+    "video_url": "--video-url",
+}
+
+
 def _request_from_flags(args: argparse.Namespace) -> am.VideoRequest:
     if args.request:
+        given = [flag for name, flag in _FIELD_FLAGS.items() if getattr(args, name) is not None]
+        if given:
+            raise UsageError(
+                f"--request gives the whole request; drop {', '.join(given)} or put it in the JSON"
+            )
         try:
             data = json.loads(args.request)
         except ValueError as exc:
             raise UsageError(f"--request is not JSON: {exc}") from None
-        return am.VideoRequest.from_dict(data)
-    if not args.model:
+    elif not args.model:
         raise UsageError("give --model (and the other fields) or --request '{...}'")
-    fields: dict[str, Any] = {"model": args.model}
-    for name in ("prompt", "duration", "resolution", "aspect_ratio", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    if args.image_url:
-        fields["image_urls"] = args.image_url
-    if args.video_url:
-        fields["video_urls"] = args.video_url
-    return am.VideoRequest.from_dict(fields)
+    else:
+        data = {"model": args.model}
+        for name in ("prompt", "duration", "resolution", "aspect_ratio", "seed"):
+            value = getattr(args, name)
+            if value is not None:
+                data[name] = value
+        if args.image_url:
+            data["image_urls"] = args.image_url
+        if args.video_url:
+            data["video_urls"] = args.video_url
+    if is_object(data):  # the checks of a jobs line: misspelled keys, a model name's typo
+        try:
+            check_keys(data, args.allow_unknown_model)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return am.VideoRequest.from_dict(data)
 
 
 async def cmd_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1075,6 +1100,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--resolution", help="e.g. 720p (the model's rules apply)")
     submit.add_argument("--aspect-ratio", help="e.g. 16:9, portrait (the model's rules apply)")
     submit.add_argument("--seed", type=int, help="seed, for models that take one")
+    submit.add_argument(
+        "--allow-unknown-model",
+        action="store_true",
+        help="send a model name that looks like a typo of a known one as written",
+    )
     submit.set_defaults(func=cmd_submit)
 
     status = add("status", "status of tasks", [common])

@@ -521,6 +521,52 @@ async def test_bad_numbers_in_run_flags_name_the_flag_before_anything_runs(
     assert not (tmp_path / "o").exists()
 
 
+async def test_submit_checks_keys_and_model_names_like_a_jobs_file() -> None:
+    """``submit`` refuses what ``run`` refuses, before sending: a misspelled key in --request,
+    a model name one typo from a known one (unless --allow-unknown-model), and field flags
+    beside --request (which gives the whole request, so they would be ignored)."""
+    async with Emulator() as emu:
+        conn = ("--base-url", emu.base_url)
+        code, _, err = await cli(
+            "submit",
+            *conn,
+            "--request",
+            '{"model": "sora-2-preview", "prompt": "x", "duraton": 8}',
+            key=emu.api_key,
+        )
+        assert code == 2
+        assert "duraton: sora-2-preview takes no such field (did you mean 'duration'?" in err
+        code, _, err = await cli(
+            "submit", *conn, "--model", "sora2-preview", "--prompt", "x", key=emu.api_key
+        )
+        assert code == 2
+        assert "model: unknown model 'sora2-preview'; did you mean 'sora-2-preview'?" in err
+        code, _, err = await cli(
+            "submit",
+            *conn,
+            "--request",
+            '{"model": "sora-2-preview", "prompt": "x"}',
+            "--model",
+            "viduq3",
+            key=emu.api_key,
+        )
+        assert code == 2
+        assert "--request gives the whole request; drop --model or put it in the JSON" in err
+        assert emu.counters.get("submit", 0) == 0
+        code, _, err = await cli(
+            "submit",
+            *conn,
+            "--model",
+            "sora2-preview",
+            "--prompt",
+            "x",
+            "--allow-unknown-model",
+            key=emu.api_key,
+        )
+        assert code == 1 and "does not exist" in err  # sent as written; the service says no
+        assert emu.counters["submit"] == 1
+
+
 async def test_dry_run_prints_the_estimated_cost_without_out(tmp_path: Path) -> None:
     _code, out, _ = await cli("run", str(JOBS), "--dry-run", check=0)
     assert "5 job(s) valid; nothing submitted (--dry-run)" in out
