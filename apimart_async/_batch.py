@@ -982,6 +982,9 @@ class Batch:
         job.submitted_at = self._client._poller.now()
         self._jobs[task_id] = job
         self._event("submitted", job.index, task_id=task_id)
+        if self._tg is None:  # the batch was left as this reply came in: listed, not followed
+            self._unconfirmed = [j for j in self._unconfirmed if j is not job]
+            return
         if self._stopped == "the batch deadline passed":
             self._on_done(task_id, TaskTimeoutError(task_id, self.timeout or 0.0))
             return

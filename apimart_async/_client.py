@@ -880,7 +880,12 @@ class Uploads:
                         )
                     ]
                 )
-            data = await anyio.Path(path).read_bytes()
+            try:
+                data = await anyio.Path(path).read_bytes()
+            except OSError as exc:  # a folder, no permission
+                raise ValidationError(
+                    [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
+                ) from None
             name = filename or path.name
         else:
             raise ValidationError(

@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 
+from ._download import safe_name
 from ._errors import ApimartError, ApimartWarning, FieldError, ValidationError
 from ._json import is_object
 from ._models import _TYPED_FIELDS, VideoRequest
@@ -233,8 +234,29 @@ def read_jobs(path: str | Path, *, allow_unknown_model: bool = False) -> list[Jo
                 return _request(data, allow_unknown_model)
 
             add(n, build)
+    problems.extend(_shared_files(jobs))
     if problems:
-        raise JobsFileError(str(p), problems)
+        raise JobsFileError(str(p), sorted(problems, key=lambda problem: problem[0]))
     if not jobs:
         raise JobsFileError(str(p), [(0, "no jobs in the file")])
     return jobs
+
+
+def _shared_files(jobs: list[JobLine]) -> list[tuple[int, str]]:
+    """Lines whose video would get the file of an earlier line (the CLI names each video
+    after its job: the same name in another case, ``a/b`` and ``a_b``, a name that is another
+    line's default ``000001``): one would overwrite the other, so the batch refuses them."""
+    first: dict[str, int] = {}
+    problems: list[tuple[int, str]] = []
+    for index, job in enumerate(jobs):
+        stem = (safe_name(job.name) if job.name else f"{index:06d}").lower()
+        line = first.setdefault(stem, job.line)
+        if line != job.line:
+            problems.append(
+                (
+                    job.line,
+                    f"name: gives the same file as line {line} ({stem}.mp4); names must differ,"
+                    f" got {job.name!r}",
+                )
+            )
+    return problems

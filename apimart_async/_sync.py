@@ -71,11 +71,14 @@ class _Loop:
 
 
 class _Facade:
-    """A sync front for one async object (``_target``) living in ``_loop``."""
+    """A sync front for one async object (``_target``) living in ``_loop``. ``_owner``, the
+    ``Apimart`` it came from, is kept alive by it: ``Apimart(...).videos`` or a batch must not
+    see its client collected, and closed, while it is in use."""
 
-    def __init__(self, loop: _Loop, target: Any) -> None:
+    def __init__(self, loop: _Loop, target: Any, owner: _Facade | None = None) -> None:
         self._loop = loop
         self._target = target
+        self._owner = owner
 
 
 class _Forward(Generic[P, R]):
@@ -88,7 +91,7 @@ class _Forward(Generic[P, R]):
         sig = inspect.signature(method)
         self._signature = sig.replace(parameters=list(sig.parameters.values())[1:])
 
-    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> R:
+    def _run(self, obj: _Facade, fn: Callable[[], Any]) -> R:
         raise NotImplementedError
 
     @overload
@@ -98,10 +101,11 @@ class _Forward(Generic[P, R]):
     def __get__(self, obj: _Facade | None, owner: type[Any]) -> Self | Callable[P, R]:
         if obj is None:
             return self
-        method, loop, target = self._method, obj._loop, obj._target
+        method = self._method
 
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            return self._run(loop, functools.partial(method, target, *args, **kwargs))
+            # ``obj`` (not only its loop and target) is held for the call: ``Apimart().balance()``
+            return self._run(obj, functools.partial(method, obj._target, *args, **kwargs))
 
         functools.update_wrapper(call, method)
         call.__signature__ = self._signature  # type: ignore[attr-defined]
@@ -115,8 +119,8 @@ class _blocking(_Forward[P, T]):
     def __init__(self, method: Callable[Concatenate[Any, P], Awaitable[T]]) -> None:
         super().__init__(method)
 
-    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> T:
-        return loop.call(fn)  # type: ignore[no-any-return]
+    def _run(self, obj: _Facade, fn: Callable[[], Any]) -> T:
+        return obj._loop.call(fn)  # type: ignore[no-any-return]
 
 
 class _in_loop(_Forward[P, T]):
@@ -126,31 +130,33 @@ class _in_loop(_Forward[P, T]):
     def __init__(self, method: Callable[Concatenate[Any, P], T]) -> None:
         super().__init__(method)
 
-    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> T:
-        return loop.call_sync(fn)  # type: ignore[no-any-return]
+    def _run(self, obj: _Facade, fn: Callable[[], Any]) -> T:
+        return obj._loop.call_sync(fn)  # type: ignore[no-any-return]
 
 
 class _reader(_in_loop[P, T]):
     """``_in_loop`` for reading state, which also works once the client is closed (then
     nothing runs in the loop any more, and the state is read here)."""
 
-    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> T:
-        if loop.closed:
+    def _run(self, obj: _Facade, fn: Callable[[], Any]) -> T:
+        if obj._loop.closed:
             return fn()  # type: ignore[no-any-return]
-        return loop.call_sync(fn)  # type: ignore[no-any-return]
+        return obj._loop.call_sync(fn)  # type: ignore[no-any-return]
 
 
 class _in_loop_as(_Forward[P, W], Generic[P, T, W]):
-    """``_in_loop`` whose result is wrapped in a facade: ``wrap(loop, result)``."""
+    """``_in_loop`` whose result is wrapped in a facade: ``wrap(loop, result, owner)``."""
 
     def __init__(
-        self, method: Callable[Concatenate[Any, P], T], wrap: Callable[[_Loop, T], W]
+        self,
+        method: Callable[Concatenate[Any, P], T],
+        wrap: Callable[[_Loop, T, _Facade], W],
     ) -> None:
         super().__init__(method)
         self._wrap = wrap
 
-    def _run(self, loop: _Loop, fn: Callable[[], Any]) -> W:
-        return self._wrap(loop, loop.call_sync(fn))
+    def _run(self, obj: _Facade, fn: Callable[[], Any]) -> W:
+        return self._wrap(obj._loop, obj._loop.call_sync(fn), obj)
 
 
 class SyncVideos(_Facade):
@@ -195,8 +201,8 @@ class SyncBatch(_Facade):
 
     _target: Batch
 
-    def __init__(self, loop: _Loop, batch: Batch) -> None:
-        super().__init__(loop, batch)
+    def __init__(self, loop: _Loop, batch: Batch, owner: _Facade | None = None) -> None:
+        super().__init__(loop, batch, owner)
         self._cm: contextlib.AbstractContextManager[Batch] | None = None
         self._entered = False
         self._saved_sigint: Any = None
@@ -354,11 +360,11 @@ class Apimart(_Facade):
         # Closed by close(), or when the object is collected, or at interpreter exit (while
         # the loop's thread still runs; later it could not, and the exit would hang).
         self._finalizer = weakref.finalize(self, _close, loop, client, stack)
-        self.videos: SyncVideos = SyncVideos(loop, client.videos)
+        self.videos: SyncVideos = SyncVideos(loop, client.videos, self)
         """Submit and generate videos (``AsyncApimart.videos``, blocking)."""
-        self.tasks: SyncTasks = SyncTasks(loop, client.tasks)
+        self.tasks: SyncTasks = SyncTasks(loop, client.tasks, self)
         """Read, wait for and watch tasks (``AsyncApimart.tasks``, blocking)."""
-        self.uploads: SyncUploads = SyncUploads(loop, client.uploads)
+        self.uploads: SyncUploads = SyncUploads(loop, client.uploads, self)
         """Upload reference images (``AsyncApimart.uploads``, blocking)."""
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -27,6 +28,9 @@ import anyio
 import apimart_async as am
 from apimart_async import report
 from apimart_async.emulator import Emulator
+
+from ._jobsfile import _check_keys as check_keys
+from ._json import is_object
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -292,6 +296,12 @@ def _read_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file:
         try:
             key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            # The value is not repeated: it may be the key itself, given to the wrong flag.
+            raise UsageError(
+                "--api-key-file: cannot read it: no such file (the value is not shown, in case"
+                " it is a key; this flag takes the path of a file holding the key)"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or "not UTF-8 text"
             raise UsageError(
@@ -452,6 +462,28 @@ def _cost_text(total: float, unknown: list[tuple[Any, ...]]) -> str:
     kinds = ", ".join(_kind_text(k) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
     known = f"${total:.2f} plus " if total else ""
     return f"{known}unknown (no price seen yet for {kinds}; --max-cost caps the spend)"
+
+
+def _whole_at_least_1(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _at_least_0(text: str) -> float:
+    """argparse type: a number >= 0 (``inf`` allowed; not ``nan``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
 
 
 def _check_out(out: Path, flag: str = "--out") -> None:
@@ -673,25 +705,47 @@ def _dry_run(
     return EXIT_OK
 
 
+_FIELD_FLAGS = {
+    "model": "--model",
+    "prompt": "--prompt",
+    "duration": "--duration",
+    "resolution": "--resolution",
+    "aspect_ratio": "--aspect-ratio",
+    "seed": "--seed",
+    "image_url": "--image-url",
+    "video_url": "--video-url",
+}
+
+
 def _request_from_flags(args: argparse.Namespace) -> am.VideoRequest:
     if args.request:
+        given = [flag for name, flag in _FIELD_FLAGS.items() if getattr(args, name) is not None]
+        if given:
+            raise UsageError(
+                f"--request gives the whole request; drop {', '.join(given)} or put it in the JSON"
+            )
         try:
             data = json.loads(args.request)
         except ValueError as exc:
             raise UsageError(f"--request is not JSON: {exc}") from None
-        return am.VideoRequest.from_dict(data)
-    if not args.model:
+    elif not args.model:
         raise UsageError("give --model (and the other fields) or --request '{...}'")
-    fields: dict[str, Any] = {"model": args.model}
-    for name in ("prompt", "duration", "resolution", "aspect_ratio", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    if args.image_url:
-        fields["image_urls"] = args.image_url
-    if args.video_url:
-        fields["video_urls"] = args.video_url
-    return am.VideoRequest.from_dict(fields)
+    else:
+        data = {"model": args.model}
+        for name in ("prompt", "duration", "resolution", "aspect_ratio", "seed"):
+            value = getattr(args, name)
+            if value is not None:
+                data[name] = value
+        if args.image_url:
+            data["image_urls"] = args.image_url
+        if args.video_url:
+            data["video_urls"] = args.video_url
+    if is_object(data):  # the checks of a jobs line: misspelled keys, a model name's typo
+        try:
+            check_keys(data, args.allow_unknown_model)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return am.VideoRequest.from_dict(data)
 
 
 async def cmd_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -976,18 +1030,22 @@ def build_parser() -> argparse.ArgumentParser:
         " beside it, so a re-run resumes the demo too)",
     )
     run.add_argument(
-        "--concurrency", type=int, default=8, metavar="N", help="submits in flight at most"
+        "--concurrency",
+        type=_whole_at_least_1,
+        default=8,
+        metavar="N",
+        help="submits in flight at most",
     )
     run.add_argument(
         "--max-pending",
-        type=int,
+        type=_whole_at_least_1,
         default=None,
         metavar="N",
         help="running tasks at most (default: no limit)",
     )
     run.add_argument(
         "--max-cost",
-        type=float,
+        type=_at_least_0,
         default=None,
         metavar="USD",
         help="budget: no job is submitted that could pass it (default: no limit)",
@@ -999,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--grace",
-        type=float,
+        type=_at_least_0,
         default=10.0,
         metavar="SECONDS",
         help="after Ctrl-C, follow running tasks this long before stopping",
@@ -1042,6 +1100,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--resolution", help="e.g. 720p (the model's rules apply)")
     submit.add_argument("--aspect-ratio", help="e.g. 16:9, portrait (the model's rules apply)")
     submit.add_argument("--seed", type=int, help="seed, for models that take one")
+    submit.add_argument(
+        "--allow-unknown-model",
+        action="store_true",
+        help="send a model name that looks like a typo of a known one as written",
+    )
     submit.set_defaults(func=cmd_submit)
 
     status = add("status", "status of tasks", [common])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -81,4 +82,6 @@ if __name__ == "__main__":
     )
     parser.add_argument("--max-cost", type=float, default=10.0, help="USD budget")
     ns = parser.parse_args()
+    if ns.real and not os.environ.get("APIMART_API_KEY"):
+        parser.error("--real: set APIMART_API_KEY to your key (without --real: the emulator)")
     raise SystemExit(asyncio.run(main(ns.out, ns.real, ns.max_cost)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 
 import apimart_async as am
@@ -70,4 +71,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--real", action="store_true", help="use the real service (APIMART_API_KEY)"
     )
-    asyncio.run(main(parser.parse_args().real))
+    real = parser.parse_args().real
+    if real and not os.environ.get("APIMART_API_KEY"):
+        parser.error("--real: set APIMART_API_KEY to your key (without --real: the emulator)")
+    asyncio.run(main(real))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -91,6 +92,8 @@ if __name__ == "__main__":
     parser.add_argument("--emulate", action="store_true")
     parser.add_argument("--port", type=int, default=8080)
     ns = parser.parse_args()
+    if not ns.emulate and not os.environ.get("APIMART_API_KEY"):
+        parser.error("set APIMART_API_KEY to your key, or use --emulate")
     if ns.emulate:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(main_emulated(ns.port))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
@@ -349,6 +350,34 @@ async def test_cut_off_submits_are_listed_with_their_key(
     unconfirmed = results.unconfirmed_submissions()
     assert sorted(i for i, _, _ in unconfirmed) == [0, 1]
     assert all(key.startswith("am-") for _, _, key in unconfirmed)
+
+
+async def test_a_submit_reply_arriving_as_the_batch_is_left_is_listed_not_followed(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply of a submit reaches the client in the same loop step as the batch is left:
+    its submitter resumes with the task id (the cancellation cannot reach a task whose wait
+    is already over). The task is reported as running, not as an unconfirmed submit, and the
+    poller does not follow it for a batch that is gone."""
+    real_submit = manual_client.videos.submit
+    replies: list[asyncio.Future[str]] = []
+    sent = anyio.Event()
+
+    async def held_submit(request: am.VideoRequest, *, idempotency_key: str | None = None) -> str:
+        await real_submit(request, idempotency_key=idempotency_key)  # the task exists
+        reply = asyncio.get_running_loop().create_future()
+        replies.append(reply)
+        sent.set()
+        return await reply  # held until the test lets it through
+
+    monkeypatch.setattr(manual_client.videos, "submit", held_submit)
+    async with manual_client.batch([sora(0)]) as results:
+        await sent.wait()
+        (task_id,) = manual_emu.task_ids()
+        replies[0].set_result(task_id)  # no checkpoint between this and leaving
+    assert manual_client._poller.watching() == []
+    assert results.pending_task_ids() == [task_id]
+    assert results.unconfirmed_submissions() == []
 
 
 async def test_job_timeout(manual_emu: Emulator, manual_client: am.AsyncApimart) -> None:

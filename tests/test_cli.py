@@ -370,6 +370,21 @@ async def test_the_resume_line_never_contains_the_key(
     assert "interrupted: " in text.split("resume with:")[0]  # what happens next, at once
 
 
+async def test_a_key_given_to_api_key_file_is_not_printed_back(tmp_path: Path) -> None:
+    """``--api-key-file sk-...`` (the key given where its file's path goes): the error says
+    what is wrong without repeating the value; a path that exists is still named."""
+    code, out, err = await cli(
+        "balance", "--base-url", "http://127.0.0.1:9", "--api-key-file", SECRET
+    )
+    assert code == 2
+    assert SECRET not in out + err
+    assert "--api-key-file: cannot read it: no such file" in err
+    code, _, err = await cli(
+        "balance", "--base-url", "http://127.0.0.1:9", "--api-key-file", str(tmp_path)
+    )
+    assert code == 2 and f"--api-key-file: cannot read {tmp_path}" in err
+
+
 async def test_api_key_from_stdin_and_file(tmp_path: Path) -> None:
     keyfile = tmp_path / "key"
     keyfile.write_text(SECRET + "\n")
@@ -454,6 +469,102 @@ async def test_jobs_file_typos_are_caught_before_anything_is_sent(tmp_path: Path
     assert "1 job(s) valid" in out
     code, _, err = await cli("run", str(tmp_path / "nope.jsonl"), "--dry-run")
     assert code == 2 and f"{tmp_path / 'nope.jsonl'}: cannot read" in err and ":0:" not in err
+
+
+async def test_jobs_whose_videos_would_share_a_file_are_caught_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    """Two names that give one file (the same name, another case, a/b and a_b, a name that is
+    another line's default 000001): the dry run says so, by line, and a run sends nothing."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        '{"model": "sora-2-preview", "prompt": "x", "name": "cat"}\n'
+        '{"model": "sora-2-preview", "prompt": "y"}\n'
+        '{"model": "sora-2-preview", "prompt": "z", "name": "Cat"}\n'
+        '{"model": "sora-2-preview", "prompt": "w", "name": "a/b"}\n'
+        '{"model": "sora-2-preview", "prompt": "v", "name": "a_b"}\n'
+        '{"model": "sora-2-preview", "prompt": "u", "name": "000001"}\n'
+    )
+    code, _, err = await cli("run", str(jobs), "--dry-run")
+    assert code == 2
+    assert f"{jobs}:3: name: gives the same file as line 1 (cat.mp4); names must differ" in err
+    assert f"{jobs}:5: name: gives the same file as line 4 (a_b.mp4); names must differ" in err
+    assert f"{jobs}:6: name: gives the same file as line 2 (000001.mp4); names must differ" in err
+    assert "3 problem(s)" in err
+    async with Emulator() as emu:
+        code, _, err = await cli(
+            "run",
+            str(jobs),
+            "-o",
+            str(tmp_path / "o"),
+            "--base-url",
+            emu.base_url,
+            key=emu.api_key,
+        )
+        assert code == 2 and "nothing was submitted" in err
+        assert emu.counters.get("submit", 0) == 0
+
+
+async def test_bad_numbers_in_run_flags_name_the_flag_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    for flag, value, rule in [
+        ("--concurrency", "0", "must be a whole number >= 1"),
+        ("--max-pending", "0", "must be a whole number >= 1"),
+        ("--max-cost", "-1", "must be a number >= 0"),
+        ("--max-cost", "nan", "must be a number >= 0"),
+        ("--grace", "-5", "must be a number >= 0"),
+    ]:
+        code, _, err = await cli("run", str(JOBS), "--dry-run", flag, value)
+        assert code == 2, (flag, value)
+        assert f"argument {flag}: {rule}, got {value!r}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+async def test_submit_checks_keys_and_model_names_like_a_jobs_file() -> None:
+    """``submit`` refuses what ``run`` refuses, before sending: a misspelled key in --request,
+    a model name one typo from a known one (unless --allow-unknown-model), and field flags
+    beside --request (which gives the whole request, so they would be ignored)."""
+    async with Emulator() as emu:
+        conn = ("--base-url", emu.base_url)
+        code, _, err = await cli(
+            "submit",
+            *conn,
+            "--request",
+            '{"model": "sora-2-preview", "prompt": "x", "duraton": 8}',
+            key=emu.api_key,
+        )
+        assert code == 2
+        assert "duraton: sora-2-preview takes no such field (did you mean 'duration'?" in err
+        code, _, err = await cli(
+            "submit", *conn, "--model", "sora2-preview", "--prompt", "x", key=emu.api_key
+        )
+        assert code == 2
+        assert "model: unknown model 'sora2-preview'; did you mean 'sora-2-preview'?" in err
+        code, _, err = await cli(
+            "submit",
+            *conn,
+            "--request",
+            '{"model": "sora-2-preview", "prompt": "x"}',
+            "--model",
+            "viduq3",
+            key=emu.api_key,
+        )
+        assert code == 2
+        assert "--request gives the whole request; drop --model or put it in the JSON" in err
+        assert emu.counters.get("submit", 0) == 0
+        code, _, err = await cli(
+            "submit",
+            *conn,
+            "--model",
+            "sora2-preview",
+            "--prompt",
+            "x",
+            "--allow-unknown-model",
+            key=emu.api_key,
+        )
+        assert code == 1 and "does not exist" in err  # sent as written; the service says no
+        assert emu.counters["submit"] == 1
 
 
 async def test_dry_run_prints_the_estimated_cost_without_out(tmp_path: Path) -> None:

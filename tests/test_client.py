@@ -418,4 +418,7 @@ async def test_upload_checked_locally_before_sending(
         await client.uploads.image(b"")
     with pytest.raises(am.ValidationError, match="^file: cannot be read"):
         await client.uploads.image(str(anyio.Path(str(tmp_path)) / "missing.png"))
+    # a folder, or a file that cannot be opened: the same typed error, never a raw OSError
+    with pytest.raises(am.ValidationError, match=r"^file: cannot be read \(Is a directory\)"):
+        await client.uploads.image(str(tmp_path))
     assert emu.counters == {}

@@ -77,6 +77,20 @@ def test_variant_flags() -> None:
         build_parser().parse_args(["--batch-route", "sometimes"])
 
 
+@pytest.mark.parametrize("port", ["-1", "65536", "http"])
+def test_a_port_out_of_range_is_a_usage_error_naming_the_flag(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not an OverflowError traceback from bind() once the server starts."""
+    from apimart_async.emulator.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--port", port])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --port: must be a whole number from 0 to 65535, got {port!r}" in err
+
+
 async def test_standalone_emulator_plays_variants() -> None:
     flags = ["--batch-route", "refuse", "--unknown-task", "400", "--status-name", "completed=ok!"]
     async with await anyio.open_process([*CMD, *flags]) as proc:

@@ -110,3 +110,13 @@ def test_my_app_example_runs_with_the_packaged_fixtures() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout
+
+
+def test_the_real_service_without_a_key_is_a_usage_error_not_a_traceback() -> None:
+    """``--real`` (or web_backend without ``--emulate``) and no APIMART_API_KEY: the example
+    says what to do and exits 2 before it starts anything."""
+    for args in (["quickstart.py", "--real"], ["batch_to_disk.py", "--real"], ["web_backend.py"]):
+        proc = run_example(str(ROOT / "examples" / args[0]), *args[1:])
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr, args
+        assert "set APIMART_API_KEY to your key" in proc.stderr, proc.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import inspect
 import os
@@ -143,18 +144,38 @@ def test_a_batch_iterated_with_a_for_loop_yields_every_job_once(temu: ThreadedEm
     assert max(temu.emu.tasks_per_key.values()) == 1
 
 
-@pytest.mark.xfail(
-    reason="known race (issue 19): right after break, the poller can still list the last task",
-    strict=False,
-)
+class SyncEvents:
+    """A batch's ``on_event=`` for the sync facade (events arrive on the client's thread):
+    ``wait_for(kind, n)`` blocks until ``n`` events of that kind were seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[am.BatchEvent] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, event: am.BatchEvent) -> None:
+        with self._changed:
+            self.seen.append(event)
+            self._changed.notify_all()
+
+    def wait_for(self, kind: str, n: int, timeout: float = 30.0) -> None:
+        """``timeout`` only guards against a hang."""
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: sum(e.kind == kind for e in self.seen) >= n, timeout=timeout
+            )
+        assert ok, f"fewer than {n} {kind!r} events: {self.seen}"
+
+
 def test_breaking_out_of_a_batch_leaves_it_and_the_client_goes_on(
     manual_temu: ThreadedEmulator,
 ) -> None:
     emu = manual_temu.emu
     jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(5)]
+    events = SyncEvents()
     with sync_client(manual_temu) as client:
-        with client.batch(jobs, concurrency=5) as results:
-            manual_temu.wait_until(lambda: emu.tasks_created == 5)
+        with client.batch(jobs, concurrency=5, on_event=events) as results:
+            # every task id known to the client, not only created at the emulator
+            events.wait_for("submitted", 5)
             first = emu.task_ids()[2]
             manual_temu.call(emu.complete, first)
             for outcome in results:
@@ -260,6 +281,35 @@ def test_close_stops_the_thread_and_later_calls_fail_typed(temu: ThreadedEmulato
     with pytest.raises(am.ClientClosedError):
         client.batch([])
     assert temu.emu.counters.get("submit", 0) == 0
+
+
+def test_a_client_used_without_a_name_stays_open_for_its_call(temu: ThreadedEmulator) -> None:
+    """``Apimart(...).balance()``, ``Apimart(...).videos.generate(...)`` or ``for outcome in
+    Apimart(...).batch(jobs)``: nothing names the client, yet it must not be collected (and
+    closed) while its call, facade or batch is in use."""
+
+    before = _portal_threads()
+
+    def new() -> am.Apimart:
+        return am.Apimart(temu.emu.api_key, base_url=temu.emu.base_url, poll=FAST_POLL)
+
+    def collect_then(call: Callable[[], T]) -> T:
+        gc.collect()
+        return call()
+
+    def use_unnamed_clients() -> None:
+        assert new().balance().remain_balance == 1000.0
+        videos = new().videos
+        assert collect_then(lambda: videos.generate(am.VideoRequest("sora-2-preview", "a"))).ok
+        tasks = new().tasks
+        task_id = temu.emu.task_ids()[0]
+        assert collect_then(lambda: tasks.get(task_id)).ok
+        batch = new().batch([am.VideoRequest("sora-2-preview", f"p{i}") for i in range(2)])
+        assert collect_then(lambda: [o.ok for o in batch]) == [True, True]
+
+    use_unnamed_clients()
+    gc.collect()
+    assert _portal_threads() == before  # once nothing refers to them, the clients close
 
 
 def test_bad_options_fail_at_once_and_leave_no_thread(temu: ThreadedEmulator) -> None:

@@ -61,13 +61,23 @@ def _status_name(text: str) -> tuple[str, str]:
     return status, word
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 65535, got {text!r}")
+    return port
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of the emulator, on ``p`` (the one definition both commands use)."""
     p.add_argument(
         "--host", default="127.0.0.1", help="loopback address to listen on (default: %(default)s)"
     )
     p.add_argument(
-        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+        "--port", type=_port, default=8000, help="port; 0 picks a free one (default: %(default)s)"
     )
     p.add_argument(
         "--api-key", default=None, help="key to accept (default: a random one, printed at start)"
