@@ -91,6 +91,29 @@ def test_a_port_out_of_range_is_a_usage_error_naming_the_flag(
     assert f"argument --port: must be a whole number from 0 to 65535, got {port!r}" in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--failure-rate", "2"),
+        ("--failure-rate", "-0.1"),
+        ("--fault-rate", "5"),
+        ("--fault-rate", "nan"),
+    ],
+)
+def test_a_rate_outside_0_to_1_is_a_usage_error_naming_the_flag(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--failure-rate 2 was taken (every task failed); --fault-rate 5 was refused without
+    naming the flag."""
+    from apimart_async.emulator.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be a number from 0 to 1, got {value!r}" in err
+
+
 async def test_standalone_emulator_plays_variants() -> None:
     flags = ["--batch-route", "refuse", "--unknown-task", "400", "--status-name", "completed=ok!"]
     async with await anyio.open_process([*CMD, *flags]) as proc:

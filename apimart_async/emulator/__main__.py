@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import sys
 
@@ -71,6 +72,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of the emulator, on ``p`` (the one definition both commands use)."""
     p.add_argument(
@@ -97,13 +108,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--failure-rate",
-        type=float,
+        type=_fraction,
         default=0.0,
         help="fraction of tasks that end failed (default: %(default)s)",
     )
     p.add_argument(
         "--fault-rate",
-        type=float,
+        type=_fraction,
         default=0.0,
         help="fraction of requests given a random fault (default: %(default)s)",
     )
