@@ -7,20 +7,10 @@ import importlib as _importlib
 import logging as _logging
 import typing as _typing
 
-from ._batch import (
-    Batch,
-    BatchEvent,
-    BatchStats,
-    BatchStoppedError,
-    BudgetExceededError,
-    Failure,
-    Outcome,
-    ReplayedError,
-    Success,
-)
+from ._admission import Budget
+from ._batch import Batch
 from ._client import AsyncApimart, Tasks, TaskWatch, Uploads, Videos
 from ._config import Timeout
-from ._download import DownloadError, DownloadExpiredError, DownloadTooLargeError
 from ._errors import (
     APIConnectionError,
     ApimartError,
@@ -29,15 +19,24 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BatchStoppedError,
+    BudgetExceededError,
     ClientClosedError,
     ConfigurationError,
     ConflictError,
+    DownloadError,
+    DownloadExpiredError,
+    DownloadTooLargeError,
     FieldError,
     InsufficientBalanceError,
+    JobsFileError,
+    JournalError,
+    JournalMismatchError,
     NotFoundError,
     NoVideoError,
     PermissionDeniedError,
     RateLimitError,
+    ReplayedError,
     ResponseValidationError,
     ServerError,
     SubmitIndeterminateError,
@@ -45,8 +44,8 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
 )
-from ._jobsfile import JobLine, JobsFileError, read_jobs
-from ._journal import JobRecord, Journal, JournalError, JournalMismatchError, SqliteJournal
+from ._jobsfile import JobLine, read_jobs
+from ._journal import JobRecord, Journal, SqliteJournal
 from ._models import (
     Balance,
     DownloadedFile,
@@ -57,9 +56,10 @@ from ._models import (
     Video,
     VideoRequest,
 )
+from ._outcomes import BatchEvent, BatchStats, Failure, Outcome, Success
+from ._pacing import Throttle
+from ._poll_schedule import PollPolicy
 from ._retry import set_testing
-from ._schedule import PollPolicy
-from ._scheduler import Budget, Throttle
 from ._specs import MODEL_SPECS as _MODEL_SPECS
 from ._specs import IntRange, ModelSpec
 from ._sync import Apimart, SyncBatch, SyncTasks, SyncUploads, SyncVideos

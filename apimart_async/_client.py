@@ -1,4 +1,9 @@
-"""``AsyncApimart``: the endpoints a video user needs, over one transport."""
+"""``AsyncApimart``: the wiring and lifecycle of one client, and its front-ends.
+
+The client builds the layers below it once (transport, ``Api``, ``Poller``, ``Downloader``)
+and hands each engine only the parts it needs; ``videos``, ``tasks`` and ``uploads`` are thin
+front-ends over them. See ARCHITECTURE.md.
+"""
 
 from __future__ import annotations
 
@@ -8,102 +13,41 @@ import math
 import os
 import re
 import ssl as _ssl
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
-from urllib.parse import quote
+from typing import Final, Self
 
-import aiohttp
 import anyio
 
-from . import _converter as conv
-from . import _retry
-from ._batch import Batch, BatchEvent, JobInput, _check_seconds
+from ._api import Api, BatchRoute, check_task_id
+from ._batch import Batch
+from ._checks import check_seconds
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
-from ._download import Downloader, DownloadExpiredError, _Gone
+from ._download import Downloader
 from ._errors import (
     ApimartError,
-    APIStatusError,
-    ClientClosedError,
     ConfigurationError,
     FieldError,
-    ResponseValidationError,
-    SubmitIndeterminateError,
     TaskFailedError,
     ValidationError,
 )
 from ._journal import Journal
 from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
-from ._poller import Poller, is_unknown_task
-from ._retry import is_retryable_status
-from ._schedule import BATCH_IDS, PollPolicy
-from ._scheduler import RateLimiter, Throttle
+from ._options import BatchOptions
+from ._outcomes import BatchEvent, JobInput
+from ._pacing import Pacing, RateLimiter, Throttle
+from ._poll_schedule import PollPolicy
+from ._poller import Poller
 from ._status_window import DEFAULT_MAX_STATUS_CONCURRENCY, StatusWindow
-from ._transport import Reply, SendTrack, Transport, check_proxy_url, new_idempotency_key
+from ._transport import Transport, check_proxy_url
 
 __all__ = ["AsyncApimart", "TaskWatch", "Tasks", "Uploads", "Videos"]
 
 logger = logging.getLogger("apimart_async")
 
-T = TypeVar("T")
-
-MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024
-
-_IMAGE_MAGIC: Final = (
-    (b"\xff\xd8\xff", "image/jpeg", "jpg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png", "png"),
-    (b"GIF87a", "image/gif", "gif"),
-    (b"GIF89a", "image/gif", "gif"),
-)
-
-
-def _parse(fn: Callable[..., T]) -> Callable[[Reply], T]:
-    """Adapt a body parser of ``_converter`` to a transport ``parse`` callback."""
-    return lambda reply: fn(reply.body, status=reply.status)
-
-
-def sniff_image(data: bytes) -> tuple[str, str] | None:
-    """(content type, extension) of a JPEG, PNG, WebP or GIF image, from its first bytes."""
-    for magic, content_type, ext in _IMAGE_MAGIC:
-        if data.startswith(magic):
-            return content_type, ext
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp", "webp"
-    return None
-
-
-#: White space (the regex ``\s`` is str.isspace's set), control characters and '/'.
-_BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f/]")
-
-
-def _check_task_id(task_id: Any, field: str = "task_id") -> str:
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise ValidationError([FieldError(field, "must be a non-empty string", task_id)])
-    if _BAD_ID_CHAR.search(task_id) is not None:
-        raise ValidationError([FieldError(field, "must not contain '/' or white space", task_id)])
-    return task_id
-
-
 #: A language code for ``?language=`` (``en``, ``zh-TW``, ``pt_BR``): passed through as given.
 _LANGUAGE: Final = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
-
-#: The vendor's own client's rule for a caller-supplied Idempotency-Key.
-_IDEMPOTENCY_KEY: Final = re.compile(r"[!-~]{1,191}")
-
-
-def _check_idempotency_key(key: Any) -> str:
-    if not isinstance(key, str) or _IDEMPOTENCY_KEY.fullmatch(key) is None:
-        raise ValidationError(
-            [
-                FieldError(
-                    "idempotency_key",
-                    "must be 1 to 191 visible ASCII characters, no spaces (^[!-~]{1,191}$)",
-                    key,
-                )
-            ]
-        )
-    return key
 
 
 class AsyncApimart:
@@ -198,21 +142,6 @@ class AsyncApimart:
             limiter = RateLimiter(requests_per_second) if requests_per_second is not None else None
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
-        self.language = language
-        """The language of the service's error messages."""
-        self.status_concurrency = status_concurrency
-        """Parallel status GETs when the batch status route is missing."""
-        self._transport = Transport(
-            api_key=key,
-            base_url=url,
-            timeout=Timeout.of(timeout),
-            max_retries=max_retries,
-            throttle=Throttle(),
-            limiter=limiter,
-            ssl_context=ssl,
-            proxy=proxy,
-            trust_env=trust_env,
-        )
         if (
             isinstance(download_concurrency, bool)
             or not isinstance(download_concurrency, int)
@@ -221,21 +150,52 @@ class AsyncApimart:
             raise ConfigurationError(
                 f"download_concurrency must be an int >= 1, got {download_concurrency!r}"
             )
-        self._poller = Poller(
-            self,
-            poll or PollPolicy(),
-            reads=StatusWindow(start=status_concurrency, maximum=max_status_concurrency),
+        self._transport = Transport(
+            api_key=key,
+            base_url=url,
+            timeout=Timeout.of(timeout),
+            max_retries=max_retries,
+            pacing=Pacing(Throttle(), limiter),
+            ssl_context=ssl,
+            proxy=proxy,
+            trust_env=trust_env,
         )
-        self._downloader = Downloader(self, concurrency=download_concurrency)
+        policy = poll or PollPolicy()
+        # issue 22: the adaptive window of per-task status reads, shared by the poller (reads
+        # that leave one by one) and the api (per-task reads of a fetch)
+        reads = StatusWindow(start=status_concurrency, maximum=max_status_concurrency)
+        self._api = Api(
+            self._transport,
+            language=language,
+            status_concurrency=status_concurrency,
+            route=BatchRoute(retry_after=policy.batch_route_retry),
+            reads=reads,
+        )
+        transport = self._transport
+        self._poller = Poller(
+            self._api.get_tasks,
+            policy,
+            batched=self._api.batch_route_usable,
+            read=self._api.get_task,
+            pacing=transport.pacing,
+            retries=lambda: transport.counters["retries"],
+            reads=reads,
+        )
+        # The batch route's times are the poller's clock (an emulator's compressed one too).
+        self._api.clock = self._poller.now
+        self._downloader = Downloader(
+            stream=self._transport.stream,
+            refresh=self._api.get_task,
+            max_retries=max_retries,
+            concurrency=download_concurrency,
+        )
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner = anyio.Event()
-        #: Whether status reads use ``POST /v1/tasks/batch`` (times on the poller's clock).
-        self._route = BatchRoute(retry_after=self._poller.schedule.policy.batch_route_retry)
-        self.videos: Videos = Videos(self)
-        """Submit and generate videos."""
-        self.tasks: Tasks = Tasks(self)
+        self.tasks: Tasks = Tasks(self._api, self._poller)
         """Read, wait for and watch tasks."""
-        self.uploads: Uploads = Uploads(self)
+        self.videos: Videos = Videos(self._api, self.tasks)
+        """Submit and generate videos."""
+        self.uploads: Uploads = Uploads(self._api)
         """Upload reference images."""
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -280,6 +240,16 @@ class AsyncApimart:
         await self.aclose()
 
     @property
+    def language(self) -> str:
+        """The language of the service's error messages."""
+        return self._api.language
+
+    @property
+    def status_concurrency(self) -> int:
+        """Parallel status GETs when the batch status route is missing."""
+        return self._api.status_concurrency
+
+    @property
     def base_url(self) -> str:
         """The API's base URL."""
         return self._transport.base_url
@@ -309,11 +279,11 @@ class AsyncApimart:
         """True once the batch status route answered, False while status reads go task by
         task because it refused or kept failing (it is tried again after a while), None
         before it has answered."""
-        return self._route.available
+        return self._api.route.available
 
     def request_counts(self) -> dict[str, int]:
         """HTTP attempts made so far, by kind (submit, task, batch, balance, upload, retries)."""
-        return dict(self._transport.counters)
+        return self._api.request_counts()
 
     def __repr__(self) -> str:
         state = (
@@ -390,26 +360,12 @@ class AsyncApimart:
         names the downloaded files and appears in the manifest.
         """
         return Batch(
-            self,
             requests,
-            concurrency=concurrency,
-            max_pending=max_pending,
-            requests_per_second=requests_per_second,
-            job_timeout=job_timeout,
-            timeout=timeout,
-            stop_on_error=stop_on_error,
-            on_event=on_event,
-            poll=poll,
-            journal=journal,
-            download_dir=download_dir,
-            manifest=manifest,
-            max_bytes=max_bytes,
-            max_cost=max_cost,
-            cost_estimate=cost_estimate,
-            check_balance=check_balance,
-            replay_finished=replay_finished,
-            retry_failed=retry_failed,
-            sigint_grace=sigint_grace,
+            BatchOptions.of(locals()),
+            api=self._api,
+            poller=self._poller,
+            downloader=self._downloader,
+            pacing=self._transport.pacing,
         )
 
     async def download(
@@ -446,30 +402,21 @@ class AsyncApimart:
             raise ValidationError(
                 [FieldError("dest", "must be a file path for a single URL", str(dest))]
             )
-        try:
-            return [await self._downloader.fetch(url, target, max_bytes=max_bytes)]
-        except _Gone as exc:
-            raise DownloadExpiredError(
-                f"result URL answered HTTP {exc.status}; pass the Task to renew it",
-                url=url,
-                status=exc.status,
-            ) from None
+        return [await self._downloader.fetch_url(url, target, max_bytes=max_bytes)]
 
     # -- account -----------------------------------------------------------------------------
 
     async def balance(self, *, account: bool = False) -> Balance:
         """The balance of this key (``GET /v1/balance``), or of the whole account."""
-        path = "/v1/user/balance" if account else "/v1/balance"
-        return await self._transport.request(
-            "GET", path, kind="balance", retry="read", parse=_parse(conv.parse_balance)
-        )
+        return await self._api.balance(account=account)
 
 
 class Videos:
     """``client.videos``: submit generations and wait for them."""
 
-    def __init__(self, client: AsyncApimart) -> None:
-        self._client = client
+    def __init__(self, api: Api, tasks: Tasks) -> None:
+        self._api = api
+        self._tasks = tasks
 
     async def submit(self, request: VideoRequest, *, idempotency_key: str | None = None) -> str:
         """Submit one generation; returns its task id.
@@ -482,47 +429,7 @@ class Videos:
         reached it without a reply and the retries did not settle it. Submit again with that
         key to get the original task, if one was created, instead of a second one.
         """
-        if not isinstance(request, VideoRequest):
-            raise ValidationError(
-                [
-                    FieldError(
-                        "request", "must be a VideoRequest (see VideoRequest.from_dict)", request
-                    )
-                ]
-            )
-        key = (
-            new_idempotency_key()
-            if idempotency_key is None
-            else _check_idempotency_key(idempotency_key)
-        )
-        track = SendTrack()
-        path = "/v1/videos/generations"
-        try:
-            return await self._client._transport.request(
-                "POST",
-                path,
-                kind="submit",
-                retry="submit",
-                parse=_parse(conv.parse_submit),
-                json_body=request.to_body(),
-                headers={"Idempotency-Key": key},
-                track=track,
-            )
-        except ApimartError as exc:
-            if isinstance(exc, APIStatusError) and (
-                exc.sub_code == "idempotency_result_indeterminate"
-            ):
-                reason = "the service cannot say whether it created the task"
-            elif track.unanswered and _retry.is_retryable(exc, submit=True):
-                reason = f"an attempt reached the service without a reply; last error: {exc}"
-            else:
-                raise
-            raise SubmitIndeterminateError(
-                f"submit outcome unknown ({reason}); submit again with "
-                f"idempotency_key={key!r} to get the original task if there is one",
-                idempotency_key=key,
-                path=path,
-            ) from exc
+        return await self._api.submit(request, idempotency_key=idempotency_key)
 
     async def generate(
         self,
@@ -534,210 +441,29 @@ class Videos:
         """Submit and wait (through the shared poller) until the task ends. Raises
         ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
         (the task itself keeps running at the service, and is billed)."""
-        _check_seconds("timeout", timeout)
-        submitted_at = self._client._poller.now()
+        check_seconds("timeout", timeout)
+        submitted_at = self._tasks._poller.now()
         task_id = await self.submit(request, idempotency_key=idempotency_key)
-        return await self._client.tasks._wait(task_id, timeout=timeout, submitted_at=submitted_at)
-
-
-#: Seconds after which a batch status route that proved unusable is tried again.
-BATCH_ROUTE_RETRY: Final = 600.0
-#: Batch status requests failing in a row (each after its retries) that switch to per-task.
-BATCH_ROUTE_FAILURES: Final = 3
-
-
-def _refused(exc: ApimartError) -> bool:
-    """A batch status reply that says the route will not serve us: an error status other than
-    408, 429 and 5xx (404 missing, 400 another body wanted, 401/403, a redirect, 501), or a
-    body that cannot be read (an unknown shape, or not even JSON after the retries)."""
-    if isinstance(exc, ResponseValidationError):
-        return True
-    return isinstance(exc, APIStatusError) and not is_retryable_status(exc.status)
-
-
-class BatchRoute:
-    """Whether status reads go through ``POST /v1/tasks/batch``: logic only, no I/O; times
-    are the poller's clock.
-
-    The route is the cheaper path, never the only one: a refusal switches to per-task reads
-    at once, ``max_failures`` transient failures in a row do too, and ``retry_after`` seconds
-    later the route is tried again.
-    """
-
-    def __init__(
-        self, *, retry_after: float = BATCH_ROUTE_RETRY, max_failures: int = BATCH_ROUTE_FAILURES
-    ) -> None:
-        self.retry_after = retry_after
-        self.max_failures = max_failures
-        #: None until the route answered, True once it did, False while it is off.
-        self.available: bool | None = None
-        self.failures = 0
-        self.off_until: float | None = None
-        #: How many times the route was switched off.
-        self.switches = 0
-
-    def __repr__(self) -> str:
-        state = {None: "untried", True: "on", False: "off"}[self.available]
-        return f"<BatchRoute {state} failures={self.failures} switches={self.switches}>"
-
-    def usable(self, now: float) -> bool:
-        """Whether to send a batch request now (an off route is tried again once its time
-        has come)."""
-        if self.available is not False:
-            return True
-        if self.off_until is not None and now >= self.off_until:
-            self.available = None
-            self.off_until = None
-            return True
-        return False
-
-    def on_ok(self) -> None:
-        self.available = True
-        self.failures = 0
-
-    def on_refused(self, now: float) -> bool:
-        """The route refused: off now. Returns True for the first switch of the session."""
-        self._off(now)
-        return self.switches == 1
-
-    def on_failed(self, now: float) -> bool:
-        """A transient failure. Returns True when it switched the route off."""
-        self.failures += 1
-        if self.failures < self.max_failures:
-            return False
-        self._off(now)
-        return True
-
-    def _off(self, now: float) -> None:
-        self.available = False
-        self.failures = 0
-        self.off_until = now + self.retry_after
-        self.switches += 1
+        return await self._tasks._wait(task_id, timeout=timeout, submitted_at=submitted_at)
 
 
 class Tasks:
     """``client.tasks``: status of submitted tasks."""
 
-    def __init__(self, client: AsyncApimart) -> None:
-        self._client = client
+    def __init__(self, api: Api, poller: Poller) -> None:
+        self._api = api
+        self._poller = poller
 
     async def get(self, task_id: str) -> Task:
         """``GET /v1/tasks/{task_id}``. Raises ``NotFoundError`` for an unknown or expired task."""
-        task_id = _check_task_id(task_id)
-
-        def parse(reply: Reply) -> Task:
-            task = conv.parse_task(reply.body, status=reply.status)
-            if task.id != task_id:
-                raise ResponseValidationError(
-                    f"asked for task {task_id}, got {task.id}", body=reply.body, status=reply.status
-                )
-            return task
-
-        return await self._client._transport.request(
-            "GET",
-            f"/v1/tasks/{quote(task_id, safe='')}",
-            kind="task",
-            retry="read",
-            parse=parse,
-            params={"language": self._client.language},
-        )
+        return await self._api.get_task(task_id)
 
     async def get_many(self, task_ids: Iterable[str]) -> list[Task]:
         """The status of many tasks, in the order asked; tasks the service does not know are
         left out. Uses ``POST /v1/tasks/batch`` (100 ids a request) while that route works,
         per-task GETs for ids it leaves out and while it refuses or keeps failing. Raises the
         first error of a read that failed otherwise (after its retries)."""
-        ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
-        results = await self._statuses(ids)
-        found: list[Task] = []
-        for task_id in ids:
-            result = results.get(task_id)
-            if isinstance(result, Task):
-                found.append(result)
-            elif result is not None and not is_unknown_task(result):
-                raise result
-        return found
-
-    async def _statuses(self, ids: Sequence[str]) -> dict[str, Task | ApimartError]:
-        """A result for every id: its task, or the error its read ended with (after retries).
-
-        Batch requests first while the route is usable; an id a batch reply leaves out, or
-        whose item cannot be read, is read by id (absence proves nothing). A refused or
-        unreadable batch route switches to per-task reads (see ``BatchRoute``); a transient
-        failure of a batch request is the result of each of its ids. Raises only
-        ``ClientClosedError``."""
-        route = self._client._route
-        results: dict[str, Task | ApimartError] = {}
-        by_id: list[str] = []
-        for start in range(0, len(ids), BATCH_IDS):
-            chunk = ids[start : start + BATCH_IDS]
-            if not route.usable(self._client._poller.now()):
-                by_id.extend(chunk)
-                continue
-            try:
-                tasks, unreadable = await self._batch(chunk)
-            except ClientClosedError:
-                raise
-            except ApimartError as exc:
-                now = self._client._poller.now()
-                if _refused(exc):
-                    self._switch(route.on_refused(now), exc)
-                    by_id.extend(chunk)
-                elif route.on_failed(now):
-                    self._switch(route.switches == 1, exc)
-                    by_id.extend(chunk)
-                else:
-                    results.update((task_id, exc) for task_id in chunk)
-                continue
-            route.on_ok()
-            wanted = set(chunk)
-            results.update((t.id, t) for t in tasks if t.id in wanted)
-            by_id.extend(t for t in chunk if t not in results or t in unreadable)
-        if by_id:
-            results.update(await self._each(by_id))
-        return results
-
-    async def _batch(
-        self, chunk: Sequence[str]
-    ) -> tuple[list[Task], dict[str, ResponseValidationError]]:
-        """One batch status request: the tasks read, and the ids of items that could not be."""
-        return await self._client._transport.request(
-            "POST",
-            "/v1/tasks/batch",
-            kind="batch",
-            retry="read",
-            parse=_parse(conv.parse_task_items),
-            json_body={"task_ids": list(chunk)},
-        )
-
-    def _switch(self, first: bool, exc: ApimartError) -> None:
-        """Log a switch to per-task reads: one WARNING a session, later ones at INFO."""
-        logger.log(
-            logging.WARNING if first else logging.INFO,
-            "batch status route unusable (%s: %s); using per-task status requests from now on"
-            " (the route is tried again in %.0f s)",
-            type(exc).__name__,
-            str(exc)[:200],
-            self._client._route.retry_after,
-        )
-
-    async def _each(self, chunk: Sequence[str]) -> dict[str, Task | ApimartError]:
-        """Per-task GETs, as many at a time as the poller's read window allows (a few workers
-        over the chunk, not a task per id); each read's task or error."""
-        results: dict[str, Task | ApimartError] = {}
-        todo = iter(chunk)
-
-        async def worker() -> None:
-            for task_id in todo:
-                try:
-                    results[task_id] = await self.get(task_id)
-                except ApimartError as exc:
-                    results[task_id] = exc
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(self._client._poller.reads.limit(), len(chunk))):
-                tg.start_soon(worker)
-        return results
+        return await self._api.get_many(task_ids)
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
         """Wait for a task submitted earlier (here, in another process, in an earlier run)
@@ -747,13 +473,13 @@ class Tasks:
         it does not know it, ``NoVideoError`` if it completed with no video URL, and the error
         of a status read that waiting cannot heal (401, 403, ...) after
         ``PollPolicy.hard_error_tries`` reads."""
-        _check_seconds("timeout", timeout)
-        return await self._wait(_check_task_id(task_id), timeout=timeout, submitted_at=None)
+        check_seconds("timeout", timeout)
+        return await self._wait(check_task_id(task_id), timeout=timeout, submitted_at=None)
 
     async def _wait(
         self, task_id: str, *, timeout: float | None, submitted_at: float | None
     ) -> Task:
-        poller = self._client._poller
+        poller = self._poller
         done = anyio.Event()
         box: list[Task | ApimartError] = []
 
@@ -787,8 +513,8 @@ class Tasks:
             async for task in stream:      # completion order; failed ones too
                 ...
         """
-        ids = list(dict.fromkeys(_check_task_id(t, "task_ids[]") for t in task_ids))
-        return TaskWatch(self._client._poller, ids)
+        ids = list(dict.fromkeys(check_task_id(t, "task_ids[]") for t in task_ids))
+        return TaskWatch(self._poller, ids)
 
 
 class TaskWatch:
@@ -846,8 +572,8 @@ class TaskWatch:
 class Uploads:
     """``client.uploads``: images to use as reference media."""
 
-    def __init__(self, client: AsyncApimart) -> None:
-        self._client = client
+    def __init__(self, api: Api) -> None:
+        self._api = api
 
     async def image(
         self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
@@ -859,69 +585,4 @@ class Uploads:
         self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
     ) -> UploadedImage:
         """Upload an image and return the whole reply. Type and size are checked first."""
-        if isinstance(file, (bytes, bytearray, memoryview)):
-            data = bytes(file)
-            name = filename or "image"
-        elif isinstance(file, (str, os.PathLike)):
-            path = Path(file)
-            try:
-                size = (await anyio.Path(path).stat()).st_size
-            except OSError as exc:
-                raise ValidationError(
-                    [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
-                ) from None
-            if size > MAX_UPLOAD_BYTES:
-                raise ValidationError(
-                    [
-                        FieldError(
-                            "file",
-                            f"must be at most {MAX_UPLOAD_BYTES // 2**20} MB",
-                            f"{size} bytes",
-                        )
-                    ]
-                )
-            try:
-                data = await anyio.Path(path).read_bytes()
-            except OSError as exc:  # a folder, no permission
-                raise ValidationError(
-                    [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
-                ) from None
-            name = filename or path.name
-        else:
-            raise ValidationError(
-                [FieldError("file", "must be a path or bytes", type(file).__name__)]
-            )
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ValidationError(
-                [
-                    FieldError(
-                        "file",
-                        f"must be at most {MAX_UPLOAD_BYTES // 2**20} MB",
-                        f"{len(data)} bytes",
-                    )
-                ]
-            )
-        if not data:
-            raise ValidationError([FieldError("file", "is empty", name)])
-        kind = sniff_image(data)
-        if kind is None:
-            raise ValidationError(
-                [FieldError("file", "must be a JPEG, PNG, WebP or GIF image", name)]
-            )
-        content_type, ext = kind
-        if "." not in name:
-            name = f"{name}.{ext}"
-
-        def form() -> aiohttp.FormData:
-            fd = aiohttp.FormData()
-            fd.add_field("file", data, filename=name, content_type=content_type)
-            return fd
-
-        return await self._client._transport.request(
-            "POST",
-            "/v1/uploads/images",
-            kind="upload",
-            retry="read",
-            parse=_parse(conv.parse_upload),
-            data_factory=form,
-        )
+        return await self._api.upload_image(file, filename=filename)

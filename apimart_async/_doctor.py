@@ -29,13 +29,14 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import attrs
 
 from . import _converter as conv
+from ._api import is_unknown_task
 from ._client import AsyncApimart
 from ._errors import (
     APIConnectionError,
@@ -49,8 +50,7 @@ from ._errors import (
 )
 from ._json import is_array, is_object
 from ._models import VideoRequest
-from ._poller import is_unknown_task
-from ._schedule import BATCH_IDS
+from ._poll_schedule import BATCH_IDS
 from ._transport import Reply, _embedded_error, _error_from_reply
 
 __all__ = ["Finding", "add_doctor_parser", "cmd_doctor", "diagnose", "render_table"]
@@ -406,7 +406,12 @@ def exit_code(findings: Sequence[Finding]) -> int:
 # -- the CLI subcommand ---------------------------------------------------------------------
 
 
-def add_doctor_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_doctor_parser(
+    sub: Any,
+    common: argparse.ArgumentParser,
+    *,
+    key: Callable[[argparse.Namespace], str] | None = None,
+) -> None:
     """Add ``doctor`` to the CLI's subcommands (the hook in cli.py). Options that the shared
     ``common`` parser already has (``--emulate``, ``--json``) are taken from it."""
     siblings = list(sub.choices.values())  # format help as the other subcommands do
@@ -433,7 +438,9 @@ def add_doctor_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add("--proxy", help="proxy URL (default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY)")
     add("--ca-file", help="PEM file of extra CAs to trust (like SSL_CERT_FILE)")
     add("--json", dest="as_json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_doctor)
+    # The CLI hands down its own key resolution (flags, environment): this module does not
+    # import the CLI, which imports it.
+    p.set_defaults(func=cmd_doctor, key_of=key)
 
 
 def _confirm(model: str) -> bool:
@@ -468,9 +475,8 @@ async def cmd_doctor(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ):
             findings = await diagnose(client, submit_model=args.submit)
     else:
-        from .cli import _key  # the CLI's own key resolution (flags, environment)
-
-        key = _key(args)
+        key_of: Callable[[argparse.Namespace], str] | None = getattr(args, "key_of", None)
+        key = key_of(args) if key_of is not None else None
         async with AsyncApimart(key, base_url=args.base_url, **options) as client:
             findings = await diagnose(client, submit_model=args.submit)
     if args.as_json:

@@ -20,51 +20,39 @@ import os
 import re
 import time
 import unicodedata
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 
 from . import _retry
-from ._errors import APIConnectionError, ApimartError, ClientClosedError
+from ._errors import (
+    APIConnectionError,
+    ApimartError,
+    ClientClosedError,
+    DownloadError,
+    DownloadExpiredError,
+    DownloadGoneError,
+    DownloadTooLargeError,
+)
 from ._models import DownloadedFile, Task
 from ._transport import StreamReply
 
-if TYPE_CHECKING:
-    from ._client import AsyncApimart
+__all__ = ["Downloader", "Refresh", "Stream", "inside", "safe_name"]
 
-__all__ = [
-    "DownloadError",
-    "DownloadExpiredError",
-    "DownloadTooLargeError",
-    "Downloader",
-    "safe_name",
-]
+#: Opens a streaming GET of a result file (``Transport.stream``: never with the API key).
+Stream = Callable[..., AbstractAsyncContextManager[StreamReply]]
+#: A fresh status read of a task, for new result URLs (``Api.get_task``).
+Refresh = Callable[[str], Awaitable[Task]]
 
 CHUNK = 1 << 20
 #: Chunks of CHUNK bytes that may wait for the writer thread (memory per download: ~3 MiB).
 _QUEUED = 2
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class DownloadError(ApimartError):
-    """A result file could not be fetched completely. ``url`` is where it was fetched from,
-    ``status`` the HTTP status of the failed fetch, when there was one."""
-
-    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
-        super().__init__(message)
-        self.url = url
-        self.status = status
-
-
-class DownloadExpiredError(DownloadError):
-    """The result URL expired, and a fresh status request gave no working one."""
-
-
-class DownloadTooLargeError(DownloadError):
-    """The file is larger than ``max_bytes``."""
 
 
 def safe_name(name: str, *, fallback: str = "video") -> str:
@@ -138,25 +126,51 @@ class _PartFile:
 
 
 class Downloader:
-    """Fetches result files for one client, at most ``concurrency`` at a time."""
+    """Fetches result files for one client, at most ``concurrency`` at a time.
 
-    def __init__(self, client: AsyncApimart, *, concurrency: int = 4) -> None:
-        self._client = client
+    It gets only what it needs: ``stream`` opens a GET of a URL, ``refresh`` reads a task
+    again for fresh URLs, ``max_retries`` bounds the attempts of one file.
+    """
+
+    def __init__(
+        self,
+        *,
+        stream: Stream,
+        refresh: Refresh,
+        max_retries: int = 3,
+        concurrency: int = 4,
+    ) -> None:
+        self._open_stream = stream
+        self._refresh_task = refresh
+        self.max_retries = max_retries
         self.limiter = anyio.CapacityLimiter(concurrency)
+
+    async def fetch_url(
+        self, url: str, dest: Path, *, max_bytes: int | None = None
+    ) -> DownloadedFile:
+        """``fetch`` for a bare URL, which nothing can renew: a URL that answers 403/404/410
+        raises ``DownloadExpiredError``."""
+        try:
+            return await self.fetch(url, dest, max_bytes=max_bytes)
+        except DownloadGoneError as exc:
+            raise DownloadExpiredError(
+                f"result URL answered HTTP {exc.status}; pass the Task to renew it",
+                url=url,
+                status=exc.status,
+            ) from None
 
     async def fetch(self, url: str, dest: Path, *, max_bytes: int | None = None) -> DownloadedFile:
         """Download ``url`` to ``dest`` (resuming ``dest.part``). Raises DownloadError, or
-        ``_Gone`` for a URL that answers 403/404/410 (the caller may refresh it)."""
+        ``DownloadGoneError`` for a URL that answers 403/404/410 (the caller may refresh it)."""
         if not url.lower().startswith(("http://", "https://")):
             raise DownloadError(f"refusing to download a non-http(s) URL: {url[:80]!r}", url=url)
         async with self.limiter:
             return await self._fetch(url, dest, max_bytes)
 
     async def _fetch(self, url: str, dest: Path, max_bytes: int | None) -> DownloadedFile:
-        transport = self._client._transport
         part = _PartFile(dest.with_name(dest.name + ".part"))
         resume = True
-        attempts = transport.max_retries + 1
+        attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
             await anyio.to_thread.run_sync(functools.partial(part.open_sync, resume=resume))
             complete: bool | None = False
@@ -188,9 +202,9 @@ class Downloader:
         """One GET. True: complete. False: cut short. None: start again from zero."""
         offset = part.size
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        async with self._client._transport.stream(url, headers=headers) as resp:
+        async with self._open_stream(url, headers=headers) as resp:
             if resp.status in (403, 404, 410):
-                raise _Gone(resp.status)
+                raise DownloadGoneError(resp.status)
             if resp.status == 416 and offset:
                 return None  # the part is not a prefix of this file
             if _retry.is_retryable_status(resp.status):
@@ -287,7 +301,7 @@ class Downloader:
             try:
                 files.append(await self.fetch(url, dest, max_bytes=max_bytes))
                 continue
-            except _Gone as gone:
+            except DownloadGoneError as gone:
                 if fresh is not None:
                     raise DownloadExpiredError(
                         f"result URL of task {task.id} answered HTTP {gone.status}, "
@@ -303,7 +317,7 @@ class Downloader:
                 )
             try:
                 files.append(await self.fetch(new_url, dest, max_bytes=max_bytes))
-            except _Gone as gone:
+            except DownloadGoneError as gone:
                 raise DownloadExpiredError(
                     f"result URL of task {task.id} answered HTTP {gone.status}, "
                     "also after a refresh",
@@ -314,18 +328,13 @@ class Downloader:
 
     async def _refresh(self, task: Task) -> Task:
         try:
-            return await self._client.tasks.get(task.id)
+            return await self._refresh_task(task.id)
         except ClientClosedError:
             raise
         except ApimartError as exc:
             raise DownloadExpiredError(
                 f"result URL of task {task.id} expired and the refresh failed: {exc}"
             ) from None
-
-
-class _Gone(DownloadError):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"HTTP {status}", status=status)
 
 
 def _nth_url(task: Task, n: int) -> str | None:

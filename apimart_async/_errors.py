@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 if TYPE_CHECKING:
-    from ._models import Task
+    from ._results import Task
 
 __all__ = [
     "SUB_CODES",
@@ -328,6 +328,84 @@ class TaskTimeoutError(ApimartError, TimeoutError):
         self.task = task
         last = f"; last status {task.status.value}" if task is not None else ""
         super().__init__(f"task {task_id} not finished after {timeout:g} s{last}")
+
+
+class JobsFileError(ApimartError, ValueError):
+    """The jobs file at ``path`` has bad lines. ``problems`` is a list of (line number,
+    message)."""
+
+    def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        head = "\n".join(
+            f"{path}:{n}: {msg}" if n else f"{path}: {msg}" for n, msg in problems[:50]
+        )
+        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(head + more)
+
+
+class JournalError(ApimartError):
+    """The journal cannot be used (unreadable, from another tool, newer schema, ...)."""
+
+
+class JournalMismatchError(JournalError):
+    """The input changed under the same journal: job ``index`` now sends something else.
+
+    ``expected`` is the fingerprint recorded in the journal, ``got`` the new one.
+    """
+
+    def __init__(self, index: int, expected: str, got: str) -> None:
+        self.index = index
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            f"job {index} differs from the one recorded in the journal "
+            f"(request hash {got[:12]} vs {expected[:12]}); use a new journal for new input"
+        )
+
+
+class BatchStoppedError(ApimartError):
+    """The job was not submitted because the batch stopped (an error with
+    ``stop_on_error``, the batch deadline, ``stop()``, or a closed client)."""
+
+
+class BudgetExceededError(BatchStoppedError):
+    """Budget reached: submitting this job could pass ``max_cost``; it was not submitted."""
+
+
+class ReplayedError(ApimartError):
+    """The recorded error of a job that ended in an earlier run (replayed from the journal).
+    ``error_type`` names the original exception class."""
+
+    def __init__(self, message: str, error_type: str | None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class DownloadError(ApimartError):
+    """A result file could not be fetched completely. ``url`` is where it was fetched from,
+    ``status`` the HTTP status of the failed fetch, when there was one."""
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class DownloadExpiredError(DownloadError):
+    """The result URL expired, and a fresh status request gave no working one."""
+
+
+class DownloadTooLargeError(DownloadError):
+    """The file is larger than ``max_bytes``."""
+
+
+class DownloadGoneError(DownloadError):
+    """Internal: a result URL answered 403/404/410; the downloader asks for a fresh one (it
+    never reaches the caller: it becomes ``DownloadExpiredError``)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}", status=status)
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {

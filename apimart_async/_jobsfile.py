@@ -28,12 +28,12 @@ from typing import Any
 import attrs
 
 from ._download import safe_name
-from ._errors import ApimartError, ApimartWarning, FieldError, ValidationError
+from ._errors import ApimartWarning, FieldError, JobsFileError, ValidationError
 from ._json import is_object
 from ._models import _TYPED_FIELDS, VideoRequest
 from ._specs import MODEL_SPECS
 
-__all__ = ["JobLine", "JobsFileError", "read_jobs"]
+__all__ = ["JobLine", "read_jobs"]
 
 MAX_LINE_BYTES = 1 << 20
 MAX_FILE_BYTES = 512 << 20
@@ -53,20 +53,6 @@ class JobLine:
     """The validated request."""
     warnings: tuple[str, ...] = ()
     """What validation warned about (the service would ignore something)."""
-
-
-class JobsFileError(ApimartError, ValueError):
-    """The jobs file at ``path`` has bad lines. ``problems`` is a list of (line number,
-    message)."""
-
-    def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
-        self.path = path
-        self.problems = problems
-        head = "\n".join(
-            f"{path}:{n}: {msg}" if n else f"{path}: {msg}" for n, msg in problems[:50]
-        )
-        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(head + more)
 
 
 _KNOWN_KEYS = ("model", "name", "extra", *_TYPED_FIELDS)

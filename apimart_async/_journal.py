@@ -40,34 +40,14 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from ._errors import ApimartError
+from ._errors import JournalError
 from ._models import DownloadedFile
 from ._priors import KindPrior
 
-__all__ = ["JobRecord", "Journal", "JournalError", "JournalMismatchError", "SqliteJournal"]
+__all__ = ["JobRecord", "Journal", "SqliteJournal"]
 
 JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
 SCHEMA_VERSION = 3
-
-
-class JournalError(ApimartError):
-    """The journal cannot be used (unreadable, from another tool, newer schema, ...)."""
-
-
-class JournalMismatchError(JournalError):
-    """The input changed under the same journal: job ``index`` now sends something else.
-
-    ``expected`` is the fingerprint recorded in the journal, ``got`` the new one.
-    """
-
-    def __init__(self, index: int, expected: str, got: str) -> None:
-        self.index = index
-        self.expected = expected
-        self.got = got
-        super().__init__(
-            f"job {index} differs from the one recorded in the journal "
-            f"(request hash {got[:12]} vs {expected[:12]}); use a new journal for new input"
-        )
 
 
 @attrs.frozen

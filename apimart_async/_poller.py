@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import anyio
 import anyio.abc
 
+from ._api import Statuses, is_unknown_task
 from ._errors import (
     APIConnectionError,
     ApimartError,
@@ -43,14 +43,12 @@ from ._errors import (
     TaskTimeoutError,
 )
 from ._models import Task
+from ._pacing import Pacing
+from ._poll_schedule import PollPolicy, PollSchedule
 from ._retry import is_retryable_status
-from ._schedule import PollPolicy, PollSchedule
 from ._status_window import ReadTicket, StatusWindow
 
-if TYPE_CHECKING:
-    from ._client import AsyncApimart
-
-__all__ = ["Poller", "WatchCallback", "classify", "is_unknown_task"]
+__all__ = ["Fetch", "Poller", "WatchCallback", "classify", "is_unknown_task"]
 
 logger = logging.getLogger("apimart_async")
 
@@ -58,30 +56,14 @@ logger = logging.getLogger("apimart_async")
 WatchCallback = Callable[[str, Task | ApimartError], None]
 #: Called with every non-terminal status seen (for progress displays).
 ProgressCallback = Callable[[Task], None]
+#: Reads the status of many tasks: a task or an error for every id (``Api.get_tasks``); raises
+#: only ``ClientClosedError``.
+Fetch = Callable[[list[str]], Awaitable[Statuses]]
+#: Reads the status of one task (``Api.get_task``), for per-task reads that leave one by one.
+Read = Callable[[str], Awaitable[Task]]
 
-
-#: A message saying the task id is not known: "invalid task ID", "task not found", "task does
-#: not exist or has expired", "unknown task_id"...
-_UNKNOWN_ID = re.compile(
-    r"(?=.*(task|\bids?\b))(?=.*(not (exist|found)|unknown|invalid|expired|no such))"
-    # the same in the other languages of ``?language=``
-    r"|任务.*(不存在|过期)|タスク.*(存在しない|有効期限)|작업.*(존재하지|만료)",
-    re.IGNORECASE | re.DOTALL,
-)
 
 ReadVerdict = Literal["gone", "hard", "transient"]
-
-
-def is_unknown_task(exc: ApimartError) -> bool:
-    """The service says it does not know the task: a 404, or a 400 (also a 200 carrying the
-    code 400) whose message says the id is unknown, invalid or expired."""
-    if isinstance(exc, NotFoundError):
-        return True
-    return (
-        isinstance(exc, APIStatusError)
-        and exc.status == 400
-        and _UNKNOWN_ID.search(exc.message) is not None
-    )
 
 
 def classify(exc: ApimartError) -> ReadVerdict:
@@ -109,18 +91,33 @@ class _Watchers:
 
 
 class Poller:
-    """Shared status polling for one client."""
+    """Shared status polling for one client.
+
+    It gets only what it needs: ``fetch`` reads the status of many tasks, ``batched(now)``
+    says whether those reads go through the batch route now (the schedule then groups due
+    tasks into shared requests); without it, ``read`` reads one task at a time within the
+    ``reads`` window, which ``pacing`` (the caps in force, 429s) and ``retries`` (the
+    transport's retry count) tell about congestion; ``clock`` / ``wall`` tell the time.
+    """
 
     def __init__(
         self,
-        client: AsyncApimart,
+        fetch: Fetch,
         policy: PollPolicy,
         *,
+        batched: Callable[[float], bool] = lambda now: True,
+        read: Read | None = None,
+        pacing: Pacing | None = None,
+        retries: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         reads: StatusWindow | None = None,
     ) -> None:
-        self._client = client
+        self._fetch = fetch
+        self._batched = batched
+        self._read = read or self._read_by_fetch
+        self._pacing = pacing
+        self._retries = retries
         self.schedule: PollSchedule = PollSchedule(policy)
         # issue 22: per-task reads leave one by one as they fall due, ``reads.limit`` at most
         self.reads: StatusWindow = reads or StatusWindow(start=8, maximum=64)
@@ -235,12 +232,23 @@ class Poller:
                 self._read_group = None
 
     async def _round(self) -> None:
+        delay = await self.step()
+        if delay is None:
+            return
+        self._wake = anyio.Event()
+        with anyio.move_on_after(delay / self.time_scale):
+            await self._wake.wait()
+
+    async def step(self) -> float | None:
+        """One round, without waiting: end the waits past their deadline, then read the due
+        tasks. None when it read some; else the clock's seconds until something is due
+        (``inf``: nothing is watched). The loop waits that long (or until ``watch``)."""
         now = self._clock()
         for task_id in self.schedule.expired(now):
             entry = self._watchers.get(task_id)
             timeout = entry.timeout if entry is not None and entry.timeout is not None else 0.0
             self._finish(task_id, TaskTimeoutError(task_id, timeout))
-        batched = self._client._route.usable(now)
+        batched = self._batched(now)
         # issue 22 hook: without the batch route, reads leave one by one (``_read_one``)
         window_full = False
         if not batched and self._read_group is not None:
@@ -248,24 +256,22 @@ class Poller:
             for task_id in ids:
                 self._read_group.start_soon(self._read_one, task_id, self.reads.started(now))
             if ids:
-                return
+                return None
         else:
             ids = self.schedule.due(now, batched=batched)
         if ids:
             await self._check(ids)
-            return
+            return None
         wakeup = self.schedule.next_wakeup()
         delay = math.inf if wakeup is None else max(0.0, wakeup - self._clock())
         if window_full:  # a read coming back frees a slot (and wakes the loop)
             delay = math.inf if self.reads.in_flight else delay
-        self._wake = anyio.Event()
-        with anyio.move_on_after(delay / self.time_scale):
-            await self._wake.wait()
+        return delay
 
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
         try:
-            results = await self._client.tasks._statuses(ids)
+            results = await self._fetch(ids)
         except ClientClosedError:
             self.close("the client was closed")
             return
@@ -284,8 +290,11 @@ class Poller:
     # -- issue 22: per-task reads, each on its own ---------------------------------------------
 
     def _rate(self) -> float | None:
-        limiter = self._client._transport.limiter
-        return None if limiter is None else limiter.rate * self._client.throttle.factor
+        """The requests-per-second cap in force (the tightest, scaled by the throttle)."""
+        pacing = self._pacing
+        if pacing is None or not pacing.limiters:
+            return None
+        return min(limiter.rate for limiter in pacing.limiters) * pacing.throttle.factor
 
     def _per_task_due(self, now: float) -> tuple[list[str], bool]:
         """The ids whose reads may leave now, and whether the window held some back."""
@@ -297,9 +306,16 @@ class Poller:
             self.reads.held_back(now)
         return ids, held
 
+    async def _read_by_fetch(self, task_id: str) -> Task:
+        result = (await self._fetch([task_id])).get(task_id)
+        if isinstance(result, Task):
+            return result
+        raise result or APIConnectionError(f"status of task {task_id} not read")
+
     def _trouble(self) -> int:
         """Client-wide count of 429s and retries (a change while a read was out: congestion)."""
-        return self._client.throttle.rate_limited + self._client._transport.counters["retries"]
+        limited = self._pacing.throttle.rate_limited if self._pacing is not None else 0
+        return limited + self._retries()
 
     async def _read_one(self, task_id: str, ticket: ReadTicket) -> None:
         """One per-task read, reported alone as soon as its reply is back."""
@@ -307,7 +323,7 @@ class Poller:
         trouble = self._trouble()
         result: Task | ApimartError
         try:
-            result = await self._client.tasks.get(task_id)
+            result = await self._read(task_id)
         except ApimartError as exc:
             result = exc
         except Exception:  # a bug, never a reason to strand the id: read it again later

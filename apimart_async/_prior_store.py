@@ -9,7 +9,7 @@ import logging
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-from ._journal import JournalError
+from ._errors import JournalError
 from ._priors import KindPrior, Priors
 
 __all__ = ["PriorStore", "load_priors", "save_priors"]

@@ -28,11 +28,12 @@ from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, o
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._batch import Batch, Outcome
+from ._batch import Batch
 from ._client import AsyncApimart, Tasks, Uploads, Videos
 from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
-from ._schedule import PollPolicy
+from ._outcomes import Outcome
+from ._poll_schedule import PollPolicy
 
 __all__ = ["Apimart", "SyncBatch"]
 

@@ -52,7 +52,7 @@ from ._errors import (
     status_error_class,
 )
 from ._json import is_object
-from ._scheduler import RateLimiter, Throttle
+from ._pacing import Pacing, Throttle
 from ._version import __version__
 
 __all__ = [
@@ -338,8 +338,7 @@ class Transport:
         timeout: Timeout,
         max_retries: int,
         connection_limit: int = 100,
-        throttle: Throttle | None = None,
-        limiter: RateLimiter | None = None,
+        pacing: Pacing | None = None,
         ssl_context: ssl.SSLContext | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
@@ -350,9 +349,8 @@ class Transport:
         self.trust_env = trust_env
         #: Resolved when the session opens (the environment as it is then).
         self.proxies = _Proxies(proxy, trust_env=False)
-        #: Client-wide back-pressure from 429s, and the optional requests-per-second cap.
-        self.throttle = throttle or Throttle()
-        self.limiter = limiter
+        #: Client-wide back-pressure from 429s, and the requests-per-second caps in force.
+        self.pacing = pacing or Pacing()
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
@@ -363,6 +361,10 @@ class Transport:
         self.counters: collections.Counter[str] = collections.Counter()
         self._retrying_read = self._retrying(submit=False)
         self._retrying_submit = self._waiting_out_in_progress(self._retrying(submit=True))
+
+    @property
+    def throttle(self) -> Throttle:
+        return self.pacing.throttle
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -658,10 +660,7 @@ class Transport:
     async def _pace(self) -> None:
         """Wait out a server-requested pause (skipped under ``set_testing``) and the
         requests-per-second cap, if any."""
-        now = time.monotonic()
-        wait = 0.0 if _retry.is_testing() else self.throttle.wait_time(now)
-        if self.limiter is not None:
-            wait = max(wait, self.limiter.reserve(now, factor=self.throttle.factor))
+        wait = self.pacing.wait_time(time.monotonic(), honour_pause=not _retry.is_testing())
         if wait > 0:
             await anyio.sleep(wait)
 

@@ -1156,7 +1156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there
 
-    add_doctor_parser(sub, common)
+    add_doctor_parser(sub, common, key=_key)
     parser._subparsers_by_name = sub.choices  # type: ignore[attr-defined]
     return parser
 

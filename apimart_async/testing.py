@@ -39,8 +39,8 @@ import attrs
 
 from ._client import AsyncApimart
 from ._config import Timeout
+from ._poll_schedule import PollPolicy
 from ._retry import is_testing, set_testing
-from ._schedule import PollPolicy
 from .emulator._realistic import RealisticProfile
 
 if TYPE_CHECKING:

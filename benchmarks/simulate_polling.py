@@ -47,8 +47,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import apimart_async as am  # noqa: E402
+from apimart_async._poll_schedule import BATCH_IDS, PollSchedule  # noqa: E402
 from apimart_async._priors import Priors  # noqa: E402
-from apimart_async._schedule import BATCH_IDS, PollSchedule  # noqa: E402
 from apimart_async._status_window import StatusWindow  # noqa: E402
 from apimart_async.emulator import RealisticProfile  # noqa: E402
 from apimart_async.emulator._realistic import Curve  # noqa: E402

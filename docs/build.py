@@ -38,8 +38,15 @@ NOT_REFERENCE = {"apimart_async.cli", "apimart_async.emulator.__main__"}
 ALLOWED_PRIVATE = {
     # Emulator.state: the emulator's internals, for white-box assertions, not a stable API.
     "apimart_async.emulator._state.State",
-    # TaskWatch(poller, ids): built by Tasks.watch() only; users never construct one.
+    # TaskWatch(poller, ids), Tasks(api, poller), Batch(requests, options, api=, poller=,
+    # downloader=, pacing=): built by the client only, from the engines it wires (see
+    # ARCHITECTURE.md); users never construct them. Batch.options shows what the batch was
+    # asked, as the keywords of AsyncApimart.batch.
     "apimart_async._poller.Poller",
+    "apimart_async._api.Api",
+    "apimart_async._download.Downloader",
+    "apimart_async._options.BatchOptions",
+    "apimart_async._pacing.Pacing",
     # Emulator.ca: the private CA of tls=True, an internal helper (use ca_file or
     # client_ssl_context()).
     "apimart_async.emulator._network.LocalCA",

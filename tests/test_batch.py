@@ -130,7 +130,7 @@ async def test_a_429_storm_slows_the_whole_client(emu: Emulator, client: am.Asyn
 
     def on_event(event: am.BatchEvent) -> None:
         if event.kind == "submitted":
-            limits.append(results._sched.limit)
+            limits.append(results._run._sched.limit)
 
     async with client.batch(
         [sora(i) for i in range(30)], concurrency=16, on_event=on_event
@@ -143,9 +143,42 @@ async def test_a_429_storm_slows_the_whole_client(emu: Emulator, client: am.Asyn
 
 async def test_requests_per_second_caps_the_client(emu: Emulator, client: am.AsyncApimart) -> None:
     async with client.batch([sora(i) for i in range(3)], requests_per_second=1000):
-        assert client._transport.limiter is not None and client._transport.limiter.rate == 1000
+        assert _caps(client) == [1000]
         await emu.wait_until(lambda: emu.tasks_created == 3)
-    assert client._transport.limiter is None  # restored
+    assert _caps(client) == []  # restored
+
+
+def _caps(client: am.AsyncApimart) -> list[float]:
+    """The requests-per-second caps in force on the client's requests now."""
+    return [limiter.rate for limiter in client._transport.pacing.limiters]
+
+
+async def test_overlapping_batches_each_keep_their_own_cap_and_the_client_returns_to_none(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    # Each batch runs in a task of its own: the first one entered leaves first.
+    entered = [anyio.Event(), anyio.Event()]
+    leave = [anyio.Event(), anyio.Event()]
+    left = [anyio.Event(), anyio.Event()]
+
+    async def run(n: int, rate: float) -> None:
+        async with manual_client.batch([sora(n)], requests_per_second=rate):
+            entered[n].set()
+            await leave[n].wait()
+        left[n].set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, 0, 1000)
+        await entered[0].wait()
+        tg.start_soon(run, 1, 50)
+        await entered[1].wait()
+        assert sorted(_caps(manual_client)) == [50, 1000]  # both caps hold while both run
+        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 2)
+        leave[0].set()
+        await left[0].wait()
+        assert _caps(manual_client) == [50]  # the second batch keeps its own cap
+        leave[1].set()
+    assert _caps(manual_client) == []  # and the client is capped by nothing after them
 
 
 # -- the shared poller ------------------------------------------------------------------------

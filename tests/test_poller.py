@@ -506,7 +506,7 @@ def test_which_400s_say_the_task_is_unknown(message: str, unknown: bool) -> None
 
 
 def test_batch_route_state() -> None:
-    from apimart_async._client import BatchRoute
+    from apimart_async._api import BatchRoute
 
     route = BatchRoute(retry_after=600.0, max_failures=3)
     assert route.available is None and route.usable(0.0)

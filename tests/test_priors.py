@@ -12,8 +12,8 @@ import pytest
 
 import apimart_async as am
 from apimart_async._journal import SqliteJournal
+from apimart_async._poll_schedule import PollSchedule
 from apimart_async._priors import MIN_SAMPLES, KindPrior, Priors, kind_of
-from apimart_async._schedule import PollSchedule
 from apimart_async.emulator import Emulator, RealisticProfile
 from apimart_async.emulator._realistic import Curve
 

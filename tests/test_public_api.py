@@ -130,13 +130,13 @@ async def test_the_resources_users_hold_have_public_names() -> None:
 def test_outcome_kinds() -> None:
     task = am.Task("task_1", am.TaskStatus.COMPLETED)
     failed = am.Task("task_2", am.TaskStatus.FAILED)
-    success = am._batch._outcome(0, None, "task_1", task)
+    success = am._outcomes.outcome_of(0, None, "task_1", task)
     assert type(success) is am.Success
     assert success.ok
-    failure = am._batch._outcome(1, None, "task_2", failed, am.TaskFailedError(failed))
+    failure = am._outcomes.outcome_of(1, None, "task_2", failed, am.TaskFailedError(failed))
     assert type(failure) is am.Failure
     assert not failure.ok
     # a finished job whose task cannot be read is not a success
-    unread = am._batch._outcome(2, None, "task_3")
+    unread = am._outcomes.outcome_of(2, None, "task_3")
     assert type(unread) is am.Failure
     assert isinstance(unread.error, am.ReplayedError)

@@ -1,13 +1,10 @@
-"""Admission decisions, logic only: what may start now, what waits, and for how long.
+"""Admission decisions, logic only: which job of a batch may be submitted now, and whether
+the money allows it.
 
-- ``Throttle`` (one per client): a 429 or ``Retry-After`` slows the whole client. Every request
-  waits out the server's pause, and the concurrency of every batch is scaled by ``factor``,
-  halved on a rate limit (at most once per ``cut_cooldown``) and raised additively on success
-  (AIMD, as TCP does), so a 429 storm backs everyone off and a quiet spell recovers.
-- ``RateLimiter`` (one per client, optional): a token bucket shared by submit, poll and
-  download requests.
-- ``SubmitScheduler`` (one per batch): at most ``concurrency`` (scaled by the throttle) submit
-  requests in flight and at most ``max_pending`` submitted-but-unfinished tasks.
+- ``SubmitScheduler`` (one per batch): at most ``concurrency`` (scaled by the client's
+  ``Throttle``, see ``_pacing``) submit requests in flight and at most ``max_pending``
+  submitted-but-unfinished tasks.
+- ``Budget`` (one per batch with ``max_cost``): no submission that could pass the limit.
 
 All methods are synchronous and take ``now`` (a monotonic clock) so tests use a fake clock.
 """
@@ -18,86 +15,10 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-__all__ = ["Budget", "RateLimiter", "SubmitScheduler", "Throttle"]
+from ._errors import BudgetExceededError, InsufficientBalanceError
+from ._pacing import Throttle
 
-
-class Throttle:
-    """Client-wide back-pressure from 429s (AIMD on a concurrency factor, plus pauses).
-
-    ``client.throttle`` is the client's; read it, the client drives it. Each 429 multiplies
-    ``factor`` by ``decrease`` (at most once per ``cut_cooldown`` seconds, never below
-    ``min_factor``) and pauses every request until ``pause_until`` (the server's
-    ``Retry-After``, else ``default_pause`` seconds); each success adds ``increase`` back.
-    """
-
-    def __init__(
-        self,
-        *,
-        decrease: float = 0.5,
-        increase: float = 0.05,
-        min_factor: float = 0.05,
-        cut_cooldown: float = 1.0,
-        default_pause: float = 1.0,
-    ) -> None:
-        self.factor: float = 1.0
-        """What every batch's concurrency is multiplied by now (1.0: no 429 lately)."""
-        self.pause_until: float = 0.0
-        """Monotonic time before which no request is sent."""
-        self.decrease = decrease
-        self.increase = increase
-        self.min_factor = min_factor
-        self.cut_cooldown = cut_cooldown
-        self.default_pause = default_pause
-        self.rate_limited: int = 0
-        """429 replies seen."""
-        self._last_cut = -math.inf
-
-    def on_rate_limited(self, now: float, retry_after: float | None) -> None:
-        """A 429 arrived at ``now``: pause, and cut the factor."""
-        self.rate_limited += 1
-        pause = self.default_pause if retry_after is None else retry_after
-        self.pause_until = max(self.pause_until, now + pause)
-        if now - self._last_cut >= self.cut_cooldown:
-            self.factor = max(self.min_factor, self.factor * self.decrease)
-            self._last_cut = now
-
-    def on_success(self, now: float) -> None:
-        """A request succeeded at ``now``: let the factor recover a step."""
-        if self.factor < 1.0 and now - self._last_cut >= self.cut_cooldown:
-            self.factor = min(1.0, self.factor + self.increase)
-
-    def wait_time(self, now: float) -> float:
-        """How long a request must wait before it may be sent (the server's pause)."""
-        return max(0.0, self.pause_until - now)
-
-    def scaled(self, limit: int) -> int:
-        """``limit`` scaled by the factor (at least 1)."""
-        return max(1, math.floor(limit * self.factor))
-
-    def __repr__(self) -> str:
-        return f"<Throttle factor={self.factor:.2f} rate_limited={self.rate_limited}>"
-
-
-class RateLimiter:
-    """A token bucket: at most ``rate`` requests a second on average, bursts of ``burst``."""
-
-    def __init__(self, rate: float, *, burst: float | None = None) -> None:
-        if not (rate > 0 and math.isfinite(rate)):
-            raise ValueError(f"requests_per_second must be a positive number, got {rate!r}")
-        self.rate = float(rate)
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
-        self._tokens = self.burst
-        self._last: float | None = None
-
-    def reserve(self, now: float, *, factor: float = 1.0) -> float:
-        """Take one token; returns how long to wait before using it (0: at once). The rate is
-        scaled by ``factor`` (the throttle's) so 429s slow the cap down too."""
-        rate = self.rate * max(factor, 1e-6)
-        if self._last is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * rate)
-        self._last = now
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / rate
+__all__ = ["Budget", "SubmitScheduler", "admit_job", "require_balance"]
 
 
 class SubmitScheduler:
@@ -228,5 +149,54 @@ class Budget:
             if cost > 0:
                 self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
 
+    def exceeded(self, index: int) -> BudgetExceededError:
+        """The error of job ``index``, refused because it could pass ``max_cost``."""
+        return BudgetExceededError(
+            f"budget reached: job {index} not submitted (${self.committed:.2f}"
+            f" of ${self.max_cost:.2f} committed)"
+        )
+
     def __repr__(self) -> str:
         return f"<Budget committed=${self.committed:.2f} of ${self.max_cost:.2f}>"
+
+
+def require_balance(balance: Any, budget: Budget | None) -> None:
+    """``check_balance``: refuse to start a batch when the balance (a ``Balance``) cannot pay
+    for any job (less than a cent, or than the whole ``max_cost`` if that is smaller)."""
+    if balance.unlimited:
+        return
+    budget_left = budget.max_cost if budget is not None else math.inf
+    if balance.remain_balance <= 0 or balance.remain_balance < min(budget_left, 0.01):
+        raise InsufficientBalanceError(
+            f"balance ${balance.remain_balance:.2f} cannot cover any job; not starting",
+            status=402,
+            type="insufficient_balance",
+        )
+
+
+def admit_job(
+    sched: SubmitScheduler,
+    budget: Budget | None,
+    index: int,
+    request: Any,
+    now: float,
+    *,
+    backlog_full: bool = False,
+) -> float | Literal["over"] | None:
+    """May job ``index`` be submitted now? ``0.0``: yes (its estimate is reserved in the
+    budget; call ``sched.started()``); a positive number: wait that many seconds (the server
+    asked for a pause); None: wait until a submit or a task ends (or the caller reads an
+    outcome, with ``backlog_full``); ``"over"``: it cannot fit ``max_cost``."""
+    if backlog_full:
+        return None
+    wait = sched.admit(now)
+    if wait is None or wait > 0:
+        return wait
+    if budget is not None:
+        verdict, est = budget.check(request)
+        if verdict == "wait":
+            return None
+        if verdict == "over":
+            return "over"
+        budget.reserve(index, request, est)
+    return 0.0

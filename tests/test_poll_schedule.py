@@ -10,7 +10,7 @@ import random
 import pytest
 
 import apimart_async as am
-from apimart_async._schedule import PollSchedule
+from apimart_async._poll_schedule import PollSchedule
 from apimart_async.emulator import RealisticProfile
 
 NO_JITTER = am.PollPolicy(jitter=0.0)

@@ -1,0 +1,499 @@
+"""The endpoints over the transport: what each request sends and how its reply is read.
+
+``Api`` is what every engine above calls: submit (with its idempotency key), one task, many
+tasks (holding the batch status route's state, ``BatchRoute``), the balance and uploads; it
+checks ids and keys before anything is sent. It knows nothing of polling, batches or files:
+those engines get the few of its methods they need (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import anyio
+
+from . import _converter as conv
+from . import _retry
+from ._errors import (
+    ApimartError,
+    APIStatusError,
+    ClientClosedError,
+    FieldError,
+    NotFoundError,
+    ResponseValidationError,
+    SubmitIndeterminateError,
+    ValidationError,
+)
+from ._models import Balance, Task, UploadedImage, VideoRequest
+from ._poll_schedule import BATCH_IDS
+from ._retry import is_retryable_status
+from ._status_window import StatusWindow
+from ._transport import Reply, SendTrack, Transport, new_idempotency_key
+
+__all__ = [
+    "BATCH_ROUTE_FAILURES",
+    "BATCH_ROUTE_RETRY",
+    "MAX_UPLOAD_BYTES",
+    "Api",
+    "BatchRoute",
+    "Statuses",
+    "check_idempotency_key",
+    "check_task_id",
+    "is_unknown_task",
+    "new_idempotency_key",
+    "sniff_image",
+]
+
+logger = logging.getLogger("apimart_async")
+
+T = TypeVar("T")
+
+#: A result for every id asked: its task, or the error its read ended with.
+Statuses = dict[str, Task | ApimartError]
+
+MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024
+
+_IMAGE_MAGIC: Final = (
+    (b"\xff\xd8\xff", "image/jpeg", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png", "png"),
+    (b"GIF87a", "image/gif", "gif"),
+    (b"GIF89a", "image/gif", "gif"),
+)
+
+
+def _parse(fn: Callable[..., T]) -> Callable[[Reply], T]:
+    """Adapt a body parser of ``_converter`` to a transport ``parse`` callback."""
+    return lambda reply: fn(reply.body, status=reply.status)
+
+
+def sniff_image(data: bytes) -> tuple[str, str] | None:
+    """(content type, extension) of a JPEG, PNG, WebP or GIF image, from its first bytes."""
+    for magic, content_type, ext in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return content_type, ext
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp", "webp"
+    return None
+
+
+#: White space (the regex ``\s`` is str.isspace's set), control characters and '/'.
+_BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f/]")
+
+
+def check_task_id(task_id: Any, field: str = "task_id") -> str:
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise ValidationError([FieldError(field, "must be a non-empty string", task_id)])
+    if _BAD_ID_CHAR.search(task_id) is not None:
+        raise ValidationError([FieldError(field, "must not contain '/' or white space", task_id)])
+    return task_id
+
+
+#: The vendor's own client's rule for a caller-supplied Idempotency-Key.
+_IDEMPOTENCY_KEY: Final = re.compile(r"[!-~]{1,191}")
+
+
+def check_idempotency_key(key: Any) -> str:
+    if not isinstance(key, str) or _IDEMPOTENCY_KEY.fullmatch(key) is None:
+        raise ValidationError(
+            [
+                FieldError(
+                    "idempotency_key",
+                    "must be 1 to 191 visible ASCII characters, no spaces (^[!-~]{1,191}$)",
+                    key,
+                )
+            ]
+        )
+    return key
+
+
+#: A message saying the task id is not known: "invalid task ID", "task not found", "task does
+#: not exist or has expired", "unknown task_id"...
+_UNKNOWN_ID = re.compile(
+    r"(?=.*(task|\bids?\b))(?=.*(not (exist|found)|unknown|invalid|expired|no such))"
+    # the same in the other languages of ``?language=``
+    r"|任务.*(不存在|过期)|タスク.*(存在しない|有効期限)|작업.*(존재하지|만료)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def is_unknown_task(exc: ApimartError) -> bool:
+    """The service says it does not know the task: a 404, or a 400 (also a 200 carrying the
+    code 400) whose message says the id is unknown, invalid or expired."""
+    if isinstance(exc, NotFoundError):
+        return True
+    return (
+        isinstance(exc, APIStatusError)
+        and exc.status == 400
+        and _UNKNOWN_ID.search(exc.message) is not None
+    )
+
+
+#: Seconds after which a batch status route that proved unusable is tried again.
+BATCH_ROUTE_RETRY: Final = 600.0
+#: Batch status requests failing in a row (each after its retries) that switch to per-task.
+BATCH_ROUTE_FAILURES: Final = 3
+
+
+def _refused(exc: ApimartError) -> bool:
+    """A batch status reply that says the route will not serve us: an error status other than
+    408, 429 and 5xx (404 missing, 400 another body wanted, 401/403, a redirect, 501), or a
+    body that cannot be read (an unknown shape, or not even JSON after the retries)."""
+    if isinstance(exc, ResponseValidationError):
+        return True
+    return isinstance(exc, APIStatusError) and not is_retryable_status(exc.status)
+
+
+class BatchRoute:
+    """Whether status reads go through ``POST /v1/tasks/batch``: logic only, no I/O; times
+    are the poller's clock.
+
+    The route is the cheaper path, never the only one: a refusal switches to per-task reads
+    at once, ``max_failures`` transient failures in a row do too, and ``retry_after`` seconds
+    later the route is tried again.
+    """
+
+    def __init__(
+        self, *, retry_after: float = BATCH_ROUTE_RETRY, max_failures: int = BATCH_ROUTE_FAILURES
+    ) -> None:
+        self.retry_after = retry_after
+        self.max_failures = max_failures
+        #: None until the route answered, True once it did, False while it is off.
+        self.available: bool | None = None
+        self.failures = 0
+        self.off_until: float | None = None
+        #: How many times the route was switched off.
+        self.switches = 0
+
+    def __repr__(self) -> str:
+        state = {None: "untried", True: "on", False: "off"}[self.available]
+        return f"<BatchRoute {state} failures={self.failures} switches={self.switches}>"
+
+    def usable(self, now: float) -> bool:
+        """Whether to send a batch request now (an off route is tried again once its time
+        has come)."""
+        if self.available is not False:
+            return True
+        if self.off_until is not None and now >= self.off_until:
+            self.available = None
+            self.off_until = None
+            return True
+        return False
+
+    def on_ok(self) -> None:
+        self.available = True
+        self.failures = 0
+
+    def on_refused(self, now: float) -> bool:
+        """The route refused: off now. Returns True for the first switch of the session."""
+        self._off(now)
+        return self.switches == 1
+
+    def on_failed(self, now: float) -> bool:
+        """A transient failure. Returns True when it switched the route off."""
+        self.failures += 1
+        if self.failures < self.max_failures:
+            return False
+        self._off(now)
+        return True
+
+    def _off(self, now: float) -> None:
+        self.available = False
+        self.failures = 0
+        self.off_until = now + self.retry_after
+        self.switches += 1
+
+
+class Api:
+    """The service's endpoints over one transport.
+
+    ``clock`` gives the batch route its times (the client points it at the poller's clock,
+    so an emulator's compressed clock moves the route's retry too).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        language: str = "en",
+        status_concurrency: int = 8,
+        route: BatchRoute | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        reads: StatusWindow | None = None,
+    ) -> None:
+        self.transport = transport
+        self.language = language
+        self.status_concurrency = status_concurrency
+        #: The adaptive window of per-task reads (issue 22); without one, status_concurrency.
+        self.reads = reads
+        self.route = route or BatchRoute()
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"<Api {self.transport.base_url} {self.route!r}>"
+
+    def ensure_open(self) -> None:
+        """Raise ``ClientClosedError`` unless the transport's session is open."""
+        self.transport.session()
+
+    def request_counts(self) -> dict[str, int]:
+        """HTTP attempts made so far, by kind."""
+        return dict(self.transport.counters)
+
+    # -- submit --------------------------------------------------------------------------------
+
+    async def submit(self, request: VideoRequest, *, idempotency_key: str | None = None) -> str:
+        """``POST /v1/videos/generations`` with an ``Idempotency-Key`` the same on every retry;
+        the task id. ``SubmitIndeterminateError`` when the outcome is unknown."""
+        if not isinstance(request, VideoRequest):
+            raise ValidationError(
+                [
+                    FieldError(
+                        "request", "must be a VideoRequest (see VideoRequest.from_dict)", request
+                    )
+                ]
+            )
+        key = (
+            new_idempotency_key()
+            if idempotency_key is None
+            else check_idempotency_key(idempotency_key)
+        )
+        track = SendTrack()
+        path = "/v1/videos/generations"
+        try:
+            return await self.transport.request(
+                "POST",
+                path,
+                kind="submit",
+                retry="submit",
+                parse=_parse(conv.parse_submit),
+                json_body=request.to_body(),
+                headers={"Idempotency-Key": key},
+                track=track,
+            )
+        except ApimartError as exc:
+            if isinstance(exc, APIStatusError) and (
+                exc.sub_code == "idempotency_result_indeterminate"
+            ):
+                reason = "the service cannot say whether it created the task"
+            elif track.unanswered and _retry.is_retryable(exc, submit=True):
+                reason = f"an attempt reached the service without a reply; last error: {exc}"
+            else:
+                raise
+            raise SubmitIndeterminateError(
+                f"submit outcome unknown ({reason}); submit again with "
+                f"idempotency_key={key!r} to get the original task if there is one",
+                idempotency_key=key,
+                path=path,
+            ) from exc
+
+    # -- status --------------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> Task:
+        """``GET /v1/tasks/{task_id}``."""
+        task_id = check_task_id(task_id)
+
+        def parse(reply: Reply) -> Task:
+            task = conv.parse_task(reply.body, status=reply.status)
+            if task.id != task_id:
+                raise ResponseValidationError(
+                    f"asked for task {task_id}, got {task.id}", body=reply.body, status=reply.status
+                )
+            return task
+
+        return await self.transport.request(
+            "GET",
+            f"/v1/tasks/{quote(task_id, safe='')}",
+            kind="task",
+            retry="read",
+            parse=parse,
+            params={"language": self.language},
+        )
+
+    async def get_many(self, task_ids: Iterable[str]) -> list[Task]:
+        """The tasks asked for, in order; those the service does not know are left out. Raises
+        the first error of a read that failed otherwise (after its retries)."""
+        ids = list(dict.fromkeys(check_task_id(t, "task_ids[]") for t in task_ids))
+        results = await self.get_tasks(ids)
+        found: list[Task] = []
+        for task_id in ids:
+            result = results.get(task_id)
+            if isinstance(result, Task):
+                found.append(result)
+            elif result is not None and not is_unknown_task(result):
+                raise result
+        return found
+
+    async def get_tasks(self, ids: Sequence[str]) -> Statuses:
+        """A result for every id: its task, or the error its read ended with (after retries).
+
+        Batch requests first while the route is usable; an id a batch reply leaves out, or
+        whose item cannot be read, is read by id (absence proves nothing). A refused or
+        unreadable batch route switches to per-task reads (see ``BatchRoute``); a transient
+        failure of a batch request is the result of each of its ids. Raises only
+        ``ClientClosedError``."""
+        route = self.route
+        results: Statuses = {}
+        by_id: list[str] = []
+        for start in range(0, len(ids), BATCH_IDS):
+            chunk = ids[start : start + BATCH_IDS]
+            if not route.usable(self.clock()):
+                by_id.extend(chunk)
+                continue
+            try:
+                tasks, unreadable = await self._batch(chunk)
+            except ClientClosedError:
+                raise
+            except ApimartError as exc:
+                now = self.clock()
+                if _refused(exc):
+                    self._switch(route.on_refused(now), exc)
+                    by_id.extend(chunk)
+                elif route.on_failed(now):
+                    self._switch(route.switches == 1, exc)
+                    by_id.extend(chunk)
+                else:
+                    results.update((task_id, exc) for task_id in chunk)
+                continue
+            route.on_ok()
+            wanted = set(chunk)
+            results.update((t.id, t) for t in tasks if t.id in wanted)
+            by_id.extend(t for t in chunk if t not in results or t in unreadable)
+        if by_id:
+            results.update(await self._each(by_id))
+        return results
+
+    def batch_route_usable(self, now: float) -> bool:
+        """Whether the next status reads may go through the batch route."""
+        return self.route.usable(now)
+
+    async def _batch(
+        self, chunk: Sequence[str]
+    ) -> tuple[list[Task], dict[str, ResponseValidationError]]:
+        """One batch status request: the tasks read, and the ids of items that could not be."""
+        return await self.transport.request(
+            "POST",
+            "/v1/tasks/batch",
+            kind="batch",
+            retry="read",
+            parse=_parse(conv.parse_task_items),
+            json_body={"task_ids": list(chunk)},
+        )
+
+    def _switch(self, first: bool, exc: ApimartError) -> None:
+        """Log a switch to per-task reads: one WARNING a session, later ones at INFO."""
+        logger.log(
+            logging.WARNING if first else logging.INFO,
+            "batch status route unusable (%s: %s); using per-task status requests from now on"
+            " (the route is tried again in %.0f s)",
+            type(exc).__name__,
+            str(exc)[:200],
+            self.route.retry_after,
+        )
+
+    async def _each(self, chunk: Sequence[str]) -> Statuses:
+        """Per-task GETs, as many at a time as the read window allows (``status_concurrency``
+        without one; a few workers over the chunk, not a task per id); each read's task or
+        error."""
+        results: Statuses = {}
+        todo = iter(chunk)
+
+        async def worker() -> None:
+            for task_id in todo:
+                try:
+                    results[task_id] = await self.get_task(task_id)
+                except ApimartError as exc:
+                    results[task_id] = exc
+
+        async with anyio.create_task_group() as tg:
+            limit = self.reads.limit() if self.reads is not None else self.status_concurrency
+            for _ in range(min(limit, len(chunk))):
+                tg.start_soon(worker)
+        return results
+
+    # -- account and uploads -------------------------------------------------------------------
+
+    async def balance(self, *, account: bool = False) -> Balance:
+        """``GET /v1/balance``, or ``/v1/user/balance`` for the whole account."""
+        path = "/v1/user/balance" if account else "/v1/balance"
+        return await self.transport.request(
+            "GET", path, kind="balance", retry="read", parse=_parse(conv.parse_balance)
+        )
+
+    async def upload_image(
+        self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
+    ) -> UploadedImage:
+        """``POST /v1/uploads/images``; type and size are checked first."""
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            data = bytes(file)
+            name = filename or "image"
+        elif isinstance(file, (str, os.PathLike)):
+            path = Path(file)
+            try:
+                size = (await anyio.Path(path).stat()).st_size
+            except OSError as exc:
+                raise ValidationError(
+                    [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
+                ) from None
+            if size > MAX_UPLOAD_BYTES:
+                raise ValidationError(
+                    [
+                        FieldError(
+                            "file",
+                            f"must be at most {MAX_UPLOAD_BYTES // 2**20} MB",
+                            f"{size} bytes",
+                        )
+                    ]
+                )
+            try:
+                data = await anyio.Path(path).read_bytes()
+            except OSError as exc:  # a folder, no permission
+                raise ValidationError(
+                    [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
+                ) from None
+            name = filename or path.name
+        else:
+            raise ValidationError(
+                [FieldError("file", "must be a path or bytes", type(file).__name__)]
+            )
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ValidationError(
+                [
+                    FieldError(
+                        "file",
+                        f"must be at most {MAX_UPLOAD_BYTES // 2**20} MB",
+                        f"{len(data)} bytes",
+                    )
+                ]
+            )
+        if not data:
+            raise ValidationError([FieldError("file", "is empty", name)])
+        kind = sniff_image(data)
+        if kind is None:
+            raise ValidationError(
+                [FieldError("file", "must be a JPEG, PNG, WebP or GIF image", name)]
+            )
+        content_type, ext = kind
+        if "." not in name:
+            name = f"{name}.{ext}"
+
+        def form() -> aiohttp.FormData:
+            fd = aiohttp.FormData()
+            fd.add_field("file", data, filename=name, content_type=content_type)
+            return fd
+
+        return await self.transport.request(
+            "POST",
+            "/v1/uploads/images",
+            kind="upload",
+            retry="read",
+            parse=_parse(conv.parse_upload),
+            data_factory=form,
+        )

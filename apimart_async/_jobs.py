@@ -1,0 +1,364 @@
+"""The life of a batch's jobs as decisions, logic only (no I/O, no task group, no clock).
+
+- ``Stop``: why a batch stopped submitting.
+- ``Counts``: what the batch has done so far; ``BatchStats`` is built from it.
+- ``resume_plan``: what to do with a job an earlier run recorded in the journal.
+- ``conclude``: how an ended job is counted, what its outcome is, whether the journal closes
+  it, and the event to report.
+
+``_batch`` drives these (task group, feeder, submitters, deadline, Ctrl-C, the outcome
+stream); everything here is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
+from typing import Literal, cast
+
+import attrs
+
+from ._converter import structure_task
+from ._download import safe_name
+from ._errors import (
+    ApimartError,
+    APIStatusError,
+    FieldError,
+    JournalMismatchError,
+    NotFoundError,
+    ReplayedError,
+    TaskFailedError,
+    TaskTimeoutError,
+    ValidationError,
+)
+from ._journal import JobRecord
+from ._models import DownloadedFile, Task, VideoRequest
+from ._outcomes import BatchEvent, BatchStats, Failure, Success, outcome_of
+
+__all__ = [
+    "Conclusion",
+    "Counts",
+    "Ended",
+    "FileNames",
+    "Job",
+    "ResumePlan",
+    "Stop",
+    "conclude",
+    "definitive",
+    "file_stem",
+    "files_complete",
+    "read_inputs",
+    "resume_plan",
+    "unpack",
+]
+
+
+class Stop(enum.Enum):
+    """Why a batch stopped submitting; ``Batch.stopped`` is its description."""
+
+    LEFT = "the batch was left"
+    CALLER = "stopped by the caller"
+    INTERRUPTED = "interrupted"
+    DEADLINE = "the batch deadline passed"
+    CLIENT_CLOSED = "the client was closed"
+    JOB_FAILED = "a job failed"
+    INPUT_FAILED = "reading the requests failed"
+
+    def describe(self, detail: str | None = None) -> str:
+        """The description ``Batch.stopped`` shows: a failed job's own words, the input's
+        error after ours, or the reason alone."""
+        if detail is None:
+            return self.value
+        if self is Stop.INPUT_FAILED:
+            return f"{self.value}: {detail}"
+        return detail
+
+
+@attrs.define
+class Job:
+    """One job of a batch while it is submitted or followed."""
+
+    index: int
+    request: VideoRequest
+    key: str
+    name: str | None = None
+    submitted_at: float = 0.0
+    journaled: bool = False
+    #: Recorded in an earlier run and sent afresh (new key, maybe a new request).
+    restart: bool = False
+
+
+@attrs.define
+class Counts:
+    """What a batch has done so far (``Batch.stats()`` adds what is in flight)."""
+
+    read: int = 0
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    errored: int = 0
+    replayed: int = 0
+    cost: float = 0.0
+
+    def count(self, kind: Ended) -> None:
+        """One more job ended as ``kind``."""
+        if kind == "completed":
+            self.completed += 1
+        elif kind == "failed":
+            self.failed += 1
+        else:
+            self.errored += 1
+
+    def stats(
+        self,
+        *,
+        submitting: int,
+        pending: int,
+        downloading: int,
+        elapsed: float,
+        requests: dict[str, int],
+    ) -> BatchStats:
+        return BatchStats(
+            read=self.read,
+            submitting=submitting,
+            submitted=self.submitted,
+            pending=pending,
+            completed=self.completed,
+            failed=self.failed,
+            errored=self.errored,
+            cost=round(self.cost, 6),
+            elapsed=elapsed,
+            requests=requests,
+            replayed=self.replayed,
+            downloading=downloading,
+        )
+
+
+#: How a job ended, for the counts.
+Ended = Literal["completed", "failed", "errored"]
+
+
+def definitive(exc: ApimartError) -> bool:
+    """A submit error after which the task surely does not exist (the job can be closed);
+    otherwise the POST may have created it and a resume retries with the same key."""
+    if isinstance(exc, ValidationError):
+        return True
+    if isinstance(exc, APIStatusError):
+        return 400 <= exc.status < 500 and exc.status not in (408, 409, 429)
+    return False
+
+
+# -- the end of a job ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Conclusion:
+    """How one ended job is accounted for."""
+
+    outcome: Success | Failure
+    """What the caller gets."""
+    status: str
+    """Its status in the manifest (``completed``, ``failed``, ``error``, ``download_failed``...)."""
+    closes: bool
+    """Whether the journal closes the job (False: a later run picks it up again)."""
+    event: BatchEvent
+    """The event to report."""
+    ended: Ended
+    """What it counts as."""
+    cost: float | None
+    """What to settle the budget with: None when no task ended (an error)."""
+    abandoned: bool = False
+    """Timed out here and still running (and billed) at the service."""
+
+
+def conclude(
+    job: Job,
+    task_id: str,
+    result: Task | ApimartError,
+    files: tuple[DownloadedFile, ...] = (),
+    download_error: ApimartError | None = None,
+) -> Conclusion:
+    """The conclusion of a job whose task ended with ``result`` (the terminal task or the
+    error that ended the wait), after its files were fetched (``files``) or not
+    (``download_error``)."""
+    if isinstance(result, ApimartError):
+        outcome = outcome_of(job.index, job.request, task_id, None, result, job.key, job.name)
+        return Conclusion(
+            outcome,
+            "error",
+            isinstance(result, NotFoundError),  # the service forgot the task
+            BatchEvent("errored", job.index, task_id, None, result),
+            "errored",
+            None,
+            abandoned=isinstance(result, TaskTimeoutError),
+        )
+    task = result
+    cost = task.cost or 0.0
+    if not task.ok:
+        error = TaskFailedError(task)
+        outcome = outcome_of(job.index, job.request, task_id, task, error, job.key, job.name)
+        event = BatchEvent("failed", job.index, task_id, task, error)
+        return Conclusion(outcome, task.status.value, True, event, "failed", cost)
+    if download_error is not None:
+        # Paid and completed, files missing: the journal keeps it for a resume.
+        outcome = outcome_of(
+            job.index, job.request, task_id, task, download_error, job.key, job.name
+        )
+        event = BatchEvent("errored", job.index, task_id, task, download_error)
+        return Conclusion(outcome, "download_failed", False, event, "errored", cost)
+    outcome = outcome_of(job.index, job.request, task_id, task, None, job.key, job.name, files)
+    event = BatchEvent("completed", job.index, task_id, task)
+    return Conclusion(outcome, "completed", True, event, "completed", cost)
+
+
+# -- a job an earlier run recorded ---------------------------------------------------------------
+
+
+@attrs.frozen
+class ResumePlan:
+    """What to do with a recorded job.
+
+    - ``"afresh"``: submit it again as a new task (a fresh key, the request as it reads now):
+      its submit was refused, or its generation failed and ``retry_failed`` asks for another.
+    - ``"mismatch"``: the input changed under the journal; ``outcome`` says so, nothing is sent.
+    - ``"resubmit"``: its submit may have created a task: submit again with the same key.
+    - ``"reattach"``: its task is pending: follow ``task_id``.
+    - ``"refetch"``: its task completed but its files are missing: fetch them (``task``).
+    - ``"replay"``: it ended: ``outcome`` (replayed) counts as ``ended``.
+    """
+
+    action: Literal["afresh", "mismatch", "resubmit", "reattach", "refetch", "replay"]
+    job: Job | None = None
+    task_id: str | None = None
+    task: Task | None = None
+    outcome: Success | Failure | None = None
+    ended: Ended | None = None
+
+
+def resume_plan(
+    record: JobRecord,
+    request: VideoRequest,
+    name: str | None,
+    *,
+    retry_failed: bool,
+    downloads: bool,
+    files_complete: Callable[[tuple[DownloadedFile, ...]], bool],
+) -> ResumePlan:
+    """The plan for job ``record.index``, read again as ``(name, request)``. ``downloads``:
+    the batch fetches files; ``files_complete`` tells whether recorded files are all there."""
+    if record.state == "refused" or (
+        retry_failed
+        and record.state == "done"
+        and record.task is not None
+        and record.status in ("failed", "cancelled")
+    ):
+        return ResumePlan("afresh")
+    fingerprint = request.fingerprint()
+    if record.fingerprint != fingerprint:
+        # This job may have a task for the old request: leave it alone, report it.
+        mismatch = JournalMismatchError(record.index, record.fingerprint, fingerprint)
+        return ResumePlan(
+            "mismatch", outcome=outcome_of(record.index, request, error=mismatch, name=name)
+        )
+    job = Job(record.index, request, record.idempotency_key, name or record.name, journaled=True)
+    if record.state == "submitting":
+        return ResumePlan("resubmit", job)
+    if record.state == "pending" and record.task_id:
+        return ResumePlan("reattach", job, record.task_id)
+    task = structure_task(record.task) if record.task is not None else None
+    files_missing = downloads and task is not None and task.ok and not files_complete(record.files)
+    if record.state == "downloading" or (record.state == "done" and files_missing):
+        if task is None:
+            return ResumePlan("resubmit", job)
+        return ResumePlan("refetch", job, record.task_id or task.id, task)
+    # done: replay
+    error: ApimartError | None = None
+    ended: Ended
+    if record.status == "completed":
+        ended = "completed"
+    elif task is not None and record.status in ("failed", "cancelled", "expired"):
+        ended = "failed"
+        error = TaskFailedError(task)
+    else:
+        ended = "errored"
+        error = ReplayedError(record.error or "failed in an earlier run", record.error_type)
+    outcome = outcome_of(
+        record.index,
+        request,
+        record.task_id,
+        task,
+        error,
+        record.idempotency_key,
+        job.name,
+        record.files,
+        replayed=True,
+    )
+    return ResumePlan("replay", job, record.task_id, task, outcome, ended)
+
+
+# -- the input ----------------------------------------------------------------------------------
+
+
+async def read_inputs(
+    requests: Iterable[object] | AsyncIterable[object],
+) -> AsyncGenerator[object, None]:
+    """The input items, read lazily from an iterable or an async iterable."""
+    if isinstance(requests, AsyncIterable):
+        async for item in requests:
+            yield item
+    else:
+        for item in requests:
+            yield item
+
+
+def unpack(index: int, item: object) -> tuple[str | None, VideoRequest] | ValidationError:
+    """An input item as ``(name, request)``, or the error that refuses it."""
+    name: str | None = None
+    if isinstance(item, tuple):
+        pair = cast("tuple[object, ...]", item)
+        if len(pair) == 2 and isinstance(pair[0], str):
+            name, item = pair[0], pair[1]
+    if not isinstance(item, VideoRequest):
+        rule = "must be a VideoRequest or (name, VideoRequest) (see VideoRequest.from_dict)"
+        return ValidationError([FieldError(f"requests[{index}]", rule, item)])
+    return name, item
+
+
+def file_stem(index: int, name: str | None) -> str:
+    """The file name (without ``.mp4``) of a job's video: its sanitised name, else its index."""
+    return safe_name(name) if name else f"{index:06d}"
+
+
+def files_complete(files: tuple[DownloadedFile, ...]) -> bool:
+    """Whether every recorded file is on disk with its recorded size."""
+    if not files:
+        return False
+    for f in files:
+        try:
+            if os.path.getsize(f.path) != f.bytes:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+class FileNames:
+    """With downloads, every job needs a file name of its own: two names that sanitise to the
+    same file (``a/b`` and ``a_b``, or a name used twice) would overwrite each other's video.
+    The later job is refused, the same way on every run of the same input."""
+
+    def __init__(self, *, downloads: bool) -> None:
+        self.downloads = downloads
+        #: File stems claimed so far (lower-cased), with the job that claimed each.
+        self._stems: dict[str, int] = {}
+
+    def claim(self, index: int, name: str | None) -> ValidationError | None:
+        if not self.downloads:
+            return None
+        stem = file_stem(index, name).lower()  # case-insensitive file systems too
+        first = self._stems.setdefault(stem, index)
+        if first == index:
+            return None
+        rule = f"gives the same file name as job {first} ({stem}.mp4); names must differ"
+        return ValidationError([FieldError(f"requests[{index}].name", rule, name)])

@@ -1,0 +1,96 @@
+"""``BatchOptions``: the keywords of ``client.batch(...)``, checked once, frozen.
+
+``AsyncApimart.batch`` spells the keywords out for readers and type checkers, and hands its
+arguments over with ``BatchOptions.of(locals())``; this class is the one list the batch driver
+reads (a test keeps the two lists equal, defaults included). To add a batch option: a field
+here (with its check in ``__attrs_post_init__``), the keyword and its line in the docstring of
+``AsyncApimart.batch``, and the code in ``_batch`` that reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._admission import Budget
+from ._checks import check_non_negative_seconds, check_positive_int, check_seconds
+from ._errors import FieldError, ValidationError
+from ._journal import Journal, SqliteJournal
+from ._models import VideoRequest
+from ._outcomes import BatchEvent
+from ._poll_schedule import PollPolicy
+
+__all__ = ["BatchOptions"]
+
+
+@attrs.frozen(kw_only=True)
+class BatchOptions:
+    """What one batch was asked to do (see ``AsyncApimart.batch`` for each keyword)."""
+
+    concurrency: int = 8
+    max_pending: int | None = None
+    requests_per_second: float | None = None
+    poll: PollPolicy | None = None
+    job_timeout: float | None = None
+    timeout: float | None = None
+    stop_on_error: bool = False
+    on_event: Callable[[BatchEvent], None] | None = None
+    journal: str | os.PathLike[str] | Journal | None = None
+    download_dir: str | os.PathLike[str] | None = None
+    manifest: str | os.PathLike[str] | None = None
+    max_bytes: int | None = None
+    max_cost: float | None = None
+    cost_estimate: Callable[[VideoRequest], float | None] | None = None
+    check_balance: bool = False
+    replay_finished: bool = True
+    retry_failed: bool = False
+    sigint_grace: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        check_positive_int("concurrency", self.concurrency)
+        check_positive_int("max_pending", self.max_pending, allow_none=True)
+        check_positive_int("max_bytes", self.max_bytes, allow_none=True)
+        check_seconds("job_timeout", self.job_timeout)
+        check_seconds("timeout", self.timeout)
+        check_seconds("requests_per_second", self.requests_per_second)
+        if self.poll is not None and not isinstance(self.poll, PollPolicy):
+            raise ValidationError([FieldError("poll", "must be a PollPolicy", self.poll)])
+        if self.max_cost is not None:
+            try:
+                Budget(self.max_cost)
+            except ValueError as exc:
+                raise ValidationError(
+                    [FieldError("max_cost", str(exc).split(", got")[0], self.max_cost)]
+                ) from None
+        check_non_negative_seconds("sigint_grace", self.sigint_grace)
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> BatchOptions:
+        """The options among ``arguments`` (a call's ``locals()``): every field by name."""
+        return cls(**{field.name: arguments[field.name] for field in attrs.fields(cls)})
+
+    def make_journal(self) -> Journal | None:
+        """The ``Journal`` to record in: the one given, or an ``SqliteJournal`` at the path."""
+        journal = self.journal
+        if journal is None or isinstance(journal, (str, os.PathLike)):
+            return SqliteJournal(os.fspath(journal)) if journal is not None else None
+        return journal
+
+    def paths(self) -> tuple[Path | None, Path | None]:
+        """The download directory and the manifest (``<download_dir>/manifest.jsonl`` unless
+        given), or None for each."""
+        folder = Path(self.download_dir) if self.download_dir is not None else None
+        manifest = self.manifest
+        if manifest is None and folder is not None:
+            manifest = folder / "manifest.jsonl"
+        return folder, Path(manifest) if manifest is not None else None
+
+    def budget(self) -> Budget | None:
+        """A fresh ``Budget`` for ``max_cost`` (None without it)."""
+        if self.max_cost is None:
+            return None
+        return Budget(self.max_cost, self.cost_estimate)

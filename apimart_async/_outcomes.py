@@ -1,0 +1,222 @@
+"""What a batch hands out: ``Outcome`` (``Success`` / ``Failure``), ``BatchEvent`` and
+``BatchStats`` as data, and the ``Outbox`` that streams outcomes to the caller."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Literal, final
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._errors import ApimartError, ReplayedError
+from ._models import DownloadedFile, Task, VideoRequest
+
+__all__ = [
+    "BatchEvent",
+    "BatchStats",
+    "EventKind",
+    "Failure",
+    "JobInput",
+    "Outbox",
+    "Outcome",
+    "Success",
+    "outcome_of",
+]
+
+EventKind = Literal["submitted", "progress", "completed", "failed", "errored"]
+JobInput = VideoRequest | tuple[str, VideoRequest]
+
+
+@attrs.frozen
+class Outcome:
+    """How one job ended. Exactly one per input read.
+
+    ``task_id`` is None if no task was created; ``task`` is the terminal task when the service
+    reported one; ``error`` is None on success (``TaskFailedError``, a submit error, a
+    timeout, a ``DownloadError``...). ``files`` are the downloaded videos (with
+    ``download_dir``). ``idempotency_key`` is the key the submit used: resubmitting with it can
+    never create a second task. ``replayed``: the job ended in an earlier run (journal).
+    """
+
+    index: int
+    """The job's position in the input, from 0."""
+    request: VideoRequest | None
+    """The job's request (None when the input item was not a request)."""
+    task_id: str | None = None
+    """The task's id, if one was created."""
+    task: Task | None = None
+    """The terminal task, when the service reported one."""
+    error: ApimartError | None = None
+    """Why the job did not succeed; None on success."""
+    idempotency_key: str | None = None
+    """The key the submit used (resubmitting with it never creates a second task)."""
+    name: str | None = None
+    """The job's name, for ``(name, request)`` input items."""
+    files: tuple[DownloadedFile, ...] = ()
+    """The downloaded videos (with ``download_dir``)."""
+    replayed: bool = False
+    """True when the job ended in an earlier run of the same journal."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the task completed and nothing went wrong after (e.g. its download)."""
+        return self.error is None and self.task is not None and self.task.ok
+
+
+@final
+class Success(Outcome):
+    """An ``Outcome`` whose task completed: ``task`` is set and ``error`` is None.
+
+    A batch yields ``Success | Failure``, so a type checker narrows on
+    ``isinstance(outcome, Success)`` (or a ``match`` on the class) and, for mypy, on
+    ``outcome.ok`` too.
+    """
+
+    if TYPE_CHECKING:
+        # Narrower views of the inherited fields, for type checkers only.
+        task: Task
+        error: None
+
+        @property
+        def ok(self) -> Literal[True]: ...
+
+
+@final
+class Failure(Outcome):
+    """An ``Outcome`` that did not succeed: ``error`` says why (``TaskFailedError`` for a failed
+    task, a submit error, a timeout, a ``DownloadError``...); ``task`` is set when the service
+    reported one."""
+
+    if TYPE_CHECKING:
+        error: ApimartError
+
+        @property
+        def ok(self) -> Literal[False]: ...
+
+
+def outcome_of(
+    index: int,
+    request: VideoRequest | None,
+    task_id: str | None = None,
+    task: Task | None = None,
+    error: ApimartError | None = None,
+    idempotency_key: str | None = None,
+    name: str | None = None,
+    files: tuple[DownloadedFile, ...] = (),
+    *,
+    replayed: bool = False,
+) -> Success | Failure:
+    """The ``Success`` or ``Failure`` these fields make."""
+    if error is None and task is not None and task.ok:
+        return Success(index, request, task_id, task, None, idempotency_key, name, files, replayed)
+    if error is None:  # a finished job with no readable task: say so rather than claim success
+        error = ReplayedError("the journal holds no completed task for this job", None)
+    return Failure(index, request, task_id, task, error, idempotency_key, name, files, replayed)
+
+
+@attrs.frozen
+class BatchEvent:
+    """A step of one job, for progress displays (``on_event``)."""
+
+    kind: EventKind
+    """``"submitted"``, ``"progress"``, ``"completed"``, ``"failed"`` or ``"errored"``."""
+    index: int
+    """The job's position in the input."""
+    task_id: str | None = None
+    """The task's id, once known."""
+    task: Task | None = None
+    """The task as last read (progress and terminal events)."""
+    error: ApimartError | None = None
+    """The error of a failed or errored job."""
+
+
+@attrs.frozen
+class BatchStats:
+    """Counts of a batch at one moment (``Batch.stats()``)."""
+
+    read: int
+    """Input items read so far."""
+    submitting: int
+    """Submits in flight."""
+    submitted: int
+    """Jobs submitted (a task was created)."""
+    pending: int
+    """Tasks submitted and not finished."""
+    completed: int
+    """Jobs that succeeded."""
+    failed: int
+    """Jobs whose task failed or was cancelled."""
+    errored: int
+    """Jobs that ended with any other error (bad input, submit error, timeout, download...)."""
+    cost: float
+    """Money spent on finished tasks, in USD."""
+    elapsed: float
+    """Seconds since the batch started."""
+    requests: dict[str, int]
+    """HTTP requests of the client so far, by endpoint."""
+    replayed: int = 0
+    """Jobs replayed from an earlier run."""
+    downloading: int = 0
+    """Jobs whose files are being downloaded."""
+
+    @property
+    def done(self) -> int:
+        """Jobs that ended: completed, failed or errored."""
+        return self.completed + self.failed + self.errored
+
+
+class Outbox:
+    """A batch's outcome stream: unbounded, in the order outcomes are put, counted both ways.
+
+    Made by ``open`` (so a batch never entered holds no stream). Once closed, ``get`` ends
+    the iteration, with ``error`` if one is set (the caller's input failed)."""
+
+    def __init__(self) -> None:
+        self.put_count = 0
+        self.delivered = 0
+        self.error: BaseException | None = None
+        self._send: MemoryObjectSendStream[Success | Failure] | None = None
+        self._receive: MemoryObjectReceiveStream[Success | Failure] | None = None
+
+    @property
+    def unread(self) -> int:
+        """Outcomes put and not read yet."""
+        return self.put_count - self.delivered
+
+    def open(self) -> None:
+        self._send, self._receive = anyio.create_memory_object_stream[Success | Failure](
+            max_buffer_size=math.inf
+        )
+
+    def put(self, outcome: Success | Failure) -> None:
+        self.put_count += 1
+        # If the reader already left, the outcome only counts.
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            if self._send is not None:
+                self._send.send_nowait(outcome)
+
+    def close(self) -> None:
+        """No more outcomes: the reader ends after those already put."""
+        if self._send is not None:
+            self._send.close()
+
+    def close_all(self) -> None:
+        self.close()
+        if self._receive is not None:
+            self._receive.close()
+
+    async def get(self) -> Success | Failure:
+        """The next outcome; ``StopAsyncIteration`` (or ``error``) once closed and empty."""
+        try:
+            if self._receive is None:
+                raise anyio.EndOfStream
+            outcome = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self.error is not None:
+                raise self.error from None
+            raise StopAsyncIteration from None
+        self.delivered += 1
+        return outcome
