@@ -392,7 +392,7 @@ async def test_a_submit_reply_arriving_as_the_batch_is_left_is_listed_not_follow
     its submitter resumes with the task id (the cancellation cannot reach a task whose wait
     is already over). The task is reported as running, not as an unconfirmed submit, and the
     poller does not follow it for a batch that is gone."""
-    real_submit = manual_client.videos.submit
+    real_submit = manual_client._api.submit  # what a batch submits through
     replies: list[asyncio.Future[str]] = []
     sent = anyio.Event()
 
@@ -403,7 +403,7 @@ async def test_a_submit_reply_arriving_as_the_batch_is_left_is_listed_not_follow
         sent.set()
         return await reply  # held until the test lets it through
 
-    monkeypatch.setattr(manual_client.videos, "submit", held_submit)
+    monkeypatch.setattr(manual_client._api, "submit", held_submit)
     async with manual_client.batch([sora(0)]) as results:
         await sent.wait()
         (task_id,) = manual_emu.task_ids()

@@ -192,7 +192,7 @@ async def test_a_bug_in_a_per_task_read_reads_that_task_again_and_frees_its_slot
         async with am.AsyncApimart(
             emu.api_key, base_url=emu.base_url, poll=FAST_POLL, status_concurrency=1
         ) as client:
-            real = client.tasks.get
+            real = client._api.get_task
             calls: list[str] = []
 
             async def flaky(task_id: str) -> am.Task:
@@ -201,7 +201,10 @@ async def test_a_bug_in_a_per_task_read_reads_that_task_again_and_frees_its_slot
                     raise RuntimeError("a bug")
                 return await real(task_id)
 
-            client.tasks.get = flaky  # type: ignore[method-assign]
+            # every status read by id goes through these two: the api's (a batch route
+            # fallback) and the poller's per-task reads
+            client._api.get_task = flaky  # type: ignore[method-assign]
+            client._poller._read = flaky
             with anyio.fail_after(DEADLINE):
                 async with client.tasks.watch(ids) as stream:
                     await emu.wait_until(lambda: len(calls) >= 12)
