@@ -69,7 +69,6 @@ from ._outcomes import (
 )
 from ._pacing import Pacing, RateLimiter
 from ._poller import Poller
-from ._prior_store import load_priors, save_priors
 from ._priors import kind_of
 
 if TYPE_CHECKING:
@@ -106,6 +105,10 @@ class Batch:
         downloader: Downloader,
         pacing: Pacing,
     ) -> None:
+        if not isinstance(requests, (Iterable, AsyncIterable)):
+            raise ValidationError(
+                [FieldError("requests", "must be an iterable of VideoRequest", requests)]
+            )
         run = _Run(requests, options, api=api, poller=poller, downloader=downloader, pacing=pacing)
         self._run = run
         self.options = options
@@ -211,10 +214,6 @@ class _Run:
         downloader: Downloader,
         pacing: Pacing,
     ) -> None:
-        if not isinstance(requests, (Iterable, AsyncIterable)):
-            raise ValidationError(
-                [FieldError("requests", "must be an iterable of VideoRequest", requests)]
-            )
         self.options = options
         self._api = api
         self._poller = poller
@@ -238,7 +237,8 @@ class _Run:
         self.retry_failed = options.retry_failed
         self._on_event = options.on_event
         self.download_dir, self.manifest_path = options.paths()
-        self._ledger = Ledger(options.make_journal(), self.manifest_path)
+        priors = poller.schedule.priors  # issue 22: learned priors, kept in the journal
+        self._ledger = Ledger(options.make_journal(), self.manifest_path, priors=priors)
         self.max_bytes = options.max_bytes
         self.sigint_grace = options.sigint_grace
         self.interrupts = 0
@@ -260,7 +260,7 @@ class _Run:
         self._file_names = FileNames(downloads=self.download_dir is not None)
         self._started = 0.0
         self._baseline: dict[str, int] = {}
-        # Made in __aenter__, so a Batch that is never entered holds no open stream.
+        # Made on entering, so a Batch that is never entered holds no open stream.
         self._to_submit: MemoryObjectSendStream[Job]
         self._submit_queue: MemoryObjectReceiveStream[Job]
 
@@ -274,11 +274,9 @@ class _Run:
             require_balance(await self._api.balance(), self.budget)
         self._records = await self._ledger.open()
         try:
-            if self._ledger.journal is not None:  # issue 22: learned priors by kind
-                await load_priors(self._ledger.journal, self._poller.schedule.priors)
             await self._enter()
         except BaseException:
-            await self._ledger.close()  # exit will not run: close what this batch opened
+            await self._ledger.close(keep_priors=False)  # exit will not run: close what it opened
             raise
 
     async def _enter(self) -> None:
@@ -327,12 +325,7 @@ class _Run:
             if self._limiter is not None:
                 self._pacing.remove(self._limiter)
             self._out.close_all()
-            try:
-                if self._ledger.journal is not None:  # issue 22: learned priors by kind
-                    with anyio.CancelScope(shield=True):
-                        await save_priors(self._ledger.journal, self._poller.schedule.priors)
-            finally:
-                await self._ledger.close()
+            await self._ledger.close()
 
     # -- Ctrl-C ----------------------------------------------------------------------------------
 

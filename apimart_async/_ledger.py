@@ -15,6 +15,8 @@ from ._journal import JobRecord, Journal
 from ._manifest import Manifest, outcome_line, record_line
 from ._models import DownloadedFile, Task
 from ._outcomes import Outcome
+from ._prior_store import load_priors, save_priors
+from ._priors import Priors
 
 __all__ = ["Ledger"]
 
@@ -22,9 +24,13 @@ __all__ = ["Ledger"]
 class Ledger:
     """The journal and the manifest of one batch (either may be None)."""
 
-    def __init__(self, journal: Journal | None, manifest_path: Path | None) -> None:
+    def __init__(
+        self, journal: Journal | None, manifest_path: Path | None, *, priors: Priors | None = None
+    ) -> None:
         self.journal = journal
         self.manifest_path = manifest_path
+        #: The poll schedule's learned priors, loaded from the journal and saved back to it.
+        self.priors = priors
         self._manifest: Manifest | None = None
         self._opened = False
 
@@ -41,22 +47,29 @@ class Ledger:
             if self.journal is not None:
                 records = await self.journal.open()
                 self._opened = True
+                if self.priors is not None:
+                    await load_priors(self.journal, self.priors)
             if self.manifest_path is not None:
                 self._manifest = Manifest(self.manifest_path)
                 done = sorted((r for r in records.values() if r.state == "done"), key=_index)
                 await self._manifest.open([record_line(r) for r in done])
         except BaseException:
-            await self.close()
+            await self.close(keep_priors=False)
             raise
         return records
 
-    async def close(self) -> None:
+    async def close(self, *, keep_priors: bool = True) -> None:
+        """Close the manifest and the journal (saving the priors to it, with ``keep_priors``)."""
         with anyio.CancelScope(shield=True):
             if self._manifest is not None:
                 await self._manifest.close()
             if self.journal is not None and self._opened:
                 self._opened = False
-                await self.journal.close()
+                try:
+                    if keep_priors and self.priors is not None:
+                        await save_priors(self.journal, self.priors)
+                finally:
+                    await self.journal.close()
 
     async def write_manifest(self, outcome: Outcome, status: str) -> None:
         if self._manifest is not None:
