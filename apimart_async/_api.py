@@ -167,10 +167,10 @@ class BatchRoute:
         self.max_failures = max_failures
         #: None until the route answered, True once it did, False while it is off.
         self.available: bool | None = None
-        self.failures = 0
+        self.failures: int = 0
         self.off_until: float | None = None
         #: How many times the route was switched off.
-        self.switches = 0
+        self.switches: int = 0
 
     def __repr__(self) -> str:
         state = {None: "untried", True: "on", False: "off"}[self.available]
@@ -233,7 +233,7 @@ class Api:
         self.status_concurrency = status_concurrency
         #: The adaptive window of per-task reads (issue 22); without one, status_concurrency.
         self.reads = reads
-        self.route = route or BatchRoute()
+        self.route: BatchRoute = route or BatchRoute()
         self.clock = clock
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -113,23 +114,23 @@ class Batch:
         self._run = run
         self.options = options
         """What this batch was asked to do."""
-        self.job_timeout = options.job_timeout
+        self.job_timeout: float | None = options.job_timeout
         """Seconds one job may take from its submit to its end (None: no limit)."""
-        self.timeout = options.timeout
+        self.timeout: float | None = options.timeout
         """Seconds the whole batch may take (None: no limit)."""
-        self.stop_on_error = options.stop_on_error
+        self.stop_on_error: bool = options.stop_on_error
         """Whether the first error stops submitting."""
-        self.replay_finished = options.replay_finished
+        self.replay_finished: bool = options.replay_finished
         """Whether jobs finished in an earlier run are handed out again."""
-        self.retry_failed = options.retry_failed
+        self.retry_failed: bool = options.retry_failed
         """Whether jobs whose generation failed are submitted again (costs money)."""
-        self.download_dir = run.download_dir
+        self.download_dir: Path | None = run.download_dir
         """Where result videos go (None: not downloaded)."""
-        self.manifest_path = run.manifest_path
+        self.manifest_path: Path | None = run.manifest_path
         """The JSONL manifest, one line per finished job (None: none)."""
-        self.max_bytes = options.max_bytes
+        self.max_bytes: int | None = options.max_bytes
         """The largest result file accepted, in bytes (None: no limit)."""
-        self.sigint_grace = options.sigint_grace
+        self.sigint_grace: float | None = options.sigint_grace
         """Seconds the first Ctrl-C leaves running tasks to finish (None: no handler)."""
 
     async def __aenter__(self) -> Batch:

@@ -143,7 +143,7 @@ class Downloader:
         self._open_stream = stream
         self._refresh_task = refresh
         self.max_retries = max_retries
-        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.limiter: anyio.CapacityLimiter = anyio.CapacityLimiter(concurrency)
 
     async def fetch_url(
         self, url: str, dest: Path, *, max_bytes: int | None = None

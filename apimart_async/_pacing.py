@@ -86,8 +86,8 @@ class RateLimiter:
     def __init__(self, rate: float, *, burst: float | None = None) -> None:
         if not (rate > 0 and math.isfinite(rate)):
             raise ValueError(f"requests_per_second must be a positive number, got {rate!r}")
-        self.rate = float(rate)
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate)
+        self.rate: float = float(rate)
+        self.burst: float = float(burst) if burst is not None else max(1.0, self.rate)
         self._tokens = self.burst
         self._last: float | None = None
 
@@ -108,7 +108,7 @@ class Pacing:
     def __init__(
         self, throttle: Throttle | None = None, limiter: RateLimiter | None = None
     ) -> None:
-        self.throttle = throttle or Throttle()
+        self.throttle: Throttle = throttle or Throttle()
         """Client-wide back-pressure from 429s."""
         self._limiters: list[RateLimiter] = [limiter] if limiter is not None else []
 

@@ -348,9 +348,9 @@ class Transport:
         self._proxy = proxy
         self.trust_env = trust_env
         #: Resolved when the session opens (the environment as it is then).
-        self.proxies = _Proxies(proxy, trust_env=False)
+        self.proxies: _Proxies = _Proxies(proxy, trust_env=False)
         #: Client-wide back-pressure from 429s, and the requests-per-second caps in force.
-        self.pacing = pacing or Pacing()
+        self.pacing: Pacing = pacing or Pacing()
         self.base_url = base_url
         self.timeout = timeout
         self.max_retries = max_retries
