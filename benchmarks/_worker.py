@@ -73,10 +73,13 @@ class Meter:
 # -- polling ---------------------------------------------------------------------------------
 
 
-async def sdk_poll(base_url: str, key: str, jobs: int, concurrency: int) -> dict[str, Any]:
+async def sdk_poll(
+    base_url: str, key: str, jobs: int, concurrency: int, target_lag: float | None
+) -> dict[str, Any]:
     known: dict[str, float] = {}
     meter = Meter()
-    async with am.AsyncApimart(key, base_url=base_url) as client:
+    poll = am.PollPolicy() if target_lag is None else am.PollPolicy(target_lag=target_lag)
+    async with am.AsyncApimart(key, base_url=base_url, poll=poll) as client:
         requests = (am.VideoRequest(MODEL, f"{PROMPT} {i}") for i in range(jobs))
         async with client.batch(requests, concurrency=concurrency) as results:
             async for outcome in results:
@@ -308,13 +311,14 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--target-lag", type=float, default=None)
     p.add_argument("--tasks", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args()
     u, k = a.base_url, a.api_key
     runs = {
-        "sdk-poll": lambda: sdk_poll(u, k, a.jobs, a.concurrency),
+        "sdk-poll": lambda: sdk_poll(u, k, a.jobs, a.concurrency, a.target_lag),
         "fixed-poll": lambda: fixed_poll(u, k, a.jobs, a.concurrency, a.interval),
         "sdk-overhead": lambda: sdk_overhead(u, k, a.jobs, a.concurrency),
         "bare-overhead": lambda: bare_overhead(u, k, a.jobs, a.concurrency),

@@ -11,7 +11,9 @@ to ``--out`` (default: this folder; ``quick/`` under it with ``--quick``) and pr
 Scenarios:
 1. Polling cost and latency: jobs of 5-20 s (``estimated_time`` within 20 %), this SDK with
    and without the batch status route, each also against the emulator's real-network profile
-   (gzip, replies in small segments with pauses, sometimes chunked), fixed-interval per-job
+   (gzip, replies in small segments with pauses, sometimes chunked), there also at
+   ``PollPolicy(target_lag=1.0)`` besides the default 2 s (a row's p99 target is its
+   ``target_lag`` + 0.5 s), fixed-interval per-job
    loops at 0.5/1/2/3 s, and the lower bound (one check exactly at completion).
 2. Client overhead: near-instant jobs, client CPU seconds per job and peak RSS, against a
    bare-aiohttp client doing exactly one POST and one GET per job at the same concurrency.
@@ -79,6 +81,12 @@ CONCURRENCY = 64
 REQ_PER_JOB_BATCH = 0.2
 REQ_PER_JOB_PER_TASK = 3.0
 P99_S = 1.5
+#: The SDK's rows: the default schedule (PollPolicy.target_lag 2 s) and, on the real-network
+#: profile, the latency setting (target_lag 1 s). A row's p99 target is its target_lag + 0.5 s:
+#: 1.5 s at 1 s (issue 6's target), 2.5 s at the default 2 s (issue 22's).
+LAG1 = "target_lag 1 s"
+DEFAULT_TARGET_LAG = 2.0
+LAG_SLACK = 0.5
 CPU_RATIO = 1.5
 BYTES_PER_TASK = 2048
 DOWNLOAD_RATIO = 0.9
@@ -119,15 +127,25 @@ async def polling(cfg: dict[str, Any]) -> dict[str, Any]:
     jobs_args = ["--jobs", str(jobs), "--concurrency", str(CONCURRENCY)]
     runs: dict[str, Any] = {}
     real = ["--network", "real"]  # gzip, small segments with pauses, sometimes chunked
-    for name, emu_args in (
-        ("apimart-async, batch route", common),
-        ("apimart-async, per-task GETs", [*common, "--no-batch-route"]),
-        ("apimart-async, batch route, real network", [*common, *real]),
-        ("apimart-async, per-task GETs, real network", [*common, "--no-batch-route", *real]),
+    lag1 = ["--target-lag", "1"]
+    for name, emu_args, sdk_args in (
+        ("apimart-async, batch route", common, []),
+        ("apimart-async, per-task GETs", [*common, "--no-batch-route"], []),
+        ("apimart-async, batch route, real network", [*common, *real], []),
+        ("apimart-async, per-task GETs, real network", [*common, "--no-batch-route", *real], []),
+        # the latency setting (web backends): PollPolicy(target_lag=1.0)
+        (f"apimart-async, batch route, real network, {LAG1}", [*common, *real], lag1),
+        (
+            f"apimart-async, per-task GETs, real network, {LAG1}",
+            [*common, "--no-batch-route", *real],
+            lag1,
+        ),
     ):
         log(f"polling: {name}")
         async with emulator_process(*emu_args) as emu:
-            runs[name] = await _poll_figures(emu, jobs, await worker("sdk-poll", emu, *jobs_args))
+            figures = await worker("sdk-poll", emu, *jobs_args, *sdk_args)
+            runs[name] = await _poll_figures(emu, jobs, figures)
+            runs[name]["target_lag_s"] = 1.0 if sdk_args else DEFAULT_TARGET_LAG
     for interval in cfg["fixed_intervals"]:
         name = f"fixed {interval:g} s loop per job"
         log(f"polling: {name}")
@@ -379,6 +397,8 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             ("apimart-async, per-task GETs", REQ_PER_JOB_PER_TASK),
             ("apimart-async, batch route, real network", REQ_PER_JOB_BATCH),
             ("apimart-async, per-task GETs, real network", REQ_PER_JOB_PER_TASK),
+            (f"apimart-async, batch route, real network, {LAG1}", REQ_PER_JOB_BATCH),
+            (f"apimart-async, per-task GETs, real network, {LAG1}", REQ_PER_JOB_PER_TASK),
         ):
             r = poll["runs"].get(name)
             if r is None:  # results of an older run
@@ -388,10 +408,11 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{r['status_requests_per_job']}",
                 r["status_requests_per_job"] <= limit,
             )
+            p99_limit = r.get("target_lag_s", 1.0) + LAG_SLACK
             add(
-                f"{name}: p99 latency <= {P99_S} s",
+                f"{name}: p99 latency <= {p99_limit:g} s",
                 f"{r['latency_p99_s']} s",
-                r["latency_p99_s"] <= P99_S,
+                r["latency_p99_s"] <= p99_limit,
             )
             add(
                 f"{name}: one outcome and one task per job",
@@ -491,7 +512,10 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             f"concurrency {p['concurrency']}",
             "",
             "Status requests counted at the emulator; latency from the emulator's exact finish "
-            "time to the moment the client has the outcome. The lower bound is analytic.",
+            "time to the moment the client has the outcome. The lower bound is analytic. The "
+            "SDK's rows use the default schedule (`PollPolicy.target_lag` 2 s: checks at most "
+            "2 s apart once a task may have ended) unless they say `target_lag 1 s`; a row's p99 "
+            "target is its target_lag + 0.5 s.",
             "",
             _table(
                 [
@@ -686,7 +710,7 @@ def make_plot(results: dict[str, Any], path: Path) -> bool:
             name, (x, y), textcoords="offset points", xytext=(6, -12 if below else 6), fontsize=8
         )
     ax.axhline(P99_S, color="grey", linestyle="--", linewidth=0.8)
-    ax.text(0.012, P99_S, " p99 target", va="bottom", fontsize=7, color="grey")
+    ax.text(0.012, P99_S, " p99 target at target_lag 1 s", va="bottom", fontsize=7, color="grey")
     ax.set_xscale("log")
     ax.set_xlim(0.01, 100)
     ax.set_xlabel("status requests per job (log scale)")

@@ -43,6 +43,8 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "apimart-async, per-task GETs",
         "apimart-async, batch route, real network",
         "apimart-async, per-task GETs, real network",
+        "apimart-async, batch route, real network, target_lag 1 s",
+        "apimart-async, per-task GETs, real network, target_lag 1 s",
         "fixed 0.5 s loop per job",
         "fixed 1 s loop per job",
         "fixed 2 s loop per job",
