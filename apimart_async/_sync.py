@@ -32,7 +32,7 @@ from ._batch import Batch
 from ._client import AsyncApimart, Tasks, Uploads, Videos
 from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
-from ._outcomes import Outcome
+from ._outcomes import Failure, Success
 from ._poll_schedule import PollPolicy
 
 __all__ = ["Apimart", "SyncBatch"]
@@ -257,21 +257,21 @@ class SyncBatch(_Facade):
     def _on_sigint(self, signum: int, frame: object) -> None:
         self._loop.portal.start_task_soon(self._target._on_sigint)
 
-    def __iter__(self) -> Iterator[Outcome]:
+    def __iter__(self) -> Iterator[Success | Failure]:
         if self._cm is not None:
             yield from self._outcomes()
             return
         with self:
             yield from self._outcomes()
 
-    def _outcomes(self) -> Iterator[Outcome]:
+    def _outcomes(self) -> Iterator[Success | Failure]:
         while self._cm is not None:
             item = self._loop.call(self._next)
             if item is None:
                 return
             yield item
 
-    async def _next(self) -> Outcome | None:
+    async def _next(self) -> Success | Failure | None:
         try:
             return await self._target.__anext__()
         except StopAsyncIteration:

@@ -125,3 +125,23 @@ async def test_python_block_runs_as_written(block: Block, tmp_path: Path) -> Non
         assert "apimart_client" in out and "apimart_emulator" in out
     else:
         assert " passed" in out and "failed" not in out and "error" not in out
+
+
+#: Where the package index shows this README, a relative link or image points nowhere: every
+#: one is absolute, and one into this repository names a file that exists.
+_REPO = "https://github.com/apimart-async/apimart-async/blob/main/"
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)|<img [^>]*src=\"([^\"]+)\"")
+
+
+def test_links_and_images_are_absolute_for_the_package_index() -> None:
+    text = _FENCE.sub("", README.read_text(encoding="utf-8"))
+    targets = [m.group(1) or m.group(2) for m in _LINK.finditer(text)]
+    assert targets, "no links found: the pattern is wrong"
+    relative = [t for t in targets if not t.startswith(("https://", "http://", "#"))]
+    assert relative == []
+    missing = [
+        t
+        for t in targets
+        if t.startswith(_REPO) and not (ROOT / t[len(_REPO) :].split("?")[0].split("#")[0]).exists()
+    ]
+    assert missing == []

@@ -72,6 +72,23 @@ async def outcomes(client: am.AsyncApimart, jobs: list[am.VideoRequest]) -> None
         print(budget)
 
 
+def sync_outcomes(client: am.Apimart, jobs: list[am.VideoRequest]) -> None:
+    for outcome in client.batch(jobs):
+        if isinstance(outcome, am.Success):
+            urls: list[str] = outcome.task.video_urls
+            print(urls)
+        else:
+            error: am.ApimartError = outcome.error
+            print(error)
+    with client.batch(jobs) as results:
+        for outcome in results:
+            match outcome:
+                case am.Success(task=task):
+                    print(task.video_urls)
+                case am.Failure(error=error):
+                    print(error)
+
+
 def resources(client: am.AsyncApimart, emulator: Emulator) -> None:
     videos: am.Videos = client.videos
     tasks: am.Tasks = client.tasks
