@@ -27,8 +27,8 @@ from typing import Any
 
 import attrs
 
-from ._download import safe_name
 from ._errors import ApimartWarning, FieldError, JobsFileError, ValidationError
+from ._jobs import file_stem
 from ._json import is_object
 from ._models import _TYPED_FIELDS, VideoRequest
 from ._specs import MODEL_SPECS
@@ -235,7 +235,7 @@ def _shared_files(jobs: list[JobLine]) -> list[tuple[int, str]]:
     first: dict[str, int] = {}
     problems: list[tuple[int, str]] = []
     for index, job in enumerate(jobs):
-        stem = (safe_name(job.name) if job.name else f"{index:06d}").lower()
+        stem = file_stem(index, job.name).lower()  # the batch's own rule (_jobs.FileNames)
         line = first.setdefault(stem, job.line)
         if line != job.line:
             problems.append(
