@@ -205,8 +205,11 @@ async def test_a_dropped_submit_is_never_resent_by_aiohttp(
 
 
 async def test_slow_reply_times_out_and_is_retried(emu: Emulator) -> None:
-    emu.faults.inject("balance", Fault.slow(1.0))
-    timeout = am.Timeout(connect=1.0, read=0.2, total=0.3)
+    # A timeout is the wall clock's to measure, so the margins are wide: the stalled reply
+    # comes 3 s late against a 1 s read limit, and the healthy one has that 1 s between
+    # chunks and no total limit (a total of 0.3 s once failed on a loaded CI machine).
+    emu.faults.inject("balance", Fault.slow(3.0))
+    timeout = am.Timeout(connect=5.0, read=1.0, total=None)
     async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, timeout=timeout) as c:
         bal = await c.balance()
     assert bal.remain_balance == 1000.0
