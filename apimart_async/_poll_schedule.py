@@ -16,6 +16,10 @@ How the next check is chosen (``PollPolicy``), issue 22:
    ``estimated_time / (1 - margin)``. Progress lags elapsed time and stalls on real services,
    so it is never extrapolated as exact: without an estimate, half of its extrapolation is the
    early edge. With neither, ``default_estimate`` with the same margin.
+   A kind whose progress proved to move in a straight line (``_priors``, issue 11) gets the
+   window its last progress implies, when that is the narrower one. A learned window narrower
+   than ``target_lag`` gets a single check, at its latest end; if that check finds the task
+   still running, the task is followed from then on as if nothing had been learned.
 3. Before the window, nothing is checked (the window's edge is the next check; ``max_interval``
    still caps every wait). From the window's edge until the task ends, two checks never leave
    more than ``target_lag`` seconds apart. With the batch route the checks sit on a grid of a
@@ -134,6 +138,16 @@ class _Watch:
     kind: str | None = None
     estimate: float | None = None
     running_sent: float | None = None
+    #: issue 11, progress trust. A check that sees progress p at age a implies, if progress
+    #: moves in a straight line, an end between a*100/(p+1) and a*100/p: the last check's
+    #: pair, the smallest a*100/p and the largest a*100/(p+1) of all its checks
+    implied: tuple[float, float] | None = None
+    implied_ceiling: float | None = None
+    implied_floor: float | None = None
+    #: the end of the narrow window the next check was set at (see ``_plan``); a check that
+    #: still finds the task running past it sets ``narrow_missed`` for good
+    narrow_until: float | None = None
+    narrow_missed: bool = False
 
 
 class PollSchedule:
@@ -347,7 +361,42 @@ class PollSchedule:
             return
         running = None if w.running_sent is None else w.running_sent - w.t0
         estimate = task.estimated_time if task.estimated_time else w.estimate
-        self.priors.observe(w.kind, seen_running=running, seen_done=now - w.t0, estimate=estimate)
+        extrapolated = None
+        if w.implied_ceiling is not None and w.implied_floor is not None:
+            extrapolated = (w.implied_ceiling, w.implied_floor)
+        trusted = self._trust(w.kind) is not None
+        self.priors.observe(
+            w.kind,
+            seen_running=running,
+            seen_done=now - w.t0,
+            estimate=estimate,
+            extrapolated=extrapolated,
+            implied=None if w.implied is None else sum(w.implied) / 2,
+        )
+        if not trusted and self._trust(w.kind) is not None:
+            self._replan_kind(w.kind, now)
+
+    def _trust(self, kind: str | None) -> tuple[float, float] | None:
+        """The range of ``duration / extrapolated`` the kind's progress earned, or None."""
+        return self.priors.progress_trust(kind)
+
+    def _replan_kind(self, kind: str, now: float) -> None:
+        """The kind's progress has just earned trust: its tasks waiting for a check are moved
+        to the end their last progress implies, when that window is narrower than target_lag
+        (as ``_plan`` would have done had the trust been there)."""
+        trust = self._trust(kind)
+        if trust is None:
+            return
+        for w in self._watches.values():
+            if w.kind != kind or w.checking or w.narrow_missed or w.t0 is None:
+                continue
+            if w.implied is None:
+                continue
+            lag = min(w.policy.target_lag, w.policy.max_interval)
+            lo, hi = w.t0 + w.implied[0] * trust[0], w.t0 + w.implied[1] * trust[1]
+            if now < hi and hi - lo <= lag:
+                w.narrow_until = hi
+                self._set(w, max(hi, now + min(w.policy.min_interval, lag) * 0.5))
 
     @staticmethod
     def _backoff(w: _Watch) -> float:
@@ -412,11 +461,27 @@ class PollSchedule:
             w.estimate = estimate
         prior = self.priors.get(w.kind)
         ratios = prior.ratios() if prior is not None else None
+        if w.narrow_until is not None:
+            w.narrow_missed = True  # a narrow window's check found the task still running
+            w.narrow_until = None
+        sent = w.sent_at if w.sent_at is not None else now
+        # the duration the progress implies, as of when the service read it (about halfway
+        # through the request): learned from at every check, trusted once a kind taught it
+        w.implied = None
+        seen = (sent + now) / 2
+        if start is not None and progress is not None and 0 < progress < 100 and seen > start:
+            age = seen - start
+            floor, ceiling = age * 100.0 / (progress + 1), age * 100.0 / progress
+            w.implied = (floor, ceiling)
+            f, c = w.implied_floor, w.implied_ceiling
+            w.implied_floor = floor if f is None else max(f, floor)
+            w.implied_ceiling = ceiling if c is None else min(c, ceiling)
         # The earliest and latest plausible ends. An estimate is off by up to estimate_margin
         # either way; progress may lag elapsed time and stall, so it only ever stands in for a
         # missing estimate, and then with half its extrapolation as the early edge.
         lo: float
         hi: float
+        learned = False  # whether the window is what this kind's completed tasks taught
         m = p.estimate_margin
         if start is None:
             lo = hi = now  # age unknown: any moment may be the end
@@ -424,6 +489,7 @@ class PollSchedule:
             # a known kind: the range of duration / estimate its completed tasks showed
             lo = start + estimate * ratios[0]
             hi = start + estimate * ratios[1]
+            learned = True
         elif estimate is not None:
             # whole seconds on the wire: an estimate rounded up may be up to 1 s over
             lo = start + max(0.0, estimate - 1) / (1 + m)
@@ -437,10 +503,23 @@ class PollSchedule:
         else:
             lo = start + p.default_estimate * (1 - m)
             hi = start + p.default_estimate / max(1e-9, 1 - m)
+        trust = None if w.narrow_missed else self._trust(w.kind)
+        if trust is not None and w.implied is not None and start is not None:
+            # a kind whose progress proved straight: its window, when it is the narrower
+            lo_p, hi_p = start + w.implied[0] * trust[0], start + w.implied[1] * trust[1]
+            if hi_p - lo_p < hi - lo:
+                lo, hi = lo_p, hi_p
+                learned = True
         if w.predicted is None or lo < w.predicted:
             w.predicted = lo
         w.predicted_span = max(hi - (start if start is not None else now), lag)
-        sent = w.sent_at if w.sent_at is not None else now
+        if learned and not w.narrow_missed and now < hi and hi - lo <= lag:
+            # A window narrower than target_lag (learned): one check at its latest end sees
+            # the end within target_lag. If that check finds the task running, the window was
+            # wrong for this task: from then on it is followed as any other.
+            w.narrow_until = hi
+            self._set(w, max(hi, now + min(p.min_interval, lag) * 0.5))
+            return
         if now + lag < lo:
             # before the window: nothing to learn until its edge (max_interval still caps)
             self._set(w, self._jittered(w, now, lo))

@@ -5,10 +5,17 @@ has references (images or videos). For each kind, completed tasks teach:
 
 - how long such tasks take (seconds from submit to end), and
 - how far the service's ``estimated_time`` can be trusted: the range of
-  ``duration / estimated_time``.
+  ``duration / estimated_time``;
+- how far its ``progress`` can be trusted (issue 11): a check that sees progress p at age a
+  implies an end between ``a*100/(p+1)`` and ``a*100/p`` if progress moves in a straight line;
+  the kind learns how far real ends fell outside that (``KindPrior.progress_lo``). Straight
+  progress keeps the window at the rounding's width; uneven progress makes it wide, and then it
+  is not used.
 
 A task's end lies between the last check that saw it running and the first that saw it done;
-the midpoint is what is learned when the two checks were close (``NARROW``); when they were
+the end the last running check's progress implied, held between the two, is what is learned
+when they were at most ``WIDE`` of its age apart (exact for straight progress); without
+progress, the midpoint when they were close (``NARROW``); when they were
 far apart, a range that must be wider (the task ended before the earliest end learned, or ran
 past the latest) is widened to the bound that proves it. A task its first check found done is no
 sample (nothing bounds it from below); it only lowers the kind's shortest duration to half its
@@ -19,7 +26,13 @@ the extremes of a sample and those of the whole population):
 - no first check ``first_check`` seconds after the submit: the first check is at the
   earliest end seen for the kind (it learns ``estimated_time`` then);
 - the window of plausible ends is ``estimated_time`` times the learned range instead of the
-  policy's ``estimate_margin`` either way.
+  policy's ``estimate_margin`` either way;
+- after ``min_samples`` tasks that reported progress (``Priors.progress_trust``), the window
+  the last progress implies (widened by what was learned) is used when it is the narrower one.
+
+Progress trust lives in memory for the life of the client: the journal's ``priors`` table keeps
+durations and estimate ratios only (schema 3), so a new run learns it again from its first
+``min_samples`` tasks.
 
 A batch with a journal loads the kinds' priors when it starts and stores them when it ends
 (``SqliteJournal`` table ``priors``, schema 3), so the next run starts from them.
@@ -40,6 +53,9 @@ MIN_SAMPLES: Final = 20
 #: A sample: a task whose last running and first done checks were at most this fraction of
 #: its age apart.
 NARROW: Final = 0.1
+#: ... or at most this fraction apart when the last running check reported progress: the end
+#: it implied, held within the two checks, is then the sample.
+WIDE: Final = 0.5
 
 
 def kind_of(request: Any) -> str:
@@ -62,8 +78,22 @@ class KindPrior:
     duration_hi: float = 0.0
     ratio_lo: float | None = None
     ratio_hi: float | None = None
+    #: Progress trust: samples that reported progress, and how far the end progress implied
+    #: held. A check that sees progress p (0 < p < 100) at age a implies an end between
+    #: ``floor = a*100/(p+1)`` and ``ceiling = a*100/p`` if progress moves in a straight line;
+    #: ``progress_lo`` is the least ``duration / floor`` and ``progress_hi`` the most ``duration
+    #: / ceiling`` seen, so that a check's window is ``floor * progress_lo .. ceiling *
+    #: progress_hi``. Straight progress keeps both near 1 (the window is the rounding's).
+    progress_samples: int = 0
+    progress_lo: float | None = None
+    progress_hi: float | None = None
 
-    def add(self, duration: float, estimate: float | None) -> None:
+    def add(
+        self,
+        duration: float,
+        estimate: float | None,
+        extrapolated: tuple[float, float] | None = None,
+    ) -> None:
         self.samples += 1
         self.duration_lo = min(self.duration_lo, duration)
         self.duration_hi = max(self.duration_hi, duration)
@@ -71,6 +101,17 @@ class KindPrior:
             ratio = duration / estimate
             self.ratio_lo = ratio if self.ratio_lo is None else min(self.ratio_lo, ratio)
             self.ratio_hi = ratio if self.ratio_hi is None else max(self.ratio_hi, ratio)
+        if extrapolated is not None:
+            self.add_progress(duration, extrapolated)
+
+    def add_progress(self, duration: float, extrapolated: tuple[float, float]) -> None:
+        """A progress sample: the task took ``duration``; ``extrapolated``: the least ceiling
+        and the greatest floor its checks' progress implied (see ``progress_lo``)."""
+        shortest, longest = extrapolated
+        self.progress_samples += 1
+        lo, hi = duration / longest, duration / shortest
+        self.progress_lo = lo if self.progress_lo is None else min(self.progress_lo, lo)
+        self.progress_hi = hi if self.progress_hi is None else max(self.progress_hi, hi)
 
     def merged(self, other: KindPrior) -> KindPrior:
         """Both: extremes of both; samples, the larger (merging the same store twice counts
@@ -88,6 +129,9 @@ class KindPrior:
             duration_hi=max(self.duration_hi, other.duration_hi),
             ratio_lo=lo(self.ratio_lo, other.ratio_lo),
             ratio_hi=hi(self.ratio_hi, other.ratio_hi),
+            progress_samples=max(self.progress_samples, other.progress_samples),
+            progress_lo=lo(self.progress_lo, other.progress_lo),
+            progress_hi=hi(self.progress_hi, other.progress_hi),
         )
 
     def durations(self) -> tuple[float, float]:
@@ -101,6 +145,16 @@ class KindPrior:
             return None
         pad = (self.ratio_hi - self.ratio_lo) / max(1, self.samples)
         return max(0.0, self.ratio_lo - pad), self.ratio_hi + pad
+
+    def progress_ratios(self, min_samples: int = 1) -> tuple[float, float] | None:
+        """The plausible ``duration / extrapolated`` (see ``progress_lo``), widened; None
+        before ``min_samples`` tasks with progress taught it."""
+        if self.progress_lo is None or self.progress_hi is None:
+            return None
+        if self.progress_samples < min_samples:
+            return None
+        pad = abs(self.progress_hi - self.progress_lo) / max(1, self.progress_samples)
+        return max(0.0, self.progress_lo - pad), self.progress_hi + pad
 
 
 class Priors:
@@ -123,10 +177,16 @@ class Priors:
         seen_running: float | None,
         seen_done: float,
         estimate: float | None,
+        extrapolated: tuple[float, float] | None = None,
+        implied: float | None = None,
     ) -> None:
         """A task of ``kind`` completed: last seen running ``seen_running`` seconds after its
         start (None: its first check already found it done), first seen done ``seen_done``
-        seconds after it; ``estimate``: its last ``estimated_time`` (None if none)."""
+        seconds after it; ``estimate``: its last ``estimated_time`` (None if none);
+        ``extrapolated``: the least ceiling and the greatest floor of the ends its progress
+        reports implied (see ``KindPrior.progress_lo``; None if it reported none);
+        ``implied``: the end the last check that saw it running implied (None if that check
+        had no progress)."""
         if not (0 <= (seen_running or 0.0) <= seen_done and math.isfinite(seen_done)):
             return
         prior = self._kinds.get(kind)
@@ -139,8 +199,25 @@ class Priors:
         if prior is None:
             prior = self._kinds[kind] = KindPrior()
         mid = (seen_running + seen_done) / 2
-        if seen_done - seen_running <= NARROW * mid:
+        if extrapolated is not None and not (extrapolated[0] > 0 and extrapolated[1] > 0):
+            extrapolated = None
+        gap = seen_done - seen_running
+        end = mid
+        has_implied = implied is not None and math.isfinite(implied)
+        if implied is not None and has_implied:
+            # the end the last progress implied, within what the checks prove: exact for
+            # progress in a straight line, never further off than the two checks are apart
+            end = min(max(implied, seen_running), seen_done)
+        # progress trust learns from the end progress implied (for progress that proves
+        # uneven, that end may be off by up to the gap, and the range comes out wide, as it
+        # should); durations and estimates learn from the midpoint, which assumes nothing
+        progress_sample = extrapolated is not None and has_implied and gap <= WIDE * mid
+        if progress_sample and extrapolated is not None:
+            prior.add_progress(end, extrapolated)
+        if gap <= NARROW * mid:
             prior.add(mid, estimate)
+            if extrapolated is not None and not has_implied:
+                prior.add_progress(mid, extrapolated)
             return
         # Checks far apart (before the window): the midpoint may be far off, so only the
         # bound that proves the range too narrow moves it, and only as far as that bound.
@@ -151,6 +228,12 @@ class Priors:
                 prior.ratio_lo = min(prior.ratio_lo, seen_done / estimate)
             if prior.ratio_hi is not None:
                 prior.ratio_hi = max(prior.ratio_hi, seen_running / estimate)
+        if extrapolated is not None and not progress_sample:
+            shortest, longest = extrapolated
+            if prior.progress_lo is not None:
+                prior.progress_lo = min(prior.progress_lo, seen_done / longest)
+            if prior.progress_hi is not None:
+                prior.progress_hi = max(prior.progress_hi, seen_running / shortest)
 
     def get(self, kind: str | None) -> KindPrior | None:
         """The prior of ``kind`` once it has ``min_samples`` tasks, else None."""
@@ -158,6 +241,13 @@ class Priors:
             return None
         prior = self._kinds.get(kind)
         return prior if prior is not None and prior.samples >= self.min_samples else None
+
+    def progress_trust(self, kind: str | None) -> tuple[float, float] | None:
+        """The range of ``duration / extrapolated`` the kind's progress earned once
+        ``min_samples`` tasks with progress taught it (``KindPrior.progress_ratios``), else
+        None."""
+        prior = None if kind is None else self._kinds.get(kind)
+        return None if prior is None else prior.progress_ratios(self.min_samples)
 
     def export(self) -> dict[str, KindPrior]:
         """Every kind's prior (copies), for a store."""

@@ -3,6 +3,7 @@ clock, and how a batch's journal keeps them for the next run."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import sqlite3
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_a_known_kind_trusts_its_estimates_as_far_as_they_proved_right() -> None
 
 
 def run_kind(
-    schedule: PollSchedule, jobs: list[tuple[float, int, Curve]], kind: str
+    schedule: PollSchedule, jobs: list[tuple[float, int, Curve]], kind: str | None
 ) -> tuple[float, list[float]]:
     """Per-task reads of these realistic jobs (all submitted at 0, the reply in the same
     instant) on a fake clock: status requests per job and each job's lag."""
@@ -242,3 +243,182 @@ def test_checks_far_apart_only_widen_the_range_and_an_end_before_the_first_check
     # found done by its first check at 90 s: such tasks can be shorter than 90 s
     priors.observe(KIND, seen_running=None, seen_done=90.0, estimate=100.0)
     assert (prior.samples, prior.duration_lo, prior.ratio_lo) == (1, 45.0, 0.95)
+
+
+# -- progress trust (issue 11) ----------------------------------------------------------------
+
+
+def test_progress_trust_is_how_far_the_ends_progress_implied_held() -> None:
+    priors = Priors(min_samples=2)
+    # a 100 s task; its checks' progress implied ends no later than 104 s (the least ceiling,
+    # a*100/p) and no sooner than 95 s (the greatest floor, a*100/(p+1)): 100/95 .. 100/104
+    priors.observe(
+        KIND, seen_running=99.0, seen_done=101.0, estimate=100.0, extrapolated=(104.0, 95.0)
+    )
+    prior = priors._kinds[KIND]
+    assert prior.progress_samples == 1 and prior.progress_ratios(2) is None  # not yet
+    assert priors.progress_trust(KIND) is None
+    priors.observe(KIND, seen_running=99.0, seen_done=101.0, estimate=100.0, extrapolated=None)
+    assert prior.samples == 2 and prior.progress_samples == 1  # no progress: no progress sample
+    # progress in a straight line: the end lies between floor and ceiling
+    priors.observe(
+        KIND, seen_running=49.0, seen_done=51.0, estimate=50.0, extrapolated=(50.5, 49.5)
+    )
+    assert (prior.progress_lo, prior.progress_hi) == (50 / 49.5, 50 / 50.5)
+    lo, hi = priors.progress_trust(KIND) or (0.0, 0.0)
+    pad = (50 / 49.5 - 50 / 50.5) / 2  # the window is floor * lo .. ceiling * hi
+    assert lo == pytest.approx(50 / 49.5 - pad) and hi == pytest.approx(50 / 50.5 + pad)
+    # checks far apart: only a bound that proves the range too narrow moves it
+    # (its end, 30 .. 90 s, over the floor 100 s: at most 0.9; over the ceiling 20 s: >= 1.5)
+    priors.observe(
+        KIND, seen_running=30.0, seen_done=90.0, estimate=100.0, extrapolated=(20.0, 100.0)
+    )
+    assert (prior.progress_lo, prior.progress_hi) == (0.9, 1.5)
+    # the end the last progress implied, held within checks 2 s apart: a progress sample
+    # (not one of durations and estimates, which need checks within 10 %)
+    priors.observe(
+        KIND, seen_running=9.0, seen_done=11.0, estimate=10.0, extrapolated=(10.0, 9.0), implied=9.5
+    )
+    assert (prior.samples, prior.progress_samples) == (3, 3)
+    assert (prior.progress_lo, prior.progress_hi) == (0.9, 1.5)  # 9.5/9 .. 9.5/10: inside
+    priors.observe(
+        KIND, seen_running=9.0, seen_done=11.0, estimate=10.0, extrapolated=(5.0, 4.9), implied=5.0
+    )
+    # it implied 5 s but was running at 9 s: the sample is 9 s, 1.8 times its ceiling
+    assert prior.progress_samples == 4 and prior.progress_hi == pytest.approx(1.8)
+    priors.observe(
+        KIND, seen_running=5.0, seen_done=11.0, estimate=10.0, extrapolated=(9.0, 8.9), implied=9.0
+    )
+    assert prior.progress_samples == 4  # 6 s apart on 8 s: no sample
+    # what a store carries: merged as extremes, the larger count
+    merged = prior.merged(KindPrior(progress_samples=9, progress_lo=0.5, progress_hi=1.0))
+    assert (merged.progress_samples, merged.progress_lo, merged.progress_hi) == (9, 0.5, 1.8)
+
+
+def straight(duration: float) -> Curve:
+    """Progress in a straight line from the submit to the end, in whole percents."""
+
+    class _Straight:
+        def status(self, age: float) -> tuple[str, int]:
+            if age >= duration:
+                return "completed", 100
+            return "processing", int(age / duration * 100)
+
+    return _Straight()  # type: ignore[return-value]
+
+
+def test_straight_progress_of_a_taught_kind_is_followed_with_two_checks() -> None:
+    """Jobs of 5-20 s whose estimates are off by up to 20 % and whose progress moves in a
+    straight line (the emulator's default): once 20 of the kind have taught the schedule,
+    a job is checked at the kind's earliest end, then once at the end its progress implies,
+    and every end is still seen within target_lag."""
+    rng = random.Random(3)
+    policy = am.PollPolicy(jitter=0.0)
+
+    def jobs(n: int) -> list[tuple[float, int, Curve]]:
+        out = []
+        for _ in range(n):
+            duration = rng.uniform(5.0, 20.0)
+            out.append((duration, round(duration * rng.uniform(0.8, 1.2)), straight(duration)))
+        return out
+
+    teach, follow = jobs(100), jobs(300)
+    blind = PollSchedule(policy)
+    per_job_blind, _ = run_kind(blind, follow, None)  # no kind: nothing is learned
+    cold = PollSchedule(policy)
+    per_job_cold, lags_cold = run_kind(cold, follow, KIND)  # learns as its tasks end
+    taught = PollSchedule(policy)
+    run_kind(taught, teach, KIND)
+    lo, hi = taught.priors.progress_trust(KIND) or (0.0, 0.0)
+    assert 0.9 < lo < 1.0 < hi < 1.1  # whole percents: within a few % of straight
+    per_job, lags = run_kind(taught, follow, KIND)
+    assert len(lags) == len(lags_cold) == 300
+    assert per_job_blind > 3.5  # the estimate's window: checks 2 s apart across +-20 %
+    # learning as it goes: once 20 have ended, the tasks still waiting move to the end
+    # their last progress implied
+    assert per_job_cold < per_job_blind - 0.9
+    assert per_job <= 2.2  # the kind's earliest end, then the end progress implies
+    assert per_job < per_job_cold
+    assert max(lags) <= policy.target_lag and max(lags_cold) <= policy.target_lag
+
+
+def test_uneven_progress_earns_no_trust() -> None:
+    """The realistic profile's progress stalls and jumps: the range it teaches is wide, and
+    checks stay target_lag apart through the estimate's window as before."""
+    profile = RealisticProfile()
+    rng = random.Random(5)
+    taught = PollSchedule(am.PollPolicy(jitter=0.0))
+    run_kind(taught, [profile.draw(rng, "sora-2-preview", 8) for _ in range(300)], KIND)
+    prior = taught.priors.get(KIND)
+    assert prior is not None
+    lo, hi = prior.progress_ratios(MIN_SAMPLES) or (0.0, 0.0)
+    assert hi - lo > 0.3
+    _, lags = run_kind(taught, [profile.draw(rng, "sora-2-preview", 8) for _ in range(300)], KIND)
+    assert len(lags) == 300 and max(lags) <= 2.0
+
+
+def test_a_task_whose_progress_lies_is_followed_as_any_other_after_one_missed_check() -> None:
+    s = PollSchedule(am.PollPolicy(jitter=0.0))
+    s.priors.merge(
+        {
+            KIND: KindPrior(
+                samples=50,
+                duration_lo=5.0,
+                duration_hi=20.0,
+                progress_samples=50,
+                progress_lo=0.97,
+                progress_hi=1.0,
+            )
+        }
+    )
+    s.add("a", now=0.0, kind=KIND)
+    first = s.next_check("a")
+    assert first == pytest.approx(5.0 - 15 / 50)
+    assert s.due(first, batched=False) == ["a"]
+    # 25 % at 4.7 s: it claims to end at 18.8 s; the window is 0.97 .. 1.0 of that (widened)
+    s.on_status(am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=25), first)
+    narrow = s.next_check("a")
+    pad = 0.03 / 50
+    assert narrow == pytest.approx(18.8 * (1.0 + pad))
+    # it lied (it stalls at 90 % until 60 s): one missed check, then target_lag apart
+    checks: list[float] = []
+    now = narrow
+    while now < 60.0:
+        assert s.due(now, batched=False) == ["a"]
+        checks.append(now)
+        s.on_status(am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=90), now)
+        at = s.next_check("a")
+        assert at is not None
+        now = at
+    gaps = [b - a for a, b in itertools.pairwise(checks)]
+    assert gaps and all(0.5 <= g <= 2.0 + 1e-9 for g in gaps[:5])
+
+
+def test_tasks_waiting_when_their_kind_earns_trust_move_to_the_end_progress_implied() -> None:
+    s = PollSchedule(am.PollPolicy(jitter=0.0))
+    taught = KindPrior(
+        samples=50,
+        duration_lo=5.0,
+        duration_hi=20.0,
+        progress_samples=MIN_SAMPLES - 1,  # one short of trust
+        progress_lo=0.97,
+        progress_hi=1.0,
+    )
+    s.priors.merge({KIND: taught})
+    s.add("a", now=0.0, kind=KIND)
+    s.add("b", now=0.0, kind=KIND)
+    first = 5.0 - 15 / 50  # the kind's earliest end
+    assert sorted(s.due(first, batched=False)) == ["a", "b"]
+    running = am.TaskStatus.PROCESSING
+    # a: 47 % at 4.7 s implies 10 s, but its estimate says 40 s and progress is not yet
+    # trusted: its next check is at the estimate's window, (40 - 1) / 1.25 s
+    s.on_status(am.Task(id="a", status=running, progress=47, estimated_time=40.0), first)
+    assert s.next_check("a") == pytest.approx(31.2)
+    s.on_status(am.Task(id="b", status=running, progress=94, estimated_time=5.0), first)
+    b_next = s.next_check("b")
+    assert b_next is not None and b_next < 10.0
+    assert s.due(b_next, batched=False) == ["b"]
+    # b ends where its progress said: the 20th sample; a moves to the end it implied
+    assert s.on_status(am.Task(id="b", status=am.TaskStatus.COMPLETED, progress=100), b_next)
+    pad = 0.03 / MIN_SAMPLES
+    assert s.next_check("a") == pytest.approx(10.0 * (1.0 + pad))
