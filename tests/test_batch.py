@@ -421,8 +421,10 @@ async def test_job_timeout(manual_emu: Emulator, manual_client: am.AsyncApimart)
 
 
 async def test_batch_deadline(manual_emu: Emulator, manual_client: am.AsyncApimart) -> None:
+    # The deadline is on the wall clock: 2 s leaves a loaded machine ample time for the three
+    # submits (0.1 s once could not be relied on). Manual mode: no task ever ends by itself.
     async with manual_client.batch(
-        [sora(i) for i in range(100)], max_pending=3, timeout=0.1
+        [sora(i) for i in range(100)], max_pending=3, timeout=2.0
     ) as results:
         outcomes = await drain(results)
     assert results.stopped == "the batch deadline passed"

@@ -133,10 +133,12 @@ async def test_submit_that_never_connected_is_a_plain_connection_error() -> None
 
 
 async def test_timeout_after_sending_then_503s_is_indeterminate(emu: Emulator) -> None:
-    emu.faults.inject("submit", Fault.slow(2.0))
+    # wall-clock margins: the stalled reply is 4 s late against a 1.5 s limit, and the two
+    # 503s are tiny replies that a loaded machine still sends well within 1.5 s
+    emu.faults.inject("submit", Fault.slow(4.0))
     emu.faults.inject("submit", Fault.server_error(503), times=2)
     async with am.AsyncApimart(
-        emu.api_key, base_url=emu.base_url, max_retries=2, timeout=am.Timeout(total=0.5)
+        emu.api_key, base_url=emu.base_url, max_retries=2, timeout=am.Timeout(total=1.5)
     ) as client:
         with pytest.raises(am.SubmitIndeterminateError) as info:
             await client.videos.submit(SORA, idempotency_key="job-9")
