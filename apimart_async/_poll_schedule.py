@@ -461,10 +461,13 @@ class PollSchedule:
             w.estimate = estimate
         prior = self.priors.get(w.kind)
         ratios = prior.ratios() if prior is not None else None
-        if w.narrow_until is not None:
-            w.narrow_missed = True  # a narrow window's check found the task still running
-            w.narrow_until = None
         sent = w.sent_at if w.sent_at is not None else now
+        if w.narrow_until is not None:
+            # a narrow window's check found the task still running (a check that rode along
+            # before the window's end, on the batch route, proves nothing against it)
+            if sent >= w.narrow_until - 1e-9:
+                w.narrow_missed = True
+            w.narrow_until = None
         # the duration the progress implies, as of when the service read it (about halfway
         # through the request): learned from at every check, trusted once a kind taught it
         w.implied = None

@@ -422,3 +422,35 @@ def test_tasks_waiting_when_their_kind_earns_trust_move_to_the_end_progress_impl
     assert s.on_status(am.Task(id="b", status=am.TaskStatus.COMPLETED, progress=100), b_next)
     pad = 0.03 / MIN_SAMPLES
     assert s.next_check("a") == pytest.approx(10.0 * (1.0 + pad))
+
+
+def test_a_check_that_rode_along_early_does_not_count_as_a_missed_narrow_window() -> None:
+    """On the batch route a task due soon rides along in a request going out anyway: its
+    check then comes before the end its progress implied, and finding it running there proves
+    nothing against the window."""
+    s = PollSchedule(am.PollPolicy(jitter=0.0))
+    s.priors.merge(
+        {
+            KIND: KindPrior(
+                samples=50,
+                duration_lo=5.0,
+                duration_hi=20.0,
+                progress_samples=50,
+                progress_lo=0.97,
+                progress_hi=1.0,
+            )
+        }
+    )
+    s.add("a", now=0.0, kind=KIND)
+    first = s.next_check("a")
+    assert first is not None
+    assert s.due(first) == ["a"]
+    s.on_status(am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=25), first)
+    narrow = s.next_check("a")
+    assert narrow is not None and narrow > 15.0
+    s.add("b", now=narrow - 0.3 - 60.0, submitted_at=narrow - 0.3 - 60.0)  # due just before
+    assert sorted(s.due(narrow - 0.3)) == ["a", "b"]  # a rides along, 0.3 s early
+    s.on_status(am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=95), narrow - 0.3)
+    again = s.next_check("a")
+    # still trusted: one check at the end 95 % implies, not target_lag steps from now
+    assert again is not None and again == pytest.approx((narrow - 0.3) * 100 / 95 * (1 + 0.03 / 50))
