@@ -1,27 +1,66 @@
-"""The checks of numeric arguments, in one place: each raises ``ValidationError`` naming the
-field and the rule before any request is sent."""
+"""The checks of numeric settings and arguments, in one place, raising one error type.
+
+Every count (``concurrency``, ``max_retries``...) and every number of seconds or rate
+(``timeout``, ``requests_per_second``, ``PollPolicy`` fields...) of the client, a batch, a
+method or a policy is checked here, before any request is sent. Each check raises
+``OptionError`` naming the field and the rule: a ``ConfigurationError`` and a
+``ValidationError`` (so a ``ValueError``) at once, so whatever a caller catches for a bad
+setting keeps working wherever the setting is given.
+"""
 
 from __future__ import annotations
 
-from ._errors import FieldError, ValidationError
+import math
 
-__all__ = ["check_non_negative_seconds", "check_positive_int", "check_seconds"]
+from ._errors import FieldError, OptionError
+
+__all__ = [
+    "check_int",
+    "check_non_negative_seconds",
+    "check_positive_int",
+    "check_positive_number",
+    "check_seconds",
+]
+
+
+def check_int(
+    name: str, value: object, *, minimum: int = 1, allow_none: bool = False, least: str = ""
+) -> None:
+    """A whole number >= ``minimum`` (``bool`` is not a number here); None too with
+    ``allow_none``. ``least`` says where the minimum comes from (``status_concurrency (8)``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(
+            [FieldError(name, f"must be a whole number >= {least or minimum}", value)]
+        )
 
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    """A whole number >= 1 (``bool`` is not a number here); None too with ``allow_none``."""
+    """A whole number >= 1; None too with ``allow_none``."""
+    check_int(name, value, minimum=1, allow_none=allow_none)
+
+
+def check_positive_number(
+    name: str, value: object, *, unit: str = "", allow_none: bool = False, finite: bool = False
+) -> None:
+    """A number > 0 (infinity too, unless ``finite``); ``unit`` ends the rule (``of
+    seconds``); None too with ``allow_none``."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError([FieldError(name, "must be a whole number >= 1", value)])
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or (finite and not math.isfinite(value))
+    ):
+        rule = f"must be a positive number {unit}".rstrip()
+        raise OptionError([FieldError(name, rule, value)])
 
 
 def check_seconds(name: str, value: object) -> None:
     """A positive number of seconds, or None (no limit)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValidationError([FieldError(name, "must be a positive number of seconds", value)])
+    check_positive_number(name, value, unit="of seconds", allow_none=True)
 
 
 def check_non_negative_seconds(name: str, value: object) -> None:
@@ -29,4 +68,4 @@ def check_non_negative_seconds(name: str, value: object) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValidationError([FieldError(name, "must be >= 0 seconds", value)])
+        raise OptionError([FieldError(name, "must be >= 0 seconds", value)])

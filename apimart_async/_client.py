@@ -22,7 +22,7 @@ import anyio
 
 from ._api import Api, BatchRoute, check_task_id
 from ._batch import Batch
-from ._checks import check_seconds
+from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader
 from ._errors import (
@@ -109,47 +109,30 @@ class AsyncApimart:
         if not isinstance(trust_env, bool):
             raise ConfigurationError(f"trust_env must be True or False, got {trust_env!r}")
         url = check_base_url(base_url)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        check_int("max_retries", max_retries, minimum=0)
         if not isinstance(language, str) or _LANGUAGE.fullmatch(language) is None:
             raise ConfigurationError(
                 f"language must be a language code such as 'en' or 'zh-TW' (the service "
                 f"documents {', '.join(LANGUAGES)}; others are passed through), got {language!r}"
             )
-        if (
-            isinstance(status_concurrency, bool)
-            or not isinstance(status_concurrency, int)
-            or status_concurrency < 1
-        ):
-            raise ConfigurationError(
-                f"status_concurrency must be an int >= 1, got {status_concurrency!r}"
-            )
+        check_positive_int("status_concurrency", status_concurrency)
         # issue 22: the adaptive per-task read window's bound
         if max_status_concurrency is None:
             max_status_concurrency = max(DEFAULT_MAX_STATUS_CONCURRENCY, status_concurrency)
-        elif (
-            isinstance(max_status_concurrency, bool)
-            or not isinstance(max_status_concurrency, int)
-            or max_status_concurrency < status_concurrency
-        ):
-            raise ConfigurationError(
-                f"max_status_concurrency must be an int >= status_concurrency "
-                f"({status_concurrency}), got {max_status_concurrency!r}"
-            )
+        least = f"status_concurrency ({status_concurrency})"
+        check_int(
+            "max_status_concurrency",
+            max_status_concurrency,
+            minimum=status_concurrency,
+            least=least,
+        )
         if poll is not None and not isinstance(poll, PollPolicy):
             raise ConfigurationError(f"poll must be a PollPolicy, got {type(poll).__name__}")
-        try:
-            limiter = RateLimiter(requests_per_second) if requests_per_second is not None else None
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(str(exc)) from None
-        if (
-            isinstance(download_concurrency, bool)
-            or not isinstance(download_concurrency, int)
-            or download_concurrency < 1
-        ):
-            raise ConfigurationError(
-                f"download_concurrency must be an int >= 1, got {download_concurrency!r}"
-            )
+        check_positive_number(
+            "requests_per_second", requests_per_second, allow_none=True, finite=True
+        )
+        limiter = RateLimiter(requests_per_second) if requests_per_second is not None else None
+        check_positive_int("download_concurrency", download_concurrency)
         self._transport = Transport(
             api_key=key,
             base_url=url,

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ._checks import check_non_negative_seconds
 from ._errors import ConfigurationError
 
 __all__ = [
@@ -26,8 +27,7 @@ LANGUAGES: Final = ("en", "zh", "ja", "ko")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not value >= 0:
-        raise ConfigurationError(f"Timeout.{attribute.name} must be >= 0 or None, got {value!r}")
+    check_non_negative_seconds(f"Timeout.{attribute.name}", value)
 
 
 @attrs.frozen(kw_only=True)

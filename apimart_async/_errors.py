@@ -4,6 +4,8 @@
 
     ApimartError
     ├── ConfigurationError (ValueError)      bad client settings: no key, http to a remote host
+    │   └── OptionError (ValidationError)    a count or number of seconds out of range, for the
+    │                                        client, a batch, a method or a policy (``_checks``)
     ├── ValidationError (ValueError)         a request broke a model's rule; nothing was sent
     ├── JobsFileError (ValueError)           a jobs file has bad lines (listed by number)
     ├── JournalError                         the journal cannot be used
@@ -31,7 +33,11 @@
     │   ├── RateLimitError                   429 (``retry_after`` in seconds, when given)
     │   └── ServerError                      5xx
     ├── TaskFailedError                      the task ended failed, cancelled or expired
-    └── TaskTimeoutError (TimeoutError)      waiting for a task took longer than allowed
+    ├── TaskTimeoutError (TimeoutError)      waiting for a task took longer than allowed
+    └── GalleryError                         a gallery could not be read or written (``report``)
+
+    UsageError (Exception)                   a bad command line (``cli``: exit status 2); not an
+                                             ApimartError, it never leaves the command line
 
 No aiohttp or asyncio exception escapes the client. No exception of this module ever holds the
 API key: requests are described by method and path only, never by their headers.
@@ -60,9 +66,11 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "FieldError",
+    "GalleryError",
     "InsufficientBalanceError",
     "NoVideoError",
     "NotFoundError",
+    "OptionError",
     "PermissionDeniedError",
     "RateLimitError",
     "ResponseValidationError",
@@ -70,6 +78,7 @@ __all__ = [
     "SubmitIndeterminateError",
     "TaskFailedError",
     "TaskTimeoutError",
+    "UsageError",
     "ValidationError",
     "status_error_class",
 ]
@@ -140,6 +149,13 @@ class ValidationError(ApimartError, ValueError):
     @property
     def rule(self) -> str:
         return self.errors[0].rule
+
+
+class OptionError(ConfigurationError, ValidationError):
+    """A setting or argument out of range: a count (``concurrency``, ``max_retries``...) or a
+    number of seconds or a rate (``timeout``, ``requests_per_second``, a ``PollPolicy``
+    field...), for the client, a batch, a method or a policy alike. Both a
+    ``ConfigurationError`` and a ``ValidationError``: ``errors`` names the field and the rule."""
 
 
 class APIConnectionError(ApimartError):
@@ -398,6 +414,14 @@ class DownloadExpiredError(DownloadError):
 
 class DownloadTooLargeError(DownloadError):
     """The file is larger than ``max_bytes``."""
+
+
+class GalleryError(ApimartError):
+    """The gallery could not be read from its source or written to disk."""
+
+
+class UsageError(Exception):
+    """A bad command line (``apimart-async``): the message is printed, the exit status is 2."""
 
 
 class DownloadGoneError(DownloadError):

@@ -17,7 +17,12 @@ from typing import Any
 import attrs
 
 from ._admission import Budget
-from ._checks import check_non_negative_seconds, check_positive_int, check_seconds
+from ._checks import (
+    check_non_negative_seconds,
+    check_positive_int,
+    check_positive_number,
+    check_seconds,
+)
 from ._errors import FieldError, ValidationError
 from ._journal import Journal, SqliteJournal
 from ._models import VideoRequest
@@ -56,7 +61,9 @@ class BatchOptions:
         check_positive_int("max_bytes", self.max_bytes, allow_none=True)
         check_seconds("job_timeout", self.job_timeout)
         check_seconds("timeout", self.timeout)
-        check_seconds("requests_per_second", self.requests_per_second)
+        check_positive_number(
+            "requests_per_second", self.requests_per_second, allow_none=True, finite=True
+        )
         if self.poll is not None and not isinstance(self.poll, PollPolicy):
             raise ValidationError([FieldError("poll", "must be a PollPolicy", self.poll)])
         if self.max_cost is not None:

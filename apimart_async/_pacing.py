@@ -20,6 +20,8 @@ import contextlib
 import math
 from collections.abc import Generator
 
+from ._checks import check_positive_number
+
 __all__ = ["Pacing", "RateLimiter", "Throttle"]
 
 
@@ -84,8 +86,7 @@ class RateLimiter:
     """A token bucket: at most ``rate`` requests a second on average, bursts of ``burst``."""
 
     def __init__(self, rate: float, *, burst: float | None = None) -> None:
-        if not (rate > 0 and math.isfinite(rate)):
-            raise ValueError(f"requests_per_second must be a positive number, got {rate!r}")
+        check_positive_number("requests_per_second", rate, finite=True)
         self.rate: float = float(rate)
         self.burst: float = float(burst) if burst is not None else max(1.0, self.rate)
         self._tokens = self.burst

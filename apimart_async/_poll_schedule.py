@@ -43,6 +43,7 @@ from typing import Final
 
 import attrs
 
+from ._checks import check_positive_int, check_positive_number
 from ._models import Task
 from ._priors import Priors
 
@@ -52,13 +53,11 @@ BATCH_IDS: Final = 100
 
 
 def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"PollPolicy.{attribute.name} must be a positive number, got {value!r}")
+    check_positive_number(f"PollPolicy.{attribute.name}", value, finite=True)
 
 
 def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"PollPolicy.{attribute.name} must be a whole number >= 1, got {value!r}")
+    check_positive_int(f"PollPolicy.{attribute.name}", value)
 
 
 def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> None:

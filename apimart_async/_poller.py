@@ -32,6 +32,7 @@ import anyio
 import anyio.abc
 
 from ._api import Statuses, is_unknown_task
+from ._checks import check_positive_number
 from ._errors import (
     APIConnectionError,
     ApimartError,
@@ -147,8 +148,7 @@ class Poller:
         self, clock: Callable[[], float], wall: Callable[[], float], time_scale: float = 1.0
     ) -> None:
         """Schedule on another clock (``time_scale`` of its seconds per real second)."""
-        if not (time_scale > 0 and math.isfinite(time_scale)):
-            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        check_positive_number("time_scale", time_scale, finite=True)
         self._clock = clock
         self._wall = wall
         self.time_scale = float(time_scale)

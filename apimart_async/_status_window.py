@@ -26,6 +26,8 @@ from typing import Final
 
 import attrs
 
+from ._checks import check_int, check_positive_int
+
 __all__ = ["DEFAULT_MAX_STATUS_CONCURRENCY", "ReadTicket", "StatusWindow"]
 
 #: ``AsyncApimart(max_status_concurrency=None)``: this, or ``status_concurrency`` if larger.
@@ -52,13 +54,9 @@ class StatusWindow:
         fast_slack: float = 0.05,
         rtt_weight: float = 0.125,
     ) -> None:
-        if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-            raise ValueError(f"status_concurrency must be an int >= 1, got {start!r}")
-        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < start:
-            raise ValueError(
-                f"max_status_concurrency must be an int >= status_concurrency ({start}), "
-                f"got {maximum!r}"
-            )
+        check_positive_int("status_concurrency", start)
+        least = f"status_concurrency ({start})"
+        check_int("max_status_concurrency", maximum, minimum=start, least=least)
         self.start: int = start
         self.maximum: int = maximum
         self.decrease: float = decrease

@@ -29,6 +29,7 @@ import apimart_async as am
 from apimart_async import report
 from apimart_async.emulator import Emulator
 
+from ._errors import UsageError
 from ._jobsfile import _check_keys as check_keys
 from ._json import is_object
 
@@ -67,10 +68,6 @@ KEY_HELP = (
     " stdin); --emulate runs against the built-in emulator, --base-url points at a running"
     " `apimart-async emulator`"
 )
-
-
-class UsageError(Exception):
-    pass
 
 
 # -- output ---------------------------------------------------------------------------------

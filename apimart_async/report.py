@@ -40,6 +40,7 @@ import anyio.to_thread
 import attrs
 
 import apimart_async as am
+from apimart_async._errors import GalleryError
 from apimart_async._json import is_array, is_object
 
 __all__ = [
@@ -62,10 +63,6 @@ PENDING_STATUSES = frozenset(
     | {"not submitted"}  # the batch stopped (Ctrl-C, deadline) before sending it: a re-run does
 )
 """Statuses of jobs that have not ended; "completed" is done; anything else counts as failed."""
-
-
-class GalleryError(am.ApimartError):
-    """The gallery could not be read from its source or written to disk."""
 
 
 @attrs.frozen

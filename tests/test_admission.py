@@ -73,7 +73,7 @@ def test_token_bucket() -> None:
     slow = RateLimiter(10.0, burst=1)
     slow.reserve(0.0)
     assert slow.reserve(0.0, factor=0.5) == pytest.approx(0.2)  # throttled to 5/s
-    with pytest.raises(ValueError, match="requests_per_second must be a positive number"):
+    with pytest.raises(ValueError, match="^requests_per_second: must be a positive number, got 0"):
         RateLimiter(0)
 
 

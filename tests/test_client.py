@@ -63,11 +63,13 @@ def test_allowed_base_urls(url: str) -> None:
     [
         ({"base_url": "ftp://x"}, "base_url must be an http(s) URL with a host"),
         ({"base_url": "https://user:pw@x.com"}, "base_url must not carry credentials"),
-        ({"max_retries": -1}, "max_retries must be an int >= 0, got -1"),
+        ({"max_retries": -1}, "max_retries: must be a whole number >= 0, got -1"),
         ({"language": "e n"}, "language must be a language code such as 'en' or 'zh-TW'"),
         ({"language": ""}, "language must be a language code such as 'en' or 'zh-TW'"),
         ({"timeout": "5"}, "timeout must be a Timeout, a number or None, got '5'"),
-        ({"status_concurrency": 0}, "status_concurrency must be an int >= 1, got 0"),
+        ({"status_concurrency": 0}, "status_concurrency: must be a whole number >= 1, got 0"),
+        ({"download_concurrency": True}, "download_concurrency: must be a whole number >= 1"),
+        ({"requests_per_second": 0}, "requests_per_second: must be a positive number, got 0"),
     ],
 )
 def test_bad_settings(kwargs: dict[str, object], message: str) -> None:
@@ -86,7 +88,7 @@ def test_timeout_config() -> None:
     assert am.Timeout.of(5) == am.Timeout(connect=5.0, read=5.0, total=5.0)
     assert am.Timeout.of(None) == am.Timeout(connect=None, read=None, total=None)
     assert am.AsyncApimart("k", timeout=am.Timeout(total=9)).timeout.total == 9
-    with pytest.raises(am.ConfigurationError, match="Timeout.read must be >= 0"):
+    with pytest.raises(am.ConfigurationError, match="^Timeout.read: must be >= 0 seconds"):
         am.Timeout(read=-1)
 
 

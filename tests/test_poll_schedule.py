@@ -147,7 +147,7 @@ def test_target_lag_is_capped_by_max_interval_and_validated() -> None:
     assert s.due(3.0) == ["a"]
     s.on_status(running("a", estimate=4.0), 3.0)
     assert s.next_check("a") == pytest.approx(6.0)
-    with pytest.raises(ValueError, match="PollPolicy.target_lag must be a positive number"):
+    with pytest.raises(ValueError, match="PollPolicy.target_lag: must be a positive number"):
         am.PollPolicy(target_lag=0)
 
 
@@ -308,7 +308,7 @@ def test_removed_tasks_are_never_due() -> None:
 
 
 def test_policy_validation() -> None:
-    with pytest.raises(ValueError, match="PollPolicy.min_interval must be a positive number"):
+    with pytest.raises(ValueError, match="PollPolicy.min_interval: must be a positive number"):
         am.PollPolicy(min_interval=0)
     with pytest.raises(ValueError, match="PollPolicy.jitter must be between 0 and 1"):
         am.PollPolicy(jitter=2)

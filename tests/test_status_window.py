@@ -96,9 +96,9 @@ def test_requests_per_second_bounds_the_window() -> None:
 
 
 def test_bad_bounds_name_the_option() -> None:
-    with pytest.raises(ValueError, match="status_concurrency must be an int >= 1"):
+    with pytest.raises(am.OptionError, match="^status_concurrency: must be a whole number >= 1"):
         StatusWindow(start=0, maximum=4)
-    with pytest.raises(ValueError, match=r"max_status_concurrency must be an int >= .*\(8\)"):
+    with pytest.raises(ValueError, match=r"^max_status_concurrency: must be a whole .*\(8\)"):
         StatusWindow(start=8, maximum=4)
 
 
@@ -109,7 +109,7 @@ def test_client_options_bound_the_window_and_are_checked_before_any_request() ->
     assert client._poller.reads.maximum == 100
     client = am.AsyncApimart("sk-test", status_concurrency=2, max_status_concurrency=3)
     assert client._poller.reads.maximum == 3
-    with pytest.raises(am.ConfigurationError, match=r"max_status_concurrency must be .*\(8\)"):
+    with pytest.raises(am.ConfigurationError, match=r"max_status_concurrency: must be .*\(8\)"):
         am.AsyncApimart("sk-test", max_status_concurrency=4)
     with pytest.raises(am.ConfigurationError, match="max_status_concurrency"):
         am.AsyncApimart("sk-test", max_status_concurrency=True)  # type: ignore[arg-type]
