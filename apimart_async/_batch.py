@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.abc
@@ -41,36 +41,15 @@ from ._errors import (
     ValidationError,
 )
 from ._interrupt import SigintHandler
-from ._jobs import (
-    Conclusion,
-    Counts,
-    FileNames,
-    Job,
-    ResumePlan,
-    Stop,
-    conclude,
-    file_stem,
-    files_complete,
-    read_inputs,
-    resume_plan,
-    unpack,
-)
+from ._jobs import Conclusion, Intake, Job, ResumePlan, Stop, file_stem, read_inputs
 from ._journal import JobRecord
 from ._ledger import Ledger
 from ._models import DownloadedFile, Task, VideoRequest
-from ._outcomes import (
-    BatchEvent,
-    BatchStats,
-    EventKind,
-    Failure,
-    JobInput,
-    Outbox,
-    Success,
-    outcome_of,
-)
+from ._outcomes import BatchStats, Failure, JobInput, Outbox, Reporter, Success, outcome_of
 from ._pacing import Pacing, RateLimiter
 from ._poller import Poller
 from ._priors import kind_of
+from ._roster import Roster
 
 if TYPE_CHECKING:
     from ._options import BatchOptions
@@ -110,28 +89,11 @@ class Batch:
             raise ValidationError(
                 [FieldError("requests", "must be an iterable of VideoRequest", requests)]
             )
-        run = _Run(requests, options, api=api, poller=poller, downloader=downloader, pacing=pacing)
-        self._run = run
+        self._run = _Run(
+            requests, options, api=api, poller=poller, downloader=downloader, pacing=pacing
+        )
         self.options = options
         """What this batch was asked to do."""
-        self.job_timeout: float | None = options.job_timeout
-        """Seconds one job may take from its submit to its end (None: no limit)."""
-        self.timeout: float | None = options.timeout
-        """Seconds the whole batch may take (None: no limit)."""
-        self.stop_on_error: bool = options.stop_on_error
-        """Whether the first error stops submitting."""
-        self.replay_finished: bool = options.replay_finished
-        """Whether jobs finished in an earlier run are handed out again."""
-        self.retry_failed: bool = options.retry_failed
-        """Whether jobs whose generation failed are submitted again (costs money)."""
-        self.download_dir: Path | None = run.download_dir
-        """Where result videos go (None: not downloaded)."""
-        self.manifest_path: Path | None = run.manifest_path
-        """The JSONL manifest, one line per finished job (None: none)."""
-        self.max_bytes: int | None = options.max_bytes
-        """The largest result file accepted, in bytes (None: no limit)."""
-        self.sigint_grace: float | None = options.sigint_grace
-        """Seconds the first Ctrl-C leaves running tasks to finish (None: no handler)."""
 
     async def __aenter__(self) -> Batch:
         await self._run.enter()
@@ -153,6 +115,51 @@ class Batch:
         return await self._run.next()
 
     @property
+    def job_timeout(self) -> float | None:
+        """Seconds one job may take from its submit to its end (None: no limit)."""
+        return self.options.job_timeout
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds the whole batch may take (None: no limit)."""
+        return self.options.timeout
+
+    @property
+    def stop_on_error(self) -> bool:
+        """Whether the first error stops submitting."""
+        return self.options.stop_on_error
+
+    @property
+    def replay_finished(self) -> bool:
+        """Whether jobs finished in an earlier run are handed out again."""
+        return self.options.replay_finished
+
+    @property
+    def retry_failed(self) -> bool:
+        """Whether jobs whose generation failed are submitted again (costs money)."""
+        return self.options.retry_failed
+
+    @property
+    def download_dir(self) -> Path | None:
+        """Where result videos go (None: not downloaded)."""
+        return self._run.download_dir
+
+    @property
+    def manifest_path(self) -> Path | None:
+        """The JSONL manifest, one line per finished job (None: none)."""
+        return self._run.manifest_path
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The largest result file accepted, in bytes (None: no limit)."""
+        return self.options.max_bytes
+
+    @property
+    def sigint_grace(self) -> float | None:
+        """Seconds the first Ctrl-C leaves running tasks to finish (None: no handler)."""
+        return self.options.sigint_grace
+
+    @property
     def interrupted(self) -> int:
         """How many times Ctrl-C reached this batch (with ``sigint_grace``)."""
         return self._run.interrupts
@@ -160,12 +167,12 @@ class Batch:
     def pending_task_ids(self) -> list[str]:
         """Tasks submitted by this batch whose end it has not seen: still running (and billed)
         at the service. Re-attach with ``client.tasks.watch`` or ``client.tasks.wait``."""
-        return [*self._run.jobs, *self._run.abandoned]
+        return [*self._run.roster.pending, *self._run.roster.abandoned]
 
     def unconfirmed_submissions(self) -> list[tuple[int, VideoRequest, str]]:
         """(index, request, idempotency key) of submits cut off before their reply (by leaving
         the batch): the task may exist. Submitting again with the same key is always safe."""
-        return [(j.index, j.request, j.key) for j in self._run.unconfirmed]
+        return [(j.index, j.request, j.key) for j in self._run.roster.unconfirmed]
 
     @property
     def stopped(self) -> str | None:
@@ -175,7 +182,7 @@ class Batch:
     @property
     def budget(self) -> Budget | None:
         """The ``max_cost`` budget and what it has committed (None without ``max_cost``)."""
-        return self._run.budget
+        return self._run.roster.budget
 
     def stats(self) -> BatchStats:
         """The batch's counts now."""
@@ -203,7 +210,7 @@ class Batch:
 class _Run:
     """The machinery of one batch: a task group with the feeder, the submitters and the
     deadline; the poller's callbacks; the end of each job (files, journal, manifest); Ctrl-C.
-    ``Batch`` is the caller's handle on it."""
+    ``Batch`` is the caller's handle on it; ``roster`` keeps where each job is."""
 
     def __init__(
         self,
@@ -221,36 +228,22 @@ class _Run:
         self._downloader = downloader
         self._pacing = pacing
         self._requests = requests
-        self._poll = options.poll
-        self._sched = SubmitScheduler(
+        sched = SubmitScheduler(
             concurrency=options.concurrency,
             max_pending=options.max_pending,
             throttle=pacing.throttle,
         )
-        self.budget = options.budget()
+        self.roster = Roster(sched, options.budget())
         #: This batch's own requests-per-second cap, in force while it runs.
         rps = options.requests_per_second
         self._limiter = RateLimiter(rps) if rps is not None else None
-        self.job_timeout = options.job_timeout
-        self.timeout = options.timeout
-        self.stop_on_error = options.stop_on_error
-        self.replay_finished = options.replay_finished
-        self.retry_failed = options.retry_failed
-        self._on_event = options.on_event
         self.download_dir, self.manifest_path = options.paths()
         priors = poller.schedule.priors  # issue 22: learned priors, kept in the journal
         self._ledger = Ledger(options.make_journal(), self.manifest_path, priors=priors)
-        self.max_bytes = options.max_bytes
-        self.sigint_grace = options.sigint_grace
+        self._report = Reporter(options.on_event)
         self.interrupts = 0
         self._sigint = SigintHandler(self.on_sigint)
         self._records: dict[int, JobRecord] = {}
-        self.jobs: dict[str, Job] = {}  # pending: task id -> job
-        self._submitting: dict[int, Job] = {}
-        self._finishing = 0
-        self.unconfirmed: list[Job] = []
-        self.abandoned: list[str] = []  # timed out here, still running at the service
-        self._counts = Counts()
         self._out = Outbox()
         self._feeding = True
         self._finished = False
@@ -258,9 +251,7 @@ class _Run:
         self.stopped: str | None = None
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._file_names = FileNames(downloads=self.download_dir is not None)
         self._started = 0.0
-        self._baseline: dict[str, int] = {}
         # Made on entering, so a Batch that is never entered holds no open stream.
         self._to_submit: MemoryObjectSendStream[Job]
         self._submit_queue: MemoryObjectReceiveStream[Job]
@@ -272,7 +263,7 @@ class _Run:
             raise RuntimeError("a Batch can be entered only once")
         self._api.ensure_open()  # raises ClientClosedError if the client is not open
         if self.options.check_balance:
-            require_balance(await self._api.balance(), self.budget)
+            require_balance(await self._api.balance(), self.roster.budget)
         self._records = await self._ledger.open()
         try:
             await self._enter()
@@ -281,11 +272,7 @@ class _Run:
             raise
 
     async def _enter(self) -> None:
-        for rec in self._records.values():
-            if rec.cost and rec.state in ("done", "downloading"):
-                self._counts.cost += rec.cost
-                if self.budget is not None:
-                    self.budget.spent += rec.cost
+        self.roster.carry_costs(self._records.values())
         self._out.open()
         # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
         # most), cheaper than a task per job; admission keeps one free for every queued job.
@@ -293,29 +280,28 @@ class _Run:
             max_buffer_size=math.inf
         )
         self._started = time.monotonic()
-        self._baseline = self._api.request_counts()
+        self.roster.baseline = self._api.request_counts()
         if self._limiter is not None:
             self._pacing.add(self._limiter)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(self._feed, name="apimart-async batch feeder")
-        for _ in range(self._sched.concurrency):
+        for _ in range(self.roster.sched.concurrency):
             tg.start_soon(self._submitter, name="apimart-async batch submitter")
-        if self.sigint_grace is not None:
+        if self.options.sigint_grace is not None:
             self._sigint.install()
-        if self.timeout is not None:
-            tg.start_soon(self._deadline, self.timeout, name="apimart-async batch deadline")
+        if self.options.timeout is not None:
+            tg.start_soon(self._deadline, self.options.timeout, name="apimart-async batch deadline")
 
     async def exit(self) -> None:
         self._sigint.remove()
         tg, self._tg = self._tg, None
         if not self._finished:
             self._stop(Stop.LEFT)
-        poller = self._poller
-        for task_id in list(self.jobs):
-            poller.unwatch(task_id, self._on_done)
-        self.unconfirmed.extend(self._submitting.values())
+        for task_id in list(self.roster.pending):
+            self._poller.unwatch(task_id, self._on_done)
+        self.roster.left()
         try:
             if tg is not None:
                 tg.cancel_scope.cancel()
@@ -335,22 +321,23 @@ class _Run:
         Second: end the iteration now. The journal is consistent either way."""
         self.interrupts += 1
         tg = self._tg
-        if self.interrupts == 1 and tg is not None and self.sigint_grace:
+        grace = self.options.sigint_grace
+        running = self.roster.in_flight
+        self._stop(Stop.INTERRUPTED, notify=False)
+        if self.interrupts == 1 and tg is not None and grace:
             logger.warning(
                 "interrupted: no new job will be submitted; following %d running task(s) for"
                 " up to %gs (Ctrl-C again stops at once); what is left is kept for a resume",
-                len(self.jobs) + len(self._submitting),
-                self.sigint_grace,
+                running,
+                grace,
             )
-            tg.start_soon(functools.partial(self.stop, grace=self.sigint_grace))
-            self._stop(Stop.INTERRUPTED, notify=False)
+            tg.start_soon(functools.partial(self.stop, grace=grace))
             return
-        self._stop(Stop.INTERRUPTED, notify=False)
-        if self.jobs or self._submitting:
+        if running:
             logger.warning(
                 "interrupted: stopping now; %d task(s) still running at the service are"
                 " picked up by a resume",
-                len(self.jobs) + len(self._submitting),
+                running,
             )
         self._unfollow_all()
         self._finished = True
@@ -358,19 +345,8 @@ class _Run:
 
     def stats(self) -> BatchStats:
         """The batch's counts now."""
-        counts = self._api.request_counts()
-        requests = {
-            k: v - self._baseline.get(k, 0)
-            for k, v in counts.items()
-            if v - self._baseline.get(k, 0)
-        }
-        return self._counts.stats(
-            submitting=len(self._submitting),
-            pending=len(self.jobs),
-            downloading=self._finishing,
-            elapsed=(time.monotonic() - self._started) if self._started else 0.0,
-            requests=requests,
-        )
+        elapsed = (time.monotonic() - self._started) if self._started else 0.0
+        return self.roster.stats(elapsed=elapsed, requests=self._api.request_counts())
 
     async def next(self) -> Success | Failure:
         outcome = await self._out.get()
@@ -381,10 +357,10 @@ class _Run:
         """Stop submitting now; keep following the tasks already submitted for up to ``grace``
         seconds, then end the iteration. Unfinished jobs stay in the journal for a resume."""
         self._stop(Stop.CALLER)
-        if grace > 0 and self.jobs:
+        if grace > 0 and self.roster.pending:
             self._notify()
             with anyio.move_on_after(grace):
-                while self.jobs:
+                while self.roster.pending:
                     await self._changed_wait()
         self._unfollow_all()
         self._maybe_close()
@@ -401,48 +377,39 @@ class _Run:
 
     async def _feed(self) -> None:
         inputs = read_inputs(self._requests)
+        intake = Intake(
+            self._records,
+            downloads=self.download_dir is not None,
+            retry_failed=self.options.retry_failed,
+        )
         try:
             while not self.stopped:
                 try:
                     item = await inputs.__anext__()
                 except StopAsyncIteration:
                     break
-                index = self._counts.read
-                self._counts.read += 1
-                unpacked = unpack(index, item)
-                if isinstance(unpacked, ValidationError):
-                    self._counts.errored += 1
-                    self._emit(outcome_of(index, None, error=unpacked))
+                take = intake.take(self.roster.read(), item)
+                if take.refused is not None:
+                    self._refuse(take.refused)
                     continue
-                name, request = unpacked
-                clash = self._file_names.claim(index, name)
-                if clash is not None:
-                    self._counts.errored += 1
-                    self._emit(outcome_of(index, request, error=clash, name=name))
+                if take.plan is not None and not take.submits:
+                    self._resume(take.plan)
                     continue
-                record = self._records.pop(index, None)
-                plan = self._resume(record, request, name) if record is not None else None
-                if plan is not None and plan.action != "afresh" and plan.action != "resubmit":
-                    continue
+                index, request = take.index, take.request
+                assert request is not None
                 verdict = await self._admit(index, request)
-                if verdict != "ok":
-                    self._counts.errored += 1
-                    if verdict == "over":
-                        assert self.budget is not None
-                        error = self.budget.exceeded(index)
-                        self._emit(outcome_of(index, request, error=error, name=name))
-                        continue
+                if verdict == "over":
+                    assert self.roster.budget is not None
+                    error = self.roster.budget.exceeded(index)
+                    self._refuse(outcome_of(index, request, error=error, name=take.name))
+                    continue
+                if verdict == "stopped":
                     reason = self.stopped or "stopped"
-                    stopped = BatchStoppedError(f"job {index} not submitted: {reason}")
-                    self._emit(outcome_of(index, request, error=stopped, name=name))
+                    why = BatchStoppedError(f"job {index} not submitted: {reason}")
+                    self._refuse(outcome_of(index, request, error=why, name=take.name))
                     break
-                if record is not None and plan is not None and plan.action == "resubmit":
-                    job = Job(index, request, record.idempotency_key, name, journaled=True)
-                else:
-                    afresh = plan is not None and plan.action == "afresh"
-                    job = Job(index, request, new_idempotency_key(), name, restart=afresh)
-                self._sched.started()
-                self._submitting[index] = job
+                job = take.job(new_idempotency_key)
+                self.roster.admitted(job)
                 self._to_submit.send_nowait(job)
         except Exception as exc:  # noqa: BLE001 - the caller's iterable failed: re-raised to them
             self._out.error = exc
@@ -453,57 +420,29 @@ class _Run:
             await inputs.aclose()
             self._maybe_close()
 
-    def _resume(self, record: JobRecord, request: VideoRequest, name: str | None) -> ResumePlan:
+    def _resume(self, plan: ResumePlan) -> None:
         """Pick up a job recorded in an earlier run (see ``_jobs.resume_plan``): follow its
-        task again, fetch its files, or hand its outcome out again. Returns the plan; for
-        ``afresh`` and ``resubmit`` the caller submits it."""
-        plan = resume_plan(
-            record,
-            request,
-            name,
-            retry_failed=self.retry_failed,
-            downloads=self.download_dir is not None,
-            files_complete=files_complete,
-        )
-        job = plan.job
-        if plan.action == "mismatch":
-            assert plan.outcome is not None
-            self._counts.errored += 1
-            self._emit(plan.outcome)
-        elif plan.action == "reattach":
-            assert job is not None
-            assert plan.task_id is not None
-            self._sched.started()
-            self._pending(job, plan.task_id)
-            if self.budget is not None:
-                est = self.budget.estimate(request) or 0.0
-                self.budget.reserve(job.index, request, est)
-            self._follow(plan.task_id, job, reattach=True)
-        elif plan.action == "refetch":
-            assert job is not None
-            assert plan.task_id is not None
-            assert plan.task is not None
+        task again, fetch its files, or hand its outcome out again."""
+        job, task_id = plan.job, plan.task_id
+        if plan.action == "reattach" and job is not None and task_id is not None:
+            self.roster.reattached(job, task_id, self._poller.now())
+            self._follow(task_id, job, reattach=True)
+        elif plan.action == "refetch" and job and task_id is not None and plan.task is not None:
             assert self._tg is not None
-            self._counts.submitted += 1
-            self._finishing += 1
-            self._tg.start_soon(self._finalize, job, plan.task_id, plan.task)
-        elif plan.action == "replay":
-            assert plan.outcome is not None
-            assert plan.ended is not None
-            self._counts.replayed += 1
-            self._counts.count(plan.ended)
-            if self.replay_finished:
+            self.roster.refetching()
+            self._tg.start_soon(self._finalize, job, task_id, plan.task)
+        elif plan.action == "replay" and plan.outcome is not None and plan.ended is not None:
+            self.roster.replayed(plan.ended)
+            if self.options.replay_finished:
                 self._emit(plan.outcome)
-        return plan
 
     async def _admit(self, index: int, request: VideoRequest) -> Literal["ok", "over", "stopped"]:
         """Wait until job ``index`` may be submitted (see ``_admission.admit_job``)."""
         while not self.stopped:
             backlog_full = self._out.unread >= MAX_UNREAD_OUTCOMES
             now = time.monotonic()
-            wait = admit_job(
-                self._sched, self.budget, index, request, now, backlog_full=backlog_full
-            )
+            sched, budget = self.roster.sched, self.roster.budget
+            wait = admit_job(sched, budget, index, request, now, backlog_full=backlog_full)
             if wait == "over":
                 return "over"
             if wait == 0.0:
@@ -520,50 +459,39 @@ class _Run:
             await self._ledger.before_submit(job)
             task_id = await self._api.submit(job.request, idempotency_key=job.key)
         except ApimartError as exc:
-            self._sched.submitted(ok=False)
-            if self.budget is not None:
-                self.budget.settle(job.index, job.request, None)
+            self.roster.submit_failed(job)
             outcome = outcome_of(
                 job.index, job.request, error=exc, idempotency_key=job.key, name=job.name
             )
-            # The job stays in _submitting until its outcome is sent: while it awaits the
+            # The job stays in submitting until its outcome is sent: while it awaits the
             # journal and the manifest, no other job may close the stream under it.
             await self._ledger.submit_failed(job, exc, outcome)
-            self._submitting.pop(job.index, None)
-            self._counts.errored += 1
+            self.roster.dropped(job)
             self._emit(outcome)
-            self._event("errored", job.index, error=exc)
+            self._report.step("errored", job.index, error=exc)
             if isinstance(exc, ClientClosedError):
                 self._stop(Stop.CLIENT_CLOSED)
-            elif self.stop_on_error:
+            elif self.options.stop_on_error:
                 self._stop(Stop.JOB_FAILED, f"job {job.index} could not be submitted: {exc}")
             self._maybe_close()
             return
         await self._ledger.submitted(job, task_id)
-        self._submitting.pop(job.index, None)
-        self._pending(job, task_id)
+        self.roster.running(job, task_id, self._poller.now())
         self._notify()
-        self._event("submitted", job.index, task_id=task_id)
+        self._report.step("submitted", job.index, task_id=task_id)
         if self._tg is None:  # the batch was left as this reply came in: listed, not followed
-            self.unconfirmed = [j for j in self.unconfirmed if j is not job]
+            self.roster.confirmed(job)
             return
         if self._stop_reason is Stop.DEADLINE:
-            self._on_done(task_id, TaskTimeoutError(task_id, self.timeout or 0.0))
+            self._on_done(task_id, TaskTimeoutError(task_id, self.options.timeout or 0.0))
             return
-        self._follow(task_id, job, timeout=self.job_timeout)
-
-    def _pending(self, job: Job, task_id: str) -> None:
-        """A job's task exists and is running: count it, and keep it by its task id."""
-        self._sched.submitted(ok=True)
-        self._counts.submitted += 1
-        job.submitted_at = self._poller.now()
-        self.jobs[task_id] = job
+        self._follow(task_id, job, timeout=self.options.job_timeout)
 
     def _unfollow_all(self) -> None:
         """Stop following every pending task (they keep running at the service)."""
-        for task_id in list(self.jobs):
+        for task_id in list(self.roster.pending):
             self._poller.unwatch(task_id, self._on_done)
-        self.jobs.clear()
+        self.roster.pending.clear()
 
     def _follow(
         self, task_id: str, job: Job, *, reattach: bool = False, timeout: float | None = None
@@ -576,7 +504,7 @@ class _Run:
             timeout=timeout,
             submitted_at=None if reattach else job.submitted_at,
             reattach=reattach,
-            policy=self._poll,
+            policy=self.options.poll,
             kind=kind_of(job.request),  # issue 22: learned priors by kind
         )
 
@@ -585,27 +513,25 @@ class _Run:
         if self._finished:
             return
         self._stop(Stop.DEADLINE)
-        poller = self._poller
-        for task_id in list(self.jobs):
-            poller.unwatch(task_id, self._on_done)
+        for task_id in list(self.roster.pending):
+            self._poller.unwatch(task_id, self._on_done)
             self._on_done(task_id, TaskTimeoutError(task_id, seconds))
 
     # -- callbacks from the poller ---------------------------------------------------------------
 
     def _on_progress(self, task: Task) -> None:
-        job = self.jobs.get(task.id)
+        job = self.roster.pending.get(task.id)
         if job is not None:
-            self._event("progress", job.index, task_id=task.id, task=task)
+            self._report.step("progress", job.index, task_id=task.id, task=task)
 
     def _on_done(self, task_id: str, result: Task | ApimartError) -> None:
-        job = self.jobs.pop(task_id, None)
+        job = self.roster.ended(task_id)
         if job is None:
             return
-        self._sched.task_done()
         # Decide about stopping now, before the feeder can admit another job.
         if isinstance(result, ClientClosedError):
             self._stop(Stop.CLIENT_CLOSED)
-        elif self.stop_on_error and (isinstance(result, ApimartError) or not result.ok):
+        elif self.options.stop_on_error and (isinstance(result, ApimartError) or not result.ok):
             self._stop(Stop.JOB_FAILED, f"task {task_id} (job {job.index}) failed")
         self._notify()
         tg = self._tg
@@ -615,87 +541,57 @@ class _Run:
             self.download_dir is not None and isinstance(result, Task) and result.ok
         )
         if not needs_io:  # nothing to record or fetch: hand it out now, no task needed
-            end = self._conclude(job, task_id, result)
-            self._publish(end.outcome, end.event)
+            self._publish(self.roster.conclude(job, task_id, result))
             self._maybe_close()
             return
-        self._finishing += 1
+        self.roster.finishing += 1
         tg.start_soon(self._finalize, job, task_id, result)
 
     async def _finalize(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
         """Download, record and hand out one ended job."""
         try:
-            await self._finalize_job(job, task_id, result)
+            files: tuple[DownloadedFile, ...] = ()
+            download_error: ApimartError | None = None
+            if isinstance(result, Task) and result.ok and self.download_dir is not None:
+                await self._ledger.downloading(job, result)
+                stem = file_stem(job.index, job.name)
+                try:
+                    files = await self._downloader.task_files(
+                        result, self.download_dir, stem, max_bytes=self.options.max_bytes
+                    )
+                except (DownloadError, ApimartError) as exc:
+                    download_error = exc
+            end = self.roster.conclude(job, task_id, result, files, download_error)
+            await self._ledger.finished(job, end, files)
+            self._publish(end)
         finally:
-            self._finishing -= 1
+            self.roster.finishing -= 1
             self._maybe_close()
 
-    async def _finalize_job(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
-        files: tuple[DownloadedFile, ...] = ()
-        download_error: ApimartError | None = None
-        if isinstance(result, Task) and result.ok and self.download_dir is not None:
-            await self._ledger.downloading(job, result)
-            stem = file_stem(job.index, job.name)
-            try:
-                files = await self._downloader.task_files(
-                    result, self.download_dir, stem, max_bytes=self.max_bytes
-                )
-            except (DownloadError, ApimartError) as exc:
-                download_error = exc
-        end = self._conclude(job, task_id, result, files, download_error)
-        await self._ledger.finished(job, end, files)
-        self._publish(end.outcome, end.event)
-
-    def _conclude(
-        self,
-        job: Job,
-        task_id: str,
-        result: Task | ApimartError,
-        files: tuple[DownloadedFile, ...] = (),
-        download_error: ApimartError | None = None,
-    ) -> Conclusion:
-        """Count one ended job (see ``_jobs.conclude``) and settle its budget."""
-        end = conclude(job, task_id, result, files, download_error)
-        self._counts.count(end.ended)
-        if end.cost:
-            self._counts.cost += end.cost
-        if self.budget is not None:
-            self.budget.settle(job.index, job.request, end.cost)
-        if end.abandoned:
-            self.abandoned.append(task_id)
-        return end
-
-    def _publish(self, outcome: Success | Failure, event: BatchEvent) -> None:
-        self._emit(outcome)
-        self._report(event)
-
     # -- plumbing --------------------------------------------------------------------------------
+
+    def _publish(self, end: Conclusion) -> None:
+        self._emit(end.outcome)
+        self._report(end.event)
+
+    def _refuse(self, outcome: Success | Failure) -> None:
+        """Hand out the outcome of a job that ended before any submit."""
+        self.roster.refused()
+        self._emit(outcome)
 
     def _emit(self, outcome: Success | Failure) -> None:
         self._out.put(outcome)
         self._notify()
-
-    def _event(self, kind: EventKind, index: int, **fields: Any) -> None:
-        if self._on_event is not None:
-            self._report(BatchEvent(kind, index, **fields))
-
-    def _report(self, event: BatchEvent) -> None:
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:
-                logger.exception("on_event callback failed")
 
     def _stop(self, reason: Stop, detail: str | None = None, *, notify: bool = True) -> None:
         """Stop submitting, for ``reason`` (the first reason given stays)."""
         if self._stop_reason is None:
             self._stop_reason = reason
             self.stopped = reason.describe(detail)
-        if not notify:
-            return
-        self._notify()
+        if notify:
+            self._notify()
 
     def _maybe_close(self) -> None:
-        if not self._feeding and not self._submitting and not self.jobs and not self._finishing:
+        if not self._feeding and self.roster.idle:
             self._finished = True
             self._out.close()

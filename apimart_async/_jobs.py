@@ -5,6 +5,8 @@
 - ``resume_plan``: what to do with a job an earlier run recorded in the journal.
 - ``conclude``: how an ended job is counted, what its outcome is, whether the journal closes
   it, and the event to report.
+- ``Intake``: what to do with each input item (refuse it, pick it up from the journal, or
+  submit it).
 
 ``_batch`` drives these (task group, feeder, submitters, deadline, Ctrl-C, the outcome
 stream); everything here is tested with plain values.
@@ -41,9 +43,11 @@ __all__ = [
     "Counts",
     "Ended",
     "FileNames",
+    "Intake",
     "Job",
     "ResumePlan",
     "Stop",
+    "Take",
     "conclude",
     "definitive",
     "file_stem",
@@ -362,3 +366,75 @@ class FileNames:
             return None
         rule = f"gives the same file name as job {first} ({stem}.mp4); names must differ"
         return ValidationError([FieldError(f"requests[{index}].name", rule, name)])
+
+
+# -- one input item -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Take:
+    """What to do with one input item (see ``Intake.take``)."""
+
+    index: int
+    request: VideoRequest | None = None
+    name: str | None = None
+    refused: Success | Failure | None = None
+    """The outcome to hand out now, nothing sent: a bad item, a file name another job has, a
+    request that changed under the journal."""
+    plan: ResumePlan | None = None
+    """How to pick up the job an earlier run recorded (None: none was recorded)."""
+    key: str | None = None
+    """The recorded idempotency key to submit with again (``resubmit``)."""
+
+    @property
+    def submits(self) -> bool:
+        """Whether the job is to be submitted (new, afresh, or again with its recorded key)."""
+        return self.refused is None and (
+            self.plan is None or self.plan.action in ("afresh", "resubmit")
+        )
+
+    def job(self, new_key: Callable[[], str]) -> Job:
+        """The job to submit: with its recorded key (``resubmit``), else a fresh one."""
+        assert self.request is not None
+        if self.key is not None:
+            return Job(self.index, self.request, self.key, self.name, journaled=True)
+        afresh = self.plan is not None and self.plan.action == "afresh"
+        return Job(self.index, self.request, new_key(), self.name, restart=afresh)
+
+
+class Intake:
+    """The input items of one batch, in order, as decisions: refuse an item (not a request,
+    a file name another job has), pick it up from the journal (``records``, by index), or
+    submit it."""
+
+    def __init__(
+        self, records: dict[int, JobRecord], *, downloads: bool, retry_failed: bool
+    ) -> None:
+        self.records = records
+        self.downloads = downloads
+        self.retry_failed = retry_failed
+        self._names = FileNames(downloads=downloads)
+
+    def take(self, index: int, item: object) -> Take:
+        unpacked = unpack(index, item)
+        if isinstance(unpacked, ValidationError):
+            return Take(index, refused=outcome_of(index, None, error=unpacked))
+        name, request = unpacked
+        clash = self._names.claim(index, name)
+        if clash is not None:
+            return Take(index, request, name, outcome_of(index, request, error=clash, name=name))
+        record = self.records.pop(index, None)
+        if record is None:
+            return Take(index, request, name)
+        plan = resume_plan(
+            record,
+            request,
+            name,
+            retry_failed=self.retry_failed,
+            downloads=self.downloads,
+            files_complete=files_complete,
+        )
+        if plan.action == "mismatch":
+            return Take(index, request, name, plan.outcome, plan)
+        key = record.idempotency_key if plan.action == "resubmit" else None
+        return Take(index, request, name, None, plan, key)

@@ -1,11 +1,14 @@
 """What a batch hands out: ``Outcome`` (``Success`` / ``Failure``), ``BatchEvent`` and
-``BatchStats`` as data, and the ``Outbox`` that streams outcomes to the caller."""
+``BatchStats`` as data, the ``Outbox`` that streams outcomes to the caller and the
+``Reporter`` that hands events to ``on_event``."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from typing import TYPE_CHECKING, Literal, final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import anyio
 import attrs
@@ -22,9 +25,12 @@ __all__ = [
     "JobInput",
     "Outbox",
     "Outcome",
+    "Reporter",
     "Success",
     "outcome_of",
 ]
+
+logger = logging.getLogger("apimart_async")
 
 EventKind = Literal["submitted", "progress", "completed", "failed", "errored"]
 JobInput = VideoRequest | tuple[str, VideoRequest]
@@ -220,3 +226,23 @@ class Outbox:
             raise StopAsyncIteration from None
         self.delivered += 1
         return outcome
+
+
+class Reporter:
+    """Hands a batch's events to its ``on_event`` callback (if any); an exception in the
+    callback is logged, never raised into the batch."""
+
+    def __init__(self, on_event: Callable[[BatchEvent], None] | None) -> None:
+        self.on_event = on_event
+
+    def __call__(self, event: BatchEvent) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                logger.exception("on_event callback failed")
+
+    def step(self, kind: EventKind, index: int, **fields: Any) -> None:
+        """Report a step of job ``index`` (the event is built only when someone listens)."""
+        if self.on_event is not None:
+            self(BatchEvent(kind, index, **fields))

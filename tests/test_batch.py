@@ -130,7 +130,7 @@ async def test_a_429_storm_slows_the_whole_client(emu: Emulator, client: am.Asyn
 
     def on_event(event: am.BatchEvent) -> None:
         if event.kind == "submitted":
-            limits.append(results._run._sched.limit)
+            limits.append(results._run.roster.sched.limit)
 
     async with client.batch(
         [sora(i) for i in range(30)], concurrency=16, on_event=on_event
