@@ -8,7 +8,6 @@ import logging as _logging
 import typing as _typing
 
 from ._admission import Budget
-from ._batch import Batch
 from ._client import AsyncApimart, Tasks, TaskWatch, Uploads, Videos
 from ._config import Timeout
 from ._errors import (
@@ -45,6 +44,7 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
 )
+from ._handle import Batch
 from ._jobsfile import JobLine, read_jobs
 from ._journal import JobRecord, Journal, SqliteJournal
 from ._models import (

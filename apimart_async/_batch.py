@@ -1,11 +1,12 @@
-"""``client.batch(...)``: many jobs, submitted under limits, watched by the shared poller.
+"""The batch driver: ``BatchRun`` runs the jobs of one ``client.batch(...)``, submitted under
+limits and watched by the shared poller (``Batch``, in ``_handle``, is the caller's handle).
 
-``Batch`` is the caller's handle; ``_Run`` under it owns an anyio task group (one feeder task
-that reads the input lazily, a pool of submitters, one task per job being finalised) and hands
-out outcomes through an ``Outbox``, in completion order. Pending tasks cost no task at all
-here: the client's single poller calls back when each one ends. What to do with a job (admit
-it, resume it, conclude it) is decided in ``_admission`` and ``_jobs``; what is written down,
-in ``_ledger``.
+It owns an anyio task group (one feeder task that reads the input lazily, a pool of
+submitters, the deadline, one task per job being finalised) and hands out outcomes through an
+``Outbox``, in completion order. Pending tasks cost no task at all here: the client's single
+poller calls back when each one ends. What to do with an input item or a job (refuse it,
+resume it, admit it, conclude it) is decided in ``_jobs`` and ``_admission``; where each job
+is and what it cost, kept in ``_roster``; what is written down, in ``_ledger``.
 
 With a journal, every step is recorded before it is taken (see ``_journal``), so running the
 same batch again resumes it: nothing is submitted twice and nothing is lost. With a download
@@ -16,19 +17,16 @@ is handed out; a JSONL manifest gets one line per finished job.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from pathlib import Path
-from types import TracebackType
+from collections.abc import AsyncIterable, Iterable
 from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._admission import Budget, SubmitScheduler, admit_job, require_balance
+from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
 from ._download import Downloader
 from ._errors import (
@@ -36,11 +34,9 @@ from ._errors import (
     BatchStoppedError,
     ClientClosedError,
     DownloadError,
-    FieldError,
     TaskTimeoutError,
-    ValidationError,
 )
-from ._interrupt import SigintHandler
+from ._interrupt import SigintHandler, announce_interrupt
 from ._jobs import Conclusion, Intake, Job, ResumePlan, Stop, file_stem, read_inputs
 from ._journal import JobRecord
 from ._ledger import Ledger
@@ -54,160 +50,13 @@ from ._roster import Roster
 if TYPE_CHECKING:
     from ._options import BatchOptions
 
-__all__ = ["Batch"]
-
-logger = logging.getLogger("apimart_async")
+__all__ = ["MAX_UNREAD_OUTCOMES", "BatchRun"]
 
 MAX_UNREAD_OUTCOMES = 10_000
 """Outcomes the caller has not read yet beyond which no new job is submitted (memory bound)."""
 
 
-class Batch:
-    """Run many jobs; iterate the outcomes in completion order::
-
-        async with client.batch(jobs, concurrency=16) as results:
-            async for outcome in results:
-                ...
-
-    Leaving the block early stops submitting and polling at once; the tasks already
-    submitted keep running (and are billed) at the service: ``pending_task_ids()`` lists them
-    and ``unconfirmed_submissions()`` lists submits cut off before their reply. With a
-    journal, running the same batch again picks all of them up.
-    """
-
-    def __init__(
-        self,
-        requests: Iterable[JobInput] | AsyncIterable[JobInput],
-        options: BatchOptions,
-        *,
-        api: Api,
-        poller: Poller,
-        downloader: Downloader,
-        pacing: Pacing,
-    ) -> None:
-        if not isinstance(requests, (Iterable, AsyncIterable)):
-            raise ValidationError(
-                [FieldError("requests", "must be an iterable of VideoRequest", requests)]
-            )
-        self._run = _Run(
-            requests, options, api=api, poller=poller, downloader=downloader, pacing=pacing
-        )
-        self.options = options
-        """What this batch was asked to do."""
-
-    async def __aenter__(self) -> Batch:
-        await self._run.enter()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        await self._run.exit()
-        return None
-
-    def __aiter__(self) -> AsyncIterator[Success | Failure]:
-        return self
-
-    async def __anext__(self) -> Success | Failure:
-        return await self._run.next()
-
-    @property
-    def job_timeout(self) -> float | None:
-        """Seconds one job may take from its submit to its end (None: no limit)."""
-        return self.options.job_timeout
-
-    @property
-    def timeout(self) -> float | None:
-        """Seconds the whole batch may take (None: no limit)."""
-        return self.options.timeout
-
-    @property
-    def stop_on_error(self) -> bool:
-        """Whether the first error stops submitting."""
-        return self.options.stop_on_error
-
-    @property
-    def replay_finished(self) -> bool:
-        """Whether jobs finished in an earlier run are handed out again."""
-        return self.options.replay_finished
-
-    @property
-    def retry_failed(self) -> bool:
-        """Whether jobs whose generation failed are submitted again (costs money)."""
-        return self.options.retry_failed
-
-    @property
-    def download_dir(self) -> Path | None:
-        """Where result videos go (None: not downloaded)."""
-        return self._run.download_dir
-
-    @property
-    def manifest_path(self) -> Path | None:
-        """The JSONL manifest, one line per finished job (None: none)."""
-        return self._run.manifest_path
-
-    @property
-    def max_bytes(self) -> int | None:
-        """The largest result file accepted, in bytes (None: no limit)."""
-        return self.options.max_bytes
-
-    @property
-    def sigint_grace(self) -> float | None:
-        """Seconds the first Ctrl-C leaves running tasks to finish (None: no handler)."""
-        return self.options.sigint_grace
-
-    @property
-    def interrupted(self) -> int:
-        """How many times Ctrl-C reached this batch (with ``sigint_grace``)."""
-        return self._run.interrupts
-
-    def pending_task_ids(self) -> list[str]:
-        """Tasks submitted by this batch whose end it has not seen: still running (and billed)
-        at the service. Re-attach with ``client.tasks.watch`` or ``client.tasks.wait``."""
-        return [*self._run.roster.pending, *self._run.roster.abandoned]
-
-    def unconfirmed_submissions(self) -> list[tuple[int, VideoRequest, str]]:
-        """(index, request, idempotency key) of submits cut off before their reply (by leaving
-        the batch): the task may exist. Submitting again with the same key is always safe."""
-        return [(j.index, j.request, j.key) for j in self._run.roster.unconfirmed]
-
-    @property
-    def stopped(self) -> str | None:
-        """Why the batch stopped submitting, if it did."""
-        return self._run.stopped
-
-    @property
-    def budget(self) -> Budget | None:
-        """The ``max_cost`` budget and what it has committed (None without ``max_cost``)."""
-        return self._run.roster.budget
-
-    def stats(self) -> BatchStats:
-        """The batch's counts now."""
-        return self._run.stats()
-
-    def __repr__(self) -> str:
-        s = self.stats()
-        reqs = " ".join(f"{k}={v}" for k, v in sorted(s.requests.items())) or "none"
-        stop = f" stopped: {self.stopped}" if self.stopped else ""
-        return (
-            f"<Batch read={s.read} submitted={s.submitted} pending={s.pending} | "
-            f"completed={s.completed} failed={s.failed} errored={s.errored} | "
-            f"cost=${s.cost:.2f} | requests: {reqs}{stop}>"
-        )
-
-    async def stop(self, *, grace: float = 0.0) -> None:
-        """Stop submitting now; keep following the tasks already submitted for up to ``grace``
-        seconds, then end the iteration. Unfinished jobs stay in the journal for a resume."""
-        await self._run.stop(grace=grace)
-
-    def _on_sigint(self) -> None:  # the sync facade forwards its Ctrl-C here
-        self._run.on_sigint()
-
-
-class _Run:
+class BatchRun:
     """The machinery of one batch: a task group with the feeder, the submitters and the
     deadline; the poller's callbacks; the end of each job (files, journal, manifest); Ctrl-C.
     ``Batch`` is the caller's handle on it; ``roster`` keeps where each job is."""
@@ -321,24 +170,12 @@ class _Run:
         Second: end the iteration now. The journal is consistent either way."""
         self.interrupts += 1
         tg = self._tg
-        grace = self.options.sigint_grace
-        running = self.roster.in_flight
+        grace = self.options.sigint_grace if self.interrupts == 1 and tg is not None else None
         self._stop(Stop.INTERRUPTED, notify=False)
-        if self.interrupts == 1 and tg is not None and grace:
-            logger.warning(
-                "interrupted: no new job will be submitted; following %d running task(s) for"
-                " up to %gs (Ctrl-C again stops at once); what is left is kept for a resume",
-                running,
-                grace,
-            )
+        announce_interrupt(running=self.roster.in_flight, grace=grace)
+        if tg is not None and grace:
             tg.start_soon(functools.partial(self.stop, grace=grace))
             return
-        if running:
-            logger.warning(
-                "interrupted: stopping now; %d task(s) still running at the service are"
-                " picked up by a resume",
-                running,
-            )
         self._unfollow_all()
         self._finished = True
         self._out.close()

@@ -21,7 +21,6 @@ from typing import Final, Self
 import anyio
 
 from ._api import Api, BatchRoute, check_task_id
-from ._batch import Batch
 from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader
@@ -32,6 +31,7 @@ from ._errors import (
     TaskFailedError,
     ValidationError,
 )
+from ._handle import Batch
 from ._journal import Journal
 from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
 from ._options import BatchOptions

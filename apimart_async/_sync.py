@@ -28,10 +28,10 @@ from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, o
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._batch import Batch
 from ._client import AsyncApimart, Tasks, Uploads, Videos
 from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
+from ._handle import Batch
 from ._outcomes import Failure, Success
 from ._poll_schedule import PollPolicy
 
