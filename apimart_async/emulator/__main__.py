@@ -17,7 +17,8 @@ import sys
 
 from ._network import NETWORK_PROFILES
 from ._realistic import DEFAULT_DURATIONS, PROFILES, RealisticProfile
-from ._server import BATCH_ROUTES, CONFLICT_PLACEMENTS, UNKNOWN_TASK_REPLIES, Emulator
+from ._server import Emulator
+from ._service import BATCH_ROUTES, CONFLICT_PLACEMENTS, UNKNOWN_TASK_REPLIES
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "emulator_from_args", "main", "run"]
 

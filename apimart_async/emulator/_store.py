@@ -23,7 +23,7 @@ import attrs
 
 from ._json import is_array, is_object
 from ._realistic import Curve
-from ._state import EmuTask
+from ._state import Clock, EmuTask, State, _pattern
 
 
 def _tuple(value: Any) -> Any:
@@ -143,7 +143,39 @@ class StateFile:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: bad clock or balance ({exc!r})") from None
 
+    def restore(self, state: State, clock: Clock) -> Snapshot | None:
+        """Load the file into ``state`` and ``clock`` (tasks, balance, random generator, the
+        seed and file size that made earlier result files); the snapshot, or None if there is
+        no file yet."""
+        snap = self.load()
+        if snap is not None:
+            if (snap.seed, snap.video_bytes) != (state.seed, state.video_bytes):
+                state.seed, state.video_bytes = snap.seed, snap.video_bytes
+                state.pattern = _pattern(snap.seed)
+            rng = snap.rng
+            if is_array(rng) and len(rng) == 3 and is_array(rng[1]):
+                with contextlib.suppress(TypeError, ValueError):
+                    state.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+            state.unlimited = snap.unlimited
+            state.remain_balance, state.used_balance = snap.remain_balance, snap.used_balance
+            clock.resume_from(snap.now)
+            state.restore(snap.tasks, keep_for=state.task_ttl)
+        return snap
+
     # -- writing ---------------------------------------------------------------------------------
+
+    def save(self, state: State, clock: Clock, port: int) -> None:
+        """Rewrite the file compactly from ``state`` (atomic); later changes are appended."""
+        header = {
+            "seed": state.seed,
+            "video_bytes": state.video_bytes,
+            "now": clock.now(),
+            "unlimited": state.unlimited,
+            "balance": [state.remain_balance, state.used_balance],
+            "rng": state.rng.getstate(),
+            "port": port,
+        }
+        self.rewrite(header, list(state.tasks.values()))
 
     def rewrite(self, header: dict[str, Any], tasks: list[EmuTask]) -> None:
         """Replace the file with a header and one line per task, atomically (temporary file,
