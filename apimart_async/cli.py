@@ -29,7 +29,7 @@ import apimart_async as am
 from apimart_async import report
 from apimart_async.emulator import Emulator
 
-from ._errors import UsageError
+from ._errors import UsageError as UsageError
 from ._jobsfile import _check_keys as check_keys
 from ._json import is_object
 

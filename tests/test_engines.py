@@ -12,10 +12,14 @@ import attrs
 import pytest
 
 import apimart_async as am
+from apimart_async._admission import SubmitScheduler
 from apimart_async._api import BatchRoute, Statuses
-from apimart_async._jobs import Counts, Job, ResumePlan, Stop, conclude, resume_plan
+from apimart_async._interrupt import announce_interrupt
+from apimart_async._jobs import Counts, Intake, Job, ResumePlan, Stop, conclude, resume_plan
 from apimart_async._journal import JobRecord
+from apimart_async._outcomes import Reporter
 from apimart_async._poller import Poller
+from apimart_async._roster import Roster
 
 pytestmark = pytest.mark.anyio
 
@@ -351,6 +355,17 @@ def test_batch_options_check_every_number_before_anything_is_sent() -> None:
     assert budget is not None and budget.max_cost == 2.0
 
 
+def test_a_batch_reads_its_options_back_from_batch_options(tmp_path: Path) -> None:
+    client = am.AsyncApimart("sk-test")  # never opened: nothing is sent
+    batch = client.batch([], timeout=5.0, max_bytes=10, download_dir=tmp_path, sigint_grace=0)
+    assert (batch.timeout, batch.max_bytes, batch.sigint_grace) == (5.0, 10, 0)
+    assert (batch.job_timeout, batch.stop_on_error, batch.retry_failed) == (None, False, False)
+    assert batch.replay_finished and batch.options.timeout == 5.0
+    assert (batch.download_dir, batch.manifest_path) == (tmp_path, tmp_path / "manifest.jsonl")
+    with pytest.raises(AttributeError):
+        batch.timeout = 1.0  # type: ignore[misc]  # it would not change the batch: refused
+
+
 # -- the life of a job: logic only --------------------------------------------------------------
 
 
@@ -454,3 +469,163 @@ def test_stop_reasons_read_as_before() -> None:
     assert Stop.DEADLINE.describe() == "the batch deadline passed"
     assert Stop.INPUT_FAILED.describe("OSError()") == "reading the requests failed: OSError()"
     assert Stop.JOB_FAILED.describe("task t1 (job 0) failed") == "task t1 (job 0) failed"
+
+
+# -- the roster: where each job is, the counts, the budget ----------------------------------------
+
+
+def _roster(*, concurrency: int = 2, max_cost: float | None = None) -> Roster:
+    sched = SubmitScheduler(concurrency=concurrency, max_pending=None, throttle=am.Throttle())
+    return Roster(sched, am.Budget(max_cost) if max_cost is not None else None)
+
+
+def test_roster_follows_a_job_from_its_submit_to_its_end() -> None:
+    roster = _roster(max_cost=10.0)
+    job = _job(roster.read())
+    assert roster.budget is not None
+    roster.budget.reserve(job.index, job.request, 1.0)  # what admission holds for it
+    roster.admitted(job)
+    assert (roster.submitting, roster.in_flight, roster.idle) == ({0: job}, 1, False)
+    roster.running(job, "t1", now=5.0)
+    assert (roster.submitting, roster.pending, job.submitted_at) == ({}, {"t1": job}, 5.0)
+    assert (roster.sched.in_flight, roster.sched.pending) == (0, 1)
+    assert roster.ended("t1") is job
+    assert roster.ended("t1") is None  # a second end of the same task is no end
+    assert roster.sched.pending == 0
+    end = roster.conclude(job, "t1", attrs.evolve(completed("t1"), cost=0.5))
+    assert end.ended == "completed" and roster.idle
+    assert (roster.counts.read, roster.counts.submitted, roster.counts.completed) == (1, 1, 1)
+    assert roster.counts.cost == 0.5
+    assert roster.budget.committed == 0.5  # the estimate gave way to the real cost
+
+
+def test_roster_a_failed_submit_frees_its_slot_first_and_counts_once_its_outcome_is_out() -> None:
+    roster = _roster(max_cost=10.0)
+    job = _job(roster.read())
+    assert roster.budget is not None
+    roster.budget.reserve(job.index, job.request, 1.0)
+    roster.admitted(job)
+    roster.submit_failed(job)
+    assert roster.sched.in_flight == 0 and roster.budget.committed == 0.0
+    assert roster.submitting == {0: job} and roster.counts.errored == 0  # outcome being written
+    roster.dropped(job)
+    assert roster.submitting == {} and roster.counts.errored == 1 and roster.idle
+
+
+def test_roster_leaving_lists_submits_in_flight_and_a_late_reply_takes_its_job_off() -> None:
+    roster = _roster()
+    first, second = _job(roster.read()), _job(roster.read())
+    roster.admitted(first)
+    roster.admitted(second)
+    roster.left()
+    assert roster.unconfirmed == [first, second]
+    roster.running(first, "t1", now=1.0)
+    roster.confirmed(first)
+    assert roster.unconfirmed == [second] and list(roster.pending) == ["t1"]
+
+
+def test_roster_timed_out_tasks_are_abandoned_and_earlier_costs_carry_over() -> None:
+    roster = _roster(max_cost=10.0)
+    roster.carry_costs(
+        [
+            _record(state="done", cost=1.5),
+            _record(index=1, state="downloading", cost=0.5),
+            _record(index=2, state="pending", cost=9.0),  # not paid for yet
+        ]
+    )
+    assert roster.counts.cost == 2.0
+    assert roster.budget is not None and roster.budget.spent == 2.0
+    job = _job(roster.read())
+    roster.reattached(job, "t9", now=3.0)
+    assert roster.pending == {"t9": job} and roster.counts.submitted == 1
+    assert roster.ended("t9") is job
+    end = roster.conclude(job, "t9", am.TaskTimeoutError("t9", 5.0))
+    assert end.ended == "errored" and roster.abandoned == ["t9"]
+    roster.replayed("failed")
+    roster.refetching()
+    assert (roster.counts.replayed, roster.counts.failed, roster.finishing) == (1, 1, 1)
+
+
+def test_roster_stats_show_the_batchs_own_requests() -> None:
+    roster = _roster()
+    roster.baseline = {"submit": 3, "task": 10}
+    stats = roster.stats(elapsed=2.0, requests={"submit": 5, "task": 10, "batch": 1})
+    assert stats.requests == {"submit": 2, "batch": 1}  # the client's earlier ones left out
+    assert stats.elapsed == 2.0
+
+
+# -- intake: what to do with each input item --------------------------------------------------------
+
+
+def test_intake_refuses_a_bad_item_and_a_name_clash_and_submits_the_rest() -> None:
+    intake = Intake({}, downloads=True, retry_failed=False)
+    request = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+    take = intake.take(0, "not a request")
+    assert isinstance(take.refused, am.Failure) and not take.submits
+    assert isinstance(take.refused.error, am.ValidationError)
+    assert intake.take(1, ("a/b", request)).submits
+    clash = intake.take(2, ("a_b", request))  # the same file as job 1
+    assert clash.refused is not None and "same file name as job 1" in str(clash.refused.error)
+    take = intake.take(3, request)
+    job = take.job(lambda: "am-new")
+    assert (job.index, job.key, job.journaled, job.restart) == (3, "am-new", False, False)
+
+
+def test_intake_picks_recorded_jobs_up_from_the_journal() -> None:
+    from apimart_async._converter import task_to_wire
+
+    request = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+    done = task_to_wire(completed("t3"))
+    records = {
+        0: _record(state="submitting"),
+        1: _record(index=1, state="pending", task_id="t1"),
+        2: _record(index=2, state="refused"),
+        3: _record(index=3, state="done", task_id="t3", task=done, status="completed"),
+        4: _record(index=4, state="pending", task_id="t4", fingerprint="0" * 64),
+    }
+    intake = Intake(records, downloads=False, retry_failed=False)
+    again = intake.take(0, request)
+    assert again.submits and again.job(lambda: "am-new").key == "am-recorded"  # same key
+    reattach = intake.take(1, request)
+    assert not reattach.submits and reattach.plan is not None
+    assert (reattach.plan.action, reattach.plan.task_id) == ("reattach", "t1")
+    afresh = intake.take(2, request)
+    job = afresh.job(lambda: "am-new")
+    assert (job.key, job.restart) == ("am-new", True)  # no task exists: a new key
+    replay = intake.take(3, request)
+    assert replay.plan is not None and replay.plan.action == "replay" and not replay.submits
+    changed = intake.take(4, request)
+    assert changed.refused is not None  # the input changed under the journal: nothing sent
+    assert isinstance(changed.refused.error, am.JournalMismatchError)
+    assert records == {} and intake.take(5, request).plan is None
+
+
+# -- reporting and Ctrl-C ---------------------------------------------------------------------------
+
+
+def test_reporter_hands_events_over_and_logs_a_failing_callback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[am.BatchEvent] = []
+    Reporter(seen.append).step("submitted", 3, task_id="t1")
+    assert seen == [am.BatchEvent("submitted", 3, "t1")]
+    Reporter(None).step("submitted", 3)  # nobody listens: nothing is built
+
+    def broken(event: am.BatchEvent) -> None:
+        raise RuntimeError("display gone")
+
+    Reporter(broken)(am.BatchEvent("completed", 1))  # does not raise
+    assert "on_event callback failed" in caplog.text
+
+
+def test_a_ctrl_c_says_what_happens_to_the_running_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    announce_interrupt(running=3, grace=30.0)
+    assert "following 3 running task(s) for up to 30s" in caplog.text
+    caplog.clear()
+    announce_interrupt(running=2, grace=None)
+    assert "stopping now; 2 task(s) still running" in caplog.text
+    caplog.clear()
+    announce_interrupt(running=0, grace=0.0)
+    assert caplog.text == ""  # nothing running, nothing to say
