@@ -198,3 +198,18 @@ def _options(**kwargs: object) -> object:
     from apimart_async._options import BatchOptions
 
     return BatchOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_architecture_md_names_every_module() -> None:
+    text = (Path(__file__).resolve().parent.parent / "ARCHITECTURE.md").read_text("utf-8")
+    missing = [
+        path.name
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.name != "_version.py" and f"`{path.name}`" not in text
+    ]
+    missing += [
+        f"emulator/{path.name}"
+        for path in sorted((PACKAGE / "emulator").glob("_*.py"))
+        if path.name not in ("__init__.py", "__main__.py", "_json.py") and path.name not in text
+    ]
+    assert missing == []

@@ -1,4 +1,5 @@
-"""The emulator's aiohttp.web server and its ``Emulator`` handle.
+"""The emulator's ``Emulator``: its settings, its lifecycle (the aiohttp server) and its
+controls. Its routes are in ``_routes``, its work outside requests in ``_background``.
 
 Shapes follow apimart-api.md. Where that page says [assumed], this emulator picks one plausible
 shape and says so here:

@@ -1,6 +1,6 @@
 """The emulated service's state: clock, tasks and their lifecycle, idempotency, money, counters.
 
-Plain synchronous code; the aiohttp handlers in ``_server`` call it.
+Plain synchronous code; the aiohttp handlers in ``_routes`` and the controls in ``_server`` call it.
 """
 
 from __future__ import annotations
