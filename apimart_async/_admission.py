@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
+from ._checks import check_non_negative_number
 from ._errors import BudgetExceededError, InsufficientBalanceError
 from ._pacing import Throttle
 
@@ -86,8 +87,7 @@ class Budget:
     def __init__(
         self, max_cost: float, estimate: Callable[[Any], float | None] | None = None
     ) -> None:
-        if not (isinstance(max_cost, (int, float)) and max_cost >= 0 and math.isfinite(max_cost)):
-            raise ValueError(f"max_cost must be a non-negative number of USD, got {max_cost!r}")
+        check_non_negative_number("max_cost", max_cost, unit="USD", finite=True)
         self.max_cost: float = float(max_cost)
         """The limit, in USD."""
         self.spent: float = 0.0

@@ -16,6 +16,7 @@ from ._errors import FieldError, OptionError
 
 __all__ = [
     "check_int",
+    "check_non_negative_number",
     "check_non_negative_seconds",
     "check_positive_int",
     "check_positive_number",
@@ -63,9 +64,18 @@ def check_seconds(name: str, value: object) -> None:
     check_positive_number(name, value, unit="of seconds", allow_none=True)
 
 
+def check_non_negative_number(name: str, value: object, *, unit: str, finite: bool) -> None:
+    """A number >= 0 (infinity too, unless ``finite``); ``unit`` names what it counts."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value >= 0
+        or (finite and not math.isfinite(value))
+    ):
+        raise OptionError([FieldError(name, f"must be >= 0 {unit}", value)])
+
+
 def check_non_negative_seconds(name: str, value: object) -> None:
     """Zero or more seconds, or None."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise OptionError([FieldError(name, "must be >= 0 seconds", value)])
+    if value is not None:
+        check_non_negative_number(name, value, unit="seconds", finite=False)

@@ -67,12 +67,7 @@ class BatchOptions:
         if self.poll is not None and not isinstance(self.poll, PollPolicy):
             raise ValidationError([FieldError("poll", "must be a PollPolicy", self.poll)])
         if self.max_cost is not None:
-            try:
-                Budget(self.max_cost)
-            except ValueError as exc:
-                raise ValidationError(
-                    [FieldError("max_cost", str(exc).split(", got")[0], self.max_cost)]
-                ) from None
+            Budget(self.max_cost)  # its own check
         check_non_negative_seconds("sigint_grace", self.sigint_grace)
 
     @classmethod

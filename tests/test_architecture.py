@@ -182,6 +182,8 @@ def test_moved_exceptions_are_importable_where_they_were() -> None:
         (lambda: _options(concurrency=0), "concurrency"),
         (lambda: _options(job_timeout=-1), "job_timeout"),
         (lambda: _options(requests_per_second=float("inf")), "requests_per_second"),
+        (lambda: _options(max_cost=float("nan")), "max_cost"),
+        (lambda: am.Budget(-1.0), "max_cost"),
     ],
 )
 def test_every_numeric_check_raises_option_error_naming_the_field(make: object, field: str) -> None:
