@@ -337,7 +337,11 @@ class AsyncApimart:
             sigint_grace: handle Ctrl-C while the batch runs (main thread only): the first
                 stops submitting and follows running tasks for this many seconds, the second
                 ends the iteration at once; ``results.interrupted`` tells. The journal keeps
-                everything needed to resume.
+                everything needed to resume. Honoured only where the application left SIGINT
+                to Python (the main thread, with Python's or ``asyncio.run``'s handler in
+                force); elsewhere (a server with its own handler, a worker thread) a no-op
+                with one ``ApimartWarning``: call ``await results.stop(grace=...)`` there.
+                The handler found before is put back when the batch ends.
 
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.
