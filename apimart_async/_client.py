@@ -206,10 +206,14 @@ class AsyncApimart:
         """Close the client: running waits and batches end with ``ClientClosedError``."""
         self._poller.close("the client was closed")
         runner, self._runner = self._runner, None
-        if runner is not None:
-            self._stop_runner.set()
-            await runner
-        await self._transport.aclose()
+        try:
+            if runner is not None:
+                self._stop_runner.set()
+                await runner
+        finally:
+            # closed even when this close is cancelled (no "Unclosed client session")
+            with anyio.CancelScope(shield=True):
+                await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
         return await self.open()
