@@ -48,6 +48,8 @@ logger = logging.getLogger("apimart_async")
 
 #: A language code for ``?language=`` (``en``, ``zh-TW``, ``pt_BR``): passed through as given.
 _LANGUAGE: Final = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+#: Seconds of failed status reads after which waits end with APIConnectionError (issue 21).
+DEFAULT_WAIT_UNREACHABLE: Final = 300.0
 
 
 class AsyncApimart:
@@ -80,6 +82,11 @@ class AsyncApimart:
             ``http://user:pass@proxy.example:3128`` (credentials are never shown).
         trust_env: without ``proxy``, follow ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
             (read when the client opens), as requests and httpx do; False ignores them.
+        wait_unreachable: seconds without a single status read getting through (connection
+            errors, timeouts, 5xx; counted from the first failed read with no success since)
+            after which every wait (``generate``, ``tasks.wait``, ``tasks.watch``, batch jobs)
+            ends with ``APIConnectionError``, logged at WARNING; the tasks may still be
+            running at the service. Default 300; None waits for ever.
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class AsyncApimart:
         ssl: _ssl.SSLContext | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
+        wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
     ) -> None:
         key = resolve_api_key(api_key)
         if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
@@ -125,6 +133,9 @@ class AsyncApimart:
             max_status_concurrency,
             minimum=status_concurrency,
             least=least,
+        )
+        check_positive_number(
+            "wait_unreachable", wait_unreachable, unit="of seconds", allow_none=True, finite=True
         )
         if poll is not None and not isinstance(poll, PollPolicy):
             raise ConfigurationError(f"poll must be a PollPolicy, got {type(poll).__name__}")
@@ -163,6 +174,7 @@ class AsyncApimart:
             pacing=transport.pacing,
             retries=lambda: transport.counters["retries"],
             reads=reads,
+            unreachable=None if wait_unreachable is None else float(wait_unreachable),
         )
         # The batch route's times are the poller's clock (an emulator's compressed one too).
         self._api.clock = self._poller.now
@@ -250,6 +262,11 @@ class AsyncApimart:
     def max_retries(self) -> int:
         """Retries after the first attempt of a retryable request."""
         return self._transport.max_retries
+
+    @property
+    def wait_unreachable(self) -> float | None:
+        """Seconds of failed status reads after which waits end (None: never)."""
+        return self._poller.unreachable
 
     @property
     def poll_policy(self) -> PollPolicy:

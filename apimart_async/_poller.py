@@ -17,7 +17,11 @@ reported back to the schedule, whatever the round raised. What a result means:
   ``PollPolicy.not_found_grace`` seconds apart (absence from a batch reply is not even that:
   such an id is read by id first);
 - anything else (connection errors, timeouts, 408, 429, 5xx, a reply that is not even JSON,
-  after the transport's retries): read again after a backoff, until the wait's deadline.
+  after the transport's retries): read again after a backoff, until the wait's deadline;
+- and when no status read at all has got through for ``unreachable`` seconds (the client's
+  ``wait_unreachable``; counted from the first failed read with no success since; a 429 or any
+  other answer of the service counts as reachable), every wait ends with
+  ``APIConnectionError``, logged at WARNING: failing loud rather than polling in silence.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ._errors import (
     ClientClosedError,
     NotFoundError,
     NoVideoError,
+    RateLimitError,
     ResponseValidationError,
     TaskTimeoutError,
 )
@@ -113,6 +118,7 @@ class Poller:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         reads: StatusWindow | None = None,
+        unreachable: float | None = None,
     ) -> None:
         self._fetch = fetch
         self._batched = batched
@@ -131,6 +137,11 @@ class Poller:
         self._watchers: dict[str, _Watchers] = {}
         self._wake = anyio.Event()
         self._closed = False
+        #: Seconds without one status read getting through after which every wait ends
+        #: with APIConnectionError (None: never).
+        self.unreachable: float | None = unreachable
+        self._failing_since: float | None = None
+        self._last_failure: ApimartError | None = None
         #: Check rounds run and task statuses read, for stats and benchmarks.
         self.rounds: int = 0
         self.checks: int = 0
@@ -244,6 +255,7 @@ class Poller:
         tasks. None when it read some; else the clock's seconds until something is due
         (``inf``: nothing is watched). The loop waits that long (or until ``watch``)."""
         now = self._clock()
+        self._give_up_if_unreachable(now)
         for task_id in self.schedule.expired(now):
             entry = self._watchers.get(task_id)
             timeout = entry.timeout if entry is not None and entry.timeout is not None else 0.0
@@ -266,6 +278,8 @@ class Poller:
         delay = math.inf if wakeup is None else max(0.0, wakeup - self._clock())
         if window_full:  # a read coming back frees a slot (and wakes the loop)
             delay = math.inf if self.reads.in_flight else delay
+        if self._failing_since is not None and self.unreachable is not None and self._watchers:
+            delay = min(delay, max(0.0, self._failing_since + self.unreachable - now))
         return delay
 
     async def _check(self, ids: list[str]) -> None:
@@ -350,6 +364,7 @@ class Poller:
         reason: ApimartError | None = None
         for task_id in ids:
             result = results.get(task_id)
+            self._note_reachability(result, now)
             if isinstance(result, Task):
                 self._on_task(task_id, result, now, wall)
                 continue
@@ -382,6 +397,40 @@ class Poller:
                 f"{type(reason).__name__}: {reason}" if reason is not None else "no answer",
             )
             self.schedule.on_error(retry, now)
+        self._give_up_if_unreachable(now)
+
+    # -- failing loud: the service unreachable for ``unreachable`` seconds ---------------------
+
+    def _note_reachability(self, result: Task | ApimartError | None, now: float) -> None:
+        """A read that got an answer from the service (a task, a 4xx, a 429...) restarts the
+        count; one that did not (connection error, timeout, 5xx, garbage) starts it."""
+        if result is None or isinstance(result, ClientClosedError):
+            return
+        if isinstance(result, (Task, RateLimitError)):
+            self._failing_since = None
+        elif classify(result) == "transient":
+            self._last_failure = result
+            if self._failing_since is None:
+                self._failing_since = now
+        else:
+            self._failing_since = None
+
+    def _give_up_if_unreachable(self, now: float) -> None:
+        since, limit = self._failing_since, self.unreachable
+        if since is None or limit is None or now - since < limit or not self._watchers:
+            return
+        self._failing_since = None  # a later wait gets its own ``unreachable`` seconds
+        last = self._last_failure
+        reason = (
+            f"the API has been unreachable for {now - since:.0f}s (wait_unreachable={limit:g}):"
+            f" no status read got through; last error: "
+            + (f"{type(last).__name__}: {last}" if last is not None else "none")
+        )
+        logger.warning("%s; ending %d wait(s)", reason, len(self._watchers))
+        for task_id in list(self._watchers):
+            self._finish(
+                task_id, APIConnectionError(f"{reason} (task {task_id} may still be running)")
+            )
 
     def _on_task(self, task_id: str, task: Task, now: float, wall: float) -> None:
         if task.ok and not task.video_urls:

@@ -27,7 +27,7 @@ from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, o
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._client import AsyncApimart, Tasks, Uploads, Videos
+from ._client import DEFAULT_WAIT_UNREACHABLE, AsyncApimart, Tasks, Uploads, Videos
 from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
 from ._handle import Batch
@@ -334,6 +334,7 @@ class Apimart(_Facade):
         ssl: _ssl.SSLContext | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
+        wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
     ) -> None:
         stack = contextlib.ExitStack()
         loop = _Loop(stack.enter_context(start_blocking_portal()))
@@ -355,6 +356,7 @@ class Apimart(_Facade):
                     ssl=ssl,
                     proxy=proxy,
                     trust_env=trust_env,
+                    wait_unreachable=wait_unreachable,
                 )
             )
         except BaseException:
