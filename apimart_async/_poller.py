@@ -422,7 +422,7 @@ class Poller:
         self._failing_since = None  # a later wait gets its own ``unreachable`` seconds
         last = self._last_failure
         reason = (
-            f"the API has been unreachable for {now - since:.0f}s (wait_unreachable={limit:g}):"
+            f"the API has been unreachable for {round(now - since, 1):g}s (wait_unreachable={limit:g}):"
             f" no status read got through; last error: "
             + (f"{type(last).__name__}: {last}" if last is not None else "none")
         )
