@@ -70,6 +70,8 @@ Read = Callable[[str], Awaitable[Task]]
 
 
 ReadVerdict = Literal["gone", "hard", "transient"]
+#: Seconds of failed status reads before a WARNING says so (half ``unreachable`` if less).
+_WARN_AFTER = 30.0
 
 
 def classify(exc: ApimartError) -> ReadVerdict:
@@ -142,6 +144,7 @@ class Poller:
         self.unreachable: float | None = unreachable
         self._failing_since: float | None = None
         self._last_failure: ApimartError | None = None
+        self._warned_since: float | None = None  # the outage already warned about
         #: Check rounds run and task statuses read, for stats and benchmarks.
         self.rounds: int = 0
         self.checks: int = 0
@@ -406,25 +409,50 @@ class Poller:
         count; one that did not (connection error, timeout, 5xx, garbage) starts it."""
         if result is None or isinstance(result, ClientClosedError):
             return
-        if isinstance(result, (Task, RateLimitError)):
-            self._failing_since = None
-        elif classify(result) == "transient":
+        if (
+            isinstance(result, ApimartError)
+            and not isinstance(result, RateLimitError)
+            and classify(result) == "transient"
+        ):
             self._last_failure = result
             if self._failing_since is None:
                 self._failing_since = now
-        else:
-            self._failing_since = None
+            return
+        self._failing_since = None
+        if self._warned_since is not None:
+            logger.info(
+                "status reads get through again after %gs", round(now - self._warned_since, 1)
+            )
+            self._warned_since = None
 
     def _give_up_if_unreachable(self, now: float) -> None:
+        """One WARNING once reads have failed for a while (30 s, or half the limit), then
+        at the limit: every wait ends with APIConnectionError, said at WARNING too."""
         since, limit = self._failing_since, self.unreachable
-        if since is None or limit is None or now - since < limit or not self._watchers:
+        if since is None or not self._watchers:
+            return
+        last = self._last_failure
+        error = f"{type(last).__name__}: {last}" if last is not None else "no answer"
+        warn_after = _WARN_AFTER if limit is None else min(_WARN_AFTER, limit / 2)
+        if self._warned_since != since and now - since >= warn_after:
+            self._warned_since = since
+            logger.warning(
+                "status reads have failed for %gs (%s); %d wait(s) %s",
+                round(now - since, 1),
+                error,
+                len(self._watchers),
+                "keep waiting (wait_unreachable=None)"
+                if limit is None
+                else f"end with APIConnectionError in {max(0.0, since + limit - now):.0f}s"
+                f" unless a read gets through (wait_unreachable={limit:g})",
+            )
+        if limit is None or now - since < limit:
             return
         self._failing_since = None  # a later wait gets its own ``unreachable`` seconds
-        last = self._last_failure
+        self._warned_since = None
         reason = (
-            f"the API has been unreachable for {round(now - since, 1):g}s (wait_unreachable={limit:g}):"
-            f" no status read got through; last error: "
-            + (f"{type(last).__name__}: {last}" if last is not None else "none")
+            f"the API has been unreachable for {round(now - since, 1):g}s"
+            f" (wait_unreachable={limit:g}): no status read got through; last error: {error}"
         )
         logger.warning("%s; ending %d wait(s)", reason, len(self._watchers))
         for task_id in list(self._watchers):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = r'''
+SCRIPT = r"""
 import asyncio
 import sys
 
@@ -56,7 +56,7 @@ async def main() -> None:
 
 
 asyncio.run(main())
-'''
+"""
 
 #: One line (or its start) per kind of WARNING the script provokes.
 EXPECTED = [

@@ -8,6 +8,7 @@ client-level tests run against the emulator with every status route failing and 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import anyio
@@ -79,6 +80,46 @@ async def test_waits_end_with_api_connection_error_after_wait_unreachable() -> N
         assert "unreachable" in str(result) and "wait_unreachable=300" in str(result)
         assert "Cannot connect to host" in str(result)
     assert len(poller) == 0
+
+
+async def test_one_warning_early_in_an_outage_then_one_when_giving_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not 300 s of silence: one WARNING once reads have failed for 30 s (half the limit if
+    that is less), one more when the waits are given up."""
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    poller.watch("task_a", lambda i, r: None)
+    start = clock.now
+    with caplog.at_level(logging.INFO, logger="apimart_async"):
+        await _run_until(poller, clock, start + 25.0)
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        await _run_until(poller, clock, start + 45.0)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1
+        text = warnings[0].getMessage()
+        assert text.startswith("status reads have failed for ")
+        assert "Cannot connect to host" in text and "APIConnectionError" in text
+        assert "1 wait(s) end with APIConnectionError in 2" in text  # 25x s from now
+        await _run_until(poller, clock, start + 290.0)
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+        await _run_until(poller, clock, start + 320.0)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 2
+        assert "the API has been unreachable" in warnings[1].getMessage()
+
+
+async def test_the_end_of_an_outage_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    poller.watch("task_a", lambda i, r: None)
+    start = clock.now
+    with caplog.at_level(logging.INFO, logger="apimart_async"):
+        await _run_until(poller, clock, start + 60.0)
+        service.down = False
+        await _run_until(poller, clock, start + 120.0)
+    back = [r for r in caplog.records if "get through again" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO
 
 
 async def test_a_successful_read_restarts_the_count() -> None:
