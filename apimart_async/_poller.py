@@ -19,9 +19,9 @@ reported back to the schedule, whatever the round raised. What a result means:
 - anything else (connection errors, timeouts, 408, 429, 5xx, a reply that is not even JSON,
   after the transport's retries): read again after a backoff, until the wait's deadline;
 - and when no status read at all has got through for ``unreachable`` seconds (the client's
-  ``wait_unreachable``; counted from the first failed read with no success since; a 429 or any
-  other answer of the service counts as reachable), every wait ends with
-  ``APIConnectionError``, logged at WARNING: failing loud rather than polling in silence.
+  ``wait_unreachable``; counted from the first failed read with no success since, while
+  something waits; a 429 or any other answer of the service counts as reachable), every wait
+  ends with ``APIConnectionError``, logged at WARNING: failing loud, not polling in silence.
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ class Poller:
             )
             return
         now = self._clock()
+        if not self._watchers:  # idle until now: no evidence of an outage in the meantime
+            self._failing_since = self._warned_since = None
         entry = self._watchers.get(task_id)
         if entry is None:
             entry = self._watchers[task_id] = _Watchers()

@@ -138,6 +138,29 @@ async def test_a_successful_read_restarts_the_count() -> None:
     assert isinstance(ended["task_a"], am.APIConnectionError)
 
 
+async def test_an_idle_poller_forgets_an_old_outage() -> None:
+    """The count runs while something waits: a wait that starts after an idle spell gets its
+    full ``wait_unreachable`` even if the last reads, long ago, failed."""
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    first: dict[str, am.Task | ApimartError] = {}
+
+    def on_first(task_id: str, result: am.Task | ApimartError) -> None:
+        first[task_id] = result
+
+    poller.watch("task_a", on_first)
+    await _run_until(poller, clock, clock.now + 200.0)
+    poller.unwatch("task_a", on_first)  # e.g. the handler went away: nothing is watched
+    clock.now += 10_000.0
+    ended: dict[str, am.Task | ApimartError] = {}
+    poller.watch("task_b", lambda i, r: ended.setdefault(i, r))
+    start = clock.now
+    await _run_until(poller, clock, start + 250.0)
+    assert ended == {} and first == {}
+    await _run_until(poller, clock, start + 320.0)
+    assert isinstance(ended["task_b"], am.APIConnectionError)
+
+
 async def test_none_waits_for_ever() -> None:
     service, clock = Service(), FakeClock()
     poller = _poller(service, clock, None)
