@@ -1,5 +1,6 @@
 """Warnings somebody sees (issue 21): every WARNING the SDK logs (the switch to per-task status
-reads, waits given up on an unreachable API, a callback that failed) reaches stderr under a
+reads, status reads that keep failing, waits given up on an unreachable API, a callback that
+failed) reaches stderr under a
 bare ``python script.py`` (Python's last-resort handler: WARNING and up, when nothing is
 configured) and under uvicorn's default logging config (which configures only its own
 ``uvicorn*`` loggers). Each case runs a real script in a subprocess and reads its stderr."""
@@ -63,6 +64,7 @@ EXPECTED = [
     "batch status route unusable",  # the switch to per-task reads
     "on_event callback failed",  # a callback that raised (with its traceback)
     "RuntimeError: a bug in the application's callback",
+    "status reads have failed for",  # a poll that keeps failing (before giving up)
     "the API has been unreachable",  # waits given up (wait_unreachable)
 ]
 
