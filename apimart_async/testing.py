@@ -80,7 +80,8 @@ class ClientOptions(TypedDict, total=False):
     download_concurrency: int
     """Result files downloaded at once."""
     wait_unreachable: float | None
-    """Seconds of failed status reads after which waits end with ``APIConnectionError``."""
+    """Seconds of failed status reads after which waits end (``apimart_async.AsyncApimart``'s
+    ``wait_unreachable``)."""
 
 
 def follow_clock(client: AsyncApimart, emulator: Emulator) -> None:
