@@ -395,7 +395,10 @@ class PollSchedule:
             lo, hi = w.t0 + w.implied[0] * trust[0], w.t0 + w.implied[1] * trust[1]
             if now < hi and hi - lo <= lag:
                 w.narrow_until = hi
-                self._set(w, max(hi, now + min(w.policy.min_interval, lag) * 0.5))
+                soonest = now + min(w.policy.min_interval, lag) * 0.5
+                # max_interval from its last check still caps the wait
+                cap = (now if w.last_at is None else w.last_at) + w.policy.max_interval
+                self._set(w, max(soonest, min(hi, cap)))
 
     @staticmethod
     def _backoff(w: _Watch) -> float:
@@ -519,8 +522,10 @@ class PollSchedule:
             # A window narrower than target_lag (learned): one check at its latest end sees
             # the end within target_lag. If that check finds the task running, the window was
             # wrong for this task: from then on it is followed as any other.
+            # (max_interval still caps the wait: an end progress mispredicted is not missed
+            # for longer than that)
             w.narrow_until = hi
-            self._set(w, max(hi, now + min(p.min_interval, lag) * 0.5))
+            self._set(w, min(max(hi, now + min(p.min_interval, lag) * 0.5), now + p.max_interval))
             return
         if now + lag < lo:
             # before the window: nothing to learn until its edge (max_interval still caps)

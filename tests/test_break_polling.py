@@ -1,0 +1,94 @@
+"""Trying the poller as a new user would (issues 11 and 22): odd policies, progress that
+misleads, a trusted kind's one check at the end its progress implies. Fake clock only."""
+
+from __future__ import annotations
+
+import pytest
+
+import apimart_async as am
+from apimart_async._poll_schedule import PollSchedule
+from apimart_async._priors import KindPrior
+
+KIND = "sora-2/8//text"
+
+
+def trusted(policy: am.PollPolicy) -> PollSchedule:
+    """A schedule whose kind's progress proved straight (50 tasks, within 0.1 %)."""
+    s = PollSchedule(policy)
+    s.priors.merge(
+        {
+            KIND: KindPrior(
+                samples=50,
+                duration_lo=5.0,
+                duration_hi=600.0,
+                progress_samples=50,
+                progress_lo=0.999,
+                progress_hi=1.0,
+            )
+        }
+    )
+    return s
+
+
+def running(task_id: str, progress: int | None = None) -> am.Task:
+    return am.Task(id=task_id, status=am.TaskStatus.PROCESSING, progress=progress)
+
+
+@pytest.mark.parametrize("target_lag", [10.0, 30.0])
+def test_the_one_check_at_the_end_progress_implies_still_obeys_max_interval(
+    target_lag: float,
+) -> None:
+    """max_interval is 'the longest wait between two checks of a running task, whatever the
+    prediction says'. With target_lag 10 s, 50 % at 70 s implies an end 70 s later, within a
+    window (1.4 s) narrower than target_lag: the one check there must still come within
+    max_interval (60 s), or an end the progress mispredicted is seen minutes late."""
+    policy = am.PollPolicy(jitter=0.0, target_lag=target_lag)
+    s = trusted(policy)
+    s.add("a", now=0.0, kind=KIND)
+    first = s.next_check("a")
+    assert first is not None and s.due(first, batched=False) == ["a"]
+    s.on_status(running("a", 1), first)
+    second = s.next_check("a")
+    assert second == pytest.approx(first + policy.max_interval)
+    assert s.due(second, batched=False) == ["a"]
+    s.on_status(running("a", 50), second)
+    third = s.next_check("a")
+    assert third is not None
+    assert third - second <= policy.max_interval + 1e-9
+
+
+def test_tasks_moved_when_their_kind_earns_trust_still_obey_max_interval() -> None:
+    """The same bound when trust arrives while a task waits: b's end is the 20th progress
+    sample; a (50 % at 210 s of age, an end 210 s later implied) must not be moved past
+    max_interval after its last check."""
+    policy = am.PollPolicy(jitter=0.0, target_lag=10.0)
+    s = PollSchedule(policy)
+    s.priors.merge(
+        {
+            KIND: KindPrior(
+                samples=50,
+                duration_lo=5.0,
+                duration_hi=600.0,
+                progress_samples=s.priors.min_samples - 1,
+                progress_lo=0.999,
+                progress_hi=1.0,
+            )
+        }
+    )
+    s.add("a", now=0.0, submitted_at=-200.0, kind=KIND)
+    s.add("b", now=0.0, kind=KIND)
+    assert sorted(s.due(10.0, batched=False)) == ["a", "b"]
+    s.on_status(
+        am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=50, estimated_time=800.0),
+        10.0,
+    )
+    assert s.next_check("a") == pytest.approx(70.0)  # the estimate's window: max_interval caps
+    s.on_status(running("b", 47), 10.0)
+    assert s.next_check("b") == pytest.approx(20.0)
+    assert s.due(20.0, batched=False) == ["b"]
+    s.on_status(running("b", 95), 20.0)  # it ends at the 21 s this implies, seen at 30 s
+    assert s.due(30.0, batched=False) == ["b"]
+    assert s.on_status(am.Task(id="b", status=am.TaskStatus.COMPLETED, progress=100), 30.0)
+    assert s.priors.progress_trust(KIND) is not None  # b earned the kind its trust
+    moved = s.next_check("a")
+    assert moved is not None and moved <= 10.0 + policy.max_interval + 1e-9
