@@ -3,11 +3,15 @@ misleads, a trusted kind's one check at the end its progress implies. Fake clock
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 import apimart_async as am
 from apimart_async._poll_schedule import PollSchedule
 from apimart_async._priors import KindPrior
+from apimart_async.emulator import RealisticProfile
+from apimart_async.emulator._realistic import Curve
 
 KIND = "sora-2/8//text"
 
@@ -28,6 +32,18 @@ def trusted(policy: am.PollPolicy) -> PollSchedule:
         }
     )
     return s
+
+
+def straight(duration: float) -> Curve:
+    """Progress in a straight line from the submit to the end, in whole percents."""
+
+    class _Straight:
+        def status(self, age: float) -> tuple[str, int]:
+            if age >= duration:
+                return "completed", 100
+            return "processing", int(age / duration * 100)
+
+    return _Straight()  # type: ignore[return-value]
 
 
 def running(task_id: str, progress: int | None = None) -> am.Task:
@@ -92,3 +108,61 @@ def test_tasks_moved_when_their_kind_earns_trust_still_obey_max_interval() -> No
     assert s.priors.progress_trust(KIND) is not None  # b earned the kind its trust
     moved = s.next_check("a")
     assert moved is not None and moved <= 10.0 + policy.max_interval + 1e-9
+
+
+def run_jobs(
+    schedule: PollSchedule, jobs: list[tuple[float, int, Curve]], kind: str
+) -> list[float]:
+    """Per-task reads of these jobs, all submitted at 0, replies in the same instant, on a
+    fake clock: each job's lag (seen done - its end)."""
+    for i in range(len(jobs)):
+        schedule.add(f"t{i}", now=0.0, kind=kind)
+    lags: list[float] = []
+    now = 0.0
+    while len(schedule):
+        wake = schedule.next_wakeup()
+        assert wake is not None
+        now = max(now, wake)
+        for task_id in schedule.due(now, batched=False):
+            duration, estimate, curve = jobs[int(task_id[1:])]
+            status, progress = curve.status(now)
+            task = am.Task(
+                id=task_id,
+                status=am.TaskStatus(status),
+                progress=progress,
+                estimated_time=float(estimate),
+            )
+            if schedule.on_status(task, now):
+                lags.append(now - duration)
+    return lags
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="progress trust overrides the estimate's early edge: a trusted kind whose progress "
+    "turns uneven (slow start, jump at the end) is not checked until the end its progress "
+    "implies, and the tasks in flight then see their ends up to max_interval late",
+)
+def test_a_kind_whose_straight_progress_turns_uneven_still_sees_ends_within_target_lag() -> None:
+    """30 jobs of 30-60 s with straight progress teach the kind its progress is exact; then
+    the service's progress turns realistic (a slow start, plateaus, a jump to 100 at the
+    end: the task ends before the end its progress implies). The estimate (off by up to
+    25 %) still brackets every end: the 50 jobs in flight must not pay for the trust."""
+    rng = random.Random(3)
+    policy = am.PollPolicy(jitter=0.0)
+    s = PollSchedule(policy)
+    teach = []
+    for _ in range(30):
+        d = rng.uniform(30.0, 60.0)
+        teach.append((d, round(d * rng.uniform(0.8, 1.2)), straight(d)))
+    run_jobs(s, teach, KIND)
+    assert s.priors.progress_trust(KIND) is not None
+    control = PollSchedule(policy)  # nothing learned: the estimate's window
+    profile = RealisticProfile(durations={"viduq3": (30, 60)})
+    uneven = [profile.draw(rng, "viduq3", 5) for _ in range(50)]
+    control_lags = run_jobs(control, uneven, KIND)
+    assert len(control_lags) == 50 and max(control_lags) <= policy.target_lag
+    lags = sorted(run_jobs(s, uneven, KIND))
+    assert len(lags) == 50
+    # now: 48 of 50 later than target_lag, p50 17.5 s, the worst 39.5 s
+    assert lags[44] <= policy.target_lag and lags[-1] <= 3 * policy.target_lag
