@@ -166,3 +166,43 @@ def test_a_kind_whose_straight_progress_turns_uneven_still_sees_ends_within_targ
     assert len(lags) == 50
     # now: 48 of 50 later than target_lag, p50 17.5 s, the worst 39.5 s
     assert lags[44] <= policy.target_lag and lags[-1] <= 3 * policy.target_lag
+
+
+@pytest.mark.parametrize(
+    "hints",
+    [
+        {"estimated_time": "60s"},
+        {"estimated_time": "soon"},
+        {"progress": "50%"},
+        {"progress": {"value": 50}},
+        {"created": "2026-11-30T03:00:00Z"},
+        {"actual_time": "40 s", "completed": "2026-11-30T03:01:00Z"},
+    ],
+)
+@pytest.mark.parametrize("route", ["task", "batch"])
+def test_an_unreadable_hint_does_not_make_a_running_or_finished_task_unreadable(
+    hints: dict[str, object], route: str
+) -> None:
+    """progress, estimated_time, actual_time, created and completed only steer the schedule:
+    a service (or a channel in front of it) that writes one as '60s' or '50%' or an ISO date
+    must not turn every read of a billed task into ResponseValidationError (which ends the
+    job with an error after hard_error_tries reads)."""
+    import json
+
+    from apimart_async._converter import parse_task, parse_task_items
+
+    video = {"result": {"videos": [{"url": ["https://cdn.example.com/v.mp4"]}]}}
+    for status, extra in (("processing", {}), ("completed", video)):
+        data = {"id": "task_1", "status": status, **extra, **hints}
+        if route == "task":
+            task = parse_task(json.dumps({"code": 200, "data": data}).encode())
+        else:
+            body = json.dumps({"code": 200, "data": [data]}).encode()
+            tasks, bad = parse_task_items(body)
+            assert bad == {}
+            (task,) = tasks
+        assert task.id == "task_1" and task.status.value == status
+        for name in hints:
+            assert getattr(task, name) is None
+        if status == "completed":
+            assert task.ok and task.videos
