@@ -4,10 +4,14 @@ misleads, a trusted kind's one check at the end its progress implies. Fake clock
 from __future__ import annotations
 
 import random
+import sqlite3
+from pathlib import Path
 
+import anyio
 import pytest
 
 import apimart_async as am
+from apimart_async._journal import SqliteJournal
 from apimart_async._poll_schedule import PollSchedule
 from apimart_async._priors import KindPrior
 from apimart_async.emulator import RealisticProfile
@@ -206,3 +210,45 @@ def test_an_unreadable_hint_does_not_make_a_running_or_finished_task_unreadable(
             assert getattr(task, name) is None
         if status == "completed":
             assert task.ok and task.videos
+
+
+def test_priors_a_journal_carries_that_no_run_could_have_learned_are_passed_over(
+    tmp_path: Path,
+) -> None:
+    """A journal is a file a user may copy between services or edit: a priors row with a
+    text, infinite, negative or inverted value is passed over (as a row with a bad kind is),
+    not a raw ValueError when the batch opens it, nor a TypeError later in the poller."""
+    path = tmp_path / "run.sqlite"
+
+    async def opened() -> None:
+        journal = SqliteJournal(path)
+        await journal.open()
+        await journal.close()
+
+    anyio.run(opened)
+    conn = sqlite3.connect(path)
+    conn.executemany(
+        "INSERT INTO priors VALUES (?, ?, ?, ?, ?, ?, 0)",
+        [
+            ("text", 30, "abc", 2.0, None, None),
+            ("ratio text", 30, 1.0, 2.0, "x", 1.2),
+            ("infinite", 30, 1.0, 9e999, 0.8, 1.2),
+            ("negative", 30, -5.0, 2.0, 0.8, 1.2),
+            ("inverted", 30, 3.0, 1.0, 0.8, 1.2),
+            ("ratio inverted", 30, 1.0, 2.0, 1.2, 0.8),
+            ("ratio zero", 30, 1.0, 2.0, 0.0, 1.2),
+            ("good", 30, 1.0, 2.0, 0.8, 1.2),
+        ],
+    )
+    conn.commit()
+    conn.close()
+
+    async def load() -> dict[str, KindPrior]:
+        journal = SqliteJournal(path)
+        await journal.open()
+        try:
+            return await journal.load_priors()
+        finally:
+            await journal.close()
+
+    assert anyio.run(load) == {"good": KindPrior(30, 1.0, 2.0, 0.8, 1.2)}
