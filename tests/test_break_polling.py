@@ -128,6 +128,7 @@ def run_jobs(
         assert wake is not None
         now = max(now, wake)
         for task_id in schedule.due(now, batched=False):
+            schedule.reads = getattr(schedule, "reads", 0) + 1  # type: ignore[attr-defined]
             duration, estimate, curve = jobs[int(task_id[1:])]
             status, progress = curve.status(now)
             task = am.Task(
@@ -289,17 +290,9 @@ def test_one_absurd_estimate_does_not_poison_the_kind_for_good() -> None:
     follow = jobs(100)
     requests = {}
     for name, s in (("clean", clean), ("poisoned", poisoned)):
-        count = [0]
-        orig = s.due
-
-        def due(now: float, *, batched: bool = True, limit: int | None = None) -> list[str]:
-            out = orig(now, batched=batched, limit=limit)
-            count[0] += len(out)
-            return out
-
-        s.due = due  # type: ignore[method-assign]
+        s.reads = 0  # type: ignore[attr-defined]
         lags = run_jobs(s, follow, KIND)
         assert len(lags) == 100 and max(lags) <= policy.target_lag
-        requests[name] = count[0] / 100
+        requests[name] = s.reads / 100  # type: ignore[attr-defined]
     # now: clean 6.4 status reads per job, poisoned 17.1
     assert requests["poisoned"] <= 1.5 * requests["clean"]
