@@ -61,8 +61,13 @@ def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
 
 
 def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value <= 1):
         raise ValueError(f"PollPolicy.{attribute.name} must be between 0 and 1, got {value!r}")
+
+
+def _flag(_: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"PollPolicy.{attribute.name} must be True or False, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -95,7 +100,7 @@ class PollPolicy:
     estimate_margin: float = attrs.field(default=0.25, validator=_fraction)
     """Estimates are trusted to within this fraction: with no progress to go on, the next check
     comes at the early edge of the estimate (then progress says the rest)."""
-    use_progress: bool = True
+    use_progress: bool = attrs.field(default=True, validator=_flag)
     """Whether progress reports move the predicted end."""
     not_found_grace: float = attrs.field(default=10.0, validator=_positive)
     """A task the service says it does not know ends as ``NotFoundError`` only once it has said so

@@ -296,3 +296,22 @@ def test_one_absurd_estimate_does_not_poison_the_kind_for_good() -> None:
         requests[name] = s.reads / 100  # type: ignore[attr-defined]
     # now: clean 6.4 status reads per job, poisoned 17.1
     assert requests["poisoned"] <= 1.5 * requests["clean"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_lag", True),
+        ("max_interval", False),
+        ("jitter", True),
+        ("estimate_margin", False),
+        ("use_progress", "no"),
+        ("target_lag", "2"),
+    ],
+)
+def test_a_policy_value_of_the_wrong_type_is_refused_naming_the_field(
+    field: str, value: object
+) -> None:
+    """PollPolicy(target_lag=True) was taken as 1 s, and use_progress="no" as true."""
+    with pytest.raises(ValueError, match=f"PollPolicy.{field}"):
+        am.PollPolicy(**{field: value})  # type: ignore[arg-type]
