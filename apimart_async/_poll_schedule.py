@@ -44,6 +44,7 @@ from typing import Final
 import attrs
 
 from ._checks import check_positive_int, check_positive_number
+from ._errors import FieldError, OptionError
 from ._models import Task
 from ._priors import Priors
 
@@ -62,12 +63,16 @@ def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
 
 def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value <= 1):
-        raise ValueError(f"PollPolicy.{attribute.name} must be between 0 and 1, got {value!r}")
+        raise OptionError(
+            [FieldError(f"PollPolicy.{attribute.name}", "must be between 0 and 1", value)]
+        )
 
 
 def _flag(_: object, attribute: attrs.Attribute[bool], value: bool) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"PollPolicy.{attribute.name} must be True or False, got {value!r}")
+        raise OptionError(
+            [FieldError(f"PollPolicy.{attribute.name}", "must be True or False", value)]
+        )
 
 
 @attrs.frozen(kw_only=True)

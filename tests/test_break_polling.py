@@ -313,5 +313,5 @@ def test_a_policy_value_of_the_wrong_type_is_refused_naming_the_field(
     field: str, value: object
 ) -> None:
     """PollPolicy(target_lag=True) was taken as 1 s, and use_progress="no" as true."""
-    with pytest.raises(ValueError, match=f"PollPolicy.{field}"):
+    with pytest.raises(am.OptionError, match=f"PollPolicy.{field}"):
         am.PollPolicy(**{field: value})  # type: ignore[arg-type]
