@@ -310,7 +310,7 @@ def test_removed_tasks_are_never_due() -> None:
 def test_policy_validation() -> None:
     with pytest.raises(ValueError, match="PollPolicy.min_interval: must be a positive number"):
         am.PollPolicy(min_interval=0)
-    with pytest.raises(ValueError, match="PollPolicy.jitter must be between 0 and 1"):
+    with pytest.raises(ValueError, match="PollPolicy.jitter: must be between 0 and 1"):
         am.PollPolicy(jitter=2)
 
 
