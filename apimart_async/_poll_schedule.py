@@ -520,9 +520,13 @@ class PollSchedule:
             hi = start + p.default_estimate / max(1e-9, 1 - m)
         trust = None if w.narrow_missed else self._trust(w.kind)
         if trust is not None and w.implied is not None and start is not None:
-            # a kind whose progress proved straight: its window, when it is the narrower
+            # a kind whose progress proved straight: its window, within the one the estimate
+            # gives (if any); when the two do not meet, this task's progress
+            # is not what the kind taught (a slow start, say) and the wider window stands
             lo_p, hi_p = start + w.implied[0] * trust[0], start + w.implied[1] * trust[1]
-            if hi_p - lo_p < hi - lo:
+            if estimate is not None:
+                lo_p, hi_p = max(lo_p, lo), min(hi_p, hi)
+            if lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
                 learned = True
         if w.predicted is None or lo < w.predicted:
