@@ -42,6 +42,7 @@ from ._errors import (
     SubmitIndeterminateError,
     TaskFailedError,
     TaskTimeoutError,
+    UploadError,
     ValidationError,
 )
 from ._handle import Batch
@@ -60,6 +61,7 @@ from ._models import (
 from ._outcomes import BatchEvent, BatchStats, Failure, Outcome, Success
 from ._pacing import Throttle
 from ._poll_schedule import PollPolicy
+from ._references import LocalFile, UploadStats
 from ._retry import set_testing
 from ._specs import MODEL_SPECS as _MODEL_SPECS
 from ._specs import IntRange, ModelSpec
@@ -106,6 +108,7 @@ __all__ = [
     "Journal",
     "JournalError",
     "JournalMismatchError",
+    "LocalFile",
     "ModelSpec",
     "NoVideoError",
     "NotFoundError",
@@ -133,6 +136,8 @@ __all__ = [
     "Tasks",
     "Throttle",
     "Timeout",
+    "UploadError",
+    "UploadStats",
     "UploadedImage",
     "Uploads",
     "ValidationError",
