@@ -212,9 +212,9 @@ def prepare_request(
             try:
                 local = check_file(canonical[0] if canonical else ref, kind, policy, checked)
                 if canonical is not None and canonical[1] != local.sha256:
-                    raise _Refused("the file changed since this request was made (sha256)")
-            except _Refused as exc:
-                errors.append(FieldError(name, exc.rule, ref))
+                    raise _refused("the file changed since this request was made (sha256)")
+            except ValidationError as exc:
+                errors.append(FieldError(name, exc.errors[0].rule, ref))
                 out.append(ref)
                 continue
             limit = spec.image_max_bytes if spec is not None and kind == "image" else None
@@ -242,34 +242,34 @@ def check_file(
     policy: MediaPolicy,
     checked: dict[tuple[str, int, int, int], LocalFile] | None = None,
 ) -> LocalFile:
-    """Resolve, check and hash one local entry (``_Refused`` with the rule it breaks)."""
+    """Resolve, check and hash one local entry (``ValidationError`` with the rule it breaks)."""
     try:
         given = Path(_local_path(ref))
         if "\x00" in str(given):
             raise ValueError("is not a valid path (it holds a NUL character)")
     except ValueError as exc:
-        raise _Refused(str(exc)) from None
+        raise _refused(str(exc)) from None
     path = Path(os.path.realpath(policy.base / given))
     if not policy.allow_any_path and not any(path.is_relative_to(r) for r in policy.roots):
         roots = " or ".join(str(r) for r in policy.roots)
-        raise _Refused(
+        raise _refused(
             f"resolves to {path}, outside {roots}: a file is only sent from there unless any"
             " path is allowed (a jobs file can name any file, and it would be uploaded)"
         )
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise _Refused(f"file not found ({path})") from None
+        raise _refused(f"file not found ({path})") from None
     except OSError as exc:
-        raise _Refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
+        raise _refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise _Refused(f"is not a regular file ({path})")
+        raise _refused(f"is not a regular file ({path})")
     limit = MAX_UPLOAD_BYTES if kind == "image" else MAX_DATA_VIDEO_BYTES
     if st.st_size > limit:
         what = "the upload endpoint takes" if kind == "image" else "a data: video may be"
-        raise _Refused(f"is {st.st_size} bytes; {what} at most {limit // 2**20} MB")
+        raise _refused(f"is {st.st_size} bytes; {what} at most {limit // 2**20} MB")
     if st.st_size == 0:
-        raise _Refused(f"is empty ({path})")
+        raise _refused(f"is empty ({path})")
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     known = checked.get(key) if checked is not None else None
     if known is not None and known.kind == kind:
@@ -277,16 +277,16 @@ def check_file(
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise _Refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
+        raise _refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
     if kind == "image":
         sniffed = sniff_image(data)
         if sniffed is None:
-            raise _Refused("is not a JPEG, PNG, WebP or GIF image (judged by its content)")
+            raise _refused("is not a JPEG, PNG, WebP or GIF image (judged by its content)")
         content_type = sniffed[0]
     else:
         video_type = sniff_video(data)
         if video_type is None:
-            raise _Refused("is not an MP4, QuickTime or WebM video (judged by its content)")
+            raise _refused("is not an MP4, QuickTime or WebM video (judged by its content)")
         content_type = video_type
     local = LocalFile(path, _sha256(data), len(data), content_type, kind)
     if checked is not None:
@@ -471,12 +471,9 @@ class References:
             self._loaded = True
 
 
-class _Refused(Exception):
-    """A local entry breaks a rule (turned into a ``FieldError`` by ``prepare``)."""
-
-    def __init__(self, rule: str) -> None:
-        super().__init__(rule)
-        self.rule = rule
+def _refused(rule: str) -> ValidationError:
+    """A local entry breaks ``rule`` (``prepare_request`` names the field)."""
+    return ValidationError([FieldError("file", rule, has_value=False)])
 
 
 def _sha256(data: bytes) -> str:
