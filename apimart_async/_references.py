@@ -346,20 +346,21 @@ class References:
         """An input item (``VideoRequest`` or ``(name, VideoRequest)``) with its request
         prepared, or the outcome refusing it (a local file breaks a rule; nothing sent)."""
         name: str | None = None
-        request = item
+        request: object = item
         if isinstance(item, tuple):
             pair = cast("tuple[object, ...]", item)
             if len(pair) == 2 and isinstance(pair[0], str):
                 name, request = pair[0], pair[1]
         if not isinstance(request, VideoRequest) or not has_local_refs(request):
-            return item, None
+            return cast("object", item), None
         try:
             prepared = await self.prepare(request)
         except ValidationError as exc:
             failure = outcome_of(index, request, error=exc, name=name)
             assert isinstance(failure, Failure)
             return item, failure
-        return (prepared if name is None else (name, prepared)), None
+        out: object = prepared if name is None else (name, prepared)
+        return out, None
 
     # -- step 2: right before a job's submit ---------------------------------------------------
 
