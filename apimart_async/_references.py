@@ -346,13 +346,14 @@ class References:
         """An input item (``VideoRequest`` or ``(name, VideoRequest)``) with its request
         prepared, or the outcome refusing it (a local file breaks a rule; nothing sent)."""
         name: str | None = None
+        given: object = item  # returned as given (pyright narrows ``item`` below)
         request: object = item
         if isinstance(item, tuple):
             pair = cast("tuple[object, ...]", item)
             if len(pair) == 2 and isinstance(pair[0], str):
                 name, request = pair[0], pair[1]
         if not isinstance(request, VideoRequest) or not has_local_refs(request):
-            return cast("object", item), None
+            return given, None
         try:
             prepared = await self.prepare(request)
         except ValidationError as exc:
