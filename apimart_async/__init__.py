@@ -41,6 +41,7 @@ from ._errors import (
     SubmitIndeterminateError,
     TaskFailedError,
     TaskTimeoutError,
+    UploadError,
     ValidationError,
 )
 from ._handle import Batch
@@ -59,6 +60,7 @@ from ._models import (
 from ._outcomes import BatchEvent, BatchStats, Failure, Outcome, Success
 from ._pacing import Throttle
 from ._poll_schedule import PollPolicy
+from ._references import LocalFile, UploadStats
 from ._retry import set_testing
 from ._specs import MODEL_SPECS as _MODEL_SPECS
 from ._specs import IntRange, ModelSpec
@@ -105,6 +107,7 @@ __all__ = [
     "Journal",
     "JournalError",
     "JournalMismatchError",
+    "LocalFile",
     "ModelSpec",
     "NoVideoError",
     "NotFoundError",
@@ -132,6 +135,8 @@ __all__ = [
     "Tasks",
     "Throttle",
     "Timeout",
+    "UploadError",
+    "UploadStats",
     "UploadedImage",
     "Uploads",
     "ValidationError",

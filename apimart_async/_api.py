@@ -8,6 +8,7 @@ those engines get the few of its methods they need (see ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from ._errors import (
     SubmitIndeterminateError,
     ValidationError,
 )
-from ._models import Balance, Task, UploadedImage, VideoRequest
+from ._models import Balance, Task, UploadedImage, VideoRequest, is_local_ref
 from ._poll_schedule import BATCH_IDS
 from ._retry import is_retryable_status
 from ._status_window import StatusWindow
@@ -260,6 +261,19 @@ class Api:
                     )
                 ]
             )
+        local = [
+            FieldError(
+                f"{field}[{i}]",
+                "is a local file: client.batch uploads it (or upload it with"
+                " client.uploads.image and pass the URL)",
+                ref,
+            )
+            for field in ("image_urls", "video_urls")
+            for i, ref in enumerate(getattr(request, field))
+            if is_local_ref(ref)
+        ]
+        if local:  # never send a local path to the service
+            raise ValidationError(local)
         key = (
             new_idempotency_key()
             if idempotency_key is None
@@ -486,7 +500,8 @@ class Api:
 
         def form() -> aiohttp.FormData:
             fd = aiohttp.FormData()
-            fd.add_field("file", data, filename=name, content_type=content_type)
+            # A stream, not bytes: aiohttp warns that a large raw body may block the loop.
+            fd.add_field("file", io.BytesIO(data), filename=name, content_type=content_type)
             return fd
 
         return await self.transport.request(

@@ -45,7 +45,9 @@ from ._outcomes import BatchStats, Failure, JobInput, Outbox, Reporter, Success,
 from ._pacing import Pacing, RateLimiter
 from ._poller import Poller
 from ._priors import kind_of
+from ._references import MediaPolicy, References
 from ._roster import Roster
+from ._upload_cache import cache_for
 
 if TYPE_CHECKING:
     from ._options import BatchOptions
@@ -89,6 +91,9 @@ class BatchRun:
         self.download_dir, self.manifest_path = options.paths()
         priors = poller.schedule.priors  # issue 22: learned priors, kept in the journal
         self._ledger = Ledger(options.make_journal(), self.manifest_path, priors=priors)
+        #: Local reference files (issue 18): checked when read, uploaded once by content.
+        policy = MediaPolicy.of(options.media_root, allow_any_path=options.allow_any_path)
+        self.refs = References(api, policy, wall=poller.wall)
         self._report = Reporter(options.on_event)
         self.interrupts = 0
         self._sigint = SigintHandler(self.on_sigint)
@@ -114,6 +119,7 @@ class BatchRun:
         if self.options.check_balance:
             require_balance(await self._api.balance(), self.roster.budget)
         self._records = await self._ledger.open()
+        self.refs.attach(cache_for(self._ledger.journal))
         try:
             await self._enter()
         except BaseException:
@@ -225,7 +231,12 @@ class BatchRun:
                     item = await inputs.__anext__()
                 except StopAsyncIteration:
                     break
-                take = intake.take(self.roster.read(), item)
+                index = self.roster.read()
+                item, refused = await self.refs.prepare_item(index, item)  # local files
+                if refused is not None:
+                    self._refuse(refused)
+                    continue
+                take = intake.take(index, item)
                 if take.refused is not None:
                     self._refuse(take.refused)
                     continue
@@ -293,8 +304,9 @@ class BatchRun:
 
     async def _submit(self, job: Job) -> None:
         try:
+            sent = await self.refs.materialize(job.request)  # local files -> uploaded URLs
             await self._ledger.before_submit(job)
-            task_id = await self._api.submit(job.request, idempotency_key=job.key)
+            task_id = await self._api.submit(sent, idempotency_key=job.key)
         except ApimartError as exc:
             self.roster.submit_failed(job)
             outcome = outcome_of(

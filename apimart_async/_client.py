@@ -13,7 +13,7 @@ import math
 import os
 import re
 import ssl as _ssl
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -320,6 +320,8 @@ class AsyncApimart:
         replay_finished: bool = True,
         retry_failed: bool = False,
         sigint_grace: float | None = None,
+        media_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        allow_any_path: bool = False,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
 
@@ -363,6 +365,13 @@ class AsyncApimart:
                 force); elsewhere (a server with its own handler, a worker thread) a no-op
                 with one ``ApimartWarning``: call ``await results.stop(grace=...)`` there.
                 The handler found before is put back when the batch ends.
+            media_root: local reference files (paths in ``image_urls`` / ``video_urls``) must
+                lie under this folder (or one of these folders), and relative paths start
+                there (at the first; default: the current folder). Each distinct file is
+                uploaded once (by sha256); with a journal, its URL is reused by later runs
+                until it expires.
+            allow_any_path: send local files from anywhere (symlinks are followed before the
+                ``media_root`` check; only lift it for requests you wrote yourself).
 
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.

@@ -16,6 +16,7 @@
     │   ├── DownloadExpiredError             its URL expired, also after a refresh
     │   └── DownloadTooLargeError            it is larger than max_bytes
     ├── ReplayedError                        an error recorded by an earlier run (journal)
+    ├── UploadError                          a job's local reference file could not be uploaded
     ├── ClientClosedError                    the client is not open, or was closed meanwhile
     ├── APIConnectionError                   the request did not get a complete reply
     │   ├── APITimeoutError (TimeoutError)   ... because a timeout ran out
@@ -78,6 +79,7 @@ __all__ = [
     "SubmitIndeterminateError",
     "TaskFailedError",
     "TaskTimeoutError",
+    "UploadError",
     "UsageError",
     "ValidationError",
     "status_error_class",
@@ -387,6 +389,18 @@ class BatchStoppedError(ApimartError):
 
 class BudgetExceededError(BatchStoppedError):
     """Budget reached: submitting this job could pass ``max_cost``; it was not submitted."""
+
+
+class UploadError(ApimartError):
+    """A local reference file of a job could not be uploaded (after retries), or changed after
+    it was checked. ``field`` is the request's entry (``image_urls[0]``), ``path`` the file and
+    ``reason`` what went wrong (the error from the upload, when there is one)."""
+
+    def __init__(self, field: str, path: str, reason: object) -> None:
+        super().__init__(f"{field}: could not upload {path}: {reason}")
+        self.field = field
+        self.path = path
+        self.reason = reason
 
 
 class ReplayedError(ApimartError):

@@ -17,6 +17,7 @@ from ._models import VideoRequest
 from ._outcomes import BatchStats, Failure, JobInput, Success
 from ._pacing import Pacing
 from ._poller import Poller
+from ._references import UploadStats
 
 if TYPE_CHECKING:
     from ._options import BatchOptions
@@ -125,6 +126,11 @@ class Batch:
     def interrupted(self) -> int:
         """How many times Ctrl-C reached this batch (with ``sigint_grace``)."""
         return self._run.interrupts
+
+    @property
+    def uploads(self) -> UploadStats:
+        """What this batch did with local reference files: uploaded, reused, failed."""
+        return self._run.refs.stats
 
     def pending_task_ids(self) -> list[str]:
         """Tasks submitted by this batch whose end it has not seen: still running (and billed)

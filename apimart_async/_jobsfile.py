@@ -12,6 +12,13 @@ written (numbers and true/false as such). Empty cells are left unset.
 
 A model name a small edit away from a known one (``sora2-preview``) is an error unless
 ``allow_unknown_model``. Line numbers in errors start at 1.
+
+Local reference files (``"image_urls": ["refs/bear.png"]``, absolute paths, ``file://`` URLs)
+resolve against the jobs file's folder and must lie inside it or a ``media_root`` (symlinks
+followed) unless ``allow_any_path``: a jobs file may come from someone else, and each file it
+names is sent to the service. Each one is checked here (exists, regular file, size, type by
+its content, the model's formats) and the request names it by path and sha256
+(``_references``); ``JobLine.files`` lists them.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import csv
 import functools
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,6 +39,7 @@ from ._errors import ApimartWarning, FieldError, JobsFileError, ValidationError
 from ._jobs import file_stem
 from ._json import is_object
 from ._models import _TYPED_FIELDS, VideoRequest
+from ._references import LocalFile, MediaPolicy, MediaRoot, has_local_refs, prepare_request
 from ._specs import MODEL_SPECS
 
 __all__ = ["JobLine", "read_jobs"]
@@ -53,6 +62,8 @@ class JobLine:
     """The validated request."""
     warnings: tuple[str, ...] = ()
     """What validation warned about (the service would ignore something)."""
+    files: tuple[LocalFile, ...] = ()
+    """The local reference files the line names (checked and hashed)."""
 
 
 _KNOWN_KEYS = ("model", "name", "extra", *_TYPED_FIELDS)
@@ -144,12 +155,23 @@ def _csv_value(key: str, text: str) -> Any:
         return text
 
 
-def read_jobs(path: str | Path, *, allow_unknown_model: bool = False) -> list[JobLine]:
+def read_jobs(
+    path: str | Path,
+    *,
+    allow_unknown_model: bool = False,
+    media_root: MediaRoot | None = None,
+    allow_any_path: bool = False,
+) -> list[JobLine]:
     """Every job of the file, or JobsFileError listing every bad line (nothing is sent).
 
     ``allow_unknown_model``: send a model name close to a known one (``sora2-preview``)
-    as written instead of refusing it as a likely typo."""
+    as written instead of refusing it as a likely typo. ``media_root``: a folder (or several)
+    local reference files may also come from, besides the jobs file's own; ``allow_any_path``:
+    from anywhere. Run the jobs with ``client.batch(media_root=[<the jobs file's folder>,
+    *media_root])`` and the same ``allow_any_path``."""
     p = Path(path)
+    policy = media_policy(p, media_root, allow_any_path=allow_any_path)
+    checked: dict[tuple[str, int, int, int], LocalFile] = {}
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
@@ -164,8 +186,11 @@ def read_jobs(path: str | Path, *, allow_unknown_model: bool = False) -> list[Jo
     problems: list[tuple[int, str]] = []
 
     def add(n: int, build: Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]) -> None:
+        files: tuple[LocalFile, ...] = ()
         try:
             name, request, notes = build()
+            if has_local_refs(request):
+                request, files = prepare_request(request, policy, checked)
         except ValidationError as exc:
             problems.extend((n, str(e)) for e in exc.errors)
             return
@@ -174,7 +199,7 @@ def read_jobs(path: str | Path, *, allow_unknown_model: bool = False) -> list[Jo
                 (n, str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply")
             )
             return
-        jobs.append(JobLine(n, name, request, notes))
+        jobs.append(JobLine(n, name, request, notes, files))
 
     if is_csv:
         try:
@@ -226,6 +251,24 @@ def read_jobs(path: str | Path, *, allow_unknown_model: bool = False) -> list[Jo
     if not jobs:
         raise JobsFileError(str(p), [(0, "no jobs in the file")])
     return jobs
+
+
+def media_roots(path: str | Path, media_root: MediaRoot | None = None) -> list[Path]:
+    """The folders a jobs file's local files may come from: its own folder, then
+    ``media_root`` (give them to ``client.batch(media_root=...)``)."""
+    roots = [Path(os.path.realpath(Path(path).parent))]
+    if isinstance(media_root, (str, os.PathLike)):
+        roots.append(Path(media_root))
+    elif media_root is not None:
+        roots.extend(Path(r) for r in media_root)
+    return roots
+
+
+def media_policy(
+    path: str | Path, media_root: MediaRoot | None = None, *, allow_any_path: bool = False
+) -> MediaPolicy:
+    """Relative paths start at the jobs file's folder; files must lie under ``media_roots``."""
+    return MediaPolicy.of(media_roots(path, media_root), allow_any_path=allow_any_path)
 
 
 def _shared_files(jobs: list[JobLine]) -> list[tuple[int, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,15 +44,32 @@ _TYPED_FIELDS = (
 _IMAGE_EXTENSIONS = frozenset({"jpeg", "jpg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic"})
 
 
-def _to_tuple(value: Sequence[str]) -> tuple[str, ...]:
-    """``image_urls`` / ``video_urls`` as given (a sequence of URLs), as a tuple.
+def _to_tuple(value: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    """``image_urls`` / ``video_urls`` as given (a sequence of URLs or local paths), as a
+    tuple; a ``pathlib.Path`` entry becomes its string (a local path, see ``is_local_ref``).
 
     Anything else is kept as it is, so that validation names the field and the rule (a bare
     string is a common slip for a one-element list; a type checker cannot catch it, as a
     ``str`` is a sequence of strings)."""
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
-        return tuple(value)
+        return tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
     return value  # type: ignore[return-value]  # refused by check_request
+
+
+#: A URL scheme (``ftp:``, ``javascript:``): not taken for a local path. One letter and a
+#: colon is a Windows drive (``C:``), a path.
+_OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def is_local_ref(value: str) -> bool:
+    """Whether an ``image_urls`` / ``video_urls`` entry names a local file: a ``file://`` URL,
+    or any string with no URL scheme (``http:``, ``data:``, ``ftp:``...) in front."""
+    lowered = value[:8].lower()
+    if lowered.startswith("file://"):
+        return True
+    if lowered.startswith(("http:", "https:", "data:")):
+        return False
+    return value != "" and _OTHER_SCHEME.match(value) is None
 
 
 def _to_frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -77,9 +96,11 @@ class VideoRequest:
     prompt: str | None = None
     """What to generate. Required by most models."""
     image_urls: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_tuple)
-    """Reference images: http(s) URLs (``Uploads.image`` gives one for a local file)."""
+    """Reference images: http(s) URLs, or local files (a ``pathlib.Path``, a path string or a
+    ``file://`` URL) that ``client.batch`` uploads once each (see ``media_root``)."""
     video_urls: tuple[str, ...] = attrs.field(default=(), kw_only=True, converter=_to_tuple)
-    """Reference videos: http(s) URLs, or ``data:video/`` URIs where the model takes them."""
+    """Reference videos: http(s) URLs, ``data:video/`` URIs where the model takes them, or
+    local files that ``client.batch`` sends as ``data:`` URIs (no video upload exists)."""
     duration: int | None = attrs.field(default=None, kw_only=True)
     """Length of the video in whole seconds."""
     resolution: str | None = attrs.field(default=None, kw_only=True)
@@ -201,12 +222,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _url_error(value: Any, *, allow_data_video: bool = False) -> str | None:
+def _url_error(
+    value: Any, *, allow_data_video: bool = False, allow_local: bool = False
+) -> str | None:
     """The rule a URL breaks, or None."""
     schemes = "an http(s) URL or a data:video/ URI" if allow_data_video else "an http(s) URL"
+    if allow_local:
+        schemes += " or a local file path"
     if not isinstance(value, str):
         return f"must be {schemes}"
     if allow_data_video and value.startswith("data:video/"):
+        return None
+    if allow_local and is_local_ref(value):
         return None
     try:
         parts = urlsplit(value)
@@ -243,7 +270,7 @@ def _check_url_list(
         return []
     good: list[str] = []
     for i, url in enumerate(cast("tuple[object, ...]", value)):
-        rule = _url_error(url, allow_data_video=allow_data_video)
+        rule = _url_error(url, allow_data_video=allow_data_video, allow_local=True)
         if rule is not None:
             errors.append(FieldError(f"{name}[{i}]", rule, url))
         elif isinstance(url, str):  # always, when there is no rule broken
@@ -400,8 +427,8 @@ def _check_spec(
     if spec.image_formats:
         allowed = ", ".join(sorted({f.upper() for f in spec.image_formats}))
         for i, url in enumerate(req.image_urls if isinstance(req.image_urls, tuple) else ()):
-            if url not in images:
-                continue
+            if url not in images or is_local_ref(url):
+                continue  # a local file's type is sniffed from its bytes (``_references``)
             ext = _extension(url)
             if ext is not None and ext not in spec.image_formats:
                 errors.append(

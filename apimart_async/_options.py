@@ -10,7 +10,7 @@ here (with its check in ``__attrs_post_init__``), the keyword and its line in th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class BatchOptions:
     replay_finished: bool = True
     retry_failed: bool = False
     sigint_grace: float | None = None
+    media_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None
+    allow_any_path: bool = False
 
     def __attrs_post_init__(self) -> None:
         check_positive_int("concurrency", self.concurrency)
@@ -69,6 +71,17 @@ class BatchOptions:
         if self.max_cost is not None:
             Budget(self.max_cost)  # its own check
         check_non_negative_seconds("sigint_grace", self.sigint_grace)
+        roots = self.media_root
+        if roots is not None and not (
+            isinstance(roots, (str, os.PathLike))
+            or (
+                isinstance(roots, Sequence)
+                and roots
+                and all(isinstance(r, (str, os.PathLike)) for r in roots)
+            )
+        ):
+            rule = "must be a folder, or a non-empty list of folders"
+            raise ValidationError([FieldError("media_root", rule, roots)])
 
     @classmethod
     def of(cls, arguments: Mapping[str, Any]) -> BatchOptions:

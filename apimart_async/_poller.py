@@ -158,6 +158,10 @@ class Poller:
     def now(self) -> float:
         return self._clock()
 
+    def wall(self) -> float:
+        """Unix time on the clock the poller schedules on (an emulator's, in tests)."""
+        return self._wall()
+
     def use_clock(
         self, clock: Callable[[], float], wall: Callable[[], float], time_scale: float = 1.0
     ) -> None:

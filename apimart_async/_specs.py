@@ -48,6 +48,9 @@ class ModelSpec:
     """(min, max) number of reference images (max None: no limit), or None: not taken."""
     image_formats: tuple[str, ...] = ()
     """Image formats by file extension, checked when the URL path has a known image extension."""
+    image_max_bytes: int | None = None
+    """The largest reference image taken, in bytes (checked for local files; None: no limit
+    known beyond the upload endpoint's 20 MB)."""
     video_count: tuple[int, int | None] | None = None
     """(min, max) number of reference videos (max None: no limit), or None: not taken."""
     durations: IntRange | tuple[int, ...] | None = None
@@ -116,6 +119,7 @@ def _sora(name: str, resolutions: tuple[str, ...] | None, summary: str) -> Model
         resolutions=resolutions,
         aspect_ratios=("landscape", "16:9", "portrait", "9:16"),
         first_image_only=True,
+        image_max_bytes=10 * 1024 * 1024,
         billing="per second of video",
         unchecked=_SORA_UNCHECKED,
     )

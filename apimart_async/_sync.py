@@ -34,6 +34,7 @@ from ._handle import Batch
 from ._interrupt import refuse, sigint_is_ours_to_take
 from ._outcomes import Failure, Success
 from ._poll_schedule import PollPolicy
+from ._references import UploadStats
 
 __all__ = ["Apimart", "SyncBatch"]
 
@@ -295,6 +296,11 @@ class SyncBatch(_Facade):
     def interrupted(self) -> int:
         """How many times Ctrl-C reached this batch (with ``sigint_grace``)."""
         return self._target.interrupted
+
+    @property
+    def uploads(self) -> UploadStats:
+        """What this batch did with local reference files: uploaded, reused, failed."""
+        return self._target.uploads
 
     def __repr__(self) -> str:
         if self._loop.closed:

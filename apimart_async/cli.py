@@ -190,6 +190,9 @@ class Progress:
         self.cost: float = 0.0  # this run only: replayed outcomes were paid for earlier
         self.earlier_cost: float = 0.0
         self.started: float = time.monotonic()
+        #: Distinct local reference files of the run, and the batch's upload counts.
+        self.files: int = 0
+        self.uploads: am.UploadStats | None = None
 
     @property
     def completed(self) -> int:
@@ -269,6 +272,12 @@ class Progress:
             eta = f" ETA {secs // 60}:{secs % 60:02d}"
         running = max(0, self.submitted - (self.done - self.replayed - self.counts["not started"]))
         c = self.counts
+        u = self.uploads
+        if u is not None and self.files and u.uploaded + u.reused < self.files:
+            # The upload phase: each distinct local file is uploaded before its first job.
+            phase = f"uploads {u.uploaded + u.reused}/{self.files}"
+            phase += f" ({u.uploading} now)" if u.uploading else ""
+            return f"{phase} | {self.done}/{self.total} submitted {self.submitted}"
         return (
             f"[{'#' * filled}{'-' * (width - filled)}] {self.done}/{self.total} "
             f"running {running} completed {c['completed']} failed {c['failed']} "
@@ -498,7 +507,12 @@ def _check_out(out: Path, flag: str = "--out") -> None:
 async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ui = args.ui
     try:
-        jobs = am.read_jobs(args.jobs, allow_unknown_model=args.allow_unknown_model)
+        jobs = am.read_jobs(
+            args.jobs,
+            allow_unknown_model=args.allow_unknown_model,
+            media_root=args.media_root,
+            allow_any_path=args.allow_any_path,
+        )
     except am.JobsFileError as exc:
         print(
             f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
@@ -545,6 +559,8 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             ui.line(f"--retry-failed: {retry_note}", level="info")
     emit_json = _print_json if args.as_json else None
     progress = Progress(len(jobs), sys.stderr, ui=ui, labels=_label_for(jobs), emit_json=emit_json)
+    progress.files = len({f.sha256 for j in jobs for f in j.files})
+    media_roots = [Path(args.jobs).parent, *(args.media_root or ())]  # as read_jobs allowed
     items = [(j.name, j.request) if j.name else j.request for j in jobs]
     gallery = report.LiveGallery(out, [(j.name, j.request) for j in jobs])
 
@@ -564,7 +580,10 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             sigint_grace=args.grace,
             retry_failed=args.retry_failed,
             on_event=on_event,
+            media_root=media_roots,
+            allow_any_path=args.allow_any_path,
         ) as results:
+            progress.uploads = results.uploads
             async for outcome in results:
                 if isinstance(outcome.error, am.JournalMismatchError):
                     line = jobs[outcome.index].line if outcome.index < len(jobs) else "?"
@@ -594,6 +613,8 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "replayed": progress.replayed,
         "cost": round(progress.cost, 6),
         "earlier_cost": round(progress.earlier_cost, 6),
+        "uploads": results.uploads.uploaded,
+        "uploads_reused": results.uploads.reused,
         "files": str(out),
         "manifest": str(out / "manifest.jsonl"),
         "journal": str(journal),
@@ -626,6 +647,10 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if progress.earlier_cost:
             cost += f" (earlier runs: ${progress.earlier_cost:.2f})"
         rows.append(("cost", cost))
+        if progress.files:
+            u = results.uploads
+            made = f"{u.uploaded} made ({_size_text(u.bytes_uploaded)}), {u.reused} reused"
+            rows.append(("uploads", made + " (from earlier runs)" * bool(u.reused)))
         if retry_note:
             rows.append(("retried", retry_note))
         rows += [("files", str(out)), ("manifest", str(out / "manifest.jsonl"))]
@@ -663,6 +688,24 @@ async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _size_text(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / 1024 / 1024:.1f} MB"
+
+
+def _files_to_upload(jobs: Sequence[am.JobLine], todo: Sequence[int]) -> list[am.LocalFile]:
+    """The distinct local files (by content) the jobs still to submit need, first path kept."""
+    files: dict[str, am.LocalFile] = {}
+    for i in todo:
+        for f in jobs[i].files:
+            if f.kind == "image":  # videos go as data: URIs, not uploads
+                files.setdefault(f.sha256, f)
+    return list(files.values())
+
+
 def _dry_run(
     args: argparse.Namespace, jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord]
 ) -> int:
@@ -679,11 +722,17 @@ def _dry_run(
     models: dict[str, int] = {}
     for job in jobs:
         models[job.request.model] = models.get(job.request.model, 0) + 1
+    uploads = _files_to_upload(jobs, todo)
+    upload_bytes = sum(f.size for f in uploads)
     if args.as_json:
         _print_json(
             {
                 "jobs": len(jobs),
                 "to_submit": len(todo),
+                "uploads": [
+                    {"path": str(f.path), "bytes": f.size, "sha256": f.sha256} for f in uploads
+                ],
+                "upload_bytes": upload_bytes,
                 "models": models,
                 "estimated_cost": None if unknown else round(total, 6),
                 "known_cost": round(total, 6),
@@ -696,6 +745,13 @@ def _dry_run(
         print(f"  {model}: {count}")
     if done:
         print(f"{len(done)} already submitted or finished (journal); {len(todo)} to submit")
+    if uploads:
+        print(
+            f"{len(uploads)} local file(s) to upload, {_size_text(upload_bytes)} in all"
+            " (each distinct file once; fewer if the journal still holds their URLs):"
+        )
+        for f in uploads:
+            print(f"  {f.path}  {_size_text(f.size)}")
     print(f"estimated cost: {_cost_text(total, unknown)}")
     if args.max_cost is not None:
         print(f"budget: --max-cost ${args.max_cost:.2f} (never exceeded)")
@@ -1068,6 +1124,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unknown-model",
         action="store_true",
         help="send model names that look like typos of known ones as written",
+    )
+    run.add_argument(
+        "--media-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="local reference files may also come from DIR (repeatable; by default only"
+        " from the jobs file's folder); each distinct file is uploaded once",
+    )
+    run.add_argument(
+        "--allow-any-path",
+        action="store_true",
+        help="upload local reference files from anywhere (only for jobs files you wrote:"
+        " each file a line names is sent to the service)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -109,13 +109,15 @@ REJECTED = [
         "gemini-omni-flash-preview",
         "x",
         {"video_urls": ["ftp://e/a.mp4"]},
-        "video_urls[0]: must be an http(s) URL or a data:video/ URI, got 'ftp://e/a.mp4'",
+        "video_urls[0]: must be an http(s) URL or a data:video/ URI or a local file path,"
+        " got 'ftp://e/a.mp4'",
     ),
     (
         "gemini-omni-flash-preview",
         "x",
         {"video_urls": ["data:image/png;base64,AA"]},
-        "video_urls[0]: must be an http(s) URL or a data:video/ URI, got 'data:image/png;base64,AA'",
+        "video_urls[0]: must be an http(s) URL or a data:video/ URI or a local file path,"
+        " got 'data:image/png;base64,AA'",
     ),
     (
         "gemini-omni-flash-preview",
@@ -281,7 +283,7 @@ REJECTED = [
         "veo3.1",
         "x",
         {"image_urls": ["javascript:alert(1)"]},
-        "image_urls[0]: must be an http(s) URL, got 'javascript:alert(1)'",
+        "image_urls[0]: must be an http(s) URL or a local file path, got 'javascript:alert(1)'",
     ),
     (
         "veo3.1",

@@ -6,6 +6,7 @@ handlers read the emulator's live settings (``Service``) and tell ``Background``
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import secrets
@@ -222,6 +223,10 @@ class Routes:
                 model, params = check_body(body)
             except RuleError as exc:
                 return _error(400, exc.message, "invalid_request_error", param=exc.param)
+            gone = self._missing_upload(body)
+            if gone is not None:  # the service fetches references: an expired upload fails
+                message = f"image_urls: cannot fetch {gone}"
+                return _error(400, message, "invalid_request_error", param="image_urls")
             if not state.can_pay(price(model, params)):
                 return _error(402, "Insufficient balance", "payment_required")
             task = state.create_task(model, params, body, key)
@@ -346,7 +351,8 @@ class Routes:
         field = form.get("file")
         if not isinstance(field, web.FileField):
             return _error(400, "missing 'file' field", "invalid_request_error", param="file")
-        data = field.file.read()
+        with field.file:  # closed here: a dropped connection would leave it to the collector
+            data = field.file.read()
         if len(data) > MAX_UPLOAD:
             return _error(413, "file must be at most 20 MB", "invalid_request_error", param="file")
         kind = _sniff(data)
@@ -360,6 +366,7 @@ class Routes:
         name = f"img_{secrets.token_hex(8)}.{kind[1]}"
         now = self._emu.clock.now()
         self._emu.state.uploads[name] = (kind[0], data, now)
+        self._emu.state.uploads_per_hash[hashlib.sha256(data).hexdigest()] += 1
         return web.json_response(
             {
                 "url": f"{self._emu.base_url}/uploads/{name}",
@@ -370,9 +377,25 @@ class Routes:
             }
         )
 
+    def _live_upload(self, name: str) -> tuple[str, bytes, float] | None:
+        item = self._emu.state.uploads.get(name)
+        if item is None or self._emu.clock.now() - item[2] > self._emu.state.upload_ttl:
+            return None
+        return item
+
+    def _missing_upload(self, body: dict[str, Any]) -> str | None:
+        """The first of this emulator's upload URLs in ``image_urls`` that is gone, if any."""
+        prefix = f"{self._emu.base_url}/uploads/"
+        urls: object = body.get("image_urls")
+        for url in cast("list[object]", urls) if isinstance(urls, list) else []:
+            known = isinstance(url, str) and url.startswith(prefix)
+            if known and self._live_upload(str(url)[len(prefix) :]) is None:
+                return str(url)
+        return None
+
     async def _uploaded(self, request: web.Request) -> web.StreamResponse:
-        item = self._emu.state.uploads.get(request.match_info["name"])
-        if item is None or self._emu.clock.now() - item[2] > 72 * 3600:
+        item = self._live_upload(request.match_info["name"])
+        if item is None:
             return web.Response(status=404, text="Not Found")
         return web.Response(body=item[1], content_type=item[0])
 

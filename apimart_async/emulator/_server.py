@@ -407,6 +407,11 @@ class Emulator:
         return len(self.state.tasks)
 
     @property
+    def uploads_per_hash(self) -> dict[str, int]:
+        """Images uploaded, by the sha256 of their content (1 each: every file sent once)."""
+        return dict(self.state.uploads_per_hash)
+
+    @property
     def tasks_per_key(self) -> dict[str, int]:
         """Tasks created per idempotency key (more than 1 anywhere would be a double charge)."""
         return dict(self.state.tasks_per_key)
@@ -422,6 +427,7 @@ class Emulator:
             "max_unfinished": s.max_unfinished,
             "max_in_flight": dict(s.max_in_flight),
             "duplicate_keys": sum(1 for n in s.tasks_per_key.values() if n > 1),
+            "uploads": sum(s.uploads_per_hash.values()),
             "submits_without_key": s.submits_without_key,
             "faults_served": {
                 f"{ep} {kind}": n for (ep, kind), n in sorted(self.faults.served.items())

@@ -198,12 +198,15 @@ class State:
         self.tasks: dict[str, EmuTask] = {}
         self.idempotency: dict[str, IdemRecord] = {}
         self.uploads: dict[str, tuple[str, bytes, float]] = {}
+        #: Seconds an uploaded image's URL lives [docs: 72 h].
+        self.upload_ttl: float = 72 * 3600.0
         self._due: list[tuple[float, str]] = []
         self.unfinished: int = 0
         # -- counters --
         self.requests: collections.Counter[str] = collections.Counter()
         self.statuses: collections.Counter[tuple[str, int]] = collections.Counter()
         self.tasks_per_key: collections.Counter[str] = collections.Counter()
+        self.uploads_per_hash: collections.Counter[str] = collections.Counter()
         self.submits_without_key: int = 0
         self.in_flight: collections.Counter[str] = collections.Counter()
         self.max_in_flight: collections.Counter[str] = collections.Counter()

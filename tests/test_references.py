@@ -1,0 +1,478 @@
+"""Local reference files in a batch (issue 18): checked before anything is sent, uploaded once
+per distinct content, reused from the journal until they expire, upload faults survived."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+import apimart_async as am
+from apimart_async.emulator import Emulator, Fault
+from apimart_async.testing import follow_clock
+
+from .conftest import FAST_POLL
+
+pytestmark = pytest.mark.anyio
+
+PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff\xe0"
+GIF = b"GIF89a"
+MP4 = b"\x00\x00\x00\x18ftypmp42"
+
+
+def image(folder: Path, name: str, content: int, magic: bytes = PNG) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(magic + f"image {content} ".encode() * 50)
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shared_images(root: Path) -> list[Path]:
+    """40 paths to 20 distinct contents: content i as refs/NN.png, followed by the same content
+    under another name and folder (a copy for even i, a symlink for odd i), so that jobs
+    running side by side need the same content under two names."""
+    paths: list[Path] = []
+    for i in range(20):
+        original = image(root, f"refs/{i:02d}.png", i)
+        if i % 2 == 0:
+            alias = root / "copies" / f"same-as-{i}.png"
+            alias.parent.mkdir(exist_ok=True)
+            shutil.copyfile(original, alias)
+        else:
+            alias = root / "links" / f"link-{i}.png"
+            alias.parent.mkdir(exist_ok=True)
+            alias.symlink_to(original)
+        paths += [original, alias]
+    return paths
+
+
+def distinct(images: list[Path]) -> list[Path]:
+    return images[::2]
+
+
+def jobs_over(images: list[Path], n: int) -> list[am.VideoRequest]:
+    """``n`` viduq3 jobs, job i using image i mod len(images) (so the first len(images) jobs
+    need every content)."""
+    out = []
+    for i in range(n):
+        ref: str | Path = images[i % len(images)]
+        if i % 3 == 1:
+            ref = str(ref)  # a path string
+        elif i % 3 == 2:
+            ref = Path(ref).as_uri()  # a file:// URL
+        out.append(am.VideoRequest("viduq3", f"shot {i}", image_urls=[ref]))
+    return out
+
+
+async def drain(results: am.Batch) -> list[am.Outcome]:
+    return [o async for o in results]
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    async with Emulator(task_duration=0.0) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def client(emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
+    async with am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=6
+    ) as c:
+        yield c
+
+
+def upload_prefix(emu: Emulator) -> str:
+    return f"{emu.base_url}/uploads/"
+
+
+def assert_sent_urls_only(emu: Emulator) -> None:
+    """Every task's image_urls are uploads of the emulator: no local path was sent."""
+    for task in emu.state.tasks.values():
+        for url in task.body.get("image_urls", []):
+            assert url.startswith(upload_prefix(emu)), url
+
+
+# -- the request model ------------------------------------------------------------------------
+
+
+def test_request_takes_local_paths_and_refuses_other_schemes(tmp_path: Path) -> None:
+    req = am.VideoRequest(
+        "viduq3",
+        "a bear",
+        image_urls=[tmp_path / "a.png", "./refs/b.png", "file:///tmp/c.jpg", "https://x.io/d.png"],
+    )
+    assert req.image_urls == (
+        str(tmp_path / "a.png"),
+        "./refs/b.png",
+        "file:///tmp/c.jpg",
+        "https://x.io/d.png",
+    )
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest("viduq3", "a bear", image_urls=["ftp://host/a.png"])
+    assert info.value.errors[0].field == "image_urls[0]"
+    assert "local file path" in info.value.errors[0].rule
+    # A local file's type is judged by its content, not its name: no extension rule here.
+    am.VideoRequest("viduq3", "a bear", image_urls=["refs/scan.bmp"])
+
+
+async def test_a_local_path_is_never_sent_by_a_direct_submit(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    with pytest.raises(am.ValidationError, match=r"image_urls\[0\]: is a local file"):
+        await client.videos.submit(am.VideoRequest("viduq3", "a bear", image_urls=[path]))
+    assert sum(emu.counters.values()) == 0
+
+
+# -- uploads once per content -----------------------------------------------------------------
+
+
+async def test_200_jobs_sharing_20_files_make_exactly_20_uploads(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    images = shared_images(tmp_path)
+    async with client.batch(jobs_over(images, 200), concurrency=16, media_root=tmp_path) as res:
+        outcomes = await drain(res)
+    assert [o.ok for o in outcomes] == [True] * 200
+    assert sorted(o.index for o in outcomes) == list(range(200))
+    assert emu.uploads_per_hash == {sha(p): 1 for p in distinct(images)}
+    assert emu.counters["upload"] == 20
+    assert res.uploads.uploaded == 20 and res.uploads.reused == 0
+    assert emu.tasks_created == 200 and set(emu.tasks_per_key.values()) == {1}
+    assert_sent_urls_only(emu)
+    # the same content under two names got the same URL
+    by_prompt = {t.body["prompt"]: t.body["image_urls"][0] for t in emu.state.tasks.values()}
+    assert by_prompt["shot 0"] == by_prompt["shot 1"]  # refs/00.png and copies/same-as-0.png
+    assert by_prompt["shot 2"] == by_prompt["shot 3"]  # refs/01.png and links/link-1.png
+    assert len(set(by_prompt.values())) == 20
+
+
+async def test_upload_faults_are_retried_and_never_fail_or_double_a_job(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    images = [image(tmp_path, f"{i}.png", i) for i in range(5)]
+    emu.faults.inject("upload", Fault.server_error(503), times=2)
+    emu.faults.inject("upload", Fault.drop(), times=2)
+    emu.faults.inject("upload", Fault.rate_limited(0), times=2)
+    emu.faults.inject("upload", Fault.server_error(502), times=1)
+    async with client.batch(jobs_over(images, 40), concurrency=8, media_root=tmp_path) as res:
+        outcomes = await drain(res)
+    assert Counter(o.ok for o in outcomes) == {True: 40}
+    assert emu.uploads_per_hash == {sha(p): 1 for p in images}
+    assert emu.counters["upload"] == 5 + 7  # every fault answered one attempt
+    assert emu.tasks_created == 40 and set(emu.tasks_per_key.values()) == {1}
+    assert_sent_urls_only(emu)
+
+
+async def test_200_jobs_under_random_upload_and_submit_faults_still_make_20_uploads(
+    tmp_path: Path, emu: Emulator
+) -> None:
+    images = shared_images(tmp_path)
+    # a third of uploads and a tenth of submits fail (5xx, 429, dropped connections, cut or
+    # garbled replies); lost submit replies too: the submit's key makes its retry safe.
+    emu.faults.set_rate(
+        0.3,
+        endpoints=["upload"],
+        faults=[
+            Fault.server_error(500),
+            Fault.server_error(503),
+            Fault.rate_limited(0),
+            Fault.drop(),
+            Fault.malformed(),
+            Fault.truncated(),
+        ],
+    )
+    emu.faults.set_rate(0.1, endpoints=["submit"])
+    async with am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=12
+    ) as client:
+        async with client.batch(jobs_over(images, 200), concurrency=16, media_root=tmp_path) as res:
+            outcomes = await drain(res)
+    assert sorted(o.index for o in outcomes) == list(range(200))
+    assert all(o.ok for o in outcomes), [str(o.error) for o in outcomes if not o.ok][:3]
+    assert emu.uploads_per_hash == {sha(p): 1 for p in distinct(images)}
+    assert emu.stats()["faults_served"]  # faults were served
+    assert emu.tasks_created == 200 and set(emu.tasks_per_key.values()) == {1}
+    assert_sent_urls_only(emu)
+
+
+async def test_an_upload_that_fails_for_good_is_a_typed_error_naming_the_file(
+    tmp_path: Path, emu: Emulator
+) -> None:
+    bad = image(tmp_path, "bad.png", 1)
+    async with am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=2
+    ) as client:
+        emu.faults.inject("upload", Fault.server_error(503), times=3)
+        jobs = [am.VideoRequest("viduq3", "a bear", image_urls=[bad])]
+        async with client.batch(jobs, media_root=tmp_path) as res:
+            (outcome,) = await drain(res)
+    assert isinstance(outcome.error, am.UploadError)
+    assert outcome.error.path == str(bad) and outcome.error.field == "image_urls[0]"
+    assert str(bad) in str(outcome.error)
+    assert emu.counters["upload"] == 3  # the first try and 2 retries
+    assert emu.counters.get("submit", 0) == 0 and emu.tasks_created == 0
+    assert res.uploads.failed == 1 and res.uploads.uploaded == 0
+
+
+async def test_after_a_failed_upload_a_later_job_tries_again(tmp_path: Path, emu: Emulator) -> None:
+    path = image(tmp_path, "a.png", 1)
+    async with am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=0
+    ) as client:
+        emu.faults.inject("upload", Fault.server_error(503), times=1)
+        jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(2)]
+        async with client.batch(jobs, concurrency=1, media_root=tmp_path) as res:
+            outcomes = sorted(await drain(res), key=lambda o: o.index)
+    assert isinstance(outcomes[0].error, am.UploadError)
+    assert outcomes[1].ok
+    assert emu.uploads_per_hash == {sha(path): 1}
+
+
+# -- bad local files fail early ---------------------------------------------------------------
+
+
+async def test_bad_local_files_are_refused_before_anything_is_sent(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    root = tmp_path / "media"
+    good = image(root, "good.png", 1)
+    (root / "notes.png").write_text("not an image at all")
+    (root / "folder.png").mkdir()
+    big = root / "big.png"
+    with big.open("wb") as fh:
+        fh.write(PNG)
+        fh.truncate(20 * 1024 * 1024 + 1)
+    (root / "empty.png").write_bytes(b"")
+    outside = image(tmp_path, "outside.png", 2)
+    (root / "sneaky.png").symlink_to(outside)
+    gif = image(root, "anim.gif", 3, GIF)
+    cases = {
+        "missing.png": "file not found",
+        "notes.png": "is not a JPEG, PNG, WebP or GIF image",
+        "folder.png": "is not a regular file",
+        "big.png": "at most 20 MB",
+        "empty.png": "is empty",
+        "../outside.png": "outside",
+        "sneaky.png": "outside",  # a symlink is followed before the root check
+        "anim.gif": "viduq3 takes JPEG, JPG, PNG, WEBP images; this file is GIF",
+        "file://otherhost/a.png": "names a file on another host",
+        "nul\x00.png": "is not a valid path",
+    }
+    jobs = [
+        am.VideoRequest("viduq3", f"job {i}", image_urls=[str(good), name])
+        for i, name in enumerate(cases)
+    ]
+    async with client.batch(jobs, media_root=root) as res:
+        outcomes = sorted(await drain(res), key=lambda o: o.index)
+    for outcome, (name, rule) in zip(outcomes, cases.items(), strict=True):
+        assert isinstance(outcome.error, am.ValidationError), name
+        (error,) = outcome.error.errors
+        assert error.field == "image_urls[1]" and error.value == name
+        assert rule in error.rule, (name, error.rule)
+    assert sum(emu.counters.values()) == 0  # not even the good file was uploaded
+    assert gif.exists()
+
+
+async def test_a_model_size_limit_is_checked_for_local_files(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    big = tmp_path / "big.png"
+    big.write_bytes(PNG + b"x" * (10 * 1024 * 1024))  # under the endpoint's 20 MB
+    jobs = [
+        am.VideoRequest("sora-2-preview", "a bear", image_urls=[big]),
+        am.VideoRequest("viduq3", "a bear", image_urls=[big]),  # viduq3 takes up to 50 MB
+    ]
+    async with client.batch(jobs, media_root=tmp_path) as res:
+        sora, vidu = sorted(await drain(res), key=lambda o: o.index)
+    assert isinstance(sora.error, am.ValidationError)
+    assert "sora-2-preview takes images up to 10 MB; this file is 10485768 bytes" in str(sora.error)
+    assert vidu.ok and emu.counters["upload"] == 1
+
+
+async def test_relative_paths_start_at_media_root_and_any_path_can_be_allowed(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    root = tmp_path / "media"
+    image(root, "refs/a.png", 1)
+    outside = image(tmp_path, "elsewhere/b.png", 2)
+    jobs = [
+        am.VideoRequest("viduq3", "relative", image_urls=["refs/a.png"]),
+        am.VideoRequest("viduq3", "outside", image_urls=[outside]),
+    ]
+    async with client.batch(jobs, media_root=root, allow_any_path=True) as res:
+        outcomes = await drain(res)
+    assert all(o.ok for o in outcomes)
+    assert len(emu.uploads_per_hash) == 2
+
+
+async def test_the_default_root_is_the_current_folder(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path / "..")
+    inside = image(tmp_path, "a.png", 1)
+    monkeypatch.chdir(tmp_path)
+    outside = image(tmp_path.parent, f"{tmp_path.name}-other.png", 2)
+    jobs = [
+        am.VideoRequest("viduq3", "in", image_urls=["a.png"]),
+        am.VideoRequest("viduq3", "out", image_urls=[outside]),
+    ]
+    async with client.batch(jobs) as res:
+        outcomes = sorted(await drain(res), key=lambda o: o.index)
+    assert outcomes[0].ok
+    assert isinstance(outcomes[1].error, am.ValidationError)
+    assert emu.uploads_per_hash == {sha(inside): 1}
+    outside.unlink()
+
+
+async def test_a_local_video_goes_as_a_data_uri_for_gemini(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(MP4 + b"\x00" * 100)
+    req = am.VideoRequest("gemini-omni-flash-preview", "extend it", video_urls=[clip])
+    async with client.batch([req], media_root=tmp_path) as res:
+        (outcome,) = await drain(res)
+    assert outcome.ok
+    (task,) = emu.state.tasks.values()
+    assert task.body["video_urls"][0].startswith("data:video/mp4;base64,")
+    assert emu.counters.get("upload", 0) == 0
+
+
+# -- the journal: fingerprint, resume, expiry -------------------------------------------------
+
+
+async def test_the_fingerprint_keeps_path_and_hash(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    journal = tmp_path / "run.sqlite"
+    jobs = [am.VideoRequest("viduq3", "a bear", image_urls=[path])]
+    async with client.batch(jobs, journal=journal, media_root=tmp_path) as res:
+        await drain(res)
+    (record,) = am.SqliteJournal.read(journal).values()
+    assert record.request is not None
+    (entry,) = record.request["image_urls"]
+    assert entry == f"{path.as_uri()}#sha256={sha(path)}"
+    path.write_bytes(PNG + b"another picture")  # same path, new content: a changed job
+    async with client.batch(jobs, journal=journal, media_root=tmp_path) as res:
+        (outcome,) = await drain(res)
+    assert isinstance(outcome.error, am.JournalMismatchError)
+    assert emu.counters["upload"] == 1
+
+
+async def test_a_rerun_reuses_uploads_until_they_expire(tmp_path: Path) -> None:
+    images = shared_images(tmp_path)
+    journal = tmp_path / "run.sqlite"
+    async with (
+        Emulator(task_duration=0.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+    ):
+        follow_clock(client, emu)  # the client's wall clock is the emulator's
+
+        async def run(n: int) -> am.Batch:
+            async with client.batch(
+                jobs_over(images, n), concurrency=16, journal=journal, media_root=tmp_path
+            ) as res:
+                outcomes = await drain(res)
+            assert sorted(o.index for o in outcomes) == list(range(n))
+            assert all(o.ok for o in outcomes)
+            return res
+
+        first = await run(200)
+        assert sum(emu.uploads_per_hash.values()) == 20
+        assert (first.uploads.uploaded, first.uploads.reused) == (20, 0)
+
+        second = await run(400)  # 200 replayed, 200 new jobs on the same files
+        assert sum(emu.uploads_per_hash.values()) == 20  # 0 more
+        assert (second.uploads.uploaded, second.uploads.reused) == (0, 20)
+
+        emu.advance(73 * 3600)  # every upload's URL has expired
+        third = await run(600)
+        assert emu.uploads_per_hash == {sha(p): 2 for p in distinct(images)}  # exactly 20 again
+        assert (third.uploads.uploaded, third.uploads.reused) == (20, 0)
+        assert emu.tasks_created == 600 and set(emu.tasks_per_key.values()) == {1}
+        assert_sent_urls_only(emu)
+
+
+async def test_sigkill_then_resume_makes_no_more_uploads(tmp_path: Path) -> None:
+    images = shared_images(tmp_path)
+    (tmp_path / "images.txt").write_text("\n".join(str(p) for p in images))
+    journal = tmp_path / "run.sqlite"
+    root = Path(__file__).resolve().parent.parent
+
+    def command(max_pending: int) -> list[str]:
+        script = root / "tests" / "upload_worker.py"
+        args = [emu.base_url, emu.api_key, str(journal), str(tmp_path), "200", str(max_pending)]
+        return [sys.executable, str(script), *args]
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    # Tasks take 10 s on a frozen clock: after 40 submits the worker can only wait (max_pending),
+    # every content has been needed by then, and it is killed there.
+    async with Emulator(frozen_clock=True, task_duration=10.0) as emu:
+        async with await anyio.open_process(command(40), env=env, stderr=None) as proc:
+            with anyio.fail_after(120):
+                await emu.wait_until(
+                    lambda: emu.tasks_created >= 40 or proc.returncode is not None, timeout=120
+                )
+            proc.send_signal(signal.SIGKILL)
+            with anyio.fail_after(60):
+                assert await proc.wait() == -signal.SIGKILL
+        assert emu.tasks_created == 40
+        assert emu.uploads_per_hash == {sha(p): 1 for p in distinct(images)}
+
+        emu.state.task_duration = 0.0  # the resume's tasks end at once
+        emu.advance(10)  # ... and so do the killed run's
+        with anyio.fail_after(120):
+            result = await anyio.run_process(command(200), env=env, check=False, stderr=None)
+        assert result.returncode == 0, result.stdout
+        assert b"uploaded=0, reused=20" in result.stdout
+        assert sum(emu.uploads_per_hash.values()) == 20  # 0 more uploads
+        assert emu.tasks_created == 200 and set(emu.tasks_per_key.values()) == {1}
+        prompts = Counter(t.body["prompt"] for t in emu.state.tasks.values())
+        assert len(prompts) == 200 and set(prompts.values()) == {1}
+        assert_sent_urls_only(emu)
+
+
+async def test_an_upload_whose_reply_is_lost_leaves_an_orphan_never_a_broken_job(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    emu.faults.inject("upload", Fault.lost_reply(), times=1)  # stored, then the reply is lost
+    jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(3)]
+    async with client.batch(jobs, media_root=tmp_path) as res:
+        outcomes = await drain(res)
+    assert all(o.ok for o in outcomes)
+    assert emu.uploads_per_hash == {sha(path): 2}  # the first is an orphan at the service
+    assert res.uploads.uploaded == 1
+    (url,) = {t.body["image_urls"][0] for t in emu.state.tasks.values()}
+    assert url.startswith(upload_prefix(emu))  # every job names the upload that answered
+
+
+def test_the_sync_batch_reports_uploads(tmp_path: Path) -> None:
+    path = image(tmp_path, "a.png", 1)
+    with start_blocking_portal() as portal:
+        emu = Emulator(task_duration=0.0)
+        with (
+            portal.wrap_async_context_manager(emu),
+            am.Apimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+        ):
+            jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(3)]
+            with client.batch(jobs, media_root=tmp_path) as results:
+                assert all(o.ok for o in results)
+            assert results.uploads.uploaded == 1
