@@ -359,7 +359,7 @@ class References:
         except ValidationError as exc:
             failure = outcome_of(index, request, error=exc, name=name)
             assert isinstance(failure, Failure)
-            return item, failure
+            return given, failure
         out: object = prepared if name is None else (name, prepared)
         return out, None
 
