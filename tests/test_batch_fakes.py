@@ -74,3 +74,15 @@ async def test_a_batch_runs_on_fakes_and_a_fake_clock() -> None:
     assert len(api.keys) == 3 and len(set(api.keys)) == 3
     assert sorted(i for ids in reads for i in ids) == ["task_1", "task_2", "task_3"]
     assert results.stats().completed == 3 and results.stats().submitted == 3
+
+
+@pytest.mark.parametrize(
+    "field", ["journal", "download_dir", "manifest", "on_event", "cost_estimate"]
+)
+def test_a_batch_option_of_the_wrong_kind_is_refused_by_name(field: str) -> None:
+    # journal=3 failed on entry with a raw AttributeError, download_dir=3 with a raw
+    # TypeError, on_event=3 and cost_estimate=3 were taken and failed later, quietly.
+    client = am.AsyncApimart("sk-test")  # never opened: nothing is sent
+    with pytest.raises(am.ValidationError, match=f"^{field}: must be ") as caught:
+        client.batch([], **{field: 3})
+    assert caught.value.field == field
