@@ -144,6 +144,11 @@ class ValidationError(ApimartError, ValueError):
         self.errors: tuple[FieldError, ...] = tuple(errors)
         super().__init__("; ".join(str(e) for e in self.errors))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its errors, not its message (which ``__init__`` would split into
+        # one-character errors): it crosses process boundaries as it was.
+        return (type(self), (list(self.errors),), self.__dict__)
+
     @property
     def field(self) -> str:
         return self.errors[0].field

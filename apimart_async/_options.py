@@ -31,6 +31,8 @@ from ._poll_schedule import PollPolicy
 
 __all__ = ["BatchOptions"]
 
+_JOURNAL_METHODS = ("open", "close", "add", "set_task", "finish")
+
 
 @attrs.frozen(kw_only=True)
 class BatchOptions:
@@ -82,6 +84,29 @@ class BatchOptions:
         ):
             rule = "must be a folder, or a non-empty list of folders"
             raise ValidationError([FieldError("media_root", rule, roots)])
+        self._check_kinds()
+
+    def _check_kinds(self) -> None:
+        """Paths, the journal and the callables: of the right kind, or refused by name here
+        (not as a raw error when the batch starts, nor quietly later)."""
+        bad: list[FieldError] = []
+        for name in ("download_dir", "manifest"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                bad.append(FieldError(name, "must be a path (str or os.PathLike)", value))
+        journal = self.journal
+        if not (
+            journal is None
+            or isinstance(journal, (str, os.PathLike))
+            or all(callable(getattr(journal, m, None)) for m in _JOURNAL_METHODS)
+        ):
+            bad.append(FieldError("journal", "must be a path or a Journal", journal))
+        for name in ("on_event", "cost_estimate"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                bad.append(FieldError(name, "must be callable", value))
+        if bad:
+            raise ValidationError(bad)
 
     @classmethod
     def of(cls, arguments: Mapping[str, Any]) -> BatchOptions:

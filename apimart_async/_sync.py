@@ -32,6 +32,7 @@ from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
 from ._handle import Batch
 from ._interrupt import refuse, sigint_is_ours_to_take
+from ._options import BatchOptions
 from ._outcomes import Failure, Success
 from ._poll_schedule import PollPolicy
 from ._references import UploadStats
@@ -291,6 +292,11 @@ class SyncBatch(_Facade):
     def stopped(self) -> str | None:
         """Why the batch stopped submitting, if it did."""
         return self._target.stopped
+
+    @property
+    def options(self) -> BatchOptions:
+        """What this batch was asked to do (frozen: read from any thread)."""
+        return self._target.options
 
     @property
     def interrupted(self) -> int:

@@ -215,3 +215,49 @@ def test_architecture_md_names_every_module() -> None:
         if path.name not in ("__init__.py", "__main__.py", "_json.py") and path.name not in text
     ]
     assert missing == []
+
+
+# The layers of ARCHITECTURE.md's diagram, top first; modules on one row may import each other
+# (acyclically), a module may import any row below its own, never one above.
+LAYERS: list[set[str]] = [
+    {"cli", "_doctor", "report"},
+    {"_sync", "testing"},
+    {"_client"},
+    {"_handle"},
+    {"_batch"},
+    {"_options", "_ledger", "_roster", "_interrupt", "_jobs", "_jobsfile"},
+    {"_poller", "_download", "_journal", "_manifest", "_admission"},
+    {"_api"},
+    {"_transport"},
+    {"_pacing"},
+    {
+        "_poll_schedule", "_priors", "_status_window", "_prior_store", "_outcomes", "_models",
+        "_results", "_converter", "_retry", "_checks", "_config", "_specs", "_errors", "_json",
+        "_version",
+    },
+]  # fmt: skip
+
+
+def test_every_import_points_down_the_layers_of_the_diagram() -> None:
+    rank = {f"apimart_async.{m}": i for i, layer in enumerate(LAYERS) for m in layer}
+    modules = [m for m in _sources() if m.count(".") == 1 and ".emulator" not in m]
+    assert sorted(m for m in modules if m not in rank) == []
+    upward = sorted(
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        if source in rank
+        for target in targets
+        if target in rank and rank[target] < rank[source]
+    )
+    assert upward == []
+
+
+def test_the_diagram_of_architecture_md_shows_every_module() -> None:
+    text = (Path(__file__).resolve().parent.parent / "ARCHITECTURE.md").read_text("utf-8")
+    diagram = text.split("```")[1]
+    missing = [
+        path.name
+        for path in sorted(PACKAGE.glob("_*.py"))
+        if path.name not in ("__init__.py", "_version.py") and path.name not in diagram
+    ]
+    assert missing == []

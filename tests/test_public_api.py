@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -140,3 +142,25 @@ def test_outcome_kinds() -> None:
     unread = am._outcomes.outcome_of(2, None, "task_3")
     assert type(unread) is am.Failure
     assert isinstance(unread.error, am.ReplayedError)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: am.Timeout(total=-1),
+        lambda: am.AsyncApimart("sk-test", max_retries=-1),
+        lambda: am.Budget(-1),
+        lambda: am.PollPolicy(target_lag=0),
+        lambda: am.VideoRequest("sora-2-preview", ""),
+    ],
+)
+def test_a_bad_setting_error_survives_pickling_as_it_was(bad: Any) -> None:
+    # Errors cross process boundaries (ProcessPoolExecutor, multiprocessing): a ValidationError
+    # (OptionError now, for settings that raised ConfigurationError or ValueError before) came
+    # back with its message split into one-character "errors".
+    with pytest.raises(am.ValidationError) as caught:
+        bad()
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert type(copy) is type(caught.value)
+    assert str(copy) == str(caught.value)
+    assert copy.errors == caught.value.errors

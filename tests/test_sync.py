@@ -422,3 +422,10 @@ def test_closing_the_client_inside_an_open_batch_leaves_the_batch(
     assert results.stopped == "the client was closed"
     assert results.stats().submitted == 1
     assert emu.counters["submit"] == 1
+
+
+def test_a_sync_batch_shows_the_options_it_was_given() -> None:
+    # Batch.options is new with this release; the sync facade's batch did not show it.
+    with am.Apimart("sk-test", base_url="http://127.0.0.1:9") as client:
+        results = client.batch([], timeout=5.0, concurrency=3)
+        assert (results.options.timeout, results.options.concurrency) == (5.0, 3)
