@@ -226,7 +226,7 @@ LAYERS: list[set[str]] = [
     {"_handle"},
     {"_batch"},
     {"_options", "_ledger", "_roster", "_interrupt", "_jobs", "_jobsfile"},
-    {"_poller", "_download", "_journal", "_manifest", "_admission"},
+    {"_poller", "_download", "_journal", "_manifest", "_admission", "_references", "_upload_cache"},
     {"_api"},
     {"_transport"},
     {"_pacing"},
