@@ -46,6 +46,7 @@ API key: requests are described by method and path only, never by their headers.
 from __future__ import annotations
 
 import re
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -361,7 +362,26 @@ class JobsFileError(ApimartError, ValueError):
 
 
 class JournalError(ApimartError):
-    """The journal cannot be used (unreadable, from another tool, newer schema, ...)."""
+    """The journal cannot be used (unreadable, from another tool, newer schema, ...) or
+    cannot be written (disk full, ...). The message names the file and the problem."""
+
+
+class JournalLockedError(JournalError):
+    """Another run holds the journal (one run per journal at a time): ``pid`` is its process
+    id and ``started`` when it took the journal (seconds since the epoch); either is None if
+    the run had not written them yet."""
+
+    def __init__(self, path: str, pid: int | None, started: float | None) -> None:
+        self.path = path
+        self.pid = pid
+        self.started = started
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            if started is not None
+            else "at an unknown time"
+        )
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(f"another run ({who}, started {when}) is using this journal {path}")
 
 
 class JournalMismatchError(JournalError):
