@@ -22,6 +22,7 @@ import pytest
 
 import apimart_async as am
 from apimart_async._journal import SqliteJournal
+from apimart_async._priors import KindPrior
 from apimart_async.emulator import Emulator
 
 from .conftest import FAST_POLL
@@ -394,3 +395,132 @@ async def test_the_cli_refuses_a_second_run_cleanly(tmp_path: Path) -> None:
             assert f"is using this journal {journal}" in err
             assert "Traceback" not in err
             assert emu.counters.get("submit", 0) == 0
+
+
+# -- a journal that cannot write ---------------------------------------------------------------
+
+
+_real_connect = sqlite3.connect
+
+
+class _FullDisk:
+    """Stands in for sqlite3.connect in ``_journal``: connections whose writes fail as on a
+    full disk from the ``fail_at``-th write on (a full disk stays full), until ``freed``."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.writes = 0
+        self.failed = 0
+        self.freed = False
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        return _Conn(self, _real_connect(*args, **kwargs))
+
+    def check(self, sql: str) -> None:
+        words = sql.split()
+        if words[0].upper() not in ("INSERT", "UPDATE") or not {"jobs", "priors"} & set(words):
+            return  # only the writes of a batch, not the creation of the file
+        self.writes += 1
+        if not self.freed and self.writes >= self.fail_at:
+            self.failed += 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+
+class _Conn:
+    def __init__(self, disk: _FullDisk, conn: sqlite3.Connection) -> None:
+        self._disk = disk
+        self._conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._disk.check(sql)
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        self._disk.check(sql)
+        return self._conn.executemany(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+WRITES_PER_CLEAN_RUN = 12  # 3 jobs x (add, task id, downloading, done)
+
+
+async def _run_to_the_end(
+    client: am.AsyncApimart, path: Path, out: Path, n: int
+) -> tuple[list[am.Success | am.Failure], BaseException | None, am.Batch]:
+    """One batch, read to the end: its outcomes and what it raised (from the iteration or
+    from leaving the block)."""
+    outcomes: list[am.Success | am.Failure] = []
+    raised: BaseException | None = None
+    batch = client.batch(jobs(n), journal=path, download_dir=out, manifest=out / "manifest.jsonl")
+    try:
+        async with batch as results:
+            async for outcome in results:
+                outcomes.append(outcome)
+    except Exception as exc:
+        raised = exc
+    return outcomes, raised, batch
+
+
+@pytest.mark.parametrize("fail_at", range(1, WRITES_PER_CLEAN_RUN + 1))
+async def test_a_full_journal_disk_stops_the_batch_cleanly_and_loses_nothing(
+    fail_at: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 3
+    path, out = tmp_path / "run.sqlite", tmp_path / "videos"
+    disk = _FullDisk(fail_at)
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    async with Emulator(task_duration=0.0) as emu, client_for(emu) as client:
+        first, raised, batch = await _run_to_the_end(client, path, out, n)
+        assert disk.writes >= fail_at, "the fault was never reached"
+        paid = set(emu.task_ids())
+        # the batch stopped with a JournalError that says what happened and how to resume
+        assert type(raised) is am.JournalError, repr(raised)
+        message = str(raised)
+        assert f"cannot write the journal {path}: database or disk is full" in message
+        assert "run the same batch again with the same journal" in message
+        assert batch.stopped is not None and "journal" in batch.stopped
+        # every paid task is findable now: handed out, listed as pending, or named
+        findable = {o.task_id for o in first} | set(batch.pending_task_ids())
+        assert paid <= findable, (paid - findable, message)
+        assert all(t in message for t in batch.pending_task_ids())
+        # the disk is freed; the same batch again finishes every job, paying for none twice
+        disk.freed = True
+        second, raised_again, _ = await _run_to_the_end(client, path, out, n)
+        assert raised_again is None, repr(raised_again)
+        assert sorted(o.index for o in second) == list(range(n))
+        assert all(o.ok for o in second), [o.error for o in second]
+        assert emu.tasks_created == n  # 0 duplicated
+        assert all(count == 1 for count in emu.tasks_per_key.values())
+        assert {o.task_id for o in second} == set(emu.task_ids())  # 0 lost
+        lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(line["index"] for line in lines) == list(range(n))
+
+
+async def test_no_raw_sqlite_error_leaves_any_journal_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = _FullDisk(fail_at=1)
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    disk.freed = True
+    journal = SqliteJournal(tmp_path / "run.sqlite")
+    await journal.open()
+    await journal.add(0, "fp", "key-0", None, {"model": "m"})
+    disk.freed = False
+    calls = {
+        "add": journal.add(1, "fp", "key-1", None, {"model": "m"}),
+        "set_task": journal.set_task(0, "task_0"),
+        "set_downloading": journal.set_downloading(0, {"id": "task_0"}, 0.1),
+        "refused": journal.refused(0, error="no", error_type="BadRequestError"),
+        "restart": journal.restart(0, "fp2", "key-2", None, {"model": "m"}),
+        "finish": journal.finish(
+            0, status="completed", cost=0.1, task=None, files=(), error=None, error_type=None
+        ),
+        "save_priors": journal.save_priors({"k": KindPrior(1, 1.0, 2.0, None, None)}),
+    }
+    for name, call in calls.items():
+        with pytest.raises(am.JournalError, match="database or disk is full") as caught:
+            await call
+        assert str(tmp_path / "run.sqlite") in str(caught.value), name
+    await journal.close()  # closing never raises: every write made was committed
