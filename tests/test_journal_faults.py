@@ -524,3 +524,87 @@ async def test_no_raw_sqlite_error_leaves_any_journal_method(
             await call
         assert str(tmp_path / "run.sqlite") in str(caught.value), name
     await journal.close()  # closing never raises: every write made was committed
+
+
+async def test_leaving_the_block_raises_the_journal_error_not_a_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.sqlite"
+    disk = _FullDisk(fail_at=5)  # a task id cannot be recorded
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    async with Emulator(frozen_clock=True, task_duration=10.0) as emu, client_for(emu) as client:
+        with pytest.raises(am.JournalError, match="database or disk is full") as caught:
+            async with client.batch(jobs(3), journal=path) as results:
+                await emu.wait_until(lambda: disk.failed > 0 and results.stopped is not None)
+        assert "the batch stopped" in str(caught.value)
+        paid = set(emu.task_ids())
+        assert paid and paid <= set(results.pending_task_ids())
+        disk.freed = True
+        async with client.batch(jobs(3), journal=path) as results:
+            await emu.wait_until(lambda: emu.counters.get("submit", 0) >= 3)
+            emu.advance(10)
+            again = [o async for o in results]
+        assert sorted(o.index for o in again if o.ok) == [0, 1, 2]
+        assert emu.tasks_created == 3 and {o.task_id for o in again} == set(emu.task_ids())
+
+
+@contextlib.contextmanager
+def _small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A size-limited tmpfs mounted at ``where`` (skips where the machine does not allow it)."""
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(
+            "cannot mount a size-limited tmpfs here (needs root); the injected"
+            " 'database or disk is full' tests cover the same paths"
+        )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_journal_on_a_disk_that_fills_up(tmp_path: Path) -> None:
+    n = 6
+    with _small_disk(tmp_path / "disk", "256k") as disk:
+        path = disk / "run.sqlite"
+        async with Emulator(frozen_clock=True, task_duration=10.0) as emu:
+            async with client_for(emu) as client:
+                first: list[am.Success | am.Failure] = []
+                with pytest.raises(am.JournalError) as caught:
+                    async with client.batch(jobs(n), journal=path, concurrency=1) as results:
+                        await emu.wait_until(lambda: emu.tasks_created == 1)
+                        filler = _fill(disk)
+                        async for outcome in results:
+                            first.append(outcome)
+                message = str(caught.value)
+                assert f"cannot write the journal {path}: database or disk is full" in message
+                assert "run the same batch again with the same journal" in message
+                paid = set(emu.task_ids())
+                assert paid <= {o.task_id for o in first} | set(results.pending_task_ids())
+                filler.unlink()  # space again: the same batch resumes
+                async with client.batch(jobs(n), journal=path) as results:
+                    await emu.wait_until(lambda: emu.tasks_created == n)
+                    emu.advance(10)
+                    again = [o async for o in results]
+            assert sorted(o.index for o in again if o.ok) == list(range(n))
+            assert emu.tasks_created == n  # 0 duplicated
+            assert {o.task_id for o in again} == set(emu.task_ids())  # 0 lost
