@@ -367,11 +367,13 @@ class JournalError(ApimartError):
 
 
 class JournalLockedError(JournalError):
-    """Another run holds the journal (one run per journal at a time): ``pid`` is its process
-    id and ``started`` when it took the journal (seconds since the epoch); either is None if
-    the run had not written them yet."""
+    """Another run holds the journal (one run per journal at a time), or the CLI's output
+    directory (``what``): ``pid`` is its process id and ``started`` when it took it (seconds
+    since the epoch); either is None if the run had not written them yet."""
 
-    def __init__(self, path: str, pid: int | None, started: float | None) -> None:
+    def __init__(
+        self, path: str, pid: int | None, started: float | None, *, what: str = "journal"
+    ) -> None:
         self.path = path
         self.pid = pid
         self.started = started
@@ -381,7 +383,7 @@ class JournalLockedError(JournalError):
             else "at an unknown time"
         )
         who = f"pid {pid}" if pid is not None else "pid unknown"
-        super().__init__(f"another run ({who}, started {when}) is using this journal {path}")
+        super().__init__(f"another run ({who}, started {when}) is using this {what} {path}")
 
 
 class JournalMismatchError(JournalError):

@@ -415,21 +415,24 @@ class RunLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, journal: Path) -> RunLock:
-        """Take the lock of ``journal`` now, or raise ``JournalLockedError`` naming the run
-        that holds it. Never waits."""
-        path = lock_path(journal)
+    def acquire(
+        cls, target: Path, *, what: str = "journal", lock_file: Path | None = None
+    ) -> RunLock:
+        """Take the lock of ``target`` (a journal; or, with ``what`` and ``lock_file``,
+        something else) now, or raise ``JournalLockedError`` naming the run that holds it.
+        Never waits."""
+        path = lock_file if lock_file is not None else lock_path(target)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise JournalError(
-                    f"cannot lock the journal {journal}: {path}: {exc.strerror or exc}"
+                    f"cannot lock the {what} {target}: {path}: {exc.strerror or exc}"
                 ) from None
             try:
                 if not _try_lock(fd):
                     pid, started = _holder(path)
-                    raise JournalLockedError(str(journal), pid, started)
+                    raise JournalLockedError(str(target), pid, started, what=what)
                 # The run that held it may have removed the file as it let go: the lock then
                 # guards nothing; take the one on the file now there.
                 try:
@@ -447,7 +450,7 @@ class RunLock:
                 os.close(fd)
                 if isinstance(exc, OSError):
                     raise JournalError(
-                        f"cannot lock the journal {journal}: {path}: {exc.strerror or exc}"
+                        f"cannot lock the {what} {target}: {path}: {exc.strerror or exc}"
                     ) from None
                 raise
             os.close(fd)

@@ -608,3 +608,43 @@ async def test_a_journal_on_a_disk_that_fills_up(tmp_path: Path) -> None:
             assert sorted(o.index for o in again if o.ok) == list(range(n))
             assert emu.tasks_created == n  # 0 duplicated
             assert {o.task_id for o in again} == set(emu.task_ids())  # 0 lost
+
+
+async def test_two_cli_runs_into_one_output_directory(tmp_path: Path) -> None:
+    """The same command started twice: the second is refused before it sends anything; the
+    first, killed with SIGKILL, leaves no stale lock: a third run resumes it."""
+    out = tmp_path / "videos"
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text(
+        "".join(json.dumps({"model": "sora-2-preview", "prompt": f"p{i}"}) + "\n" for i in range(3))
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    async with Emulator(frozen_clock=True, task_duration=10.0) as emu:
+        env["APIMART_API_KEY"] = emu.api_key
+        command = [
+            sys.executable, "-m", "apimart_async.cli", "run", str(jobs_file), "--out", str(out),
+            "--base-url", emu.base_url,
+        ]  # fmt: skip
+        first = await anyio.open_process(command, env=env)
+        try:
+            await emu.wait_until(lambda: emu.tasks_created == 3, timeout=60)
+            second = await anyio.run_process(
+                [*command, "--journal", str(tmp_path / "other.sqlite")], env=env, check=False
+            )
+            err = second.stderr.decode()
+            assert second.returncode == 1, err
+            assert f"another run (pid {first.pid}, started " in err
+            assert f"is using this output directory {out}" in err
+            assert "Traceback" not in err
+            assert emu.counters.get("submit", 0) == 3
+        finally:
+            first.kill()  # SIGKILL: no clean-up at all
+            await first.wait()
+            await first.aclose()
+        emu.advance(10)
+        third = await anyio.run_process(command, env=env, check=False)
+        assert third.returncode == 0, third.stderr.decode()
+    assert emu.tasks_created == 3 and emu.counters.get("submit", 0) == 3
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2]
+    assert not (out / ".apimart-run.lock").exists()  # a clean end removes its lock file
