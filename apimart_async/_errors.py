@@ -375,8 +375,11 @@ class JournalLockedError(JournalError):
         self, path: str, pid: int | None, started: float | None, *, what: str = "journal"
     ) -> None:
         self.path = path
+        """The journal (or directory) the other run holds."""
         self.pid = pid
+        """The other run's process id (None if not known yet)."""
         self.started = started
+        """When the other run took it, in seconds since the epoch (None if not known yet)."""
         when = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
             if started is not None
