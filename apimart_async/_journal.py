@@ -98,7 +98,10 @@ class JobRecord:
 
 
 class Journal(Protocol):
-    """What the batch engine needs from a journal. Every method is durable on return."""
+    """What the batch engine needs from a journal. Every method is durable on return, and
+    fails with a ``JournalError`` that names the store and the problem (the batch turns any
+    other exception of a journal into one). ``open`` refuses a store that is not a journal or
+    is in use by another run; a write that fails stops the batch (see ``_ledger``)."""
 
     async def open(self) -> dict[int, JobRecord]:
         """Open (creating if needed) and return every recorded job by index."""
