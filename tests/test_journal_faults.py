@@ -648,3 +648,29 @@ async def test_two_cli_runs_into_one_output_directory(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(line["index"] for line in lines) == [0, 1, 2]
     assert not (out / ".apimart-run.lock").exists()  # a clean end removes its lock file
+
+
+class _BrokenStore(SqliteJournal):
+    """A journal of another kind that fails its own way (not with a JournalError)."""
+
+    async def set_task(self, index: int, task_id: str) -> None:
+        raise RuntimeError("connection to the store lost")
+
+    async def close(self) -> None:
+        await super().close()
+        raise RuntimeError("close failed too")
+
+
+async def test_another_journals_own_errors_become_journal_errors(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _BrokenStore(tmp_path / "run.sqlite")
+    with pytest.raises(am.JournalError) as caught:
+        async with client.batch(jobs(2), journal=store, concurrency=1) as results:
+            [o async for o in results]
+    message = str(caught.value)
+    assert "RuntimeError: connection to the store lost" in message
+    assert "run the same batch again with the same journal" in message
+    assert set(emu.task_ids()) == set(results.pending_task_ids())  # 1 task, listed
+    assert emu.tasks_created == 1  # nothing was sent after the fault
+    assert "the journal did not close cleanly: close failed too" in caplog.text
