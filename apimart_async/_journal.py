@@ -56,6 +56,7 @@ import anyio.to_thread
 import attrs
 
 from ._errors import JournalError, JournalLockedError
+from ._json import is_object
 from ._models import DownloadedFile
 from ._priors import KindPrior
 
@@ -238,8 +239,8 @@ def _inspect(conn: sqlite3.Connection, path: Path) -> str | None:
     )
     if not tables:
         return None
-    columns = (
-        {row[1] for row in conn.execute("PRAGMA table_info(jobs)")} if "jobs" in tables else set()
+    columns = frozenset(
+        str(row[1]) for row in (conn.execute("PRAGMA table_info(jobs)") if "jobs" in tables else ())
     )
     if not (
         {"meta", "jobs"} <= set(tables) <= _OUR_TABLES and columns == _JOB_COLUMNS
@@ -291,8 +292,8 @@ def _json(text: Any, what: str, kind: type) -> Any:
     return value
 
 
-def _file(value: Any) -> DownloadedFile:
-    if not isinstance(value, dict) or not {"path", "bytes", "sha256"} <= set(value) <= {
+def _file(value: object) -> DownloadedFile:
+    if not is_object(value) or not {"path", "bytes", "sha256"} <= set(value) <= {
         "path",
         "bytes",
         "sha256",
@@ -398,10 +399,10 @@ else:
 def _holder(path: Path) -> tuple[int | None, float | None]:
     """The pid and start time the holding run wrote into its lock file, if it did yet."""
     try:
-        note = json.loads(path.read_text(encoding="utf-8").strip() or "{}")
+        note: object = json.loads(path.read_text(encoding="utf-8").strip() or "{}")
     except (OSError, ValueError):
         return None, None
-    if not isinstance(note, dict):
+    if not is_object(note):
         return None, None
     pid, started = note.get("pid"), note.get("started")
     return (
