@@ -674,3 +674,26 @@ async def test_another_journals_own_errors_become_journal_errors(
     assert set(emu.task_ids()) == set(results.pending_task_ids())  # 1 task, listed
     assert emu.tasks_created == 1  # nothing was sent after the fault
     assert "the journal did not close cleanly: close failed too" in caplog.text
+
+
+def test_the_cli_reports_a_full_journal_disk_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apimart_async import cli as cli_module
+
+    out = tmp_path / "videos"
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text(
+        "".join(json.dumps({"model": "sora-2-preview", "prompt": f"p{i}"}) + "\n" for i in range(3))
+    )
+    disk = _FullDisk(fail_at=2)
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    code = cli_module.main(["run", str(jobs_file), "--out", str(out), "--emulate"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "error: JournalError: the batch stopped: cannot write the journal" in err
+    assert "database or disk is full" in err and "Traceback" not in err
+    disk.freed = True  # space again: the same command finishes the batch
+    assert cli_module.main(["run", str(jobs_file), "--out", str(out), "--emulate"]) == 0
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2]
