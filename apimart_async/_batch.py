@@ -34,6 +34,7 @@ from ._errors import (
     BatchStoppedError,
     ClientClosedError,
     DownloadError,
+    JournalError,
     TaskTimeoutError,
 )
 from ._interrupt import SigintHandler, announce_interrupt
@@ -90,7 +91,11 @@ class BatchRun:
         self._limiter = RateLimiter(rps) if rps is not None else None
         self.download_dir, self.manifest_path = options.paths()
         priors = poller.schedule.priors  # issue 22: learned priors, kept in the journal
-        self._ledger = Ledger(options.make_journal(), self.manifest_path, priors=priors)
+        self._ledger = Ledger(
+            options.make_journal(), self.manifest_path, priors=priors, on_fault=self._journal_fault
+        )
+        self._journal_error: JournalError | None = None
+        self._journal_error_raised = False
         #: Local reference files (issue 18): checked when read, uploaded once by content.
         policy = MediaPolicy.of(options.media_root, allow_any_path=options.allow_any_path)
         self.refs = References(api, policy, wall=poller.wall)
@@ -192,7 +197,11 @@ class BatchRun:
         return self.roster.stats(elapsed=elapsed, requests=self._api.request_counts())
 
     async def next(self) -> Success | Failure:
-        outcome = await self._out.get()
+        try:
+            outcome = await self._out.get()
+        except JournalError as exc:
+            self._journal_error_raised = self._journal_error_raised or exc is self._journal_error
+            raise
         self._notify()
         return outcome
 
@@ -328,8 +337,11 @@ class BatchRun:
         self.roster.running(job, task_id, self._poller.now())
         self._notify()
         self._report.step("submitted", job.index, task_id=task_id)
-        if self._tg is None:  # the batch was left as this reply came in: listed, not followed
+        if self._tg is None or self._ledger.fault is not None:  # listed, not followed
             self.roster.confirmed(job)
+            if self._ledger.fault is not None:
+                self._abandon_pending()
+                self._maybe_close()
             return
         if self._stop_reason is Stop.DEADLINE:
             self._on_done(task_id, TaskTimeoutError(task_id, self.options.timeout or 0.0))
@@ -443,4 +455,31 @@ class BatchRun:
     def _maybe_close(self) -> None:
         if not self._feeding and self.roster.idle:
             self._finished = True
+            if self._ledger.fault is not None and self._out.error is None:
+                self._out.error = self.journal_error()
             self._out.close()
+
+    # -- issue 14: a journal that cannot write stops the batch ---------------------------------
+
+    def _journal_fault(self, fault: JournalError) -> None:
+        """The journal could not record a step (``Ledger.fault``): stop submitting, stop
+        following the running tasks (listed in ``pending_task_ids()``), and end the iteration
+        with ``journal_error()`` once the jobs in flight are handed out."""
+        self._stop(Stop.JOURNAL_FAILED, str(fault))
+        self._abandon_pending()
+        self._maybe_close()
+
+    def _abandon_pending(self) -> None:
+        if self._ledger.fault is not None:
+            self.roster.abandoned.extend(self.roster.pending)
+            self._unfollow_all()
+
+    def journal_error(self) -> JournalError | None:
+        """The error that ends a batch whose journal failed, naming the tasks left running
+        (None if the journal did not fail, or once the error reached the caller)."""
+        if self._ledger.fault is None or self._journal_error_raised:
+            return None
+        if self._journal_error is None or not self._finished:
+            left = [*self.roster.abandoned, *(j.key for j in self.roster.unconfirmed)]
+            self._journal_error = self._ledger.stop_error(left)
+        return self._journal_error

@@ -47,6 +47,7 @@ API key: requests are described by method and path only, never by their headers.
 from __future__ import annotations
 
 import re
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -368,7 +369,31 @@ class JobsFileError(ApimartError, ValueError):
 
 
 class JournalError(ApimartError):
-    """The journal cannot be used (unreadable, from another tool, newer schema, ...)."""
+    """The journal cannot be used (unreadable, from another tool, newer schema, ...) or
+    cannot be written (disk full, ...). The message names the file and the problem."""
+
+
+class JournalLockedError(JournalError):
+    """Another run holds the journal (one run per journal at a time), or the CLI's output
+    directory (``what``): ``pid`` is its process id and ``started`` when it took it (seconds
+    since the epoch); either is None if the run had not written them yet."""
+
+    def __init__(
+        self, path: str, pid: int | None, started: float | None, *, what: str = "journal"
+    ) -> None:
+        self.path = path
+        """The journal (or directory) the other run holds."""
+        self.pid = pid
+        """The other run's process id (None if not known yet)."""
+        self.started = started
+        """When the other run took it, in seconds since the epoch (None if not known yet)."""
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            if started is not None
+            else "at an unknown time"
+        )
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(f"another run ({who}, started {when}) is using this {what} {path}")
 
 
 class JournalMismatchError(JournalError):

@@ -69,6 +69,9 @@ class Batch:
         tb: TracebackType | None,
     ) -> bool | None:
         await self._run.exit()
+        error = self._run.journal_error()
+        if error is not None and exc is None:  # not raised by the iteration: raised here
+            raise error
         return None
 
     def __aiter__(self) -> AsyncIterator[Success | Failure]:

@@ -68,6 +68,7 @@ class Stop(enum.Enum):
     CLIENT_CLOSED = "the client was closed"
     JOB_FAILED = "a job failed"
     INPUT_FAILED = "reading the requests failed"
+    JOURNAL_FAILED = "the journal cannot be written"
 
     def describe(self, detail: str | None = None) -> str:
         """The description ``Batch.stopped`` shows: a failed job's own words, the input's

@@ -22,6 +22,16 @@ stored as ``done`` with status ``error`` and no task id). Schema 3 added the tab
 (what completed tasks taught the poll schedule, by kind: ``_priors``); older files get it
 when opened.
 
+A journal is checked when opened: it must be one of ours (the row ``format`` of the table
+``meta`` says ``apimart-async journal``; files from before that row are recognised by their
+tables and get it), of a schema we know, undamaged, with rows that make sense. Anything else
+is refused with a ``JournalError`` that names the file and the problem, and left unchanged.
+
+One run at a time: ``SqliteJournal.open`` takes an OS lock (``fcntl.flock``; ``msvcrt`` on
+Windows) on the file ``<journal>.lock`` beside it, held until ``close``. It holds the pid and
+start time of the run, for the ``JournalLockedError`` a second run gets. The OS drops the
+lock when the process ends however it ends (even SIGKILL), so no stale lock is ever left.
+
 ``Journal`` is the interface the batch engine uses; ``SqliteJournal`` is the default store
 (standard library sqlite3 in WAL mode, all calls on one worker thread so the event loop never
 blocks). Another store (PostgreSQL for several machines) implements the same protocol.
@@ -29,9 +39,13 @@ blocks). Another store (PostgreSQL for several machines) implements the same pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import re
 import sqlite3
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,11 +55,12 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from ._errors import JournalError
+from ._errors import JournalError, JournalLockedError
+from ._json import is_object
 from ._models import DownloadedFile
 from ._priors import KindPrior
 
-__all__ = ["JobRecord", "Journal", "SqliteJournal"]
+__all__ = ["JobRecord", "Journal", "RunLock", "SqliteJournal"]
 
 JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
 SCHEMA_VERSION = 3
@@ -84,7 +99,10 @@ class JobRecord:
 
 
 class Journal(Protocol):
-    """What the batch engine needs from a journal. Every method is durable on return."""
+    """What the batch engine needs from a journal. Every method is durable on return, and
+    fails with a ``JournalError`` that names the store and the problem (the batch turns any
+    other exception of a journal into one). ``open`` refuses a store that is not a journal or
+    is in use by another run; a write that fails stops the batch (see ``_ledger``)."""
 
     async def open(self) -> dict[int, JobRecord]:
         """Open (creating if needed) and return every recorded job by index."""
@@ -171,33 +189,284 @@ _SELECT = (
 )
 
 
+MARKER = "apimart-async journal"
+"""The value of the row ``format`` in the table ``meta`` of every journal."""
+
+_KNOWN_SCHEMAS = {str(v) for v in range(1, SCHEMA_VERSION + 1)}
+_STATES = frozenset({"submitting", "pending", "refused", "downloading", "done"})
+_OUR_TABLES = frozenset({"meta", "jobs", "priors"})
+_JOB_COLUMNS = frozenset(
+    {
+        "idx", "fingerprint", "idempotency_key", "name", "body", "state", "task_id", "status",
+        "cost", "error", "error_type", "task", "files", "updated_at",
+    }
+)  # fmt: skip
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _cannot(path: Path, problem: str) -> JournalError:
+    return JournalError(f"cannot use {path} as a journal: {problem}")
+
+
+def _db_error(path: Path, exc: sqlite3.Error) -> JournalError:
+    """A sqlite3 error met while reading a journal, as a ``JournalError``."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return _cannot(path, f"the file is damaged ({exc})")
+    return _cannot(path, str(exc))
+
+
+def _check_header(path: Path) -> None:
+    """A file that exists and is not empty must be an SQLite database."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _cannot(path, exc.strerror or str(exc)) from None
+    if head and head != _SQLITE_MAGIC:
+        raise _cannot(path, "it is not an SQLite file (not a journal)")
+
+
+def _inspect(conn: sqlite3.Connection, path: Path) -> str | None:
+    """Check that ``conn`` holds one of our journals, undamaged; return its schema version
+    (``"1"`` to ``"3"``), or None for an empty database (a new journal). Reads only."""
+    tables = sorted(
+        name
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        if not name.startswith("sqlite_")
+    )
+    if not tables:
+        return None
+    columns = frozenset(
+        str(row[1]) for row in (conn.execute("PRAGMA table_info(jobs)") if "jobs" in tables else ())
+    )
+    if not (
+        {"meta", "jobs"} <= set(tables) <= _OUR_TABLES and columns == _JOB_COLUMNS
+    ):  # another program's database: it is left as it is
+        return _refuse_foreign(path, tables)
+    meta_columns = [row[1] for row in conn.execute("PRAGMA table_info(meta)")]
+    if meta_columns != ["key", "value"]:
+        return _refuse_foreign(path, tables)
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    marker = meta.get("format")
+    if marker is not None and marker != MARKER:
+        return _refuse_foreign(path, tables)
+    schema = meta.get("schema")
+    if schema is None:
+        raise _cannot(path, "it has no schema version (table meta, row schema)")
+    schema = str(schema)
+    if schema not in _KNOWN_SCHEMAS:
+        if re.fullmatch(r"[0-9]{1,9}", schema) and int(schema) > SCHEMA_VERSION:
+            raise JournalError(f"{path} was written by a newer apimart-async (schema {schema})")
+        raise _cannot(
+            path,
+            f"unknown journal schema {schema!r} (known: 1 to {SCHEMA_VERSION})",
+        )
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        raise _cannot(path, f"the file is damaged ({'; '.join(map(str, problems))})")
+    return schema
+
+
+def _refuse_foreign(path: Path, tables: list[str]) -> str:
+    raise _cannot(
+        path,
+        f"it is not an apimart-async journal (another program's database; tables:"
+        f" {', '.join(tables)}); it was left unchanged: give the batch another file",
+    )
+
+
+def _json(text: Any, what: str, kind: type) -> Any:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"{what} is not JSON text")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{what} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is not a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
+def _file(value: object) -> DownloadedFile:
+    if not is_object(value) or not {"path", "bytes", "sha256"} <= set(value) <= {
+        "path",
+        "bytes",
+        "sha256",
+        "url",
+    }:
+        raise ValueError("files: an entry is not a file (path, bytes, sha256, url)")
+    ok = (
+        isinstance(value["path"], str)
+        and isinstance(value["bytes"], int)
+        and not isinstance(value["bytes"], bool)
+        and isinstance(value["sha256"], str)
+        and isinstance(value.get("url", ""), str)
+    )
+    if not ok:
+        raise ValueError("files: an entry has a field of the wrong type")
+    return DownloadedFile(**value)
+
+
+def _record(r: Any) -> JobRecord:
+    """One row as a ``JobRecord``; ``ValueError`` says what is wrong with it."""
+    idx, fingerprint, key, state, name, task_id, status, cost, error, error_type = r[:10]
+    if state not in _STATES:
+        raise ValueError(f"unknown state {state!r}")
+    for what, value in [("fingerprint", fingerprint), ("idempotency_key", key)]:
+        if not isinstance(value, str):
+            raise ValueError(f"{what} is not text")
+    for what, value in [
+        ("name", name), ("task_id", task_id), ("status", status), ("error", error),
+        ("error_type", error_type),
+    ]:  # fmt: skip
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{what} is not text")
+    if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))):
+        raise ValueError("cost is not a number")
+    if state in ("pending", "downloading") and task_id is None:
+        raise ValueError(f"state {state!r} without a task id")
+    task = _json(r[10], "task", dict)
+    files = _json(r[11], "files", list)
+    request = _json(r[12], "body", dict)
+    if request is None:
+        raise ValueError("body is missing")
+    return JobRecord(
+        index=idx,
+        fingerprint=fingerprint,
+        idempotency_key=key,
+        state=state,
+        name=name,
+        task_id=task_id,
+        status=status,
+        cost=cost,
+        error=error,
+        error_type=error_type,
+        task=task,
+        files=tuple(_file(f) for f in files or ()),
+        request=request,
+    )
+
+
 def _records(rows: list[Any], path: Path) -> dict[int, JobRecord]:
     out: dict[int, JobRecord] = {}
     for r in rows:
+        if not isinstance(r[0], int):
+            raise _cannot(path, f"a job has the index {r[0]!r}, not a number")
         try:
-            files = tuple(DownloadedFile(**f) for f in json.loads(r[11])) if r[11] else ()
-            task = json.loads(r[10]) if r[10] else None
-            request = json.loads(r[12]) if r[12] else None
+            out[r[0]] = _record(r)
         except (ValueError, TypeError) as exc:
-            raise JournalError(
-                f"cannot use {path} as a journal: job {r[0]} is unreadable ({exc})"
-            ) from None
-        out[r[0]] = JobRecord(
-            index=r[0],
-            fingerprint=r[1],
-            idempotency_key=r[2],
-            state=r[3],
-            name=r[4],
-            task_id=r[5],
-            status=r[6],
-            cost=r[7],
-            error=r[8],
-            error_type=r[9],
-            task=task,
-            files=files,
-            request=request,
-        )
+            raise _cannot(path, f"job {r[0]} is unreadable: {exc}") from None
     return out
+
+
+# -- one run per journal: an OS lock on <journal>.lock -------------------------------------------
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of the journal ``path``."""
+    return path.with_name(path.name + ".lock")
+
+
+if sys.platform == "win32":  # pragma: no cover - not tested on Windows
+    import msvcrt
+
+    _FAR = 1 << 30  # lock a byte far past the holder's note, so others can still read it
+
+    def _try_lock(fd: int) -> bool:
+        os.lseek(fd, _FAR, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def _holder(path: Path) -> tuple[int | None, float | None]:
+    """The pid and start time the holding run wrote into its lock file, if it did yet."""
+    try:
+        note: object = json.loads(path.read_text(encoding="utf-8").strip() or "{}")
+    except (OSError, ValueError):
+        return None, None
+    if not is_object(note):
+        return None, None
+    pid, started = note.get("pid"), note.get("started")
+    return (
+        pid if isinstance(pid, int) else None,
+        float(started) if isinstance(started, (int, float)) else None,
+    )
+
+
+class RunLock:
+    """An OS lock held by one run for as long as it uses a journal (see the module doc)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(
+        cls, target: Path, *, what: str = "journal", lock_file: Path | None = None
+    ) -> RunLock:
+        """Take the lock of ``target`` (a journal; or, with ``what`` and ``lock_file``,
+        something else) now, or raise ``JournalLockedError`` naming the run that holds it.
+        Never waits."""
+        path = lock_file if lock_file is not None else lock_path(target)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise JournalError(
+                    f"cannot lock the {what} {target}: {path}: {exc.strerror or exc}"
+                ) from None
+            try:
+                if not _try_lock(fd):
+                    pid, started = _holder(path)
+                    raise JournalLockedError(str(target), pid, started, what=what)
+                # The run that held it may have removed the file as it let go: the lock then
+                # guards nothing; take the one on the file now there.
+                try:
+                    st, now = os.fstat(fd), os.stat(path)
+                    same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    note = json.dumps({"pid": os.getpid(), "started": time.time()})
+                    os.ftruncate(fd, 0)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    os.write(fd, note.encode() + b"\n")
+                    return cls(path, fd)
+            except BaseException as exc:
+                os.close(fd)
+                if isinstance(exc, OSError):
+                    raise JournalError(
+                        f"cannot lock the {what} {target}: {path}: {exc.strerror or exc}"
+                    ) from None
+                raise
+            os.close(fd)
+
+    def release(self) -> None:
+        """Let go (removing the file first, while still holding it); harmless twice."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):  # e.g. on Windows, or gone: the file is harmless
+            os.unlink(self.path)
+        os.close(fd)
 
 
 class SqliteJournal(Journal):
@@ -207,6 +476,7 @@ class SqliteJournal(Journal):
         self.path: Path = Path(path)
         """The database file."""
         self._conn: sqlite3.Connection | None = None
+        self._lock: RunLock | None = None
         self._limiter = anyio.CapacityLimiter(1)
 
     def __repr__(self) -> str:
@@ -224,89 +494,127 @@ class SqliteJournal(Journal):
             raise JournalError(f"{self.path} is already open in this journal")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
+        except OSError as exc:
+            raise _cannot(self.path, exc.strerror or str(exc)) from None
+        lock = RunLock.acquire(self.path)  # one run at a time, before the file is even read
         try:
-            records = self._read_sync(conn)
+            _check_header(self.path)
+            try:
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise _db_error(self.path, exc) from None
+            try:
+                records = self._read_sync(conn)
+            except BaseException:
+                conn.close()  # every path that does not keep the connection closes it
+                raise
         except BaseException:
-            conn.close()  # every path that does not keep the connection closes it
+            lock.release()
             raise
         self._conn = conn
+        self._lock = lock
         return records
 
     def _read_sync(self, conn: sqlite3.Connection) -> dict[int, JobRecord]:
         try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            schema = _inspect(conn, self.path)  # nothing is written before this check
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
-            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif not str(row[0]).isdigit():
-                raise JournalError(f"cannot use {self.path} as a journal: schema {row[0]!r}")
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise JournalError(
-                    f"{self.path} was written by a newer apimart-async (schema {row[0]})"
-                )
-            elif int(row[0]) == 1:
-                # Schema 1 stored a refused submit as a final error with no task id.
+            if schema is None:  # a new journal
                 conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                conn.execute("INSERT INTO meta VALUES ('format', ?)", (MARKER,))
+                conn.execute("COMMIT")
+            elif schema != str(SCHEMA_VERSION) or self._needs_marker(conn):
+                self._migrate(conn, schema)
+            rows = conn.execute(_SELECT).fetchall()
+        except sqlite3.Error as exc:
+            raise _db_error(self.path, exc) from None
+        return _records(rows, self.path)
+
+    @staticmethod
+    def _needs_marker(conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM meta WHERE key='format'").fetchone() is None
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, schema: str) -> None:
+        """Bring one of our older journals to the current schema, in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if schema == "1":
+                # Schema 1 stored a refused submit as a final error with no task id.
                 conn.execute(
                     "UPDATE jobs SET state='refused' WHERE state='done' AND task_id IS NULL"
                     " AND status='error'"
                 )
-                conn.execute("UPDATE meta SET value='2' WHERE key='schema'")
-                conn.execute("COMMIT")
-            if row is not None and int(row[0]) < 3:
-                # Schema 3 added the table ``priors`` (created above): nothing else changes.
-                conn.execute("UPDATE meta SET value='3' WHERE key='schema'")
-            rows = conn.execute(_SELECT).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot use {self.path} as a journal: {exc}") from None
-        return _records(rows, self.path)
+            # Schema 3 added the table ``priors``: nothing else changes.
+            conn.execute(_SCHEMA.split(";")[2])  # CREATE TABLE IF NOT EXISTS priors
+            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (MARKER,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     @staticmethod
     def read(path: str | Path) -> dict[int, JobRecord]:
         """Every recorded job by index, read without changing the file (a running batch may
-        be writing it). Blocking: call it from a worker thread in async code."""
+        be writing it; no lock is taken). Blocking: call it from a worker thread in async
+        code."""
         path = Path(path)
         try:
             with path.open("rb") as fh:
                 head = fh.read(16)
         except OSError as exc:
             raise JournalError(f"cannot read journal {path}: {exc.strerror or exc}") from None
-        if head != b"SQLite format 3\x00":
+        if head != _SQLITE_MAGIC:
             raise JournalError(f"{path} is not a journal (not an SQLite file)")
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
-            raise JournalError(f"cannot use {path} as a journal: {exc}") from None
+            raise _db_error(path, exc) from None
         try:
             conn.execute("PRAGMA query_only=ON")
             conn.execute("PRAGMA busy_timeout=5000")
+            if _inspect(conn, path) is None:
+                return {}
             rows = conn.execute(_SELECT).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot use {path} as a journal: {exc}") from None
+        except sqlite3.Error as exc:
+            raise _db_error(path, exc) from None
         finally:
             conn.close()
         return _records(rows, path)
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         if self._conn is None:
-            raise JournalError("the journal is closed")
-        self._conn.execute(sql, args)  # autocommit: one statement, one transaction
+            raise JournalError(f"the journal {self.path} is closed")
+        try:
+            self._conn.execute(sql, args)  # autocommit: one statement, one transaction
+        except sqlite3.Error as exc:
+            raise self._write_error(exc) from None
+
+    def _write_error(self, exc: sqlite3.Error) -> JournalError:
+        return JournalError(f"cannot write the journal {self.path}: {exc}")
 
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass  # the WAL is folded in on the next open; the data is already committed
-            finally:
-                conn.close()
+        lock, self._lock = self._lock, None
+        try:
+            if conn is not None:
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    pass  # the WAL is folded in on the next open; the data is already committed
+                finally:
+                    with contextlib.suppress(sqlite3.Error):  # every write is committed
+                        conn.close()
+        finally:
+            if lock is not None:
+                lock.release()
 
     # -- the protocol --------------------------------------------------------------------------
 
@@ -370,7 +678,7 @@ class SqliteJournal(Journal):
             rows = self._conn.execute(
                 "SELECT kind, samples, duration_lo, duration_hi, ratio_lo, ratio_hi FROM priors"
             ).fetchall()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise JournalError(f"cannot read the priors of {self.path}: {exc}") from None
         out: dict[str, KindPrior] = {}
         for kind, samples, d_lo, d_hi, r_lo, r_hi in rows:
@@ -396,7 +704,7 @@ class SqliteJournal(Journal):
                     if p.samples > 0
                 ],
             )
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise JournalError(f"cannot store the priors in {self.path}: {exc}") from None
 
     async def load_priors(self) -> dict[str, KindPrior]:

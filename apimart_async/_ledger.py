@@ -1,15 +1,27 @@
 """What a batch writes down, and when: the journal (every step before it is taken) and the
 JSONL manifest (one line per finished job). The batch calls these at each step of a job;
-none of them decides anything (``_jobs`` does)."""
+none of them decides anything (``_jobs`` does).
+
+A journal write that fails (disk full, ...) is a fault of the whole batch, not of a job: the
+first one is kept in ``fault`` and reported to ``on_fault`` (the batch stops), and nothing more
+is written to the journal, so that it stays as it was at the fault and a resume picks up from
+there. Only ``before_submit`` raises it (a job that cannot be recorded is not sent); the other
+steps carry on without the journal (their job is still handed out, not written down: the
+manifest gets its line when a later run closes the job). No error of a journal ever leaves
+here as anything but a ``JournalError``.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from ._converter import task_to_wire
-from ._errors import ApimartError
+from ._errors import ApimartError, JournalError
 from ._jobs import Conclusion, Job, definitive
 from ._journal import JobRecord, Journal
 from ._manifest import Manifest, outcome_line, record_line
@@ -20,19 +32,69 @@ from ._priors import Priors
 
 __all__ = ["Ledger"]
 
+logger = logging.getLogger("apimart_async")
+
 
 class Ledger:
     """The journal and the manifest of one batch (either may be None)."""
 
     def __init__(
-        self, journal: Journal | None, manifest_path: Path | None, *, priors: Priors | None = None
+        self,
+        journal: Journal | None,
+        manifest_path: Path | None,
+        *,
+        priors: Priors | None = None,
+        on_fault: Callable[[JournalError], None] | None = None,
     ) -> None:
         self.journal = journal
         self.manifest_path = manifest_path
         #: The poll schedule's learned priors, loaded from the journal and saved back to it.
         self.priors = priors
+        #: The first journal write that failed (then nothing more is written to the journal).
+        self.fault: JournalError | None = None
+        self._on_fault = on_fault
         self._manifest: Manifest | None = None
         self._opened = False
+
+    async def _write(
+        self, what: str, call: Callable[..., Awaitable[None]], *args: Any, **kw: Any
+    ) -> bool:
+        """One journal write; True if it was made. On failure ``fault`` is set and reported."""
+        if self.fault is not None:
+            return False
+        try:
+            await call(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - any journal's failure becomes a JournalError
+            self._failed(exc, what)
+            return False
+        return True
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        if not isinstance(exc, JournalError):  # a Journal of another kind, failing its own way
+            exc = JournalError(f"the journal {self.journal!r} failed: {type(exc).__name__}: {exc}")
+        fault = JournalError(f"{exc} (while recording {what})")
+        fault.__cause__ = exc.__cause__
+        if self.fault is None:
+            self.fault = fault
+            logger.warning("the batch is stopping: %s", fault)
+            if self._on_fault is not None:
+                self._on_fault(fault)
+
+    def stop_error(self, left: list[str]) -> JournalError:
+        """The error that ends a batch after ``fault``: what happened, the tasks (or the keys
+        of submits) ``left`` unfollowed, and how to resume."""
+        running = (
+            f" Tasks submitted and not followed to their end (pending_task_ids()):"
+            f" {', '.join(left)}."
+            if left
+            else ""
+        )
+        return JournalError(
+            f"the batch stopped: {self.fault}. No new job was started after that.{running} To"
+            " resume, fix the cause (free some space, check the file's permissions) and"
+            " run the same batch again with the same journal: it picks up every job"
+            " already sent, by task id or idempotency key, and pays for none twice."
+        )
 
     @property
     def keeps_records(self) -> bool:
@@ -45,7 +107,14 @@ class Ledger:
         records: dict[int, JobRecord] = {}
         try:
             if self.journal is not None:
-                records = await self.journal.open()
+                try:
+                    records = await self.journal.open()
+                except JournalError:
+                    raise
+                except Exception as exc:  # a Journal of another kind, failing its own way
+                    raise JournalError(
+                        f"cannot open the journal {self.journal!r}: {type(exc).__name__}: {exc}"
+                    ) from exc
                 self._opened = True
                 if self.priors is not None:
                     await load_priors(self.journal, self.priors)
@@ -66,10 +135,13 @@ class Ledger:
             if self.journal is not None and self._opened:
                 self._opened = False
                 try:
-                    if keep_priors and self.priors is not None:
+                    if keep_priors and self.priors is not None and self.fault is None:
                         await save_priors(self.journal, self.priors)
                 finally:
-                    await self.journal.close()
+                    try:
+                        await self.journal.close()
+                    except Exception as exc:  # noqa: BLE001 - every write was made before
+                        logger.warning("the journal did not close cleanly: %s", exc)
 
     async def write_manifest(self, outcome: Outcome, status: str) -> None:
         if self._manifest is not None:
@@ -81,9 +153,15 @@ class Ledger:
     async def before_submit(self, job: Job) -> None:
         """Record the job (with its key) before its submit is sent."""
         if self.journal is not None and not job.journaled:
+            if self.fault is not None:
+                raise JournalError(f"job {job.index} not submitted: {self.fault}")
             record = self.journal.restart if job.restart else self.journal.add
             body = job.request.to_body()
-            await record(job.index, job.request.fingerprint(), job.key, job.name, body)
+            what = f"job {job.index} before its submit"
+            args = (job.index, job.request.fingerprint(), job.key, job.name, body)
+            if not await self._write(what, record, *args):
+                assert self.fault is not None
+                raise self.fault  # not recorded: not sent
             job.journaled = True
 
     async def submit_failed(self, job: Job, exc: ApimartError, outcome: Outcome) -> None:
@@ -94,27 +172,41 @@ class Ledger:
             if self.journal is None:
                 await self.write_manifest(outcome, "error")
             elif job.journaled and definitive(exc):
-                await self.journal.refused(job.index, error=str(exc), error_type=type(exc).__name__)
-                await self.write_manifest(outcome, "error")
+                what = f"the refused submit of job {job.index}"
+                error, error_type = str(exc), type(exc).__name__
+                refused = self.journal.refused
+                recorded = await self._write(
+                    what, refused, job.index, error=error, error_type=error_type
+                )
+                if recorded:  # else the run that records it writes its line
+                    await self.write_manifest(outcome, "error")
 
     async def submitted(self, job: Job, task_id: str) -> None:
         if self.journal is not None:
             with anyio.CancelScope(shield=True):  # the id of a paid task is never lost
-                await self.journal.set_task(job.index, task_id)
+                what = f"the task {task_id} of job {job.index}"
+                await self._write(what, self.journal.set_task, job.index, task_id)
 
     async def downloading(self, job: Job, task: Task) -> None:
         if self.journal is not None:
-            await self.journal.set_downloading(job.index, task_to_wire(task), task.cost)
+            what = f"that the task {task.id} of job {job.index} completed"
+            await self._write(
+                what, self.journal.set_downloading, job.index, task_to_wire(task), task.cost
+            )
 
     async def finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> None:
         """Record an ended job: the journal closes it if ``end.closes`` (else a later run picks
         it up again), and the manifest gets its line when the journal closes it or there is
         no journal."""
         outcome = end.outcome
-        if end.closes and self.journal is not None:
+        if self.journal is None:
+            await self.write_manifest(outcome, end.status)
+        elif end.closes:
             task = outcome.task
             error = outcome.error
-            await self.journal.finish(
+            recorded = await self._write(
+                f"the end of job {job.index}",
+                self.journal.finish,
                 job.index,
                 status=end.status,
                 cost=task.cost if task is not None else None,
@@ -123,8 +215,8 @@ class Ledger:
                 error=str(error) if error is not None else None,
                 error_type=type(error).__name__ if error is not None else None,
             )
-        if end.closes or self.journal is None:
-            await self.write_manifest(outcome, end.status)
+            if recorded:  # else the run that records it writes its line
+                await self.write_manifest(outcome, end.status)
 
 
 def _index(record: JobRecord) -> int:

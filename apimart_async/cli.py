@@ -31,6 +31,7 @@ from apimart_async.emulator import Emulator
 
 from ._errors import UsageError as UsageError
 from ._jobsfile import _check_keys as check_keys
+from ._journal import RunLock
 from ._json import is_object
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -432,11 +433,8 @@ def _kind_text(kind: tuple[Any, ...]) -> str:
 async def _journal_records(path: Path) -> dict[int, am.JobRecord]:
     if not await anyio.Path(path).is_file():
         return {}
-    journal = am.SqliteJournal(path)
-    try:
-        return await journal.open()
-    finally:
-        await journal.close()
+    # read only, without the journal's lock: a dry run may look while a batch runs
+    return await anyio.to_thread.run_sync(am.SqliteJournal.read, path)
 
 
 def _estimate(
@@ -504,7 +502,23 @@ def _check_out(out: Path, flag: str = "--out") -> None:
 # -- commands -------------------------------------------------------------------------------
 
 
+OUT_LOCK = ".apimart-run.lock"
+"""The lock file of a run's output directory, beside the videos (issue 14)."""
+
+
 async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``run``: one run per output directory, as per journal (the lock of the journal, taken
+    by the batch, guards it; that of the directory, taken here, guards the videos' ``.part``
+    files, the manifest and the gallery when two runs have different journals)."""
+    held: list[RunLock] = []
+    try:
+        return await _cmd_run(args, argv, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[RunLock]) -> int:
     ui = args.ui
     try:
         jobs = am.read_jobs(
@@ -542,6 +556,7 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     assert out is not None
     assert journal is not None
     _check_out(out)
+    held.append(RunLock.acquire(out, what="output directory", lock_file=out / OUT_LOCK))
     retry_note = ""
     if args.retry_failed:
         failed = [

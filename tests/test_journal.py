@@ -347,8 +347,8 @@ async def test_the_journal_closes_its_connection_on_every_path(
     how: str, tmp_path: Path, connections: list[sqlite3.Connection]
 ) -> None:
     path = tmp_path / "run.sqlite"
-    if how == "not a database":
-        path.write_bytes(b"this is not sqlite" * 100)
+    if how == "not a database":  # an SQLite header, so that it gets as far as a connection
+        path.write_bytes(b"SQLite format 3\x00" + b"\x07" * 5000)
     else:
         await _fresh_journal(path)
     if how == "newer schema":
