@@ -194,7 +194,8 @@ MARKER = "apimart-async journal"
 
 _KNOWN_SCHEMAS = {str(v) for v in range(1, SCHEMA_VERSION + 1)}
 _STATES = frozenset({"submitting", "pending", "refused", "downloading", "done"})
-_OUR_TABLES = frozenset({"meta", "jobs", "priors"})
+#: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``)
+_OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads"})
 _JOB_COLUMNS = frozenset(
     {
         "idx", "fingerprint", "idempotency_key", "name", "body", "state", "task_id", "status",
