@@ -10,14 +10,20 @@
   for a new URL before giving up.
 - File names come from the caller (the job's index or name), sanitised; nothing from the
   server names a file, and no name can leave the download directory.
+- The local disk fails too: a write refused (full, read-only, no permission, a name too
+  long) is a ``DownloadError`` naming the path and the OS error, never a raw ``OSError``;
+  what arrived stays in the ``.part`` for a resume. When the size is known, the free space
+  is checked first and a file that cannot fit is refused before its body is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
+import shutil
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -62,6 +68,20 @@ def safe_name(name: str, *, fallback: str = "video") -> str:
     return text or fallback
 
 
+def disk_error(path: Path, exc: OSError) -> DownloadError:
+    """A local file error as the ``DownloadError`` a caller gets: the path and the OS error."""
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else repr(exc)
+    return DownloadError(f"cannot write {path}: {reason}; what arrived is kept for a resume")
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Free bytes for an unprivileged writer in ``directory`` (None: cannot tell)."""
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
 def inside(directory: Path, name: str) -> Path:
     """``directory / name`` after checking that it stays inside ``directory``."""
     base = directory.resolve()
@@ -74,8 +94,10 @@ def inside(directory: Path, name: str) -> Path:
 class _PartFile:
     """The ``.part`` file and its running sha256 (all file work on worker threads)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dest: Path) -> None:
         self.path = path
+        #: The final file, named in errors.
+        self.dest = dest
         self.size = 0
         self.hash = hashlib.sha256()
         self._fh: BinaryIO | None = None
@@ -101,18 +123,23 @@ class _PartFile:
             self.size += len(data)
 
     def close_sync(self) -> None:
-        """Close, keeping what arrived for a resume (an empty part is removed)."""
+        """Close, keeping what arrived for a resume (an empty part is removed). Never raises:
+        it runs after the error that ended the download (a full disk may refuse the flush)."""
         fh, self._fh = self._fh, None
-        if fh is not None:
-            fh.close()
-        if self.size == 0:
-            self.path.unlink(missing_ok=True)
+        try:
+            if fh is not None:
+                fh.close()
+            if self.size == 0:
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # the part is checked (length, sha256) when it is resumed
 
     def discard_sync(self) -> None:
         fh, self._fh = self._fh, None
-        if fh is not None:
-            fh.close()
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if fh is not None:
+                fh.close()
+            self.path.unlink(missing_ok=True)
 
     def finish_sync(self, dest: Path) -> None:
         """The part is complete: flush it to disk, then rename it into place, so a file under
@@ -168,7 +195,15 @@ class Downloader:
             return await self._fetch(url, dest, max_bytes)
 
     async def _fetch(self, url: str, dest: Path, max_bytes: int | None) -> DownloadedFile:
-        part = _PartFile(dest.with_name(dest.name + ".part"))
+        part = _PartFile(dest.with_name(dest.name + ".part"), dest)
+        try:
+            return await self._attempts(url, dest, part, max_bytes)
+        except OSError as exc:  # the local disk: full, read-only, a name too long...
+            raise disk_error(dest, exc) from exc
+
+    async def _attempts(
+        self, url: str, dest: Path, part: _PartFile, max_bytes: int | None
+    ) -> DownloadedFile:
         resume = True
         attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
@@ -182,15 +217,22 @@ class Downloader:
                 if not _retry.is_testing():
                     await anyio.sleep(_retry.backoff_delay(attempt))
             except DownloadTooLargeError:
-                await anyio.to_thread.run_sync(part.discard_sync)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(part.discard_sync)
                 raise
             finally:
                 if not complete:  # keep what arrived for a resume; a complete part is kept open
-                    await anyio.to_thread.run_sync(part.close_sync)
+                    with anyio.CancelScope(shield=True):  # also when a deadline ends it
+                        await anyio.to_thread.run_sync(part.close_sync)
             if complete:
                 digest = part.hash.hexdigest()
                 size = part.size
-                await anyio.to_thread.run_sync(part.finish_sync, dest)
+                try:
+                    await anyio.to_thread.run_sync(part.finish_sync, dest)
+                except OSError:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(part.close_sync)
+                    raise
                 return DownloadedFile(path=str(dest), bytes=size, sha256=digest, url=url)
             # None: the server ignored the range or the part was bad: restart; else resume
             resume = complete is not None
@@ -222,6 +264,8 @@ class Downloader:
                 raise DownloadTooLargeError(
                     f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
                 )
+            if total is not None:
+                await self._reserve(part, total - part.size)
             await self._copy(resp, part, url, max_bytes)
             if total is None:
                 return True
@@ -275,7 +319,16 @@ class Downloader:
         if error is not None:
             raise error
         if failed:
-            raise failed[0]
+            raise disk_error(part.dest, failed[0]) from failed[0]
+
+    async def _reserve(self, part: _PartFile, needed: int) -> None:
+        """Refuse a file that cannot fit: ``needed`` more bytes than the disk has free."""
+        free = await anyio.to_thread.run_sync(_free_bytes, part.path.parent)
+        if free is not None and needed > free:
+            raise DownloadError(
+                f"cannot write {part.dest}: not enough free space ({needed} bytes to write, "
+                f"{free} bytes free); free some space and run again to resume"
+            )
 
     async def task_files(
         self,
@@ -291,7 +344,10 @@ class Downloader:
         fresh: Task | None = None
         for n, video in enumerate(task.videos):
             name = safe_name(stem) + (f"-{n}" if n else "") + ".mp4"
-            dest = inside(directory, name)
+            try:
+                dest = inside(directory, name)
+            except OSError as exc:
+                raise disk_error(directory / name, exc) from exc
             url = video.url
             if url is None:
                 raise DownloadError(f"task {task.id} lists a video without a URL")
