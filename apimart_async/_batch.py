@@ -16,6 +16,7 @@ is handed out; a JSONL manifest gets one line per finished job.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -47,6 +48,7 @@ from ._poller import Poller
 from ._priors import kind_of
 from ._references import MediaPolicy, References
 from ._roster import Roster
+from ._transport import request_tally
 from ._upload_cache import cache_for
 
 if TYPE_CHECKING:
@@ -106,6 +108,8 @@ class BatchRun:
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = 0.0
+        #: This batch's own requests by kind (its tasks and its reads count them here).
+        self._tally: collections.Counter[str] = collections.Counter()
         # Made on entering, so a Batch that is never entered holds no open stream.
         self._to_submit: MemoryObjectSendStream[Job]
         self._submit_queue: MemoryObjectReceiveStream[Job]
@@ -117,7 +121,11 @@ class BatchRun:
             raise RuntimeError("a Batch can be entered only once")
         self._api.ensure_open()  # raises ClientClosedError if the client is not open
         if self.options.check_balance:
-            require_balance(await self._api.balance(), self.roster.budget)
+            token = request_tally.set((self._tally,))
+            try:
+                require_balance(await self._api.balance(), self.roster.budget)
+            finally:
+                request_tally.reset(token)
         self._records = await self._ledger.open()
         self.refs.attach(cache_for(self._ledger.journal))
         try:
@@ -135,7 +143,6 @@ class BatchRun:
             max_buffer_size=math.inf
         )
         self._started = time.monotonic()
-        self.roster.baseline = self._api.request_counts()
         if self._limiter is not None:
             self._pacing.add(self._limiter)
         tg = anyio.create_task_group()
@@ -189,7 +196,7 @@ class BatchRun:
     def stats(self) -> BatchStats:
         """The batch's counts now."""
         elapsed = (time.monotonic() - self._started) if self._started else 0.0
-        return self.roster.stats(elapsed=elapsed, requests=self._api.request_counts())
+        return self.roster.stats(elapsed=elapsed, requests=dict(self._tally))
 
     async def next(self) -> Success | Failure:
         outcome = await self._out.get()
@@ -219,6 +226,7 @@ class BatchRun:
             await self._changed.wait()
 
     async def _feed(self) -> None:
+        request_tally.set((self._tally,))  # in this task: its requests are the batch's
         inputs = read_inputs(self._requests)
         intake = Intake(
             self._records,
@@ -299,6 +307,7 @@ class BatchRun:
         return "stopped"
 
     async def _submitter(self) -> None:
+        request_tally.set((self._tally,))  # in this task: its requests are the batch's
         async for job in self._submit_queue:
             await self._submit(job)
 
@@ -398,6 +407,7 @@ class BatchRun:
 
     async def _finalize(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
         """Download, record and hand out one ended job."""
+        request_tally.set((self._tally,))  # in this task: its requests are the batch's
         try:
             files: tuple[DownloadedFile, ...] = ()
             download_error: ApimartError | None = None

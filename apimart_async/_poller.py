@@ -29,6 +29,7 @@ Deadlines belong to waiters, not to tasks: a wait past its ``timeout`` ends alon
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -58,6 +59,7 @@ from ._pacing import Pacing
 from ._poll_schedule import PollPolicy, PollSchedule
 from ._retry import is_retryable_status
 from ._status_window import ReadTicket, StatusWindow
+from ._transport import request_tally
 
 __all__ = ["Fetch", "Poller", "WatchCallback", "classify", "is_unknown_task"]
 
@@ -97,7 +99,7 @@ def classify(exc: ApimartError) -> ReadVerdict:
 class _Waiter:
     """One follower of a task: its callbacks and its own deadline (the poller's clock)."""
 
-    __slots__ = ("deadline", "done", "progress", "timeout")
+    __slots__ = ("deadline", "done", "progress", "tally", "timeout")
 
     def __init__(
         self,
@@ -110,6 +112,8 @@ class _Waiter:
         self.progress = progress
         self.timeout = timeout
         self.deadline = deadline
+        #: Who counts the reads made for it (a batch's requests): taken from ``watch``'s caller.
+        self.tally = request_tally.get()
 
 
 class _Watchers:
@@ -343,6 +347,7 @@ class Poller:
 
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
+        token = request_tally.set(self._tallies(ids))
         try:
             results = await self._fetch(ids)
         except ClientClosedError:
@@ -354,11 +359,25 @@ class Poller:
             )
             self.schedule.on_error(ids, self._clock())
             return
+        finally:
+            request_tally.reset(token)
         now = self._clock()
         try:
             self._report(ids, results, now)
         finally:
             self.schedule.release(ids, now)
+
+    def _tallies(self, ids: list[str]) -> tuple[collections.Counter[str], ...]:
+        """The request counters of everyone following ``ids`` (a shared read counts once for
+        each batch it serves)."""
+        found: dict[int, collections.Counter[str]] = {}
+        for task_id in ids:
+            entry = self._watchers.get(task_id)
+            if entry is not None:
+                for waiter in entry.waiters:
+                    for tally in waiter.tally:
+                        found.setdefault(id(tally), tally)
+        return tuple(found.values())
 
     # -- issue 22: per-task reads, each on its own ---------------------------------------------
 
@@ -395,6 +414,7 @@ class Poller:
         self.rounds += 1
         trouble = self._trouble()
         result: Task | ApimartError
+        request_tally.set(self._tallies([task_id]))  # this task's own context
         try:
             result = await self._read(task_id)
         except ApimartError as exc:
