@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from . import _retry
 from ._errors import (
@@ -48,7 +49,7 @@ from ._errors import (
 from ._models import DownloadedFile, Task
 from ._transport import StreamReply
 
-__all__ = ["Downloader", "Refresh", "Stream", "inside", "safe_name"]
+__all__ = ["DEFAULT_FLOOR", "Downloader", "RateFloor", "Refresh", "Stream", "inside", "safe_name"]
 
 #: Opens a streaming GET of a result file (``Transport.stream``: never with the API key).
 Stream = Callable[..., AbstractAsyncContextManager[StreamReply]]
@@ -56,9 +57,29 @@ Stream = Callable[..., AbstractAsyncContextManager[StreamReply]]
 Refresh = Callable[[str], Awaitable[Task]]
 
 CHUNK = 1 << 20
+#: Bytes read from the socket at a time (the floor rate sees progress at this grain).
+_READ = 64 * 1024
 #: Chunks of CHUNK bytes that may wait for the writer thread (memory per download: ~3 MiB).
 _QUEUED = 2
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@attrs.frozen
+class RateFloor:
+    """The slowest a download may be: at least ``bytes_per_second`` over every ``window``
+    seconds, else it is cut and retried (resumed where it stopped)."""
+
+    bytes_per_second: float
+    window: float
+
+    @property
+    def quota(self) -> float:
+        """Bytes that must arrive within each window."""
+        return self.bytes_per_second * self.window
+
+
+#: 10 KiB/s over 30 s: a stalled or trickling transfer is cut and resumed.
+DEFAULT_FLOOR = RateFloor(10 * 1024, 30.0)
 
 
 def safe_name(name: str, *, fallback: str = "video") -> str:
@@ -186,23 +207,33 @@ class Downloader:
                 status=exc.status,
             ) from None
 
-    async def fetch(self, url: str, dest: Path, *, max_bytes: int | None = None) -> DownloadedFile:
+    async def fetch(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        max_bytes: int | None = None,
+        floor: RateFloor | None = DEFAULT_FLOOR,
+    ) -> DownloadedFile:
         """Download ``url`` to ``dest`` (resuming ``dest.part``). Raises DownloadError, or
-        ``DownloadGoneError`` for a URL that answers 403/404/410 (the caller may refresh it)."""
+        ``DownloadGoneError`` for a URL that answers 403/404/410 (the caller may refresh it).
+        A transfer slower than ``floor`` (None: no floor) is cut and resumed."""
         if not url.lower().startswith(("http://", "https://")):
             raise DownloadError(f"refusing to download a non-http(s) URL: {url[:80]!r}", url=url)
         async with self.limiter:
-            return await self._fetch(url, dest, max_bytes)
+            return await self._fetch(url, dest, max_bytes, floor)
 
-    async def _fetch(self, url: str, dest: Path, max_bytes: int | None) -> DownloadedFile:
+    async def _fetch(
+        self, url: str, dest: Path, max_bytes: int | None, floor: RateFloor | None
+    ) -> DownloadedFile:
         part = _PartFile(dest.with_name(dest.name + ".part"), dest)
         try:
-            return await self._attempts(url, dest, part, max_bytes)
+            return await self._attempts(url, dest, part, max_bytes, floor)
         except OSError as exc:  # the local disk: full, read-only, a name too long...
             raise disk_error(dest, exc) from exc
 
     async def _attempts(
-        self, url: str, dest: Path, part: _PartFile, max_bytes: int | None
+        self, url: str, dest: Path, part: _PartFile, max_bytes: int | None, floor: RateFloor | None
     ) -> DownloadedFile:
         resume = True
         attempts = self.max_retries + 1
@@ -210,7 +241,7 @@ class Downloader:
             await anyio.to_thread.run_sync(functools.partial(part.open_sync, resume=resume))
             complete: bool | None = False
             try:
-                complete = await self._stream(url, part, max_bytes)
+                complete = await self._stream(url, part, max_bytes, floor)
             except APIConnectionError:  # also a 408/429/5xx from the file server
                 if attempt == attempts:
                     raise
@@ -240,7 +271,9 @@ class Downloader:
             f"download of {dest.name} stayed incomplete after {attempts} attempts", url=url
         )
 
-    async def _stream(self, url: str, part: _PartFile, max_bytes: int | None) -> bool | None:
+    async def _stream(
+        self, url: str, part: _PartFile, max_bytes: int | None, floor: RateFloor | None
+    ) -> bool | None:
         """One GET. True: complete. False: cut short. None: start again from zero."""
         offset = part.size
         headers = {"Range": f"bytes={offset}-"} if offset else None
@@ -266,7 +299,7 @@ class Downloader:
                 )
             if total is not None:
                 await self._reserve(part, total - part.size)
-            await self._copy(resp, part, url, max_bytes)
+            await self._copy(resp, part, url, max_bytes, floor)
             if total is None:
                 return True
             if part.size > total:
@@ -274,48 +307,83 @@ class Downloader:
             return part.size == total
 
     async def _copy(
-        self, resp: StreamReply, part: _PartFile, url: str, max_bytes: int | None
+        self,
+        resp: StreamReply,
+        part: _PartFile,
+        url: str,
+        max_bytes: int | None,
+        floor: RateFloor | None,
     ) -> None:
         """Body to the part file. A writer task hashes and writes about 1 MiB at a time on a
         worker thread while the next MiB arrives; at most ``_QUEUED`` MiB wait in memory, so
-        memory stays flat whatever the file size."""
+        memory stays flat whatever the file size. Each ``floor.window`` must bring
+        ``floor.quota`` bytes: a window that does not is cut (``APIConnectionError``, retried)."""
         send, receive = anyio.create_memory_object_stream[list[bytes]](_QUEUED)
         failed: list[OSError] = []
+        queued = [0, 0]  # batches sent to the writer, batches it wrote
 
         async def writer() -> None:
             async with receive:
                 try:
-                    async for pieces in receive:
-                        await anyio.to_thread.run_sync(part.write_many_sync, pieces)
+                    async for batch in receive:
+                        await anyio.to_thread.run_sync(part.write_many_sync, batch)
+                        queued[1] += 1
                 except OSError as exc:  # disk full, say: the reader stops at its next send
                     failed.append(exc)
 
         received = part.size
         error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(writer)
-            async with send:
-                pieces: list[bytes] = []
-                size = 0
-                try:
-                    async for chunk in resp.chunks(CHUNK):
-                        received += len(chunk)
-                        if max_bytes is not None and received > max_bytes:
-                            raise DownloadTooLargeError(
-                                f"file exceeds max_bytes={max_bytes}", url=url
-                            )
-                        pieces.append(chunk)
-                        size += len(chunk)
-                        if size >= CHUNK:
+        pieces: list[bytes] = []
+        # the window: a new one starts each time the last one's quota has arrived
+        window_start = received
+        pace = anyio.CancelScope()
+        if floor is not None:
+            pace.deadline = anyio.current_time() + floor.window
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer)
+                async with send:
+                    size = 0
+                    try:
+                        with pace:
+                            async for chunk in resp.chunks(_READ):
+                                received += len(chunk)
+                                if floor is not None and received - window_start >= floor.quota:
+                                    window_start = received
+                                    pace.deadline = anyio.current_time() + floor.window
+                                if max_bytes is not None and received > max_bytes:
+                                    raise DownloadTooLargeError(
+                                        f"file exceeds max_bytes={max_bytes}", url=url
+                                    )
+                                pieces.append(chunk)
+                                size += len(chunk)
+                                if size >= CHUNK:
+                                    queued[0] += 1
+                                    await send.send(pieces)
+                                    pieces, size = [], 0
+                        if pieces:  # what arrived is kept, also from a window cut short
+                            queued[0] += 1
                             await send.send(pieces)
-                            pieces, size = [], 0
-                    if pieces:
-                        await send.send(pieces)
-                except anyio.BrokenResourceError:
-                    pass  # the writer failed; raised below
-                except Exception as exc:  # noqa: BLE001 - raised below, not as a group
-                    error = exc
-            # the queue is closed here: the writer stores what was queued, then ends
+                            pieces = []
+                        if pace.cancelled_caught:
+                            assert floor is not None
+                            raise APIConnectionError(
+                                f"download slower than {floor.bytes_per_second:g} bytes/s over "
+                                f"{floor.window:g} s ({received - window_start} bytes); "
+                                "resuming",
+                                method="GET",
+                                path=urlsplit(url).path,
+                            )
+                    except anyio.BrokenResourceError:
+                        pass  # the writer failed; raised below
+                    except Exception as exc:  # noqa: BLE001 - raised below, not as a group
+                        error = exc
+                # the queue is closed here: the writer stores what was queued, then ends
+        finally:
+            # Cut by a deadline: keep what arrived when it follows what was written (no gap).
+            if pieces and not failed and queued[0] == queued[1]:
+                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await anyio.to_thread.run_sync(part.write_many_sync, pieces)
         if error is not None:
             raise error
         if failed:
@@ -337,6 +405,7 @@ class Downloader:
         stem: str,
         *,
         max_bytes: int | None = None,
+        floor: RateFloor | None = DEFAULT_FLOOR,
     ) -> tuple[DownloadedFile, ...]:
         """Every video of a completed task into ``directory`` as ``<stem>.mp4`` (``-N`` for
         the second and later videos). One fresh status request renews expired URLs."""
@@ -355,7 +424,7 @@ class Downloader:
                 fresh = await self._refresh(task)
                 url = _nth_url(fresh, n) or url
             try:
-                files.append(await self.fetch(url, dest, max_bytes=max_bytes))
+                files.append(await self.fetch(url, dest, max_bytes=max_bytes, floor=floor))
                 continue
             except DownloadGoneError as gone:
                 if fresh is not None:
@@ -372,7 +441,7 @@ class Downloader:
                     f"task {task.id} has no URL for video {n} any more", url=url
                 )
             try:
-                files.append(await self.fetch(new_url, dest, max_bytes=max_bytes))
+                files.append(await self.fetch(new_url, dest, max_bytes=max_bytes, floor=floor))
             except DownloadGoneError as gone:
                 raise DownloadExpiredError(
                     f"result URL of task {task.id} answered HTTP {gone.status}, "
