@@ -41,12 +41,14 @@ class Service(Protocol):
     unknown_task: UnknownTask
     conflict_code_in: ConflictPlacement
     batch_hidden: set[str]
-    file_chunk_delay: float
     webhook_retry_delays: tuple[float, ...]
     webhook_deliveries: list[tuple[str, str, int | str]]
 
     @property
     def batch_route(self) -> BatchRoute: ...
+
+    @property
+    def file_chunk_delay(self) -> float: ...
 
     def advance(self, seconds: float) -> None: ...
 
