@@ -16,6 +16,7 @@ is handed out; a JSONL manifest gets one line per finished job.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -48,6 +49,7 @@ from ._poller import Poller
 from ._priors import kind_of
 from ._references import MediaPolicy, References
 from ._roster import Roster
+from ._transport import request_tally
 from ._upload_cache import cache_for
 
 if TYPE_CHECKING:
@@ -111,6 +113,10 @@ class BatchRun:
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = 0.0
+        self._ends_at = math.inf  # the batch deadline on anyio's clock
+        self._floor = options.download_floor()
+        #: This batch's own requests by kind (its tasks and its reads count them here).
+        self._tally: collections.Counter[str] = collections.Counter()
         # Made on entering, so a Batch that is never entered holds no open stream.
         self._to_submit: MemoryObjectSendStream[Job]
         self._submit_queue: MemoryObjectReceiveStream[Job]
@@ -122,7 +128,11 @@ class BatchRun:
             raise RuntimeError("a Batch can be entered only once")
         self._api.ensure_open()  # raises ClientClosedError if the client is not open
         if self.options.check_balance:
-            require_balance(await self._api.balance(), self.roster.budget)
+            token = request_tally.set((self._tally,))
+            try:
+                require_balance(await self._api.balance(), self.roster.budget)
+            finally:
+                request_tally.reset(token)
         self._records = await self._ledger.open()
         self.refs.attach(cache_for(self._ledger.journal))
         try:
@@ -140,7 +150,7 @@ class BatchRun:
             max_buffer_size=math.inf
         )
         self._started = time.monotonic()
-        self.roster.baseline = self._api.request_counts()
+        self._ends_at = anyio.current_time() + (self.options.timeout or math.inf)
         if self._limiter is not None:
             self._pacing.add(self._limiter)
         tg = anyio.create_task_group()
@@ -194,7 +204,7 @@ class BatchRun:
     def stats(self) -> BatchStats:
         """The batch's counts now."""
         elapsed = (time.monotonic() - self._started) if self._started else 0.0
-        return self.roster.stats(elapsed=elapsed, requests=self._api.request_counts())
+        return self.roster.stats(elapsed=elapsed, requests=dict(self._tally))
 
     async def next(self) -> Success | Failure:
         try:
@@ -228,6 +238,7 @@ class BatchRun:
             await self._changed.wait()
 
     async def _feed(self) -> None:
+        request_tally.set((self._tally,))  # in this task: its requests are the batch's
         inputs = read_inputs(self._requests)
         intake = Intake(
             self._records,
@@ -283,6 +294,7 @@ class BatchRun:
         job, task_id = plan.job, plan.task_id
         if plan.action == "reattach" and job is not None and task_id is not None:
             self.roster.reattached(job, task_id, self._poller.now())
+            job.submitted_at = None  # submitted in an earlier run: no job_timeout here
             self._follow(task_id, job, reattach=True)
         elif plan.action == "refetch" and job and task_id is not None and plan.task is not None:
             assert self._tg is not None
@@ -308,6 +320,7 @@ class BatchRun:
         return "stopped"
 
     async def _submitter(self) -> None:
+        request_tally.set((self._tally,))  # in this task: its requests are the batch's
         async for job in self._submit_queue:
             await self._submit(job)
 
@@ -410,24 +423,51 @@ class BatchRun:
 
     async def _finalize(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
         """Download, record and hand out one ended job."""
+        request_tally.set((self._tally,))  # in this task: its requests are the batch's
         try:
             files: tuple[DownloadedFile, ...] = ()
             download_error: ApimartError | None = None
             if isinstance(result, Task) and result.ok and self.download_dir is not None:
                 await self._ledger.downloading(job, result)
                 stem = file_stem(job.index, job.name)
-                try:
-                    files = await self._downloader.task_files(
-                        result, self.download_dir, stem, max_bytes=self.options.max_bytes
+                end_at, limit = self._download_deadline(job)
+                with anyio.CancelScope(deadline=end_at) as scope:
+                    try:
+                        files = await self._downloader.task_files(
+                            result,
+                            self.download_dir,
+                            stem,
+                            max_bytes=self.options.max_bytes,
+                            floor=self._floor,
+                        )
+                    except (DownloadError, ApimartError) as exc:
+                        download_error = exc
+                if scope.cancelled_caught:
+                    download_error = DownloadError(
+                        f"download of task {task_id} ended by the {limit}; what arrived is kept"
+                        " and a resume fetches the rest"
                     )
-                except (DownloadError, ApimartError) as exc:
-                    download_error = exc
             end = self.roster.conclude(job, task_id, result, files, download_error)
             await self._ledger.finished(job, end, files)
             self._publish(end)
         finally:
             self.roster.finishing -= 1
             self._maybe_close()
+
+    def _download_deadline(self, job: Job) -> tuple[float, str]:
+        """When a job's download must end (anyio's clock; inf: never) and which limit says so:
+        the batch's ``timeout`` or the job's ``job_timeout`` (counted on the poller's clock
+        from its submit in this run)."""
+        ends = [(math.inf, "")]
+        timeout, job_timeout = self.options.timeout, self.options.job_timeout
+        if timeout is not None:
+            ends.append((self._ends_at, f"batch deadline (timeout={timeout:g}s)"))
+        if job_timeout is not None and job.submitted_at is not None:
+            poller = self._poller
+            left = job.submitted_at + job_timeout - poller.now()
+            end = anyio.current_time() + max(0.0, left) / poller.time_scale
+            ends.append((end, f"job deadline (job_timeout={job_timeout:g}s)"))
+        return min(ends)
 
     # -- plumbing --------------------------------------------------------------------------------
 

@@ -322,6 +322,8 @@ class AsyncApimart:
         sigint_grace: float | None = None,
         media_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         allow_any_path: bool = False,
+        min_download_rate: float | None = 10 * 1024,
+        download_rate_window: float = 30.0,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
 
@@ -372,6 +374,13 @@ class AsyncApimart:
                 until it expires.
             allow_any_path: send local files from anywhere (symlinks are followed before the
                 ``media_root`` check; only lift it for requests you wrote yourself).
+            min_download_rate: bytes per second a result download must keep up, measured
+                over every ``download_rate_window`` seconds; a slower one is cut and resumed
+                where it stopped (retried like a dropped connection). None: no floor.
+            download_rate_window: the seconds over which ``min_download_rate`` is measured.
+
+        ``timeout`` and ``job_timeout`` also end a download in progress: the job ends with a
+        ``DownloadError``, what arrived is kept (``.part``) and a resume fetches the rest.
 
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.

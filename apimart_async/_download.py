@@ -10,14 +10,20 @@
   for a new URL before giving up.
 - File names come from the caller (the job's index or name), sanitised; nothing from the
   server names a file, and no name can leave the download directory.
+- The local disk fails too: a write refused (full, read-only, no permission, a name too
+  long) is a ``DownloadError`` naming the path and the OS error, never a raw ``OSError``;
+  what arrived stays in the ``.part`` for a resume. When the size is known, the free space
+  is checked first and a file that cannot fit is refused before its body is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
+import shutil
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -28,6 +34,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from . import _retry
 from ._errors import (
@@ -42,7 +49,7 @@ from ._errors import (
 from ._models import DownloadedFile, Task
 from ._transport import StreamReply
 
-__all__ = ["Downloader", "Refresh", "Stream", "inside", "safe_name"]
+__all__ = ["DEFAULT_FLOOR", "Downloader", "RateFloor", "Refresh", "Stream", "inside", "safe_name"]
 
 #: Opens a streaming GET of a result file (``Transport.stream``: never with the API key).
 Stream = Callable[..., AbstractAsyncContextManager[StreamReply]]
@@ -50,9 +57,29 @@ Stream = Callable[..., AbstractAsyncContextManager[StreamReply]]
 Refresh = Callable[[str], Awaitable[Task]]
 
 CHUNK = 1 << 20
+#: Bytes read from the socket at a time (the floor rate sees progress at this grain).
+_READ = 64 * 1024
 #: Chunks of CHUNK bytes that may wait for the writer thread (memory per download: ~3 MiB).
 _QUEUED = 2
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@attrs.frozen
+class RateFloor:
+    """The slowest a download may be: at least ``bytes_per_second`` over every ``window``
+    seconds, else it is cut and retried (resumed where it stopped)."""
+
+    bytes_per_second: float
+    window: float
+
+    @property
+    def quota(self) -> float:
+        """Bytes that must arrive within each window."""
+        return self.bytes_per_second * self.window
+
+
+#: 10 KiB/s over 30 s: a stalled or trickling transfer is cut and resumed.
+DEFAULT_FLOOR = RateFloor(10 * 1024, 30.0)
 
 
 def safe_name(name: str, *, fallback: str = "video") -> str:
@@ -60,6 +87,20 @@ def safe_name(name: str, *, fallback: str = "video") -> str:
     text = unicodedata.normalize("NFKC", str(name))
     text = _SAFE.sub("_", text).strip("._")[:120]
     return text or fallback
+
+
+def disk_error(path: Path, exc: OSError) -> DownloadError:
+    """A local file error as the ``DownloadError`` a caller gets: the path and the OS error."""
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else repr(exc)
+    return DownloadError(f"cannot write {path}: {reason}; what arrived is kept for a resume")
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Free bytes for an unprivileged writer in ``directory`` (None: cannot tell)."""
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
 
 
 def inside(directory: Path, name: str) -> Path:
@@ -74,8 +115,10 @@ def inside(directory: Path, name: str) -> Path:
 class _PartFile:
     """The ``.part`` file and its running sha256 (all file work on worker threads)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dest: Path) -> None:
         self.path = path
+        #: The final file, named in errors.
+        self.dest = dest
         self.size = 0
         self.hash = hashlib.sha256()
         self._fh: BinaryIO | None = None
@@ -101,18 +144,23 @@ class _PartFile:
             self.size += len(data)
 
     def close_sync(self) -> None:
-        """Close, keeping what arrived for a resume (an empty part is removed)."""
+        """Close, keeping what arrived for a resume (an empty part is removed). Never raises:
+        it runs after the error that ended the download (a full disk may refuse the flush)."""
         fh, self._fh = self._fh, None
-        if fh is not None:
-            fh.close()
-        if self.size == 0:
-            self.path.unlink(missing_ok=True)
+        try:
+            if fh is not None:
+                fh.close()
+            if self.size == 0:
+                self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # the part is checked (length, sha256) when it is resumed
 
     def discard_sync(self) -> None:
         fh, self._fh = self._fh, None
-        if fh is not None:
-            fh.close()
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if fh is not None:
+                fh.close()
+            self.path.unlink(missing_ok=True)
 
     def finish_sync(self, dest: Path) -> None:
         """The part is complete: flush it to disk, then rename it into place, so a file under
@@ -159,38 +207,63 @@ class Downloader:
                 status=exc.status,
             ) from None
 
-    async def fetch(self, url: str, dest: Path, *, max_bytes: int | None = None) -> DownloadedFile:
+    async def fetch(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        max_bytes: int | None = None,
+        floor: RateFloor | None = DEFAULT_FLOOR,
+    ) -> DownloadedFile:
         """Download ``url`` to ``dest`` (resuming ``dest.part``). Raises DownloadError, or
-        ``DownloadGoneError`` for a URL that answers 403/404/410 (the caller may refresh it)."""
+        ``DownloadGoneError`` for a URL that answers 403/404/410 (the caller may refresh it).
+        A transfer slower than ``floor`` (None: no floor) is cut and resumed."""
         if not url.lower().startswith(("http://", "https://")):
             raise DownloadError(f"refusing to download a non-http(s) URL: {url[:80]!r}", url=url)
         async with self.limiter:
-            return await self._fetch(url, dest, max_bytes)
+            return await self._fetch(url, dest, max_bytes, floor)
 
-    async def _fetch(self, url: str, dest: Path, max_bytes: int | None) -> DownloadedFile:
-        part = _PartFile(dest.with_name(dest.name + ".part"))
+    async def _fetch(
+        self, url: str, dest: Path, max_bytes: int | None, floor: RateFloor | None
+    ) -> DownloadedFile:
+        part = _PartFile(dest.with_name(dest.name + ".part"), dest)
+        try:
+            return await self._attempts(url, dest, part, max_bytes, floor)
+        except OSError as exc:  # the local disk: full, read-only, a name too long...
+            raise disk_error(dest, exc) from exc
+
+    async def _attempts(
+        self, url: str, dest: Path, part: _PartFile, max_bytes: int | None, floor: RateFloor | None
+    ) -> DownloadedFile:
         resume = True
         attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
             await anyio.to_thread.run_sync(functools.partial(part.open_sync, resume=resume))
             complete: bool | None = False
             try:
-                complete = await self._stream(url, part, max_bytes)
+                complete = await self._stream(url, part, max_bytes, floor)
             except APIConnectionError:  # also a 408/429/5xx from the file server
                 if attempt == attempts:
                     raise
                 if not _retry.is_testing():
                     await anyio.sleep(_retry.backoff_delay(attempt))
             except DownloadTooLargeError:
-                await anyio.to_thread.run_sync(part.discard_sync)
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(part.discard_sync)
                 raise
             finally:
                 if not complete:  # keep what arrived for a resume; a complete part is kept open
-                    await anyio.to_thread.run_sync(part.close_sync)
+                    with anyio.CancelScope(shield=True):  # also when a deadline ends it
+                        await anyio.to_thread.run_sync(part.close_sync)
             if complete:
                 digest = part.hash.hexdigest()
                 size = part.size
-                await anyio.to_thread.run_sync(part.finish_sync, dest)
+                try:
+                    await anyio.to_thread.run_sync(part.finish_sync, dest)
+                except OSError:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(part.close_sync)
+                    raise
                 return DownloadedFile(path=str(dest), bytes=size, sha256=digest, url=url)
             # None: the server ignored the range or the part was bad: restart; else resume
             resume = complete is not None
@@ -198,7 +271,9 @@ class Downloader:
             f"download of {dest.name} stayed incomplete after {attempts} attempts", url=url
         )
 
-    async def _stream(self, url: str, part: _PartFile, max_bytes: int | None) -> bool | None:
+    async def _stream(
+        self, url: str, part: _PartFile, max_bytes: int | None, floor: RateFloor | None
+    ) -> bool | None:
         """One GET. True: complete. False: cut short. None: start again from zero."""
         offset = part.size
         headers = {"Range": f"bytes={offset}-"} if offset else None
@@ -222,7 +297,9 @@ class Downloader:
                 raise DownloadTooLargeError(
                     f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
                 )
-            await self._copy(resp, part, url, max_bytes)
+            if total is not None:
+                await self._reserve(part, total - part.size)
+            await self._copy(resp, part, url, max_bytes, floor)
             if total is None:
                 return True
             if part.size > total:
@@ -230,52 +307,96 @@ class Downloader:
             return part.size == total
 
     async def _copy(
-        self, resp: StreamReply, part: _PartFile, url: str, max_bytes: int | None
+        self,
+        resp: StreamReply,
+        part: _PartFile,
+        url: str,
+        max_bytes: int | None,
+        floor: RateFloor | None,
     ) -> None:
         """Body to the part file. A writer task hashes and writes about 1 MiB at a time on a
         worker thread while the next MiB arrives; at most ``_QUEUED`` MiB wait in memory, so
-        memory stays flat whatever the file size."""
+        memory stays flat whatever the file size. Each ``floor.window`` must bring
+        ``floor.quota`` bytes: a window that does not is cut (``APIConnectionError``, retried)."""
         send, receive = anyio.create_memory_object_stream[list[bytes]](_QUEUED)
         failed: list[OSError] = []
+        queued = [0, 0]  # batches sent to the writer, batches it wrote
 
         async def writer() -> None:
             async with receive:
                 try:
-                    async for pieces in receive:
-                        await anyio.to_thread.run_sync(part.write_many_sync, pieces)
+                    async for batch in receive:
+                        await anyio.to_thread.run_sync(part.write_many_sync, batch)
+                        queued[1] += 1
                 except OSError as exc:  # disk full, say: the reader stops at its next send
                     failed.append(exc)
 
         received = part.size
         error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(writer)
-            async with send:
-                pieces: list[bytes] = []
-                size = 0
-                try:
-                    async for chunk in resp.chunks(CHUNK):
-                        received += len(chunk)
-                        if max_bytes is not None and received > max_bytes:
-                            raise DownloadTooLargeError(
-                                f"file exceeds max_bytes={max_bytes}", url=url
-                            )
-                        pieces.append(chunk)
-                        size += len(chunk)
-                        if size >= CHUNK:
+        pieces: list[bytes] = []
+        # the window: a new one starts each time the last one's quota has arrived
+        window_start = received
+        pace = anyio.CancelScope()
+        if floor is not None:
+            pace.deadline = anyio.current_time() + floor.window
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer)
+                async with send:
+                    size = 0
+                    try:
+                        with pace:
+                            async for chunk in resp.chunks(_READ):
+                                received += len(chunk)
+                                if floor is not None and received - window_start >= floor.quota:
+                                    window_start = received
+                                    pace.deadline = anyio.current_time() + floor.window
+                                if max_bytes is not None and received > max_bytes:
+                                    raise DownloadTooLargeError(
+                                        f"file exceeds max_bytes={max_bytes}", url=url
+                                    )
+                                pieces.append(chunk)
+                                size += len(chunk)
+                                if size >= CHUNK:
+                                    queued[0] += 1
+                                    await send.send(pieces)
+                                    pieces, size = [], 0
+                        if pieces:  # what arrived is kept, also from a window cut short
+                            queued[0] += 1
                             await send.send(pieces)
-                            pieces, size = [], 0
-                    if pieces:
-                        await send.send(pieces)
-                except anyio.BrokenResourceError:
-                    pass  # the writer failed; raised below
-                except Exception as exc:  # noqa: BLE001 - raised below, not as a group
-                    error = exc
-            # the queue is closed here: the writer stores what was queued, then ends
+                            pieces = []
+                        if pace.cancelled_caught:
+                            assert floor is not None
+                            raise APIConnectionError(
+                                f"download slower than {floor.bytes_per_second:g} bytes/s over "
+                                f"{floor.window:g} s ({received - window_start} bytes); "
+                                "resuming",
+                                method="GET",
+                                path=urlsplit(url).path,
+                            )
+                    except anyio.BrokenResourceError:
+                        pass  # the writer failed; raised below
+                    except Exception as exc:  # noqa: BLE001 - raised below, not as a group
+                        error = exc
+                # the queue is closed here: the writer stores what was queued, then ends
+        finally:
+            # Cut by a deadline: keep what arrived when it follows what was written (no gap).
+            if pieces and not failed and queued[0] == queued[1]:
+                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await anyio.to_thread.run_sync(part.write_many_sync, pieces)
         if error is not None:
             raise error
         if failed:
-            raise failed[0]
+            raise disk_error(part.dest, failed[0]) from failed[0]
+
+    async def _reserve(self, part: _PartFile, needed: int) -> None:
+        """Refuse a file that cannot fit: ``needed`` more bytes than the disk has free."""
+        free = await anyio.to_thread.run_sync(_free_bytes, part.path.parent)
+        if free is not None and needed > free:
+            raise DownloadError(
+                f"cannot write {part.dest}: not enough free space ({needed} bytes to write, "
+                f"{free} bytes free); free some space and run again to resume"
+            )
 
     async def task_files(
         self,
@@ -284,6 +405,7 @@ class Downloader:
         stem: str,
         *,
         max_bytes: int | None = None,
+        floor: RateFloor | None = DEFAULT_FLOOR,
     ) -> tuple[DownloadedFile, ...]:
         """Every video of a completed task into ``directory`` as ``<stem>.mp4`` (``-N`` for
         the second and later videos). One fresh status request renews expired URLs."""
@@ -291,7 +413,10 @@ class Downloader:
         fresh: Task | None = None
         for n, video in enumerate(task.videos):
             name = safe_name(stem) + (f"-{n}" if n else "") + ".mp4"
-            dest = inside(directory, name)
+            try:
+                dest = inside(directory, name)
+            except OSError as exc:
+                raise disk_error(directory / name, exc) from exc
             url = video.url
             if url is None:
                 raise DownloadError(f"task {task.id} lists a video without a URL")
@@ -299,7 +424,7 @@ class Downloader:
                 fresh = await self._refresh(task)
                 url = _nth_url(fresh, n) or url
             try:
-                files.append(await self.fetch(url, dest, max_bytes=max_bytes))
+                files.append(await self.fetch(url, dest, max_bytes=max_bytes, floor=floor))
                 continue
             except DownloadGoneError as gone:
                 if fresh is not None:
@@ -316,7 +441,7 @@ class Downloader:
                     f"task {task.id} has no URL for video {n} any more", url=url
                 )
             try:
-                files.append(await self.fetch(new_url, dest, max_bytes=max_bytes))
+                files.append(await self.fetch(new_url, dest, max_bytes=max_bytes, floor=floor))
             except DownloadGoneError as gone:
                 raise DownloadExpiredError(
                     f"result URL of task {task.id} answered HTTP {gone.status}, "

@@ -88,7 +88,8 @@ class Job:
     request: VideoRequest
     key: str
     name: str | None = None
-    submitted_at: float = 0.0
+    #: When its task was submitted (the poller's clock); None: not in this run.
+    submitted_at: float | None = None
     journaled: bool = False
     #: Recorded in an earlier run and sent afresh (new key, maybe a new request).
     restart: bool = False

@@ -23,6 +23,7 @@ from ._checks import (
     check_positive_number,
     check_seconds,
 )
+from ._download import RateFloor
 from ._errors import FieldError, ValidationError
 from ._journal import Journal, SqliteJournal
 from ._models import VideoRequest
@@ -58,6 +59,8 @@ class BatchOptions:
     sigint_grace: float | None = None
     media_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None
     allow_any_path: bool = False
+    min_download_rate: float | None = 10 * 1024
+    download_rate_window: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         check_positive_int("concurrency", self.concurrency)
@@ -84,6 +87,16 @@ class BatchOptions:
         ):
             rule = "must be a folder, or a non-empty list of folders"
             raise ValidationError([FieldError("media_root", rule, roots)])
+        check_positive_number(
+            "min_download_rate",
+            self.min_download_rate,
+            unit="of bytes per second",
+            allow_none=True,
+            finite=True,
+        )
+        check_positive_number(
+            "download_rate_window", self.download_rate_window, unit="of seconds", finite=True
+        )
         self._check_kinds()
 
     def _check_kinds(self) -> None:
@@ -128,6 +141,12 @@ class BatchOptions:
         if manifest is None and folder is not None:
             manifest = folder / "manifest.jsonl"
         return folder, Path(manifest) if manifest is not None else None
+
+    def download_floor(self) -> RateFloor | None:
+        """The slowest a download may go before it is cut and resumed (None: no floor)."""
+        if self.min_download_rate is None:
+            return None
+        return RateFloor(float(self.min_download_rate), float(self.download_rate_window))
 
     def budget(self) -> Budget | None:
         """A fresh ``Budget`` for ``max_cost`` (None without it)."""

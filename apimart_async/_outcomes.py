@@ -285,8 +285,8 @@ class Reporter:
         if self.on_event is not None:
             try:
                 self.on_event(event)
-            except Exception:
-                logger.exception("on_event callback failed")
+            except Exception:  # the caller's code: seen, and the batch goes on
+                logger.warning("on_event callback failed", exc_info=True)
 
     def step(self, kind: EventKind, index: int, **fields: Any) -> None:
         """Report a step of job ``index`` (the event is built only when someone listens)."""

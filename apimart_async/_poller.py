@@ -22,10 +22,16 @@ reported back to the schedule, whatever the round raised. What a result means:
   ``wait_unreachable``; counted from the first failed read with no success since, while
   something waits; a 429 or any other answer of the service counts as reachable), every wait
   ends with ``APIConnectionError``, logged at WARNING: failing loud, not polling in silence.
+
+Deadlines belong to waiters, not to tasks: a wait past its ``timeout`` ends alone (with
+``TaskTimeoutError``); the task is read as long as anyone else still follows it.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -53,6 +59,7 @@ from ._pacing import Pacing
 from ._poll_schedule import PollPolicy, PollSchedule
 from ._retry import is_retryable_status
 from ._status_window import ReadTicket, StatusWindow
+from ._transport import request_tally
 
 __all__ = ["Fetch", "Poller", "WatchCallback", "classify", "is_unknown_task"]
 
@@ -89,13 +96,33 @@ def classify(exc: ApimartError) -> ReadVerdict:
     return "hard"
 
 
+class _Waiter:
+    """One follower of a task: its callbacks and its own deadline (the poller's clock)."""
+
+    __slots__ = ("deadline", "done", "progress", "tally", "timeout")
+
+    def __init__(
+        self,
+        done: WatchCallback,
+        progress: ProgressCallback | None,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> None:
+        self.done = done
+        self.progress = progress
+        self.timeout = timeout
+        self.deadline = deadline
+        #: Who counts the reads made for it (a batch's requests): taken from ``watch``'s caller.
+        self.tally = request_tally.get()
+
+
 class _Watchers:
-    __slots__ = ("done", "progress", "timeout")
+    """Everyone following one task."""
+
+    __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.done: list[WatchCallback] = []
-        self.progress: list[ProgressCallback] = []
-        self.timeout: float | None = None
+        self.waiters: list[_Waiter] = []
 
 
 class Poller:
@@ -137,6 +164,10 @@ class Poller:
         #: clock, see ``apimart_async.testing.follow_clock``); real waits are divided by it.
         self.time_scale: float = 1.0
         self._watchers: dict[str, _Watchers] = {}
+        #: Waiters with a deadline, earliest first: (deadline, seq, task id, waiter); an entry
+        #: whose waiter left is skipped when it comes up.
+        self._deadlines: list[tuple[float, int, str, _Waiter]] = []
+        self._seq = itertools.count()
         self._wake = anyio.Event()
         self._closed = False
         #: Seconds without one status read getting through after which every wait ends
@@ -200,18 +231,15 @@ class Poller:
         entry = self._watchers.get(task_id)
         if entry is None:
             entry = self._watchers[task_id] = _Watchers()
-        entry.done.append(on_done)
-        if on_progress is not None:
-            entry.progress.append(on_progress)
-        deadline = None
-        if timeout is not None:
-            deadline = now + timeout
-            entry.timeout = timeout
+        deadline = now + timeout if timeout is not None else None
+        waiter = _Waiter(on_done, on_progress, timeout, deadline)
+        entry.waiters.append(waiter)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), task_id, waiter))
         self.schedule.add(
             task_id,
             now=now,
             submitted_at=submitted_at if submitted_at is not None else (None if reattach else now),
-            deadline=deadline,
             check_now=reattach,
             policy=policy,
             kind=kind,
@@ -224,11 +252,39 @@ class Poller:
         entry = self._watchers.get(task_id)
         if entry is None:
             return
-        if on_done in entry.done:
-            entry.done.remove(on_done)
-        if not entry.done:
+        for waiter in entry.waiters:
+            if waiter.done == on_done:
+                self._leave(task_id, entry, waiter)
+                return
+
+    def _leave(self, task_id: str, entry: _Watchers, waiter: _Waiter) -> None:
+        """``waiter`` no longer follows ``task_id`` (nobody left: the task is not read)."""
+        entry.waiters.remove(waiter)
+        if not entry.waiters:
             del self._watchers[task_id]
             self.schedule.remove(task_id)
+
+    def _expired(self, now: float) -> list[tuple[str, _Waiter]]:
+        """The waiters past their deadline, each taken off its task."""
+        out: list[tuple[str, _Waiter]] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, task_id, waiter = heapq.heappop(heap)
+            entry = self._watchers.get(task_id)
+            if entry is not None and any(w is waiter for w in entry.waiters):
+                self._leave(task_id, entry, waiter)
+                out.append((task_id, waiter))
+        return out
+
+    def _next_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap:
+            _, _, task_id, waiter = heap[0]
+            entry = self._watchers.get(task_id)
+            if entry is not None and any(w is waiter for w in entry.waiters):
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
 
     def watching(self) -> list[str]:
         return list(self._watchers)
@@ -265,10 +321,8 @@ class Poller:
         (``inf``: nothing is watched). The loop waits that long (or until ``watch``)."""
         now = self._clock()
         self._give_up_if_unreachable(now)
-        for task_id in self.schedule.expired(now):
-            entry = self._watchers.get(task_id)
-            timeout = entry.timeout if entry is not None and entry.timeout is not None else 0.0
-            self._finish(task_id, TaskTimeoutError(task_id, timeout))
+        for task_id, waiter in self._expired(now):
+            self._call(task_id, waiter, TaskTimeoutError(task_id, waiter.timeout or 0.0))
         batched = self._batched(now)
         # issue 22 hook: without the batch route, reads leave one by one (``_read_one``)
         window_full = False
@@ -283,8 +337,8 @@ class Poller:
         if ids:
             await self._check(ids)
             return None
-        wakeup = self.schedule.next_wakeup()
-        delay = math.inf if wakeup is None else max(0.0, wakeup - self._clock())
+        times = [t for t in (self.schedule.next_wakeup(), self._next_deadline()) if t is not None]
+        delay = math.inf if not times else max(0.0, min(times) - self._clock())
         if window_full:  # a read coming back frees a slot (and wakes the loop)
             delay = math.inf if self.reads.in_flight else delay
         if self._failing_since is not None and self.unreachable is not None and self._watchers:
@@ -293,6 +347,7 @@ class Poller:
 
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
+        token = request_tally.set(self._tallies(ids))
         try:
             results = await self._fetch(ids)
         except ClientClosedError:
@@ -304,11 +359,25 @@ class Poller:
             )
             self.schedule.on_error(ids, self._clock())
             return
+        finally:
+            request_tally.reset(token)
         now = self._clock()
         try:
             self._report(ids, results, now)
         finally:
             self.schedule.release(ids, now)
+
+    def _tallies(self, ids: list[str]) -> tuple[collections.Counter[str], ...]:
+        """The request counters of everyone following ``ids`` (a shared read counts once for
+        each batch it serves)."""
+        found: dict[int, collections.Counter[str]] = {}
+        for task_id in ids:
+            entry = self._watchers.get(task_id)
+            if entry is not None:
+                for waiter in entry.waiters:
+                    for tally in waiter.tally:
+                        found.setdefault(id(tally), tally)
+        return tuple(found.values())
 
     # -- issue 22: per-task reads, each on its own ---------------------------------------------
 
@@ -345,6 +414,7 @@ class Poller:
         self.rounds += 1
         trouble = self._trouble()
         result: Task | ApimartError
+        request_tally.set(self._tallies([task_id]))  # this task's own context
         try:
             result = await self._read(task_id)
         except ApimartError as exc:
@@ -477,19 +547,23 @@ class Poller:
             return
         entry = self._watchers.get(task_id)
         if entry is not None:
-            for cb in list(entry.progress):
-                cb(task)
+            for waiter in list(entry.waiters):
+                if waiter.progress is not None:
+                    waiter.progress(task)
 
     def _finish(self, task_id: str, result: Task | ApimartError) -> None:
         entry = self._watchers.pop(task_id, None)
         self.schedule.remove(task_id)
         if entry is None:
             return
-        for cb in entry.done:
-            try:
-                cb(task_id, result)
-            except Exception:
-                logger.exception("callback for task %s failed", task_id)
+        for waiter in entry.waiters:
+            self._call(task_id, waiter, result)
+
+    def _call(self, task_id: str, waiter: _Waiter, result: Task | ApimartError) -> None:
+        try:
+            waiter.done(task_id, result)
+        except Exception:
+            logger.exception("callback for task %s failed", task_id)
 
     def close(self, reason: str) -> None:
         """End every watch with ``ClientClosedError`` (the client is going away)."""

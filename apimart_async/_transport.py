@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import contextvars
 import ipaddress
 import json
 import logging
@@ -63,9 +64,16 @@ __all__ = [
     "Transport",
     "check_proxy_url",
     "new_idempotency_key",
+    "request_tally",
 ]
 
 logger = logging.getLogger("apimart_async")
+
+#: Who else counts the requests made in this context, by kind (a batch counts its own: its
+#: tasks set this to its counter; the poller sets the counters of the batches a read serves).
+request_tally: contextvars.ContextVar[tuple[collections.Counter[str], ...]] = (
+    contextvars.ContextVar("apimart_async_request_tally", default=())
+)
 
 RetryMode = Literal["read", "submit", "never"]
 T = TypeVar("T")
@@ -362,6 +370,12 @@ class Transport:
         self._retrying_read = self._retrying(submit=False)
         self._retrying_submit = self._waiting_out_in_progress(self._retrying(submit=True))
 
+    def _count(self, kind: str) -> None:
+        """One more attempt of ``kind``: for the client, and for whoever counts it here."""
+        self.counters[kind] += 1
+        for tally in request_tally.get():
+            tally[kind] += 1
+
     @property
     def throttle(self) -> Throttle:
         return self.pacing.throttle
@@ -465,7 +479,7 @@ class Transport:
         def on_backoff(details: Any) -> None:
             exc = details.get("exception")
             method, path = details["args"][:2]
-            self.counters["retries"] += 1
+            self._count("retries")
             logger.info(
                 "retrying %s %s in %.2f s (attempt %d of %d) after %s",
                 method,
@@ -513,7 +527,7 @@ class Transport:
                     if waited + delay > _retry.IN_PROGRESS_MAX_WAIT + 1e-9:
                         raise
                     waited += delay
-                    self.counters["retries"] += 1
+                    self._count("retries")
                     logger.info(
                         "%s %s: the service still works on this key; asking again in %.2f s "
                         "(%.0f s of %.0f s waited)",
@@ -575,7 +589,7 @@ class Transport:
         }
         if headers:
             all_headers.update(headers)
-        self.counters[kind] += 1
+        self._count(kind)
         started = time.perf_counter()
         options: dict[str, Any] = {}
         if timeout is not None:  # else the session's; passing None would mean "no limit"
@@ -672,7 +686,7 @@ class Transport:
         Connection failures and timeouts become APIConnectionError / APITimeoutError."""
         session = self.session()
         await self._pace()
-        self.counters["download"] += 1
+        self._count("download")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read
         )

@@ -444,7 +444,7 @@ class Routes:
                 file_bytes(self._emu.state.pattern, name, pos, min(end, pos + chunk), size)
             )
             if self._emu.file_chunk_delay:
-                await asyncio.sleep(self._emu.file_chunk_delay)
+                await self._emu.file_chunk_pause()
         await resp.write_eof()
         return resp
 

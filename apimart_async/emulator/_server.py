@@ -29,6 +29,8 @@ says the real service may have:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -84,7 +86,9 @@ class Emulator:
         conflict_code_in: where a 409's sub-code goes: ``"both"``, ``"type"`` or ``"code"``.
         status_names: the service's word for a status (``{"completed": "succeeded"}``).
         video_bytes: size of each result file. seed: makes ids, durations, failures repeatable.
-        file_chunk_delay: real seconds of pause after each 256 KiB of a result file.
+        file_chunk_delay: real seconds of pause after each 256 KiB of a result file (a slow
+            CDN; a large value stalls it). Changing ``emu.file_chunk_delay`` at run time also
+            ends the pauses under way, so a test can stall a transfer and then let it go.
         network: ``loopback`` (default: every reply in one piece, uncompressed) or ``real``
             (gzip when accepted, small segments with pauses, sometimes chunked; see
             ``_network``), drawn from ``seed``.
@@ -167,8 +171,9 @@ class Emulator:
         """Ids every batch status reply leaves out (the task still exists); a test may add ids."""
         self.webhook_retry_delays = webhook_retry_delays
         """Seconds between webhook delivery attempts."""
-        self.file_chunk_delay = file_chunk_delay
-        """Real seconds to pause after each 256 KiB of a result file (a slow CDN)."""
+        self._file_chunk_delay = file_chunk_delay
+        #: Replaced (and set) when the delay changes: ends the pauses under way.
+        self._delay_changed = asyncio.Event()
         self.clock: Clock = Clock(frozen=frozen_clock, scale=time_scale)
         """The emulated service's clock (``advance()`` moves it)."""
         self.profile = realistic
@@ -395,6 +400,25 @@ class Emulator:
                 )
             )
         return h.hexdigest()
+
+    @property
+    def file_chunk_delay(self) -> float:
+        """Real seconds to pause after each 256 KiB of a result file (a slow CDN). Setting it
+        ends the pauses under way (a stalled transfer goes on at the new pace)."""
+        return self._file_chunk_delay
+
+    @file_chunk_delay.setter
+    def file_chunk_delay(self, seconds: float) -> None:
+        self._file_chunk_delay = seconds
+        changed, self._delay_changed = self._delay_changed, asyncio.Event()
+        changed.set()
+
+    async def file_chunk_pause(self) -> None:
+        """The pause after a piece of a result file: ``file_chunk_delay`` seconds, or until
+        the delay is changed."""
+        changed = self._delay_changed
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(changed.wait(), self._file_chunk_delay)
 
     @property
     def counters(self) -> dict[str, int]:

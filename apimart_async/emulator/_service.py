@@ -41,15 +41,19 @@ class Service(Protocol):
     unknown_task: UnknownTask
     conflict_code_in: ConflictPlacement
     batch_hidden: set[str]
-    file_chunk_delay: float
     webhook_retry_delays: tuple[float, ...]
     webhook_deliveries: list[tuple[str, str, int | str]]
 
     @property
     def batch_route(self) -> BatchRoute: ...
 
+    @property
+    def file_chunk_delay(self) -> float: ...
+
     def advance(self, seconds: float) -> None: ...
 
     def create_tasks(self, count: int, body: dict[str, Any] | None = None) -> list[str]: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    async def file_chunk_pause(self) -> None: ...

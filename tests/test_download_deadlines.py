@@ -1,0 +1,144 @@
+"""Batch deadlines bound downloads too, and a download slower than a floor rate is cut and
+resumed (issue 14). The emulator's CDN stalls for an hour after its first 256 KiB
+(``file_chunk_delay``): only a deadline or the floor can end such a transfer, so these tests do
+not depend on how fast the machine is; the stall is lifted by setting the knob back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import apimart_async as am
+from apimart_async.emulator import Emulator, Fault
+from apimart_async.testing import follow_clock
+
+from .conftest import FAST_POLL
+
+pytestmark = pytest.mark.anyio
+
+#: Every batch here that could hang before its fix is bounded by this many real seconds.
+DEADLINE = 60
+SIZE = 1024 * 1024  # four 256 KiB pieces: the CDN stalls after the first
+STALL = 3600.0
+
+
+def sora(i: int) -> am.VideoRequest:
+    return am.VideoRequest("sora-2-preview", f"a cat, take {i}", duration=4)
+
+
+async def drain(results: am.Batch) -> list[am.Outcome]:
+    with anyio.fail_after(DEADLINE):
+        return [o async for o in results]
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    async with Emulator(mode="manual", frozen_clock=True, video_bytes=SIZE) as emulator:
+        try:
+            yield emulator
+        finally:
+            emulator.file_chunk_delay = 0  # a stalled transfer ends before the server stops
+
+
+@pytest.fixture
+async def client(emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as c:
+        yield c
+
+
+def whole(emu: Emulator, outcome: am.Outcome) -> bool:
+    (f,) = outcome.files
+    data = Path(f.path).read_bytes()
+    return len(data) == SIZE and hashlib.sha256(data).hexdigest() == emu.file_sha256(
+        f"{outcome.task_id}"
+    )
+
+
+async def test_a_stalled_download_is_cut_by_the_rate_floor_and_resumed(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    emu.file_chunk_delay = STALL
+    opened = 0
+    real_stream = client._downloader._open_stream
+
+    def stream(url: str, **kwargs: Any) -> Any:
+        nonlocal opened
+        opened += 1
+        if opened == 2:  # the CDN recovers for the retry
+            emu.file_chunk_delay = 0
+        return real_stream(url, **kwargs)
+
+    client._downloader._open_stream = stream
+    async with client.batch(
+        [sora(0)],
+        download_dir=tmp_path,
+        min_download_rate=64 * 1024,
+        download_rate_window=0.2,
+    ) as results:
+        await emu.wait_until(lambda: emu.tasks_created == 1)
+        emu.complete_all()
+        (outcome,) = await drain(results)
+    assert outcome.ok, outcome.error
+    assert whole(emu, outcome)
+    assert opened == 2 and emu.counters["file"] == 2
+    assert emu.state.statuses[("file", 206)] == 1  # the retry resumed what had arrived
+
+
+async def test_the_batch_timeout_ends_a_download_in_progress_and_keeps_the_part(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    options: dict[str, Any] = {"journal": tmp_path / "jobs.db", "download_dir": tmp_path / "v"}
+    part = tmp_path / "v" / "000000.mp4.part"
+    # run 1: the file server fails, the job is paid and done, its file missing
+    emu.faults.inject("file", Fault.server_error(500), times=100)
+    async with client.batch([sora(0)], **options) as results:
+        await emu.wait_until(lambda: emu.tasks_created == 1)
+        emu.complete_all()
+        (first,) = await drain(results)
+    assert type(first.error) is am.APIConnectionError
+    emu.faults.clear()
+    # run 2: the download resumes at once and stalls after 256 KiB; the batch deadline ends it
+    emu.file_chunk_delay = STALL
+    async with client.batch([sora(0)], timeout=2.0, **options) as results:
+        (second,) = await drain(results)
+    assert type(second.error) is am.DownloadError
+    assert "batch deadline" in str(second.error) and "timeout=2" in str(second.error)
+    assert second.task is not None and second.task.ok
+    assert part.stat().st_size == 256 * 1024  # what arrived is kept
+    # run 3: the CDN is back; the part is resumed, nothing is submitted again
+    emu.file_chunk_delay = 0
+    async with client.batch([sora(0)], **options) as results:
+        (third,) = await drain(results)
+    assert third.ok and whole(emu, third)
+    assert emu.counters["submit"] == emu.tasks_created == 1
+    assert emu.state.statuses[("file", 206)] == 1
+    assert not part.exists()
+
+
+async def test_job_timeout_ends_a_download_in_progress(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    follow_clock(client, emu)  # the job's time runs on the emulator's frozen clock
+    emu.file_chunk_delay = STALL
+    async with client.batch([sora(0)], job_timeout=20, download_dir=tmp_path) as results:
+        await emu.wait_until(lambda: emu.tasks_created == 1)
+        emu.complete_all()
+        emu.advance(19.9)  # seen done 19.9 s into its 20 s: 0.1 s left for the download
+        (outcome,) = await drain(results)
+    assert type(outcome.error) is am.DownloadError
+    assert "job_timeout=20" in str(outcome.error)
+    assert outcome.task is not None and outcome.task.ok
+    assert results.pending_task_ids() == []  # the task ended: nothing runs at the service
+
+
+def test_the_floor_is_checked() -> None:
+    client = am.AsyncApimart("k", base_url="http://127.0.0.1:9")
+    with pytest.raises(am.ValidationError, match="^min_download_rate: must be a positive"):
+        client.batch([], min_download_rate=0)
+    with pytest.raises(am.ValidationError, match="^download_rate_window: must be a positive"):
+        client.batch([], download_rate_window=-1)
