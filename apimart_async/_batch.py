@@ -30,16 +30,19 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
 from ._download import Downloader
-from ._errors import (
-    ApimartError,
-    BatchStoppedError,
-    ClientClosedError,
-    DownloadError,
-    JournalError,
-    TaskTimeoutError,
-)
+from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutError
 from ._interrupt import SigintHandler, announce_interrupt
-from ._jobs import Conclusion, Intake, Job, ResumePlan, Stop, file_stem, read_inputs
+from ._jobs import (
+    Conclusion,
+    Intake,
+    Job,
+    ResumePlan,
+    Stop,
+    download_deadline,
+    file_stem,
+    read_inputs,
+    stop_after,
+)
 from ._journal import JobRecord
 from ._ledger import Ledger
 from ._models import DownloadedFile, Task, VideoRequest
@@ -49,7 +52,7 @@ from ._poller import Poller
 from ._priors import kind_of
 from ._references import MediaPolicy, References
 from ._roster import Roster
-from ._transport import request_tally
+from ._transport import counting_into, request_tally
 from ._upload_cache import cache_for
 
 if TYPE_CHECKING:
@@ -96,8 +99,6 @@ class BatchRun:
         self._ledger = Ledger(
             options.make_journal(), self.manifest_path, priors=priors, on_fault=self._journal_fault
         )
-        self._journal_error: JournalError | None = None
-        self._journal_error_raised = False
         #: Local reference files (issue 18): checked when read, uploaded once by content.
         policy = MediaPolicy.of(options.media_root, allow_any_path=options.allow_any_path)
         self.refs = References(api, policy, wall=poller.wall)
@@ -128,11 +129,8 @@ class BatchRun:
             raise RuntimeError("a Batch can be entered only once")
         self._api.ensure_open()  # raises ClientClosedError if the client is not open
         if self.options.check_balance:
-            token = request_tally.set((self._tally,))
-            try:
+            with counting_into(self._tally):
                 require_balance(await self._api.balance(), self.roster.budget)
-            finally:
-                request_tally.reset(token)
         self._records = await self._ledger.open()
         self.refs.attach(cache_for(self._ledger.journal))
         try:
@@ -210,7 +208,7 @@ class BatchRun:
         try:
             outcome = await self._out.get()
         except JournalError as exc:
-            self._journal_error_raised = self._journal_error_raised or exc is self._journal_error
+            self._ledger.raised(exc)
             raise
         self._notify()
         return outcome
@@ -266,15 +264,12 @@ class BatchRun:
                 index, request = take.index, take.request
                 assert request is not None
                 verdict = await self._admit(index, request)
-                if verdict == "over":
-                    assert self.roster.budget is not None
-                    error = self.roster.budget.exceeded(index)
-                    self._refuse(outcome_of(index, request, error=error, name=take.name))
+                if verdict == "over" and self.roster.budget is not None:
+                    self._refuse(take.not_admitted(self.roster.budget.exceeded(index)))
                     continue
                 if verdict == "stopped":
-                    reason = self.stopped or "stopped"
-                    why = BatchStoppedError(f"job {index} not submitted: {reason}")
-                    self._refuse(outcome_of(index, request, error=why, name=take.name))
+                    why = f"job {index} not submitted: {self.stopped or 'stopped'}"
+                    self._refuse(take.not_admitted(BatchStoppedError(why)))
                     break
                 job = take.job(new_idempotency_key)
                 self.roster.admitted(job)
@@ -340,10 +335,9 @@ class BatchRun:
             self.roster.dropped(job)
             self._emit(outcome)
             self._report.step("errored", job.index, error=exc)
-            if isinstance(exc, ClientClosedError):
-                self._stop(Stop.CLIENT_CLOSED)
-            elif self.options.stop_on_error:
-                self._stop(Stop.JOB_FAILED, f"job {job.index} could not be submitted: {exc}")
+            what = f"job {job.index} could not be submitted: {exc}"
+            if stop := stop_after(exc, stop_on_error=self.options.stop_on_error, what=what):
+                self._stop(*stop)
             self._maybe_close()
             return
         await self._ledger.submitted(job, task_id)
@@ -403,10 +397,9 @@ class BatchRun:
         if job is None:
             return
         # Decide about stopping now, before the feeder can admit another job.
-        if isinstance(result, ClientClosedError):
-            self._stop(Stop.CLIENT_CLOSED)
-        elif self.options.stop_on_error and (isinstance(result, ApimartError) or not result.ok):
-            self._stop(Stop.JOB_FAILED, f"task {task_id} (job {job.index}) failed")
+        what = f"task {task_id} (job {job.index}) failed"
+        if stop := stop_after(result, stop_on_error=self.options.stop_on_error, what=what):
+            self._stop(*stop)
         self._notify()
         tg = self._tg
         if tg is None:
@@ -429,45 +422,30 @@ class BatchRun:
             download_error: ApimartError | None = None
             if isinstance(result, Task) and result.ok and self.download_dir is not None:
                 await self._ledger.downloading(job, result)
-                stem = file_stem(job.index, job.name)
-                end_at, limit = self._download_deadline(job)
-                with anyio.CancelScope(deadline=end_at) as scope:
-                    try:
-                        files = await self._downloader.task_files(
-                            result,
-                            self.download_dir,
-                            stem,
-                            max_bytes=self.options.max_bytes,
-                            floor=self._floor,
-                        )
-                    except (DownloadError, ApimartError) as exc:
-                        download_error = exc
-                if scope.cancelled_caught:
-                    download_error = DownloadError(
-                        f"download of task {task_id} ended by the {limit}; what arrived is kept"
-                        " and a resume fetches the rest"
-                    )
+                poller, o = self._poller, self.options
+                since = None if job.submitted_at is None else job.submitted_at - poller.now()
+                deadline = download_deadline(
+                    o.timeout,
+                    o.job_timeout,
+                    now=anyio.current_time(),
+                    batch_ends_at=self._ends_at,
+                    since_submit=since,
+                    time_scale=poller.time_scale,
+                )
+                files, download_error = await self._downloader.task_files_by(
+                    deadline,
+                    result,
+                    self.download_dir,
+                    file_stem(job.index, job.name),
+                    max_bytes=self.options.max_bytes,
+                    floor=self._floor,
+                )
             end = self.roster.conclude(job, task_id, result, files, download_error)
             await self._ledger.finished(job, end, files)
             self._publish(end)
         finally:
             self.roster.finishing -= 1
             self._maybe_close()
-
-    def _download_deadline(self, job: Job) -> tuple[float, str]:
-        """When a job's download must end (anyio's clock; inf: never) and which limit says so:
-        the batch's ``timeout`` or the job's ``job_timeout`` (counted on the poller's clock
-        from its submit in this run)."""
-        ends = [(math.inf, "")]
-        timeout, job_timeout = self.options.timeout, self.options.job_timeout
-        if timeout is not None:
-            ends.append((self._ends_at, f"batch deadline (timeout={timeout:g}s)"))
-        if job_timeout is not None and job.submitted_at is not None:
-            poller = self._poller
-            left = job.submitted_at + job_timeout - poller.now()
-            end = anyio.current_time() + max(0.0, left) / poller.time_scale
-            ends.append((end, f"job deadline (job_timeout={job_timeout:g}s)"))
-        return min(ends)
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -517,9 +495,5 @@ class BatchRun:
     def journal_error(self) -> JournalError | None:
         """The error that ends a batch whose journal failed, naming the tasks left running
         (None if the journal did not fail, or once the error reached the caller)."""
-        if self._ledger.fault is None or self._journal_error_raised:
-            return None
-        if self._journal_error is None or not self._finished:
-            left = [*self.roster.abandoned, *(j.key for j in self.roster.unconfirmed)]
-            self._journal_error = self._ledger.stop_error(left)
-        return self._journal_error
+        left = [*self.roster.abandoned, *(j.key for j in self.roster.unconfirmed)]
+        return self._ledger.batch_error(left, final=self._finished)

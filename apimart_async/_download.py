@@ -398,6 +398,33 @@ class Downloader:
                 f"{free} bytes free); free some space and run again to resume"
             )
 
+    async def task_files_by(
+        self,
+        deadline: tuple[float, str],
+        task: Task,
+        directory: Path,
+        stem: str,
+        *,
+        max_bytes: int | None = None,
+        floor: RateFloor | None = DEFAULT_FLOOR,
+    ) -> tuple[tuple[DownloadedFile, ...], ApimartError | None]:
+        """``task_files`` ended at ``deadline`` (anyio's clock, inf: never; and the name of
+        the limit it is): the files, or none and the error that ended the download (a
+        ``DownloadError`` naming the limit when the deadline did; the ``.part`` is kept)."""
+        end_at, limit = deadline
+        with anyio.CancelScope(deadline=end_at):
+            try:
+                files = await self.task_files(
+                    task, directory, stem, max_bytes=max_bytes, floor=floor
+                )
+            except ApimartError as exc:  # DownloadError included
+                return (), exc
+            return files, None
+        return (), DownloadError(  # the deadline passed
+            f"download of task {task.id} ended by the {limit}; what arrived is kept"
+            " and a resume fetches the rest"
+        )
+
     async def task_files(
         self,
         task: Task,

@@ -26,6 +26,7 @@ from ._download import safe_name
 from ._errors import (
     ApimartError,
     APIStatusError,
+    ClientClosedError,
     FieldError,
     JournalMismatchError,
     NotFoundError,
@@ -395,6 +396,13 @@ class Take:
             self.plan is None or self.plan.action in ("afresh", "resubmit")
         )
 
+    def not_admitted(self, error: ApimartError) -> Failure:
+        """The outcome of the job when admission refused it (over budget, batch stopped)."""
+        assert self.request is not None
+        outcome = outcome_of(self.index, self.request, error=error, name=self.name)
+        assert isinstance(outcome, Failure)
+        return outcome
+
     def job(self, new_key: Callable[[], str]) -> Job:
         """The job to submit: with its recorded key (``resubmit``), else a fresh one."""
         assert self.request is not None
@@ -440,3 +448,38 @@ class Intake:
             return Take(index, request, name, plan.outcome, plan)
         key = record.idempotency_key if plan.action == "resubmit" else None
         return Take(index, request, name, None, plan, key)
+
+
+def stop_after(
+    result: Task | ApimartError, *, stop_on_error: bool, what: str
+) -> tuple[Stop, str | None] | None:
+    """Whether a job's end (a task, or an error) stops the batch, and why: the client was
+    closed, or the job failed under ``stop_on_error`` (``what`` says which); None: go on."""
+    if isinstance(result, ClientClosedError):
+        return Stop.CLIENT_CLOSED, None
+    if stop_on_error and (isinstance(result, ApimartError) or not result.ok):
+        return Stop.JOB_FAILED, what
+    return None
+
+
+def download_deadline(
+    timeout: float | None,
+    job_timeout: float | None,
+    *,
+    now: float,
+    batch_ends_at: float,
+    since_submit: float | None,
+    time_scale: float,
+) -> tuple[float, str]:
+    """When a job's download must end (on the clock of ``now``; inf: never) and which limit
+    says so: the batch's ``timeout`` (at ``batch_ends_at``) or the job's ``job_timeout``,
+    counted from its submit in this run (``since_submit``: the submit's time minus now on the
+    poller's clock, which runs ``time_scale`` times faster; None: submitted in an earlier
+    run)."""
+    ends = [(float("inf"), "")]
+    if timeout is not None:
+        ends.append((batch_ends_at, f"batch deadline (timeout={timeout:g}s)"))
+    if job_timeout is not None and since_submit is not None:
+        left = max(0.0, since_submit + job_timeout) / time_scale
+        ends.append((now + left, f"job deadline (job_timeout={job_timeout:g}s)"))
+    return min(ends)

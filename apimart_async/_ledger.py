@@ -52,6 +52,8 @@ class Ledger:
         self.priors = priors
         #: The first journal write that failed (then nothing more is written to the journal).
         self.fault: JournalError | None = None
+        self._error: JournalError | None = None
+        self._error_raised = False
         self._on_fault = on_fault
         self._manifest: Manifest | None = None
         self._opened = False
@@ -79,6 +81,20 @@ class Ledger:
             logger.warning("the batch is stopping: %s", fault)
             if self._on_fault is not None:
                 self._on_fault(fault)
+
+    def batch_error(self, left: list[str], *, final: bool) -> JournalError | None:
+        """The error that ends the batch after ``fault`` (``stop_error``), the same object once
+        the batch is ``final``; None without a fault, or once it reached the caller
+        (``raised``)."""
+        if self.fault is None or self._error_raised:
+            return None
+        if self._error is None or not final:
+            self._error = self.stop_error(left)
+        return self._error
+
+    def raised(self, exc: BaseException) -> None:
+        """``exc`` reached the caller: if it is ``batch_error``'s, it is not raised again."""
+        self._error_raised = self._error_raised or exc is self._error
 
     def stop_error(self, left: list[str]) -> JournalError:
         """The error that ends a batch after ``fault``: what happened, the tasks (or the keys

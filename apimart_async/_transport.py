@@ -29,7 +29,7 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -63,6 +63,7 @@ __all__ = [
     "StreamReply",
     "Transport",
     "check_proxy_url",
+    "counting_into",
     "new_idempotency_key",
     "request_tally",
 ]
@@ -74,6 +75,17 @@ logger = logging.getLogger("apimart_async")
 request_tally: contextvars.ContextVar[tuple[collections.Counter[str], ...]] = (
     contextvars.ContextVar("apimart_async_request_tally", default=())
 )
+
+
+@contextlib.contextmanager
+def counting_into(tally: collections.Counter[str]) -> Iterator[None]:
+    """Requests made inside the block are counted into ``tally`` too (``request_tally``)."""
+    token = request_tally.set((tally,))
+    try:
+        yield
+    finally:
+        request_tally.reset(token)
+
 
 RetryMode = Literal["read", "submit", "never"]
 T = TypeVar("T")
