@@ -136,15 +136,17 @@ def simulate_sdk(
     seed: int,
     max_concurrency: int = 64,
     priors: Priors | None = None,
+    trace: list[tuple[float, str, float, float]] | None = None,
 ) -> dict[str, Any]:
     """Run the SDK's schedule as the poller does, on a fake clock. ``priors``: what an earlier
-    run learned (the schedule starts from them and goes on learning into them)."""
+    run learned (the schedule starts from them and goes on learning into them); ``trace``:
+    gets (left at, id, read at, back at) of every check, in the order they are reported."""
     rng = random.Random(seed)
     schedule = PollSchedule(policy, seed=seed)
     if priors is not None:
         schedule.priors = priors
     if not batched:
-        return _per_task(jobs, schedule, profile, rng, concurrency, max_concurrency)
+        return _per_task(jobs, schedule, profile, rng, concurrency, max_concurrency, trace)
     by_id = {j.id: j for j in jobs}
     seen: dict[str, float] = {}
     requests = 0
@@ -167,7 +169,7 @@ def simulate_sdk(
         else:
             chunks = [[i] for i in ids]
         requests += len(chunks)
-        end = now
+        start_at = end = now
         read: dict[str, float] = {}
         for w in range(0, len(chunks), concurrency):
             start = end
@@ -180,6 +182,8 @@ def simulate_sdk(
             end = start + longest
         now = end
         for task_id in ids:
+            if trace is not None:
+                trace.append((start_at, task_id, read[task_id], now))
             task = status_at(by_id[task_id], read[task_id])
             if schedule.on_status(task, now):
                 seen[task_id] = now
@@ -193,6 +197,7 @@ def _per_task(
     rng: random.Random,
     start: int,
     maximum: int,
+    trace: list[tuple[float, str, float, float]] | None = None,
 ) -> dict[str, Any]:
     """Per-task reads as ``Poller._read_one`` sends them: each leaves when due while the
     ``StatusWindow`` has room, and is reported when its own reply is back."""
@@ -212,6 +217,8 @@ def _per_task(
             nxt += 1
         while replies and replies[0][0] <= now:
             back, _, task_id, read_at, ticket = heapq.heappop(replies)
+            if trace is not None:
+                trace.append((ticket.sent_at, task_id, read_at, back))
             window.finished(ticket, back, congested=False)
             if schedule.on_status(status_at(by_id[task_id], read_at), back):
                 seen[task_id] = back

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import apimart_async as am
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,3 +53,35 @@ def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -
         if r["kind"] != "priors":
             assert f"| {r['route']} | {r['client']} |" in text
     assert text.count("| first run |") == 2 and text.count("| second run |") == 2
+
+
+def _digest(value: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def test_the_simulation_is_pinned() -> None:
+    # A guard for work on the simulator's speed: the same jobs and seed give exactly the same
+    # checks (each one's times) and the same figures. A change meant to change them updates
+    # these digests and says so in its commit.
+    sim = load()
+    profile = sim.RealisticProfile()
+    jobs = sim.make_jobs(300, 100, 0, profile)
+    traces = {}
+    for route, batched in (("batch", True), ("per-task", False)):
+        trace: list[tuple[float, str, float, float]] = []
+        sim.simulate_sdk(
+            jobs,
+            am.PollPolicy(target_lag=2.0),
+            batched=batched,
+            profile=profile,
+            concurrency=1 if batched else 8,
+            seed=0,
+            trace=trace,
+        )
+        traces[route] = _digest(trace)
+    results = sim.run(300, pending=100, seed=0, concurrency=8, max_concurrency=64, lags=(1, 2, 10))
+    rows = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in results["rows"]]
+    assert traces == {"batch": "2d20d81fbb72069e", "per-task": "f92d809a37f7ae8c"}
+    assert _digest(rows) == "98038e274f6a0e82"
