@@ -72,6 +72,10 @@ class Job:
     estimate: int
     curve: Curve
     kind: str | None = None
+    #: ``estimate`` as ``Task.estimated_time`` holds it
+    estimated: float = attrs.field(
+        init=False, default=attrs.Factory(lambda job: float(job.estimate), takes_self=True)
+    )
 
     @property
     def end(self) -> float:
@@ -98,14 +102,37 @@ def kind_key(model: str, clip: int) -> str:
     return f"{model}/{clip}//text"
 
 
+class Reply:
+    """What a status read returns, as much of an ``am.Task`` as ``PollSchedule.on_status``
+    reads (built at every simulated check: a ``Task`` costs more to build than the schedule
+    costs to run). ``status_task`` makes it a ``Task``."""
+
+    __slots__ = ("estimated_time", "id", "is_terminal", "ok", "progress", "status")
+    created = None
+
+    def __init__(self, task_id: str, status: str, progress: int, estimated: float) -> None:
+        self.id = task_id
+        self.status = _STATUS[status]
+        self.progress = progress
+        self.estimated_time = estimated
+        self.is_terminal, self.ok = _ENDS[status]
+
+
+#: ``TaskStatus`` by value, and its (``is_terminal``, ``ok``)
+_STATUS = {status.value: status for status in am.TaskStatus}
+_ENDS = {s.value: (s.is_terminal, s is am.TaskStatus.COMPLETED) for s in am.TaskStatus}
+
+
 def status_at(job: Job, t: float) -> am.Task:
+    """What a read of ``job`` at time ``t`` returns (a ``Reply`` standing in for the Task)."""
     status, progress = job.curve.status(t - job.submit)
-    return am.Task(
-        id=job.id,
-        status=am.TaskStatus(status),
-        progress=progress,
-        estimated_time=float(job.estimate),
-    )
+    return Reply(job.id, status, progress, job.estimated)  # type: ignore[return-value]
+
+
+def status_task(job: Job, t: float) -> am.Task:
+    """The ``Task`` a read of ``job`` at time ``t`` returns (what ``Reply`` stands in for)."""
+    status, progress = job.curve.status(t - job.submit)
+    return am.Task(job.id, _STATUS[status], progress, job.estimated)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -152,40 +179,39 @@ def simulate_sdk(
     requests = 0
     now = 0.0
     nxt = 0  # next job to arrive
-    while len(seen) < len(jobs):
-        while nxt < len(jobs) and jobs[nxt].submit <= now:
+    n = len(jobs)
+    add, due, next_wakeup = schedule.add, schedule.due, schedule.next_wakeup
+    on_status, round_trip = schedule.on_status, profile.round_trip
+    while len(seen) < n:
+        while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
-            schedule.add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
+            add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
-        ids = schedule.due(now, batched=batched)
+        ids = due(now, batched=True)
         if not ids:
-            wake = schedule.next_wakeup()
-            arrival = jobs[nxt].submit if nxt < len(jobs) else math.inf
+            wake = next_wakeup()
+            arrival = jobs[nxt].submit if nxt < n else math.inf
             now = max(now, min(wake if wake is not None else math.inf, arrival))
             continue
-        # one round: requests go out in waves of ``concurrency``
-        if batched:
-            chunks = [ids[i : i + BATCH_IDS] for i in range(0, len(ids), BATCH_IDS)]
-        else:
-            chunks = [[i] for i in ids]
-        requests += len(chunks)
+        # one round: requests of up to 100 ids, ``concurrency`` at a time; the service reads
+        # each id half a round trip after its request leaves
+        requests += -(-len(ids) // BATCH_IDS)
+        reads: list[float] = []
         start_at = end = now
-        read: dict[str, float] = {}
-        for w in range(0, len(chunks), concurrency):
+        for wave in range(0, len(ids), BATCH_IDS * concurrency):
             start = end
             longest = 0.0
-            for chunk in chunks[w : w + concurrency]:
-                rtt = profile.round_trip(rng)
-                longest = max(longest, rtt)
-                for task_id in chunk:
-                    read[task_id] = start + rtt / 2
+            for first in range(wave, min(len(ids), wave + BATCH_IDS * concurrency), BATCH_IDS):
+                rtt = round_trip(rng)
+                if rtt > longest:
+                    longest = rtt
+                reads.extend([start + rtt / 2] * min(BATCH_IDS, len(ids) - first))
             end = start + longest
         now = end
-        for task_id in ids:
+        for task_id, read in zip(ids, reads, strict=True):
             if trace is not None:
-                trace.append((start_at, task_id, read[task_id], now))
-            task = status_at(by_id[task_id], read[task_id])
-            if schedule.on_status(task, now):
+                trace.append((start_at, task_id, read, now))
+            if on_status(status_at(by_id[task_id], read), now):
                 seen[task_id] = now
     return {**summary(jobs, seen, requests), "priors": schedule.priors}
 
@@ -208,40 +234,44 @@ def _per_task(
     now = 0.0
     nxt = 0
     seq = 0
-    replies: list[tuple[float, int, str, float, Any]] = []  # (back at, seq, id, read at, ticket)
+    n = len(jobs)
+    replies: list[tuple[float, int, Job, float, Any]] = []  # (back at, seq, job, read at, ticket)
     late: list[float] = []  # how long after it fell due each read left
-    while len(seen) < len(jobs):
-        while nxt < len(jobs) and jobs[nxt].submit <= now:
+    add, due, due_at = schedule.add, schedule.due, schedule.due_at
+    next_wakeup, on_status, round_trip = schedule.next_wakeup, schedule.on_status, profile.round_trip
+    started, finished, free = window.started, window.finished, window.free
+    push, pop = heapq.heappush, heapq.heappop
+    while len(seen) < n:
+        while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
-            schedule.add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
+            add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
         while replies and replies[0][0] <= now:
-            back, _, task_id, read_at, ticket = heapq.heappop(replies)
+            back, _, job, read_at, ticket = pop(replies)
             if trace is not None:
-                trace.append((ticket.sent_at, task_id, read_at, back))
-            window.finished(ticket, back, congested=False)
-            if schedule.on_status(status_at(by_id[task_id], read_at), back):
-                seen[task_id] = back
-        free = window.free()
-        ids = schedule.due(now, batched=False, limit=free)
-        for task_id in ids:
-            late.append(now - (schedule.due_at(task_id) or now))
-            rtt = profile.round_trip(rng)
-            heapq.heappush(replies, (now + rtt, seq, task_id, now + rtt / 2, window.started(now)))
+                trace.append((ticket.sent_at, job.id, read_at, back))
+            finished(ticket, back, congested=False)
+            if on_status(status_at(job, read_at), back):
+                seen[job.id] = back
+        for task_id in due(now, batched=False, limit=free()):
+            late.append(now - (due_at(task_id) or now))
+            rtt = round_trip(rng)
+            push(replies, (now + rtt, seq, by_id[task_id], now + rtt / 2, started(now)))
             seq += 1
             requests += 1
-        wake = schedule.next_wakeup()
-        full = window.free() == 0
+        wake = next_wakeup()
+        full = free() == 0
         if full and wake is not None and wake <= now:
             window.held_back(now)
-        times = [replies[0][0]] if replies else []
-        if wake is not None and not full:
-            times.append(wake)
-        if nxt < len(jobs):
-            times.append(jobs[nxt].submit)
-        if not times:
+        soonest = replies[0][0] if replies else math.inf
+        if wake is not None and not full and wake < soonest:
+            soonest = wake
+        if nxt < n and jobs[nxt].submit < soonest:
+            soonest = jobs[nxt].submit
+        if soonest == math.inf:
             break
-        now = max(now, min(times))
+        if soonest > now:
+            now = soonest
     return {
         **summary(jobs, seen, requests),
         "priors": schedule.priors,

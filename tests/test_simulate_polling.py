@@ -85,3 +85,16 @@ def test_the_simulation_is_pinned() -> None:
     rows = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in results["rows"]]
     assert traces == {"batch": "2d20d81fbb72069e", "per-task": "f92d809a37f7ae8c"}
     assert _digest(rows) == "98038e274f6a0e82"
+
+
+def test_a_simulated_reply_reads_as_the_task_it_stands_for() -> None:
+    sim = load()
+    profile = sim.RealisticProfile()
+    (job,) = sim.make_jobs(1, 1, 3, profile)
+    seen = set()
+    for t in [job.submit + job.duration * k / 50 for k in range(60)]:
+        reply, task = sim.status_at(job, t), sim.status_task(job, t)
+        for name in ("id", "status", "progress", "estimated_time", "created", "is_terminal", "ok"):
+            assert getattr(reply, name) == getattr(task, name), (name, t)
+        seen.add(task.status)
+    assert len(seen) == 4  # submitted, pending, processing, completed
