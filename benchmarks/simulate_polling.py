@@ -237,8 +237,13 @@ def _per_task(
     n = len(jobs)
     replies: list[tuple[float, int, Job, float, Any]] = []  # (back at, seq, job, read at, ticket)
     late: list[float] = []  # how long after it fell due each read left
-    add, due, due_at = schedule.add, schedule.due, schedule.due_at
-    next_wakeup, on_status, round_trip = schedule.next_wakeup, schedule.on_status, profile.round_trip
+    add, due, due_at, next_wakeup = (
+        schedule.add,
+        schedule.due,
+        schedule.due_at,
+        schedule.next_wakeup,
+    )
+    on_status, round_trip = schedule.on_status, profile.round_trip
     started, finished, free = window.started, window.finished, window.free
     push, pop = heapq.heappush, heapq.heappop
     while len(seen) < n:
