@@ -34,7 +34,9 @@ import argparse
 import heapq
 import json
 import math
+import os
 import random
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -368,6 +370,70 @@ def _row(
     }
 
 
+#: The jobs of the run being simulated, by (count, pending, seed): made once per process (a
+#: forked worker inherits the parent's).
+_JOBS: dict[tuple[int, int, int], list[Job]] = {}
+
+
+def _jobs(n: int, pending: int, seed: int) -> list[Job]:
+    key = (n, pending, seed)
+    if key not in _JOBS:
+        _JOBS.clear()
+        _JOBS[key] = make_jobs(n, pending, seed, RealisticProfile())
+    return _JOBS[key]
+
+
+def _sdk_rows(spec: tuple[Any, ...]) -> list[tuple[int, dict[str, Any]]]:
+    """One independent piece of the run (see ``run``), as (place, row) pairs: the SDK at one
+    ``target_lag`` on one route, or the learned-priors pair of runs on one route."""
+    what, place, route, batched, lag, n, pending, seed, concurrency, max_concurrency = spec
+    profile = RealisticProfile()
+    window = 1 if batched else concurrency  # a round's batch requests go one after another
+    if what == "sdk":
+        cpu = time.process_time()
+        figures = simulate_sdk(
+            _jobs(n, pending, seed),
+            am.PollPolicy(target_lag=lag),
+            batched=batched,
+            profile=profile,
+            concurrency=window,
+            max_concurrency=max_concurrency,
+            seed=seed,
+        )
+        row = _row(route, f"SDK, target_lag {lag:g} s", "sdk", lag, figures)
+        row["cpu_seconds"] = time.process_time() - cpu
+        return [(place, row)]
+    # learned priors: a run of ``runs`` jobs of the same kinds, all submitted at once, with a
+    # fresh schedule (first run), then another with what the first learned (second run)
+    runs = min(n, RUN_JOBS)
+    learned = None
+    out = []
+    for k, name in enumerate(("first run", "second run")):
+        figures = simulate_sdk(
+            make_jobs(runs, runs, seed + 1 + k, profile),
+            am.PollPolicy(target_lag=DEFAULT_LAG),
+            batched=batched,
+            profile=profile,
+            concurrency=window,
+            max_concurrency=max_concurrency,
+            seed=seed + 1,
+            priors=learned,
+        )
+        learned = figures["priors"]
+        client = f"SDK, target_lag {DEFAULT_LAG:g} s, {name}"
+        out.append((place + k, _row(route, client, "priors", DEFAULT_LAG, figures)))
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended children (the workers), user and system."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run(
     n: int,
     *,
@@ -376,66 +442,48 @@ def run(
     concurrency: int,
     max_concurrency: int,
     lags: Sequence[float],
+    processes: int = 1,
 ) -> dict[str, Any]:
+    """Every row of the tables. The SDK's runs (each route at each ``target_lag``, and the
+    learned-priors pairs) are independent: with ``processes`` > 1 they run side by side in
+    worker processes, each from the same jobs and seed, so the figures are the same."""
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     profile = RealisticProfile()
-    t0 = time.process_time()
-    jobs = make_jobs(n, pending, seed, profile)
-    rows: list[dict[str, Any]] = []
+    jobs = _jobs(n, pending, seed)
     routes = (("batch route", True), ("per-task reads", False))
+    # rows in table order: per route, the SDK at each lag, then the fixed loops; then the
+    # learned-priors pairs
+    places: dict[int, dict[str, Any]] = {}
+    specs = []
+    place = 0
     for route, batched in routes:
         for lag in lags:
-            cpu = time.process_time()
-            figures = simulate_sdk(
-                jobs,
-                am.PollPolicy(target_lag=lag),
-                batched=batched,
-                profile=profile,
-                # batch requests of a round go one after another; per-task reads: the window
-                concurrency=1 if batched else concurrency,
-                max_concurrency=max_concurrency,
-                seed=seed,
-            )
-            row = _row(route, f"SDK, target_lag {lag:g} s", "sdk", lag, figures)
-            row["cpu_seconds"] = time.process_time() - cpu
-            rows.append(row)
+            specs.append(("sdk", place, route, batched, lag))
+            place += 1
         for lag in lags:
             fixed = fixed_batch if batched else fixed_per_task
-            rows.append(
-                _row(
-                    route,
-                    f"fixed loop, every {lag:g} s",
-                    "fixed",
-                    lag,
-                    fixed(jobs, lag, profile, seed),
-                )
-            )
-    # learned priors: a run of ``runs`` jobs of the same kinds, all submitted at once, with a
-    # fresh schedule (first run), then another with what the first learned (second run)
-    runs = min(n, RUN_JOBS)
-    first, second = (make_jobs(runs, runs, seed + k, profile) for k in (1, 2))
+            figures = fixed(jobs, lag, profile, seed)
+            places[place] = _row(route, f"fixed loop, every {lag:g} s", "fixed", lag, figures)
+            place += 1
     for route, batched in routes:
-        learned = None
-        for name, run_jobs in (("first run", first), ("second run", second)):
-            figures = simulate_sdk(
-                run_jobs,
-                am.PollPolicy(target_lag=DEFAULT_LAG),
-                batched=batched,
-                profile=profile,
-                concurrency=1 if batched else concurrency,
-                max_concurrency=max_concurrency,
-                seed=seed + 1,
-                priors=learned,
-            )
-            learned = figures["priors"]
-            rows.append(
-                _row(
-                    route,
-                    f"SDK, target_lag {DEFAULT_LAG:g} s, {name}",
-                    "priors",
-                    DEFAULT_LAG,
-                    figures,
-                )
-            )
+        specs.append(("priors", place, route, batched, DEFAULT_LAG))
+        place += 2
+    full = [(*spec, n, pending, seed, concurrency, max_concurrency) for spec in specs]
+    # the costliest first (a short target_lag means more checks), so two workers end together
+    full.sort(key=lambda spec: (spec[0] == "priors", spec[4], spec[3]))
+    if processes > 1:
+        import multiprocessing
+
+        with multiprocessing.Pool(processes) as pool:
+            done = pool.imap_unordered(_sdk_rows, full)
+            for pairs in done:
+                places.update(pairs)
+            pool.close()
+            pool.join()
+    else:
+        for spec in full:
+            places.update(_sdk_rows(spec))
+    rows = [places[k] for k in sorted(places)]
     return {
         "jobs": n,
         "pending": pending,
@@ -446,9 +494,11 @@ def run(
         "kinds": [f"{m} {c} s" for m, c in KINDS],
         "durations": {k: list(v) for k, v in profile.durations.items()},
         "estimate_error": profile.estimate_error,
-        "run_jobs": runs,
+        "run_jobs": min(n, RUN_JOBS),
         "rows": rows,
-        "cpu_seconds": time.process_time() - t0,
+        "processes": processes,
+        "cpu_seconds": _cpu_seconds() - cpu0,
+        "wall_seconds": time.perf_counter() - wall0,
     }
 
 
@@ -461,7 +511,9 @@ def table(results: dict[str, Any]) -> str:
         f"profile ({kinds}; sora-2 60-240 s, viduq3 30-120 s; `estimated_time` off by up to "
         f"{results['estimate_error']:.0%}; uneven progress; a {results['rtt']:g} s round trip, "
         f"jittered), about {results['pending']:,} running at a time, the SDK's `PollSchedule` on "
-        f"a fake clock ({results['cpu_seconds']:.0f} s of CPU). Per-task reads: the adaptive "
+        f"a fake clock ({results['cpu_seconds']:.0f} s of CPU in all, "
+        f"{results['wall_seconds']:.0f} s wall-clock in {results['processes']} processes). "
+        "Per-task reads: the adaptive "
         f"window from {results['concurrency']} up to {results['max_concurrency']} in flight. "
         "Lag: from a task's end to the reply that says so in the client's hands.",
         "",
@@ -577,10 +629,18 @@ def main(argv: list[str] | None = None) -> int:
         help="per-task reads in flight at most (max_status_concurrency, default 64)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes for the SDK's runs (default: one per core; 1: none)",
+    )
     p.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and the JSON")
     ns = p.parse_args(argv)
     if ns.jobs < 1 or ns.pending < 1 or not 1 <= ns.concurrency <= ns.max_concurrency:
         p.error("--jobs, --pending and --concurrency must be >= 1, --max-concurrency >= it")
+    if ns.processes < 1:
+        p.error("--processes must be >= 1")
     results = run(
         ns.jobs,
         pending=ns.pending,
@@ -588,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=ns.concurrency,
         max_concurrency=ns.max_concurrency,
         lags=LAGS,
+        processes=ns.processes,
     )
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "simulate_polling.json").write_text(json.dumps(results, indent=2) + "\n")

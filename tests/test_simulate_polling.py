@@ -29,8 +29,10 @@ def load() -> ModuleType:
 def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -> None:
     sim = load()
     (tmp_path / "RESULTS.md").write_text("# Benchmark results\n\n## 1. Polling\nkept\n")
-    assert sim.main(["--jobs", "40", "--pending", "10", "--out", str(tmp_path)]) == 0
-    assert sim.main(["--jobs", "40", "--pending", "10", "--out", str(tmp_path)]) == 0
+    args = ["--jobs", "40", "--pending", "10", "--out", str(tmp_path)]
+    assert sim.main([*args, "--processes", "2"]) == 0
+    side_by_side = json.loads((tmp_path / "simulate_polling.json").read_text())
+    assert sim.main([*args, "--processes", "1"]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## 1. Polling\nkept\n" in text
     assert text.count(sim.TITLE) == 1  # a second run replaces its section
@@ -53,6 +55,13 @@ def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -
         if r["kind"] != "priors":
             assert f"| {r['route']} | {r['client']} |" in text
     assert text.count("| first run |") == 2 and text.count("| second run |") == 2
+    # the SDK's runs in two worker processes: the same rows as in one
+
+    def figures(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in rows]
+
+    assert figures(side_by_side["rows"]) == figures(rows)
+    assert side_by_side["cpu_seconds"] > 0 and side_by_side["processes"] == 2
 
 
 def _digest(value: object) -> str:
