@@ -125,8 +125,6 @@ class _Watch:
     overdue_checks: int = 0
     #: When the check being answered was handed out by ``due`` (the caller's clock).
     sent_at: float | None = None
-    last_progress: int | None = None
-    last_at: float | None = None
     absences: int = 0
     absent_since: float | None = None
     checks: int = 0
@@ -474,8 +472,6 @@ class PollSchedule:
         estimate = task.estimated_time
         if not (estimate and estimate > 0):
             estimate = None
-        w.last_progress = progress
-        w.last_at = now
         sent = w.sent_at
         if sent is None:
             sent = now
@@ -517,8 +513,9 @@ class PollSchedule:
             learned = True
         elif estimate is not None:
             # whole seconds on the wire: an estimate rounded up may be up to 1 s over
-            lo = start + max(0.0, estimate - 1) / (1 + m)
-            hi = start + estimate / max(1e-9, 1 - m)
+            rounded = estimate - 1
+            lo = start + (rounded if rounded > 0.0 else 0.0) / (1 + m)
+            hi = start + estimate / (1 - m if 1 - m > 1e-9 else 1e-9)
         elif progress is not None and 0 < progress < 100 and now > start:
             extrapolated = (now - start) * 100.0 / progress
             lo = start + 0.5 * extrapolated
@@ -569,7 +566,9 @@ class PollSchedule:
                 at = sent + lag - 0.5 * (took if took > 0.0 else 0.0)
             if at <= now:
                 at = now + (lag if lag < p.min_interval else p.min_interval) * 0.5
-            self._set(w, at)
+            w.version = version = w.version + 1  # ``_set``, inline (the most common case)
+            w.next_at = at
+            heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
             return
         w.overdue_checks += 1
         interval = min(p.max_interval, lag * p.overdue_growth**w.overdue_checks)

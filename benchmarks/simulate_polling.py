@@ -260,14 +260,16 @@ def _per_task(
             finished(ticket, back, congested=False)
             if on_status(status_at(job, read_at), back):
                 seen[job.id] = back
-        for task_id in due(now, batched=False, limit=free()):
+        room = free()
+        ids = due(now, batched=False, limit=room)
+        for task_id in ids:
             late.append(now - (due_at(task_id) or now))
             rtt = round_trip(rng)
             push(replies, (now + rtt, seq, by_id[task_id], now + rtt / 2, started(now)))
             seq += 1
-            requests += 1
+        requests += len(ids)
         wake = next_wakeup()
-        full = free() == 0
+        full = room == len(ids)  # free() now: each read that left took one place
         if full and wake is not None and wake <= now:
             window.held_back(now)
         soonest = replies[0][0] if replies else math.inf
