@@ -236,8 +236,16 @@ class PollSchedule:
 
     def next_wakeup(self) -> float | None:
         """The earliest time anything is due (a check or a deadline), or None."""
-        self._prune()
         heap, dl = self._heap, self._deadlines
+        watches = self._watches
+        while heap:  # stale entries die here (``_prune``, the checks' half inline)
+            _at, _, task_id, version = heap[0]
+            w = watches.get(task_id)
+            if w is not None and w.version == version and not w.checking:
+                break
+            heapq.heappop(heap)
+        if dl:
+            self._prune()
         if heap:
             at = heap[0][0]
             if dl and dl[0][0] < at:

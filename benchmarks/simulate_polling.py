@@ -213,7 +213,9 @@ def simulate_sdk(
         for task_id, read in zip(ids, reads, strict=True):
             if trace is not None:
                 trace.append((start_at, task_id, read, now))
-            if on_status(status_at(by_id[task_id], read), now):
+            job = by_id[task_id]
+            status, progress = job.curve.status(read - job.submit)  # status_at, inline
+            if on_status(Reply(task_id, status, progress, job.estimated), now):  # type: ignore[arg-type]
                 seen[task_id] = now
     return {**summary(jobs, seen, requests), "priors": schedule.priors}
 
@@ -258,7 +260,8 @@ def _per_task(
             if trace is not None:
                 trace.append((ticket.sent_at, job.id, read_at, back))
             finished(ticket, back, congested=False)
-            if on_status(status_at(job, read_at), back):
+            status, progress = job.curve.status(read_at - job.submit)  # status_at, inline
+            if on_status(Reply(job.id, status, progress, job.estimated), back):  # type: ignore[arg-type]
                 seen[job.id] = back
         room = free()
         ids = due(now, batched=False, limit=room)
