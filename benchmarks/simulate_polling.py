@@ -250,11 +250,14 @@ def _per_task(
     on_status, round_trip = schedule.on_status, profile.round_trip
     started, finished, free = window.started, window.finished, window.free
     push, pop = heapq.heappush, heapq.heappop
+    room = free()
     while len(seen) < n:
         while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
             add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
+        if replies and replies[0][0] <= now:
+            room = -1  # the window changes: free() again below
         while replies and replies[0][0] <= now:
             back, _, job, read_at, ticket = pop(replies)
             if trace is not None:
@@ -263,7 +266,8 @@ def _per_task(
             status, progress = job.curve.status(read_at - job.submit)  # status_at, inline
             if on_status(Reply(job.id, status, progress, job.estimated), back):  # type: ignore[arg-type]
                 seen[job.id] = back
-        room = free()
+        if room < 0:
+            room = free()
         ids = due(now, batched=False, limit=room)
         for task_id in ids:
             late.append(now - (due_at(task_id) or now))
@@ -271,8 +275,9 @@ def _per_task(
             push(replies, (now + rtt, seq, by_id[task_id], now + rtt / 2, started(now)))
             seq += 1
         requests += len(ids)
+        room -= len(ids)  # free() now: each read that left took one place (only reads end)
         wake = next_wakeup()
-        full = room == len(ids)  # free() now: each read that left took one place
+        full = room == 0
         if full and wake is not None and wake <= now:
             window.held_back(now)
         soonest = replies[0][0] if replies else math.inf
