@@ -47,6 +47,7 @@ import attrs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # a spawned worker imports this module by name
 
 import apimart_async as am  # noqa: E402
 from apimart_async._poll_schedule import BATCH_IDS, PollSchedule  # noqa: E402
@@ -380,8 +381,7 @@ def _row(
     }
 
 
-#: The jobs of the run being simulated, by (count, pending, seed): made once per process (a
-#: forked worker inherits the parent's).
+#: The jobs of the run being simulated, by (count, pending, seed): made once per process.
 _JOBS: dict[tuple[int, int, int], list[Job]] = {}
 
 
@@ -484,7 +484,9 @@ def run(
     if processes > 1:
         import multiprocessing
 
-        with multiprocessing.Pool(processes) as pool:
+        # spawned, not forked: no fork of a process that may run threads (pytest's), the same
+        # on every platform; each worker makes the jobs again from the seed (``_jobs``)
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
             done = pool.imap_unordered(_sdk_rows, full)
             for pairs in done:
                 places.update(pairs)
