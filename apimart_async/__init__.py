@@ -4,7 +4,6 @@ Submit fast, watch cheaply, never pay twice, never lose a job. See README.md.
 """
 
 import importlib as _importlib
-import logging as _logging
 import typing as _typing
 
 from ._admission import Budget
@@ -157,5 +156,9 @@ else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# A library logs, an application decides where logs go.
-_logging.getLogger("apimart_async").addHandler(_logging.NullHandler())
+# No NullHandler on "apimart_async" (issue 21): with one, a program that configures no logging
+# (a bare script) or only its own loggers (uvicorn's default config) never sees the WARNINGs
+# it must act on, as Python's last-resort handler (WARNING and up, to stderr) is used only
+# when no handler at all is found. The SDK logs at WARNING only what a user must act on; an
+# application still decides: any handler it configures takes over, and
+# ``logging.getLogger("apimart_async").setLevel(...)`` quietens the SDK.

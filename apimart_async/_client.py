@@ -49,6 +49,8 @@ logger = logging.getLogger("apimart_async")
 
 #: A language code for ``?language=`` (``en``, ``zh-TW``, ``pt_BR``): passed through as given.
 _LANGUAGE: Final = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
+#: Seconds of failed status reads after which waits end with APIConnectionError (issue 21).
+DEFAULT_WAIT_UNREACHABLE: Final = 300.0
 
 
 class AsyncApimart:
@@ -81,6 +83,11 @@ class AsyncApimart:
             ``http://user:pass@proxy.example:3128`` (credentials are never shown).
         trust_env: without ``proxy``, follow ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
             (read when the client opens), as requests and httpx do; False ignores them.
+        wait_unreachable: seconds without a single status read getting through (connection
+            errors, timeouts, 5xx; counted from the first failed read with no success since)
+            after which every wait (``generate``, ``tasks.wait``, ``tasks.watch``, batch jobs)
+            ends with ``APIConnectionError``, logged at WARNING; the tasks may still be
+            running at the service. Default 300; None waits for ever.
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class AsyncApimart:
         ssl: _ssl.SSLContext | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
+        wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
     ) -> None:
         key = resolve_api_key(api_key)
         if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
@@ -126,6 +134,9 @@ class AsyncApimart:
             max_status_concurrency,
             minimum=status_concurrency,
             least=least,
+        )
+        check_positive_number(
+            "wait_unreachable", wait_unreachable, unit="of seconds", allow_none=True, finite=True
         )
         if poll is not None and not isinstance(poll, PollPolicy):
             raise ConfigurationError(f"poll must be a PollPolicy, got {type(poll).__name__}")
@@ -164,6 +175,7 @@ class AsyncApimart:
             pacing=transport.pacing,
             retries=lambda: transport.counters["retries"],
             reads=reads,
+            unreachable=None if wait_unreachable is None else float(wait_unreachable),
         )
         # The batch route's times are the poller's clock (an emulator's compressed one too).
         self._api.clock = self._poller.now
@@ -207,10 +219,14 @@ class AsyncApimart:
         """Close the client: running waits and batches end with ``ClientClosedError``."""
         self._poller.close("the client was closed")
         runner, self._runner = self._runner, None
-        if runner is not None:
-            self._stop_runner.set()
-            await runner
-        await self._transport.aclose()
+        try:
+            if runner is not None:
+                self._stop_runner.set()
+                await runner
+        finally:
+            # closed even when this close is cancelled (no "Unclosed client session")
+            with anyio.CancelScope(shield=True):
+                await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
         return await self.open()
@@ -247,6 +263,11 @@ class AsyncApimart:
     def max_retries(self) -> int:
         """Retries after the first attempt of a retryable request."""
         return self._transport.max_retries
+
+    @property
+    def wait_unreachable(self) -> float | None:
+        """Seconds of failed status reads after which waits end (None: never)."""
+        return self._poller.unreachable
 
     @property
     def poll_policy(self) -> PollPolicy:
@@ -338,7 +359,11 @@ class AsyncApimart:
             sigint_grace: handle Ctrl-C while the batch runs (main thread only): the first
                 stops submitting and follows running tasks for this many seconds, the second
                 ends the iteration at once; ``results.interrupted`` tells. The journal keeps
-                everything needed to resume.
+                everything needed to resume. Honoured only where the application left SIGINT
+                to Python (the main thread, with Python's or ``asyncio.run``'s handler in
+                force); elsewhere (a server with its own handler, a worker thread) a no-op
+                with one ``ApimartWarning``: call ``await results.stop(grace=...)`` there.
+                The handler found before is put back when the batch ends.
 
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.

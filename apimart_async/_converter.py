@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import cattrs
 from cattrs.gen import make_dict_structure_fn
@@ -169,7 +169,19 @@ def _structure_task(value: Any, _: Any) -> Task:
     elif result is not None and not is_object(result):
         raise TypeError(f"result must be an object, got {type(result).__name__}")
     data["raw_status"] = data["status"]
+    for name in _HINTS:
+        # only hints (the schedule's, a report's): one written as "60s", "50%" or an ISO
+        # date is dropped, not allowed to make a running or finished task unreadable
+        if data.get(name) is not None:
+            try:
+                _number(data[name])
+            except (TypeError, ValueError):
+                del data[name]
     return _structure_task_fields(data, Task)
+
+
+#: Task fields that only steer the schedule or fill a report.
+_HINTS: Final = ("progress", "estimated_time", "actual_time", "created", "completed")
 
 
 _conv.register_structure_hook(Task, _structure_task)

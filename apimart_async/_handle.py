@@ -167,3 +167,6 @@ class Batch:
 
     def _on_sigint(self) -> None:  # the sync facade forwards its Ctrl-C here
         self._run.on_sigint()
+
+    def _forward_sigint(self) -> None:  # the sync facade handles Ctrl-C on its own thread
+        self._run._sigint.forwarded = True

@@ -1,16 +1,67 @@
-"""Ctrl-C for a batch: a SIGINT handler on the running loop, main thread only."""
+"""Ctrl-C for a batch (``sigint_grace=``), only where it cannot take a signal from its owner.
+
+The application owns the process's signals. A handler is installed only on the main thread,
+and only when the SIGINT handler in force is still the one Python starts with: the
+interpreter's ``signal.default_int_handler``, or the one ``asyncio.run`` / ``asyncio.Runner``
+(and so ``anyio.run``) puts in its place, which also just raises ``KeyboardInterrupt`` in the
+main task. Anywhere else (a worker thread, a web server such as uvicorn with handlers of its
+own) ``sigint_grace`` is a no-op that says so once, as an ``ApimartWarning`` and a WARNING log
+line; a server stops a batch from its own shutdown hook with ``await results.stop(grace=...)``.
+Whatever is installed is removed when the batch ends, and the previous handler put back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
+import warnings
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["SigintHandler", "announce_interrupt"]
+from ._errors import ApimartWarning
+
+__all__ = ["SigintHandler", "announce_interrupt", "refuse", "sigint_is_ours_to_take"]
 
 logger = logging.getLogger("apimart_async")
+
+_NOT_MAIN = (
+    "sigint_grace is ignored: the batch does not run on the main thread, where signals are"
+    " delivered; stop it with 'await results.stop(grace=...)' instead"
+)
+_NOT_DEFAULT = (
+    "sigint_grace is ignored: the application has its own SIGINT handler ({handler}), which"
+    " is left alone; stop the batch from it with 'await results.stop(grace=...)'"
+)
+
+
+def _is_python_default(handler: Any) -> bool:
+    """Python's own SIGINT behaviour: the interpreter's handler, or asyncio's runner's."""
+    if handler is signal.default_int_handler:
+        return True
+    if isinstance(handler, functools.partial):
+        func = getattr(handler.func, "__func__", handler.func)
+        runner = getattr(asyncio, "Runner", None)  # Python 3.11+
+        return runner is not None and func is getattr(runner, "_on_sigint", None)
+    return False
+
+
+def sigint_is_ours_to_take() -> str | None:
+    """None when a SIGINT handler may be installed here; else why not (the warning)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _NOT_MAIN
+    handler = signal.getsignal(signal.SIGINT)
+    if not _is_python_default(handler):
+        return _NOT_DEFAULT.format(handler=getattr(handler, "__qualname__", repr(handler)))
+    return None
+
+
+def refuse(reason: str, *, stacklevel: int = 2) -> None:
+    """Say once, as a warning and a log line, that ``sigint_grace`` is not honoured."""
+    warnings.warn(reason, ApimartWarning, stacklevel=stacklevel + 1)
+    logger.warning("%s", reason)
 
 
 class SigintHandler:
@@ -18,23 +69,44 @@ class SigintHandler:
 
     def __init__(self, callback: Callable[[], None]) -> None:
         self._callback = callback
+        self._previous: Any = None
         self.installed = False
+        #: Set by the sync facade, which installs its own handler on the main thread and
+        #: forwards Ctrl-C to the batch: the batch then installs nothing.
+        self.forwarded = False
 
     def install(self) -> None:
-        """Install on the running loop; nothing off the main thread or where the loop has no
-        signal handlers."""
-        if threading.current_thread() is not threading.main_thread():
+        """Install on the running loop if the application lets it (see the module doc);
+        else warn once and do nothing."""
+        if self.forwarded or self.installed:
             return
+        reason = sigint_is_ours_to_take()
+        if reason is not None:
+            refuse(reason, stacklevel=4)
+            return
+        previous = signal.getsignal(signal.SIGINT)
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._callback)
-        except (NotImplementedError, RuntimeError):  # not on this platform / loop
+        except (NotImplementedError, RuntimeError, ValueError) as exc:  # platform / loop
+            refuse(f"sigint_grace is ignored: this event loop cannot handle signals ({exc})")
             return
+        self._previous = previous
         self.installed = True
 
     def remove(self) -> None:
-        if self.installed:
-            self.installed = False
+        """Remove the handler and put back the one found when installing."""
+        if not self.installed:
+            return
+        self.installed = False
+        previous, self._previous = self._previous, None
+        try:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        except RuntimeError:  # no running loop (torn down): the signal module still works
+            pass
+        finally:
+            # asyncio resets SIGINT to default_int_handler; put back what was there (e.g.
+            # asyncio.run's own handler)
+            signal.signal(signal.SIGINT, previous)
 
 
 def announce_interrupt(*, running: int, grace: float | None) -> None:

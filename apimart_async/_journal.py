@@ -30,6 +30,7 @@ blocks). Another store (PostgreSQL for several machines) implements the same pro
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -375,6 +376,10 @@ class SqliteJournal(Journal):
         for kind, samples, d_lo, d_hi, r_lo, r_hi in rows:
             if not (isinstance(kind, str) and isinstance(samples, int) and samples >= 0):
                 continue  # a row nobody could have written: pass over it
+            if not _plausible_range(d_lo, d_hi, 0.0):
+                continue
+            if (r_lo is not None or r_hi is not None) and not _plausible_range(r_lo, r_hi, 1e-9):
+                continue
             out[kind] = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
         return out
 
@@ -429,3 +434,12 @@ class SqliteJournal(Journal):
                 index,
             ),
         )
+
+
+def _plausible_range(lo: object, hi: object, least: float) -> bool:
+    """Whether a stored prior's ``lo``, ``hi`` are numbers a run could have learned: finite,
+    ``least <= lo <= hi`` (a row from an edited or foreign file is passed over)."""
+    return (
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+        and least <= float(lo) <= float(hi) < math.inf  # type: ignore[arg-type]
+    )

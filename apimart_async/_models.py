@@ -141,13 +141,40 @@ class VideoRequest:
     def __hash__(self) -> int:
         return hash(self.fingerprint())
 
+    def to_dict(self) -> dict[str, Any]:
+        """The request as plain JSON values: ``model``, the set fields, and ``extra`` (when
+        not empty) as a nested object; ``from_dict`` makes the same request of it."""
+        data: dict[str, Any] = {"model": self.model}
+        for name in _TYPED_FIELDS:
+            value = getattr(self, name)
+            if value is None or value == ():
+                continue
+            data[name] = list(cast("tuple[str, ...]", value)) if isinstance(value, tuple) else value
+        if self.extra:
+            data["extra"] = dict(self.extra)
+        return data
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VideoRequest:
-        """Build a request from a JSON-like mapping; keys that are not fields go to ``extra``."""
-        if not isinstance(data, Mapping):
-            raise ValidationError([FieldError("request", "must be a JSON object", data)])
+        """Build a request from a JSON-like mapping (e.g. an untrusted request body): keys
+        that are not fields go to ``extra``, merged with an ``extra`` object if one is given.
+
+        Raises:
+            ValidationError: for anything that does not make a valid request, naming the
+                field (``request`` when ``data`` is not an object); never another exception.
+        """
+        given: object = data  # the caller may pass anything
+        if not isinstance(given, Mapping):
+            raise ValidationError([FieldError("request", "must be a JSON object", given)])
         fields: dict[str, Any] = {}
-        extra: dict[str, Any] = dict(data.get("extra") or {}) if "extra" in data else {}
+        extra: dict[str, Any] = {}
+        if "extra" in data and data["extra"] is not None:
+            nested: object = data["extra"]
+            if not isinstance(nested, Mapping):
+                raise ValidationError(
+                    [FieldError("extra", "must be an object of field names to JSON values", nested)]
+                )
+            extra.update(cast("Mapping[str, Any]", nested))
         for key, value in data.items():
             if key == "extra":
                 continue

@@ -27,6 +27,7 @@ __all__ = [
     "Outcome",
     "Reporter",
     "Success",
+    "error_dict",
     "outcome_of",
 ]
 
@@ -71,6 +72,24 @@ class Outcome:
         """True when the task completed and nothing went wrong after (e.g. its download)."""
         return self.error is None and self.task is not None and self.task.ok
 
+    def to_dict(self) -> dict[str, Any]:
+        """The outcome as plain JSON values (e.g. a web handler's response): ``request``,
+        ``task`` and ``files`` by their own ``to_dict()``, ``error`` as ``{"type", "message",
+        "status"}`` (the class name, the message, the HTTP status when there was one) or None.
+        """
+        return {
+            "index": self.index,
+            "name": self.name,
+            "ok": self.ok,
+            "task_id": self.task_id,
+            "idempotency_key": self.idempotency_key,
+            "replayed": self.replayed,
+            "request": self.request.to_dict() if self.request is not None else None,
+            "task": self.task.to_dict() if self.task is not None else None,
+            "error": error_dict(self.error) if self.error is not None else None,
+            "files": [file.to_dict() for file in self.files],
+        }
+
 
 @final
 class Success(Outcome):
@@ -101,6 +120,15 @@ class Failure(Outcome):
 
         @property
         def ok(self) -> Literal[False]: ...
+
+
+def error_dict(error: BaseException) -> dict[str, Any]:
+    """``{"type", "message", "status"}`` of an error: its class name, its message, and the
+    HTTP status when it carries one (``APIStatusError``, ``DownloadError``...), else None."""
+    status = getattr(error, "status", None)
+    if isinstance(status, bool) or not isinstance(status, int):
+        status = None
+    return {"type": type(error).__name__, "message": str(error), "status": status}
 
 
 def outcome_of(
@@ -172,6 +200,24 @@ class BatchStats:
     def done(self) -> int:
         """Jobs that ended: completed, failed or errored."""
         return self.completed + self.failed + self.errored
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON values, ``done`` included (``requests`` is a copy)."""
+        return {
+            "read": self.read,
+            "submitting": self.submitting,
+            "submitted": self.submitted,
+            "pending": self.pending,
+            "completed": self.completed,
+            "failed": self.failed,
+            "errored": self.errored,
+            "done": self.done,
+            "cost": self.cost,
+            "elapsed": self.elapsed,
+            "requests": dict(self.requests),
+            "replayed": self.replayed,
+            "downloading": self.downloading,
+        }
 
 
 class Outbox:

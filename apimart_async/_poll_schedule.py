@@ -44,6 +44,7 @@ from typing import Final
 import attrs
 
 from ._checks import check_positive_int, check_positive_number
+from ._errors import FieldError, OptionError
 from ._models import Task
 from ._priors import Priors
 
@@ -61,8 +62,17 @@ def _count(_: object, attribute: attrs.Attribute[int], value: int) -> None:
 
 
 def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 <= value <= 1):
-        raise ValueError(f"PollPolicy.{attribute.name} must be between 0 and 1, got {value!r}")
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value <= 1):
+        raise OptionError(
+            [FieldError(f"PollPolicy.{attribute.name}", "must be between 0 and 1", value)]
+        )
+
+
+def _flag(_: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(
+            [FieldError(f"PollPolicy.{attribute.name}", "must be True or False", value)]
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -95,7 +105,7 @@ class PollPolicy:
     estimate_margin: float = attrs.field(default=0.25, validator=_fraction)
     """Estimates are trusted to within this fraction: with no progress to go on, the next check
     comes at the early edge of the estimate (then progress says the rest)."""
-    use_progress: bool = True
+    use_progress: bool = attrs.field(default=True, validator=_flag)
     """Whether progress reports move the predicted end."""
     not_found_grace: float = attrs.field(default=10.0, validator=_positive)
     """A task the service says it does not know ends as ``NotFoundError`` only once it has said so
@@ -125,6 +135,8 @@ class _Watch:
     overdue_checks: int = 0
     #: When the check being answered was handed out by ``due`` (the caller's clock).
     sent_at: float | None = None
+    last_progress: int | None = None
+    last_at: float | None = None
     absences: int = 0
     absent_since: float | None = None
     checks: int = 0
@@ -405,7 +417,10 @@ class PollSchedule:
             lo, hi = w.t0 + w.implied[0] * trust[0], w.t0 + w.implied[1] * trust[1]
             if now < hi and hi - lo <= lag:
                 w.narrow_until = hi
-                self._set(w, max(hi, now + min(w.policy.min_interval, lag) * 0.5))
+                soonest = now + min(w.policy.min_interval, lag) * 0.5
+                # max_interval from its last check still caps the wait
+                cap = (now if w.last_at is None else w.last_at) + w.policy.max_interval
+                self._set(w, max(soonest, min(hi, cap)))
 
     @staticmethod
     def _backoff(w: _Watch) -> float:
@@ -480,6 +495,8 @@ class PollSchedule:
         estimate = task.estimated_time
         if not (estimate and estimate > 0):
             estimate = None
+        w.last_progress = progress
+        w.last_at = now
         sent = w.sent_at
         if sent is None:
             sent = now
@@ -536,9 +553,13 @@ class PollSchedule:
         if w.narrow_missed:
             trust = None
         if trust is not None and implied is not None and start is not None:
-            # a kind whose progress proved straight: its window, when it is the narrower
+            # a kind whose progress proved straight: its window, within the one the estimate
+            # gives (if any); when the two do not meet, this task's progress
+            # is not what the kind taught (a slow start, say) and the wider window stands
             lo_p, hi_p = start + implied[0] * trust[0], start + implied[1] * trust[1]
-            if hi_p - lo_p < hi - lo:
+            if estimate is not None:
+                lo_p, hi_p = max(lo_p, lo), min(hi_p, hi)
+            if lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
                 learned = True
         if w.predicted is None or lo < w.predicted:
@@ -549,9 +570,10 @@ class PollSchedule:
             # A window narrower than target_lag (learned): one check at its latest end sees
             # the end within target_lag. If that check finds the task running, the window was
             # wrong for this task: from then on it is followed as any other.
+            # (max_interval still caps the wait: an end progress mispredicted is not missed
+            # for longer than that)
             w.narrow_until = hi
-            soon = now + (lag if lag < p.min_interval else p.min_interval) * 0.5
-            self._set(w, soon if soon > hi else hi)
+            self._set(w, min(max(hi, now + min(p.min_interval, lag) * 0.5), now + p.max_interval))
             return
         if now + lag < lo:
             # before the window: nothing to learn until its edge (max_interval still caps)

@@ -17,7 +17,11 @@ reported back to the schedule, whatever the round raised. What a result means:
   ``PollPolicy.not_found_grace`` seconds apart (absence from a batch reply is not even that:
   such an id is read by id first);
 - anything else (connection errors, timeouts, 408, 429, 5xx, a reply that is not even JSON,
-  after the transport's retries): read again after a backoff, until the wait's deadline.
+  after the transport's retries): read again after a backoff, until the wait's deadline;
+- and when no status read at all has got through for ``unreachable`` seconds (the client's
+  ``wait_unreachable``; counted from the first failed read with no success since, while
+  something waits; a 429 or any other answer of the service counts as reachable), every wait
+  ends with ``APIConnectionError``, logged at WARNING: failing loud, not polling in silence.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ._errors import (
     ClientClosedError,
     NotFoundError,
     NoVideoError,
+    RateLimitError,
     ResponseValidationError,
     TaskTimeoutError,
 )
@@ -65,6 +70,8 @@ Read = Callable[[str], Awaitable[Task]]
 
 
 ReadVerdict = Literal["gone", "hard", "transient"]
+#: Seconds of failed status reads before a WARNING says so (half ``unreachable`` if less).
+_WARN_AFTER = 30.0
 
 
 def classify(exc: ApimartError) -> ReadVerdict:
@@ -113,6 +120,7 @@ class Poller:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         reads: StatusWindow | None = None,
+        unreachable: float | None = None,
     ) -> None:
         self._fetch = fetch
         self._batched = batched
@@ -131,6 +139,12 @@ class Poller:
         self._watchers: dict[str, _Watchers] = {}
         self._wake = anyio.Event()
         self._closed = False
+        #: Seconds without one status read getting through after which every wait ends
+        #: with APIConnectionError (None: never).
+        self.unreachable: float | None = unreachable
+        self._failing_since: float | None = None
+        self._last_failure: ApimartError | None = None
+        self._warned_since: float | None = None  # the outage already warned about
         #: Check rounds run and task statuses read, for stats and benchmarks.
         self.rounds: int = 0
         self.checks: int = 0
@@ -177,6 +191,8 @@ class Poller:
             )
             return
         now = self._clock()
+        if not self._watchers:  # idle until now: no evidence of an outage in the meantime
+            self._failing_since = self._warned_since = None
         entry = self._watchers.get(task_id)
         if entry is None:
             entry = self._watchers[task_id] = _Watchers()
@@ -244,6 +260,7 @@ class Poller:
         tasks. None when it read some; else the clock's seconds until something is due
         (``inf``: nothing is watched). The loop waits that long (or until ``watch``)."""
         now = self._clock()
+        self._give_up_if_unreachable(now)
         for task_id in self.schedule.expired(now):
             entry = self._watchers.get(task_id)
             timeout = entry.timeout if entry is not None and entry.timeout is not None else 0.0
@@ -266,6 +283,8 @@ class Poller:
         delay = math.inf if wakeup is None else max(0.0, wakeup - self._clock())
         if window_full:  # a read coming back frees a slot (and wakes the loop)
             delay = math.inf if self.reads.in_flight else delay
+        if self._failing_since is not None and self.unreachable is not None and self._watchers:
+            delay = min(delay, max(0.0, self._failing_since + self.unreachable - now))
         return delay
 
     async def _check(self, ids: list[str]) -> None:
@@ -350,6 +369,7 @@ class Poller:
         reason: ApimartError | None = None
         for task_id in ids:
             result = results.get(task_id)
+            self._note_reachability(result, now)
             if isinstance(result, Task):
                 self._on_task(task_id, result, now, wall)
                 continue
@@ -382,6 +402,65 @@ class Poller:
                 f"{type(reason).__name__}: {reason}" if reason is not None else "no answer",
             )
             self.schedule.on_error(retry, now)
+        self._give_up_if_unreachable(now)
+
+    # -- failing loud: the service unreachable for ``unreachable`` seconds ---------------------
+
+    def _note_reachability(self, result: Task | ApimartError | None, now: float) -> None:
+        """A read that got an answer from the service (a task, a 4xx, a 429...) restarts the
+        count; one that did not (connection error, timeout, 5xx, garbage) starts it."""
+        if result is None or isinstance(result, ClientClosedError):
+            return
+        if (
+            isinstance(result, ApimartError)
+            and not isinstance(result, RateLimitError)
+            and classify(result) == "transient"
+        ):
+            self._last_failure = result
+            if self._failing_since is None:
+                self._failing_since = now
+            return
+        self._failing_since = None
+        if self._warned_since is not None:
+            logger.info(
+                "status reads get through again after %gs", round(now - self._warned_since, 1)
+            )
+            self._warned_since = None
+
+    def _give_up_if_unreachable(self, now: float) -> None:
+        """One WARNING once reads have failed for a while (30 s, or half the limit), then
+        at the limit: every wait ends with APIConnectionError, said at WARNING too."""
+        since, limit = self._failing_since, self.unreachable
+        if since is None or not self._watchers:
+            return
+        last = self._last_failure
+        error = f"{type(last).__name__}: {last}" if last is not None else "no answer"
+        warn_after = _WARN_AFTER if limit is None else min(_WARN_AFTER, limit / 2)
+        if self._warned_since != since and now - since >= warn_after:
+            self._warned_since = since
+            logger.warning(
+                "status reads have failed for %gs (%s); %d wait(s) %s",
+                round(now - since, 1),
+                error,
+                len(self._watchers),
+                "keep waiting (wait_unreachable=None)"
+                if limit is None
+                else f"end with APIConnectionError in {max(0.0, since + limit - now):.0f}s"
+                f" unless a read gets through (wait_unreachable={limit:g})",
+            )
+        if limit is None or now - since < limit:
+            return
+        self._failing_since = None  # a later wait gets its own ``unreachable`` seconds
+        self._warned_since = None
+        reason = (
+            f"the API has been unreachable for {round(now - since, 1):g}s"
+            f" (wait_unreachable={limit:g}): no status read got through; last error: {error}"
+        )
+        logger.warning("%s; ending %d wait(s)", reason, len(self._watchers))
+        for task_id in list(self._watchers):
+            self._finish(
+                task_id, APIConnectionError(f"{reason} (task {task_id} may still be running)")
+            )
 
     def _on_task(self, task_id: str, task: Task, now: float, wall: float) -> None:
         if task.ok and not task.video_urls:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Any
 
 import attrs
 
@@ -95,6 +96,10 @@ class Video:
         """Whether the URLs have expired at ``now`` (Unix seconds)."""
         return self.expires_at is not None and now >= self.expires_at
 
+    def to_dict(self) -> dict[str, Any]:
+        """``{"urls": [...], "expires_at": ...}``, ready for ``json.dumps``."""
+        return {"urls": list(self.urls), "expires_at": self.expires_at}
+
 
 @attrs.frozen
 class TaskError:
@@ -106,6 +111,10 @@ class TaskError:
     """A human-readable reason."""
     type: str | None = None
     """The service's error type, e.g. ``"content_policy_violation"``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"code", "message", "type"}``, ready for ``json.dumps``."""
+        return {"code": self.code, "message": self.message, "type": self.type}
 
 
 @attrs.frozen
@@ -152,6 +161,26 @@ class Task:
         """Every URL of every result video, in order."""
         return [url for video in self.videos for url in video.urls]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The task as plain JSON values (e.g. a web handler's response): ``status`` as its
+        string, ``videos`` as ``{"urls", "expires_at"}``, ``video_urls`` flattened, ``error``
+        as ``{"code", "message", "type"}`` or None."""
+        return {
+            "id": self.id,
+            "status": str(self.status.value),
+            "raw_status": self.raw_status,
+            "progress": self.progress,
+            "estimated_time": self.estimated_time,
+            "actual_time": self.actual_time,
+            "created": self.created,
+            "completed": self.completed,
+            "cost": self.cost,
+            "credits_cost": self.credits_cost,
+            "videos": [video.to_dict() for video in self.videos],
+            "video_urls": self.video_urls,
+            "error": self.error.to_dict() if self.error is not None else None,
+        }
+
 
 @attrs.frozen
 class Balance:
@@ -192,6 +221,10 @@ class DownloadedFile:
     """The hex sha256 of its content."""
     url: str = ""
     """The URL it was downloaded from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"path", "bytes", "sha256", "url"}``, ready for ``json.dumps``."""
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256, "url": self.url}
 
 
 @attrs.frozen

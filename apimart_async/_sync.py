@@ -20,7 +20,6 @@ import functools
 import inspect
 import signal
 import ssl as _ssl
-import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
@@ -28,10 +27,11 @@ from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, o
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._client import AsyncApimart, Tasks, Uploads, Videos
+from ._client import DEFAULT_WAIT_UNREACHABLE, AsyncApimart, Tasks, Uploads, Videos
 from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
 from ._handle import Batch
+from ._interrupt import refuse, sigint_is_ours_to_take
 from ._outcomes import Failure, Success
 from ._poll_schedule import PollPolicy
 
@@ -218,6 +218,7 @@ class SyncBatch(_Facade):
         # __aenter__ and __aexit__ run in one task of the loop (the batch's task group
         # lives there); this thread waits for each.
         cm = self._loop.portal.wrap_async_context_manager(self._target)
+        self._target._forward_sigint()  # this thread handles Ctrl-C, not the loop's
         cm.__enter__()
         self._cm = cm
         self._install_sigint()
@@ -240,10 +241,13 @@ class SyncBatch(_Facade):
     # cannot install that handler itself: its loop is not on the main thread.
 
     def _install_sigint(self) -> None:
-        if (
-            self._target.sigint_grace is None
-            or threading.current_thread() is not threading.main_thread()
-        ):
+        # the same rule as AsyncApimart's batches (_interrupt.py): main thread only, and only
+        # over Python's own handler; otherwise a warning and nothing installed
+        if self._target.sigint_grace is None:
+            return
+        reason = sigint_is_ours_to_take()
+        if reason is not None:
+            refuse(reason, stacklevel=4)
             return
         self._saved_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         self._sigint_installed = True
@@ -330,6 +334,7 @@ class Apimart(_Facade):
         ssl: _ssl.SSLContext | None = None,
         proxy: str | None = None,
         trust_env: bool = True,
+        wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
     ) -> None:
         stack = contextlib.ExitStack()
         loop = _Loop(stack.enter_context(start_blocking_portal()))
@@ -351,6 +356,7 @@ class Apimart(_Facade):
                     ssl=ssl,
                     proxy=proxy,
                     trust_env=trust_env,
+                    wait_unreachable=wait_unreachable,
                 )
             )
         except BaseException:

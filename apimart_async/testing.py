@@ -79,6 +79,9 @@ class ClientOptions(TypedDict, total=False):
     """A cap on all requests of the client."""
     download_concurrency: int
     """Result files downloaded at once."""
+    wait_unreachable: float | None
+    """Seconds of failed status reads after which waits end (``apimart_async.AsyncApimart``'s
+    ``wait_unreachable``)."""
 
 
 def follow_clock(client: AsyncApimart, emulator: Emulator) -> None:

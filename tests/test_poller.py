@@ -453,7 +453,7 @@ async def test_unreadable_task_reply_ends_the_task_after_bounded_tries(
     manual.batch_route = batch_route  # type: ignore[assignment]
     async with client_of(manual) as client:
         (task_id,) = manual.create_tasks(1)
-        weird = {"id": task_id, "status": "processing", "progress": {"percent": 40}}
+        weird = {"id": task_id, "status": "processing", "result": {"videos": {}}}
         manual.faults.inject("batch", Fault.reply(200, {"code": 200, "data": [weird]}), times=100)
         manual.faults.inject("task", Fault.reply(200, {"code": 200, "data": weird}), times=100)
         with anyio.fail_after(DEADLINE), pytest.raises(am.ResponseValidationError) as info:

@@ -137,7 +137,7 @@ def test_submit_both_shapes() -> None:
         (b'{"data":{"id":"t"}}', "cannot read task: task has no status"),
         (b'{"data":{"id":"t","status":5}}', "cannot read task: status must be a string, got int"),
         (
-            b'{"data":{"id":"t","status":"x","progress":[1]}}',
+            b'{"data":{"id":"t","status":"x","cost":[1]}}',
             "cannot read task: expected a number, got list",
         ),
         (

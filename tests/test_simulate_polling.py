@@ -92,8 +92,8 @@ def test_the_simulation_is_pinned() -> None:
         traces[route] = _digest(trace)
     results = sim.run(300, pending=100, seed=0, concurrency=8, max_concurrency=64, lags=(1, 2, 10))
     rows = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in results["rows"]]
-    assert traces == {"batch": "2d20d81fbb72069e", "per-task": "f92d809a37f7ae8c"}
-    assert _digest(rows) == "98038e274f6a0e82"
+    assert traces == {"batch": "a5fe140633651b04", "per-task": "5b9450ad98881f8d"}
+    assert _digest(rows) == "f6777ed7be53af17"
 
 
 def test_a_simulated_reply_reads_as_the_task_it_stands_for() -> None:

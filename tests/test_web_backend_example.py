@@ -33,6 +33,16 @@ async def test_submit_and_status_through_the_backend() -> None:
                 "duration: sora-2-preview takes only 4, 8 or 12 seconds, got 5"
                 in (await resp.json())["error"]
             )
+            # an untrusted body that is not a request: 400 naming the field, never a 500
+            # (issue 21: "extra": 5 raised TypeError inside from_dict)
+            for bad, field in (
+                ({"model": "sora-2-preview", "prompt": "x", "extra": 5}, "extra"),
+                ([1, 2], "request"),
+                ({"model": ["sora-2-preview"], "prompt": "x"}, "model"),
+            ):
+                resp = await http.post("/videos", json=bad)
+                assert resp.status == 400, bad
+                assert (await resp.json())["error"].startswith(f"{field}: "), bad
             emu.advance(10)
             for task_id in ids:
                 body = await (await http.get(f"/videos/{task_id}")).json()

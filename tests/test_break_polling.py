@@ -1,0 +1,318 @@
+"""Trying the poller as a new user would (issues 11 and 22): odd policies, progress that
+misleads, a trusted kind's one check at the end its progress implies. Fake clock only."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+
+import apimart_async as am
+from apimart_async._journal import SqliteJournal
+from apimart_async._poll_schedule import PollSchedule
+from apimart_async._priors import KindPrior
+from apimart_async.emulator import RealisticProfile
+from apimart_async.emulator._realistic import Curve
+
+KIND = "sora-2/8//text"
+
+
+def trusted(policy: am.PollPolicy) -> PollSchedule:
+    """A schedule whose kind's progress proved straight (50 tasks, within 0.1 %)."""
+    s = PollSchedule(policy)
+    s.priors.merge(
+        {
+            KIND: KindPrior(
+                samples=50,
+                duration_lo=5.0,
+                duration_hi=600.0,
+                progress_samples=50,
+                progress_lo=0.999,
+                progress_hi=1.0,
+            )
+        }
+    )
+    return s
+
+
+def straight(duration: float) -> Curve:
+    """Progress in a straight line from the submit to the end, in whole percents."""
+
+    class _Straight:
+        def status(self, age: float) -> tuple[str, int]:
+            if age >= duration:
+                return "completed", 100
+            return "processing", int(age / duration * 100)
+
+    return _Straight()  # type: ignore[return-value]
+
+
+def running(task_id: str, progress: int | None = None) -> am.Task:
+    return am.Task(id=task_id, status=am.TaskStatus.PROCESSING, progress=progress)
+
+
+@pytest.mark.parametrize("target_lag", [10.0, 30.0])
+def test_the_one_check_at_the_end_progress_implies_still_obeys_max_interval(
+    target_lag: float,
+) -> None:
+    """max_interval is 'the longest wait between two checks of a running task, whatever the
+    prediction says'. With target_lag 10 s, 50 % at 70 s implies an end 70 s later, within a
+    window (1.4 s) narrower than target_lag: the one check there must still come within
+    max_interval (60 s), or an end the progress mispredicted is seen minutes late."""
+    policy = am.PollPolicy(jitter=0.0, target_lag=target_lag)
+    s = trusted(policy)
+    s.add("a", now=0.0, kind=KIND)
+    first = s.next_check("a")
+    assert first is not None and s.due(first, batched=False) == ["a"]
+    s.on_status(running("a", 1), first)
+    second = s.next_check("a")
+    assert second == pytest.approx(first + policy.max_interval)
+    assert s.due(second, batched=False) == ["a"]
+    s.on_status(running("a", 50), second)
+    third = s.next_check("a")
+    assert third is not None
+    assert third - second <= policy.max_interval + 1e-9
+
+
+def test_tasks_moved_when_their_kind_earns_trust_still_obey_max_interval() -> None:
+    """The same bound when trust arrives while a task waits: b's end is the 20th progress
+    sample; a (50 % at 210 s of age, an end 210 s later implied) must not be moved past
+    max_interval after its last check."""
+    policy = am.PollPolicy(jitter=0.0, target_lag=10.0)
+    s = PollSchedule(policy)
+    s.priors.merge(
+        {
+            KIND: KindPrior(
+                samples=50,
+                duration_lo=5.0,
+                duration_hi=600.0,
+                progress_samples=s.priors.min_samples - 1,
+                progress_lo=0.999,
+                progress_hi=1.0,
+            )
+        }
+    )
+    s.add("a", now=0.0, submitted_at=-200.0, kind=KIND)
+    s.add("b", now=0.0, kind=KIND)
+    assert sorted(s.due(10.0, batched=False)) == ["a", "b"]
+    s.on_status(
+        am.Task(id="a", status=am.TaskStatus.PROCESSING, progress=50, estimated_time=800.0),
+        10.0,
+    )
+    assert s.next_check("a") == pytest.approx(70.0)  # the estimate's window: max_interval caps
+    s.on_status(running("b", 47), 10.0)
+    assert s.next_check("b") == pytest.approx(20.0)
+    assert s.due(20.0, batched=False) == ["b"]
+    s.on_status(running("b", 95), 20.0)  # it ends at the 21 s this implies, seen at 30 s
+    assert s.due(30.0, batched=False) == ["b"]
+    assert s.on_status(am.Task(id="b", status=am.TaskStatus.COMPLETED, progress=100), 30.0)
+    assert s.priors.progress_trust(KIND) is not None  # b earned the kind its trust
+    moved = s.next_check("a")
+    assert moved is not None and moved <= 10.0 + policy.max_interval + 1e-9
+
+
+def run_jobs(
+    schedule: PollSchedule, jobs: list[tuple[float, int, Curve]], kind: str
+) -> list[float]:
+    """Per-task reads of these jobs, all submitted at 0, replies in the same instant, on a
+    fake clock: each job's lag (seen done - its end)."""
+    for i in range(len(jobs)):
+        schedule.add(f"t{i}", now=0.0, kind=kind)
+    lags: list[float] = []
+    now = 0.0
+    while len(schedule):
+        wake = schedule.next_wakeup()
+        assert wake is not None
+        now = max(now, wake)
+        for task_id in schedule.due(now, batched=False):
+            schedule.reads = getattr(schedule, "reads", 0) + 1  # type: ignore[attr-defined]
+            duration, estimate, curve = jobs[int(task_id[1:])]
+            status, progress = curve.status(now)
+            task = am.Task(
+                id=task_id,
+                status=am.TaskStatus(status),
+                progress=progress,
+                estimated_time=float(estimate),
+            )
+            if schedule.on_status(task, now):
+                lags.append(now - duration)
+    return lags
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a trusted kind whose progress turns uneven (slow start, jump at the end): the "
+    "trusted window is kept within the estimate's, but tasks in flight whose progress window "
+    "still meets the estimate's are checked at its end and see ends up to ~9 s late (39.5 s "
+    "before the windows were intersected) until finished tasks widen the trust",
+)
+def test_a_kind_whose_straight_progress_turns_uneven_still_sees_ends_within_target_lag() -> None:
+    """30 jobs of 30-60 s with straight progress teach the kind its progress is exact; then
+    the service's progress turns realistic (a slow start, plateaus, a jump to 100 at the
+    end: the task ends before the end its progress implies). The estimate (off by up to
+    25 %) still brackets every end: the 50 jobs in flight must not pay for the trust."""
+    rng = random.Random(3)
+    policy = am.PollPolicy(jitter=0.0)
+    s = PollSchedule(policy)
+    teach = []
+    for _ in range(30):
+        d = rng.uniform(30.0, 60.0)
+        teach.append((d, round(d * rng.uniform(0.8, 1.2)), straight(d)))
+    run_jobs(s, teach, KIND)
+    assert s.priors.progress_trust(KIND) is not None
+    control = PollSchedule(policy)  # nothing learned: the estimate's window
+    profile = RealisticProfile(durations={"viduq3": (30, 60)})
+    uneven = [profile.draw(rng, "viduq3", 5) for _ in range(50)]
+    control_lags = run_jobs(control, uneven, KIND)
+    assert len(control_lags) == 50 and max(control_lags) <= policy.target_lag
+    lags = sorted(run_jobs(s, uneven, KIND))
+    assert len(lags) == 50
+    # now: 48 of 50 later than target_lag, p50 17.5 s, the worst 39.5 s
+    assert lags[44] <= policy.target_lag and lags[-1] <= 3 * policy.target_lag
+
+
+@pytest.mark.parametrize(
+    "hints",
+    [
+        {"estimated_time": "60s"},
+        {"estimated_time": "soon"},
+        {"progress": "50%"},
+        {"progress": {"value": 50}},
+        {"created": "2026-11-30T03:00:00Z"},
+        {"actual_time": "40 s", "completed": "2026-11-30T03:01:00Z"},
+    ],
+)
+@pytest.mark.parametrize("route", ["task", "batch"])
+def test_an_unreadable_hint_does_not_make_a_running_or_finished_task_unreadable(
+    hints: dict[str, object], route: str
+) -> None:
+    """progress, estimated_time, actual_time, created and completed only steer the schedule:
+    a service (or a channel in front of it) that writes one as '60s' or '50%' or an ISO date
+    must not turn every read of a billed task into ResponseValidationError (which ends the
+    job with an error after hard_error_tries reads)."""
+    import json
+
+    from apimart_async._converter import parse_task, parse_task_items
+
+    video = {"result": {"videos": [{"url": ["https://cdn.example.com/v.mp4"]}]}}
+    for status, extra in (("processing", {}), ("completed", video)):
+        data = {"id": "task_1", "status": status, **extra, **hints}
+        if route == "task":
+            task = parse_task(json.dumps({"code": 200, "data": data}).encode())
+        else:
+            body = json.dumps({"code": 200, "data": [data]}).encode()
+            tasks, bad = parse_task_items(body)
+            assert bad == {}
+            (task,) = tasks
+        assert task.id == "task_1" and task.status.value == status
+        for name in hints:
+            assert getattr(task, name) is None
+        if status == "completed":
+            assert task.ok and task.videos
+
+
+def test_priors_a_journal_carries_that_no_run_could_have_learned_are_passed_over(
+    tmp_path: Path,
+) -> None:
+    """A journal is a file a user may copy between services or edit: a priors row with a
+    text, infinite, negative or inverted value is passed over (as a row with a bad kind is),
+    not a raw ValueError when the batch opens it, nor a TypeError later in the poller."""
+    path = tmp_path / "run.sqlite"
+
+    async def opened() -> None:
+        journal = SqliteJournal(path)
+        await journal.open()
+        await journal.close()
+
+    anyio.run(opened)
+    conn = sqlite3.connect(path)
+    conn.executemany(
+        "INSERT INTO priors VALUES (?, ?, ?, ?, ?, ?, 0)",
+        [
+            ("text", 30, "abc", 2.0, None, None),
+            ("ratio text", 30, 1.0, 2.0, "x", 1.2),
+            ("infinite", 30, 1.0, 9e999, 0.8, 1.2),
+            ("negative", 30, -5.0, 2.0, 0.8, 1.2),
+            ("inverted", 30, 3.0, 1.0, 0.8, 1.2),
+            ("ratio inverted", 30, 1.0, 2.0, 1.2, 0.8),
+            ("ratio zero", 30, 1.0, 2.0, 0.0, 1.2),
+            ("good", 30, 1.0, 2.0, 0.8, 1.2),
+        ],
+    )
+    conn.commit()
+    conn.close()
+
+    async def load() -> dict[str, KindPrior]:
+        journal = SqliteJournal(path)
+        await journal.open()
+        try:
+            return await journal.load_priors()
+        finally:
+            await journal.close()
+
+    assert anyio.run(load) == {"good": KindPrior(30, 1.0, 2.0, 0.8, 1.2)}
+
+
+class _NoProgress:
+    """A task that reports 0 % until its end (only its estimate says anything)."""
+
+    def __init__(self, duration: float) -> None:
+        self.duration = duration
+
+    def status(self, age: float) -> tuple[str, int]:
+        return ("completed", 100) if age >= self.duration else ("processing", 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a kind's estimate ratios are the extremes of every sample: one task whose "
+    "estimated_time was absurd (1e7 s) sets ratio_lo to ~0 for good (and the journal keeps "
+    "it), so every later task of the kind is checked target_lag apart from its first check",
+)
+def test_one_absurd_estimate_does_not_poison_the_kind_for_good() -> None:
+    rng = random.Random(1)
+
+    def jobs(n: int, absurd: bool = False) -> list[tuple[float, int, Curve]]:
+        out: list[tuple[float, int, Curve]] = []
+        for i in range(n):
+            d = rng.uniform(60.0, 120.0)
+            estimate = 10_000_000 if absurd and i == 0 else round(d * rng.uniform(0.9, 1.1))
+            out.append((d, estimate, _NoProgress(d)))  # type: ignore[arg-type]
+        return out
+
+    policy = am.PollPolicy(jitter=0.0)
+    clean, poisoned = PollSchedule(policy), PollSchedule(policy)
+    for s, absurd in ((clean, False), (poisoned, True)):
+        run_jobs(s, jobs(30), KIND)
+        run_jobs(s, jobs(5, absurd), KIND)
+    follow = jobs(100)
+    requests = {}
+    for name, s in (("clean", clean), ("poisoned", poisoned)):
+        s.reads = 0  # type: ignore[attr-defined]
+        lags = run_jobs(s, follow, KIND)
+        assert len(lags) == 100 and max(lags) <= policy.target_lag
+        requests[name] = s.reads / 100  # type: ignore[attr-defined]
+    # now: clean 6.4 status reads per job, poisoned 17.1
+    assert requests["poisoned"] <= 1.5 * requests["clean"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("target_lag", True),
+        ("max_interval", False),
+        ("jitter", True),
+        ("estimate_margin", False),
+        ("use_progress", "no"),
+        ("target_lag", "2"),
+    ],
+)
+def test_a_policy_value_of_the_wrong_type_is_refused_naming_the_field(
+    field: str, value: object
+) -> None:
+    """PollPolicy(target_lag=True) was taken as 1 s, and use_progress="no" as true."""
+    with pytest.raises(am.OptionError, match=f"PollPolicy.{field}"):
+        am.PollPolicy(**{field: value})  # type: ignore[arg-type]

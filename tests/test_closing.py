@@ -1,0 +1,136 @@
+"""Closing is safe (issue 21): a cancelled ``aclose()`` still closes the HTTP session, and
+closing with waits in flight ends each of them with ``ClientClosedError``. The emulator runs
+in manual mode, so nothing ends unless the test says; no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import warnings
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import apimart_async as am
+from apimart_async.emulator import Emulator, Fault
+from tests.conftest import FAST_POLL
+
+pytestmark = pytest.mark.anyio
+
+
+def _client(emu: Emulator) -> am.AsyncApimart:
+    return am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL)
+
+
+@pytest.mark.parametrize("at_checkpoint", [1, 2, 3, 4])
+async def test_a_cancelled_aclose_still_closes_the_session(
+    manual_emu: Emulator, at_checkpoint: int
+) -> None:
+    client = await _client(manual_emu).open()
+    task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+    session = client._transport.session()
+    errors: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await client.tasks.wait(task_id)
+        except am.ApimartError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await manual_emu.wait_until(lambda: len(client._poller) == 1)
+        closing = asyncio.get_running_loop().create_task(client.aclose())
+        for _ in range(at_checkpoint):  # cancelled at its first, second... suspension point
+            await anyio.lowlevel.checkpoint()
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+    assert session.closed
+    assert not client._transport.is_open
+    assert len(errors) == 1 and isinstance(errors[0], am.ClientClosedError)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        del session
+        gc.collect()
+    assert [w for w in record if "Unclosed" in str(w.message)] == []
+    await client.aclose()  # closing again is harmless
+
+
+async def test_aclose_ends_every_wait_in_flight_with_client_closed_error(
+    manual_emu: Emulator,
+) -> None:
+    client = await _client(manual_emu).open()
+    submitted = await client.videos.submit(am.VideoRequest("sora-2-preview", "waited"))
+    ended: dict[str, BaseException | object] = {}
+
+    async def run(name: str, coro: object) -> None:
+        try:
+            ended[name] = await coro  # type: ignore[misc]
+        except BaseException as exc:
+            ended[name] = exc
+            if not isinstance(exc, Exception):
+                raise
+
+    batch_errors: list[am.ApimartError | None] = []
+
+    async def iterate_batch() -> None:
+        # one outcome per job, each a Failure
+        jobs = [am.VideoRequest("sora-2-preview", f"b{i}") for i in range(3)]
+        async with client.batch(jobs, max_pending=2) as results:
+            async for outcome in results:
+                batch_errors.append(outcome.error)
+        raise batch_errors[0] or AssertionError("a job succeeded")
+
+    async def watch() -> int:
+        seen = 0
+        async with client.tasks.watch([submitted]) as stream:
+            async for _ in stream:
+                seen += 1
+        return seen
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "wait", client.tasks.wait(submitted))
+        tg.start_soon(
+            run, "generate", client.videos.generate(am.VideoRequest("sora-2-preview", "g"))
+        )
+        tg.start_soon(run, "batch", iterate_batch())
+        tg.start_soon(run, "watch", watch())
+        # everyone is waiting: 1 + 1 + 2 (max_pending) tasks created, all followed
+        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 4)
+        await manual_emu.wait_until(lambda: len(client._poller) == 4)
+        await client.aclose()
+    assert set(ended) == {"wait", "generate", "batch", "watch"}
+    for name, result in ended.items():
+        assert isinstance(result, am.ClientClosedError), (name, result)
+    # the two submitted jobs end with ClientClosedError, the one never submitted with
+    # BatchStoppedError (the batch's word for "not submitted"), saying why
+    assert len(batch_errors) == 3
+    closed = [e for e in batch_errors if isinstance(e, am.ClientClosedError)]
+    stopped = [e for e in batch_errors if isinstance(e, am.BatchStoppedError)]
+    assert len(closed) == 2 and len(stopped) == 1, batch_errors
+    assert "the client was closed" in str(stopped[0])
+    assert manual_emu.tasks_created == 4  # nothing more submitted after the close
+
+
+async def test_aclose_during_the_submit_of_generate_ends_it_with_client_closed_error(
+    manual_emu: Emulator,
+) -> None:
+    client = await _client(manual_emu).open()
+    # the reply comes 5 s late: long after the close (the emulator's shutdown waits for it)
+    manual_emu.faults.inject("submit", Fault.slow(5.0))
+    ended: list[BaseException] = []
+
+    async def generate() -> None:
+        try:
+            await client.videos.generate(am.VideoRequest("sora-2-preview", "g"))
+        except am.ApimartError as exc:
+            ended.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(generate)
+        await manual_emu.wait_until(lambda: manual_emu.state.in_flight["submit"] == 1)
+        await client.aclose()
+    assert len(ended) == 1 and isinstance(ended[0], am.ClientClosedError), ended

@@ -1,0 +1,240 @@
+"""Failing loud (issue 21): when no status read gets through for ``wait_unreachable`` seconds
+(counted from the first failed read with no success since), every wait ends with
+``APIConnectionError`` instead of polling in silence forever.
+
+The poller is driven step by step on a fake clock (``Poller.step``, no loop, no sleeps); the
+client-level tests run against the emulator with every status route failing and a small
+``wait_unreachable``."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anyio
+import pytest
+
+import apimart_async as am
+from apimart_async._errors import ApimartError
+from apimart_async._poller import Poller
+from apimart_async.emulator import Emulator, Fault
+
+from .conftest import FAST_POLL
+
+pytestmark = pytest.mark.anyio
+
+POLICY = am.PollPolicy(first_check=1.0, min_interval=1.0, max_interval=10.0, jitter=0.0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Service:
+    """A status route that fails (connection refused) while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.reads = 0
+
+    async def fetch(self, ids: list[str]) -> dict[str, am.Task | ApimartError]:
+        self.reads += 1
+        if self.down:
+            return {i: am.APIConnectionError("Cannot connect to host") for i in ids}
+        return {i: am.Task(id=i, status=am.TaskStatus.PROCESSING, progress=10) for i in ids}
+
+
+def _poller(service: Service, clock: FakeClock, limit: float | None) -> Poller:
+    return Poller(service.fetch, POLICY, clock=clock, wall=clock, unreachable=limit)
+
+
+async def _run_until(poller: Poller, clock: FakeClock, until: float) -> None:
+    """Step the poller, jumping the clock to each wakeup, until the clock reaches ``until``."""
+    while clock.now < until:
+        delay = await poller.step()
+        if delay is None:
+            continue
+        if math.isinf(delay):
+            return
+        clock.now = min(until, clock.now + max(delay, 1e-3))
+
+
+async def test_waits_end_with_api_connection_error_after_wait_unreachable() -> None:
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    ended: dict[str, am.Task | ApimartError] = {}
+    poller.watch("task_a", lambda i, r: ended.setdefault(i, r))
+    poller.watch("task_b", lambda i, r: ended.setdefault(i, r), timeout=10_000)
+    start = clock.now
+    await _run_until(poller, clock, start + 299.0)
+    assert ended == {}  # reads failing since the first one (a second or two in): waiting
+    assert service.reads >= 2
+    await _run_until(poller, clock, start + 310.0)
+    assert set(ended) == {"task_a", "task_b"}
+    for result in ended.values():
+        assert isinstance(result, am.APIConnectionError)
+        assert "unreachable" in str(result) and "wait_unreachable=300" in str(result)
+        assert "Cannot connect to host" in str(result)
+    assert len(poller) == 0
+
+
+async def test_one_warning_early_in_an_outage_then_one_when_giving_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not 300 s of silence: one WARNING once reads have failed for 30 s (half the limit if
+    that is less), one more when the waits are given up."""
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    poller.watch("task_a", lambda i, r: None)
+    start = clock.now
+    with caplog.at_level(logging.INFO, logger="apimart_async"):
+        await _run_until(poller, clock, start + 25.0)
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        await _run_until(poller, clock, start + 45.0)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1
+        text = warnings[0].getMessage()
+        assert text.startswith("status reads have failed for ")
+        assert "Cannot connect to host" in text and "APIConnectionError" in text
+        assert "1 wait(s) end with APIConnectionError in 2" in text  # 25x s from now
+        await _run_until(poller, clock, start + 290.0)
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+        await _run_until(poller, clock, start + 320.0)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 2
+        assert "the API has been unreachable" in warnings[1].getMessage()
+
+
+async def test_the_end_of_an_outage_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    poller.watch("task_a", lambda i, r: None)
+    start = clock.now
+    with caplog.at_level(logging.INFO, logger="apimart_async"):
+        await _run_until(poller, clock, start + 60.0)
+        service.down = False
+        await _run_until(poller, clock, start + 120.0)
+    back = [r for r in caplog.records if "get through again" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO
+
+
+async def test_a_successful_read_restarts_the_count() -> None:
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    ended: dict[str, am.Task | ApimartError] = {}
+    poller.watch("task_a", lambda i, r: ended.setdefault(i, r))
+    start = clock.now
+    await _run_until(poller, clock, start + 250.0)
+    service.down = False
+    await _run_until(poller, clock, start + 270.0)  # reads get through again
+    service.down = True
+    await _run_until(poller, clock, start + 500.0)  # 230 s of failures since the last success
+    assert ended == {}
+    await _run_until(poller, clock, start + 600.0)
+    assert isinstance(ended["task_a"], am.APIConnectionError)
+
+
+async def test_an_idle_poller_forgets_an_old_outage() -> None:
+    """The count runs while something waits: a wait that starts after an idle spell gets its
+    full ``wait_unreachable`` even if the last reads, long ago, failed."""
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, 300.0)
+    first: dict[str, am.Task | ApimartError] = {}
+
+    def on_first(task_id: str, result: am.Task | ApimartError) -> None:
+        first[task_id] = result
+
+    poller.watch("task_a", on_first)
+    await _run_until(poller, clock, clock.now + 200.0)
+    poller.unwatch("task_a", on_first)  # e.g. the handler went away: nothing is watched
+    clock.now += 10_000.0
+    ended: dict[str, am.Task | ApimartError] = {}
+    poller.watch("task_b", lambda i, r: ended.setdefault(i, r))
+    start = clock.now
+    await _run_until(poller, clock, start + 250.0)
+    assert ended == {} and first == {}
+    await _run_until(poller, clock, start + 320.0)
+    assert isinstance(ended["task_b"], am.APIConnectionError)
+
+
+async def test_none_waits_for_ever() -> None:
+    service, clock = Service(), FakeClock()
+    poller = _poller(service, clock, None)
+    ended: dict[str, am.Task | ApimartError] = {}
+    poller.watch("task_a", lambda i, r: ended.setdefault(i, r))
+    await _run_until(poller, clock, clock.now + 100_000.0)
+    assert ended == {}
+    assert service.reads > 100
+
+
+async def test_rate_limits_do_not_count_as_unreachable() -> None:
+    clock = FakeClock()
+
+    async def fetch(ids: list[str]) -> dict[str, am.Task | ApimartError]:
+        return {i: am.RateLimitError("Too many requests", status=429) for i in ids}
+
+    poller = Poller(fetch, POLICY, clock=clock, wall=clock, unreachable=300.0)
+    ended: dict[str, am.Task | ApimartError] = {}
+    poller.watch("task_a", lambda i, r: ended.setdefault(i, r))
+    await _run_until(poller, clock, clock.now + 1000.0)
+    assert ended == {}  # the service answers: it is reachable, only busy
+
+
+@pytest.mark.parametrize("value", [0, -1, math.inf, math.nan, "300", True])
+def test_wait_unreachable_is_checked(value: object) -> None:
+    with pytest.raises(am.ConfigurationError, match="wait_unreachable"):
+        am.AsyncApimart("k" * 20, wait_unreachable=value)  # type: ignore[arg-type]
+
+
+def test_wait_unreachable_default_is_five_minutes() -> None:
+    assert am.AsyncApimart("k" * 20).wait_unreachable == 300.0
+    assert am.AsyncApimart("k" * 20, wait_unreachable=None).wait_unreachable is None
+
+
+async def test_every_kind_of_wait_fails_loud_when_status_reads_all_fail(
+    manual_emu: Emulator,
+) -> None:
+    async with am.AsyncApimart(
+        manual_emu.api_key,
+        base_url=manual_emu.base_url,
+        poll=FAST_POLL,
+        max_retries=0,
+        wait_unreachable=0.05,
+    ) as client:
+        waited = await client.videos.submit(am.VideoRequest("sora-2-preview", "w"))
+        manual_emu.faults.set_rate(1.0, endpoints=["task", "batch"], faults=[Fault.drop()])
+        ended: dict[str, BaseException] = {}
+        outcomes: list[am.Success | am.Failure] = []
+
+        async def wait() -> None:
+            try:
+                await client.tasks.wait(waited)
+            except am.ApimartError as exc:
+                ended["wait"] = exc
+
+        async def generate() -> None:
+            try:
+                await client.videos.generate(am.VideoRequest("sora-2-preview", "g"))
+            except am.ApimartError as exc:
+                ended["generate"] = exc
+
+        async def batch() -> None:
+            jobs = [am.VideoRequest("sora-2-preview", f"b{i}") for i in range(2)]
+            async with client.batch(jobs) as results:
+                outcomes.extend([o async for o in results])
+
+        with anyio.fail_after(60):  # a hang guard, not a timing assertion
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                tg.start_soon(generate)
+                tg.start_soon(batch)
+        assert isinstance(ended["wait"], am.APIConnectionError), ended
+        assert isinstance(ended["generate"], am.APIConnectionError), ended
+        assert len(outcomes) == 2
+        assert all(isinstance(o.error, am.APIConnectionError) for o in outcomes), outcomes
+        assert "unreachable" in str(ended["wait"])
+        assert manual_emu.tasks_created == 4  # every task was created: only reads failed
