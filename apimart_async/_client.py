@@ -39,6 +39,7 @@ from ._outcomes import BatchEvent, JobInput
 from ._pacing import Pacing, RateLimiter, Throttle
 from ._poll_schedule import PollPolicy
 from ._poller import Poller
+from ._priors import kind_of
 from ._status_window import DEFAULT_MAX_STATUS_CONCURRENCY, StatusWindow
 from ._transport import Transport, check_proxy_url
 
@@ -466,11 +467,18 @@ class Videos:
     ) -> Task:
         """Submit and wait (through the shared poller) until the task ends. Raises
         ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
-        (the task itself keeps running at the service, and is billed)."""
+        (the task itself keeps running at the service, and is billed).
+
+        The wait learns from and uses what the client's earlier tasks of the same kind (model,
+        duration, resolution, references or not) showed about how long they take, as a
+        batch's jobs do: once enough of a kind completed, its tasks are first checked at the
+        kind's earliest end, not 2 s after the submit."""
         check_seconds("timeout", timeout)
         submitted_at = self._tasks._poller.now()
         task_id = await self.submit(request, idempotency_key=idempotency_key)
-        return await self._tasks._wait(task_id, timeout=timeout, submitted_at=submitted_at)
+        return await self._tasks._wait(
+            task_id, timeout=timeout, submitted_at=submitted_at, kind=kind_of(request)
+        )
 
 
 class Tasks:
@@ -498,12 +506,21 @@ class Tasks:
         ``NotFoundError`` if the service says twice (``PollPolicy.not_found_grace`` apart) that
         it does not know it, ``NoVideoError`` if it completed with no video URL, and the error
         of a status read that waiting cannot heal (401, 403, ...) after
-        ``PollPolicy.hard_error_tries`` reads."""
+        ``PollPolicy.hard_error_tries`` reads.
+
+        A bare task id says nothing of the task's kind, so this wait neither uses nor teaches
+        what earlier tasks of a kind showed about their durations (``videos.generate`` and
+        batches do): the task is checked at once, then as its ``estimated_time`` says."""
         check_seconds("timeout", timeout)
         return await self._wait(check_task_id(task_id), timeout=timeout, submitted_at=None)
 
     async def _wait(
-        self, task_id: str, *, timeout: float | None, submitted_at: float | None
+        self,
+        task_id: str,
+        *,
+        timeout: float | None,
+        submitted_at: float | None,
+        kind: str | None = None,
     ) -> Task:
         poller = self._poller
         done = anyio.Event()
@@ -519,6 +536,7 @@ class Tasks:
             timeout=timeout,
             submitted_at=submitted_at,
             reattach=submitted_at is None,
+            kind=kind,  # issue 22: learned priors by kind (None: a bare id, no kind)
         )
         try:
             await done.wait()

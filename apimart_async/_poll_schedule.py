@@ -248,21 +248,33 @@ class PollSchedule:
 
     def next_wakeup(self) -> float | None:
         """The earliest time anything is due (a check or a deadline), or None."""
-        self._prune()
-        times: list[float] = []
-        if self._heap:
-            times.append(self._heap[0][0])
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
-        return min(times) if times else None
+        heap, dl = self._heap, self._deadlines
+        watches = self._watches
+        while heap:  # stale entries die here (``_prune``, the checks' half inline)
+            _at, _, task_id, version = heap[0]
+            w = watches.get(task_id)
+            if w is not None and w.version == version and not w.checking:
+                break
+            heapq.heappop(heap)
+        if dl:
+            self._prune()
+        if heap:
+            at = heap[0][0]
+            if dl and dl[0][0] < at:
+                return dl[0][0]
+            return at
+        return dl[0][0] if dl else None
 
     def due(self, now: float, *, batched: bool = True, limit: int | None = None) -> list[str]:
         """Ids to check now (at most ``limit``, the earliest due first). With ``batched``,
         tasks due within ``coalesce`` seconds are added while they fill the last request of
         100 ids. Returned tasks are marked as being checked until
         ``on_status``/``on_missing``/``on_error`` reports on them."""
-        out: list[str] = []
         self._batched = batched
+        heap = self._heap
+        if not heap or heap[0][0] > now or (limit is not None and limit <= 0):
+            return []  # nothing due (what ``_pop_until`` would find, found at once)
+        out: list[str] = []
         self._sending = now
         try:
             self._pop_until(now, out, limit=limit)
@@ -421,59 +433,77 @@ class PollSchedule:
         heapq.heappush(self._heap, (at, next(self._seq), w.task_id, w.version))
 
     def _set(self, w: _Watch, at: float) -> None:
-        w.version += 1
+        w.version = version = w.version + 1
         w.next_at = at
-        self._push(w, at)
+        heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
 
     def _prune(self) -> None:
         heap = self._heap
+        watches = self._watches
         while heap:
             _at, _, task_id, version = heap[0]
-            w = self._watches.get(task_id)
+            w = watches.get(task_id)
             if w is not None and w.version == version and not w.checking:
                 break
             heapq.heappop(heap)
         dl = self._deadlines
         while dl:
             _, task_id, version = dl[0]
-            w = self._watches.get(task_id)
+            w = watches.get(task_id)
             if w is not None and w.deadline is not None and w.deadline <= dl[0][0]:
                 break
             heapq.heappop(dl)
 
     def _pop_until(self, until: float, out: list[str], limit: int | None) -> None:
         heap = self._heap
-        while heap and heap[0][0] <= until and (limit is None or limit > 0):
-            _, _, task_id, version = heapq.heappop(heap)
-            w = self._watches.get(task_id)
+        watches = self._watches
+        pop = heapq.heappop
+        sent = until if self._sending is None else self._sending
+        # no limit: at most every entry (stale ones are popped without counting)
+        left = len(heap) if limit is None else limit
+        while heap and left > 0 and heap[0][0] <= until:
+            _, _, task_id, version = pop(heap)
+            w = watches.get(task_id)
             if w is None or w.version != version or w.checking:
                 continue
             w.checking = True
-            w.sent_at = until if self._sending is None else self._sending
+            w.sent_at = sent
             out.append(task_id)
-            if limit is not None:
-                limit -= 1
+            left -= 1
 
     def _jittered(self, w: _Watch, now: float, at: float) -> float:
+        # min / max spelled out (this runs at every check): the same values, in the same cases
         p = w.policy
-        delay = min(max(0.0, at - now), p.max_interval)
-        return now + delay + p.jitter * min(delay, p.min_interval) * self._rng.random()
+        delay = at - now
+        if not delay > 0.0:
+            delay = 0.0
+        if p.max_interval < delay:
+            delay = p.max_interval
+        short = p.min_interval if p.min_interval < delay else delay
+        return now + delay + p.jitter * short * self._rng.random()
 
     def _plan(self, w: _Watch, task: Task, now: float) -> None:
-        """Choose the next check of a running task (see the module docstring)."""
+        """Choose the next check of a running task (see the module docstring).
+
+        It runs at every check of every task (issue 22's simulator: millions of times), so
+        ``min`` and ``max`` of two numbers are spelled out as comparisons that pick the same
+        one in every case (``min(a, b)`` is ``b if b < a else a``)."""
         p = w.policy
-        lag = min(p.target_lag, p.max_interval)
-        start = w.t0 if w.t0 is not None else None
+        lag = p.max_interval if p.max_interval < p.target_lag else p.target_lag
+        start = w.t0
         progress = task.progress if p.use_progress else None
-        estimate = task.estimated_time if task.estimated_time and task.estimated_time > 0 else None
+        estimate = task.estimated_time
+        if not (estimate and estimate > 0):
+            estimate = None
         w.last_progress = progress
         w.last_at = now
-        w.running_sent = w.sent_at if w.sent_at is not None else now
+        sent = w.sent_at
+        if sent is None:
+            sent = now
+        w.running_sent = sent
         if estimate is not None:
             w.estimate = estimate
-        prior = self.priors.get(w.kind)
-        ratios = prior.ratios() if prior is not None else None
-        sent = w.sent_at if w.sent_at is not None else now
+        prior, ratios, trust = self.priors.usable(w.kind)
         if w.narrow_until is not None:
             # a narrow window's check found the task still running (a check that rode along
             # before the window's end, on the batch route, proves nothing against it)
@@ -482,15 +512,16 @@ class PollSchedule:
             w.narrow_until = None
         # the duration the progress implies, as of when the service read it (about halfway
         # through the request): learned from at every check, trusted once a kind taught it
-        w.implied = None
+        implied = None
         seen = (sent + now) / 2
         if start is not None and progress is not None and 0 < progress < 100 and seen > start:
             age = seen - start
             floor, ceiling = age * 100.0 / (progress + 1), age * 100.0 / progress
-            w.implied = (floor, ceiling)
+            implied = (floor, ceiling)
             f, c = w.implied_floor, w.implied_ceiling
-            w.implied_floor = floor if f is None else max(f, floor)
-            w.implied_ceiling = ceiling if c is None else min(c, ceiling)
+            w.implied_floor = floor if f is None or floor > f else f
+            w.implied_ceiling = ceiling if c is None or ceiling < c else c
+        w.implied = implied
         # The earliest and latest plausible ends. An estimate is off by up to estimate_margin
         # either way; progress may lag elapsed time and stall, so it only ever stands in for a
         # missing estimate, and then with half its extrapolation as the early edge.
@@ -507,8 +538,9 @@ class PollSchedule:
             learned = True
         elif estimate is not None:
             # whole seconds on the wire: an estimate rounded up may be up to 1 s over
-            lo = start + max(0.0, estimate - 1) / (1 + m)
-            hi = start + estimate / max(1e-9, 1 - m)
+            rounded = estimate - 1
+            lo = start + (rounded if rounded > 0.0 else 0.0) / (1 + m)
+            hi = start + estimate / (1 - m if 1 - m > 1e-9 else 1e-9)
         elif progress is not None and 0 < progress < 100 and now > start:
             extrapolated = (now - start) * 100.0 / progress
             lo = start + 0.5 * extrapolated
@@ -518,12 +550,13 @@ class PollSchedule:
         else:
             lo = start + p.default_estimate * (1 - m)
             hi = start + p.default_estimate / max(1e-9, 1 - m)
-        trust = None if w.narrow_missed else self._trust(w.kind)
-        if trust is not None and w.implied is not None and start is not None:
+        if w.narrow_missed:
+            trust = None
+        if trust is not None and implied is not None and start is not None:
             # a kind whose progress proved straight: its window, within the one the estimate
             # gives (if any); when the two do not meet, this task's progress
             # is not what the kind taught (a slow start, say) and the wider window stands
-            lo_p, hi_p = start + w.implied[0] * trust[0], start + w.implied[1] * trust[1]
+            lo_p, hi_p = start + implied[0] * trust[0], start + implied[1] * trust[1]
             if estimate is not None:
                 lo_p, hi_p = max(lo_p, lo), min(hi_p, hi)
             if lo_p <= hi_p and hi_p - lo_p < hi - lo:
@@ -531,7 +564,8 @@ class PollSchedule:
                 learned = True
         if w.predicted is None or lo < w.predicted:
             w.predicted = lo
-        w.predicted_span = max(hi - (start if start is not None else now), lag)
+        span = hi - (start if start is not None else now)
+        w.predicted_span = span = lag if lag > span else span
         if learned and not w.narrow_missed and now < hi and hi - lo <= lag:
             # A window narrower than target_lag (learned): one check at its latest end sees
             # the end within target_lag. If that check finds the task running, the window was
@@ -549,8 +583,7 @@ class PollSchedule:
         # left, on a grid of a quarter of target_lag so that tasks in their windows go out
         # together (one batch request for many). Past the latest plausible end by more than
         # overdue_window of the span, the gaps grow by overdue_growth up to max_interval.
-        late = hi + p.overdue_window * w.predicted_span
-        if now <= late:
+        if now <= hi + p.overdue_window * span:
             w.overdue_checks = 0
             if self._batched:
                 step = lag / 4
@@ -559,10 +592,13 @@ class PollSchedule:
                 # per-task reads share nothing, so no grid (it would only bunch reads into
                 # waves); and a reply is seen only when its round is back, so the slower the
                 # last round, the sooner the next check leaves
-                at = sent + lag - 0.5 * max(0.0, now - sent)
+                took = now - sent
+                at = sent + lag - 0.5 * (took if took > 0.0 else 0.0)
             if at <= now:
-                at = now + min(p.min_interval, lag) * 0.5
-            self._set(w, at)
+                at = now + (lag if lag < p.min_interval else p.min_interval) * 0.5
+            w.version = version = w.version + 1  # ``_set``, inline (the most common case)
+            w.next_at = at
+            heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
             return
         w.overdue_checks += 1
         interval = min(p.max_interval, lag * p.overdue_growth**w.overdue_checks)

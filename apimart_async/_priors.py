@@ -46,7 +46,7 @@ from typing import Any, Final
 
 import attrs
 
-__all__ = ["MIN_SAMPLES", "KindPrior", "Priors", "kind_of"]
+__all__ = ["MIN_SAMPLES", "KindPrior", "Priors", "Usable", "kind_of"]
 
 #: Completed tasks of a kind before what they taught is used.
 MIN_SAMPLES: Final = 20
@@ -157,12 +157,31 @@ class KindPrior:
         return max(0.0, self.progress_lo - pad), self.progress_hi + pad
 
 
+#: What a kind offers the schedule: its prior (None before ``min_samples``), the prior's
+#: ``ratios()``, and its progress trust (``Priors.progress_trust``).
+Usable = tuple[KindPrior | None, tuple[float, float] | None, tuple[float, float] | None]
+
+
 class Priors:
-    """The priors of every kind a client has seen finish (see the module docstring)."""
+    """The priors of every kind a client has seen finish (see the module docstring). The
+    ``KindPrior`` objects it holds change only through ``observe`` and ``merge``: what it
+    derives from them is remembered until then (or until ``min_samples`` changes)."""
 
     def __init__(self, *, min_samples: int = MIN_SAMPLES) -> None:
-        self.min_samples: int = min_samples
+        self._min_samples = min_samples
         self._kinds: dict[str, KindPrior] = {}
+        #: ``usable`` by kind, as of the last change (``observe`` and ``merge`` clear it).
+        self._usable: dict[str | None, Usable] = {}
+
+    @property
+    def min_samples(self) -> int:
+        """Completed tasks of a kind before what they taught is used."""
+        return self._min_samples
+
+    @min_samples.setter
+    def min_samples(self, value: int) -> None:
+        self._min_samples = value
+        self._usable.clear()
 
     def __len__(self) -> int:
         return len(self._kinds)
@@ -189,6 +208,7 @@ class Priors:
         had no progress)."""
         if not (0 <= (seen_running or 0.0) <= seen_done and math.isfinite(seen_done)):
             return
+        self._usable.clear()
         prior = self._kinds.get(kind)
         if seen_running is None:
             # It ended before its first check: it says only that such tasks can be that short
@@ -235,6 +255,16 @@ class Priors:
             if prior.progress_hi is not None:
                 prior.progress_hi = max(prior.progress_hi, seen_running / shortest)
 
+    def usable(self, kind: str | None) -> Usable:
+        """``(get(kind), its ratios(), progress_trust(kind))``, remembered until the next
+        ``observe`` or ``merge`` (the poll schedule asks at every check)."""
+        found = self._usable.get(kind)
+        if found is None:
+            prior = self.get(kind)
+            ratios = None if prior is None else prior.ratios()
+            found = self._usable[kind] = (prior, ratios, self.progress_trust(kind))
+        return found
+
     def get(self, kind: str | None) -> KindPrior | None:
         """The prior of ``kind`` once it has ``min_samples`` tasks, else None."""
         if kind is None:
@@ -255,6 +285,7 @@ class Priors:
 
     def merge(self, priors: Mapping[str, KindPrior]) -> None:
         """Take in priors from a store (an earlier run)."""
+        self._usable.clear()
         for kind, prior in priors.items():
             mine = self._kinds.get(kind)
             self._kinds[kind] = attrs.evolve(prior) if mine is None else mine.merged(prior)

@@ -81,11 +81,15 @@ class StatusWindow:
         cap = self.maximum
         if rate is not None and rate > 0 and self.srtt is not None:
             cap = min(cap, max(1, math.ceil(rate * self.srtt)))
-        return max(1, min(cap, math.floor(self.window)))
+        limit = math.floor(self.window)
+        if cap < limit:
+            limit = cap
+        return limit if limit > 1 else 1
 
     def free(self, rate: float | None = None) -> int:
         """How many more reads may leave now."""
-        return max(0, self.limit(rate) - self.in_flight)
+        free = self.limit(rate) - self.in_flight
+        return free if free > 0 else 0
 
     def held_back(self, now: float) -> None:
         """Reads are due that the window does not let out now (the window is the limit)."""

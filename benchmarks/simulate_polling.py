@@ -34,7 +34,9 @@ import argparse
 import heapq
 import json
 import math
+import os
 import random
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +47,7 @@ import attrs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # a spawned worker imports this module by name
 
 import apimart_async as am  # noqa: E402
 from apimart_async._poll_schedule import BATCH_IDS, PollSchedule  # noqa: E402
@@ -72,6 +75,10 @@ class Job:
     estimate: int
     curve: Curve
     kind: str | None = None
+    #: ``estimate`` as ``Task.estimated_time`` holds it
+    estimated: float = attrs.field(
+        init=False, default=attrs.Factory(lambda job: float(job.estimate), takes_self=True)
+    )
 
     @property
     def end(self) -> float:
@@ -98,14 +105,37 @@ def kind_key(model: str, clip: int) -> str:
     return f"{model}/{clip}//text"
 
 
+class Reply:
+    """What a status read returns, as much of an ``am.Task`` as ``PollSchedule.on_status``
+    reads (built at every simulated check: a ``Task`` costs more to build than the schedule
+    costs to run). ``status_task`` makes it a ``Task``."""
+
+    __slots__ = ("estimated_time", "id", "is_terminal", "ok", "progress", "status")
+    created = None
+
+    def __init__(self, task_id: str, status: str, progress: int, estimated: float) -> None:
+        self.id = task_id
+        self.status = _STATUS[status]
+        self.progress = progress
+        self.estimated_time = estimated
+        self.is_terminal, self.ok = _ENDS[status]
+
+
+#: ``TaskStatus`` by value, and its (``is_terminal``, ``ok``)
+_STATUS = {status.value: status for status in am.TaskStatus}
+_ENDS = {s.value: (s.is_terminal, s is am.TaskStatus.COMPLETED) for s in am.TaskStatus}
+
+
 def status_at(job: Job, t: float) -> am.Task:
+    """What a read of ``job`` at time ``t`` returns (a ``Reply`` standing in for the Task)."""
     status, progress = job.curve.status(t - job.submit)
-    return am.Task(
-        id=job.id,
-        status=am.TaskStatus(status),
-        progress=progress,
-        estimated_time=float(job.estimate),
-    )
+    return Reply(job.id, status, progress, job.estimated)  # type: ignore[return-value]
+
+
+def status_task(job: Job, t: float) -> am.Task:
+    """The ``Task`` a read of ``job`` at time ``t`` returns (what ``Reply`` stands in for)."""
+    status, progress = job.curve.status(t - job.submit)
+    return am.Task(job.id, _STATUS[status], progress, job.estimated)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -136,52 +166,57 @@ def simulate_sdk(
     seed: int,
     max_concurrency: int = 64,
     priors: Priors | None = None,
+    trace: list[tuple[float, str, float, float]] | None = None,
 ) -> dict[str, Any]:
     """Run the SDK's schedule as the poller does, on a fake clock. ``priors``: what an earlier
-    run learned (the schedule starts from them and goes on learning into them)."""
+    run learned (the schedule starts from them and goes on learning into them); ``trace``:
+    gets (left at, id, read at, back at) of every check, in the order they are reported."""
     rng = random.Random(seed)
     schedule = PollSchedule(policy, seed=seed)
     if priors is not None:
         schedule.priors = priors
     if not batched:
-        return _per_task(jobs, schedule, profile, rng, concurrency, max_concurrency)
+        return _per_task(jobs, schedule, profile, rng, concurrency, max_concurrency, trace)
     by_id = {j.id: j for j in jobs}
     seen: dict[str, float] = {}
     requests = 0
     now = 0.0
     nxt = 0  # next job to arrive
-    while len(seen) < len(jobs):
-        while nxt < len(jobs) and jobs[nxt].submit <= now:
+    n = len(jobs)
+    add, due, next_wakeup = schedule.add, schedule.due, schedule.next_wakeup
+    on_status, round_trip = schedule.on_status, profile.round_trip
+    while len(seen) < n:
+        while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
-            schedule.add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
+            add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
-        ids = schedule.due(now, batched=batched)
+        ids = due(now, batched=True)
         if not ids:
-            wake = schedule.next_wakeup()
-            arrival = jobs[nxt].submit if nxt < len(jobs) else math.inf
+            wake = next_wakeup()
+            arrival = jobs[nxt].submit if nxt < n else math.inf
             now = max(now, min(wake if wake is not None else math.inf, arrival))
             continue
-        # one round: requests go out in waves of ``concurrency``
-        if batched:
-            chunks = [ids[i : i + BATCH_IDS] for i in range(0, len(ids), BATCH_IDS)]
-        else:
-            chunks = [[i] for i in ids]
-        requests += len(chunks)
-        end = now
-        read: dict[str, float] = {}
-        for w in range(0, len(chunks), concurrency):
+        # one round: requests of up to 100 ids, ``concurrency`` at a time; the service reads
+        # each id half a round trip after its request leaves
+        requests += -(-len(ids) // BATCH_IDS)
+        reads: list[float] = []
+        start_at = end = now
+        for wave in range(0, len(ids), BATCH_IDS * concurrency):
             start = end
             longest = 0.0
-            for chunk in chunks[w : w + concurrency]:
-                rtt = profile.round_trip(rng)
-                longest = max(longest, rtt)
-                for task_id in chunk:
-                    read[task_id] = start + rtt / 2
+            for first in range(wave, min(len(ids), wave + BATCH_IDS * concurrency), BATCH_IDS):
+                rtt = round_trip(rng)
+                if rtt > longest:
+                    longest = rtt
+                reads.extend([start + rtt / 2] * min(BATCH_IDS, len(ids) - first))
             end = start + longest
         now = end
-        for task_id in ids:
-            task = status_at(by_id[task_id], read[task_id])
-            if schedule.on_status(task, now):
+        for task_id, read in zip(ids, reads, strict=True):
+            if trace is not None:
+                trace.append((start_at, task_id, read, now))
+            job = by_id[task_id]
+            status, progress = job.curve.status(read - job.submit)  # status_at, inline
+            if on_status(Reply(task_id, status, progress, job.estimated), now):  # type: ignore[arg-type]
                 seen[task_id] = now
     return {**summary(jobs, seen, requests), "priors": schedule.priors}
 
@@ -193,6 +228,7 @@ def _per_task(
     rng: random.Random,
     start: int,
     maximum: int,
+    trace: list[tuple[float, str, float, float]] | None = None,
 ) -> dict[str, Any]:
     """Per-task reads as ``Poller._read_one`` sends them: each leaves when due while the
     ``StatusWindow`` has room, and is reported when its own reply is back."""
@@ -203,38 +239,57 @@ def _per_task(
     now = 0.0
     nxt = 0
     seq = 0
-    replies: list[tuple[float, int, str, float, Any]] = []  # (back at, seq, id, read at, ticket)
+    n = len(jobs)
+    replies: list[tuple[float, int, Job, float, Any]] = []  # (back at, seq, job, read at, ticket)
     late: list[float] = []  # how long after it fell due each read left
-    while len(seen) < len(jobs):
-        while nxt < len(jobs) and jobs[nxt].submit <= now:
+    add, due, due_at, next_wakeup = (
+        schedule.add,
+        schedule.due,
+        schedule.due_at,
+        schedule.next_wakeup,
+    )
+    on_status, round_trip = schedule.on_status, profile.round_trip
+    started, finished, free = window.started, window.finished, window.free
+    push, pop = heapq.heappush, heapq.heappop
+    room = free()
+    while len(seen) < n:
+        while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
-            schedule.add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
+            add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
+        if replies and replies[0][0] <= now:
+            room = -1  # the window changes: free() again below
         while replies and replies[0][0] <= now:
-            back, _, task_id, read_at, ticket = heapq.heappop(replies)
-            window.finished(ticket, back, congested=False)
-            if schedule.on_status(status_at(by_id[task_id], read_at), back):
-                seen[task_id] = back
-        free = window.free()
-        ids = schedule.due(now, batched=False, limit=free)
+            back, _, job, read_at, ticket = pop(replies)
+            if trace is not None:
+                trace.append((ticket.sent_at, job.id, read_at, back))
+            finished(ticket, back, congested=False)
+            status, progress = job.curve.status(read_at - job.submit)  # status_at, inline
+            if on_status(Reply(job.id, status, progress, job.estimated), back):  # type: ignore[arg-type]
+                seen[job.id] = back
+        if room < 0:
+            room = free()
+        ids = due(now, batched=False, limit=room)
         for task_id in ids:
-            late.append(now - (schedule.due_at(task_id) or now))
-            rtt = profile.round_trip(rng)
-            heapq.heappush(replies, (now + rtt, seq, task_id, now + rtt / 2, window.started(now)))
+            late.append(now - (due_at(task_id) or now))
+            rtt = round_trip(rng)
+            push(replies, (now + rtt, seq, by_id[task_id], now + rtt / 2, started(now)))
             seq += 1
-            requests += 1
-        wake = schedule.next_wakeup()
-        full = window.free() == 0
+        requests += len(ids)
+        room -= len(ids)  # free() now: each read that left took one place (only reads end)
+        wake = next_wakeup()
+        full = room == 0
         if full and wake is not None and wake <= now:
             window.held_back(now)
-        times = [replies[0][0]] if replies else []
-        if wake is not None and not full:
-            times.append(wake)
-        if nxt < len(jobs):
-            times.append(jobs[nxt].submit)
-        if not times:
+        soonest = replies[0][0] if replies else math.inf
+        if wake is not None and not full and wake < soonest:
+            soonest = wake
+        if nxt < n and jobs[nxt].submit < soonest:
+            soonest = jobs[nxt].submit
+        if soonest == math.inf:
             break
-        now = max(now, min(times))
+        if soonest > now:
+            now = soonest
     return {
         **summary(jobs, seen, requests),
         "priors": schedule.priors,
@@ -326,6 +381,69 @@ def _row(
     }
 
 
+#: The jobs of the run being simulated, by (count, pending, seed): made once per process.
+_JOBS: dict[tuple[int, int, int], list[Job]] = {}
+
+
+def _jobs(n: int, pending: int, seed: int) -> list[Job]:
+    key = (n, pending, seed)
+    if key not in _JOBS:
+        _JOBS.clear()
+        _JOBS[key] = make_jobs(n, pending, seed, RealisticProfile())
+    return _JOBS[key]
+
+
+def _sdk_rows(spec: tuple[Any, ...]) -> list[tuple[int, dict[str, Any]]]:
+    """One independent piece of the run (see ``run``), as (place, row) pairs: the SDK at one
+    ``target_lag`` on one route, or the learned-priors pair of runs on one route."""
+    what, place, route, batched, lag, n, pending, seed, concurrency, max_concurrency = spec
+    profile = RealisticProfile()
+    window = 1 if batched else concurrency  # a round's batch requests go one after another
+    if what == "sdk":
+        cpu = time.process_time()
+        figures = simulate_sdk(
+            _jobs(n, pending, seed),
+            am.PollPolicy(target_lag=lag),
+            batched=batched,
+            profile=profile,
+            concurrency=window,
+            max_concurrency=max_concurrency,
+            seed=seed,
+        )
+        row = _row(route, f"SDK, target_lag {lag:g} s", "sdk", lag, figures)
+        row["cpu_seconds"] = time.process_time() - cpu
+        return [(place, row)]
+    # learned priors: a run of ``runs`` jobs of the same kinds, all submitted at once, with a
+    # fresh schedule (first run), then another with what the first learned (second run)
+    runs = min(n, RUN_JOBS)
+    learned = None
+    out = []
+    for k, name in enumerate(("first run", "second run")):
+        figures = simulate_sdk(
+            make_jobs(runs, runs, seed + 1 + k, profile),
+            am.PollPolicy(target_lag=DEFAULT_LAG),
+            batched=batched,
+            profile=profile,
+            concurrency=window,
+            max_concurrency=max_concurrency,
+            seed=seed + 1,
+            priors=learned,
+        )
+        learned = figures["priors"]
+        client = f"SDK, target_lag {DEFAULT_LAG:g} s, {name}"
+        out.append((place + k, _row(route, client, "priors", DEFAULT_LAG, figures)))
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended children (the workers), user and system."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run(
     n: int,
     *,
@@ -334,66 +452,50 @@ def run(
     concurrency: int,
     max_concurrency: int,
     lags: Sequence[float],
+    processes: int = 1,
 ) -> dict[str, Any]:
+    """Every row of the tables. The SDK's runs (each route at each ``target_lag``, and the
+    learned-priors pairs) are independent: with ``processes`` > 1 they run side by side in
+    worker processes, each from the same jobs and seed, so the figures are the same."""
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     profile = RealisticProfile()
-    t0 = time.process_time()
-    jobs = make_jobs(n, pending, seed, profile)
-    rows: list[dict[str, Any]] = []
+    jobs = _jobs(n, pending, seed)
     routes = (("batch route", True), ("per-task reads", False))
+    # rows in table order: per route, the SDK at each lag, then the fixed loops; then the
+    # learned-priors pairs
+    places: dict[int, dict[str, Any]] = {}
+    specs = []
+    place = 0
     for route, batched in routes:
         for lag in lags:
-            cpu = time.process_time()
-            figures = simulate_sdk(
-                jobs,
-                am.PollPolicy(target_lag=lag),
-                batched=batched,
-                profile=profile,
-                # batch requests of a round go one after another; per-task reads: the window
-                concurrency=1 if batched else concurrency,
-                max_concurrency=max_concurrency,
-                seed=seed,
-            )
-            row = _row(route, f"SDK, target_lag {lag:g} s", "sdk", lag, figures)
-            row["cpu_seconds"] = time.process_time() - cpu
-            rows.append(row)
+            specs.append(("sdk", place, route, batched, lag))
+            place += 1
         for lag in lags:
             fixed = fixed_batch if batched else fixed_per_task
-            rows.append(
-                _row(
-                    route,
-                    f"fixed loop, every {lag:g} s",
-                    "fixed",
-                    lag,
-                    fixed(jobs, lag, profile, seed),
-                )
-            )
-    # learned priors: a run of ``runs`` jobs of the same kinds, all submitted at once, with a
-    # fresh schedule (first run), then another with what the first learned (second run)
-    runs = min(n, RUN_JOBS)
-    first, second = (make_jobs(runs, runs, seed + k, profile) for k in (1, 2))
+            figures = fixed(jobs, lag, profile, seed)
+            places[place] = _row(route, f"fixed loop, every {lag:g} s", "fixed", lag, figures)
+            place += 1
     for route, batched in routes:
-        learned = None
-        for name, run_jobs in (("first run", first), ("second run", second)):
-            figures = simulate_sdk(
-                run_jobs,
-                am.PollPolicy(target_lag=DEFAULT_LAG),
-                batched=batched,
-                profile=profile,
-                concurrency=1 if batched else concurrency,
-                max_concurrency=max_concurrency,
-                seed=seed + 1,
-                priors=learned,
-            )
-            learned = figures["priors"]
-            rows.append(
-                _row(
-                    route,
-                    f"SDK, target_lag {DEFAULT_LAG:g} s, {name}",
-                    "priors",
-                    DEFAULT_LAG,
-                    figures,
-                )
-            )
+        specs.append(("priors", place, route, batched, DEFAULT_LAG))
+        place += 2
+    full = [(*spec, n, pending, seed, concurrency, max_concurrency) for spec in specs]
+    # the costliest first (a short target_lag means more checks), so two workers end together
+    full.sort(key=lambda spec: (spec[0] == "priors", spec[4], spec[3]))
+    if processes > 1:
+        import multiprocessing
+
+        # spawned, not forked: no fork of a process that may run threads (pytest's), the same
+        # on every platform; each worker makes the jobs again from the seed (``_jobs``)
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            done = pool.imap_unordered(_sdk_rows, full)
+            for pairs in done:
+                places.update(pairs)
+            pool.close()
+            pool.join()
+    else:
+        for spec in full:
+            places.update(_sdk_rows(spec))
+    rows = [places[k] for k in sorted(places)]
     return {
         "jobs": n,
         "pending": pending,
@@ -404,9 +506,11 @@ def run(
         "kinds": [f"{m} {c} s" for m, c in KINDS],
         "durations": {k: list(v) for k, v in profile.durations.items()},
         "estimate_error": profile.estimate_error,
-        "run_jobs": runs,
+        "run_jobs": min(n, RUN_JOBS),
         "rows": rows,
-        "cpu_seconds": time.process_time() - t0,
+        "processes": processes,
+        "cpu_seconds": _cpu_seconds() - cpu0,
+        "wall_seconds": time.perf_counter() - wall0,
     }
 
 
@@ -419,7 +523,9 @@ def table(results: dict[str, Any]) -> str:
         f"profile ({kinds}; sora-2 60-240 s, viduq3 30-120 s; `estimated_time` off by up to "
         f"{results['estimate_error']:.0%}; uneven progress; a {results['rtt']:g} s round trip, "
         f"jittered), about {results['pending']:,} running at a time, the SDK's `PollSchedule` on "
-        f"a fake clock ({results['cpu_seconds']:.0f} s of CPU). Per-task reads: the adaptive "
+        f"a fake clock ({results['cpu_seconds']:.0f} s of CPU in all, "
+        f"{results['wall_seconds']:.0f} s wall-clock in {results['processes']} processes). "
+        "Per-task reads: the adaptive "
         f"window from {results['concurrency']} up to {results['max_concurrency']} in flight. "
         "Lag: from a task's end to the reply that says so in the client's hands.",
         "",
@@ -535,10 +641,18 @@ def main(argv: list[str] | None = None) -> int:
         help="per-task reads in flight at most (max_status_concurrency, default 64)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes for the SDK's runs (default: one per core; 1: none)",
+    )
     p.add_argument("--out", type=Path, default=HERE, help="folder for RESULTS.md and the JSON")
     ns = p.parse_args(argv)
     if ns.jobs < 1 or ns.pending < 1 or not 1 <= ns.concurrency <= ns.max_concurrency:
         p.error("--jobs, --pending and --concurrency must be >= 1, --max-concurrency >= it")
+    if ns.processes < 1:
+        p.error("--processes must be >= 1")
     results = run(
         ns.jobs,
         pending=ns.pending,
@@ -546,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=ns.concurrency,
         max_concurrency=ns.max_concurrency,
         lags=LAGS,
+        processes=ns.processes,
     )
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "simulate_polling.json").write_text(json.dumps(results, indent=2) + "\n")

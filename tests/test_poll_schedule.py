@@ -12,6 +12,7 @@ import pytest
 import apimart_async as am
 from apimart_async._poll_schedule import PollSchedule
 from apimart_async.emulator import RealisticProfile
+from apimart_async.emulator._realistic import Curve
 
 NO_JITTER = am.PollPolicy(jitter=0.0)
 
@@ -336,3 +337,74 @@ def test_due_at_says_when_a_handed_out_check_fell_due() -> None:
     assert s.due(2.5, batched=False) == ["a"]
     assert s.next_check("a") is None  # being checked
     assert s.due_at("a") == 2.0  # left 0.5 s after it fell due
+
+
+def _decisions(batched: bool, target_lag: float, n: int = 400) -> str:
+    """Every check the schedule hands out and every status it hears, on realistic jobs that
+    arrive over time (three kinds, so priors and progress trust are learned on the way), as a
+    sha256 of the exact times. Rounds take a jittered round trip; per-task reads are limited
+    to 16 at a time; an id's status is read half a trip after its check leaves."""
+    import hashlib
+
+    profile = RealisticProfile()
+    rng = random.Random(11)
+    kinds = (("sora-2-preview", 8), ("viduq3", 5), ("veo3", 8))
+    jobs = []
+    for i in range(n):
+        model, clip = kinds[i % 3]
+        duration, estimate, curve = profile.draw(rng, model, clip)
+        if model == "veo3":  # progress in a straight line: the kind earns progress trust
+            curve = Curve(duration=duration, queued=0.0, ages=(0.0, duration), values=(0, 99.9))
+        jobs.append((f"t{i}", i * 0.25, float(estimate), curve, f"{model}/{clip}//text"))
+    by_id = {j[0]: j for j in jobs}
+    s = PollSchedule(am.PollPolicy(target_lag=target_lag), seed=3)
+    digest = hashlib.sha256()
+    now, nxt, done = 0.0, 0, 0
+    while done < n:
+        while nxt < n and jobs[nxt][1] <= now:
+            task_id, submit, _, _, kind = jobs[nxt]
+            s.add(task_id, now=now, submitted_at=submit, kind=kind)
+            nxt += 1
+        ids = s.due(now, batched=batched, limit=None if batched else 16)
+        if not ids:
+            wake = s.next_wakeup()
+            arrival = jobs[nxt][1] if nxt < n else math.inf
+            now = max(now, min(math.inf if wake is None else wake, arrival))
+            continue
+        rtt = profile.round_trip(rng)
+        digest.update(f"due {now!r} {','.join(ids)}\n".encode())
+        back = now + rtt
+        for task_id in ids:
+            _, submit, estimate, curve, _ = by_id[task_id]
+            status, progress = curve.status(now + rtt / 2 - submit)
+            task = am.Task(
+                id=task_id,
+                status=am.TaskStatus(status),
+                progress=progress,
+                estimated_time=estimate,
+            )
+            ended = s.on_status(task, back)
+            done += ended
+            digest.update(f"{task_id} {ended} {s.next_check(task_id)!r}\n".encode())
+        now = back
+    # every kind was learned on the way, and the straight one earned progress trust
+    assert len(s.priors) == 3 and s.priors.progress_trust("veo3/8//text") is not None
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("batched", "target_lag", "expected"),
+    [
+        (True, 2.0, "dc47a51a2e1378e6"),
+        (False, 2.0, "884fb00b11c31109"),
+        (True, 10.0, "63c43987fc559746"),
+        (False, 1.0, "55b6fdb11771a556"),
+    ],
+)
+def test_the_decisions_on_realistic_jobs_are_pinned(
+    batched: bool, target_lag: float, expected: str
+) -> None:
+    # A guard for work on the schedule's speed (issue 22's simulator): the same jobs and the
+    # same seed give exactly the same checks, at exactly the same times. A change meant to
+    # change decisions updates these digests (and says so in its commit).
+    assert _decisions(batched, target_lag) == expected

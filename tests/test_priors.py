@@ -17,6 +17,7 @@ from apimart_async._poll_schedule import PollSchedule
 from apimart_async._priors import MIN_SAMPLES, KindPrior, Priors, kind_of
 from apimart_async.emulator import Emulator, RealisticProfile
 from apimart_async.emulator._realistic import Curve
+from apimart_async.testing import follow_clock
 
 from .conftest import FAST_POLL
 
@@ -454,3 +455,84 @@ def test_a_check_that_rode_along_early_does_not_count_as_a_missed_narrow_window(
     again = s.next_check("a")
     # still trusted: one check at the end 95 % implies, not target_lag steps from now
     assert again is not None and again == pytest.approx((narrow - 0.3) * 100 / 95 * (1 + 0.03 / 50))
+
+
+async def _settle_then_advance(emu: Emulator, client: am.AsyncApimart) -> bool:
+    """Wait until the poller has made every check due and heard back, then move the emulator's
+    (frozen) clock to the next check and wake the poller. False once nothing is watched."""
+    poller = client._poller
+    s = poller.schedule
+
+    def settled() -> bool:
+        wake = s.next_wakeup()
+        busy = any(s.next_check(t) is None for t in s.ids())  # a check being made
+        return not busy and (wake is None or wake > poller.now())
+
+    with anyio.fail_after(30):
+        while not settled():  # noqa: ASYNC110 - the schedule has no event to wait on
+            await anyio.sleep(0.001)
+    wake = s.next_wakeup()
+    if wake is None:
+        return False
+    emu.advance(wake - poller.now() + 1e-6)
+    poller._wake.set()
+    return True
+
+
+@pytest.mark.anyio
+async def test_single_generates_learn_their_kind_and_the_next_is_first_checked_at_its_end() -> None:
+    # client.videos.generate passes the request's kind to the poller, as a batch does: after
+    # MIN_SAMPLES completed tasks of a kind, the next one is first checked at the kind's
+    # earliest end, not first_check (2 s) after its submit (tasks of 50 s: max_interval, 60 s,
+    # caps the wait for the first check)
+    policy = am.PollPolicy(jitter=0.0)
+    async with Emulator(frozen_clock=True, task_duration=50.0, estimate_error=0.0) as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=policy) as client:
+            follow_clock(client, emu)
+            s = client._poller.schedule
+            requests = [
+                am.VideoRequest("sora-2-preview", f"cat {i}", duration=8) for i in range(21)
+            ]
+            done: list[am.Task] = []
+
+            async def generate(request: am.VideoRequest) -> None:
+                done.append(await client.videos.generate(request))
+
+            async with anyio.create_task_group() as tg:
+                for request in requests[:MIN_SAMPLES]:
+                    tg.start_soon(generate, request)
+                with anyio.fail_after(30):
+                    while len(s) < MIN_SAMPLES:  # noqa: ASYNC110 - no event to wait on
+                        await anyio.sleep(0.001)
+                first_run = emu.counters.get("batch", 0)
+                while await _settle_then_advance(emu, client):
+                    pass
+            first_run = emu.counters.get("batch", 0) - first_run
+            assert len(done) == MIN_SAMPLES and all(t.ok for t in done)
+            prior = s.priors.get(KIND)
+            assert prior is not None and prior.samples == MIN_SAMPLES
+            earliest = prior.durations()[0]
+            assert 49 <= earliest <= 51  # the 50 s tasks, each seen ending within target_lag
+            # the next task of the kind: not a single check before its kind's earliest end
+            async with anyio.create_task_group() as tg:
+                submitted = client._poller.now()
+                tg.start_soon(generate, requests[-1])
+                with anyio.fail_after(30):
+                    while len(s) < 1:  # noqa: ASYNC110 - no event to wait on
+                        await anyio.sleep(0.001)
+                (task_id,) = s.ids()
+                first = s.next_check(task_id)
+                assert first is not None
+                assert first - submitted == pytest.approx(earliest, abs=0.01)
+                before = emu.counters.get("batch", 0)
+                checks = []
+                while await _settle_then_advance(emu, client):
+                    checks.append(client._poller.now() - submitted)
+            second_run = emu.counters.get("batch", 0) - before
+            assert len(done) == MIN_SAMPLES + 1 and done[-1].ok
+            # the first check found it at its end: one status request in all; the first 20
+            # (together, in shared batch requests) took one 2 s after their submit, then one
+            # every 2 s from the estimate's early edge (49 / 1.25 = 39.2 s) to the end
+            assert checks == [pytest.approx(earliest, abs=0.01)]
+            assert second_run == 1
+            assert first_run == 8

@@ -42,6 +42,8 @@ def test_curves_never_go_back_and_jump_to_100_at_the_end() -> None:
         assert seen[0] == ("submitted", 0)
         assert {s for s, _ in seen} <= {"submitted", "pending", "processing"}
         assert curve.status(duration) == ("completed", 100)
+        # status() works out the progress itself (it is faster so): the same as progress()
+        assert all(p == curve.progress(duration * k / 400) for k, (s, p) in enumerate(seen))
         # the slow start: nothing moves while queued, at least 5 % of the duration
         assert all(p == 0 for p in progress[:20])
         lagging += curve.progress(duration / 2) < 50

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import apimart_async as am
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,8 +29,10 @@ def load() -> ModuleType:
 def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -> None:
     sim = load()
     (tmp_path / "RESULTS.md").write_text("# Benchmark results\n\n## 1. Polling\nkept\n")
-    assert sim.main(["--jobs", "40", "--pending", "10", "--out", str(tmp_path)]) == 0
-    assert sim.main(["--jobs", "40", "--pending", "10", "--out", str(tmp_path)]) == 0
+    args = ["--jobs", "40", "--pending", "10", "--out", str(tmp_path)]
+    assert sim.main([*args, "--processes", "2"]) == 0
+    side_by_side = json.loads((tmp_path / "simulate_polling.json").read_text())
+    assert sim.main([*args, "--processes", "1"]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## 1. Polling\nkept\n" in text
     assert text.count(sim.TITLE) == 1  # a second run replaces its section
@@ -51,3 +55,55 @@ def test_a_tiny_simulation_writes_its_table_and_keeps_the_rest(tmp_path: Path) -
         if r["kind"] != "priors":
             assert f"| {r['route']} | {r['client']} |" in text
     assert text.count("| first run |") == 2 and text.count("| second run |") == 2
+    # the SDK's runs in two worker processes: the same rows as in one
+
+    def figures(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in rows]
+
+    assert figures(side_by_side["rows"]) == figures(rows)
+    assert side_by_side["cpu_seconds"] > 0 and side_by_side["processes"] == 2
+
+
+def _digest(value: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def test_the_simulation_is_pinned() -> None:
+    # A guard for work on the simulator's speed: the same jobs and seed give exactly the same
+    # checks (each one's times) and the same figures. A change meant to change them updates
+    # these digests and says so in its commit.
+    sim = load()
+    profile = sim.RealisticProfile()
+    jobs = sim.make_jobs(300, 100, 0, profile)
+    traces = {}
+    for route, batched in (("batch", True), ("per-task", False)):
+        trace: list[tuple[float, str, float, float]] = []
+        sim.simulate_sdk(
+            jobs,
+            am.PollPolicy(target_lag=2.0),
+            batched=batched,
+            profile=profile,
+            concurrency=1 if batched else 8,
+            seed=0,
+            trace=trace,
+        )
+        traces[route] = _digest(trace)
+    results = sim.run(300, pending=100, seed=0, concurrency=8, max_concurrency=64, lags=(1, 2, 10))
+    rows = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in results["rows"]]
+    assert traces == {"batch": "a5fe140633651b04", "per-task": "5b9450ad98881f8d"}
+    assert _digest(rows) == "f6777ed7be53af17"
+
+
+def test_a_simulated_reply_reads_as_the_task_it_stands_for() -> None:
+    sim = load()
+    profile = sim.RealisticProfile()
+    (job,) = sim.make_jobs(1, 1, 3, profile)
+    seen = set()
+    for t in [job.submit + job.duration * k / 50 for k in range(60)]:
+        reply, task = sim.status_at(job, t), sim.status_task(job, t)
+        for name in ("id", "status", "progress", "estimated_time", "created", "is_terminal", "ok"):
+            assert getattr(reply, name) == getattr(task, name), (name, t)
+        seen.add(task.status)
+    assert len(seen) == 4  # submitted, pending, processing, completed

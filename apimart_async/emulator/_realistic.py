@@ -100,14 +100,26 @@ class Curve:
 
     def status(self, age: float) -> tuple[str, int]:
         """(status, progress) at ``age`` seconds (``completed`` from ``duration`` on)."""
-        if age >= self.duration:
+        duration = self.duration
+        if age >= duration:
             return "completed", 100
-        start = self.queued * self.duration
+        start = self.queued * duration
         if age < start / 3:
             return "submitted", 0
         if age < start:
             return "pending", 0
-        return "processing", self.progress(age)
+        # ``progress(age)``, inline (a simulator asks this millions of times)
+        ages = self.ages
+        i = bisect.bisect_right(ages, age)
+        if i <= 0:
+            return "processing", 0
+        values = self.values
+        if i >= len(ages):
+            return "processing", int(values[-1])
+        a0, a1 = ages[i - 1], ages[i]
+        v0 = values[i - 1]
+        frac = 0.0 if a1 <= a0 else (age - a0) / (a1 - a0)
+        return "processing", int(v0 + (values[i] - v0) * frac)
 
 
 @attrs.frozen(kw_only=True)
