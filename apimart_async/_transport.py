@@ -29,7 +29,14 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Mapping,
+)
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -78,7 +85,7 @@ request_tally: contextvars.ContextVar[tuple[collections.Counter[str], ...]] = (
 
 
 @contextlib.contextmanager
-def counting_into(tally: collections.Counter[str]) -> Iterator[None]:
+def counting_into(tally: collections.Counter[str]) -> Generator[None]:
     """Requests made inside the block are counted into ``tally`` too (``request_tally``)."""
     token = request_tally.set((tally,))
     try:
