@@ -17,6 +17,8 @@ from apimart_async._priors import KindPrior
 from apimart_async.emulator import RealisticProfile
 from apimart_async.emulator._realistic import Curve
 
+from .test_priors import straight
+
 KIND = "sora-2/8//text"
 
 
@@ -36,18 +38,6 @@ def trusted(policy: am.PollPolicy) -> PollSchedule:
         }
     )
     return s
-
-
-def straight(duration: float) -> Curve:
-    """Progress in a straight line from the submit to the end, in whole percents."""
-
-    class _Straight:
-        def status(self, age: float) -> tuple[str, int]:
-            if age >= duration:
-                return "completed", 100
-            return "processing", int(age / duration * 100)
-
-    return _Straight()  # type: ignore[return-value]
 
 
 def running(task_id: str, progress: int | None = None) -> am.Task:
