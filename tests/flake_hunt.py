@@ -1,5 +1,5 @@
 """Flake hunt: run the whole test suite N times on fresh checkouts and report every test that
-ever failed, with its output. Not part of CI (20 runs take about an hour on 2 cores).
+ever failed, with its output. Not part of CI (20 runs take about four hours on 2 cores).
 
     python tests/flake_hunt.py                  # 20 runs of HEAD, Python 3 of this machine
     python tests/flake_hunt.py --runs 3 --python python3.13
