@@ -92,8 +92,14 @@ def test_the_simulation_is_pinned() -> None:
         traces[route] = _digest(trace)
     results = sim.run(300, pending=100, seed=0, concurrency=8, max_concurrency=64, lags=(1, 2, 10))
     rows = [{k: v for k, v in r.items() if k != "cpu_seconds"} for r in results["rows"]]
-    assert traces == {"batch": "a5fe140633651b04", "per-task": "5b9450ad98881f8d"}
-    assert _digest(rows) == "f6777ed7be53af17"
+    # Python 3.12 sums floats with compensation (``sum``), so its figures differ in the last
+    # bits, and a few decisions with them: one pin per behaviour.
+    if sys.version_info >= (3, 12):
+        assert traces == {"batch": "a22f3e91051e8a79", "per-task": "62b9ca0b410f3e5e"}
+        assert _digest(rows) == "0687c83ac7800d51"
+    else:
+        assert traces == {"batch": "a5fe140633651b04", "per-task": "5b9450ad98881f8d"}
+        assert _digest(rows) == "f6777ed7be53af17"
 
 
 def test_a_simulated_reply_reads_as_the_task_it_stands_for() -> None:
