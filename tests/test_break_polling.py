@@ -17,7 +17,7 @@ from apimart_async._priors import KindPrior
 from apimart_async.emulator import RealisticProfile
 from apimart_async.emulator._realistic import Curve
 
-from .test_priors import straight
+from .test_priors import run_kind, straight
 
 KIND = "sora-2/8//text"
 
@@ -104,34 +104,6 @@ def test_tasks_moved_when_their_kind_earns_trust_still_obey_max_interval() -> No
     assert moved is not None and moved <= 10.0 + policy.max_interval + 1e-9
 
 
-def run_jobs(
-    schedule: PollSchedule, jobs: list[tuple[float, int, Curve]], kind: str
-) -> list[float]:
-    """Per-task reads of these jobs, all submitted at 0, replies in the same instant, on a
-    fake clock: each job's lag (seen done - its end)."""
-    for i in range(len(jobs)):
-        schedule.add(f"t{i}", now=0.0, kind=kind)
-    lags: list[float] = []
-    now = 0.0
-    while len(schedule):
-        wake = schedule.next_wakeup()
-        assert wake is not None
-        now = max(now, wake)
-        for task_id in schedule.due(now, batched=False):
-            schedule.reads = getattr(schedule, "reads", 0) + 1  # type: ignore[attr-defined]
-            duration, estimate, curve = jobs[int(task_id[1:])]
-            status, progress = curve.status(now)
-            task = am.Task(
-                id=task_id,
-                status=am.TaskStatus(status),
-                progress=progress,
-                estimated_time=float(estimate),
-            )
-            if schedule.on_status(task, now):
-                lags.append(now - duration)
-    return lags
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="a trusted kind whose progress turns uneven (slow start, jump at the end): the "
@@ -151,14 +123,14 @@ def test_a_kind_whose_straight_progress_turns_uneven_still_sees_ends_within_targ
     for _ in range(30):
         d = rng.uniform(30.0, 60.0)
         teach.append((d, round(d * rng.uniform(0.8, 1.2)), straight(d)))
-    run_jobs(s, teach, KIND)
+    run_kind(s, teach, KIND)
     assert s.priors.progress_trust(KIND) is not None
     control = PollSchedule(policy)  # nothing learned: the estimate's window
     profile = RealisticProfile(durations={"viduq3": (30, 60)})
     uneven = [profile.draw(rng, "viduq3", 5) for _ in range(50)]
-    control_lags = run_jobs(control, uneven, KIND)
+    _, control_lags = run_kind(control, uneven, KIND)
     assert len(control_lags) == 50 and max(control_lags) <= policy.target_lag
-    lags = sorted(run_jobs(s, uneven, KIND))
+    lags = sorted(run_kind(s, uneven, KIND)[1])
     assert len(lags) == 50
     # now: 48 of 50 later than target_lag, p50 17.5 s, the worst 39.5 s
     assert lags[44] <= policy.target_lag and lags[-1] <= 3 * policy.target_lag
@@ -276,15 +248,14 @@ def test_one_absurd_estimate_does_not_poison_the_kind_for_good() -> None:
     policy = am.PollPolicy(jitter=0.0)
     clean, poisoned = PollSchedule(policy), PollSchedule(policy)
     for s, absurd in ((clean, False), (poisoned, True)):
-        run_jobs(s, jobs(30), KIND)
-        run_jobs(s, jobs(5, absurd), KIND)
+        run_kind(s, jobs(30), KIND)
+        run_kind(s, jobs(5, absurd), KIND)
     follow = jobs(100)
     requests = {}
     for name, s in (("clean", clean), ("poisoned", poisoned)):
-        s.reads = 0  # type: ignore[attr-defined]
-        lags = run_jobs(s, follow, KIND)
+        per_job, lags = run_kind(s, follow, KIND)
         assert len(lags) == 100 and max(lags) <= policy.target_lag
-        requests[name] = s.reads / 100  # type: ignore[attr-defined]
+        requests[name] = per_job
     # now: clean 6.4 status reads per job, poisoned 17.1
     assert requests["poisoned"] <= 1.5 * requests["clean"]
 
