@@ -107,6 +107,11 @@ class Routes:
     ) -> web.StreamResponse:
         fault = self._emu.faults.next(endpoint)
         delay = 0.0
+        if fault is not None and fault.kind in ("status", "reply", "malformed"):
+            # Read the body before an early answer, as a server that keeps the connection
+            # must: aiohttp 3.10.2 (our floor) misreads the unread rest of an upload as
+            # the next request on the connection (a 400 "Invalid method" on the next one).
+            await request.read()
         if fault is not None:
             if fault.kind == "slow":
                 delay = fault.delay
