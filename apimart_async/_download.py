@@ -2,9 +2,13 @@
 
 - Only http and https URLs are fetched, never with the API key.
 - A partial file is resumed from where it stopped (``Range: bytes=N-``); a server that ignores
-  the range restarts it. The length is checked against Content-Length / Content-Range and the
-  sha256 is computed on the way; only a complete file is renamed into place, so a ``.part``
-  is never mistaken for a finished one.
+  the range restarts it. A resume must be of the file the part began with: it is sent with
+  ``If-Range`` (the first reply's strong ETag, else Last-Modified), and a reply whose total
+  size or validator differs from the first one's starts the file again (a cut error page is
+  not the start of a video). That origin is kept beside the part (``<name>.part.origin``)
+  for a resume by a later process. The length is checked against Content-Length /
+  Content-Range and the sha256 is computed on the way; only a complete file is renamed into
+  place, so a ``.part`` is never mistaken for a finished one.
 - ``max_bytes`` stops a file that is (or becomes) larger than allowed.
 - A URL that has expired (403/404/410, or past ``expires_at``) costs one fresh status request
   for a new URL before giving up.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -122,6 +127,13 @@ class _PartFile:
         self.size = 0
         self.hash = hashlib.sha256()
         self._fh: BinaryIO | None = None
+        #: What the reply that began the part said of the file: its total size and its
+        #: validator (a strong ETag, else Last-Modified); unknown for a part left by an
+        #: earlier process. A resume must be of the same file, or it starts again.
+        self.origin_total: int | None = None
+        self.origin_tag: str | None = None
+        #: Where the origin is kept beside the part, for a resume by a later process.
+        self.origin_path = path.with_name(path.name + ".origin")
 
     def open_sync(self, *, resume: bool) -> None:
         self.hash = hashlib.sha256()
@@ -133,8 +145,28 @@ class _PartFile:
                     self.hash.update(block)
                     self.size += len(block)
             self._fh = self.path.open("ab")
+            self._read_origin()
         else:
             self._fh = self.path.open("wb")
+            self.origin_total = self.origin_tag = None
+            self.origin_path.unlink(missing_ok=True)
+
+    def _read_origin(self) -> None:
+        """The origin kept beside the part (none for a part made by other means: a part
+        without one is resumed unchecked, as before)."""
+        try:
+            origin = json.loads(self.origin_path.read_text(encoding="utf-8"))
+            total, tag = origin["total"], origin["tag"]
+        except (OSError, ValueError, TypeError, KeyError):
+            return
+        if isinstance(total, int) and not isinstance(total, bool):
+            self.origin_total = total
+        if isinstance(tag, str):
+            self.origin_tag = tag
+
+    def record_origin_sync(self, total: int | None, tag: str | None) -> None:
+        self.origin_total, self.origin_tag = total, tag
+        self.origin_path.write_text(json.dumps({"total": total, "tag": tag}), encoding="utf-8")
 
     def write_many_sync(self, pieces: list[bytes]) -> None:
         assert self._fh is not None
@@ -152,6 +184,7 @@ class _PartFile:
                 fh.close()
             if self.size == 0:
                 self.path.unlink(missing_ok=True)
+                self.origin_path.unlink(missing_ok=True)
         except OSError:
             pass  # the part is checked (length, sha256) when it is resumed
 
@@ -161,6 +194,7 @@ class _PartFile:
             if fh is not None:
                 fh.close()
             self.path.unlink(missing_ok=True)
+            self.origin_path.unlink(missing_ok=True)
 
     def finish_sync(self, dest: Path) -> None:
         """The part is complete: flush it to disk, then rename it into place, so a file under
@@ -171,6 +205,8 @@ class _PartFile:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(self.path, dest)
+        with contextlib.suppress(OSError):  # the file is whole and in place already
+            self.origin_path.unlink(missing_ok=True)
 
 
 class Downloader:
@@ -276,7 +312,11 @@ class Downloader:
     ) -> bool | None:
         """One GET. True: complete. False: cut short. None: start again from zero."""
         offset = part.size
-        headers = {"Range": f"bytes={offset}-"} if offset else None
+        headers: dict[str, str] | None = None
+        if offset:
+            headers = {"Range": f"bytes={offset}-"}
+            if part.origin_tag is not None:  # the rest of that version, else all of the new
+                headers["If-Range"] = part.origin_tag
         async with self._open_stream(url, headers=headers) as resp:
             if resp.status in (403, 404, 410):
                 raise DownloadGoneError(resp.status)
@@ -293,6 +333,15 @@ class Downloader:
             if offset and resp.status == 200:
                 return None
             total = _total_size(resp.status, resp.headers, offset)
+            tag = _validator(resp.headers)
+            if not offset:
+                await anyio.to_thread.run_sync(part.record_origin_sync, total, tag)
+            elif (None not in (total, part.origin_total) and total != part.origin_total) or (
+                None not in (tag, part.origin_tag) and tag != part.origin_tag
+            ):
+                # the part began with another thing (an error page cut short, an older
+                # version of the file): its bytes are not the start of this one
+                return None
             if max_bytes is not None and total is not None and total > max_bytes:
                 raise DownloadTooLargeError(
                     f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
@@ -491,6 +540,16 @@ class Downloader:
 
 def _nth_url(task: Task, n: int) -> str | None:
     return task.videos[n].url if n < len(task.videos) else None
+
+
+def _validator(headers: Any) -> str | None:
+    """What identifies this version of the file for ``If-Range``: a strong ETag, else
+    Last-Modified (a weak ETag cannot be used there)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return str(etag)
+    modified = headers.get("Last-Modified")
+    return str(modified) if modified else None
 
 
 def _total_size(status: int, headers: Any, offset: int) -> int | None:
