@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 import apimart_async as am
@@ -156,3 +158,23 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def long_run(request: pytest.FixtureRequest) -> bool:
     """True under ``--long``: reliability tests run at full size."""
     return bool(request.config.getoption("--long"))
+
+
+@contextlib.asynccontextmanager
+async def ticking(emu: Emulator, step: float = 0.001) -> AsyncIterator[None]:
+    """Move a frozen emulator clock ``step`` seconds each real millisecond while the body
+    runs, as a running clock would. A test that moves the clock once while a status read is
+    in flight can leave the next check due just after the frozen time, for good (a read sent
+    before ``complete()`` and answered after ``advance()``: seen on Python 3.12+)."""
+    async with anyio.create_task_group() as tg:
+
+        async def tick() -> None:
+            while True:
+                await anyio.sleep(0.001)
+                emu.advance(step)
+
+        tg.start_soon(tick)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
