@@ -106,7 +106,7 @@ class BatchRun:
         self.interrupts = 0
         self._sigint = SigintHandler(self.on_sigint)
         self._records: dict[int, JobRecord] = {}
-        self._out = Outbox()
+        self.outbox = Outbox()  # public to the handle: ``unread()``
         self._feeding = True
         self._finished = False
         self._stop_reason: Stop | None = None
@@ -141,7 +141,7 @@ class BatchRun:
 
     async def _enter(self) -> None:
         self.roster.carry_costs(self._records.values())
-        self._out.open()
+        self.outbox.open()
         # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
         # most), cheaper than a task per job; admission keeps one free for every queued job.
         self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](
@@ -179,7 +179,7 @@ class BatchRun:
             self._submit_queue.close()
             if self._limiter is not None:
                 self._pacing.remove(self._limiter)
-            self._out.close_all()
+            self.outbox.close_all()
             await self._ledger.close()
 
     # -- Ctrl-C ----------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class BatchRun:
             return
         self._unfollow_all()
         self._finished = True
-        self._out.close()
+        self.outbox.close()
 
     def stats(self) -> BatchStats:
         """The batch's counts now."""
@@ -206,7 +206,7 @@ class BatchRun:
 
     async def next(self) -> Success | Failure:
         try:
-            outcome = await self._out.get()
+            outcome = await self.outbox.get()
         except JournalError as exc:
             self._ledger.raised(exc)
             raise
@@ -275,7 +275,7 @@ class BatchRun:
                 self.roster.admitted(job)
                 self._to_submit.send_nowait(job)
         except Exception as exc:  # noqa: BLE001 - the caller's iterable failed: re-raised to them
-            self._out.error = exc
+            self.outbox.error = exc
             self._stop(Stop.INPUT_FAILED, f"{exc!r}")
         finally:
             self._feeding = False
@@ -303,7 +303,7 @@ class BatchRun:
     async def _admit(self, index: int, request: VideoRequest) -> Literal["ok", "over", "stopped"]:
         """Wait until job ``index`` may be submitted (see ``_admission.admit_job``)."""
         while not self.stopped:
-            backlog_full = self._out.unread >= MAX_UNREAD_OUTCOMES
+            backlog_full = self.outbox.unread >= MAX_UNREAD_OUTCOMES
             now = time.monotonic()
             sched, budget = self.roster.sched, self.roster.budget
             wait = admit_job(sched, budget, index, request, now, backlog_full=backlog_full)
@@ -459,7 +459,7 @@ class BatchRun:
         self._emit(outcome)
 
     def _emit(self, outcome: Success | Failure) -> None:
-        self._out.put(outcome)
+        self.outbox.put(outcome)
         self._notify()
 
     def _stop(self, reason: Stop, detail: str | None = None, *, notify: bool = True) -> None:
@@ -473,9 +473,9 @@ class BatchRun:
     def _maybe_close(self) -> None:
         if not self._feeding and self.roster.idle:
             self._finished = True
-            if self._ledger.fault is not None and self._out.error is None:
-                self._out.error = self.journal_error()
-            self._out.close()
+            if self._ledger.fault is not None and self.outbox.error is None:
+                self.outbox.error = self.journal_error()
+            self.outbox.close()
 
     # -- issue 14: a journal that cannot write stops the batch ---------------------------------
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import attrs
+
 from ._admission import Budget
 from ._api import Api
 from ._batch import BatchRun
@@ -157,15 +159,23 @@ class Batch:
 
     def stats(self) -> BatchStats:
         """The batch's counts now."""
-        return self._run.stats()
+        return attrs.evolve(self._run.stats(), unread=self._run.outbox.unread)
+
+    def unread(self) -> list[Success | Failure]:
+        """Outcomes that ended and were not read, oldest first: after leaving ``async for``
+        early (``break``, a cancel scope, an error), they are still here, each with its
+        ``task_id`` and files; the journal, if any, holds them as done. Jobs still running
+        are in ``pending_task_ids()``. Nothing a batch paid for is lost between the two."""
+        return self._run.outbox.unread_outcomes()
 
     def __repr__(self) -> str:
         s = self.stats()
         reqs = " ".join(f"{k}={v}" for k, v in sorted(s.requests.items())) or "none"
         stop = f" stopped: {self.stopped}" if self.stopped else ""
+        unread = f" unread={s.unread}" if s.unread else ""
         return (
             f"<Batch read={s.read} submitted={s.submitted} pending={s.pending} | "
-            f"completed={s.completed} failed={s.failed} errored={s.errored} | "
+            f"completed={s.completed} failed={s.failed} errored={s.errored}{unread} | "
             f"cost=${s.cost:.2f} | requests: {reqs}{stop}>"
         )
 

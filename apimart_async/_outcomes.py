@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -195,6 +196,8 @@ class BatchStats:
     """Jobs replayed from an earlier run."""
     downloading: int = 0
     """Jobs whose files are being downloaded."""
+    unread: int = 0
+    """Outcomes handed out and not read yet (after an early exit: ``Batch.unread()``)."""
 
     @property
     def done(self) -> int:
@@ -217,6 +220,7 @@ class BatchStats:
             "requests": dict(self.requests),
             "replayed": self.replayed,
             "downloading": self.downloading,
+            "unread": self.unread,
         }
 
 
@@ -229,6 +233,9 @@ class Outbox:
     def __init__(self) -> None:
         self.put_count = 0
         self.delivered = 0
+        #: Outcomes put and not read, oldest first: also those put after the reader left,
+        #: so an early exit loses none (``Batch.unread()``).
+        self._unread: collections.deque[Success | Failure] = collections.deque()
         self.error: BaseException | None = None
         self._send: MemoryObjectSendStream[Success | Failure] | None = None
         self._receive: MemoryObjectReceiveStream[Success | Failure] | None = None
@@ -243,9 +250,13 @@ class Outbox:
             max_buffer_size=math.inf
         )
 
+    def unread_outcomes(self) -> list[Success | Failure]:
+        return list(self._unread)
+
     def put(self, outcome: Success | Failure) -> None:
         self.put_count += 1
-        # If the reader already left, the outcome only counts.
+        self._unread.append(outcome)
+        # If the reader already left, the outcome is only kept as unread.
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             if self._send is not None:
                 self._send.send_nowait(outcome)
@@ -271,6 +282,7 @@ class Outbox:
                 raise self.error from None
             raise StopAsyncIteration from None
         self.delivered += 1
+        self._unread.popleft()  # the stream hands them out in the order they were put
         return outcome
 
 

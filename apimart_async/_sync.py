@@ -285,6 +285,7 @@ class SyncBatch(_Facade):
 
     stats: Final = _reader(Batch.stats)
     pending_task_ids: Final = _reader(Batch.pending_task_ids)
+    unread: Final = _reader(Batch.unread)
     unconfirmed_submissions: Final = _reader(Batch.unconfirmed_submissions)
     stop: Final = _blocking(Batch.stop)
 

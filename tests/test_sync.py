@@ -429,3 +429,18 @@ def test_a_sync_batch_shows_the_options_it_was_given() -> None:
     with am.Apimart("sk-test", base_url="http://127.0.0.1:9") as client:
         results = client.batch([], timeout=5.0, concurrency=3)
         assert (results.options.timeout, results.options.concurrency) == (5.0, 3)
+
+
+def test_a_sync_batch_lists_the_outcomes_left_unread(manual_temu: ThreadedEmulator) -> None:
+    with sync_client(manual_temu) as client:
+        with client.batch([am.VideoRequest("sora-2-preview", f"take {i}") for i in range(3)]) as b:
+            manual_temu.wait_until(lambda: manual_temu.emu.tasks_created == 3)
+            manual_temu.call(manual_temu.emu.complete_all)
+            deadline = time.monotonic() + 20
+            while b.stats().done < 3 and time.monotonic() < deadline:
+                time.sleep(0.005)  # the batch runs on the client's loop thread
+            for first in b:
+                break
+    unread = b.unread()
+    assert len(unread) == 2 and b.stats().unread == 2
+    assert {o.index for o in unread} | {first.index} == {0, 1, 2}

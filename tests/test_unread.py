@@ -1,0 +1,89 @@
+"""Leaving early loses nothing (issue 14): outcomes that finished but were not read are still
+reachable after the batch, with their task ids (``results.unread()``), counted by ``stats()``
+and the repr, and the journal holds them as done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+import apimart_async as am
+from apimart_async.emulator import Emulator
+
+pytestmark = pytest.mark.anyio
+
+
+def sora(i: int) -> am.VideoRequest:
+    return am.VideoRequest("sora-2-preview", f"a cat, take {i}", duration=4)
+
+
+async def finished_unread(results: am.Batch, n: int) -> None:
+    """Wait until ``n`` outcomes are handed out (put, not read)."""
+    with anyio.fail_after(20):
+        while results.stats().done < n:  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.001)
+
+
+async def test_a_reader_that_breaks_early_can_still_list_the_unread_outcomes(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    async with manual_client.batch([sora(i) for i in range(5)]) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 5)
+        manual_emu.complete_all()
+        await finished_unread(results, 5)
+        assert results.stats().unread == 5
+        async for first in results:
+            break
+    unread = results.unread()
+    assert len(unread) == 4 and all(o.ok for o in unread)
+    assert {o.index for o in unread} | {first.index} == set(range(5))
+    created = set(manual_emu.task_ids())
+    assert {o.task_id for o in [first, *unread]} == created  # every paid task is reachable
+    assert results.stats().unread == 4 and results.pending_task_ids() == []
+    assert "unread=4" in repr(results)
+
+
+async def test_outcomes_that_arrive_after_the_reader_left_are_kept_too(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    with anyio.CancelScope() as scope:
+        async with manual_client.batch([sora(i) for i in range(3)]) as results:
+            await manual_emu.wait_until(lambda: len(manual_client._poller) == 3)
+            manual_emu.complete(manual_emu.task_ids()[0])
+            await finished_unread(results, 1)
+            scope.cancel()  # the caller's deadline, say, with one outcome not read
+            await anyio.sleep(1)
+    assert [o.task_id for o in results.unread()] == [manual_emu.task_ids()[0]]
+    # the two others were still running: listed as pending, not lost
+    assert sorted(results.pending_task_ids()) == sorted(manual_emu.task_ids()[1:])
+    assert results.stats().unread == 1
+
+
+async def test_unread_outcomes_are_done_in_the_journal(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.sqlite"
+    async with manual_client.batch([sora(i) for i in range(3)], journal=journal) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 3)
+        manual_emu.complete_all()
+        await finished_unread(results, 3)
+    assert len(results.unread()) == 3
+    # a second run submits nothing and hands the three out as replayed
+    async with manual_client.batch([sora(i) for i in range(3)], journal=journal) as again:
+        replayed = [o async for o in again]
+    assert sorted(o.index for o in replayed) == [0, 1, 2] and all(o.replayed for o in replayed)
+    assert manual_emu.tasks_created == 3
+
+
+async def test_read_outcomes_are_not_listed_as_unread(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    async with manual_client.batch([sora(i) for i in range(2)]) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 2)
+        manual_emu.complete_all()
+        got = [o async for o in results]
+    assert len(got) == 2 and results.unread() == [] and results.stats().unread == 0
+    assert "unread" not in repr(results)
+
