@@ -96,8 +96,8 @@ class BatchRun:
         self._limiter = RateLimiter(rps) if rps is not None else None
         self.download_dir, self.manifest_path = options.paths()
         priors = poller.schedule.priors  # issue 22: learned priors, kept in the journal
-        self._ledger = Ledger(
-            options.make_journal(), self.manifest_path, priors=priors, on_fault=self._journal_fault
+        self._ledger = Ledger.for_batch(
+            options, self.manifest_path, priors=priors, on_fault=self._journal_fault
         )
         #: Local reference files (issue 18): checked when read, uploaded once by content.
         policy = MediaPolicy.of(options.media_root, allow_any_path=options.allow_any_path)

@@ -243,6 +243,24 @@ class ResumePlan:
     ended: Ended | None = None
 
 
+def reopens(
+    record: JobRecord,
+    *,
+    retry_failed: bool,
+    downloads: bool,
+    files_complete: Callable[[tuple[DownloadedFile, ...]], bool],
+) -> bool:
+    """Whether a job the journal holds as done is taken up again when its input comes by: its
+    generation failed and ``retry_failed`` asks for another, or its task completed and its
+    files are missing (``resume_plan``: ``afresh`` or ``refetch``). The manifest holds back
+    the line of such a job until it ends again (issue 14: a job listed twice)."""
+    if record.state != "done" or record.task is None:
+        return False
+    if retry_failed and record.status in ("failed", "cancelled"):
+        return True
+    return downloads and not files_complete(record.files) and structure_task(record.task).ok
+
+
 def resume_plan(
     record: JobRecord,
     request: VideoRequest,

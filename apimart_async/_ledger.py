@@ -13,22 +13,26 @@ here as anything but a ``JournalError``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._converter import task_to_wire
 from ._errors import ApimartError, JournalError
-from ._jobs import Conclusion, Job, definitive
+from ._jobs import Conclusion, Job, definitive, files_complete, reopens
 from ._journal import JobRecord, Journal
 from ._manifest import Manifest, outcome_line, record_line
 from ._models import DownloadedFile, Task
 from ._outcomes import Outcome
 from ._prior_store import load_priors, save_priors
 from ._priors import Priors
+
+if TYPE_CHECKING:
+    from ._options import BatchOptions
 
 __all__ = ["Ledger"]
 
@@ -57,6 +61,31 @@ class Ledger:
         self._on_fault = on_fault
         self._manifest: Manifest | None = None
         self._opened = False
+        #: Which done jobs a run takes up again (``_jobs.reopens``): their manifest lines wait
+        #: until they end again, or until the close if they never come by.
+        self.reopens: Callable[[JobRecord], bool] = lambda record: False
+        self._held: dict[int, JobRecord] = {}
+        self._listed: set[int] = set()  # jobs whose line the manifest has
+
+    @classmethod
+    def for_batch(
+        cls,
+        options: BatchOptions,
+        manifest_path: Path | None,
+        *,
+        priors: Priors | None,
+        on_fault: Callable[[JournalError], None],
+    ) -> Ledger:
+        """The ledger of a batch with these options."""
+        ledger = cls(options.make_journal(), manifest_path, priors=priors, on_fault=on_fault)
+        downloads = options.download_dir is not None
+        ledger.reopens = functools.partial(
+            reopens,
+            retry_failed=options.retry_failed,
+            downloads=downloads,
+            files_complete=files_complete,
+        )
+        return ledger
 
     async def _write(
         self, what: str, call: Callable[..., Awaitable[None]], *args: Any, **kw: Any
@@ -137,7 +166,10 @@ class Ledger:
             if self.manifest_path is not None:
                 self._manifest = Manifest(self.manifest_path)
                 done = sorted((r for r in records.values() if r.state == "done"), key=_index)
-                await self._manifest.open([record_line(r) for r in done])
+                self._held = {r.index: r for r in done if self.reopens(r)}
+                listed = [r for r in done if r.index not in self._held]
+                self._listed = {r.index for r in listed}
+                await self._manifest.open([record_line(r) for r in listed])
         except BaseException:
             await self.close(keep_priors=False)
             raise
@@ -147,6 +179,9 @@ class Ledger:
         """Close the manifest and the journal (saving the priors to it, with ``keep_priors``)."""
         with anyio.CancelScope(shield=True):
             if self._manifest is not None:
+                for record in self._held.values():  # never taken up again: listed as they were
+                    await self._manifest.write(record_line(record))
+                self._held.clear()
                 await self._manifest.close()
             if self.journal is not None and self._opened:
                 self._opened = False
@@ -160,9 +195,17 @@ class Ledger:
                         logger.warning("the journal did not close cleanly: %s", exc)
 
     async def write_manifest(self, outcome: Outcome, status: str) -> None:
+        """The job's line: appended, or in place of the line it had (each job listed once)."""
         if self._manifest is not None:
             with anyio.CancelScope(shield=True):
-                await self._manifest.write(outcome_line(outcome, status))
+                index = outcome.index
+                self._held.pop(index, None)
+                line = outcome_line(outcome, status)
+                if index in self._listed:  # taken up again though its files seemed whole
+                    await self._manifest.replace(index, line)
+                else:
+                    self._listed.add(index)
+                    await self._manifest.write(line)
 
     # -- the steps of a job ------------------------------------------------------------------
 
@@ -214,6 +257,10 @@ class Ledger:
         """Record an ended job: the journal closes it if ``end.closes`` (else a later run picks
         it up again), and the manifest gets its line when the journal closes it or there is
         no journal."""
+        with anyio.CancelScope(shield=True):  # the caller leaving finds it done, or unread
+            await self._finished(job, end, files)
+
+    async def _finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> None:
         outcome = end.outcome
         if self.journal is None:
             await self.write_manifest(outcome, end.status)

@@ -50,6 +50,35 @@ class Manifest:
 
         await anyio.to_thread.run_sync(run, limiter=self._limiter)
 
+    async def replace(self, index: int, line: dict[str, Any]) -> None:
+        """Write job ``index``'s line in place of the one the manifest has: the file is
+        rewritten without it (a rare path: a job taken up again after it was listed)."""
+
+        def run() -> None:
+            if self._fh is None:
+                return
+            self._fh.flush()
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with self.path.open(encoding="utf-8") as old, tmp.open("w", encoding="utf-8") as new:
+                for text in old:
+                    try:
+                        if json.loads(text).get("index") == index:
+                            continue
+                    except (ValueError, AttributeError):
+                        pass
+                    new.write(text)
+                new.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self._fh.close()
+            os.replace(tmp, self.path)
+            self._fh = self.path.open("a", encoding="utf-8")
+
+        try:
+            await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write the manifest {self.path}: {exc.strerror or exc}"
+            ) from None
+
     async def close(self) -> None:
         def run() -> None:
             fh, self._fh = self._fh, None

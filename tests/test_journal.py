@@ -211,6 +211,29 @@ async def test_missing_files_are_fetched_again_on_resume(tmp_path: Path) -> None
         assert emu.tasks_created == 2
 
 
+async def test_a_job_whose_video_was_deleted_is_listed_once_in_the_manifest(
+    tmp_path: Path,
+) -> None:
+    # issue 14: run, delete one video, run again: the manifest had that job twice (its done
+    # record written up front, then its line again once fetched anew)
+    out = tmp_path / "videos"
+    journal = tmp_path / "run.sqlite"
+    async with Emulator(task_duration=0.0) as emu:
+        for run in range(3):
+            async with (
+                client_for(emu) as client,
+                client.batch(jobs(3), journal=journal, download_dir=out) as results,
+            ):
+                [o async for o in results]
+            lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+            assert sorted(line["index"] for line in lines) == [0, 1, 2], run
+            by_index = {line["index"]: line for line in lines}
+            assert Path(by_index[1]["files"][0]["path"]).exists()
+            assert by_index[1]["files"][0]["sha256"] == emu.file_sha256(by_index[1]["task_id"])
+            (out / "job1.mp4").unlink()
+        assert emu.tasks_created == 3
+
+
 async def test_budget_with_an_estimate(tmp_path: Path) -> None:
     async with Emulator(task_duration=0.0) as emu, client_for(emu) as client:
         async with client.batch(jobs(6), max_cost=1.0, cost_estimate=lambda r: 0.4) as results:

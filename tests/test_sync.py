@@ -439,8 +439,7 @@ def test_a_sync_batch_lists_the_outcomes_left_unread(manual_temu: ThreadedEmulat
             deadline = time.monotonic() + 20
             while b.stats().done < 3 and time.monotonic() < deadline:
                 time.sleep(0.005)  # the batch runs on the client's loop thread
-            for first in b:
-                break
+            first = next(iter(b))
     unread = b.unread()
     assert len(unread) == 2 and b.stats().unread == 2
     assert {o.index for o in unread} | {first.index} == {0, 1, 2}
