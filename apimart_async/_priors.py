@@ -26,7 +26,8 @@ the extremes of a sample and those of the whole population):
 - no first check ``first_check`` seconds after the submit: the first check is at the
   earliest end seen for the kind (it learns ``estimated_time`` then);
 - the window of plausible ends is ``estimated_time`` times the learned range instead of the
-  policy's ``estimate_margin`` either way;
+  policy's ``estimate_margin`` either way; a ratio far outside the range (``OUTLIER``, an
+  absurd ``estimated_time``) is set aside rather than learned;
 - after ``min_samples`` tasks that reported progress (``Priors.progress_trust``), the window
   the last progress implies (widened by what was learned) is used when it is the narrower one.
 
@@ -56,6 +57,10 @@ NARROW: Final = 0.1
 #: ... or at most this fraction apart when the last running check reported progress: the end
 #: it implied, held within the two checks, is then the sample.
 WIDE: Final = 0.5
+#: A ratio ``duration / estimated_time`` this many times beyond the kind's range is the
+#: estimate's slip (an absurd ``estimated_time``), not the kind's: it does not widen the range,
+#: for at most one sample in ten (more of them are a shift, and are learned).
+OUTLIER: Final = 4.0
 
 
 def kind_of(request: Any) -> str:
@@ -87,6 +92,21 @@ class KindPrior:
     progress_samples: int = 0
     progress_lo: float | None = None
     progress_hi: float | None = None
+    #: Ratios set aside as the estimate's slip (``OUTLIER``); not stored in the journal.
+    ratio_outliers: int = 0
+
+    def slipped(self, ratio: float) -> bool:
+        """Whether ``ratio`` is an estimate's slip, set aside (and counted as one): far beyond
+        the range of a kind that has ``MIN_SAMPLES``, and fewer than one sample in ten so."""
+        lo, hi = self.ratio_lo, self.ratio_hi
+        if lo is None or hi is None or self.samples < MIN_SAMPLES:
+            return False
+        if lo / OUTLIER <= ratio <= hi * OUTLIER:
+            return False
+        if self.ratio_outliers >= max(1, self.samples // 10):
+            return False  # the estimates changed: learn it
+        self.ratio_outliers += 1
+        return True
 
     def add(
         self,
@@ -97,7 +117,7 @@ class KindPrior:
         self.samples += 1
         self.duration_lo = min(self.duration_lo, duration)
         self.duration_hi = max(self.duration_hi, duration)
-        if estimate is not None and estimate > 0:
+        if estimate is not None and estimate > 0 and not self.slipped(duration / estimate):
             ratio = duration / estimate
             self.ratio_lo = ratio if self.ratio_lo is None else min(self.ratio_lo, ratio)
             self.ratio_hi = ratio if self.ratio_hi is None else max(self.ratio_hi, ratio)
@@ -244,9 +264,9 @@ class Priors:
         prior.duration_lo = min(prior.duration_lo, seen_done)
         prior.duration_hi = max(prior.duration_hi, seen_running)
         if estimate is not None and estimate > 0:
-            if prior.ratio_lo is not None:
+            if prior.ratio_lo is not None and not prior.slipped(seen_done / estimate):
                 prior.ratio_lo = min(prior.ratio_lo, seen_done / estimate)
-            if prior.ratio_hi is not None:
+            if prior.ratio_hi is not None and not prior.slipped(seen_running / estimate):
                 prior.ratio_hi = max(prior.ratio_hi, seen_running / estimate)
         if extrapolated is not None and not progress_sample:
             shortest, longest = extrapolated

@@ -536,3 +536,19 @@ async def test_single_generates_learn_their_kind_and_the_next_is_first_checked_a
             assert checks == [pytest.approx(earliest, abs=0.01)]
             assert second_run == 1
             assert first_run == 8
+
+
+def test_an_absurd_estimate_is_set_aside_but_a_lasting_change_is_learned() -> None:
+    from apimart_async._priors import MIN_SAMPLES, KindPrior
+
+    prior = KindPrior()
+    for i in range(MIN_SAMPLES):
+        prior.add(90.0 + i, 100.0)  # ratios 0.9 .. 1.09
+    lo, hi = prior.ratio_lo, prior.ratio_hi
+    prior.add(95.0, 10_000_000.0)  # one absurd estimate: set aside
+    assert (prior.ratio_lo, prior.ratio_hi) == (lo, hi) and prior.ratio_outliers == 1
+    assert prior.samples == MIN_SAMPLES + 1  # its duration still counts
+    prior.add(95.0, 12.0)  # another (22 samples: two may be set aside)
+    assert prior.ratio_hi == hi and prior.ratio_outliers == 2
+    prior.add(95.0, 12.0)  # a third: more than one in ten is a change of the estimates, learned
+    assert prior.ratio_hi == 95.0 / 12.0 and prior.ratio_outliers == 2
