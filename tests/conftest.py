@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -11,6 +12,12 @@ import pytest
 
 import apimart_async as am
 from apimart_async.emulator import Emulator
+
+# A suite started in the background by a non-interactive shell (`cmd &` in a script) inherits
+# SIGINT ignored, and so would every process it starts: the Ctrl-C tests would send SIGINT to
+# workers that cannot receive it. Python's own handler here gives them what a terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
