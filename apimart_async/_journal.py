@@ -20,7 +20,8 @@ A job sent afresh is ``restart``-ed: its row gets the new key and request, state
 Schema 2 added ``refused``; a schema 1 file is migrated when opened (its refused submits were
 stored as ``done`` with status ``error`` and no task id). Schema 3 added the table ``priors``
 (what completed tasks taught the poll schedule, by kind: ``_priors``); older files get it
-when opened.
+when opened. Schema 4 added the progress trust of each kind to ``priors`` (three columns at
+the end of the table); a schema 3 file gets them, empty, when opened.
 
 A journal is checked when opened: it must be one of ours (the row ``format`` of the table
 ``meta`` says ``apimart-async journal``; files from before that row are recognised by their
@@ -63,7 +64,7 @@ from ._priors import KindPrior
 __all__ = ["JobRecord", "Journal", "RunLock", "SqliteJournal"]
 
 JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @attrs.frozen
@@ -178,7 +179,10 @@ CREATE TABLE IF NOT EXISTS priors (
     duration_hi REAL NOT NULL,
     ratio_lo REAL,
     ratio_hi REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    progress_samples INTEGER NOT NULL DEFAULT 0,
+    progress_lo REAL,
+    progress_hi REAL
 );
 """
 
@@ -193,6 +197,12 @@ MARKER = "apimart-async journal"
 """The value of the row ``format`` in the table ``meta`` of every journal."""
 
 _KNOWN_SCHEMAS = {str(v) for v in range(1, SCHEMA_VERSION + 1)}
+#: The columns schema 4 added to ``priors`` (a kind's progress trust, ``KindPrior``).
+_PROGRESS_COLUMNS = (
+    "progress_samples INTEGER NOT NULL DEFAULT 0",
+    "progress_lo REAL",
+    "progress_hi REAL",
+)
 _STATES = frozenset({"submitting", "pending", "refused", "downloading", "done"})
 #: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``)
 _OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads"})
@@ -232,7 +242,7 @@ def _check_header(path: Path) -> None:
 
 def _inspect(conn: sqlite3.Connection, path: Path) -> str | None:
     """Check that ``conn`` holds one of our journals, undamaged; return its schema version
-    (``"1"`` to ``"3"``), or None for an empty database (a new journal). Reads only."""
+    (``"1"`` to ``"4"``), or None for an empty database (a new journal). Reads only."""
     tables = sorted(
         name
         for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
@@ -552,8 +562,12 @@ class SqliteJournal(Journal):
                     "UPDATE jobs SET state='refused' WHERE state='done' AND task_id IS NULL"
                     " AND status='error'"
                 )
-            # Schema 3 added the table ``priors``: nothing else changes.
+            # Schema 3 added the table ``priors``; schema 4, its last three columns.
             conn.execute(_SCHEMA.split(";")[2])  # CREATE TABLE IF NOT EXISTS priors
+            have = {str(row[1]) for row in conn.execute("PRAGMA table_info(priors)")}
+            for column in _PROGRESS_COLUMNS:
+                if column.split()[0] not in have:
+                    conn.execute(f"ALTER TABLE priors ADD COLUMN {column}")
             conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (MARKER,))
             conn.execute("COMMIT")
@@ -677,19 +691,25 @@ class SqliteJournal(Journal):
             raise JournalError("the journal is closed")
         try:
             rows = self._conn.execute(
-                "SELECT kind, samples, duration_lo, duration_hi, ratio_lo, ratio_hi FROM priors"
+                "SELECT kind, samples, duration_lo, duration_hi, ratio_lo, ratio_hi,"
+                " progress_samples, progress_lo, progress_hi FROM priors"
             ).fetchall()
         except sqlite3.Error as exc:
             raise JournalError(f"cannot read the priors of {self.path}: {exc}") from None
         out: dict[str, KindPrior] = {}
-        for kind, samples, d_lo, d_hi, r_lo, r_hi in rows:
+        for kind, samples, d_lo, d_hi, r_lo, r_hi, p_n, p_lo, p_hi in rows:
             if not (isinstance(kind, str) and isinstance(samples, int) and samples >= 0):
                 continue  # a row nobody could have written: pass over it
             if not _plausible_range(d_lo, d_hi, 0.0):
                 continue
             if (r_lo is not None or r_hi is not None) and not _plausible_range(r_lo, r_hi, 1e-9):
                 continue
-            out[kind] = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
+            prior = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
+            # progress trust: kept only when whole and plausible (else learned again)
+            if isinstance(p_n, int) and p_n > 0 and _plausible_range(p_lo, p_hi, 1e-9):
+                prior.progress_samples = p_n
+                prior.progress_lo, prior.progress_hi = float(p_lo), float(p_hi)
+            out[kind] = prior
         return out
 
     def _save_priors_sync(self, priors: Mapping[str, KindPrior]) -> None:
@@ -698,9 +718,20 @@ class SqliteJournal(Journal):
         now = time.time()
         try:
             self._conn.executemany(
-                "INSERT OR REPLACE INTO priors VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO priors VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (k, p.samples, p.duration_lo, p.duration_hi, p.ratio_lo, p.ratio_hi, now)
+                    (
+                        k,
+                        p.samples,
+                        p.duration_lo,
+                        p.duration_hi,
+                        p.ratio_lo,
+                        p.ratio_hi,
+                        now,
+                        p.progress_samples,
+                        p.progress_lo,
+                        p.progress_hi,
+                    )
                     for k, p in priors.items()
                     if p.samples > 0
                 ],

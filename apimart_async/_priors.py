@@ -31,12 +31,9 @@ the extremes of a sample and those of the whole population):
 - after ``min_samples`` tasks that reported progress (``Priors.progress_trust``), the window
   the last progress implies (widened by what was learned) is used when it is the narrower one.
 
-Progress trust lives in memory for the life of the client: the journal's ``priors`` table keeps
-durations and estimate ratios only (schema 3), so a new run learns it again from its first
-``min_samples`` tasks.
-
 A batch with a journal loads the kinds' priors when it starts and stores them when it ends
-(``SqliteJournal`` table ``priors``, schema 3), so the next run starts from them.
+(``SqliteJournal`` table ``priors``: durations and estimate ratios since schema 3, progress
+trust since schema 4), so the next run starts from them.
 """
 
 from __future__ import annotations

@@ -248,11 +248,11 @@ async def test_another_programs_database_keeps_its_tables(
     assert emu.counters.get("submit", 0) == 0
 
 
-@pytest.mark.parametrize("schema", ["1", "2", "3"])
+@pytest.mark.parametrize("schema", ["1", "2", "3", "4"])
 async def test_our_older_journals_without_the_marker_are_still_opened(
     schema: str, emu: Emulator, client: am.AsyncApimart, tmp_path: Path
 ) -> None:
-    """Journals written before the marker existed (schemas 1 to 3) are recognised by their
+    """Journals written before the marker existed (schemas 1 to 4) are recognised by their
     tables and migrated; the marker is added."""
     path = tmp_path / "run.sqlite"
     async with client.batch(jobs(2), journal=path) as results:
@@ -269,7 +269,7 @@ async def test_our_older_journals_without_the_marker_are_still_opened(
     assert [o.replayed for o in again] == [True, True]
     with contextlib.closing(sqlite3.connect(path)) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    assert meta["schema"] == "3" and meta["format"] == "apimart-async journal"
+    assert meta["schema"] == "4" and meta["format"] == "apimart-async journal"
     assert emu.counters.get("submit", 0) == 2
 
 

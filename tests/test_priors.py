@@ -3,6 +3,7 @@ clock, and how a batch's journal keeps them for the next run."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import sqlite3
@@ -184,7 +185,7 @@ def test_a_schema_2_journal_gains_the_priors_table(tmp_path: Path) -> None:
 
     assert anyio.run(run) == {KIND: KindPrior(samples=3, duration_lo=1.0, duration_hi=2.0)}
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
     conn.close()
 
 
@@ -552,3 +553,81 @@ def test_an_absurd_estimate_is_set_aside_but_a_lasting_change_is_learned() -> No
     assert prior.ratio_hi == hi and prior.ratio_outliers == 2
     prior.add(95.0, 12.0)  # a third: more than one in ten is a change of the estimates, learned
     assert prior.ratio_hi == 95.0 / 12.0 and prior.ratio_outliers == 2
+
+
+def test_progress_trust_is_kept_in_the_journal_for_the_next_run(tmp_path: Path) -> None:
+    # issue 22: a kind whose progress proved straight needs no new min_samples tasks to be
+    # trusted again by the next run
+    taught = KindPrior(
+        samples=30,
+        duration_lo=60.0,
+        duration_hi=90.0,
+        ratio_lo=0.9,
+        ratio_hi=1.1,
+        progress_samples=25,
+        progress_lo=0.97,
+        progress_hi=1.02,
+    )
+
+    async def run() -> dict[str, KindPrior]:
+        journal = SqliteJournal(tmp_path / "run.sqlite")
+        await journal.open()
+        await journal.save_priors({KIND: taught})
+        await journal.close()
+        await journal.open()
+        try:
+            return await journal.load_priors()
+        finally:
+            await journal.close()
+
+    loaded = anyio.run(run)
+    assert loaded == {KIND: taught}
+    priors = Priors()
+    priors.merge(loaded)
+    assert priors.progress_trust(KIND) is not None
+
+
+def test_a_schema_3_journal_keeps_its_priors_and_gains_progress_trust(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema', '3');"
+            "INSERT INTO meta VALUES ('format', 'apimart-async journal');"
+            "CREATE TABLE jobs (idx INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL,"
+            " idempotency_key TEXT NOT NULL UNIQUE, name TEXT, body TEXT NOT NULL,"
+            " state TEXT NOT NULL, task_id TEXT, status TEXT, cost REAL, error TEXT,"
+            " error_type TEXT, task TEXT, files TEXT, updated_at REAL NOT NULL);"
+            "CREATE TABLE priors (kind TEXT PRIMARY KEY, samples INTEGER NOT NULL,"
+            " duration_lo REAL NOT NULL, duration_hi REAL NOT NULL, ratio_lo REAL,"
+            " ratio_hi REAL, updated_at REAL NOT NULL);"
+            f"INSERT INTO priors VALUES ('{KIND}', 30, 60.0, 90.0, 0.9, 1.1, 0);"
+        )
+        conn.commit()
+    old = KindPrior(samples=30, duration_lo=60.0, duration_hi=90.0, ratio_lo=0.9, ratio_hi=1.1)
+    trusted = KindPrior(
+        samples=31,
+        duration_lo=60.0,
+        duration_hi=90.0,
+        ratio_lo=0.9,
+        ratio_hi=1.1,
+        progress_samples=20,
+        progress_lo=0.98,
+        progress_hi=1.01,
+    )
+
+    async def run() -> tuple[dict[str, KindPrior], dict[str, KindPrior]]:
+        journal = SqliteJournal(path)
+        await journal.open()
+        before = await journal.load_priors()
+        await journal.save_priors({KIND: trusted})
+        await journal.close()
+        await journal.open()
+        try:
+            return before, await journal.load_priors()
+        finally:
+            await journal.close()
+
+    assert anyio.run(run) == ({KIND: old}, {KIND: trusted})
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
