@@ -296,7 +296,7 @@ class Downloader:
                 size = part.size
                 try:
                     await anyio.to_thread.run_sync(part.finish_sync, dest)
-                except OSError:
+                except BaseException:  # the disk, or cancelled before the rename: closed, kept
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(part.close_sync)
                     raise
