@@ -362,9 +362,11 @@ class BatchRun:
         self._follow(task_id, job, timeout=self.options.job_timeout)
 
     def _unfollow_all(self) -> None:
-        """Stop following every pending task (they keep running at the service)."""
+        """Stop following every pending task (they keep running at the service, and are
+        billed: ``pending_task_ids()`` goes on listing them)."""
         for task_id in list(self.roster.pending):
             self._poller.unwatch(task_id, self._on_done)
+        self.roster.abandoned.extend(self.roster.pending)
         self.roster.pending.clear()
 
     def _follow(
@@ -514,7 +516,6 @@ class BatchRun:
 
     def _abandon_pending(self) -> None:
         if self._ledger.fault is not None:
-            self.roster.abandoned.extend(self.roster.pending)
             self._unfollow_all()
 
     def journal_error(self) -> JournalError | None:

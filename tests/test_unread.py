@@ -121,3 +121,31 @@ async def test_leaving_during_a_download_keeps_the_paid_job_as_unread(tmp_path: 
             assert sorted(o.index for o in got) == [0, 1, 2] and all(o.ok for o in got)
             assert emu.tasks_created == 3
             assert (videos / "000000.mp4").stat().st_size == 1024 * 1024
+
+
+@pytest.mark.parametrize("how", ["stop", "ctrl-c"])
+async def test_tasks_a_stop_leaves_running_are_listed_as_pending(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, tmp_path: Path, how: str
+) -> None:
+    # stop(grace=0) (or a Ctrl-C with no grace left) stops following the running tasks: they
+    # are paid and running, so pending_task_ids() must list them, and the journal resumes them
+    journal = tmp_path / "run.sqlite"
+    jobs = [sora(i) for i in range(4)]
+    async with manual_client.batch(jobs, journal=journal, sigint_grace=0) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 4)
+        done = manual_emu.task_ids()[0]
+        manual_emu.complete(done)
+        first = await results.__anext__()
+        if how == "stop":
+            await results.stop()
+        else:
+            results._on_sigint()
+        rest = [o async for o in results]
+    assert first.task_id == done and rest == [] and results.unread() == []
+    running = manual_emu.task_ids()[1:]
+    assert sorted(results.pending_task_ids()) == sorted(running)
+    async with manual_client.batch(jobs, journal=journal) as again:
+        manual_emu.complete_all()
+        second = [o async for o in again]
+    assert sorted(o.index for o in second) == [0, 1, 2, 3] and all(o.ok for o in second)
+    assert manual_emu.tasks_created == 4
