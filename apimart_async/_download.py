@@ -157,7 +157,7 @@ class _PartFile:
         try:
             origin = json.loads(self.origin_path.read_text(encoding="utf-8"))
             total, tag = origin["total"], origin["tag"]
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):  # garbage: unknown
             return
         if isinstance(total, int) and not isinstance(total, bool):
             self.origin_total = total
