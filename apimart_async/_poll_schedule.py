@@ -600,6 +600,10 @@ class PollSchedule:
             w.next_at = at
             heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
             return
-        w.overdue_checks += 1
-        interval = min(p.max_interval, lag * p.overdue_growth**w.overdue_checks)
+        interval = lag * p.overdue_growth**w.overdue_checks
+        if interval < p.max_interval:  # once there, the count stops (growth**n would overflow)
+            w.overdue_checks += 1
+            interval = min(p.max_interval, interval * p.overdue_growth)
+        else:
+            interval = p.max_interval
         self._set(w, self._jittered(w, now, now + interval))
