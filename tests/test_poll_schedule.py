@@ -327,6 +327,10 @@ def test_policy_validation() -> None:
         am.PollPolicy(min_interval=0)
     with pytest.raises(ValueError, match="PollPolicy.jitter: must be between 0 and 1"):
         am.PollPolicy(jitter=2)
+    # a growth under 1 shrank the waits of an overdue task towards zero: reads back to back
+    with pytest.raises(ValueError, match=r"PollPolicy.overdue_growth: must be a number >= 1"):
+        am.PollPolicy(overdue_growth=0.5)
+    assert am.PollPolicy(overdue_growth=1).overdue_growth == 1  # even gaps: allowed
 
 
 def test_in_the_window_the_gap_counts_from_when_the_check_left() -> None:
