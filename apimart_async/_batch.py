@@ -30,7 +30,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
 from ._download import Downloader
-from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutError
+from ._errors import (
+    ApimartError,
+    BatchStoppedError,
+    DownloadError,
+    JournalError,
+    TaskTimeoutError,
+)
 from ._interrupt import SigintHandler, announce_interrupt
 from ._jobs import (
     Conclusion,
@@ -356,9 +362,11 @@ class BatchRun:
         self._follow(task_id, job, timeout=self.options.job_timeout)
 
     def _unfollow_all(self) -> None:
-        """Stop following every pending task (they keep running at the service)."""
+        """Stop following every pending task (they keep running at the service, and are
+        billed: ``pending_task_ids()`` goes on listing them)."""
         for task_id in list(self.roster.pending):
             self._poller.unwatch(task_id, self._on_done)
+        self.roster.abandoned.extend(self.roster.pending)
         self.roster.pending.clear()
 
     def _follow(
@@ -417,6 +425,7 @@ class BatchRun:
     async def _finalize(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
         """Download, record and hand out one ended job."""
         request_tally.set((self._tally,))  # in this task: its requests are the batch's
+        concluded = False
         try:
             files: tuple[DownloadedFile, ...] = ()
             download_error: ApimartError | None = None
@@ -441,11 +450,29 @@ class BatchRun:
                     floor=self._floor,
                 )
             end = self.roster.conclude(job, task_id, result, files, download_error)
+            concluded = True
             await self._ledger.finished(job, end, files)
             self._publish(end)
+        except anyio.get_cancelled_exc_class():
+            if not concluded:  # left mid-download: the paid job is handed out, not lost
+                with anyio.CancelScope(shield=True):
+                    await self._cut_off(job, task_id, result)
+            raise
         finally:
             self.roster.finishing -= 1
             self._maybe_close()
+
+    async def _cut_off(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
+        """The batch was left while job's files were being fetched: it ends with a
+        ``DownloadError`` (in ``unread()``, with its task id); the journal keeps it open, so
+        the next run fetches the rest of the ``.part``."""
+        error = DownloadError(
+            f"download of task {task_id} cut off: the batch was left; what arrived is kept"
+            " and a resume fetches the rest"
+        )
+        end = self.roster.conclude(job, task_id, result, (), error)
+        await self._ledger.finished(job, end, ())
+        self._publish(end)
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -489,7 +516,6 @@ class BatchRun:
 
     def _abandon_pending(self) -> None:
         if self._ledger.fault is not None:
-            self.roster.abandoned.extend(self.roster.pending)
             self._unfollow_all()
 
     def journal_error(self) -> JournalError | None:

@@ -157,7 +157,7 @@ class _PartFile:
         try:
             origin = json.loads(self.origin_path.read_text(encoding="utf-8"))
             total, tag = origin["total"], origin["tag"]
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):  # garbage: unknown
             return
         if isinstance(total, int) and not isinstance(total, bool):
             self.origin_total = total
@@ -296,7 +296,7 @@ class Downloader:
                 size = part.size
                 try:
                     await anyio.to_thread.run_sync(part.finish_sync, dest)
-                except OSError:
+                except BaseException:  # the disk, or cancelled before the rename: closed, kept
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(part.close_sync)
                     raise

@@ -422,6 +422,14 @@ def _holder(path: Path) -> tuple[int | None, float | None]:
     )
 
 
+def _real(path: Path) -> Path:
+    """``path`` with its symlinks followed (as far as they lead)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: opening it fails with a clear error
+        return path
+
+
 class RunLock:
     """An OS lock held by one run for as long as it uses a journal (see the module doc)."""
 
@@ -507,7 +515,9 @@ class SqliteJournal(Journal):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _cannot(self.path, exc.strerror or str(exc)) from None
-        lock = RunLock.acquire(self.path)  # one run at a time, before the file is even read
+        # one run at a time, before the file is even read; the lock sits beside the file
+        # itself, so a symlink to the journal is locked as the journal
+        lock = RunLock.acquire(self.path, lock_file=lock_path(_real(self.path)))
         try:
             _check_header(self.path)
             try:

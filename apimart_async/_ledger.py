@@ -66,6 +66,7 @@ class Ledger:
         self.reopens: Callable[[JobRecord], bool] = lambda record: False
         self._held: dict[int, JobRecord] = {}
         self._listed: set[int] = set()  # jobs whose line the manifest has
+        self._manifest_failed = False
 
     @classmethod
     def for_batch(
@@ -134,6 +135,13 @@ class Ledger:
             if left
             else ""
         )
+        if self.journal is None:  # the manifest failed, and no journal can resume the batch
+            return JournalError(
+                f"the batch stopped: {self.fault}. No new job was started after that.{running}"
+                " Fix the cause (free some space, check the file's permissions); the jobs"
+                " that ended are in unread(), and client.tasks.watch(pending_task_ids())"
+                " follows the running ones (a journal= would resume them all)."
+            )
         return JournalError(
             f"the batch stopped: {self.fault}. No new job was started after that.{running} To"
             " resume, fix the cause (free some space, check the file's permissions) and"
@@ -179,10 +187,13 @@ class Ledger:
         """Close the manifest and the journal (saving the priors to it, with ``keep_priors``)."""
         with anyio.CancelScope(shield=True):
             if self._manifest is not None:
-                for record in self._held.values():  # never taken up again: listed as they were
-                    await self._manifest.write(record_line(record))
-                self._held.clear()
-                await self._manifest.close()
+                try:
+                    for record in self._held.values():  # never taken up again: as they were
+                        await self._manifest_write(record.index, record_line(record))
+                    self._held.clear()
+                    await self._manifest.close()
+                except JournalError as exc:  # the manifest's disk: the batch's error
+                    self._failed(exc, "the manifest")
             if self.journal is not None and self._opened:
                 self._opened = False
                 try:
@@ -200,12 +211,23 @@ class Ledger:
             with anyio.CancelScope(shield=True):
                 index = outcome.index
                 self._held.pop(index, None)
-                line = outcome_line(outcome, status)
-                if index in self._listed:  # taken up again though its files seemed whole
-                    await self._manifest.replace(index, line)
-                else:
-                    self._listed.add(index)
-                    await self._manifest.write(line)
+                await self._manifest_write(index, outcome_line(outcome, status))
+
+    async def _manifest_write(self, index: int, line: dict[str, Any]) -> None:
+        """Job ``index``'s line. A manifest that cannot be written (its disk is full...) is
+        a fault of the batch, as the journal's is (``fault``); nothing more is written to it:
+        a journal rebuilds it on the next run."""
+        if self._manifest is None or self._manifest_failed:
+            return
+        try:
+            if index in self._listed:  # taken up again though its files seemed whole
+                await self._manifest.replace(index, line)
+            else:
+                await self._manifest.write(line)
+                self._listed.add(index)
+        except JournalError as exc:
+            self._manifest_failed = True
+            self._failed(exc, f"the manifest line of job {index}")
 
     # -- the steps of a job ------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,21 +28,25 @@ class Manifest:
         self._fh: IO[str] | None = None
         self._limiter = anyio.CapacityLimiter(1)
 
+    async def _run(self, fn: Callable[[], None]) -> None:
+        """``fn`` on a worker thread; the local disk's errors (full, read-only...) become a
+        ``JournalError`` naming the manifest and the OS error."""
+        try:
+            await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write the manifest {self.path}: {exc.strerror or exc}"
+            ) from None
+
     async def open(self, lines: list[dict[str, Any]]) -> None:
         def run() -> None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fh = self.path.open("w", encoding="utf-8")
-            except OSError as exc:
-                raise JournalError(
-                    f"cannot write the manifest {self.path}: {exc.strerror or exc}"
-                ) from None
-            self._fh = fh
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = self._fh = self.path.open("w", encoding="utf-8")
             for line in lines:
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
             fh.flush()
 
-        await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        await self._run(run)
 
     async def write(self, line: dict[str, Any]) -> None:
         def run() -> None:
@@ -48,7 +54,7 @@ class Manifest:
                 self._fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 self._fh.flush()
 
-        await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        await self._run(run)
 
     async def replace(self, index: int, line: dict[str, Any]) -> None:
         """Write job ``index``'s line in place of the one the manifest has: the file is
@@ -72,22 +78,20 @@ class Manifest:
             os.replace(tmp, self.path)
             self._fh = self.path.open("a", encoding="utf-8")
 
-        try:
-            await anyio.to_thread.run_sync(run, limiter=self._limiter)
-        except OSError as exc:
-            raise JournalError(
-                f"cannot write the manifest {self.path}: {exc.strerror or exc}"
-            ) from None
+        await self._run(run)
 
     async def close(self) -> None:
         def run() -> None:
             fh, self._fh = self._fh, None
             if fh is not None:
-                fh.flush()
-                os.fsync(fh.fileno())
-                fh.close()
+                try:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                finally:
+                    with contextlib.suppress(OSError):  # the flush failed: closed all the same
+                        fh.close()
 
-        await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        await self._run(run)
 
 
 def manifest_line(

@@ -68,6 +68,14 @@ def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> Non
         )
 
 
+def _growth(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 1 <= value < math.inf
+    if not ok:  # under 1, an overdue task's waits would shrink towards zero
+        raise OptionError(
+            [FieldError(f"PollPolicy.{attribute.name}", "must be a number >= 1", value)]
+        )
+
+
 def _flag(_: object, attribute: attrs.Attribute[bool], value: bool) -> None:
     if not isinstance(value, bool):
         raise OptionError(
@@ -91,7 +99,7 @@ class PollPolicy:
     """The shortest wait between two checks of one task."""
     max_interval: float = attrs.field(default=60.0, validator=_positive)
     """The longest wait between two checks of a running task, whatever the prediction says."""
-    overdue_growth: float = attrs.field(default=1.5, validator=_positive)
+    overdue_growth: float = attrs.field(default=1.5, validator=_growth)
     """Once a task is overdue, each wait is this many times the one before."""
     overdue_window: float = attrs.field(default=0.25, validator=_fraction)
     """How long (as a fraction of the predicted duration) checks stay at ``min_interval`` after the
@@ -600,6 +608,10 @@ class PollSchedule:
             w.next_at = at
             heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
             return
-        w.overdue_checks += 1
-        interval = min(p.max_interval, lag * p.overdue_growth**w.overdue_checks)
+        interval = lag * p.overdue_growth**w.overdue_checks
+        if interval < p.max_interval:  # once there, the count stops (growth**n would overflow)
+            w.overdue_checks += 1
+            interval = min(p.max_interval, interval * p.overdue_growth)
+        else:
+            interval = p.max_interval
         self._set(w, self._jittered(w, now, now + interval))

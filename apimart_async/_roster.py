@@ -37,7 +37,8 @@ class Roster:
         self.finishing = 0
         #: Submits cut off before their reply by leaving the batch: the task may exist.
         self.unconfirmed: list[Job] = []
-        #: Tasks timed out here and still running (and billed) at the service.
+        #: Tasks timed out or no longer followed here (a stop, Ctrl-C, a failed journal), still
+        #: running (and billed) at the service.
         self.abandoned: list[str] = []
         #: The client's request counts when the batch started (``stats`` shows the batch's).
         self.baseline: dict[str, int] = {}

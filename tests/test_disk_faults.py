@@ -8,17 +8,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 import pytest
 
 import apimart_async as am
 from apimart_async import _download
 from apimart_async._download import Downloader, _PartFile
+from apimart_async._manifest import Manifest
 from apimart_async.emulator import Emulator
 
 from .conftest import FAST_POLL
@@ -207,6 +209,69 @@ async def test_too_little_free_space_is_refused_before_the_body_is_read(
     assert f"{64 * 1024} bytes" in message and "1000 bytes free" in message
     assert str(tmp_path / f"{task.id}.mp4") in message
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a .part
+
+
+@pytest.mark.parametrize("journaled", [True, False])
+async def test_a_manifest_whose_disk_fills_stops_the_batch_cleanly_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journaled: bool
+) -> None:
+    # the manifest sits on its own disk (manifest=), which fills after two lines: its writes,
+    # its flush at the close too, fail with ENOSPC
+    jobs = 8
+    real_open = Manifest.open
+
+    class FillingDisk:
+        def __init__(self, fh: IO[str]) -> None:
+            self.fh, self.lines = fh, 0
+
+        def write(self, text: str) -> None:
+            if self.lines >= 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.lines += 1
+            self.fh.write(text)
+
+        def flush(self) -> None:
+            if self.lines >= 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.fh.flush()
+
+        def fileno(self) -> int:
+            return self.fh.fileno()
+
+        def close(self) -> None:
+            self.fh.close()
+
+    async def filling(self: Manifest, lines: list[dict[str, object]]) -> None:
+        await real_open(self, lines)
+        assert self._fh is not None
+        self._fh = FillingDisk(self._fh)  # type: ignore[assignment]
+
+    manifest = tmp_path / "manifest.jsonl"
+    options: dict[str, object] = {"download_dir": tmp_path / "videos", "manifest": manifest}
+    if journaled:
+        options["journal"] = tmp_path / "jobs.db"
+    got: list[am.Outcome] = []
+    async with emulated() as (emu, client):
+        monkeypatch.setattr(Manifest, "open", filling)
+        with pytest.raises(am.JournalError) as caught:  # no OSError, no ExceptionGroup
+            async with client.batch([sora(i) for i in range(jobs)], **options) as results:
+                async for outcome in results:
+                    got.append(outcome)
+        assert "No space left on device" in str(caught.value)
+        assert str(manifest) in str(caught.value)
+        # every paid task is reachable: read, unread, or still running
+        reachable = [o.task_id for o in [*got, *results.unread()]] + results.pending_task_ids()
+        assert sorted(reachable) == sorted(emu.task_ids())
+        if not journaled:
+            return
+        monkeypatch.setattr(Manifest, "open", real_open)  # the user frees space
+        submits = emu.counters["submit"]
+        async with client.batch([sora(i) for i in range(jobs)], **options) as again:
+            second = await drain(again)
+        assert emu.counters["submit"] == submits == emu.tasks_created  # nothing paid twice
+    assert sorted(o.index for o in second) == list(range(jobs))
+    lines = [json.loads(t) for t in manifest.read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(jobs))  # each exactly once
 
 
 # -- a real small disk (a 2 MiB tmpfs) --------------------------------------------------------

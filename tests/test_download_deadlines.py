@@ -5,15 +5,18 @@ not depend on how fast the machine is; the stall is lifted by setting the knob b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
 
 import apimart_async as am
+from apimart_async._download import Downloader
 from apimart_async.emulator import Emulator, Fault
 from apimart_async.testing import follow_clock
 
@@ -149,3 +152,44 @@ def test_the_floor_is_checked() -> None:
         client.batch([], min_download_rate=0)
     with pytest.raises(am.ValidationError, match="^download_rate_window: must be a positive"):
         client.batch([], download_rate_window=-1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc")
+async def test_a_download_cancelled_as_it_completes_closes_its_part(tmp_path: Path) -> None:
+    # The whole body arrived; the caller is cancelled (the batch was left) before the part is
+    # renamed into place: the part must be closed then, not left to the garbage collector.
+    body = b"v" * 1000
+    scope = anyio.CancelScope()
+
+    class Reply:
+        status = 200
+        headers: ClassVar[dict[str, str]] = {"Content-Length": str(len(body))}
+
+        async def _chunks(self) -> AsyncIterator[bytes]:
+            yield body
+
+        def chunks(self, size: int) -> AsyncIterator[bytes]:
+            return self._chunks()
+
+    @contextlib.asynccontextmanager
+    async def stream(url: str, headers: object = None) -> AsyncIterator[Reply]:
+        yield Reply()
+        scope.cancel()  # after the last byte, before the rename
+
+    async def refresh(task_id: str) -> am.Task:
+        raise AssertionError("not called")
+
+    def open_parts() -> list[str]:
+        fds = Path("/proc/self/fd")
+        links = []
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(fd))
+        return [link for link in links if link.endswith(".part")]
+
+    dest = tmp_path / "v.mp4"
+    with scope:
+        await Downloader(stream=stream, refresh=refresh).fetch("http://127.0.0.1:9/v.mp4", dest)
+    assert scope.cancelled_caught
+    assert open_parts() == []
+    assert (tmp_path / "v.mp4.part").read_bytes() == body  # kept whole for a resume

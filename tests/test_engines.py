@@ -758,3 +758,26 @@ async def test_a_part_left_by_an_earlier_run_is_checked_against_its_first_reply(
     assert dest.read_bytes() == VIDEO and got.sha256 == hashlib.sha256(VIDEO).hexdigest()
     assert second.gets == [{"Range": f"bytes={len(page)}-"}, None]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # nothing left beside it
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [b"\xff\xfe garbage", b"null", b"[1, 2]", b'{"total": "x", "tag": 5}', b"[" * 100_000],
+    ids=["binary", "null", "list", "wrong-types", "nested-too-deep"],
+)
+async def test_a_garbage_origin_beside_a_part_is_ignored(tmp_path: Path, sidecar: bytes) -> None:
+    # Whatever the sidecar holds, it is read as "no origin known": the part is resumed
+    # unchecked, as one without a sidecar, and no raw error (RecursionError...) escapes.
+    from apimart_async._download import Downloader
+
+    dest = tmp_path / "a.mp4"
+    (tmp_path / "a.mp4.part").write_bytes(VIDEO[:1000])
+    (tmp_path / "a.mp4.part.origin").write_bytes(sidecar)
+    files = ScriptedFiles((206, _ranged(1000), VIDEO[1000:], False))
+    with no_backoff():
+        got = await Downloader(stream=files, refresh=Refresh()).fetch_url(
+            "https://files.example/v.mp4", dest
+        )
+    assert dest.read_bytes() == VIDEO and got.sha256 == hashlib.sha256(VIDEO).hexdigest()
+    assert files.gets == [{"Range": "bytes=1000-"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]

@@ -316,6 +316,24 @@ async def test_a_second_batch_on_the_same_journal_is_refused_at_once(
     assert emu.counters.get("submit", 0) == 3 and emu.tasks_created == 3
 
 
+async def test_a_journal_reached_through_a_symlink_is_locked_as_the_same_journal(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    # a user keeps `latest.sqlite -> run-monday.sqlite` and starts the same command twice,
+    # once with each name: one database, so one run
+    path = tmp_path / "run-monday.sqlite"
+    link = tmp_path / "latest.sqlite"
+    link.symlink_to(path.name)
+    async with client.batch(jobs(3), journal=link):
+        await emu.wait_until(lambda: emu.tasks_created == 3)
+        for other in (path, link):
+            with pytest.raises(am.JournalLockedError) as caught:
+                async with client.batch(jobs(3), journal=other):
+                    pass
+            assert str(other) in str(caught.value)
+        assert emu.counters.get("submit", 0) == 3
+
+
 HOLDER = """
 import sys, anyio
 from apimart_async import SqliteJournal

@@ -98,6 +98,20 @@ def test_overdue_tasks_space_out_up_to_max_interval() -> None:
     assert checks[-1] - 300.0 <= 10.0
 
 
+def test_a_task_overdue_for_days_is_still_checked_every_max_interval() -> None:
+    # A task stuck in "processing" (a long-lived web backend follows it): after ~1,750 checks
+    # 1.5 ** checks overflowed a float, on_status raised, and every poll round failed from
+    # then on, so no other task of the client was ever seen to end.
+    policy = am.PollPolicy(jitter=0.0, max_interval=30.0)
+    s = PollSchedule(policy)
+    s.add("stuck", now=0.0)
+    days = 2 * 24 * 3600.0
+    checks = simulate(s, {"stuck": days}, linear=False, estimate={"stuck": 60.0}, until=days + 60)
+    late = [b - a for a, b in itertools.pairwise(checks["stuck"]) if a >= 3600.0]
+    assert len(late) > 5000 and all(g == pytest.approx(30.0) for g in late[:-1])
+    assert checks["stuck"][-1] >= days  # and its end was seen
+
+
 @pytest.mark.parametrize("target_lag", [1.0, 2.0, 5.0, 10.0, 30.0])
 def test_realistic_draws_never_wait_longer_than_target_lag_in_the_window(
     target_lag: float,
@@ -313,6 +327,10 @@ def test_policy_validation() -> None:
         am.PollPolicy(min_interval=0)
     with pytest.raises(ValueError, match="PollPolicy.jitter: must be between 0 and 1"):
         am.PollPolicy(jitter=2)
+    # a growth under 1 shrank the waits of an overdue task towards zero: reads back to back
+    with pytest.raises(ValueError, match=r"PollPolicy.overdue_growth: must be a number >= 1"):
+        am.PollPolicy(overdue_growth=0.5)
+    assert am.PollPolicy(overdue_growth=1).overdue_growth == 1  # even gaps: allowed
 
 
 def test_in_the_window_the_gap_counts_from_when_the_check_left() -> None:

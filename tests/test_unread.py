@@ -12,6 +12,8 @@ import pytest
 import apimart_async as am
 from apimart_async.emulator import Emulator
 
+from .conftest import FAST_POLL
+
 pytestmark = pytest.mark.anyio
 
 
@@ -85,3 +87,65 @@ async def test_read_outcomes_are_not_listed_as_unread(
         got = [o async for o in results]
     assert len(got) == 2 and results.unread() == [] and results.stats().unread == 0
     assert "unread" not in repr(results)
+
+
+async def test_leaving_during_a_download_keeps_the_paid_job_as_unread(tmp_path: Path) -> None:
+    # A completed job whose file is still downloading when the caller leaves: its task is
+    # paid and done, so it is in neither pending list. It must come out as an unread outcome
+    # (with its task id and a DownloadError), and the journal must let a re-run fetch the rest.
+    journal, videos = tmp_path / "run.sqlite", tmp_path / "videos"
+    jobs = [sora(i) for i in range(3)]
+    async with Emulator(mode="manual", frozen_clock=True, video_bytes=1024 * 1024) as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as c:
+            async with c.batch(jobs, journal=journal, download_dir=videos) as results:
+                await emu.wait_until(lambda: len(c._poller) == 3)
+                emu.file_chunk_delay = 60.0  # the file stalls after its first 256 KiB
+                done = emu.task_ids()[0]
+                emu.complete(done)
+                with anyio.fail_after(20):
+                    while not results.stats().downloading:  # noqa: ASYNC110 - no event
+                        await anyio.sleep(0.001)
+            unread = results.unread()
+            assert [o.task_id for o in unread] == [done]
+            (cut,) = unread
+            assert isinstance(cut, am.Failure) and isinstance(cut.error, am.DownloadError)
+            assert cut.task is not None and cut.task.id == done
+            assert "left" in str(cut.error)
+            assert sorted(results.pending_task_ids()) == sorted(emu.task_ids()[1:])
+            assert results.stats().unread == 1 and "unread=1" in repr(results)
+            # a re-run submits nothing and fetches the file
+            emu.file_chunk_delay = 0.0
+            async with c.batch(jobs, journal=journal, download_dir=videos) as again:
+                emu.complete_all()
+                got = [o async for o in again]
+            assert sorted(o.index for o in got) == [0, 1, 2] and all(o.ok for o in got)
+            assert emu.tasks_created == 3
+            assert (videos / "000000.mp4").stat().st_size == 1024 * 1024
+
+
+@pytest.mark.parametrize("how", ["stop", "ctrl-c"])
+async def test_tasks_a_stop_leaves_running_are_listed_as_pending(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, tmp_path: Path, how: str
+) -> None:
+    # stop(grace=0) (or a Ctrl-C with no grace left) stops following the running tasks: they
+    # are paid and running, so pending_task_ids() must list them, and the journal resumes them
+    journal = tmp_path / "run.sqlite"
+    jobs = [sora(i) for i in range(4)]
+    async with manual_client.batch(jobs, journal=journal, sigint_grace=0) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 4)
+        done = manual_emu.task_ids()[0]
+        manual_emu.complete(done)
+        first = await results.__anext__()
+        if how == "stop":
+            await results.stop()
+        else:
+            results._on_sigint()
+        rest = [o async for o in results]
+    assert first.task_id == done and rest == [] and results.unread() == []
+    running = manual_emu.task_ids()[1:]
+    assert sorted(results.pending_task_ids()) == sorted(running)
+    async with manual_client.batch(jobs, journal=journal) as again:
+        manual_emu.complete_all()
+        second = [o async for o in again]
+    assert sorted(o.index for o in second) == [0, 1, 2, 3] and all(o.ok for o in second)
+    assert manual_emu.tasks_created == 4
