@@ -30,13 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
 from ._download import Downloader
-from ._errors import (
-    ApimartError,
-    BatchStoppedError,
-    DownloadError,
-    JournalError,
-    TaskTimeoutError,
-)
+from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutError
 from ._interrupt import SigintHandler, announce_interrupt
 from ._jobs import (
     Conclusion,
@@ -44,7 +38,7 @@ from ._jobs import (
     Job,
     ResumePlan,
     Stop,
-    download_deadline,
+    cut_off,
     file_stem,
     read_inputs,
     stop_after,
@@ -353,7 +347,7 @@ class BatchRun:
         if self._tg is None or self._ledger.fault is not None:  # listed, not followed
             self.roster.confirmed(job)
             if self._ledger.fault is not None:
-                self._abandon_pending()
+                self._unfollow_all()
                 self._maybe_close()
             return
         if self._stop_reason is Stop.DEADLINE:
@@ -431,16 +425,9 @@ class BatchRun:
             download_error: ApimartError | None = None
             if isinstance(result, Task) and result.ok and self.download_dir is not None:
                 await self._ledger.downloading(job, result)
-                poller, o = self._poller, self.options
+                poller = self._poller
                 since = None if job.submitted_at is None else job.submitted_at - poller.now()
-                deadline = download_deadline(
-                    o.timeout,
-                    o.job_timeout,
-                    now=anyio.current_time(),
-                    batch_ends_at=self._ends_at,
-                    since_submit=since,
-                    time_scale=poller.time_scale,
-                )
+                deadline = self.options.download_deadline(since, poller.time_scale, self._ends_at)
                 files, download_error = await self._downloader.task_files_by(
                     deadline,
                     result,
@@ -454,25 +441,14 @@ class BatchRun:
             await self._ledger.finished(job, end, files)
             self._publish(end)
         except anyio.get_cancelled_exc_class():
-            if not concluded:  # left mid-download: the paid job is handed out, not lost
-                with anyio.CancelScope(shield=True):
-                    await self._cut_off(job, task_id, result)
+            if not concluded:  # left mid-download: handed out (unread()), the journal keeps it
+                end = self.roster.conclude(job, task_id, result, (), cut_off(task_id))
+                await self._ledger.finished(job, end, ())  # shielded inside
+                self._publish(end)
             raise
         finally:
             self.roster.finishing -= 1
             self._maybe_close()
-
-    async def _cut_off(self, job: Job, task_id: str, result: Task | ApimartError) -> None:
-        """The batch was left while job's files were being fetched: it ends with a
-        ``DownloadError`` (in ``unread()``, with its task id); the journal keeps it open, so
-        the next run fetches the rest of the ``.part``."""
-        error = DownloadError(
-            f"download of task {task_id} cut off: the batch was left; what arrived is kept"
-            " and a resume fetches the rest"
-        )
-        end = self.roster.conclude(job, task_id, result, (), error)
-        await self._ledger.finished(job, end, ())
-        self._publish(end)
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -511,12 +487,8 @@ class BatchRun:
         following the running tasks (listed in ``pending_task_ids()``), and end the iteration
         with ``journal_error()`` once the jobs in flight are handed out."""
         self._stop(Stop.JOURNAL_FAILED, str(fault))
-        self._abandon_pending()
+        self._unfollow_all()
         self._maybe_close()
-
-    def _abandon_pending(self) -> None:
-        if self._ledger.fault is not None:
-            self._unfollow_all()
 
     def journal_error(self) -> JournalError | None:
         """The error that ends a batch whose journal failed, naming the tasks left running

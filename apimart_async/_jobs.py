@@ -29,6 +29,7 @@ from ._errors import (
     ApimartError,
     APIStatusError,
     ClientClosedError,
+    DownloadError,
     FieldError,
     JournalMismatchError,
     NotFoundError,
@@ -493,6 +494,16 @@ def stop_after(
     if stop_on_error and (isinstance(result, ApimartError) or not result.ok):
         return Stop.JOB_FAILED, what
     return None
+
+
+def cut_off(task_id: str) -> DownloadError:
+    """The end of a job whose files were being fetched when the caller left the batch: it is
+    handed out (``unread()``, with its task id) and the journal keeps it open, so the next
+    run fetches the rest of the ``.part``."""
+    return DownloadError(
+        f"download of task {task_id} cut off: the batch was left; what arrived is kept"
+        " and a resume fetches the rest"
+    )
 
 
 def download_deadline(

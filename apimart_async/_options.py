@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 
 from ._admission import Budget
@@ -25,6 +26,7 @@ from ._checks import (
 )
 from ._download import RateFloor
 from ._errors import FieldError, ValidationError
+from ._jobs import download_deadline
 from ._journal import Journal, SqliteJournal
 from ._models import VideoRequest
 from ._outcomes import BatchEvent
@@ -147,6 +149,20 @@ class BatchOptions:
         if self.min_download_rate is None:
             return None
         return RateFloor(float(self.min_download_rate), float(self.download_rate_window))
+
+    def download_deadline(
+        self, since_submit: float | None, time_scale: float, batch_ends_at: float
+    ) -> tuple[float, str]:
+        """When a job's download must end, on anyio's clock, and which limit says so
+        (``_jobs.download_deadline``)."""
+        return download_deadline(
+            self.timeout,
+            self.job_timeout,
+            now=anyio.current_time(),
+            batch_ends_at=batch_ends_at,
+            since_submit=since_submit,
+            time_scale=time_scale,
+        )
 
     def budget(self) -> Budget | None:
         """A fresh ``Budget`` for ``max_cost`` (None without it)."""
