@@ -142,6 +142,7 @@ def test_batch_stats_to_dict_is_json_safe() -> None:
         requests={"submit": 4, "task": 7},
         replayed=1,
         downloading=0,
+        unread=2,
     )
     d = stats.to_dict()
     assert _json_round_trip(d) == d
@@ -159,6 +160,7 @@ def test_batch_stats_to_dict_is_json_safe() -> None:
         "requests": {"submit": 4, "task": 7},
         "replayed": 1,
         "downloading": 0,
+        "unread": 2,
     }
     d["requests"]["task"] = 0  # a copy: the stats stay as they were
     assert stats.requests["task"] == 7
