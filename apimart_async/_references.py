@@ -405,10 +405,8 @@ class References:
                 return cached.url
             event = self._inflight.get(digest)
             if event is None:
-                break
+                break  # nobody uploads it (or the upload waited for failed): this job does
             await event.wait()  # another job is uploading this content: use its URL
-            if digest not in self._urls:
-                break  # it failed: try again for this job
         event = anyio.Event()
         self._inflight[digest] = event
         try:

@@ -11,12 +11,14 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
 
 import apimart_async as am
+from apimart_async._references import MediaPolicy, References
 from apimart_async.emulator import Emulator, Fault
 from apimart_async.testing import follow_clock
 
@@ -242,6 +244,57 @@ async def test_after_a_failed_upload_a_later_job_tries_again(tmp_path: Path, emu
     assert isinstance(outcomes[0].error, am.UploadError)
     assert outcomes[1].ok
     assert emu.uploads_per_hash == {sha(path): 1}
+
+
+class GatedUploads:
+    """``Api.upload_image`` on a fake: each upload waits for ``gate``; the first one fails."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.calls = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def upload_image(self, data: bytes, *, filename: str | None = None) -> am.UploadedImage:
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate.wait()
+            if self.calls == 1:
+                raise am.ServerError("the service is down", status=503)
+            return am.UploadedImage(f"https://files.example/{self.calls}.png")
+        finally:
+            self.in_flight -= 1
+
+
+async def test_jobs_waiting_on_a_failed_upload_upload_it_again_once(tmp_path: Path) -> None:
+    path = image(tmp_path, "a.png", 1)
+    api = GatedUploads()
+    fake: Any = api
+    refs = References(fake, MediaPolicy.of(tmp_path))
+    request = await refs.prepare(am.VideoRequest("viduq3", "a bear", image_urls=[path]))
+    sent: list[am.VideoRequest | BaseException] = []
+
+    async def job() -> None:
+        try:
+            sent.append(await refs.materialize(request))
+        except am.ApimartError as exc:
+            sent.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(job)
+        await anyio.wait_all_tasks_blocked()  # one job uploads, four wait for it
+        assert api.calls == 1
+        api.gate.set()  # the upload fails: the next job uploads again, the others wait for it
+    errors = [s for s in sent if isinstance(s, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], am.UploadError)
+    assert str(path) in str(errors[0])
+    urls = [s.image_urls for s in sent if isinstance(s, am.VideoRequest)]
+    assert urls == [("https://files.example/2.png",)] * 4
+    assert api.calls == 2 and api.most_in_flight == 1
+    assert (refs.stats.uploaded, refs.stats.failed) == (1, 1)
 
 
 # -- bad local files fail early ---------------------------------------------------------------
