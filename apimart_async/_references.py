@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, Literal, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -170,8 +170,14 @@ def _local_path(ref: str) -> str:
         parts = urlsplit(ref)
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"names a file on another host ({parts.netloc})")
-        return unquote(parts.path)
+        return _unquote_path(parts.path)
     return os.path.expanduser(ref)
+
+
+def _unquote_path(quoted: str) -> str:
+    """A ``file://`` URL's path, its ``%XX`` escapes decoded as the file system's bytes (as
+    ``Path.as_uri`` made them: a file name need not be UTF-8)."""
+    return os.fsdecode(unquote_to_bytes(os.fsencode(quoted)))
 
 
 def _canonical_hash(ref: str) -> tuple[str, str] | None:
@@ -179,7 +185,7 @@ def _canonical_hash(ref: str) -> tuple[str, str] | None:
     head, sep, digest = ref.rpartition(_CANONICAL_TAG)
     if not sep or len(digest) != 64 or not head.startswith("file://"):
         return None
-    return unquote(urlsplit(head).path), digest
+    return _unquote_path(urlsplit(head).path), digest
 
 
 def prepare_request(

@@ -393,6 +393,25 @@ async def test_the_default_root_is_the_current_folder(
     outside.unlink()
 
 
+async def test_a_file_name_that_is_not_utf8_is_uploaded_from_its_own_path(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    try:  # a Linux file name may be any bytes; Python holds b"\xff" as the surrogate "\udcff"
+        path = image(tmp_path, os.fsdecode(b"caf\xe9-latin1.png"), 1)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    jobs = [
+        am.VideoRequest("viduq3", "a path", image_urls=[path]),
+        am.VideoRequest("viduq3", "its file:// URL", image_urls=[path.as_uri()]),
+    ]
+    async with client.batch(jobs, media_root=tmp_path) as res:
+        outcomes = await drain(res)
+    assert [o.error for o in outcomes] == [None, None]
+    assert emu.uploads_per_hash == {sha(path): 1}
+    url = await client.uploads.image(path)  # the form sends the name as UTF-8
+    assert url.startswith(upload_prefix(emu))
+
+
 async def test_a_local_video_goes_as_a_data_uri_for_gemini(
     tmp_path: Path, emu: Emulator, client: am.AsyncApimart
 ) -> None:
