@@ -389,7 +389,9 @@ class References:
                 kind: Kind = "image" if field == "image_urls" else "video"
                 try:
                     out.append(await self._url(Path(path), digest, kind))
-                except (UploadError, ClientClosedError):
+                except UploadError as exc:  # the file is gone or changed since its check
+                    raise UploadError(f"{field}[{i}]", exc.path, exc.reason) from exc
+                except ClientClosedError:
                     raise  # a closed client stops the batch as it does on a submit
                 except ApimartError as exc:
                     raise UploadError(f"{field}[{i}]", path, exc) from exc

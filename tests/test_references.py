@@ -297,6 +297,27 @@ async def test_jobs_waiting_on_a_failed_upload_upload_it_again_once(tmp_path: Pa
     assert (refs.stats.uploaded, refs.stats.failed) == (1, 1)
 
 
+async def test_a_file_changed_or_gone_after_its_check_is_never_uploaded(tmp_path: Path) -> None:
+    changed, gone = image(tmp_path, "changed.png", 1), image(tmp_path, "gone.png", 2)
+    api = GatedUploads()
+    api.gate.set()
+    fake: Any = api
+    refs = References(fake, MediaPolicy.of(tmp_path))
+    url = "https://x.io/first.png"
+    for path in (changed, gone):
+        request = am.VideoRequest("viduq3", "a bear", image_urls=[url, path])
+        prepared = await refs.prepare(request)
+        if path == changed:
+            image(tmp_path, "changed.png", 3)  # other bytes under the checked name
+        else:
+            path.unlink()
+        with pytest.raises(am.UploadError) as info:
+            await refs.materialize(prepared)
+        assert (info.value.field, info.value.path) == ("image_urls[1]", str(path))
+        assert str(info.value).startswith(f"image_urls[1]: could not upload {path}: ")
+    assert api.calls == 0
+
+
 # -- bad local files fail early ---------------------------------------------------------------
 
 
