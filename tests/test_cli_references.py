@@ -153,3 +153,26 @@ async def test_the_example_jobs_file_uploads_its_three_images_once(tmp_path: Pat
         "hug.mp4",
         "santa-wave.mp4",
     ]
+
+
+async def test_an_emulated_rerun_reuses_the_uploads_of_the_emulator_it_resumes(
+    tmp_path: Path,
+) -> None:
+    refs = images(tmp_path, 2)
+    lines: list[dict[str, object]] = [
+        {"name": f"j{i}", "model": "viduq3", "prompt": f"p{i}", "image_urls": [refs[i % 2]]}
+        for i in range(3)
+    ]
+    jobs = write_jobs(tmp_path, lines)
+    out = tmp_path / "out"
+    _, stdout, _ = await cli("run", str(jobs), "--emulate", "-o", str(out), "--json", check=0)
+    summary = json.loads(stdout.splitlines()[-1])
+    assert (summary["uploads"], summary["uploads_reused"]) == (2, 0)
+    # One more line on the same file: the journal's URL is sent, and the emulator the re-run
+    # starts (from its state file, beside the journal) still has the image.
+    lines.append({"name": "j3", "model": "viduq3", "prompt": "p3", "image_urls": [refs[0]]})
+    write_jobs(tmp_path, lines)
+    _, stdout, _ = await cli("run", str(jobs), "--emulate", "-o", str(out), "--json", check=0)
+    summary = json.loads(stdout.splitlines()[-1])
+    assert (summary["uploads"], summary["uploads_reused"]) == (0, 1)
+    assert (summary["completed"], summary["errored"], summary["replayed"]) == (4, 0, 3)
