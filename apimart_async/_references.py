@@ -48,6 +48,7 @@ import attrs
 from ._api import MAX_UPLOAD_BYTES, Api, sniff_image
 from ._errors import (
     ApimartError,
+    BadRequestError,
     ClientClosedError,
     FieldError,
     JournalError,
@@ -324,6 +325,8 @@ class References:
         self._inflight: dict[str, anyio.Event] = {}
         #: Contents whose URL an earlier run uploaded and this run has not used yet.
         self._earlier: set[str] = set()
+        #: URLs read from the journal (url -> sha256), until a refused submit forgets one.
+        self._remembered: dict[str, str] = {}
         self._loaded = False
         self._loading = anyio.Lock()
 
@@ -446,6 +449,35 @@ class References:
                 logger.warning("upload of %s not kept in the journal: %s", path, exc)
         return reply.url
 
+    async def submit(self, sent: VideoRequest, idempotency_key: str | None) -> str:
+        """``Api.submit(sent)``; when it is refused as a bad request, the upload URLs of earlier
+        runs that ``sent`` names are forgotten (``refused``) before the error is raised."""
+        try:
+            return await self._api.submit(sent, idempotency_key=idempotency_key)
+        except BadRequestError:
+            if any(url in self._remembered for url in sent.image_urls):
+                with anyio.CancelScope(shield=True):  # the job's outcome is recorded next
+                    await self.refused(sent)
+            raise
+
+    async def refused(self, sent: VideoRequest) -> None:
+        """The submit of ``sent`` was refused as a bad request. An upload URL it named that came
+        from an earlier run (the journal) may be gone at the service before its 72 h: each is
+        forgotten, here and in the journal, so the next job that needs the file, or the next
+        run, uploads it again (at most one upload more per file and run; a URL this run
+        uploaded is kept)."""
+        for url in sent.image_urls:
+            digest = self._remembered.pop(url, None)
+            cached = self._urls.get(digest) if digest is not None else None
+            if cached is None or cached.url != url:
+                continue
+            del self._urls[cached.sha256]
+            if self.cache is not None:
+                try:
+                    await self.cache.put(attrs.evolve(cached, expires_at=0.0))
+                except JournalError as exc:
+                    logger.warning("a refused upload URL not forgotten by the journal: %s", exc)
+
     async def _read_verified(self, path: Path, digest: str) -> bytes:
         """The file's bytes, refused if they are no longer those checked by ``prepare``."""
         try:
@@ -476,6 +508,7 @@ class References:
                 if entry.expires_at - REUPLOAD_MARGIN > now and entry.sha256 not in self._urls:
                     self._urls[entry.sha256] = entry
                     self._earlier.add(entry.sha256)
+                    self._remembered[entry.url] = entry.sha256
             self._loaded = True
 
 

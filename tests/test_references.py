@@ -503,6 +503,30 @@ async def test_a_rerun_reuses_uploads_until_they_expire(tmp_path: Path) -> None:
         assert_sent_urls_only(emu)
 
 
+async def test_a_remembered_url_the_service_refuses_is_uploaded_again(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    journal = tmp_path / "run.sqlite"
+
+    async def run(n: int) -> list[am.Outcome]:
+        jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(n)]
+        async with client.batch(jobs, concurrency=1, journal=journal, media_root=tmp_path) as res:
+            return sorted(await drain(res), key=lambda o: o.index)
+
+    assert [o.ok for o in await run(1)] == [True]
+    emu.state.uploads.clear()  # the service lost the upload before its 72 h were over
+    second = await run(3)
+    # The first job sent the journal's URL and was refused; the URL is forgotten, so the next
+    # job uploads the file again, and so does a re-run (not 72 h of the same refusal).
+    assert [o.ok for o in second] == [True, False, True]
+    assert isinstance(second[1].error, am.BadRequestError)
+    assert emu.uploads_per_hash == {sha(path): 2}
+    third = await run(3)
+    assert [o.ok for o in third] == [True, True, True]
+    assert emu.uploads_per_hash == {sha(path): 2}  # the new URL is reused
+
+
 async def test_sigkill_then_resume_makes_no_more_uploads(tmp_path: Path) -> None:
     images = shared_images(tmp_path)
     (tmp_path / "images.txt").write_text("\n".join(str(p) for p in images))
