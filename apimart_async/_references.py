@@ -254,6 +254,10 @@ def check_file(
         given = Path(_local_path(ref))
         if "\x00" in str(given):
             raise ValueError("is not a valid path (it holds a NUL character)")
+        try:
+            os.fsencode(given)
+        except UnicodeEncodeError:
+            raise ValueError("is not a valid path (no file name holds its characters)") from None
     except ValueError as exc:
         raise _refused(str(exc)) from None
     path = Path(os.path.realpath(policy.base / given))

@@ -363,6 +363,18 @@ async def test_bad_local_files_are_refused_before_anything_is_sent(
     assert gif.exists()
 
 
+async def test_a_path_no_file_system_can_hold_is_refused_naming_the_field(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    # A lone surrogate (a JSON jobs file may hold "\ud83d") has no bytes to name a file with.
+    jobs = [am.VideoRequest("viduq3", "a bear", image_urls=["https://x.io/a.png", "b\ud83d.png"])]
+    async with client.batch(jobs, media_root=tmp_path) as res:
+        (outcome,) = await drain(res)
+    assert isinstance(outcome.error, am.ValidationError)
+    assert str(outcome.error).startswith("image_urls[1]: is not a valid path")
+    assert sum(emu.counters.values()) == 0
+
+
 async def test_a_model_size_limit_is_checked_for_local_files(
     tmp_path: Path, emu: Emulator, client: am.AsyncApimart
 ) -> None:
