@@ -286,7 +286,9 @@ def check_file(
     if known is not None and known.kind == kind:
         return known
     try:
-        data = path.read_bytes()
+        data = _read_regular(path)
+    except _NotRegular:
+        raise _refused(f"is not a regular file ({path})") from None
     except OSError as exc:
         raise _refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
     if kind == "image":
@@ -485,7 +487,9 @@ class References:
     async def _read_verified(self, path: Path, digest: str) -> bytes:
         """The file's bytes, refused if they are no longer those checked by ``prepare``."""
         try:
-            data = await anyio.to_thread.run_sync(path.read_bytes)
+            data = await anyio.to_thread.run_sync(_read_regular, path)
+        except _NotRegular:
+            raise UploadError("file", str(path), "is no longer a regular file") from None
         except OSError as exc:
             raise UploadError("file", str(path), exc) from None
         if await anyio.to_thread.run_sync(_sha256, data) != digest:
@@ -514,6 +518,20 @@ class References:
                     self._earlier.add(entry.sha256)
                     self._remembered[entry.url] = entry.sha256
             self._loaded = True
+
+
+class _NotRegular(Exception):
+    """The path names a folder, a pipe, a device... (not a regular file)."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of the regular file at ``path``. Opened without waiting (a named pipe put in
+    its place after a check would block the read for good), then checked: ``_NotRegular``."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(str(path))
+        return f.read()
 
 
 def _refused(rule: str) -> ValidationError:

@@ -318,6 +318,24 @@ async def test_a_file_changed_or_gone_after_its_check_is_never_uploaded(tmp_path
     assert api.calls == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+async def test_a_file_swapped_for_a_fifo_after_its_check_is_refused_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    api = GatedUploads()
+    fake: Any = api
+    refs = References(fake, MediaPolicy.of(tmp_path))
+    prepared = await refs.prepare(am.VideoRequest("viduq3", "a bear", image_urls=[path]))
+    path.unlink()
+    os.mkfifo(path)  # reading it would wait for a writer that never comes
+    with anyio.fail_after(30), pytest.raises(am.UploadError) as info:  # a guard, not a timing
+        await refs.materialize(prepared)
+    assert (info.value.field, info.value.path) == ("image_urls[0]", str(path))
+    assert str(info.value).endswith("is no longer a regular file")
+    assert api.calls == 0
+
+
 # -- bad local files fail early ---------------------------------------------------------------
 
 
