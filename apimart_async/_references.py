@@ -287,10 +287,10 @@ def check_file(
         return known
     try:
         data = _read_regular(path)
-    except _NotRegular:
-        raise _refused(f"is not a regular file ({path})") from None
     except OSError as exc:
         raise _refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
+    if data is None:
+        raise _refused(f"is not a regular file ({path})")
     if kind == "image":
         sniffed = sniff_image(data)
         if sniffed is None:
@@ -488,10 +488,10 @@ class References:
         """The file's bytes, refused if they are no longer those checked by ``prepare``."""
         try:
             data = await anyio.to_thread.run_sync(_read_regular, path)
-        except _NotRegular:
-            raise UploadError("file", str(path), "is no longer a regular file") from None
         except OSError as exc:
             raise UploadError("file", str(path), exc) from None
+        if data is None:
+            raise UploadError("file", str(path), "is no longer a regular file")
         if await anyio.to_thread.run_sync(_sha256, data) != digest:
             raise UploadError(
                 "file", str(path), "the file changed after it was checked; run the batch again"
@@ -520,18 +520,13 @@ class References:
             self._loaded = True
 
 
-class _NotRegular(Exception):
-    """The path names a folder, a pipe, a device... (not a regular file)."""
-
-
-def _read_regular(path: Path) -> bytes:
-    """The bytes of the regular file at ``path``. Opened without waiting (a named pipe put in
-    its place after a check would block the read for good), then checked: ``_NotRegular``."""
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of the regular file at ``path``, None if it is not one (a folder, a pipe). It
+    is opened without waiting: a named pipe put in its place after a check would block the
+    read for good."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular(str(path))
-        return f.read()
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _refused(rule: str) -> ValidationError:
