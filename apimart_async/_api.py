@@ -497,6 +497,8 @@ class Api:
         content_type, ext = kind
         if "." not in name:
             name = f"{name}.{ext}"
+        # A file name need not be UTF-8 ("caf\udce9.png"): the form sends it as UTF-8.
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
         def form() -> aiohttp.FormData:
             fd = aiohttp.FormData()

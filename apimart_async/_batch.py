@@ -323,7 +323,7 @@ class BatchRun:
         try:
             sent = await self.refs.materialize(job.request)  # local files -> uploaded URLs
             await self._ledger.before_submit(job)
-            task_id = await self._api.submit(sent, idempotency_key=job.key)
+            task_id = await self.refs.submit(sent, job.key)  # Api.submit, see there
         except ApimartError as exc:
             self.roster.submit_failed(job)
             outcome = outcome_of(

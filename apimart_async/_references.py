@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, Literal, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -48,6 +48,7 @@ import attrs
 from ._api import MAX_UPLOAD_BYTES, Api, sniff_image
 from ._errors import (
     ApimartError,
+    BadRequestError,
     ClientClosedError,
     FieldError,
     JournalError,
@@ -170,8 +171,14 @@ def _local_path(ref: str) -> str:
         parts = urlsplit(ref)
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"names a file on another host ({parts.netloc})")
-        return unquote(parts.path)
+        return _unquote_path(parts.path)
     return os.path.expanduser(ref)
+
+
+def _unquote_path(quoted: str) -> str:
+    """A ``file://`` URL's path, its ``%XX`` escapes decoded as the file system's bytes (as
+    ``Path.as_uri`` made them: a file name need not be UTF-8)."""
+    return os.fsdecode(unquote_to_bytes(os.fsencode(quoted)))
 
 
 def _canonical_hash(ref: str) -> tuple[str, str] | None:
@@ -179,7 +186,7 @@ def _canonical_hash(ref: str) -> tuple[str, str] | None:
     head, sep, digest = ref.rpartition(_CANONICAL_TAG)
     if not sep or len(digest) != 64 or not head.startswith("file://"):
         return None
-    return unquote(urlsplit(head).path), digest
+    return _unquote_path(urlsplit(head).path), digest
 
 
 def prepare_request(
@@ -247,6 +254,10 @@ def check_file(
         given = Path(_local_path(ref))
         if "\x00" in str(given):
             raise ValueError("is not a valid path (it holds a NUL character)")
+        try:
+            os.fsencode(given)
+        except UnicodeEncodeError:
+            raise ValueError("is not a valid path (no file name holds its characters)") from None
     except ValueError as exc:
         raise _refused(str(exc)) from None
     path = Path(os.path.realpath(policy.base / given))
@@ -275,9 +286,11 @@ def check_file(
     if known is not None and known.kind == kind:
         return known
     try:
-        data = path.read_bytes()
+        data = _read_regular(path)
     except OSError as exc:
         raise _refused(f"cannot be read ({exc.strerror or exc}: {path})") from None
+    if data is None:
+        raise _refused(f"is not a regular file ({path})")
     if kind == "image":
         sniffed = sniff_image(data)
         if sniffed is None:
@@ -318,6 +331,8 @@ class References:
         self._inflight: dict[str, anyio.Event] = {}
         #: Contents whose URL an earlier run uploaded and this run has not used yet.
         self._earlier: set[str] = set()
+        #: URLs read from the journal (url -> sha256), until a refused submit forgets one.
+        self._remembered: dict[str, str] = {}
         self._loaded = False
         self._loading = anyio.Lock()
 
@@ -383,7 +398,9 @@ class References:
                 kind: Kind = "image" if field == "image_urls" else "video"
                 try:
                     out.append(await self._url(Path(path), digest, kind))
-                except (UploadError, ClientClosedError):
+                except UploadError as exc:  # the file is gone or changed since its check
+                    raise UploadError(f"{field}[{i}]", exc.path, exc.reason) from exc
+                except ClientClosedError:
                     raise  # a closed client stops the batch as it does on a submit
                 except ApimartError as exc:
                     raise UploadError(f"{field}[{i}]", path, exc) from exc
@@ -405,10 +422,8 @@ class References:
                 return cached.url
             event = self._inflight.get(digest)
             if event is None:
-                break
+                break  # nobody uploads it (or the upload waited for failed): this job does
             await event.wait()  # another job is uploading this content: use its URL
-            if digest not in self._urls:
-                break  # it failed: try again for this job
         event = anyio.Event()
         self._inflight[digest] = event
         try:
@@ -440,12 +455,43 @@ class References:
                 logger.warning("upload of %s not kept in the journal: %s", path, exc)
         return reply.url
 
+    async def submit(self, sent: VideoRequest, idempotency_key: str | None) -> str:
+        """``Api.submit(sent)``; when it is refused as a bad request, the upload URLs of earlier
+        runs that ``sent`` names are forgotten (``refused``) before the error is raised."""
+        try:
+            return await self._api.submit(sent, idempotency_key=idempotency_key)
+        except BadRequestError:
+            if any(url in self._remembered for url in sent.image_urls):
+                with anyio.CancelScope(shield=True):  # the job's outcome is recorded next
+                    await self.refused(sent)
+            raise
+
+    async def refused(self, sent: VideoRequest) -> None:
+        """The submit of ``sent`` was refused as a bad request. An upload URL it named that came
+        from an earlier run (the journal) may be gone at the service before its 72 h: each is
+        forgotten, here and in the journal, so the next job that needs the file, or the next
+        run, uploads it again (at most one upload more per file and run; a URL this run
+        uploaded is kept)."""
+        for url in sent.image_urls:
+            digest = self._remembered.pop(url, None)
+            cached = self._urls.get(digest) if digest is not None else None
+            if cached is None or cached.url != url:
+                continue
+            del self._urls[cached.sha256]
+            if self.cache is not None:
+                try:
+                    await self.cache.put(attrs.evolve(cached, expires_at=0.0))
+                except JournalError as exc:
+                    logger.warning("a refused upload URL not forgotten by the journal: %s", exc)
+
     async def _read_verified(self, path: Path, digest: str) -> bytes:
         """The file's bytes, refused if they are no longer those checked by ``prepare``."""
         try:
-            data = await anyio.to_thread.run_sync(path.read_bytes)
+            data = await anyio.to_thread.run_sync(_read_regular, path)
         except OSError as exc:
             raise UploadError("file", str(path), exc) from None
+        if data is None:
+            raise UploadError("file", str(path), "is no longer a regular file")
         if await anyio.to_thread.run_sync(_sha256, data) != digest:
             raise UploadError(
                 "file", str(path), "the file changed after it was checked; run the batch again"
@@ -470,7 +516,17 @@ class References:
                 if entry.expires_at - REUPLOAD_MARGIN > now and entry.sha256 not in self._urls:
                     self._urls[entry.sha256] = entry
                     self._earlier.add(entry.sha256)
+                    self._remembered[entry.url] = entry.sha256
             self._loaded = True
+
+
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of the regular file at ``path``, None if it is not one (a folder, a pipe). It
+    is opened without waiting: a named pipe put in its place after a check would block the
+    read for good."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _refused(rule: str) -> ValidationError:

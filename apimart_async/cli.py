@@ -274,7 +274,7 @@ class Progress:
         running = max(0, self.submitted - (self.done - self.replayed - self.counts["not started"]))
         c = self.counts
         u = self.uploads
-        if u is not None and self.files and u.uploaded + u.reused < self.files:
+        if u is not None and self.files and u.uploaded + u.reused + u.failed < self.files:
             # The upload phase: each distinct local file is uploaded before its first job.
             phase = f"uploads {u.uploaded + u.reused}/{self.files}"
             phase += f" ({u.uploading} now)" if u.uploading else ""
@@ -574,7 +574,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             ui.line(f"--retry-failed: {retry_note}", level="info")
     emit_json = _print_json if args.as_json else None
     progress = Progress(len(jobs), sys.stderr, ui=ui, labels=_label_for(jobs), emit_json=emit_json)
-    progress.files = len({f.sha256 for j in jobs for f in j.files})
+    todo = _todo(jobs, records, retry_failed=args.retry_failed)
+    progress.files = len(_files_to_upload(jobs, todo))  # the images this run may upload
     media_roots = [Path(args.jobs).parent, *(args.media_root or ())]  # as read_jobs allowed
     items = [(j.name, j.request) if j.name else j.request for j in jobs]
     gallery = report.LiveGallery(out, [(j.name, j.request) for j in jobs])
@@ -662,7 +663,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         if progress.earlier_cost:
             cost += f" (earlier runs: ${progress.earlier_cost:.2f})"
         rows.append(("cost", cost))
-        if progress.files:
+        if any(j.files for j in jobs):  # the file names local files
             u = results.uploads
             made = f"{u.uploaded} made ({_size_text(u.bytes_uploaded)}), {u.reused} reused"
             rows.append(("uploads", made + " (from earlier runs)" * bool(u.reused)))
@@ -711,6 +712,21 @@ def _size_text(size: int) -> str:
     return f"{size / 1024 / 1024:.1f} MB"
 
 
+def _todo(
+    jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord], *, retry_failed: bool
+) -> list[int]:
+    """The lines the journal has not submitted yet (or failed ones, with ``retry_failed``)."""
+    done = {
+        r.index
+        for r in records.values()
+        if r.state in ("done", "downloading", "pending")
+        and 0 <= r.index < len(jobs)
+        and r.fingerprint == jobs[r.index].request.fingerprint()
+        and not (retry_failed and r.status in ("failed", "cancelled"))
+    }
+    return [i for i in range(len(jobs)) if i not in done]
+
+
 def _files_to_upload(jobs: Sequence[am.JobLine], todo: Sequence[int]) -> list[am.LocalFile]:
     """The distinct local files (by content) the jobs still to submit need, first path kept."""
     files: dict[str, am.LocalFile] = {}
@@ -724,15 +740,8 @@ def _files_to_upload(jobs: Sequence[am.JobLine], todo: Sequence[int]) -> list[am
 def _dry_run(
     args: argparse.Namespace, jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord]
 ) -> int:
-    done = {
-        r.index
-        for r in records.values()
-        if r.state in ("done", "downloading", "pending")
-        and 0 <= r.index < len(jobs)
-        and r.fingerprint == jobs[r.index].request.fingerprint()
-        and not (args.retry_failed and r.status in ("failed", "cancelled"))
-    }
-    todo = [i for i in range(len(jobs)) if i not in done]
+    todo = _todo(jobs, records, retry_failed=args.retry_failed)
+    done = set(range(len(jobs))) - set(todo)
     total, unknown = _estimate(jobs, records, todo)
     models: dict[str, int] = {}
     for job in jobs:

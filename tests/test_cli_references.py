@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import apimart_async as am
+from apimart_async import cli as cli_module
 from apimart_async.cli import Progress
 from apimart_async.emulator import Emulator
 
@@ -142,6 +143,13 @@ def test_the_progress_line_shows_the_upload_phase() -> None:
     assert progress.bar().startswith("[------------------------] 0/10 running 0")
 
 
+def test_the_upload_phase_ends_when_every_file_to_upload_is_accounted_for() -> None:
+    progress = Progress(10, io.StringIO(), tty=False)
+    progress.files = 3
+    progress.uploads = am.UploadStats(uploaded=2, failed=1)  # one file failed for good
+    assert progress.bar().startswith("[------------------------] 0/10 running 0")
+
+
 async def test_the_example_jobs_file_uploads_its_three_images_once(tmp_path: Path) -> None:
     out = tmp_path / "videos"
     _, stdout, _ = await cli("run", str(EXAMPLE), "--emulate", "--out", str(out), check=0)
@@ -153,3 +161,55 @@ async def test_the_example_jobs_file_uploads_its_three_images_once(tmp_path: Pat
         "hug.mp4",
         "santa-wave.mp4",
     ]
+
+
+async def test_an_emulated_rerun_reuses_the_uploads_of_the_emulator_it_resumes(
+    tmp_path: Path,
+) -> None:
+    refs = images(tmp_path, 2)
+    lines: list[dict[str, object]] = [
+        {"name": f"j{i}", "model": "viduq3", "prompt": f"p{i}", "image_urls": [refs[i % 2]]}
+        for i in range(3)
+    ]
+    jobs = write_jobs(tmp_path, lines)
+    out = tmp_path / "out"
+    _, stdout, _ = await cli("run", str(jobs), "--emulate", "-o", str(out), "--json", check=0)
+    summary = json.loads(stdout.splitlines()[-1])
+    assert (summary["uploads"], summary["uploads_reused"]) == (2, 0)
+    # One more line on the same file: the journal's URL is sent, and the emulator the re-run
+    # starts (from its state file, beside the journal) still has the image.
+    lines.append({"name": "j3", "model": "viduq3", "prompt": "p3", "image_urls": [refs[0]]})
+    write_jobs(tmp_path, lines)
+    _, stdout, _ = await cli("run", str(jobs), "--emulate", "-o", str(out), "--json", check=0)
+    summary = json.loads(stdout.splitlines()[-1])
+    assert (summary["uploads"], summary["uploads_reused"]) == (0, 1)
+    assert (summary["completed"], summary["errored"], summary["replayed"]) == (4, 0, 3)
+
+
+def test_the_upload_phase_counts_only_images_the_run_will_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the files of jobs the journal has done, nor a video (sent as a data: URI): else the
+    phase never ends on a re-run, nor on a run with a local video."""
+    files_seen: list[int] = []
+
+    class Recorded(Progress):
+        def close(self) -> None:
+            files_seen.append(self.files)
+            super().close()
+
+    monkeypatch.setattr(cli_module, "Progress", Recorded)
+    refs = images(tmp_path, 3)
+    (tmp_path / "refs" / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"v" * 100)
+    gemini = {"model": "gemini-omni-flash-preview", "video_urls": ["refs/clip.mp4"]}
+    lines: list[dict[str, object]] = [
+        {"model": "viduq3", "prompt": "a", "image_urls": [refs[0], refs[1]]},
+        {**gemini, "prompt": "b", "image_urls": [refs[1]]},
+    ]
+    jobs = write_jobs(tmp_path, lines)
+    run = ["run", str(jobs), "--emulate", "-o", str(tmp_path / "out"), "-q", "--no-progress"]
+    assert cli_module.main(run) == 0
+    lines.append({"model": "viduq3", "prompt": "c", "image_urls": [refs[2]]})
+    write_jobs(tmp_path, lines)
+    assert cli_module.main(run) == 0
+    assert files_seen == [2, 1]  # 2 images (not the video); then the new line's image only

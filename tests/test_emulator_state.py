@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import anyio
 import anyio.lowlevel
 import pytest
@@ -76,6 +77,29 @@ async def test_tasks_balance_keys_and_clock_survive_a_restart(tmp_path: Path) ->
         third = await client.videos.submit(am.VideoRequest("sora-2-preview", "a bird"))
         assert third not in (running, done)
         assert emu.stats()["remain_balance"] == pytest.approx(before[1] - 0.4)
+
+
+async def test_uploaded_images_survive_a_restart_until_they_expire(tmp_path: Path) -> None:
+    path = tmp_path / "emu.jsonl"
+    png = b"\x89PNG\r\n\x1a\n" + b"a bear" * 100
+
+    async def fetch(emu: Emulator, name: str) -> tuple[int, bytes]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{emu.base_url}/uploads/{name}") as reply:
+                return reply.status, await reply.read()
+
+    async with frozen(path) as emu, client_of(emu) as client:
+        url = await client.uploads.image(png, filename="bear.png")
+        name = url.rsplit("/", 1)[1]
+        assert '"upload"' in path.read_text()  # written at once: a killed emulator keeps it
+    async with frozen(path) as emu, client_of(emu) as client:
+        assert await fetch(emu, name) == (200, png)
+        request = am.VideoRequest("viduq3", "a bear", image_urls=[f"{emu.base_url}/uploads/{name}"])
+        await client.videos.submit(request)  # the service can fetch the reference
+        emu.advance(72 * 3600 + 1)
+    async with frozen(path) as emu:
+        assert await fetch(emu, name) == (404, b"Not Found")
+        assert '"upload"' not in path.read_text()  # expired: no longer kept
 
 
 async def test_a_running_clock_never_goes_back_and_due_tasks_end_after_a_restart(

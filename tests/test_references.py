@@ -11,12 +11,14 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
 
 import apimart_async as am
+from apimart_async._references import MediaPolicy, References
 from apimart_async.emulator import Emulator, Fault
 from apimart_async.testing import follow_clock
 
@@ -244,6 +246,96 @@ async def test_after_a_failed_upload_a_later_job_tries_again(tmp_path: Path, emu
     assert emu.uploads_per_hash == {sha(path): 1}
 
 
+class GatedUploads:
+    """``Api.upload_image`` on a fake: each upload waits for ``gate``; the first one fails."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.calls = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def upload_image(self, data: bytes, *, filename: str | None = None) -> am.UploadedImage:
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate.wait()
+            if self.calls == 1:
+                raise am.ServerError("the service is down", status=503)
+            return am.UploadedImage(f"https://files.example/{self.calls}.png")
+        finally:
+            self.in_flight -= 1
+
+
+async def test_jobs_waiting_on_a_failed_upload_upload_it_again_once(tmp_path: Path) -> None:
+    path = image(tmp_path, "a.png", 1)
+    api = GatedUploads()
+    fake: Any = api
+    refs = References(fake, MediaPolicy.of(tmp_path))
+    request = await refs.prepare(am.VideoRequest("viduq3", "a bear", image_urls=[path]))
+    sent: list[am.VideoRequest | BaseException] = []
+
+    async def job() -> None:
+        try:
+            sent.append(await refs.materialize(request))
+        except am.ApimartError as exc:
+            sent.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(job)
+        await anyio.wait_all_tasks_blocked()  # one job uploads, four wait for it
+        assert api.calls == 1
+        api.gate.set()  # the upload fails: the next job uploads again, the others wait for it
+    errors = [s for s in sent if isinstance(s, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], am.UploadError)
+    assert str(path) in str(errors[0])
+    urls = [s.image_urls for s in sent if isinstance(s, am.VideoRequest)]
+    assert urls == [("https://files.example/2.png",)] * 4
+    assert api.calls == 2 and api.most_in_flight == 1
+    assert (refs.stats.uploaded, refs.stats.failed) == (1, 1)
+
+
+async def test_a_file_changed_or_gone_after_its_check_is_never_uploaded(tmp_path: Path) -> None:
+    changed, gone = image(tmp_path, "changed.png", 1), image(tmp_path, "gone.png", 2)
+    api = GatedUploads()
+    api.gate.set()
+    fake: Any = api
+    refs = References(fake, MediaPolicy.of(tmp_path))
+    url = "https://x.io/first.png"
+    for path in (changed, gone):
+        request = am.VideoRequest("viduq3", "a bear", image_urls=[url, path])
+        prepared = await refs.prepare(request)
+        if path == changed:
+            image(tmp_path, "changed.png", 3)  # other bytes under the checked name
+        else:
+            path.unlink()
+        with pytest.raises(am.UploadError) as info:
+            await refs.materialize(prepared)
+        assert (info.value.field, info.value.path) == ("image_urls[1]", str(path))
+        assert str(info.value).startswith(f"image_urls[1]: could not upload {path}: ")
+    assert api.calls == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+async def test_a_file_swapped_for_a_fifo_after_its_check_is_refused_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    api = GatedUploads()
+    fake: Any = api
+    refs = References(fake, MediaPolicy.of(tmp_path))
+    prepared = await refs.prepare(am.VideoRequest("viduq3", "a bear", image_urls=[path]))
+    path.unlink()
+    os.mkfifo(path)  # reading it would wait for a writer that never comes
+    with anyio.fail_after(30), pytest.raises(am.UploadError) as info:  # a guard, not a timing
+        await refs.materialize(prepared)
+    assert (info.value.field, info.value.path) == ("image_urls[0]", str(path))
+    assert str(info.value).endswith("is no longer a regular file")
+    assert api.calls == 0
+
+
 # -- bad local files fail early ---------------------------------------------------------------
 
 
@@ -287,6 +379,18 @@ async def test_bad_local_files_are_refused_before_anything_is_sent(
         assert rule in error.rule, (name, error.rule)
     assert sum(emu.counters.values()) == 0  # not even the good file was uploaded
     assert gif.exists()
+
+
+async def test_a_path_no_file_system_can_hold_is_refused_naming_the_field(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    # A lone surrogate (a JSON jobs file may hold "\ud83d") has no bytes to name a file with.
+    jobs = [am.VideoRequest("viduq3", "a bear", image_urls=["https://x.io/a.png", "b\ud83d.png"])]
+    async with client.batch(jobs, media_root=tmp_path) as res:
+        (outcome,) = await drain(res)
+    assert isinstance(outcome.error, am.ValidationError)
+    assert str(outcome.error).startswith("image_urls[1]: is not a valid path")
+    assert sum(emu.counters.values()) == 0
 
 
 async def test_a_model_size_limit_is_checked_for_local_files(
@@ -338,6 +442,25 @@ async def test_the_default_root_is_the_current_folder(
     assert isinstance(outcomes[1].error, am.ValidationError)
     assert emu.uploads_per_hash == {sha(inside): 1}
     outside.unlink()
+
+
+async def test_a_file_name_that_is_not_utf8_is_uploaded_from_its_own_path(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    try:  # a Linux file name may be any bytes; Python holds b"\xff" as the surrogate "\udcff"
+        path = image(tmp_path, os.fsdecode(b"caf\xe9-latin1.png"), 1)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    jobs = [
+        am.VideoRequest("viduq3", "a path", image_urls=[path]),
+        am.VideoRequest("viduq3", "its file:// URL", image_urls=[path.as_uri()]),
+    ]
+    async with client.batch(jobs, media_root=tmp_path) as res:
+        outcomes = await drain(res)
+    assert [o.error for o in outcomes] == [None, None]
+    assert emu.uploads_per_hash == {sha(path): 1}
+    url = await client.uploads.image(path)  # the form sends the name as UTF-8
+    assert url.startswith(upload_prefix(emu))
 
 
 async def test_a_local_video_goes_as_a_data_uri_for_gemini(
@@ -408,6 +531,30 @@ async def test_a_rerun_reuses_uploads_until_they_expire(tmp_path: Path) -> None:
         assert (third.uploads.uploaded, third.uploads.reused) == (20, 0)
         assert emu.tasks_created == 600 and set(emu.tasks_per_key.values()) == {1}
         assert_sent_urls_only(emu)
+
+
+async def test_a_remembered_url_the_service_refuses_is_uploaded_again(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart
+) -> None:
+    path = image(tmp_path, "a.png", 1)
+    journal = tmp_path / "run.sqlite"
+
+    async def run(n: int) -> list[am.Outcome]:
+        jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(n)]
+        async with client.batch(jobs, concurrency=1, journal=journal, media_root=tmp_path) as res:
+            return sorted(await drain(res), key=lambda o: o.index)
+
+    assert [o.ok for o in await run(1)] == [True]
+    emu.state.uploads.clear()  # the service lost the upload before its 72 h were over
+    second = await run(3)
+    # The first job sent the journal's URL and was refused; the URL is forgotten, so the next
+    # job uploads the file again, and so does a re-run (not 72 h of the same refusal).
+    assert [o.ok for o in second] == [True, False, True]
+    assert isinstance(second[1].error, am.BadRequestError)
+    assert emu.uploads_per_hash == {sha(path): 2}
+    third = await run(3)
+    assert [o.ok for o in third] == [True, True, True]
+    assert emu.uploads_per_hash == {sha(path): 2}  # the new URL is reused
 
 
 async def test_sigkill_then_resume_makes_no_more_uploads(tmp_path: Path) -> None:

@@ -372,6 +372,8 @@ class Routes:
         now = self._emu.clock.now()
         self._emu.state.uploads[name] = (kind[0], data, now)
         self._emu.state.uploads_per_hash[hashlib.sha256(data).hexdigest()] += 1
+        if self._emu.state.on_upload is not None:
+            self._emu.state.on_upload(name)
         return web.json_response(
             {
                 "url": f"{self._emu.base_url}/uploads/{name}",

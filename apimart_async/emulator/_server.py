@@ -301,6 +301,7 @@ class Emulator:
             state.on_change = lambda task: store.append(
                 task, self.clock.now(), (state.remain_balance, state.used_balance)
             )
+            state.on_upload = lambda name: store.append_upload(name, state.uploads[name])
 
     async def stop(self) -> None:
         """Stop listening and end background work."""
@@ -314,6 +315,7 @@ class Emulator:
         if self._store is not None:  # saved compactly; stopped: nothing more to append
             self._store.save(self.state, self.clock, self.port)
             self.state.on_change = None
+            self.state.on_upload = None
             self._store.close()
 
     async def __aenter__(self) -> Emulator:

@@ -215,6 +215,8 @@ class State:
         self.finished_log: list[str] = []
         #: Called with a task each time it is created or changes (the state file's hook).
         self.on_change: Callable[[EmuTask], None] | None = None
+        #: Called with an uploaded image's name once it is stored (the state file keeps it).
+        self.on_upload: Callable[[str], None] | None = None
         self.seed = seed
 
     def _changed(self, task: EmuTask) -> None:

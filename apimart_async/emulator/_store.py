@@ -8,11 +8,14 @@ survives even a killed process; a cut last line is ignored. Opening and closing 
 file compactly (one line per task) through a temporary file and an atomic rename.
 
 Kept: tasks (with their bodies, timings, results), the balance, idempotency keys (rebuilt from
-the tasks), the clock. Not kept: uploaded images, request counters, injected faults.
+the tasks), the clock, uploaded images until their URLs expire (one line each, the bytes in
+base64: a client's journal keeps their URLs for a re-run). Not kept: request counters, injected
+faults.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -33,6 +36,9 @@ def _tuple(value: Any) -> Any:
 
 __all__ = ["FORMAT", "Snapshot", "StateFile"]
 
+Upload = tuple[str, bytes, float]
+"""An uploaded image: its content type, its bytes, when it was uploaded."""
+
 #: The header's key, with the format version as its value.
 FORMAT: Final = "apimart_emulator_state"
 VERSION: Final = 1
@@ -52,6 +58,27 @@ class Snapshot:
     #: The port the emulator listened on (its result URLs name it).
     port: int = 0
     tasks: dict[str, EmuTask] = attrs.field(factory=dict[str, EmuTask])
+    #: Uploaded images: name -> (content type, bytes, upload time).
+    uploads: dict[str, Upload] = attrs.field(factory=dict[str, Upload])
+
+
+def upload_to_json(name: str, upload: Upload) -> dict[str, Any]:
+    content_type, data, at = upload
+    return {"name": name, "content_type": content_type, "at": at, "data": _b64(data)}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def upload_from_json(data: Any, where: str) -> tuple[str, Upload]:
+    try:
+        if not is_object(data):
+            raise TypeError("not an object")
+        upload = (str(data["content_type"]), base64.b64decode(data["data"]), float(data["at"]))
+        return str(data["name"]), upload
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: not an upload ({exc!r})") from None
 
 
 def task_to_json(task: EmuTask) -> dict[str, Any]:
@@ -107,6 +134,10 @@ class StateFile:
             if snap is None:
                 snap = self._header(record, where)
                 continue
+            if "upload" in record:
+                name, upload = upload_from_json(record["upload"], where)
+                snap.uploads[name] = upload
+                continue
             task = task_from_json(record.get("task"), where)
             snap.tasks[task.id] = task
             self._money(snap, record, where)
@@ -160,6 +191,10 @@ class StateFile:
             state.remain_balance, state.used_balance = snap.remain_balance, snap.used_balance
             clock.resume_from(snap.now)
             state.restore(snap.tasks, keep_for=state.task_ttl)
+            now = clock.now()
+            for name, upload in snap.uploads.items():
+                if now - upload[2] <= state.upload_ttl:
+                    state.uploads[name] = upload
         return snap
 
     # -- writing ---------------------------------------------------------------------------------
@@ -175,11 +210,15 @@ class StateFile:
             "rng": state.rng.getstate(),
             "port": port,
         }
-        self.rewrite(header, list(state.tasks.values()))
+        now = clock.now()
+        uploads = {n: u for n, u in state.uploads.items() if now - u[2] <= state.upload_ttl}
+        self.rewrite(header, list(state.tasks.values()), uploads)
 
-    def rewrite(self, header: dict[str, Any], tasks: list[EmuTask]) -> None:
-        """Replace the file with a header and one line per task, atomically (temporary file,
-        fsync, rename), and keep it open for appends."""
+    def rewrite(
+        self, header: dict[str, Any], tasks: list[EmuTask], uploads: dict[str, Upload] | None = None
+    ) -> None:
+        """Replace the file with a header, one line per task and one per upload, atomically
+        (temporary file, fsync, rename), and keep it open for appends."""
         self.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
@@ -188,6 +227,8 @@ class StateFile:
                 f.write(json.dumps({FORMAT: VERSION, **header}) + "\n")
                 for task in tasks:
                     f.write(json.dumps({"task": task_to_json(task)}) + "\n")
+                for name, upload in (uploads or {}).items():
+                    f.write(json.dumps({"upload": upload_to_json(name, upload)}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -208,6 +249,13 @@ class StateFile:
             return
         line = {"task": task_to_json(task), "now": now, "balance": list(balance)}
         self._out.write(json.dumps(line) + "\n")
+        self._out.flush()
+
+    def append_upload(self, name: str, upload: Upload) -> None:
+        """Record one uploaded image."""
+        if self._out is None:
+            return
+        self._out.write(json.dumps({"upload": upload_to_json(name, upload)}) + "\n")
         self._out.flush()
 
     def close(self) -> None:
