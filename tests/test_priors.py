@@ -154,6 +154,19 @@ def test_a_second_run_of_the_same_kinds_needs_fewer_checks_and_sees_ends_as_soon
     assert max(lags_cold) <= policy.target_lag
 
 
+async def saved_and_loaded(
+    journal: SqliteJournal, priors: dict[str, KindPrior]
+) -> dict[str, KindPrior]:
+    """Store ``priors`` in an open journal, close it, open it again and read them back."""
+    await journal.save_priors(priors)
+    await journal.close()
+    await journal.open()
+    try:
+        return await journal.load_priors()
+    finally:
+        await journal.close()
+
+
 def test_a_schema_2_journal_gains_the_priors_table(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
@@ -175,13 +188,9 @@ def test_a_schema_2_journal_gains_the_priors_table(tmp_path: Path) -> None:
         records = await journal.open()
         assert records[0].task_id == "task_1"
         assert await journal.load_priors() == {}
-        await journal.save_priors({KIND: KindPrior(samples=3, duration_lo=1, duration_hi=2)})
-        await journal.close()
-        await journal.open()
-        try:
-            return await journal.load_priors()
-        finally:
-            await journal.close()
+        return await saved_and_loaded(
+            journal, {KIND: KindPrior(samples=3, duration_lo=1, duration_hi=2)}
+        )
 
     assert anyio.run(run) == {KIND: KindPrior(samples=3, duration_lo=1.0, duration_hi=2.0)}
     conn = sqlite3.connect(path)
@@ -555,30 +564,28 @@ def test_an_absurd_estimate_is_set_aside_but_a_lasting_change_is_learned() -> No
     assert prior.ratio_hi == 95.0 / 12.0 and prior.ratio_outliers == 2
 
 
+#: A kind whose progress proved straight, as a long run leaves it.
+TRUSTED = KindPrior(
+    samples=30,
+    duration_lo=60.0,
+    duration_hi=90.0,
+    ratio_lo=0.9,
+    ratio_hi=1.1,
+    progress_samples=25,
+    progress_lo=0.97,
+    progress_hi=1.02,
+)
+
+
 def test_progress_trust_is_kept_in_the_journal_for_the_next_run(tmp_path: Path) -> None:
     # issue 22: a kind whose progress proved straight needs no new min_samples tasks to be
     # trusted again by the next run
-    taught = KindPrior(
-        samples=30,
-        duration_lo=60.0,
-        duration_hi=90.0,
-        ratio_lo=0.9,
-        ratio_hi=1.1,
-        progress_samples=25,
-        progress_lo=0.97,
-        progress_hi=1.02,
-    )
+    taught = TRUSTED
 
     async def run() -> dict[str, KindPrior]:
         journal = SqliteJournal(tmp_path / "run.sqlite")
         await journal.open()
-        await journal.save_priors({KIND: taught})
-        await journal.close()
-        await journal.open()
-        try:
-            return await journal.load_priors()
-        finally:
-            await journal.close()
+        return await saved_and_loaded(journal, {KIND: taught})
 
     loaded = anyio.run(run)
     assert loaded == {KIND: taught}
@@ -605,28 +612,13 @@ def test_a_schema_3_journal_keeps_its_priors_and_gains_progress_trust(tmp_path: 
         )
         conn.commit()
     old = KindPrior(samples=30, duration_lo=60.0, duration_hi=90.0, ratio_lo=0.9, ratio_hi=1.1)
-    trusted = KindPrior(
-        samples=31,
-        duration_lo=60.0,
-        duration_hi=90.0,
-        ratio_lo=0.9,
-        ratio_hi=1.1,
-        progress_samples=20,
-        progress_lo=0.98,
-        progress_hi=1.01,
-    )
+    trusted = TRUSTED
 
     async def run() -> tuple[dict[str, KindPrior], dict[str, KindPrior]]:
         journal = SqliteJournal(path)
         await journal.open()
         before = await journal.load_priors()
-        await journal.save_priors({KIND: trusted})
-        await journal.close()
-        await journal.open()
-        try:
-            return before, await journal.load_priors()
-        finally:
-            await journal.close()
+        return before, await saved_and_loaded(journal, {KIND: trusted})
 
     assert anyio.run(run) == ({KIND: old}, {KIND: trusted})
     with contextlib.closing(sqlite3.connect(path)) as conn:
