@@ -3,6 +3,7 @@ misleads, a trusted kind's one check at the end its progress implies. Fake clock
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 from pathlib import Path
@@ -190,22 +191,27 @@ def test_priors_a_journal_carries_that_no_run_could_have_learned_are_passed_over
         await journal.close()
 
     anyio.run(opened)
-    conn = sqlite3.connect(path)
-    conn.executemany(
-        "INSERT INTO priors VALUES (?, ?, ?, ?, ?, ?, 0)",
-        [
-            ("text", 30, "abc", 2.0, None, None),
-            ("ratio text", 30, 1.0, 2.0, "x", 1.2),
-            ("infinite", 30, 1.0, 9e999, 0.8, 1.2),
-            ("negative", 30, -5.0, 2.0, 0.8, 1.2),
-            ("inverted", 30, 3.0, 1.0, 0.8, 1.2),
-            ("ratio inverted", 30, 1.0, 2.0, 1.2, 0.8),
-            ("ratio zero", 30, 1.0, 2.0, 0.0, 1.2),
-            ("good", 30, 1.0, 2.0, 0.8, 1.2),
-        ],
-    )
-    conn.commit()
-    conn.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executemany(
+            "INSERT INTO priors (kind, samples, duration_lo, duration_hi, ratio_lo, ratio_hi,"
+            " updated_at, progress_samples, progress_lo, progress_hi)"
+            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+            [
+                ("text", 30, "abc", 2.0, None, None, 0, None, None),
+                ("ratio text", 30, 1.0, 2.0, "x", 1.2, 0, None, None),
+                ("infinite", 30, 1.0, 9e999, 0.8, 1.2, 0, None, None),
+                ("negative", 30, -5.0, 2.0, 0.8, 1.2, 0, None, None),
+                ("inverted", 30, 3.0, 1.0, 0.8, 1.2, 0, None, None),
+                ("ratio inverted", 30, 1.0, 2.0, 1.2, 0.8, 0, None, None),
+                ("ratio zero", 30, 1.0, 2.0, 0.0, 1.2, 0, None, None),
+                ("good", 30, 1.0, 2.0, 0.8, 1.2, 0, None, None),
+                # schema 4: a progress trust nobody could have learned is dropped, the rest kept
+                ("progress text", 30, 1.0, 2.0, 0.8, 1.2, 25, "x", 1.1),
+                ("progress inverted", 30, 1.0, 2.0, 0.8, 1.2, 25, 1.1, 0.9),
+                ("progress trusted", 30, 1.0, 2.0, 0.8, 1.2, 25, 0.97, 1.02),
+            ],
+        )
+        conn.commit()
 
     async def load() -> dict[str, KindPrior]:
         journal = SqliteJournal(path)
@@ -215,7 +221,15 @@ def test_priors_a_journal_carries_that_no_run_could_have_learned_are_passed_over
         finally:
             await journal.close()
 
-    assert anyio.run(load) == {"good": KindPrior(30, 1.0, 2.0, 0.8, 1.2)}
+    plain = KindPrior(30, 1.0, 2.0, 0.8, 1.2)
+    trusted = KindPrior(30, 1.0, 2.0, 0.8, 1.2, progress_samples=25)
+    trusted.progress_lo, trusted.progress_hi = 0.97, 1.02
+    assert anyio.run(load) == {
+        "good": plain,
+        "progress text": plain,
+        "progress inverted": plain,
+        "progress trusted": trusted,
+    }
 
 
 class _NoProgress:
