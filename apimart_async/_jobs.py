@@ -259,9 +259,19 @@ def reopens(
     the line of such a job until it ends again (issue 14: a job listed twice)."""
     if record.state != "done" or record.task is None:
         return False
-    if retry_failed and record.status in ("failed", "cancelled"):
+    if _retried(record, retry_failed):
         return True
     return downloads and not files_complete(record.files) and structure_task(record.task).ok
+
+
+def _retried(record: JobRecord, retry_failed: bool) -> bool:
+    """Whether a done job whose generation failed is submitted again (``retry_failed``)."""
+    return (
+        retry_failed
+        and record.state == "done"
+        and record.task is not None
+        and record.status in ("failed", "cancelled")
+    )
 
 
 def resume_plan(
@@ -275,12 +285,7 @@ def resume_plan(
 ) -> ResumePlan:
     """The plan for job ``record.index``, read again as ``(name, request)``. ``downloads``:
     the batch fetches files; ``files_complete`` tells whether recorded files are all there."""
-    if record.state == "refused" or (
-        retry_failed
-        and record.state == "done"
-        and record.task is not None
-        and record.status in ("failed", "cancelled")
-    ):
+    if record.state == "refused" or _retried(record, retry_failed):
         return ResumePlan("afresh")
     fingerprint = request.fingerprint()
     if record.fingerprint != fingerprint:
