@@ -225,14 +225,13 @@ class BatchStats:
 
 
 class Outbox:
-    """A batch's outcome stream: unbounded, in the order outcomes are put, counted both ways.
+    """A batch's outcome stream: unbounded, in the order outcomes are put; those not read yet
+    are kept (``unread_outcomes``), also once the reader left.
 
     Made by ``open`` (so a batch never entered holds no stream). Once closed, ``get`` ends
     the iteration, with ``error`` if one is set (the caller's input failed)."""
 
     def __init__(self) -> None:
-        self.put_count = 0
-        self.delivered = 0
         #: Outcomes put and not read, oldest first: also those put after the reader left,
         #: so an early exit loses none (``Batch.unread()``).
         self._unread: collections.deque[Success | Failure] = collections.deque()
@@ -243,7 +242,7 @@ class Outbox:
     @property
     def unread(self) -> int:
         """Outcomes put and not read yet."""
-        return self.put_count - self.delivered
+        return len(self._unread)
 
     def open(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[Success | Failure](
@@ -254,7 +253,6 @@ class Outbox:
         return list(self._unread)
 
     def put(self, outcome: Success | Failure) -> None:
-        self.put_count += 1
         self._unread.append(outcome)
         # If the reader already left, the outcome is only kept as unread.
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -281,7 +279,6 @@ class Outbox:
             if self.error is not None:
                 raise self.error from None
             raise StopAsyncIteration from None
-        self.delivered += 1
         self._unread.popleft()  # the stream hands them out in the order they were put
         return outcome
 
