@@ -321,9 +321,10 @@ class BatchRun:
 
     async def _submit(self, job: Job) -> None:
         try:
-            sent = await self.refs.materialize(job.request)  # local files -> uploaded URLs
+            # local files -> uploaded URLs (a resend: those its first submit named)
+            sent = await self.refs.materialize(job.request, key=job.key, resend=job.journaled)
             await self._ledger.before_submit(job)
-            task_id = await self.refs.submit(sent, job.key)  # Api.submit, see there
+            task_id = await self.refs.submit(job.request, sent, job.key)  # Api.submit, see there
         except ApimartError as exc:
             self.roster.submit_failed(job)
             outcome = outcome_of(

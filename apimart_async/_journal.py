@@ -205,7 +205,7 @@ _PROGRESS_COLUMNS = (
 )
 _STATES = frozenset({"submitting", "pending", "refused", "downloading", "done"})
 #: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``)
-_OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads"})
+_OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads", "sent_urls"})
 _JOB_COLUMNS = frozenset(
     {
         "idx", "fingerprint", "idempotency_key", "name", "body", "state", "task_id", "status",

@@ -333,6 +333,10 @@ class References:
         self._earlier: set[str] = set()
         #: URLs read from the journal (url -> sha256), until a refused submit forgets one.
         self._remembered: dict[str, str] = {}
+        #: Contents sent again by resends (``materialize(resend=True)``) under a URL that is
+        #: not their live one, and those URLs.
+        self._resent: set[str] = set()
+        self._stale: set[str] = set()
         self._loaded = False
         self._loading = anyio.Lock()
 
@@ -380,11 +384,21 @@ class References:
 
     # -- step 2: right before a job's submit ---------------------------------------------------
 
-    async def materialize(self, request: VideoRequest) -> VideoRequest:
+    async def materialize(
+        self, request: VideoRequest, *, key: str | None = None, resend: bool = False
+    ) -> VideoRequest:
         """``request`` as sent: each canonical entry replaced by its URL (uploading each
-        distinct file once). Raises ``UploadError`` naming the file when an upload fails."""
+        distinct file once). Raises ``UploadError`` naming the file when an upload fails.
+
+        With ``key``, the URLs are kept under it (``UploadCache.keep_sent``) before the submit.
+        ``resend``: the job is sent again under the key of an earlier run's submit whose
+        outcome is unknown; the URLs that submit named are sent again, expired or not, so the
+        body is the same and the service answers the task it may have created (``submit``
+        handles the refusal of an expired URL)."""
         if not has_local_refs(request):
             return request
+        earlier = await self._sent(key) if resend and key is not None else {}
+        urls: dict[str, str] = {}
         changes: dict[str, tuple[str, ...]] = {}
         for field in _FIELDS:
             refs: tuple[str, ...] = getattr(request, field)
@@ -396,16 +410,54 @@ class References:
                     continue
                 path, digest = parsed
                 kind: Kind = "image" if field == "image_urls" else "video"
+                if kind == "image" and ref in earlier:
+                    urls[ref] = await self._resent_url(earlier[ref], digest)
+                    out.append(urls[ref])
+                    continue
                 try:
-                    out.append(await self._url(Path(path), digest, kind))
+                    url = await self._url(Path(path), digest, kind)
                 except UploadError as exc:  # the file is gone or changed since its check
                     raise UploadError(f"{field}[{i}]", exc.path, exc.reason) from exc
                 except ClientClosedError:
                     raise  # a closed client stops the batch as it does on a submit
                 except ApimartError as exc:
                     raise UploadError(f"{field}[{i}]", path, exc) from exc
+                out.append(url)
+                if kind == "image":
+                    urls[ref] = url
             changes[field] = tuple(out)
+        if key is not None and urls and urls != earlier and self.cache is not None:
+            try:
+                await self.cache.keep_sent(key, urls)
+            except JournalError as exc:  # a resend of this job will upload again
+                logger.warning("URLs sent under a key not kept in the journal: %s", exc)
         return attrs.evolve(request, **changes)  # type: ignore[arg-type]
+
+    async def _sent(self, key: str) -> dict[str, str]:
+        """The URLs an earlier run's submit under ``key`` named (empty: none kept)."""
+        if self.cache is None:
+            return {}
+        try:
+            return await self.cache.sent(key)
+        except JournalError as exc:
+            logger.warning("URLs sent under a key not read from the journal: %s", exc)
+            return {}
+
+    async def _resent_url(self, url: str, digest: str) -> str:
+        """``url``, named again by a resend; noted as stale when it is not (or no longer) the
+        live URL of its content, so that a refusal of it may upload again (``submit``)."""
+        await self._load()
+        cached = self._urls.get(digest)
+        if cached is not None and cached.url == url:
+            if digest in self._earlier:  # first use in this run of an earlier run's URL
+                self._earlier.discard(digest)
+                self.stats.reused += 1
+        else:
+            self._stale.add(url)
+            if digest not in self._resent:
+                self._resent.add(digest)
+                self.stats.reused += 1
+        return url
 
     async def _url(self, path: Path, digest: str, kind: Kind) -> str:
         if kind == "video":
@@ -455,16 +507,24 @@ class References:
                 logger.warning("upload of %s not kept in the journal: %s", path, exc)
         return reply.url
 
-    async def submit(self, sent: VideoRequest, idempotency_key: str | None) -> str:
-        """``Api.submit(sent)``; when it is refused as a bad request, the upload URLs of earlier
-        runs that ``sent`` names are forgotten (``refused``) before the error is raised."""
+    async def submit(self, request: VideoRequest, sent: VideoRequest, key: str) -> str:
+        """``Api.submit(sent)`` under ``key``, ``sent`` being ``materialize(request)``.
+
+        When it is refused as a bad request, the upload URLs of earlier runs that ``sent``
+        names are forgotten (``refused``). If ``sent`` was a resend naming URLs that are no
+        longer their contents' live URLs (expired), the refusal means the earlier submit under
+        ``key`` created no task (the service answers a repeated key and body with the task it
+        created): the files are uploaded again and the job sent once more, under ``key``."""
         try:
-            return await self._api.submit(sent, idempotency_key=idempotency_key)
+            return await self._api.submit(sent, idempotency_key=key)
         except BadRequestError:
             if any(url in self._remembered for url in sent.image_urls):
                 with anyio.CancelScope(shield=True):  # the job's outcome is recorded next
                     await self.refused(sent)
-            raise
+            if not any(url in self._stale for url in sent.image_urls):
+                raise
+        fresh = await self.materialize(request, key=key)
+        return await self._api.submit(fresh, idempotency_key=key)
 
     async def refused(self, sent: VideoRequest) -> None:
         """The submit of ``sent`` was refused as a bad request. An upload URL it named that came

@@ -10,12 +10,20 @@ by an older version simply has no ``uploads`` table until the first upload is ke
 
 An entry is written only after the upload's reply: a cut-off upload leaves at most an orphan
 file at the service, never an entry for a half-uploaded file.
+
+The table ``sent_urls`` keeps, per idempotency key, the URLs a job's submit named (committed
+before its POST, as the key is). A submit whose outcome was unknown is sent again with its key
+in a later run: it must carry the same body, so the same URLs, even after they expired and the
+content was uploaded again; another body under the same key is refused (409) while the task
+the first attempt may have created is billed.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -32,6 +40,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     expires_at REAL NOT NULL,
     bytes INTEGER NOT NULL,
     updated_at REAL NOT NULL
+)
+"""
+_SENT_TABLE = """
+CREATE TABLE IF NOT EXISTS sent_urls (
+    idempotency_key TEXT PRIMARY KEY,
+    urls TEXT NOT NULL
 )
 """
 
@@ -55,6 +69,15 @@ class UploadCache(Protocol):
 
     async def put(self, entry: CachedUpload) -> None:
         """Keep ``entry`` (replacing the one for the same content)."""
+        ...
+
+    async def sent(self, key: str) -> dict[str, str]:
+        """The URLs the submit under ``key`` named, by the local entry each replaced (empty:
+        none kept)."""
+        ...
+
+    async def keep_sent(self, key: str, urls: Mapping[str, str]) -> None:
+        """Keep the URLs the submit under ``key`` names (before it is sent)."""
         ...
 
 
@@ -97,9 +120,46 @@ class SqliteUploadCache:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot keep an upload in {self.journal.path}: {exc}") from None
 
+    def _sent_sync(self, key: str) -> dict[str, str]:
+        try:
+            conn = self._conn()
+            conn.execute(_SENT_TABLE)
+            row = conn.execute(
+                "SELECT urls FROM sent_urls WHERE idempotency_key = ?", (key,)
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot read sent URLs from {self.journal.path}: {exc}") from None
+        if row is None:
+            return {}
+        try:
+            urls = json.loads(row[0])
+        except ValueError:
+            return {}  # unreadable: as if none were kept (the job uploads again)
+        if not isinstance(urls, dict):
+            return {}
+        return {str(k): str(v) for k, v in urls.items() if isinstance(v, str)}
+
+    def _keep_sent_sync(self, key: str, urls: Mapping[str, str]) -> None:
+        try:
+            conn = self._conn()
+            conn.execute(_SENT_TABLE)
+            conn.execute(
+                "INSERT OR REPLACE INTO sent_urls VALUES (?, ?)",
+                (key, json.dumps(dict(urls), sort_keys=True)),
+            )
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot keep sent URLs in {self.journal.path}: {exc}") from None
+
     async def load(self) -> list[CachedUpload]:
         result: Any = await self.journal._run(self._load_sync)
         return list(result)
 
     async def put(self, entry: CachedUpload) -> None:
         await self.journal._run(self._put_sync, entry)
+
+    async def sent(self, key: str) -> dict[str, str]:
+        result: Any = await self.journal._run(self._sent_sync, key)
+        return dict(result)
+
+    async def keep_sent(self, key: str, urls: Mapping[str, str]) -> None:
+        await self.journal._run(self._keep_sent_sync, key, urls)

@@ -623,3 +623,57 @@ def test_the_sync_batch_reports_uploads(tmp_path: Path) -> None:
             with client.batch(jobs, media_root=tmp_path) as results:
                 assert all(o.ok for o in results)
             assert results.uploads.uploaded == 1
+
+
+@pytest.mark.parametrize("first_post", ["reply lost", "never arrived"])
+async def test_a_resubmit_after_its_uploads_expired_sends_the_same_body(
+    tmp_path: Path, first_post: str
+) -> None:
+    """A submit whose outcome is unknown is sent again, in a later run, with the same key. If
+    its file's upload URL expired meanwhile, the resubmit must still carry the URLs the first
+    attempt carried: the same key with another body is a 409 (``idempotency_key_reused``)
+    while the task the first attempt created is billed and nobody finds it. With the same
+    body the service answers the original task (reply lost). When the first POST never
+    arrived, the expired URL is refused (400): then no task exists under the key, and the
+    job uploads the file again and submits, still under its key."""
+    path = image(tmp_path, "a.png", 1)
+    journal = tmp_path / "run.sqlite"
+    jobs = [am.VideoRequest("viduq3", "a", image_urls=[path])]
+    # tasks kept a week: the original task outlives its upload's 72 h
+    async with Emulator(task_duration=0.0, task_ttl=7 * 24 * 3600) as emu:
+
+        async def run() -> tuple[am.Outcome, am.Batch]:
+            async with am.AsyncApimart(
+                emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=0
+            ) as client:
+                follow_clock(client, emu)
+                async with client.batch(jobs, journal=journal, media_root=tmp_path) as res:
+                    (outcome,) = await drain(res)
+            return outcome, res
+
+        fault = Fault.lost_reply() if first_post == "reply lost" else Fault.drop()
+        emu.faults.inject("submit", fault, times=1)
+        first, _ = await run()
+        assert isinstance(first.error, am.SubmitIndeterminateError)
+        assert emu.tasks_created == (1 if first_post == "reply lost" else 0)
+        first_url = f"{upload_prefix(emu)}{next(iter(emu.state.uploads))}"
+        emu.advance(73 * 3600)  # the upload's URL has expired
+
+        second, res = await run()
+        assert second.ok, second.error
+        assert second.idempotency_key == first.idempotency_key
+        assert emu.tasks_created == 1 and set(emu.tasks_per_key.values()) == {1}
+        assert second.task_id == next(iter(emu.state.tasks))
+        (task,) = emu.state.tasks.values()
+        refused = emu.state.statuses[("submit", 400)]
+        assert emu.state.statuses[("submit", 409)] == 0  # never the same key with another body
+        if first_post == "reply lost":  # the original task, from the first body
+            assert task.body["image_urls"] == [first_url]
+            assert refused == 0
+            assert sum(emu.uploads_per_hash.values()) == 1  # nothing uploaded again
+            assert res.uploads.uploaded == 0
+        else:  # refused (400: cannot fetch), uploaded again, created under the same key
+            assert refused == 1
+            assert task.body["image_urls"] != [first_url]
+            assert sum(emu.uploads_per_hash.values()) == 2
+            assert res.uploads.uploaded == 1
