@@ -316,8 +316,11 @@ def parse_upload(body: bytes, *, status: int | None = None) -> UploadedImage:
 
 def structure_task(data: Any) -> Task:
     """Structure one task object (webhook payloads, journals). Raises ResponseValidationError."""
-    raw = json.dumps(data, default=str).encode() if data is not None else b""
-    return _structure(data, Task, "task", raw, None)
+    try:
+        return _conv.structure(data, Task)
+    except Exception as exc:  # noqa: BLE001 - as _structure; the body is shaped only now
+        raw = json.dumps(data, default=str).encode() if data is not None else b""
+        raise _rve(f"cannot read task: {exc}", raw, None) from None
 
 
 def task_to_wire(task: Task) -> dict[str, Any]:
