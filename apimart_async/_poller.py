@@ -443,32 +443,17 @@ class Poller:
         reason: ApimartError | None = None
         for task_id in ids:
             result = results.get(task_id)
-            self._note_reachability(result, now)
-            if isinstance(result, Task):
-                self._on_task(task_id, result, now, wall)
+            try:
+                verdict = self._report_one(task_id, result, now, wall)
+            except Exception as exc:  # noqa: BLE001 - a bug met for this task: its problem alone
+                self._unhandled(task_id, exc, now)
                 continue
-            if isinstance(result, ClientClosedError):
-                self.close("the client was closed")
+            if verdict == "closed":
                 return
-            if result is None:  # not answered at all: read again
+            if verdict == "retry":
                 retry.append(task_id)
-                continue
-            verdict = classify(result)
-            if verdict == "gone":
-                if self.schedule.on_missing(task_id, now):
-                    self._finish(
-                        task_id,
-                        NotFoundError(
-                            f"task {task_id} does not exist or has expired at the service",
-                            status=404,
-                        ),
-                    )
-            elif verdict == "hard":
-                if self.schedule.on_hard_error(task_id, now):
-                    self._finish(task_id, result)
-            else:
-                retry.append(task_id)
-                reason = result
+                if isinstance(result, ApimartError):
+                    reason = result
         if retry:
             logger.info(
                 "status of %d task(s) not read this round (%s); reading them again later",
@@ -479,6 +464,49 @@ class Poller:
         self._give_up_if_unreachable(now)
 
     # -- failing loud: the service unreachable for ``unreachable`` seconds ---------------------
+
+    def _report_one(
+        self, task_id: str, result: Task | ApimartError | None, now: float, wall: float
+    ) -> Literal["done", "retry", "closed"]:
+        """Tell the schedule about one id's result; whether to read it again or stop."""
+        self._note_reachability(result, now)
+        if isinstance(result, Task):
+            self._on_task(task_id, result, now, wall)
+            return "done"
+        if isinstance(result, ClientClosedError):
+            self.close("the client was closed")
+            return "closed"
+        if result is None:  # not answered at all: read again
+            return "retry"
+        verdict = classify(result)
+        if verdict == "gone":
+            if self.schedule.on_missing(task_id, now):
+                self._finish(
+                    task_id,
+                    NotFoundError(
+                        f"task {task_id} does not exist or has expired at the service",
+                        status=404,
+                    ),
+                )
+        elif verdict == "hard":
+            if self.schedule.on_hard_error(task_id, now):
+                self._finish(task_id, result)
+        else:
+            return "retry"
+        return "done"
+
+    def _unhandled(self, task_id: str, exc: Exception, now: float) -> None:
+        """Handling the status of ``task_id`` raised (a bug, or a reply no rule foresaw): it is
+        read again, and after ``hard_error_tries`` such reads its wait ends with a typed error;
+        the other tasks of the round go on."""
+        what = f"cannot handle the status of task {task_id}: {type(exc).__name__}: {exc}"
+        logger.error("%s; reading it again later", what, exc_info=exc)
+        try:
+            if self.schedule.on_hard_error(task_id, now):
+                self._finish(task_id, ResponseValidationError(what))
+        except Exception:  # the schedule itself is broken for this id: stop following it
+            logger.exception("giving up on task %s", task_id)
+            self._finish(task_id, ResponseValidationError(what))
 
     def _note_reachability(self, result: Task | ApimartError | None, now: float) -> None:
         """A read that got an answer from the service (a task, a 4xx, a 429...) restarts the

@@ -214,6 +214,52 @@ async def test_unexpected_exception_in_a_round_reschedules_its_ids(
     assert sorted(t.id for t in done) == sorted(ids)
 
 
+@pytest.mark.parametrize("batch_route", ["ok", "absent"])
+async def test_a_status_that_cannot_be_handled_strands_no_other_task_of_its_round(
+    manual: Emulator,
+    batch_route: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug met while handling one task's status (here: the schedule raises for it, every
+    time) is that task's problem alone: the other tasks read in the same round end, and the
+    bad one ends after ``hard_error_tries`` reads with a typed error naming it (it used to
+    fail the whole round, every round, so the tasks after it were never reported)."""
+    manual.batch_route = batch_route  # type: ignore[assignment]
+    async with client_of(manual) as client:
+        ids = manual.create_tasks(5)
+        bad = ids[0]
+        schedule = client._poller.schedule
+        real = schedule.on_status
+
+        def on_status(task: am.Task, now: float, **kw: float | None) -> bool:
+            if task.id == bad:
+                raise KeyError("a bug")
+            return real(task, now, **kw)
+
+        monkeypatch.setattr(schedule, "on_status", on_status)
+        manual.complete_all()
+        results: dict[str, am.Task | Exception] = {}
+
+        async def wait(task_id: str) -> None:
+            try:
+                results[task_id] = await client.tasks.wait(task_id)
+            except am.ApimartError as exc:
+                results[task_id] = exc
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                for task_id in ids:
+                    tg.start_soon(wait, task_id)
+    assert all(isinstance(results[t], am.Task) for t in ids[1:])
+    error = results[bad]
+    assert isinstance(error, am.ResponseValidationError)
+    assert str(error).startswith(f"cannot handle the status of task {bad}: KeyError")
+    assert len(client._poller) == 0
+    handled = [r for r in caplog.records if "cannot handle the status of task" in r.getMessage()]
+    assert len(handled) == 3  # one per read: hard_error_tries
+
+
 # -- absence proves nothing -------------------------------------------------------------------
 
 
