@@ -19,6 +19,7 @@ import apimart_async as am
 from apimart_async.emulator import Emulator, Fault
 
 from .conftest import FAST_POLL
+from .test_journal_faults import _FullDisk
 
 pytestmark = pytest.mark.anyio
 
@@ -339,3 +340,44 @@ async def test_a_journal_that_is_not_ours_is_refused_when_the_client_opens(
         async with client_for(manual_emu, path):
             pass
     assert path.read_text() == "hello, not a database\n"
+
+
+async def test_a_full_disk_refuses_the_submit_before_anything_is_sent(
+    manual_emu: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = _FullDisk(fail_at=1)  # the key cannot be recorded
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        with pytest.raises(am.JournalError) as info:
+            await client.videos.generate(REQUEST)
+        assert str(info.value) == f"cannot write the journal {path}: database or disk is full"
+        assert info.value.__cause__ is None and info.value.__suppress_context__  # no raw sqlite3
+        assert manual_emu.counters.get("submit", 0) == 0  # not recorded: not sent
+        assert await client.tasks.unfinished() == []
+
+
+async def test_a_task_id_that_cannot_be_recorded_is_still_returned_and_recoverable(
+    manual_emu: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    disk = _FullDisk(fail_at=2)  # the key is recorded, the task id is not
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        task_id = await client.videos.submit(REQUEST)
+        assert manual_emu.task_ids() == [task_id]
+        [item] = await client.tasks.unfinished()
+        assert item.task_id is None
+        disk.freed = True
+        assert await client.tasks.recover(item) == task_id  # the same task, by its key
+        assert [i.task_id for i in await client.tasks.unfinished()] == [task_id]
+    assert manual_emu.tasks_created == 1
+    assert any(
+        task_id in r.getMessage() and "could not be recorded" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )

@@ -437,8 +437,12 @@ class _FullDisk:
 
     def check(self, sql: str) -> None:
         words = sql.split()
-        if words[0].upper() not in ("INSERT", "UPDATE") or not {"jobs", "priors"} & set(words):
-            return  # only the writes of a batch, not the creation of the file
+        if words[0].upper() not in ("INSERT", "UPDATE") or not {
+            "jobs",
+            "priors",
+            "submits",  # a client journal's
+        } & set(words):
+            return  # only the writes of a batch or a client, not the creation of the file
         self.writes += 1
         if not self.freed and self.writes >= self.fail_at:
             self.failed += 1
