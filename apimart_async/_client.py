@@ -377,6 +377,10 @@ class AsyncApimart:
             on_event: called with each ``BatchEvent`` (submitted, progress, completed, ...).
             journal: an SQLite file (or a ``Journal``) recording every job; running the same
                 batch with the same journal resumes it without submitting anything twice.
+                Whether or not a batch has one, a client opened with ``journal=`` records
+                every submit of the batch in its own journal too, and the ends the batch sees:
+                ``client.tasks.unfinished()`` lists the batch's billed tasks whose end nobody
+                saw (a batch left early, a crash). The two must be different files.
             download_dir: fetch each completed job's videos there (``<index>.mp4`` or
                 ``<name>.mp4``), verified, before its outcome is handed out.
             manifest: a JSONL file with one line per finished job (default
