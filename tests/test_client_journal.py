@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from .test_journal_faults import _FullDisk
 
 pytestmark = pytest.mark.anyio
 
+ROOT = Path(__file__).resolve().parent.parent
 REQUEST = am.VideoRequest("sora-2-preview", "a cat on a skateboard")
 
 
@@ -381,3 +386,44 @@ async def test_a_task_id_that_cannot_be_recorded_is_still_returned_and_recoverab
         for r in caplog.records
         if r.levelno == logging.WARNING
     )
+
+
+# -- a replica killed mid-load -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill_at", [1, 20, 39])
+async def test_after_a_sigkill_mid_load_every_billed_task_is_found(
+    tmp_path: Path, kill_at: int
+) -> None:
+    """40 awaiting ``generate()`` calls; the process is killed (SIGKILL) once the emulator has
+    created ``kill_at`` tasks, some submits in flight. The journal finds every task the
+    emulator created: by id, or by key through ``recover`` (no task created twice)."""
+    calls = 40
+    path = tmp_path / "client.sqlite"
+    async with Emulator(task_duration=1000.0) as emu:
+        cmd = [sys.executable, str(ROOT / "tests" / "client_journal_worker.py")]
+        cmd += [emu.base_url, emu.api_key, str(path), str(calls)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        async with await anyio.open_process(cmd, env=env, stdout=subprocess.DEVNULL) as proc:
+            with anyio.fail_after(60):
+                await emu.wait_until(lambda: emu.tasks_created >= kill_at, timeout=60)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        created_at_kill = set(emu.task_ids())
+        async with client_for(emu, path) as client:  # the restarted replica
+            listed = await client.tasks.unfinished()
+            by_id = {i.task_id for i in listed if i.task_id is not None}
+            recovered = {await client.tasks.recover(i) for i in listed if i.task_id is None}
+        assert not by_id & recovered
+        found = by_id | recovered
+        # every task created before the kill is found; a recovered key whose POST never
+        # arrived created its task now, once (and it is found too)
+        assert created_at_kill <= found and found == set(emu.task_ids())
+        assert all(n == 1 for n in emu.tasks_per_key.values())
+        assert emu.tasks_created == len(found) <= calls
+        print(
+            f"kill at {kill_at}: created before the kill {len(created_at_kill)}, found by id"
+            f" {len(by_id)}, by key {len(recovered)} (created by recover:"
+            f" {len(found - created_at_kill)})"
+        )
