@@ -228,7 +228,8 @@ _PROGRESS_COLUMNS = (
     "progress_hi REAL",
 )
 _STATES = frozenset({"submitting", "pending", "refused", "downloading", "done"})
-#: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``)
+#: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``);
+#: ``submits``: a client journal's submits (``_client_journal``)
 _OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads", "sent_urls", "submits"})
 _JOB_COLUMNS = frozenset(
     {
