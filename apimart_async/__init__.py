@@ -8,6 +8,7 @@ import typing as _typing
 
 from ._admission import Budget
 from ._client import AsyncApimart, Tasks, TaskWatch, Uploads, Videos
+from ._client_journal import UnfinishedTask
 from ._config import Timeout
 from ._errors import (
     APIConnectionError,
@@ -137,6 +138,7 @@ __all__ = [
     "Tasks",
     "Throttle",
     "Timeout",
+    "UnfinishedTask",
     "UploadError",
     "UploadStats",
     "UploadedImage",

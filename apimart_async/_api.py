@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -46,6 +46,7 @@ __all__ = [
     "Api",
     "BatchRoute",
     "Statuses",
+    "SubmitLog",
     "check_idempotency_key",
     "check_task_id",
     "is_unknown_task",
@@ -212,6 +213,23 @@ class BatchRoute:
         self.switches += 1
 
 
+class SubmitLog(Protocol):
+    """What records every submit of a client (``_client_journal.ClientJournal``): the key
+    before the POST, the task id after its reply, the error of one that failed."""
+
+    async def before_submit(self, key: str, request: VideoRequest) -> None:
+        """Called before the POST; raising stops the submit (nothing is sent)."""
+        ...
+
+    async def submitted(self, key: str, task_id: str) -> None:
+        """The POST returned ``task_id`` (called shielded from cancellation)."""
+        ...
+
+    async def submit_failed(self, key: str, exc: ApimartError) -> None:
+        """The submit ended with ``exc`` (called shielded from cancellation)."""
+        ...
+
+
 class Api:
     """The service's endpoints over one transport.
 
@@ -236,6 +254,8 @@ class Api:
         self.reads = reads
         self.route: BatchRoute = route or BatchRoute()
         self.clock = clock
+        #: Records every submit (the client's journal, issue 21); None: nothing is recorded.
+        self.submit_log: SubmitLog | None = None
 
     def __repr__(self) -> str:
         return f"<Api {self.transport.base_url} {self.route!r}>"
@@ -279,6 +299,22 @@ class Api:
             if idempotency_key is None
             else check_idempotency_key(idempotency_key)
         )
+        log = self.submit_log
+        if log is not None:
+            self.ensure_open()  # a closed client sends nothing: nothing to record
+            await log.before_submit(key, request)  # the key is durable before the POST
+            try:
+                task_id = await self._submit(request, key)
+            except ApimartError as exc:
+                with anyio.CancelScope(shield=True):
+                    await log.submit_failed(key, exc)
+                raise
+            with anyio.CancelScope(shield=True):  # the id of a paid task is never lost
+                await log.submitted(key, task_id)
+            return task_id
+        return await self._submit(request, key)
+
+    async def _submit(self, request: VideoRequest, key: str) -> str:
         track = SendTrack()
         path = "/v1/videos/generations"
         try:

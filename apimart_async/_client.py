@@ -22,17 +22,19 @@ import anyio
 
 from ._api import Api, BatchRoute, check_task_id
 from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
+from ._client_journal import ClientJournal, UnfinishedTask, notify_submitted
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader
 from ._errors import (
     ApimartError,
     ConfigurationError,
     FieldError,
+    NoVideoError,
     TaskFailedError,
     ValidationError,
 )
 from ._handle import Batch
-from ._journal import Journal
+from ._journal import Journal, SqliteJournal
 from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
 from ._options import BatchOptions
 from ._outcomes import BatchEvent, JobInput
@@ -88,6 +90,16 @@ class AsyncApimart:
             after which every wait (``generate``, ``tasks.wait``, ``tasks.watch``, batch jobs)
             ends with ``APIConnectionError``, logged at WARNING; the tasks may still be
             running at the service. Default 300; None waits for ever.
+        journal: an SQLite file (or an ``SqliteJournal``) recording every submit made through
+            this client: ``videos.submit``, ``videos.generate`` and the submits of its batches
+            (whether or not a batch has a journal of its own). The idempotency key is
+            committed before each POST and the task id right after its reply; the end of a
+            task is recorded when a wait through this client sees it. After a restart,
+            ``tasks.unfinished()`` lists the tasks whose end nobody saw, ``tasks.wait(id)``
+            answers from the journal when the end is known, and ``tasks.recover(item)``
+            settles a submit whose reply was lost. Opened with the client (one client per
+            file at a time: another gets ``JournalLockedError``); the file may be a batch's
+            journal too, but not one a running batch holds. The API key is never written.
     """
 
     def __init__(
@@ -107,8 +119,10 @@ class AsyncApimart:
         proxy: str | None = None,
         trust_env: bool = True,
         wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
+        journal: str | os.PathLike[str] | SqliteJournal | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
+        self._journal = ClientJournal.of(journal)
         if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
             raise ConfigurationError(
                 f"ssl must be an ssl.SSLContext or None, got {type(ssl).__name__}"
@@ -185,9 +199,12 @@ class AsyncApimart:
             max_retries=max_retries,
             concurrency=download_concurrency,
         )
+        if self._journal is not None:  # issue 21: every submit and every end seen, recorded
+            self._api.submit_log = self._journal
+            self._poller.on_end = self._journal.saw_end
         self._runner: asyncio.Task[None] | None = None
         self._stop_runner = anyio.Event()
-        self.tasks: Tasks = Tasks(self._api, self._poller)
+        self.tasks: Tasks = Tasks(self._api, self._poller, self._journal)
         """Read, wait for and watch tasks."""
         self.videos: Videos = Videos(self._api, self.tasks)
         """Submit and generate videos."""
@@ -197,8 +214,16 @@ class AsyncApimart:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> Self:
-        """Open the HTTP session and start the shared poller (prefer ``async with``)."""
-        await self._transport.open()
+        """Open the journal (if any) and the HTTP session, and start the shared poller
+        (prefer ``async with``)."""
+        if self._journal is not None:
+            await self._journal.open()
+        try:
+            await self._transport.open()
+        except BaseException:
+            if self._journal is not None:
+                await self._journal.close()
+            raise
         if self._runner is None:
             self._stop_runner = anyio.Event()
             # The poller's task group lives in a task of its own that the client owns and
@@ -212,6 +237,8 @@ class AsyncApimart:
     async def _run_background(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._poller.run, name="apimart-async poller")
+            if self._journal is not None:
+                tg.start_soon(self._journal.run, name="apimart-async journal writer")
             await self._stop_runner.wait()
             tg.cancel_scope.cancel()
 
@@ -226,7 +253,11 @@ class AsyncApimart:
         finally:
             # closed even when this close is cancelled (no "Unclosed client session")
             with anyio.CancelScope(shield=True):
-                await self._transport.aclose()
+                try:
+                    if self._journal is not None:
+                        await self._journal.close()  # the ends seen are written first
+                finally:
+                    await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
         return await self.open()
@@ -346,6 +377,10 @@ class AsyncApimart:
             on_event: called with each ``BatchEvent`` (submitted, progress, completed, ...).
             journal: an SQLite file (or a ``Journal``) recording every job; running the same
                 batch with the same journal resumes it without submitting anything twice.
+                Whether or not a batch has one, a client opened with ``journal=`` records
+                every submit of the batch in its own journal too, and the ends the batch sees:
+                ``client.tasks.unfinished()`` lists the batch's billed tasks whose end nobody
+                saw (a batch left early, a crash). The two must be different files.
             download_dir: fetch each completed job's videos there (``<index>.mp4`` or
                 ``<name>.mp4``), verified, before its outcome is handed out.
             manifest: a JSONL file with one line per finished job (default
@@ -455,6 +490,12 @@ class Videos:
         unknown: the service answered ``idempotency_result_indeterminate``, or an attempt
         reached it without a reply and the retries did not settle it. Submit again with that
         key to get the original task, if one was created, instead of a second one.
+
+        With ``AsyncApimart(journal=...)`` the key is committed before the POST (a journal
+        that cannot be written raises ``JournalError`` and nothing is sent) and the task id
+        right after the reply, so a caller cancelled in between finds it in
+        ``client.tasks.unfinished()``. There is no ``on_submitted`` here: the returned id is
+        the earliest the caller can have it.
         """
         return await self._api.submit(request, idempotency_key=idempotency_key)
 
@@ -464,6 +505,7 @@ class Videos:
         *,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        on_submitted: Callable[[str], object] | None = None,
     ) -> Task:
         """Submit and wait (through the shared poller) until the task ends. Raises
         ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
@@ -472,21 +514,52 @@ class Videos:
         The wait learns from and uses what the client's earlier tasks of the same kind (model,
         duration, resolution, references or not) showed about how long they take, as a
         batch's jobs do: once enough of a kind completed, its tasks are first checked at the
-        kind's earliest end, not 2 s after the submit."""
+        kind's earliest end, not 2 s after the submit.
+
+        ``on_submitted``: called with the task id as soon as the submit's reply is read, before
+        the wait starts (a function or a coroutine function), so a web handler can store the
+        id before it awaits. If it raises, the task id is logged at WARNING (the task runs on,
+        and is billed; with a journal ``tasks.unfinished()`` lists it) and its exception
+        propagates: there is no wait.
+
+        Cancelled after the submit (a web handler whose client went away), the task id is
+        logged at WARNING on the ``apimart_async`` logger; with a journal the task stays in
+        ``tasks.unfinished()`` until a wait sees its end."""
         check_seconds("timeout", timeout)
+        if on_submitted is not None and not callable(on_submitted):
+            raise ValidationError(
+                [FieldError("on_submitted", "must be a function of the task id", on_submitted)]
+            )
         submitted_at = self._tasks._poller.now()
         task_id = await self.submit(request, idempotency_key=idempotency_key)
-        return await self._tasks._wait(
-            task_id, timeout=timeout, submitted_at=submitted_at, kind=kind_of(request)
-        )
+        try:
+            if on_submitted is not None:
+                await notify_submitted(on_submitted, task_id)
+            return await self._tasks._wait(
+                task_id, timeout=timeout, submitted_at=submitted_at, kind=kind_of(request)
+            )
+        except anyio.get_cancelled_exc_class():
+            where = (
+                "client.tasks.unfinished() lists it"
+                if self._tasks._journal is not None
+                else "client.tasks.wait(id) follows it"
+            )
+            logger.warning(
+                "generate() was cancelled after submitting task %s: it runs on at the service"
+                " and is billed; %s",
+                task_id,
+                where,
+            )
+            raise
 
 
 class Tasks:
     """``client.tasks``: status of submitted tasks."""
 
-    def __init__(self, api: Api, poller: Poller) -> None:
+    def __init__(self, api: Api, poller: Poller, journal: ClientJournal | None = None) -> None:
         self._api = api
         self._poller = poller
+        self._journal = journal
 
     async def get(self, task_id: str) -> Task:
         """``GET /v1/tasks/{task_id}``. Raises ``NotFoundError`` for an unknown or expired task."""
@@ -510,9 +583,58 @@ class Tasks:
 
         A bare task id says nothing of the task's kind, so this wait neither uses nor teaches
         what earlier tasks of a kind showed about their durations (``videos.generate`` and
-        batches do): the task is checked at once, then as its ``estimated_time`` says."""
+        batches do): the task is checked at once, then as its ``estimated_time`` says.
+
+        With ``AsyncApimart(journal=...)``, a task whose end a wait of this client saw (in
+        this run or an earlier one) is answered from the journal, with no request; any other
+        is followed as above, and its end recorded when it comes."""
         check_seconds("timeout", timeout)
-        return await self._wait(check_task_id(task_id), timeout=timeout, submitted_at=None)
+        task_id = check_task_id(task_id)
+        if self._journal is not None:
+            self._api.ensure_open()
+            known = await self._journal.end_of(task_id)
+            if known is not None:
+                return _settled(known)
+        return await self._wait(task_id, timeout=timeout, submitted_at=None)
+
+    async def unfinished(self) -> list[UnfinishedTask]:
+        """The submits made through this client (any run of it with the same journal) whose
+        task's end no wait saw, oldest first: running tasks, tasks that ended while nobody
+        waited, and submits whose reply was never read (``task_id`` None: settle them with
+        ``recover``). Needs ``AsyncApimart(journal=...)``; ``ConfigurationError`` without."""
+        journal = self._need_journal("tasks.unfinished()")
+        return await journal.unfinished()
+
+    async def recover(self, item: UnfinishedTask) -> str:
+        """The task id of an unfinished submit. For one with no task id (its reply was lost,
+        or its POST never arrived) the same request is sent again with the SAME idempotency
+        key: the service answers with the task the first POST created, or creates it now if
+        none arrived (one task either way; the service keeps keys for a limited time, so
+        recover soon). The id is recorded; ``tasks.wait(id)`` then follows it. Raises the
+        submit's error if it fails (a refusal that proves no task exists takes the item out
+        of ``unfinished()``)."""
+        journal = self._need_journal("tasks.recover()")
+        if not isinstance(item, UnfinishedTask):
+            raise ValidationError(
+                [FieldError("item", "must be an UnfinishedTask from tasks.unfinished()", item)]
+            )
+        if item.task_id is not None:
+            return item.task_id
+        self._api.ensure_open()
+        request = await journal.request_of(item.idempotency_key)
+        if request is None:
+            raise ValidationError(
+                [FieldError("item", "is not in this client's journal", item.idempotency_key)]
+            )
+        return await self._api.submit(request, idempotency_key=item.idempotency_key)
+
+    def _need_journal(self, what: str) -> ClientJournal:
+        if self._journal is None:
+            raise ConfigurationError(
+                f"{what} needs a client journal: AsyncApimart(..., journal='tasks.sqlite')"
+            )
+        self._api.ensure_open()
+        return self._journal
 
     async def _wait(
         self,
@@ -546,9 +668,7 @@ class Tasks:
         result = box[0]
         if isinstance(result, ApimartError):
             raise result
-        if not result.ok:
-            raise TaskFailedError(result)
-        return result
+        return _settled(result)
 
     def watch(self, task_ids: Iterable[str]) -> TaskWatch:
         """Follow many tasks through the shared poller; yields each as it ends::
@@ -559,6 +679,15 @@ class Tasks:
         """
         ids = list(dict.fromkeys(check_task_id(t, "task_ids[]") for t in task_ids))
         return TaskWatch(self._poller, ids)
+
+
+def _settled(task: Task) -> Task:
+    """A terminal task as a wait returns it: completed, else ``TaskFailedError``."""
+    if not task.ok:
+        raise TaskFailedError(task)
+    if not task.video_urls:
+        raise NoVideoError(task)
+    return task
 
 
 class TaskWatch:

@@ -21,7 +21,9 @@ Schema 2 added ``refused``; a schema 1 file is migrated when opened (its refused
 stored as ``done`` with status ``error`` and no task id). Schema 3 added the table ``priors``
 (what completed tasks taught the poll schedule, by kind: ``_priors``); older files get it
 when opened. Schema 4 added the progress trust of each kind to ``priors`` (three columns at
-the end of the table); a schema 3 file gets them, empty, when opened.
+the end of the table); a schema 3 file gets them, empty, when opened. Schema 5 added the table
+``submits``: the client's own submits (``AsyncApimart(journal=...)``, ``_client_journal``),
+one row per idempotency key; older files get it, empty, when opened.
 
 A journal is checked when opened: it must be one of ours (the row ``format`` of the table
 ``meta`` says ``apimart-async journal``; files from before that row are recognised by their
@@ -48,9 +50,9 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -63,8 +65,9 @@ from ._priors import KindPrior
 
 __all__ = ["JobRecord", "Journal", "RunLock", "SqliteJournal"]
 
+T = TypeVar("T")
 JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @attrs.frozen
@@ -186,6 +189,27 @@ CREATE TABLE IF NOT EXISTS priors (
 );
 """
 
+#: Schema 5: the client's own submits (``_client_journal``), keyed by idempotency key. ``state``
+#: is ``submitting`` (key stored before the POST), ``pending`` (task id known), ``refused`` (no
+#: task exists) or ``done`` (a wait saw the end: ``status``, and ``task`` in its wire form).
+SUBMITS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS submits (
+    idempotency_key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL,
+    task_id TEXT,
+    status TEXT,
+    task TEXT,
+    error TEXT,
+    submitted_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS submits_by_task ON submits (task_id);
+CREATE INDEX IF NOT EXISTS submits_by_state ON submits (state);
+"""
+
 
 _SELECT = (
     "SELECT idx, fingerprint, idempotency_key, state, name, task_id, status, cost,"
@@ -204,8 +228,9 @@ _PROGRESS_COLUMNS = (
     "progress_hi REAL",
 )
 _STATES = frozenset({"submitting", "pending", "refused", "downloading", "done"})
-#: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``)
-_OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads", "sent_urls"})
+#: ``uploads``: the URLs of local reference files uploaded once by content (``_upload_cache``);
+#: ``submits``: a client journal's submits (``_client_journal``)
+_OUR_TABLES = frozenset({"meta", "jobs", "priors", "uploads", "sent_urls", "submits"})
 _JOB_COLUMNS = frozenset(
     {
         "idx", "fingerprint", "idempotency_key", "name", "body", "state", "task_id", "status",
@@ -242,7 +267,7 @@ def _check_header(path: Path) -> None:
 
 def _inspect(conn: sqlite3.Connection, path: Path) -> str | None:
     """Check that ``conn`` holds one of our journals, undamaged; return its schema version
-    (``"1"`` to ``"4"``), or None for an empty database (a new journal). Reads only."""
+    (``"1"`` to ``"5"``), or None for an empty database (a new journal). Reads only."""
     tables = sorted(
         name
         for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
@@ -544,7 +569,7 @@ class SqliteJournal(Journal):
             conn.execute("PRAGMA synchronous=NORMAL")
             if schema is None:  # a new journal
                 conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA.split(";"):
+                for statement in (_SCHEMA + SUBMITS_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -578,6 +603,10 @@ class SqliteJournal(Journal):
             for column in _PROGRESS_COLUMNS:
                 if column.split()[0] not in have:
                     conn.execute(f"ALTER TABLE priors ADD COLUMN {column}")
+            # Schema 5 added the table ``submits`` (the client's own submits).
+            for statement in SUBMITS_SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
             conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (MARKER,))
             conn.execute("COMMIT")
@@ -621,6 +650,22 @@ class SqliteJournal(Journal):
             self._conn.execute(sql, args)  # autocommit: one statement, one transaction
         except sqlite3.Error as exc:
             raise self._write_error(exc) from None
+
+    async def call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` with the open connection on the journal's worker thread (the client
+        journal's statements, ``_client_journal``); a sqlite3 error becomes a
+        ``JournalError`` saying what could not be done (``what``: "write", "read")."""
+
+        def run() -> T:
+            if self._conn is None:
+                raise JournalError(f"the journal {self.path} is closed")
+            try:
+                return fn(self._conn)
+            except sqlite3.Error as exc:
+                raise JournalError(f"cannot {what} the journal {self.path}: {exc}") from None
+
+        result: T = await self._run(run)
+        return result
 
     def _write_error(self, exc: sqlite3.Error) -> JournalError:
         return JournalError(f"cannot write the journal {self.path}: {exc}")

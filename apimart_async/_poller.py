@@ -176,6 +176,9 @@ class Poller:
         self._failing_since: float | None = None
         self._last_failure: ApimartError | None = None
         self._warned_since: float | None = None  # the outage already warned about
+        #: Called with every watch's end before its waiters are (the client's journal
+        #: records the ends it sees, issue 21); it must not raise.
+        self.on_end: WatchCallback | None = None
         #: Check rounds run and task statuses read, for stats and benchmarks.
         self.rounds: int = 0
         self.checks: int = 0
@@ -584,6 +587,11 @@ class Poller:
         self.schedule.remove(task_id)
         if entry is None:
             return
+        if self.on_end is not None:
+            try:
+                self.on_end(task_id, result)
+            except Exception:
+                logger.exception("recording the end of task %s failed", task_id)
         for waiter in entry.waiters:
             self._call(task_id, waiter, result)
 

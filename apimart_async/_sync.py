@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import signal
 import ssl as _ssl
 import weakref
@@ -32,6 +33,7 @@ from ._config import DEFAULT_TIMEOUT, Timeout
 from ._errors import ClientClosedError
 from ._handle import Batch
 from ._interrupt import refuse, sigint_is_ours_to_take
+from ._journal import SqliteJournal
 from ._options import BatchOptions
 from ._outcomes import Failure, Success
 from ._poll_schedule import PollPolicy
@@ -175,6 +177,8 @@ class SyncTasks(_Facade):
     get: Final = _blocking(Tasks.get)
     get_many: Final = _blocking(Tasks.get_many)
     wait: Final = _blocking(Tasks.wait)
+    unfinished: Final = _blocking(Tasks.unfinished)
+    recover: Final = _blocking(Tasks.recover)
 
 
 class SyncUploads(_Facade):
@@ -348,6 +352,7 @@ class Apimart(_Facade):
         proxy: str | None = None,
         trust_env: bool = True,
         wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
+        journal: str | os.PathLike[str] | SqliteJournal | None = None,
     ) -> None:
         stack = contextlib.ExitStack()
         loop = _Loop(stack.enter_context(start_blocking_portal()))
@@ -370,6 +375,7 @@ class Apimart(_Facade):
                     proxy=proxy,
                     trust_env=trust_env,
                     wait_unreachable=wait_unreachable,
+                    journal=journal,
                 )
             )
         except BaseException:

@@ -47,6 +47,9 @@ ALLOWED_PRIVATE = {
     "apimart_async._download.Downloader",
     "apimart_async._options.BatchOptions",
     "apimart_async._pacing.Pacing",
+    # Tasks(api, poller, journal): the client's journal of its submits, wired by the client
+    # from AsyncApimart(journal=...); users never build one.
+    "apimart_async._client_journal.ClientJournal",
     # Emulator.ca: the private CA of tls=True, an internal helper (use ca_file or
     # client_ssl_context()).
     "apimart_async.emulator._network.LocalCA",

@@ -568,7 +568,7 @@ async def test_a_version_1_journal_is_migrated(tmp_path: Path) -> None:
             outcomes = {o.index: o for o in [o async for o in results]}
         assert outcomes[0].replayed and not outcomes[1].replayed and outcomes[1].ok
         conn = sqlite3.connect(journal)
-        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("5",)
         conn.close()
 
 

@@ -263,13 +263,14 @@ async def test_our_older_journals_without_the_marker_are_still_opened(
     statements = ["DELETE FROM meta WHERE key != 'schema'", f"UPDATE meta SET value='{schema}'"]
     if schema in ("1", "2"):
         statements.append("DROP TABLE priors")
+    statements.append("DROP TABLE submits")  # schema 5 added it
     _sql(path, *statements)
     async with client.batch(jobs(2), journal=path) as results:
         again = [o async for o in results]
     assert [o.replayed for o in again] == [True, True]
     with contextlib.closing(sqlite3.connect(path)) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    assert meta["schema"] == "4" and meta["format"] == "apimart-async journal"
+    assert meta["schema"] == "5" and meta["format"] == "apimart-async journal"
     assert emu.counters.get("submit", 0) == 2
 
 
@@ -436,8 +437,12 @@ class _FullDisk:
 
     def check(self, sql: str) -> None:
         words = sql.split()
-        if words[0].upper() not in ("INSERT", "UPDATE") or not {"jobs", "priors"} & set(words):
-            return  # only the writes of a batch, not the creation of the file
+        if words[0].upper() not in ("INSERT", "UPDATE") or not {
+            "jobs",
+            "priors",
+            "submits",  # a client journal's
+        } & set(words):
+            return  # only the writes of a batch or a client, not the creation of the file
         self.writes += 1
         if not self.freed and self.writes >= self.fail_at:
             self.failed += 1

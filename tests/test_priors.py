@@ -194,7 +194,9 @@ def test_a_schema_2_journal_gains_the_priors_table(tmp_path: Path) -> None:
 
     assert anyio.run(run) == {KIND: KindPrior(samples=3, duration_lo=1.0, duration_hi=2.0)}
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("5",)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"priors", "submits"} <= tables  # schema 5 added the client journal's table
     conn.close()
 
 
@@ -622,4 +624,4 @@ def test_a_schema_3_journal_keeps_its_priors_and_gains_progress_trust(tmp_path: 
 
     assert anyio.run(run) == ({KIND: old}, {KIND: trusted})
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("5",)

@@ -164,3 +164,24 @@ def test_a_bad_setting_error_survives_pickling_as_it_was(bad: Any) -> None:
     assert type(copy) is type(caught.value)
     assert str(copy) == str(caught.value)
     assert copy.errors == caught.value.errors
+
+
+def test_unfinished_task_is_a_frozen_public_record_with_a_json_dict() -> None:
+    import json
+
+    import attrs
+
+    item = am.UnfinishedTask(
+        task_id=None, idempotency_key="k-1", model="sora-2-preview", submitted_at=1.5,
+        fingerprint="ab",
+    )  # fmt: skip
+    assert "UnfinishedTask" in am.__all__ and am.UnfinishedTask.__module__.startswith("apimart")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        item.task_id = "task_1"  # type: ignore[misc]
+    assert json.loads(json.dumps(item.to_dict())) == {
+        "task_id": None,
+        "idempotency_key": "k-1",
+        "model": "sora-2-preview",
+        "submitted_at": 1.5,
+        "fingerprint": "ab",
+    }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
+import sqlite3
 from pathlib import Path
 
+import anyio
 import pytest
 
 import apimart_async as am
@@ -138,3 +141,40 @@ async def test_cli_resume_line_never_contains_the_key(tmp_path: Path, form: str)
         text = await _interrupted_run(tmp_path, emu, *key_args, stdin=stdin, env_key=env_key)
     assert "resume with:" in text and "APIMART_API_KEY" in text.split("resume with:")[1]
     assert KEY not in text and PREFIX not in text
+
+
+async def test_key_never_reaches_the_client_journal_or_a_batch_journal(tmp_path: Path) -> None:
+    """Every file a client journal and a batch journal leave (the database, its WAL while it
+    is open, the lock file) is scanned for the key and its prefix, during and after a run."""
+    from .conftest import FAST_POLL
+
+    seen: dict[str, bytes] = {}
+
+    def scan() -> None:
+        for path in tmp_path.iterdir():
+            seen[f"{path.name}@{len(seen)}"] = path.read_bytes()
+
+    async with Emulator(api_key=KEY, frozen_clock=True, task_duration=10.0) as emu:
+        client = am.AsyncApimart(
+            KEY, base_url=emu.base_url, poll=FAST_POLL, journal=tmp_path / "client.sqlite"
+        )
+        async with client:
+            emu.faults.inject("submit", Fault.lost_reply(), times=1)  # retried with its key
+            first = await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+            jobs = [am.VideoRequest("sora-2-preview", f"job {i}") for i in range(2)]
+            async with client.batch(jobs, journal=tmp_path / "batch.sqlite") as results:
+                await emu.wait_until(lambda: emu.tasks_created == 3)
+                scan()  # while both journals are open: WAL and lock files too
+                emu.advance(10)
+                assert [o.ok async for o in results] == [True, True]
+            assert (await client.tasks.wait(first)).ok
+            scan()
+        assert await anyio.Path(tmp_path / "client.sqlite.lock").exists() is False
+        scan()
+    names = {name.partition("@")[0] for name in seen}
+    assert {"client.sqlite", "client.sqlite-wal", "client.sqlite.lock", "batch.sqlite"} <= names
+    with contextlib.closing(sqlite3.connect(tmp_path / "client.sqlite")) as conn:
+        assert conn.execute("SELECT count(*) FROM submits").fetchone() == (3,)  # not empty
+    for name, data in seen.items():
+        assert KEY.encode() not in data, name
+        assert PREFIX.encode() not in data, name

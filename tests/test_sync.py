@@ -443,3 +443,18 @@ def test_a_sync_batch_lists_the_outcomes_left_unread(manual_temu: ThreadedEmulat
     unread = b.unread()
     assert len(unread) == 2 and b.stats().unread == 2
     assert {o.index for o in unread} | {first.index} == {0, 1, 2}
+
+
+def test_the_facade_lists_unfinished_tasks_of_its_journal(
+    manual_temu: ThreadedEmulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "client.sqlite"
+    emu = manual_temu.emu
+    with am.Apimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL, journal=path) as client:
+        task_id = client.videos.submit(am.VideoRequest("sora-2-preview", "a"))
+    with am.Apimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL, journal=path) as client:
+        [item] = client.tasks.unfinished()
+        assert item.task_id == task_id and client.tasks.recover(item) == task_id
+        manual_temu.call(emu.complete, task_id)
+        assert client.tasks.wait(task_id).ok
+        assert client.tasks.unfinished() == []

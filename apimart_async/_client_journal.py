@@ -1,0 +1,335 @@
+"""The client's own journal (issue 21): no paid task is ever unreachable.
+
+``AsyncApimart(journal=...)`` records every submit made through the client (``videos.submit``,
+``videos.generate``, and the submits of its batches) in the table ``submits`` of an SQLite
+journal (the same file format as a batch's, ``_journal``), one row per idempotency key::
+
+    submitting  the key (with the request's fingerprint, model and body) is durable BEFORE the
+                POST: the POST may or may not have created a task
+    pending     the reply gave the task id, recorded right after it (shielded from cancellation)
+    refused     the service refused the submit in a way that proves no task exists
+    done        a wait through this client saw the task's end (its status and the task)
+
+``client.tasks.unfinished()`` lists the ``submitting`` and ``pending`` rows (``UnfinishedTask``):
+the billed tasks whose end nobody saw, across restarts. A ``submitting`` row has no task id
+(the reply was lost, or the first POST never arrived): ``client.tasks.recover(item)`` sends the
+same request again with the SAME key, which the service dedupes (it answers with the original
+task if there is one, else creates it now), and records the id.
+
+Ends are seen by the shared poller (``Poller.on_end``, a synchronous callback) and written by
+a small writer task in the client's task group, batched; ``flush`` writes what is waiting
+(``unfinished()`` flushes first, and so does closing the client). An end seen just before a
+crash may be lost: the task is then listed again, and a wait re-reads it once.
+
+Journal faults become ``JournalError``: recording a key that fails stops the submit (nothing is
+sent); recording a task id that fails is logged at WARNING with the id (the caller still gets
+it, and the key stays listed: ``recover`` finds the task again by it); recording an end that
+fails is logged (the task stays listed).
+
+The API key never reaches this module: nothing of it is written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import attrs
+
+from ._converter import structure_task, task_to_wire
+from ._errors import ApimartError, ConfigurationError, JournalError, NotFoundError, NoVideoError
+from ._jobs import definitive
+from ._journal import SqliteJournal
+from ._models import Task, VideoRequest
+
+__all__ = ["ClientJournal", "UnfinishedTask", "notify_submitted"]
+
+logger = logging.getLogger("apimart_async")
+
+
+@attrs.frozen
+class UnfinishedTask:
+    """A submit made through a client with a journal whose task's end nobody saw
+    (``client.tasks.unfinished()``). It may be running, or long finished at the service."""
+
+    task_id: str | None
+    """The task's id; None when the key was recorded but no reply was read (the reply was lost,
+    or the POST never arrived): ``client.tasks.recover(item)`` settles it."""
+    idempotency_key: str
+    """The ``Idempotency-Key`` of its submit."""
+    model: str
+    """The request's model."""
+    submitted_at: float
+    """When the submit was recorded (Unix time, seconds)."""
+    fingerprint: str
+    """``VideoRequest.fingerprint()`` of the request."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of the fields."""
+        return {
+            "task_id": self.task_id,
+            "idempotency_key": self.idempotency_key,
+            "model": self.model,
+            "submitted_at": self.submitted_at,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def _end_of(result: Task | ApimartError) -> tuple[str, dict[str, Any] | None, str | None] | None:
+    """What a watch's end says of its task: (status, task in wire form, error), or None when
+    it says nothing (the waiter gave up, the client closed, the API was unreachable...)."""
+    if isinstance(result, Task):
+        return result.status.value, task_to_wire(result), None
+    if isinstance(result, NoVideoError):
+        return result.task.status.value, task_to_wire(result.task), str(result)
+    if isinstance(result, NotFoundError):
+        return "not_found", None, str(result)
+    return None
+
+
+class ClientJournal:
+    """The submits of one client, in the ``submits`` table of an ``SqliteJournal``."""
+
+    def __init__(self, store: SqliteJournal, *, wall: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self._wall = wall
+        self._ends: dict[str, tuple[str, dict[str, Any] | None, str | None]] = {}
+        self._wake = anyio.Event()
+        self._flushing = anyio.Lock()
+        self.is_open = False
+
+    @classmethod
+    def of(cls, journal: object) -> ClientJournal | None:
+        """The journal of ``AsyncApimart(journal=...)``: a path, an ``SqliteJournal`` or None."""
+        if journal is None:
+            return None
+        if isinstance(journal, (str, os.PathLike)):
+            return cls(SqliteJournal(os.fspath(journal)))
+        if isinstance(journal, SqliteJournal):
+            return cls(journal)
+        raise ConfigurationError(
+            f"journal must be a path to an SQLite file or an SqliteJournal, got"
+            f" {type(journal).__name__}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<ClientJournal {str(self.store.path)!r} {'open' if self.is_open else 'closed'}>"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the store (taking its lock: one client per journal file at a time)."""
+        if not self.is_open:
+            await self.store.open()
+            self.is_open = True
+
+    async def close(self) -> None:
+        """Write the ends still waiting, then close the store."""
+        if not self.is_open:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.flush()
+            finally:
+                self.is_open = False
+                try:
+                    await self.store.close()
+                except Exception as exc:  # noqa: BLE001 - every write was committed before
+                    logger.warning("the client journal did not close cleanly: %s", exc)
+
+    async def run(self) -> None:
+        """Write the ends the poller reports, as they come (the client's task group runs it)."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.flush()
+
+    # -- submits (``_api.SubmitLog``) ----------------------------------------------------------
+
+    async def before_submit(self, key: str, request: VideoRequest) -> None:
+        body = json.dumps(request.to_body(), sort_keys=True)
+        row = (key, request.fingerprint(), request.model, body, self._wall())
+
+        def insert(conn: sqlite3.Connection) -> None:
+            # a key already recorded (``recover`` sends it again) keeps its row
+            conn.execute(
+                "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
+                " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
+                " ON CONFLICT (idempotency_key) DO NOTHING",
+                (*row, row[-1]),
+            )
+
+        await self.store.call("write", insert)
+
+    async def submitted(self, key: str, task_id: str) -> None:
+        try:
+            await self._update(
+                "UPDATE submits SET state='pending', task_id=?, updated_at=?"
+                " WHERE idempotency_key=?",
+                (task_id, self._wall(), key),
+            )
+        except JournalError as exc:
+            logger.warning(
+                "task %s was submitted but its id could not be recorded (%s); tasks.unfinished()"
+                " lists its idempotency key %s, and tasks.recover() finds the task by it",
+                task_id,
+                exc,
+                key,
+            )
+
+    async def submit_failed(self, key: str, exc: ApimartError) -> None:
+        if not definitive(exc):
+            return  # the POST may have created a task: the key stays listed
+        try:
+            await self._update(
+                "UPDATE submits SET state='refused', error=?, updated_at=?"
+                " WHERE idempotency_key=? AND state='submitting'",
+                (str(exc), self._wall(), key),
+            )
+        except JournalError as fault:
+            logger.warning("the refused submit %s could not be recorded: %s", key, fault)
+
+    async def _update(self, sql: str, args: tuple[Any, ...]) -> None:
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, args)
+
+        await self.store.call("write", update)
+
+    # -- ends ----------------------------------------------------------------------------------
+
+    def saw_end(self, task_id: str, result: Task | ApimartError) -> None:
+        """A watch of ``task_id`` ended with ``result`` (``Poller.on_end``): written soon."""
+        end = _end_of(result)
+        if end is not None and self.is_open:
+            self._ends[task_id] = end
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write the ends seen so far; a failure is logged (those tasks stay listed)."""
+        async with self._flushing:
+            ends, self._ends = self._ends, {}
+            if not ends or not self.is_open:
+                return
+            now = self._wall()
+            rows = [
+                (status, json.dumps(task) if task is not None else None, error, now, task_id)
+                for task_id, (status, task, error) in ends.items()
+            ]
+
+            def write(conn: sqlite3.Connection) -> None:
+                conn.executemany(
+                    "UPDATE submits SET state='done', status=?, task=?, error=?, updated_at=?"
+                    " WHERE task_id=? AND state='pending'",
+                    rows,
+                )
+
+            try:
+                await self.store.call("write", write)
+            except Exception as exc:  # noqa: BLE001 - never ends the client's task group
+                logger.warning(
+                    "the end of tasks %s could not be recorded in the client journal (%s);"
+                    " tasks.unfinished() still lists them",
+                    ", ".join(sorted(ends)),
+                    exc,
+                )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def unfinished(self) -> list[UnfinishedTask]:
+        """The submits whose end nobody saw, oldest first."""
+        await self.flush()
+
+        def read(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
+                "SELECT task_id, idempotency_key, model, submitted_at, fingerprint FROM submits"
+                " WHERE state IN ('submitting', 'pending') ORDER BY submitted_at, rowid"
+            ).fetchall()
+
+        rows = await self.store.call("read", read)
+        try:
+            return [
+                UnfinishedTask(
+                    task_id=_text_or_none(task_id),
+                    idempotency_key=_text(key),
+                    model=_text(model),
+                    submitted_at=float(at),
+                    fingerprint=_text(fingerprint),
+                )
+                for task_id, key, model, at, fingerprint in rows
+            ]
+        except (TypeError, ValueError) as exc:
+            raise JournalError(f"cannot read the journal {self.store.path}: {exc}") from None
+
+    async def end_of(self, task_id: str) -> Task | None:
+        """The end of ``task_id`` as recorded (a task seen terminal), or None."""
+        await self.flush()
+
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT task FROM submits WHERE task_id=? AND state='done' AND task IS NOT NULL",
+                (task_id,),
+            ).fetchone()
+
+        row = await self.store.call("read", read)
+        if row is None:
+            return None
+        try:
+            return structure_task(json.loads(row[0]))
+        except (ValueError, ApimartError):
+            logger.warning("the recorded end of task %s is unreadable; reading it again", task_id)
+            return None
+
+    async def request_of(self, key: str) -> VideoRequest | None:
+        """The request recorded with ``key`` (None if there is none)."""
+
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT body FROM submits WHERE idempotency_key=?", (key,)
+            ).fetchone()
+
+        row = await self.store.call("read", read)
+        if row is None:
+            return None
+        try:
+            body = json.loads(row[0])
+            return VideoRequest.from_dict(body)
+        except (ValueError, TypeError, ApimartError) as exc:
+            raise JournalError(
+                f"cannot read the journal {self.store.path}: the request of {key} is"
+                f" unreadable ({exc})"
+            ) from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not text")
+    return value
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else _text(value)
+
+
+async def notify_submitted(callback: Callable[[str], object], task_id: str) -> None:
+    """Give ``task_id`` to ``on_submitted`` (a function or a coroutine function). If it raises,
+    the id is logged at WARNING (the task runs on, and is billed) and the error propagates."""
+    try:
+        result = callback(task_id)
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:
+        logger.warning(
+            "the on_submitted callback failed for task %s (%s: %s); the task runs on at the"
+            " service and is billed",
+            task_id,
+            type(exc).__name__,
+            exc,
+        )
+        raise

@@ -1,0 +1,429 @@
+"""The client journal (issue 21): no paid task is ever unreachable. Every submit made through a
+client with ``journal=`` is recorded (key before the POST, task id after), ``tasks.unfinished()``
+lists what nobody saw end, across restarts, ``tasks.recover`` settles a lost reply with the same
+key, ``tasks.wait`` answers from the journal, and a task handed to a caller that goes away is
+never lost (``on_submitted``, the WARNING of a cancelled ``generate()``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import apimart_async as am
+from apimart_async.emulator import Emulator, Fault
+
+from .conftest import FAST_POLL
+from .test_journal_faults import _FullDisk
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = am.VideoRequest("sora-2-preview", "a cat on a skateboard")
+
+
+def client_for(emu: Emulator, journal: Any, **kw: Any) -> am.AsyncApimart:
+    return am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, journal=journal, **kw
+    )
+
+
+def status_reads(emu: Emulator) -> int:
+    return emu.counters.get("task", 0) + emu.counters.get("batch", 0)
+
+
+def rows(path: Path) -> list[tuple[Any, ...]]:
+    """The submits table as another process reads it (committed rows only)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(
+            "SELECT idempotency_key, state, task_id, status FROM submits ORDER BY rowid"
+        ).fetchall()
+
+
+# -- unfinished() across restarts, wait() from the journal ---------------------------------------
+
+
+async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "client.sqlite"
+    async with client_for(manual_emu, path) as client:
+        task_id = await client.videos.submit(REQUEST)
+        [item] = await client.tasks.unfinished()
+    assert item.task_id == task_id and item.model == "sora-2-preview"
+    assert item.fingerprint == REQUEST.fingerprint() and item.submitted_at > 0
+    assert manual_emu.tasks_per_key == {item.idempotency_key: 1}
+
+    # a new process opens the same journal: the task is still listed, and followed to its end
+    async with client_for(manual_emu, path) as client:
+        assert await client.tasks.unfinished() == [item]
+        manual_emu.complete(task_id)
+        task = await client.tasks.wait(task_id)
+        assert task.ok and task.id == task_id
+        assert await client.tasks.unfinished() == []
+    assert rows(path) == [(item.idempotency_key, "done", task_id, "completed")]
+
+    # and again: the end is known, so the wait answers from the journal with no request
+    async with client_for(manual_emu, path) as client:
+        before = status_reads(manual_emu)
+        again = await client.tasks.wait(task_id)
+        assert again.id == task_id and again.ok and again.video_urls == task.video_urls
+        assert status_reads(manual_emu) == before
+        assert client.request_counts().get("task", 0) == 0
+        assert client.request_counts().get("batch", 0) == 0
+    assert manual_emu.tasks_created == 1
+
+
+async def test_a_failed_end_is_recorded_and_answered_from_the_journal(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "client.sqlite"
+    async with client_for(manual_emu, path) as client:
+        task_id = await client.videos.submit(REQUEST)
+        manual_emu.fail(task_id)
+        with pytest.raises(am.TaskFailedError):
+            await client.tasks.wait(task_id)
+        assert await client.tasks.unfinished() == []
+    async with client_for(manual_emu, path) as client:
+        before = status_reads(manual_emu)
+        with pytest.raises(am.TaskFailedError) as info:
+            await client.tasks.wait(task_id)
+        assert info.value.task_id == task_id
+        assert status_reads(manual_emu) == before
+
+
+async def test_generate_records_its_submit_and_its_end(emu: Emulator, tmp_path: Path) -> None:
+    path = tmp_path / "client.sqlite"
+    async with client_for(emu, path) as client:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await client.videos.generate(REQUEST)
+
+            tg.start_soon(run)
+            await emu.wait_until(lambda: emu.tasks_created == 1)
+            emu.advance(10)
+        assert await client.tasks.unfinished() == []
+    [(key, state, task_id, status)] = rows(path)
+    assert (state, task_id, status) == ("done", emu.task_ids()[0], "completed")
+    assert emu.tasks_per_key == {key: 1}
+
+
+async def test_the_key_is_committed_before_the_post(manual_emu: Emulator, tmp_path: Path) -> None:
+    path = tmp_path / "client.sqlite"
+    seen: list[list[tuple[Any, ...]]] = []
+    async with client_for(manual_emu, path) as client:
+        transport = client._transport
+        real = transport.request
+
+        async def spy(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("kind") == "submit":
+                seen.append(await anyio.to_thread.run_sync(rows, path))
+            return await real(*args, **kwargs)
+
+        transport.request = spy  # type: ignore[method-assign]
+        task_id = await client.videos.submit(REQUEST, idempotency_key="my-key-1")
+    assert seen == [[("my-key-1", "submitting", None, None)]]
+    assert rows(path) == [("my-key-1", "pending", task_id, None)]
+
+
+# -- settling a submit whose reply was never read -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "created_by_first_post"),
+    [(Fault.lost_reply(), 1), (Fault.drop(), 0)],
+    ids=["reply lost", "first POST never arrived"],
+)
+async def test_recover_settles_a_lost_submit_with_the_same_key_and_one_task(
+    manual_emu: Emulator, tmp_path: Path, fault: Fault, created_by_first_post: int
+) -> None:
+    path = tmp_path / "client.sqlite"
+    async with client_for(manual_emu, path, max_retries=0) as client:
+        manual_emu.faults.inject("submit", fault, times=1)
+        with pytest.raises(am.SubmitIndeterminateError) as info:
+            await client.videos.submit(REQUEST)
+    assert manual_emu.tasks_created == created_by_first_post
+
+    async with client_for(manual_emu, path) as client:  # after a restart
+        [item] = await client.tasks.unfinished()
+        assert item.task_id is None and item.idempotency_key == info.value.idempotency_key
+        task_id = await client.tasks.recover(item)
+        assert manual_emu.tasks_created == 1  # the original task, or the one created now
+        assert manual_emu.tasks_per_key == {item.idempotency_key: 1}
+        [listed] = await client.tasks.unfinished()
+        assert listed.task_id == task_id and listed.idempotency_key == item.idempotency_key
+        assert await client.tasks.recover(listed) == task_id  # nothing sent for a known id
+        assert manual_emu.counters["submit"] == 2
+        manual_emu.complete(task_id)
+        assert (await client.tasks.wait(task_id)).ok
+        assert await client.tasks.unfinished() == []
+
+
+async def test_a_refused_submit_is_not_listed(manual_emu: Emulator, tmp_path: Path) -> None:
+    path = tmp_path / "client.sqlite"
+    async with client_for(manual_emu, path) as client:
+        manual_emu.faults.inject("submit", Fault.error(400, "invalid_request_error"), times=1)
+        with pytest.raises(am.BadRequestError):
+            await client.videos.submit(REQUEST)
+        assert await client.tasks.unfinished() == []
+    assert [r[1] for r in rows(path)] == ["refused"]
+
+
+async def test_unfinished_and_recover_need_a_journal(client: am.AsyncApimart) -> None:
+    with pytest.raises(am.ConfigurationError, match="journal="):
+        await client.tasks.unfinished()
+    item = am.UnfinishedTask(None, "k", "sora-2-preview", 1.0, "fp")
+    with pytest.raises(am.ConfigurationError, match="journal="):
+        await client.tasks.recover(item)
+
+
+async def test_recover_refuses_what_is_not_an_item_of_this_journal(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    async with client_for(manual_emu, tmp_path / "c.sqlite") as client:
+        with pytest.raises(am.ValidationError, match="item"):
+            await client.tasks.recover("k")  # type: ignore[arg-type]
+        stranger = am.UnfinishedTask(None, "not-ours", "sora-2-preview", 1.0, "fp")
+        with pytest.raises(am.ValidationError, match="not in this client's journal"):
+            await client.tasks.recover(stranger)
+    assert manual_emu.counters.get("submit", 0) == 0
+
+
+def test_a_journal_of_the_wrong_type_is_refused() -> None:
+    with pytest.raises(am.ConfigurationError, match="journal must be a path"):
+        am.AsyncApimart("sk-test", journal=42)  # type: ignore[arg-type]
+
+
+# -- batches on a client with a journal ----------------------------------------------------------
+
+
+async def test_a_batchs_billed_tasks_are_listed_when_it_is_left_early(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "client.sqlite"
+    jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(3)]
+    async with client_for(manual_emu, path) as client:
+        async with client.batch(jobs) as results:
+            await manual_emu.wait_until(lambda: len(results.pending_task_ids()) == 3)
+            pending = sorted(results.pending_task_ids())
+    async with client_for(manual_emu, path) as client:  # after a restart
+        listed = await client.tasks.unfinished()
+        assert sorted(i.task_id for i in listed if i.task_id) == pending
+        assert len(listed) == 3
+        manual_emu.complete_all()
+        async with client.tasks.watch(pending) as stream:
+            assert sorted([t.id async for t in stream]) == pending
+        assert await client.tasks.unfinished() == []
+    assert manual_emu.tasks_created == 3
+
+
+async def test_a_batch_that_ends_leaves_nothing_unfinished(emu: Emulator, tmp_path: Path) -> None:
+    path = tmp_path / "client.sqlite"
+    jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(3)]
+    async with client_for(emu, path) as client:
+        async with client.batch(jobs, journal=tmp_path / "batch.sqlite") as results:
+            await emu.wait_until(lambda: emu.tasks_created == 3)
+            emu.advance(10)
+            assert [o.ok async for o in results] == [True] * 3
+        assert await client.tasks.unfinished() == []
+    assert sorted(r[1] for r in rows(path)) == ["done"] * 3
+
+
+# -- on_submitted ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["function", "coroutine function"])
+async def test_on_submitted_gets_the_id_before_the_wait(
+    manual_emu: Emulator, tmp_path: Path, kind: str
+) -> None:
+    got: list[tuple[str, int, str]] = []
+
+    def note(task_id: str) -> None:
+        got.append((task_id, status_reads(manual_emu), manual_emu.task(task_id)["status"]))
+
+    async def note_async(task_id: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        note(task_id)
+
+    async with client_for(manual_emu, tmp_path / "c.sqlite") as client:
+        callback = note if kind == "function" else note_async
+        async with anyio.create_task_group() as tg:
+            result: list[am.Task] = []
+
+            async def run() -> None:
+                result.append(await client.videos.generate(REQUEST, on_submitted=callback))
+
+            tg.start_soon(run)
+            await manual_emu.wait_until(lambda: manual_emu.tasks_created == 1)
+            await manual_emu.wait_until(lambda: status_reads(manual_emu) >= 1)
+            manual_emu.complete(manual_emu.task_ids()[0])
+    [(task_id, reads_then, status_then)] = got
+    assert result[0].id == task_id and reads_then == 0 and status_then != "completed"
+
+
+async def test_on_submitted_that_raises_propagates_and_logs_the_id(
+    manual_emu: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+
+    def broken(task_id: str) -> None:
+        raise RuntimeError("the database is down")
+
+    async with client_for(manual_emu, tmp_path / "c.sqlite") as client:
+        with pytest.raises(RuntimeError, match="the database is down"):
+            await client.videos.generate(REQUEST, on_submitted=broken)
+        [task_id] = manual_emu.task_ids()
+        assert [i.task_id for i in await client.tasks.unfinished()] == [task_id]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(task_id in r.getMessage() and "on_submitted" in r.getMessage() for r in warnings)
+    assert status_reads(manual_emu) == 0  # no wait started
+
+
+async def test_on_submitted_must_be_callable(client: am.AsyncApimart, emu: Emulator) -> None:
+    with pytest.raises(am.ValidationError, match="on_submitted"):
+        await client.videos.generate(REQUEST, on_submitted="x")  # type: ignore[arg-type]
+    assert emu.counters.get("submit", 0) == 0
+
+
+# -- a cancelled generate() ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal"])
+async def test_a_generate_cancelled_after_its_submit_logs_the_task_id(
+    manual_emu: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture, journal: bool
+) -> None:
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    path = tmp_path / "c.sqlite" if journal else None
+    async with client_for(manual_emu, path) as client:
+        with anyio.CancelScope() as scope:  # the handler's scope, cancelled when its client leaves
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.videos.generate, REQUEST)
+                await manual_emu.wait_until(lambda: status_reads(manual_emu) >= 1)  # waiting
+                scope.cancel()
+        assert scope.cancelled_caught
+        [task_id] = manual_emu.task_ids()
+        if journal:
+            [item] = await client.tasks.unfinished()
+            assert item.task_id == task_id
+    assert manual_emu.tasks_created == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.name == "apimart_async"
+    assert task_id in record.getMessage() and "cancelled" in record.getMessage()
+    assert ("unfinished()" in record.getMessage()) is journal
+
+
+# -- faults of the journal itself -------------------------------------------------------------------
+
+
+async def test_a_second_client_on_the_same_journal_is_refused(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path):
+        other = client_for(manual_emu, path)
+        with pytest.raises(am.JournalLockedError):
+            await other.open()
+        assert other._transport.is_open is False
+
+
+async def test_a_journal_that_is_not_ours_is_refused_when_the_client_opens(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.sqlite"
+    path.write_text("hello, not a database\n")
+    with pytest.raises(am.JournalError, match="not an SQLite file"):
+        async with client_for(manual_emu, path):
+            pass
+    assert path.read_text() == "hello, not a database\n"
+
+
+async def test_a_full_disk_refuses_the_submit_before_anything_is_sent(
+    manual_emu: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = _FullDisk(fail_at=1)  # the key cannot be recorded
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        with pytest.raises(am.JournalError) as info:
+            await client.videos.generate(REQUEST)
+        assert str(info.value) == f"cannot write the journal {path}: database or disk is full"
+        assert info.value.__cause__ is None and info.value.__suppress_context__  # no raw sqlite3
+        assert manual_emu.counters.get("submit", 0) == 0  # not recorded: not sent
+        assert await client.tasks.unfinished() == []
+
+
+async def test_a_task_id_that_cannot_be_recorded_is_still_returned_and_recoverable(
+    manual_emu: Emulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    disk = _FullDisk(fail_at=2)  # the key is recorded, the task id is not
+    monkeypatch.setattr("apimart_async._journal.sqlite3.connect", disk.connect)
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        task_id = await client.videos.submit(REQUEST)
+        assert manual_emu.task_ids() == [task_id]
+        [item] = await client.tasks.unfinished()
+        assert item.task_id is None
+        disk.freed = True
+        assert await client.tasks.recover(item) == task_id  # the same task, by its key
+        assert [i.task_id for i in await client.tasks.unfinished()] == [task_id]
+    assert manual_emu.tasks_created == 1
+    assert any(
+        task_id in r.getMessage() and "could not be recorded" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING
+    )
+
+
+# -- a replica killed mid-load -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kill_at", [1, 20, 39])
+async def test_after_a_sigkill_mid_load_every_billed_task_is_found(
+    tmp_path: Path, kill_at: int
+) -> None:
+    """40 awaiting ``generate()`` calls; the process is killed (SIGKILL) once the emulator has
+    created ``kill_at`` tasks, some submits in flight. The journal finds every task the
+    emulator created: by id, or by key through ``recover`` (no task created twice)."""
+    calls = 40
+    path = tmp_path / "client.sqlite"
+    async with Emulator(task_duration=1000.0) as emu:
+        cmd = [sys.executable, str(ROOT / "tests" / "client_journal_worker.py")]
+        cmd += [emu.base_url, emu.api_key, str(path), str(calls)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        async with await anyio.open_process(cmd, env=env, stdout=subprocess.DEVNULL) as proc:
+            with anyio.fail_after(60):
+                await emu.wait_until(lambda: emu.tasks_created >= kill_at, timeout=60)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        created_at_kill = set(emu.task_ids())
+        async with client_for(emu, path) as client:  # the restarted replica
+            listed = await client.tasks.unfinished()
+            by_id = {i.task_id for i in listed if i.task_id is not None}
+            recovered = {await client.tasks.recover(i) for i in listed if i.task_id is None}
+        assert not by_id & recovered
+        found = by_id | recovered
+        # every task created before the kill is found; a recovered key whose POST never
+        # arrived created its task now, once (and it is found too)
+        assert created_at_kill <= found and found == set(emu.task_ids())
+        assert all(n == 1 for n in emu.tasks_per_key.values())
+        assert emu.tasks_created == len(found) <= calls
+        print(
+            f"kill at {kill_at}: created before the kill {len(created_at_kill)}, found by id"
+            f" {len(by_id)}, by key {len(recovered)} (created by recover:"
+            f" {len(found - created_at_kill)})"
+        )
