@@ -30,6 +30,7 @@ import attrs
 
 from ._errors import JournalError
 from ._journal import Journal, SqliteJournal
+from ._json import is_object
 
 __all__ = ["CachedUpload", "SqliteUploadCache", "UploadCache", "cache_for"]
 
@@ -132,12 +133,12 @@ class SqliteUploadCache:
         if row is None:
             return {}
         try:
-            urls = json.loads(row[0])
+            urls: object = json.loads(row[0])
         except ValueError:
             return {}  # unreadable: as if none were kept (the job uploads again)
-        if not isinstance(urls, dict):
+        if not is_object(urls):
             return {}
-        return {str(k): str(v) for k, v in urls.items() if isinstance(v, str)}
+        return {k: v for k, v in urls.items() if isinstance(v, str)}
 
     def _keep_sent_sync(self, key: str, urls: Mapping[str, str]) -> None:
         try:
