@@ -128,6 +128,33 @@ class PollPolicy:
     client's policy only; meanwhile status reads go task by task)."""
 
 
+#: What ``_plan`` reads of a policy at every check, worked out once per policy (``_derive``):
+#: lag (``target_lag`` capped by ``max_interval``), ``use_progress``, ``1 + estimate_margin``,
+#: ``1 - estimate_margin`` (at least 1e-9), the default window's two edges after the start,
+#: ``overdue_window``, the batch grid's step (a quarter of lag), the shortest nudge
+#: (``min(min_interval, lag) / 2``) and ``max_interval``.
+_Derived = tuple[float, bool, float, float, float, float, float, float, float, float]
+
+
+def _derive(p: PollPolicy) -> _Derived:
+    """``_Derived`` of ``p``: each value computed as ``_plan`` computed it at every check."""
+    lag = p.max_interval if p.max_interval < p.target_lag else p.target_lag
+    m = p.estimate_margin
+    below = 1 - m if 1 - m > 1e-9 else 1e-9
+    return (
+        lag,
+        p.use_progress,
+        1 + m,
+        below,
+        p.default_estimate * (1 - m),
+        p.default_estimate / max(1e-9, 1 - m),
+        p.overdue_window,
+        lag / 4,
+        (lag if lag < p.min_interval else p.min_interval) * 0.5,
+        p.max_interval,
+    )
+
+
 @attrs.define(slots=True)
 class _Watch:
     task_id: str
@@ -135,6 +162,10 @@ class _Watch:
     """Monotonic time the task started (submit time, or derived from ``created``), or None."""
     next_at: float
     policy: PollPolicy
+    #: ``_derive(policy)``
+    derived: _Derived
+    #: Bumped at every new next-check time and when the task leaves the schedule: a heap
+    #: entry of another version is stale.
     version: int = 0
     checking: bool = False
     deadline: float | None = None
@@ -180,14 +211,17 @@ class PollSchedule:
 
     def __init__(self, policy: PollPolicy | None = None, *, seed: int | None = None) -> None:
         self.policy: PollPolicy = policy or PollPolicy()
+        #: ``_derive`` of the policies seen, by identity (each held here, so ids stay theirs)
+        self._derived: dict[int, tuple[PollPolicy, _Derived]] = {}
         self._rng = random.Random(seed)
         self._watches: dict[str, _Watch] = {}
         #: What finished tasks taught, by kind (see ``_priors``); a batch's journal keeps them.
         self.priors: Priors = Priors()
-        self._heap: list[tuple[float, int, str, int]] = []
+        #: (next check at, sequence, watch, its version then): an entry whose version is not
+        #: the watch's any more is stale and dies when it comes up
+        self._heap: list[tuple[float, int, _Watch, int]] = []
         self._deadlines: list[tuple[float, str, int]] = []
         self._seq = itertools.count()
-        self._sending: float | None = None
         #: Whether the last ``due`` was for the batch route (checks then share a grid).
         self._batched = True
 
@@ -233,14 +267,19 @@ class PollSchedule:
         if prior is not None:  # a known kind: nothing to learn before its earliest end
             wait = max(wait, prior.durations()[0])
         first = now if check_now else (t0 if t0 is not None else now) + min(wait, pol.max_interval)
-        watch = _Watch(task_id, t0, next_at=first, policy=pol, deadline=deadline, kind=kind)
+        derived = self._derived.get(id(pol))
+        if derived is None:
+            derived = self._derived[id(pol)] = (pol, _derive(pol))
+        watch = _Watch(
+            task_id, t0, next_at=first, policy=pol, derived=derived[1], deadline=deadline, kind=kind
+        )
         self._watches[task_id] = watch
         self._push(watch, first)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, task_id, watch.version))
 
     def remove(self, task_id: str) -> None:
-        self._watches.pop(task_id, None)  # heap entries die lazily
+        self._drop(self._watches.pop(task_id, None))  # heap entries die lazily
 
     def next_check(self, task_id: str) -> float | None:
         w = self._watches.get(task_id)
@@ -257,11 +296,9 @@ class PollSchedule:
     def next_wakeup(self) -> float | None:
         """The earliest time anything is due (a check or a deadline), or None."""
         heap, dl = self._heap, self._deadlines
-        watches = self._watches
         while heap:  # stale entries die here (``_prune``, the checks' half inline)
-            _at, _, task_id, version = heap[0]
-            w = watches.get(task_id)
-            if w is not None and w.version == version and not w.checking:
+            _at, _, w, version = heap[0]
+            if w.version == version and not w.checking:
                 break
             heapq.heappop(heap)
         if dl:
@@ -283,19 +320,15 @@ class PollSchedule:
         if not heap or heap[0][0] > now or (limit is not None and limit <= 0):
             return []  # nothing due (what ``_pop_until`` would find, found at once)
         out: list[str] = []
-        self._sending = now
-        try:
-            self._pop_until(now, out, limit=limit)
+        self._pop_until(now, now, out, limit)
+        if batched and out:
             pol = self.policy
             # a request is going out anyway: tasks due within a quarter of target_lag (or
             # coalesce, if longer) ride along, so that checks of many tasks share requests
             horizon = max(pol.coalesce, min(pol.target_lag, pol.max_interval) / 4)
-            if batched and out and horizon > 0:
-                room = (-len(out)) % BATCH_IDS
-                if room:
-                    self._pop_until(now + horizon, out, limit=room)
-        finally:
-            self._sending = None
+            room = (-len(out)) % BATCH_IDS
+            if room and horizon > 0:
+                self._pop_until(now + horizon, now, out, room)
         return out
 
     def expired(self, now: float) -> list[str]:
@@ -305,7 +338,7 @@ class PollSchedule:
             _, task_id, _version = heapq.heappop(self._deadlines)
             w = self._watches.get(task_id)
             if w is not None and w.deadline is not None and w.deadline <= now:
-                del self._watches[task_id]
+                self._drop(self._watches.pop(task_id))
                 out.append(task_id)
         return out
 
@@ -324,6 +357,7 @@ class PollSchedule:
         w.hard_errors = 0
         if task.is_terminal:
             del self._watches[task.id]
+            w.version += 1  # ``_drop``, inline
             self._learn(w, task, now)
             return True
         if w.t0 is None and task.created is not None and wall_now is not None:
@@ -347,7 +381,7 @@ class PollSchedule:
             w.absent_since = now
         grace = w.policy.not_found_grace
         if w.absences >= times and now - w.absent_since >= grace:
-            del self._watches[task_id]
+            self._drop(self._watches.pop(task_id))
             return True
         self._set(w, max(now + w.policy.min_interval, w.absent_since + grace))
         return False
@@ -374,7 +408,7 @@ class PollSchedule:
         w.errors += 1
         w.hard_errors += 1
         if w.hard_errors >= w.policy.hard_error_tries:
-            del self._watches[task_id]
+            self._drop(self._watches.pop(task_id))
             return True
         self._set(w, now + self._backoff(w))
         return False
@@ -438,45 +472,50 @@ class PollSchedule:
     # -- internals -----------------------------------------------------------------------------
 
     def _push(self, w: _Watch, at: float) -> None:
-        heapq.heappush(self._heap, (at, next(self._seq), w.task_id, w.version))
+        heapq.heappush(self._heap, (at, next(self._seq), w, w.version))
 
     def _set(self, w: _Watch, at: float) -> None:
         w.version = version = w.version + 1
         w.next_at = at
-        heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
+        heapq.heappush(self._heap, (at, next(self._seq), w, version))
+
+    @staticmethod
+    def _drop(w: _Watch | None) -> None:
+        """``w`` has left the schedule: its heap entries are stale from now on."""
+        if w is not None:
+            w.version += 1
 
     def _prune(self) -> None:
         heap = self._heap
         watches = self._watches
         while heap:
-            _at, _, task_id, version = heap[0]
-            w = watches.get(task_id)
-            if w is not None and w.version == version and not w.checking:
+            _at, _, w, version = heap[0]
+            if w.version == version and not w.checking:
                 break
             heapq.heappop(heap)
         dl = self._deadlines
         while dl:
             _, task_id, version = dl[0]
-            w = watches.get(task_id)
-            if w is not None and w.deadline is not None and w.deadline <= dl[0][0]:
+            kept = watches.get(task_id)
+            if kept is not None and kept.deadline is not None and kept.deadline <= dl[0][0]:
                 break
             heapq.heappop(dl)
 
-    def _pop_until(self, until: float, out: list[str], limit: int | None) -> None:
+    def _pop_until(self, until: float, sent: float, out: list[str], limit: int | None) -> None:
+        """Hand out (into ``out``) the tasks due by ``until``, at most ``limit``, as checks
+        that leave at ``sent``."""
         heap = self._heap
-        watches = self._watches
         pop = heapq.heappop
-        sent = until if self._sending is None else self._sending
+        append = out.append
         # no limit: at most every entry (stale ones are popped without counting)
         left = len(heap) if limit is None else limit
         while heap and left > 0 and heap[0][0] <= until:
-            _, _, task_id, version = pop(heap)
-            w = watches.get(task_id)
-            if w is None or w.version != version or w.checking:
+            _, _, w, version = pop(heap)
+            if w.version != version or w.checking:
                 continue
             w.checking = True
             w.sent_at = sent
-            out.append(task_id)
+            append(w.task_id)
             left -= 1
 
     def _jittered(self, w: _Watch, now: float, at: float) -> float:
@@ -494,12 +533,14 @@ class PollSchedule:
         """Choose the next check of a running task (see the module docstring).
 
         It runs at every check of every task (issue 22's simulator: millions of times), so
-        ``min`` and ``max`` of two numbers are spelled out as comparisons that pick the same
-        one in every case (``min(a, b)`` is ``b if b < a else a``)."""
-        p = w.policy
-        lag = p.max_interval if p.max_interval < p.target_lag else p.target_lag
+        what it needs of the policy is worked out once (``_Derived``), and ``min`` and ``max``
+        of two numbers are spelled out as comparisons that pick the same one in every case
+        (``min(a, b)`` is ``b if b < a else a``)."""
+        lag, use_progress, over, below, default_lo, default_hi, overdue, step, nudge, longest = (
+            w.derived
+        )
         start = w.t0
-        progress = task.progress if p.use_progress else None
+        progress = task.progress if use_progress else None
         estimate = task.estimated_time
         if not (estimate and estimate > 0):
             estimate = None
@@ -536,7 +577,6 @@ class PollSchedule:
         lo: float
         hi: float
         learned = False  # whether the window is what this kind's completed tasks taught
-        m = p.estimate_margin
         if start is None:
             lo = hi = now  # age unknown: any moment may be the end
         elif estimate is not None and ratios is not None:
@@ -547,8 +587,8 @@ class PollSchedule:
         elif estimate is not None:
             # whole seconds on the wire: an estimate rounded up may be up to 1 s over
             rounded = estimate - 1
-            lo = start + (rounded if rounded > 0.0 else 0.0) / (1 + m)
-            hi = start + estimate / (1 - m if 1 - m > 1e-9 else 1e-9)
+            lo = start + (rounded if rounded > 0.0 else 0.0) / over
+            hi = start + estimate / below
         elif progress is not None and 0 < progress < 100 and now > start:
             extrapolated = (now - start) * 100.0 / progress
             lo = start + 0.5 * extrapolated
@@ -556,8 +596,8 @@ class PollSchedule:
         elif prior is not None:
             lo, hi = (start + d for d in prior.durations())
         else:
-            lo = start + p.default_estimate * (1 - m)
-            hi = start + p.default_estimate / max(1e-9, 1 - m)
+            lo = start + default_lo
+            hi = start + default_hi
         if w.narrow_missed:
             trust = None
         if trust is not None and implied is not None and start is not None:
@@ -581,7 +621,7 @@ class PollSchedule:
             # (max_interval still caps the wait: an end progress mispredicted is not missed
             # for longer than that)
             w.narrow_until = hi
-            self._set(w, min(max(hi, now + min(p.min_interval, lag) * 0.5), now + p.max_interval))
+            self._set(w, min(max(hi, now + nudge), now + longest))
             return
         if now + lag < lo:
             # before the window: nothing to learn until its edge (max_interval still caps)
@@ -591,10 +631,9 @@ class PollSchedule:
         # left, on a grid of a quarter of target_lag so that tasks in their windows go out
         # together (one batch request for many). Past the latest plausible end by more than
         # overdue_window of the span, the gaps grow by overdue_growth up to max_interval.
-        if now <= hi + p.overdue_window * span:
+        if now <= hi + overdue * span:
             w.overdue_checks = 0
             if self._batched:
-                step = lag / 4
                 at = math.floor((sent + lag) / step) * step
             else:
                 # per-task reads share nothing, so no grid (it would only bunch reads into
@@ -603,11 +642,12 @@ class PollSchedule:
                 took = now - sent
                 at = sent + lag - 0.5 * (took if took > 0.0 else 0.0)
             if at <= now:
-                at = now + (lag if lag < p.min_interval else p.min_interval) * 0.5
+                at = now + nudge
             w.version = version = w.version + 1  # ``_set``, inline (the most common case)
             w.next_at = at
-            heapq.heappush(self._heap, (at, next(self._seq), w.task_id, version))
+            heapq.heappush(self._heap, (at, next(self._seq), w, version))
             return
+        p = w.policy
         interval = lag * p.overdue_growth**w.overdue_checks
         if interval < p.max_interval:  # once there, the count stops (growth**n would overflow)
             w.overdue_checks += 1

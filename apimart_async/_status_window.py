@@ -34,9 +34,10 @@ __all__ = ["DEFAULT_MAX_STATUS_CONCURRENCY", "ReadTicket", "StatusWindow"]
 DEFAULT_MAX_STATUS_CONCURRENCY: Final = 64
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)
 class ReadTicket:
-    """One read in flight: when it left (the caller's clock)."""
+    """One read in flight: when it left (the caller's clock). Never changed once made (not
+    frozen: a frozen class costs three times as much to make, and one is made per read)."""
 
     sent_at: float
 
@@ -97,15 +98,20 @@ class StatusWindow:
 
     def started(self, now: float) -> ReadTicket:
         """A read leaves at ``now``."""
-        self.in_flight += 1
-        self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
+        self.in_flight = in_flight = self.in_flight + 1
+        if in_flight > self.max_in_flight_seen:
+            self.max_in_flight_seen = in_flight
         return ReadTicket(now)
 
     def finished(self, ticket: ReadTicket, now: float, *, congested: bool) -> None:
         """The read of ``ticket`` ended at ``now``; ``congested``: it met a 429, a 5xx, a
         timeout or a retry (its own or another request's while it was out)."""
-        self.in_flight = max(0, self.in_flight - 1)
-        rtt = max(0.0, now - ticket.sent_at)
+        # (``min`` and ``max`` of two spelled out: the poller's every read ends here)
+        in_flight = self.in_flight - 1
+        self.in_flight = in_flight if in_flight > 0 else 0
+        rtt = now - ticket.sent_at
+        if not rtt > 0.0:
+            rtt = 0.0
         if congested:
             if now - self._last_cut >= (self.srtt or 0.0):
                 self.window = max(1.0, self.window * self.decrease)
@@ -113,9 +119,12 @@ class StatusWindow:
                 self._last_cut = now
                 self.cuts += 1
             return
-        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
-        self.srtt = rtt if self.srtt is None else self.srtt + self.rtt_weight * (rtt - self.srtt)
-        fast = rtt <= self.fast_factor * self.min_rtt + self.fast_slack
+        least = self.min_rtt
+        if least is None or rtt < least:
+            self.min_rtt = least = rtt
+        srtt = self.srtt
+        self.srtt = rtt if srtt is None else srtt + self.rtt_weight * (rtt - srtt)
+        fast = rtt <= self.fast_factor * least + self.fast_slack
         if not fast or self._limited_at < ticket.sent_at or self.window >= self.maximum:
             return
         step = 1.0 if self.slow_start else 1.0 / max(1.0, self.window)

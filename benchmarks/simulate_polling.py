@@ -39,7 +39,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,11 @@ class Job:
     estimated: float = attrs.field(
         init=False, default=attrs.Factory(lambda job: float(job.estimate), takes_self=True)
     )
+    #: what the last read of the job returned (``read``: one reply per job, updated at each
+    #: read; the schedule keeps nothing of a reply)
+    reply: Reply = attrs.field(
+        init=False, default=attrs.Factory(lambda job: Reply(job.id, job.estimated), takes_self=True)
+    )
 
     @property
     def end(self) -> float:
@@ -107,29 +112,35 @@ def kind_key(model: str, clip: int) -> str:
 
 class Reply:
     """What a status read returns, as much of an ``am.Task`` as ``PollSchedule.on_status``
-    reads (built at every simulated check: a ``Task`` costs more to build than the schedule
-    costs to run). ``status_task`` makes it a ``Task``."""
+    reads (a ``Task`` costs more to build than the schedule costs to run). Each job has one
+    (``Job.reply``), which ``read`` updates. ``status_task`` makes it a ``Task``."""
 
     __slots__ = ("estimated_time", "id", "is_terminal", "ok", "progress", "status")
     created = None
 
-    def __init__(self, task_id: str, status: str, progress: int, estimated: float) -> None:
+    def __init__(self, task_id: str, estimated: float) -> None:
         self.id = task_id
-        self.status = _STATUS[status]
-        self.progress = progress
         self.estimated_time = estimated
-        self.is_terminal, self.ok = _ENDS[status]
+        self.status, self.is_terminal, self.ok = _READS["submitted"]
+        self.progress = 0
 
 
-#: ``TaskStatus`` by value, and its (``is_terminal``, ``ok``)
+#: ``TaskStatus`` by value, and its (``TaskStatus``, ``is_terminal``, ``ok``)
 _STATUS = {status.value: status for status in am.TaskStatus}
-_ENDS = {s.value: (s.is_terminal, s is am.TaskStatus.COMPLETED) for s in am.TaskStatus}
+_READS = {s.value: (s, s.is_terminal, s is am.TaskStatus.COMPLETED) for s in am.TaskStatus}
+
+
+def read(job: Job, t: float) -> Reply:
+    """``job.reply``, now what a read of ``job`` at time ``t`` returns."""
+    reply = job.reply
+    status, reply.progress = job.curve.status(t - job.submit)
+    reply.status, reply.is_terminal, reply.ok = _READS[status]
+    return reply
 
 
 def status_at(job: Job, t: float) -> am.Task:
     """What a read of ``job`` at time ``t`` returns (a ``Reply`` standing in for the Task)."""
-    status, progress = job.curve.status(t - job.submit)
-    return Reply(job.id, status, progress, job.estimated)  # type: ignore[return-value]
+    return read(job, t)  # type: ignore[return-value]
 
 
 def status_task(job: Job, t: float) -> am.Task:
@@ -183,9 +194,11 @@ def simulate_sdk(
     now = 0.0
     nxt = 0  # next job to arrive
     n = len(jobs)
+    done = 0
     add, due, next_wakeup = schedule.add, schedule.due, schedule.next_wakeup
-    on_status, round_trip = schedule.on_status, profile.round_trip
-    while len(seen) < n:
+    on_status, round_trip = schedule.on_status, _round_trip(profile, rng)
+    reads_at = _READS
+    while done < n:
         while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
             add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
@@ -205,20 +218,36 @@ def simulate_sdk(
             start = end
             longest = 0.0
             for first in range(wave, min(len(ids), wave + BATCH_IDS * concurrency), BATCH_IDS):
-                rtt = round_trip(rng)
+                rtt = round_trip()
                 if rtt > longest:
                     longest = rtt
                 reads.extend([start + rtt / 2] * min(BATCH_IDS, len(ids) - first))
             end = start + longest
         now = end
-        for task_id, read in zip(ids, reads, strict=True):
+        for task_id, read_at in zip(ids, reads, strict=True):
             if trace is not None:
-                trace.append((start_at, task_id, read, now))
+                trace.append((start_at, task_id, read_at, now))
             job = by_id[task_id]
-            status, progress = job.curve.status(read - job.submit)  # status_at, inline
-            if on_status(Reply(task_id, status, progress, job.estimated), now):  # type: ignore[arg-type]
+            reply = job.reply  # ``read``, inline
+            status, reply.progress = job.curve.status(read_at - job.submit)
+            reply.status, reply.is_terminal, reply.ok = reads_at[status]
+            if on_status(reply, now):  # type: ignore[arg-type]
                 seen[task_id] = now
+                done += 1
     return {**summary(jobs, seen, requests), "priors": schedule.priors}
+
+
+def _round_trip(profile: RealisticProfile, rng: random.Random) -> Callable[[], float]:
+    """``profile.round_trip(rng)`` as a function of nothing, the same draw to the last bit
+    (``rng.uniform(a, b)`` is ``a + (b - a) * rng.random()``)."""
+    rtt, low = profile.rtt, 1 - profile.rtt_jitter
+    width = (1 + profile.rtt_jitter) - low
+    random_ = rng.random
+
+    def round_trip() -> float:
+        return rtt * (low + width * random_())
+
+    return round_trip
 
 
 def _per_task(
@@ -240,6 +269,7 @@ def _per_task(
     nxt = 0
     seq = 0
     n = len(jobs)
+    done = 0
     replies: list[tuple[float, int, Job, float, Any]] = []  # (back at, seq, job, read at, ticket)
     late: list[float] = []  # how long after it fell due each read left
     add, due, due_at, next_wakeup = (
@@ -248,45 +278,53 @@ def _per_task(
         schedule.due_at,
         schedule.next_wakeup,
     )
-    on_status, round_trip = schedule.on_status, profile.round_trip
+    on_status, round_trip = schedule.on_status, _round_trip(profile, rng)
     started, finished, free = window.started, window.finished, window.free
     push, pop = heapq.heappush, heapq.heappop
+    reads_at = _READS
+    inf = math.inf
+    arrival = jobs[0].submit if n else inf
     room = free()
-    while len(seen) < n:
-        while nxt < n and jobs[nxt].submit <= now:
+    while done < n:
+        while arrival <= now:
             j = jobs[nxt]
             add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
+            arrival = jobs[nxt].submit if nxt < n else inf
         if replies and replies[0][0] <= now:
-            room = -1  # the window changes: free() again below
-        while replies and replies[0][0] <= now:
-            back, _, job, read_at, ticket = pop(replies)
-            if trace is not None:
-                trace.append((ticket.sent_at, job.id, read_at, back))
-            finished(ticket, back, congested=False)
-            status, progress = job.curve.status(read_at - job.submit)  # status_at, inline
-            if on_status(Reply(job.id, status, progress, job.estimated), back):  # type: ignore[arg-type]
-                seen[job.id] = back
-        if room < 0:
-            room = free()
-        ids = due(now, batched=False, limit=room)
-        for task_id in ids:
-            late.append(now - (due_at(task_id) or now))
-            rtt = round_trip(rng)
-            push(replies, (now + rtt, seq, by_id[task_id], now + rtt / 2, started(now)))
-            seq += 1
-        requests += len(ids)
-        room -= len(ids)  # free() now: each read that left took one place (only reads end)
+            while replies and replies[0][0] <= now:
+                back, _, job, read_at, ticket = pop(replies)
+                if trace is not None:
+                    trace.append((ticket.sent_at, job.id, read_at, back))
+                finished(ticket, back, congested=False)
+                reply = job.reply  # ``read``, inline
+                status, reply.progress = job.curve.status(read_at - job.submit)
+                reply.status, reply.is_terminal, reply.ok = reads_at[status]
+                if on_status(reply, back):  # type: ignore[arg-type]
+                    seen[job.id] = back
+                    done += 1
+            room = free()  # the window changed
+        # (``due`` hands out nothing when nothing is due or there is no room: not asked then)
         wake = next_wakeup()
+        if room and wake is not None and wake <= now:
+            ids = due(now, batched=False, limit=room)
+            for task_id in ids:
+                late.append(now - (due_at(task_id) or now))
+                rtt = round_trip()
+                push(replies, (now + rtt, seq, by_id[task_id], now + rtt / 2, started(now)))
+                seq += 1
+            requests += len(ids)
+            room -= len(ids)  # free() now: each read that left took one place (only reads end)
+            wake = next_wakeup()
         full = room == 0
         if full and wake is not None and wake <= now:
             window.held_back(now)
-        soonest = replies[0][0] if replies else math.inf
+        soonest = replies[0][0] if replies else inf
         if wake is not None and not full and wake < soonest:
             soonest = wake
-        if nxt < n and jobs[nxt].submit < soonest:
-            soonest = jobs[nxt].submit
-        if soonest == math.inf:
+        if arrival < soonest:
+            soonest = arrival
+        if soonest == inf:
             break
         if soonest > now:
             now = soonest
