@@ -605,8 +605,11 @@ class PollSchedule:
             # gives (if any); when the two do not meet, this task's progress
             # is not what the kind taught (a slow start, say) and the wider window stands
             lo_p, hi_p = start + implied[0] * trust[0], start + implied[1] * trust[1]
-            if estimate is not None:
-                lo_p, hi_p = max(lo_p, lo), min(hi_p, hi)
+            if estimate is not None:  # max(lo_p, lo), min(hi_p, hi)
+                if lo > lo_p:
+                    lo_p = lo
+                if hi < hi_p:
+                    hi_p = hi
             if lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
                 learned = True

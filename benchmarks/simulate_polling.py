@@ -285,12 +285,15 @@ def _per_task(
     inf = math.inf
     arrival = jobs[0].submit if n else inf
     room = free()
+    wake = None
+    changed = True  # whether the schedule changed since ``wake`` was asked
     while done < n:
         while arrival <= now:
             j = jobs[nxt]
             add(j.id, now=now, submitted_at=j.submit, kind=j.kind)
             nxt += 1
             arrival = jobs[nxt].submit if nxt < n else inf
+            changed = True
         if replies and replies[0][0] <= now:
             while replies and replies[0][0] <= now:
                 back, _, job, read_at, ticket = pop(replies)
@@ -304,8 +307,11 @@ def _per_task(
                     seen[job.id] = back
                     done += 1
             room = free()  # the window changed
+            changed = True
         # (``due`` hands out nothing when nothing is due or there is no room: not asked then)
-        wake = next_wakeup()
+        if changed:
+            wake = next_wakeup()
+            changed = False
         if room and wake is not None and wake <= now:
             ids = due(now, batched=False, limit=room)
             for task_id in ids:
@@ -431,12 +437,17 @@ def _jobs(n: int, pending: int, seed: int) -> list[Job]:
     return _JOBS[key]
 
 
-def _sdk_rows(spec: tuple[Any, ...]) -> list[tuple[int, dict[str, Any]]]:
+def _rows_of(spec: tuple[Any, ...]) -> list[tuple[int, dict[str, Any]]]:
     """One independent piece of the run (see ``run``), as (place, row) pairs: the SDK at one
-    ``target_lag`` on one route, or the learned-priors pair of runs on one route."""
+    ``target_lag`` on one route, the fixed loop of one interval on one route, or the
+    learned-priors pair of runs on one route."""
     what, place, route, batched, lag, n, pending, seed, concurrency, max_concurrency = spec
     profile = RealisticProfile()
     window = 1 if batched else concurrency  # a round's batch requests go one after another
+    if what == "fixed":
+        fixed = fixed_batch if batched else fixed_per_task
+        figures = fixed(_jobs(n, pending, seed), lag, profile, seed)
+        return [(place, _row(route, f"fixed loop, every {lag:g} s", "fixed", lag, figures))]
     if what == "sdk":
         cpu = time.process_time()
         figures = simulate_sdk(
@@ -497,7 +508,6 @@ def run(
     worker processes, each from the same jobs and seed, so the figures are the same."""
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     profile = RealisticProfile()
-    jobs = _jobs(n, pending, seed)
     routes = (("batch route", True), ("per-task reads", False))
     # rows in table order: per route, the SDK at each lag, then the fixed loops; then the
     # learned-priors pairs
@@ -509,30 +519,29 @@ def run(
             specs.append(("sdk", place, route, batched, lag))
             place += 1
         for lag in lags:
-            fixed = fixed_batch if batched else fixed_per_task
-            figures = fixed(jobs, lag, profile, seed)
-            places[place] = _row(route, f"fixed loop, every {lag:g} s", "fixed", lag, figures)
+            specs.append(("fixed", place, route, batched, lag))
             place += 1
     for route, batched in routes:
         specs.append(("priors", place, route, batched, DEFAULT_LAG))
         place += 2
     full = [(*spec, n, pending, seed, concurrency, max_concurrency) for spec in specs]
-    # the costliest first (a short target_lag means more checks), so two workers end together
-    full.sort(key=lambda spec: (spec[0] == "priors", spec[4], spec[3]))
+    # the costliest first (a short target_lag means more checks), so two workers end together;
+    # each worker makes the jobs once (``_jobs``), this process not at all
+    full.sort(key=lambda spec: (spec[0] != "sdk", spec[0] == "fixed", spec[4], spec[3]))
     if processes > 1:
         import multiprocessing
 
         # spawned, not forked: no fork of a process that may run threads (pytest's), the same
         # on every platform; each worker makes the jobs again from the seed (``_jobs``)
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            done = pool.imap_unordered(_sdk_rows, full)
+            done = pool.imap_unordered(_rows_of, full)
             for pairs in done:
                 places.update(pairs)
             pool.close()
             pool.join()
     else:
         for spec in full:
-            places.update(_sdk_rows(spec))
+            places.update(_rows_of(spec))
     rows = [places[k] for k in sorted(places)]
     return {
         "jobs": n,

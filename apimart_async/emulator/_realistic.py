@@ -185,15 +185,28 @@ class RealisticProfile:
         ages = [start]
         values = [0.0]
         n = max(2, self.knots)
+        # Each draw and each value as ``rng.uniform(-0.3, 0.3)``, ``min`` and ``max`` give
+        # them, spelled out (a simulator draws 100,000 curves): ``uniform(a, b)`` is
+        # ``a + (b - a) * random()``; ``max(a, b)`` is ``b if b > a else a``; ``min(a, b)``
+        # is ``b if b < a else a``.
+        random_, gauss, plateau, noise = rng.random, rng.gauss, self.plateau_chance, self.noise
+        spread = 0.3 - -0.3
+        age = start
+        value = 0.0
         for k in range(1, n):
             u = k / n
-            age = start + work * min(1.0, max(0.0, u + rng.uniform(-0.3, 0.3) / n))
-            age = max(age, ages[-1])
-            if rng.random() < self.plateau_chance:
-                value = values[-1]
+            x = u + (-0.3 + spread * random_()) / n
+            x = x if x > 0.0 else 0.0
+            x = x if x < 1.0 else 1.0
+            at = start + work * x
+            age = at if at > age else age
+            if random_() < plateau:
+                drawn = value
             else:
-                value = 100.0 * u**exponent + rng.gauss(0.0, self.noise)
-            values.append(min(cap, max(values[-1], value)))
+                drawn = 100.0 * u**exponent + gauss(0.0, noise)
+            drawn = drawn if drawn > value else value
+            value = drawn if drawn < cap else cap
+            values.append(value)
             ages.append(age)
         return Curve(duration=duration, queued=queued, ages=tuple(ages), values=tuple(values))
 
