@@ -169,12 +169,9 @@ class _Watch:
     version: int = 0
     checking: bool = False
     deadline: float | None = None
-    predicted: float | None = None
-    predicted_span: float = 0.0
     overdue_checks: int = 0
     #: When the check being answered was handed out by ``due`` (the caller's clock).
     sent_at: float | None = None
-    last_progress: int | None = None
     last_at: float | None = None
     absences: int = 0
     absent_since: float | None = None
@@ -544,7 +541,6 @@ class PollSchedule:
         estimate = task.estimated_time
         if not (estimate and estimate > 0):
             estimate = None
-        w.last_progress = progress
         w.last_at = now
         sent = w.sent_at
         if sent is None:
@@ -613,10 +609,9 @@ class PollSchedule:
             if lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
                 learned = True
-        if w.predicted is None or lo < w.predicted:
-            w.predicted = lo
         span = hi - (start if start is not None else now)
-        w.predicted_span = span = lag if lag > span else span
+        if lag > span:
+            span = lag
         if learned and not w.narrow_missed and now < hi and hi - lo <= lag:
             # A window narrower than target_lag (learned): one check at its latest end sees
             # the end within target_lag. If that check finds the task running, the window was

@@ -39,6 +39,7 @@ import random
 import resource
 import sys
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,19 @@ class Job:
     reply: Reply = attrs.field(
         init=False, default=attrs.Factory(lambda job: Reply(job.id, job.estimated), takes_self=True)
     )
+    #: ``curve.status`` as ``read`` evaluates it: until when the job is ``submitted``, then
+    #: ``pending``, the knots, and when it ends
+    submitted_until: float = attrs.field(init=False)
+    pending_until: float = attrs.field(init=False)
+    ages: tuple[float, ...] = attrs.field(init=False)
+    values: tuple[float, ...] = attrs.field(init=False)
+    ends: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        curve = self.curve
+        start = curve.queued * curve.duration
+        self.submitted_until, self.pending_until = start / 3, start
+        self.ages, self.values, self.ends = curve.ages, curve.values, curve.duration
 
     @property
     def end(self) -> float:
@@ -131,11 +145,40 @@ _READS = {s.value: (s, s.is_terminal, s is am.TaskStatus.COMPLETED) for s in am.
 
 
 def read(job: Job, t: float) -> Reply:
-    """``job.reply``, now what a read of ``job`` at time ``t`` returns."""
+    """``job.reply``, now what a read of ``job`` at time ``t`` returns: ``job.curve.status``
+    at its age then (its steps spelled out on the job's fields: this runs at every check)."""
     reply = job.reply
-    status, reply.progress = job.curve.status(t - job.submit)
-    reply.status, reply.is_terminal, reply.ok = _READS[status]
+    age = t - job.submit
+    if age >= job.ends:
+        reply.status, reply.is_terminal, reply.ok = _COMPLETED
+        reply.progress = 100
+        return reply
+    if age < job.pending_until:
+        reply.status, reply.is_terminal, reply.ok = (
+            _SUBMITTED if age < job.submitted_until else _PENDING
+        )
+        reply.progress = 0
+        return reply
+    reply.status, reply.is_terminal, reply.ok = _PROCESSING
+    ages = job.ages
+    i = bisect_right(ages, age)
+    if i <= 0:
+        reply.progress = 0
+        return reply
+    values = job.values
+    if i >= len(ages):
+        reply.progress = int(values[-1])
+        return reply
+    a0, a1 = ages[i - 1], ages[i]
+    v0 = values[i - 1]
+    frac = 0.0 if a1 <= a0 else (age - a0) / (a1 - a0)
+    reply.progress = int(v0 + (values[i] - v0) * frac)
     return reply
+
+
+_COMPLETED, _SUBMITTED, _PENDING, _PROCESSING = (
+    _READS[s] for s in ("completed", "submitted", "pending", "processing")
+)
 
 
 def status_at(job: Job, t: float) -> am.Task:
@@ -197,7 +240,6 @@ def simulate_sdk(
     done = 0
     add, due, next_wakeup = schedule.add, schedule.due, schedule.next_wakeup
     on_status, round_trip = schedule.on_status, _round_trip(profile, rng)
-    reads_at = _READS
     while done < n:
         while nxt < n and jobs[nxt].submit <= now:
             j = jobs[nxt]
@@ -227,11 +269,7 @@ def simulate_sdk(
         for task_id, read_at in zip(ids, reads, strict=True):
             if trace is not None:
                 trace.append((start_at, task_id, read_at, now))
-            job = by_id[task_id]
-            reply = job.reply  # ``read``, inline
-            status, reply.progress = job.curve.status(read_at - job.submit)
-            reply.status, reply.is_terminal, reply.ok = reads_at[status]
-            if on_status(reply, now):  # type: ignore[arg-type]
+            if on_status(read(by_id[task_id], read_at), now):  # type: ignore[arg-type]
                 seen[task_id] = now
                 done += 1
     return {**summary(jobs, seen, requests), "priors": schedule.priors}
@@ -281,7 +319,6 @@ def _per_task(
     on_status, round_trip = schedule.on_status, _round_trip(profile, rng)
     started, finished, free = window.started, window.finished, window.free
     push, pop = heapq.heappush, heapq.heappop
-    reads_at = _READS
     inf = math.inf
     arrival = jobs[0].submit if n else inf
     room = free()
@@ -300,10 +337,7 @@ def _per_task(
                 if trace is not None:
                     trace.append((ticket.sent_at, job.id, read_at, back))
                 finished(ticket, back, congested=False)
-                reply = job.reply  # ``read``, inline
-                status, reply.progress = job.curve.status(read_at - job.submit)
-                reply.status, reply.is_terminal, reply.ok = reads_at[status]
-                if on_status(reply, back):  # type: ignore[arg-type]
+                if on_status(read(job, read_at), back):  # type: ignore[arg-type]
                     seen[job.id] = back
                     done += 1
             room = free()  # the window changed

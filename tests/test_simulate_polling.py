@@ -107,7 +107,9 @@ def test_a_simulated_reply_reads_as_the_task_it_stands_for() -> None:
     profile = sim.RealisticProfile()
     (job,) = sim.make_jobs(1, 1, 3, profile)
     seen = set()
-    for t in [job.submit + job.duration * k / 50 for k in range(60)]:
+    times = [job.submit + job.duration * k / 50 for k in range(60)]
+    # and backwards: a job's one reply, read again, keeps nothing of an earlier read
+    for t in times + times[::-1]:
         reply, task = sim.status_at(job, t), sim.status_task(job, t)
         for name in ("id", "status", "progress", "estimated_time", "created", "is_terminal", "ok"):
             assert getattr(reply, name) == getattr(task, name), (name, t)
