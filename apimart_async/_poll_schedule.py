@@ -17,7 +17,9 @@ How the next check is chosen (``PollPolicy``), issue 22:
    so it is never extrapolated as exact: without an estimate, half of its extrapolation is the
    early edge. With neither, ``default_estimate`` with the same margin.
    A kind whose progress proved to move in a straight line (``_priors``, issue 11) gets the
-   window its last progress implies, when that is the narrower one. A learned window narrower
+   window its last progress implies, when that is the narrower one and lies within the
+   estimate's (partly outside it, the task's progress is not what the kind taught, and the
+   estimate's window stands). A learned window narrower
    than ``target_lag`` gets a single check, at its latest end; if that check finds the task
    still running, the task is followed from then on as if nothing had been learned.
 3. Before the window, nothing is checked (the window's edge is the next check; ``max_interval``
@@ -597,16 +599,14 @@ class PollSchedule:
         if w.narrow_missed:
             trust = None
         if trust is not None and implied is not None and start is not None:
-            # a kind whose progress proved straight: its window, within the one the estimate
-            # gives (if any); when the two do not meet, this task's progress
-            # is not what the kind taught (a slow start, say) and the wider window stands
+            # a kind whose progress proved straight: its window, when it lies within the one
+            # the estimate gives (if any). Partly outside it, this task's progress is not what
+            # the kind taught (a slow start, say) and the estimate's window stands: cut down
+            # to the part inside, a wide window's edge would pass for a narrow window (one
+            # check at its end, an end early in the estimate's window seen a minute late)
             lo_p, hi_p = start + implied[0] * trust[0], start + implied[1] * trust[1]
-            if estimate is not None:  # max(lo_p, lo), min(hi_p, hi)
-                if lo > lo_p:
-                    lo_p = lo
-                if hi < hi_p:
-                    hi_p = hi
-            if lo_p <= hi_p and hi_p - lo_p < hi - lo:
+            inside = estimate is None or (lo <= lo_p and hi_p <= hi)
+            if inside and lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
                 learned = True
         span = hi - (start if start is not None else now)
