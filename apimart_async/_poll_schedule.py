@@ -210,8 +210,9 @@ class PollSchedule:
 
     def __init__(self, policy: PollPolicy | None = None, *, seed: int | None = None) -> None:
         self.policy: PollPolicy = policy or PollPolicy()
-        #: ``_derive`` of the policies seen, by identity (each held here, so ids stay theirs)
-        self._derived: dict[int, tuple[PollPolicy, _Derived]] = {}
+        #: the last policy a task was added with, and its ``_derive`` (tasks come in runs of
+        #: one policy: a client's, a batch's; one kept, so a policy per batch is no leak)
+        self._derived: tuple[PollPolicy, _Derived] = (self.policy, _derive(self.policy))
         self._rng = random.Random(seed)
         self._watches: dict[str, _Watch] = {}
         #: What finished tasks taught, by kind (see ``_priors``); a batch's journal keeps them.
@@ -266,9 +267,9 @@ class PollSchedule:
         if prior is not None:  # a known kind: nothing to learn before its earliest end
             wait = max(wait, prior.durations()[0])
         first = now if check_now else (t0 if t0 is not None else now) + min(wait, pol.max_interval)
-        derived = self._derived.get(id(pol))
-        if derived is None:
-            derived = self._derived[id(pol)] = (pol, _derive(pol))
+        derived = self._derived
+        if derived[0] is not pol:
+            derived = self._derived = (pol, _derive(pol))
         watch = _Watch(
             task_id, t0, next_at=first, policy=pol, derived=derived[1], deadline=deadline, kind=kind
         )
