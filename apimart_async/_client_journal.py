@@ -246,29 +246,31 @@ class ClientJournal:
     # -- reading -------------------------------------------------------------------------------
 
     async def unfinished(self) -> list[UnfinishedTask]:
-        """The submits whose end nobody saw, oldest first."""
+        """The submits whose end nobody saw, oldest first (read and built on the journal's
+        thread: a long list never holds the event loop)."""
         await self.flush()
+        path = self.store.path
 
-        def read(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(
+        def read(conn: sqlite3.Connection) -> list[UnfinishedTask]:
+            rows = conn.execute(
                 "SELECT task_id, idempotency_key, model, submitted_at, fingerprint FROM submits"
                 " WHERE state IN ('submitting', 'pending') ORDER BY submitted_at, rowid"
             ).fetchall()
+            try:
+                return [
+                    UnfinishedTask(
+                        task_id=_text_or_none(task_id),
+                        idempotency_key=_text(key),
+                        model=_text(model),
+                        submitted_at=float(at),
+                        fingerprint=_text(fingerprint),
+                    )
+                    for task_id, key, model, at, fingerprint in rows
+                ]
+            except (TypeError, ValueError) as exc:
+                raise JournalError(f"cannot read the journal {path}: {exc}") from None
 
-        rows = await self.store.call("read", read)
-        try:
-            return [
-                UnfinishedTask(
-                    task_id=_text_or_none(task_id),
-                    idempotency_key=_text(key),
-                    model=_text(model),
-                    submitted_at=float(at),
-                    fingerprint=_text(fingerprint),
-                )
-                for task_id, key, model, at, fingerprint in rows
-            ]
-        except (TypeError, ValueError) as exc:
-            raise JournalError(f"cannot read the journal {self.store.path}: {exc}") from None
+        return await self.store.call("read", read)
 
     async def end_of(self, task_id: str) -> Task | None:
         """The end of ``task_id`` as recorded (a task seen terminal), or None."""

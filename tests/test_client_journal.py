@@ -427,3 +427,17 @@ async def test_after_a_sigkill_mid_load_every_billed_task_is_found(
             f" {len(by_id)}, by key {len(recovered)} (created by recover:"
             f" {len(found - created_at_kill)})"
         )
+
+
+async def test_an_edited_row_is_a_journal_error_naming_the_file(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        await client.videos.submit(REQUEST)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE submits SET submitted_at='soon'")
+        conn.commit()
+    async with client_for(manual_emu, path) as client:
+        with pytest.raises(am.JournalError, match=f"cannot read the journal {path}: .*soon"):
+            await client.tasks.unfinished()
