@@ -20,7 +20,7 @@ from typing import Final, Self
 
 import anyio
 
-from ._api import Api, BatchRoute, check_task_id
+from ._api import Api, BatchRoute, check_task_id, new_idempotency_key
 from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
 from ._client_journal import ClientJournal, UnfinishedTask, notify_submitted
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
@@ -524,14 +524,31 @@ class Videos:
 
         Cancelled after the submit (a web handler whose client went away), the task id is
         logged at WARNING on the ``apimart_async`` logger; with a journal the task stays in
-        ``tasks.unfinished()`` until a wait sees its end."""
+        ``tasks.unfinished()`` until a wait sees its end. Cancelled during the submit, its
+        idempotency key is logged at WARNING (the POST may have created a task: the same
+        request sent with that key gets it; with a journal ``tasks.recover`` does)."""
         check_seconds("timeout", timeout)
         if on_submitted is not None and not callable(on_submitted):
             raise ValidationError(
                 [FieldError("on_submitted", "must be a function of the task id", on_submitted)]
             )
         submitted_at = self._tasks._poller.now()
-        task_id = await self.submit(request, idempotency_key=idempotency_key)
+        key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        try:
+            task_id = await self.submit(request, idempotency_key=key)
+        except anyio.get_cancelled_exc_class():
+            where = (
+                "client.tasks.unfinished() lists the key and tasks.recover() finds the task"
+                if self._tasks._journal is not None
+                else "submit the same request with this idempotency_key to get it"
+            )
+            logger.warning(
+                "generate() was cancelled during its submit (idempotency key %s): the service"
+                " may have created a task; %s",
+                key,
+                where,
+            )
+            raise
         try:
             if on_submitted is not None:
                 await notify_submitted(on_submitted, task_id)

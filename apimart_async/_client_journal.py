@@ -98,12 +98,12 @@ class ClientJournal:
     """The submits of one client, in the ``submits`` table of an ``SqliteJournal``."""
 
     def __init__(self, store: SqliteJournal, *, wall: Callable[[], float] = time.time) -> None:
-        self.store = store
+        self.store: SqliteJournal = store
         self._wall = wall
         self._ends: dict[str, tuple[str, dict[str, Any] | None, str | None]] = {}
-        self._wake = anyio.Event()
-        self._flushing = anyio.Lock()
-        self.is_open = False
+        self._wake: anyio.Event = anyio.Event()
+        self._flushing: anyio.Lock = anyio.Lock()
+        self.is_open: bool = False
 
     @classmethod
     def of(cls, journal: object) -> ClientJournal | None:
@@ -154,6 +154,7 @@ class ClientJournal:
     # -- submits (``_api.SubmitLog``) ----------------------------------------------------------
 
     async def before_submit(self, key: str, request: VideoRequest) -> None:
+        """Record ``key`` (state ``submitting``) before the POST; ``JournalError`` if not."""
         body = json.dumps(request.to_body(), sort_keys=True)
         row = (key, request.fingerprint(), request.model, body, self._wall())
 
@@ -169,6 +170,7 @@ class ClientJournal:
         await self.store.call("write", insert)
 
     async def submitted(self, key: str, task_id: str) -> None:
+        """Record the task id (state ``pending``); a failure is logged with the id."""
         try:
             await self._update(
                 "UPDATE submits SET state='pending', task_id=?, updated_at=?"
@@ -185,6 +187,7 @@ class ClientJournal:
             )
 
     async def submit_failed(self, key: str, exc: ApimartError) -> None:
+        """A refusal that proves no task exists closes the key (state ``refused``)."""
         if not definitive(exc):
             return  # the POST may have created a task: the key stays listed
         try:
@@ -243,29 +246,31 @@ class ClientJournal:
     # -- reading -------------------------------------------------------------------------------
 
     async def unfinished(self) -> list[UnfinishedTask]:
-        """The submits whose end nobody saw, oldest first."""
+        """The submits whose end nobody saw, oldest first (read and built on the journal's
+        thread: a long list never holds the event loop)."""
         await self.flush()
+        path = self.store.path
 
-        def read(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(
+        def read(conn: sqlite3.Connection) -> list[UnfinishedTask]:
+            rows = conn.execute(
                 "SELECT task_id, idempotency_key, model, submitted_at, fingerprint FROM submits"
                 " WHERE state IN ('submitting', 'pending') ORDER BY submitted_at, rowid"
             ).fetchall()
+            try:
+                return [
+                    UnfinishedTask(
+                        task_id=_text_or_none(task_id),
+                        idempotency_key=_text(key),
+                        model=_text(model),
+                        submitted_at=float(at),
+                        fingerprint=_text(fingerprint),
+                    )
+                    for task_id, key, model, at, fingerprint in rows
+                ]
+            except (TypeError, ValueError) as exc:
+                raise JournalError(f"cannot read the journal {path}: {exc}") from None
 
-        rows = await self.store.call("read", read)
-        try:
-            return [
-                UnfinishedTask(
-                    task_id=_text_or_none(task_id),
-                    idempotency_key=_text(key),
-                    model=_text(model),
-                    submitted_at=float(at),
-                    fingerprint=_text(fingerprint),
-                )
-                for task_id, key, model, at, fingerprint in rows
-            ]
-        except (TypeError, ValueError) as exc:
-            raise JournalError(f"cannot read the journal {self.store.path}: {exc}") from None
+        return await self.store.call("read", read)
 
     async def end_of(self, task_id: str) -> Task | None:
         """The end of ``task_id`` as recorded (a task seen terminal), or None."""

@@ -7,6 +7,7 @@ never lost (``on_submitted``, the WARNING of a cancelled ``generate()``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -427,3 +428,59 @@ async def test_after_a_sigkill_mid_load_every_billed_task_is_found(
             f" {len(by_id)}, by key {len(recovered)} (created by recover:"
             f" {len(found - created_at_kill)})"
         )
+
+
+async def test_an_edited_row_is_a_journal_error_naming_the_file(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        await client.videos.submit(REQUEST)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE submits SET submitted_at='soon'")
+        conn.commit()
+    async with client_for(manual_emu, path) as client:
+        with pytest.raises(am.JournalError, match=f"cannot read the journal {path}: .*soon"):
+            await client.tasks.unfinished()
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal"])
+async def test_a_generate_cancelled_during_its_submit_logs_the_key(
+    manual_emu: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture, journal: bool
+) -> None:
+    """The POST is held in flight (the service has not answered) when the caller goes away:
+    the key is logged, and with a journal ``recover`` finds the one task by it."""
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    path = tmp_path / "c.sqlite" if journal else None
+    async with client_for(manual_emu, path) as client:
+        transport = client._transport
+        real = transport.request
+        in_flight = anyio.Event()
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("kind") == "submit":
+                in_flight.set()
+                await anyio.sleep_forever()  # no reply yet: cancelled here
+            return await real(*args, **kwargs)
+
+        transport.request = held  # type: ignore[method-assign]
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                given = None if journal else "held-key-1"
+                tg.start_soon(
+                    functools.partial(client.videos.generate, idempotency_key=given), REQUEST
+                )
+                await in_flight.wait()
+                scope.cancel()
+        transport.request = real  # type: ignore[method-assign]
+        [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+        message = record.getMessage()
+        assert "cancelled during its submit" in message
+        if journal:
+            [item] = await client.tasks.unfinished()
+            assert item.task_id is None and item.idempotency_key in message
+            await client.tasks.recover(item)
+            assert manual_emu.tasks_per_key == {item.idempotency_key: 1}
+        else:
+            assert "held-key-1" in message and "idempotency_key" in message
+    assert manual_emu.tasks_created == (1 if journal else 0)
