@@ -1,101 +1,536 @@
-"""A web backend that shares ONE client for its whole lifetime (aiohttp.web).
+"""A web backend on FastAPI that shares ONE client for its whole lifetime (the reference app).
 
-    POST /videos   {"model": "...", "prompt": "...", ...}  -> 202 {"task_id": "..."}
-    GET  /videos/{task_id}                                  -> {"status", "progress", "video_urls"}
+    POST /videos                  {"model": ..., "prompt": ...}  -> 202 {"task_id": ...}
+    GET  /videos/unfinished       the billed tasks whose end nobody saw, across restarts
+    GET  /videos/{task_id}        the task, as ``Task.to_dict()``
+    GET  /videos/{task_id}/wait   wait for it (``?timeout=`` seconds) -> the task
+    POST /videos/generate         submit and wait inside the request (``?timeout=``)
+    POST /batches                 {"name": ..., "jobs": [...]} -> 202; runs in the background
+    GET  /batches/{name}          its counts (``BatchStats.to_dict()``) and outcomes so far
+    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag
 
-Every request handler uses the same ``AsyncApimart``: one connection pool, one shared poller,
-one client-wide back-off when the service says 429. Run it against the built-in emulator:
+What it shows:
 
-    python examples/web_backend.py --emulate       # then: curl -XPOST localhost:8080/videos ...
+- The client lives in the lifespan and reaches handlers through a dependency: one connection
+  pool, one shared poller, one client-wide back-off after a 429, for every request.
+- The client has a journal (``journal=``): every submit is recorded before its POST, so no
+  billed task is lost to a crash, a SIGKILL or an abandoned request; ``/videos/unfinished``
+  lists them after a restart.
+- ``/videos/generate`` records the task id the moment it exists (``on_submitted``), stops
+  waiting when the HTTP client goes away (the wait is cancelled: no task, no watcher, no
+  polling left behind) and, when the server shuts down, answers 503 with the task id at once
+  instead of holding the shutdown.
+- A background batch has a journal of its own; batches left unfinished are resumed on startup
+  (nothing is submitted twice; finished jobs are replayed from the journal).
+- SDK errors become HTTP statuses (``http_status``): 422 for a request that breaks a model's
+  rule, 402 balance, 429 rate limit, 404 unknown task, 504 a wait or an upstream timeout, 502
+  any other upstream failure; every body is JSON from ``to_dict()``.
+- The application owns the process's signals: uvicorn handles SIGINT and SIGTERM and waits up
+  to ``--grace`` seconds for the requests in flight; the SDK installs no handler.
+
+Run it against the built-in emulator (no key, no network):
+
+    python examples/web_backend.py --emulate
+    curl -XPOST localhost:8000/videos/generate -d '{"model": "sora-2-preview", "prompt": "a cat"}'
+
+Or against the real service: ``APIMART_API_KEY=sk-... python examples/web_backend.py``.
+It needs FastAPI and uvicorn (``pip install "apimart-async[examples]"``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import json
+import logging
 import os
-from collections.abc import AsyncIterator
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, TypeVar
 
-from aiohttp import web
+import anyio
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import apimart_async as am
-from apimart_async.emulator import Emulator
 
-CLIENT = web.AppKey("apimart_client", am.AsyncApimart)
+T = TypeVar("T")
+logger = logging.getLogger("web_backend")
 
 
-def create_app(*, api_key: str | None = None, base_url: str | None = None) -> web.Application:
-    app = web.Application()
+# -- SDK errors as HTTP statuses ------------------------------------------------------------
 
-    async def client_lifetime(app: web.Application) -> AsyncIterator[None]:
-        async with am.AsyncApimart(api_key, base_url=base_url) as client:
-            app[CLIENT] = client
-            yield
 
-    app.cleanup_ctx.append(client_lifetime)
-    app.router.add_post("/videos", create_video)
-    app.router.add_get("/videos/{task_id}", video_status)
+def http_status(exc: am.ApimartError) -> int:
+    """The HTTP status a web backend answers for an SDK error."""
+    match exc:
+        case am.ValidationError():  # the caller's request broke a rule; nothing was sent
+            return 422
+        case am.InsufficientBalanceError():
+            return 402
+        case am.RateLimitError():
+            return 429
+        case am.NotFoundError():
+            return 404
+        case am.TaskTimeoutError() | am.APITimeoutError():
+            return 504
+        case am.ClientClosedError():  # the server is shutting down
+            return 503
+        case _:  # upstream failures: 5xx, unreachable, a failed task, our key refused
+            return 502
+
+
+def error_body(exc: am.ApimartError) -> dict[str, Any]:
+    """``{"error": {"type", "message", "status"}}``, and the task when there is one."""
+    status = getattr(exc, "status", None)
+    body: dict[str, Any] = {
+        "error": {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "status": status if isinstance(status, int) else None,
+        }
+    }
+    task = getattr(exc, "task", None)
+    if isinstance(task, am.Task):
+        body["task"] = task.to_dict()
+    task_id = getattr(exc, "task_id", None)
+    if isinstance(task_id, str):
+        body["task_id"] = task_id
+    return body
+
+
+async def on_sdk_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, am.ApimartError)
+    headers = {}
+    if isinstance(exc, am.RateLimitError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=headers)
+
+
+# -- background batches, each with its own journal, resumed on startup -----------------------
+
+
+class Batches:
+    """Batches running in the background. Each keeps ``<name>.jobs.json`` (its input) and
+    ``<name>.sqlite`` (its journal) in ``folder``; on startup every batch found there runs
+    again: finished jobs are replayed from the journal, running ones followed, none paid
+    twice."""
+
+    def __init__(self, client: am.AsyncApimart, folder: Path) -> None:
+        self.client = client
+        self.folder = folder
+        self.handles: dict[str, am.Batch] = {}
+        self.outcomes: dict[str, list[dict[str, Any]]] = {}
+        self.errors: dict[str, dict[str, Any]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, jobs: list[am.VideoRequest]) -> None:
+        self.outcomes[name] = []
+        self._tasks[name] = asyncio.get_running_loop().create_task(
+            self._run(name, jobs), name=f"batch {name}"
+        )
+
+    async def resume_all(self) -> None:
+        """Start every batch of ``folder`` again (the startup step)."""
+        for path in sorted(self.folder.glob("*.jobs.json")):
+            name = path.name.removesuffix(".jobs.json")
+            text = await anyio.Path(path).read_text()
+            self.start(name, [am.VideoRequest.from_dict(job) for job in json.loads(text)])
+
+    async def _run(self, name: str, jobs: list[am.VideoRequest]) -> None:
+        kept = self.outcomes[name]
+        try:
+            async with self.client.batch(
+                jobs, journal=self.folder / f"{name}.sqlite", concurrency=16
+            ) as results:
+                self.handles[name] = results
+                async for outcome in results:
+                    kept.append(outcome.to_dict())
+        except am.ApimartError as exc:  # the journal cannot be used, the client closed...
+            self.errors[name] = error_body(exc)["error"]
+            logger.warning("batch %s stopped: %s", name, exc)
+
+    def running(self, name: str) -> bool:
+        task = self._tasks.get(name)
+        return task is not None and not task.done()
+
+    async def stop(self, grace: float) -> None:
+        """Stop every batch (the shutdown step): running tasks are followed for ``grace``
+        seconds; what is left is in the journals for the next start."""
+        for handle in self.handles.values():
+            await handle.stop(grace=grace)
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# -- event-loop lag, for /debug/metrics -------------------------------------------------------
+
+
+class LagMonitor:
+    """How late a 5 ms sleep wakes up: what every request on this replica waits on top of its
+    own work when something holds the event loop."""
+
+    def __init__(self) -> None:
+        self.samples: collections.deque[float] = collections.deque(maxlen=200_000)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.005)
+            self.samples.append(loop.time() - start - 0.005)
+
+    def figures(self) -> dict[str, Any]:
+        ordered = sorted(self.samples)
+        if not ordered:
+            return {"samples": 0, "p99_ms": None, "max_ms": None}
+        p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+        return {
+            "samples": len(ordered),
+            "p99_ms": round(p99 * 1000, 2),
+            "max_ms": round(ordered[-1] * 1000, 2),
+        }
+
+
+class CountInFlight:
+    """ASGI middleware: ``state.in_flight`` is the HTTP requests being handled."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state
+        state.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+def create_app(
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    journal: str | os.PathLike[str] = "apimart-web.sqlite",
+    batch_dir: str | os.PathLike[str] = "batches",
+    poll: am.PollPolicy | None = None,
+    grace: float = 10.0,
+) -> FastAPI:
+    """The app; the client opens in its lifespan. ``grace``: seconds a shutdown lets running
+    background batches go on (set uvicorn's ``timeout_graceful_shutdown`` to match)."""
+    # Web backends want results soon after they exist: checks at most 1 s apart near the end.
+    policy = poll or am.PollPolicy(target_lag=1.0)
+    folder = Path(batch_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.stopping = asyncio.Event()
+        app.state.lag = LagMonitor()
+        lag_task = asyncio.get_running_loop().create_task(app.state.lag.run(), name="lag")
+        folder.mkdir(parents=True, exist_ok=True)
+        async with am.AsyncApimart(
+            api_key, base_url=base_url, poll=policy, journal=journal
+        ) as client:
+            app.state.client = client
+            app.state.batches = Batches(client, folder)
+            await app.state.batches.resume_all()
+            try:
+                yield
+            finally:
+                app.state.stopping.set()
+                await app.state.batches.stop(grace)
+                lag_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag_task
+
+    app = FastAPI(title="apimart-async web backend", lifespan=lifespan)
+    app.add_exception_handler(am.ApimartError, on_sdk_error)
+    app.add_middleware(CountInFlight, state=app.state)
+    _add_routes(app)
     return app
 
 
-async def create_video(request: web.Request) -> web.Response:
+def get_client(request: Request) -> am.AsyncApimart:
+    """The dependency: the one client of this process."""
+    client: am.AsyncApimart = request.app.state.client
+    return client
+
+
+async def json_body(request: Request) -> Any:
+    """The request's body as JSON, whatever its Content-Type says (422 naming it if not)."""
+    raw = await request.body()
     try:
-        body = await request.json()
-        video = am.VideoRequest.from_dict(body)
-    except ValueError as exc:  # bad JSON, or a ValidationError naming the field and the rule
-        return web.json_response({"error": str(exc)}, status=400)
-    try:
-        task_id = await request.app[CLIENT].videos.submit(video)
-    except am.APIStatusError as exc:
-        return web.json_response(
-            {"error": exc.message}, status=502 if exc.status >= 500 else exc.status
+        return json.loads(raw)
+    except ValueError:
+        text = raw[:80].decode(errors="replace")
+        raise am.ValidationError([am.FieldError("request", "must be JSON", text)]) from None
+
+
+Client = Annotated[am.AsyncApimart, Depends(get_client)]
+JsonBody = Annotated[Any, Depends(json_body)]
+Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait at most")]
+
+
+async def while_connected(request: Request, work: Callable[[], Awaitable[T]]) -> T | str:
+    """Run ``work()``, unless the HTTP client goes away first or the server starts shutting
+    down: then ``work`` is cancelled and the reason returned ("disconnected" or "stopping")."""
+    stopping: asyncio.Event = request.app.state.stopping
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    reason = ""
+
+    async with anyio.create_task_group() as tg:
+
+        async def client_gone() -> None:
+            nonlocal reason
+            # the body was read: the next message an ASGI server sends is http.disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            reason = reason or "disconnected"
+            tg.cancel_scope.cancel()
+
+        async def shutdown() -> None:
+            nonlocal reason
+            await stopping.wait()
+            reason = reason or "stopping"
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                outcome.append(await work())
+            except am.ApimartError as exc:  # raised below, outside the task group
+                failure.append(exc)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(client_gone)
+        tg.start_soon(shutdown)
+        tg.start_soon(run)
+    if failure:
+        raise failure[0]
+    return outcome[0] if outcome else reason
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.post("/videos", status_code=202)
+    async def submit(client: Client, body: JsonBody) -> dict[str, Any]:
+        task_id = await client.videos.submit(am.VideoRequest.from_dict(body))
+        return {"task_id": task_id}
+
+    @app.get("/videos/unfinished")
+    async def unfinished(client: Client) -> dict[str, Any]:
+        items = await client.tasks.unfinished()
+        return {"count": len(items), "tasks": [item.to_dict() for item in items]}
+
+    @app.get("/videos/{task_id}")
+    async def status(client: Client, task_id: str) -> dict[str, Any]:
+        return (await client.tasks.get(task_id)).to_dict()
+
+    @app.get("/videos/{task_id}/wait", response_model=None)
+    async def wait(
+        client: Client, request: Request, task_id: str, timeout: Timeout = None
+    ) -> dict[str, Any] | JSONResponse:
+        result = await while_connected(request, lambda: client.tasks.wait(task_id, timeout=timeout))
+        if isinstance(result, str):
+            return _not_waiting(result, task_id)
+        return result.to_dict()
+
+    @app.post("/videos/generate", response_model=None)
+    async def generate(
+        client: Client, request: Request, body: JsonBody, timeout: Timeout = None
+    ) -> dict[str, Any] | JSONResponse:
+        video = am.VideoRequest.from_dict(body)  # 422 naming the field, before any request
+        ids: list[str] = []  # the task id, as soon as the service gave it
+
+        def submitted(task_id: str) -> None:
+            ids.append(task_id)
+            logger.info("generating %s", task_id)
+
+        result = await while_connected(
+            request,
+            lambda: client.videos.generate(video, timeout=timeout, on_submitted=submitted),
         )
-    except am.ApimartError as exc:
-        return web.json_response({"error": str(exc)}, status=502)
-    return web.json_response({"task_id": task_id}, status=202)
+        if isinstance(result, str):
+            return _not_waiting(result, ids[0] if ids else None)
+        return result.to_dict()
 
+    @app.post("/batches", status_code=202)
+    async def start_batch(request: Request, body: JsonBody) -> dict[str, Any]:
+        batches: Batches = request.app.state.batches
+        name, jobs = _batch_input(body)
+        if batches.running(name):
+            raise am.ValidationError(
+                [am.FieldError("name", "a batch of this name is running", name)]
+            )
+        # the input first, so that a restart can resume the batch with the same journal
+        text = json.dumps([job.to_dict() for job in jobs])
+        await anyio.Path(batches.folder / f"{name}.jobs.json").write_text(text)
+        batches.start(name, jobs)
+        return {"name": name, "jobs": len(jobs)}
 
-async def video_status(request: web.Request) -> web.Response:
-    try:
-        task = await request.app[CLIENT].tasks.get(request.match_info["task_id"])
-    except am.NotFoundError:
-        return web.json_response({"error": "no such task"}, status=404)
-    except am.ApimartError as exc:
-        return web.json_response({"error": str(exc)}, status=502)
-    return web.json_response(
-        {
-            "status": task.status.value,
-            "progress": task.progress,
-            "video_urls": task.video_urls,
-            "error": task.error.message if task.error else None,
+    @app.get("/batches/{name}", response_model=None)
+    async def batch_status(request: Request, name: str) -> dict[str, Any] | JSONResponse:
+        batches: Batches = request.app.state.batches
+        if name not in batches.outcomes:
+            return JSONResponse(
+                {"error": {"type": "NotFound", "message": f"no batch {name!r}"}}, 404
+            )
+        handle = batches.handles.get(name)
+        return {
+            "name": name,
+            "running": batches.running(name),
+            "stats": handle.stats().to_dict() if handle is not None else None,
+            "error": batches.errors.get(name),
+            "outcomes": batches.outcomes[name],
         }
+
+    @app.get("/debug/metrics")
+    async def metrics(request: Request, client: Client, reset_lag: bool = False) -> dict[str, Any]:
+        lag: LagMonitor = request.app.state.lag
+        figures = lag.figures()
+        if reset_lag:
+            lag.samples.clear()
+        return {
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "requests_in_flight": request.app.state.in_flight - 1,  # not this one
+            "loop_lag": figures,
+            "sdk_requests": client.request_counts(),
+        }
+
+
+def _not_waiting(reason: str, task_id: str | None) -> JSONResponse:
+    # "disconnected": nobody reads this answer. "stopping": the task goes on at the service
+    # and is in the journal; the caller asks for it later.
+    return JSONResponse(
+        {
+            "task_id": task_id,
+            "error": {
+                "type": "ServerStopping" if reason == "stopping" else "ClientDisconnected",
+                "message": f"the server is shutting down; the task goes on: GET /videos/{task_id}"
+                if reason == "stopping"
+                else "the client went away",
+                "status": None,
+            },
+        },
+        status_code=503,
+        headers={"Retry-After": "5"},
     )
 
 
-async def main_emulated(port: int) -> None:
+def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
+    if not isinstance(body, dict):
+        raise am.ValidationError([am.FieldError("request", "must be a JSON object", body)])
+    name = body.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise am.ValidationError(
+            [am.FieldError("name", "must be a word (letters, digits, _)", name)]
+        )
+    jobs = body.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        raise am.ValidationError([am.FieldError("jobs", "must be a non-empty list", jobs)])
+    return name, [am.VideoRequest.from_dict(job) for job in jobs]
+
+
+# -- running it under uvicorn -----------------------------------------------------------------
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the app the moment a shutdown starts (SIGINT, SIGTERM), so
+    that requests waiting for a generation answer at once instead of holding the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        stopping: asyncio.Event | None = getattr(self._app.state, "stopping", None)
+        if stopping is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(stopping.set)
+        super().handle_exit(sig, frame)
+
+
+async def serve(app: FastAPI, host: str, port: int, grace: float) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM; prints ``{"url": ...}`` once listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)  # connections wait in the backlog until the lifespan has started
+    print(json.dumps({"url": f"http://{host}:{sock.getsockname()[1]}"}), flush=True)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=grace, log_level="info")
+    await Server(config, app).serve(sockets=[sock])
+
+
+async def serve_emulated(ns: argparse.Namespace, folder: str) -> None:
+    from apimart_async.emulator import Emulator
+
     async with Emulator() as emu:
-        runner = web.AppRunner(create_app(api_key=emu.api_key, base_url=emu.base_url))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        print(f"backend on http://127.0.0.1:{port} (emulator at {emu.base_url}); Ctrl-C to stop")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
+        print(f"emulator at {emu.base_url}", file=sys.stderr)
+        app = create_app(
+            api_key=emu.api_key,
+            base_url=emu.base_url,
+            journal=ns.journal or os.path.join(folder, "apimart-web.sqlite"),
+            batch_dir=ns.batch_dir or os.path.join(folder, "batches"),
+            poll=_poll(ns.poll_lag),
+            grace=ns.grace,
+        )
+        await serve(app, ns.host, ns.port, ns.grace)
 
 
-if __name__ == "__main__":
+def _poll(lag: float) -> am.PollPolicy:
+    return am.PollPolicy(target_lag=lag, first_check=min(2.0, lag), min_interval=min(1.0, lag))
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--emulate", action="store_true")
-    parser.add_argument("--port", type=int, default=8080)
-    ns = parser.parse_args()
+    parser.add_argument("--emulate", action="store_true", help="run against the built-in emulator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free one")
+    parser.add_argument("--journal", help="the client's journal (default apimart-web.sqlite)")
+    parser.add_argument("--batch-dir", help="the batches' inputs and journals (default batches/)")
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds a shutdown waits (default 10)"
+    )
+    parser.add_argument(
+        "--poll-lag", type=float, default=1.0, help="PollPolicy.target_lag (default 1 s)"
+    )
+    ns = parser.parse_args(argv)
     if not ns.emulate and not os.environ.get("APIMART_API_KEY"):
         parser.error("set APIMART_API_KEY to your key, or use --emulate")
-    if ns.emulate:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(main_emulated(ns.port))
-    else:
-        web.run_app(create_app(), port=ns.port)
+    with contextlib.suppress(KeyboardInterrupt):
+        if ns.emulate:
+            with tempfile.TemporaryDirectory(prefix="apimart-web-") as folder:
+                asyncio.run(serve_emulated(ns, folder))
+        else:
+            app = create_app(
+                journal=ns.journal or "apimart-web.sqlite",
+                batch_dir=ns.batch_dir or "batches",
+                poll=_poll(ns.poll_lag),
+                grace=ns.grace,
+            )
+            asyncio.run(serve(app, ns.host, ns.port, ns.grace))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

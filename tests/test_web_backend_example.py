@@ -1,51 +1,346 @@
-"""The web-backend example: one client shared by every request, against the emulator."""
+"""The FastAPI reference app (examples/web_backend.py) under uvicorn, in a process of its own,
+against the emulator (in this process, so that the tests hold its controls), driven by httpx.
+
+Time that matters is the emulator's: tasks stay pending (manual mode) until a test completes
+them. Every wait is bounded (``fail_after``) so that a bug fails instead of hanging.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from apimart_async.emulator import Emulator
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from web_backend import create_app
+from apimart_async.emulator import Emulator  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "web_backend.py"
+GRACE = 5.0
 
-async def test_submit_and_status_through_the_backend() -> None:
-    async with Emulator(frozen_clock=True, task_duration=10.0) as emu:
-        app = create_app(api_key=emu.api_key, base_url=emu.base_url)
-        async with TestClient(TestServer(app)) as http:
-            ids = []
-            for prompt in ("a cat", "a dog"):
-                resp = await http.post(
-                    "/videos", json={"model": "sora-2-preview", "prompt": prompt}
-                )
-                assert resp.status == 202
-                ids.append((await resp.json())["task_id"])
-            resp = await http.post("/videos", json={"model": "sora-2-preview", "duration": 5})
-            assert resp.status == 400
-            assert (
-                "duration: sora-2-preview takes only 4, 8 or 12 seconds, got 5"
-                in (await resp.json())["error"]
-            )
-            # an untrusted body that is not a request: 400 naming the field, never a 500
-            # (issue 21: "extra": 5 raised TypeError inside from_dict)
-            for bad, field in (
-                ({"model": "sora-2-preview", "prompt": "x", "extra": 5}, "extra"),
-                ([1, 2], "request"),
-                ({"model": ["sora-2-preview"], "prompt": "x"}, "model"),
-            ):
-                resp = await http.post("/videos", json=bad)
-                assert resp.status == 400, bad
-                assert (await resp.json())["error"].startswith(f"{field}: "), bad
-            emu.advance(10)
-            for task_id in ids:
-                body = await (await http.get(f"/videos/{task_id}")).json()
-                assert body["status"] == "completed" and body["video_urls"]
-            assert (await http.get("/videos/task_nope")).status == 404
-        assert emu.tasks_created == 2
+
+class Backend:
+    def __init__(self, proc: anyio.abc.Process, url: str, out: bytearray, err: bytearray) -> None:
+        self.proc = proc
+        self.url = url
+        self.out = out
+        self.err = err
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode(errors="replace")
+
+    async def metrics(self, http: httpx.AsyncClient) -> dict[str, Any]:
+        reply = await http.get(f"{self.url}/debug/metrics")
+        assert reply.status_code == 200
+        result: dict[str, Any] = reply.json()
+        return result
+
+
+@contextlib.asynccontextmanager
+async def backend(emu: Emulator, folder: Path) -> AsyncIterator[Backend]:
+    """The example under uvicorn, on a free port, with its journal and batches in ``folder``
+    (the same folder again is a restart)."""
+    env = {
+        **os.environ,
+        "APIMART_API_KEY": emu.api_key,
+        "APIMART_BASE_URL": emu.base_url,
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        str(EXAMPLE),
+        "--port",
+        "0",
+        "--journal",
+        str(folder / "client.sqlite"),
+        "--batch-dir",
+        str(folder / "batches"),
+        "--poll-lag",
+        "0.05",
+        "--grace",
+        str(GRACE),
+    ]
+    out, err = bytearray(), bytearray()
+
+    async def drain(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+            async for chunk in stream:
+                into.extend(chunk)
+
+    async with await anyio.open_process(cmd, env=env) as proc, anyio.create_task_group() as tg:
+        assert proc.stdout is not None and proc.stderr is not None
+        tg.start_soon(drain, proc.stdout, out)
+        tg.start_soon(drain, proc.stderr, err)
+        try:
+            with anyio.fail_after(30):
+                while b"\n" not in out:
+                    if proc.returncode is not None:
+                        raise AssertionError(err.decode())
+                    await anyio.sleep(0.02)  # the first line: where it listens
+            url = json.loads(out.split(b"\n", 1)[0])["url"]
+            yield Backend(proc, url, out, err)
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            with anyio.fail_after(30):
+                await proc.wait()
+            tg.cancel_scope.cancel()
+
+
+def http_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(60.0),
+        limits=httpx.Limits(max_connections=400, max_keepalive_connections=400),
+    )
+
+
+def status_reads(emu: Emulator) -> int:
+    return emu.counters.get("task", 0) + emu.counters.get("batch", 0)
+
+
+def job(i: int) -> dict[str, Any]:
+    return {"model": "sora-2-preview", "prompt": f"job {i}", "duration": 4}
+
+
+async def post_generate(http: httpx.AsyncClient, url: str, i: int) -> None:
+    await http.post(f"{url}/videos/generate", json=job(i))
+
+
+async def settled(backend: Backend, http: httpx.AsyncClient, tasks: int) -> dict[str, Any]:
+    """The metrics once nothing is in flight and the asyncio tasks are back to ``tasks``."""
+    with anyio.fail_after(30):
+        while True:
+            m = await backend.metrics(http)
+            if m["requests_in_flight"] == 0 and m["asyncio_tasks"] <= tasks:
+                return m
+            await anyio.sleep(0.05)
+
+
+async def test_200_concurrent_awaiting_requests_each_get_their_own_task(tmp_path: Path) -> None:
+    async with (
+        Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        replies: dict[int, httpx.Response] = {}
+
+        async def generate(i: int) -> None:
+            replies[i] = await http.post(f"{app.url}/videos/generate", json=job(i))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(generate, i)
+                await emu.wait_until(lambda: emu.tasks_created == 200, timeout=60)
+                emu.complete_all()
+        assert sorted(replies) == list(range(200))
+        assert {r.status_code for r in replies.values()} == {200}
+        ids = {i: r.json()["id"] for i, r in replies.items()}
+        assert len(set(ids.values())) == 200  # no two requests share a task
+        wrong = [i for i, t in ids.items() if emu.state.tasks[t].body["prompt"] != f"job {i}"]
+        assert wrong == []
+        assert all(r.json()["status"] == "completed" for r in replies.values())
+        assert emu.tasks_created == 200
+        assert max(emu.tasks_per_key.values()) == 1
+
+
+async def test_abandoned_requests_leave_no_task_no_watcher_and_no_polling(tmp_path: Path) -> None:
+    async with (
+        Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        before = await settled(app, http, tasks=10**6)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(post_generate, http, app.url, i)
+                await emu.wait_until(lambda: emu.tasks_created == 50, timeout=60)
+                # every wait is being polled: the server is following the 50 tasks
+                reads = status_reads(emu)
+                await emu.wait_until(lambda: status_reads(emu) > reads, timeout=30)
+                tg.cancel_scope.cancel()  # the 50 HTTP clients go away
+        after = await settled(app, http, tasks=before["asyncio_tasks"])
+        assert after["asyncio_tasks"] == before["asyncio_tasks"]
+        # nobody waits for them any more: the shared poller reads none of them again
+        reads = status_reads(emu)
+        with pytest.raises(TimeoutError):
+            # absence: at --poll-lag 0.05 s a watcher left behind reads within 0.25 s
+            await emu.wait_until(lambda: status_reads(emu) > reads, timeout=1.0)
+        assert emu.tasks_created == 50
+        assert "Traceback" not in app.stderr
+
+
+async def test_two_waiters_on_one_task_keep_their_own_timeouts(tmp_path: Path) -> None:
+    async with (
+        Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        reply = await http.post(f"{app.url}/videos", json=job(0))
+        assert reply.status_code == 202
+        task_id = reply.json()["task_id"]
+        long: list[httpx.Response] = []
+
+        async def wait_long() -> None:
+            long.append(await http.get(f"{app.url}/videos/{task_id}/wait?timeout=600"))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_long)
+                short = await http.get(f"{app.url}/videos/{task_id}/wait?timeout=0.5")
+                assert short.status_code == 504
+                assert short.json()["error"]["type"] == "TaskTimeoutError"
+                assert long == []  # the other waiter keeps waiting
+                assert (await app.metrics(http))["requests_in_flight"] == 1
+                emu.complete(task_id)
+        assert long[0].status_code == 200
+        assert long[0].json()["id"] == task_id and long[0].json()["status"] == "completed"
+
+
+async def test_a_batch_whose_submits_are_all_refused_gives_one_outcome_per_job(
+    tmp_path: Path,
+) -> None:
+    async with (
+        Emulator(mode="manual", balance=0.0) as emu,  # every submit: 402
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        reply = await http.post(
+            f"{app.url}/batches", json={"name": "refused", "jobs": [job(i) for i in range(6)]}
+        )
+        assert reply.status_code == 202
+        with anyio.fail_after(60):
+            while (body := (await http.get(f"{app.url}/batches/refused")).json())["running"]:
+                await anyio.sleep(0.05)
+        outcomes = body["outcomes"]
+        assert sorted(o["index"] for o in outcomes) == list(range(6))
+        assert {o["error"]["type"] for o in outcomes} == {"InsufficientBalanceError"}
+        assert {o["error"]["status"] for o in outcomes} == {402}
+        assert body["stats"]["errored"] == 6 and body["error"] is None
+        assert emu.tasks_created == 0
+        # a single submit refused the same way: 402 with the SDK's error as JSON
+        reply = await http.post(f"{app.url}/videos", json=job(9))
+        assert reply.status_code == 402
+        assert reply.json()["error"]["type"] == "InsufficientBalanceError"
+
+
+async def test_errors_become_http_statuses(tmp_path: Path) -> None:
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        bad = await http.post(f"{app.url}/videos", json={"model": "sora-2-preview", "duration": 5})
+        assert bad.status_code == 422
+        assert (
+            "duration: sora-2-preview takes only 4, 8 or 12 seconds, got 5"
+            in bad.json()["error"]["message"]
+        )
+        for body, field in (
+            (b'{"model": "sora-2-preview", "prompt": "x", "extra": 5}', "extra"),
+            (b"[1, 2]", "request"),
+            (b"not json", "request"),
+        ):
+            reply = await http.post(f"{app.url}/videos/generate", content=body)
+            assert reply.status_code == 422, body
+            assert reply.json()["error"]["message"].startswith(f"{field}: "), body
+        assert (await http.get(f"{app.url}/videos/task_nope")).status_code == 404
+        assert (await http.get(f"{app.url}/batches/nope")).status_code == 404
+        assert emu.tasks_created == 0
+
+
+def test_the_status_table() -> None:
+    """Each SDK error's HTTP status (the ones the emulator cannot cheaply play end to end)."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    import apimart_async as am
+
+    def status_error(cls: type[am.APIStatusError], code: int) -> am.APIStatusError:
+        return cls("no", status=code, type="x")
+
+    cases = {
+        422: am.ValidationError([am.FieldError("prompt", "is required", None)]),
+        402: status_error(am.InsufficientBalanceError, 402),
+        429: status_error(am.RateLimitError, 429),
+        404: status_error(am.NotFoundError, 404),
+        504: am.TaskTimeoutError("task_x", 5.0),
+        502: status_error(am.ServerError, 503),
+        503: am.ClientClosedError("closed"),
+    }
+    for code, exc in cases.items():
+        assert web_backend.http_status(exc) == code, exc
+    assert web_backend.http_status(am.APIConnectionError("unreachable")) == 502
+    assert web_backend.http_status(am.APITimeoutError("slow")) == 504
+
+
+async def _generate_in_flight(
+    app: Backend, emu: Emulator, http: httpx.AsyncClient, n: int, tg: anyio.abc.TaskGroup
+) -> list[httpx.Response]:
+    replies: list[httpx.Response] = []
+
+    async def generate(i: int) -> None:
+        with contextlib.suppress(httpx.TransportError):
+            replies.append(await http.post(f"{app.url}/videos/generate", json=job(i)))
+
+    for i in range(n):
+        tg.start_soon(generate, i)
+    await emu.wait_until(lambda: emu.tasks_created == n, timeout=60)
+    return replies
+
+
+async def test_sigterm_with_requests_in_flight_exits_in_the_grace_and_a_restart_finds_them(
+    tmp_path: Path,
+) -> None:
+    async with Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu:
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    replies = await _generate_in_flight(app, emu, http, 20, tg)
+                    app.proc.send_signal(signal.SIGTERM)
+                    with anyio.fail_after(GRACE + 5):  # the grace, and the interpreter's exit
+                        await app.proc.wait()
+            # a clean exit; recent uvicorn raises the signal it caught again once it has shut
+            # down, so that the parent sees the process end by SIGTERM, as it asked
+            assert app.proc.returncode in (0, -signal.SIGTERM), app.stderr
+            assert "Application shutdown complete." in app.stderr
+            assert "Traceback" not in app.stderr and "ERROR" not in app.stderr, app.stderr
+            # every request in flight was answered: 503 with its task id, to ask for later
+            assert len(replies) == 20
+            assert {r.status_code for r in replies} == {503}
+            answered = {r.json()["task_id"] for r in replies}
+            assert answered == set(emu.task_ids())
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            found = (await http.get(f"{app.url}/videos/unfinished")).json()
+            assert found["count"] == emu.tasks_created == 20
+            assert {t["task_id"] for t in found["tasks"]} == set(emu.task_ids())
+
+
+async def test_sigkill_mid_load_then_a_restart_finds_every_billed_task(tmp_path: Path) -> None:
+    async with Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu:
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    await _generate_in_flight(app, emu, http, 30, tg)
+                    app.proc.kill()
+                    await app.proc.wait()
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            found = (await http.get(f"{app.url}/videos/unfinished")).json()
+            assert found["count"] == emu.tasks_created == 30

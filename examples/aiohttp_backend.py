@@ -1,0 +1,101 @@
+"""A web backend that shares ONE client for its whole lifetime (aiohttp.web).
+
+    POST /videos   {"model": "...", "prompt": "...", ...}  -> 202 {"task_id": "..."}
+    GET  /videos/{task_id}                                  -> {"status", "progress", "video_urls"}
+
+Every request handler uses the same ``AsyncApimart``: one connection pool, one shared poller,
+one client-wide back-off when the service says 429. Run it against the built-in emulator:
+
+    python examples/aiohttp_backend.py --emulate       # then: curl -XPOST localhost:8080/videos ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+import apimart_async as am
+from apimart_async.emulator import Emulator
+
+CLIENT = web.AppKey("apimart_client", am.AsyncApimart)
+
+
+def create_app(*, api_key: str | None = None, base_url: str | None = None) -> web.Application:
+    app = web.Application()
+
+    async def client_lifetime(app: web.Application) -> AsyncIterator[None]:
+        async with am.AsyncApimart(api_key, base_url=base_url) as client:
+            app[CLIENT] = client
+            yield
+
+    app.cleanup_ctx.append(client_lifetime)
+    app.router.add_post("/videos", create_video)
+    app.router.add_get("/videos/{task_id}", video_status)
+    return app
+
+
+async def create_video(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        video = am.VideoRequest.from_dict(body)
+    except ValueError as exc:  # bad JSON, or a ValidationError naming the field and the rule
+        return web.json_response({"error": str(exc)}, status=422)
+    try:
+        task_id = await request.app[CLIENT].videos.submit(video)
+    except am.APIStatusError as exc:
+        return web.json_response(
+            {"error": exc.message}, status=502 if exc.status >= 500 else exc.status
+        )
+    except am.ApimartError as exc:
+        return web.json_response({"error": str(exc)}, status=502)
+    return web.json_response({"task_id": task_id}, status=202)
+
+
+async def video_status(request: web.Request) -> web.Response:
+    try:
+        task = await request.app[CLIENT].tasks.get(request.match_info["task_id"])
+    except am.NotFoundError:
+        return web.json_response({"error": "no such task"}, status=404)
+    except am.ApimartError as exc:
+        return web.json_response({"error": str(exc)}, status=502)
+    return web.json_response(
+        {
+            "status": task.status.value,
+            "progress": task.progress,
+            "video_urls": task.video_urls,
+            "error": task.error.message if task.error else None,
+        }
+    )
+
+
+async def main_emulated(port: int) -> None:
+    async with Emulator() as emu:
+        runner = web.AppRunner(create_app(api_key=emu.api_key, base_url=emu.base_url))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print(f"backend on http://127.0.0.1:{port} (emulator at {emu.base_url}); Ctrl-C to stop")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--emulate", action="store_true")
+    parser.add_argument("--port", type=int, default=8080)
+    ns = parser.parse_args()
+    if not ns.emulate and not os.environ.get("APIMART_API_KEY"):
+        parser.error("set APIMART_API_KEY to your key, or use --emulate")
+    if ns.emulate:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main_emulated(ns.port))
+    else:
+        web.run_app(create_app(), port=ns.port)

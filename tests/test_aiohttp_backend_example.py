@@ -1,0 +1,51 @@
+"""The aiohttp.web backend example: one client shared by every request, against the emulator."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from apimart_async.emulator import Emulator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from aiohttp_backend import create_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_submit_and_status_through_the_backend() -> None:
+    async with Emulator(frozen_clock=True, task_duration=10.0) as emu:
+        app = create_app(api_key=emu.api_key, base_url=emu.base_url)
+        async with TestClient(TestServer(app)) as http:
+            ids = []
+            for prompt in ("a cat", "a dog"):
+                resp = await http.post(
+                    "/videos", json={"model": "sora-2-preview", "prompt": prompt}
+                )
+                assert resp.status == 202
+                ids.append((await resp.json())["task_id"])
+            resp = await http.post("/videos", json={"model": "sora-2-preview", "duration": 5})
+            assert resp.status == 422
+            assert (
+                "duration: sora-2-preview takes only 4, 8 or 12 seconds, got 5"
+                in (await resp.json())["error"]
+            )
+            # an untrusted body that is not a request: 422 naming the field, never a 500
+            # (issue 21: "extra": 5 raised TypeError inside from_dict)
+            for bad, field in (
+                ({"model": "sora-2-preview", "prompt": "x", "extra": 5}, "extra"),
+                ([1, 2], "request"),
+                ({"model": ["sora-2-preview"], "prompt": "x"}, "model"),
+            ):
+                resp = await http.post("/videos", json=bad)
+                assert resp.status == 422, bad
+                assert (await resp.json())["error"].startswith(f"{field}: "), bad
+            emu.advance(10)
+            for task_id in ids:
+                body = await (await http.get(f"/videos/{task_id}")).json()
+                assert body["status"] == "completed" and body["video_urls"]
+            assert (await http.get("/videos/task_nope")).status == 404
+        assert emu.tasks_created == 2
