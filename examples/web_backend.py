@@ -242,7 +242,7 @@ def create_app(
         app.state.stopping = asyncio.Event()
         app.state.lag = LagMonitor()
         lag_task = asyncio.get_running_loop().create_task(app.state.lag.run(), name="lag")
-        folder.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
         async with am.AsyncApimart(
             api_key, base_url=base_url, poll=policy, journal=journal
         ) as client:
@@ -468,7 +468,7 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-async def serve(app: FastAPI, host: str, port: int, grace: float) -> None:
+async def serve(app: FastAPI, host: str, port: int, grace: int) -> None:
     """Serve ``app`` until SIGINT or SIGTERM; prints ``{"url": ...}`` once listening."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--journal", help="the client's journal (default apimart-web.sqlite)")
     parser.add_argument("--batch-dir", help="the batches' inputs and journals (default batches/)")
     parser.add_argument(
-        "--grace", type=float, default=10.0, help="seconds a shutdown waits (default 10)"
+        "--grace", type=int, default=10, help="seconds a shutdown waits (default 10)"
     )
     parser.add_argument(
         "--poll-lag", type=float, default=1.0, help="PollPolicy.target_lag (default 1 s)"

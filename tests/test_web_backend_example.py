@@ -29,7 +29,7 @@ pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "web_backend.py"
-GRACE = 5.0
+GRACE = 5
 
 
 class Backend:
@@ -225,7 +225,7 @@ async def test_a_batch_whose_submits_are_all_refused_gives_one_outcome_per_job(
         )
         assert reply.status_code == 202
         with anyio.fail_after(60):
-            while (body := (await http.get(f"{app.url}/batches/refused")).json())["running"]:
+            while (body := (await http.get(f"{app.url}/batches/refused")).json())["running"]:  # noqa: ASYNC110 (another process)
                 await anyio.sleep(0.05)
         outcomes = body["outcomes"]
         assert sorted(o["index"] for o in outcomes) == list(range(6))
