@@ -49,7 +49,7 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, TypeVar
@@ -238,7 +238,7 @@ def create_app(
     folder = Path(batch_dir)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncGenerator[None, None]:
         app.state.stopping = asyncio.Event()
         app.state.lag = LagMonitor()
         lag_task = asyncio.get_running_loop().create_task(app.state.lag.run(), name="lag")
