@@ -23,6 +23,12 @@ Scenarios:
 5. Gallery: the ``index.html`` of a 1,000-job batch (real video files beside it): its size,
    the time to render it in Python, and the time headless Chromium takes to load and paint it
    (needs ``chromium``; ``tests/ci_setup_browser.sh``).
+6. Web: the reference app (``examples/web_backend.py``, FastAPI) under uvicorn in its own
+   process, one replica: 500 concurrent requests that each await a generation, while a
+   background batch replays a journal of 20,000 finished jobs; the app's event-loop lag (p99,
+   max), status requests per awaited job, every request with its own task. Then the app is
+   SIGKILLed mid-load and restarted on the same journal: the billed tasks it finds
+   (``GET /videos/unfinished``) against the tasks created at the emulator.
 
 ``--only NAME`` runs one scenario and merges its figures into the results already in ``--out``.
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import importlib.resources
 import json
@@ -40,6 +47,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +69,11 @@ FULL = {
     "download_reps": 5,
     "gallery_jobs": 1000,
     "gallery_reps": 9,
+    "web_requests": 500,
+    "web_replay_jobs": 20_000,
+    "web_killed_requests": 200,
+    "web_arrival_s": 2.0,
+    "web_durations": "4-8",
 }
 QUICK = {
     "poll_jobs": 100,
@@ -74,6 +87,11 @@ QUICK = {
     "download_reps": 3,
     "gallery_jobs": 1000,
     "gallery_reps": 2,
+    "web_requests": 60,
+    "web_replay_jobs": 600,
+    "web_killed_requests": 20,
+    "web_arrival_s": 0.3,
+    "web_durations": "1-2",
 }
 CONCURRENCY = 64
 
@@ -95,6 +113,11 @@ FLAT_RSS_MB = 16.0
 # -- targets (issue 17) --
 GALLERY_BYTES = 1_000_000
 GALLERY_RENDER_S = 1.0
+# -- targets (issue 21) --
+#: No stretch of work may hold the web app's event loop longer than this (p99 and max of a
+#: 5 ms sleep's lateness, during the awaiting requests and the journal replay).
+WEB_LAG_MS = 20.0
+WEB_REQ_PER_JOB = 3.0
 
 
 async def worker(kind: str, emu: dict[str, Any], *args: str) -> dict[str, Any]:
@@ -381,6 +404,213 @@ async def gallery(cfg: dict[str, Any]) -> dict[str, Any]:
         return result
 
 
+# -- 6. web ------------------------------------------------------------------------------------
+
+EXAMPLE = HERE.parent / "examples" / "web_backend.py"
+
+
+@contextlib.asynccontextmanager
+async def web_app(
+    emu: dict[str, Any], folder: Path
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """The reference app under uvicorn in its own process (its journal and batches in
+    ``folder``: the same folder again is a restart); yields its URL and process. Logs go to
+    ``folder/app.log``."""
+    env = {**os.environ, "APIMART_API_KEY": emu["api_key"], "APIMART_BASE_URL": emu["base_url"]}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    args = ["--port", "0", "--journal", str(folder / "client.sqlite")]
+    args += ["--batch-dir", str(folder / "batches"), "--poll-lag", "1"]
+    with open(folder / "app.log", "ab") as logs:  # noqa: ASYNC230 (opened once, at start)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLE),
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=logs,
+        )
+    assert proc.stdout is not None
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        drain = asyncio.get_running_loop().create_task(proc.stdout.read())  # access logs
+        yield json.loads(line)["url"], proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.wait_for(proc.wait(), 60)
+        if drain is not None:
+            await drain
+
+
+async def _prefill_journal(path: Path, jobs: list[am.VideoRequest]) -> None:
+    """A journal of ``jobs``, every one finished (against an emulator of its own)."""
+    async with (
+        emulator_process("--duration", "0") as emu,
+        am.AsyncApimart(emu["api_key"], base_url=emu["base_url"]) as client,
+        client.batch(jobs, journal=path, concurrency=CONCURRENCY) as results,
+    ):
+        ok = sum([outcome.ok async for outcome in results])
+    if ok != len(jobs):
+        raise RuntimeError(f"web: the journal to replay has {ok} of {len(jobs)} jobs completed")
+
+
+async def _until(what: str, check: Any, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := await check()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"web: {what} did not happen in {timeout:g} s")
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def web(cfg: dict[str, Any]) -> dict[str, Any]:
+    import tempfile
+
+    import aiohttp
+
+    n, replayed, killed = cfg["web_requests"], cfg["web_replay_jobs"], cfg["web_killed_requests"]
+    with tempfile.TemporaryDirectory(prefix="apimart-web-") as tmp:
+        folder = Path(tmp)
+        (folder / "batches").mkdir()
+        replay = [am.VideoRequest("sora-2-preview", f"replayed {i}") for i in range(replayed)]
+        log(f"web: a journal of {replayed} finished jobs")
+        await _prefill_journal(folder / "batches" / "replay.sqlite", replay)
+        body = {"name": "replay", "jobs": [job.to_dict() for job in replay]}
+        result: dict[str, Any] = {
+            "requests": n,
+            "replayed_jobs": replayed,
+            "durations_s": cfg["web_durations"],
+        }
+        log(f"web: {n} awaiting requests, the replay at the same time")
+        async with (
+            emulator_process("--duration", cfg["web_durations"], "--seed", "3") as emu,
+            web_app(emu, folder) as (url, _),
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=600),
+            ) as http,
+        ):
+
+            async def get(path: str) -> Any:
+                async with http.get(url + path) as r:
+                    return await r.json()
+
+            async def generate(i: int) -> tuple[int, int, dict[str, Any]]:
+                job = {"model": "sora-2-preview", "prompt": f"request {i}"}
+                async with http.post(url + "/videos/generate", json=job) as r:
+                    return i, r.status, await r.json()
+
+            async def lag(reset: str) -> dict[str, Any]:
+                return dict(await get(f"/debug/metrics?{reset}=true"))
+
+            for _ in range(3):  # warm up: the app's first replies build what they need once
+                await lag("reset_all")
+                await get("/videos/unfinished")
+            await lag("reset_all")
+            started = time.monotonic()
+            requests = []
+            for i in range(n):  # arriving over a few seconds, all in flight together
+                requests.append(asyncio.ensure_future(generate(i)))
+                await asyncio.sleep(cfg["web_arrival_s"] / n)
+
+            async def all_submitted() -> bool:
+                stats = await admin(emu["base_url"], "/_emulator/stats")
+                return bool(stats["tasks_created"] >= n)
+
+            await _until("every submit", all_submitted)
+            arrivals = (await lag("reset_lag"))["loop_lag"]
+            async with http.post(url + "/batches", json=body) as r:
+                if r.status != 202:
+                    raise RuntimeError(f"web: POST /batches answered {r.status}")
+
+            async def replay_done() -> Any:
+                b = await get("/batches/replay?limit=0")
+                return None if b["running"] else b
+
+            batch = await _until("the replay", replay_done)
+            replay_s = time.monotonic() - started
+            during_replay = (await lag("reset_lag"))["loop_lag"]
+            replies = await asyncio.gather(*requests)
+            wall = time.monotonic() - started
+            metrics = await lag("reset_lag")
+            stats = await admin(emu["base_url"], "/_emulator/stats")
+        ok = [(i, reply) for i, status, reply in replies if status == 200]
+        ids = [reply["id"] for _, reply in ok]
+        status_requests = stats["requests"].get("task", 0) + stats["requests"].get("batch", 0)
+        whole = metrics["loop_lag_total"]
+        result.update(
+            {
+                "ok": len(ok),
+                "distinct_tasks": len(set(ids)),
+                "tasks_created": stats["tasks_created"],
+                "duplicate_keys": stats["duplicate_keys"],
+                "status_requests": status_requests,
+                "status_requests_per_job": round(status_requests / n, 3),
+                "arrival_s": cfg["web_arrival_s"],
+                "lag_p99_ms": whole["p99_ms"],
+                "lag_max_ms": whole["max_ms"],
+                "lag_samples": whole["samples"],
+                "arrivals_lag_p99_ms": arrivals["p99_ms"],
+                "arrivals_lag_max_ms": arrivals["max_ms"],
+                "replay_lag_p99_ms": during_replay["p99_ms"],
+                "replay_lag_max_ms": during_replay["max_ms"],
+                "replay_outcomes": batch["outcomes_count"],
+                "replay_replayed": batch["stats"]["replayed"] if batch["stats"] else None,
+                "replay_s": round(replay_s, 1),
+                "wall_s": round(wall, 1),
+            }
+        )
+        result["sigkill"] = await _web_sigkill(folder / "killed", killed)
+    return result
+
+
+async def _web_sigkill(folder: Path, n: int) -> dict[str, Any]:
+    """``n`` awaiting requests; SIGKILL once half the tasks exist; a restart on the same
+    journal: the billed tasks it lists against those created at the emulator."""
+    import aiohttp
+
+    folder.mkdir()  # noqa: ASYNC240 (once, before anything runs)
+    log(f"web: SIGKILL with {n} requests under way, then a restart")
+    async with emulator_process("--mode", "manual") as emu:
+        async with (
+            web_app(emu, folder) as (url, proc),
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+        ):
+
+            async def generate(i: int) -> None:
+                job = {"model": "sora-2-preview", "prompt": f"killed {i}"}
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.post(url + "/videos/generate", json=job) as r:
+                        await r.read()
+
+            requests = [asyncio.ensure_future(generate(i)) for i in range(n)]
+
+            async def half() -> bool:
+                stats = await admin(emu["base_url"], "/_emulator/stats")
+                return bool(stats["tasks_created"] >= n // 2)
+
+            await _until("half the submits", half)
+            proc.kill()  # SIGKILL: no shutdown step runs
+            await proc.wait()
+            await asyncio.gather(*requests)
+        created = (await admin(emu["base_url"], "/_emulator/stats"))["tasks_created"]
+        async with (
+            web_app(emu, folder) as (url, _),
+            aiohttp.ClientSession() as http,
+            http.get(url + "/videos/unfinished") as r,
+        ):
+            found = await r.json()
+    with_id = sum(1 for t in found["tasks"] if t.get("task_id"))
+    return {
+        "requests": n,
+        "tasks_created": created,
+        "unfinished_found": found["count"],
+        "unfinished_with_task_id": with_id,
+    }
+
+
 # -- verdicts, tables, plot --------------------------------------------------------------------
 
 
@@ -473,6 +703,39 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{gal['first_contentful_paint_ms']:g} ms)",
                 slowest < GALLERY_RENDER_S * 1000,
             )
+    w = results["scenarios"].get("web")
+    if w:
+        n = w["requests"]
+        add(
+            f"web: {n} concurrent awaiting requests each get their own task",
+            f"{w['ok']} answered 200, {w['distinct_tasks']} distinct tasks, "
+            f"{w['tasks_created']} created, {w['duplicate_keys']} duplicate keys",
+            w["ok"] == w["distinct_tasks"] == w["tasks_created"] == n,
+        )
+        add(
+            f"web: event-loop lag p99 and max <= {WEB_LAG_MS:g} ms while a journal of "
+            f"{w['replayed_jobs']} jobs replays beside {n} awaiting requests",
+            f"p99 {w['replay_lag_p99_ms']} ms, max {w['replay_lag_max_ms']} ms (whole run: "
+            f"p99 {w['lag_p99_ms']} ms, max {w['lag_max_ms']} ms)",
+            max(w["replay_lag_p99_ms"], w["replay_lag_max_ms"]) <= WEB_LAG_MS,
+        )
+        add(
+            f"web: <= {WEB_REQ_PER_JOB:g} status requests per awaited job",
+            f"{w['status_requests_per_job']}",
+            w["status_requests_per_job"] <= WEB_REQ_PER_JOB,
+        )
+        add(
+            "web: the replay hands out every journalled job",
+            f"{w['replay_outcomes']} of {w['replayed_jobs']}",
+            w["replay_outcomes"] == w["replayed_jobs"],
+        )
+        k = w["sigkill"]
+        add(
+            "web: after a SIGKILL mid-load, a restart finds every billed task",
+            f"{k['unfinished_found']} found ({k['unfinished_with_task_id']} with their task id), "
+            f"{k['tasks_created']} created at the emulator",
+            k["unfinished_found"] == k["tasks_created"],
+        )
     return out
 
 
@@ -686,6 +949,55 @@ def report(results: dict[str, Any], plot: str | None) -> str:
                 f"Page {g['page_bytes']} bytes, Python render {g['python_render_ms']} ms; "
                 "no Chromium on this machine, so no browser figures."
             ]
+    if "web" in sc:
+        w = sc["web"]
+        k = w["sigkill"]
+        parts += [
+            "",
+            f"## 6. Web: {w['requests']} awaiting requests on one replica, with a journal replay "
+            f"of {w['replayed_jobs']} jobs",
+            "",
+            "The reference app (`examples/web_backend.py`, FastAPI) under uvicorn in its own "
+            "process, `PollPolicy(target_lag=1)`, against an emulator in another (jobs of "
+            f"{w['durations_s']} s, batch status route on). The requests arrive over "
+            f"{w['arrival_s']:g} s and each awaits its generation (`POST /videos/generate`); once every task exists, "
+            "`POST /batches` starts a batch over a journal in which every job finished "
+            "(`replay_finished`). Lag: how late a 5 ms sleep in the app wakes up (the app's, "
+            "FastAPI's and uvicorn's work included, not only the SDK's): while the requests "
+            "arrive, while the journal replays (the awaiting requests polled meanwhile), and "
+            f"over the whole run. Then {k['requests']} awaiting requests, a SIGKILL once half "
+            "their tasks exist, and a restart on the same journal: `GET /videos/unfinished` "
+            "against the tasks created at the emulator.",
+            "",
+            _table(
+                [
+                    "requests",
+                    "answered 200 / distinct tasks / created",
+                    "status requests / job",
+                    "lag p99 / max (ms): arrivals",
+                    "replay",
+                    "whole run",
+                    "replayed outcomes",
+                    "replay (s)",
+                    "wall (s)",
+                    "after SIGKILL: found / created",
+                ],
+                [
+                    [
+                        w["requests"],
+                        f"{w['ok']} / {w['distinct_tasks']} / {w['tasks_created']}",
+                        w["status_requests_per_job"],
+                        f"{w['arrivals_lag_p99_ms']} / {w['arrivals_lag_max_ms']}",
+                        f"{w['replay_lag_p99_ms']} / {w['replay_lag_max_ms']}",
+                        f"{w['lag_p99_ms']} / {w['lag_max_ms']}",
+                        w["replay_outcomes"],
+                        w["replay_s"],
+                        w["wall_s"],
+                        f"{k['unfinished_found']} / {k['tasks_created']}",
+                    ]
+                ],
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -729,6 +1041,7 @@ SCENARIOS = {
     "scale": scale,
     "downloads": downloads,
     "gallery": gallery,
+    "web": web,
 }
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -142,8 +141,7 @@ class Batches:
         """Start every batch of ``folder`` again (the startup step)."""
         for path in sorted(self.folder.glob("*.jobs.json")):
             name = path.name.removesuffix(".jobs.json")
-            text = await anyio.Path(path).read_text()
-            self.start(name, [am.VideoRequest.from_dict(job) for job in json.loads(text)])
+            self.start(name, await anyio.to_thread.run_sync(_read_jobs, path))
 
     async def _run(self, name: str, jobs: list[am.VideoRequest]) -> None:
         kept = self.outcomes[name]
@@ -177,20 +175,33 @@ class Batches:
 
 class LagMonitor:
     """How late a 5 ms sleep wakes up: what every request on this replica waits on top of its
-    own work when something holds the event loop."""
+    own work when something holds the event loop. Two windows: since the last ``reset()``
+    (``window``) and since the last ``reset(everything=True)`` (``total``)."""
 
     def __init__(self) -> None:
-        self.samples: collections.deque[float] = collections.deque(maxlen=200_000)
+        self.window: list[float] = []
+        self.total: list[float] = []
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             start = loop.time()
             await asyncio.sleep(0.005)
-            self.samples.append(loop.time() - start - 0.005)
+            late = loop.time() - start - 0.005
+            self.window.append(late)
+            self.total.append(late)
+            if len(self.total) > 1_000_000:  # about 1.5 hours: keep the memory bounded
+                del self.total[:500_000]
+                del self.window[: max(0, len(self.window) - 500_000)]
 
-    def figures(self) -> dict[str, Any]:
-        ordered = sorted(self.samples)
+    def reset(self, *, everything: bool = False) -> None:
+        self.window = []
+        if everything:
+            self.total = []
+
+    @staticmethod
+    def figures(samples: list[float]) -> dict[str, Any]:
+        ordered = sorted(samples)
         if not ordered:
             return {"samples": 0, "p99_ms": None, "max_ms": None}
         p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
@@ -274,8 +285,10 @@ def get_client(request: Request) -> am.AsyncApimart:
 async def json_body(request: Request) -> Any:
     """The request's body as JSON, whatever its Content-Type says (422 naming it if not)."""
     raw = await request.body()
-    try:
-        return json.loads(raw)
+    try:  # a large body is parsed on a worker thread: the event loop serves everyone else
+        return (
+            json.loads(raw) if len(raw) < 65536 else await anyio.to_thread.run_sync(json.loads, raw)
+        )
     except ValueError:
         text = raw[:80].decode(errors="replace")
         raise am.ValidationError([am.FieldError("request", "must be JSON", text)]) from None
@@ -371,19 +384,24 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/batches", status_code=202)
     async def start_batch(request: Request, body: JsonBody) -> dict[str, Any]:
         batches: Batches = request.app.state.batches
-        name, jobs = _batch_input(body)
+        # thousands of jobs take a while to check: on a worker thread, as their file is written
+        name, jobs = await anyio.to_thread.run_sync(_batch_input, body)
         if batches.running(name):
             raise am.ValidationError(
                 [am.FieldError("name", "a batch of this name is running", name)]
             )
         # the input first, so that a restart can resume the batch with the same journal
-        text = json.dumps([job.to_dict() for job in jobs])
-        await anyio.Path(batches.folder / f"{name}.jobs.json").write_text(text)
+        await anyio.to_thread.run_sync(_write_jobs, batches.folder / f"{name}.jobs.json", jobs)
         batches.start(name, jobs)
         return {"name": name, "jobs": len(jobs)}
 
     @app.get("/batches/{name}", response_model=None)
-    async def batch_status(request: Request, name: str) -> dict[str, Any] | JSONResponse:
+    async def batch_status(
+        request: Request,
+        name: str,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=0, le=1000)] = 100,
+    ) -> dict[str, Any] | JSONResponse:
         batches: Batches = request.app.state.batches
         if name not in batches.outcomes:
             return JSONResponse(
@@ -395,19 +413,25 @@ def _add_routes(app: FastAPI) -> None:
             "running": batches.running(name),
             "stats": handle.stats().to_dict() if handle is not None else None,
             "error": batches.errors.get(name),
-            "outcomes": batches.outcomes[name],
+            "outcomes_count": len(batches.outcomes[name]),
+            "outcomes": batches.outcomes[name][offset : offset + limit],
         }
 
     @app.get("/debug/metrics")
-    async def metrics(request: Request, client: Client, reset_lag: bool = False) -> dict[str, Any]:
+    async def metrics(
+        request: Request, client: Client, reset_lag: bool = False, reset_all: bool = False
+    ) -> dict[str, Any]:
+        """Debugging figures (keep this route private): ``loop_lag`` since the last
+        ``?reset_lag=true``, ``loop_lag_total`` since the last ``?reset_all=true``."""
         lag: LagMonitor = request.app.state.lag
-        figures = lag.figures()
-        if reset_lag:
-            lag.samples.clear()
+        window, total = lag.figures(lag.window), lag.figures(lag.total)
+        if reset_lag or reset_all:
+            lag.reset(everything=reset_all)
         return {
             "asyncio_tasks": len(asyncio.all_tasks()),
             "requests_in_flight": request.app.state.in_flight - 1,  # not this one
-            "loop_lag": figures,
+            "loop_lag": window,
+            "loop_lag_total": total,
             "sdk_requests": client.request_counts(),
         }
 
@@ -429,6 +453,14 @@ def _not_waiting(reason: str, task_id: str | None) -> JSONResponse:
         status_code=503,
         headers={"Retry-After": "5"},
     )
+
+
+def _write_jobs(path: Path, jobs: list[am.VideoRequest]) -> None:
+    path.write_text(json.dumps([job.to_dict() for job in jobs]))
+
+
+def _read_jobs(path: Path) -> list[am.VideoRequest]:
+    return [am.VideoRequest.from_dict(job) for job in json.loads(path.read_text())]
 
 
 def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:

@@ -34,7 +34,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True
     scenarios = results["scenarios"]
-    assert set(scenarios) == {"polling", "overhead", "scale", "downloads", "gallery"}
+    assert set(scenarios) == {"polling", "overhead", "scale", "downloads", "gallery", "web"}
 
     polling = scenarios["polling"]["runs"]
     jobs = scenarios["polling"]["jobs"]
@@ -77,6 +77,13 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     if gallery["browser"] is not None:  # figures from Chromium where it is installed
         assert gallery["load_ms"] > 0 and gallery["videos_in_place_at_load"] > 0
 
+    web = scenarios["web"]  # the reference app under uvicorn (issue 21)
+    assert web["ok"] == web["distinct_tasks"] == web["tasks_created"] == web["requests"]
+    assert web["replay_outcomes"] == web["replayed_jobs"]
+    assert web["lag_samples"] > 0 and web["status_requests"] > 0
+    killed = web["sigkill"]
+    assert killed["unfinished_found"] == killed["tasks_created"] > 0
+
     targets = results["targets"]
     assert len(targets) >= 12
     assert all(isinstance(t["met"], bool) and t["measured"] for t in targets)
@@ -88,6 +95,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "## 3. Scale",
         "## 4. Downloads",
         "## 5. Gallery",
+        "## 6. Web",
     ):
         assert heading in text
     if importlib.util.find_spec("matplotlib") is not None:  # the bench and dev extras
