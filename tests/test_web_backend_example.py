@@ -344,3 +344,27 @@ async def test_sigkill_mid_load_then_a_restart_finds_every_billed_task(tmp_path:
         async with backend(emu, tmp_path) as app, http_client() as http:
             found = (await http.get(f"{app.url}/videos/unfinished")).json()
             assert found["count"] == emu.tasks_created == 30
+
+
+async def test_a_batch_cut_short_by_a_crash_resumes_on_startup_paying_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    async with Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu:
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            jobs = [job(i) for i in range(4)]
+            reply = await http.post(f"{app.url}/batches", json={"name": "nightly", "jobs": jobs})
+            assert reply.status_code == 202
+            await emu.wait_until(lambda: emu.tasks_created == 4, timeout=30)
+            app.proc.kill()  # a crash: no shutdown step runs
+            with anyio.fail_after(30):
+                await app.proc.wait()
+        created = set(emu.task_ids())
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            emu.complete_all()
+            with anyio.fail_after(60):
+                while (body := (await http.get(f"{app.url}/batches/nightly")).json())["running"]:  # noqa: ASYNC110 (another process)
+                    await anyio.sleep(0.05)
+        assert sorted(o["index"] for o in body["outcomes"]) == [0, 1, 2, 3]
+        assert all(o["ok"] for o in body["outcomes"])
+        assert {o["task_id"] for o in body["outcomes"]} == created
+        assert emu.tasks_created == 4  # resumed: nothing submitted twice
