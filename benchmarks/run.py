@@ -435,6 +435,11 @@ async def web_app(
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         drain = asyncio.get_running_loop().create_task(proc.stdout.read())  # access logs
         yield json.loads(line)["url"], proc
+    except BaseException:
+        if proc.returncode not in (None, -9):  # it ended on its own: say how
+            log(f"web: the app exited with {proc.returncode}; its log ends with:")
+            log((folder / "app.log").read_text(errors="replace")[-3000:])
+        raise
     finally:
         if proc.returncode is None:
             proc.terminate()

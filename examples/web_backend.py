@@ -260,6 +260,7 @@ def create_app(
             api_key, base_url=base_url, poll=policy, journal=journal
         ) as client:
             app.state.client = client
+            await settle_lost_replies(client)
             app.state.batches = Batches(client, folder)
             await app.state.batches.resume_all()
             try:
@@ -276,6 +277,17 @@ def create_app(
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
     return app
+
+
+async def settle_lost_replies(client: am.AsyncApimart) -> None:
+    """After a crash: the submits whose reply never arrived get their task id (sent again with
+    the same idempotency key, the service answers with the task the first POST created)."""
+    for item in await client.tasks.unfinished():
+        if item.task_id is None:
+            try:
+                logger.info("recovered task %s", await client.tasks.recover(item))
+            except am.ApimartError as exc:
+                logger.warning("could not recover a submit of an earlier run: %s", exc)
 
 
 def get_client(request: Request) -> am.AsyncApimart:
