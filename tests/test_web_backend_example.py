@@ -7,6 +7,7 @@ them. Every wait is bounded (``fail_after``) so that a bug fails instead of hang
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -289,6 +290,15 @@ def test_the_status_table() -> None:
         assert web_backend.http_status(exc) == code, exc
     assert web_backend.http_status(am.APIConnectionError("unreachable")) == 502
     assert web_backend.http_status(am.APITimeoutError("slow")) == 504
+    # a 429 tells the caller when to come back, as the service told us
+    limited = am.RateLimitError("slow down", status=429, retry_after=3.2)
+    reply = asyncio.run(web_backend.on_sdk_error(None, limited))  # type: ignore[arg-type]
+    assert reply.status_code == 429 and reply.headers["Retry-After"] == "3"
+    assert json.loads(reply.body)["error"] == {
+        "type": "RateLimitError",
+        "message": str(limited),
+        "status": 429,
+    }
 
 
 async def _generate_in_flight(
