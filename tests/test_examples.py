@@ -119,7 +119,12 @@ def test_my_app_example_runs_with_the_packaged_fixtures() -> None:
 def test_the_real_service_without_a_key_is_a_usage_error_not_a_traceback() -> None:
     """``--real`` (or web_backend without ``--emulate``) and no APIMART_API_KEY: the example
     says what to do and exits 2 before it starts anything."""
-    for args in (["quickstart.py", "--real"], ["batch_to_disk.py", "--real"], ["web_backend.py"]):
+    for args in (
+        ["quickstart.py", "--real"],
+        ["batch_to_disk.py", "--real"],
+        ["web_backend.py"],
+        ["aiohttp_backend.py"],
+    ):
         proc = run_example(str(ROOT / "examples" / args[0]), *args[1:])
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr, args
