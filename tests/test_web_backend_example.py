@@ -52,29 +52,17 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
-async def backend(emu: Emulator, folder: Path) -> AsyncIterator[Backend]:
+async def backend(emu: Emulator | None, folder: Path) -> AsyncIterator[Backend]:
     """The example under uvicorn, on a free port, with its journal and batches in ``folder``
-    (the same folder again is a restart)."""
-    env = {
-        **os.environ,
-        "APIMART_API_KEY": emu.api_key,
-        "APIMART_BASE_URL": emu.base_url,
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [
-        sys.executable,
-        str(EXAMPLE),
-        "--port",
-        "0",
-        "--journal",
-        str(folder / "client.sqlite"),
-        "--batch-dir",
-        str(folder / "batches"),
-        "--poll-lag",
-        "0.05",
-        "--grace",
-        str(GRACE),
-    ]
+    (the same folder again is a restart); without ``emu``, its own (``--emulate``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(EXAMPLE), "--port", "0", "--grace", str(GRACE)]
+    if emu is None:
+        cmd.append("--emulate")
+    else:
+        env.update({"APIMART_API_KEY": emu.api_key, "APIMART_BASE_URL": emu.base_url})
+        cmd += ["--journal", str(folder / "client.sqlite"), "--batch-dir", str(folder / "batches")]
+        cmd += ["--poll-lag", "0.05"]
     out, err = bytearray(), bytearray()
 
     async def drain(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:
@@ -82,7 +70,10 @@ async def backend(emu: Emulator, folder: Path) -> AsyncIterator[Backend]:
             async for chunk in stream:
                 into.extend(chunk)
 
-    async with await anyio.open_process(cmd, env=env) as proc, anyio.create_task_group() as tg:
+    async with (
+        await anyio.open_process(cmd, env=env, cwd=folder) as proc,
+        anyio.create_task_group() as tg,
+    ):
         assert proc.stdout is not None and proc.stderr is not None
         tg.start_soon(drain, proc.stdout, out)
         tg.start_soon(drain, proc.stderr, err)
@@ -378,3 +369,18 @@ async def test_a_batch_cut_short_by_a_crash_resumes_on_startup_paying_nothing_tw
         assert all(o["ok"] for o in body["outcomes"])
         assert {o["task_id"] for o in body["outcomes"]} == created
         assert emu.tasks_created == 4  # resumed: nothing submitted twice
+
+
+async def test_emulate_mode_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """``python examples/web_backend.py --emulate``: no key, its own emulator."""
+    async with backend(None, tmp_path) as app, http_client() as http:
+        reply = await http.post(f"{app.url}/videos", json=job(0))
+        assert reply.status_code == 202
+        task = (await http.get(f"{app.url}/videos/{reply.json()['task_id']}")).json()
+        assert task["status"] in ("submitted", "pending", "processing", "completed")
+        app.proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(GRACE + 10):
+            await app.proc.wait()
+    assert app.proc.returncode == 0, app.stderr
+    assert "Traceback" not in app.stderr
+    assert list(tmp_path.iterdir()) == []  # its journal was in a temporary folder
