@@ -436,9 +436,11 @@ async def web_app(
         drain = asyncio.get_running_loop().create_task(proc.stdout.read())  # access logs
         yield json.loads(line)["url"], proc
     except BaseException:
-        if proc.returncode not in (None, -9):  # it ended on its own: say how
-            log(f"web: the app exited with {proc.returncode}; its log ends with:")
-            log((folder / "app.log").read_text(errors="replace")[-3000:])
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), 2)
+        if proc.returncode != -9:  # not our SIGKILL: say what happened
+            log(f"web: the app's exit status {proc.returncode}; its log ends with:")
+            log((folder / "app.log").read_text(errors="replace")[-4000:])
         raise
     finally:
         if proc.returncode is None:
@@ -492,8 +494,10 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
         async with (
             emulator_process("--duration", cfg["web_durations"], "--seed", "3") as emu,
             web_app(emu, folder) as (url, _),
+            # one connection per request: a kept-alive one that uvicorn closes after 5 s idle
+            # can be picked again in that instant (a reset, nothing to do with the app)
             aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
                 timeout=aiohttp.ClientTimeout(total=600),
             ) as http,
         ):
