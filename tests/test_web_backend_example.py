@@ -96,7 +96,11 @@ async def backend(emu: Emulator | None, folder: Path) -> AsyncIterator[Backend]:
 def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(60.0),
-        limits=httpx.Limits(max_connections=400, max_keepalive_connections=400),
+        # idle connections dropped well before uvicorn's 5 s keep-alive closes them (reusing
+        # one in that instant is a reset that has nothing to do with the app)
+        limits=httpx.Limits(
+            max_connections=400, max_keepalive_connections=400, keepalive_expiry=1.0
+        ),
     )
 
 
