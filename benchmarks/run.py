@@ -569,6 +569,8 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
                 "replay_replayed": batch["stats"]["replayed"] if batch["stats"] else None,
                 "replay_s": round(replay_s, 1),
                 "wall_s": round(wall, 1),
+                # the lag is the app process's: other work on the machine delays it too
+                "load_average": round(os.getloadavg()[1], 2),
             }
         )
         result["sigkill"] = await _web_sigkill(folder / "killed", killed)
@@ -980,7 +982,9 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             "(`replay_finished`). Lag: how late a 5 ms sleep in the app wakes up (the app's, "
             "FastAPI's and uvicorn's work included, not only the SDK's): while the requests "
             "arrive, while the journal replays (the awaiting requests polled meanwhile), and "
-            f"over the whole run. Then {k['requests']} awaiting requests, a SIGKILL once half "
+            f"over the whole run (load average {w.get('load_average', '?')} over the 5 minutes "
+            f"before its end, on {results['machine']['cpus']} CPUs). Then {k['requests']} "
+            "awaiting requests, a SIGKILL once half "
             "their tasks exist, and a restart on the same journal: `GET /videos/unfinished` "
             "against the tasks created at the emulator.",
             "",
