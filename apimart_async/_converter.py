@@ -16,7 +16,7 @@ from cattrs.gen import make_dict_structure_fn
 
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
 from ._json import is_array, is_object
-from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video
+from ._models import Balance, Task, TaskError, TaskStatus, UploadedImage, Video, _url_error
 
 __all__ = [
     "load_json",
@@ -311,6 +311,10 @@ def parse_upload(body: bytes, *, status: int | None = None) -> UploadedImage:
         payload = payload["data"]
     if not is_object(payload) or not isinstance(payload.get("url"), str):
         raise _rve("cannot read upload reply: no url", body, status)
+    # a URL a request cannot carry (empty, relative, another scheme) is a bad reply, retried
+    # like one: a batch would send it in place of a file, and keep it in the journal
+    if (rule := _url_error(payload["url"])) is not None:
+        raise _rve(f"cannot read upload reply: url {rule}", body, status)
     return _structure(payload, UploadedImage, "upload reply", body, status)
 
 

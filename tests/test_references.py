@@ -611,6 +611,33 @@ async def test_an_upload_whose_reply_is_lost_leaves_an_orphan_never_a_broken_job
     assert url.startswith(upload_prefix(emu))  # every job names the upload that answered
 
 
+@pytest.mark.parametrize("url", ["", "uploads/img_1.png", "/etc/passwd", "ftp://cdn.example/a.png"])
+async def test_an_upload_reply_without_an_http_url_is_a_bad_reply_never_sent_or_kept(
+    tmp_path: Path, emu: Emulator, client: am.AsyncApimart, url: str
+) -> None:
+    """An upload reply whose ``url`` is no http(s) URL is a bad reply: the job ends with an
+    UploadError naming the file, and the next job uploads again. Taken as the URL, it failed
+    the job with a ValidationError about a "local file" and was kept in the journal: every job
+    needing the file failed the same way for 72 h, in this run and the next."""
+    path = image(tmp_path, "a.png", 1)
+    journal = tmp_path / "run.sqlite"
+    emu.faults.inject("upload", Fault.reply(200, {"url": url}), times=1)
+
+    async def run(n: int) -> list[am.Outcome]:
+        jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(n)]
+        async with client.batch(jobs, concurrency=1, journal=journal, media_root=tmp_path) as res:
+            return sorted(await drain(res), key=lambda o: o.index)
+
+    first = await run(2)
+    assert isinstance(first[0].error, am.UploadError)
+    assert first[0].error.path == str(path) and "upload reply: url" in str(first[0].error)
+    assert first[1].ok, first[1].error
+    assert [o.error for o in await run(4)] == [None] * 4  # the errored job is sent again
+    assert emu.counters["upload"] == 2  # the bad reply, then the next job's upload
+    assert emu.counters["submit"] == 4 and emu.tasks_created == 4
+    assert_sent_urls_only(emu)
+
+
 def test_the_sync_batch_reports_uploads(tmp_path: Path) -> None:
     path = image(tmp_path, "a.png", 1)
     with start_blocking_portal() as portal:
