@@ -7,8 +7,10 @@ strings are read as numbers. Anything else that does not fit raises
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import cattrs
@@ -315,7 +317,36 @@ def parse_upload(body: bytes, *, status: int | None = None) -> UploadedImage:
     # like one: a batch would send it in place of a file, and keep it in the journal
     if (rule := _url_error(payload["url"])) is not None:
         raise _rve(f"cannot read upload reply: url {rule}", body, status)
-    return _structure(payload, UploadedImage, "upload reply", body, status)
+    # Only the URL is needed: the other fields' shapes are not documented, and one the SDK
+    # does not read (created_at as an ISO 8601 date) must not fail an upload that worked.
+    return UploadedImage(
+        payload["url"],
+        filename=_lenient(_opt_str, payload.get("filename")),
+        content_type=_lenient(_opt_str, payload.get("content_type")),
+        bytes=_lenient(_opt_int, payload.get("bytes")),
+        created_at=_lenient(_unix_seconds, payload.get("created_at")),
+    )
+
+
+def _lenient(hook: Callable[[Any, Any], T | None], value: Any) -> T | None:
+    """``hook(value)``, or None when the value has another shape."""
+    try:
+        return hook(value, None)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _unix_seconds(value: Any, _: Any) -> int | None:
+    """A time as Unix seconds: a number, or an ISO 8601 date (UTC unless it says)."""
+    try:
+        return _opt_int(value, None)
+    except ValueError:
+        if not isinstance(value, str):
+            raise
+    when = datetime.datetime.fromisoformat(value.strip())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return round(when.timestamp())
 
 
 def structure_task(data: Any) -> Task:

@@ -494,8 +494,7 @@ class References:
             raise
         finally:
             self.stats.uploading -= 1
-        created = float(reply.created_at) if reply.created_at is not None else self._wall()
-        entry = CachedUpload(digest, reply.url, created + UPLOAD_TTL, len(data))
+        entry = CachedUpload(digest, reply.url, _expiry(reply.created_at, self._wall()), len(data))
         self._urls[digest] = entry
         self._earlier.discard(digest)
         self.stats.uploaded += 1
@@ -578,6 +577,16 @@ class References:
                     self._earlier.add(entry.sha256)
                     self._remembered[entry.url] = entry.sha256
             self._loaded = True
+
+
+def _expiry(created_at: int | None, now: float) -> float:
+    """When an upload's URL stops working: ``UPLOAD_TTL`` after the reply's ``created_at``. A
+    time that cannot be the upload's (ahead of our clock, so milliseconds or a clock far ahead;
+    or older than a URL lives) counts from now: it would keep the URL past its end, or make
+    every job upload the file again."""
+    if created_at is None or not now - UPLOAD_TTL < created_at <= now:
+        return now + UPLOAD_TTL
+    return created_at + UPLOAD_TTL
 
 
 def _read_regular(path: Path) -> bytes | None:

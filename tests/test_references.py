@@ -10,6 +10,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -636,6 +637,47 @@ async def test_an_upload_reply_without_an_http_url_is_a_bad_reply_never_sent_or_
     assert emu.counters["upload"] == 2  # the bad reply, then the next job's upload
     assert emu.counters["submit"] == 4 and emu.tasks_created == 4
     assert_sent_urls_only(emu)
+
+
+@pytest.mark.parametrize("created_at", ["ISO 8601", "milliseconds", "zero", "a month ahead"])
+async def test_an_upload_time_in_another_shape_neither_fails_the_upload_nor_pins_its_url(
+    tmp_path: Path, created_at: str
+) -> None:
+    """The upload reply's ``created_at`` is not documented beyond its name. Read as Unix
+    seconds only, an ISO 8601 date failed every upload (each job an UploadError, an orphan per
+    attempt); milliseconds (or a clock far ahead) kept the URL for ever, so the service refused
+    it after 72 h; 0 made the URL expired at once, so every job uploaded the file again."""
+    path = image(tmp_path, "a.png", 1)
+    journal = tmp_path / "run.sqlite"
+    async with (
+        Emulator(task_duration=0.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+    ):
+        follow_clock(client, emu)
+        now = emu.clock.now()
+        value: object = {
+            "ISO 8601": datetime.fromtimestamp(now, UTC).isoformat(),
+            "milliseconds": int(now * 1000),
+            "zero": 0,
+            "a month ahead": int(now) + 30 * 24 * 3600,
+        }[created_at]
+        reply = {"url": "https://cdn.example/a.png", "created_at": value}
+        emu.faults.inject("upload", Fault.reply(200, reply), times=2)
+
+        async def run(n: int) -> list[am.Outcome]:
+            jobs = [am.VideoRequest("viduq3", f"take {i}", image_urls=[path]) for i in range(n)]
+            async with client.batch(
+                jobs, concurrency=1, journal=journal, media_root=tmp_path
+            ) as res:
+                return await drain(res)
+
+        assert [o.error for o in await run(3)] == [None] * 3
+        assert emu.counters["upload"] == 1
+        assert [o.error for o in await run(6)] == [None] * 6  # 3 replayed, 3 reuse the URL
+        assert emu.counters["upload"] == 1
+        emu.advance(73 * 3600)  # the URL has expired
+        assert [o.error for o in await run(9)] == [None] * 9
+        assert emu.counters["upload"] == 2  # uploaded again, once
 
 
 def test_the_sync_batch_reports_uploads(tmp_path: Path) -> None:

@@ -199,6 +199,17 @@ def test_upload_reply() -> None:
     assert up == am.UploadedImage("https://x/i.png", "i.png", "image/png", 10, 1)
 
 
+def test_an_upload_reply_field_in_another_shape_does_not_fail_the_upload() -> None:
+    """Only ``url`` is needed: ``created_at`` as an ISO 8601 date is read, other shapes of the
+    other fields are dropped (they failed the upload, after it worked)."""
+    iso = conv.parse_upload(b({"url": "https://x/i.png", "created_at": "1970-01-01T00:01:40Z"}))
+    assert iso.created_at == 100
+    odd = conv.parse_upload(
+        b({"url": "https://x/i.png", "created_at": "soon", "bytes": "12 KB", "filename": []})
+    )
+    assert odd == am.UploadedImage("https://x/i.png")
+
+
 # -- fuzz: any bytes, any JSON: a typed result or ResponseValidationError, nothing else ----------
 
 json_values = st.recursive(
