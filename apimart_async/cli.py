@@ -32,7 +32,8 @@ from apimart_async.emulator import Emulator
 from ._errors import UsageError as UsageError
 from ._jobsfile import _check_keys as check_keys
 from ._journal import RunLock
-from ._json import is_object
+from ._json import is_array, is_object
+from ._references import _canonical_hash as canonical_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -602,11 +603,12 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             progress.uploads = results.uploads
             async for outcome in results:
                 if isinstance(outcome.error, am.JournalMismatchError):
-                    line = jobs[outcome.index].line if outcome.index < len(jobs) else "?"
+                    line = jobs[outcome.index] if outcome.index < len(jobs) else None
+                    what = _changed_text(line, records.get(outcome.index))
                     ui.line(
-                        f"error: {args.jobs}:{line}: this line changed since the journal"
-                        " recorded it, and its job already has a task; restore the line, or"
-                        " use another --journal to run it as a new job",
+                        f"error: {args.jobs}:{line.line if line else '?'}: {what}, and its job"
+                        " already has a task; restore it, or use another --journal to run it as"
+                        " a new job",
                         level="error",
                     )
                 progress.outcome(outcome)
@@ -710,6 +712,34 @@ def _size_text(size: int) -> str:
     if size < 1024 * 1024:
         return f"{size / 1024:.1f} KB"
     return f"{size / 1024 / 1024:.1f} MB"
+
+
+def _changed_text(job: am.JobLine | None, record: am.JobRecord | None) -> str:
+    """Why a line no longer matches its job in the journal: a local file it names (its content
+    changed, or it is at another path: the folder moved) when the rest is as recorded."""
+    line = "this line changed since the journal recorded it"
+    if job is None or not job.files or record is None or record.request is None:
+        return line
+    then, now = dict(record.request), json.loads(json.dumps(job.request.to_body()))
+    notes: list[str] = []
+    for field in ("image_urls", "video_urls"):
+        old, new = then.pop(field, []), now.pop(field, [])
+        if not is_array(old) or not is_array(new) or len(old) != len(new):
+            return line
+        for i, (was, is_) in enumerate(zip(old, new, strict=True)):
+            if was == is_:
+                continue
+            before, after = canonical_file(str(was)), canonical_file(str(is_))
+            if before is None or after is None:
+                return line
+            if before[0] == after[0]:
+                notes.append(f"{after[0]} changed since the journal recorded this line")
+            else:
+                notes.append(
+                    f"{field}[{i}] is now {after[0]}, was {before[0]} when the journal recorded"
+                    " this line"
+                )
+    return notes[0] if notes and then == now else line
 
 
 def _todo(

@@ -213,3 +213,41 @@ def test_the_upload_phase_counts_only_images_the_run_will_upload(
     write_jobs(tmp_path, lines)
     assert cli_module.main(run) == 0
     assert files_seen == [2, 1]  # 2 images (not the video); then the new line's image only
+
+
+@pytest.mark.parametrize("change", ["file edited", "folder moved"])
+async def test_a_line_whose_file_changed_since_the_journal_names_the_file(
+    tmp_path: Path, change: str
+) -> None:
+    """The line is as it was, but a file it names is not: the error says which file, and how
+    (it told the user to restore the line)."""
+    project = tmp_path / "shoot"
+    project.mkdir()
+    refs = images(project, 2)
+    lines = [
+        {"name": f"j{i}", "model": "viduq3", "prompt": f"p{i}", "image_urls": [refs[i]]}
+        for i in range(2)
+    ]
+    jobs = write_jobs(project, lines)
+    async with Emulator(task_duration=0.0) as emu:
+        base = ["--base-url", emu.base_url]
+        code, _, err = await cli(
+            "run", str(jobs), "-o", str(project / "out"), *base, key=emu.api_key
+        )
+        assert code == 0, err
+        old = os.path.realpath(project / refs[0])
+        if change == "file edited":
+            (project / refs[0]).write_bytes(PNG + b"retouched" * 40)
+            expected = f"jobs.jsonl:1: {old} changed since the journal recorded"
+        else:
+            project = project.rename(tmp_path / "shoot-2026")
+            jobs = project / "jobs.jsonl"
+            new = os.path.realpath(project / refs[0])
+            expected = f"jobs.jsonl:1: image_urls[0] is now {new}, was {old} when the journal"
+        code, _, err = await cli(
+            "run", str(jobs), "-o", str(project / "out"), *base, key=emu.api_key
+        )
+        assert code != 0
+        assert expected in err, err
+        assert "restore the line" not in err
+        assert emu.tasks_created == 2 and sum(emu.uploads_per_hash.values()) == 2
