@@ -20,9 +20,11 @@ from urllib.parse import quote
 
 import aiohttp
 import anyio
+import attrs
 
 from . import _converter as conv
 from . import _retry
+from ._config import Timeout
 from ._errors import (
     ApimartError,
     APIStatusError,
@@ -62,6 +64,11 @@ T = TypeVar("T")
 Statuses = dict[str, Task | ApimartError]
 
 MAX_UPLOAD_BYTES: Final = 20 * 1024 * 1024
+MIN_UPLOAD_RATE: Final = 10 * 1024
+"""Bytes per second an upload is given at least: the client's total timeout of an attempt is
+raised to the file's size at this rate (an image of a few MB over a slow uplink takes minutes;
+cut at the total, it would start again from zero every time)."""
+
 
 _IMAGE_MAGIC: Final = (
     (b"\xff\xd8\xff", "image/jpeg", "jpg"),
@@ -74,6 +81,14 @@ _IMAGE_MAGIC: Final = (
 def _parse(fn: Callable[..., T]) -> Callable[[Reply], T]:
     """Adapt a body parser of ``_converter`` to a transport ``parse`` callback."""
     return lambda reply: fn(reply.body, status=reply.status)
+
+
+def upload_timeout(timeout: Timeout, size: int) -> Timeout:
+    """``timeout`` for an upload of ``size`` bytes: its total at least ``size`` at
+    ``MIN_UPLOAD_RATE`` (connect and read as they are; no total stays no total)."""
+    if timeout.total is None:
+        return timeout
+    return attrs.evolve(timeout, total=max(timeout.total, size / MIN_UPLOAD_RATE))
 
 
 def sniff_image(data: bytes) -> tuple[str, str] | None:
@@ -549,4 +564,5 @@ class Api:
             retry="read",
             parse=_parse(conv.parse_upload),
             data_factory=form,
+            timeout=upload_timeout(self.transport.timeout, len(data)),
         )

@@ -680,6 +680,29 @@ async def test_an_upload_time_in_another_shape_neither_fails_the_upload_nor_pins
         assert emu.counters["upload"] == 2  # uploaded again, once
 
 
+async def test_an_upload_slower_than_the_total_timeout_is_not_cut(
+    tmp_path: Path, emu: Emulator
+) -> None:
+    """The client's total timeout (60 s by default) bounds one attempt of every request; an
+    image of a few MB over a slow uplink takes longer (10 MB at 150 KB/s: 70 s), so each
+    attempt was cut and started again from zero and the job ended with an UploadError. An
+    upload's attempt may last as long as its bytes take at 10 KiB/s. Here: a total of 1 s, an
+    upload taking 2.5 s, a 100 KB file (10 s at 10 KiB/s)."""
+    path = tmp_path / "big.png"
+    path.write_bytes(PNG + bytes(100 * 1024))
+    timeout = am.Timeout(connect=10, read=10, total=1.0)
+    async with am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=1, timeout=timeout
+    ) as client:
+        emu.faults.inject("upload", Fault.slow(2.5), times=2)
+        jobs = [am.VideoRequest("viduq3", "a bear", image_urls=[path])]
+        async with client.batch(jobs, media_root=tmp_path) as res:
+            (outcome,) = await drain(res)
+    assert outcome.ok, outcome.error
+    assert emu.counters["upload"] == 1  # not cut, so not sent twice
+    assert emu.uploads_per_hash == {sha(path): 1}
+
+
 def test_the_sync_batch_reports_uploads(tmp_path: Path) -> None:
     path = image(tmp_path, "a.png", 1)
     with start_blocking_portal() as portal:
