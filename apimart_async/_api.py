@@ -84,8 +84,9 @@ def _parse(fn: Callable[..., T]) -> Callable[[Reply], T]:
 
 
 def upload_timeout(timeout: Timeout, size: int) -> Timeout:
-    """``timeout`` for an upload of ``size`` bytes: its total at least ``size`` at
-    ``MIN_UPLOAD_RATE`` (connect and read as they are; no total stays no total)."""
+    """``timeout`` for an upload of ``size`` bytes (or a submit carrying a ``data:`` video):
+    its total at least ``size`` at ``MIN_UPLOAD_RATE`` (connect and read as they are; no total
+    stays no total)."""
     if timeout.total is None:
         return timeout
     return attrs.evolve(timeout, total=max(timeout.total, size / MIN_UPLOAD_RATE))
@@ -332,6 +333,8 @@ class Api:
     async def _submit(self, request: VideoRequest, key: str) -> str:
         track = SendTrack()
         path = "/v1/videos/generations"
+        # a data: video (a local one, up to 10 MB) is sent in the body, so like an upload
+        inline = sum(len(url) for url in request.video_urls if url[:5].lower() == "data:")
         try:
             return await self.transport.request(
                 "POST",
@@ -341,6 +344,7 @@ class Api:
                 parse=_parse(conv.parse_submit),
                 json_body=request.to_body(),
                 headers={"Idempotency-Key": key},
+                timeout=upload_timeout(self.transport.timeout, inline) if inline else None,
                 track=track,
             )
         except ApimartError as exc:

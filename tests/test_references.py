@@ -478,6 +478,28 @@ async def test_a_local_video_goes_as_a_data_uri_for_gemini(
     assert emu.counters.get("upload", 0) == 0
 
 
+async def test_a_submit_carrying_a_local_video_is_not_cut_by_the_total_timeout(
+    tmp_path: Path, emu: Emulator
+) -> None:
+    """A local video goes inside the submit's body (a data: URI, up to 10 MB, 13 MB as base64):
+    over a slow uplink that takes longer than the total timeout of an attempt, so every
+    attempt was cut and the job ended unknown (``SubmitIndeterminateError``), again on every
+    resume. Such a submit's attempt may last as long as the URI takes at 10 KiB/s. Here: a
+    total of 1 s, a submit taking 2.5 s, a 100 KB clip (13 s at 10 KiB/s)."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(MP4 + bytes(100 * 1024))
+    timeout = am.Timeout(connect=10, read=10, total=1.0)
+    async with am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=1, timeout=timeout
+    ) as client:
+        emu.faults.inject("submit", Fault.slow(2.5), times=2)
+        req = am.VideoRequest("gemini-omni-flash-preview", "extend it", video_urls=[clip])
+        async with client.batch([req], media_root=tmp_path) as res:
+            (outcome,) = await drain(res)
+    assert outcome.ok, outcome.error
+    assert emu.counters["submit"] == 1 and emu.tasks_created == 1
+
+
 # -- the journal: fingerprint, resume, expiry -------------------------------------------------
 
 
