@@ -45,6 +45,8 @@ async def create_video(request: web.Request) -> web.Response:
         video = am.VideoRequest.from_dict(body)
     except ValueError as exc:  # bad JSON, or a ValidationError naming the field and the rule
         return web.json_response({"error": str(exc)}, status=422)
+    except RecursionError:  # JSON nested too deep to parse
+        return web.json_response({"error": "request: is nested too deep"}, status=422)
     try:
         task_id = await request.app[CLIENT].videos.submit(video)
     except am.APIStatusError as exc:

@@ -303,7 +303,7 @@ async def json_body(request: Request) -> Any:
         return (
             json.loads(raw) if len(raw) < 65536 else await anyio.to_thread.run_sync(json.loads, raw)
         )
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         text = raw[:80].decode(errors="replace")
         raise am.ValidationError([am.FieldError("request", "must be JSON", text)]) from None
 

@@ -43,6 +43,9 @@ async def test_submit_and_status_through_the_backend() -> None:
                 resp = await http.post("/videos", json=bad)
                 assert resp.status == 422, bad
                 assert (await resp.json())["error"].startswith(f"{field}: "), bad
+            # nested past Python's recursion limit: RecursionError in json.loads (was a 500)
+            resp = await http.post("/videos", data=b"[" * 100_000 + b"]" * 100_000)
+            assert resp.status == 422
             emu.advance(10)
             for task_id in ids:
                 body = await (await http.get(f"/videos/{task_id}")).json()

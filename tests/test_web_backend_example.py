@@ -251,6 +251,9 @@ async def test_errors_become_http_statuses(tmp_path: Path) -> None:
             (b'{"model": "sora-2-preview", "prompt": "x", "extra": 5}', "extra"),
             (b"[1, 2]", "request"),
             (b"not json", "request"),
+            # nested past Python's recursion limit: json.loads raises RecursionError, not
+            # ValueError (this was a 500)
+            (b"[" * 100_000 + b"]" * 100_000, "request"),
         ):
             reply = await http.post(f"{app.url}/videos/generate", content=body)
             assert reply.status_code == 422, body
