@@ -46,6 +46,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -565,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("set APIMART_API_KEY to your key, or use --emulate")
     with contextlib.suppress(KeyboardInterrupt):
         if ns.emulate:
+            # uvicorn raises SIGTERM again once it has shut down: end as Ctrl-C does, so that
+            # the temporary folder (the journal, the batches) is removed
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             with tempfile.TemporaryDirectory(prefix="apimart-web-") as folder:
                 asyncio.run(serve_emulated(ns, folder))
         else:

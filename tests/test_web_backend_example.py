@@ -391,3 +391,25 @@ async def test_emulate_mode_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     assert app.proc.returncode == 0, app.stderr
     assert "Traceback" not in app.stderr
     assert list(tmp_path.iterdir()) == []  # its journal was in a temporary folder
+
+
+async def test_emulate_mode_stopped_by_sigterm_removes_its_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (docker stop, systemd) ends ``--emulate`` as Ctrl-C does: uvicorn re-raises
+    the signal once it has shut down, which killed the process before its temporary folder
+    (the journal, the batches) was removed."""
+    temp, work = tmp_path / "tmp", tmp_path / "work"
+    temp.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    async with backend(None, work) as app, http_client() as http:
+        reply = await http.post(f"{app.url}/videos", json=job(0))
+        assert reply.status_code == 202
+        assert [p.name[:12] for p in temp.iterdir()] == ["apimart-web-"]
+        app.proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(GRACE + 10):
+            await app.proc.wait()
+    assert app.proc.returncode == 0, app.stderr
+    assert "Traceback" not in app.stderr
+    assert list(temp.iterdir()) == []
