@@ -46,6 +46,7 @@ API key: requests are described by method and path only, never by their headers.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -393,6 +394,13 @@ class JournalLockedError(JournalError):
             else "at an unknown time"
         )
         who = f"pid {pid}" if pid is not None else "pid unknown"
+        if what == "journal" and pid is not None and pid == os.getpid():
+            # opened twice in this process: a client's journal= given to a batch as well
+            super().__init__(
+                f"this process (pid {pid}) already uses this journal {path} (since {when}):"
+                " a client's journal= and each batch's journal= need each its own file"
+            )
+            return
         super().__init__(f"another run ({who}, started {when}) is using this {what} {path}")
 
 

@@ -337,6 +337,24 @@ async def test_a_second_client_on_the_same_journal_is_refused(
         assert other._transport.is_open is False
 
 
+async def test_a_batch_given_the_clients_own_journal_says_so_not_another_run(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    """The same file as ``AsyncApimart(journal=)`` and ``client.batch(journal=)``: refused
+    before anything is sent, naming this process, not "another run (pid <our own pid>)"."""
+    path = tmp_path / "c.sqlite"
+    async with client_for(manual_emu, path) as client:
+        with pytest.raises(am.JournalLockedError) as caught:
+            async with client.batch([am.VideoRequest("sora-2-preview", "x")], journal=path):
+                pass
+    assert caught.value.pid == os.getpid()
+    message = str(caught.value)
+    assert "another run" not in message
+    assert f"this process (pid {os.getpid()}) already uses this journal {path}" in message
+    assert "each its own file" in message
+    assert manual_emu.tasks_created == 0
+
+
 async def test_a_journal_that_is_not_ours_is_refused_when_the_client_opens(
     manual_emu: Emulator, tmp_path: Path
 ) -> None:
