@@ -242,6 +242,12 @@ class ClientJournal:
                     ", ".join(sorted(ends)),
                     exc,
                 )
+            except BaseException:
+                # cancelled (the client closing stops the writer): the ends go back for the
+                # flush of ``close`` (writing one twice changes nothing)
+                for task_id, end in ends.items():
+                    self._ends.setdefault(task_id, end)
+                raise
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -53,6 +53,25 @@ def rows(path: Path) -> list[tuple[Any, ...]]:
 # -- unfinished() across restarts, wait() from the journal ---------------------------------------
 
 
+async def test_the_end_a_wait_saw_right_before_a_clean_close_is_recorded(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    """Closing cancelled the journal's writer in the middle of writing the last ends it had
+    taken: they were lost, and the next process listed (and read again) a task whose end the
+    wait had seen."""
+    path = tmp_path / "client.sqlite"
+    async with client_for(manual_emu, path) as client:
+        task_id = await client.videos.submit(REQUEST)
+        manual_emu.complete(task_id)
+        assert (await client.tasks.wait(task_id)).ok
+    assert [row[1:] for row in rows(path)] == [("done", task_id, "completed")]
+    async with client_for(manual_emu, path) as client:
+        before = status_reads(manual_emu)
+        assert await client.tasks.unfinished() == []
+        assert (await client.tasks.wait(task_id)).ok
+        assert status_reads(manual_emu) == before
+
+
 async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
     manual_emu: Emulator, tmp_path: Path
 ) -> None:
