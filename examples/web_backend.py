@@ -453,15 +453,23 @@ def _add_routes(app: FastAPI) -> None:
 
 def _not_waiting(reason: str, task_id: str | None) -> JSONResponse:
     # "disconnected": nobody reads this answer. "stopping": the task goes on at the service
-    # and is in the journal; the caller asks for it later.
+    # and is in the journal; the caller asks for it later (no id yet: the submit was in
+    # flight, and the restarted server lists it in /videos/unfinished once recovered).
+    if reason != "stopping":
+        message = "the client went away"
+    elif task_id is not None:
+        message = f"the server is shutting down; the task goes on: GET /videos/{task_id}"
+    else:
+        message = (
+            "the server is shutting down while submitting; a task it created is listed in"
+            " GET /videos/unfinished after the restart"
+        )
     return JSONResponse(
         {
             "task_id": task_id,
             "error": {
                 "type": "ServerStopping" if reason == "stopping" else "ClientDisconnected",
-                "message": f"the server is shutting down; the task goes on: GET /videos/{task_id}"
-                if reason == "stopping"
-                else "the client went away",
+                "message": message,
                 "status": None,
             },
         },

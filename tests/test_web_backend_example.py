@@ -299,6 +299,23 @@ def test_the_status_table() -> None:
     }
 
 
+def test_a_shutdown_before_the_task_id_is_known_does_not_point_at_videos_none() -> None:
+    """A shutdown while the submit is in flight: no id yet, so the 503 must not send the
+    caller to ``GET /videos/None``."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    reply = web_backend._not_waiting("stopping", None)
+    body = json.loads(reply.body)
+    assert reply.status_code == 503 and body["task_id"] is None
+    assert "None" not in body["error"]["message"]
+    assert "/videos/unfinished" in body["error"]["message"]
+    reply = web_backend._not_waiting("stopping", "task_1")
+    assert "GET /videos/task_1" in json.loads(reply.body)["error"]["message"]
+
+
 async def _generate_in_flight(
     app: Backend, emu: Emulator, http: httpx.AsyncClient, n: int, tg: anyio.abc.TaskGroup
 ) -> list[httpx.Response]:
