@@ -490,9 +490,10 @@ def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
     if not isinstance(body, dict):
         raise am.ValidationError([am.FieldError("request", "must be a JSON object", body)])
     name = body.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
+    # the name is a file name (``<name>.jobs.json``, ``<name>.sqlite``): short, ASCII
+    if not isinstance(name, str) or not (name.isascii() and name.isidentifier()) or len(name) > 64:
         raise am.ValidationError(
-            [am.FieldError("name", "must be a word (letters, digits, _)", name)]
+            [am.FieldError("name", "must be a word of at most 64 letters, digits or _", name)]
         )
     jobs = body.get("jobs")
     if not isinstance(jobs, list) or not jobs:

@@ -316,6 +316,23 @@ def test_a_shutdown_before_the_task_id_is_known_does_not_point_at_videos_none() 
     assert "GET /videos/task_1" in json.loads(reply.body)["error"]["message"]
 
 
+def test_a_batch_name_too_long_for_a_file_name_is_a_422_not_a_500() -> None:
+    """The name becomes ``<name>.jobs.json`` and ``<name>.sqlite``: 300 letters passed
+    ``isidentifier()`` and failed writing the file (ENAMETOOLONG, a 500)."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    import apimart_async as am
+
+    jobs = [job(0)]
+    with pytest.raises(am.ValidationError, match=r"^name: "):
+        web_backend._batch_input({"name": "a" * 300, "jobs": jobs})
+    name, requests = web_backend._batch_input({"name": "a" * 64, "jobs": jobs})
+    assert name == "a" * 64 and len(requests) == 1
+
+
 async def _generate_in_flight(
     app: Backend, emu: Emulator, http: httpx.AsyncClient, n: int, tg: anyio.abc.TaskGroup
 ) -> list[httpx.Response]:
