@@ -23,8 +23,11 @@ What it shows:
 - A background batch has a journal of its own; batches left unfinished are resumed on startup
   (nothing is submitted twice; finished jobs are replayed from the journal).
 - SDK errors become HTTP statuses (``http_status``): 422 for a request that breaks a model's
-  rule, 402 balance, 429 rate limit, 404 unknown task, 504 a wait or an upstream timeout, 502
+  rule or that the service refuses (400), 413 a body too large for it, 402 balance, 429 rate limit, 404 unknown task, 504 a wait or an upstream timeout, 502
   any other upstream failure; every body is JSON from ``to_dict()``.
+- One process per journal file: a second process on the same journal (``uvicorn --workers 2``
+  on this app) is refused with ``JournalLockedError`` at startup; give each worker its own
+  ``--journal`` and ``--batch-dir``.
 - The application owns the process's signals: uvicorn handles SIGINT and SIGTERM and waits up
   to ``--grace`` seconds for the requests in flight; the SDK installs no handler.
 
@@ -75,6 +78,10 @@ def http_status(exc: am.ApimartError) -> int:
     match exc:
         case am.ValidationError():  # the caller's request broke a rule; nothing was sent
             return 422
+        case am.BadRequestError():  # the service refused the caller's request (an unknown
+            return 422  # model is passed through unchecked)
+        case am.APIStatusError(status=413):  # the caller's body is too large for the service
+            return 413
         case am.InsufficientBalanceError():
             return 402
         case am.RateLimitError():

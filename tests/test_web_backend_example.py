@@ -286,6 +286,12 @@ def test_the_status_table() -> None:
     }
     for code, exc in cases.items():
         assert web_backend.http_status(exc) == code, exc
+    # the service refused the caller's request (a model the SDK passes through unchecked, a
+    # body too large): the caller's fault, as a ValidationError is, never a 502
+    assert web_backend.http_status(status_error(am.BadRequestError, 400)) == 422
+    assert web_backend.http_status(status_error(am.APIStatusError, 413)) == 413
+    # our key refused upstream is not the caller's fault
+    assert web_backend.http_status(status_error(am.AuthenticationError, 401)) == 502
     assert web_backend.http_status(am.APIConnectionError("unreachable")) == 502
     assert web_backend.http_status(am.APITimeoutError("slow")) == 504
     # a 429 tells the caller when to come back, as the service told us
