@@ -23,8 +23,9 @@ What it shows:
 - A background batch has a journal of its own; batches left unfinished are resumed on startup
   (nothing is submitted twice; finished jobs are replayed from the journal).
 - SDK errors become HTTP statuses (``http_status``): 422 for a request that breaks a model's
-  rule or that the service refuses (400), 413 a body too large for it, 402 balance, 429 rate limit, 404 unknown task, 504 a wait or an upstream timeout, 502
-  any other upstream failure; every body is JSON from ``to_dict()``.
+  rule or that the service refuses (400), 413 a body too large for it, 402 balance, 429 rate
+  limit, 404 unknown task, 504 a wait or an upstream timeout, 502 any other upstream failure;
+  every body is JSON from ``to_dict()``.
 - One process per journal file: a second process on the same journal (``uvicorn --workers 2``
   on this app) is refused with ``JournalLockedError`` at startup; give each worker its own
   ``--journal`` and ``--batch-dir``.
