@@ -23,8 +23,9 @@ from .test_priors import run_kind, straight
 KIND = "sora-2/8//text"
 
 
-def trusted(policy: am.PollPolicy) -> PollSchedule:
-    """A schedule whose kind's progress proved straight (50 tasks, within 0.1 %)."""
+def trusted(policy: am.PollPolicy, lo: float = 0.999, hi: float = 1.0) -> PollSchedule:
+    """A schedule whose kind's progress proved straight (50 tasks, within 0.1 %), or whose
+    learned progress trust is ``lo`` to ``hi``."""
     s = PollSchedule(policy)
     s.priors.merge(
         {
@@ -33,8 +34,8 @@ def trusted(policy: am.PollPolicy) -> PollSchedule:
                 duration_lo=5.0,
                 duration_hi=600.0,
                 progress_samples=50,
-                progress_lo=0.999,
-                progress_hi=1.0,
+                progress_lo=lo,
+                progress_hi=hi,
             )
         }
     )
@@ -113,19 +114,7 @@ def test_a_progress_window_that_only_grazes_the_estimates_earns_no_single_check(
     first run of issue 22's simulator, p99 9.3 s). The estimate's window stands: the next
     check at its earliest end."""
     policy = am.PollPolicy(jitter=0.0)
-    s = PollSchedule(policy)
-    s.priors.merge(
-        {
-            KIND: KindPrior(
-                samples=50,
-                duration_lo=5.0,
-                duration_hi=600.0,
-                progress_samples=50,
-                progress_lo=0.99,
-                progress_hi=1.5,
-            )
-        }
-    )
+    s = trusted(policy, lo=0.99, hi=1.5)
     assert s.priors.progress_trust(KIND) is not None
     s.add("a", now=0.0, kind=KIND)
     assert s.due(60.0, batched=False) == ["a"]
