@@ -72,14 +72,8 @@ class UnfinishedTask:
     """``VideoRequest.fingerprint()`` of the request."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict of the fields."""
-        return {
-            "task_id": self.task_id,
-            "idempotency_key": self.idempotency_key,
-            "model": self.model,
-            "submitted_at": self.submitted_at,
-            "fingerprint": self.fingerprint,
-        }
+        """A JSON-safe dict of the fields (all of them are text, a number or None)."""
+        return attrs.asdict(self)
 
 
 def _end_of(result: Task | ApimartError) -> tuple[str, dict[str, Any] | None, str | None] | None:
