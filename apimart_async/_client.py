@@ -499,6 +499,10 @@ class Videos:
         """
         return await self._api.submit(request, idempotency_key=idempotency_key)
 
+    def _hint(self, journaled: str, plain: str) -> str:
+        """Where a caller finds a task a cancelled ``generate()`` left (with a journal, or not)."""
+        return journaled if self._tasks._journal is not None else plain
+
     async def generate(
         self,
         request: VideoRequest,
@@ -537,10 +541,9 @@ class Videos:
         try:
             task_id = await self.submit(request, idempotency_key=key)
         except anyio.get_cancelled_exc_class():
-            where = (
-                "client.tasks.unfinished() lists the key and tasks.recover() finds the task"
-                if self._tasks._journal is not None
-                else "submit the same request with this idempotency_key to get it"
+            where = self._hint(
+                "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
+                "submit the same request with this idempotency_key to get it",
             )
             logger.warning(
                 "generate() was cancelled during its submit (idempotency key %s): the service"
@@ -556,10 +559,8 @@ class Videos:
                 task_id, timeout=timeout, submitted_at=submitted_at, kind=kind_of(request)
             )
         except anyio.get_cancelled_exc_class():
-            where = (
-                "client.tasks.unfinished() lists it"
-                if self._tasks._journal is not None
-                else "client.tasks.wait(id) follows it"
+            where = self._hint(
+                "client.tasks.unfinished() lists it", "client.tasks.wait(id) follows it"
             )
             logger.warning(
                 "generate() was cancelled after submitting task %s: it runs on at the service"
