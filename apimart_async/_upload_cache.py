@@ -94,6 +94,7 @@ class SqliteUploadCache:
 
     def __init__(self, journal: SqliteJournal) -> None:
         self.journal = journal
+        self._sent_ready = False
 
     def _conn(self) -> sqlite3.Connection:
         conn = self.journal._conn  # the journal's own connection, on its worker thread
@@ -121,15 +122,21 @@ class SqliteUploadCache:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot keep an upload in {self.journal.path}: {exc}") from None
 
-    def _sent_sync(self, key: str) -> dict[str, str]:
-        try:
-            conn = self._conn()
-            conn.execute(_SENT_TABLE)
-            row = conn.execute(
+    async def load(self) -> list[CachedUpload]:
+        result: Any = await self.journal._run(self._load_sync)
+        return list(result)
+
+    async def put(self, entry: CachedUpload) -> None:
+        await self.journal._run(self._put_sync, entry)
+
+    async def sent(self, key: str) -> dict[str, str]:
+        def read(conn: sqlite3.Connection) -> Any:
+            self._sent_table(conn)
+            return conn.execute(
                 "SELECT urls FROM sent_urls WHERE idempotency_key = ?", (key,)
             ).fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot read sent URLs from {self.journal.path}: {exc}") from None
+
+        row = await self.journal.call("read", read)
         if row is None:
             return {}
         try:
@@ -140,27 +147,17 @@ class SqliteUploadCache:
             return {}
         return {k: v for k, v in urls.items() if isinstance(v, str)}
 
-    def _keep_sent_sync(self, key: str, urls: Mapping[str, str]) -> None:
-        try:
-            conn = self._conn()
-            conn.execute(_SENT_TABLE)
-            conn.execute(
-                "INSERT OR REPLACE INTO sent_urls VALUES (?, ?)",
-                (key, json.dumps(dict(urls), sort_keys=True)),
-            )
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot keep sent URLs in {self.journal.path}: {exc}") from None
-
-    async def load(self) -> list[CachedUpload]:
-        result: Any = await self.journal._run(self._load_sync)
-        return list(result)
-
-    async def put(self, entry: CachedUpload) -> None:
-        await self.journal._run(self._put_sync, entry)
-
-    async def sent(self, key: str) -> dict[str, str]:
-        result: Any = await self.journal._run(self._sent_sync, key)
-        return dict(result)
-
     async def keep_sent(self, key: str, urls: Mapping[str, str]) -> None:
-        await self.journal._run(self._keep_sent_sync, key, urls)
+        text = json.dumps(dict(urls), sort_keys=True)
+
+        def write(conn: sqlite3.Connection) -> None:
+            self._sent_table(conn)
+            conn.execute("INSERT OR REPLACE INTO sent_urls VALUES (?, ?)", (key, text))
+
+        await self.journal.call("write", write)
+
+    def _sent_table(self, conn: sqlite3.Connection) -> None:
+        """Create ``sent_urls`` once per cache (a journal of an older run may lack it)."""
+        if not self._sent_ready:
+            conn.execute(_SENT_TABLE)
+            self._sent_ready = True
