@@ -99,6 +99,14 @@ async def client(emu: Emulator) -> AsyncIterator[am.AsyncApimart]:
         yield c
 
 
+def slow_link_client(emu: Emulator) -> am.AsyncApimart:
+    """A client whose attempts may last 1 s in all (a slow uplink's uploads take longer)."""
+    timeout = am.Timeout(connect=10, read=10, total=1.0)
+    return am.AsyncApimart(
+        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=1, timeout=timeout
+    )
+
+
 def upload_prefix(emu: Emulator) -> str:
     return f"{emu.base_url}/uploads/"
 
@@ -488,10 +496,7 @@ async def test_a_submit_carrying_a_local_video_is_not_cut_by_the_total_timeout(
     total of 1 s, a submit taking 2.5 s, a 100 KB clip (13 s at 10 KiB/s)."""
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(MP4 + bytes(100 * 1024))
-    timeout = am.Timeout(connect=10, read=10, total=1.0)
-    async with am.AsyncApimart(
-        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=1, timeout=timeout
-    ) as client:
+    async with slow_link_client(emu) as client:
         emu.faults.inject("submit", Fault.slow(2.5), times=2)
         req = am.VideoRequest("gemini-omni-flash-preview", "extend it", video_urls=[clip])
         async with client.batch([req], media_root=tmp_path) as res:
@@ -712,10 +717,7 @@ async def test_an_upload_slower_than_the_total_timeout_is_not_cut(
     upload taking 2.5 s, a 100 KB file (10 s at 10 KiB/s)."""
     path = tmp_path / "big.png"
     path.write_bytes(PNG + bytes(100 * 1024))
-    timeout = am.Timeout(connect=10, read=10, total=1.0)
-    async with am.AsyncApimart(
-        emu.api_key, base_url=emu.base_url, poll=FAST_POLL, max_retries=1, timeout=timeout
-    ) as client:
+    async with slow_link_client(emu) as client:
         emu.faults.inject("upload", Fault.slow(2.5), times=2)
         jobs = [am.VideoRequest("viduq3", "a bear", image_urls=[path])]
         async with client.batch(jobs, media_root=tmp_path) as res:
