@@ -137,27 +137,35 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 #: API reference build, the benchmark smoke run) check the source, which is the same on every
 #: Python, and take about two minutes; CI runs them once, on Python 3.11 (see .ci/run).
 STATIC_ELSEWHERE = "APIMART_TESTS_STATIC_ELSEWHERE"
-_static_deselected = 0
+#: Set by CI on every suite: the ``bench`` test (the benchmark smoke run, about 90 s) runs once,
+#: in CI's dev lane, where matplotlib is installed for its plot.
+BENCH_ELSEWHERE = "APIMART_TESTS_BENCH_ELSEWHERE"
+_deselected: dict[str, int] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    global _static_deselected
-    if os.environ.get(STATIC_ELSEWHERE) != "1":
-        return
-    static = [item for item in items if item.get_closest_marker("static") is not None]
-    if static:
-        config.hook.pytest_deselected(items=static)
-        items[:] = [item for item in items if item.get_closest_marker("static") is None]
-        _static_deselected = len(static)
+    for variable, marker in ((STATIC_ELSEWHERE, "static"), (BENCH_ELSEWHERE, "bench")):
+        if os.environ.get(variable) != "1":
+            continue
+        chosen = [item for item in items if item.get_closest_marker(marker) is not None]
+        if chosen:
+            config.hook.pytest_deselected(items=chosen)
+            items[:] = [item for item in items if item.get_closest_marker(marker) is None]
+            _deselected[variable] = len(chosen)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _LONG_SEED is not None:
         terminalreporter.write_line(_replay_line())
-    if _static_deselected:
+    if _deselected.get(STATIC_ELSEWHERE):
         terminalreporter.write_line(
-            f"{_static_deselected} static checks deselected ({STATIC_ELSEWHERE}=1): "
+            f"{_deselected[STATIC_ELSEWHERE]} static checks deselected ({STATIC_ELSEWHERE}=1): "
             "CI runs them once, on Python 3.11"
+        )
+    if _deselected.get(BENCH_ELSEWHERE):
+        terminalreporter.write_line(
+            f"the benchmark smoke run deselected ({BENCH_ELSEWHERE}=1): "
+            "CI runs it once, in its dev lane"
         )
 
 

@@ -3,7 +3,10 @@
 Nothing here times anything: the figures are the script's business. What is checked is that
 each scenario ran, accounted for every job, and wrote its results, table and plot (the plot
 needs matplotlib, which the ``bench`` and ``dev`` extras install and the ``test`` extra does
-not: CI runs this test both ways).
+not: without it the run says so and writes no plot, checked by the last test here).
+
+The smoke run takes about a minute and a half of two cores: CI runs it once, in its dev lane
+(with matplotlib), and deselects it in the test suites (``APIMART_TESTS_BENCH_ELSEWHERE=1``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.static
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(240)
 def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -107,3 +111,17 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         assert not (tmp_path / "polling.png").exists()
         assert "matplotlib is not installed" in proc.stderr
         assert "polling.png" not in text
+
+
+def test_without_matplotlib_the_run_says_so_and_writes_no_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # ``import matplotlib`` fails
+    assert bench.make_plot({"scenarios": {}}, tmp_path / "polling.png") is False
+    assert not (tmp_path / "polling.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
