@@ -18,7 +18,7 @@ import enum
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
-from typing import Final, Literal, cast
+from typing import Literal, cast
 
 import anyio.lowlevel
 import attrs
@@ -41,6 +41,7 @@ from ._errors import (
 from ._journal import JobRecord
 from ._models import DownloadedFile, Task, VideoRequest
 from ._outcomes import BatchEvent, BatchStats, Failure, Success, outcome_of
+from ._slices import LOOP_SLICE
 
 __all__ = [
     "Conclusion",
@@ -331,12 +332,6 @@ def resume_plan(
 
 
 # -- the input ----------------------------------------------------------------------------------
-
-
-#: Seconds of the batch's own work after which reading the next input item lets the event loop
-#: run first: replaying thousands of finished jobs sends no request and would otherwise hold
-#: the loop for the whole replay (issue 21: 0.5 s for 20,000 jobs).
-LOOP_SLICE: Final = 0.005
 
 
 async def read_inputs(

@@ -58,6 +58,7 @@ from ._models import Task
 from ._pacing import Pacing
 from ._poll_schedule import PollPolicy, PollSchedule
 from ._retry import is_retryable_status
+from ._slices import LOOP_SLICE
 from ._status_window import ReadTicket, StatusWindow
 from ._transport import request_tally
 
@@ -365,10 +366,20 @@ class Poller:
         finally:
             request_tally.reset(token)
         now = self._clock()
-        try:
-            self._report(ids, results, now)
+        try:  # hundreds of waits may end in one round: in slices, the event loop runs between
+            rest = ids
+            while rest:
+                rest = rest[self._report(rest, results, now, until=self._slice_end()) :]
+                if rest:
+                    await anyio.lowlevel.checkpoint()
+                    if self._closed:
+                        return
         finally:
             self.schedule.release(ids, now)
+
+    @staticmethod
+    def _slice_end() -> float:
+        return time.perf_counter() + LOOP_SLICE
 
     def _tallies(self, ids: list[str]) -> tuple[collections.Counter[str], ...]:
         """The request counters of everyone following ``ids`` (a shared read counts once for
@@ -438,13 +449,25 @@ class Poller:
             self.schedule.release([task_id], now)
             self._wake.set()
 
-    def _report(self, ids: list[str], results: dict[str, Task | ApimartError], now: float) -> None:
-        """Tell the schedule about every id of a round, and end the waits that are over."""
+    def _report(
+        self,
+        ids: list[str],
+        results: dict[str, Task | ApimartError],
+        now: float,
+        *,
+        until: float = math.inf,
+    ) -> int:
+        """Tell the schedule about the ids of a round, and end the waits that are over; stops
+        once ``time.perf_counter()`` passes ``until`` (after one id at least). Returns how many
+        of ``ids`` it took (all of them once the client is closed)."""
         wall = self._wall()
-        self.checks += len(ids)
         retry: list[str] = []
         reason: ApimartError | None = None
+        taken = 0
         for task_id in ids:
+            if taken and time.perf_counter() > until:
+                break
+            taken += 1
             result = results.get(task_id)
             try:
                 verdict = self._report_one(task_id, result, now, wall)
@@ -452,11 +475,13 @@ class Poller:
                 self._unhandled(task_id, exc, now)
                 continue
             if verdict == "closed":
-                return
+                self.checks += taken
+                return len(ids)
             if verdict == "retry":
                 retry.append(task_id)
                 if isinstance(result, ApimartError):
                     reason = result
+        self.checks += taken
         if retry:
             logger.info(
                 "status of %d task(s) not read this round (%s); reading them again later",
@@ -465,6 +490,7 @@ class Poller:
             )
             self.schedule.on_error(retry, now)
         self._give_up_if_unreachable(now)
+        return taken
 
     # -- failing loud: the service unreachable for ``unreachable`` seconds ---------------------
 

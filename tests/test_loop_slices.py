@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import apimart_async as am
-from apimart_async import _jobs
+from apimart_async import _jobs, _poller
 from apimart_async.emulator import Emulator
 
 from .conftest import FAST_POLL
@@ -58,3 +58,45 @@ async def test_a_long_replay_lets_the_event_loop_run(
     assert len(replayed) == 300 and all(o.replayed for o in replayed)
     assert emu.tasks_created == 300
     assert sum(runs) == 300 and max(runs) <= 5  # without the slices: all 300 in one stretch
+
+
+async def test_a_poll_round_that_ends_hundreds_of_waits_lets_the_event_loop_run(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hundreds of tasks ending in one round (a web replica's awaiting requests): the poller
+    hands the ends out in slices of ``LOOP_SLICE`` seconds, not all in one stretch."""
+    n = 300
+    poller = manual_client._poller
+    with anyio.fail_after(30):
+        ids = [
+            await manual_client.videos.submit(am.VideoRequest("sora-2-preview", f"take {i}"))
+            for i in range(n)
+        ]
+        ended: list[str] = []
+        all_ended = anyio.Event()
+        drops: list[int] = []  # waits ended between two turns of another task
+
+        async def wait(task_id: str) -> None:
+            ended.append((await manual_client.tasks.wait(task_id)).id)
+            if len(ended) == n:
+                all_ended.set()
+
+        async with anyio.create_task_group() as tg:
+            for task_id in ids:
+                tg.start_soon(wait, task_id)
+            await manual_emu.wait_until(lambda: len(poller) == n)  # re-checked at each read
+            monkeypatch.setattr(_poller, "time", SlowClock(), raising=False)
+
+            async def other_request() -> None:
+                watched = len(poller)
+                while True:
+                    await anyio.lowlevel.checkpoint()
+                    drops.append(watched - len(poller))
+                    watched = len(poller)
+
+            tg.start_soon(other_request)
+            manual_emu.complete_all()
+            await all_ended.wait()
+            tg.cancel_scope.cancel()
+    assert sorted(ended) == sorted(ids) and len(poller) == 0
+    assert sum(drops) == n and max(drops) <= 5  # without the slices: all 300 in one stretch
