@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
+import anyio.to_thread
 import attrs
 import backoff
 
@@ -263,11 +264,12 @@ def _with_proxy_auth(
     return {**(headers or {}), **proxy_headers}
 
 
-def _default_ssl() -> ssl.SSLContext | bool:
+async def _default_ssl() -> ssl.SSLContext | bool:
     """aiohttp's shared verified context, unless ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` is set:
-    aiohttp builds its context at import time, so a fresh one reads them as they are now."""
+    aiohttp builds its context at import time, so a fresh one reads them as they are now (on
+    a worker thread: reading the certificates takes 40-60 ms, which would hold the loop)."""
     if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context()
+        return await anyio.to_thread.run_sync(ssl.create_default_context)
     return True
 
 
@@ -413,14 +415,23 @@ class Transport:
         if self._closed:
             raise ClientClosedError("this client was closed; create a new AsyncApimart")
         if self._session is None:
-            self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
-            ssl_option = self._ssl_context if self._ssl_context is not None else _default_ssl()
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=ssl_option),
-                headers={"User-Agent": f"apimart-async/{__version__}"},
-                timeout=self.client_timeout(self.timeout),
-                raise_for_status=False,
+            self._start(
+                self._ssl_context if self._ssl_context is not None else await _default_ssl()
             )
+
+    def _start(self, ssl_option: ssl.SSLContext | bool) -> None:
+        """The session, unless the client was opened or closed while ``open`` awaited."""
+        if self._closed:
+            raise ClientClosedError("this client was closed; create a new AsyncApimart")
+        if self._session is not None:
+            return
+        self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=ssl_option),
+            headers={"User-Agent": f"apimart-async/{__version__}"},
+            timeout=self.client_timeout(self.timeout),
+            raise_for_status=False,
+        )
 
     async def aclose(self) -> None:
         self._closed = True

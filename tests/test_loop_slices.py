@@ -100,3 +100,25 @@ async def test_a_poll_round_that_ends_hundreds_of_waits_lets_the_event_loop_run(
             tg.cancel_scope.cancel()
     assert sorted(ended) == sorted(ids) and len(poller) == 0
     assert sum(drops) == n and max(drops) <= 5  # without the slices: all 300 in one stretch
+
+
+async def test_opening_a_client_reads_the_certificates_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``SSL_CERT_FILE`` set, opening a client builds a fresh TLS context: reading the
+    certificates took 40-60 ms, on the event loop of a web app opening it in its lifespan."""
+    import ssl
+    import threading
+
+    built_on: list[threading.Thread] = []
+    real = ssl.create_default_context
+
+    def create_default_context(*args: object, **kwargs: object) -> ssl.SSLContext:
+        built_on.append(threading.current_thread())
+        return real()
+
+    monkeypatch.setenv("SSL_CERT_FILE", ssl.get_default_verify_paths().openssl_cafile)
+    monkeypatch.setattr(ssl, "create_default_context", create_default_context)
+    async with am.AsyncApimart("sk-test", base_url="https://127.0.0.1:9"):
+        pass
+    assert len(built_on) == 1 and built_on[0] is not threading.main_thread()
