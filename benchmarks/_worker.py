@@ -10,6 +10,8 @@ process, counted from after the imports). Kinds:
 - ``sdk-overhead`` / ``bare-overhead``: many near-instant jobs, CPU and memory per job.
 - ``scale``: hold many pending tasks in the poller; memory per task, CPU per poll round.
 - ``sdk-download`` / ``bare-download``: one result file fetched several times.
+- ``sdk-replica``: the web row's load without the web framework: awaiting ``generate()``
+  calls and a journal replay in one process; the event loop's lag and the GC's pauses.
 """
 
 from __future__ import annotations
@@ -303,6 +305,110 @@ def _download_figures(size: int, times: list[float], meter: Meter) -> dict[str, 
     }
 
 
+# -- the web row's load on the SDK alone -----------------------------------------------------
+
+
+class Lag:
+    """How late a 5 ms sleep wakes up, and the cyclic GC's full collections (which hold the
+    loop too: they walk the process's heap, whoever made it)."""
+
+    def __init__(self) -> None:
+        self.late: list[float] = []
+        self.beyond_gc: list[float] = []  # lateness not covered by a GC pause in its window
+        self.gc: list[float] = []
+        self._gc_started = 0.0
+        self._gc_in_window = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._gc_started
+        self._gc_in_window += pause
+        if info.get("generation") == 2:
+            self.gc.append(pause)
+
+    async def run(self) -> None:
+        gc.callbacks.append(self._on_gc)
+        try:
+            while True:
+                self._gc_in_window = 0.0
+                start = time.perf_counter()
+                await asyncio.sleep(0.005)
+                late = time.perf_counter() - start - 0.005
+                self.late.append(late)
+                self.beyond_gc.append(max(0.0, late - self._gc_in_window))
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    def reset(self) -> None:
+        self.late, self.beyond_gc, self.gc = [], [], []
+
+    def figures(self) -> dict[str, Any]:
+        def p99(xs: list[float]) -> float | None:
+            xs = sorted(xs)
+            return round(xs[round(0.99 * (len(xs) - 1))] * 1000, 2) if xs else None
+
+        return {
+            "lag_p99_ms": p99(self.late),
+            "lag_max_ms": round(max(self.late, default=0.0) * 1000, 2),
+            "beyond_gc_p99_ms": p99(self.beyond_gc),
+            "beyond_gc_max_ms": round(max(self.beyond_gc, default=0.0) * 1000, 2),
+            "gc_full_collections": len(self.gc),
+            "gc_pause_max_ms": round(max(self.gc, default=0.0) * 1000, 2),
+            "samples": len(self.late),
+        }
+
+
+async def sdk_replica(
+    base_url: str, key: str, requests: int, replayed: int, journal: str, arrival_s: float
+) -> dict[str, Any]:
+    """``requests`` awaiting ``generate()`` calls arriving over ``arrival_s`` seconds, then a
+    batch replaying ``journal`` (``replayed`` finished jobs) while they wait: the web row's
+    load with no web framework, so that what holds the loop is the SDK's (or the GC's)."""
+    lag = Lag()
+    meter = Meter()
+    poll = am.PollPolicy(target_lag=1.0, first_check=1.0, min_interval=1.0)
+    async with am.AsyncApimart(key, base_url=base_url, poll=poll) as client:
+        monitor = asyncio.get_running_loop().create_task(lag.run())
+        await client.balance()  # warm up: the session, the first connection
+        gc.collect()
+        gc.freeze()  # as the reference app does after its startup
+        await asyncio.sleep(0.1)
+        lag.reset()
+
+        async def one(i: int) -> str:
+            video = await client.videos.generate(am.VideoRequest(MODEL, f"request {i}"))
+            return video.id
+
+        waits = []
+        for i in range(requests):
+            waits.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(arrival_s / requests)
+        arrivals = lag.figures()
+        lag.reset()
+        # lazily: the batch reads its input as it goes (a list of 20,000 requests built
+        # here would hold the loop for ~0.3 s, checking each one)
+        jobs = (am.VideoRequest(MODEL, f"replayed {i}") for i in range(replayed))
+        kept: list[str] = []
+        async with client.batch(jobs, journal=journal, concurrency=16) as results:
+            async for outcome in results:
+                kept.append(json.dumps(outcome.to_dict()))
+        replay = lag.figures()
+        ids = await asyncio.gather(*waits)
+        whole = lag.figures()
+        monitor.cancel()
+    return {
+        "ok": len(ids),
+        "distinct_tasks": len(set(ids)),
+        "replay_outcomes": len(kept),
+        "arrivals": arrivals,
+        "replay": replay,
+        "replay_to_end": whole,
+        **meter.figures(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("kind")
@@ -315,6 +421,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--journal")
+    p.add_argument("--arrival", type=float, default=2.0)
     a = p.parse_args()
     u, k = a.base_url, a.api_key
     runs = {
@@ -326,6 +434,7 @@ def main() -> None:
         "sdk-download": lambda: sdk_download(u, k, a.reps),
         "bare-download": lambda: bare_download(u, k, a.reps),
         "ceilings": lambda: ceilings(a.reps),
+        "sdk-replica": lambda: sdk_replica(u, k, a.jobs, a.tasks, a.journal, a.arrival),
     }
     result = asyncio.run(runs[a.kind]())
     sys.stdout.write(json.dumps(result) + "\n")

@@ -45,6 +45,7 @@ import importlib.resources
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -484,6 +485,8 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
         replay = [am.VideoRequest("sora-2-preview", f"replayed {i}") for i in range(replayed)]
         log(f"web: a journal of {replayed} finished jobs")
         await _prefill_journal(folder / "batches" / "replay.sqlite", replay)
+        # the same journal for the SDK alone (below): the app's replay may write to its own
+        shutil.copyfile(folder / "batches" / "replay.sqlite", folder / "alone.sqlite")
         body = {"name": "replay", "jobs": [job.to_dict() for job in replay]}
         result: dict[str, Any] = {
             "requests": n,
@@ -540,7 +543,8 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
 
             batch = await _until("the replay", replay_done)
             replay_s = time.monotonic() - started
-            during_replay = (await lag("reset_lag"))["loop_lag"]
+            replay_metrics = await lag("reset_lag")
+            during_replay = replay_metrics["loop_lag"]
             replies = await asyncio.gather(*requests)
             wall = time.monotonic() - started
             metrics = await lag("reset_lag")
@@ -565,6 +569,11 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
                 "arrivals_lag_max_ms": arrivals["max_ms"],
                 "replay_lag_p99_ms": during_replay["p99_ms"],
                 "replay_lag_max_ms": during_replay["max_ms"],
+                # the cyclic GC's full collections hold the loop too (the app's heap, not a
+                # stretch of SDK work): their count and longest pause, whole run
+                "gc_full_collections": metrics["gc_full_collections_total"]["samples"],
+                "gc_pause_max_ms": metrics["gc_full_collections_total"]["max_ms"],
+                "replay_gc_pause_max_ms": replay_metrics["gc_full_collections"]["max_ms"],
                 "replay_outcomes": batch["outcomes_count"],
                 "replay_replayed": batch["stats"]["replayed"] if batch["stats"] else None,
                 "replay_s": round(replay_s, 1),
@@ -573,6 +582,23 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
                 "load_average": round(os.getloadavg()[1], 2),
             }
         )
+        log(f"web: the same load on the SDK alone (no web framework): {n} waits, the replay")
+        async with emulator_process("--duration", cfg["web_durations"], "--seed", "3") as emu:
+            alone = await worker(
+                "sdk-replica",
+                emu,
+                "--jobs",
+                str(n),
+                "--tasks",
+                str(replayed),
+                "--journal",
+                str(folder / "alone.sqlite"),
+                "--arrival",
+                str(cfg["web_arrival_s"]),
+            )
+        if not alone["ok"] == alone["distinct_tasks"] == n or alone["replay_outcomes"] != replayed:
+            raise RuntimeError(f"web: the SDK alone accounted for {alone}")
+        result["sdk_alone"] = alone
         result["sigkill"] = await _web_sigkill(folder / "killed", killed)
     return result
 
