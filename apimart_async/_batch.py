@@ -259,6 +259,8 @@ class BatchRun:
                     self._refuse(take.refused)
                     continue
                 if take.plan is not None and not take.submits:
+                    while self.outbox.replays_full and not self.stopped:
+                        await self._changed_wait()  # a replay waits for the reader (next())
                     self._resume(take.plan)
                     continue
                 index, request = take.index, take.request
@@ -357,8 +359,7 @@ class BatchRun:
         self._follow(task_id, job, timeout=self.options.job_timeout)
 
     def _unfollow_all(self) -> None:
-        """Stop following every pending task (they keep running at the service, and are
-        billed: ``pending_task_ids()`` goes on listing them)."""
+        """Stop following every pending task (billed, running on: ``pending_task_ids()``)."""
         for task_id in list(self.roster.pending):
             self._poller.unwatch(task_id, self._on_done)
         self.roster.abandoned.extend(self.roster.pending)

@@ -19,6 +19,7 @@ from ._errors import ApimartError, ReplayedError
 from ._models import DownloadedFile, Task, VideoRequest
 
 __all__ = [
+    "MAX_UNREAD_REPLAYS",
     "BatchEvent",
     "BatchStats",
     "EventKind",
@@ -224,6 +225,13 @@ class BatchStats:
         }
 
 
+#: Replayed outcomes (jobs finished in an earlier run: no request, so a replay runs ahead of
+#: any reader) waiting to be read at most; then the replay waits for the reader. Unbounded,
+#: 20,000 queued outcomes were 60,000 more objects for each full garbage collection to walk,
+#: each a stall of the event loop (issue 21).
+MAX_UNREAD_REPLAYS = 1_000
+
+
 class Outbox:
     """A batch's outcome stream: unbounded, in the order outcomes are put; those not read yet
     are kept (``unread_outcomes``), also once the reader left.
@@ -243,6 +251,11 @@ class Outbox:
     def unread(self) -> int:
         """Outcomes put and not read yet."""
         return len(self._unread)
+
+    @property
+    def replays_full(self) -> bool:
+        """Whether a replay must wait for the reader (``MAX_UNREAD_REPLAYS`` unread)."""
+        return len(self._unread) >= MAX_UNREAD_REPLAYS
 
     def open(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[Success | Failure](

@@ -367,19 +367,13 @@ class Poller:
             request_tally.reset(token)
         now = self._clock()
         try:  # hundreds of waits may end in one round: in slices, the event loop runs between
-            rest = ids
-            while rest:
-                rest = rest[self._report(rest, results, now, until=self._slice_end()) :]
-                if rest:
+            taken = 0
+            while taken < len(ids) and not self._closed:
+                if taken:
                     await anyio.lowlevel.checkpoint()
-                    if self._closed:
-                        return
+                taken += self._report(ids[taken:], results, now, budget=LOOP_SLICE)
         finally:
             self.schedule.release(ids, now)
-
-    @staticmethod
-    def _slice_end() -> float:
-        return time.perf_counter() + LOOP_SLICE
 
     def _tallies(self, ids: list[str]) -> tuple[collections.Counter[str], ...]:
         """The request counters of everyone following ``ids`` (a shared read counts once for
@@ -455,19 +449,18 @@ class Poller:
         results: dict[str, Task | ApimartError],
         now: float,
         *,
-        until: float = math.inf,
+        budget: float = math.inf,
     ) -> int:
-        """Tell the schedule about the ids of a round, and end the waits that are over; stops
-        once ``time.perf_counter()`` passes ``until`` (after one id at least). Returns how many
-        of ``ids`` it took (all of them once the client is closed)."""
-        wall = self._wall()
+        """Tell the schedule about the ids of a round and end the waits that are over, for
+        ``budget`` seconds at most (one id at least); how many ids it took (all once closed)."""
+        until, wall = time.perf_counter() + budget, self._wall()
         retry: list[str] = []
         reason: ApimartError | None = None
         taken = 0
         for task_id in ids:
             if taken and time.perf_counter() > until:
                 break
-            taken += 1
+            taken, self.checks = taken + 1, self.checks + 1
             result = results.get(task_id)
             try:
                 verdict = self._report_one(task_id, result, now, wall)
@@ -475,13 +468,11 @@ class Poller:
                 self._unhandled(task_id, exc, now)
                 continue
             if verdict == "closed":
-                self.checks += taken
                 return len(ids)
             if verdict == "retry":
                 retry.append(task_id)
                 if isinstance(result, ApimartError):
                     reason = result
-        self.checks += taken
         if retry:
             logger.info(
                 "status of %d task(s) not read this round (%s); reading them again later",

@@ -233,7 +233,7 @@ LAYERS: list[set[str]] = [
     {
         "_poll_schedule", "_priors", "_status_window", "_prior_store", "_outcomes", "_models",
         "_results", "_converter", "_retry", "_checks", "_config", "_specs", "_errors", "_json",
-        "_version",
+        "_version", "_slices",
     },
 ]  # fmt: skip
 

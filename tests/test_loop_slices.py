@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import apimart_async as am
-from apimart_async import _jobs, _poller
+from apimart_async import _jobs, _outcomes, _poller
 from apimart_async.emulator import Emulator
 
 from .conftest import FAST_POLL
@@ -122,3 +122,31 @@ async def test_opening_a_client_reads_the_certificates_off_the_event_loop(
     async with am.AsyncApimart("sk-test", base_url="https://127.0.0.1:9"):
         pass
     assert len(built_on) == 1 and built_on[0] is not threading.main_thread()
+
+
+async def test_a_replay_waits_for_its_reader_instead_of_queueing_every_outcome(
+    tmp_path: Path,
+) -> None:
+    """A replay sends no request, so it ran ahead of a slower reader and queued all its
+    outcomes: 20,000 of them (60,000 objects) for the garbage collector to walk at every full
+    collection, each a stall of the event loop (50 ms at half a 20,000-job replay). It now
+    waits while ``MAX_UNREAD_REPLAYS`` outcomes are unread."""
+    n = 3 * _outcomes.MAX_UNREAD_REPLAYS
+    journal = tmp_path / "run.sqlite"
+    jobs = [am.VideoRequest("sora-2-preview", f"take {i}") for i in range(n)]
+    async with Emulator(task_duration=0.0, balance=None) as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as c:
+            async with c.batch(jobs, journal=journal, concurrency=32) as results:
+                assert len([o async for o in results]) == n
+            unread: list[int] = []
+            async with c.batch(iter(jobs), journal=journal) as results:
+                replayed = []
+                for _ in range(2):  # the reader away, twice: the feeder stops at the limit
+                    await anyio.wait_all_tasks_blocked()
+                    unread.append(len(results.unread()))
+                    replayed += [await results.__anext__() for _ in range(unread[-1])]
+                replayed += [o async for o in results]
+    assert unread[0] == _outcomes.MAX_UNREAD_REPLAYS and unread[1] > 0
+    assert sorted(o.index for o in replayed) == list(range(n))
+    assert [o for o in replayed if not o.replayed] == []
+    assert emu.tasks_created == n
