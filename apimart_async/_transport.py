@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
-import anyio.to_thread
 import attrs
 import backoff
 
@@ -264,13 +263,21 @@ def _with_proxy_auth(
     return {**(headers or {}), **proxy_headers}
 
 
-async def _default_ssl() -> ssl.SSLContext | bool:
+#: The verified contexts built for ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``, by their values: reading
+#: the certificates takes 40-60 ms of the event loop, once per process rather than per client.
+_SSL_CONTEXTS: dict[tuple[str, str], ssl.SSLContext] = {}
+
+
+def _default_ssl() -> ssl.SSLContext | bool:
     """aiohttp's shared verified context, unless ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` is set:
-    aiohttp builds its context at import time, so a fresh one reads them as they are now (on
-    a worker thread: reading the certificates takes 40-60 ms, which would hold the loop)."""
-    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
-        return await anyio.to_thread.run_sync(ssl.create_default_context)
-    return True
+    aiohttp builds its context at import time, so one built here reads them as they are now."""
+    where = (os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+    if not any(where):
+        return True
+    context = _SSL_CONTEXTS.get(where)
+    if context is None:
+        context = _SSL_CONTEXTS[where] = ssl.create_default_context()
+    return context
 
 
 @attrs.frozen
@@ -415,23 +422,14 @@ class Transport:
         if self._closed:
             raise ClientClosedError("this client was closed; create a new AsyncApimart")
         if self._session is None:
-            self._start(
-                self._ssl_context if self._ssl_context is not None else await _default_ssl()
+            ssl_option = self._ssl_context if self._ssl_context is not None else _default_ssl()
+            self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=ssl_option),
+                headers={"User-Agent": f"apimart-async/{__version__}"},
+                timeout=self.client_timeout(self.timeout),
+                raise_for_status=False,
             )
-
-    def _start(self, ssl_option: ssl.SSLContext | bool) -> None:
-        """The session, unless the client was opened or closed while ``open`` awaited."""
-        if self._closed:
-            raise ClientClosedError("this client was closed; create a new AsyncApimart")
-        if self._session is not None:
-            return
-        self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=ssl_option),
-            headers={"User-Agent": f"apimart-async/{__version__}"},
-            timeout=self.client_timeout(self.timeout),
-            raise_for_status=False,
-        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -102,26 +102,35 @@ async def test_a_poll_round_that_ends_hundreds_of_waits_lets_the_event_loop_run(
     assert sum(drops) == n and max(drops) <= 5  # without the slices: all 300 in one stretch
 
 
-async def test_opening_a_client_reads_the_certificates_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_opening_clients_reads_the_certificates_once_per_process(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With ``SSL_CERT_FILE`` set, opening a client builds a fresh TLS context: reading the
-    certificates took 40-60 ms, on the event loop of a web app opening it in its lifespan."""
+    """With ``SSL_CERT_FILE`` set, each client opened built a fresh TLS context: 40-60 ms of
+    the event loop reading the certificates, for every client a web app opened. One context
+    is built for each value of the variable, and shared."""
     import ssl
-    import threading
 
-    built_on: list[threading.Thread] = []
+    from apimart_async import _transport
+
+    built: list[ssl.SSLContext] = []
     real = ssl.create_default_context
 
     def create_default_context(*args: object, **kwargs: object) -> ssl.SSLContext:
-        built_on.append(threading.current_thread())
-        return real()
+        built.append(real())
+        return built[-1]
 
-    monkeypatch.setenv("SSL_CERT_FILE", ssl.get_default_verify_paths().openssl_cafile)
+    monkeypatch.setattr(_transport, "_SSL_CONTEXTS", {})
     monkeypatch.setattr(ssl, "create_default_context", create_default_context)
+    monkeypatch.setenv("SSL_CERT_FILE", ssl.get_default_verify_paths().openssl_cafile)
+    for _ in range(3):
+        async with am.AsyncApimart("sk-test", base_url="https://127.0.0.1:9") as client:
+            assert client._transport.session().connector._ssl is built[0]  # type: ignore[attr-defined]
+    monkeypatch.setenv("SSL_CERT_FILE", str(Path(__file__)))  # another value: read again
+    monkeypatch.setenv("SSL_CERT_DIR", "/nonexistent")
+    monkeypatch.delenv("SSL_CERT_FILE")
     async with am.AsyncApimart("sk-test", base_url="https://127.0.0.1:9"):
         pass
-    assert len(built_on) == 1 and built_on[0] is not threading.main_thread()
+    assert len(built) == 2
 
 
 async def test_a_replay_waits_for_its_reader_instead_of_queueing_every_outcome(
