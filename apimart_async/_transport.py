@@ -617,8 +617,12 @@ class Transport:
         timeout: Timeout | None,
         track: SendTrack | None = None,
     ) -> Reply:
-        session = self.session()
-        await self._pace()
+        session = self._session
+        if session is None or session.closed:
+            session = self.session()  # raises ClientClosedError
+        wait = self.pacing.wait_time(time.monotonic(), honour_pause=not _retry.is_testing())
+        if wait > 0:  # a server-requested pause or a requests-per-second cap
+            await anyio.sleep(wait)
         all_headers = {
             "Authorization": f"Bearer {self._key.reveal()}",
             "Accept": "application/json",
@@ -626,11 +630,12 @@ class Transport:
         if headers:
             all_headers.update(headers)
         self._count(kind)
-        started = time.perf_counter()
+        debug = logger.isEnabledFor(logging.DEBUG)
+        started = time.perf_counter() if debug else 0.0
         options: dict[str, Any] = {}
         if timeout is not None:  # else the session's; passing None would mean "no limit"
             options["timeout"] = self.client_timeout(timeout)
-        url = self.url(path)
+        url = self.base_url + path
         proxy, proxy_headers = self.proxies.for_url(url)
         if proxy is not None:
             options["proxy"] = proxy
@@ -672,13 +677,15 @@ class Transport:
             if self._closed or session.closed:
                 raise ClientClosedError("the client was closed during the request") from None
             raise
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        if debug:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        throttle = self.pacing.throttle
         if status == 429:
             retry_after = _retry.parse_retry_after(reply_headers.get("Retry-After"))
-            self.throttle.on_rate_limited(time.monotonic(), retry_after)
-        elif status < 300:
-            self.throttle.on_success(time.monotonic())
+            throttle.on_rate_limited(time.monotonic(), retry_after)
+        elif status < 300 and throttle.factor < 1.0:  # else nothing to recover
+            throttle.on_success(time.monotonic())
         declared = reply_headers.get("Content-Length")
         if (
             declared is not None
