@@ -117,6 +117,15 @@ def _free_bytes(directory: Path) -> int | None:
         return None
 
 
+def _reserve(part: _PartFile, needed: int, free: int | None) -> None:
+    """Refuse a file that cannot fit: ``needed`` more bytes than the disk has ``free``."""
+    if free is not None and needed > free:
+        raise DownloadError(
+            f"cannot write {part.dest}: not enough free space ({needed} bytes to write, "
+            f"{free} bytes free); free some space and run again to resume"
+        )
+
+
 def inside(directory: Path, name: str) -> Path:
     """``directory / name`` after checking that it stays inside ``directory``."""
     base = directory.resolve()
@@ -176,6 +185,11 @@ class _PartFile:
     def record_origin_sync(self, total: int | None, tag: str | None) -> None:
         self.origin_total, self.origin_tag = total, tag
         self.origin_path.write_text(json.dumps({"total": total, "tag": tag}), encoding="utf-8")
+
+    def begin_sync(self, total: int | None, tag: str | None) -> int | None:
+        """A part begun from its first byte: its origin recorded; the free bytes where it is."""
+        self.record_origin_sync(total, tag)
+        return _free_bytes(self.path.parent)
 
     def write_many_sync(self, pieces: list[bytes]) -> None:
         assert self._fh is not None
@@ -350,8 +364,9 @@ class Downloader:
                 return None
             total = _total_size(resp.status, resp.headers, offset)
             tag = _validator(resp.headers)
-            if not offset:
-                await anyio.to_thread.run_sync(part.record_origin_sync, total, tag)
+            free: int | None = None
+            if not offset:  # one trip to a worker thread: the origin kept, the free space read
+                free = await anyio.to_thread.run_sync(part.begin_sync, total, tag)
             elif (None not in (total, part.origin_total) and total != part.origin_total) or (
                 None not in (tag, part.origin_tag) and tag != part.origin_tag
             ):
@@ -363,7 +378,9 @@ class Downloader:
                     f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
                 )
             if total is not None:
-                await self._reserve(part, total - part.size)
+                if free is None:
+                    free = await anyio.to_thread.run_sync(_free_bytes, part.path.parent)
+                _reserve(part, total - part.size, free)
             await self._copy(resp, part, url, max_bytes, floor)
             if total is None:
                 return True
@@ -468,15 +485,6 @@ class Downloader:
             raise error
         if failed:
             raise disk_error(part.dest, failed[0]) from failed[0]
-
-    async def _reserve(self, part: _PartFile, needed: int) -> None:
-        """Refuse a file that cannot fit: ``needed`` more bytes than the disk has free."""
-        free = await anyio.to_thread.run_sync(_free_bytes, part.path.parent)
-        if free is not None and needed > free:
-            raise DownloadError(
-                f"cannot write {part.dest}: not enough free space ({needed} bytes to write, "
-                f"{free} bytes free); free some space and run again to resume"
-            )
 
     async def task_files_by(
         self,
