@@ -1149,7 +1149,7 @@ def _kept_sections(path: Path) -> str:
         return ""
     old = path.read_text()
     kept = []
-    for name in ("simulate_polling", "simulate_polling_notes"):
+    for name in ("simulate_polling", "simulate_polling_notes", "issue16_notes"):
         start, stop = f"<!-- {name} -->", f"<!-- /{name} -->"
         if start in old and stop in old:
             kept.append(start + old.split(start, 1)[1].split(stop, 1)[0] + stop + "\n")
