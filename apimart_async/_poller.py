@@ -36,8 +36,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -127,6 +127,30 @@ class _Watchers:
         self.waiters: list[_Waiter] = []
 
 
+class _ReadTasks:
+    """The per-task reads in flight, each in a plain asyncio task: a seventh of the CPU of an
+    anyio task group's ``start_soon`` (issue 16). A read raises nothing but cancellation."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, read: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(read)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def aclose(self) -> None:
+        """As a task group would: cancel the reads still in flight and wait for their end."""
+        tasks = set(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+
+
 class Poller:
     """Shared status polling for one client.
 
@@ -159,8 +183,7 @@ class Poller:
         self.schedule: PollSchedule = PollSchedule(policy)
         # issue 22: per-task reads leave one by one as they fall due, ``reads.limit`` at most
         self.reads: StatusWindow = reads or StatusWindow(start=8, maximum=64)
-        #: Per-task reads in flight (``run`` ends them); None outside ``run``.
-        self._reading: set[asyncio.Task[None]] | None = None
+        self._reading: _ReadTasks | None = None  # per-task reads in flight, while ``run`` runs
         self._clock = clock
         self._wall = wall
         #: How many of the clock's seconds pass per real second (an emulator's compressed
@@ -299,7 +322,7 @@ class Poller:
 
     async def run(self) -> None:
         """Poll until cancelled (the client's task group owns this)."""
-        self._reading = set()  # issue 22: per-task reads in flight
+        self._reading = reads = _ReadTasks()  # issue 22: per-task reads in flight
         try:
             while True:
                 try:
@@ -310,21 +333,8 @@ class Poller:
                     logger.exception("status poller round failed; continuing")
                     await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
         finally:
-            reading, self._reading = self._reading, None
-            for task in reading:
-                task.cancel()
-            if reading:  # as a task group would: the reads end before the poller does
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait(reading)
-
-    def _start_read(self, reading: set[asyncio.Task[None]], task_id: str, now: float) -> None:
-        """One per-task read in a plain asyncio task: a seventh of the CPU of an anyio task
-        group's ``start_soon`` (issue 16). ``_read_one`` raises nothing but cancellation."""
-        task = asyncio.get_running_loop().create_task(
-            self._read_one(task_id, self.reads.started(now))
-        )
-        reading.add(task)
-        task.add_done_callback(reading.discard)
+            self._reading = None
+            await reads.aclose()
 
     async def _round(self) -> None:
         delay = await self.step()
@@ -348,7 +358,7 @@ class Poller:
         if not batched and self._reading is not None:
             ids, window_full = self._per_task_due(now)
             for task_id in ids:
-                self._start_read(self._reading, task_id, now)
+                self._reading.start(self._read_one(task_id, self.reads.started(now)))
             if ids:
                 return None
         else:
