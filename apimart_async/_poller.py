@@ -40,7 +40,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
-import anyio.abc
 
 from ._api import Statuses, is_unknown_task
 from ._checks import check_positive_number
