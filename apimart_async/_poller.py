@@ -29,17 +29,17 @@ Deadlines belong to waiters, not to tasks: a wait past its ``timeout`` ends alon
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import heapq
 import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal
 
 import anyio
-import anyio.abc
 
 from ._api import Statuses, is_unknown_task
 from ._checks import check_positive_number
@@ -126,6 +126,30 @@ class _Watchers:
         self.waiters: list[_Waiter] = []
 
 
+class _ReadTasks:
+    """The per-task reads in flight, each in a plain asyncio task: a seventh of the CPU of an
+    anyio task group's ``start_soon`` (issue 16). A read raises nothing but cancellation."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, read: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(read)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def aclose(self) -> None:
+        """As a task group would: cancel the reads still in flight and wait for their end."""
+        tasks = set(self.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+
+
 class Poller:
     """Shared status polling for one client.
 
@@ -158,7 +182,7 @@ class Poller:
         self.schedule: PollSchedule = PollSchedule(policy)
         # issue 22: per-task reads leave one by one as they fall due, ``reads.limit`` at most
         self.reads: StatusWindow = reads or StatusWindow(start=8, maximum=64)
-        self._read_group: anyio.abc.TaskGroup | None = None
+        self._reading: _ReadTasks | None = None  # per-task reads in flight, while ``run`` runs
         self._clock = clock
         self._wall = wall
         #: How many of the clock's seconds pass per real second (an emulator's compressed
@@ -297,19 +321,19 @@ class Poller:
 
     async def run(self) -> None:
         """Poll until cancelled (the client's task group owns this)."""
-        async with anyio.create_task_group() as reads:  # issue 22: per-task reads in flight
-            self._read_group = reads
-            try:
-                while True:
-                    try:
-                        await self._round()
-                    except anyio.get_cancelled_exc_class():
-                        raise
-                    except Exception:
-                        logger.exception("status poller round failed; continuing")
-                        await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
-            finally:
-                self._read_group = None
+        self._reading = reads = _ReadTasks()  # issue 22: per-task reads in flight
+        try:
+            while True:
+                try:
+                    await self._round()
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception:
+                    logger.exception("status poller round failed; continuing")
+                    await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
+        finally:
+            self._reading = None
+            await reads.aclose()
 
     async def _round(self) -> None:
         delay = await self.step()
@@ -330,10 +354,10 @@ class Poller:
         batched = self._batched(now)
         # issue 22 hook: without the batch route, reads leave one by one (``_read_one``)
         window_full = False
-        if not batched and self._read_group is not None:
+        if not batched and self._reading is not None:
             ids, window_full = self._per_task_due(now)
             for task_id in ids:
-                self._read_group.start_soon(self._read_one, task_id, self.reads.started(now))
+                self._reading.start(self._read_one(task_id, self.reads.started(now)))
             if ids:
                 return None
         else:

@@ -396,7 +396,7 @@ class Transport:
         #: Attempts made, by kind of request ("submit", "task", "batch", ...), and "retries".
         self.counters: collections.Counter[str] = collections.Counter()
         self._retrying_read = self._retrying(submit=False)
-        self._retrying_submit = self._waiting_out_in_progress(self._retrying(submit=True))
+        self._retrying_submit = self._retrying(submit=True)
 
     def _count(self, kind: str) -> None:
         """One more attempt of ``kind``: for the client, and for whoever counts it here."""
@@ -479,34 +479,39 @@ class Transport:
         multipart body per attempt. ``track`` counts attempts that may have reached the
         service without a reply."""
 
+        args = (method, path, kind, parse, json_body, data_factory, params, headers, timeout, track)
         if retry == "never" or self.max_retries <= 0:
-            run: Callable[..., Awaitable[Any]] = self._parsed_attempt
+            result: T = await self._parsed_attempt(*args)
+        elif retry == "submit":
+            result = await self._waiting_out_in_progress(args)
         else:
-            run = self._retrying_submit if retry == "submit" else self._retrying_read
-        result: T = await run(
-            method,
-            path,
-            kind,
-            parse,
-            json_body,
-            data_factory,
-            params,
-            headers,
-            timeout,
-            track,
-        )
+            result = await self._retried(args, submit=False)
         return result
 
+    async def _retried(self, args: tuple[Any, ...], *, submit: bool) -> Any:
+        """The first attempt on its own; only after it failed with a retryable error does the
+        retry policy (backoff) take over, from that failure on: the same attempts, waits, logs
+        and counters as when backoff runs every attempt, without its bookkeeping on the
+        common path (a status read that succeeds at once)."""
+        try:
+            return await self._parsed_attempt(*args)
+        except ApimartError as exc:
+            if not _retry.is_retryable_failure(exc, submit=submit):
+                raise
+            failed = [exc]
+        retrying = self._retrying_submit if submit else self._retrying_read
+        return await retrying(failed, *args)
+
     def _retrying(self, *, submit: bool) -> Callable[..., Awaitable[Any]]:
-        """``_parsed_attempt`` wrapped in the retry policy; built once per transport (building a
-        backoff decorator per request costs more than the rest of the request's own work)."""
+        """``_replayed_attempt`` wrapped in the retry policy; built once per transport (building
+        a backoff decorator per request costs more than the rest of the request's own work)."""
 
         def giveup(exc: Exception) -> bool:
             return not _retry.is_retryable_failure(exc, submit=submit)
 
         def on_backoff(details: Any) -> None:
             exc = details.get("exception")
-            method, path = details["args"][:2]
+            method, path = details["args"][1:3]
             self._count("retries")
             logger.info(
                 "retrying %s %s in %.2f s (attempt %d of %d) after %s",
@@ -526,48 +531,49 @@ class Transport:
             jitter=None,
             logger=None,
             on_backoff=on_backoff,
-        )(self._parsed_attempt)
+        )(self._replayed_attempt)
         return wrapped
 
-    def _waiting_out_in_progress(
-        self, retrying: Callable[..., Awaitable[Any]]
-    ) -> Callable[..., Awaitable[Any]]:
-        """``retrying`` (a submit with its retries for failures), asked again after a pause
+    async def _replayed_attempt(self, failed: list[ApimartError], *args: Any) -> Any:
+        """Under the retry policy: first the failure of the attempt made before it (raised
+        again, so backoff counts it as its first try), then real attempts."""
+        if failed:
+            raise failed.pop()
+        return await self._parsed_attempt(*args)
+
+    async def _waiting_out_in_progress(self, args: tuple[Any, ...]) -> Any:
+        """A submit with its retries for failures (``_retried``), asked again after a pause
         while the service reports an earlier attempt with the same key still in progress, for
         up to ``_retry.IN_PROGRESS_MAX_WAIT`` seconds of pauses in all. Each answer "in
         progress" proves the service holds the request: it is not a failure, and it does not
         use up the retries for failures (which a slow service would otherwise exhaust, ending
         a submit about to succeed as indeterminate)."""
-
-        async def run(*args: Any) -> Any:
-            waited = 0.0
-            rounds = 0
-            while True:
-                try:
-                    return await retrying(*args)
-                except ConflictError as exc:
-                    if not _retry.in_progress(exc) or (
-                        exc.retry_after is not None and exc.retry_after > _retry.MAX_RETRY_AFTER
-                    ):
-                        raise
-                    rounds += 1
-                    delay = _retry.in_progress_delay(rounds, exc)
-                    if waited + delay > _retry.IN_PROGRESS_MAX_WAIT + 1e-9:
-                        raise
-                    waited += delay
-                    self._count("retries")
-                    logger.info(
-                        "%s %s: the service still works on this key; asking again in %.2f s "
-                        "(%.0f s of %.0f s waited)",
-                        args[0],
-                        args[1],
-                        delay,
-                        waited,
-                        _retry.IN_PROGRESS_MAX_WAIT,
-                    )
-                    await anyio.sleep(delay)
-
-        return run
+        waited = 0.0
+        rounds = 0
+        while True:
+            try:
+                return await self._retried(args, submit=True)
+            except ConflictError as exc:
+                if not _retry.in_progress(exc) or (
+                    exc.retry_after is not None and exc.retry_after > _retry.MAX_RETRY_AFTER
+                ):
+                    raise
+                rounds += 1
+                delay = _retry.in_progress_delay(rounds, exc)
+                if waited + delay > _retry.IN_PROGRESS_MAX_WAIT + 1e-9:
+                    raise
+                waited += delay
+                self._count("retries")
+                logger.info(
+                    "%s %s: the service still works on this key; asking again in %.2f s "
+                    "(%.0f s of %.0f s waited)",
+                    args[0],
+                    args[1],
+                    delay,
+                    waited,
+                    _retry.IN_PROGRESS_MAX_WAIT,
+                )
+                await anyio.sleep(delay)
 
     async def _parsed_attempt(
         self,
@@ -609,8 +615,12 @@ class Transport:
         timeout: Timeout | None,
         track: SendTrack | None = None,
     ) -> Reply:
-        session = self.session()
-        await self._pace()
+        session = self._session
+        if session is None or session.closed:
+            session = self.session()  # raises ClientClosedError
+        wait = self.pacing.wait_time(time.monotonic(), honour_pause=not _retry.is_testing())
+        if wait > 0:  # a server-requested pause or a requests-per-second cap
+            await anyio.sleep(wait)
         all_headers = {
             "Authorization": f"Bearer {self._key.reveal()}",
             "Accept": "application/json",
@@ -618,11 +628,12 @@ class Transport:
         if headers:
             all_headers.update(headers)
         self._count(kind)
-        started = time.perf_counter()
+        debug = logger.isEnabledFor(logging.DEBUG)
+        started = time.perf_counter() if debug else 0.0
         options: dict[str, Any] = {}
         if timeout is not None:  # else the session's; passing None would mean "no limit"
             options["timeout"] = self.client_timeout(timeout)
-        url = self.url(path)
+        url = self.base_url + path
         proxy, proxy_headers = self.proxies.for_url(url)
         if proxy is not None:
             options["proxy"] = proxy
@@ -664,13 +675,15 @@ class Transport:
             if self._closed or session.closed:
                 raise ClientClosedError("the client was closed during the request") from None
             raise
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        if debug:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        throttle = self.pacing.throttle
         if status == 429:
             retry_after = _retry.parse_retry_after(reply_headers.get("Retry-After"))
-            self.throttle.on_rate_limited(time.monotonic(), retry_after)
-        elif status < 300:
-            self.throttle.on_success(time.monotonic())
+            throttle.on_rate_limited(time.monotonic(), retry_after)
+        elif status < 300 and throttle.factor < 1.0:  # else nothing to recover
+            throttle.on_success(time.monotonic())
         declared = reply_headers.get("Content-Length")
         if (
             declared is not None
@@ -746,13 +759,19 @@ async def _read_whole(resp: aiohttp.ClientResponse, method: str, path: str) -> b
     body (or one that inflates) is cut off past it. A reply cut short raises aiohttp's
     ``ClientPayloadError``, which the caller maps to a retryable ``APIConnectionError``."""
     limit = MAX_REPLY_BYTES
-    declared = resp.headers.get("Content-Length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ResponseValidationError(
-            f"{method} {path}: the reply declares {declared} bytes, more than the "
-            f"{limit} bytes an API reply may have",
-            status=resp.status,
-        )
+    headers = resp.headers
+    declared = headers.get("Content-Length")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise ResponseValidationError(
+                f"{method} {path}: the reply declares {declared} bytes, more than the "
+                f"{limit} bytes an API reply may have",
+                status=resp.status,
+            )
+        if "Content-Encoding" not in headers:
+            # the common reply: its length is known and within the limit, and aiohttp's
+            # parser delivers no byte past it, so it is read in one go
+            return await resp.read()
     parts: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_any():

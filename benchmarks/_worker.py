@@ -9,7 +9,8 @@ process, counted from after the imports). Kinds:
   became known (Unix time), for latency against the emulator's exact finish times.
 - ``sdk-overhead`` / ``bare-overhead``: many near-instant jobs, CPU and memory per job.
 - ``scale``: hold many pending tasks in the poller; memory per task, CPU per poll round.
-- ``sdk-download`` / ``bare-download``: one result file fetched several times.
+- ``sdk-download`` / ``bare-download`` / ``bare-verified-download``: one result file fetched
+  several times (the last: by hand, with the SDK's sha256, fsync and rename).
 - ``sdk-replica``: the web row's load without the web framework: awaiting ``generate()``
   calls and a journal replay in one process; the event loop's lag and the GC's pauses.
 """
@@ -263,6 +264,39 @@ async def bare_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
     return _download_figures(size, times, meter)
 
 
+async def bare_verified_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
+    """The same work as the SDK's, by hand: ``iter_chunked`` into ``<name>.part``, sha256 of
+    every chunk, fsync, rename into place (hashing and writing on the event loop)."""
+    task_id = await _completed_task(base_url, key)
+    times, size = [], 0
+    meter = Meter()
+    headers = {"Authorization": f"Bearer {key}"}
+    with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
+        dest = Path(tmp) / "video.mp4"
+        part = Path(tmp) / "video.mp4.part"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
+                url = (await r.json())["data"]["result"]["videos"][0]["url"][0]
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                size = 0
+                digest = hashlib.sha256()
+                async with http.get(url) as r:
+                    r.raise_for_status()
+                    with part.open("wb") as fh:
+                        async for chunk in r.content.iter_chunked(CHUNK):
+                            fh.write(chunk)
+                            digest.update(chunk)
+                            size += len(chunk)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                os.replace(part, dest)
+                digest.hexdigest()
+                times.append(time.perf_counter() - t0)
+                dest.unlink()
+    return _download_figures(size, times, meter)
+
+
 async def ceilings(reps: int) -> dict[str, Any]:
     """What the SDK's download guarantees cost on this machine, apart from any network: sha256
     of every byte (the SDK hashes each file as it arrives) and fsync of a freshly written file
@@ -433,6 +467,7 @@ def main() -> None:
         "scale": lambda: scale(u, k, a.tasks, a.rounds),
         "sdk-download": lambda: sdk_download(u, k, a.reps),
         "bare-download": lambda: bare_download(u, k, a.reps),
+        "bare-verified-download": lambda: bare_verified_download(u, k, a.reps),
         "ceilings": lambda: ceilings(a.reps),
         "sdk-replica": lambda: sdk_replica(u, k, a.jobs, a.tasks, a.journal, a.arrival),
     }

@@ -19,7 +19,8 @@ Scenarios:
    bare-aiohttp client doing exactly one POST and one GET per job at the same concurrency.
 3. Scale: pending tasks held by one poller (emulator in manual mode): memory per pending
    task, CPU per poll round.
-4. Downloads: throughput against bare aiohttp ``iter_chunked``, peak RSS by file size.
+4. Downloads: throughput against bare aiohttp ``iter_chunked`` and against a bare client
+   doing the SDK's work by hand (sha256, fsync, rename), peak RSS by file size.
 5. Gallery: the ``index.html`` of a 1,000-job batch (real video files beside it): its size,
    the time to render it in Python, and the time headless Chromium takes to load and paint it
    (needs ``chromium``; ``tests/ci_setup_browser.sh``).
@@ -108,7 +109,15 @@ DEFAULT_TARGET_LAG = 2.0
 LAG_SLACK = 0.5
 CPU_RATIO = 1.5
 BYTES_PER_TASK = 2048
+# -- targets (issue 16) --
+#: The per-task row's client CPU per job against the bare client (the batch row keeps 1.5).
+CPU_RATIO_PER_TASK = 1.3
+#: Download throughput against a bare client doing the same work (sha256, fsync, rename)...
 DOWNLOAD_RATIO = 0.9
+#: ...and against the bare client that only writes the bytes (an aim, reported).
+DOWNLOAD_RAW_RATIO = 0.6
+BARE_DL = "bare aiohttp iter_chunked"
+VERIFIED_DL = "bare aiohttp + sha256 + fsync + rename"
 #: "Flat" memory: the largest file may raise the peak RSS by at most this much over the smallest.
 FLAT_RSS_MB = 16.0
 # -- targets (issue 17) --
@@ -270,7 +279,8 @@ async def downloads(cfg: dict[str, Any]) -> dict[str, Any]:
     for size_mb in cfg["download_sizes_mb"]:
         size = size_mb * 1_000_000
         for name, kind in (
-            ("bare aiohttp iter_chunked", "bare-download"),
+            (BARE_DL, "bare-download"),
+            (VERIFIED_DL, "bare-verified-download"),
             ("apimart-async", "sdk-download"),
         ):
             log(f"downloads: {name}, {size_mb} MB")
@@ -694,10 +704,11 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     if ovh:
         for name, r in ovh["runs"].items():
             if name.startswith("apimart-async"):
+                limit = CPU_RATIO_PER_TASK if "per-task" in name else CPU_RATIO
                 add(
-                    f"{name}: client CPU/job <= {CPU_RATIO}x bare aiohttp",
+                    f"{name}: client CPU/job <= {limit}x bare aiohttp",
                     f"{r['cpu_ratio_to_bare']}x ({r['cpu_us_per_job']} us/job)",
-                    r["cpu_ratio_to_bare"] <= CPU_RATIO,
+                    r["cpu_ratio_to_bare"] <= limit,
                 )
     sc = results["scenarios"].get("scale")
     if sc:
@@ -712,13 +723,30 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         sizes = sorted({r["size_mb"] for r in runs.values()})
         for size in sizes:
             sdk = runs[f"apimart-async, {size} MB"]
-            bare = runs[f"bare aiohttp iter_chunked, {size} MB"]
-            ratio = sdk["mb_per_s"] / bare["mb_per_s"]
+            bare = runs[f"{BARE_DL}, {size} MB"]
+            verified = runs.get(f"{VERIFIED_DL}, {size} MB")
+            raw = sdk["mb_per_s"] / bare["mb_per_s"]
+            costs = (
+                f"sha256 alone {dl['sha256_mb_per_s']} MB/s, fsync "
+                f"{dl['fsync_ms_per_100mb']} ms/100 MB"
+            )
+            if verified is None:  # results of an older run: only the raw comparison
+                add(
+                    f"downloads, {size} MB: >= {DOWNLOAD_RATIO}x bare aiohttp throughput",
+                    f"{raw:.2f}x ({sdk['mb_per_s']} vs {bare['mb_per_s']} MB/s; {costs})",
+                    raw >= DOWNLOAD_RATIO,
+                )
+                continue
+            ratio = sdk["mb_per_s"] / verified["mb_per_s"]
             add(
-                f"downloads, {size} MB: >= {DOWNLOAD_RATIO}x bare aiohttp throughput",
-                f"{ratio:.2f}x ({sdk['mb_per_s']} vs {bare['mb_per_s']} MB/s; sha256 alone "
-                f"{dl['sha256_mb_per_s']} MB/s, fsync {dl['fsync_ms_per_100mb']} ms/100 MB)",
+                f"downloads, {size} MB: >= {DOWNLOAD_RATIO}x {VERIFIED_DL} throughput",
+                f"{ratio:.2f}x ({sdk['mb_per_s']} vs {verified['mb_per_s']} MB/s)",
                 ratio >= DOWNLOAD_RATIO,
+            )
+            add(
+                f"downloads, {size} MB: >= {DOWNLOAD_RAW_RATIO}x {BARE_DL} throughput (aim)",
+                f"{raw:.2f}x ({sdk['mb_per_s']} vs {bare['mb_per_s']} MB/s; {costs})",
+                raw >= DOWNLOAD_RAW_RATIO,
             )
         small = runs[f"apimart-async, {sizes[0]} MB"]["peak_rss_mb"]
         large = runs[f"apimart-async, {sizes[-1]} MB"]["peak_rss_mb"]
@@ -935,9 +963,12 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             "",
             "## 4. Downloads on loopback",
             "",
-            "Median of the repetitions; the SDK streams to `.part`, hashes (sha256) and writes "
-            "on a worker thread, fsyncs and renames; the bare client only writes the chunks "
-            f"from the event loop. On this machine sha256 alone runs at {d['sha256_mb_per_s']} "
+            "Median of the repetitions; each client in its own process. The SDK streams to "
+            "`.part`, hashes (sha256) and writes on a worker thread, flushes every 8 MiB "
+            "written on another while the rest arrives, fsyncs and renames. "
+            f"`{BARE_DL}` only writes the chunks from the event loop; `{VERIFIED_DL}` does the "
+            "SDK's work by hand (each chunk written and hashed on the event loop, then fsync "
+            f"and rename). On this machine sha256 alone runs at {d['sha256_mb_per_s']} "
             f"MB/s and fsync of a fresh file takes {d['fsync_ms_per_100mb']} ms per 100 MB: "
             "the price of verified, durable files, which loopback makes visible (a real "
             "network is 10 to 100 times slower than either).",
@@ -1155,7 +1186,7 @@ def _kept_sections(path: Path) -> str:
         return ""
     old = path.read_text()
     kept = []
-    for name in ("simulate_polling", "simulate_polling_notes"):
+    for name in ("simulate_polling", "simulate_polling_notes", "issue16_notes"):
         start, stop = f"<!-- {name} -->", f"<!-- /{name} -->"
         if start in old and stop in old:
             kept.append(start + old.split(start, 1)[1].split(stop, 1)[0] + stop + "\n")

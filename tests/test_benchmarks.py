@@ -73,7 +73,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     assert scale["bytes_per_task"] > 0
 
     downloads = scenarios["downloads"]["runs"]
-    assert len(downloads) == 4
+    assert len(downloads) == 6  # bare, bare + sha256 + fsync + rename, the SDK; two sizes
     assert all(run["bytes"] == run["size_mb"] * 1_000_000 for run in downloads.values())
 
     gallery = scenarios["gallery"]

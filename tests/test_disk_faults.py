@@ -364,3 +364,51 @@ async def test_a_read_only_download_dir_on_a_real_mount(
         assert emu.tasks_created == 2
     assert [type(o.error) for o in outcomes] == [am.DownloadError, am.DownloadError]
     assert all("[Errno 30] Read-only file system" in str(o.error) for o in outcomes)
+
+
+async def test_written_bytes_are_flushed_to_disk_while_the_rest_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-behind (issue 16): every ``_FLUSH_EVERY`` bytes written are flushed before the
+    file is whole, so the fsync before the rename waits only for the tail; the file is the
+    same."""
+    monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
+    monkeypatch.setattr(_download, "CHUNK", 64 * 1024)  # batches of 64 KiB for the writer
+    flushed_at: list[int] = []
+    real_flush = _PartFile.flush_sync
+
+    def watched(self: _PartFile) -> None:
+        flushed_at.append(self.size)
+        real_flush(self)
+
+    monkeypatch.setattr(_PartFile, "flush_sync", watched)
+    async with emulated(video_bytes=2 * 1024 * 1024) as (emu, client):
+        task = await client.videos.generate(sora(0))
+        (file,) = await client.download(task, tmp_path)
+    assert file.bytes == 2 * 1024 * 1024
+    assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == emu.file_sha256(task.id)
+    assert flushed_at and flushed_at[0] < file.bytes, "nothing was flushed before the end"
+    assert flushed_at == sorted(flushed_at)
+    # one flush at a time, each after at least _FLUSH_EVERY more bytes than the one before
+    assert all(b - a >= 256 * 1024 for a, b in zip([0, *flushed_at], flushed_at, strict=False))
+
+
+async def test_a_failed_flush_is_a_download_error_and_keeps_the_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
+    monkeypatch.setattr(_download, "CHUNK", 64 * 1024)
+
+    def broken(self: _PartFile) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(_PartFile, "flush_sync", broken)
+    async with emulated(video_bytes=2 * 1024 * 1024) as (_emu, client):
+        task = await client.videos.generate(sora(0))
+        with pytest.raises(am.DownloadError, match=r"\[Errno 5\] Input/output error") as caught:
+            await client.download(task, tmp_path)
+    dest = tmp_path / f"{task.id}.mp4"
+    assert str(dest) in str(caught.value)
+    assert not dest.exists()
+    part = tmp_path / f"{task.id}.mp4.part"
+    assert 0 < part.stat().st_size < 2 * 1024 * 1024  # what arrived is kept for a resume
