@@ -9,7 +9,6 @@ or ``--api-key KEY``, and is never printed: a resume line names ``APIMART_API_KE
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,22 +17,21 @@ import os
 import shlex
 import sys
 import time
-import webbrowser
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import anyio
-
+# Start-up (issue 16): `--help` and usage errors import no more than argparse and this
+# module. ``apimart_async`` is lazy (a name's module is imported on its first use), and the
+# client, aiohttp, anyio, the emulator and the gallery are imported by the commands that use
+# them (tests/test_cli.py::test_help_imports_no_aiohttp).
 import apimart_async as am
-from apimart_async import report
-from apimart_async.emulator import Emulator
 
 from ._errors import UsageError as UsageError
-from ._jobsfile import _check_keys as check_keys
-from ._journal import RunLock
 from ._json import is_array, is_object
-from ._references import _canonical_hash as canonical_file
+
+if TYPE_CHECKING:
+    from ._journal import RunLock
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -347,6 +345,8 @@ async def _client(
     if args.emulate:
         if args.base_url:
             raise UsageError("--emulate and --base-url: give one or the other")
+        from .emulator import Emulator
+
         emu = Emulator(task_duration=(1.0, 3.0), state_path=emulator_state)
         async with emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
             yield client
@@ -432,6 +432,8 @@ def _kind_text(kind: tuple[Any, ...]) -> str:
 
 
 async def _journal_records(path: Path) -> dict[int, am.JobRecord]:
+    import anyio.to_thread
+
     if not await anyio.Path(path).is_file():
         return {}
     # read only, without the journal's lock: a dry run may look while a batch runs
@@ -557,6 +559,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     assert out is not None
     assert journal is not None
     _check_out(out)
+    from ._journal import RunLock
+
     held.append(RunLock.acquire(out, what="output directory", lock_file=out / OUT_LOCK))
     retry_note = ""
     if args.retry_failed:
@@ -579,6 +583,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     progress.files = len(_files_to_upload(jobs, todo))  # the images this run may upload
     media_roots = [Path(args.jobs).parent, *(args.media_root or ())]  # as read_jobs allowed
     items = [(j.name, j.request) if j.name else j.request for j in jobs]
+    from . import report
+
     gallery = report.LiveGallery(out, [(j.name, j.request) for j in jobs])
 
     def on_event(event: am.BatchEvent) -> None:
@@ -684,6 +690,12 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
 
 
 async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import webbrowser
+
+    import anyio.to_thread
+
+    from . import report
+
     out = Path(args.dir)
     source = Path(args.journal) if args.journal else out / "manifest.jsonl"
     try:
@@ -717,6 +729,8 @@ def _size_text(size: int) -> str:
 def _changed_text(job: am.JobLine | None, record: am.JobRecord | None) -> str:
     """Why a line no longer matches its job in the journal: a local file it names (its content
     changed, or it is at another path: the folder moved) when the rest is as recorded."""
+    from ._references import _canonical_hash as canonical_file
+
     line = "this line changed since the journal recorded it"
     if job is None or not job.files or record is None or record.request is None:
         return line
@@ -848,6 +862,8 @@ def _request_from_flags(args: argparse.Namespace) -> am.VideoRequest:
         if args.video_url:
             data["video_urls"] = args.video_url
     if is_object(data):  # the checks of a jobs line: misspelled keys, a model name's typo
+        from ._jobsfile import _check_keys as check_keys
+
         try:
             check_keys(data, args.allow_unknown_model)
         except ValueError as exc:
@@ -888,6 +904,8 @@ async def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def cmd_wait(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import anyio
+
     ui: Ui = args.ui
     ids = list(dict.fromkeys(args.task_ids))
     results: dict[str, dict[str, Any]] = {}
@@ -1097,7 +1115,19 @@ def _common(*, network: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+EMULATOR_HELP = "run the built-in emulator (prints its URL and key)"
+DOCTOR_HELP = "check connectivity, TLS, proxy, key and the service's variants; run this first"
+
+#: Subcommands whose options import the emulator or the client (aiohttp): ``_parse`` defines
+#: them in full only when the command line names them, so ``apimart-async --help`` and the
+#: other commands start without those imports. Their one-line help, for the command list.
+_LATE_COMMANDS = {"emulator": EMULATOR_HELP, "doctor": DOCTOR_HELP}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. ``command``: the subcommand the command line names (``""``
+    for none); ``emulator`` and ``doctor`` then get their options only if it is theirs (a
+    stand-in lists them in ``--help``). None: every subcommand in full."""
     common = _common()
     parser = argparse.ArgumentParser(
         prog="apimart-async",
@@ -1262,28 +1292,36 @@ def build_parser() -> argparse.ArgumentParser:
     models = add("models", "known models and their rules", [_common(network=False)])
     models.set_defaults(func=cmd_models)
 
-    # The emulator's own options, defined once in apimart_async/emulator/__main__.py.
-    from apimart_async.emulator import __main__ as emulator_main
+    late = [name for name in _LATE_COMMANDS if command is None or command == name]
+    for name in _LATE_COMMANDS:
+        if name not in late:  # its name and help in the list; its options only when used
+            sub.add_parser(name, help=_LATE_COMMANDS[name], add_help=False)
+        elif name == "emulator":
+            # The emulator's own options, defined once in apimart_async/emulator/__main__.py.
+            from apimart_async.emulator import __main__ as emulator_main
 
-    emulator = sub.add_parser(
-        "emulator",
-        help="run the built-in emulator (prints its URL and key)",
-        description=emulator_main.DESCRIPTION,
-        formatter_class=_Formatter,
-        allow_abbrev=False,
-    )
-    emulator_main.add_arguments(emulator)
-    emulator.set_defaults(func=None)
+            emulator = sub.add_parser(
+                "emulator",
+                help=EMULATOR_HELP,
+                description=emulator_main.DESCRIPTION,
+                formatter_class=_Formatter,
+                allow_abbrev=False,
+            )
+            emulator_main.add_arguments(emulator)
+            emulator.set_defaults(func=None)
+        else:
+            from ._doctor import add_doctor_parser  # `apimart-async doctor`: its logic lives there
 
-    from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there
-
-    add_doctor_parser(sub, common, key=_key)
+            add_doctor_parser(sub, common, key=_key)
     parser._subparsers_by_name = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
+    # The top level has no option taking a value: the first word that is not an option is
+    # the command.
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args, extras = parser.parse_known_args(argv)
     if extras:
         # Show the subcommand's usage, not the top level's, and never echo a value: a
@@ -1318,6 +1356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logger.setLevel(level)
     try:
+        import asyncio  # not before: `--help` and usage errors need none of it
+
         code: int = asyncio.run(args.func(args, argv))
         return code
     except UsageError as exc:
