@@ -521,25 +521,88 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             lock.release()
 
 
+class _Tally:
+    """What ``run`` tells of a jobs file before sending anything, gathered job by job as the
+    file streams past (issue 16: nothing per job is kept, so memory stays flat in the file's
+    size): the jobs, by model; those ``records`` (a journal) do not hold as submitted, by
+    kind (model, duration, resolution); the prices the journal has seen, by kind; the
+    distinct local files to upload."""
+
+    def __init__(self, records: dict[int, am.JobRecord], *, retry_failed: bool) -> None:
+        self.records = records
+        self.retry_failed = retry_failed
+        self.jobs = 0
+        self.models: dict[str, int] = {}
+        self.todo = 0
+        self.todo_kinds: dict[tuple[Any, ...], int] = {}
+        self.prices: dict[tuple[Any, ...], float] = {}
+        self.uploads: dict[str, am.LocalFile] = {}
+
+    def add(self, job: am.JobLine) -> None:
+        index, request = self.jobs, job.request
+        self.jobs += 1
+        self.models[request.model] = self.models.get(request.model, 0) + 1
+        kind = _kind(request)
+        record = self.records.get(index)
+        if record is not None and record.fingerprint == request.fingerprint():
+            if record.cost:  # as _estimate
+                self.prices[kind] = max(self.prices.get(kind, 0.0), record.cost)
+            if record.state in ("done", "downloading", "pending") and not (  # as _todo
+                self.retry_failed and record.status in ("failed", "cancelled")
+            ):
+                return
+        self.todo += 1
+        self.todo_kinds[kind] = self.todo_kinds.get(kind, 0) + 1
+        for f in job.files:  # as _files_to_upload
+            if f.kind == "image":
+                self.uploads.setdefault(f.sha256, f)
+
+    def estimate(self) -> tuple[float, list[tuple[Any, ...]]]:
+        """As ``_estimate``: the cost of the jobs to submit, and the kinds of unknown price."""
+        total = sum(self.prices[k] * n for k, n in self.todo_kinds.items() if k in self.prices)
+        return total, [k for k in self.todo_kinds if k not in self.prices]
+
+
+def _read_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "allow_unknown_model": args.allow_unknown_model,
+        "media_root": args.media_root,
+        "allow_any_path": args.allow_any_path,
+    }
+
+
+def _check_pass(
+    args: argparse.Namespace, records: dict[int, am.JobRecord], *, warn: bool
+) -> _Tally:
+    """One pass over the jobs file (streamed: no list of jobs), every line checked; prints
+    the warnings of its lines with ``warn``. Raises JobsFileError listing every bad line."""
+    from ._jobsfile import iter_jobs
+
+    tally = _Tally(records, retry_failed=args.retry_failed)
+    for job in iter_jobs(args.jobs, **_read_options(args)):
+        tally.add(job)
+        if warn:
+            for note in job.warnings:
+                args.ui.line(f"warning: {args.jobs}:{job.line}: {note}", level="error")
+    return tally
+
+
+def _jobs_file_error(exc: am.JobsFileError) -> int:
+    print(
+        f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
+        file=sys.stderr,
+    )
+    print(str(exc), file=sys.stderr)
+    return EXIT_USAGE
+
+
 async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[RunLock]) -> int:
     ui = args.ui
     try:
-        jobs = am.read_jobs(
-            args.jobs,
-            allow_unknown_model=args.allow_unknown_model,
-            media_root=args.media_root,
-            allow_any_path=args.allow_any_path,
-        )
+        # every line is checked before anything is sent, the file streamed (issue 16)
+        tally = _check_pass(args, {}, warn=True)
     except am.JobsFileError as exc:
-        print(
-            f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
-            file=sys.stderr,
-        )
-        print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
-    for job in jobs:
-        for note in job.warnings:
-            ui.line(f"warning: {args.jobs}:{job.line}: {note}", level="error")
+        return _jobs_file_error(exc)
     if args.out is None and not args.dry_run:
         raise UsageError("-o/--out DIR is required (where the videos, manifest and journal go)")
     out = Path(args.out) if args.out is not None else None
@@ -555,7 +618,16 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         raise UsageError(f"--out: {out} is a file, not a directory")
     records = await _journal_records(journal) if journal is not None else {}
     if args.dry_run:
-        return _dry_run(args, jobs, records)
+        if records:  # which jobs the journal holds: another streaming pass
+            try:
+                tally = _check_pass(args, records, warn=False)
+            except am.JobsFileError as exc:  # the file changed meanwhile
+                return _jobs_file_error(exc)
+        return _dry_run(args, tally)
+    try:  # the jobs, for the batch, its gallery and journal (a second pass)
+        jobs = am.read_jobs(args.jobs, **_read_options(args))
+    except am.JobsFileError as exc:  # the file changed meanwhile
+        return _jobs_file_error(exc)
     assert out is not None
     assert journal is not None
     _check_out(out)
@@ -781,22 +853,17 @@ def _files_to_upload(jobs: Sequence[am.JobLine], todo: Sequence[int]) -> list[am
     return list(files.values())
 
 
-def _dry_run(
-    args: argparse.Namespace, jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord]
-) -> int:
-    todo = _todo(jobs, records, retry_failed=args.retry_failed)
-    done = set(range(len(jobs))) - set(todo)
-    total, unknown = _estimate(jobs, records, todo)
-    models: dict[str, int] = {}
-    for job in jobs:
-        models[job.request.model] = models.get(job.request.model, 0) + 1
-    uploads = _files_to_upload(jobs, todo)
+def _dry_run(args: argparse.Namespace, tally: _Tally) -> int:
+    done = tally.jobs - tally.todo
+    total, unknown = tally.estimate()
+    models = tally.models
+    uploads = list(tally.uploads.values())
     upload_bytes = sum(f.size for f in uploads)
     if args.as_json:
         _print_json(
             {
-                "jobs": len(jobs),
-                "to_submit": len(todo),
+                "jobs": tally.jobs,
+                "to_submit": tally.todo,
                 "uploads": [
                     {"path": str(f.path), "bytes": f.size, "sha256": f.sha256} for f in uploads
                 ],
@@ -808,11 +875,11 @@ def _dry_run(
             }
         )
         return EXIT_OK
-    print(f"{len(jobs)} job(s) valid; nothing submitted (--dry-run)")
+    print(f"{tally.jobs} job(s) valid; nothing submitted (--dry-run)")
     for model, count in sorted(models.items()):
         print(f"  {model}: {count}")
     if done:
-        print(f"{len(done)} already submitted or finished (journal); {len(todo)} to submit")
+        print(f"{done} already submitted or finished (journal); {tally.todo} to submit")
     if uploads:
         print(
             f"{len(uploads)} local file(s) to upload, {_size_text(upload_bytes)} in all"

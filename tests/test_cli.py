@@ -1000,3 +1000,60 @@ def test_every_public_name_imports_lazily() -> None:
         am.nothing  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute '_nothing'"):
         am._nothing  # noqa: B018
+
+
+# -- the jobs file's check streams it (issue 16) ----------------------------------------------
+
+
+def _dry_run_peak(tmp_path: Path, lines: int) -> int:
+    import tracemalloc
+
+    path = tmp_path / f"jobs-{lines}.jsonl"
+    with path.open("w") as f:
+        for i in range(lines):
+            f.write(json.dumps({"model": "sora-2-preview", "prompt": f"cat {i}", "duration": 8}))
+            f.write("\n")
+    tracemalloc.start()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = am.cli.main(["run", str(path), "--dry-run", "--no-progress"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 0 and f"{lines} job(s) valid" in out.getvalue()
+    return peak
+
+
+def test_dry_run_memory_is_flat_in_the_number_of_lines(tmp_path: Path) -> None:
+    # The check streams the file and keeps no list of jobs: ten times the lines, about the
+    # same peak of allocated memory (reading it whole and keeping the jobs: 5x here).
+    _dry_run_peak(tmp_path, 100)  # imports and caches out of the way
+    small, large = _dry_run_peak(tmp_path, 1_000), _dry_run_peak(tmp_path, 10_000)
+    assert large < 1.5 * small, (small, large)
+
+
+def test_file_name_clashes_are_found_as_the_file_streams(tmp_path: Path) -> None:
+    lines = [
+        {"prompt": "unnamed, index 0"},
+        None,  # a blank line: line numbers and job indexes part
+        {"name": "000003", "prompt": "index 1, the default name of index 3"},
+        {"name": "000000", "prompt": "index 2, the default name of index 0"},
+        {"prompt": "unnamed, index 3"},
+        {"name": "Clip", "prompt": "index 4"},
+        {"name": "clip", "prompt": "index 5"},
+        {"name": "000007", "prompt": "index 6, the default name of a later index 7"},
+        {"name": "000006", "prompt": "index 7, named"},
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"model": "sora-2-preview", **line}) if line else "" for line in lines)
+        + "\n"
+    )
+    with pytest.raises(am.JobsFileError) as caught:
+        am.read_jobs(path)
+    same = "name: gives the same file as line"
+    assert caught.value.problems == [
+        (4, f"{same} 1 (000000.mp4); names must differ, got '000000'"),
+        (5, f"{same} 3 (000003.mp4); names must differ, got None"),
+        (7, f"{same} 6 (clip.mp4); names must differ, got 'clip'"),
+    ]
