@@ -103,9 +103,9 @@ QUICK = {
     "web_killed_requests": 20,
     "web_arrival_s": 0.3,
     "web_durations": "1-2",
-    "startup_reps": 3,
-    "startup_dry_run_lines": 1000,
-    "startup_big_lines": (1000, 5000),
+    "startup_reps": 2,
+    "startup_dry_run_lines": 500,
+    "startup_big_lines": (500, 2000),
 }
 CONCURRENCY = 64
 

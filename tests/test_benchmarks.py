@@ -99,11 +99,11 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     startup = scenarios["startup"]  # issue 16: fresh processes, figures present
     assert startup["help_s"] > 0 and startup["plugin_import_ms"] > 0
     assert startup["plugin_imports_aiohttp"] is False
-    assert startup["dry_run"]["lines"] == 1000
+    assert startup["dry_run"]["lines"] == 500
     files = startup["jobs_files"]
-    assert [f["lines"] for f in files.values()] == [1000, 5000]
+    assert [f["lines"] for f in files.values()] == [500, 2000]
     assert all(f["lines_per_s"] > 0 and f["peak_rss_mb"] > 0 for f in files.values())
-    assert files["5000"]["first_submit"]["s"] > 0
+    assert files["2000"]["first_submit"]["s"] > 0
 
     targets = results["targets"]
     assert len(targets) >= 12
