@@ -104,6 +104,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     assert [f["lines"] for f in files.values()] == [500, 2000]
     assert all(f["lines_per_s"] > 0 and f["peak_rss_mb"] > 0 for f in files.values())
     assert files["2000"]["first_submit"]["s"] > 0
+    assert startup["check_profile_us_per_line"]["the whole pass"] > 0
 
     targets = results["targets"]
     assert len(targets) >= 12
