@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 # Start-up (issue 16): `--help` and usage errors import no more than argparse and this
 # module. ``apimart_async`` is lazy (a name's module is imported on its first use), and the
 # client, aiohttp, anyio, the emulator and the gallery are imported by the commands that use
-# them (tests/test_cli.py::test_help_imports_no_aiohttp).
+# them (tests/test_cli.py::test_help_and_usage_errors_import_no_aiohttp).
 import apimart_async as am
 
 from ._errors import UsageError as UsageError

@@ -329,9 +329,18 @@ def section(s: dict[str, Any], table: Any) -> list[str]:
             ]
         )
     notes = []
+    if first:
+        notes += [
+            "",
+            f"`run` itself is not flat: after the check it reads the file again into a list of "
+            f"its {big['lines']:,} jobs, which the batch's gallery, progress labels and journal "
+            "matching all hold; hence the time and the peak RSS to its first submit "
+            f"({first['s']} s, {first['rss_mb']} MB), against the check's "
+            f"{big['peak_rss_mb']} MB.",
+        ]
     profile = s.get("check_profile_us_per_line")
     if profile:
-        notes = [
+        notes += [
             "",
             f"Where the check's time goes ({files[0]['lines']:,} lines under cProfile, "
             "cumulative µs per line; the profiler inflates every stage alike): "
