@@ -94,7 +94,8 @@ __all__ = [
 ]
 
 if _typing.TYPE_CHECKING:
-    from collections.abc import Mapping
+    # (private names: pdoc runs this block in the module to read annotations)
+    from collections.abc import Mapping as _Mapping
 
     from . import emulator as emulator
     from . import testing as testing
@@ -257,7 +258,7 @@ else:
         return sorted({*globals(), *__all__, "emulator", "testing"})
 
 
-MODEL_SPECS: "Mapping[str, ModelSpec]"  # ``_specs.MODEL_SPECS``, on first use
+MODEL_SPECS: "_Mapping[str, ModelSpec]"  # ``_specs.MODEL_SPECS``, on first use
 """The rules of every model this SDK knows, by name; other models get generic checks only."""
 
 
