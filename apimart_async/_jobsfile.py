@@ -23,15 +23,16 @@ its content, the model's formats) and the request names it by path and sha256
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
 import io
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 
@@ -169,46 +170,119 @@ def read_jobs(
     local reference files may also come from, besides the jobs file's own; ``allow_any_path``:
     from anywhere. Run the jobs with ``client.batch(media_root=[<the jobs file's folder>,
     *media_root])`` and the same ``allow_any_path``."""
+    return list(
+        iter_jobs(
+            path,
+            allow_unknown_model=allow_unknown_model,
+            media_root=media_root,
+            allow_any_path=allow_any_path,
+        )
+    )
+
+
+def iter_jobs(
+    path: str | Path,
+    *,
+    allow_unknown_model: bool = False,
+    media_root: MediaRoot | None = None,
+    allow_any_path: bool = False,
+) -> Iterator[JobLine]:
+    """``read_jobs`` one job at a time, reading the file as it goes: memory stays flat in the
+    file's size (issue 16). The good jobs come out as they are read; JobsFileError, listing
+    every bad line, comes at the end. So a caller that must send nothing from a file with a
+    bad line reads it through once first (``apimart-async run`` does), then again to send."""
     p = Path(path)
     policy = media_policy(p, media_root, allow_any_path=allow_any_path)
     checked: dict[tuple[str, int, int, int], LocalFile] = {}
+    problems: list[tuple[int, str]] = []
+    names = _FileNames()
+    count = 0
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
             raise JobsFileError(str(p), [(0, f"file is larger than {MAX_FILE_BYTES >> 20} MB")])
-        raw = p.read_bytes()
+        stream = p.open("rb")
     except OSError as exc:
         raise JobsFileError(str(p), [(0, f"cannot read: {exc.strerror}")]) from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    is_csv = p.suffix.lower() == ".csv"
-    jobs: list[JobLine] = []
-    problems: list[tuple[int, str]] = []
+    with stream:
+        if p.suffix.lower() == ".csv":
+            rows = _csv_rows(p, stream, problems, allow_unknown_model)
+        else:
+            rows = _jsonl_rows(stream, problems, allow_unknown_model)
+        for n, build in rows:
+            files: tuple[LocalFile, ...] = ()
+            try:
+                name, request, notes = build()
+                if has_local_refs(request):
+                    request, files = prepare_request(request, policy, checked)
+            except ValidationError as exc:
+                problems.extend((n, str(e)) for e in exc.errors)
+                continue
+            except (ValueError, TypeError, RecursionError) as exc:
+                text = str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply"
+                problems.append((n, text))
+                continue
+            clash = names.add(count, n, name)
+            if clash is not None:
+                problems.append(clash)
+            count += 1
+            if not problems:
+                yield JobLine(n, name, request, notes, files)
+    if problems:
+        raise JobsFileError(str(p), sorted(problems, key=lambda problem: problem[0]))
+    if not count:
+        raise JobsFileError(str(p), [(0, "no jobs in the file")])
 
-    def add(n: int, build: Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]) -> None:
-        files: tuple[LocalFile, ...] = ()
-        try:
-            name, request, notes = build()
-            if has_local_refs(request):
-                request, files = prepare_request(request, policy, checked)
-        except ValidationError as exc:
-            problems.extend((n, str(e)) for e in exc.errors)
-            return
-        except (ValueError, TypeError, RecursionError) as exc:
-            problems.append(
-                (n, str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply")
-            )
-            return
-        jobs.append(JobLine(n, name, request, notes, files))
 
-    if is_csv:
+_Build = Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]
+
+
+def _jsonl_rows(
+    stream: BinaryIO, problems: list[tuple[int, str]], allow_unknown_model: bool
+) -> Iterator[tuple[int, _Build]]:
+    """Each job line of a JSONL file, numbered, read a line at a time (a line longer than
+    ``MAX_LINE_BYTES`` is never held whole)."""
+    n = 0
+    while True:
+        raw_line = stream.readline(MAX_LINE_BYTES + 1)
+        if not raw_line:
+            return
+        n += 1
+        if n == 1 and raw_line.startswith(b"\xef\xbb\xbf"):
+            raw_line = raw_line[3:]
+        if len(raw_line) > MAX_LINE_BYTES and not raw_line.endswith(b"\n"):
+            while raw_line and not raw_line.endswith(b"\n"):  # the rest of the long line
+                raw_line = stream.readline(MAX_LINE_BYTES)
+            problems.append((n, f"line longer than {MAX_LINE_BYTES >> 10} KB"))
+            continue
+        stripped = raw_line.strip()
+        if not stripped or stripped.startswith(b"#"):
+            continue
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise JobsFileError(str(p), [(line, "not valid UTF-8")]) from None
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "model" not in reader.fieldnames:
+            text = stripped.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append((n, "not valid UTF-8"))
+            continue
+
+        def build(text: str = text) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+            return _request(data, allow_unknown_model)
+
+        yield n, build
+
+
+def _csv_rows(
+    p: Path, stream: BinaryIO, problems: list[tuple[int, str]], allow_unknown_model: bool
+) -> Iterator[tuple[int, _Build]]:
+    """Each row of a CSV file, numbered by its line, decoded as it is read."""
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+    reader = csv.DictReader(text)
+    try:
+        fieldnames = reader.fieldnames
+        if not fieldnames or "model" not in fieldnames:
             raise JobsFileError(str(p), [(1, "the header row must name the columns, with 'model'")])
         for row in reader:
             n = reader.line_num
@@ -222,35 +296,23 @@ def read_jobs(
                 except ValueError:
                     problems.append((n, "extra: must be a JSON object"))
                     continue
-            add(n, functools.partial(_request, data, allow_unknown_model))
-    else:
-        for n, raw_line in enumerate(raw.split(b"\n"), start=1):
-            stripped = raw_line.strip()
-            if not stripped or stripped.startswith(b"#"):
-                continue
-            if len(raw_line) > MAX_LINE_BYTES:
-                problems.append((n, f"line longer than {MAX_LINE_BYTES >> 10} KB"))
-                continue
+            yield n, functools.partial(_request, data, allow_unknown_model)
+    except UnicodeDecodeError:
+        raise JobsFileError(str(p), [(_first_bad_utf8_line(p), "not valid UTF-8")]) from None
+    finally:
+        text.detach()
+
+
+def _first_bad_utf8_line(p: Path) -> int:
+    """The number of the first line of ``p`` that is not UTF-8 (read again, line by line:
+    only for the error message)."""
+    with p.open("rb") as stream:
+        for n, raw_line in enumerate(stream, start=1):
             try:
-                text = stripped.decode("utf-8")
+                raw_line.decode("utf-8")
             except UnicodeDecodeError:
-                problems.append((n, "not valid UTF-8"))
-                continue
-
-            def build(text: str = text) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
-                return _request(data, allow_unknown_model)
-
-            add(n, build)
-    problems.extend(_shared_files(jobs))
-    if problems:
-        raise JobsFileError(str(p), sorted(problems, key=lambda problem: problem[0]))
-    if not jobs:
-        raise JobsFileError(str(p), [(0, "no jobs in the file")])
-    return jobs
+                return n
+    return 0
 
 
 def media_roots(path: str | Path, media_root: MediaRoot | None = None) -> list[Path]:
@@ -271,21 +333,50 @@ def media_policy(
     return MediaPolicy.of(media_roots(path, media_root), allow_any_path=allow_any_path)
 
 
-def _shared_files(jobs: list[JobLine]) -> list[tuple[int, str]]:
-    """Lines whose video would get the file of an earlier line (the CLI names each video
-    after its job: the same name in another case, ``a/b`` and ``a_b``, a name that is another
-    line's default ``000001``): one would overwrite the other, so the batch refuses them."""
-    first: dict[str, int] = {}
-    problems: list[tuple[int, str]] = []
-    for index, job in enumerate(jobs):
-        stem = file_stem(index, job.name).lower()  # the batch's own rule (_jobs.FileNames)
-        line = first.setdefault(stem, job.line)
-        if line != job.line:
-            problems.append(
-                (
-                    job.line,
-                    f"name: gives the same file as line {line} ({stem}.mp4); names must differ,"
-                    f" got {job.name!r}",
-                )
+class _FileNames:
+    """The video file names of the jobs read so far: a line whose video would get the file of
+    an earlier line is refused (the CLI names each video after its job: the same name in
+    another case, ``a/b`` and ``a_b``, a name that is another line's default ``000001``).
+
+    Named jobs are remembered by name; unnamed ones only as runs of consecutive lines, so a
+    file of unnamed jobs costs no memory per line."""
+
+    def __init__(self) -> None:
+        self._named: dict[str, int] = {}  # file stem (lower case) -> line
+        # runs of unnamed jobs on consecutive lines: (first index, its line, end index)
+        self._starts: list[int] = []
+        self._runs: list[tuple[int, int, int]] = []
+
+    def _unnamed_line(self, index: int) -> int | None:
+        """The line of job ``index`` if it had no name."""
+        at = bisect.bisect_right(self._starts, index) - 1
+        if at < 0:
+            return None
+        start, line, end = self._runs[at]
+        return line + (index - start) if index < end else None
+
+    def add(self, index: int, line: int, name: str | None) -> tuple[int, str] | None:
+        """Job ``index`` (on ``line``): the problem, if its file is an earlier job's."""
+        stem = file_stem(index, name).lower()  # the batch's own rule (_jobs.FileNames)
+        first = self._named.get(stem)
+        if first is None and name is not None and stem.isascii() and stem.isdigit():
+            other = int(stem)  # the default name of job ``other``
+            if other < index and f"{other:06d}" == stem:
+                first = self._unnamed_line(other)
+        if first is not None:
+            return (
+                line,
+                f"name: gives the same file as line {first} ({stem}.mp4); names must differ,"
+                f" got {name!r}",
             )
-    return problems
+        if name is not None:
+            self._named[stem] = line
+            return None
+        if self._runs:
+            start, first_line, end = self._runs[-1]
+            if end == index and first_line + (index - start) == line:
+                self._runs[-1] = (start, first_line, end + 1)
+                return None
+        self._starts.append(index)
+        self._runs.append((index, line, index + 1))
+        return None

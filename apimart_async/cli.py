@@ -9,7 +9,6 @@ or ``--api-key KEY``, and is never printed: a resume line names ``APIMART_API_KE
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,22 +17,21 @@ import os
 import shlex
 import sys
 import time
-import webbrowser
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import anyio
-
+# Start-up (issue 16): `--help` and usage errors import no more than argparse and this
+# module. ``apimart_async`` is lazy (a name's module is imported on its first use), and the
+# client, aiohttp, anyio, the emulator and the gallery are imported by the commands that use
+# them (tests/test_cli.py::test_help_and_usage_errors_import_no_aiohttp).
 import apimart_async as am
-from apimart_async import report
-from apimart_async.emulator import Emulator
 
 from ._errors import UsageError as UsageError
-from ._jobsfile import _check_keys as check_keys
-from ._journal import RunLock
 from ._json import is_array, is_object
-from ._references import _canonical_hash as canonical_file
+
+if TYPE_CHECKING:
+    from ._journal import RunLock
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -347,6 +345,8 @@ async def _client(
     if args.emulate:
         if args.base_url:
             raise UsageError("--emulate and --base-url: give one or the other")
+        from .emulator import Emulator
+
         emu = Emulator(task_duration=(1.0, 3.0), state_path=emulator_state)
         async with emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
             yield client
@@ -432,6 +432,8 @@ def _kind_text(kind: tuple[Any, ...]) -> str:
 
 
 async def _journal_records(path: Path) -> dict[int, am.JobRecord]:
+    import anyio.to_thread
+
     if not await anyio.Path(path).is_file():
         return {}
     # read only, without the journal's lock: a dry run may look while a batch runs
@@ -519,25 +521,88 @@ async def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             lock.release()
 
 
+class _Tally:
+    """What ``run`` tells of a jobs file before sending anything, gathered job by job as the
+    file streams past (issue 16: nothing per job is kept, so memory stays flat in the file's
+    size): the jobs, by model; those ``records`` (a journal) do not hold as submitted, by
+    kind (model, duration, resolution); the prices the journal has seen, by kind; the
+    distinct local files to upload."""
+
+    def __init__(self, records: dict[int, am.JobRecord], *, retry_failed: bool) -> None:
+        self.records = records
+        self.retry_failed = retry_failed
+        self.jobs = 0
+        self.models: dict[str, int] = {}
+        self.todo = 0
+        self.todo_kinds: dict[tuple[Any, ...], int] = {}
+        self.prices: dict[tuple[Any, ...], float] = {}
+        self.uploads: dict[str, am.LocalFile] = {}
+
+    def add(self, job: am.JobLine) -> None:
+        index, request = self.jobs, job.request
+        self.jobs += 1
+        self.models[request.model] = self.models.get(request.model, 0) + 1
+        kind = _kind(request)
+        record = self.records.get(index)
+        if record is not None and record.fingerprint == request.fingerprint():
+            if record.cost:  # as _estimate
+                self.prices[kind] = max(self.prices.get(kind, 0.0), record.cost)
+            if record.state in ("done", "downloading", "pending") and not (  # as _todo
+                self.retry_failed and record.status in ("failed", "cancelled")
+            ):
+                return
+        self.todo += 1
+        self.todo_kinds[kind] = self.todo_kinds.get(kind, 0) + 1
+        for f in job.files:  # as _files_to_upload
+            if f.kind == "image":
+                self.uploads.setdefault(f.sha256, f)
+
+    def estimate(self) -> tuple[float, list[tuple[Any, ...]]]:
+        """As ``_estimate``: the cost of the jobs to submit, and the kinds of unknown price."""
+        total = sum(self.prices[k] * n for k, n in self.todo_kinds.items() if k in self.prices)
+        return total, [k for k in self.todo_kinds if k not in self.prices]
+
+
+def _read_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "allow_unknown_model": args.allow_unknown_model,
+        "media_root": args.media_root,
+        "allow_any_path": args.allow_any_path,
+    }
+
+
+def _check_pass(
+    args: argparse.Namespace, records: dict[int, am.JobRecord], *, warn: bool
+) -> _Tally:
+    """One pass over the jobs file (streamed: no list of jobs), every line checked; prints
+    the warnings of its lines with ``warn``. Raises JobsFileError listing every bad line."""
+    from ._jobsfile import iter_jobs
+
+    tally = _Tally(records, retry_failed=args.retry_failed)
+    for job in iter_jobs(args.jobs, **_read_options(args)):
+        tally.add(job)
+        if warn:
+            for note in job.warnings:
+                args.ui.line(f"warning: {args.jobs}:{job.line}: {note}", level="error")
+    return tally
+
+
+def _jobs_file_error(exc: am.JobsFileError) -> int:
+    print(
+        f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
+        file=sys.stderr,
+    )
+    print(str(exc), file=sys.stderr)
+    return EXIT_USAGE
+
+
 async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[RunLock]) -> int:
     ui = args.ui
     try:
-        jobs = am.read_jobs(
-            args.jobs,
-            allow_unknown_model=args.allow_unknown_model,
-            media_root=args.media_root,
-            allow_any_path=args.allow_any_path,
-        )
+        # every line is checked before anything is sent, the file streamed (issue 16)
+        tally = _check_pass(args, {}, warn=True)
     except am.JobsFileError as exc:
-        print(
-            f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
-            file=sys.stderr,
-        )
-        print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
-    for job in jobs:
-        for note in job.warnings:
-            ui.line(f"warning: {args.jobs}:{job.line}: {note}", level="error")
+        return _jobs_file_error(exc)
     if args.out is None and not args.dry_run:
         raise UsageError("-o/--out DIR is required (where the videos, manifest and journal go)")
     out = Path(args.out) if args.out is not None else None
@@ -553,10 +618,21 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         raise UsageError(f"--out: {out} is a file, not a directory")
     records = await _journal_records(journal) if journal is not None else {}
     if args.dry_run:
-        return _dry_run(args, jobs, records)
+        if records:  # which jobs the journal holds: another streaming pass
+            try:
+                tally = _check_pass(args, records, warn=False)
+            except am.JobsFileError as exc:  # the file changed meanwhile
+                return _jobs_file_error(exc)
+        return _dry_run(args, tally)
+    try:  # the jobs, for the batch, its gallery and journal (a second pass)
+        jobs = am.read_jobs(args.jobs, **_read_options(args))
+    except am.JobsFileError as exc:  # the file changed meanwhile
+        return _jobs_file_error(exc)
     assert out is not None
     assert journal is not None
     _check_out(out)
+    from ._journal import RunLock
+
     held.append(RunLock.acquire(out, what="output directory", lock_file=out / OUT_LOCK))
     retry_note = ""
     if args.retry_failed:
@@ -579,6 +655,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     progress.files = len(_files_to_upload(jobs, todo))  # the images this run may upload
     media_roots = [Path(args.jobs).parent, *(args.media_root or ())]  # as read_jobs allowed
     items = [(j.name, j.request) if j.name else j.request for j in jobs]
+    from . import report
+
     gallery = report.LiveGallery(out, [(j.name, j.request) for j in jobs])
 
     def on_event(event: am.BatchEvent) -> None:
@@ -684,6 +762,12 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
 
 
 async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import webbrowser
+
+    import anyio.to_thread
+
+    from . import report
+
     out = Path(args.dir)
     source = Path(args.journal) if args.journal else out / "manifest.jsonl"
     try:
@@ -717,6 +801,8 @@ def _size_text(size: int) -> str:
 def _changed_text(job: am.JobLine | None, record: am.JobRecord | None) -> str:
     """Why a line no longer matches its job in the journal: a local file it names (its content
     changed, or it is at another path: the folder moved) when the rest is as recorded."""
+    from ._references import _canonical_hash as canonical_file
+
     line = "this line changed since the journal recorded it"
     if job is None or not job.files or record is None or record.request is None:
         return line
@@ -767,22 +853,17 @@ def _files_to_upload(jobs: Sequence[am.JobLine], todo: Sequence[int]) -> list[am
     return list(files.values())
 
 
-def _dry_run(
-    args: argparse.Namespace, jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord]
-) -> int:
-    todo = _todo(jobs, records, retry_failed=args.retry_failed)
-    done = set(range(len(jobs))) - set(todo)
-    total, unknown = _estimate(jobs, records, todo)
-    models: dict[str, int] = {}
-    for job in jobs:
-        models[job.request.model] = models.get(job.request.model, 0) + 1
-    uploads = _files_to_upload(jobs, todo)
+def _dry_run(args: argparse.Namespace, tally: _Tally) -> int:
+    done = tally.jobs - tally.todo
+    total, unknown = tally.estimate()
+    models = tally.models
+    uploads = list(tally.uploads.values())
     upload_bytes = sum(f.size for f in uploads)
     if args.as_json:
         _print_json(
             {
-                "jobs": len(jobs),
-                "to_submit": len(todo),
+                "jobs": tally.jobs,
+                "to_submit": tally.todo,
                 "uploads": [
                     {"path": str(f.path), "bytes": f.size, "sha256": f.sha256} for f in uploads
                 ],
@@ -794,11 +875,11 @@ def _dry_run(
             }
         )
         return EXIT_OK
-    print(f"{len(jobs)} job(s) valid; nothing submitted (--dry-run)")
+    print(f"{tally.jobs} job(s) valid; nothing submitted (--dry-run)")
     for model, count in sorted(models.items()):
         print(f"  {model}: {count}")
     if done:
-        print(f"{len(done)} already submitted or finished (journal); {len(todo)} to submit")
+        print(f"{done} already submitted or finished (journal); {tally.todo} to submit")
     if uploads:
         print(
             f"{len(uploads)} local file(s) to upload, {_size_text(upload_bytes)} in all"
@@ -848,6 +929,8 @@ def _request_from_flags(args: argparse.Namespace) -> am.VideoRequest:
         if args.video_url:
             data["video_urls"] = args.video_url
     if is_object(data):  # the checks of a jobs line: misspelled keys, a model name's typo
+        from ._jobsfile import _check_keys as check_keys
+
         try:
             check_keys(data, args.allow_unknown_model)
         except ValueError as exc:
@@ -888,6 +971,8 @@ async def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def cmd_wait(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import anyio
+
     ui: Ui = args.ui
     ids = list(dict.fromkeys(args.task_ids))
     results: dict[str, dict[str, Any]] = {}
@@ -1097,7 +1182,19 @@ def _common(*, network: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+EMULATOR_HELP = "run the built-in emulator (prints its URL and key)"
+DOCTOR_HELP = "check connectivity, TLS, proxy, key and the service's variants; run this first"
+
+#: Subcommands whose options import the emulator or the client (aiohttp): ``_parse`` defines
+#: them in full only when the command line names them, so ``apimart-async --help`` and the
+#: other commands start without those imports. Their one-line help, for the command list.
+_LATE_COMMANDS = {"emulator": EMULATOR_HELP, "doctor": DOCTOR_HELP}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. ``command``: the subcommand the command line names (``""``
+    for none); ``emulator`` and ``doctor`` then get their options only if it is theirs (a
+    stand-in lists them in ``--help``). None: every subcommand in full."""
     common = _common()
     parser = argparse.ArgumentParser(
         prog="apimart-async",
@@ -1262,28 +1359,36 @@ def build_parser() -> argparse.ArgumentParser:
     models = add("models", "known models and their rules", [_common(network=False)])
     models.set_defaults(func=cmd_models)
 
-    # The emulator's own options, defined once in apimart_async/emulator/__main__.py.
-    from apimart_async.emulator import __main__ as emulator_main
+    late = [name for name in _LATE_COMMANDS if command is None or command == name]
+    for name in _LATE_COMMANDS:
+        if name not in late:  # its name and help in the list; its options only when used
+            sub.add_parser(name, help=_LATE_COMMANDS[name], add_help=False)
+        elif name == "emulator":
+            # The emulator's own options, defined once in apimart_async/emulator/__main__.py.
+            from apimart_async.emulator import __main__ as emulator_main
 
-    emulator = sub.add_parser(
-        "emulator",
-        help="run the built-in emulator (prints its URL and key)",
-        description=emulator_main.DESCRIPTION,
-        formatter_class=_Formatter,
-        allow_abbrev=False,
-    )
-    emulator_main.add_arguments(emulator)
-    emulator.set_defaults(func=None)
+            emulator = sub.add_parser(
+                "emulator",
+                help=EMULATOR_HELP,
+                description=emulator_main.DESCRIPTION,
+                formatter_class=_Formatter,
+                allow_abbrev=False,
+            )
+            emulator_main.add_arguments(emulator)
+            emulator.set_defaults(func=None)
+        else:
+            from ._doctor import add_doctor_parser  # `apimart-async doctor`: its logic lives there
 
-    from ._doctor import add_doctor_parser  # `apimart-async doctor`: the logic lives there
-
-    add_doctor_parser(sub, common, key=_key)
+            add_doctor_parser(sub, common, key=_key)
     parser._subparsers_by_name = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
+    # The top level has no option taking a value: the first word that is not an option is
+    # the command.
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args, extras = parser.parse_known_args(argv)
     if extras:
         # Show the subcommand's usage, not the top level's, and never echo a value: a
@@ -1318,6 +1423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logger.setLevel(level)
     try:
+        import asyncio  # not before: `--help` and usage errors need none of it
+
         code: int = asyncio.run(args.func(args, argv))
         return code
     except UsageError as exc:

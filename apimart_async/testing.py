@@ -28,31 +28,49 @@ mode, or auto mode). They run on asyncio (aiohttp needs it): the plugin pins any
 
 from __future__ import annotations
 
+# Import cost (issue 16): a pytest run that loads this plugin pays for its import before its
+# first test, so the module imports only what pytest has already imported. The SDK and the
+# emulator (aiohttp) are imported by the fixtures and ``emulated_api``, when used
+# (tests/test_pytest_plugin.py::test_importing_the_plugin_imports_no_sdk).
 import contextlib
-import os
-import ssl
+import dataclasses
+import functools
 import types
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-import attrs
-
-from ._client import AsyncApimart
-from ._config import Timeout
-from ._poll_schedule import PollPolicy
-from ._retry import is_testing, set_testing
-from .emulator._realistic import RealisticProfile
-
 if TYPE_CHECKING:
+    import os
+    import ssl
+
+    from ._client import AsyncApimart
+    from ._config import Timeout
+    from ._poll_schedule import PollPolicy
     from .emulator import Emulator
+    from .emulator._realistic import RealisticProfile
 
 __all__ = ["FAST_POLL", "ClientOptions", "EmulatedAPI", "emulated_api", "follow_clock"]
 
-FAST_POLL = PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.01, jitter=0.0)
+FAST_POLL: PollPolicy  # made on first use (module ``__getattr__``)
 """A poll policy for tests: checks within milliseconds."""
 
 
-@attrs.frozen
+@functools.cache
+def _fast_poll() -> PollPolicy:
+    from ._poll_schedule import PollPolicy
+
+    return PollPolicy(first_check=0.001, min_interval=0.001, max_interval=0.01, jitter=0.0)
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        if name == "FAST_POLL":
+            return _fast_poll()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class EmulatedAPI:
     """A client and the emulator it talks to."""
 
@@ -95,7 +113,7 @@ def follow_clock(client: AsyncApimart, emulator: Emulator) -> None:
 @contextlib.asynccontextmanager
 async def emulated_api(
     *,
-    poll: PollPolicy = FAST_POLL,
+    poll: PollPolicy | None = None,
     client_options: ClientOptions | None = None,
     mode: Literal["auto", "manual"] = "auto",
     task_duration: float | tuple[float, float] = 0.0,
@@ -125,9 +143,14 @@ async def emulated_api(
     The emulator's options are ``apimart_async.emulator.Emulator``'s, with the same defaults
     except ``task_duration``: tasks finish at once unless you say otherwise. ``poll`` and
     ``client_options`` go to ``apimart_async.AsyncApimart``. With a ``time_scale``, the
-    client schedules on the emulator's clock (``follow_clock``).
+    client schedules on the emulator's clock (``follow_clock``). ``poll`` None: ``FAST_POLL``.
     """
-    from .emulator import Emulator  # the aiohttp server: imported only when used
+    from ._client import AsyncApimart  # the SDK and the aiohttp server: imported when used
+    from ._retry import is_testing, set_testing
+    from .emulator import Emulator
+
+    if poll is None:
+        poll = _fast_poll()
 
     was_testing = is_testing()
     set_testing(True)

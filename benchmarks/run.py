@@ -30,6 +30,10 @@ Scenarios:
    max), status requests per awaited job, every request with its own task. Then the app is
    SIGKILLed mid-load and restarted on the same journal: the billed tasks it finds
    (``GET /videos/unfinished``) against the tasks created at the emulator.
+7. Start-up (``_startup.py``): ``apimart-async --help`` (wall time, ``-X importtime``),
+   ``run --dry-run`` of 10,000 lines, the pytest plugin's import; jobs files of 100,000 and
+   1,000,000 lines: the check before sending (lines per second, peak RSS) and the time to the
+   first submit of ``run --emulate``.
 
 ``--only NAME`` runs one scenario and merges its figures into the results already in ``--out``.
 
@@ -54,6 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from _harness import HERE, admin, emulator_process, percentile
+from _startup import section as startup_section
+from _startup import startup
+from _startup import verdicts as startup_verdicts
 
 import apimart_async as am
 
@@ -76,6 +83,9 @@ FULL = {
     "web_killed_requests": 200,
     "web_arrival_s": 2.0,
     "web_durations": "4-8",
+    "startup_reps": 5,
+    "startup_dry_run_lines": 10_000,
+    "startup_big_lines": (100_000, 1_000_000),
 }
 QUICK = {
     "poll_jobs": 100,
@@ -94,6 +104,9 @@ QUICK = {
     "web_killed_requests": 20,
     "web_arrival_s": 0.3,
     "web_durations": "1-2",
+    "startup_reps": 2,
+    "startup_dry_run_lines": 500,
+    "startup_big_lines": (500, 2000),
 }
 CONCURRENCY = 64
 
@@ -818,6 +831,8 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             "kill, the rest by the restart's recover of submits whose POST had not arrived)",
             k["unfinished_found"] == k["tasks_created"],
         )
+    if "startup" in results["scenarios"]:
+        startup_verdicts(results["scenarios"]["startup"], add)
     return out
 
 
@@ -1111,6 +1126,8 @@ def report(results: dict[str, Any], plot: str | None) -> str:
                     ],
                 )
             )
+    if "startup" in sc:
+        parts += startup_section(sc["startup"], _table)
     return "\n".join(parts) + "\n"
 
 
@@ -1155,6 +1172,7 @@ SCENARIOS = {
     "downloads": downloads,
     "gallery": gallery,
     "web": web,
+    "startup": startup,
 }
 
 

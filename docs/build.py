@@ -85,6 +85,10 @@ _PRIVATE_PATH = re.compile(r"apimart_async(?:\.\w+)*\._\w+(?:\.\w+)*")
 def public_modules() -> list[str]:
     """The modules the reference documents."""
     package = importlib.import_module(PACKAGE)
+    for name in package.__all__:
+        # the package imports a name's module on its first use (PEP 562); pdoc reads the
+        # names of the module's __dict__
+        getattr(package, name)
     names = [PACKAGE]
     for info in pkgutil.walk_packages(package.__path__, PACKAGE + "."):
         parts = info.name.split(".")

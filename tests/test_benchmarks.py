@@ -38,7 +38,15 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True
     scenarios = results["scenarios"]
-    assert set(scenarios) == {"polling", "overhead", "scale", "downloads", "gallery", "web"}
+    assert set(scenarios) == {
+        "polling",
+        "overhead",
+        "scale",
+        "downloads",
+        "gallery",
+        "web",
+        "startup",
+    }
 
     polling = scenarios["polling"]["runs"]
     jobs = scenarios["polling"]["jobs"]
@@ -88,6 +96,16 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     killed = web["sigkill"]
     assert killed["unfinished_found"] == killed["tasks_created"] > 0
 
+    startup = scenarios["startup"]  # issue 16: fresh processes, figures present
+    assert startup["help_s"] > 0 and startup["plugin_import_ms"] > 0
+    assert startup["plugin_imports_aiohttp"] is False
+    assert startup["dry_run"]["lines"] == 500
+    files = startup["jobs_files"]
+    assert [f["lines"] for f in files.values()] == [500, 2000]
+    assert all(f["lines_per_s"] > 0 and f["peak_rss_mb"] > 0 for f in files.values())
+    assert files["2000"]["first_submit"]["s"] > 0
+    assert startup["check_profile_us_per_line"]["the whole pass"] > 0
+
     targets = results["targets"]
     assert len(targets) >= 12
     assert all(isinstance(t["met"], bool) and t["measured"] for t in targets)
@@ -100,6 +118,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "## 4. Downloads",
         "## 5. Gallery",
         "## 6. Web",
+        "## 7. Start-up",
     ):
         assert heading in text
     if importlib.util.find_spec("matplotlib") is not None:  # the bench and dev extras

@@ -902,3 +902,158 @@ async def test_doctor_without_a_key_is_a_usage_error_when_run_as_a_module() -> N
     code, out, err = await cli("doctor", "--base-url", "http://127.0.0.1:9")
     assert (code, out) == (2, ""), err
     assert err.startswith("error: no API key: ") and "Traceback" not in err, err
+
+
+# -- start-up (issue 16): `--help` and usage errors import neither aiohttp nor the client ---
+
+STARTUP_PROBE = """
+import json, sys
+from apimart_async.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(
+    m for m in sys.modules
+    if m.split(".")[0] in ("aiohttp", "anyio", "asyncio", "yarl", "multidict", "cattrs")
+    or m.startswith(("apimart_async._client", "apimart_async.emulator", "apimart_async._jobsfile"))
+)
+sys.stderr.write("\\nPROBE " + json.dumps({"code": code, "heavy": heavy}) + "\\n")
+"""
+
+
+def _startup_probe(*args: str) -> dict[str, object]:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", STARTUP_PROBE, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+        timeout=60,
+    )
+    probe = proc.stderr.rsplit("PROBE ", 1)
+    assert len(probe) == 2, proc.stderr
+    result: dict[str, object] = json.loads(probe[1])
+    return result
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["run", "--help"], 0),
+        (["status", "--help"], 0),
+        (["bogus"], 2),
+        (["run"], 2),  # no jobs file
+        (["run", "jobs.jsonl", "--concurrency", "0"], 2),
+    ],
+)
+def test_help_and_usage_errors_import_no_aiohttp(args: list[str], code: int) -> None:
+    assert _startup_probe(*args) == {"code": code, "heavy": []}
+
+
+def test_importing_the_package_imports_no_aiohttp() -> None:
+    import subprocess
+
+    probe = (
+        "import json, sys, apimart_async\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('aiohttp', 'anyio',"
+        " 'apimart_async.')))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        timeout=60,
+    ).stdout
+    assert json.loads(out) == ["apimart_async._version"]
+
+
+def test_the_late_subcommands_list_as_in_full() -> None:
+    # `emulator` and `doctor` get their options only when named; the command list that
+    # `--help` prints is the same as with every subcommand defined in full.
+    assert build_parser("").format_help() == build_parser().format_help()
+    for name in ("emulator", "doctor"):
+        full = _subparsers()[name]
+        named = build_parser(name)._subparsers_by_name[name]  # type: ignore[attr-defined]
+        assert named.format_help() == full.format_help()
+
+
+def test_every_public_name_imports_lazily() -> None:
+    import subprocess
+
+    probe = (
+        "import apimart_async as am\n"
+        "for name in am.__all__:\n"
+        "    exec(f'from apimart_async import {name}')\n"
+        "    assert getattr(am, name) is not None, name\n"
+        "assert set(am.__all__) <= set(dir(am))\n"
+        "import apimart_async._errors\n"
+        "assert am.emulator.Emulator and am.testing.emulated_api and am._outcomes.outcome_of\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True
+    )
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        am.nothing  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute '_nothing'"):
+        am._nothing  # noqa: B018
+
+
+# -- the jobs file's check streams it (issue 16) ----------------------------------------------
+
+
+def _dry_run_peak(tmp_path: Path, lines: int) -> int:
+    import tracemalloc
+
+    path = tmp_path / f"jobs-{lines}.jsonl"
+    with path.open("w") as f:
+        for i in range(lines):
+            f.write(json.dumps({"model": "sora-2-preview", "prompt": f"cat {i}", "duration": 8}))
+            f.write("\n")
+    tracemalloc.start()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = am.cli.main(["run", str(path), "--dry-run", "--no-progress"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 0 and f"{lines} job(s) valid" in out.getvalue()
+    return peak
+
+
+def test_dry_run_memory_is_flat_in_the_number_of_lines(tmp_path: Path) -> None:
+    # The check streams the file and keeps no list of jobs: ten times the lines, about the
+    # same peak of allocated memory (reading it whole and keeping the jobs: 5x here).
+    _dry_run_peak(tmp_path, 100)  # imports and caches out of the way
+    small, large = _dry_run_peak(tmp_path, 1_000), _dry_run_peak(tmp_path, 10_000)
+    assert large < 1.5 * small, (small, large)
+
+
+def test_file_name_clashes_are_found_as_the_file_streams(tmp_path: Path) -> None:
+    lines = [
+        {"prompt": "unnamed, index 0"},
+        None,  # a blank line: line numbers and job indexes part
+        {"name": "000003", "prompt": "index 1, the default name of index 3"},
+        {"name": "000000", "prompt": "index 2, the default name of index 0"},
+        {"prompt": "unnamed, index 3"},
+        {"name": "Clip", "prompt": "index 4"},
+        {"name": "clip", "prompt": "index 5"},
+        {"name": "000007", "prompt": "index 6, the default name of a later index 7"},
+        {"name": "000006", "prompt": "index 7, named"},
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"model": "sora-2-preview", **line}) if line else "" for line in lines)
+        + "\n"
+    )
+    with pytest.raises(am.JobsFileError) as caught:
+        am.read_jobs(path)
+    same = "name: gives the same file as line"
+    assert caught.value.problems == [
+        (4, f"{same} 1 (000000.mp4); names must differ, got '000000'"),
+        (5, f"{same} 3 (000003.mp4); names must differ, got None"),
+        (7, f"{same} 6 (clip.mp4); names must differ, got 'clip'"),
+    ]

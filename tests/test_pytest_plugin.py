@@ -90,6 +90,30 @@ def test_not_opted_in_no_fixture_and_nothing_imported(tmp_path: Path) -> None:
     assert "fixture 'apimart_client' not found" in proc.stdout
 
 
+def test_importing_the_plugin_imports_no_sdk(tmp_path: Path) -> None:
+    # Issue 16: a project that opts in pays for this import before its first test; the SDK,
+    # the emulator and aiohttp are imported by the fixtures, when a test uses one.
+    probe = """
+    import sys
+
+    import apimart_async.testing
+
+
+    def test_probe() -> None:
+        loaded = [m for m in sys.modules if m.startswith(("aiohttp", "apimart_async."))]
+        assert loaded == ["apimart_async._version", "apimart_async.testing"]
+    """
+    # the probe's own module is imported before any fixture of the plugin runs
+    proc = run_project(tmp_path, {"conftest.py": OPT_IN, "test_probe.py": probe})
+    assert "test_probe.py::test_probe PASSED" in proc.stdout, proc.stdout + proc.stderr
+    code = (
+        "import sys, apimart_async.testing as t\n"
+        "assert 'aiohttp' not in sys.modules and 'apimart_async._client' not in sys.modules\n"
+        "assert t.FAST_POLL is t.FAST_POLL and t.FAST_POLL.first_check == 0.001\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 @pytest.mark.parametrize("how", ["pytest_plugins", "-p"])
 def test_anyio_plugin_on_asyncio_only(tmp_path: Path, how: str) -> None:
     files = {"test_app.py": ANYIO_TESTS}

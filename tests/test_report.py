@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import webbrowser
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -662,7 +663,7 @@ def test_report_open_opens_the_page_in_the_browser(
         json.dumps({"index": 0, "status": "failed", "error": "x", "files": []}) + "\n"
     )
     opened: list[str] = []
-    monkeypatch.setattr(cli.webbrowser, "open", lambda url: opened.append(url) or True)
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
     assert cli.main(["report", str(tmp_path), "--open"]) == 0
     assert opened == [(tmp_path / "index.html").resolve().as_uri()]
     assert capsys.readouterr().out.strip() == str(tmp_path / "index.html")
@@ -681,10 +682,10 @@ def test_report_open_without_a_browser_says_so(
 
     def no_browser(url: str) -> bool:
         if failure == "raises":
-            raise cli.webbrowser.Error("could not locate runnable browser")
+            raise webbrowser.Error("could not locate runnable browser")
         return False
 
-    monkeypatch.setattr(cli.webbrowser, "open", no_browser)
+    monkeypatch.setattr(webbrowser, "open", no_browser)
     assert cli.main(["report", str(tmp_path), "--open"]) == 0  # the page was written
     out, err = capsys.readouterr()
     assert out.strip() == str(tmp_path / "index.html")

@@ -229,11 +229,24 @@ def test_verifytypes_is_complete(tmp_path: Path) -> None:
 
 def test_emulated_api_takes_the_emulator_options_by_name() -> None:
     import inspect
+    import os
+    import ssl
 
-    from apimart_async.emulator import Emulator
+    import apimart_async.testing
+    from apimart_async import PollPolicy
+    from apimart_async.emulator import Emulator, RealisticProfile
     from apimart_async.testing import emulated_api
 
-    ours = inspect.signature(emulated_api, eval_str=True).parameters
+    # The plugin imports the names of its annotations for type checkers only (its import
+    # stays cheap, issue 16): resolve them here.
+    names = {
+        **vars(apimart_async.testing),
+        "os": os,
+        "ssl": ssl,
+        "PollPolicy": PollPolicy,
+        "RealisticProfile": RealisticProfile,
+    }
+    ours = inspect.signature(emulated_api, eval_str=True, globals=names).parameters
     theirs = inspect.signature(Emulator, eval_str=True).parameters
     own = {"poll", "client_options"}
     # every emulator option that a test may want, with the emulator's default but one
