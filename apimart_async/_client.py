@@ -392,7 +392,9 @@ class AsyncApimart:
                 finished jobs of the same model, duration and resolution).
             check_balance: ask ``balance()`` first and refuse to start if nothing can be paid.
             replay_finished: with a journal, hand out the outcomes of jobs finished in earlier
-                runs again (``Outcome.replayed``); False skips them.
+                runs again (``Outcome.replayed``); False skips them. Like new jobs (submitted
+                while fewer than 10,000 outcomes are unread), replays wait for the reader:
+                while 1,000 are unread, the batch reads no further input.
             retry_failed: with a journal, submit again (as new, billed tasks) the jobs whose
                 generation failed in an earlier run. Off by default: it costs money.
             sigint_grace: handle Ctrl-C while the batch runs (main thread only): the first
