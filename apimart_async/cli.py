@@ -440,6 +440,33 @@ async def _journal_records(path: Path) -> dict[int, am.JobRecord]:
     return await anyio.to_thread.run_sync(am.SqliteJournal.read, path)
 
 
+def _learn_price(
+    prices: dict[tuple[Any, ...], float], record: am.JobRecord, request: am.VideoRequest
+) -> None:
+    """What the journal's ``record`` of ``request`` paid, as the price of its kind (the SDK
+    has no price list; the highest seen)."""
+    if record.cost and record.fingerprint == request.fingerprint():
+        k = _kind(request)
+        prices[k] = max(prices.get(k, 0.0), record.cost)
+
+
+def _submitted(record: am.JobRecord, request: am.VideoRequest, *, retry_failed: bool) -> bool:
+    """Whether the journal's ``record`` of ``request`` keeps it from being submitted again
+    (failed ones are, with ``retry_failed``)."""
+    return (
+        record.state in ("done", "downloading", "pending")
+        and record.fingerprint == request.fingerprint()
+        and not (retry_failed and record.status in ("failed", "cancelled"))
+    )
+
+
+def _add_uploads(files: dict[str, am.LocalFile], job: am.JobLine) -> None:
+    """The job's local images, by content, first path kept (videos go as data: URIs)."""
+    for f in job.files:
+        if f.kind == "image":
+            files.setdefault(f.sha256, f)
+
+
 def _estimate(
     jobs: Sequence[am.JobLine], records: dict[int, am.JobRecord], indexes: Sequence[int]
 ) -> tuple[float, list[tuple[Any, ...]]]:
@@ -447,11 +474,8 @@ def _estimate(
     price list): the sum for kinds of known price and the kinds of unknown price."""
     prices: dict[tuple[Any, ...], float] = {}
     for rec in records.values():
-        if rec.cost and 0 <= rec.index < len(jobs):
-            request = jobs[rec.index].request
-            if rec.fingerprint == request.fingerprint():
-                k = _kind(request)
-                prices[k] = max(prices.get(k, 0.0), rec.cost)
+        if 0 <= rec.index < len(jobs):
+            _learn_price(prices, rec, jobs[rec.index].request)
     total = 0.0
     unknown: list[tuple[Any, ...]] = []
     for i in indexes:
@@ -544,18 +568,13 @@ class _Tally:
         self.models[request.model] = self.models.get(request.model, 0) + 1
         kind = _kind(request)
         record = self.records.get(index)
-        if record is not None and record.fingerprint == request.fingerprint():
-            if record.cost:  # as _estimate
-                self.prices[kind] = max(self.prices.get(kind, 0.0), record.cost)
-            if record.state in ("done", "downloading", "pending") and not (  # as _todo
-                self.retry_failed and record.status in ("failed", "cancelled")
-            ):
+        if record is not None:
+            _learn_price(self.prices, record, request)
+            if _submitted(record, request, retry_failed=self.retry_failed):
                 return
         self.todo += 1
         self.todo_kinds[kind] = self.todo_kinds.get(kind, 0) + 1
-        for f in job.files:  # as _files_to_upload
-            if f.kind == "image":
-                self.uploads.setdefault(f.sha256, f)
+        _add_uploads(self.uploads, job)
 
     def estimate(self) -> tuple[float, list[tuple[Any, ...]]]:
         """As ``_estimate``: the cost of the jobs to submit, and the kinds of unknown price."""
@@ -835,10 +854,8 @@ def _todo(
     done = {
         r.index
         for r in records.values()
-        if r.state in ("done", "downloading", "pending")
-        and 0 <= r.index < len(jobs)
-        and r.fingerprint == jobs[r.index].request.fingerprint()
-        and not (retry_failed and r.status in ("failed", "cancelled"))
+        if 0 <= r.index < len(jobs)
+        and _submitted(r, jobs[r.index].request, retry_failed=retry_failed)
     }
     return [i for i in range(len(jobs)) if i not in done]
 
@@ -847,9 +864,7 @@ def _files_to_upload(jobs: Sequence[am.JobLine], todo: Sequence[int]) -> list[am
     """The distinct local files (by content) the jobs still to submit need, first path kept."""
     files: dict[str, am.LocalFile] = {}
     for i in todo:
-        for f in jobs[i].files:
-            if f.kind == "image":  # videos go as data: URIs, not uploads
-                files.setdefault(f.sha256, f)
+        _add_uploads(files, jobs[i])
     return list(files.values())
 
 
