@@ -239,41 +239,19 @@ async def sdk_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
     return _download_figures(size, times, meter)
 
 
-async def bare_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
-    """The floor: ``iter_chunked`` into a file, as a hand-written client does."""
+async def bare_download(
+    base_url: str, key: str, reps: int, *, verified: bool = False
+) -> dict[str, Any]:
+    """The floor: ``iter_chunked`` into a file, as a hand-written client does. ``verified``:
+    the same work as the SDK's, by hand: into ``<name>.part``, sha256 of every chunk, fsync,
+    rename into place (hashing and writing on the event loop)."""
     task_id = await _completed_task(base_url, key)
     times, size = [], 0
     meter = Meter()
     headers = {"Authorization": f"Bearer {key}"}
     with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
         dest = Path(tmp) / "video.mp4"
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
-                url = (await r.json())["data"]["result"]["videos"][0]["url"][0]
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                size = 0
-                async with http.get(url) as r:
-                    r.raise_for_status()
-                    with dest.open("wb") as fh:
-                        async for chunk in r.content.iter_chunked(CHUNK):
-                            fh.write(chunk)
-                            size += len(chunk)
-                times.append(time.perf_counter() - t0)
-                dest.unlink()
-    return _download_figures(size, times, meter)
-
-
-async def bare_verified_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
-    """The same work as the SDK's, by hand: ``iter_chunked`` into ``<name>.part``, sha256 of
-    every chunk, fsync, rename into place (hashing and writing on the event loop)."""
-    task_id = await _completed_task(base_url, key)
-    times, size = [], 0
-    meter = Meter()
-    headers = {"Authorization": f"Bearer {key}"}
-    with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
-        dest = Path(tmp) / "video.mp4"
-        part = Path(tmp) / "video.mp4.part"
+        part = Path(tmp) / "video.mp4.part" if verified else dest
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
                 url = (await r.json())["data"]["result"]["videos"][0]["url"][0]
@@ -286,12 +264,15 @@ async def bare_verified_download(base_url: str, key: str, reps: int) -> dict[str
                     with part.open("wb") as fh:
                         async for chunk in r.content.iter_chunked(CHUNK):
                             fh.write(chunk)
-                            digest.update(chunk)
+                            if verified:
+                                digest.update(chunk)
                             size += len(chunk)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                os.replace(part, dest)
-                digest.hexdigest()
+                        if verified:
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                if verified:
+                    os.replace(part, dest)
+                    digest.hexdigest()
                 times.append(time.perf_counter() - t0)
                 dest.unlink()
     return _download_figures(size, times, meter)
@@ -467,7 +448,7 @@ def main() -> None:
         "scale": lambda: scale(u, k, a.tasks, a.rounds),
         "sdk-download": lambda: sdk_download(u, k, a.reps),
         "bare-download": lambda: bare_download(u, k, a.reps),
-        "bare-verified-download": lambda: bare_verified_download(u, k, a.reps),
+        "bare-verified-download": lambda: bare_download(u, k, a.reps, verified=True),
         "ceilings": lambda: ceilings(a.reps),
         "sdk-replica": lambda: sdk_replica(u, k, a.jobs, a.tasks, a.journal, a.arrival),
     }
