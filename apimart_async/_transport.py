@@ -615,11 +615,8 @@ class Transport:
         timeout: Timeout | None,
         track: SendTrack | None = None,
     ) -> Reply:
-        session = self._session
-        if session is None or session.closed:
-            session = self.session()  # raises ClientClosedError
-        wait = self.pacing.wait_time(time.monotonic(), honour_pause=not _retry.is_testing())
-        if wait > 0:  # a server-requested pause or a requests-per-second cap
+        session = self.session()
+        if (wait := self._pause()) > 0:  # a server-requested pause or a requests/s cap
             await anyio.sleep(wait)
         all_headers = {
             "Authorization": f"Bearer {self._key.reveal()}",
@@ -633,7 +630,7 @@ class Transport:
         options: dict[str, Any] = {}
         if timeout is not None:  # else the session's; passing None would mean "no limit"
             options["timeout"] = self.client_timeout(timeout)
-        url = self.base_url + path
+        url = self.url(path)
         proxy, proxy_headers = self.proxies.for_url(url)
         if proxy is not None:
             options["proxy"] = proxy
@@ -712,12 +709,11 @@ class Transport:
             raise error
         return Reply(status=status, headers=reply_headers, body=body)
 
-    async def _pace(self) -> None:
-        """Wait out a server-requested pause (skipped under ``set_testing``) and the
-        requests-per-second cap, if any."""
-        wait = self.pacing.wait_time(time.monotonic(), honour_pause=not _retry.is_testing())
-        if wait > 0:
-            await anyio.sleep(wait)
+    def _pause(self) -> float:
+        """Seconds to wait before a request: a server-requested pause (not under
+        ``set_testing``) and the requests-per-second cap, if any (checked without a coroutine:
+        every request asks)."""
+        return self.pacing.wait_time(time.monotonic(), honour_pause=not _retry.is_testing())
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -726,7 +722,8 @@ class Transport:
         """GET a result file (never with the API key; redirects followed, http(s) only).
         Connection failures and timeouts become APIConnectionError / APITimeoutError."""
         session = self.session()
-        await self._pace()
+        if (wait := self._pause()) > 0:
+            await anyio.sleep(wait)
         self._count("download")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read
