@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = _run(["git", "-C", str(ROOT), "rev-parse", "HEAD"]).stdout.strip()
     head = commit[:10]
 
+    hunt_started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="apimart-flake-hunt-"))
     failed_in: dict[str, list[int]] = defaultdict(list)
     first_output: dict[str, str] = {}
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         first = tmp / "run-1"
         clone(first, commit)
         if args.venv:
-            py = Path(args.venv) / "bin" / "python"
+            py = Path(args.venv).absolute() / "bin" / "python"
             if not py.exists():
                 print(f"no interpreter at {py}", file=sys.stderr)
                 return 2
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print(f"{args.runs} runs, {sum(durations) / 60:.1f} min in all")
+    wall = (time.monotonic() - hunt_started) / 60
+    print(f"{args.runs} runs, {sum(durations) / 60:.1f} min of runs in {wall:.1f} min")
     if not failed_in:
         print(f"no test failed in any of the {args.runs} runs")
         return 0
