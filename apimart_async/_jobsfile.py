@@ -29,14 +29,13 @@ import functools
 import io
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
 
-from ._errors import ApimartWarning, FieldError, JobsFileError, ValidationError
+from ._errors import FieldError, JobsFileError, ValidationError
 from ._jobs import file_stem
 from ._json import is_object
 from ._models import _TYPED_FIELDS, VideoRequest
@@ -122,10 +121,7 @@ def _request(
     name = data.pop("name", None)
     if name is not None and not isinstance(name, str):
         raise ValueError("name: must be a string")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ApimartWarning)
-        request = VideoRequest.from_dict(data)
-    notes = tuple(str(w.message) for w in caught if issubclass(w.category, ApimartWarning))
+    request, notes = VideoRequest._from_dict_noting(data)
     return name, request, notes
 
 
@@ -234,6 +230,7 @@ def iter_jobs(
         raise JobsFileError(str(p), [(0, "no jobs in the file")])
 
 
+_DECODER = json.JSONDecoder()
 _Build = Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]
 
 
@@ -265,10 +262,15 @@ def _jsonl_rows(
             continue
 
         def build(text: str = text) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+            try:  # ``json.loads`` without its two white-space scans: the text is stripped
+                data, end = _DECODER.raw_decode(text)
+                if end != len(text):
+                    raise ValueError("extra data")
+            except ValueError:
+                try:  # json.loads says what is wrong, as it would have
+                    data = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
             return _request(data, allow_unknown_model)
 
         yield n, build

@@ -9,6 +9,7 @@ import re
 import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -41,6 +42,8 @@ _TYPED_FIELDS = (
     "extend_from_task_id",
     "webhook",
 )
+#: The keys of ``from_dict`` that are fields (the rest go to ``extra``).
+_FIELD_NAMES = frozenset({"model", *_TYPED_FIELDS})
 _IMAGE_EXTENSIONS = frozenset({"jpeg", "jpg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic"})
 
 
@@ -51,6 +54,9 @@ def _to_tuple(value: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
     Anything else is kept as it is, so that validation names the field and the rule (a bare
     string is a common slip for a one-element list; a type checker cannot catch it, as a
     ``str`` is a sequence of strings)."""
+    kind = type(value)
+    if (kind is tuple or kind is list) and all(type(v) is str for v in value):
+        return cast("tuple[str, ...]", tuple(value))  # the common case, without ABC checks
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
         return tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
     return value  # type: ignore[return-value]  # refused by check_request
@@ -75,7 +81,7 @@ def is_local_ref(value: str) -> bool:
 def _to_frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     """``extra`` as a read-only mapping (anything else is kept for validation to name)."""
     given: object = value  # the caller may pass anything
-    if isinstance(given, Mapping):
+    if type(given) is dict or isinstance(given, Mapping):
         return types.MappingProxyType(dict(value))
     return value  # refused by check_request
 
@@ -119,11 +125,26 @@ class VideoRequest:
     """Fields sent as they are, merged into the body after the typed ones."""
 
     def __attrs_post_init__(self) -> None:
-        errors, notes = check_request(self)
-        if errors:
-            raise ValidationError(errors)
-        for note in notes:
-            warnings.warn(note, ApimartWarning, stacklevel=3)
+        spec = get_spec(self.model) if type(self.model) is str else None
+        shape = _shape(self, spec)
+        known = _CLEAN.get(shape) if shape is not None else None
+        if known is not None and known[0] is spec:
+            notes: Sequence[str] = known[1]
+        else:
+            errors, notes = check_request(self)
+            if errors:
+                raise ValidationError(errors)
+            if shape is not None:
+                if len(_CLEAN) >= _CLEAN_MAX:
+                    _CLEAN.clear()
+                _CLEAN[shape] = (spec, tuple(notes))
+        if notes:
+            collecting = _NOTES.get()
+            for note in notes:
+                if collecting is not None:
+                    collecting.append(note)
+                else:
+                    warnings.warn(note, ApimartWarning, stacklevel=3)
 
     def __repr__(self) -> str:
         parts = [f"model={self.model!r}"]
@@ -185,30 +206,82 @@ class VideoRequest:
                 field (``request`` when ``data`` is not an object); never another exception.
         """
         given: object = data  # the caller may pass anything
-        if not isinstance(given, Mapping):
+        if type(given) is not dict and not isinstance(given, Mapping):
             raise ValidationError([FieldError("request", "must be a JSON object", given)])
         fields: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        if "extra" in data and data["extra"] is not None:
-            nested: object = data["extra"]
+        nested: object = data.get("extra")
+        if nested is not None:
             if not isinstance(nested, Mapping):
                 raise ValidationError(
                     [FieldError("extra", "must be an object of field names to JSON values", nested)]
                 )
             extra.update(cast("Mapping[str, Any]", nested))
         for key, value in data.items():
-            if key == "extra":
-                continue
-            if key == "model" or key in _TYPED_FIELDS:
+            if key in _FIELD_NAMES:
                 fields[key] = value
-            else:
+            elif key != "extra":
                 extra[key] = value
         if "model" not in fields:
             raise ValidationError([FieldError("model", "is required", has_value=False)])
         return cls(**fields, extra=extra)
 
+    @classmethod
+    def _from_dict_noting(cls, data: Mapping[str, Any]) -> tuple[VideoRequest, tuple[str, ...]]:
+        """``from_dict``, with the warnings it deserves returned instead of warned (a jobs
+        file reports them by line)."""
+        notes: list[str] = []
+        token = _NOTES.set(notes)
+        try:
+            return cls.from_dict(data), tuple(notes)
+        finally:
+            _NOTES.reset(token)
+
 
 # -- validation ------------------------------------------------------------------------------
+
+#: Where a request's warnings go instead of ``warnings.warn`` (``_from_dict_noting``).
+_NOTES: ContextVar[list[str] | None] = ContextVar("apimart_async_request_notes", default=None)
+
+#: Requests that passed ``check_request``, by ``_shape``: the spec they were checked against
+#: and their warnings. A jobs file's lines mostly differ in their prompt only, so most of its
+#: requests are checked by one lookup (issue 16). Emptied when full.
+_CLEAN: dict[tuple[Any, ...], tuple[ModelSpec | None, tuple[str, ...]]] = {}
+_CLEAN_MAX = 1024
+
+
+def _shape(req: VideoRequest, spec: ModelSpec | None) -> tuple[Any, ...] | None:
+    """Everything ``check_request`` reads of ``req``, with the prompt reduced to what its
+    rules look at (set, blank, over the model's limit); None when a field holds anything but
+    the plain types a check can pass (a request with ``extra`` is always checked in full).
+    Two requests of one shape, checked against the same spec, get the same verdict."""
+    images: object = req.image_urls
+    videos: object = req.video_urls
+    extra: object = req.extra
+    if type(images) is not tuple or type(videos) is not tuple:
+        return None
+    if type(extra) is not types.MappingProxyType or extra:
+        return None
+    for url in (*images, *videos):
+        if type(url) is not str:
+            return None
+    prompt: object = req.prompt
+    said: tuple[bool, bool] | None = None
+    if prompt is not None:
+        if type(prompt) is not str:
+            return None
+        limit = spec.prompt_max_chars if spec is not None else None
+        said = (prompt.strip() != "", limit is not None and len(prompt) > limit)
+    for text in (req.resolution, req.aspect_ratio, req.extend_from_task_id, req.webhook):
+        if text is not None and type(text) is not str:
+            return None
+    for number in (req.duration, req.seed):
+        if number is not None and type(number) is not int:
+            return None
+    return (
+        req.model, said, images, videos, req.duration, req.resolution, req.aspect_ratio,
+        req.seed, req.extend_from_task_id, req.webhook,
+    )  # fmt: skip
 
 
 def _choices(options: Iterable[Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -448,3 +449,70 @@ def test_specs_table_has_a_row_per_seed_model() -> None:
         "sora-2-pro-preview",
     }
     assert am.MODEL_SPECS["viduq3"].durations == am.IntRange(3, 16)
+
+
+# -- requests of one shape are checked once (issue 16: a jobs file's lines differ in their
+# prompt only); the verdict must stay the one a full check gives --
+
+
+def test_a_request_of_a_known_shape_is_still_refused_for_what_the_shape_leaves_out() -> None:
+    ok = am.VideoRequest("viduq3-mix", "a cat", image_urls=[IMG], duration=1)
+    assert ok.duration == 1
+    # True == 1 and hash(True) == hash(1): a shape keyed on values alone would let it through
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest("viduq3-mix", "a cat", image_urls=[IMG], duration=True)  # type: ignore[arg-type]
+    assert "duration: must be a positive whole number of seconds" in str(info.value)
+    # the prompt's length is part of the shape where the model has a limit
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest("viduq3-mix", "a" * 5001, image_urls=[IMG], duration=1)
+    assert "prompt: viduq3-mix takes at most 5000 characters" in str(info.value)
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest("viduq3-mix", "   ", image_urls=[IMG], duration=1)
+    assert "prompt: viduq3-mix requires a prompt" in str(info.value)
+
+
+def test_a_request_of_a_known_shape_warns_every_time() -> None:
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            am.VideoRequest("sora-2-preview", "x", image_urls=[IMG, IMG])
+        assert [str(w.message) for w in caught] == [
+            "image_urls: sora-2-preview uses only the first image; the other 1 will be ignored"
+            " by the service"
+        ]
+        assert caught[0].filename == __file__  # still points at the caller's line
+
+
+def test_a_changed_spec_is_checked_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    import attrs
+
+    am.VideoRequest("viduq3-mix", "a cat", image_urls=[IMG], duration=1)
+    stricter = attrs.evolve(am.MODEL_SPECS["viduq3-mix"], durations=am.IntRange(2, 16))
+    monkeypatch.setitem(am.MODEL_SPECS, "viduq3-mix", stricter)  # type: ignore[arg-type]
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest("viduq3-mix", "a cat", image_urls=[IMG], duration=1)
+    assert "duration: viduq3-mix takes 2 to 16 seconds" in str(info.value)
+
+
+def test_a_jobs_file_reads_the_warnings_of_its_lines_without_warning(tmp_path: Any) -> None:
+    path = tmp_path / "jobs.jsonl"
+    line = json.dumps({"model": "sora-2-preview", "prompt": "x", "image_urls": [IMG, IMG]}) + "\n"
+    path.write_text(line * 2 + '{"model": "sora-2-preview", "prompt": "x"} 5\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(am.JobsFileError) as info:
+            am.read_jobs(path)
+    assert info.value.problems == [(3, "not JSON: Extra data at column 44")]
+    jobs = am.read_jobs(_first_lines(path, 2))
+    assert [j.warnings for j in jobs] == [
+        (
+            "image_urls: sora-2-preview uses only the first image; the other 1 will be ignored"
+            " by the service",
+        )
+    ] * 2
+
+
+def _first_lines(path: Any, n: int) -> Any:
+    out = path.with_name("first.jsonl")
+    out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+    return out
