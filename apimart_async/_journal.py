@@ -70,9 +70,23 @@ JobState = Literal["submitting", "pending", "refused", "downloading", "done"]
 SCHEMA_VERSION = 5
 
 
+def _json_text(value: dict[str, Any] | str | None) -> str | None:
+    """A record's task or request as JSON text: a mapping is written out; text (a store's own
+    column, checked when the store was opened) is kept as it is."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
 @attrs.frozen
 class JobRecord:
-    """One job as a journal holds it."""
+    """One job as a journal holds it.
+
+    ``task`` and ``request`` are kept as JSON text and parsed afresh at each read (a new dict
+    each time): a journal of 20,000 finished jobs would otherwise be some 200,000 dicts and
+    lists for every full garbage collection to walk, a pause of tens of milliseconds on the
+    event loop of whatever runs the batch (issue 21). Construct a record with dicts, as
+    before; a ``Journal`` may also pass the JSON text it stores."""
 
     index: int
     """The job's position in the input."""
@@ -94,12 +108,20 @@ class JobRecord:
     """The error message of a job that did not succeed."""
     error_type: str | None = None
     """The class name of that error."""
-    task: dict[str, Any] | None = None
-    """The terminal task in its wire form."""
+    _task: str | None = attrs.field(default=None, alias="task", converter=_json_text)
     files: tuple[DownloadedFile, ...] = ()
     """The downloaded files."""
-    request: dict[str, Any] | None = None
-    """The request body as it was sent (``VideoRequest.to_body()``)."""
+    _request: str | None = attrs.field(default=None, alias="request", converter=_json_text)
+
+    @property
+    def task(self) -> dict[str, Any] | None:
+        """The terminal task in its wire form."""
+        return json.loads(self._task) if self._task is not None else None
+
+    @property
+    def request(self) -> dict[str, Any] | None:
+        """The request body as it was sent (``VideoRequest.to_body()``)."""
+        return json.loads(self._request) if self._request is not None else None
 
 
 class Journal(Protocol):
@@ -366,10 +388,9 @@ def _record(r: Any) -> JobRecord:
         raise ValueError("cost is not a number")
     if state in ("pending", "downloading") and task_id is None:
         raise ValueError(f"state {state!r} without a task id")
-    task = _json(r[10], "task", dict)
+    _json(r[10], "task", dict)  # checked; the record keeps the text (``JobRecord``)
     files = _json(r[11], "files", list)
-    request = _json(r[12], "body", dict)
-    if request is None:
+    if _json(r[12], "body", dict) is None:
         raise ValueError("body is missing")
     return JobRecord(
         index=idx,
@@ -382,9 +403,9 @@ def _record(r: Any) -> JobRecord:
         cost=cost,
         error=error,
         error_type=error_type,
-        task=task,
+        task=r[10],
         files=tuple(_file(f) for f in files or ()),
-        request=request,
+        request=r[12],
     )
 
 

@@ -590,3 +590,43 @@ async def test_the_budget_is_never_exceeded_with_mixed_models() -> None:
     assert results.stats().cost <= 1.0 + 1e-9
     assert any(o.ok for o in outcomes)
     assert emu.state.max_unfinished == 1  # price probes ran one at a time
+
+
+async def test_an_opened_journal_gives_the_garbage_collector_a_few_objects_per_job(
+    tmp_path: Path,
+) -> None:
+    """Issue 21: a replay of 20,000 finished jobs held every task and request as parsed JSON,
+    ten containers a job, which every full collection walked (50 ms event-loop stalls). A
+    record keeps them as JSON text (not tracked by the collector) and parses on each read."""
+    journal = SqliteJournal(tmp_path / "j.sqlite")
+    await journal.open()
+    task = {"id": "task_1", "status": "completed", "result": {"videos": [{"url": ["u"]}]}}
+    body = {"model": "sora-2-preview", "prompt": "a cat", "image_urls": ["https://e.x/a.png"]}
+    file = am.DownloadedFile(path="/v/0.mp4", bytes=3, sha256="0" * 64)
+    for i in range(50):
+        await journal.add(i, f"fp{i}", f"key-{i}", None, body)
+        await journal.set_task(i, f"task_{i}")
+        await journal.finish(
+            i, status="completed", cost=0.4, task=task, files=(file,), error=None, error_type=None
+        )
+    await journal.close()
+    records = await journal.open()
+    await journal.close()
+
+    def tracked(root: object) -> int:
+        seen: set[int] = set()
+        todo = [root]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in seen or not gc.is_tracked(obj) or isinstance(obj, type):
+                continue
+            seen.add(id(obj))
+            todo.extend(gc.get_referents(obj))
+        return len(seen)
+
+    # the record, its files tuple and the DownloadedFile: no dict or list of the task or body
+    assert max(tracked(r) for r in records.values()) <= 3
+    record = records[7]
+    assert record.task == task and record.request == body  # as they were written
+    record.task["status"] = "changed"  # type: ignore[index]  # a copy: the record is frozen
+    assert record.task == task
