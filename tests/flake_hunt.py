@@ -13,8 +13,9 @@ How it works:
 - One virtual environment for the whole hunt, made with ``--python`` and the project installed
   into it from the first clone with its ``test`` extra (a regular install, not editable, so
   nothing of the working tree leaks in); ``--venv`` reuses an existing one instead (faster,
-  but it must hold the test extra). Each run imports the code of its own clone: pytest runs
-  from the clone's root, which comes first on ``sys.path``.
+  but it must hold the test extra and this commit's package, installed). As in CI, each run's
+  clone loses its ``apimart_async/`` folder, so the tests import the installed package and
+  nothing else (with two copies, pyright's strict check sees two of every class).
 - Each run is the README's test command, ``python -m pytest -q``, plus a JUnit XML report
   from which the failures and their output are read. Runs go one after another by default.
   ``--jobs 2`` runs two at once: a run uses about 0.65 of a core (most of its time waits on
@@ -136,10 +137,24 @@ def main(argv: list[str] | None = None) -> int:
             src = tmp / f"run-{n}"
             if n > 1:
                 clone(src, commit)
+            # as in CI (.ci/run): the tests run against the installed package alone, not a
+            # second copy in the tree (pyright would see two of every class)
+            shutil.rmtree(src / "apimart_async", ignore_errors=True)
             report = tmp / f"report-{n}.xml"
             started = time.monotonic()
             proc = subprocess.run(
-                [str(py), "-m", "pytest", "-q", f"--junitxml={report}", *args.pytest_args],
+                # xunit1: the report of a test that records properties (xunit2 warns, and
+                # the suite's warnings are errors)
+                [
+                    str(py),
+                    "-m",
+                    "pytest",
+                    "-q",
+                    f"--junitxml={report}",
+                    "-o",
+                    "junit_family=xunit1",
+                    *args.pytest_args,
+                ],
                 cwd=src,
                 text=True,
                 capture_output=True,
