@@ -258,7 +258,7 @@ def _shape(req: VideoRequest, spec: ModelSpec | None) -> tuple[Any, ...] | None:
     images: object = req.image_urls
     videos: object = req.video_urls
     extra: object = req.extra
-    if type(images) is not tuple or type(videos) is not tuple:
+    if type(req.model) is not str or type(images) is not tuple or type(videos) is not tuple:
         return None
     if type(extra) is not types.MappingProxyType or extra:
         return None

@@ -516,3 +516,11 @@ def _first_lines(path: Any, n: int) -> Any:
     out = path.with_name("first.jsonl")
     out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
     return out
+
+
+@pytest.mark.parametrize("model", [["sora-2-preview"], {"name": "x"}, 5, None])
+def test_a_model_that_is_not_a_string_is_refused_by_name(model: Any) -> None:
+    # an unhashable model once escaped as TypeError from the cache of checked shapes
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest.from_dict({"model": model, "prompt": "a cat"})
+    assert str(info.value).startswith("model: must be a non-empty string")
