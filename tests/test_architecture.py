@@ -226,7 +226,10 @@ LAYERS: list[set[str]] = [
     {"_handle"},
     {"_batch"},
     {"_options", "_ledger", "_roster", "_interrupt", "_jobs", "_jobsfile", "_client_journal"},
-    {"_poller", "_download", "_journal", "_manifest", "_admission", "_references", "_upload_cache"},
+    {
+        "_poller", "_download", "_journal", "_pg_journal", "_manifest", "_admission",
+        "_references", "_upload_cache",
+    },
     {"_api"},
     {"_transport"},
     {"_pacing"},
