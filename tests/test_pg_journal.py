@@ -325,3 +325,76 @@ async def test_a_database_loss_mid_batch_loses_nothing_and_pays_nothing_twice(
     # issue 15's must-show: down for 10 s under --long; every run: back once the journal saw it
     down_for = 10.0 if request.config.getoption("--long") else 0.0
     await _batch_through_a_database_loss(pg, pg_schema, manual_emu, down_for)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_the_resume_command_leaves_the_password_out() -> None:
+    from apimart_async.cli import resume_command
+
+    argv = ["run", "j.jsonl", "--journal", "postgresql://u:s3cret@h/db", "--out", "o"]
+    assert resume_command(argv) == [
+        "apimart-async", "run", "j.jsonl", "--journal", "postgresql://u@h/db", "--out", "o",
+    ]  # fmt: skip
+    assert resume_command(["--journal=postgres://u:s3cret@h:5/db"]) == [
+        "apimart-async",
+        "--journal=postgres://u@h:5/db",
+    ]
+
+
+async def test_cli_run_with_a_postgres_journal(pg: PgServer, pg_schema: str, tmp_path: Any) -> None:
+    import json
+    import shutil
+
+    from .test_cli import JOBS, cli
+
+    out = tmp_path / "videos"
+    base = ["--journal", pg.url, "--schema", pg_schema]
+    code, stdout, stderr = await cli("run", str(JOBS), "--emulate", "--out", str(out), *base)
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.glob("*.mp4")) == [
+        "apple.mp4", "bear-hug.mp4", "lighthouse.mp4", "neon-cat.mp4", "waterfall.mp4",
+    ]  # fmt: skip
+    shown = f"postgresql://postgres:***@127.0.0.1:{pg.port}/postgres (batch jobs, schema"
+    assert shown in stdout
+    assert pg.password not in stdout + stderr
+    sql = f"SELECT count(*) FROM {pg_schema}.jobs WHERE batch='jobs' AND state='done'"
+    assert await fetchval(pg.url, sql) == 5  # batch named after the jobs file
+    # the emulator's memory sits in --out, by batch name
+    state = out / ".apimart-jobs.emulator-state.jsonl"
+    tasks = {json.loads(line)["task"]["id"] for line in state.read_text().splitlines()[1:]}
+    assert len(tasks) == 5
+    # a dry run reads the journal in PostgreSQL
+    code, stdout, stderr = await cli("run", str(JOBS), "--dry-run", *base)
+    assert code == 0, stderr
+    assert "5 already submitted or finished (journal); 0 to submit" in stdout
+    # a second run replays everything: no new task
+    code, stdout, stderr = await cli("run", str(JOBS), "--emulate", "--out", str(out), *base)
+    assert code == 0, stderr
+    assert "replayed    5" in stdout
+    tasks2 = {json.loads(line)["task"]["id"] for line in state.read_text().splitlines()[1:]}
+    assert tasks2 == tasks
+    # another list under the same name (a file of the same stem) is refused before any submit
+    other = tmp_path / "other" / "jobs.jsonl"
+    other.parent.mkdir()
+    lines = JOBS.read_text().splitlines()
+    other.write_text("\n".join([*lines[:-1], lines[-1].replace('"prompt": "', '"prompt": "new ')]))
+    shutil.copytree(out, tmp_path / "copy")  # the same emulator state
+    code, stdout, stderr = await cli(
+        "run", str(other), "--emulate", "--out", str(tmp_path / "copy"), *base
+    )
+    assert code == 1, stderr
+    assert "JournalMismatchError: job 4 differs from the one recorded" in stderr
+    copied = tmp_path / "copy" / ".apimart-jobs.emulator-state.jsonl"
+    assert len(copied.read_text().splitlines()) == len(state.read_text().splitlines())
+    # ... and runs under a name of its own
+    code, stdout, stderr = await cli(
+        "run", str(other), "--emulate", "--out", str(tmp_path / "o2"), *base, "--name", "v2"
+    )
+    assert code == 0, stderr
+    # --name and --schema belong to a PostgreSQL journal
+    code, _, stderr = await cli(
+        "run", str(JOBS), "--emulate", "--out", str(tmp_path / "o3"), "--name", "x"
+    )
+    assert code == 2 and "--name and --schema are for a --journal postgresql://" in stderr
