@@ -365,7 +365,9 @@ class PostgresJournal(Journal):
         self.schema = schema
         """The PostgreSQL schema of the tables."""
         self.reconnect_for = float(reconnect_for)
+        """Seconds a call waits for a lost database to come back before it fails."""
         self.connect_timeout = float(connect_timeout)
+        """Seconds one connection attempt may take."""
         self._fingerprints = list(fingerprints) if fingerprints is not None else None
         self._q = f'"{schema}"'
         self._open = False
