@@ -398,10 +398,11 @@ class PostgresJournal(Journal):
         """``fn(connection)``, waiting out a lost database for up to ``reconnect_for``."""
         if not self._open:
             raise JournalError(f"the journal {self._where()} is closed")
+        done: list[T] = []  # (a shielded scope could swallow an exception, for checkers)
         with anyio.CancelScope(shield=True):  # a write that started finishes (or fails)
             async with self._mutex:
-                result = await self._link.retrying(what, fn)
-        return result
+                done.append(await self._link.retrying(what, fn))
+        return done[0]
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -409,16 +410,17 @@ class PostgresJournal(Journal):
         if self._open:
             raise JournalError(f"the journal {self._where()} is already open in this journal")
         self._open = True
+        done: list[dict[int, JobRecord]] = []
         try:
             with anyio.CancelScope(shield=True):
                 async with self._mutex:
-                    records = await self._open_locked()
+                    done.append(await self._open_locked())
         except BaseException:
             self._open = False
             with anyio.CancelScope(shield=True):
                 await self._link.forget()
             raise
-        return records
+        return done[0]
 
     async def _open_locked(self) -> dict[int, JobRecord]:
         try:
@@ -542,9 +544,11 @@ class PostgresJournal(Journal):
                 f"SELECT idx, fingerprint FROM {self._q}.jobs WHERE batch=$1 ORDER BY idx",
                 self.name,
             ):
-                got = new[r["idx"]] if r["idx"] < len(new) else "(no such job now)"
-                if got != r["fingerprint"]:
-                    raise JournalMismatchError(r["idx"], r["fingerprint"], got)
+                idx: int = r["idx"]
+                was: str = r["fingerprint"]
+                got = new[idx] if idx < len(new) else "(no such job now)"
+                if got != was:
+                    raise JournalMismatchError(idx, was, got)
             await conn.execute(
                 f"UPDATE {self._q}.batches SET fingerprints=$2 WHERE name=$1", self.name, new
             )
