@@ -413,7 +413,6 @@ async def test_a_batch_taken_by_another_run_during_an_outage_stops_this_one(
     try:
         with pytest.raises(am.JournalError, match="was taken by another run while the database"):
             await first.set_task(0, "task-1")
-        assert first.outages == 1
     finally:
         await first.close()
         await second.close()
