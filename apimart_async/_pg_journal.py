@@ -25,9 +25,11 @@ the holder's pid) when another run holds it. PostgreSQL drops the lock when that
 ends, however the run ends.
 
 The database may go away (a restart, a failover): every call waits and reconnects, for up to
-``reconnect_for`` seconds, then fails with a ``JournalError``. A write retried after a lost
-reply is harmless: each one sets a row to a state, and ``add`` of a row already there with the
-same key does nothing. ``outages`` counts the losses seen.
+``reconnect_for`` seconds, then fails with a ``JournalError``. A statement that was sent is
+finished even if its caller is cancelled; the waits between attempts can be cancelled (the
+ledger shields the writes that must be made: the task id of a paid task). A write retried
+after a lost reply is harmless: each one sets a row to a state, and ``add`` of a row already
+there with the same key does nothing. ``outages`` counts the losses seen.
 
 Every asyncpg error, OSError or timeout becomes a ``JournalError`` naming the store by its URL
 with the password replaced by ``***``: the password appears in no message, repr or log.
@@ -289,8 +291,12 @@ class _Link:
         pause = 0.05
         while True:
             try:
-                conn = await self.ensure()
-                return await fn(conn)
+                done: list[T] = []
+                # a statement that started finishes (or fails) even if the caller is cancelled;
+                # the waits between attempts below can be cancelled
+                with anyio.CancelScope(shield=True):
+                    done.append(await fn(await self.ensure()))
+                return done[0]
             except JournalError:
                 raise
             except Exception as exc:
@@ -308,7 +314,8 @@ class _Link:
                         type(exc).__name__,
                         self.reconnect_for,
                     )
-                await self.forget()
+                with anyio.CancelScope(shield=True):
+                    await self.forget()
                 if now >= give_up:
                     raise self.error(
                         f"{what} (out of reach for {self.reconnect_for:g} s)", exc
@@ -398,11 +405,8 @@ class PostgresJournal(Journal):
         """``fn(connection)``, waiting out a lost database for up to ``reconnect_for``."""
         if not self._open:
             raise JournalError(f"the journal {self._where()} is closed")
-        done: list[T] = []  # (a shielded scope could swallow an exception, for checkers)
-        with anyio.CancelScope(shield=True):  # a write that started finishes (or fails)
-            async with self._mutex:
-                done.append(await self._link.retrying(what, fn))
-        return done[0]
+        async with self._mutex:  # one statement at a time on the connection
+            return await self._link.retrying(what, fn)
 
     # -- opening -----------------------------------------------------------------------------
 

@@ -418,3 +418,22 @@ async def test_a_batch_taken_by_another_run_during_an_outage_stops_this_one(
         await second.close()
     records = await journal(pg, pg_schema, "taken").read()
     assert records[0].state == "submitting" and records[0].task_id is None
+
+
+async def test_a_call_waiting_for_a_lost_database_can_be_cancelled(
+    pg: PgServer, pg_schema: str
+) -> None:
+    j = journal(pg, pg_schema, reconnect_for=60)
+    await j.open()
+    await j.add(0, "f" * 64, "key-0", None, {"model": "m"})
+    await anyio.to_thread.run_sync(pg.stop)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(j.set_task, 0, "task-1")
+            await eventually(lambda: j.outages == 1)  # it waits for the database
+            scope.cancel()  # e.g. the batch's second Ctrl-C: it does not wait 60 s more
+    assert scope.cancelled_caught
+    await anyio.to_thread.run_sync(pg.start)
+    await j.set_task(0, "task-1")  # the journal works again
+    await j.close()
+    assert (await journal(pg, pg_schema).read())[0].task_id == "task-1"
