@@ -197,8 +197,8 @@ class _Link:
         self._secret_url = url
         self.shown = redact_url(url)
         self.where = where
-        self.schema = schema
-        self.name = name
+        self.schema: str = schema
+        self.name: str = name
         self.reconnect_for = reconnect_for
         self.connect_timeout = connect_timeout
         self._conn: Any = None
@@ -365,15 +365,15 @@ class PostgresJournal(Journal):
             raise ValidationError(bad)
         self._pg = _asyncpg()
         self._url = url
-        self.url = redact_url(url)
+        self.url: str = redact_url(url)
         """The database's URL, its password replaced by ``***``."""
         self.name = name
         """The batch's name."""
         self.schema = schema
         """The PostgreSQL schema of the tables."""
-        self.reconnect_for = float(reconnect_for)
+        self.reconnect_for: float = float(reconnect_for)
         """Seconds a call waits for a lost database to come back before it fails."""
-        self.connect_timeout = float(connect_timeout)
+        self.connect_timeout: float = float(connect_timeout)
         """Seconds one connection attempt may take."""
         self._fingerprints = list(fingerprints) if fingerprints is not None else None
         self._q = f'"{schema}"'
