@@ -13,10 +13,10 @@ race), and records its version in the table ``meta``; a newer version is refused
     meta      key, value                 'format' = 'apimart-async journal', 'schema' = '1'
     batches   name (key), fingerprints   the job list, when the caller gave it (``fingerprints=``)
               run_host, run_pid, run_started   the run holding the batch, for JournalLockedError
-    jobs      (batch, idx) key           the columns of the SQLite journal's ``jobs``, and:
-              claimed_by, lease_until    NULL, for now: the claims of several workers per batch
-    workers   (batch, worker) key        empty, for now: the workers of a batch and their
-              host, pid, heartbeat_at    heartbeats (the claims and leases are not built yet)
+    jobs      (batch, idx) key           the columns of the SQLite journal's ``jobs``
+    claims    (batch, idx) key           which worker holds each job of the list, until when
+              worker, lease_until        (``_pg_claims``; not used by the batch engine yet)
+    workers   (batch, worker) key        the workers of a batch: host, pid, last heartbeat
     priors    (batch, kind) key          what completed tasks taught the poll schedule
 
 One run per batch at a time: ``open`` takes a session-level advisory lock, on a connection of
@@ -139,12 +139,17 @@ def _schema_sql(s: str) -> list[str]:
             task text,
             files text,
             updated_at double precision NOT NULL,
-            claimed_by text,
-            lease_until double precision,
             PRIMARY KEY (batch, idx),
             UNIQUE (batch, idempotency_key)
         )""",
         f"CREATE INDEX IF NOT EXISTS jobs_by_state ON {s}.jobs (batch, state)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.claims (
+            batch text NOT NULL REFERENCES {s}.batches (name) ON DELETE CASCADE,
+            idx integer NOT NULL,
+            worker text,
+            lease_until double precision,
+            PRIMARY KEY (batch, idx)
+        )""",
         f"""CREATE TABLE IF NOT EXISTS {s}.workers (
             batch text NOT NULL REFERENCES {s}.batches (name) ON DELETE CASCADE,
             worker text NOT NULL,
@@ -192,8 +197,11 @@ class _Link:
         name: str,
         reconnect_for: float,
         connect_timeout: float,
+        locked: bool = True,
     ) -> None:
         self.pg = pg
+        self.locked = locked
+        """Whether the link holds the batch's advisory lock (a journal's run does)."""
         self._secret_url = url
         self.shown = redact_url(url)
         self.where = where
@@ -256,7 +264,7 @@ class _Link:
 
     async def ensure(self) -> Any:
         """The working connection, (re)connecting and (re)taking the batch's lock as needed."""
-        if self._lock_conn is None or self._lock_conn.is_closed():
+        if self.locked and (self._lock_conn is None or self._lock_conn.is_closed()):
             await _close_quietly(self._lock_conn)
             self._lock_conn = None
             conn = await self.connect()
