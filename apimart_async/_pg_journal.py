@@ -49,7 +49,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import attrs
@@ -86,18 +86,24 @@ def is_postgres_url(value: object) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (``postgresql://user:***@host/db``)."""
+    """``url`` with its password replaced by ``***`` (``postgresql://user:***@host/db``; a
+    ``password=`` in the query too)."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return "<a PostgreSQL URL that cannot be read>"
-    if password is None and "@" not in parts.netloc:
-        return url
-    user_part, _, host_part = parts.netloc.rpartition("@")
-    user = user_part.split(":", 1)[0]
-    netloc = f"{user}:***@{host_part}" if password is not None else f"{user}@{host_part}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else item
+        for item in parts.query.split("&")
+        for key in [item.partition("=")[0]]
+    )
+    netloc = parts.netloc
+    if "@" in netloc:
+        user_part, _, host_part = netloc.rpartition("@")
+        user = user_part.split(":", 1)[0]
+        netloc = f"{user}:***@{host_part}" if password is not None else f"{user}@{host_part}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _asyncpg() -> Any:
@@ -215,8 +221,7 @@ class _Link:
 
     def error(self, what: str, exc: BaseException) -> JournalError:
         detail = str(exc).replace(self._secret_url, self.shown)
-        password = _password(self._secret_url)
-        if password:
+        for password in _passwords(self._secret_url):
             detail = detail.replace(password, "***")
         return JournalError(
             f"cannot {what} the journal {self.where}: {type(exc).__name__}: {detail}"
@@ -782,11 +787,18 @@ def _positive(value: object) -> bool:
     )
 
 
-def _password(url: str) -> str | None:
+def _passwords(url: str) -> list[str]:
+    """The passwords ``url`` holds (in its user part, or as ``password=`` in its query)."""
     try:
-        return urlsplit(url).password
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
     except ValueError:
-        return None
+        return []
+    for item in parts.query.split("&"):
+        key, _, value = item.partition("=")
+        if key.lower() == "password" and value:
+            found += [value, unquote(value)]
+    return found
 
 
 async def _close_quietly(conn: Any) -> None:

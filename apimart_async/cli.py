@@ -648,6 +648,12 @@ def _pg_journal(
     )
 
 
+def _file_part(name: str) -> str:
+    """``name`` as part of a file name (anything but letters, digits, ``.``, ``_``, ``-``
+    becomes ``_``)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
+
+
 def _journal_text(journal: Path | am.PostgresJournal) -> str:
     """The journal, for the summary (a PostgreSQL URL without its password)."""
     if isinstance(journal, Path):
@@ -740,7 +746,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         gallery.event(event)
 
     # the emulator's state beside the journal; for one in PostgreSQL, in --out by batch name
-    beside = journal if isinstance(journal, Path) else out / f".apimart-{journal.name}"
+    beside = journal if isinstance(journal, Path) else out / f".apimart-{_file_part(journal.name)}"
     state = emulator_state_path(beside) if args.emulate else None
     async with _client(args, emulator_state=state) as client, gallery:
         async with client.batch(

@@ -122,6 +122,9 @@ def test_redact_url() -> None:
     assert redact_url("postgresql://u:s3cret@h:5432/db?x=1") == "postgresql://u:***@h:5432/db?x=1"
     assert redact_url("postgres://u@h/db") == "postgres://u@h/db"
     assert redact_url("postgresql://h/db") == "postgresql://h/db"
+    assert redact_url("postgresql://u@h/db?sslmode=require&password=s3cret") == (
+        "postgresql://u@h/db?sslmode=require&password=***"
+    )
 
 
 async def test_the_password_never_appears(
