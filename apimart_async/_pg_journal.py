@@ -449,8 +449,11 @@ class PostgresJournal(Journal):
         self._link.hold(lock_conn)
         try:
             if not await self._link.take_lock(lock_conn):
-                pid, started = await self._holder(lock_conn)
-                raise JournalLockedError(f"{self.url} (batch {self.name!r})", pid, started)
+                pid, started, host = await self._holder(lock_conn)
+                if not (host == socket.gethostname() and _gone(pid)) or not await self._lock_soon(
+                    lock_conn
+                ):
+                    raise JournalLockedError(f"{self.url} (batch {self.name!r})", pid, started)
         except JournalError:
             raise
         except Exception as exc:
@@ -459,14 +462,25 @@ class PostgresJournal(Journal):
             raise
         return await self._link.retrying("open", self._prepare)
 
-    async def _holder(self, conn: Any) -> tuple[int | None, float | None]:
+    async def _holder(self, conn: Any) -> tuple[int | None, float | None, str | None]:
+        """The pid, start time and host of the run that holds the batch (as it noted them)."""
         with contextlib.suppress(Exception):  # no table yet, or unreadable: unknown
             row = await conn.fetchrow(
-                f"SELECT run_pid, run_started FROM {self._q}.batches WHERE name=$1", self.name
+                f"SELECT run_pid, run_started, run_host FROM {self._q}.batches WHERE name=$1",
+                self.name,
             )
             if row is not None:
-                return row["run_pid"], row["run_started"]
-        return None, None
+                return row["run_pid"], row["run_started"], row["run_host"]
+        return None, None, None
+
+    async def _lock_soon(self, conn: Any) -> bool:
+        """The holder was a process of this machine that is gone (killed): the server drops
+        its lock as soon as it sees its connection closed. Wait up to 5 s for that."""
+        for _ in range(100):
+            await anyio.sleep(0.05)
+            if await self._link.take_lock(conn):
+                return True
+        return False
 
     async def _prepare(self, conn: Any) -> dict[int, JobRecord]:
         """Create or migrate the tables, check the batch's list, note this run, read the jobs."""
@@ -785,6 +799,19 @@ def _positive(value: object) -> bool:
     return (
         isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
     )
+
+
+def _gone(pid: int | None) -> bool:
+    """Whether no process ``pid`` runs on this machine."""
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's: it runs
+        return False
+    return False
 
 
 def _passwords(url: str) -> list[str]:

@@ -440,3 +440,41 @@ async def test_a_call_waiting_for_a_lost_database_can_be_cancelled(
     await j.set_task(0, "task-1")  # the journal works again
     await j.close()
     assert (await journal(pg, pg_schema).read())[0].task_id == "task-1"
+
+
+async def test_the_lock_of_a_killed_run_of_this_machine_is_waited_for(
+    pg: PgServer, pg_schema: str
+) -> None:
+    import asyncpg
+
+    first = journal(pg, pg_schema, "killed")
+    await first.open()
+    await first.close()
+    # a run of this machine that is gone (a finished process) still holds the lock: the
+    # server has not yet seen its connection close (right after a SIGKILL)
+    done = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    dead_pid = int(done.stdout)
+    holder = await asyncpg.connect(pg.url)
+    assert await holder.fetchval(
+        "SELECT pg_try_advisory_lock(hashtext('apimart-async:' || $1), hashtext($2))",
+        pg_schema,
+        "killed",
+    )
+    await holder.execute(f"UPDATE {pg_schema}.batches SET run_pid=$1 WHERE name='killed'", dead_pid)
+    j = journal(pg, pg_schema, "killed")
+    tried = (
+        "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND state='idle'"
+        " AND query LIKE 'SELECT pg_try_advisory_lock%'"
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.open)
+        await eventually(lambda: _count(pg.url, tried, 1))  # its first try failed
+        await holder.close()  # the server sees the connection go
+    await j.close()
+    # a live holder is not waited for: refused at once
+    await first.open()
+    try:
+        with pytest.raises(am.JournalLockedError):
+            await journal(pg, pg_schema, "killed").open()
+    finally:
+        await first.close()
