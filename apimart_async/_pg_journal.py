@@ -22,7 +22,8 @@ race), and records its version in the table ``meta``; a newer version is refused
 One run per batch at a time: ``open`` takes a session-level advisory lock, on a connection of
 its own, keyed by the schema and the batch name, and raises ``JournalLockedError`` (naming
 the holder's pid) when another run holds it. PostgreSQL drops the lock when that connection
-ends, however the run ends.
+ends, however the run ends; a holder of this machine that is gone (killed a moment ago, its
+connection not yet seen closed) is waited for, up to 5 s.
 
 The database may go away (a restart, a failover): every call waits and reconnects, for up to
 ``reconnect_for`` seconds, then fails with a ``JournalError``. A statement that was sent is
