@@ -59,6 +59,7 @@ __all__ = [
     "Outcome",
     "PermissionDeniedError",
     "PollPolicy",
+    "PostgresJournal",
     "RateLimitError",
     "ReplayedError",
     "ResponseValidationError",
@@ -154,6 +155,7 @@ if _typing.TYPE_CHECKING:
     )
     from ._outcomes import BatchEvent, BatchStats, Failure, Outcome, Success
     from ._pacing import Throttle
+    from ._pg_journal import PostgresJournal
     from ._poll_schedule import PollPolicy
     from ._references import LocalFile, UploadStats
     from ._retry import set_testing
@@ -210,6 +212,7 @@ else:
         "JobRecord": "_journal",
         "Journal": "_journal",
         "SqliteJournal": "_journal",
+        "PostgresJournal": "_pg_journal",
         "Balance": "_models",
         "DownloadedFile": "_models",
         "Task": "_models",

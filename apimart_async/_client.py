@@ -343,6 +343,7 @@ class AsyncApimart:
         stop_on_error: bool = False,
         on_event: Callable[[BatchEvent], None] | None = None,
         journal: str | os.PathLike[str] | Journal | None = None,
+        name: str | None = None,
         download_dir: str | os.PathLike[str] | None = None,
         manifest: str | os.PathLike[str] | None = None,
         max_bytes: int | None = None,
@@ -381,6 +382,11 @@ class AsyncApimart:
                 every submit of the batch in its own journal too, and the ends the batch sees:
                 ``client.tasks.unfinished()`` lists the batch's billed tasks whose end nobody
                 saw (a batch left early, a crash). The two must be different files.
+                A ``postgresql://`` URL (or ``postgres://``) keeps the journal in PostgreSQL
+                (``pip install 'apimart-async[postgres]'``), as the batch ``name``, in the
+                schema ``apimart``; pass a ``PostgresJournal`` for another schema or option.
+            name: the batch's name in a ``postgresql://`` journal (required there: one
+                database holds many batches); refused with any other journal.
             download_dir: fetch each completed job's videos there (``<index>.mp4`` or
                 ``<name>.mp4``), verified, before its outcome is handed out.
             manifest: a JSONL file with one line per finished job (default

@@ -30,6 +30,7 @@ from ._jobs import download_deadline
 from ._journal import Journal, SqliteJournal
 from ._models import VideoRequest
 from ._outcomes import BatchEvent
+from ._pg_journal import is_postgres_url
 from ._poll_schedule import PollPolicy
 
 __all__ = ["BatchOptions"]
@@ -50,6 +51,7 @@ class BatchOptions:
     stop_on_error: bool = False
     on_event: Callable[[BatchEvent], None] | None = None
     journal: str | os.PathLike[str] | Journal | None = None
+    name: str | None = None
     download_dir: str | os.PathLike[str] | None = None
     manifest: str | os.PathLike[str] | None = None
     max_bytes: int | None = None
@@ -116,6 +118,14 @@ class BatchOptions:
             or all(callable(getattr(journal, m, None)) for m in _JOURNAL_METHODS)
         ):
             bad.append(FieldError("journal", "must be a path or a Journal", journal))
+        # the batch's name: the key of a PostgreSQL journal, which holds many batches
+        if is_postgres_url(journal):
+            if not isinstance(self.name, str) or not self.name.strip():
+                rule = "is required with a postgresql:// journal (one database holds many batches)"
+                bad.append(FieldError("name", rule, self.name))
+        elif self.name is not None:
+            rule = "is for a postgresql:// journal only (a file or a Journal holds one batch)"
+            bad.append(FieldError("name", rule, self.name))
         for name in ("on_event", "cost_estimate"):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -129,8 +139,16 @@ class BatchOptions:
         return cls(**{field.name: arguments[field.name] for field in attrs.fields(cls)})
 
     def make_journal(self) -> Journal | None:
-        """The ``Journal`` to record in: the one given, or an ``SqliteJournal`` at the path."""
+        """The ``Journal`` to record in: the one given, a ``PostgresJournal`` for a
+        ``postgresql://`` URL (batch ``name``, schema ``apimart``), or an ``SqliteJournal``
+        at the path."""
         journal = self.journal
+        if is_postgres_url(journal):
+            from ._pg_journal import PostgresJournal  # asyncpg, imported only for this
+
+            assert isinstance(journal, str)
+            assert self.name is not None
+            return PostgresJournal(journal, name=self.name)
         if journal is None or isinstance(journal, (str, os.PathLike)):
             return SqliteJournal(os.fspath(journal)) if journal is not None else None
         return journal

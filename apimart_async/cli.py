@@ -381,7 +381,8 @@ _SECRET_FLAGS = ("--api-key",)
 
 def resume_command(argv: Sequence[str]) -> list[str]:
     """The command line that resumes a run, without the key: ``--api-key KEY`` and
-    ``--api-key=KEY`` are left out (the user exports APIMART_API_KEY instead)."""
+    ``--api-key=KEY`` are left out (the user exports APIMART_API_KEY instead); a
+    ``postgresql://`` journal's password too (PGPASSWORD gives it)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -393,12 +394,26 @@ def resume_command(argv: Sequence[str]) -> list[str]:
             continue
         if any(arg.startswith(flag + "=") for flag in _SECRET_FLAGS):
             continue
-        out.append(arg)
+        out.append(_without_password(arg))
     return ["apimart-async", *out]
+
+
+def _without_password(arg: str) -> str:
+    """``arg`` with the password of a ``postgresql://`` URL in it (``--journal=URL`` too)
+    left out."""
+    from ._pg_journal import is_postgres_url, redact_url
+
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not is_postgres_url(value):
+        return arg
+    shown = redact_url(value)
+    return flag + eq + (shown.replace(":***@", "@") if ":***@" in shown else shown)
 
 
 def _resume_text(argv: Sequence[str], args: argparse.Namespace) -> str:
     line = " ".join(shlex.quote(a) for a in resume_command(argv))
+    if args.journal and any(_without_password(a) != a for a in argv):
+        line += "\n  (the journal's password is left out: set PGPASSWORD, or put it back)"
     if args.emulate:
         return line
     if args.api_key and not args.api_key_file:
@@ -431,7 +446,14 @@ def _kind_text(kind: tuple[Any, ...]) -> str:
     return " ".join(parts)
 
 
-async def _journal_records(path: Path) -> dict[int, am.JobRecord]:
+async def _journal_records(journal: Path | am.PostgresJournal) -> dict[int, am.JobRecord]:
+    if isinstance(journal, am.PostgresJournal):
+        # read only, without the batch's lock, as a file (ruff takes it for Path.read...)
+        return await journal.read()  # noqa: ASYNC240
+    return await _file_records(journal)
+
+
+async def _file_records(path: Path) -> dict[int, am.JobRecord]:
     import anyio.to_thread
 
     if not await anyio.Path(path).is_file():
@@ -606,6 +628,39 @@ def _check_pass(
     return tally
 
 
+def _pg_journal(
+    args: argparse.Namespace, fingerprints: list[str] | None = None
+) -> am.PostgresJournal | None:
+    """The ``PostgresJournal`` of ``--journal postgresql://...`` (batch ``--name``, default the
+    jobs file's stem; ``--schema``), or None for a journal file (where --name and --schema
+    are refused)."""
+    from ._pg_journal import is_postgres_url
+
+    if not is_postgres_url(args.journal):
+        if args.name is not None or args.schema is not None:
+            raise UsageError("--name and --schema are for a --journal postgresql://... only")
+        return None
+    name = args.name if args.name is not None else Path(args.jobs).stem
+    if args.schema is None:
+        return am.PostgresJournal(args.journal, name=name, fingerprints=fingerprints)
+    return am.PostgresJournal(
+        args.journal, name=name, schema=args.schema, fingerprints=fingerprints
+    )
+
+
+def _file_part(name: str) -> str:
+    """``name`` as part of a file name (anything but letters, digits, ``.``, ``_``, ``-``
+    becomes ``_``)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name)
+
+
+def _journal_text(journal: Path | am.PostgresJournal) -> str:
+    """The journal, for the summary (a PostgreSQL URL without its password)."""
+    if isinstance(journal, Path):
+        return str(journal)
+    return f"{journal.url} (batch {journal.name}, schema {journal.schema})"
+
+
 def _jobs_file_error(exc: am.JobsFileError) -> int:
     print(
         f"error: {len(exc.problems)} problem(s) in {exc.path}; nothing was submitted",
@@ -625,8 +680,12 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     if args.out is None and not args.dry_run:
         raise UsageError("-o/--out DIR is required (where the videos, manifest and journal go)")
     out = Path(args.out) if args.out is not None else None
-    if args.journal:
-        journal: Path | None = Path(args.journal)
+    journal: Path | am.PostgresJournal | None
+    pg = _pg_journal(args)
+    if pg is not None:
+        journal = pg
+    elif args.journal:
+        journal = Path(args.journal)
     elif out is not None:
         journal = out / (
             ".apimart-journal-emulated.sqlite" if args.emulate else ".apimart-journal.sqlite"
@@ -649,6 +708,10 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         return _jobs_file_error(exc)
     assert out is not None
     assert journal is not None
+    if pg is not None:  # with the whole list: a different one under this name is refused
+        pg = _pg_journal(args, [j.request.fingerprint() for j in jobs])
+        assert pg is not None
+        journal = pg
     _check_out(out)
     from ._journal import RunLock
 
@@ -682,7 +745,9 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         progress.event(event)
         gallery.event(event)
 
-    state = emulator_state_path(journal) if args.emulate else None
+    # the emulator's state beside the journal; for one in PostgreSQL, in --out by batch name
+    beside = journal if isinstance(journal, Path) else out / f".apimart-{_file_part(journal.name)}"
+    state = emulator_state_path(beside) if args.emulate else None
     async with _client(args, emulator_state=state) as client, gallery:
         async with client.batch(
             items,
@@ -732,7 +797,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         "uploads_reused": results.uploads.reused,
         "files": str(out),
         "manifest": str(out / "manifest.jsonl"),
-        "journal": str(journal),
+        "journal": _journal_text(journal),
         "gallery": str(gallery.path),
         "resume": resume.splitlines()[0] if resume else None,
     }
@@ -769,7 +834,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         if retry_note:
             rows.append(("retried", retry_note))
         rows += [("files", str(out)), ("manifest", str(out / "manifest.jsonl"))]
-        rows.append(("journal", str(journal)))
+        rows.append(("journal", _journal_text(journal)))
         rows.append(("gallery", str(gallery.path)))
         print("\n" + "\n".join(f"{k:<12}{v}" for k, v in rows))
     if gallery.error is not None:
@@ -1246,7 +1311,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="PATH",
         help="journal file (default: OUT/.apimart-journal.sqlite;"
         " with --emulate OUT/.apimart-journal-emulated.sqlite, and the emulator's state"
-        " beside it, so a re-run resumes the demo too)",
+        " beside it, so a re-run resumes the demo too), or a postgresql://user@host/db URL"
+        " (pip install 'apimart-async[postgres]'; the password from the URL or PGPASSWORD)",
+    )
+    run.add_argument(
+        "--name",
+        metavar="NAME",
+        default=None,
+        help="with a postgresql:// journal: the batch's name there (default: the jobs"
+        " file's name without its extension); a different job list under the same name is"
+        " refused",
+    )
+    run.add_argument(
+        "--schema",
+        metavar="NAME",
+        default=None,
+        help="with a postgresql:// journal: the schema of its tables (default: apimart)",
     )
     run.add_argument(
         "--concurrency",

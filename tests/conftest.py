@@ -193,3 +193,28 @@ async def ticking(emu: Emulator, step: float = 0.001) -> AsyncIterator[None]:
             yield
         finally:
             tg.cancel_scope.cancel()
+
+
+# -- a real PostgreSQL server, once per test run (tests/_pg.py) --------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A PostgreSQL 18 server of this test run (``tests/_pg.py``): ``.url``, ``.stop()``,
+    ``.start()`` (same data, same port). Stopped at the end of the run, whatever happens."""
+    from ._pg import PgServer
+
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_schema() -> str:
+    """A schema of its own for one test: no test sees another's rows."""
+    import secrets
+
+    return f"t_{secrets.token_hex(6)}"

@@ -2,6 +2,9 @@
 
     python tests/crash_worker.py BASE_URL API_KEY JOURNAL OUT_DIR JOBS [SIGINT_GRACE]
 
+JOURNAL is a file, or a postgresql:// URL (the batch "crash" in the schema named by
+CRASH_PG_SCHEMA).
+
 Exit code: 0 all jobs ok, 1 some not, 130 interrupted by Ctrl-C.
 """
 
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+from pathlib import Path
 
 import apimart_async as am
 
@@ -20,9 +25,12 @@ async def main(base_url: str, key: str, journal: str, out: str, n: int, grace: f
     am.set_testing(True)
     jobs = [(f"job{i}", am.VideoRequest("sora-2-preview", f"prompt {i}")) for i in range(n)]
     ok = 0
+    store: str | Path | am.PostgresJournal = journal
+    if journal.startswith("postgresql://"):
+        store = am.PostgresJournal(journal, name="crash", schema=os.environ["CRASH_PG_SCHEMA"])
     async with am.AsyncApimart(key, base_url=base_url, poll=FAST, max_retries=5) as client:
         async with client.batch(
-            jobs, concurrency=8, journal=journal, download_dir=out, sigint_grace=grace
+            jobs, concurrency=8, journal=store, download_dir=out, sigint_grace=grace
         ) as results:
             async for outcome in results:
                 ok += outcome.ok

@@ -225,8 +225,14 @@ LAYERS: list[set[str]] = [
     {"_client"},
     {"_handle"},
     {"_batch"},
-    {"_options", "_ledger", "_roster", "_interrupt", "_jobs", "_jobsfile", "_client_journal"},
-    {"_poller", "_download", "_journal", "_manifest", "_admission", "_references", "_upload_cache"},
+    {
+        "_options", "_ledger", "_roster", "_interrupt", "_jobs", "_jobsfile", "_client_journal",
+        "_pg_claims",
+    },
+    {
+        "_poller", "_download", "_journal", "_pg_journal", "_manifest", "_admission",
+        "_references", "_upload_cache",
+    },
     {"_api"},
     {"_transport"},
     {"_pacing"},

@@ -25,7 +25,7 @@ JOBS = 300
 
 async def run_worker(
     emu: Emulator,
-    journal: Path,
+    journal: Path | str,
     out: Path,
     kill_when: Callable[[], bool] | None,
     *,
@@ -75,8 +75,15 @@ async def run_worker(
         return None if proc.returncode == -signal.SIGKILL else proc.returncode
 
 
-async def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_sigkill_at_many_points_then_resume(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    journal: Path | str = tmp_path / "run.sqlite"
+    env: dict[str, str] = {}
+    if store == "postgres":  # the same, with a PostgresJournal (issue 15)
+        journal = request.getfixturevalue("postgres").url
+        env["CRASH_PG_SCHEMA"] = request.getfixturevalue("pg_schema")
     out = tmp_path / "videos"
     async with Emulator(
         task_duration=(0.1, 0.6), video_bytes=512 * 1024, file_chunk_delay=0.005, seed=11
@@ -106,15 +113,21 @@ async def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
         ]
         killed = []
         for name, arm in kill_points:
-            if await run_worker(emu, journal, out, arm()) is None:
+            if await run_worker(emu, journal, out, arm(), env=env) is None:
                 parts = len(list(out.glob("*.part"))) if out.exists() else 0
                 killed.append((name, emu.tasks_created, file_requests(), parts))
         print("kills (point, tasks created, file requests, .part files left):", *killed, sep="\n  ")
         assert len(killed) >= 5
         assert any(parts for *_, parts in killed)  # some kills left half-written files
-        assert await run_worker(emu, journal, out, None) == 0
+        assert await run_worker(emu, journal, out, None, env=env) == 0
 
         check_finished(emu, out)
+    if store == "postgres":  # the journal the workers shared is whole
+        from .test_pg_journal import fetchval
+
+        schema = env["CRASH_PG_SCHEMA"]
+        sql = f"SELECT count(*) FROM {schema}.jobs WHERE batch='crash' AND state='done'"
+        assert await fetchval(str(journal), sql) == JOBS
 
 
 def check_finished(emu: Emulator, out: Path, jobs: int = JOBS) -> None:

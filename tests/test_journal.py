@@ -7,7 +7,7 @@ import gc
 import json
 import sqlite3
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,26 @@ import pytest
 
 import apimart_async as am
 from apimart_async._journal import SqliteJournal
+from apimart_async._pg_journal import PostgresJournal
 from apimart_async.emulator import Emulator, Fault
 
 from .conftest import FAST_POLL
 
 pytestmark = pytest.mark.anyio
+
+
+#: Where a test's journal lives: ``journal_at("run")`` is a file in the test's folder, or the
+#: batch "run" in PostgreSQL (a schema of the test's own): the same contract, both stores.
+JournalAt = Callable[[str], "Path | PostgresJournal"]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_at(request: pytest.FixtureRequest, tmp_path: Path) -> JournalAt:
+    if request.param == "sqlite":
+        return lambda name: tmp_path / f"{name}.sqlite"
+    server = request.getfixturevalue("postgres")
+    schema = request.getfixturevalue("pg_schema")
+    return lambda name: PostgresJournal(server.url, name=name, schema=schema)
 
 
 def jobs(n: int, *, changed: int | None = None) -> list[tuple[str, am.VideoRequest]]:
@@ -41,9 +56,9 @@ def client_for(emu: Emulator, **kw: object) -> am.AsyncApimart:
 
 
 async def test_resume_never_resubmits_and_replays_finished(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, tmp_path: Path, journal_at: JournalAt
 ) -> None:
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     # the first submit to arrive is created last: creation order is not input order
     manual_emu.faults.inject("submit", Fault.slow(0.2))
     async with client_for(manual_emu) as client, client.batch(jobs(5), journal=journal) as results:
@@ -81,9 +96,9 @@ async def test_resume_never_resubmits_and_replays_finished(
 
 
 async def test_unknown_submit_outcome_is_retried_with_the_same_key(
-    emu: Emulator, tmp_path: Path
+    emu: Emulator, tmp_path: Path, journal_at: JournalAt
 ) -> None:
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     emu.faults.inject("submit", Fault.lost_reply())
     async with (
         client_for(emu, max_retries=0) as client,
@@ -102,9 +117,9 @@ async def test_unknown_submit_outcome_is_retried_with_the_same_key(
 
 
 async def test_refused_submits_are_retried_on_resume_with_a_fresh_key(
-    emu: Emulator, tmp_path: Path
+    emu: Emulator, tmp_path: Path, journal_at: JournalAt
 ) -> None:
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     emu.faults.inject("submit", Fault.error(400, "invalid_request_error", message="bad"))
     async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
         (first,) = [o async for o in results]
@@ -118,8 +133,10 @@ async def test_refused_submits_are_retried_on_resume_with_a_fresh_key(
     assert emu.counters["submit"] == 2 and emu.tasks_created == 1
 
 
-async def test_changed_input_is_reported(emu: Emulator, tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+async def test_changed_input_is_reported(
+    emu: Emulator, tmp_path: Path, journal_at: JournalAt
+) -> None:
+    journal = journal_at("run")
     async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
         await emu.wait_until(lambda: emu.tasks_created == 3)
     async with (
@@ -145,9 +162,9 @@ async def test_not_a_journal(tmp_path: Path) -> None:
                 pass
 
 
-async def test_downloads_and_manifest_exactly_once(tmp_path: Path) -> None:
+async def test_downloads_and_manifest_exactly_once(tmp_path: Path, journal_at: JournalAt) -> None:
     out = tmp_path / "videos"
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         items = [
             *jobs(3),
@@ -189,9 +206,11 @@ async def test_downloads_and_manifest_exactly_once(tmp_path: Path) -> None:
         assert emu.tasks_created == 5
 
 
-async def test_missing_files_are_fetched_again_on_resume(tmp_path: Path) -> None:
+async def test_missing_files_are_fetched_again_on_resume(
+    tmp_path: Path, journal_at: JournalAt
+) -> None:
     out = tmp_path / "videos"
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         async with (
             client_for(emu) as client,
@@ -213,11 +232,12 @@ async def test_missing_files_are_fetched_again_on_resume(tmp_path: Path) -> None
 
 async def test_a_job_whose_video_was_deleted_is_listed_once_in_the_manifest(
     tmp_path: Path,
+    journal_at: JournalAt,
 ) -> None:
     # issue 14: run, delete one video, run again: the manifest had that job twice (its done
     # record written up front, then its line again once fetched anew)
     out = tmp_path / "videos"
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         for run in range(3):
             async with (
@@ -256,8 +276,8 @@ async def test_budget_learns_prices_from_a_probe() -> None:
     assert emu.state.max_unfinished == 1  # the first (probe) ran alone
 
 
-async def test_budget_counts_what_earlier_runs_spent(tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+async def test_budget_counts_what_earlier_runs_spent(tmp_path: Path, journal_at: JournalAt) -> None:
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
             [o async for o in results]
@@ -281,9 +301,9 @@ async def test_check_balance_refuses_to_start() -> None:
 
 
 async def test_stop_with_grace_leaves_a_resumable_journal(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, tmp_path: Path, journal_at: JournalAt
 ) -> None:
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
 
     def endless() -> Iterator[tuple[str, am.VideoRequest]]:
         i = 0
@@ -431,8 +451,10 @@ async def test_a_batch_closes_its_journal_on_every_path(
 # -- issue 12: every outcome delivered with a journal; resume retries what never ran ---------
 
 
-async def test_refused_submits_with_a_journal_yield_every_outcome(tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+async def test_refused_submits_with_a_journal_yield_every_outcome(
+    tmp_path: Path, journal_at: JournalAt
+) -> None:
+    journal = journal_at("run")
     manifest = tmp_path / "manifest.jsonl"
     async with Emulator() as emu:
         async with (
@@ -448,8 +470,10 @@ async def test_refused_submits_with_a_journal_yield_every_outcome(tmp_path: Path
     assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
 
 
-async def test_refused_submits_are_sent_again_on_the_next_run(tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+async def test_refused_submits_are_sent_again_on_the_next_run(
+    tmp_path: Path, journal_at: JournalAt
+) -> None:
+    journal = journal_at("run")
     async with Emulator(balance=0.0, task_duration=0.0) as emu:
         async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
             first = [o async for o in results]
@@ -470,8 +494,8 @@ async def test_refused_submits_are_sent_again_on_the_next_run(tmp_path: Path) ->
         assert emu.tasks_created == 3
 
 
-async def test_wrong_key_then_right_key_resumes(tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+async def test_wrong_key_then_right_key_resumes(tmp_path: Path, journal_at: JournalAt) -> None:
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         async with (
             am.AsyncApimart("sk-wrong", base_url=emu.base_url, poll=FAST_POLL) as client,
@@ -485,8 +509,10 @@ async def test_wrong_key_then_right_key_resumes(tmp_path: Path) -> None:
         assert emu.tasks_created == 2
 
 
-async def test_a_changed_line_without_a_task_takes_the_new_line(tmp_path: Path) -> None:
-    journal = tmp_path / "run.sqlite"
+async def test_a_changed_line_without_a_task_takes_the_new_line(
+    tmp_path: Path, journal_at: JournalAt
+) -> None:
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         emu.faults.inject("submit", Fault.error(400, "invalid_request_error", message="bad"))
         async with client_for(emu) as client, client.batch(jobs(3), journal=journal) as results:
@@ -504,8 +530,9 @@ async def test_a_changed_line_without_a_task_takes_the_new_line(tmp_path: Path) 
 
 async def test_a_changed_line_with_a_task_is_reported_and_the_others_go_on(
     tmp_path: Path,
+    journal_at: JournalAt,
 ) -> None:
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     async with Emulator(task_duration=0.0) as emu:
         async with client_for(emu) as client, client.batch(jobs(2), journal=journal) as results:
             [o async for o in results]
@@ -523,9 +550,9 @@ async def test_a_changed_line_with_a_task_is_reported_and_the_others_go_on(
 
 
 async def test_retry_failed_resubmits_failed_generations_only_when_asked(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, tmp_path: Path, journal_at: JournalAt
 ) -> None:
-    journal = tmp_path / "run.sqlite"
+    journal = journal_at("run")
     async with client_for(manual_emu) as client, client.batch(jobs(2), journal=journal) as results:
         await manual_emu.wait_until(lambda: manual_emu.tasks_created == 2)
         await manual_emu.wait_until(lambda: len(client._poller) == 2)

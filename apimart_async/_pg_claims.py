@@ -1,0 +1,196 @@
+"""Claims on the jobs of a batch in PostgreSQL, for several workers of one batch (issue 15,
+part 2). Groundwork: the batch engine does not use them yet (a batch in PostgreSQL is still
+run by one process at a time, under the journal's advisory lock).
+
+The batch's job list is stored once (``PostgresJournal(..., fingerprints=...)``); ``join``
+gives each of its jobs a row in the table ``claims`` (idempotently) and records the worker
+in ``workers``. Then, the way established PostgreSQL job queues do it:
+
+- ``claim(n)`` takes up to ``n`` jobs that are not done and that no worker holds, or whose
+  holder's lease ran out, in one statement (``FOR UPDATE SKIP LOCKED``: two workers claiming
+  at once never get the same job, and neither waits for the other), each with a lease of
+  ``lease`` seconds; it says which were taken over from another worker.
+- ``heartbeat()`` renews the lease of every job the worker still holds and returns them: a
+  job missing from the answer was taken over (its lease had run out) and must be left alone.
+- ``release(indexes)`` lets jobs go at once (the worker stops, or a job ended).
+
+Times are the database's (``clock_timestamp()``, in seconds since the epoch), so the
+machines' clocks need not agree. A lost database is waited for as the journal's calls are
+(``reconnect_for``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from ._errors import FieldError, JournalError, ValidationError
+from ._pg_journal import PostgresJournal, _Link
+
+__all__ = ["Claim", "Claims"]
+
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+@attrs.frozen
+class Claim:
+    """A job a worker took: its index, and the worker that held it before (None if none did,
+    or its lease had been let go)."""
+
+    index: int
+    previous: str | None = None
+
+
+class Claims:
+    """One worker's claims on the jobs of ``journal``'s batch (see the module doc). ``worker``
+    names it (default ``host:pid:random``); ``lease`` is how long a claim holds without a
+    heartbeat (seconds)."""
+
+    def __init__(
+        self, journal: PostgresJournal, *, worker: str | None = None, lease: float = 30.0
+    ) -> None:
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < 1e9:
+            rule = "must be a positive number of seconds"
+            raise ValidationError([FieldError("lease", rule, lease)])
+        if worker is not None and (not isinstance(worker, str) or not worker.strip()):
+            raise ValidationError([FieldError("worker", "must be a non-empty name", worker)])
+        self.journal = journal
+        self.worker: str = worker or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        """This worker's name."""
+        self.lease: float = float(lease)
+        """Seconds a claim holds without a heartbeat."""
+        self._link = _Link(
+            journal._pg,
+            journal._url,
+            where=journal._where(),
+            schema=journal.schema,
+            name=journal.name,
+            reconnect_for=journal.reconnect_for,
+            connect_timeout=journal.connect_timeout,
+            locked=False,
+        )
+        self._q = journal._q
+
+    def __repr__(self) -> str:
+        return f"<Claims {self.journal.url!r} batch={self.journal.name!r} worker={self.worker!r}>"
+
+    async def join(self) -> int:
+        """Give every job of the batch's list its row in ``claims`` (once), and record this
+        worker; returns the number of jobs in the list."""
+        q, name = self._q, self.journal.name
+
+        async def run(conn: Any) -> int:
+            async with conn.transaction():
+                size = await conn.fetchval(
+                    f"SELECT cardinality(fingerprints) FROM {q}.batches WHERE name=$1", name
+                )
+                if size is None:
+                    raise JournalError(
+                        f"the journal {self.journal.url} has no job list for the batch"
+                        f" {name!r}: open it once with fingerprints= (the CLI does)"
+                    )
+                await conn.execute(
+                    f"INSERT INTO {q}.claims (batch, idx) SELECT $1, generate_series(0, $2 - 1)"
+                    " ON CONFLICT DO NOTHING",
+                    name,
+                    size,
+                )
+                await conn.execute(
+                    f"INSERT INTO {q}.workers (batch, worker, host, pid, started_at,"
+                    f" heartbeat_at) VALUES ($1, $2, $3, $4, {_NOW}, {_NOW})"
+                    " ON CONFLICT (batch, worker) DO UPDATE SET heartbeat_at=EXCLUDED.heartbeat_at",
+                    name,
+                    self.worker,
+                    socket.gethostname(),
+                    os.getpid(),
+                )
+            return int(size)
+
+        return await self._link.retrying("join", run)
+
+    async def claim(self, n: int) -> list[Claim]:
+        """Take up to ``n`` jobs (lowest index first) that are not done and are free: never
+        claimed, let go, or with a lease that ran out."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValidationError([FieldError("n", "must be a whole number, 1 or more", n)])
+        q = self._q
+
+        async def run(conn: Any) -> list[Claim]:
+            rows = await conn.fetch(
+                f"""WITH free AS (
+                    SELECT c.idx, c.worker AS previous FROM {q}.claims c
+                    WHERE c.batch = $1
+                      AND (c.worker IS NULL OR c.lease_until < {_NOW})
+                      AND NOT EXISTS (
+                          SELECT 1 FROM {q}.jobs j
+                          WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')
+                    ORDER BY c.idx
+                    LIMIT $3
+                    FOR UPDATE OF c SKIP LOCKED
+                )
+                UPDATE {q}.claims c SET worker = $2, lease_until = {_NOW} + $4
+                FROM free WHERE c.batch = $1 AND c.idx = free.idx
+                RETURNING c.idx, free.previous""",
+                self.journal.name,
+                self.worker,
+                n,
+                self.lease,
+            )
+            return [Claim(r["idx"], r["previous"]) for r in sorted(rows, key=_index)]
+
+        return await self._link.retrying("claim jobs in", run)
+
+    async def heartbeat(self) -> set[int]:
+        """Renew the lease of every job this worker still holds; returns them (a job it
+        claimed and that is missing here was taken over by another worker)."""
+        q = self._q
+
+        async def run(conn: Any) -> set[int]:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    f"UPDATE {q}.claims SET lease_until = {_NOW} + $3"
+                    " WHERE batch = $1 AND worker = $2 RETURNING idx",
+                    self.journal.name,
+                    self.worker,
+                    self.lease,
+                )
+                await conn.execute(
+                    f"UPDATE {q}.workers SET heartbeat_at = {_NOW} WHERE batch = $1"
+                    " AND worker = $2",
+                    self.journal.name,
+                    self.worker,
+                )
+            return {int(r["idx"]) for r in rows}
+
+        return await self._link.retrying("renew the leases in", run)
+
+    async def release(self, indexes: Iterable[int]) -> None:
+        """Let these jobs go (those this worker holds): any worker may claim them at once."""
+        wanted = sorted(set(indexes))
+        q = self._q
+
+        async def run(conn: Any) -> None:
+            await conn.execute(
+                f"UPDATE {q}.claims SET worker = NULL, lease_until = NULL"
+                " WHERE batch = $1 AND worker = $2 AND idx = ANY($3::integer[])",
+                self.journal.name,
+                self.worker,
+                wanted,
+            )
+
+        if wanted:
+            await self._link.retrying("release jobs in", run)
+
+    async def close(self) -> None:
+        """Close the connection (the claims stay until released or their leases run out)."""
+        await self._link.forget()
+
+
+def _index(row: Any) -> int:
+    index: int = row["idx"]
+    return index
