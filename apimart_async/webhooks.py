@@ -23,7 +23,7 @@ A callback is unsigned and may repeat, so it is a hint, never a result: only its
 read, and the client's shared poller reads that task in its next status round (with every
 other callback that came meanwhile) and ends the waits from what the service says. Callbacks
 only reach public hosts and may be lost: tasks with a webhook are still polled, slowly (a
-safety check past the predicted end, then ``PollPolicy.webhook_interval``).
+safety check past the predicted end, then every webhook_interval of the poll policy).
 """
 
 from __future__ import annotations
