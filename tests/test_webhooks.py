@@ -21,7 +21,7 @@ import apimart_async as am
 from apimart_async import webhooks
 from apimart_async._hints import task_id_of
 from apimart_async._poll_schedule import PollSchedule
-from apimart_async.emulator import Emulator
+from apimart_async.emulator import Emulator, Fault
 from apimart_async.testing import follow_clock
 
 pytestmark = pytest.mark.anyio
@@ -410,3 +410,33 @@ async def test_a_resume_with_another_webhook_url_is_not_a_changed_input(tmp_path
     assert {b["webhook"] for b in bodies} == {"https://a.example/h"}
     # the journal keeps the request as it was sent (the first webhook)
     assert json.dumps(bodies[0], sort_keys=True).count("a.example") == 1
+
+
+async def test_a_resend_with_its_recorded_key_carries_the_recorded_webhook(
+    tmp_path: Path,
+) -> None:
+    """The first submit's reply is lost (the task exists, the journal has only the key); the
+    resume has another webhook_url. The resend must carry the body the key was first sent
+    with, or the service refuses the key as reused with another body (409)."""
+    journal = tmp_path / "run.sqlite"
+    reqs = jobs()[:1]
+    async with Emulator(frozen_clock=True, task_duration=2.0) as emu:
+        emu.faults.inject("submit", Fault.lost_reply())
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=0) as client:
+            async with client.batch(reqs, journal=journal, webhook_url="https://a.example/h") as r:
+                (first,) = [o async for o in r]
+        assert isinstance(first.error, am.APIConnectionError)
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client:
+            follow_clock(client, emu)
+            with anyio.fail_after(DEADLINE):
+                async with client.batch(
+                    reqs, journal=journal, webhook_url="https://b.example/h"
+                ) as r:
+                    await until(lambda: len(client._poller) == 1)
+                    advance(emu, client, 120)  # not covered by b's callbacks: polled as usual
+                    (again,) = [o async for o in r]
+        assert again.ok, again.error
+        assert again.idempotency_key == first.idempotency_key
+        assert emu.tasks_created == 1 and emu.counters["submit"] == 2
+        (task,) = emu.state.tasks.values()
+        assert task.body["webhook"] == "https://a.example/h"
