@@ -137,9 +137,11 @@ class PollPolicy:
     webhook_interval: float = attrs.field(default=120.0, validator=_positive)
     """After its safety check, a task with a webhook is checked this many seconds apart (the
     slow cadence that stays the fallback when no callback comes)."""
-    webhook_gather: float = attrs.field(default=0.1, validator=_positive)
-    """A callback's task is read this many seconds after the callback, with the batch status
-    route, so that callbacks arriving together share one request (at once without it)."""
+    webhook_gather: float = attrs.field(default=0.2, validator=_positive)
+    """With the batch status route, the callbacks that arrive within this many seconds of a
+    first one are read together at the end of that window (at once when they fill a request
+    of 100 ids): the trade between a callback's latency and status requests per job. Without
+    the route, a callback's task is read at once."""
 
 
 #: What ``_plan`` reads of a policy at every check, worked out once per policy (``_derive``):
@@ -213,6 +215,27 @@ class _Watch:
     hinted: bool = False
 
 
+@attrs.define
+class _Gathering:
+    """The callbacks of a window of ``webhook_gather`` seconds (from the first) are read
+    together at its end, or at once when they fill a request of ``BATCH_IDS`` (issue 15)."""
+
+    window: list[_Watch] = attrs.Factory(list)
+    ends: float = -math.inf
+
+    def times(self, w: _Watch, now: float) -> list[tuple[_Watch, float]]:
+        """The next checks to set for a callback of ``w`` at ``now``."""
+        if now >= self.ends:
+            self.window, self.ends = [], now + w.policy.webhook_gather
+        if not self.ends < w.next_at:
+            return []  # due sooner anyway (or hinted in this window already)
+        self.window.append(w)
+        if len(self.window) < BATCH_IDS:
+            return [(w, self.ends)]
+        full, self.window, self.ends = self.window, [], now
+        return [(x, now) for x in full]
+
+
 class PollSchedule:
     """The next-check times of every watched task. All times are the caller's monotonic clock.
 
@@ -240,6 +263,8 @@ class PollSchedule:
         self._seq = itertools.count()
         #: Whether the last ``due`` was for the batch route (checks then share a grid).
         self._batched = True
+        #: issue 15: the callbacks of the current gathering window
+        self._gathering = _Gathering()
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -324,8 +349,12 @@ class PollSchedule:
             return False
         if w.checking:
             w.hinted = True
-        elif (at := now + (w.policy.webhook_gather if self._batched else 0.0)) < w.next_at:
-            self._set(w, at)
+        elif not self._batched:
+            self._set(w, now)
+        else:  # the batch route: callbacks that come together share a request
+            for x, at in self._gathering.times(w, now):
+                if self._watches.get(x.task_id) is x and not x.checking:
+                    self._set(x, at)
         return True
 
     # -- what to do now ------------------------------------------------------------------------

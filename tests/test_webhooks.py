@@ -72,13 +72,30 @@ def test_a_hint_checks_the_task_in_the_next_round_after_webhook_gather_on_the_ba
     assert s.hint("a", 5.05) is True  # a repeat: the same check, not a second one
     assert s.hint("c", 5.05) is True
     assert s.hint("nobody-follows-this", 5.0) is False
-    assert s.next_wakeup() == pytest.approx(5.1)
-    assert s.due(5.09, batched=True) == []
-    # both in one request (c rides along: due within the coalesce horizon)
-    assert s.due(5.1, batched=True) == ["a", "c"]
+    # the window of webhook_gather (0.2 s) from the first callback: read together at its end
+    assert s.next_wakeup() == pytest.approx(5.2)
+    assert s.due(5.19, batched=True) == []
+    assert s.due(5.2, batched=True) == ["a", "c"]
     assert s.on_status(done("a"), 5.2) and s.on_status(done("c"), 5.2)
     assert s.hint("a", 6.0) is False  # ended: a late repeat is ignored
     assert len(s) == 0
+
+
+def test_callbacks_that_fill_a_request_are_read_at_once() -> None:
+    s = PollSchedule(NO_JITTER)
+    ids = [f"t{i}" for i in range(250)]
+    for task_id in ids:
+        s.add(task_id, now=0.0, webhook=True)
+    assert s.due(1.0, batched=True) == []
+    for task_id in ids[:99]:
+        s.hint(task_id, 10.0)
+    assert s.due(10.0, batched=True) == []  # 99: the window is still open
+    s.hint(ids[99], 10.01)  # the 100th: a full request, no reason to wait
+    assert s.due(10.01, batched=True) == ids[:100]
+    for task_id in ids[100:150]:  # a new window
+        s.hint(task_id, 10.02)
+    assert s.next_wakeup() == pytest.approx(10.22)
+    assert s.due(10.22, batched=True) == ids[100:150]
 
 
 def test_a_hint_is_due_at_once_with_per_task_reads() -> None:
@@ -95,7 +112,7 @@ def test_a_hint_during_a_check_gets_the_task_checked_again_if_that_check_saw_it_
     assert s.due(50.0) == ["a"]  # the safety check leaves...
     assert s.hint("a", 50.05)  # ...and the callback comes while it is out
     assert not s.on_status(running("a", estimate=60), 50.1)  # it read the task before its end
-    assert s.next_check("a") == pytest.approx(50.2)
+    assert s.next_check("a") == pytest.approx(50.3)
 
 
 def test_lost_callbacks_end_by_polling_and_every_task_is_read_a_known_number_of_times() -> None:
@@ -122,7 +139,7 @@ def test_lost_callbacks_end_by_polling_and_every_task_is_read_a_known_number_of_
     for task_id in ids:  # the callbacks, all at the end
         if task_id not in lost:
             assert s.hint(task_id, 20.0)
-    run_due(20.1)
+    run_due(20.2)
     assert (rounds, len(s)) == (1, 10)
     wake = s.next_wakeup()
     assert wake == pytest.approx(50.0)
@@ -279,7 +296,7 @@ async def test_callbacks_arrive_some_never_do_every_result_once_and_exact_status
                     lambda: client.tasks.webhook_counts()["received"] == N - len(lost) + repeated
                 )
                 assert 0 < len(lost) < N and repeated > 0
-                advance(emu, client, 0.2)  # webhook_gather: the hinted tasks are read now
+                advance(emu, client, 0.3)  # webhook_gather: the hinted tasks are read now
                 while len(outcomes) < N - len(lost):
                     outcomes.append(await results.__anext__())
                 hinted_reads = status_reads(client)
@@ -356,7 +373,7 @@ async def test_generate_with_a_webhook_waits_for_the_callback_not_for_polling() 
                 await until(lambda: len(client._poller) == 1)
                 advance(emu, client, 10)
                 await emu.wait_until(lambda: client.tasks.webhook_counts()["checked"] == 1)
-                advance(emu, client, 0.2)
+                advance(emu, client, 0.3)
         assert box[0].ok
         assert status_reads(client) == (1, 0)  # the one read the callback asked for
 
@@ -383,7 +400,7 @@ async def test_tasks_wait_after_submit_with_a_webhook_polls_only_as_a_fallback()
                 )
                 advance(emu, client, 10)
                 await emu.wait_until(lambda: client.tasks.webhook_counts()["checked"] == 1)
-                advance(emu, client, 0.2)
+                advance(emu, client, 0.3)
         assert box[0].id == task_id
         assert status_reads(client) == (1, 0)
 
