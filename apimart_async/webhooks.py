@@ -35,7 +35,6 @@ from aiohttp import web
 
 from ._client import AsyncApimart
 from ._errors import WebhookError
-from ._hints import MAX_BODY
 
 __all__ = ["aiohttp_handler"]
 
@@ -52,7 +51,10 @@ def aiohttp_handler(client: AsyncApimart) -> Callable[[web.Request], Awaitable[w
         raise TypeError(f"client must be an AsyncApimart, got {type(client).__name__}")
 
     async def apimart_callback(request: web.Request) -> web.Response:
-        body = await request.content.read(MAX_BODY + 1)
+        try:
+            body = await request.read()  # at most the app's client_max_size (1 MiB default)
+        except web.HTTPRequestEntityTooLarge:
+            return web.Response(status=413, text="the body is too large\n")
         try:
             await client.tasks.notify(body)
         except WebhookError as exc:
