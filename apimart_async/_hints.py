@@ -11,7 +11,7 @@ are ignored.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -61,10 +61,11 @@ def task_id_of(body: bytes | bytearray | str | dict[str, Any]) -> str:
         raise WebhookError(f"the body must be bytes, str or a dict, got {type(body).__name__}")
     if not isinstance(data, dict):
         raise WebhookError("the body is not a JSON object (a task object was expected)")
-    inner = data.get("data")
-    if isinstance(inner, dict) and "id" not in data and "task_id" not in data:
-        data = inner  # the status reply's shape: {"code": 200, "data": {task}}
-    task_id = data.get("id", data.get("task_id"))
+    obj = cast("dict[str, Any]", data)
+    inner: Any = obj.get("data")
+    if isinstance(inner, dict) and "id" not in obj and "task_id" not in obj:
+        obj = cast("dict[str, Any]", inner)  # the status reply's shape: {"data": {task}}
+    task_id: Any = obj.get("id", obj.get("task_id"))
     if not isinstance(task_id, str) or not task_id.strip():
         raise WebhookError("the body names no task (no string 'id' or 'task_id')")
     if len(task_id) > _MAX_ID or any(c.isspace() or c == "/" for c in task_id):

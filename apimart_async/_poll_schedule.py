@@ -215,13 +215,15 @@ class _Watch:
     hinted: bool = False
 
 
-@attrs.define
 class _Gathering:
     """The callbacks of a window of ``webhook_gather`` seconds (from the first) are read
     together at its end, or at once when they fill a request of ``BATCH_IDS`` (issue 15)."""
 
-    window: list[_Watch] = attrs.Factory(list)
-    ends: float = -math.inf
+    __slots__ = ("ends", "window")
+
+    def __init__(self) -> None:
+        self.window: list[_Watch] = []
+        self.ends = -math.inf
 
     def times(self, w: _Watch, now: float) -> list[tuple[_Watch, float]]:
         """The next checks to set for a callback of ``w`` at ``now``."""

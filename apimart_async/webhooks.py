@@ -38,7 +38,7 @@ from ._errors import WebhookError
 
 __all__ = ["aiohttp_handler"]
 
-logger = logging.getLogger("apimart_async")
+_logger = logging.getLogger("apimart_async")
 
 
 def aiohttp_handler(client: AsyncApimart) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -58,7 +58,7 @@ def aiohttp_handler(client: AsyncApimart) -> Callable[[web.Request], Awaitable[w
         try:
             await client.tasks.notify(body)
         except WebhookError as exc:
-            logger.info("webhook callback refused (400): %s", exc.problem)
+            _logger.info("webhook callback refused (400): %s", exc.problem)
             return web.Response(status=400, text=f"{exc.problem}\n")
         return web.Response(status=200, text="ok\n")
 
