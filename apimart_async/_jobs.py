@@ -514,9 +514,12 @@ def as_recorded(request: VideoRequest, record: JobRecord) -> VideoRequest:
     recorded with, when only the webhook differs (issue 15: a resume with another
     ``webhook_url`` is the same job, and a resend with its key must carry the same body);
     else ``request`` itself (``resume_plan`` decides about a changed input)."""
-    if request.fingerprint() == record.fingerprint or record.request is None:
+    if request.fingerprint() == record.fingerprint:
         return request
-    recorded = record.request.get("webhook")
+    body = record.request  # parsed from the journal's text: only when the two differ
+    if body is None:
+        return request
+    recorded = body.get("webhook")
     same = attrs.evolve(request, webhook=recorded if isinstance(recorded, str) else None)
     return same if same.fingerprint() == record.fingerprint else request
 
