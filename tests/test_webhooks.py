@@ -457,3 +457,19 @@ async def test_a_resend_with_its_recorded_key_carries_the_recorded_webhook(
         assert emu.tasks_created == 1 and emu.counters["submit"] == 2
         (task,) = emu.state.tasks.values()
         assert task.body["webhook"] == "https://a.example/h"
+
+
+def test_the_emulator_takes_its_webhook_settings_from_the_command_line_and_checks_them() -> None:
+    from apimart_async.emulator import __main__ as emulator_main
+
+    parser = emulator_main.build_parser()
+    args = ["--webhook-loss", "0.25", "--webhook-duplicates", "1", "--webhook-delay", "3"]
+    emu = emulator_main.emulator_from_args(parser.parse_args(args))
+    assert (emu.webhook_loss, emu.webhook_duplicates, emu.webhook_delay) == (0.25, 1.0, 3.0)
+    for bad in (["--webhook-loss", "1.5"], ["--webhook-delay", "-1"], ["--webhook-delay", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    with pytest.raises(ValueError, match="webhook_duplicates must be between 0 and 1"):
+        Emulator(webhook_duplicates=-0.1)
+    with pytest.raises(ValueError, match="webhook_delay must be a number of seconds"):
+        Emulator(webhook_delay=float("nan"))
