@@ -5,6 +5,7 @@ that the test moves (callbacks arrive over loopback; no sleeps)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -341,6 +342,8 @@ async def test_a_callback_for_an_unknown_task_is_acknowledged_and_a_malformed_on
             assert (r.status, await r.text()) == (400, "the body is not JSON\n")
         async with http.post(f"{url}/callback", json={"status": "completed"}) as r:
             assert r.status == 400
+        async with http.post(f"{url}/callback", data=io.BytesIO(b" " * (2 << 20))) as r:
+            assert r.status == 413  # beyond the app's client_max_size: never read whole
         assert await client.tasks.notify({"code": 200, "data": {"id": "task_other"}}) is False
         with pytest.raises(am.WebhookError, match="names no task"):
             await client.tasks.notify("{}")
