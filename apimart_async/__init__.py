@@ -89,6 +89,7 @@ __all__ = [
     "Video",
     "VideoRequest",
     "Videos",
+    "WebhookError",
     "__version__",
     "read_jobs",
     "set_testing",
@@ -139,6 +140,7 @@ if _typing.TYPE_CHECKING:
         TaskTimeoutError,
         UploadError,
         ValidationError,
+        WebhookError,
     )
     from ._handle import Batch
     from ._jobsfile import JobLine, read_jobs
@@ -206,6 +208,7 @@ else:
         "TaskTimeoutError": "_errors",
         "UploadError": "_errors",
         "ValidationError": "_errors",
+        "WebhookError": "_errors",
         "Batch": "_handle",
         "JobLine": "_jobsfile",
         "read_jobs": "_jobsfile",
@@ -247,7 +250,7 @@ else:
             value = getattr(_importlib.import_module(f".{module}", __name__), name)
             globals()[name] = value  # later uses skip this function
             return value
-        if name in ("emulator", "testing") or (name[:1] == "_" and name[:2] != "__"):
+        if name in ("emulator", "testing", "webhooks") or (name[:1] == "_" and name[:2] != "__"):
             # ``apimart_async.emulator`` and ``.testing`` (and the private modules) after a
             # plain ``import apimart_async``, imported on first use
             try:
@@ -258,7 +261,7 @@ else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__, "emulator", "testing"})
+        return sorted({*globals(), *__all__, "emulator", "testing", "webhooks"})
 
 
 MODEL_SPECS: "_Mapping[str, ModelSpec]"  # ``_specs.MODEL_SPECS``, on first use

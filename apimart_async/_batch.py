@@ -34,7 +34,6 @@ from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutE
 from ._interrupt import SigintHandler, announce_interrupt
 from ._jobs import (
     Conclusion,
-    Intake,
     Job,
     ResumePlan,
     Stop,
@@ -238,11 +237,7 @@ class BatchRun:
     async def _feed(self) -> None:
         request_tally.set((self._tally,))  # in this task: its requests are the batch's
         inputs = read_inputs(self._requests)
-        intake = Intake(
-            self._records,
-            downloads=self.download_dir is not None,
-            retry_failed=self.options.retry_failed,
-        )
+        intake = self.options.intake(self._records, downloads=self.download_dir is not None)
         try:
             while not self.stopped:
                 try:
@@ -378,6 +373,7 @@ class BatchRun:
             reattach=reattach,
             policy=self.options.poll,
             kind=kind_of(job.request),  # issue 22: learned priors by kind
+            webhook=job.webhook,  # issue 15: a callback will come; polled as a fallback
         )
 
     async def _deadline(self, seconds: float) -> None:

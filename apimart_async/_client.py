@@ -16,7 +16,7 @@ import ssl as _ssl
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import anyio
 
@@ -32,8 +32,10 @@ from ._errors import (
     NoVideoError,
     TaskFailedError,
     ValidationError,
+    WebhookError,
 )
 from ._handle import Batch
+from ._hints import WebhookCounts, check_webhook_url, task_id_of, with_webhook
 from ._journal import Journal, SqliteJournal
 from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
 from ._options import BatchOptions
@@ -53,6 +55,8 @@ logger = logging.getLogger("apimart_async")
 _LANGUAGE: Final = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 #: Seconds of failed status reads after which waits end with APIConnectionError (issue 21).
 DEFAULT_WAIT_UNREACHABLE: Final = 300.0
+#: Tasks ``videos.submit`` sent with a webhook that a client remembers (issue 15).
+_COVERED: Final = 100_000
 
 
 class AsyncApimart:
@@ -357,6 +361,7 @@ class AsyncApimart:
         allow_any_path: bool = False,
         min_download_rate: float | None = 10 * 1024,
         download_rate_window: float = 30.0,
+        webhook_url: str | None = None,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
 
@@ -422,6 +427,14 @@ class AsyncApimart:
                 over every ``download_rate_window`` seconds; a slower one is cut and resumed
                 where it stopped (retried like a dropped connection). None: no floor.
             download_rate_window: the seconds over which ``min_download_rate`` is measured.
+            webhook_url: the service calls ``<webhook_url>/callback`` when each task ends
+                (the ``webhook`` of every request without its own); hand those callbacks to
+                ``client.tasks.notify`` (or ``apimart_async.webhooks.aiohttp_handler``) and
+                the batch's tasks are polled only as a fallback: a safety check past each
+                predicted end, then every ``PollPolicy.webhook_interval``. Not part of what a
+                job is: a journaled batch resumed with another ``webhook_url`` resumes the
+                same jobs (a resend with a recorded key carries the webhook it was recorded
+                with; re-attached tasks are polled as usual).
 
         ``timeout`` and ``job_timeout`` also end a download in progress: the job ends with a
         ``DownloadError``, what arrived is kept (``.part``) and a resume fetches the rest.
@@ -488,8 +501,19 @@ class Videos:
         self._api = api
         self._tasks = tasks
 
-    async def submit(self, request: VideoRequest, *, idempotency_key: str | None = None) -> str:
+    async def submit(
+        self,
+        request: VideoRequest,
+        *,
+        idempotency_key: str | None = None,
+        webhook_url: str | None = None,
+    ) -> str:
         """Submit one generation; returns its task id.
+
+        ``webhook_url``: the service calls ``<webhook_url>/callback`` when the task ends (sets
+        the request's ``webhook`` unless it has its own); route that to ``tasks.notify`` (or
+        ``apimart_async.webhooks.aiohttp_handler``) and a later ``tasks.wait(id)`` of this
+        client polls the task only as a fallback (see README, "Webhooks").
 
         The POST carries an ``Idempotency-Key`` (``idempotency_key`` or a fresh one) that is
         the same on every retry, so a retried submit never creates a second task.
@@ -505,7 +529,13 @@ class Videos:
         ``client.tasks.unfinished()``. There is no ``on_submitted`` here: the returned id is
         the earliest the caller can have it.
         """
-        return await self._api.submit(request, idempotency_key=idempotency_key)
+        webhook_url = check_webhook_url(webhook_url)
+        sent = with_webhook(request, webhook_url) if isinstance(request, VideoRequest) else request
+        submitted_at = self._tasks._poller.now()
+        task_id = await self._api.submit(sent, idempotency_key=idempotency_key)
+        if webhook_url is not None and sent.webhook == webhook_url:
+            self._tasks._covered(task_id, submitted_at)
+        return task_id
 
     def _hint(self, journaled: str, plain: str) -> str:
         """Where a caller finds a task a cancelled ``generate()`` left (with a journal, or not)."""
@@ -518,6 +548,7 @@ class Videos:
         timeout: float | None = None,
         idempotency_key: str | None = None,
         on_submitted: Callable[[str], object] | None = None,
+        webhook_url: str | None = None,
     ) -> Task:
         """Submit and wait (through the shared poller) until the task ends. Raises
         ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
@@ -538,8 +569,15 @@ class Videos:
         logged at WARNING on the ``apimart_async`` logger; with a journal the task stays in
         ``tasks.unfinished()`` until a wait sees its end. Cancelled during the submit, its
         idempotency key is logged at WARNING (the POST may have created a task: the same
-        request sent with that key gets it; with a journal ``tasks.recover`` does)."""
+        request sent with that key gets it; with a journal ``tasks.recover`` does).
+
+        ``webhook_url``: as for ``submit``; the wait then polls the task only as a fallback (a
+        safety check past its predicted end, then ``PollPolicy.webhook_interval``), and a
+        callback handed to ``tasks.notify`` ends it at the next status read."""
         check_seconds("timeout", timeout)
+        webhook_url = check_webhook_url(webhook_url)
+        if isinstance(request, VideoRequest):
+            request = with_webhook(request, webhook_url)
         if on_submitted is not None and not callable(on_submitted):
             raise ValidationError(
                 [FieldError("on_submitted", "must be a function of the task id", on_submitted)]
@@ -547,7 +585,7 @@ class Videos:
         submitted_at = self._tasks._poller.now()
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
         try:
-            task_id = await self.submit(request, idempotency_key=key)
+            task_id = await self._api.submit(request, idempotency_key=key)
         except anyio.get_cancelled_exc_class():
             where = self._hint(
                 "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
@@ -564,7 +602,11 @@ class Videos:
             if on_submitted is not None:
                 await notify_submitted(on_submitted, task_id)
             return await self._tasks._wait(
-                task_id, timeout=timeout, submitted_at=submitted_at, kind=kind_of(request)
+                task_id,
+                timeout=timeout,
+                submitted_at=submitted_at,
+                kind=kind_of(request),
+                webhook=webhook_url is not None and request.webhook == webhook_url,
             )
         except anyio.get_cancelled_exc_class():
             where = self._hint(
@@ -586,6 +628,50 @@ class Tasks:
         self._api = api
         self._poller = poller
         self._journal = journal
+        #: issue 15: tasks ``videos.submit`` sent with a ``webhook_url``, and when (the poller's
+        #: clock): a later ``wait`` polls them only as a fallback (the newest ``_COVERED``)
+        self._webhooked: dict[str, float] = {}
+        self._callbacks = WebhookCounts()
+
+    def _covered(self, task_id: str, submitted_at: float) -> None:
+        self._webhooked[task_id] = submitted_at
+        if len(self._webhooked) > _COVERED:
+            del self._webhooked[next(iter(self._webhooked))]
+
+    async def notify(self, body: bytes | str | dict[str, Any]) -> bool:
+        """A webhook callback of the service, for any web framework (Starlette, FastAPI...;
+        ``apimart_async.webhooks.aiohttp_handler`` does this for aiohttp)::
+
+            @app.post("/apimart/callback")
+            async def callback(request: Request) -> Response:
+                await client.tasks.notify(await request.body())
+                return Response(status_code=200)
+
+        ``body``: the POST's raw bytes or text, or the JSON object already decoded; the task
+        object, or wrapped as ``{"code": 200, "data": {...}}``. Only its task id is read: a
+        callback is unsigned, so it is a hint, never a result. A task this client follows
+        (a wait, a batch job) is read in the shared poller's next status round, with the
+        other callbacks that came meanwhile, and its waits end from that read (once, however
+        often the callback comes). Returns True then; False for a task nobody here follows
+        (acknowledge it all the same). Raises ``WebhookError`` for a body that names no task
+        (answer 400). Counted in ``webhook_counts()``."""
+        self._callbacks.received += 1
+        try:
+            task_id = task_id_of(body)
+        except WebhookError:
+            self._callbacks.malformed += 1
+            raise
+        if self._poller.check_now(task_id):
+            self._callbacks.checked += 1
+            return True
+        self._callbacks.ignored += 1
+        return False
+
+    def webhook_counts(self) -> dict[str, int]:
+        """Callbacks handed to ``notify`` so far: ``received``, ``checked`` (a followed task,
+        read in the next round), ``ignored`` (nobody here follows it: unknown, or ended
+        already) and ``malformed`` (refused with ``WebhookError``)."""
+        return self._callbacks.as_dict()
 
     async def get(self, task_id: str) -> Task:
         """``GET /v1/tasks/{task_id}``. Raises ``NotFoundError`` for an unknown or expired task."""
@@ -621,7 +707,10 @@ class Tasks:
             known = await self._journal.end_of(task_id)
             if known is not None:
                 return _settled(known)
-        return await self._wait(task_id, timeout=timeout, submitted_at=None)
+        submitted_at = self._webhooked.get(task_id)
+        return await self._wait(
+            task_id, timeout=timeout, submitted_at=submitted_at, webhook=submitted_at is not None
+        )
 
     async def unfinished(self) -> list[UnfinishedTask]:
         """The submits made through this client (any run of it with the same journal) whose
@@ -669,6 +758,7 @@ class Tasks:
         timeout: float | None,
         submitted_at: float | None,
         kind: str | None = None,
+        webhook: bool = False,
     ) -> Task:
         poller = self._poller
         done = anyio.Event()
@@ -685,6 +775,7 @@ class Tasks:
             submitted_at=submitted_at,
             reattach=submitted_at is None,
             kind=kind,  # issue 22: learned priors by kind (None: a bare id, no kind)
+            webhook=webhook,  # issue 15: a callback will come; polled as a fallback
         )
         try:
             await done.wait()

@@ -35,6 +35,8 @@
     │   └── ServerError                      5xx
     ├── TaskFailedError                      the task ended failed, cancelled or expired
     ├── TaskTimeoutError (TimeoutError)      waiting for a task took longer than allowed
+    ├── WebhookError (ValueError)            a webhook callback's body names no task
+    │                                        (``tasks.notify``; the aiohttp handler answers 400)
     └── GalleryError                         a gallery could not be read or written (``report``)
 
     UsageError (Exception)                   a bad command line (``cli``: exit status 2); not an
@@ -466,6 +468,17 @@ class DownloadExpiredError(DownloadError):
 
 class DownloadTooLargeError(DownloadError):
     """The file is larger than ``max_bytes``."""
+
+
+class WebhookError(ApimartError, ValueError):
+    """A webhook callback that cannot be used (``client.tasks.notify``): its body is not JSON,
+    not a task object (nor ``{"data": <task object>}``), or names no task id. ``problem``
+    says which; the body itself is never repeated (it comes from anyone who can reach the
+    route)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"webhook callback refused: {problem}")
+        self.problem = problem
 
 
 class GalleryError(ApimartError):

@@ -38,6 +38,7 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
 )
+from ._hints import with_webhook
 from ._journal import JobRecord
 from ._models import DownloadedFile, Task, VideoRequest
 from ._outcomes import BatchEvent, BatchStats, Failure, Success, outcome_of
@@ -98,6 +99,8 @@ class Job:
     journaled: bool = False
     #: Recorded in an earlier run and sent afresh (new key, maybe a new request).
     restart: bool = False
+    #: issue 15: its request carries the batch's ``webhook_url`` (polled as a fallback only)
+    webhook: bool = False
 
 
 @attrs.define
@@ -422,6 +425,8 @@ class Take:
     """How to pick up the job an earlier run recorded (None: none was recorded)."""
     key: str | None = None
     """The recorded idempotency key to submit with again (``resubmit``)."""
+    webhook: bool = False
+    """Whether the request carries the batch's ``webhook_url`` (issue 15)."""
 
     @property
     def submits(self) -> bool:
@@ -441,22 +446,34 @@ class Take:
         """The job to submit: with its recorded key (``resubmit``), else a fresh one."""
         assert self.request is not None
         if self.key is not None:
-            return Job(self.index, self.request, self.key, self.name, journaled=True)
+            return Job(
+                self.index, self.request, self.key, self.name, journaled=True, webhook=self.webhook
+            )
         afresh = self.plan is not None and self.plan.action == "afresh"
-        return Job(self.index, self.request, new_key(), self.name, restart=afresh)
+        return Job(
+            self.index, self.request, new_key(), self.name, restart=afresh, webhook=self.webhook
+        )
 
 
 class Intake:
     """The input items of one batch, in order, as decisions: refuse an item (not a request,
     a file name another job has), pick it up from the journal (``records``, by index), or
-    submit it."""
+    submit it. ``webhook``: the batch's ``webhook_url`` (issue 15), set on every request
+    without a ``webhook`` of its own; it is not what a job pays for, so a job recorded with
+    another webhook is the same job (a resend with its key carries the recorded one)."""
 
     def __init__(
-        self, records: dict[int, JobRecord], *, downloads: bool, retry_failed: bool
+        self,
+        records: dict[int, JobRecord],
+        *,
+        downloads: bool,
+        retry_failed: bool,
+        webhook: str | None = None,
     ) -> None:
         self.records = records
         self.downloads = downloads
         self.retry_failed = retry_failed
+        self.webhook = webhook
         self._names = FileNames(downloads=downloads)
 
     def take(self, index: int, item: object) -> Take:
@@ -467,12 +484,14 @@ class Intake:
         clash = self._names.claim(index, name)
         if clash is not None:
             return Take(index, request, name, outcome_of(index, request, error=clash, name=name))
+        mine = with_webhook(request, self.webhook)
         record = self.records.pop(index, None)
         if record is None:
-            return Take(index, request, name)
+            return Take(index, mine, name, webhook=self._covers(mine))
+        sent = as_recorded(mine, record)
         plan = resume_plan(
             record,
-            request,
+            sent,
             name,
             retry_failed=self.retry_failed,
             downloads=self.downloads,
@@ -480,8 +499,29 @@ class Intake:
         )
         if plan.action == "mismatch":
             return Take(index, request, name, plan.outcome, plan)
+        if plan.action == "afresh":  # a new task: this run's webhook
+            return Take(index, mine, name, None, plan, webhook=self._covers(mine))
         key = record.idempotency_key if plan.action == "resubmit" else None
-        return Take(index, request, name, None, plan, key)
+        return Take(index, sent, name, None, plan, key, webhook=self._covers(sent))
+
+    def _covers(self, request: VideoRequest) -> bool:
+        """Whether callbacks of ``request``'s task come to this batch's ``webhook_url``."""
+        return self.webhook is not None and request.webhook == self.webhook
+
+
+def as_recorded(request: VideoRequest, record: JobRecord) -> VideoRequest:
+    """``request`` as job ``record`` sent it: the same request with the ``webhook`` it was
+    recorded with, when only the webhook differs (issue 15: a resume with another
+    ``webhook_url`` is the same job, and a resend with its key must carry the same body);
+    else ``request`` itself (``resume_plan`` decides about a changed input)."""
+    if request.fingerprint() == record.fingerprint:
+        return request
+    body = record.request  # parsed from the journal's text: only when the two differ
+    if body is None:
+        return request
+    recorded = body.get("webhook")
+    same = attrs.evolve(request, webhook=recorded if isinstance(recorded, str) else None)
+    return same if same.fingerprint() == record.fingerprint else request
 
 
 def stop_after(

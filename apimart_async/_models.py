@@ -295,6 +295,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def url_rule(value: Any) -> str | None:
+    """The rule ``value`` breaks as an http(s) URL (as ``VideoRequest.webhook``), or None."""
+    return _url_error(value)
+
+
 def _url_error(
     value: Any, *, allow_data_video: bool = False, allow_local: bool = False
 ) -> str | None:

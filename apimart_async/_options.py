@@ -26,8 +26,9 @@ from ._checks import (
 )
 from ._download import RateFloor
 from ._errors import FieldError, ValidationError
-from ._jobs import download_deadline
-from ._journal import Journal, SqliteJournal
+from ._hints import check_webhook_url
+from ._jobs import Intake, download_deadline
+from ._journal import JobRecord, Journal, SqliteJournal
 from ._models import VideoRequest
 from ._outcomes import BatchEvent
 from ._pg_journal import is_postgres_url
@@ -65,6 +66,7 @@ class BatchOptions:
     allow_any_path: bool = False
     min_download_rate: float | None = 10 * 1024
     download_rate_window: float = 30.0
+    webhook_url: str | None = None
 
     def __attrs_post_init__(self) -> None:
         check_positive_int("concurrency", self.concurrency)
@@ -101,6 +103,7 @@ class BatchOptions:
         check_positive_number(
             "download_rate_window", self.download_rate_window, unit="of seconds", finite=True
         )
+        check_webhook_url(self.webhook_url)
         self._check_kinds()
 
     def _check_kinds(self) -> None:
@@ -137,6 +140,12 @@ class BatchOptions:
     def of(cls, arguments: Mapping[str, Any]) -> BatchOptions:
         """The options among ``arguments`` (a call's ``locals()``): every field by name."""
         return cls(**{field.name: arguments[field.name] for field in attrs.fields(cls)})
+
+    def intake(self, records: dict[int, JobRecord], *, downloads: bool) -> Intake:
+        """The ``Intake`` of this batch's input items (``records``: what a journal holds)."""
+        return Intake(
+            records, downloads=downloads, retry_failed=self.retry_failed, webhook=self.webhook_url
+        )
 
     def make_journal(self) -> Journal | None:
         """The ``Journal`` to record in: the one given, a ``PostgresJournal`` for a

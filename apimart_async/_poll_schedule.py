@@ -32,6 +32,9 @@ How the next check is chosen (``PollPolicy``), issue 22:
 4. Checks before the window get a small positive jitter (never early). With the batch status
    route, tasks due within ``coalesce`` seconds or a quarter of ``target_lag`` (the longer)
    ride along in a request that is going out anyway, filling its last 100 ids.
+5. A task submitted with a webhook (issue 15) gets no first check: a callback says when it
+   ends (``hint``: read it in the next round). Polling is only the fallback: one safety check
+   ``webhook_grace`` past its latest plausible end, then every ``webhook_interval``.
 """
 
 from __future__ import annotations
@@ -128,6 +131,17 @@ class PollPolicy:
     batch_route_retry: float = attrs.field(default=600.0, validator=_positive)
     """Seconds after which a batch status route that refused or kept failing is tried again (the
     client's policy only; meanwhile status reads go task by task)."""
+    webhook_grace: float = attrs.field(default=10.0, validator=_positive)
+    """A task submitted with a webhook (issue 15) is not polled until its latest plausible end
+    plus this many seconds: the safety check, for a callback that never came."""
+    webhook_interval: float = attrs.field(default=120.0, validator=_positive)
+    """After its safety check, a task with a webhook is checked this many seconds apart (the
+    slow cadence that stays the fallback when no callback comes)."""
+    webhook_gather: float = attrs.field(default=0.2, validator=_positive)
+    """With the batch status route, the callbacks that arrive within this many seconds of a
+    first one are read together at the end of that window (at once when they fill a request
+    of 100 ids): the trade between a callback's latency and status requests per job. Without
+    the route, a callback's task is read at once."""
 
 
 #: What ``_plan`` reads of a policy at every check, worked out once per policy (``_derive``):
@@ -195,6 +209,33 @@ class _Watch:
     #: still finds the task running past it sets ``narrow_missed`` for good
     narrow_until: float | None = None
     narrow_missed: bool = False
+    #: issue 15: a webhook will say when the task ends (polled slowly, as a fallback); a
+    #: callback came while a check was in flight (the check may predate the end)
+    webhook: bool = False
+    hinted: bool = False
+
+
+class _Gathering:
+    """The callbacks of a window of ``webhook_gather`` seconds (from the first) are read
+    together at its end, or at once when they fill a request of ``BATCH_IDS`` (issue 15)."""
+
+    __slots__ = ("ends", "window")
+
+    def __init__(self) -> None:
+        self.window: list[_Watch] = []
+        self.ends = -math.inf
+
+    def times(self, w: _Watch, now: float) -> list[tuple[_Watch, float]]:
+        """The next checks to set for a callback of ``w`` at ``now``."""
+        if now >= self.ends:
+            self.window, self.ends = [], now + w.policy.webhook_gather
+        if not self.ends < w.next_at:
+            return []  # due sooner anyway (or hinted in this window already)
+        self.window.append(w)
+        if len(self.window) < BATCH_IDS:
+            return [(w, self.ends)]
+        full, self.window, self.ends = self.window, [], now
+        return [(x, now) for x in full]
 
 
 class PollSchedule:
@@ -224,6 +265,8 @@ class PollSchedule:
         self._seq = itertools.count()
         #: Whether the last ``due`` was for the batch route (checks then share a grid).
         self._batched = True
+        #: issue 15: the callbacks of the current gathering window
+        self._gathering = _Gathering()
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -246,13 +289,17 @@ class PollSchedule:
         check_now: bool = False,
         policy: PollPolicy | None = None,
         kind: str | None = None,
+        webhook: bool = False,
     ) -> None:
         """Watch a task (with its own ``policy``, else the schedule's). ``submitted_at``: when
         it was submitted (default ``now``); a task re-attached from elsewhere passes
         ``check_now=True`` to be checked at once. ``kind`` (``_priors.kind_of``): a known kind
-        is first checked at its earliest end seen, not ``first_check`` after the submit."""
+        is first checked at its earliest end seen, not ``first_check`` after the submit.
+        ``webhook``: a callback will say when it ends (``hint``); it is polled only as a
+        fallback (``_webhook_check``)."""
         existing = self._watches.get(task_id)
         if existing is not None:
+            existing.webhook = existing.webhook or webhook
             if deadline is not None and (existing.deadline is None or deadline < existing.deadline):
                 existing.deadline = deadline
                 heapq.heappush(self._deadlines, (deadline, task_id, existing.version))
@@ -270,9 +317,13 @@ class PollSchedule:
         derived = self._derived
         if derived[0] is not pol:
             derived = self._derived = (pol, _derive(pol))
+        if webhook and not check_now:  # no first check: the safety check at the latest end
+            latest = derived[1][5] if prior is None else prior.durations()[1]
+            first = (t0 if t0 is not None else now) + latest + pol.webhook_grace
         watch = _Watch(
             task_id, t0, next_at=first, policy=pol, derived=derived[1], deadline=deadline, kind=kind
         )
+        watch.webhook = webhook
         self._watches[task_id] = watch
         self._push(watch, first)
         if deadline is not None:
@@ -290,6 +341,23 @@ class PollSchedule:
         ``now - due_at`` for an id ``due`` just handed out: how late its check leaves."""
         w = self._watches.get(task_id)
         return None if w is None else w.next_at
+
+    def hint(self, task_id: str, now: float) -> bool:
+        """A callback said ``task_id`` ended (issue 15): check it in the next round, within
+        ``webhook_gather`` on the batch route (callbacks together share a request). False:
+        not watched. A callback during its check: checked again if that check sees it run."""
+        w = self._watches.get(task_id)
+        if w is None:
+            return False
+        if w.checking:
+            w.hinted = True
+        elif not self._batched:
+            self._set(w, now)
+        else:  # the batch route: callbacks that come together share a request
+            for x, at in self._gathering.times(w, now):
+                if self._watches.get(x.task_id) is x and not x.checking:
+                    self._set(x, at)
+        return True
 
     # -- what to do now ------------------------------------------------------------------------
 
@@ -365,6 +433,9 @@ class PollSchedule:
             if 0 <= age <= 7 * 24 * 3600:
                 w.t0 = now - age
         self._plan(w, task, now)
+        if w.hinted:  # a callback came while this check was out: it may predate the end
+            w.hinted = False
+            self._set(w, min(w.next_at, now + w.policy.webhook_gather))
         return False
 
     def on_missing(self, task_id: str, now: float, *, times: int = 2) -> bool:
@@ -610,6 +681,9 @@ class PollSchedule:
             if inside and lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
                 learned = True
+        if w.webhook:  # age unknown: no end to expect, the slow cadence
+            self._set(w, _webhook_check(w.policy, now, hi if start is not None else -math.inf))
+            return
         span = hi - (start if start is not None else now)
         if lag > span:
             span = lag
@@ -654,3 +728,13 @@ class PollSchedule:
         else:
             interval = p.max_interval
         self._set(w, self._jittered(w, now, now + interval))
+
+
+def _webhook_check(p: PollPolicy, now: float, latest: float) -> float:
+    """The next check of a running task with a webhook (issue 15): the safety check
+    ``webhook_grace`` past its latest plausible end, or, once that is past, the slow cadence
+    (``webhook_interval``); polling stays the fallback when no callback comes."""
+    at = latest + p.webhook_grace
+    if at < now + p.min_interval:
+        at = now + p.webhook_interval
+    return at if at < now + p.webhook_interval else now + p.webhook_interval

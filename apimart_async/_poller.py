@@ -126,6 +126,21 @@ class _Watchers:
         self.waiters: list[_Waiter] = []
 
 
+def _tallies(
+    watchers: dict[str, _Watchers], ids: list[str]
+) -> tuple[collections.Counter[str], ...]:
+    """The request counters of everyone following ``ids`` (a shared read counts once for
+    each batch it serves)."""
+    found: dict[int, collections.Counter[str]] = {}
+    for task_id in ids:
+        entry = watchers.get(task_id)
+        if entry is not None:
+            for waiter in entry.waiters:
+                for tally in waiter.tally:
+                    found.setdefault(id(tally), tally)
+    return tuple(found.values())
+
+
 class _ReadTasks:
     """The per-task reads in flight, each in a plain asyncio task: a seventh of the CPU of an
     anyio task group's ``start_soon`` (issue 16). A read raises nothing but cancellation."""
@@ -244,10 +259,12 @@ class Poller:
         reattach: bool = False,
         policy: PollPolicy | None = None,
         kind: str | None = None,
+        webhook: bool = False,
     ) -> None:
         """Follow ``task_id`` until it ends; ``on_done`` is called exactly once (unless
         ``unwatch`` comes first). ``reattach``: a task submitted elsewhere, checked at once.
-        ``kind``: what the schedule learns and uses priors by (``_priors.kind_of``)."""
+        ``kind``: what the schedule learns and uses priors by (``_priors.kind_of``).
+        ``webhook``: a callback will come (``check_now``); polled only as a fallback."""
         if self._closed:
             on_done(
                 task_id, ClientClosedError(f"the client is closed; cannot watch task {task_id}")
@@ -271,8 +288,16 @@ class Poller:
             check_now=reattach,
             policy=policy,
             kind=kind,
+            webhook=webhook,
         )
         self._wake.set()
+
+    def check_now(self, task_id: str) -> bool:
+        """A callback said ``task_id`` ended (issue 15): read it in the next round (the loop is
+        woken; pacing and the read window still apply). False: nobody watches it."""
+        hinted = self.schedule.hint(task_id, self._clock())
+        self._wake.set()
+        return hinted
 
     def unwatch(self, task_id: str, on_done: WatchCallback) -> None:
         """Stop calling ``on_done`` for ``task_id``; the task stops being polled when nobody
@@ -375,7 +400,7 @@ class Poller:
 
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
-        token = request_tally.set(self._tallies(ids))
+        token = request_tally.set(_tallies(self._watchers, ids))
         try:
             results = await self._fetch(ids)
         except ClientClosedError:
@@ -398,18 +423,6 @@ class Poller:
                 taken += self._report(ids[taken:], results, now, budget=LOOP_SLICE)
         finally:
             self.schedule.release(ids, now)
-
-    def _tallies(self, ids: list[str]) -> tuple[collections.Counter[str], ...]:
-        """The request counters of everyone following ``ids`` (a shared read counts once for
-        each batch it serves)."""
-        found: dict[int, collections.Counter[str]] = {}
-        for task_id in ids:
-            entry = self._watchers.get(task_id)
-            if entry is not None:
-                for waiter in entry.waiters:
-                    for tally in waiter.tally:
-                        found.setdefault(id(tally), tally)
-        return tuple(found.values())
 
     # -- issue 22: per-task reads, each on its own ---------------------------------------------
 
@@ -446,7 +459,7 @@ class Poller:
         self.rounds += 1
         trouble = self._trouble()
         result: Task | ApimartError
-        request_tally.set(self._tallies([task_id]))  # this task's own context
+        request_tally.set(_tallies(self._watchers, [task_id]))  # this task's own context
         try:
             result = await self._read(task_id)
         except ApimartError as exc:

@@ -179,6 +179,8 @@ class SyncTasks(_Facade):
     wait: Final = _blocking(Tasks.wait)
     unfinished: Final = _blocking(Tasks.unfinished)
     recover: Final = _blocking(Tasks.recover)
+    notify: Final = _blocking(Tasks.notify)
+    webhook_counts: Final = _reader(Tasks.webhook_counts)
 
 
 class SyncUploads(_Facade):

@@ -11,6 +11,9 @@ process, counted from after the imports). Kinds:
 - ``scale``: hold many pending tasks in the poller; memory per task, CPU per poll round.
 - ``sdk-download`` / ``bare-download`` / ``bare-verified-download``: one result file fetched
   several times (the last: by hand, with the SDK's sha256, fsync and rename).
+- ``sdk-webhooks``: a batch whose tasks call back (``webhook_url``) to this process's aiohttp
+  route (``webhooks.aiohttp_handler``); when each callback arrived and each outcome came out
+  (``--no-webhooks``: the same jobs, polled).
 - ``sdk-replica``: the web row's load without the web framework: awaiting ``generate()``
   calls and a journal replay in one process; the event loop's lag and the GC's pauses.
 """
@@ -90,6 +93,46 @@ async def sdk_poll(
                     raise SystemExit(f"job {outcome.index} failed: {outcome.error}")
                 known[outcome.task_id or ""] = time.time()
     return {"known": known, **meter.figures()}
+
+
+async def sdk_webhooks(
+    base_url: str, key: str, jobs: int, concurrency: int, with_webhooks: bool
+) -> dict[str, Any]:
+    from aiohttp import web
+
+    from apimart_async import webhooks
+
+    known: dict[str, float] = {}
+    arrived: dict[str, float] = {}  # task id -> its first callback's arrival (Unix time)
+    meter = Meter()
+    async with am.AsyncApimart(key, base_url=base_url) as client:
+        handler = webhooks.aiohttp_handler(client)
+
+        async def timed(request: web.Request) -> web.Response:
+            at = time.time()
+            body = await request.read()  # cached: the SDK's handler reads it again
+            task_id = json.loads(body).get("id")
+            if isinstance(task_id, str):
+                arrived.setdefault(task_id, at)
+            return await handler(request)
+
+        app = web.Application()
+        app.router.add_post("/apimart/callback", timed)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/apimart" if with_webhooks else None
+        try:
+            requests = (am.VideoRequest(MODEL, f"{PROMPT} {i}") for i in range(jobs))
+            async with client.batch(requests, concurrency=concurrency, webhook_url=url) as results:
+                async for outcome in results:
+                    if not outcome.ok:
+                        raise SystemExit(f"job {outcome.index} failed: {outcome.error}")
+                    known[outcome.task_id or ""] = time.time()
+            counts = client.tasks.webhook_counts()
+        finally:
+            await runner.cleanup()
+    return {"known": known, "arrived": arrived, "callbacks": counts, **meter.figures()}
 
 
 async def fixed_poll(
@@ -438,6 +481,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--journal")
     p.add_argument("--arrival", type=float, default=2.0)
+    p.add_argument("--no-webhooks", action="store_true")
     a = p.parse_args()
     u, k = a.base_url, a.api_key
     runs = {
@@ -450,6 +494,7 @@ def main() -> None:
         "bare-download": lambda: bare_download(u, k, a.reps),
         "bare-verified-download": lambda: bare_download(u, k, a.reps, verified=True),
         "ceilings": lambda: ceilings(a.reps),
+        "sdk-webhooks": lambda: sdk_webhooks(u, k, a.jobs, a.concurrency, not a.no_webhooks),
         "sdk-replica": lambda: sdk_replica(u, k, a.jobs, a.tasks, a.journal, a.arrival),
     }
     result = asyncio.run(runs[a.kind]())

@@ -30,6 +30,11 @@ Scenarios:
    max), status requests per awaited job, every request with its own task. Then the app is
    SIGKILLed mid-load and restarted on the same journal: the billed tasks it finds
    (``GET /videos/unfinished``) against the tasks created at the emulator.
+8. Webhooks (issue 15): a batch whose tasks call back to an aiohttp route in the client's
+   process (``webhooks.aiohttp_handler``, ``webhook_url=``), with and without the batch
+   status route, beside the same jobs polled: status requests per job, and the p99 from a
+   callback's arrival to the job's outcome (the full run adds a row where 5 % of the
+   callbacks never come, ended by polling).
 7. Start-up (``_startup.py``): ``apimart-async --help`` (wall time, ``-X importtime``),
    ``run --dry-run`` of 10,000 lines, the pytest plugin's import; jobs files of 100,000 and
    1,000,000 lines: the check before sending (lines per second, peak RSS) and the time to the
@@ -86,6 +91,9 @@ FULL = {
     "startup_reps": 5,
     "startup_dry_run_lines": 10_000,
     "startup_big_lines": (100_000, 1_000_000),
+    "webhook_jobs": 1000,
+    "webhook_durations": "5-10",
+    "webhook_lost_row": True,
 }
 QUICK = {
     "poll_jobs": 100,
@@ -107,6 +115,9 @@ QUICK = {
     "startup_reps": 2,
     "startup_dry_run_lines": 500,
     "startup_big_lines": (500, 2000),
+    "webhook_jobs": 200,
+    "webhook_durations": "2-4",
+    "webhook_lost_row": False,
 }
 CONCURRENCY = 64
 
@@ -141,6 +152,11 @@ GALLERY_RENDER_S = 1.0
 #: 5 ms sleep's lateness, during the awaiting requests and the journal replay).
 WEB_LAG_MS = 20.0
 WEB_REQ_PER_JOB = 3.0
+# -- targets (issue 15) --
+WEBHOOK_REQ_PER_JOB_BATCH = 0.02
+WEBHOOK_REQ_PER_JOB_PER_TASK = 1.2
+WEBHOOK_P99_S = 0.3
+WEBHOOKS_ON = "webhooks on"
 
 
 async def worker(kind: str, emu: dict[str, Any], *args: str) -> dict[str, Any]:
@@ -675,6 +691,41 @@ async def _web_sigkill(folder: Path, n: int) -> dict[str, Any]:
     }
 
 
+# -- 8. webhooks ---------------------------------------------------------------------------------
+
+
+async def webhooks(cfg: dict[str, Any]) -> dict[str, Any]:
+    jobs, durations = cfg["webhook_jobs"], cfg["webhook_durations"]
+    common = ["--duration", durations, "--seed", "1"]
+    args = ["--jobs", str(jobs), "--concurrency", str(CONCURRENCY)]
+    per_task = ["--no-batch-route"]
+    variants = [
+        (f"{WEBHOOKS_ON}, batch route", common, []),
+        (f"{WEBHOOKS_ON}, per-task GETs", [*common, *per_task], []),
+        ("webhooks off (polling), batch route", common, ["--no-webhooks"]),
+        ("webhooks off (polling), per-task GETs", [*common, *per_task], ["--no-webhooks"]),
+    ]
+    if cfg["webhook_lost_row"]:
+        lost = ["--webhook-loss", "0.05"]
+        variants.append(
+            (f"{WEBHOOKS_ON}, batch route, 5 % of callbacks lost", [*common, *lost], [])
+        )
+    runs: dict[str, Any] = {}
+    for name, emu_args, sdk_args in variants:
+        log(f"webhooks: {name}")
+        async with emulator_process(*emu_args) as emu:
+            figures = await worker("sdk-webhooks", emu, *args, *sdk_args)
+            run = await _poll_figures(emu, jobs, figures)
+            arrived: dict[str, float] = figures["arrived"]
+            known: dict[str, float] = figures["known"]
+            after = [known[t] - arrived[t] for t in arrived if t in known]
+            run["callbacks"] = figures["callbacks"]
+            run["callback_to_outcome_p50_s"] = round(percentile(after, 50), 3) if after else None
+            run["callback_to_outcome_p99_s"] = round(percentile(after, 99), 3) if after else None
+            runs[name] = run
+    return {"jobs": jobs, "durations_s": durations, "concurrency": CONCURRENCY, "runs": runs}
+
+
 # -- verdicts, tables, plot --------------------------------------------------------------------
 
 
@@ -831,6 +882,31 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             "kill, the rest by the restart's recover of submits whose POST had not arrived)",
             k["unfinished_found"] == k["tasks_created"],
         )
+    hooks = results["scenarios"].get("webhooks")
+    if hooks:
+        for name, r in hooks["runs"].items():
+            if not name.startswith(WEBHOOKS_ON):
+                continue
+            limit = (
+                WEBHOOK_REQ_PER_JOB_PER_TASK if "per-task" in name else WEBHOOK_REQ_PER_JOB_BATCH
+            )
+            add(
+                f"{name}: <= {limit:g} status requests/job",
+                f"{r['status_requests_per_job']}",
+                r["status_requests_per_job"] <= limit,
+            )
+            p99 = r["callback_to_outcome_p99_s"]
+            add(
+                f"{name}: p99 from a callback's arrival to the outcome <= {WEBHOOK_P99_S:g} s",
+                f"{p99} s ({r['callbacks']['received']} callbacks)",
+                p99 is not None and p99 <= WEBHOOK_P99_S,
+            )
+        for name, r in hooks["runs"].items():
+            add(
+                f"webhooks: {name}: one outcome and one task per job",
+                f"{r['outcomes']} outcomes, {r['tasks_created']} tasks, {r['jobs']} jobs",
+                r["outcomes"] == r["tasks_created"] == r["jobs"],
+            )
     if "startup" in results["scenarios"]:
         startup_verdicts(results["scenarios"]["startup"], add)
     return out
@@ -1128,6 +1204,48 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             )
     if "startup" in sc:
         parts += startup_section(sc["startup"], _table)
+    if "webhooks" in sc:
+        h = sc["webhooks"]
+        parts += [
+            "",
+            "## 8. Webhooks",
+            "",
+            f"{h['jobs']} jobs of {h['durations_s']} s, submitted {h['concurrency']} at a time; "
+            "the emulator calls `<webhook_url>/callback` on loopback when each task ends, an "
+            "aiohttp route in the client's process hands each callback to "
+            "`webhooks.aiohttp_handler(client)`. The callback is a hint: the task is read in "
+            "the poller's next status round (on the batch route, the callbacks of a "
+            "`PollPolicy.webhook_gather` window of 0.2 s share one request). Tasks with a "
+            "webhook are polled only as a fallback: a safety check 10 s past the latest "
+            "plausible end, then every 120 s. The same jobs polled, for the baseline.",
+            "",
+            _table(
+                [
+                    "client",
+                    "status requests / job",
+                    "callback to outcome p50 / p99 (s)",
+                    "end to outcome p50 / p99 (s)",
+                    "callbacks (checked / ignored)",
+                ],
+                [
+                    [
+                        name,
+                        r["status_requests_per_job"],
+                        "-"
+                        if r["callback_to_outcome_p99_s"] is None
+                        else f"{r['callback_to_outcome_p50_s']} / {r['callback_to_outcome_p99_s']}",
+                        f"{r['latency_p50_s']} / {r['latency_p99_s']}",
+                        f"{r['callbacks']['checked']} / {r['callbacks']['ignored']}",
+                    ]
+                    for name, r in h["runs"].items()
+                ],
+            ),
+            "",
+            "On the batch route, status requests per job fall with the rate at which callbacks "
+            "come: a request carries the callbacks of one 0.2 s window (100 at most), so "
+            "0.02 requests per job needs about 250 callbacks a second; fewer, and each "
+            "window's request carries fewer. Without the route, each callback costs one read.",
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -1173,6 +1291,7 @@ SCENARIOS = {
     "gallery": gallery,
     "web": web,
     "startup": startup,
+    "webhooks": webhooks,
 }
 
 

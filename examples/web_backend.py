@@ -8,6 +8,7 @@
     POST /batches                 {"name": ..., "jobs": [...]} -> 202; runs in the background
     GET  /batches/{name}          its counts (``BatchStats.to_dict()``) and outcomes so far
     GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag
+    POST /apimart/callback        APIMart's webhook callbacks (with ``--webhook-url``)
 
 What it shows:
 
@@ -29,6 +30,11 @@ What it shows:
 - One process per journal file: a second process on the same journal (``uvicorn --workers 2``
   on this app) is refused with ``JournalLockedError`` at startup; give each worker its own
   ``--journal`` and ``--batch-dir``.
+- Webhooks (``--webhook-url https://this.host/apimart``, or ``self`` for the address it
+  listens on): every submit carries it, and APIMart calls ``/apimart/callback`` when a task
+  ends. The route hands the body to ``client.tasks.notify``: the callback is only a hint (it
+  is unsigned), the task is read in the poller's next round and the waits end from that read;
+  tasks with a webhook are polled only as a fallback. A body naming no task gets 400.
 - The application owns the process's signals: uvicorn handles SIGINT and SIGTERM and waits up
   to ``--grace`` seconds for the requests in flight; the SDK installs no handler.
 
@@ -81,6 +87,8 @@ def http_status(exc: am.ApimartError) -> int:
     match exc:
         case am.ValidationError():  # the caller's request broke a rule; nothing was sent
             return 422
+        case am.WebhookError():  # a webhook callback naming no task
+            return 400
         case am.BadRequestError():  # the service refused the caller's request (an unknown
             return 422  # model is passed through unchecked)
         case am.APIStatusError(status=413):  # the caller's body is too large for the service
@@ -135,9 +143,10 @@ class Batches:
     again: finished jobs are replayed from the journal, running ones followed, none paid
     twice."""
 
-    def __init__(self, client: am.AsyncApimart, folder: Path) -> None:
+    def __init__(self, client: am.AsyncApimart, folder: Path, state: Any = None) -> None:
         self.client = client
         self.folder = folder
+        self.state = state  # the app's: its ``webhook_url``
         self.handles: dict[str, am.Batch] = {}
         #: Each batch's outcomes so far, each as JSON text (``Outcome.to_dict()``): strings
         #: are not containers, so the garbage collector never scans them (20,000 outcomes as
@@ -162,7 +171,10 @@ class Batches:
         kept = self.outcomes[name]
         try:
             async with self.client.batch(
-                jobs, journal=self.folder / f"{name}.sqlite", concurrency=16
+                jobs,
+                journal=self.folder / f"{name}.sqlite",
+                concurrency=16,
+                webhook_url=getattr(self.state, "webhook_url", None),
             ) as results:
                 self.handles[name] = results
                 async for outcome in results:
@@ -276,9 +288,12 @@ def create_app(
     batch_dir: str | os.PathLike[str] = "batches",
     poll: am.PollPolicy | None = None,
     grace: float = 10.0,
+    webhook_url: str | None = None,
 ) -> FastAPI:
     """The app; the client opens in its lifespan. ``grace``: seconds a shutdown lets running
-    background batches go on (set uvicorn's ``timeout_graceful_shutdown`` to match)."""
+    background batches go on (set uvicorn's ``timeout_graceful_shutdown`` to match).
+    ``webhook_url``: the base URL APIMart calls back (``<webhook_url>/callback``, this app's
+    ``/apimart/callback``); ``"self"``: the address ``serve`` listens on."""
     # Web backends want results soon after they exist: checks at most 1 s apart near the end.
     policy = poll or am.PollPolicy(target_lag=1.0)
     folder = Path(batch_dir)
@@ -294,7 +309,7 @@ def create_app(
         ) as client:
             app.state.client = client
             await settle_lost_replies(client)
-            app.state.batches = Batches(client, folder)
+            app.state.batches = Batches(client, folder, app.state)
             await app.state.batches.resume_all()
             # What startup made (the framework's and the SDK's modules, the app) lives as long
             # as the process: out of the cyclic GC's way, so that its full collections, which
@@ -310,6 +325,7 @@ def create_app(
                     await lag_task
 
     app = FastAPI(title="apimart-async web backend", lifespan=lifespan)
+    app.state.webhook_url = webhook_url
     app.add_exception_handler(am.ApimartError, on_sdk_error)
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
@@ -391,9 +407,17 @@ async def while_connected(request: Request, work: Callable[[], Awaitable[T]]) ->
 
 def _add_routes(app: FastAPI) -> None:
     @app.post("/videos", status_code=202)
-    async def submit(client: Client, body: JsonBody) -> dict[str, Any]:
-        task_id = await client.videos.submit(am.VideoRequest.from_dict(body))
+    async def submit(client: Client, request: Request, body: JsonBody) -> dict[str, Any]:
+        video = am.VideoRequest.from_dict(body)
+        task_id = await client.videos.submit(video, webhook_url=request.app.state.webhook_url)
         return {"task_id": task_id}
+
+    @app.post("/apimart/callback")
+    async def apimart_callback(client: Client, request: Request) -> dict[str, Any]:
+        # a hint, never a result: the task is read in the poller's next round (400 for a
+        # body naming no task, through on_sdk_error)
+        followed = await client.tasks.notify(await request.body())
+        return {"ok": True, "followed": followed}
 
     @app.get("/videos/unfinished")
     async def unfinished(client: Client) -> dict[str, Any]:
@@ -426,7 +450,12 @@ def _add_routes(app: FastAPI) -> None:
 
         result = await while_connected(
             request,
-            lambda: client.videos.generate(video, timeout=timeout, on_submitted=submitted),
+            lambda: client.videos.generate(
+                video,
+                timeout=timeout,
+                on_submitted=submitted,
+                webhook_url=request.app.state.webhook_url,
+            ),
         )
         if isinstance(result, str):
             return _not_waiting(result, ids[0] if ids else None)
@@ -569,7 +598,10 @@ async def serve(app: FastAPI, host: str, port: int, grace: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)  # connections wait in the backlog until the lifespan has started
-    print(json.dumps({"url": f"http://{host}:{sock.getsockname()[1]}"}), flush=True)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    if app.state.webhook_url == "self":  # callbacks to this very address
+        app.state.webhook_url = f"{url}/apimart"
+    print(json.dumps({"url": url}), flush=True)
     config = uvicorn.Config(app, timeout_graceful_shutdown=grace, log_level="info")
     await Server(config, app).serve(sockets=[sock])
 
@@ -586,6 +618,7 @@ async def serve_emulated(ns: argparse.Namespace, folder: str) -> None:
             batch_dir=ns.batch_dir or os.path.join(folder, "batches"),
             poll=_poll(ns.poll_lag),
             grace=ns.grace,
+            webhook_url=ns.webhook_url,
         )
         await serve(app, ns.host, ns.port, ns.grace)
 
@@ -609,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--poll-lag", type=float, default=1.0, help="PollPolicy.target_lag (default 1 s)"
     )
+    parser.add_argument(
+        "--webhook-url",
+        help="base URL APIMart calls back (this app's /apimart, public), or 'self' for the "
+        "address it listens on (the emulator calls back on loopback)",
+    )
     ns = parser.parse_args(argv)
     if not ns.emulate and not os.environ.get("APIMART_API_KEY"):
         parser.error("set APIMART_API_KEY to your key, or use --emulate")
@@ -625,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_dir=ns.batch_dir or "batches",
                 poll=_poll(ns.poll_lag),
                 grace=ns.grace,
+                webhook_url=ns.webhook_url,
             )
             asyncio.run(serve(app, ns.host, ns.port, ns.grace))
     return 0

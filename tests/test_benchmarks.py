@@ -46,6 +46,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "gallery",
         "web",
         "startup",
+        "webhooks",
     }
 
     polling = scenarios["polling"]["runs"]
@@ -106,6 +107,22 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     assert files["2000"]["first_submit"]["s"] > 0
     assert startup["check_profile_us_per_line"]["the whole pass"] > 0
 
+    hooks = scenarios["webhooks"]["runs"]  # issue 15: webhooks on, and the same jobs polled
+    assert {
+        "webhooks on, batch route",
+        "webhooks on, per-task GETs",
+        "webhooks off (polling), batch route",
+        "webhooks off (polling), per-task GETs",
+    } == set(hooks)
+    for name, run in hooks.items():
+        assert run["outcomes"] == run["tasks_created"] == scenarios["webhooks"]["jobs"], name
+        on = name.startswith("webhooks on")
+        assert run["callbacks"]["received"] == (run["jobs"] if on else 0), name
+        assert (run["callback_to_outcome_p99_s"] is not None) == on, name
+    # a callback costs one read without the batch route; the polled jobs cost more
+    per_task = hooks["webhooks on, per-task GETs"]["status_requests"]
+    assert per_task < hooks["webhooks off (polling), per-task GETs"]["status_requests"]
+
     targets = results["targets"]
     assert len(targets) >= 12
     assert all(isinstance(t["met"], bool) and t["measured"] for t in targets)
@@ -119,6 +136,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "## 5. Gallery",
         "## 6. Web",
         "## 7. Start-up",
+        "## 8. Webhooks",
     ):
         assert heading in text
     if importlib.util.find_spec("matplotlib") is not None:  # the bench and dev extras

@@ -244,6 +244,9 @@ def test_both_commands_take_the_same_options() -> None:
         "--estimate-error",
         "--rtt",
         "--time-scale",
+        "--webhook-loss",
+        "--webhook-duplicates",
+        "--webhook-delay",
     } == set(standalone)
     assert all(help_text for _, help_text in standalone.values())
 

@@ -18,6 +18,7 @@ def test_all_is_exactly_the_public_names() -> None:
         "cli",
         "testing",
         "report",
+        "webhooks",
     }
     assert set(am.__all__) == public | {"__version__"}
     assert set(emulator.__all__) == {

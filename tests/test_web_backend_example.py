@@ -52,7 +52,7 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
-async def backend(emu: Emulator | None, folder: Path) -> AsyncIterator[Backend]:
+async def backend(emu: Emulator | None, folder: Path, *extra: str) -> AsyncIterator[Backend]:
     """The example under uvicorn, on a free port, with its journal and batches in ``folder``
     (the same folder again is a restart); without ``emu``, its own (``--emulate``)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -62,7 +62,7 @@ async def backend(emu: Emulator | None, folder: Path) -> AsyncIterator[Backend]:
     else:
         env.update({"APIMART_API_KEY": emu.api_key, "APIMART_BASE_URL": emu.base_url})
         cmd += ["--journal", str(folder / "client.sqlite"), "--batch-dir", str(folder / "batches")]
-        cmd += ["--poll-lag", "0.05"]
+        cmd += ["--poll-lag", "0.05", *extra]
     out, err = bytearray(), bytearray()
 
     async def drain(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:
@@ -261,6 +261,39 @@ async def test_errors_become_http_statuses(tmp_path: Path) -> None:
         assert (await http.get(f"{app.url}/videos/task_nope")).status_code == 404
         assert (await http.get(f"{app.url}/batches/nope")).status_code == 404
         assert emu.tasks_created == 0
+
+
+async def test_a_webhook_callback_ends_the_wait_with_one_status_read(tmp_path: Path) -> None:
+    """Issue 15: with ``--webhook-url self`` the emulator calls the app back when the task
+    ends; the app's route hands it to ``tasks.notify``, and the one status read it asks for
+    ends the wait (no polling before: the safety check is tens of seconds away)."""
+    async with (
+        Emulator(frozen_clock=True, task_duration=4.0) as emu,
+        backend(emu, tmp_path, "--webhook-url", "self") as app,
+        http_client() as http,
+    ):
+        reply: list[httpx.Response] = []
+
+        async def generate() -> None:
+            reply.append(await http.post(f"{app.url}/videos/generate", json=job(0)))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(generate)
+                await emu.wait_until(lambda: emu.tasks_created == 1)
+                (task,) = emu.state.tasks.values()
+                assert task.body["webhook"] == f"{app.url}/apimart"
+                emu.advance(4)  # it ends: the emulator calls back
+        assert reply[0].status_code == 200, reply[0].text
+        assert reply[0].json()["status"] == "completed"
+        assert emu.webhook_deliveries == [(f"{app.url}/apimart/callback", task.id, 200)]
+        assert status_reads(emu) == 1
+        unknown = await http.post(f"{app.url}/apimart/callback", json={"id": "task_other"})
+        assert (unknown.status_code, unknown.json()) == (200, {"ok": True, "followed": False})
+        bad = await http.post(f"{app.url}/apimart/callback", content=b"{}")
+        assert bad.status_code == 400
+        assert bad.json()["error"]["type"] == "WebhookError"
+        assert status_reads(emu) == 1
 
 
 def test_the_status_table() -> None:

@@ -120,6 +120,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fraction of requests given a random fault (default: %(default)s)",
     )
     p.add_argument(
+        "--webhook-loss",
+        type=_fraction,
+        default=0.0,
+        help="fraction of webhook callbacks never delivered (default: %(default)s)",
+    )
+    p.add_argument(
+        "--webhook-duplicates",
+        type=_fraction,
+        default=0.0,
+        help="fraction of webhook callbacks delivered twice (default: %(default)s)",
+    )
+    p.add_argument(
+        "--webhook-delay",
+        type=_seconds,
+        default=0.0,
+        help="seconds between a task's end and its webhook callback (default: %(default)s)",
+    )
+    p.add_argument(
         "--no-batch-route",
         action="store_true",
         help="answer 404 on POST /v1/tasks/batch (the same as --batch-route absent)",
@@ -227,6 +245,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser(prog: str = "python -m apimart_async.emulator") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(p)
@@ -262,6 +290,9 @@ def emulator_from_args(args: argparse.Namespace) -> Emulator:
         state_path=args.state,
         profile=_profile(args),
         time_scale=args.time_scale,
+        webhook_loss=args.webhook_loss,
+        webhook_duplicates=args.webhook_duplicates,
+        webhook_delay=args.webhook_delay,
         **({} if args.estimate_error is None else {"estimate_error": args.estimate_error}),
     )
     if args.fault_rate:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -108,18 +109,30 @@ class Background:
                     await self._wake.wait()
 
     def finished(self, task: EmuTask) -> None:
-        """``task`` ended: deliver its webhook, if it has one."""
+        """``task`` ended: deliver its webhook, if it has one (maybe not, maybe twice: the
+        emulator's ``webhook_loss`` and ``webhook_duplicates``, drawn from its seed and the
+        task id)."""
         webhook = task.body.get("webhook")
         if isinstance(webhook, str) and webhook:
-            job = asyncio.ensure_future(self._deliver(webhook.rstrip("/") + "/callback", task))
-            self._jobs.add(job)
-            job.add_done_callback(self._jobs.discard)
+            url = webhook.rstrip("/") + "/callback"
+            draw = random.Random(f"{self._emu.seed}:{task.id}")
+            if draw.random() < self._emu.webhook_loss:
+                self._emu.webhook_deliveries.append((url, task.id, "lost"))
+                self._changed.set()
+                return
+            times = 2 if draw.random() < self._emu.webhook_duplicates else 1
+            for _ in range(times):
+                job = asyncio.ensure_future(self._deliver(url, task))
+                self._jobs.add(job)
+                job.add_done_callback(self._jobs.discard)
 
     async def _deliver(self, url: str, task: EmuTask) -> None:
         """POST the task object to the webhook; retried on timeout or 5xx, not on 4xx."""
         if not is_loopback_url(url):
             self._emu.webhook_deliveries.append((url, task.id, "refused: not loopback"))
             return
+        if self._emu.webhook_delay > 0:
+            await asyncio.sleep(self._emu.webhook_delay / self._emu.clock.scale)
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         payload = self._emu.state.task_object(task, self._emu.base_url)

@@ -86,6 +86,15 @@ class Emulator:
         conflict_code_in: where a 409's sub-code goes: ``"both"``, ``"type"`` or ``"code"``.
         status_names: the service's word for a status (``{"completed": "succeeded"}``).
         video_bytes: size of each result file. seed: makes ids, durations, failures repeatable.
+        webhook_retry_delays: real seconds between the attempts of a webhook delivery that
+            timed out or got a 5xx (the service's ~10/30/60 s).
+        webhook_loss: fraction of webhook callbacks never delivered (the real service loses
+            those to hosts it cannot reach); recorded in ``webhook_deliveries`` as ``"lost"``.
+        webhook_duplicates: fraction of webhook callbacks delivered twice (the service may
+            repeat one). Which callbacks are lost or repeated is drawn from ``seed`` and the
+            task id, so a run is repeatable.
+        webhook_delay: seconds of the emulator's clock (real seconds divided by
+            ``time_scale``) between a task's end and its callback.
         file_chunk_delay: real seconds of pause after each 256 KiB of a result file (a slow
             CDN; a large value stalls it). Changing ``emu.file_chunk_delay`` at run time also
             ends the pauses under way, so a test can stall a transfer and then let it go.
@@ -131,6 +140,9 @@ class Emulator:
         status_names: dict[str, str] | None = None,
         blocked_words: tuple[str, ...] = ("[blocked]",),
         webhook_retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0),
+        webhook_loss: float = 0.0,
+        webhook_duplicates: float = 0.0,
+        webhook_delay: float = 0.0,
         file_chunk_delay: float = 0.0,
         network: Network = "loopback",
         tls: bool | ssl.SSLContext = False,
@@ -171,6 +183,24 @@ class Emulator:
         """Ids every batch status reply leaves out (the task still exists); a test may add ids."""
         self.webhook_retry_delays = webhook_retry_delays
         """Seconds between webhook delivery attempts."""
+        for name, value in (
+            ("webhook_loss", webhook_loss),
+            ("webhook_duplicates", webhook_duplicates),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+        if not 0.0 <= webhook_delay < float("inf"):
+            raise ValueError(
+                f"webhook_delay must be a number of seconds >= 0, got {webhook_delay!r}"
+            )
+        self.webhook_loss = webhook_loss
+        """Fraction of webhook callbacks never delivered; may change at run time."""
+        self.webhook_duplicates = webhook_duplicates
+        """Fraction of webhook callbacks delivered twice; may change at run time."""
+        self.webhook_delay = webhook_delay
+        """Emulator seconds between a task's end and its callback; may change at run time."""
+        self.seed = seed
+        """What ids, durations, failures and webhook losses are drawn from."""
         self._file_chunk_delay = file_chunk_delay
         #: Replaced (and set) when the delay changes: ends the pauses under way.
         self._delay_changed = asyncio.Event()

@@ -42,6 +42,10 @@ class Service(Protocol):
     conflict_code_in: ConflictPlacement
     batch_hidden: set[str]
     webhook_retry_delays: tuple[float, ...]
+    webhook_loss: float
+    webhook_duplicates: float
+    webhook_delay: float
+    seed: int
     webhook_deliveries: list[tuple[str, str, int | str]]
 
     @property

@@ -1,0 +1,90 @@
+"""Webhook callbacks as hints (issue 15), logic only: which task a callback names, the check of
+a ``webhook_url``, and what the callbacks of a client came to.
+
+APIMart POSTs the task object (the ``data`` of a status reply) to ``<webhook>/callback`` when a
+task ends: unsigned, maybe more than once, from anyone who can reach the route. So a callback
+is never a result: only its task id is read, and the shared poller reads that task itself in
+its next round (``Poller.check_now``). The status, the URLs and everything else in the body
+are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+import attrs
+
+from ._errors import FieldError, ValidationError, WebhookError
+from ._models import VideoRequest, url_rule
+
+__all__ = ["WebhookCounts", "check_webhook_url", "task_id_of", "with_webhook"]
+
+#: Longest callback body read (a task object is a few kB; anything far larger is not one).
+MAX_BODY = 1 << 20
+#: Longest task id taken from a callback.
+_MAX_ID = 200
+
+
+def check_webhook_url(value: object, field: str = "webhook_url") -> str | None:
+    """``value`` if it is None or an http(s) URL, else a ``ValidationError`` naming ``field``."""
+    if value is None:
+        return None
+    rule = url_rule(value)
+    if rule is not None:
+        raise ValidationError([FieldError(field, rule, value)])
+    assert isinstance(value, str)
+    return value
+
+
+def with_webhook(request: VideoRequest, webhook_url: str | None) -> VideoRequest:
+    """``request`` with its ``webhook`` set to ``webhook_url``, unless it has its own (or there
+    is no ``webhook_url``)."""
+    if webhook_url is None or request.webhook is not None:
+        return request
+    return attrs.evolve(request, webhook=webhook_url)
+
+
+def task_id_of(body: bytes | bytearray | str | dict[str, Any]) -> str:
+    """The task id a callback names. ``body``: the raw bytes or text of the POST, or the JSON
+    object already decoded; the task object itself or wrapped as ``{"code": 200, "data":
+    {...}}``, with ``id`` or ``task_id``. Raises ``WebhookError`` naming the problem."""
+    data: Any = body
+    if isinstance(body, (bytes, bytearray, str)):
+        if len(body) > MAX_BODY:
+            raise WebhookError(f"the body is larger than {MAX_BODY} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise WebhookError("the body is not JSON") from None
+    elif not isinstance(body, dict):
+        raise WebhookError(f"the body must be bytes, str or a dict, got {type(body).__name__}")
+    if not isinstance(data, dict):
+        raise WebhookError("the body is not a JSON object (a task object was expected)")
+    obj = cast("dict[str, Any]", data)
+    inner: Any = obj.get("data")
+    if isinstance(inner, dict) and "id" not in obj and "task_id" not in obj:
+        obj = cast("dict[str, Any]", inner)  # the status reply's shape: {"data": {task}}
+    task_id: Any = obj.get("id", obj.get("task_id"))
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise WebhookError("the body names no task (no string 'id' or 'task_id')")
+    if len(task_id) > _MAX_ID or any(c.isspace() or c == "/" for c in task_id):
+        raise WebhookError("the task id in the body is not a task id")
+    return task_id
+
+
+@attrs.define
+class WebhookCounts:
+    """What the callbacks of a client came to (``client.tasks.webhook_counts()``)."""
+
+    received: int = 0
+    """Callbacks handed to ``tasks.notify`` (the aiohttp handler's included)."""
+    checked: int = 0
+    """Callbacks for a task this client follows: it is read in the next round."""
+    ignored: int = 0
+    """Callbacks for a task nobody here follows (unknown, or already ended: a repeat)."""
+    malformed: int = 0
+    """Callbacks refused with ``WebhookError`` (the handler's 400s)."""
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)

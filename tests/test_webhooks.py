@@ -1,0 +1,478 @@
+"""Webhooks (issue 15): a callback is a hint to read the task now, never a result; tasks with a
+webhook are polled only as a fallback (a safety check past the predicted end, then a slow
+cadence). The schedule runs on a fake clock; the end-to-end tests on a frozen emulator clock
+that the test moves (callbacks arrive over loopback; no sleeps)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+from aiohttp import web
+
+import apimart_async as am
+from apimart_async import webhooks
+from apimart_async._hints import task_id_of
+from apimart_async._poll_schedule import PollSchedule
+from apimart_async.emulator import Emulator, Fault
+from apimart_async.testing import follow_clock
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 30  # real seconds any wait of an end-to-end test may take before it fails
+
+NO_JITTER = am.PollPolicy(jitter=0.0)
+
+
+def running(task_id: str, estimate: float | None = None) -> am.Task:
+    return am.Task(id=task_id, status=am.TaskStatus.PROCESSING, estimated_time=estimate)
+
+
+def done(task_id: str) -> am.Task:
+    return am.Task(id=task_id, status=am.TaskStatus.COMPLETED, progress=100)
+
+
+# -- the schedule, on a fake clock -----------------------------------------------------------------
+
+
+def test_a_task_with_a_webhook_gets_a_safety_check_past_its_latest_end_then_a_slow_cadence() -> (
+    None
+):
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0, webhook=True)
+    s.add("b", now=0.0)  # no webhook: first checked at first_check (2 s)
+    assert s.next_check("b") == 2.0
+    # no first check: the default estimate's latest end (30 / 0.75 = 40 s) + webhook_grace
+    assert s.next_check("a") == pytest.approx(50.0)
+    assert s.due(48.0) == ["b"]  # only b (a is not due, nor within the ride-along horizon)
+    assert s.due(50.0) == ["a"]
+    # still running, estimate 100 s: the safety check moves past the new latest end
+    # (100 / 0.75 = 133.3 s) + 10 s, capped by webhook_interval (120 s) from now
+    assert not s.on_status(running("a", estimate=100), 50.0)
+    assert s.next_check("a") == pytest.approx(100 / 0.75 + 10)
+    assert s.due(143.4) == ["a"]
+    assert not s.on_status(running("a", estimate=100), 143.4)
+    # past it: the slow cadence
+    assert s.next_check("a") == pytest.approx(143.4 + 120)
+
+
+def test_a_hint_checks_the_task_in_the_next_round_after_webhook_gather_on_the_batch_route() -> None:
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0, webhook=True)
+    s.add("c", now=0.0, webhook=True)
+    assert s.due(1.0, batched=True) == []
+    assert s.hint("a", 5.0) is True
+    assert s.hint("a", 5.05) is True  # a repeat: the same check, not a second one
+    assert s.hint("c", 5.05) is True
+    assert s.hint("nobody-follows-this", 5.0) is False
+    # the window of webhook_gather (0.2 s) from the first callback: read together at its end
+    assert s.next_wakeup() == pytest.approx(5.2)
+    assert s.due(5.19, batched=True) == []
+    assert s.due(5.2, batched=True) == ["a", "c"]
+    assert s.on_status(done("a"), 5.2) and s.on_status(done("c"), 5.2)
+    assert s.hint("a", 6.0) is False  # ended: a late repeat is ignored
+    assert len(s) == 0
+
+
+def test_callbacks_that_fill_a_request_are_read_at_once() -> None:
+    s = PollSchedule(NO_JITTER)
+    ids = [f"t{i}" for i in range(250)]
+    for task_id in ids:
+        s.add(task_id, now=0.0, webhook=True)
+    assert s.due(1.0, batched=True) == []
+    for task_id in ids[:99]:
+        s.hint(task_id, 10.0)
+    assert s.due(10.0, batched=True) == []  # 99: the window is still open
+    s.hint(ids[99], 10.01)  # the 100th: a full request, no reason to wait
+    assert s.due(10.01, batched=True) == ids[:100]
+    for task_id in ids[100:150]:  # a new window
+        s.hint(task_id, 10.02)
+    assert s.next_wakeup() == pytest.approx(10.22)
+    assert s.due(10.22, batched=True) == ids[100:150]
+
+
+def test_a_hint_is_due_at_once_with_per_task_reads() -> None:
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0, webhook=True)
+    assert s.due(1.0, batched=False) == []
+    assert s.hint("a", 7.0)
+    assert s.due(7.0, batched=False) == ["a"]
+
+
+def test_a_hint_during_a_check_gets_the_task_checked_again_if_that_check_saw_it_run() -> None:
+    s = PollSchedule(NO_JITTER)
+    s.add("a", now=0.0, webhook=True)
+    assert s.due(50.0) == ["a"]  # the safety check leaves...
+    assert s.hint("a", 50.05)  # ...and the callback comes while it is out
+    assert not s.on_status(running("a", estimate=60), 50.1)  # it read the task before its end
+    assert s.next_check("a") == pytest.approx(50.3)
+
+
+def test_lost_callbacks_end_by_polling_and_every_task_is_read_a_known_number_of_times() -> None:
+    """100 tasks of 20 s with a webhook; the callbacks of 10 never come. Each hinted task is
+    read exactly once; each lost one at its safety check (40 s + 10 s), once."""
+    s = PollSchedule(NO_JITTER)
+    ids = [f"t{i}" for i in range(100)]
+    for task_id in ids:
+        s.add(task_id, now=0.0, webhook=True)
+    lost = set(ids[::10])
+    reads: dict[str, int] = dict.fromkeys(ids, 0)
+    rounds = 0
+
+    def run_due(now: float) -> None:
+        nonlocal rounds
+        due = s.due(now, batched=True)
+        rounds += bool(due)
+        for task_id in due:
+            reads[task_id] += 1
+            assert s.on_status(done(task_id) if now >= 20 else running(task_id), now)
+
+    run_due(19.0)  # nothing is due before the end: no request at all
+    assert rounds == 0
+    for task_id in ids:  # the callbacks, all at the end
+        if task_id not in lost:
+            assert s.hint(task_id, 20.0)
+    run_due(20.2)
+    assert (rounds, len(s)) == (1, 10)
+    wake = s.next_wakeup()
+    assert wake == pytest.approx(50.0)
+    run_due(wake)
+    assert (rounds, len(s)) == (2, 0)
+    assert set(reads.values()) == {1}
+
+
+def test_webhook_policy_fields_are_checked_by_name() -> None:
+    with pytest.raises(am.OptionError, match="PollPolicy.webhook_interval"):
+        am.PollPolicy(webhook_interval=0)
+    with pytest.raises(am.OptionError, match="PollPolicy.webhook_gather"):
+        am.PollPolicy(webhook_gather=-1)
+
+
+# -- what a callback says ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": "task_1", "status": "completed"},
+        {"task_id": "task_1"},
+        {"code": 200, "data": {"id": "task_1", "status": "failed"}},
+        b'{"id": "task_1", "status": "completed", "result": {}}',
+        '{"code": 200, "data": {"task_id": "task_1"}}',
+    ],
+)
+def test_the_task_id_is_read_from_every_shape_the_api_describes(body: Any) -> None:
+    assert task_id_of(body) == "task_1"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"not json", "the body is not JSON"),
+        (b"\xff\xfe", "the body is not JSON"),
+        (b"[1, 2]", "the body is not a JSON object"),
+        ({"status": "completed"}, "the body names no task"),
+        ({"code": 200, "data": None}, "the body names no task"),
+        ({"id": 12}, "the body names no task"),
+        ({"id": "a/../b"}, "the task id in the body is not a task id"),
+        (b"x" * (2 << 20), "the body is larger than"),
+        (12, "the body must be bytes, str or a dict, got int"),
+    ],
+)
+def test_a_malformed_callback_is_a_webhook_error_naming_the_problem(
+    body: Any, problem: str
+) -> None:
+    with pytest.raises(am.WebhookError, match="^webhook callback refused: " + problem) as info:
+        task_id_of(body)
+    assert isinstance(info.value, am.ApimartError)
+
+
+# -- webhook_url: checked by name before any request ---------------------------------------------
+
+
+async def test_a_bad_webhook_url_is_refused_by_name_before_any_request() -> None:
+    async with Emulator() as emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
+        request = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+        with pytest.raises(am.ValidationError, match="webhook_url: must be an http"):
+            await client.videos.submit(request, webhook_url="ftp://x/hook")
+        with pytest.raises(am.ValidationError, match="webhook_url: must be an http"):
+            await client.videos.generate(request, webhook_url="not a url")
+        with pytest.raises(am.ValidationError, match="webhook_url: must be an http"):
+            client.batch([request], webhook_url=12)  # type: ignore[arg-type]
+        assert client.request_counts().get("submit", 0) == 0
+        assert emu.state.tasks == {}
+
+
+async def test_webhook_url_sets_the_webhook_unless_the_request_has_its_own() -> None:
+    async with Emulator() as emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
+        plain = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+        own = am.VideoRequest("sora-2-preview", "a dog", duration=4, webhook="http://own.example")
+        a = await client.videos.submit(plain, webhook_url="https://hooks.example/apimart")
+        b = await client.videos.submit(own, webhook_url="https://hooks.example/apimart")
+        c = await client.videos.submit(plain)
+        bodies = {t: emu.state.tasks[t].body for t in (a, b, c)}
+    assert bodies[a]["webhook"] == "https://hooks.example/apimart"
+    assert bodies[b]["webhook"] == "http://own.example"
+    assert "webhook" not in bodies[c]
+
+
+# -- end to end: the emulator's callbacks, some lost, some repeated -------------------------------
+
+
+@asynccontextmanager
+async def callback_server(client: am.AsyncApimart) -> AsyncIterator[str]:
+    """An aiohttp app on loopback with the SDK's handler; yields the ``webhook_url``."""
+    app = web.Application()
+    app.router.add_post("/apimart/callback", webhooks.aiohttp_handler(client))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/apimart"
+    finally:
+        await runner.cleanup()
+
+
+def advance(emu: Emulator, client: am.AsyncApimart, seconds: float) -> None:
+    """Move the emulator's clock (the poller's too) and wake the poller."""
+    emu.advance(seconds)
+    client._poller._wake.set()
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Wait for a state of the client (no event to wait on); bounded by the test's deadline."""
+    while not predicate():  # noqa: ASYNC110 - the poller has no event to wait on
+        await anyio.sleep(0.001)
+
+
+def status_reads(client: am.AsyncApimart) -> tuple[int, int]:
+    counts = client.request_counts()
+    return counts.get("batch", 0), counts.get("task", 0)
+
+
+N = 40
+
+
+def jobs() -> list[am.VideoRequest]:
+    return [am.VideoRequest("sora-2-preview", f"a cat, take {i}", duration=4) for i in range(N)]
+
+
+@pytest.mark.parametrize("batch_route", [True, False], ids=["batch-route", "per-task"])
+async def test_callbacks_arrive_some_never_do_every_result_once_and_exact_status_reads(
+    batch_route: bool,
+) -> None:
+    async with (
+        Emulator(
+            frozen_clock=True,
+            task_duration=10.0,
+            seed=5,
+            batch_route=batch_route,
+            webhook_loss=0.2,
+            webhook_duplicates=0.3,
+        ) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        outcomes: list[am.Outcome] = []
+        with anyio.fail_after(DEADLINE):
+            async with client.batch(jobs(), webhook_url=url) as results:
+                await until(lambda: len(client._poller) == N)  # every task followed
+                assert status_reads(client) == (0, 0)  # no first check: a callback will come
+                advance(emu, client, 10)  # every task ends; the emulator calls back
+                await emu.wait_until(lambda: len(emu.webhook_deliveries) >= N)
+                deliveries = list(emu.webhook_deliveries)
+                lost = {t for _, t, status in deliveries if status == "lost"}
+                repeated = len(deliveries) - N
+                await emu.wait_until(
+                    lambda: client.tasks.webhook_counts()["received"] == N - len(lost) + repeated
+                )
+                assert 0 < len(lost) < N and repeated > 0
+                advance(emu, client, 0.3)  # webhook_gather: the hinted tasks are read now
+                while len(outcomes) < N - len(lost):
+                    outcomes.append(await results.__anext__())
+                hinted_reads = status_reads(client)
+                assert emu.state.tasks  # the lost ones are still followed, by polling
+                advance(emu, client, 40)  # past the safety check (40 s + 10 s after submit)
+                async for outcome in results:
+                    outcomes.append(outcome)
+    ids = [o.task_id for o in outcomes]
+    assert sorted(o.index for o in outcomes) == list(range(N))  # each job exactly once
+    assert len(set(ids)) == N and all(o.ok for o in outcomes)
+    assert {o.task_id for o in outcomes[N - len(lost) :]} == lost  # ended by polling
+    counts = client.tasks.webhook_counts()
+    # every callback was one of a followed task, or a repeat that came after its end
+    assert counts["received"] == N - len(lost) + repeated
+    assert counts["malformed"] == 0
+    assert counts["checked"] + counts["ignored"] == counts["received"]
+    if batch_route:
+        # one request for every hinted task (they came together), one for the lost ones
+        assert hinted_reads == (1, 0)
+        assert status_reads(client) == (2, 0)
+    else:
+        # the batch route is tried once (absent: 404), then every task is read once by id
+        assert hinted_reads == (1, N - len(lost))
+        assert status_reads(client) == (1, N)
+
+
+async def test_a_callback_for_an_unknown_task_is_acknowledged_and_a_malformed_one_gets_400(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="apimart_async")
+    async with (
+        Emulator() as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+        callback_server(client) as url,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(
+            f"{url}/callback", json={"id": "task_nobody", "status": "completed"}
+        ) as r:
+            assert (r.status, await r.text()) == (200, "ok\n")
+        async with http.post(f"{url}/callback", data=b"{not json") as r:
+            assert (r.status, await r.text()) == (400, "the body is not JSON\n")
+        async with http.post(f"{url}/callback", json={"status": "completed"}) as r:
+            assert r.status == 400
+        async with http.post(f"{url}/callback", data=io.BytesIO(b" " * (2 << 20))) as r:
+            assert r.status == 413  # beyond the app's client_max_size: never read whole
+        assert await client.tasks.notify({"code": 200, "data": {"id": "task_other"}}) is False
+        with pytest.raises(am.WebhookError, match="names no task"):
+            await client.tasks.notify("{}")
+        assert client.tasks.webhook_counts() == {
+            "received": 5,
+            "checked": 0,
+            "ignored": 2,
+            "malformed": 3,
+        }
+        assert client.request_counts().get("task", 0) == 0  # nothing was read for them
+    assert emu.api_key not in caplog.text
+
+
+async def test_generate_with_a_webhook_waits_for_the_callback_not_for_polling() -> None:
+    async with (
+        Emulator(frozen_clock=True, task_duration=10.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        request = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                box: list[am.Task] = []
+
+                async def generate() -> None:
+                    box.append(await client.videos.generate(request, webhook_url=url))
+
+                tg.start_soon(generate)
+                await until(lambda: len(client._poller) == 1)
+                advance(emu, client, 10)
+                await emu.wait_until(lambda: client.tasks.webhook_counts()["checked"] == 1)
+                advance(emu, client, 0.3)
+        assert box[0].ok
+        assert status_reads(client) == (1, 0)  # the one read the callback asked for
+
+
+async def test_tasks_wait_after_submit_with_a_webhook_polls_only_as_a_fallback() -> None:
+    async with (
+        Emulator(frozen_clock=True, task_duration=10.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        request = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+        task_id = await client.videos.submit(request, webhook_url=url)
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                box: list[am.Task] = []
+
+                async def wait() -> None:
+                    box.append(await client.tasks.wait(task_id))
+
+                tg.start_soon(wait)
+                await emu.wait_until(
+                    lambda: 1 in client._poller.schedule.ids() or bool(client._poller.watching())
+                )
+                advance(emu, client, 10)
+                await emu.wait_until(lambda: client.tasks.webhook_counts()["checked"] == 1)
+                advance(emu, client, 0.3)
+        assert box[0].id == task_id
+        assert status_reads(client) == (1, 0)
+
+
+# -- a journaled batch resumed with another webhook_url is the same batch ------------------------
+
+
+async def test_a_resume_with_another_webhook_url_is_not_a_changed_input(tmp_path: Path) -> None:
+    journal = tmp_path / "j.sqlite"
+    reqs = jobs()[:4]
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client:
+            async with client.batch(reqs, journal=journal, webhook_url="https://a.example/h") as r:
+                await emu.wait_until(lambda: len(emu.state.tasks) == 4)
+                await r.stop()
+            for task_id in list(emu.state.tasks):
+                emu.complete(task_id)
+            async with client.batch(reqs, journal=journal, webhook_url="https://b.example/h") as r:
+                outcomes = [o async for o in r]
+        bodies = [t.body for t in emu.state.tasks.values()]
+    assert sorted(o.index for o in outcomes) == [0, 1, 2, 3]
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+    assert len(bodies) == 4  # re-attached: nothing submitted twice
+    assert {b["webhook"] for b in bodies} == {"https://a.example/h"}
+    # the journal keeps the request as it was sent (the first webhook)
+    assert json.dumps(bodies[0], sort_keys=True).count("a.example") == 1
+
+
+async def test_a_resend_with_its_recorded_key_carries_the_recorded_webhook(
+    tmp_path: Path,
+) -> None:
+    """The first submit's reply is lost (the task exists, the journal has only the key); the
+    resume has another webhook_url. The resend must carry the body the key was first sent
+    with, or the service refuses the key as reused with another body (409)."""
+    journal = tmp_path / "run.sqlite"
+    reqs = jobs()[:1]
+    async with Emulator(frozen_clock=True, task_duration=2.0) as emu:
+        emu.faults.inject("submit", Fault.lost_reply())
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=0) as client:
+            async with client.batch(reqs, journal=journal, webhook_url="https://a.example/h") as r:
+                (first,) = [o async for o in r]
+        assert isinstance(first.error, am.APIConnectionError)
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client:
+            follow_clock(client, emu)
+            with anyio.fail_after(DEADLINE):
+                async with client.batch(
+                    reqs, journal=journal, webhook_url="https://b.example/h"
+                ) as r:
+                    await until(lambda: len(client._poller) == 1)
+                    advance(emu, client, 120)  # not covered by b's callbacks: polled as usual
+                    (again,) = [o async for o in r]
+        assert again.ok, again.error
+        assert again.idempotency_key == first.idempotency_key
+        assert emu.tasks_created == 1 and emu.counters["submit"] == 2
+        (task,) = emu.state.tasks.values()
+        assert task.body["webhook"] == "https://a.example/h"
+
+
+def test_the_emulator_takes_its_webhook_settings_from_the_command_line_and_checks_them() -> None:
+    from apimart_async.emulator import __main__ as emulator_main
+
+    parser = emulator_main.build_parser()
+    args = ["--webhook-loss", "0.25", "--webhook-duplicates", "1", "--webhook-delay", "3"]
+    emu = emulator_main.emulator_from_args(parser.parse_args(args))
+    assert (emu.webhook_loss, emu.webhook_duplicates, emu.webhook_delay) == (0.25, 1.0, 3.0)
+    for bad in (["--webhook-loss", "1.5"], ["--webhook-delay", "-1"], ["--webhook-delay", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    with pytest.raises(ValueError, match="webhook_duplicates must be between 0 and 1"):
+        Emulator(webhook_duplicates=-0.1)
+    with pytest.raises(ValueError, match="webhook_delay must be a number of seconds"):
+        Emulator(webhook_delay=float("nan"))
