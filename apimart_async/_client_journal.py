@@ -48,6 +48,7 @@ from ._errors import ApimartError, ConfigurationError, JournalError, NotFoundErr
 from ._jobs import definitive
 from ._journal import SqliteJournal
 from ._models import Task, VideoRequest
+from ._pg_journal import is_url, redact_url
 
 __all__ = ["ClientJournal", "UnfinishedTask", "notify_submitted"]
 
@@ -104,6 +105,12 @@ class ClientJournal:
         """The journal of ``AsyncApimart(journal=...)``: a path, an ``SqliteJournal`` or None."""
         if journal is None:
             return None
+        if isinstance(journal, str) and is_url(journal):  # never a file named by the URL
+            raise ConfigurationError(
+                f"journal: the client's journal is an SQLite file (a path); got a URL"
+                f" ({redact_url(journal)}): a PostgreSQL client journal is not built yet"
+                " (a batch's journal= takes one)"
+            )
         if isinstance(journal, (str, os.PathLike)):
             return cls(SqliteJournal(os.fspath(journal)))
         if isinstance(journal, SqliteJournal):

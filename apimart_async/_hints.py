@@ -57,6 +57,8 @@ def task_id_of(body: bytes | bytearray | str | dict[str, Any]) -> str:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise WebhookError("the body is not JSON") from None
+        except RecursionError:
+            raise WebhookError("the body is not a task object (JSON nested too deeply)") from None
     elif not isinstance(body, dict):
         raise WebhookError(f"the body must be bytes, str or a dict, got {type(body).__name__}")
     if not isinstance(data, dict):

@@ -50,7 +50,7 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -772,21 +772,7 @@ class SqliteJournal(Journal):
             ).fetchall()
         except sqlite3.Error as exc:
             raise JournalError(f"cannot read the priors of {self.path}: {exc}") from None
-        out: dict[str, KindPrior] = {}
-        for kind, samples, d_lo, d_hi, r_lo, r_hi, p_n, p_lo, p_hi in rows:
-            if not (isinstance(kind, str) and isinstance(samples, int) and samples >= 0):
-                continue  # a row nobody could have written: pass over it
-            if not _plausible_range(d_lo, d_hi, 0.0):
-                continue
-            if (r_lo is not None or r_hi is not None) and not _plausible_range(r_lo, r_hi, 1e-9):
-                continue
-            prior = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
-            # progress trust: kept only when whole and plausible (else learned again)
-            if isinstance(p_n, int) and p_n > 0 and _plausible_range(p_lo, p_hi, 1e-9):
-                prior.progress_samples = p_n
-                prior.progress_lo, prior.progress_hi = float(p_lo), float(p_hi)
-            out[kind] = prior
-        return out
+        return priors_of(rows)
 
     def _save_priors_sync(self, priors: Mapping[str, KindPrior]) -> None:
         if self._conn is None:
@@ -850,6 +836,27 @@ class SqliteJournal(Journal):
                 index,
             ),
         )
+
+
+def priors_of(rows: Iterable[Sequence[Any]]) -> dict[str, KindPrior]:
+    """The priors of a journal's ``priors`` rows (kind, samples, duration_lo, duration_hi,
+    ratio_lo, ratio_hi, progress_samples, progress_lo, progress_hi), whatever the store; a row
+    nobody could have written is passed over (it is learned again)."""
+    out: dict[str, KindPrior] = {}
+    for kind, samples, d_lo, d_hi, r_lo, r_hi, p_n, p_lo, p_hi in rows:
+        if not (isinstance(kind, str) and isinstance(samples, int) and samples >= 0):
+            continue
+        if not _plausible_range(d_lo, d_hi, 0.0):
+            continue
+        if (r_lo is not None or r_hi is not None) and not _plausible_range(r_lo, r_hi, 1e-9):
+            continue
+        prior = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
+        # progress trust: kept only when whole and plausible (else learned again)
+        if isinstance(p_n, int) and p_n > 0 and _plausible_range(p_lo, p_hi, 1e-9):
+            prior.progress_samples = p_n
+            prior.progress_lo, prior.progress_hi = float(p_lo), float(p_hi)
+        out[kind] = prior
+    return out
 
 
 def _plausible_range(lo: object, hi: object, least: float) -> bool:

@@ -31,7 +31,7 @@ from ._jobs import Intake, download_deadline
 from ._journal import JobRecord, Journal, SqliteJournal
 from ._models import VideoRequest
 from ._outcomes import BatchEvent
-from ._pg_journal import is_postgres_url
+from ._pg_journal import is_postgres_url, is_url, journal_url_problem, redact_url
 from ._poll_schedule import PollPolicy
 
 __all__ = ["BatchOptions"]
@@ -51,7 +51,9 @@ class BatchOptions:
     timeout: float | None = None
     stop_on_error: bool = False
     on_event: Callable[[BatchEvent], None] | None = None
-    journal: str | os.PathLike[str] | Journal | None = None
+    journal: str | os.PathLike[str] | Journal | None = attrs.field(
+        default=None, repr=lambda j: repr(redact_url(j) if isinstance(j, str) else j)
+    )
     name: str | None = None
     download_dir: str | os.PathLike[str] | None = None
     manifest: str | os.PathLike[str] | None = None
@@ -121,6 +123,10 @@ class BatchOptions:
             or all(callable(getattr(journal, m, None)) for m in _JOURNAL_METHODS)
         ):
             bad.append(FieldError("journal", "must be a path or a Journal", journal))
+        elif isinstance(journal, str) and is_url(journal):
+            problem = journal_url_problem(journal)
+            if problem is not None:  # never a file path with the password in its name
+                bad.append(FieldError("journal", problem, redact_url(journal)))
         # the batch's name: the key of a PostgreSQL journal, which holds many batches
         if is_postgres_url(journal):
             if not isinstance(self.name, str) or not self.name.strip():

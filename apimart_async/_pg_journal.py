@@ -50,7 +50,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import attrs
@@ -63,11 +63,18 @@ from ._errors import (
     JournalMismatchError,
     ValidationError,
 )
-from ._journal import MARKER, JobRecord, Journal, _plausible_range, _record
+from ._journal import MARKER, JobRecord, Journal, _record, priors_of
 from ._models import DownloadedFile
 from ._priors import KindPrior
 
-__all__ = ["PG_SCHEMA_VERSION", "PostgresJournal", "is_postgres_url", "redact_url"]
+__all__ = [
+    "PG_SCHEMA_VERSION",
+    "PostgresJournal",
+    "is_postgres_url",
+    "is_url",
+    "journal_url_problem",
+    "redact_url",
+]
 
 logger = logging.getLogger("apimart_async")
 
@@ -86,25 +93,67 @@ def is_postgres_url(value: object) -> bool:
     return isinstance(value, str) and value.lower().startswith(_SCHEMES)
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (``postgresql://user:***@host/db``; a
-    ``password=`` in the query too)."""
+#: A URL's scheme: a journal given as ``<scheme>://...`` is never a file path.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: object) -> bool:
+    """Whether ``value`` is a string that starts like a URL (``scheme://``): a journal that is
+    not a file path, whether or not it is one this SDK can use."""
+    return isinstance(value, str) and _URL.match(value) is not None
+
+
+def journal_url_problem(url: str) -> str | None:
+    """What keeps ``url`` (given as a journal) from being a PostgreSQL URL the SDK can read,
+    or None. Never names the password."""
+    scheme = url.split("://", 1)[0]
+    if not is_postgres_url(url):
+        return (
+            f"is a {scheme}:// URL; a journal is a file path or a postgresql:// (postgres://)"
+            " URL, with no driver suffix such as +asyncpg"
+        )
+    rest = url.split("://", 1)[1]
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in rest and "@" not in netloc:
+        return (
+            "cannot be read: a password with / # ? or @ in it must be percent-encoded"
+            " (%2F %23 %3F %40), or given by PGPASSWORD"
+        )
     try:
         parts = urlsplit(url)
-        password = parts.password
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
     except ValueError:
-        return "<a PostgreSQL URL that cannot be read>"
-    query = "&".join(
-        f"{key}=***" if key.lower() == "password" else item
-        for item in parts.query.split("&")
-        for key in [item.partition("=")[0]]
-    )
-    netloc = parts.netloc
-    if "@" in netloc:
-        user_part, _, host_part = netloc.rpartition("@")
+        return "cannot be read as a URL (a port from 1 to 65535, balanced [ ] around IPv6)"
+    if parts.port == 0:
+        return "cannot be read as a URL (a port from 1 to 65535, balanced [ ] around IPv6)"
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (``postgresql://user:***@host/db``; a
+    ``password=`` in the query too). The user part ends at the LAST ``@``: a password with an
+    unencoded ``/``, ``#`` or ``?`` is hidden too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    user_part, at, after = rest.rpartition("@")
+    if at:
         user = user_part.split(":", 1)[0]
-        netloc = f"{user}:***@{host_part}" if password is not None else f"{user}@{host_part}"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        # a user part that cannot be one (a path before the @): the whole of it is hidden
+        if any(c in user for c in "/?#"):
+            user = "***"
+        rest = f"{user}:***@{after}" if ":" in user_part or user == "***" else f"{user}@{after}"
+    head, q, query = rest.partition("?")
+    if q:
+        fragment_sep = "#" if "#" in query else ""
+        query, _, fragment = query.partition("#")
+        query = "&".join(
+            f"{key}=***" if key.lower() == "password" else item
+            for item in query.split("&")
+            for key in [item.partition("=")[0]]
+        )
+        rest = f"{head}?{query}{fragment_sep}{fragment}"
+    return f"{scheme}://{rest}"
 
 
 def _asyncpg() -> Any:
@@ -358,9 +407,11 @@ class PostgresJournal(Journal):
         fingerprints: Sequence[str] | None = None,
     ) -> None:
         bad: list[FieldError] = []
-        if not is_postgres_url(url):
+        if not isinstance(url, str) or not is_url(url):
             shown = redact_url(url) if isinstance(url, str) else url
             bad.append(FieldError("journal", "must be a postgresql:// URL", shown))
+        elif (problem := journal_url_problem(url)) is not None:
+            bad.append(FieldError("journal", problem, redact_url(url)))
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             rule = "must be a non-empty batch name (200 characters at most)"
             bad.append(FieldError("name", rule, name))
@@ -755,20 +806,7 @@ class PostgresJournal(Journal):
             )
             return rows
 
-        out: dict[str, KindPrior] = {}
-        for kind, samples, d_lo, d_hi, r_lo, r_hi, p_n, p_lo, p_hi in await self._call(
-            "read the priors of", run
-        ):
-            if samples < 0 or not _plausible_range(d_lo, d_hi, 0.0):
-                continue
-            if (r_lo is not None or r_hi is not None) and not _plausible_range(r_lo, r_hi, 1e-9):
-                continue
-            prior = KindPrior(samples, float(d_lo), float(d_hi), r_lo, r_hi)
-            if p_n > 0 and _plausible_range(p_lo, p_hi, 1e-9):
-                prior.progress_samples = p_n
-                prior.progress_lo, prior.progress_hi = float(p_lo), float(p_hi)
-            out[kind] = prior
-        return out
+        return priors_of(await self._call("read the priors of", run))
 
     async def save_priors(self, priors: Mapping[str, KindPrior]) -> None:
         """Store these kinds' priors (replacing what was stored for them)."""

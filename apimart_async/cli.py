@@ -634,9 +634,9 @@ def _pg_journal(
     """The ``PostgresJournal`` of ``--journal postgresql://...`` (batch ``--name``, default the
     jobs file's stem; ``--schema``), or None for a journal file (where --name and --schema
     are refused)."""
-    from ._pg_journal import is_postgres_url
+    from ._pg_journal import is_url
 
-    if not is_postgres_url(args.journal):
+    if not is_url(args.journal):  # a URL this SDK cannot use is refused by PostgresJournal
         if args.name is not None or args.schema is not None:
             raise UsageError("--name and --schema are for a --journal postgresql://... only")
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -478,3 +479,110 @@ async def test_the_lock_of_a_killed_run_of_this_machine_is_waited_for(
             await journal(pg, pg_schema, "killed").open()
     finally:
         await first.close()
+
+
+# -- found by a break-it pass (brk15): passwords and URLs that are not file paths --------
+
+SECRET = "hunter2"
+# a password with a '/' or '#' copied into the URL as is (not %-encoded): a common mistake
+LEAKY_URLS = [
+    f"postgresql://app:{SECRET}/x@127.0.0.1:1/videos",
+    f"postgresql://app:{SECRET}#x@127.0.0.1:1/videos",
+    f"postgresql://app:{SECRET}?x@127.0.0.1:1/videos",
+]
+
+
+@pytest.mark.parametrize("url", LEAKY_URLS, ids=["slash", "hash", "question-mark"])
+async def test_a_password_with_an_unencoded_special_character_appears_nowhere(url: str) -> None:
+    shown: list[str] = []
+    try:
+        journal = am.PostgresJournal(url, name="b")
+    except am.ValidationError as exc:  # refusing the URL by name is fine too
+        shown.append(str(exc))
+    else:
+        shown += [repr(journal), journal.url]
+        try:
+            await journal.open()
+        except Exception as exc:  # whatever it is, it must not show the password
+            shown.append(f"{type(exc).__name__}: {exc}")
+            # and it is a typed error (today: a raw ValueError from urllib/asyncpg)
+            assert isinstance(exc, am.ApimartError), repr(exc)
+    assert not any(SECRET in text for text in shown), shown
+
+
+# -- F3: BatchOptions repr (``results.options``) shows the database password -----------------
+
+
+async def test_the_batch_options_repr_does_not_show_the_database_password() -> None:
+    url = f"postgresql://app:{SECRET}@127.0.0.1:1/videos"
+    async with am.AsyncApimart("sk-test", base_url="http://127.0.0.1:9") as client:
+        batch = client.batch([request()], journal=url, name="spring-ads")
+        assert SECRET not in repr(
+            batch.options
+        )  # before the fix: journal='postgresql://app:hunter2@...'
+        assert SECRET not in str(batch.options)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:pw@[127.0.0.1/videos",  # unbalanced IPv6 bracket
+        "postgresql://app:pw@127.0.0.1:notaport/videos",
+        "postgresql://app:pw@127.0.0.1:99999/videos",  # port out of range
+    ],
+    ids=["bracket", "port-not-a-number", "port-out-of-range"],
+)
+async def test_a_malformed_postgres_url_is_refused_by_name_when_the_journal_is_made(
+    url: str,
+) -> None:
+    # before the fix: accepted here, then a raw ValueError / OverflowError from open() (a traceback
+    # from the CLI, also with --dry-run)
+    with pytest.raises(am.ValidationError, match="journal"):
+        am.PostgresJournal(url, name="b")
+
+
+async def test_a_postgresql_plus_driver_url_is_not_taken_for_a_file_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = f"postgresql+asyncpg://app:{SECRET}@db.internal:5432/videos"
+    async with (
+        Emulator(task_duration=0.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        try:
+            async with client.batch([request()], journal=url) as results:
+                [o async for o in results]
+        except am.ValidationError as exc:
+            assert "journal" in str(exc) and SECRET not in str(exc)
+        created = [str(p) for p in tmp_path.rglob("*")]
+        # before the fix: the batch ran, recorded in ./postgresql+asyncpg:/app:hunter2@db.internal:5432/
+        # videos (a local SQLite file, the password in its path) and the task was paid
+        assert not any(SECRET in p for p in created), created
+        assert emu.counters.get("submit", 0) == 0
+
+
+async def test_a_client_journal_given_a_postgres_url_is_refused_not_made_a_local_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's journal (``AsyncApimart(journal=...)``, what a web backend's replicas use
+    for ``tasks.unfinished()``) takes the same ``postgresql://`` URL a batch takes. It is
+    opened as a SQLite path: ./postgresql:/app:hunter2@db.internal:5432/videos is created (the
+    password in a directory name), the submit goes through, and every replica has its own
+    local journal while the user believes it shared. Expected: refused by name (or a real
+    PostgreSQL client journal), before any request."""
+    monkeypatch.chdir(tmp_path)
+    url = f"postgresql://app:{SECRET}@db.internal:5432/videos"
+    async with Emulator(task_duration=0.0) as emu:
+        try:
+            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, journal=url) as c:
+                await c.videos.submit(request())
+        except am.ApimartError as exc:
+            assert SECRET not in str(exc)
+        created = [str(p) for p in tmp_path.rglob("*")]
+        assert not any(SECRET in p for p in created), created
+        assert emu.counters.get("submit", 0) == 0
+
+
+def request() -> am.VideoRequest:
+    return am.VideoRequest("sora-2-preview", "a cat", duration=4)

@@ -476,3 +476,29 @@ def test_the_emulator_takes_its_webhook_settings_from_the_command_line_and_check
         Emulator(webhook_duplicates=-0.1)
     with pytest.raises(ValueError, match="webhook_delay must be a number of seconds"):
         Emulator(webhook_delay=float("nan"))
+
+
+# -- found by a break-it pass (brk15): a callback body nested too deeply ------------------
+
+DEEP = b"[" * 100_000  # 100 kB: far below the 1 MiB the handler and notify accept
+
+
+async def test_a_deeply_nested_callback_body_is_a_webhook_error_not_a_recursion_error() -> None:
+    async with Emulator() as emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
+        with pytest.raises(am.WebhookError):  # before the fix: RecursionError (not an ApimartError)
+            await client.tasks.notify(DEEP)
+        counts = client.tasks.webhook_counts()
+        # every callback received is accounted for once (today: received 1, the rest 0)
+        assert counts["received"] == counts["checked"] + counts["ignored"] + counts["malformed"]
+
+
+async def test_the_aiohttp_handler_answers_400_not_500_to_a_deeply_nested_body() -> None:
+    async with (
+        Emulator() as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+        callback_server(client) as url,
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/callback", data=DEEP) as reply,
+    ):
+        # before the fix: 500 (aiohttp logs the RecursionError); a 5xx also makes the service retry
+        assert reply.status == 400
