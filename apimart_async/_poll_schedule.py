@@ -213,6 +213,14 @@ class _Watch:
     #: callback came while a check was in flight (the check may predate the end)
     webhook: bool = False
     hinted: bool = False
+    #: a wait of this task ends at a deadline: with a webhook, it is checked once before
+    #: (``LAST_LOOK``), so a callback that never came does not fail a finished task unseen
+    look_by: float | None = None
+
+
+#: How long before a wait's deadline a task with a webhook gets its last look: a tenth of the
+#: wait, at most this many seconds.
+LAST_LOOK = 5.0
 
 
 class _Gathering:
@@ -290,16 +298,26 @@ class PollSchedule:
         policy: PollPolicy | None = None,
         kind: str | None = None,
         webhook: bool = False,
+        wait_ends: tuple[float, float] | None = None,
     ) -> None:
         """Watch a task (with its own ``policy``, else the schedule's). ``submitted_at``: when
         it was submitted (default ``now``); a task re-attached from elsewhere passes
         ``check_now=True`` to be checked at once. ``kind`` (``_priors.kind_of``): a known kind
         is first checked at its earliest end seen, not ``first_check`` after the submit.
         ``webhook``: a callback will say when it ends (``hint``); it is polled only as a
-        fallback (``_webhook_check``)."""
+        fallback (``_webhook_check``), and checked once before ``wait_ends`` (a waiter's
+        deadline and timeout) if nothing said it ended by then."""
+        look_by = None
+        if wait_ends is not None:
+            ends, timeout = wait_ends
+            look_by = ends - min(LAST_LOOK, timeout / 10)
         existing = self._watches.get(task_id)
         if existing is not None:
             existing.webhook = existing.webhook or webhook
+            if look_by is not None and (existing.look_by is None or look_by < existing.look_by):
+                existing.look_by = look_by
+                if existing.webhook and not existing.checking and look_by < existing.next_at:
+                    self._set(existing, max(now, look_by))
             if deadline is not None and (existing.deadline is None or deadline < existing.deadline):
                 existing.deadline = deadline
                 heapq.heappush(self._deadlines, (deadline, task_id, existing.version))
@@ -320,10 +338,13 @@ class PollSchedule:
         if webhook and not check_now:  # no first check: the safety check at the latest end
             latest = derived[1][5] if prior is None else prior.durations()[1]
             first = (t0 if t0 is not None else now) + latest + pol.webhook_grace
+            if look_by is not None and look_by < first:  # the last look before a deadline
+                first = max(now, look_by)
         watch = _Watch(
             task_id, t0, next_at=first, policy=pol, derived=derived[1], deadline=deadline, kind=kind
         )
         watch.webhook = webhook
+        watch.look_by = look_by
         self._watches[task_id] = watch
         self._push(watch, first)
         if deadline is not None:
@@ -682,7 +703,10 @@ class PollSchedule:
                 lo, hi = lo_p, hi_p
                 learned = True
         if w.webhook:  # age unknown: no end to expect, the slow cadence
-            self._set(w, _webhook_check(w.policy, now, hi if start is not None else -math.inf))
+            at = _webhook_check(w.policy, now, hi if start is not None else -math.inf)
+            if w.look_by is not None and now < w.look_by < at:
+                at = w.look_by  # the last look before a wait gives up
+            self._set(w, at)
             return
         span = hi - (start if start is not None else now)
         if lag > span:

@@ -289,6 +289,7 @@ class Poller:
             policy=policy,
             kind=kind,
             webhook=webhook,
+            wait_ends=None if deadline is None or timeout is None else (deadline, timeout),
         )
         self._wake.set()
 

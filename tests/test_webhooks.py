@@ -502,3 +502,64 @@ async def test_the_aiohttp_handler_answers_400_not_500_to_a_deeply_nested_body()
     ):
         # before the fix: 500 (aiohttp logs the RecursionError); a 5xx also makes the service retry
         assert reply.status == 400
+
+
+# -- a wait with a deadline looks at its task once before giving up (brk15 F12) ------------
+
+def request() -> am.VideoRequest:
+    return am.VideoRequest("sora-2-preview", "a cat", duration=4)
+
+
+async def test_generate_with_a_webhook_and_a_timeout_looks_at_the_task_before_giving_up() -> None:
+    """The callback is lost (webhook_loss=1: a host the service cannot reach, which the docs
+    say happens). The task completes at 5 s; the first status read of a task with a webhook is
+    planned at 50 s (40 s + webhook_grace), past the caller's timeout of 30 s: the wait ends
+    with TaskTimeoutError ("not finished after 30 s") without a single status read, for a
+    video that is done and billed. Without webhook_url the same call returns the task."""
+    async with (
+        Emulator(frozen_clock=True, task_duration=5.0, webhook_loss=1.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        box: list[am.Task | Exception] = []
+
+        async def generate() -> None:
+            try:
+                box.append(await client.videos.generate(request(), webhook_url=url, timeout=30))
+            except am.ApimartError as exc:
+                box.append(exc)
+
+        with anyio.fail_after(30):  # a guard only: the emulator's clock drives the test
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(generate)
+                await emu.wait_until(lambda: len(client._poller) == 1)
+                while not box:
+                    advance(emu, client, 1.0)
+                    await anyio.sleep(0.01)
+        assert isinstance(box[0], am.Task), f"{box[0]!r}; reads: {client.request_counts()}"
+
+
+async def test_a_batch_job_timeout_with_a_webhook_still_sees_the_finished_jobs() -> None:
+    async with (
+        Emulator(frozen_clock=True, task_duration=5.0, webhook_loss=1.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        jobs = [am.VideoRequest("sora-2-preview", f"a cat {i}", duration=4) for i in range(3)]
+        outcomes: list[am.Outcome] = []
+        with anyio.fail_after(30):
+            async with client.batch(jobs, webhook_url=url, job_timeout=30) as results:
+
+                async def drive() -> None:
+                    while len(outcomes) < len(jobs):
+                        advance(emu, client, 1.0)
+                        await anyio.sleep(0.01)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(drive)
+                    async for outcome in results:
+                        outcomes.append(outcome)
+        # before the fix: 3 x TaskTimeoutError, {'submit': 3} and not one status read
+        assert all(o.ok for o in outcomes), [(o.error, client.request_counts()) for o in outcomes]
