@@ -218,6 +218,13 @@ class _Watch:
     look_by: float | None = None
 
 
+#: Callbacks for tasks nobody follows yet (a submit, then a wait; a wait registered after
+#: ``on_submitted``) are kept this many seconds, at most ``EARLY_HINTS`` of them (the oldest go
+#: first: callbacks are unsigned, anyone may send them): a wait that starts meanwhile reads its
+#: task at once instead of trusting a callback that already came.
+EARLY_HINT_AGE = 600.0
+EARLY_HINTS = 10_000
+
 #: How long before a wait's deadline a task with a webhook gets its last look: a tenth of the
 #: wait, at most this many seconds.
 LAST_LOOK = 5.0
@@ -275,6 +282,8 @@ class PollSchedule:
         self._batched = True
         #: issue 15: the callbacks of the current gathering window
         self._gathering = _Gathering()
+        #: callbacks for tasks not followed (yet): id -> when (``EARLY_HINT_AGE``)
+        self._early: dict[str, float] = {}
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -340,6 +349,9 @@ class PollSchedule:
             first = (t0 if t0 is not None else now) + latest + pol.webhook_grace
             if look_by is not None and look_by < first:  # the last look before a deadline
                 first = max(now, look_by)
+        hinted_at = self._early.pop(task_id, None)
+        if hinted_at is not None and now - hinted_at <= EARLY_HINT_AGE:
+            first = now  # a callback came before this wait: look at once
         watch = _Watch(
             task_id, t0, next_at=first, policy=pol, derived=derived[1], deadline=deadline, kind=kind
         )
@@ -368,7 +380,12 @@ class PollSchedule:
         ``webhook_gather`` on the batch route (callbacks together share a request). False:
         not watched. A callback during its check: checked again if that check sees it run."""
         w = self._watches.get(task_id)
-        if w is None:
+        if w is None:  # kept a while: its wait may start later (submit, then wait)
+            early = self._early
+            early.pop(task_id, None)
+            early[task_id] = now
+            if len(early) > EARLY_HINTS:
+                del early[next(iter(early))]  # the oldest
             return False
         if w.checking:
             w.hinted = True

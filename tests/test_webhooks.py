@@ -506,6 +506,7 @@ async def test_the_aiohttp_handler_answers_400_not_500_to_a_deeply_nested_body()
 
 # -- a wait with a deadline looks at its task once before giving up (brk15 F12) ------------
 
+
 def request() -> am.VideoRequest:
     return am.VideoRequest("sora-2-preview", "a cat", duration=4)
 
@@ -563,3 +564,123 @@ async def test_a_batch_job_timeout_with_a_webhook_still_sees_the_finished_jobs()
                         outcomes.append(outcome)
         # before the fix: 3 x TaskTimeoutError, {'submit': 3} and not one status read
         assert all(o.ok for o in outcomes), [(o.error, client.request_counts()) for o in outcomes]
+
+
+# -- a callback that comes before its wait is not lost (brk15 F6) ---------------------------
+
+GUARD = 5.0  # real seconds: only stops a wait the frozen clock would never end
+
+
+async def test_a_callback_before_the_wait_is_not_lost() -> None:
+    """videos.submit(webhook_url=...) then tasks.wait(id) later (the README's web pattern:
+    POST /videos, then GET /videos/{id}/wait). The task ends and its callback arrives before
+    the wait starts: notify() finds no watcher and drops it. The wait then trusts that a
+    callback will come and first looks at the safety check (submit + 40 s + webhook_grace),
+    50 s of the service's time after the submit, for a task that ended at 10 s."""
+    async with (
+        Emulator(frozen_clock=True, task_duration=10.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        task_id = await client.videos.submit(request(), webhook_url=url)
+        advance(emu, client, 10)  # the task ends; the emulator calls back at once
+        await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
+        box: list[am.Task] = []
+
+        async def wait() -> None:
+            box.append(await client.tasks.wait(task_id))
+
+        with anyio.move_on_after(GUARD):  # the frozen clock stays at 10.3 s from here
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.sleep(0.2)
+                advance(emu, client, 0.3)  # webhook_gather: the next round
+        assert box and box[0].ok  # before the fix: still waiting for the safety check at 50 s
+
+
+async def test_generate_a_callback_during_on_submitted_is_not_lost() -> None:
+    """The same through generate(): the callback lands while ``on_submitted`` stores the id
+    (a web handler writing it to its database), before the wait is registered."""
+    async with (
+        Emulator(frozen_clock=True, task_duration=10.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+
+        async def slow_store(task_id: str) -> None:
+            advance(emu, client, 10)  # meanwhile the task ends and its callback comes
+            await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
+
+        box: list[am.Task] = []
+
+        async def generate() -> None:
+            box.append(
+                await client.videos.generate(request(), webhook_url=url, on_submitted=slow_store)
+            )
+
+        with anyio.move_on_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(generate)
+                await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
+                await anyio.sleep(0.2)
+                advance(emu, client, 0.3)
+        assert box and box[0].ok  # before the fix: waits for the safety check at 50 s
+
+
+async def test_a_batch_callback_during_the_journal_write_of_the_task_id_is_not_lost(
+    tmp_path: Path,
+) -> None:
+    """A batch records the task id (``journal.set_task``) before it follows the task. With a
+    PostgreSQL journal that write is a round trip, and during an outage it waits up to
+    ``reconnect_for`` (60 s): a callback in that window finds no watcher and is dropped, and
+    the job then waits for its safety check (50 s, counted from when the write returned: the
+    read is planned at 60 s here, for a task that ended at 10 s). Played here with a journal
+    whose ``set_task`` is held until the callback has come."""
+    from apimart_async._journal import SqliteJournal
+
+    released = anyio.Event()
+
+    class SlowJournal(SqliteJournal):
+        async def set_task(self, index: int, task_id: str) -> None:
+            await released.wait()  # the database is slow (or away) right now
+            await super().set_task(index, task_id)
+
+    async with (
+        Emulator(frozen_clock=True, task_duration=10.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        outcomes: list[am.Outcome] = []
+        journal = SlowJournal(str(tmp_path / "run.sqlite"))
+        with anyio.move_on_after(GUARD):
+            async with client.batch([request()], journal=journal, webhook_url=url) as results:
+                await emu.wait_until(lambda: emu.tasks_created == 1)
+                advance(emu, client, 10)  # the task ends; its callback comes
+                await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
+                released.set()  # the write goes through; the batch follows the task
+                await anyio.sleep(0.2)
+                advance(emu, client, 0.3)
+                outcomes.extend([o async for o in results])
+        assert outcomes and outcomes[0].ok  # before the fix: waits for the safety check at 50 s
+
+
+def test_an_early_callback_is_kept_for_a_while_and_for_so_many_tasks() -> None:
+    from apimart_async import _poll_schedule
+
+    s = PollSchedule(NO_JITTER)
+    assert not s.hint("early", 0.0)  # nobody follows it yet
+    assert not s.hint("stale", 0.0)
+    s.add("early", now=5.0, webhook=True)
+    assert s.next_check("early") == 5.0  # looked at once: its callback came already
+    s.add("stale", now=_poll_schedule.EARLY_HINT_AGE + 1, webhook=True)  # too long ago
+    assert s.next_check("stale") == pytest.approx(_poll_schedule.EARLY_HINT_AGE + 1 + 50.0)
+    # unsigned callbacks for ids nobody follows: at most EARLY_HINTS are kept, the oldest go
+    for i in range(_poll_schedule.EARLY_HINTS + 1):
+        s.hint(f"forged-{i}", 10.0)
+    s.add("forged-0", now=11.0, webhook=True)
+    s.add("forged-1", now=11.0, webhook=True)
+    assert s.next_check("forged-0") == pytest.approx(61.0)  # pushed out by the newer ones
+    assert s.next_check("forged-1") == 11.0
