@@ -661,7 +661,7 @@ class Tasks:
         except WebhookError:
             self._callbacks.malformed += 1
             raise
-        if self._poller.check_now(task_id):
+        if self._poller.check_now(task_id):  # ClientClosedError once closed (answer 503)
             self._callbacks.checked += 1
             return True
         self._callbacks.ignored += 1

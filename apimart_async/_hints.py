@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -34,6 +35,13 @@ def check_webhook_url(value: object, field: str = "webhook_url") -> str | None:
     if rule is not None:
         raise ValidationError([FieldError(field, rule, value)])
     assert isinstance(value, str)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        rule = (
+            "must have no query or fragment: the service calls <webhook_url>/callback, which"
+            " would land inside them"
+        )
+        raise ValidationError([FieldError(field, rule, value)])
     return value
 
 

@@ -230,6 +230,27 @@ EARLY_HINTS = 10_000
 LAST_LOOK = 5.0
 
 
+class _EarlyHints:
+    """Callbacks for tasks nobody follows yet: id -> when, ``EARLY_HINT_AGE`` seconds at
+    most, ``EARLY_HINTS`` of them at most (the oldest go first)."""
+
+    __slots__ = ("_at",)
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+
+    def note(self, task_id: str, now: float) -> None:
+        self._at.pop(task_id, None)
+        self._at[task_id] = now
+        if len(self._at) > EARLY_HINTS:
+            del self._at[next(iter(self._at))]
+
+    def take(self, task_id: str, now: float) -> bool:
+        """Whether a callback for ``task_id`` came lately (forgotten now)."""
+        at = self._at.pop(task_id, None)
+        return at is not None and now - at <= EARLY_HINT_AGE
+
+
 class _Gathering:
     """The callbacks of a window of ``webhook_gather`` seconds (from the first) are read
     together at its end, or at once when they fill a request of ``BATCH_IDS`` (issue 15)."""
@@ -282,8 +303,8 @@ class PollSchedule:
         self._batched = True
         #: issue 15: the callbacks of the current gathering window
         self._gathering = _Gathering()
-        #: callbacks for tasks not followed (yet): id -> when (``EARLY_HINT_AGE``)
-        self._early: dict[str, float] = {}
+        #: callbacks for tasks not followed (yet)
+        self._early = _EarlyHints()
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -316,22 +337,10 @@ class PollSchedule:
         ``webhook``: a callback will say when it ends (``hint``); it is polled only as a
         fallback (``_webhook_check``), and checked once before ``wait_ends`` (a waiter's
         deadline and timeout) if nothing said it ended by then."""
-        look_by = None
-        if wait_ends is not None:
-            ends, timeout = wait_ends
-            look_by = ends - min(LAST_LOOK, timeout / 10)
+        look_by = None if wait_ends is None else wait_ends[0] - min(LAST_LOOK, wait_ends[1] / 10)
         existing = self._watches.get(task_id)
         if existing is not None:
-            existing.webhook = existing.webhook or webhook
-            if look_by is not None and (existing.look_by is None or look_by < existing.look_by):
-                existing.look_by = look_by
-                if existing.webhook and not existing.checking and look_by < existing.next_at:
-                    self._set(existing, max(now, look_by))
-            if deadline is not None and (existing.deadline is None or deadline < existing.deadline):
-                existing.deadline = deadline
-                heapq.heappush(self._deadlines, (deadline, task_id, existing.version))
-            if check_now and not existing.checking:
-                self._set(existing, now)
+            _rejoin(self, existing, now, deadline, check_now, webhook, look_by)
             return
         pol = policy or self.policy
         t0 = now if submitted_at is None and not check_now else submitted_at
@@ -349,8 +358,7 @@ class PollSchedule:
             first = (t0 if t0 is not None else now) + latest + pol.webhook_grace
             if look_by is not None and look_by < first:  # the last look before a deadline
                 first = max(now, look_by)
-        hinted_at = self._early.pop(task_id, None)
-        if hinted_at is not None and now - hinted_at <= EARLY_HINT_AGE:
+        if self._early.take(task_id, now):
             first = now  # a callback came before this wait: look at once
         watch = _Watch(
             task_id, t0, next_at=first, policy=pol, derived=derived[1], deadline=deadline, kind=kind
@@ -381,20 +389,16 @@ class PollSchedule:
         not watched. A callback during its check: checked again if that check sees it run."""
         w = self._watches.get(task_id)
         if w is None:  # kept a while: its wait may start later (submit, then wait)
-            early = self._early
-            early.pop(task_id, None)
-            early[task_id] = now
-            if len(early) > EARLY_HINTS:
-                del early[next(iter(early))]  # the oldest
+            self._early.note(task_id, now)
             return False
         if w.checking:
             w.hinted = True
         elif not self._batched:
-            self._set(w, now)
+            self._set(w, _not_before(w, now))
         else:  # the batch route: callbacks that come together share a request
             for x, at in self._gathering.times(w, now):
                 if self._watches.get(x.task_id) is x and not x.checking:
-                    self._set(x, at)
+                    self._set(x, _not_before(x, at))
         return True
 
     # -- what to do now ------------------------------------------------------------------------
@@ -769,6 +773,37 @@ class PollSchedule:
         else:
             interval = p.max_interval
         self._set(w, self._jittered(w, now, now + interval))
+
+
+def _rejoin(
+    s: PollSchedule,
+    w: _Watch,
+    now: float,
+    deadline: float | None,
+    check_now: bool,
+    webhook: bool,
+    look_by: float | None,
+) -> None:
+    """``PollSchedule.add`` of a task watched already: the earlier deadline and last look,
+    a webhook, a check now."""
+    w.webhook = w.webhook or webhook
+    if look_by is not None and (w.look_by is None or look_by < w.look_by):
+        w.look_by = look_by
+        if w.webhook and not w.checking and look_by < w.next_at:
+            s._set(w, max(now, look_by))
+    if deadline is not None and (w.deadline is None or deadline < w.deadline):
+        w.deadline = deadline
+        heapq.heappush(s._deadlines, (deadline, w.task_id, w.version))
+    if check_now and not w.checking:
+        s._set(w, now)
+
+
+def _not_before(w: _Watch, at: float) -> float:
+    """``at``, or later: a callback (unsigned: anyone may send one, as often as they like)
+    never gets a task checked sooner than ``min_interval`` after its last check."""
+    if w.last_at is None:
+        return at
+    return max(at, w.last_at + w.policy.min_interval)
 
 
 def _webhook_check(p: PollPolicy, now: float, latest: float) -> float:

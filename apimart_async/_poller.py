@@ -296,6 +296,8 @@ class Poller:
     def check_now(self, task_id: str) -> bool:
         """A callback said ``task_id`` ended (issue 15): read it in the next round (the loop is
         woken; pacing and the read window still apply). False: nobody watches it."""
+        if self._closed:  # a 503 for the callback: the service retries on 5xx, not on 200
+            raise ClientClosedError("the client is closed: this callback is not followed")
         hinted = self.schedule.hint(task_id, self._clock())
         self._wake.set()
         return hinted

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ._client import AsyncApimart
-from ._errors import WebhookError
+from ._errors import ClientClosedError, WebhookError
 
 __all__ = ["aiohttp_handler"]
 
@@ -60,6 +60,8 @@ def aiohttp_handler(client: AsyncApimart) -> Callable[[web.Request], Awaitable[w
         except WebhookError as exc:
             _logger.info("webhook callback refused (400): %s", exc.problem)
             return web.Response(status=400, text=f"{exc.problem}\n")
+        except ClientClosedError:  # shutting down: 503, so that the service sends it again
+            return web.Response(status=503, text="the client is closed\n")
         return web.Response(status=200, text="ok\n")
 
     return apimart_callback

@@ -684,3 +684,94 @@ def test_an_early_callback_is_kept_for_a_while_and_for_so_many_tasks() -> None:
     s.add("forged-1", now=11.0, webhook=True)
     assert s.next_check("forged-0") == pytest.approx(61.0)  # pushed out by the newer ones
     assert s.next_check("forged-1") == 11.0
+
+
+# -- forged callbacks, webhook URLs with a query, a closed client (brk15 F13, F7, F8) -------
+
+
+async def test_callbacks_for_one_task_do_not_read_it_more_often_than_min_interval() -> None:
+    """Callbacks are unsigned: anyone who knows a task id (it is in every result URL) can
+    POST it to the route. Each one makes the poller read the task at once, ignoring
+    ``min_interval`` ("the shortest wait between two checks of one task", 1 s): 50
+    callbacks over 0.5 s of the service's clock give ~50 status reads on the user's key
+    (measured with a running clock: 281 reads in 4 s for 300 callbacks without the batch
+    route, 20 in 3.7 s with it), up to the 429s that slow the whole client."""
+    async with (
+        Emulator(frozen_clock=True, mode="manual", batch_route="absent") as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+    ):
+        follow_clock(client, emu)
+        task_id = await client.videos.submit(request(), webhook_url="http://127.0.0.1:9/hook")
+        before = sum(status_reads(client))
+        with anyio.move_on_after(GUARD):
+            async with anyio.create_task_group() as tg:
+
+                async def wait() -> None:
+                    await client.tasks.wait(task_id)
+
+                tg.start_soon(wait)
+                await emu.wait_until(lambda: len(client._poller) == 1)
+                for _ in range(50):  # forged: the task is still running
+                    advance(emu, client, 0.01)  # 0.5 s of the service's time in all
+                    await client.tasks.notify({"id": task_id, "status": "completed"})
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        reads = sum(status_reads(client)) - before
+        # 0.5 s passed: one read for the first callback (+1 for the batch route's probe),
+        # none for the others until min_interval (1 s) has passed. Before the fix: ~50.
+        assert reads <= 2, (reads, client.request_counts())
+
+
+async def test_notify_on_a_closed_client_raises_client_closed_error() -> None:
+    """A replica shutting down (rolling restart): its client is closed while the route still
+    answers. notify() returns False ("nobody follows it") and the aiohttp handler answers 200,
+    so the service never retries (it retries on 5xx only) and the callback is lost; every
+    other method of a closed client raises ClientClosedError."""
+    async with Emulator(mode="manual") as emu:
+        client = am.AsyncApimart(emu.api_key, base_url=emu.base_url)
+        async with client:
+            task_id = await client.videos.submit(request())
+        with pytest.raises(am.ClientClosedError):
+            await client.tasks.wait(task_id)  # the rule for every other method
+        with pytest.raises(am.ClientClosedError):
+            await client.tasks.notify({"id": task_id})  # before the fix: returns False
+
+
+async def test_the_aiohttp_handler_of_a_closed_client_answers_503() -> None:
+    async with Emulator(mode="manual") as emu:
+        client = am.AsyncApimart(emu.api_key, base_url=emu.base_url)
+        async with client:
+            task_id = await client.videos.submit(request())
+        async with (
+            callback_server(client) as url,
+            aiohttp.ClientSession() as http,
+            http.post(f"{url}/callback", json={"id": task_id, "status": "completed"}) as reply,
+        ):
+            assert (
+                reply.status == 503
+            )  # before the fix: 200 "ok": the service will not send it again
+
+
+@pytest.mark.parametrize("suffix", ["?token=s3cret", "#frag"], ids=["query", "fragment"])
+async def test_a_webhook_url_with_a_query_or_fragment_is_refused_by_name(suffix: str) -> None:
+    """The service POSTs to ``<webhook>/callback`` (apimart-api.md; the emulator does the
+    same: ``webhook.rstrip('/') + '/callback'``): ``https://h/apimart?token=s3cret`` becomes
+    ``https://h/apimart?token=s3cret/callback`` - the path stays /apimart, the route
+    /apimart/callback never sees a callback and the token is now ``s3cret/callback``. A user
+    who adds a token the usual way (callbacks are unsigned) silently gets no callbacks and
+    the slow fallback polling (first look at ~50 s, then every 120 s)."""
+    async with (
+        Emulator(frozen_clock=True, task_duration=10.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        try:
+            await client.videos.submit(request(), webhook_url=url + suffix)
+        except am.ValidationError as exc:
+            assert "webhook_url" in str(exc)
+            return
+        advance(emu, client, 10)
+        await emu.wait_until(lambda: len(emu.webhook_deliveries) >= 1)
+        # before the fix: delivered to the wrong route (404) or path, and never reaches the handler
+        assert client.tasks.webhook_counts()["received"] == 1, emu.webhook_deliveries
