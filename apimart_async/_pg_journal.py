@@ -557,7 +557,13 @@ class PostgresJournal(Journal):
             )
             version = await self._version(conn)
             if version is None:
-                for statement in _schema_sql(q):
+                statements = _schema_sql(q)
+                exists = await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", self.schema
+                )
+                if exists:  # made by a DBA, maybe: creating it would need CREATE on the database
+                    statements = statements[1:]
+                for statement in statements:
                     await conn.execute(statement)
                 await conn.execute(
                     f"INSERT INTO {q}.meta VALUES ('format', $1), ('schema', $2)"

@@ -605,3 +605,30 @@ async def test_a_journal_connection_asks_the_server_to_notice_a_vanished_machine
     finally:
         await conn.close()
     assert shown == ["10", "5", "3"]
+
+
+async def test_a_journal_opens_in_a_schema_prepared_by_the_dba(
+    postgres: Any, pg_schema: str
+) -> None:
+    """A shared database (what ``--schema`` is for): the DBA creates the schema and grants
+    the app's role USAGE and CREATE on it; the role is not the database's owner, so it has
+    no CREATE on the database (PostgreSQL's default for every non-owner). The SDK runs
+    ``CREATE SCHEMA IF NOT EXISTS`` all the same, which needs CREATE on the database:
+    JournalError "permission denied for database postgres", though the schema is there and
+    every right the journal needs on it was granted."""
+    import asyncpg
+
+    role = f"r_{pg_schema}"
+    admin = await asyncpg.connect(postgres.url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+        await admin.execute(f'CREATE SCHEMA "{pg_schema}"')
+        await admin.execute(f'GRANT USAGE, CREATE ON SCHEMA "{pg_schema}" TO {role}')
+        url = postgres.url.replace(f"{postgres.USER}:{postgres.password}@", f"{role}:pw@")
+        journal = am.PostgresJournal(url, name="spring-ads", schema=pg_schema)
+        await journal.open()  # before the fix: JournalError ... permission denied for database
+        await journal.close()
+    finally:
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
