@@ -283,6 +283,11 @@ class _Link:
         detail = str(exc).replace(self._secret_url, self.shown)
         for password in _passwords(self._secret_url):
             detail = detail.replace(password, "***")
+        if not detail.strip() and isinstance(exc, TimeoutError):
+            detail = (
+                f"no answer within {self.connect_timeout:g} s (connect_timeout) or the"
+                " statement's own limit"
+            )
         return JournalError(
             f"cannot {what} the journal {self.where}: {type(exc).__name__}: {detail}"
         )

@@ -6,6 +6,7 @@ tests/test_journal.py against both stores."""
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -632,3 +633,21 @@ async def test_a_journal_opens_in_a_schema_prepared_by_the_dba(
         await admin.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_a_silent_database_gives_an_error_that_says_it_timed_out() -> None:
+    """A host that accepts the TCP connection and never answers (a wrong port behind a
+    load balancer, a firewall that swallows): the JournalError ends in 'TimeoutError: '
+    with an empty detail."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        journal = am.PostgresJournal(
+            f"postgresql://app:pw@127.0.0.1:{port}/videos", name="b", connect_timeout=0.5
+        )
+        with pytest.raises(am.JournalError) as info:
+            await journal.open()
+    message = str(info.value)
+    assert not message.endswith(": "), message  # before the fix: '...: TimeoutError: '
+    assert "0.5" in message or "no answer" in message or "timed out" in message, message
