@@ -775,3 +775,13 @@ async def test_a_webhook_url_with_a_query_or_fragment_is_refused_by_name(suffix:
         await emu.wait_until(lambda: len(emu.webhook_deliveries) >= 1)
         # before the fix: delivered to the wrong route (404) or path, and never reaches the handler
         assert client.tasks.webhook_counts()["received"] == 1, emu.webhook_deliveries
+
+
+@pytest.mark.parametrize("field", ["webhook_loss", "webhook_duplicates", "webhook_delay"])
+@pytest.mark.parametrize("value", ["0.5", True], ids=["str", "bool"])
+def test_the_emulator_refuses_a_webhook_option_of_the_wrong_type_by_name(
+    field: str, value: Any
+) -> None:
+    # before the fix: "0.5" -> TypeError: '<=' not supported...; True -> accepted as 1.0
+    with pytest.raises(ValueError, match=field):
+        Emulator(**{field: value})

@@ -186,6 +186,13 @@ class Emulator:
         for name, value in (
             ("webhook_loss", webhook_loss),
             ("webhook_duplicates", webhook_duplicates),
+            ("webhook_delay", webhook_delay),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name, value in (
+            ("webhook_loss", webhook_loss),
+            ("webhook_duplicates", webhook_duplicates),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
