@@ -103,7 +103,9 @@ class PollPolicy:
     min_interval: float = attrs.field(default=1.0, validator=_positive)
     """The shortest wait between two checks of one task."""
     max_interval: float = attrs.field(default=60.0, validator=_positive)
-    """The longest wait between two checks of a running task, whatever the prediction says."""
+    """The longest wait between two checks of a running task, whatever the prediction says
+    (a task submitted with a webhook is checked every ``webhook_interval`` instead: a callback,
+    not polling, is what tells its end)."""
     overdue_growth: float = attrs.field(default=1.5, validator=_growth)
     """Once a task is overdue, each wait is this many times the one before."""
     overdue_window: float = attrs.field(default=0.25, validator=_fraction)
