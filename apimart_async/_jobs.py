@@ -261,11 +261,12 @@ def reopens(
     generation failed and ``retry_failed`` asks for another, or its task completed and its
     files are missing (``resume_plan``: ``afresh`` or ``refetch``). The manifest holds back
     the line of such a job until it ends again (issue 14: a job listed twice)."""
-    if record.state != "done" or record.task is None:
+    task = record.task if record.state == "done" else None  # parsed once
+    if task is None:
         return False
     if _retried(record, retry_failed):
         return True
-    return downloads and not files_complete(record.files) and structure_task(record.task).ok
+    return downloads and not files_complete(record.files) and structure_task(task).ok
 
 
 def _retried(record: JobRecord, retry_failed: bool) -> bool:
@@ -273,7 +274,7 @@ def _retried(record: JobRecord, retry_failed: bool) -> bool:
     return (
         retry_failed
         and record.state == "done"
-        and record.task is not None
+        and record.has_task
         and record.status in ("failed", "cancelled")
     )
 
@@ -303,7 +304,8 @@ def resume_plan(
         return ResumePlan("resubmit", job)
     if record.state == "pending" and record.task_id:
         return ResumePlan("reattach", job, record.task_id)
-    task = structure_task(record.task) if record.task is not None else None
+    raw = record.task  # parsed once (a record keeps it as JSON text)
+    task = structure_task(raw) if raw is not None else None
     files_missing = downloads and task is not None and task.ok and not files_complete(record.files)
     if record.state == "downloading" or (record.state == "done" and files_missing):
         if task is None:

@@ -114,6 +114,11 @@ class JobRecord:
     _request: str | None = attrs.field(default=None, alias="request", converter=_json_text)
 
     @property
+    def has_task(self) -> bool:
+        """Whether a terminal task is recorded (without parsing it, as ``task`` does)."""
+        return self._task is not None
+
+    @property
     def task(self) -> dict[str, Any] | None:
         """The terminal task in its wire form."""
         return json.loads(self._task) if self._task is not None else None
