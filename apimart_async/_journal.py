@@ -833,14 +833,22 @@ class SqliteJournal(Journal):
             (
                 status,
                 cost,
-                json.dumps(task) if task is not None else None,
-                json.dumps([attrs.asdict(f) for f in files]),
+                *finish_text(task, files),
                 error,
                 error_type,
                 time.time(),
                 index,
             ),
         )
+
+
+def finish_text(
+    task: dict[str, Any] | None, files: tuple[DownloadedFile, ...]
+) -> tuple[str | None, str]:
+    """The ``task`` and ``files`` columns of a finished job, as every store writes them."""
+    return (json.dumps(task) if task is not None else None), json.dumps(
+        [attrs.asdict(f) for f in files]
+    )
 
 
 def priors_of(rows: Iterable[Sequence[Any]]) -> dict[str, KindPrior]:

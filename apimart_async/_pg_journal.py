@@ -53,7 +53,6 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
-import attrs
 
 from ._errors import (
     ConfigurationError,
@@ -63,7 +62,7 @@ from ._errors import (
     JournalMismatchError,
     ValidationError,
 )
-from ._journal import MARKER, JobRecord, Journal, _record, priors_of
+from ._journal import MARKER, JobRecord, Journal, _record, finish_text, priors_of
 from ._models import DownloadedFile
 from ._priors import KindPrior
 
@@ -803,8 +802,7 @@ class PostgresJournal(Journal):
             index,
             status,
             cost,
-            json.dumps(task) if task is not None else None,
-            json.dumps([attrs.asdict(f) for f in files]),
+            *finish_text(task, files),
             error,
             error_type,
         )
