@@ -227,9 +227,16 @@ class SyncBatch(_Facade):
         # lives there); this thread waits for each.
         cm = self._loop.portal.wrap_async_context_manager(self._target)
         self._target._forward_sigint()  # this thread handles Ctrl-C, not the loop's
-        cm.__enter__()
-        self._cm = cm
+        # The handler goes in before the batch starts: once started, its submitters run in
+        # the loop's thread while this one may not be scheduled yet, and a Ctrl-C meanwhile
+        # would hit Python's default handler (a KeyboardInterrupt, the batch left entered).
         self._install_sigint()
+        try:
+            cm.__enter__()
+        except BaseException:
+            self._remove_sigint()
+            raise
+        self._cm = cm
         return self
 
     def __exit__(

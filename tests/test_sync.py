@@ -356,23 +356,58 @@ def test_sigint_grace_first_ctrl_c_stops_submitting_second_ends(
     with sync_client(manual_temu) as client:
         results = client.batch(jobs, max_pending=2, sigint_grace=600)
 
+        failed: list[BaseException] = []
+
         def press_ctrl_c_twice() -> None:
-            manual_temu.wait_until(lambda: emu.tasks_created == 2)
-            signal.pthread_kill(main, signal.SIGINT)
-            _until(lambda: results.interrupted == 1)
-            manual_temu.call(emu.complete, emu.task_ids()[0])  # still followed
-            _until(lambda: results.stats().completed == 1)
+            try:
+                manual_temu.wait_until(lambda: emu.tasks_created == 2)
+                signal.pthread_kill(main, signal.SIGINT)
+                _until(lambda: results.interrupted == 1)
+                manual_temu.call(emu.complete, emu.task_ids()[0])  # still followed
+                _until(lambda: results.stats().completed == 1)
+            except BaseException as exc:  # the test fails with it instead of hanging
+                failed.append(exc)
+                signal.pthread_kill(main, signal.SIGINT)  # end the grace: list() returns
             signal.pthread_kill(main, signal.SIGINT)
 
         threading.Thread(target=press_ctrl_c_twice, daemon=True).start()
         with results:
             outcomes = list(results)  # no KeyboardInterrupt: the batch handles Ctrl-C
+        assert not failed, failed
         assert signal.getsignal(signal.SIGINT) is before  # handler put back
         assert [o.task_id for o in outcomes if o.ok] == [emu.task_ids()[0]]
         assert results.interrupted == 2
         assert results.stopped == "interrupted"
         assert results.stats().submitted == 2
     assert emu.counters["submit"] == 2  # nothing submitted after the first Ctrl-C
+
+
+def test_sigint_grace_handler_is_in_place_before_the_batch_starts_submitting(
+    manual_temu: ThreadedEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C right after the batch starts is the batch's, never a KeyboardInterrupt: the
+    handler went in only after the batch's submitters had started, and a Ctrl-C in between
+    (CI under load: the first submits came before the main thread was scheduled again) hit
+    Python's default handler, aborting the run and leaving the batch entered in the loop."""
+    emu = manual_temu.emu
+    import apimart_async._sync as sync_module
+
+    started_when_installed: list[bool] = []
+    real_signal = signal.signal
+
+    def spy(signum: int, handler: Any) -> Any:
+        if signum == signal.SIGINT and handler not in (before, signal.default_int_handler):
+            started_when_installed.append(results._target._run._tg is not None)
+        return real_signal(signum, handler)
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sync_module.signal, "signal", spy)
+    with sync_client(manual_temu) as client:
+        results = client.batch([am.VideoRequest("sora-2-preview", "a cat")], sigint_grace=60)
+        with results:
+            manual_temu.wait_until(lambda: emu.tasks_created == 1)
+    assert started_when_installed == [False]
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_client_never_closed_is_closed_when_collected_and_at_exit(
