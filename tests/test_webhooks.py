@@ -785,3 +785,23 @@ def test_the_emulator_refuses_a_webhook_option_of_the_wrong_type_by_name(
     # before the fix: "0.5" -> TypeError: '<=' not supported...; True -> accepted as 1.0
     with pytest.raises(ValueError, match=field):
         Emulator(**{field: value})
+
+
+async def test_the_emulators_webhook_delay_follows_its_clock_when_a_test_advances_it() -> None:
+    """``webhook_delay`` is seconds of the emulator's clock (its docstring): with a frozen
+    clock advanced past it, the callback comes at once, not a real minute later (brk15 F17)."""
+    async with (
+        Emulator(frozen_clock=True, task_duration=1.0, webhook_delay=60.0) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=NO_JITTER) as client,
+        callback_server(client) as url,
+    ):
+        follow_clock(client, emu)
+        await client.videos.submit(request(), webhook_url=url)
+        advance(emu, client, 1.0)  # the task ends: its callback is due 60 s later
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert client.tasks.webhook_counts()["received"] == 0  # not before the delay
+        advance(emu, client, 61.0)
+        with anyio.move_on_after(GUARD):  # the frozen clock: only a bound for a hang
+            await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
+        assert client.tasks.webhook_counts()["received"] == 1

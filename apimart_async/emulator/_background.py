@@ -40,6 +40,7 @@ class Background:
         self._jobs: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
+        self._sleepers: set[asyncio.Event] = set()  # waits on the clock (see _sleep)
         self._http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
@@ -88,6 +89,24 @@ class Background:
             self.finished(task)
         self._wake.set()
         self._changed.set()
+        for sleeper in self._sleepers:
+            sleeper.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """``seconds`` of the emulator's clock: real seconds divided by its scale, over as soon
+        as a test's ``advance()`` moves the clock past them (a frozen clock never gets there
+        by itself)."""
+        clock = self._emu.clock
+        due = clock.now() + seconds
+        while (left := due - clock.now()) > 0:
+            moved = asyncio.Event()
+            self._sleepers.add(moved)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0 if clock.frozen else left / clock.scale):
+                        await moved.wait()
+            finally:
+                self._sleepers.discard(moved)
 
     async def _tick(self) -> None:
         """Finish auto-mode tasks on time even when nobody asks (for webhooks, balances)."""
@@ -132,7 +151,7 @@ class Background:
             self._emu.webhook_deliveries.append((url, task.id, "refused: not loopback"))
             return
         if self._emu.webhook_delay > 0:
-            await asyncio.sleep(self._emu.webhook_delay / self._emu.clock.scale)
+            await self._sleep(self._emu.webhook_delay)
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         payload = self._emu.state.task_object(task, self._emu.base_url)

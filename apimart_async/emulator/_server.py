@@ -94,7 +94,8 @@ class Emulator:
             repeat one). Which callbacks are lost or repeated is drawn from ``seed`` and the
             task id, so a run is repeatable.
         webhook_delay: seconds of the emulator's clock (real seconds divided by
-            ``time_scale``) between a task's end and its callback.
+            ``time_scale``; over at once when ``advance()`` moves a frozen clock past them)
+            between a task's end and its callback.
         file_chunk_delay: real seconds of pause after each 256 KiB of a result file (a slow
             CDN; a large value stalls it). Changing ``emu.file_chunk_delay`` at run time also
             ends the pauses under way, so a test can stall a transfer and then let it go.
