@@ -373,16 +373,24 @@ class Lag:
     def __init__(self) -> None:
         self.late: list[float] = []
         self.beyond_gc: list[float] = []  # lateness not covered by a GC pause in its window
+        # The loop thread's CPU time in each window (time.thread_time: work done, not time
+        # the OS gave other processes), without the GC's: the most any stretch of work in
+        # it can have held the loop, a figure a loaded machine does not inflate as the lag.
+        self.work_cpu: list[float] = []
         self.gc: list[float] = []
         self._gc_started = 0.0
+        self._gc_cpu_started = 0.0
         self._gc_in_window = 0.0
+        self._gc_cpu_in_window = 0.0
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
+            self._gc_cpu_started = time.thread_time()
             return
         pause = time.perf_counter() - self._gc_started
         self._gc_in_window += pause
+        self._gc_cpu_in_window += time.thread_time() - self._gc_cpu_started
         if info.get("generation") == 2:
             self.gc.append(pause)
 
@@ -390,17 +398,19 @@ class Lag:
         gc.callbacks.append(self._on_gc)
         try:
             while True:
-                self._gc_in_window = 0.0
-                start = time.perf_counter()
+                self._gc_in_window = self._gc_cpu_in_window = 0.0
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 await asyncio.sleep(0.005)
                 late = time.perf_counter() - start - 0.005
+                cpu = time.thread_time() - start_cpu
                 self.late.append(late)
                 self.beyond_gc.append(max(0.0, late - self._gc_in_window))
+                self.work_cpu.append(max(0.0, cpu - self._gc_cpu_in_window))
         finally:
             gc.callbacks.remove(self._on_gc)
 
     def reset(self) -> None:
-        self.late, self.beyond_gc, self.gc = [], [], []
+        self.late, self.beyond_gc, self.work_cpu, self.gc = [], [], [], []
 
     def figures(self) -> dict[str, Any]:
         def p99(xs: list[float]) -> float | None:
@@ -412,6 +422,8 @@ class Lag:
             "lag_max_ms": round(max(self.late, default=0.0) * 1000, 2),
             "beyond_gc_p99_ms": p99(self.beyond_gc),
             "beyond_gc_max_ms": round(max(self.beyond_gc, default=0.0) * 1000, 2),
+            "work_cpu_p99_ms": p99(self.work_cpu),
+            "work_cpu_max_ms": round(max(self.work_cpu, default=0.0) * 1000, 2),
             "gc_full_collections": len(self.gc),
             "gc_pause_max_ms": round(max(self.gc, default=0.0) * 1000, 2),
             "samples": len(self.late),

@@ -853,16 +853,21 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             max(w["replay_lag_p99_ms"], w["replay_lag_max_ms"]) <= WEB_LAG_MS,
         )
         a = w.get("sdk_alone")
-        if a:
-            worst = max(a[p]["beyond_gc_max_ms"] for p in ("arrivals", "replay"))
-            p99 = max(a[p]["lag_p99_ms"] for p in ("arrivals", "replay"))
+        if a and "work_cpu_max_ms" in a["replay"]:
+            phases = ("arrivals", "replay")
+            work = max(a[p]["work_cpu_max_ms"] for p in phases)
+            gc_max = max(a[p]["gc_pause_max_ms"] for p in phases)
             add(
                 f"web, the SDK alone: no stretch of its work holds the loop over {WEB_LAG_MS:g} "
-                "ms (lag p99, and the max beyond the GC's pauses, while the requests arrive "
-                "and while the journal replays)",
-                f"p99 {p99} ms, max beyond GC {worst} ms (GC: longest full collection "
-                f"{max(a[p]['gc_pause_max_ms'] for p in ('arrivals', 'replay'))} ms)",
-                max(p99, worst) <= WEB_LAG_MS,
+                "ms (the loop thread's CPU time in any one wake-up window of the lag probe, "
+                "the GC's apart, while the requests arrive and while the journal replays; "
+                "and no full collection over it)",
+                f"work max {work} ms (p99 {max(a[p]['work_cpu_p99_ms'] for p in phases)} ms); "
+                f"GC: {sum(a[p]['gc_full_collections'] for p in phases)} full collections, "
+                f"longest {gc_max} ms; lag p99 {max(a[p]['lag_p99_ms'] for p in phases)} ms, "
+                f"max {max(a[p]['lag_max_ms'] for p in phases)} ms (load average "
+                f"{w['load_average']})",
+                work <= WEB_LAG_MS and gc_max <= WEB_LAG_MS,
             )
         add(
             f"web: <= {WEB_REQ_PER_JOB:g} status requests per awaited job",
@@ -1182,20 +1187,30 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             f"{w.get('gc_full_collections', '?')}, the longest {w.get('gc_pause_max_ms', '?')} "
             "ms. The same load on the SDK alone (`_worker.py sdk-replica`: the awaiting "
             "`generate()` calls and the replay in one process, no web framework, `gc.freeze()` "
-            "after startup as the app does), lag p99 / max in ms, and the max of what is left "
-            "once the GC's pauses in each window are taken out:",
+            "after startup as the app does), lag p99 / max in ms, the max of what is left "
+            "once the GC's pauses in each window are taken out, and the loop thread's CPU time "
+            "in a window, the GC's apart (the work that held the loop: unlike the lag, other "
+            "processes on the machine do not inflate it):",
             "",
         ]
         a = w.get("sdk_alone")
         if a:
             parts.append(
                 _table(
-                    ["SDK alone", "lag p99 / max (ms)", "beyond GC: max", "GC: full / longest"],
+                    [
+                        "SDK alone",
+                        "lag p99 / max (ms)",
+                        "beyond GC: max",
+                        "work CPU p99 / max (ms)",
+                        "GC: full / longest",
+                    ],
                     [
                         [
                             phase,
                             f"{a[phase]['lag_p99_ms']} / {a[phase]['lag_max_ms']}",
                             a[phase]["beyond_gc_max_ms"],
+                            f"{a[phase].get('work_cpu_p99_ms')} / "
+                            f"{a[phase].get('work_cpu_max_ms')}",
                             f"{a[phase]['gc_full_collections']} / {a[phase]['gc_pause_max_ms']}",
                         ]
                         for phase in ("arrivals", "replay")
