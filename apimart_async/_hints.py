@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._errors import FieldError, ValidationError, WebhookError
-from ._models import VideoRequest, url_rule
+from ._models import VideoRequest, hide_userinfo, url_rule
 
 __all__ = ["WebhookCounts", "check_webhook_url", "task_id_of", "with_webhook"]
 
@@ -33,7 +33,7 @@ def check_webhook_url(value: object, field: str = "webhook_url") -> str | None:
         return None
     rule = url_rule(value)
     if rule is not None:
-        raise ValidationError([FieldError(field, rule, value)])
+        raise ValidationError([FieldError(field, rule, hide_userinfo(value))])
     assert isinstance(value, str)
     parts = urlsplit(value)
     if parts.query or parts.fragment or value.endswith(("?", "#")):
@@ -41,7 +41,7 @@ def check_webhook_url(value: object, field: str = "webhook_url") -> str | None:
             "must have no query or fragment: the service calls <webhook_url>/callback, which"
             " would land inside them"
         )
-        raise ValidationError([FieldError(field, rule, value)])
+        raise ValidationError([FieldError(field, rule, hide_userinfo(value))])
     return value
 
 

@@ -154,7 +154,7 @@ class VideoRequest:
         for name in _TYPED_FIELDS[1:]:
             value = getattr(self, name)
             if value not in (None, ()):
-                parts.append(f"{name}={value!r}")
+                parts.append(f"{name}={hide_userinfo(value)!r}")
         if self.extra:
             parts.append(f"extra={dict(self.extra)!r}")
         return f"VideoRequest({', '.join(parts)})"
@@ -295,6 +295,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+
+
+def hide_userinfo(value: Any) -> Any:
+    """``value`` with the user and password of a URL replaced by ``***`` (a webhook's secret;
+    shown in errors and reprs, never in what is sent)."""
+    if isinstance(value, str) and "@" in value:
+        return _USERINFO.sub(r"\1***@", value, count=1)
+    return value
+
+
 def url_rule(value: Any) -> str | None:
     """The rule ``value`` breaks as an http(s) URL (as ``VideoRequest.webhook``), or None."""
     return _url_error(value)
@@ -416,7 +427,7 @@ def check_request(req: VideoRequest) -> tuple[list[FieldError], list[str]]:
     if req.webhook is not None:
         rule = _url_error(req.webhook)
         if rule is not None:
-            errors.append(FieldError("webhook", rule, req.webhook))
+            errors.append(FieldError("webhook", rule, hide_userinfo(req.webhook)))
     _check_extra(errors, req)
 
     if spec is not None:

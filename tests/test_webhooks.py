@@ -805,3 +805,29 @@ async def test_the_emulators_webhook_delay_follows_its_clock_when_a_test_advance
         with anyio.move_on_after(GUARD):  # the frozen clock: only a bound for a hang
             await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
         assert client.tasks.webhook_counts()["received"] == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks:HOOKSECRET@hooks.example.com/apimart path",  # white space
+        "ftp://hooks:HOOKSECRET@hooks.example.com/apimart",  # not http(s)
+        "https://hooks:HOOKSECRET@hooks.example.com/apimart?x=1",  # a query
+    ],
+)
+async def test_the_credentials_of_a_refused_webhook_url_are_not_echoed(url: str) -> None:
+    """A secret in the URL is the usual protection of an unsigned callback: a refused
+    webhook_url is named with its user and password hidden, in both places that check one
+    (brk15 F9); a request's repr hides them too, while the request sent keeps them."""
+    async with am.AsyncApimart("sk-test", base_url="http://127.0.0.1:9") as client:
+        with pytest.raises(am.ValidationError, match="webhook_url") as info:
+            await client.videos.submit(request(), webhook_url=url)
+        assert "HOOKSECRET" not in str(info.value) and "***@hooks.example.com" in str(info.value)
+        if "?" not in url:  # a request's own webhook may carry a query
+            with pytest.raises(am.ValidationError, match="webhook") as info:
+                am.VideoRequest("sora-2-preview", "a cat", webhook=url)
+            assert "HOOKSECRET" not in str(info.value)
+            assert "***@hooks.example.com" in str(info.value)
+    good = am.VideoRequest("sora-2-preview", "a cat", webhook="https://u:HOOKSECRET@h.example/a")
+    assert "HOOKSECRET" not in repr(good) and "https://***@h.example/a" in repr(good)
+    assert good.to_dict()["webhook"] == "https://u:HOOKSECRET@h.example/a"
