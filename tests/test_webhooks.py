@@ -248,6 +248,19 @@ def advance(emu: Emulator, client: am.AsyncApimart, seconds: float) -> None:
     client._poller._wake.set()
 
 
+async def advance_when_idle(emu: Emulator, client: am.AsyncApimart, seconds: float) -> None:
+    """``advance`` once the poller has done what the clock's last step made due and waits
+    again: however slow the machine, no step of the clock overtakes a read in flight."""
+
+    def idle() -> bool:  # waiting for a wake-up no one has given yet
+        wake = client._poller._wake
+        return not wake.is_set() and wake.statistics().tasks_waiting > 0
+
+    await until(idle)
+    advance(emu, client, seconds)
+    await until(idle)
+
+
 async def until(predicate: Callable[[], bool]) -> None:
     """Wait for a state of the client (no event to wait on); bounded by the test's deadline."""
     while not predicate():  # noqa: ASYNC110 - the poller has no event to wait on
@@ -536,8 +549,7 @@ async def test_generate_with_a_webhook_and_a_timeout_looks_at_the_task_before_gi
                 tg.start_soon(generate)
                 await emu.wait_until(lambda: len(client._poller) == 1)
                 while not box:
-                    advance(emu, client, 1.0)
-                    await anyio.sleep(0.01)
+                    await advance_when_idle(emu, client, 1.0)
         assert isinstance(box[0], am.Task), f"{box[0]!r}; reads: {client.request_counts()}"
 
 
@@ -555,8 +567,7 @@ async def test_a_batch_job_timeout_with_a_webhook_still_sees_the_finished_jobs()
 
                 async def drive() -> None:
                     while len(outcomes) < len(jobs):
-                        advance(emu, client, 1.0)
-                        await anyio.sleep(0.01)
+                        await advance_when_idle(emu, client, 1.0)
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(drive)
@@ -594,7 +605,7 @@ async def test_a_callback_before_the_wait_is_not_lost() -> None:
         with anyio.move_on_after(GUARD):  # the frozen clock stays at 10.3 s from here
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait)
-                await anyio.sleep(0.2)
+                await until(lambda: client._poller.watching() == [task_id])  # the wait began
                 advance(emu, client, 0.3)  # webhook_gather: the next round
         assert box and box[0].ok  # before the fix: still waiting for the safety check at 50 s
 
@@ -624,7 +635,7 @@ async def test_generate_a_callback_during_on_submitted_is_not_lost() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(generate)
                 await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
-                await anyio.sleep(0.2)
+                await until(lambda: len(client._poller.watching()) == 1)  # the wait began
                 advance(emu, client, 0.3)
         assert box and box[0].ok  # before the fix: waits for the safety check at 50 s
 
@@ -661,7 +672,7 @@ async def test_a_batch_callback_during_the_journal_write_of_the_task_id_is_not_l
                 advance(emu, client, 10)  # the task ends; its callback comes
                 await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
                 released.set()  # the write goes through; the batch follows the task
-                await anyio.sleep(0.2)
+                await until(lambda: len(client._poller.watching()) == 1)
                 advance(emu, client, 0.3)
                 outcomes.extend([o async for o in results])
         assert outcomes and outcomes[0].ok  # before the fix: waits for the safety check at 50 s
