@@ -78,11 +78,16 @@ def is_local_ref(value: str) -> bool:
     return value != "" and _OTHER_SCHEME.match(value) is None
 
 
+#: The ``extra`` of every request that has none: one shared read-only mapping, not a view
+#: of its own per request (20,000 jobs were 20,000 more objects for every full collection).
+_NO_EXTRA: Mapping[str, Any] = types.MappingProxyType({})
+
+
 def _to_frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     """``extra`` as a read-only mapping (anything else is kept for validation to name)."""
     given: object = value  # the caller may pass anything
     if type(given) is dict or isinstance(given, Mapping):
-        return types.MappingProxyType(dict(value))
+        return types.MappingProxyType(dict(value)) if value else _NO_EXTRA
     return value  # refused by check_request
 
 
