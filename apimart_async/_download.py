@@ -360,6 +360,13 @@ class Downloader:
                 raise DownloadError(
                     f"download answered HTTP {resp.status}", url=url, status=resp.status
                 )
+            page = _error_page(resp.headers)
+            if page is not None:  # a CDN's or a proxy's error page, never a video: again
+                raise APIConnectionError(
+                    f"download answered HTTP {resp.status} with a {page} body, not a file",
+                    method="GET",
+                    path=urlsplit(url).path,
+                )
             if offset and resp.status == 200:
                 return None
             total = _total_size(resp.status, resp.headers, offset)
@@ -589,6 +596,16 @@ def _validator(headers: Any) -> str | None:
         return str(etag)
     modified = headers.get("Last-Modified")
     return str(modified) if modified else None
+
+
+def _error_page(headers: Any) -> str | None:
+    """The media type of a reply that is a page (JSON, HTML), not a file, else None."""
+    kind = str(headers.get("Content-Type", "")).split(";", 1)[0].strip().lower()
+    if kind in ("application/json", "text/html", "application/xhtml+xml") or kind.endswith(
+        "+json"
+    ):
+        return kind
+    return None
 
 
 def _total_size(status: int, headers: Any, offset: int) -> int | None:

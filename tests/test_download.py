@@ -79,6 +79,23 @@ async def test_cut_transfers_are_resumed(
     assert emu.counters["file"] == 2
 
 
+async def test_a_200_with_an_error_page_is_not_taken_for_the_video(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    """A file server (a CDN, a proxy) may answer 200 with a JSON or HTML error page: that is
+    not the video. It was saved as the .mp4, its sha256 taken as the file's (issue 15's
+    crash test caught it); it is now fetched again, and a page that stays is a clear error."""
+    task = await completed_task(emu, client)
+    emu.faults.inject("file", Fault.malformed(), times=2)  # 200, application/json
+    (f,) = await client.download(task, tmp_path)
+    assert f.sha256 == emu.file_sha256(task.id) and f.bytes == 64 * 1024
+    assert emu.counters["file"] == 3
+    emu.faults.inject("file", Fault.malformed(), times=10)
+    with pytest.raises(am.APIConnectionError, match="application/json body, not a file"):
+        await client.download(task, tmp_path / "again.mp4")
+    assert not (tmp_path / "again.mp4").exists()
+
+
 async def test_expired_url_is_refreshed_once(
     emu: Emulator, client: am.AsyncApimart, tmp_path: Path
 ) -> None:
