@@ -601,9 +601,7 @@ def _validator(headers: Any) -> str | None:
 def _error_page(headers: Any) -> str | None:
     """The media type of a reply that is a page (JSON, HTML), not a file, else None."""
     kind = str(headers.get("Content-Type", "")).split(";", 1)[0].strip().lower()
-    if kind in ("application/json", "text/html", "application/xhtml+xml") or kind.endswith(
-        "+json"
-    ):
+    if kind in ("application/json", "text/html", "application/xhtml+xml") or kind.endswith("+json"):
         return kind
     return None
 
