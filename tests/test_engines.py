@@ -676,12 +676,13 @@ def _ranged(start: int, etag: str | None = '"v1"') -> dict[str, str]:
 async def test_a_cut_error_page_is_not_the_start_of_the_video(tmp_path: Path) -> None:
     # A 200 whose body is another thing (an error page, 130 bytes declared) is cut after
     # 33 bytes; the resume's 206 says the file is 4096 bytes: the 33 bytes are not its start.
-    # Seen in CI's matrix: the file was "verified" with those bytes spliced in front.
+    # Seen in CI's matrix: the file was "verified" with those bytes spliced in front. (With
+    # its JSON type such a page is refused at once, unread; here it names no type.)
     from apimart_async._download import Downloader
 
     page = b'{"code": 200, "data": {"id": "t"}'
     files = ScriptedFiles(
-        (200, {"Content-Length": "130", "Content-Type": "application/json"}, page, True),
+        (200, {"Content-Length": "130"}, page, True),
         (206, _ranged(len(page)), VIDEO[len(page) :], False),
         (200, {"Content-Length": str(len(VIDEO)), "ETag": '"v1"'}, VIDEO, False),
     )
