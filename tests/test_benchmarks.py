@@ -24,14 +24,19 @@ pytestmark = pytest.mark.static
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: A bound for a hang, not a timing: the smoke run takes about 140 s on an idle machine and
+#: took over 230 s (the old bound) with four suites side by side on 2 cores (flake hunt).
+SMOKE_HANG_S = 900
+
+
 @pytest.mark.bench
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(SMOKE_HANG_S + 20)
 def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=230,
+        timeout=SMOKE_HANG_S,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
