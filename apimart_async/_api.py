@@ -35,7 +35,15 @@ from ._errors import (
     SubmitIndeterminateError,
     ValidationError,
 )
-from ._models import Balance, Task, UploadedImage, VideoRequest, is_local_ref
+from ._models import (
+    NOT_UNICODE,
+    Balance,
+    Task,
+    UploadedImage,
+    VideoRequest,
+    is_local_ref,
+    is_unicode_text,
+)
 from ._poll_schedule import BATCH_IDS
 from ._retry import is_retryable_status
 from ._status_window import StatusWindow
@@ -111,6 +119,8 @@ def check_task_id(task_id: Any, field: str = "task_id") -> str:
         raise ValidationError([FieldError(field, "must be a non-empty string", task_id)])
     if _BAD_ID_CHAR.search(task_id) is not None:
         raise ValidationError([FieldError(field, "must not contain '/' or white space", task_id)])
+    if not task_id.isascii() and not is_unicode_text(task_id):
+        raise ValidationError([FieldError(field, NOT_UNICODE, task_id)])
     return task_id
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._errors import FieldError, ValidationError, WebhookError
-from ._models import VideoRequest, hide_userinfo, url_rule
+from ._models import VideoRequest, hide_userinfo, is_unicode_text, url_rule
 
 __all__ = ["WebhookCounts", "check_webhook_url", "task_id_of", "with_webhook"]
 
@@ -78,7 +78,11 @@ def task_id_of(body: bytes | bytearray | str | dict[str, Any]) -> str:
     task_id: Any = obj.get("id", obj.get("task_id"))
     if not isinstance(task_id, str) or not task_id.strip():
         raise WebhookError("the body names no task (no string 'id' or 'task_id')")
-    if len(task_id) > _MAX_ID or any(c.isspace() or c == "/" for c in task_id):
+    if (
+        len(task_id) > _MAX_ID
+        or any(c.isspace() or c == "/" for c in task_id)
+        or not (task_id.isascii() or is_unicode_text(task_id))
+    ):
         raise WebhookError("the task id in the body is not a task id")
     return task_id
 

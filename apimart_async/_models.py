@@ -271,12 +271,16 @@ def _shape(req: VideoRequest, spec: ModelSpec | None) -> tuple[Any, ...] | None:
         if type(url) is not str:
             return None
     prompt: object = req.prompt
-    said: tuple[bool, bool] | None = None
+    said: tuple[bool, bool, bool] | None = None
     if prompt is not None:
         if type(prompt) is not str:
             return None
         limit = spec.prompt_max_chars if spec is not None else None
-        said = (prompt.strip() != "", limit is not None and len(prompt) > limit)
+        said = (
+            prompt.strip() != "",
+            limit is not None and len(prompt) > limit,
+            prompt.isascii() or is_unicode_text(prompt),
+        )
     for text in (req.resolution, req.aspect_ratio, req.extend_from_task_id, req.webhook):
         if text is not None and type(text) is not str:
             return None
@@ -298,6 +302,19 @@ def _choices(options: Iterable[Any]) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+NOT_UNICODE = "must be valid Unicode text (it holds a lone surrogate, as JSON's \\ud800)"
+
+
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be sent as UTF-8: JSON (and so ``json.loads``) lets a lone
+    surrogate such as ``\\ud800`` through, which no URL or UTF-8 body can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
@@ -365,6 +382,14 @@ def _check_url_list(
     good: list[str] = []
     for i, url in enumerate(cast("tuple[object, ...]", value)):
         rule = _url_error(url, allow_data_video=allow_data_video, allow_local=True)
+        if (
+            rule is None
+            and isinstance(url, str)
+            and not url.isascii()
+            and not is_local_ref(url)  # a file's name may hold undecodable bytes
+            and not is_unicode_text(url)
+        ):
+            rule, url = NOT_UNICODE, ascii(url)
         if rule is not None:
             errors.append(FieldError(f"{name}[{i}]", rule, url))
         elif isinstance(url, str):  # always, when there is no rule broken
@@ -413,6 +438,10 @@ def check_request(req: VideoRequest) -> tuple[list[FieldError], list[str]]:
     if prompt is not None and not isinstance(prompt, str):
         errors.append(FieldError("prompt", "must be a string", prompt))
         prompt = None
+    for name in ("model", "prompt", "resolution", "aspect_ratio", "extend_from_task_id"):
+        text = getattr(req, name)
+        if isinstance(text, str) and not text.isascii() and not is_unicode_text(text):
+            errors.append(FieldError(name, NOT_UNICODE, ascii(text)))
 
     images = _check_url_list(errors, "image_urls", req.image_urls)
     videos = _check_url_list(errors, "video_urls", req.video_urls, allow_data_video=True)
@@ -456,7 +485,9 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
             errors.append(FieldError(f"extra[{key!r}]", f"{key} is already set as a field", value))
             continue
         try:
-            json.dumps(value, allow_nan=False)
+            json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            errors.append(FieldError(f"extra[{key!r}]", NOT_UNICODE, ascii(value)))
         except (TypeError, ValueError):
             errors.append(FieldError(f"extra[{key!r}]", "must be JSON-serialisable", value))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import pytest
 
@@ -424,3 +426,24 @@ async def test_upload_checked_locally_before_sending(
     with pytest.raises(am.ValidationError, match=r"^file: cannot be read \(Is a directory\)"):
         await client.uploads.image(str(tmp_path))
     assert emu.counters == {}
+
+
+LONE_SURROGATE_ID = json.loads('"task_\\ud800"')  # what json.loads makes of "task_\ud800"
+
+
+async def test_a_task_id_with_a_lone_surrogate_is_refused_and_stalls_no_other_wait(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    """A task id from a JSON body may hold a lone surrogate (valid JSON, not encodable): it
+    passed the checks, then every status round that carried it failed (UnicodeEncodeError
+    in the URL), so one such wait stalled every wait of the client (brk21b 1, 2)."""
+    with pytest.raises(am.ValidationError, match="task_id: must be valid Unicode text"):
+        await manual_client.tasks.get(LONE_SURROGATE_ID)
+    with pytest.raises(am.ValidationError, match="task_id: must be valid Unicode text"):
+        await manual_client.tasks.wait(LONE_SURROGATE_ID, timeout=5)
+    with pytest.raises(am.ValidationError, match=r"task_ids\[\]: must be valid Unicode"):
+        async with manual_client.tasks.watch(["t1", LONE_SURROGATE_ID]):
+            pass
+    with pytest.raises(am.WebhookError, match="not a task id"):
+        await manual_client.tasks.notify({"id": LONE_SURROGATE_ID, "status": "completed"})
+    assert sum(manual_emu.counters.values()) == 0

@@ -541,3 +541,27 @@ def test_requests_without_extra_fields_share_one_empty_mapping() -> None:
     own = am.VideoRequest("some-new-model", "a cat", extra=given)
     given["mode"] = "slow"  # the caller's dict is copied, not shared
     assert dict(own.extra) == {"mode": "fast"}
+
+
+LONE = json.loads('"\\ud800"')  # a lone surrogate: valid JSON, not encodable as UTF-8
+
+
+@pytest.mark.parametrize(
+    ("field", "data"),
+    [
+        ("prompt", {"prompt": f"a {LONE} cat"}),
+        ("resolution", {"prompt": "a cat", "resolution": f"720p{LONE}"}),
+        ("image_urls[0]", {"prompt": "a cat", "image_urls": [f"https://e.example/{LONE}.png"]}),
+        ("extra['mode']", {"prompt": "a cat", "extra": {"mode": [f"x{LONE}"]}}),
+    ],
+)
+def test_text_with_a_lone_surrogate_is_refused_by_name(field: str, data: dict[str, Any]) -> None:
+    """JSON lets "\\ud800" through; no UTF-8 body, file or URL can carry it. Accepted, the
+    job was billed, then its manifest line failed (a raw ExceptionGroup ended the batch) and
+    a web app's JSON reply of it was a 500 (brk21b 3, 5)."""
+    am.VideoRequest("sora-2-preview", "a cat")  # a request of the same shape checked before
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest.from_dict({"model": "sora-2-preview", **data})
+    unicode_errors = [e for e in info.value.errors if "valid Unicode text" in e.rule]
+    assert [e.field for e in unicode_errors] == [field]
+    str(info.value).encode("utf-8")  # the message itself can be printed and logged
