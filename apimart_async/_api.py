@@ -365,6 +365,7 @@ class Api:
             elif track.unanswered and _retry.is_retryable(exc, submit=True):
                 reason = f"an attempt reached the service without a reply; last error: {exc}"
             else:
+                exc.submit_not_taken = not track.unanswered and not track.taken
                 raise
             raise SubmitIndeterminateError(
                 f"submit outcome unknown ({reason}); submit again with "

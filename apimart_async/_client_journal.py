@@ -189,7 +189,7 @@ class ClientJournal:
 
     async def submit_failed(self, key: str, exc: ApimartError) -> None:
         """A refusal that proves no task exists closes the key (state ``refused``)."""
-        if not definitive(exc):
+        if not (definitive(exc) or exc.submit_not_taken):
             return  # the POST may have created a task: the key stays listed
         try:
             await self._update(

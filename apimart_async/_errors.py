@@ -106,6 +106,10 @@ class ApimartWarning(UserWarning):
 class ApimartError(Exception):
     """Root of every error raised by apimart-async."""
 
+    submit_not_taken: bool = False
+    """On the error of a submit: True when no attempt was taken by the service (none reached
+    it, or each was answered 429), so no task exists and nothing was billed."""
+
 
 class ConfigurationError(ApimartError, ValueError):
     """The client was configured in a way that cannot work (no key, insecure URL, ...)."""

@@ -112,6 +112,8 @@ class SendTrack:
     such an attempt has an unknown outcome if its retries do not settle it."""
 
     unanswered: int = 0
+    taken: int = 0
+    """Attempts the service answered other than with 429 (it may have acted on them)."""
 
 
 #: aiohttp errors raised before the request left this machine (nothing reached the service).
@@ -675,6 +677,8 @@ class Transport:
         if debug:
             elapsed_ms = (time.perf_counter() - started) * 1000
             logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
+        if track is not None and status != 429:
+            track.taken += 1
         throttle = self.pacing.throttle
         if status == 429:
             retry_after = _retry.parse_retry_after(reply_headers.get("Retry-After"))

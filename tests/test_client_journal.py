@@ -521,3 +521,40 @@ async def test_a_generate_cancelled_during_its_submit_logs_the_key(
         else:
             assert "held-key-1" in message and "idempotency_key" in message
     assert manual_emu.tasks_created == (1 if journal else 0)
+
+
+async def test_a_submit_no_attempt_of_which_reached_the_service_is_not_listed(
+    tmp_path: Path,
+) -> None:
+    """The API down (every connection refused): generate() raises APIConnectionError, not
+    SubmitIndeterminateError, since nothing reached the service. The key stayed listed as a
+    billed task nobody saw end, and ``recover`` (a web app's startup) then made and billed the
+    task, long after its caller was answered 502 (brk21b 2)."""
+    journal = tmp_path / "c.sqlite"
+    async with Emulator(mode="manual") as gone:
+        url, key = gone.base_url, gone.api_key  # closed below: its port refuses connections
+    async with am.AsyncApimart(key, base_url=url, poll=FAST_POLL, journal=journal) as client:
+        with pytest.raises(am.APIConnectionError) as caught:
+            await client.videos.generate(am.VideoRequest("sora-2-preview", "x"))
+        assert not isinstance(caught.value, am.SubmitIndeterminateError)
+        assert await client.tasks.unfinished() == []
+
+
+async def test_a_submit_every_attempt_of_which_was_answered_429_is_not_listed(
+    tmp_path: Path,
+) -> None:
+    """Every attempt answered 429 (the service took none): RateLimitError, no task, and the
+    key is closed, as after a 400 or a 402 (brk21b 3). One attempt answered 5xx may have
+    made the task: then the key stays listed."""
+    async with Emulator(mode="manual") as emu:
+        emu.faults.inject("submit", Fault.rate_limited(0), times=3)
+        async with client_for(emu, tmp_path / "c.sqlite", max_retries=2) as client:
+            with pytest.raises(am.RateLimitError):
+                await client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+            assert emu.tasks_created == 0
+            assert await client.tasks.unfinished() == []
+            emu.faults.inject("submit", Fault.server_error(500), times=1)
+            emu.faults.inject("submit", Fault.rate_limited(0), times=2)
+            with pytest.raises(am.RateLimitError):
+                await client.videos.submit(am.VideoRequest("sora-2-preview", "y"))
+            assert len(await client.tasks.unfinished()) == 1  # the 500 may have made it
