@@ -566,7 +566,19 @@ def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
     jobs = body.get("jobs")
     if not isinstance(jobs, list) or not jobs:
         raise am.ValidationError([am.FieldError("jobs", "must be a non-empty list", jobs)])
-    return name, [am.VideoRequest.from_dict(job) for job in jobs]
+    requests = [am.VideoRequest.from_dict(job) for job in jobs]
+    # A batch uploads the local files its jobs name: from untrusted callers, only URLs (a
+    # path would have this server upload one of its own files as the caller's reference).
+    local = [
+        am.FieldError(f"jobs[{i}].{field}[{k}]", "must be an http(s) URL", url)
+        for i, request in enumerate(requests)
+        for field in ("image_urls", "video_urls")
+        for k, url in enumerate(getattr(request, field))
+        if url.split(":", 1)[0].lower() not in ("http", "https", "data")
+    ]
+    if local:
+        raise am.ValidationError(local)
+    return name, requests
 
 
 # -- running it under uvicorn -----------------------------------------------------------------

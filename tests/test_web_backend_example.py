@@ -486,3 +486,25 @@ async def test_emulate_mode_stopped_by_sigterm_removes_its_temporary_folder(
     assert app.proc.returncode == 0, app.stderr
     assert "Traceback" not in app.stderr
     assert list(temp.iterdir()) == []
+
+
+async def test_a_batch_naming_a_file_of_the_server_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    """``POST /batches`` takes jobs from anyone: a path in ``image_urls`` named a file of the
+    server (another user's upload), which the batch uploaded to APIMart as the caller's
+    reference (brk21b 7). Only URLs are taken: 422 naming the entry, nothing run."""
+    private = tmp_path / "uploads" / "another-user"
+    private.mkdir(parents=True)
+    (private / "private.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    bad = {**job(1), "image_urls": ["uploads/another-user/private.png"]}
+    async with (
+        Emulator(task_duration=0.05) as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        reply = await http.post(f"{app.url}/batches", json={"name": "b1", "jobs": [job(0), bad]})
+        assert reply.status_code == 422, reply.text
+        assert "jobs[1].image_urls[0]" in reply.text and "http(s) URL" in reply.text
+        assert (await http.get(f"{app.url}/batches/b1")).status_code == 404
+    assert emu.uploads_per_hash == {} and emu.tasks_created == 0
