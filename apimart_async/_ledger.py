@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._converter import task_to_wire
-from ._errors import ApimartError, JournalError
+from ._errors import ApimartError, BudgetExceededError, JournalError
 from ._jobs import Conclusion, Job, definitive, files_complete, reopens
 from ._journal import JobRecord, Journal
 from ._manifest import Manifest, outcome_line, record_line
@@ -96,6 +96,8 @@ class Ledger:
             return False
         try:
             await call(*args, **kw)
+        except BudgetExceededError:  # issue 15: the fleet's max_cost refused the job
+            raise
         except Exception as exc:  # noqa: BLE001 - any journal's failure becomes a JournalError
             self._failed(exc, what)
             return False

@@ -29,8 +29,9 @@ from typing import Any
 
 import attrs
 
-from ._errors import FieldError, JournalError, ValidationError
-from ._pg_journal import PostgresJournal, _Link
+from ._errors import BudgetExceededError, FieldError, JournalError, ValidationError
+from ._journal import JobRecord
+from ._pg_journal import _COLUMNS, PostgresJournal, _Link
 
 __all__ = ["Claim", "Claims"]
 
@@ -75,6 +76,9 @@ class Claims:
             locked=False,
         )
         self._q = journal._q
+        self.max_pending: int | None = None
+        self.max_cost: float | None = None
+        self.estimate: float | None = None
 
     def __repr__(self) -> str:
         return f"<Claims {self.journal.url!r} batch={self.journal.name!r} worker={self.worker!r}>"
@@ -113,12 +117,13 @@ class Claims:
 
         return await self._link.retrying("join", run)
 
-    async def claim(self, n: int) -> list[Claim]:
+    async def claim(self, n: int, *, exclude: Iterable[int] = ()) -> list[Claim]:
         """Take up to ``n`` jobs (lowest index first) that are not done and are free: never
-        claimed, let go, or with a lease that ran out."""
+        claimed, let go, or with a lease that ran out; none of ``exclude``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValidationError([FieldError("n", "must be a whole number, 1 or more", n)])
         q = self._q
+        skip = sorted(set(exclude))
 
         async def run(conn: Any) -> list[Claim]:
             rows = await conn.fetch(
@@ -126,6 +131,7 @@ class Claims:
                     SELECT c.idx, c.worker AS previous FROM {q}.claims c
                     WHERE c.batch = $1
                       AND (c.worker IS NULL OR c.lease_until < {_NOW})
+                      AND NOT c.idx = ANY($5::integer[])
                       AND NOT EXISTS (
                           SELECT 1 FROM {q}.jobs j
                           WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')
@@ -140,6 +146,7 @@ class Claims:
                 self.worker,
                 n,
                 self.lease,
+                skip,
             )
             return [Claim(r["idx"], r["previous"]) for r in sorted(rows, key=_index)]
 
@@ -168,6 +175,124 @@ class Claims:
             return {int(r["idx"]) for r in rows}
 
         return await self._link.retrying("renew the leases in", run)
+
+    async def beat(self) -> set[int]:
+        """The worker's heartbeat (issue 15): let go of the jobs it holds that are done (the
+        journal's ``done`` state, written by whichever worker ended them), renew the lease of
+        the others and return them. A job it claimed that is in neither was taken over."""
+        q = self._q
+
+        async def run(conn: Any) -> set[int]:
+            async with conn.transaction():
+                await conn.execute(
+                    f"UPDATE {q}.claims c SET worker = NULL, lease_until = NULL"
+                    " WHERE c.batch = $1 AND c.worker = $2 AND EXISTS (SELECT 1 FROM"
+                    f" {q}.jobs j WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')",
+                    self.journal.name,
+                    self.worker,
+                )
+                rows = await conn.fetch(
+                    f"UPDATE {q}.claims SET lease_until = {_NOW} + $3"
+                    " WHERE batch = $1 AND worker = $2 RETURNING idx",
+                    self.journal.name,
+                    self.worker,
+                    self.lease,
+                )
+                await conn.execute(
+                    f"UPDATE {q}.workers SET heartbeat_at = {_NOW} WHERE batch = $1"
+                    " AND worker = $2",
+                    self.journal.name,
+                    self.worker,
+                )
+            return {int(r["idx"]) for r in rows}
+
+        return await self._link.retrying("renew the leases in", run)
+
+    async def outstanding(self, *, exclude: Iterable[int] = ()) -> int:
+        """How many jobs of the batch are not done and not held by this worker (held by
+        another, or free), none of ``exclude``."""
+        q = self._q
+        skip = sorted(set(exclude))
+
+        async def run(conn: Any) -> int:
+            n = await conn.fetchval(
+                f"SELECT count(*) FROM {q}.claims c WHERE c.batch = $1"
+                " AND c.worker IS DISTINCT FROM $2 AND NOT c.idx = ANY($3::integer[])"
+                f" AND NOT EXISTS (SELECT 1 FROM {q}.jobs j WHERE j.batch = c.batch"
+                " AND j.idx = c.idx AND j.state = 'done')",
+                self.journal.name,
+                self.worker,
+                skip,
+            )
+            return int(n)
+
+        return await self._link.retrying("count the jobs left in", run)
+
+    async def records(self, indexes: Iterable[int]) -> dict[int, JobRecord]:
+        """What the journal holds now of these jobs (written by any worker)."""
+        wanted = sorted(set(indexes))
+        q = self._q
+
+        async def run(conn: Any) -> list[Any]:
+            rows: list[Any] = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {q}.jobs WHERE batch = $1"
+                " AND idx = ANY($2::integer[]) ORDER BY idx",
+                self.journal.name,
+                wanted,
+            )
+            return rows
+
+        return self.journal._records(await self._link.retrying("read", run))
+
+    def limit(
+        self, *, max_pending: int | None, max_cost: float | None, estimate: float | None = None
+    ) -> None:
+        """Hold ``max_pending`` (tasks submitted and not ended) and ``max_cost`` (USD) for
+        the whole batch, across all its workers: the journal asks ``admits`` in the
+        transaction that records a job before its submit."""
+        self.max_pending = max_pending
+        self.max_cost = max_cost
+        self.estimate = estimate
+        if max_pending is not None or max_cost is not None:
+            self.journal.admission = self.admits
+
+    async def admits(self, conn: Any, index: int) -> bool:
+        """Whether job ``index`` may be submitted now, fleet-wide (in the caller's
+        transaction, under a transaction-level advisory lock of the batch, so two workers
+        never both take the last place). In flight: the jobs recorded as ``submitting`` or
+        ``pending`` (a killed worker's too, until they end). Money: what ended jobs cost,
+        plus an estimate for each job in flight (``estimate``, else the dearest job so far;
+        none known: one job at a time, to learn it); over ``max_cost`` with nothing in flight
+        to free room: ``BudgetExceededError``."""
+        q = self._q
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('apimart-async:admit:' || $1), hashtext($2))",
+            self.journal.schema,
+            self.journal.name,
+        )
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE state IN ('submitting', 'pending')) AS flying,"
+            " coalesce(sum(cost), 0) AS spent, max(cost) AS dearest"
+            f" FROM {q}.jobs WHERE batch = $1 AND idx <> $2",
+            self.journal.name,
+            index,
+        )
+        flying: int = row["flying"]
+        if self.max_pending is not None and flying >= self.max_pending:
+            return False
+        if self.max_cost is None:
+            return True
+        est = self.estimate if self.estimate is not None else row["dearest"]
+        if est is None:  # nothing tells the price yet: one job at a time learns it
+            return flying == 0
+        if float(row["spent"]) + (flying + 1) * float(est) <= self.max_cost + 1e-9:
+            return True
+        if flying:
+            return False
+        raise BudgetExceededError(
+            f"budget reached: job {index} not submitted (${float(row['spent']):.2f} spent of"
+            f" ${self.max_cost:.2f} by the batch's workers)"
+        )
 
     async def release(self, indexes: Iterable[int]) -> None:
         """Let these jobs go (those this worker holds): any worker may claim them at once."""
