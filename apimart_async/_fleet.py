@@ -96,6 +96,9 @@ class Fleet(Solo):
         """The jobs this worker holds (as far as it knows: a heartbeat may say otherwise)."""
         self.tried: set[int] = set()
         """The jobs that ended in this worker: never claimed by it again."""
+        self.fed: set[int] = set()
+        """The jobs fed to the batch here and not let go: never fed twice (a lease of this
+        worker that ran out while it was slow is not claimed back by it: renewed instead)."""
         self.taken_over = 0
         """Jobs other workers took from this one (its lease had run out)."""
         self.claimed = 0
@@ -126,9 +129,9 @@ class Fleet(Solo):
         self, items: Sequence[object], known: dict[int, JobRecord]
     ) -> AsyncGenerator[object, None]:
         while True:
-            got = [i for i in await self._claim(self.chunk, set(self.tried)) if i < len(items)]
+            got = [i for i in await self._claim(self.chunk, set(self.fed)) if i < len(items)]
             if not got:
-                if not await self._outstanding(self.tried | self.held):
+                if not await self._outstanding(self.fed | self.held):
                     return
                 await self._sleep(min(self.interval, 1.0))  # a lease may run out meanwhile
                 continue
@@ -142,7 +145,8 @@ class Fleet(Solo):
                 else:
                     known[index] = record
             for index in got:
-                if index in self.held:  # not taken over meanwhile
+                if index in self.held and index not in self.fed:  # not taken over meanwhile
+                    self.fed.add(index)
                     yield Claimed(index, items[index])
 
     def observe(
@@ -170,6 +174,7 @@ class Fleet(Solo):
         lost = self.held - renewed
         if lost:
             self.held -= lost
+            self.fed -= lost  # dropped by the batch: this worker may take them again later
             self.taken_over += len(lost)
             self.let_go(lost)
 

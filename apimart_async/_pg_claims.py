@@ -24,9 +24,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
+import anyio
 import attrs
 
 from ._errors import BudgetExceededError, FieldError, JournalError, ValidationError
@@ -34,6 +35,8 @@ from ._journal import JobRecord
 from ._pg_journal import _COLUMNS, PostgresJournal, _Link
 
 __all__ = ["Claim", "Claims"]
+
+T = TypeVar("T")
 
 _NOW = "extract(epoch from clock_timestamp())"
 
@@ -76,9 +79,16 @@ class Claims:
             locked=False,
         )
         self._q = journal._q
+        self._mutex = anyio.Lock()
         self.max_pending: int | None = None
         self.max_cost: float | None = None
         self.estimate: float | None = None
+
+    async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """``fn(connection)``, one at a time on the connection (the heartbeat and the claim
+        loop run at once), waiting out a lost database (``reconnect_for``)."""
+        async with self._mutex:
+            return await self._link.retrying(what, fn)
 
     def __repr__(self) -> str:
         return f"<Claims {self.journal.url!r} batch={self.journal.name!r} worker={self.worker!r}>"
@@ -115,7 +125,7 @@ class Claims:
                 )
             return int(size)
 
-        return await self._link.retrying("join", run)
+        return await self._call("join", run)
 
     async def claim(self, n: int, *, exclude: Iterable[int] = ()) -> list[Claim]:
         """Take up to ``n`` jobs (lowest index first) that are not done and are free: never
@@ -150,7 +160,7 @@ class Claims:
             )
             return [Claim(r["idx"], r["previous"]) for r in sorted(rows, key=_index)]
 
-        return await self._link.retrying("claim jobs in", run)
+        return await self._call("claim jobs in", run)
 
     async def heartbeat(self) -> set[int]:
         """Renew the lease of every job this worker still holds; returns them (a job it
@@ -174,7 +184,7 @@ class Claims:
                 )
             return {int(r["idx"]) for r in rows}
 
-        return await self._link.retrying("renew the leases in", run)
+        return await self._call("renew the leases in", run)
 
     async def beat(self) -> set[int]:
         """The worker's heartbeat (issue 15): let go of the jobs it holds that are done (the
@@ -206,7 +216,7 @@ class Claims:
                 )
             return {int(r["idx"]) for r in rows}
 
-        return await self._link.retrying("renew the leases in", run)
+        return await self._call("renew the leases in", run)
 
     async def outstanding(self, *, exclude: Iterable[int] = ()) -> int:
         """How many jobs of the batch are not done and not held by this worker (held by
@@ -226,7 +236,7 @@ class Claims:
             )
             return int(n)
 
-        return await self._link.retrying("count the jobs left in", run)
+        return await self._call("count the jobs left in", run)
 
     async def records(self, indexes: Iterable[int]) -> dict[int, JobRecord]:
         """What the journal holds now of these jobs (written by any worker)."""
@@ -242,7 +252,7 @@ class Claims:
             )
             return rows
 
-        return self.journal._records(await self._link.retrying("read", run))
+        return self.journal._records(await self._call("read", run))
 
     def limit(
         self, *, max_pending: int | None, max_cost: float | None, estimate: float | None = None
@@ -309,7 +319,7 @@ class Claims:
             )
 
         if wanted:
-            await self._link.retrying("release jobs in", run)
+            await self._call("release jobs in", run)
 
     async def close(self) -> None:
         """Close the connection (the claims stay until released or their leases run out)."""

@@ -820,8 +820,8 @@ class PostgresJournal(Journal):
         files: tuple[DownloadedFile, ...],
         error: str | None,
         error_type: str | None,
-    ) -> None:
-        await self._update(
+    ) -> bool:
+        status = await self._update(
             "state='done', status=$3, cost=$4, task=$5, files=$6, error=$7, error_type=$8",
             index,
             status,
@@ -830,17 +830,18 @@ class PostgresJournal(Journal):
             error,
             error_type,
         )
+        return not status.endswith(" 0")  # 0 rows: another worker ended it (shared)
 
     async def _update(
         self, assignments: str, index: int, *values: Any, over_done: bool = False
-    ) -> None:
+    ) -> str:
         # with workers, a job ends once: no write over a job another worker ended
         guard = " AND state <> 'done'" if self.shared and not over_done else ""
         sql = (
             f"UPDATE {self._q}.jobs SET {assignments}, updated_at=$2 WHERE batch=$1"
             f" AND idx=${len(values) + 3}{guard}"
         )
-        await self._execute("write", sql, self.name, time.time(), *values, index)
+        return await self._execute("write", sql, self.name, time.time(), *values, index)
 
     # -- learned poll priors (``_prior_store.PriorStore``) ----------------------------------
 
