@@ -427,3 +427,43 @@ async def test_workers_killed_and_restarted_every_job_ends_once(
             for line in (out / "manifest.jsonl").read_text().splitlines()
         ]
         assert set(Counter(lines).values()) <= {1}
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+async def test_lease_is_checked_before_anything_is_sent() -> None:
+    async with am.AsyncApimart("sk-test", base_url="http://127.0.0.1:9") as client:
+        with pytest.raises(am.ValidationError, match="lease"):
+            client.batch([], lease=0)
+        with pytest.raises(am.ValidationError, match="lease"):
+            client.batch([], lease=float("inf"))
+
+
+async def test_cli_lease_flag_is_checked(tmp_path: Path) -> None:
+    from .test_cli import JOBS, cli
+
+    code, _, stderr = await cli("run", str(JOBS), "--out", str(tmp_path), "--lease", "0")
+    assert code == 2
+    assert "--lease: must be a number of seconds > 0, got '0'" in stderr
+
+
+async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path: Path) -> None:
+    """Two `run` commands of the same batch at once: each a worker, no JournalLockedError,
+    each job ended by one of them, and each exits 0 counting the other's jobs."""
+    from .test_cli import JOBS, cli
+
+    base = ["--journal", postgres.url, "--schema", pg_schema, "--emulate", "--lease", "5"]
+    results: list[tuple[int, str, str]] = []
+
+    async def one(tag: str) -> None:
+        results.append(await cli("run", str(JOBS), "--out", str(tmp_path / tag), *base))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "a")
+        tg.start_soon(one, "b")
+    for code, stdout, stderr in results:
+        assert code == 0, stderr
+        assert "JournalLockedError" not in stderr
+    videos = [p.name for tag in "ab" for p in (tmp_path / tag).glob("*.mp4")]
+    assert len(videos) == len(set(videos)) == 5
