@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -462,8 +463,12 @@ async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path
     async with anyio.create_task_group() as tg:
         tg.start_soon(one, "a")
         tg.start_soon(one, "b")
+    completed = 0
     for code, stdout, stderr in results:
         assert code == 0, stderr
         assert "JournalLockedError" not in stderr
+        (mine,) = re.findall(r"^completed\s+(\d+)$", stdout, re.MULTILINE)
+        completed += int(mine)
+    assert completed == 5  # each job ended by one worker; each run counts the other's too
     videos = [p.name for tag in "ab" for p in (tmp_path / tag).glob("*.mp4")]
     assert len(videos) == len(set(videos)) == 5
