@@ -1,6 +1,6 @@
 """Claims on the jobs of a batch in PostgreSQL, for several workers of one batch (issue 15,
-part 2). Groundwork: the batch engine does not use them yet (a batch in PostgreSQL is still
-run by one process at a time, under the journal's advisory lock).
+part 2): ``_fleet`` runs a worker on them (a batch whose job list is stored; one without it
+is run by one process at a time, under the journal's advisory lock).
 
 The batch's job list is stored once (``PostgresJournal(..., fingerprints=...)``); ``join``
 gives each of its jobs a row in the table ``claims`` (idempotently) and records the worker
@@ -13,6 +13,11 @@ in ``workers``. Then, the way established PostgreSQL job queues do it:
 - ``heartbeat()`` renews the lease of every job the worker still holds and returns them: a
   job missing from the answer was taken over (its lease had run out) and must be left alone.
 - ``release(indexes)`` lets jobs go at once (the worker stops, or a job ended).
+- ``beat()``, the worker's heartbeat: lets go of its jobs that are done, renews the rest;
+  ``outstanding()``: the jobs not done that others hold or nobody does; ``records(indexes)``:
+  what the journal holds of them now.
+- ``limit`` / ``admits``: ``max_pending`` and ``max_cost`` for all the workers together,
+  asked in the transaction that records a job before its submit.
 
 Times are the database's (``clock_timestamp()``, in seconds since the epoch), so the
 machines' clocks need not agree. A lost database is waited for as the journal's calls are

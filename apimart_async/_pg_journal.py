@@ -15,11 +15,14 @@ race), and records its version in the table ``meta``; a newer version is refused
               run_host, run_pid, run_started   the run holding the batch, for JournalLockedError
     jobs      (batch, idx) key           the columns of the SQLite journal's ``jobs``
     claims    (batch, idx) key           which worker holds each job of the list, until when
-              worker, lease_until        (``_pg_claims``; not used by the batch engine yet)
+              worker, lease_until        (``_pg_claims``, for a batch run by workers)
     workers   (batch, worker) key        the workers of a batch: host, pid, last heartbeat
     priors    (batch, kind) key          what completed tasks taught the poll schedule
 
-One run per batch at a time: ``open`` takes a session-level advisory lock, on a connection of
+A batch whose job list is stored (``fingerprints=``) is ``shared``: run by as many workers as
+are started (``_fleet``: claims, leases, fleet-wide limits asked in ``add``'s transaction);
+no lock is taken, and no write goes over a job another worker ended (``done``). Otherwise, one
+run per batch at a time: ``open`` takes a session-level advisory lock, on a connection of
 its own, keyed by the schema and the batch name, and raises ``JournalLockedError`` (naming
 the holder's pid) when another run holds it. PostgreSQL drops the lock when that connection
 ends, however the run ends; a holder of this machine that is gone (killed a moment ago, its
