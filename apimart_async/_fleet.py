@@ -97,8 +97,9 @@ class Fleet(Solo):
         self.tried: set[int] = set()
         """The jobs that ended in this worker: never claimed by it again."""
         self.fed: set[int] = set()
-        """The jobs fed to the batch here and not let go: never fed twice (a lease of this
-        worker that ran out while it was slow is not claimed back by it: renewed instead)."""
+        """The jobs fed to the batch here: never fed twice (a lease of this worker that ran
+        out while it was slow is not claimed back by it, but renewed; a job taken over from
+        it is left to the others: its submit or download here may still be under way)."""
         self.taken_over = 0
         """Jobs other workers took from this one (its lease had run out)."""
         self.claimed = 0
@@ -174,7 +175,6 @@ class Fleet(Solo):
         lost = self.held - renewed
         if lost:
             self.held -= lost
-            self.fed -= lost  # dropped by the batch: this worker may take them again later
             self.taken_over += len(lost)
             self.let_go(lost)
 

@@ -162,6 +162,7 @@ async def test_the_heartbeat_lets_go_of_jobs_taken_over_and_releases_ended_ones(
     assert fake.released == [{0, 1}]
     assert dropped == [{3, 4}]
     assert fleet.held == {2, 5} and fleet.taken_over == 2 and fleet.tried == {0, 1}
+    assert {3, 4} <= fleet.fed  # left to the others: never fed here again
     await fleet.beat_once()  # nothing new
     assert dropped == [{3, 4}] and fake.released == [{0, 1}]
     await fleet.close()  # a clean stop lets go of the rest
