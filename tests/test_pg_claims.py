@@ -35,17 +35,23 @@ async def test_workers_claiming_at_once_never_share_a_job(
     workers = [Claims(j, worker=f"w{k}") for k in range(4)]
     got: dict[str, list[int]] = {w.worker: [] for w in workers}
 
+    joined = anyio.Event()  # all joined before any claims: a worker still joining (under
+    # load) would find every job taken by the first, which proves nothing either way
+
     async def work(w: Claims) -> None:
-        assert await w.join() == N
+        await joined.wait()
         while batch := await w.claim(7):
             got[w.worker] += [c.index for c in batch]
             assert all(c.previous is None for c in batch)
             await anyio.lowlevel.checkpoint()
 
     try:
+        for w in workers:
+            assert await w.join() == N
         async with anyio.create_task_group() as tg:
             for w in workers:
                 tg.start_soon(work, w)
+            joined.set()
     finally:
         for w in workers:
             await w.close()
