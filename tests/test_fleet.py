@@ -29,7 +29,6 @@ import apimart_async as am
 from apimart_async._fleet import Claimed, Fleet, Solo, unclaim
 from apimart_async._journal import JobRecord
 from apimart_async.emulator import Emulator
-from apimart_async.emulator._faults import DEFAULT_RANDOM
 
 pytestmark = pytest.mark.anyio
 
@@ -338,11 +337,7 @@ async def test_workers_killed_and_restarted_every_job_ends_once(
     async with Emulator(
         task_duration=(0.1, 0.6), video_bytes=64 * 1024, file_chunk_delay=0.002, seed=15
     ) as emu:
-        emu.faults.set_rate(0.05, endpoints=["submit", "task", "batch", "balance"])
-        # on the files, every kind but a 200 with a JSON body, which the downloader takes for
-        # the video (a gap of the downloader, not of the workers: see the report of issue 15)
-        file_faults = [f for f in DEFAULT_RANDOM if f.kind != "malformed"]
-        emu.faults.set_rate(0.05, endpoints=["file"], faults=file_faults)
+        emu.faults.set_rate(0.05)  # every endpoint, every kind of fault
         procs: dict[int, Any] = {}
         kills: list[tuple[int, int, int]] = []  # (slot, tasks created, file requests)
 
