@@ -34,6 +34,13 @@ class SubmitScheduler:
         self.max_in_flight_seen = 0
         self.max_pending_seen = 0
 
+    @classmethod
+    def of(cls, options: Any, throttle: Throttle) -> SubmitScheduler:
+        """The scheduler of a batch's ``options`` (its ``concurrency`` and ``max_pending``)."""
+        return cls(
+            concurrency=options.concurrency, max_pending=options.max_pending, throttle=throttle
+        )
+
     @property
     def limit(self) -> int:
         """The concurrency in force now (``concurrency`` scaled by the client's throttle)."""

@@ -1,12 +1,11 @@
 """The batch driver: ``BatchRun`` runs the jobs of one ``client.batch(...)``, submitted under
 limits and watched by the shared poller (``Batch``, in ``_handle``, is the caller's handle).
 
-It owns an anyio task group (one feeder task that reads the input lazily, a pool of
-submitters, the deadline, one task per job being finalised) and hands out outcomes through an
-``Outbox``, in completion order. Pending tasks cost no task at all here: the client's single
-poller calls back when each one ends. What to do with an input item or a job (refuse it,
-resume it, admit it, conclude it) is decided in ``_jobs`` and ``_admission``; where each job
-is and what it cost, kept in ``_roster``; what is written down, in ``_ledger``.
+It owns an anyio task group (the feeder, which reads the input lazily; a pool of submitters;
+the deadline; one task per job being finalised) and hands out outcomes through an ``Outbox``,
+in completion order. The client's single poller calls back when each pending task ends. What
+to do with an item or a job is decided in ``_jobs`` and ``_admission``; where each job is, in
+``_roster``; what is written down, in ``_ledger``; a worker's claims (issue 15), in ``_fleet``.
 
 With a journal, every step is recorded before it is taken (see ``_journal``), so running the
 same batch again resumes it: nothing is submitted twice and nothing is lost. With a download
@@ -31,6 +30,7 @@ from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
 from ._download import Downloader
 from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutError
+from ._fleet import Solo, fleet_for, unclaim
 from ._interrupt import SigintHandler, announce_interrupt
 from ._jobs import (
     Conclusion,
@@ -84,27 +84,23 @@ class BatchRun:
         self._downloader = downloader
         self._pacing = pacing
         self._requests = requests
-        sched = SubmitScheduler(
-            concurrency=options.concurrency,
-            max_pending=options.max_pending,
-            throttle=pacing.throttle,
-        )
-        self.roster = Roster(sched, options.budget())
+        self.roster = Roster(SubmitScheduler.of(options, pacing.throttle), options.budget())
         #: This batch's own requests-per-second cap, in force while it runs.
         rps = options.requests_per_second
         self._limiter = RateLimiter(rps) if rps is not None else None
         self.download_dir, self.manifest_path = options.paths()
         priors = poller.schedule.priors  # issue 22: learned priors, kept in the journal
         self._ledger = Ledger.for_batch(
-            options, self.manifest_path, priors=priors, on_fault=self._journal_fault
+            options, self.manifest_path, priors=priors, on_fault=self.journal_fault
         )
         #: Local reference files (issue 18): checked when read, uploaded once by content.
         policy = MediaPolicy.of(options.media_root, allow_any_path=options.allow_any_path)
         self.refs = References(api, policy, wall=poller.wall)
-        self._report = Reporter(options.on_event)
+        self.report = Reporter(options.on_event)
         self.interrupts = 0
         self._sigint = SigintHandler(self.on_sigint)
         self._records: dict[int, JobRecord] = {}
+        self._fleet = Solo()  # issue 15: a Fleet when it is one of the batch's workers
         self.outbox = Outbox()  # public to the handle: ``unread()``
         self._feeding = True
         self._finished = False
@@ -133,6 +129,7 @@ class BatchRun:
         self._records = await self._ledger.open()
         self.refs.attach(cache_for(self._ledger.journal))
         try:
+            self._fleet = await fleet_for(self._ledger.journal, self)
             await self._enter()
         except BaseException:
             await self._ledger.close(keep_priors=False)  # exit will not run: close what it opened
@@ -154,6 +151,7 @@ class BatchRun:
         await tg.__aenter__()
         self._tg = tg
         tg.start_soon(self._feed, name="apimart-async batch feeder")
+        tg.start_soon(self._fleet.heartbeats, name="apimart-async worker heartbeat")
         for _ in range(self.roster.sched.concurrency):
             tg.start_soon(self._submitter, name="apimart-async batch submitter")
         if self.options.sigint_grace is not None:
@@ -179,6 +177,7 @@ class BatchRun:
             if self._limiter is not None:
                 self._pacing.remove(self._limiter)
             self.outbox.close_all()
+            await self._fleet.close()
             await self._ledger.close()
 
     # -- Ctrl-C ----------------------------------------------------------------------------------
@@ -236,7 +235,7 @@ class BatchRun:
 
     async def _feed(self) -> None:
         request_tally.set((self._tally,))  # in this task: its requests are the batch's
-        inputs = read_inputs(self._requests)
+        inputs = read_inputs(self._fleet.items(self._requests, self._records))  # issue 15
         intake = self.options.intake(self._records, downloads=self.download_dir is not None)
         try:
             while not self.stopped:
@@ -244,7 +243,7 @@ class BatchRun:
                     item = await inputs.__anext__()
                 except StopAsyncIteration:
                     break
-                index = self.roster.read()
+                index, item = unclaim(self.roster.read(), item)  # a worker's: its own index
                 item, refused = await self.refs.prepare_item(index, item)  # local files
                 if refused is not None:
                     self._refuse(refused)
@@ -332,7 +331,7 @@ class BatchRun:
             await self._ledger.submit_failed(job, exc, outcome)
             self.roster.dropped(job)
             self._emit(outcome)
-            self._report.step("errored", job.index, error=exc)
+            self.report.step("errored", job.index, error=exc)
             what = f"job {job.index} could not be submitted: {exc}"
             if stop := stop_after(exc, stop_on_error=self.options.stop_on_error, what=what):
                 self._stop(*stop)
@@ -341,7 +340,7 @@ class BatchRun:
         await self._ledger.submitted(job, task_id)
         self.roster.running(job, task_id, self._poller.now())
         self._notify()
-        self._report.step("submitted", job.index, task_id=task_id)
+        self.report.step("submitted", job.index, task_id=task_id)
         if self._tg is None or self._ledger.fault is not None:  # listed, not followed
             self.roster.confirmed(job)
             if self._ledger.fault is not None:
@@ -352,6 +351,14 @@ class BatchRun:
             self._on_done(task_id, TaskTimeoutError(task_id, self.options.timeout or 0.0))
             return
         self._follow(task_id, job, timeout=self.options.job_timeout)
+
+    def let_go(self, indexes: set[int]) -> None:
+        """Another worker took these jobs over (``_fleet``): no longer followed here."""
+        for task_id, job in list(self.roster.pending.items()):
+            if job.index in indexes:
+                self._poller.unwatch(task_id, self._on_done)
+                self.roster.ended(task_id)
+        self._maybe_close()
 
     def _unfollow_all(self) -> None:
         """Stop following every pending task (billed, running on: ``pending_task_ids()``)."""
@@ -390,7 +397,7 @@ class BatchRun:
     def _on_progress(self, task: Task) -> None:
         job = self.roster.pending.get(task.id)
         if job is not None:
-            self._report.step("progress", job.index, task_id=task.id, task=task)
+            self.report.step("progress", job.index, task_id=task.id, task=task)
 
     def _on_done(self, task_id: str, result: Task | ApimartError) -> None:
         job = self.roster.ended(task_id)
@@ -448,11 +455,9 @@ class BatchRun:
             self.roster.finishing -= 1
             self._maybe_close()
 
-    # -- plumbing --------------------------------------------------------------------------------
-
     def _publish(self, end: Conclusion) -> None:
         self._emit(end.outcome)
-        self._report(end.event)
+        self.report(end.event)
 
     def _refuse(self, outcome: Success | Failure) -> None:
         """Hand out the outcome of a job that ended before any submit."""
@@ -478,9 +483,7 @@ class BatchRun:
                 self.outbox.error = self.journal_error()
             self.outbox.close()
 
-    # -- issue 14: a journal that cannot write stops the batch ---------------------------------
-
-    def _journal_fault(self, fault: JournalError) -> None:
+    def journal_fault(self, fault: JournalError) -> None:
         """The journal could not record a step (``Ledger.fault``): stop submitting, stop
         following the running tasks (listed in ``pending_task_ids()``), and end the iteration
         with ``journal_error()`` once the jobs in flight are handed out."""

@@ -362,6 +362,7 @@ class AsyncApimart:
         min_download_rate: float | None = 10 * 1024,
         download_rate_window: float = 30.0,
         webhook_url: str | None = None,
+        lease: float = 30.0,
     ) -> Batch:
         """Run many jobs; outcomes arrive in completion order::
 
@@ -435,6 +436,11 @@ class AsyncApimart:
                 job is: a journaled batch resumed with another ``webhook_url`` resumes the
                 same jobs (a resend with a recorded key carries the webhook it was recorded
                 with; re-attached tasks are polled as usual).
+            lease: with a ``PostgresJournal`` given the job list (``fingerprints=``, as the
+                CLI does), every process running the batch is one of its workers: each claims
+                jobs and holds them this many seconds, renewed by a heartbeat; another worker
+                takes over the jobs of one that stopped renewing (README: "More than one
+                machine"). ``max_pending`` and ``max_cost`` then hold for all workers together.
 
         ``timeout`` and ``job_timeout`` also end a download in progress: the job ends with a
         ``DownloadError``, what arrived is kept (``.part``) and a resume fetches the rest.

@@ -179,8 +179,9 @@ class Journal(Protocol):
         files: tuple[DownloadedFile, ...],
         error: str | None,
         error_type: str | None,
-    ) -> None:
-        """The job's outcome is final (state ``done``)."""
+    ) -> bool | None:
+        """The job's outcome is final (state ``done``). False: it was already (a batch run by
+        workers, issue 15: another worker ended it first), and nothing was written."""
         ...
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._converter import task_to_wire
-from ._errors import ApimartError, JournalError
+from ._errors import ApimartError, BudgetExceededError, JournalError
 from ._jobs import Conclusion, Job, definitive, files_complete, reopens
 from ._journal import JobRecord, Journal
 from ._manifest import Manifest, outcome_line, record_line
@@ -89,17 +89,19 @@ class Ledger:
         return ledger
 
     async def _write(
-        self, what: str, call: Callable[..., Awaitable[None]], *args: Any, **kw: Any
+        self, what: str, call: Callable[..., Awaitable[bool | None]], *args: Any, **kw: Any
     ) -> bool:
         """One journal write; True if it was made. On failure ``fault`` is set and reported."""
         if self.fault is not None:
             return False
         try:
-            await call(*args, **kw)
+            made = await call(*args, **kw)
+        except BudgetExceededError:  # issue 15: the fleet's max_cost refused the job
+            raise
         except Exception as exc:  # noqa: BLE001 - any journal's failure becomes a JournalError
             self._failed(exc, what)
             return False
-        return True
+        return made is not False  # False: another worker of the batch wrote it (issue 15)
 
     def _failed(self, exc: Exception, what: str) -> None:
         if not isinstance(exc, JournalError):  # a Journal of another kind, failing its own way
@@ -174,6 +176,8 @@ class Ledger:
             if self.manifest_path is not None:
                 self._manifest = Manifest(self.manifest_path)
                 done = sorted((r for r in records.values() if r.state == "done"), key=_index)
+                if getattr(self.journal, "shared", False):  # issue 15: one worker of several
+                    done = [r for r in done if _beside(r, self.manifest_path)]
                 self._held = {r.index: r for r in done if self.reopens(r)}
                 listed = [r for r in done if r.index not in self._held]
                 self._listed = {r.index for r in listed}
@@ -306,3 +310,10 @@ class Ledger:
 
 def _index(record: JobRecord) -> int:
     return record.index
+
+
+def _beside(record: JobRecord, manifest: Path) -> bool:
+    """Whether a job's files are beside ``manifest`` (a worker's manifest lists the jobs
+    whose files are in its own folder; the journal holds them all)."""
+    folder = manifest.resolve().parent
+    return bool(record.files) and all(Path(f.path).resolve().parent == folder for f in record.files)

@@ -69,6 +69,7 @@ class BatchOptions:
     min_download_rate: float | None = 10 * 1024
     download_rate_window: float = 30.0
     webhook_url: str | None = None
+    lease: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         check_positive_int("concurrency", self.concurrency)
@@ -106,6 +107,7 @@ class BatchOptions:
             "download_rate_window", self.download_rate_window, unit="of seconds", finite=True
         )
         check_webhook_url(self.webhook_url)
+        check_positive_number("lease", self.lease, unit="of seconds", finite=True)
         self._check_kinds()
 
     def _check_kinds(self) -> None:

@@ -1,6 +1,6 @@
 """Claims on the jobs of a batch in PostgreSQL, for several workers of one batch (issue 15,
-part 2). Groundwork: the batch engine does not use them yet (a batch in PostgreSQL is still
-run by one process at a time, under the journal's advisory lock).
+part 2): ``_fleet`` runs a worker on them (a batch whose job list is stored; one without it
+is run by one process at a time, under the journal's advisory lock).
 
 The batch's job list is stored once (``PostgresJournal(..., fingerprints=...)``); ``join``
 gives each of its jobs a row in the table ``claims`` (idempotently) and records the worker
@@ -13,6 +13,11 @@ in ``workers``. Then, the way established PostgreSQL job queues do it:
 - ``heartbeat()`` renews the lease of every job the worker still holds and returns them: a
   job missing from the answer was taken over (its lease had run out) and must be left alone.
 - ``release(indexes)`` lets jobs go at once (the worker stops, or a job ended).
+- ``beat()``, the worker's heartbeat: lets go of its jobs that are done, renews the rest;
+  ``outstanding()``: the jobs not done that others hold or nobody does; ``records(indexes)``:
+  what the journal holds of them now.
+- ``limit`` / ``admits``: ``max_pending`` and ``max_cost`` for all the workers together,
+  asked in the transaction that records a job before its submit.
 
 Times are the database's (``clock_timestamp()``, in seconds since the epoch), so the
 machines' clocks need not agree. A lost database is waited for as the journal's calls are
@@ -24,15 +29,19 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
+import anyio
 import attrs
 
-from ._errors import FieldError, JournalError, ValidationError
-from ._pg_journal import PostgresJournal, _Link
+from ._errors import BudgetExceededError, FieldError, JournalError, ValidationError
+from ._journal import JobRecord
+from ._pg_journal import _COLUMNS, PostgresJournal, _Link
 
 __all__ = ["Claim", "Claims"]
+
+T = TypeVar("T")
 
 _NOW = "extract(epoch from clock_timestamp())"
 
@@ -75,6 +84,16 @@ class Claims:
             locked=False,
         )
         self._q = journal._q
+        self._mutex = anyio.Lock()
+        self.max_pending: int | None = None
+        self.max_cost: float | None = None
+        self.estimate: float | None = None
+
+    async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """``fn(connection)``, one at a time on the connection (the heartbeat and the claim
+        loop run at once), waiting out a lost database (``reconnect_for``)."""
+        async with self._mutex:
+            return await self._link.retrying(what, fn)
 
     def __repr__(self) -> str:
         return f"<Claims {self.journal.url!r} batch={self.journal.name!r} worker={self.worker!r}>"
@@ -111,14 +130,15 @@ class Claims:
                 )
             return int(size)
 
-        return await self._link.retrying("join", run)
+        return await self._call("join", run)
 
-    async def claim(self, n: int) -> list[Claim]:
+    async def claim(self, n: int, *, exclude: Iterable[int] = ()) -> list[Claim]:
         """Take up to ``n`` jobs (lowest index first) that are not done and are free: never
-        claimed, let go, or with a lease that ran out."""
+        claimed, let go, or with a lease that ran out; none of ``exclude``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValidationError([FieldError("n", "must be a whole number, 1 or more", n)])
         q = self._q
+        skip = sorted(set(exclude))
 
         async def run(conn: Any) -> list[Claim]:
             rows = await conn.fetch(
@@ -126,6 +146,7 @@ class Claims:
                     SELECT c.idx, c.worker AS previous FROM {q}.claims c
                     WHERE c.batch = $1
                       AND (c.worker IS NULL OR c.lease_until < {_NOW})
+                      AND NOT c.idx = ANY($5::integer[])
                       AND NOT EXISTS (
                           SELECT 1 FROM {q}.jobs j
                           WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')
@@ -140,10 +161,11 @@ class Claims:
                 self.worker,
                 n,
                 self.lease,
+                skip,
             )
             return [Claim(r["idx"], r["previous"]) for r in sorted(rows, key=_index)]
 
-        return await self._link.retrying("claim jobs in", run)
+        return await self._call("claim jobs in", run)
 
     async def heartbeat(self) -> set[int]:
         """Renew the lease of every job this worker still holds; returns them (a job it
@@ -167,7 +189,125 @@ class Claims:
                 )
             return {int(r["idx"]) for r in rows}
 
-        return await self._link.retrying("renew the leases in", run)
+        return await self._call("renew the leases in", run)
+
+    async def beat(self) -> set[int]:
+        """The worker's heartbeat (issue 15): let go of the jobs it holds that are done (the
+        journal's ``done`` state, written by whichever worker ended them), renew the lease of
+        the others and return them. A job it claimed that is in neither was taken over."""
+        q = self._q
+
+        async def run(conn: Any) -> set[int]:
+            async with conn.transaction():
+                await conn.execute(
+                    f"UPDATE {q}.claims c SET worker = NULL, lease_until = NULL"
+                    " WHERE c.batch = $1 AND c.worker = $2 AND EXISTS (SELECT 1 FROM"
+                    f" {q}.jobs j WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')",
+                    self.journal.name,
+                    self.worker,
+                )
+                rows = await conn.fetch(
+                    f"UPDATE {q}.claims SET lease_until = {_NOW} + $3"
+                    " WHERE batch = $1 AND worker = $2 RETURNING idx",
+                    self.journal.name,
+                    self.worker,
+                    self.lease,
+                )
+                await conn.execute(
+                    f"UPDATE {q}.workers SET heartbeat_at = {_NOW} WHERE batch = $1"
+                    " AND worker = $2",
+                    self.journal.name,
+                    self.worker,
+                )
+            return {int(r["idx"]) for r in rows}
+
+        return await self._call("renew the leases in", run)
+
+    async def outstanding(self, *, exclude: Iterable[int] = ()) -> int:
+        """How many jobs of the batch are not done and not held by this worker (held by
+        another, or free), none of ``exclude``."""
+        q = self._q
+        skip = sorted(set(exclude))
+
+        async def run(conn: Any) -> int:
+            n = await conn.fetchval(
+                f"SELECT count(*) FROM {q}.claims c WHERE c.batch = $1"
+                " AND c.worker IS DISTINCT FROM $2 AND NOT c.idx = ANY($3::integer[])"
+                f" AND NOT EXISTS (SELECT 1 FROM {q}.jobs j WHERE j.batch = c.batch"
+                " AND j.idx = c.idx AND j.state = 'done')",
+                self.journal.name,
+                self.worker,
+                skip,
+            )
+            return int(n)
+
+        return await self._call("count the jobs left in", run)
+
+    async def records(self, indexes: Iterable[int]) -> dict[int, JobRecord]:
+        """What the journal holds now of these jobs (written by any worker)."""
+        wanted = sorted(set(indexes))
+        q = self._q
+
+        async def run(conn: Any) -> list[Any]:
+            rows: list[Any] = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {q}.jobs WHERE batch = $1"
+                " AND idx = ANY($2::integer[]) ORDER BY idx",
+                self.journal.name,
+                wanted,
+            )
+            return rows
+
+        return self.journal._records(await self._call("read", run))
+
+    def limit(
+        self, *, max_pending: int | None, max_cost: float | None, estimate: float | None = None
+    ) -> None:
+        """Hold ``max_pending`` (tasks submitted and not ended) and ``max_cost`` (USD) for
+        the whole batch, across all its workers: the journal asks ``admits`` in the
+        transaction that records a job before its submit."""
+        self.max_pending = max_pending
+        self.max_cost = max_cost
+        self.estimate = estimate
+        if max_pending is not None or max_cost is not None:
+            self.journal.admission = self.admits
+
+    async def admits(self, conn: Any, index: int) -> bool:
+        """Whether job ``index`` may be submitted now, fleet-wide (in the caller's
+        transaction, under a transaction-level advisory lock of the batch, so two workers
+        never both take the last place). In flight: the jobs recorded as ``submitting`` or
+        ``pending`` (a killed worker's too, until they end). Money: what ended jobs cost,
+        plus an estimate for each job in flight (``estimate``, else the dearest job so far;
+        none known: one job at a time, to learn it); over ``max_cost`` with nothing in flight
+        to free room: ``BudgetExceededError``."""
+        q = self._q
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('apimart-async:admit:' || $1), hashtext($2))",
+            self.journal.schema,
+            self.journal.name,
+        )
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE state IN ('submitting', 'pending')) AS flying,"
+            " coalesce(sum(cost), 0) AS spent, max(cost) AS dearest"
+            f" FROM {q}.jobs WHERE batch = $1 AND idx <> $2",
+            self.journal.name,
+            index,
+        )
+        flying: int = row["flying"]
+        if self.max_pending is not None and flying >= self.max_pending:
+            return False
+        if self.max_cost is None:
+            return True
+        est = self.estimate if self.estimate is not None else row["dearest"]
+        if est is None:  # nothing tells the price yet: one job at a time learns it
+            return flying == 0
+        if float(row["spent"]) + (flying + 1) * float(est) <= self.max_cost + 1e-9:
+            return True
+        if flying:
+            return False
+        raise BudgetExceededError(
+            f"budget reached: job {index} not submitted (${float(row['spent']):.2f} spent of"
+            f" ${self.max_cost:.2f} by the batch's workers)"
+        )
 
     async def release(self, indexes: Iterable[int]) -> None:
         """Let these jobs go (those this worker holds): any worker may claim them at once."""
@@ -184,7 +324,7 @@ class Claims:
             )
 
         if wanted:
-            await self._link.retrying("release jobs in", run)
+            await self._call("release jobs in", run)
 
     async def close(self) -> None:
         """Close the connection (the claims stay until released or their leases run out)."""

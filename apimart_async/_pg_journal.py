@@ -15,11 +15,14 @@ race), and records its version in the table ``meta``; a newer version is refused
               run_host, run_pid, run_started   the run holding the batch, for JournalLockedError
     jobs      (batch, idx) key           the columns of the SQLite journal's ``jobs``
     claims    (batch, idx) key           which worker holds each job of the list, until when
-              worker, lease_until        (``_pg_claims``; not used by the batch engine yet)
+              worker, lease_until        (``_pg_claims``, for a batch run by workers)
     workers   (batch, worker) key        the workers of a batch: host, pid, last heartbeat
     priors    (batch, kind) key          what completed tasks taught the poll schedule
 
-One run per batch at a time: ``open`` takes a session-level advisory lock, on a connection of
+A batch whose job list is stored (``fingerprints=``) is ``shared``: run by as many workers as
+are started (``_fleet``: claims, leases, fleet-wide limits asked in ``add``'s transaction);
+no lock is taken, and no write goes over a job another worker ended (``done``). Otherwise, one
+run per batch at a time: ``open`` takes a session-level advisory lock, on a connection of
 its own, keyed by the schema and the batch name, and raises ``JournalLockedError`` (naming
 the holder's pid) when another run holds it. PostgreSQL drops the lock when that connection
 ends, however the run ends; a holder of this machine that is gone (killed a moment ago, its
@@ -458,6 +461,13 @@ class PostgresJournal(Journal):
         self.connect_timeout: float = float(connect_timeout)
         """Seconds one connection attempt may take."""
         self._fingerprints = list(fingerprints) if fingerprints is not None else None
+        self.shared: bool = fingerprints is not None
+        """Whether the batch is run by workers (its job list is stored): no lock, claims
+        (``_fleet``); else one run at a time, under the batch's advisory lock."""
+        self.admission: Callable[[Any, int], Awaitable[bool]] | None = None
+        """Issue 15: with workers, ``admission(connection, index)`` is asked in the transaction
+        that records job ``index`` before its submit (the fleet-wide limits, see
+        ``_pg_claims.Claims.admits``): False, not yet (``add`` waits and asks again)."""
         self._q = f'"{schema}"'
         self._open = False
         self._mutex = anyio.Lock()
@@ -469,6 +479,7 @@ class PostgresJournal(Journal):
             name=name,
             reconnect_for=self.reconnect_for,
             connect_timeout=self.connect_timeout,
+            locked=not self.shared,
         )
 
     @property
@@ -509,6 +520,8 @@ class PostgresJournal(Journal):
         return done[0]
 
     async def _open_locked(self) -> dict[int, JobRecord]:
+        if self.shared:  # workers of one batch: claims, not the lock (``_fleet``)
+            return await self._link.retrying("open", self._prepare)
         try:
             lock_conn = await self._link.connect()
         except Exception as exc:
@@ -728,7 +741,17 @@ class PostgresJournal(Journal):
     ) -> None:
         q = self._q
 
-        async def run(conn: Any) -> None:
+        async def run(conn: Any) -> bool:
+            if self.admission is None:
+                await insert(conn)
+                return True
+            async with conn.transaction():
+                if not await self.admission(conn, index):
+                    return False
+                await insert(conn)
+            return True
+
+        async def insert(conn: Any) -> None:
             # a retry after a lost reply finds its row there: nothing more to do
             status = await conn.execute(
                 f"INSERT INTO {q}.jobs (batch, idx, fingerprint, idempotency_key, name, body,"
@@ -754,7 +777,10 @@ class PostgresJournal(Journal):
                         " recorded with another key"
                     )
 
-        await self._call("write", run)
+        pause = 0.02
+        while not await self._call("write", run):  # the fleet is at its limits: wait
+            await anyio.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
 
     async def set_task(self, index: int, task_id: str) -> None:
         await self._update("state='pending', task_id=$3", index, task_id)
@@ -784,6 +810,7 @@ class PostgresJournal(Journal):
             key,
             name,
             json.dumps(body, sort_keys=True),
+            over_done=True,
         )
 
     async def finish(
@@ -796,8 +823,8 @@ class PostgresJournal(Journal):
         files: tuple[DownloadedFile, ...],
         error: str | None,
         error_type: str | None,
-    ) -> None:
-        await self._update(
+    ) -> bool:
+        status = await self._update(
             "state='done', status=$3, cost=$4, task=$5, files=$6, error=$7, error_type=$8",
             index,
             status,
@@ -806,13 +833,18 @@ class PostgresJournal(Journal):
             error,
             error_type,
         )
+        return not status.endswith(" 0")  # 0 rows: another worker ended it (shared)
 
-    async def _update(self, assignments: str, index: int, *values: Any) -> None:
+    async def _update(
+        self, assignments: str, index: int, *values: Any, over_done: bool = False
+    ) -> str:
+        # with workers, a job ends once: no write over a job another worker ended
+        guard = " AND state <> 'done'" if self.shared and not over_done else ""
         sql = (
             f"UPDATE {self._q}.jobs SET {assignments}, updated_at=$2 WHERE batch=$1"
-            f" AND idx=${len(values) + 3}"
+            f" AND idx=${len(values) + 3}{guard}"
         )
-        await self._execute("write", sql, self.name, time.time(), *values, index)
+        return await self._execute("write", sql, self.name, time.time(), *values, index)
 
     # -- learned poll priors (``_prior_store.PriorStore``) ----------------------------------
 

@@ -528,6 +528,17 @@ def _whole_at_least_1(text: str) -> int:
     return value
 
 
+def _seconds_above_0(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _at_least_0(text: str) -> float:
     """argparse type: a number >= 0 (``inf`` allowed; not ``nan``)."""
     try:
@@ -747,6 +758,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
 
     # the emulator's state beside the journal; for one in PostgreSQL, in --out by batch name
     beside = journal if isinstance(journal, Path) else out / f".apimart-{_file_part(journal.name)}"
+    mine: set[int] = set()  # the jobs this run handed out (a worker's share, issue 15)
     state = emulator_state_path(beside) if args.emulate else None
     async with _client(args, emulator_state=state) as client, gallery:
         async with client.batch(
@@ -761,9 +773,11 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             on_event=on_event,
             media_root=media_roots,
             allow_any_path=args.allow_any_path,
+            lease=args.lease,
         ) as results:
             progress.uploads = results.uploads
             async for outcome in results:
+                mine.add(outcome.index)
                 if isinstance(outcome.error, am.JournalMismatchError):
                     line = jobs[outcome.index] if outcome.index < len(jobs) else None
                     what = _changed_text(line, records.get(outcome.index))
@@ -778,7 +792,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         progress.close()
         running = len(results.pending_task_ids()) + len(results.unconfirmed_submissions())
     seen = progress.done
-    not_started = progress.counts["not started"] + max(0, len(jobs) - seen - running)
+    elsewhere, completed_elsewhere = await _ended_elsewhere(journal, mine)
+    not_started = progress.counts["not started"] + max(0, len(jobs) - seen - running - elsewhere)
     c = progress.counts
     everything_ended = not_started == 0 and running == 0
     interrupted = bool(results.interrupted) and not everything_ended
@@ -801,6 +816,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         "gallery": str(gallery.path),
         "resume": resume.splitlines()[0] if resume else None,
     }
+    if isinstance(journal, am.PostgresJournal) and journal.shared:
+        summary["other_workers"] = elsewhere
     if args.as_json:
         _print_json({"event": "summary", **summary})
     else:
@@ -811,6 +828,8 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             ("errored", str(c["errored"])),
             ("not started", str(not_started)),
         ]
+        if elsewhere:
+            rows.append(("elsewhere", f"{elsewhere} ended by other workers of the batch"))
         if running:
             rows.append(("running", f"{running} (at the service; a resume picks them up)"))
         if progress.no_task:
@@ -842,7 +861,17 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     if interrupted:
         print(f"\ninterrupted; resume with:\n  {resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_OK if c["completed"] == len(jobs) else EXIT_FAILED
+    return EXIT_OK if c["completed"] + completed_elsewhere == len(jobs) else EXIT_FAILED
+
+
+async def _ended_elsewhere(journal: Path | am.PostgresJournal, mine: set[int]) -> tuple[int, int]:
+    """Issue 15: the jobs of a batch run by workers that others ended (not handed out by this
+    run), and how many of them completed; (0, 0) for a batch run by one process."""
+    if not isinstance(journal, am.PostgresJournal) or not journal.shared:
+        return 0, 0
+    records = await journal.read()  # noqa: ASYNC240 - not a path: the journal's read
+    done = [r for i, r in records.items() if r.state == "done" and i not in mine]
+    return len(done), sum(r.status == "completed" for r in done)
 
 
 async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1327,6 +1356,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="NAME",
         default=None,
         help="with a postgresql:// journal: the schema of its tables (default: apimart)",
+    )
+    run.add_argument(
+        "--lease",
+        type=_seconds_above_0,
+        default=30.0,
+        metavar="SECONDS",
+        help="with a postgresql:// journal, every process running the batch is a worker:"
+        " the seconds a worker holds its jobs without a heartbeat before another takes them"
+        " over (default: 30)",
     )
     run.add_argument(
         "--concurrency",

@@ -94,6 +94,7 @@ FULL = {
     "webhook_jobs": 1000,
     "webhook_durations": "5-10",
     "webhook_lost_row": True,
+    "fleet_jobs": 2000,
 }
 QUICK = {
     "poll_jobs": 100,
@@ -118,6 +119,7 @@ QUICK = {
     "webhook_jobs": 200,
     "webhook_durations": "2-4",
     "webhook_lost_row": False,
+    "fleet_jobs": 300,
 }
 CONCURRENCY = 64
 
@@ -726,6 +728,83 @@ async def webhooks(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"jobs": jobs, "durations_s": durations, "concurrency": CONCURRENCY, "runs": runs}
 
 
+# -- 9. workers (issue 15) ------------------------------------------------------------------------
+
+FLEET_SIZES = (1, 2, 4)
+
+
+async def _pg_commits(url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        n: int = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return n
+    finally:
+        await conn.close()
+
+
+async def workers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One batch of near-instant jobs run by 1, 2 and 4 worker processes sharing a journal in
+    PostgreSQL (a real server, as the tests start it): submit throughput, and the database's
+    cost per job (its committed transactions, from ``pg_stat_database``: every statement
+    outside a transaction is one, a transaction of several is one)."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests._pg import PgServer  # the test extra's PostgreSQL
+
+    jobs = cfg["fleet_jobs"]
+    runs: dict[str, Any] = {}
+    server = PgServer()
+    server.start()
+    try:
+        for n in FLEET_SIZES:
+            name = f"{n} worker{'s' * (n > 1)}"
+            log(f"workers: {name}")
+            schema = f"bench_{n}"
+            async with emulator_process("--duration", "0.01", "--seed", "1") as emu:
+                before = await _pg_commits(server.url)
+                procs = [
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        str(HERE / "_fleet_worker.py"),
+                        emu["base_url"],
+                        emu["api_key"],
+                        server.url,
+                        schema,
+                        str(jobs),
+                        stdout=asyncio.subprocess.PIPE,
+                    )
+                    for _ in range(n)
+                ]
+                outs = [await p.communicate() for p in procs]
+                if any(p.returncode for p in procs):
+                    raise RuntimeError(f"workers: a worker of {name} failed")
+                await asyncio.sleep(1.0)  # the servers' statistics are flushed at session end
+                commits = await _pg_commits(server.url) - before
+                stats = await admin(emu["base_url"], "/_emulator/stats")
+            figures = [json.loads(o.decode().strip().splitlines()[-1]) for o, _ in outs]
+            wall = max(f["ended"] for f in figures) - min(f["started"] for f in figures)
+            first = min(f["first_submit"] for f in figures if f["first_submit"] is not None)
+            last = max(f["last_submit"] for f in figures if f["last_submit"] is not None)
+            runs[name] = {
+                "workers": n,
+                "jobs": jobs,
+                "tasks_created": stats["tasks_created"],
+                "duplicate_keys": stats["duplicate_keys"],
+                "jobs_per_worker": sorted(f["jobs"] for f in figures),
+                "wall_s": round(wall, 2),
+                "jobs_per_s": round(jobs / wall, 1),
+                "submits_per_s": round(jobs / max(last - first, 1e-3), 1),
+                "db_transactions_per_job": round(commits / jobs, 2),
+            }
+    finally:
+        server.close()
+    return {"jobs": jobs, "runs": runs}
+
+
 # -- verdicts, tables, plot --------------------------------------------------------------------
 
 
@@ -887,6 +966,16 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
             "kill, the rest by the restart's recover of submits whose POST had not arrived)",
             k["unfinished_found"] == k["tasks_created"],
         )
+    fleet = results["scenarios"].get("workers")
+    if fleet:
+        for name, r in fleet["runs"].items():
+            add(
+                f"workers: {name}: each job handed out once, one task per job",
+                f"{sum(r['jobs_per_worker'])} outcomes, {r['tasks_created']} tasks,"
+                f" {r['duplicate_keys']} duplicate keys",
+                sum(r["jobs_per_worker"]) == r["tasks_created"] == r["jobs"]
+                and r["duplicate_keys"] == 0,
+            )
     hooks = results["scenarios"].get("webhooks")
     if hooks:
         for name, r in hooks["runs"].items():
@@ -1261,6 +1350,43 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             "0.02 requests per job needs about 250 callbacks a second; fewer, and each "
             "window's request carries fewer. Without the route, each callback costs one read.",
         ]
+    if "workers" in sc:
+        w = sc["workers"]
+        parts += [
+            "",
+            "## 9. Workers",
+            "",
+            f"One batch of {w['jobs']} near-instant jobs (0.01 s tasks, no downloads) in a "
+            "PostgreSQL journal, run by 1, 2 and 4 worker processes at once on this machine "
+            "(each with its own client and poller, claiming jobs in chunks of 32). Submit "
+            "throughput: jobs over the time from the fleet's first submit to its last; jobs / s: "
+            "from the first worker's start to the last one's end (a worker with nothing left to "
+            "claim looks again every second until the others' jobs are done). "
+            "Database cost: transactions committed per job (`pg_stat_database.xact_commit`; a "
+            "statement outside a transaction counts one).",
+            "",
+            _table(
+                [
+                    "workers",
+                    "submits / s",
+                    "jobs / s",
+                    "wall (s)",
+                    "jobs per worker",
+                    "DB transactions / job",
+                ],
+                [
+                    [
+                        r["workers"],
+                        r["submits_per_s"],
+                        r["jobs_per_s"],
+                        r["wall_s"],
+                        " / ".join(map(str, r["jobs_per_worker"])),
+                        r["db_transactions_per_job"],
+                    ]
+                    for r in w["runs"].values()
+                ],
+            ),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -1307,6 +1433,7 @@ SCENARIOS = {
     "web": web,
     "startup": startup,
     "webhooks": webhooks,
+    "workers": workers,
 }
 
 

@@ -52,6 +52,7 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
         "web",
         "startup",
         "webhooks",
+        "workers",
     }
 
     polling = scenarios["polling"]["runs"]

@@ -35,17 +35,23 @@ async def test_workers_claiming_at_once_never_share_a_job(
     workers = [Claims(j, worker=f"w{k}") for k in range(4)]
     got: dict[str, list[int]] = {w.worker: [] for w in workers}
 
+    joined = anyio.Event()  # all joined before any claims: a worker still joining (under
+    # load) would find every job taken by the first, which proves nothing either way
+
     async def work(w: Claims) -> None:
-        assert await w.join() == N
+        await joined.wait()
         while batch := await w.claim(7):
             got[w.worker] += [c.index for c in batch]
             assert all(c.previous is None for c in batch)
             await anyio.lowlevel.checkpoint()
 
     try:
+        for w in workers:
+            assert await w.join() == N
         async with anyio.create_task_group() as tg:
             for w in workers:
                 tg.start_soon(work, w)
+            joined.set()
     finally:
         for w in workers:
             await w.close()
@@ -137,3 +143,35 @@ async def test_join_needs_the_job_list_and_options_are_checked(
         Claims(j, lease=0)
     with pytest.raises(am.ValidationError, match="n: must be a whole number"):
         await Claims(j).claim(0)
+
+
+async def test_beat_lets_go_of_done_jobs_and_a_job_ends_once(
+    postgres: PgServer, pg_schema: str
+) -> None:
+    """Issue 15, workers: the heartbeat lets go of the jobs the journal holds as done, whoever
+    ended them; ``outstanding`` counts the others' and the free jobs; ``exclude`` is never
+    claimed; a worker's end over a job another worker ended writes nothing."""
+    j = await batch_with_a_list(postgres, pg_schema, 4)
+    me, other = Claims(j, worker="me"), Claims(j, worker="other")
+    w = PostgresJournal(postgres.url, name="b", schema=pg_schema, fingerprints=[f"{i:064x}" for i in range(4)])  # fmt: skip
+    await w.open()
+    try:
+        await me.join()
+        assert [c.index for c in await me.claim(3, exclude=[0])] == [1, 2, 3]
+        assert await me.outstanding() == 1  # job 0: free
+        assert await other.outstanding(exclude=[0]) == 3  # mine
+        for i in (1, 2):
+            await w.add(i, f"{i:064x}", f"key{i}", None, {"model": "m"})
+        end = {"status": "completed", "cost": 0.1, "task": None, "files": ()}
+        assert await w.finish(1, **end, error=None, error_type=None) is True
+        assert await w.finish(1, **end, error=None, error_type=None) is False  # ended already
+        assert await me.beat() == {2, 3}  # job 1 is done: let go
+        held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker = 'me'"
+        assert await fetchval(postgres.url, held) == 2
+        assert await me.outstanding() == 1
+        records = await me.records([1, 2, 3])
+        assert sorted(records) == [1, 2] and records[1].state == "done"
+    finally:
+        await w.close()
+        await me.close()
+        await other.close()

@@ -1,0 +1,472 @@
+"""Many workers, one batch (issue 15, part 2).
+
+- ``Fleet`` (``_fleet``), one worker's claim loop, on fakes: what it feeds, what it lets go,
+  when it ends.
+- Workers on a real PostgreSQL and the emulator: two at once share the jobs; the fleet-wide
+  ``max_pending`` holds; and the crash test: 3 worker processes, faults, SIGKILLs and
+  restarts (150 jobs and 4 kills here; 1,000 jobs and 15 kills under ``--long``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import apimart_async as am
+from apimart_async._fleet import Claimed, Fleet, Solo, unclaim
+from apimart_async._journal import JobRecord
+from apimart_async.emulator import Emulator
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- Fleet on fakes --------------------------------------------------------------------------
+
+
+class FakeClaims:
+    """A claims table in memory: ``holder`` by job, ``done`` jobs, and what was asked."""
+
+    def __init__(self, size: int, me: str = "me") -> None:
+        self.size = size
+        self.me = me
+        self.holder: dict[int, str] = {}
+        self.done: set[int] = set()
+        self.released: list[set[int]] = []
+        self.naps: list[float] = []
+        self.records: dict[int, JobRecord] = {}
+
+    async def claim(self, n: int, exclude: set[int]) -> list[int]:
+        free = [
+            i
+            for i in range(self.size)
+            if i not in self.holder and i not in self.done and i not in exclude
+        ][:n]
+        for i in free:
+            self.holder[i] = self.me
+        return free
+
+    async def beat(self) -> set[int]:
+        for i in [i for i, w in self.holder.items() if w == self.me and i in self.done]:
+            del self.holder[i]
+        return {i for i, w in self.holder.items() if w == self.me}
+
+    async def outstanding(self, exclude: set[int]) -> int:
+        return sum(
+            1
+            for i in range(self.size)
+            if i not in self.done and self.holder.get(i) != self.me and i not in exclude
+        )
+
+    async def read(self, indexes: list[int]) -> dict[int, JobRecord]:
+        return {i: self.records[i] for i in indexes if i in self.records}
+
+    async def release(self, indexes: set[int]) -> None:
+        self.released.append(set(indexes))
+        for i in indexes:
+            if self.holder.get(i) == self.me:
+                del self.holder[i]
+
+    async def nap(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+    def fleet(self, chunk: int = 2) -> Fleet:
+        return Fleet(
+            claim=self.claim,
+            beat=self.beat,
+            outstanding=self.outstanding,
+            records=self.read,
+            release=self.release,
+            lease=3.0,
+            chunk=chunk,
+            sleep=self.nap,
+        )
+
+
+def record(index: int, state: str, task_id: str | None = None) -> JobRecord:
+    return JobRecord(index, f"fp{index}", f"key{index}", state, task_id=task_id)
+
+
+async def test_a_worker_is_fed_only_the_jobs_it_claims_with_their_records_read_again() -> None:
+    fake = FakeClaims(5)
+    fake.holder[1] = "other"  # another worker holds job 1
+    fake.records[2] = record(2, "pending", "task_2")  # left by a worker that died
+    fleet = fake.fleet()
+    known: dict[int, JobRecord] = {2: record(2, "submitting"), 3: record(3, "submitting")}
+    fed: list[Claimed] = []
+    items = fleet.items(["a", "b", "c", "d", "e"], known)
+    assert not isinstance(items, list)
+    async for item in items:  # type: ignore[union-attr]
+        assert isinstance(item, Claimed)
+        fed.append(item)
+        if len(fed) == 4:
+            fake.done.add(1)  # the other worker ended job 1: nothing is left to this one
+    assert [(c.index, c.item) for c in fed] == [(0, "a"), (2, "c"), (3, "d"), (4, "e")]
+    assert fleet.claimed == 4 and fleet.held == {0, 2, 3, 4}
+    assert known == {2: record(2, "pending", "task_2")}  # read again; 3 has no row: forgotten
+    assert fake.naps == []  # it never had to wait: job 1 was done when it looked
+
+
+async def test_a_worker_waits_while_another_holds_jobs_then_takes_them_over() -> None:
+    fake = FakeClaims(2)
+    fake.holder[0] = fake.holder[1] = "dead"
+    fleet = fake.fleet()
+    fed: list[int] = []
+
+    async def nap(seconds: float) -> None:
+        fake.naps.append(seconds)
+        if len(fake.naps) == 3:  # the dead worker's leases ran out
+            fake.holder.clear()
+
+    fleet._sleep = nap
+    async for item in fleet.items(["a", "b"], {}):  # type: ignore[union-attr]
+        fed.append(unclaim(99, item)[0])
+        fake.done.add(fed[-1])
+    assert fed == [0, 1]
+    assert fake.naps == [1.0, 1.0, 1.0]  # waits of min(lease / 3, 1 s), no busy loop
+
+
+async def test_the_heartbeat_lets_go_of_jobs_taken_over_and_releases_ended_ones() -> None:
+    fake = FakeClaims(6)
+    fleet = fake.fleet(chunk=6)
+    dropped: list[set[int]] = []
+    fleet.let_go = dropped.append
+    gen = fleet.items(list("abcdef"), {})
+    got = [await gen.__anext__() for _ in range(6)]  # type: ignore[union-attr]
+    assert len(got) == 6
+    seen = fleet.observe(None)
+    seen(am.BatchEvent("completed", 0))
+    seen(am.BatchEvent("errored", 1))  # ended here without being done: not taken again
+    seen(am.BatchEvent("progress", 2))
+    fake.done.add(0)
+    fake.holder[3] = "other"  # its lease ran out and another worker took it
+    fake.done.add(4)
+    fake.holder.pop(4)  # and another worker ended job 4 (after taking it over)
+    await fleet.beat_once()
+    assert fake.released == [{0, 1}]
+    assert dropped == [{3, 4}]
+    assert fleet.held == {2, 5} and fleet.taken_over == 2 and fleet.tried == {0, 1}
+    assert {3, 4} <= fleet.fed  # left to the others: never fed here again
+    await fleet.beat_once()  # nothing new
+    assert dropped == [{3, 4}] and fake.released == [{0, 1}]
+    await fleet.close()  # a clean stop lets go of the rest
+    assert fake.released[-1] == {2, 5}
+    assert not [i for i, w in fake.holder.items() if w == "me"]
+    assert await fake.claim(6, fleet.tried) == [2, 5]  # others may take them at once
+
+
+async def test_a_job_that_ended_here_without_being_done_is_not_claimed_here_again() -> None:
+    fake = FakeClaims(1)
+    fleet = fake.fleet()
+    gen = fleet.items(["a"], {})
+    assert unclaim(0, await gen.__anext__()) == (0, "a")  # type: ignore[union-attr]
+    fleet.observe(None)(am.BatchEvent("errored", 0))
+    await fleet.beat_once()
+    with pytest.raises(StopAsyncIteration):  # left for another worker or a later run
+        await gen.__anext__()  # type: ignore[union-attr]
+    assert fake.holder == {}
+
+
+async def test_a_job_is_never_fed_twice_by_one_worker_even_when_its_own_lease_ran_out() -> None:
+    fake = FakeClaims(2)
+    fleet = fake.fleet(chunk=1)
+    gen = fleet.items(["a", "b"], {})
+    assert unclaim(9, await gen.__anext__()) == (0, "a")  # type: ignore[union-attr]
+    asked: list[set[int]] = []
+    claim = fake.claim
+
+    async def claim_after_a_stall(n: int, exclude: set[int]) -> list[int]:
+        asked.append(set(exclude))
+        fake.holder.pop(0, None)  # this worker was slow: its lease on job 0 ran out
+        return await claim(n, exclude)
+
+    fleet._claim = claim_after_a_stall
+    assert unclaim(9, await gen.__anext__()) == (1, "b")  # not job 0 again (two downloads)
+    assert asked == [{0}]
+
+
+async def test_a_worker_needs_a_list_and_a_solo_batch_is_fed_everything() -> None:
+    fake = FakeClaims(1)
+    with pytest.raises(am.ValidationError, match="requests: must be a list"):
+        fake.fleet().items(iter(["a"]), {})
+    items = ["a"]
+    assert Solo().items(items, {}) is items
+    assert unclaim(7, "x") == (7, "x")
+
+
+async def test_heartbeat_failure_is_the_batch_fault() -> None:
+    fake = FakeClaims(1)
+    fleet = fake.fleet()
+
+    async def lost() -> set[int]:
+        raise am.JournalError("the journal is out of reach")
+
+    faults: list[am.JournalError] = []
+    fleet._beat = lost
+    fleet.fault = faults.append
+    await fleet.heartbeats()  # returns after reporting
+    assert [str(f) for f in faults] == ["the journal is out of reach"]
+
+
+# -- workers on PostgreSQL and the emulator ---------------------------------------------------
+
+
+def fleet_jobs(n: int) -> list[tuple[str, am.VideoRequest]]:
+    return [(f"job{i}", am.VideoRequest("sora-2-preview", f"prompt {i}")) for i in range(n)]
+
+
+def pg_journal(url: str, schema: str, n: int, name: str = "fleet") -> am.PostgresJournal:
+    prints = [r.fingerprint() for _, r in fleet_jobs(n)]
+    return am.PostgresJournal(url, name=name, schema=schema, fingerprints=prints)
+
+
+async def pg_rows(url: str, sql: str) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return list(await conn.fetch(sql))
+    finally:
+        await conn.close()
+
+
+FAST = am.PollPolicy(first_check=0.05, min_interval=0.05, max_interval=0.2, jitter=0.0)
+
+
+async def test_two_workers_share_one_batch_each_job_once_within_a_fleet_wide_limit(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    n, limit = 40, 3
+    ended: dict[str, list[int]] = {"a": [], "b": []}
+    async with Emulator(task_duration=(0.05, 0.3), video_bytes=4096, seed=3) as emu:
+
+        async def worker(tag: str) -> None:
+            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+                async with client.batch(
+                    fleet_jobs(n),
+                    concurrency=4,
+                    max_pending=limit,
+                    journal=pg_journal(postgres.url, pg_schema, n),
+                    download_dir=tmp_path / tag,
+                    lease=5.0,
+                ) as results:
+                    async for outcome in results:
+                        assert outcome.ok, outcome.error
+                        ended[tag].append(outcome.index)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker, "a")
+            tg.start_soon(worker, "b")
+        assert sorted(ended["a"] + ended["b"]) == list(range(n))  # each job once, fleet-wide
+        assert ended["a"] and ended["b"]  # both worked
+        assert emu.tasks_created == n and set(emu.tasks_per_key.values()) == {1}
+        # each worker alone may have up to 3 pending: together, never more than 3 either
+        assert emu.state.max_unfinished <= limit
+    rows = await pg_rows(
+        postgres.url, f"SELECT state, count(*) AS n FROM {pg_schema}.jobs GROUP BY state"
+    )
+    assert {r["state"]: r["n"] for r in rows} == {"done": n}
+    held = await pg_rows(
+        postgres.url, f"SELECT count(*) AS n FROM {pg_schema}.claims WHERE worker IS NOT NULL"
+    )
+    assert held[0]["n"] == 0  # every claim let go
+    workers = await pg_rows(postgres.url, f"SELECT host, pid FROM {pg_schema}.workers")
+    assert len(workers) == 2
+
+
+async def test_a_batch_run_by_workers_keeps_a_fleet_wide_max_cost(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    n = 12
+    async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=4) as emu:
+        price = None
+        outcomes: list[am.Outcome] = []
+
+        async def worker(tag: str) -> None:
+            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+                async with client.batch(
+                    fleet_jobs(n),
+                    concurrency=2,
+                    max_cost=1.0,
+                    journal=pg_journal(postgres.url, pg_schema, n),
+                    download_dir=tmp_path / tag,
+                    lease=5.0,
+                ) as results:
+                    async for outcome in results:
+                        outcomes.append(outcome)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker, "a")
+            tg.start_soon(worker, "b")
+        paid = [o for o in outcomes if o.ok]
+        price = paid[0].task.cost if paid and paid[0].task else None
+        assert price is not None and price > 0
+        assert emu.tasks_created == len(paid) == int(1.0 // price)  # not one more, fleet-wide
+        refused = [o for o in outcomes if isinstance(o.error, am.BudgetExceededError)]
+        assert refused and "by the batch's workers" in str(refused[0].error)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_workers_killed_and_restarted_every_job_ends_once(
+    postgres: Any, pg_schema: str, tmp_path: Path, long_run: bool
+) -> None:
+    """The must-show crash test: 3 worker processes, 5 % faults, random SIGKILLs and
+    restarts; every job ends exactly once, no key makes two tasks, ``max_pending`` holds
+    fleet-wide (measured at the emulator), every file is whole (sha256)."""
+    n, kills_wanted, lease, limit = (1000, 15, 2.0, 24) if long_run else (150, 4, 2.0, 12)
+    rng = random.Random(15)
+    outs = [tmp_path / f"w{slot}" for slot in range(3)]
+    async with Emulator(
+        task_duration=(0.1, 0.6), video_bytes=64 * 1024, file_chunk_delay=0.002, seed=15
+    ) as emu:
+        emu.faults.set_rate(0.05)  # every endpoint, every kind of fault
+        procs: dict[int, Any] = {}
+        kills: list[tuple[int, int, int]] = []  # (slot, tasks created, file requests)
+
+        def progress() -> int:
+            return emu.tasks_created + emu.counters.get("file", 0)
+
+        async def start(slot: int) -> None:
+            cmd = [
+                sys.executable,
+                str(ROOT / "tests" / "fleet_worker.py"),
+                emu.base_url,
+                emu.api_key,
+                postgres.url,
+                pg_schema,
+                str(outs[slot]),
+                str(n),
+                str(lease),
+                str(limit),
+            ]
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            procs[slot] = await anyio.open_process(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=None
+            )
+
+        for slot in range(3):
+            await start(slot)
+        # a kill each time the fleet made this much progress (tasks made + files fetched)
+        step = max(10, 2 * n // (kills_wanted * 3 // 2))
+        with anyio.fail_after(600 if long_run else 240):
+            base = progress()
+            while len(kills) < kills_wanted:
+                live = [s for s, p in procs.items() if p.returncode is None]
+                if not live:
+                    break  # the batch ended before all the kills: asserted below
+                if progress() - base < step:
+                    try:
+                        await emu.wait_until(lambda b=base: progress() - b >= step, timeout=2)
+                    except TimeoutError:
+                        continue  # quiet (leases running out, or the end): look again
+                slot = rng.choice(live)
+                proc = procs[slot]
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+                await proc.aclose()
+                kills.append((slot, emu.tasks_created, emu.counters.get("file", 0)))
+                base = progress()
+                await start(slot)  # a restart, as a supervisor would
+            codes = [await p.wait() for p in procs.values()]
+            for p in procs.values():
+                await p.aclose()
+        print(f"jobs {n}, kills {len(kills)} (slot, tasks made, file requests): {kills}")
+        assert codes == [0, 0, 0]
+        assert len(kills) >= kills_wanted
+        # nothing paid twice: each key made one task, each job one task
+        assert emu.tasks_created == n
+        assert set(emu.tasks_per_key.values()) == {1}
+        prompts = Counter(t.body["prompt"] for t in emu.state.tasks.values())
+        assert len(prompts) == n and set(prompts.values()) == {1}
+        task_of = {t.body["prompt"]: t.id for t in emu.state.tasks.values()}
+        # the fleet-wide limit, as the service saw it
+        print(f"max pending at the emulator {emu.state.max_unfinished} (limit {limit})")
+        assert emu.state.max_unfinished <= limit
+        served = emu.stats()["faults_served"]
+        print(f"faults served {sum(served.values())}: {served}")
+        assert served  # faults were served
+        # the journal: every job done, completed, with its task and its file
+        rows = await pg_rows(
+            postgres.url,
+            f"SELECT idx, state, status, task_id, files FROM {pg_schema}.jobs"
+            " WHERE batch = 'fleet' ORDER BY idx",
+        )
+        assert [r["idx"] for r in rows] == list(range(n))
+        for r in rows:
+            assert (r["state"], r["status"]) == ("done", "completed"), r
+            assert r["task_id"] == task_of[f"prompt {r['idx']}"]
+            (f,) = json.loads(r["files"])
+            path = Path(f["path"])
+            assert path.name == f"job{r['idx']}.mp4"
+            assert f["sha256"] == emu.file_sha256(r["task_id"]) == file_sha256(path)
+            assert path.stat().st_size == emu.state.video_bytes == f["bytes"]
+        # ended exactly once: no job in two manifests (a killed worker may miss a line)
+        lines = [
+            json.loads(line)["index"]
+            for out in outs
+            if (out / "manifest.jsonl").exists()
+            for line in (out / "manifest.jsonl").read_text().splitlines()
+        ]
+        assert set(Counter(lines).values()) <= {1}
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+async def test_lease_is_checked_before_anything_is_sent() -> None:
+    async with am.AsyncApimart("sk-test", base_url="http://127.0.0.1:9") as client:
+        with pytest.raises(am.ValidationError, match="lease"):
+            client.batch([], lease=0)
+        with pytest.raises(am.ValidationError, match="lease"):
+            client.batch([], lease=float("inf"))
+
+
+async def test_cli_lease_flag_is_checked(tmp_path: Path) -> None:
+    from .test_cli import JOBS, cli
+
+    code, _, stderr = await cli("run", str(JOBS), "--out", str(tmp_path), "--lease", "0")
+    assert code == 2
+    assert "--lease: must be a number of seconds > 0, got '0'" in stderr
+
+
+async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path: Path) -> None:
+    """Two `run` commands of the same batch at once: each a worker, no JournalLockedError,
+    each job ended by one of them, and each exits 0 counting the other's jobs."""
+    from .test_cli import JOBS, cli
+
+    base = ["--journal", postgres.url, "--schema", pg_schema, "--emulate", "--lease", "5"]
+    results: list[tuple[int, str, str]] = []
+
+    async def one(tag: str) -> None:
+        results.append(await cli("run", str(JOBS), "--out", str(tmp_path / tag), *base))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "a")
+        tg.start_soon(one, "b")
+    completed = 0
+    for code, stdout, stderr in results:
+        assert code == 0, stderr
+        assert "JournalLockedError" not in stderr
+        (mine,) = re.findall(r"^completed\s+(\d+)$", stdout, re.MULTILINE)
+        completed += int(mine)
+    assert completed == 5  # each job ended by one worker; each run counts the other's too
+    videos = [p.name for tag in "ab" for p in (tmp_path / tag).glob("*.mp4")]
+    assert len(videos) == len(set(videos)) == 5
