@@ -827,8 +827,10 @@ class TaskWatch:
         self._send, self._receive = anyio.create_memory_object_stream[Task | ApimartError](
             max_buffer_size=math.inf
         )
+        self._entered = False
 
     async def __aenter__(self) -> TaskWatch:
+        self._entered = True
         if not self._ids:
             self._send.close()
         for task_id in self._ids:
@@ -856,6 +858,13 @@ class TaskWatch:
         return self
 
     async def __anext__(self) -> Task:
+        if not self._entered:  # nothing is followed before async with: it would wait for ever
+            self._send.close()
+            self._receive.close()
+            raise RuntimeError(
+                "a watch follows its tasks inside 'async with client.tasks.watch(...) as"
+                " stream:'; iterate 'async for task in stream' there"
+            )
         try:
             item = await self._receive.receive()
         except anyio.EndOfStream:

@@ -59,9 +59,11 @@ class Batch:
         )
         self.options = options
         """What this batch was asked to do."""
+        self._entered = False
 
     async def __aenter__(self) -> Batch:
         await self._run.enter()
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -80,6 +82,11 @@ class Batch:
         return self
 
     async def __anext__(self) -> Success | Failure:
+        if not self._entered:  # it would end at once: nothing runs before async with
+            raise RuntimeError(
+                "a batch runs inside 'async with client.batch(...) as results:'; iterate"
+                " 'async for outcome in results' there"
+            )
         return await self._run.next()
 
     @property

@@ -533,3 +533,19 @@ async def test_generate_uses_the_shared_poller(
         await manual_emu.wait_until(lambda: len(manual_client._poller) == 1)
         manual_emu.complete_all()
     assert len(manual_client._poller) == 0
+
+
+async def test_iterating_a_batch_or_a_watch_outside_async_with_says_how_to_use_it(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    """``async for o in client.batch(jobs)`` ended at once with no outcome and nothing sent,
+    and ``async for t in client.tasks.watch(ids)`` waited for ever (brk21b 8): both run only
+    inside ``async with``, and now say so."""
+    with pytest.raises(RuntimeError, match=r"inside 'async with client.batch\(...\) as"):
+        async for _ in manual_client.batch([sora(0)]):
+            pass
+    with pytest.raises(RuntimeError, match=r"inside 'async with client.tasks.watch\(...\) as"):
+        async for _ in manual_client.tasks.watch(["t1"]):
+            pass
+    assert sum(manual_emu.counters.values()) == 0
+    assert len(manual_client._poller) == 0
