@@ -13,12 +13,14 @@ import math
 import os
 import re
 import ssl as _ssl
+import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
+import anyio.lowlevel
 
 from ._api import Api, BatchRoute, check_task_id, new_idempotency_key
 from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
@@ -44,6 +46,7 @@ from ._pacing import Pacing, RateLimiter, Throttle
 from ._poll_schedule import PollPolicy
 from ._poller import Poller
 from ._priors import kind_of
+from ._slices import LOOP_SLICE
 from ._status_window import DEFAULT_MAX_STATUS_CONCURRENCY, StatusWindow
 from ._transport import Transport, check_proxy_url
 
@@ -800,8 +803,10 @@ class Tasks:
             async for task in stream:      # completion order; failed ones too
                 ...
         """
-        ids = list(dict.fromkeys(check_task_id(t, "task_ids[]") for t in task_ids))
-        return TaskWatch(self._poller, ids)
+        if isinstance(task_ids, (str, bytes)) or not isinstance(task_ids, Iterable):
+            rule = "must be a list of task ids"
+            raise ValidationError([FieldError("task_ids", rule, type(task_ids).__name__)])
+        return TaskWatch(self._poller, list(task_ids))  # checked as they are registered
 
 
 def _settled(task: Task) -> Task:
@@ -822,19 +827,37 @@ class TaskWatch:
 
     def __init__(self, poller: Poller, ids: list[str]) -> None:
         self._poller = poller
-        self._ids = ids
-        self._remaining = set(ids)
+        self._given = ids
+        self._ids: list[str] = []
+        self._remaining: set[str] = set()
         self._send, self._receive = anyio.create_memory_object_stream[Task | ApimartError](
             max_buffer_size=math.inf
         )
         self._entered = False
 
     async def __aenter__(self) -> TaskWatch:
+        # 20,000 ids (a replica taking up its tasks after a restart) are checked and handed
+        # to the poller in slices of LOOP_SLICE seconds, not in one stretch of the loop
         self._entered = True
-        if not self._ids:
-            self._send.close()
-        for task_id in self._ids:
-            self._poller.watch(task_id, self._on_done, reattach=True)
+        since = time.perf_counter()
+        ids: dict[str, None] = {}
+        try:
+            for given in self._given:
+                ids[check_task_id(given, "task_ids[]")] = None
+                if time.perf_counter() - since > LOOP_SLICE:
+                    await anyio.lowlevel.checkpoint()
+                    since = time.perf_counter()
+            self._ids, self._remaining = list(ids), set(ids)
+            if not self._ids:
+                self._send.close()
+            for task_id in self._ids:
+                self._poller.watch(task_id, self._on_done, reattach=True)
+                if time.perf_counter() - since > LOOP_SLICE:
+                    await anyio.lowlevel.checkpoint()
+                    since = time.perf_counter()
+        except BaseException:  # a bad id, or cancelled: nothing is left watched
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import apimart_async as am
-from apimart_async import _jobs, _outcomes, _poller
+from apimart_async import _client, _jobs, _outcomes, _poller
 from apimart_async.emulator import Emulator
 
 from .conftest import FAST_POLL
@@ -159,3 +159,34 @@ async def test_a_replay_waits_for_its_reader_instead_of_queueing_every_outcome(
     assert sorted(o.index for o in replayed) == list(range(n))
     assert [o for o in replayed if not o.replayed] == []
     assert emu.tasks_created == n
+
+
+async def test_watching_thousands_of_tasks_lets_the_event_loop_run(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica taking up its tasks after a restart (``tasks.watch`` of 20,000 ids) checked
+    and registered every id in one stretch: 170-250 ms of the loop's CPU (brk21b 9). They go
+    in slices now; a bad id among them leaves nothing watched."""
+    ids = manual_emu.create_tasks(300)  # running: each stays watched until the block ends
+    monkeypatch.setattr(_client, "time", SlowClock(), raising=False)
+    runs: list[int] = []  # ids registered between two turns of another task
+    poller = manual_client._poller
+    async with anyio.create_task_group() as tg:
+
+        async def other_request() -> None:
+            seen = 0
+            while True:
+                await anyio.lowlevel.checkpoint()
+                runs.append(len(poller) - seen)
+                seen = len(poller)
+
+        tg.start_soon(other_request)
+        async with manual_client.tasks.watch(ids) as stream:
+            assert stream.remaining == ids and len(poller) == 300
+            tg.cancel_scope.cancel()
+    assert sum(runs) == 300 and max(runs) <= 5  # without the slices: all 300 in one stretch
+    assert len(poller) == 0
+    with pytest.raises(am.ValidationError, match=r"task_ids\[\]"):
+        async with manual_client.tasks.watch([*ids, "a/b"]):
+            pass
+    assert len(poller) == 0
