@@ -10,7 +10,7 @@ import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -304,6 +304,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: The most URLs one ``image_urls`` or ``video_urls`` list may hold (no model takes more than
+#: 16): a longer list, from an untrusted body, is refused by its length before each URL is
+#: checked.
+MAX_URLS: Final = 100
+
 NOT_UNICODE = "must be valid Unicode text (it holds a lone surrogate, as JSON's \\ud800)"
 
 
@@ -378,6 +383,9 @@ def _check_url_list(
         return []
     if not isinstance(value, tuple):
         errors.append(FieldError(name, "must be a list of URLs", value))
+        return []
+    if len(value) > MAX_URLS:  # refused by its length: an untrusted body may hold 50,000
+        errors.append(FieldError(name, f"must hold at most {MAX_URLS} URLs", f"{len(value)} URLs"))
         return []
     good: list[str] = []
     for i, url in enumerate(cast("tuple[object, ...]", value)):

@@ -565,3 +565,18 @@ def test_text_with_a_lone_surrogate_is_refused_by_name(field: str, data: dict[st
     unicode_errors = [e for e in info.value.errors if "valid Unicode text" in e.rule]
     assert [e.field for e in unicode_errors] == [field]
     str(info.value).encode("utf-8")  # the message itself can be printed and logged
+
+
+def test_a_url_list_longer_than_any_model_takes_is_refused_before_each_url_is_checked() -> None:
+    """An untrusted body of 50,000 ``image_urls`` (1 MB) was checked URL by URL, accepted
+    with a warning and would have been sent (brk21b 10): a list over ``MAX_URLS`` is refused
+    at once by its length."""
+    body = {"model": "sora-2-preview", "prompt": "x", "image_urls": ["http://a/b.png"] * 50_000}
+    with pytest.raises(am.ValidationError) as info:
+        am.VideoRequest.from_dict(body)
+    (error,) = info.value.errors
+    assert (error.field, error.rule) == ("image_urls", "must hold at most 100 URLs")
+    assert "50000 URLs" in str(error)
+    with pytest.raises(am.ValidationError, match="video_urls: must hold at most 100 URLs"):
+        am.VideoRequest("some-new-model", "x", video_urls=["http://a/b.mp4"] * 101)
+    am.VideoRequest("some-new-model", "x", image_urls=["http://a/b.png"] * 100)  # the limit
