@@ -11,6 +11,7 @@ setting keeps working wherever the setting is given.
 from __future__ import annotations
 
 import math
+import sys
 
 from ._errors import FieldError, OptionError
 
@@ -57,6 +58,7 @@ def check_positive_number(
     ):
         rule = f"must be a positive number {unit}".rstrip()
         raise OptionError([FieldError(name, rule, value)])
+    _fits_a_float(name, value)
 
 
 def check_seconds(name: str, value: object) -> None:
@@ -73,6 +75,17 @@ def check_non_negative_number(name: str, value: object, *, unit: str, finite: bo
         or (finite and not math.isfinite(value))
     ):
         raise OptionError([FieldError(name, f"must be >= 0 {unit}", value)])
+    _fits_a_float(name, value)
+
+
+def _fits_a_float(name: str, value: int | float) -> None:
+    """Times and rates are floats inside: a whole number too large for one (``10**400``)
+    is refused by name, not an ``OverflowError`` later."""
+    if isinstance(value, int) and value > _FLOAT_MAX:
+        raise OptionError([FieldError(name, "is too large (at most about 1.8e308)", value)])
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def check_non_negative_seconds(name: str, value: object) -> None:

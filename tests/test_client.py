@@ -447,3 +447,15 @@ async def test_a_task_id_with_a_lone_surrogate_is_refused_and_stalls_no_other_wa
     with pytest.raises(am.WebhookError, match="not a task id"):
         await manual_client.tasks.notify({"id": LONE_SURROGATE_ID, "status": "completed"})
     assert sum(manual_emu.counters.values()) == 0
+
+
+async def test_a_whole_number_too_large_for_a_float_is_refused_by_name(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    """``timeout=10**400`` passed the check (a positive number), then ended in a raw
+    OverflowError where it became a float (brk21b 16)."""
+    with pytest.raises(am.OptionError, match="timeout: is too large"):
+        await manual_client.tasks.wait("t1", timeout=10**400)
+    with pytest.raises(am.OptionError, match="timeout: is too large"):
+        await manual_client.videos.generate(am.VideoRequest("sora-2-preview", "x"), timeout=10**400)
+    assert sum(manual_emu.counters.values()) == 0
