@@ -49,12 +49,8 @@ async def create_video(request: web.Request) -> web.Response:
         return web.json_response({"error": "request: is nested too deep"}, status=422)
     try:
         task_id = await request.app[CLIENT].videos.submit(video)
-    except am.APIStatusError as exc:
-        return web.json_response(
-            {"error": exc.message}, status=502 if exc.status >= 500 else exc.status
-        )
     except am.ApimartError as exc:
-        return web.json_response({"error": str(exc)}, status=502)
+        return error_response(exc)
     return web.json_response({"task_id": task_id}, status=202)
 
 
@@ -64,7 +60,7 @@ async def video_status(request: web.Request) -> web.Response:
     except am.NotFoundError:
         return web.json_response({"error": "no such task"}, status=404)
     except am.ApimartError as exc:
-        return web.json_response({"error": str(exc)}, status=502)
+        return error_response(exc)
     return web.json_response(
         {
             "status": task.status.value,
@@ -73,6 +69,34 @@ async def video_status(request: web.Request) -> web.Response:
             "error": task.error.message if task.error else None,
         }
     )
+
+
+def http_status(exc: am.ApimartError) -> int:
+    """The HTTP status for an SDK error (the table of ``examples/web_backend.py``)."""
+    match exc:
+        case am.ValidationError() | am.BadRequestError():  # the caller's request: nothing sent,
+            return 422  # or the service refused it
+        case am.APIStatusError(status=413):
+            return 413
+        case am.InsufficientBalanceError():
+            return 402
+        case am.RateLimitError():
+            return 429
+        case am.NotFoundError():
+            return 404
+        case am.TaskTimeoutError() | am.APITimeoutError():
+            return 504
+        case am.ClientClosedError():  # the server is shutting down
+            return 503
+        case _:  # upstream failures: 5xx, unreachable, our own key refused (never the caller's)
+            return 502
+
+
+def error_response(exc: am.ApimartError) -> web.Response:
+    headers = {}
+    if isinstance(exc, am.RateLimitError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return web.json_response({"error": str(exc)}, status=http_status(exc), headers=headers)
 
 
 async def main_emulated(port: int) -> None:

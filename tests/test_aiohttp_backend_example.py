@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from apimart_async.emulator import Emulator
+from apimart_async.emulator import Emulator, Fault
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from aiohttp_backend import create_app
@@ -52,3 +52,24 @@ async def test_submit_and_status_through_the_backend() -> None:
                 assert body["status"] == "completed" and body["video_urls"]
             assert (await http.get("/videos/task_nope")).status == 404
         assert emu.tasks_created == 2
+
+
+async def test_sdk_errors_get_the_reference_apps_http_statuses() -> None:
+    """The reference app's table (``examples/web_backend.py``): a task id the SDK refuses
+    before sending anything is the caller's error (422, was 502), the service refusing the
+    backend's own key is an upstream failure (502, was the service's 401 passed on to the
+    browser), a rate limit is 429 (brk21b 12, 13)."""
+    async with Emulator(frozen_clock=True, task_duration=10.0) as emu:
+        wrong_key = create_app(api_key="sk-not-this-one", base_url=emu.base_url)
+        async with TestClient(TestServer(wrong_key)) as http:
+            resp = await http.post("/videos", json={"model": "sora-2-preview", "prompt": "x"})
+            assert resp.status == 502
+        app = create_app(api_key=emu.api_key, base_url=emu.base_url)
+        async with TestClient(TestServer(app)) as http:
+            resp = await http.get("/videos/a%20b")
+            assert resp.status == 422
+            assert (await resp.json())["error"].startswith("task_id: must not contain")
+            emu.faults.inject("submit", Fault.rate_limited(0), times=10)
+            resp = await http.post("/videos", json={"model": "sora-2-preview", "prompt": "x"})
+            assert resp.status == 429
+        assert emu.tasks_created == 0
