@@ -44,7 +44,15 @@ import anyio
 import attrs
 
 from ._converter import structure_task, task_to_wire
-from ._errors import ApimartError, ConfigurationError, JournalError, NotFoundError, NoVideoError
+from ._errors import (
+    ApimartError,
+    ConfigurationError,
+    FieldError,
+    JournalError,
+    NotFoundError,
+    NoVideoError,
+    ValidationError,
+)
 from ._jobs import definitive
 from ._journal import SqliteJournal
 from ._models import Task, VideoRequest
@@ -112,6 +120,10 @@ class ClientJournal:
                 " (a batch's journal= takes one)"
             )
         if isinstance(journal, (str, os.PathLike)):
+            if "\x00" in str(os.fspath(journal)):  # no file system takes one
+                raise ValidationError(
+                    [FieldError("journal", "must not contain a NUL character", "...\\x00...")]
+                )
             return cls(SqliteJournal(os.fspath(journal)))
         if isinstance(journal, SqliteJournal):
             return cls(journal)

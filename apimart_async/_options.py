@@ -118,6 +118,16 @@ class BatchOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 bad.append(FieldError(name, "must be a path (str or os.PathLike)", value))
+        roots = self.media_root
+        paths: dict[str, list[object]] = {
+            "download_dir": [self.download_dir],
+            "manifest": [self.manifest],
+            "media_root": [roots] if isinstance(roots, (str, os.PathLike)) else list(roots or ()),
+            "journal": [self.journal] if isinstance(self.journal, (str, os.PathLike)) else [],
+        }
+        for name, values in paths.items():
+            if any(_has_nul(v) for v in values):  # no file system takes one
+                bad.append(FieldError(name, "must not contain a NUL character", "...\\x00..."))
         journal = self.journal
         if not (
             journal is None
@@ -204,3 +214,10 @@ class BatchOptions:
         if self.max_cost is None:
             return None
         return Budget(self.max_cost, self.cost_estimate)
+
+
+def _has_nul(path: object) -> bool:
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    text = os.fspath(path)
+    return ("\x00" if isinstance(text, str) else b"\x00") in text

@@ -549,3 +549,15 @@ async def test_iterating_a_batch_or_a_watch_outside_async_with_says_how_to_use_i
             pass
     assert sum(manual_emu.counters.values()) == 0
     assert len(manual_client._poller) == 0
+
+
+@pytest.mark.parametrize("option", ["manifest", "download_dir", "media_root", "journal"])
+async def test_a_path_with_a_nul_character_is_refused_by_name(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, option: str
+) -> None:
+    """``ValueError: embedded null byte`` escaped from ``async with`` (brk21b 14)."""
+    with pytest.raises(am.ValidationError, match=f"{option}: must not contain a NUL character"):
+        manual_client.batch([sora(0)], **{option: "x\x00"})
+    with pytest.raises(am.ValidationError, match="journal: must not contain a NUL character"):
+        am.AsyncApimart("sk-test", base_url=manual_emu.base_url, journal="j\x00.sqlite")
+    assert sum(manual_emu.counters.values()) == 0
