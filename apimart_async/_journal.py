@@ -121,12 +121,28 @@ class JobRecord:
     @property
     def task(self) -> dict[str, Any] | None:
         """The terminal task in its wire form."""
-        return json.loads(self._task) if self._task is not None else None
+        return _parsed(self._task, self.index, "task")
 
     @property
     def request(self) -> dict[str, Any] | None:
         """The request body as it was sent (``VideoRequest.to_body()``)."""
-        return json.loads(self._request) if self._request is not None else None
+        return _parsed(self._request, self.index, "request")
+
+
+def _parsed(text: str | None, index: int, what: str) -> dict[str, Any] | None:
+    """A record's JSON text as a dict; text that is not a JSON object (from a ``Journal`` of
+    another kind) is a ``JournalError``, as any fault of a journal is."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise JournalError(
+            f"the journal's record of job {index} holds a {what} that is not a JSON object"
+        )
+    return value
 
 
 class Journal(Protocol):

@@ -657,3 +657,36 @@ async def test_an_opened_journal_gives_the_garbage_collector_a_few_objects_per_j
     assert record.task == task and record.request == body  # as they were written
     record.task["status"] = "changed"  # type: ignore[index]  # a copy: the record is frozen
     assert record.task == task
+
+
+@pytest.mark.parametrize("text", ["not json", "[1]", "5"])
+async def test_a_journal_handing_back_a_task_that_is_not_a_json_object_is_a_journal_error(
+    tmp_path: Path, text: str
+) -> None:
+    """A ``Journal`` may hand ``JobRecord`` the JSON text it stores; text that is not a JSON
+    object broke the replay with a raw JSONDecodeError, an AttributeError, or a
+    ResponseValidationError blaming a service reply that never was (brk21b 11)."""
+    from apimart_async._journal import JobRecord
+
+    class TextJournal(SqliteJournal):
+        async def open(self) -> dict[int, JobRecord]:
+            records = await super().open()
+            return {i: JobRecord(**{**_fields(r), "task": text}) for i, r in records.items()}
+
+    jobs = [am.VideoRequest("sora-2-preview", "x")]
+    async with Emulator(task_duration=0.01) as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client:
+            async with client.batch(jobs, journal=tmp_path / "b.sqlite") as results:
+                assert [o.ok async for o in results] == [True]
+            with pytest.raises(am.JournalError, match="job 0 holds a task that is not a JSON"):
+                journal = TextJournal(str(tmp_path / "b.sqlite"))
+                async with client.batch(jobs, journal=journal) as results:
+                    async for _ in results:
+                        pass
+        assert emu.tasks_created == 1
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    names = ("index", "fingerprint", "idempotency_key", "state", "name", "task_id", "status")
+    more = ("cost", "error", "error_type", "files", "request")
+    return {name: getattr(record, name) for name in (*names, *more)}
