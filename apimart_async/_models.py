@@ -384,11 +384,12 @@ def _check_url_list(
     if not isinstance(value, tuple):
         errors.append(FieldError(name, "must be a list of URLs", value))
         return []
-    if len(value) > MAX_URLS:  # refused by its length: an untrusted body may hold 50,000
-        errors.append(FieldError(name, f"must hold at most {MAX_URLS} URLs", f"{len(value)} URLs"))
+    items = cast("tuple[object, ...]", value)
+    if len(items) > MAX_URLS:  # refused by its length: an untrusted body may hold 50,000
+        errors.append(FieldError(name, f"must hold at most {MAX_URLS} URLs", f"{len(items)} URLs"))
         return []
     good: list[str] = []
-    for i, url in enumerate(cast("tuple[object, ...]", value)):
+    for i, url in enumerate(items):
         rule = _url_error(url, allow_data_video=allow_data_video, allow_local=True)
         if (
             rule is None
