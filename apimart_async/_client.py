@@ -29,6 +29,7 @@ from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolv
 from ._download import Downloader
 from ._errors import (
     ApimartError,
+    ClientClosedError,
     ConfigurationError,
     FieldError,
     NoVideoError,
@@ -43,6 +44,7 @@ from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoR
 from ._options import BatchOptions
 from ._outcomes import BatchEvent, JobInput
 from ._pacing import Pacing, RateLimiter, Throttle
+from ._pg_journal import PostgresJournal
 from ._poll_schedule import PollPolicy
 from ._poller import Poller
 from ._priors import kind_of
@@ -107,6 +109,12 @@ class AsyncApimart:
             settles a submit whose reply was lost. Opened with the client (one client per
             file at a time: another gets ``JournalLockedError``); the file may be a batch's
             journal too, but not one a running batch holds. The API key is never written.
+            A ``postgresql://`` URL (or a ``PostgresJournal``: its ``schema``, and its
+            ``name`` naming the client) keeps the same records in PostgreSQL, shared by the
+            replicas of a web app (no lock): any replica lists and waits for the tasks any
+            of them submitted, and a webhook callback that lands on a replica where no wait
+            follows its task is passed on to the others (a PostgreSQL notification), so the
+            wait ends wherever it is.
     """
 
     def __init__(
@@ -126,7 +134,7 @@ class AsyncApimart:
         proxy: str | None = None,
         trust_env: bool = True,
         wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
-        journal: str | os.PathLike[str] | SqliteJournal | None = None,
+        journal: str | os.PathLike[str] | SqliteJournal | PostgresJournal | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         self._journal = ClientJournal.of(journal)
@@ -213,6 +221,8 @@ class AsyncApimart:
         self._stop_runner = anyio.Event()
         self.tasks: Tasks = Tasks(self._api, self._poller, self._journal)
         """Read, wait for and watch tasks."""
+        if self._journal is not None:  # issue 15: callbacks other replicas received
+            self._journal.on_relay = self.tasks._relayed
         self.videos: Videos = Videos(self._api, self.tasks)
         """Submit and generate videos."""
         self.uploads: Uploads = Uploads(self._api)
@@ -674,7 +684,20 @@ class Tasks:
             self._callbacks.checked += 1
             return True
         self._callbacks.ignored += 1
+        # a replica sharing the (PostgreSQL) journal may be the one waiting for it
+        shared = self._journal is not None and self._journal.shared
+        if shared and self._journal is not None and await self._journal.publish(task_id):
+            self._callbacks.forwarded += 1
         return False
+
+    def _relayed(self, task_id: str) -> None:
+        """Another replica received the callback of ``task_id``: read it in the next round
+        if a wait here follows it."""
+        try:
+            if self._poller.check_now(task_id):
+                self._callbacks.relayed += 1
+        except ClientClosedError:
+            pass  # closing: nobody here waits any more
 
     def webhook_counts(self) -> dict[str, int]:
         """Callbacks handed to ``notify`` so far: ``received``, ``checked`` (a followed task,

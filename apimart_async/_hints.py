@@ -99,6 +99,12 @@ class WebhookCounts:
     """Callbacks for a task nobody here follows (unknown, or already ended: a repeat)."""
     malformed: int = 0
     """Callbacks refused with ``WebhookError`` (the handler's 400s)."""
+    forwarded: int = 0
+    """Of the ``ignored``: passed on to the other replicas of a shared (PostgreSQL) client
+    journal, for a task of that journal still pending (a wait may follow it there)."""
+    relayed: int = 0
+    """Callbacks another replica passed on, for a task a wait of this client follows: it is
+    read in the next round, as a ``checked`` one."""
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)

@@ -365,6 +365,8 @@ async def test_a_callback_for_an_unknown_task_is_acknowledged_and_a_malformed_on
             "checked": 0,
             "ignored": 2,
             "malformed": 3,
+            "forwarded": 0,
+            "relayed": 0,
         }
         assert client.request_counts().get("task", 0) == 0  # nothing was read for them
     assert emu.api_key not in caplog.text
