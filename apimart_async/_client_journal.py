@@ -254,6 +254,8 @@ class ClientJournal:
         self.is_open: bool = False
         self.on_relay: Callable[[str], object] | None = None
         """Given each task id another replica's callback named (a shared store only)."""
+        if isinstance(store, PgSubmits):
+            store.on_task = self._relayed
 
     @property
     def shared(self) -> bool:
@@ -315,7 +317,7 @@ class ClientJournal:
         the callbacks other replicas receive (the client's task group runs it)."""
         async with anyio.create_task_group() as tg:
             if isinstance(self.store, PgSubmits):
-                tg.start_soon(self.store.listen, self._relayed)
+                tg.start_soon(self.store.listen)
             while True:
                 await self._wake.wait()
                 self._wake = anyio.Event()

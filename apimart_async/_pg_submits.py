@@ -96,10 +96,14 @@ class PgSubmits:
             locked=False,
         )
         self._mutex = anyio.Lock()  # one statement at a time on the connection
+        self.on_task: Callable[[str], object] | None = None
+        """Given the task id of every notification on the channel (set before ``open``)."""
         self.listening = anyio.Event()
         """Set once the listener's ``LISTEN`` is in place (again after each reconnect)."""
         self.relayed = 0
         """Notifications received from the channel."""
+        self._listener: Any = None
+        self._lost = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<PgSubmits {self.where}>"
@@ -132,12 +136,16 @@ class PgSubmits:
 
         try:
             await self._call("open", run)
+            # listening before the client is open: a callback relayed from then on is seen
+            await self._listen_again()
         except BaseException:
             await self.close()  # no connection left behind by a refused open
             raise
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
+            listener, self._listener = self._listener, None
+            await _close_quietly(listener)
             async with self._mutex:
                 await self._link.forget()
 
@@ -257,39 +265,58 @@ class PgSubmits:
             return False
         return sent > 0
 
-    async def listen(self, on_task: Callable[[str], object]) -> None:
-        """Hand every task id published on the channel to ``on_task`` (synchronous), for as
-        long as it runs (the client's task group), on a connection of its own: a lost one is
-        reconnected (every 10 s a ``SELECT 1`` checks it is still there)."""
+    def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.relayed += 1
+        if self.on_task is None:
+            return
+        try:
+            self.on_task(payload)
+        except Exception as exc:  # noqa: BLE001 - never ends the listener
+            logger.debug("a relayed callback for %s was not followed: %s", payload, exc)
+
+    async def _listen_again(self) -> None:
+        """A connection of its own that ``LISTEN``s on the channel (once connected, a lost
+        connection sets ``_lost`` at once: asyncpg's termination listener)."""
+        old, self._listener = self._listener, None
+        with anyio.CancelScope(shield=True):
+            await _close_quietly(old)
+        self._lost = anyio.Event()
+        conn = await self._link.connect()
+        try:
+            conn.add_termination_listener(lambda _conn: self._lost.set())
+            await conn.add_listener(self.channel, self._received)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _close_quietly(conn)
+            raise
+        self._listener = conn
+        self.listening.set()
+
+    async def listen(self) -> None:
+        """Keep the listener's connection (the client's task group runs this while the
+        client is open): a lost one is noticed at once (or by a ``SELECT 1`` every 10 s)
+        and replaced, waiting a little longer between failed attempts (up to 5 s)."""
         pause = 0.05
-
-        def received(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-            self.relayed += 1
-            try:
-                on_task(payload)
-            except Exception as exc:  # noqa: BLE001 - never ends the listener
-                logger.debug("a relayed callback for %s was not followed: %s", payload, exc)
-
         while True:
-            conn: Any = None
             try:
-                conn = await self._link.connect()
-                await conn.add_listener(self.channel, received)
-                self.listening.set()
-                pause = 0.05
-                while True:
-                    await anyio.sleep(10)
+                if self._listener is None or self._listener.is_closed():
+                    await self._listen_again()
+                    pause = 0.05
+                with anyio.move_on_after(10):
+                    await self._lost.wait()
+                if not self._lost.is_set():
                     with anyio.fail_after(self.journal.connect_timeout):
-                        await conn.fetchval("SELECT 1")
+                        await self._listener.fetchval("SELECT 1")
+                    continue
             except Exception as exc:
                 if not self._link.foreign(exc):
                     raise
                 logger.debug(
                     "the callback listener of %s reconnects: %s", self.where, type(exc).__name__
                 )
-            finally:
-                self.listening = anyio.Event()
-                with anyio.CancelScope(shield=True):
-                    await _close_quietly(conn)
+            self.listening = anyio.Event()  # a notification now would be missed
+            old, self._listener = self._listener, None
+            with anyio.CancelScope(shield=True):
+                await _close_quietly(old)
             await anyio.sleep(pause)
             pause = min(pause * 2, 5.0)

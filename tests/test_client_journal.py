@@ -621,7 +621,8 @@ async def test_replicas_on_one_postgres_journal_list_and_wait_for_each_others_ta
         assert await other.tasks.unfinished() == []  # another client name: its own rows
         manual_emu.complete(task_id)
         assert (await b.tasks.wait(task_id)).ok  # B follows A's task to its end
-        assert await a.tasks.unfinished() == []
+        assert await b.tasks.unfinished() == []  # the end B saw, written (flushed)...
+        assert await a.tasks.unfinished() == []  # ...for A too
         before = status_reads(manual_emu)
         assert (await a.tasks.wait(task_id)).ok  # A is answered from the shared journal
         assert status_reads(manual_emu) == before

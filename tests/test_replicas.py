@@ -87,7 +87,8 @@ async def test_a_callback_on_replica_b_ends_the_wait_on_replica_a(
         # A read the task once, when the callback said so (a webhook: no polling before the
         # safety check, 50 s away on the frozen clock); B, which waits for nothing, never
         assert status_reads(a) == (1, 0) and status_reads(b) == (0, 0)
-        assert await b.tasks.unfinished() == []  # A's wait recorded the end for everyone
+        assert await a.tasks.unfinished() == []  # the end A saw, written (flushed)...
+        assert await b.tasks.unfinished() == []  # ...for every replica
         assert (await b.tasks.wait(task_id)).ok  # from the journal: no read
         assert status_reads(b) == (0, 0)
 
