@@ -535,7 +535,8 @@ class PostgresJournal(Journal):
                 if not (host == socket.gethostname() and _gone(pid)) or not await self._lock_soon(
                     lock_conn
                 ):
-                    raise JournalLockedError(f"{self.url} (batch {self.name!r})", pid, started)
+                    where = f"{self.url} (batch {self.name!r})"
+                    raise JournalLockedError(where, pid, started, host=host)
         except JournalError:
             raise
         except Exception as exc:
