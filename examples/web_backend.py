@@ -72,6 +72,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import uvicorn
@@ -300,6 +301,7 @@ def create_app(
     background batches go on (set uvicorn's ``timeout_graceful_shutdown`` to match).
     ``webhook_url``: the base URL APIMart calls back (``<webhook_url>/callback``, this app's
     ``/apimart/callback``); ``"self"``: the address ``serve`` listens on."""
+    webhook_url = check_webhook_url(webhook_url)  # the server's setting: refused now, by name
     # Web backends want results soon after they exist: checks at most 1 s apart near the end.
     policy = poll or am.PollPolicy(target_lag=1.0)
     folder = Path(batch_dir)
@@ -336,6 +338,22 @@ def create_app(
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
     return app
+
+
+def check_webhook_url(url: str | None) -> str | None:
+    """``url`` if it is None, ``"self"`` or a base URL the service can call back (http(s), no
+    query or fragment: it calls ``<url>/callback``); else a ``ValidationError`` naming
+    ``webhook_url``, at startup rather than on every caller's request."""
+    if url is None or url == "self":
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        rule = "must be an http(s) URL"
+    elif parts.query or parts.fragment or url.endswith(("?", "#")):
+        rule = "must have no query or fragment (the service calls <webhook_url>/callback)"
+    else:
+        return url
+    raise am.ValidationError([am.FieldError("webhook_url", rule, url)])
 
 
 async def settle_lost_replies(client: am.AsyncApimart) -> None:
@@ -684,8 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if not ns.emulate and not os.environ.get("APIMART_API_KEY"):
         parser.error("set APIMART_API_KEY to your key, or use --emulate")
-    try:  # a journal URL or schema that cannot be used: said now, not at the first request
+    try:  # a journal URL, a schema or a webhook URL that cannot be used: said now
         _journal(ns, "apimart-web.sqlite")
+        check_webhook_url(ns.webhook_url)
     except am.ApimartError as exc:
         parser.error(str(exc))
     with contextlib.suppress(KeyboardInterrupt):

@@ -560,3 +560,33 @@ async def test_two_replicas_behind_one_postgres_journal(tmp_path: Path, postgres
         assert reply.status_code == 200 and reply.json()["status"] == "completed"
         assert status_reads(emu) == 1
     assert postgres.password not in r2.stderr + r1.stderr
+
+
+def test_a_bad_webhook_url_is_refused_at_startup_not_blamed_on_each_caller() -> None:
+    """brk15 F19: ``--webhook-url ftp://nope`` started, and every POST /videos answered 422
+    "webhook_url: must be an http(s) URL": the server's own setting blamed on each caller."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    import apimart_async as am
+
+    for bad in ("ftp://nope", "https://host/apimart?token=1", "not a url"):
+        with pytest.raises(am.ValidationError, match=r"^webhook_url: "):
+            web_backend.create_app(webhook_url=bad)
+    web_backend.create_app(webhook_url="self")
+    web_backend.create_app(webhook_url="https://backend.example.com/apimart")
+
+
+async def test_a_bad_webhook_url_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": "sk-test"}
+    done = await anyio.run_process(
+        [sys.executable, str(EXAMPLE), "--webhook-url", "ftp://nope", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"webhook_url: must be an http(s) URL" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
