@@ -38,9 +38,24 @@ from ._errors import (
     WebhookError,
 )
 from ._handle import Batch
-from ._hints import WebhookCounts, check_webhook_url, task_id_of, with_webhook
+from ._hints import (
+    WebhookCounts,
+    check_webhook_url,
+    is_loopback_url,
+    task_id_of,
+    unreachable_reason,
+    with_webhook,
+)
 from ._journal import Journal, SqliteJournal
-from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
+from ._models import (
+    Balance,
+    DownloadedFile,
+    Task,
+    UploadedImage,
+    Video,
+    VideoRequest,
+    hide_userinfo,
+)
 from ._options import BatchOptions
 from ._outcomes import BatchEvent, JobInput
 from ._pacing import Pacing, RateLimiter, Throttle
@@ -461,9 +476,11 @@ class AsyncApimart:
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.
         """
+        options = BatchOptions.of(locals())
+        self.tasks._note_webhook(options.webhook_url)
         return Batch(
             requests,
-            BatchOptions.of(locals()),
+            options,
             api=self._api,
             poller=self._poller,
             downloader=self._downloader,
@@ -549,6 +566,7 @@ class Videos:
         the earliest the caller can have it.
         """
         webhook_url = check_webhook_url(webhook_url)
+        self._tasks._note_webhook(webhook_url)
         sent = with_webhook(request, webhook_url) if isinstance(request, VideoRequest) else request
         submitted_at = self._tasks._poller.now()
         task_id = await self._api.submit(sent, idempotency_key=idempotency_key)
@@ -595,6 +613,7 @@ class Videos:
         callback handed to ``tasks.notify`` ends it at the next status read."""
         check_seconds("timeout", timeout)
         webhook_url = check_webhook_url(webhook_url)
+        self._tasks._note_webhook(webhook_url)
         if isinstance(request, VideoRequest):
             request = with_webhook(request, webhook_url)
         if on_submitted is not None and not callable(on_submitted):
@@ -651,6 +670,27 @@ class Tasks:
         #: clock): a later ``wait`` polls them only as a fallback (the newest ``_COVERED``)
         self._webhooked: dict[str, float] = {}
         self._callbacks = WebhookCounts()
+        self._warned: set[str] = set()  # webhook URLs said to be out of the service's reach
+
+    def _note_webhook(self, url: str | None) -> None:
+        """A ``webhook_url`` the real service would never call (a private host, another
+        port): said once per URL, at WARNING (brk15 F20). Not for a client of a service on
+        this machine (the emulator calls back loopback)."""
+        if url is None or url in self._warned or is_loopback_url(self._api.transport.base_url):
+            return
+        reason = unreachable_reason(url)
+        if reason is None:
+            return
+        if len(self._warned) < 100:
+            self._warned.add(url)
+        logger.warning(
+            "webhook_url %s: %s; the service calls back public hosts on ports 80 and 443"
+            " only, so its callbacks will never come: its tasks are polled as a fallback"
+            " (a safety check past the predicted end, then every webhook_interval), slower"
+            " than without a webhook",
+            hide_userinfo(url),
+            reason,
+        )
 
     def _covered(self, task_id: str, submitted_at: float) -> None:
         self._webhooked[task_id] = submitted_at
