@@ -119,25 +119,31 @@ class SubmitStore(Protocol):
     async def close(self) -> None: ...
     async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
         """A ``submitting`` row for ``key``; nothing if the key has one already."""
+        ...
 
     async def set_task(self, key: str, task_id: str, at: float) -> None: ...
     async def set_refused(self, key: str, error: str, at: float) -> None:
         """``refused``, for a key still ``submitting``."""
+        ...
 
     async def set_ends(self, rows: list[EndRow], at: float) -> None:
         """``done`` (with status, task, error), for tasks still ``pending``."""
+        ...
 
     async def unfinished(
         self, build: Callable[[list[Any]], list[UnfinishedTask]]
     ) -> list[UnfinishedTask]:
         """``build`` of the ``submitting`` and ``pending`` rows (task_id, key, model,
         submitted_at, fingerprint), oldest first."""
+        ...
 
     async def end_text(self, task_id: str) -> str | None:
         """The recorded end (``task``, JSON text) of a ``done`` task, or None."""
+        ...
 
     async def body_text(self, key: str) -> str | None:
         """The request body (JSON text) recorded with ``key``, or None."""
+        ...
 
 
 def unfinished_of(rows: list[Any], where: str) -> list[UnfinishedTask]:

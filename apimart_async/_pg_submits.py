@@ -265,6 +265,9 @@ class PgSubmits:
             return False
         return sent > 0
 
+    def _on_lost(self, _conn: Any) -> None:
+        self._lost.set()
+
     def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.relayed += 1
         if self.on_task is None:
@@ -283,7 +286,7 @@ class PgSubmits:
         self._lost = anyio.Event()
         conn = await self._link.connect()
         try:
-            conn.add_termination_listener(lambda _conn: self._lost.set())
+            conn.add_termination_listener(self._on_lost)
             await conn.add_listener(self.channel, self._received)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -304,9 +307,10 @@ class PgSubmits:
                     pause = 0.05
                 with anyio.move_on_after(10):
                     await self._lost.wait()
-                if not self._lost.is_set():
+                listener: Any = self._listener
+                if not self._lost.is_set() and listener is not None:
                     with anyio.fail_after(self.journal.connect_timeout):
-                        await self._listener.fetchval("SELECT 1")
+                        await listener.fetchval("SELECT 1")
                     continue
             except Exception as exc:
                 if not self._link.foreign(exc):
