@@ -29,6 +29,7 @@ from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolv
 from ._download import Downloader
 from ._errors import (
     ApimartError,
+    ClientClosedError,
     ConfigurationError,
     FieldError,
     NoVideoError,
@@ -37,12 +38,28 @@ from ._errors import (
     WebhookError,
 )
 from ._handle import Batch
-from ._hints import WebhookCounts, check_webhook_url, task_id_of, with_webhook
+from ._hints import (
+    WebhookCounts,
+    check_webhook_url,
+    is_loopback_url,
+    task_id_of,
+    unreachable_reason,
+    with_webhook,
+)
 from ._journal import Journal, SqliteJournal
-from ._models import Balance, DownloadedFile, Task, UploadedImage, Video, VideoRequest
+from ._models import (
+    Balance,
+    DownloadedFile,
+    Task,
+    UploadedImage,
+    Video,
+    VideoRequest,
+    hide_userinfo,
+)
 from ._options import BatchOptions
 from ._outcomes import BatchEvent, JobInput
 from ._pacing import Pacing, RateLimiter, Throttle
+from ._pg_journal import PostgresJournal
 from ._poll_schedule import PollPolicy
 from ._poller import Poller
 from ._priors import kind_of
@@ -107,6 +124,12 @@ class AsyncApimart:
             settles a submit whose reply was lost. Opened with the client (one client per
             file at a time: another gets ``JournalLockedError``); the file may be a batch's
             journal too, but not one a running batch holds. The API key is never written.
+            A ``postgresql://`` URL (or a ``PostgresJournal``: its ``schema``, and its
+            ``name`` naming the client) keeps the same records in PostgreSQL, shared by the
+            replicas of a web app (no lock): any replica lists and waits for the tasks any
+            of them submitted, and a webhook callback that lands on a replica where no wait
+            follows its task is passed on to the others (a PostgreSQL notification), so the
+            wait ends wherever it is.
     """
 
     def __init__(
@@ -126,7 +149,7 @@ class AsyncApimart:
         proxy: str | None = None,
         trust_env: bool = True,
         wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
-        journal: str | os.PathLike[str] | SqliteJournal | None = None,
+        journal: str | os.PathLike[str] | SqliteJournal | PostgresJournal | None = None,
     ) -> None:
         key = resolve_api_key(api_key)
         self._journal = ClientJournal.of(journal)
@@ -213,6 +236,8 @@ class AsyncApimart:
         self._stop_runner = anyio.Event()
         self.tasks: Tasks = Tasks(self._api, self._poller, self._journal)
         """Read, wait for and watch tasks."""
+        if self._journal is not None:  # issue 15: callbacks other replicas received
+            self._journal.on_relay = self.tasks._relayed
         self.videos: Videos = Videos(self._api, self.tasks)
         """Submit and generate videos."""
         self.uploads: Uploads = Uploads(self._api)
@@ -451,9 +476,11 @@ class AsyncApimart:
         Items of ``requests`` may also be ``(name, VideoRequest)`` pairs: the name (sanitised)
         names the downloaded files and appears in the manifest.
         """
+        options = BatchOptions.of(locals())
+        self.tasks._note_webhook(options.webhook_url)
         return Batch(
             requests,
-            BatchOptions.of(locals()),
+            options,
             api=self._api,
             poller=self._poller,
             downloader=self._downloader,
@@ -539,6 +566,7 @@ class Videos:
         the earliest the caller can have it.
         """
         webhook_url = check_webhook_url(webhook_url)
+        self._tasks._note_webhook(webhook_url)
         sent = with_webhook(request, webhook_url) if isinstance(request, VideoRequest) else request
         submitted_at = self._tasks._poller.now()
         task_id = await self._api.submit(sent, idempotency_key=idempotency_key)
@@ -585,6 +613,7 @@ class Videos:
         callback handed to ``tasks.notify`` ends it at the next status read."""
         check_seconds("timeout", timeout)
         webhook_url = check_webhook_url(webhook_url)
+        self._tasks._note_webhook(webhook_url)
         if isinstance(request, VideoRequest):
             request = with_webhook(request, webhook_url)
         if on_submitted is not None and not callable(on_submitted):
@@ -641,6 +670,27 @@ class Tasks:
         #: clock): a later ``wait`` polls them only as a fallback (the newest ``_COVERED``)
         self._webhooked: dict[str, float] = {}
         self._callbacks = WebhookCounts()
+        self._warned: set[str] = set()  # webhook URLs said to be out of the service's reach
+
+    def _note_webhook(self, url: str | None) -> None:
+        """A ``webhook_url`` the real service would never call (a private host, another
+        port): said once per URL, at WARNING (brk15 F20). Not for a client of a service on
+        this machine (the emulator calls back loopback)."""
+        if url is None or url in self._warned or is_loopback_url(self._api.transport.base_url):
+            return
+        reason = unreachable_reason(url)
+        if reason is None:
+            return
+        if len(self._warned) < 100:
+            self._warned.add(url)
+        logger.warning(
+            "webhook_url %s: %s; the service calls back public hosts on ports 80 and 443"
+            " only, so its callbacks will never come: its tasks are polled as a fallback"
+            " (a safety check past the predicted end, then every webhook_interval), slower"
+            " than without a webhook",
+            hide_userinfo(url),
+            reason,
+        )
 
     def _covered(self, task_id: str, submitted_at: float) -> None:
         self._webhooked[task_id] = submitted_at
@@ -674,7 +724,20 @@ class Tasks:
             self._callbacks.checked += 1
             return True
         self._callbacks.ignored += 1
+        # a replica sharing the (PostgreSQL) journal may be the one waiting for it
+        shared = self._journal is not None and self._journal.shared
+        if shared and self._journal is not None and await self._journal.publish(task_id):
+            self._callbacks.forwarded += 1
         return False
+
+    def _relayed(self, task_id: str) -> None:
+        """Another replica received the callback of ``task_id``: read it in the next round
+        if a wait here follows it."""
+        try:
+            if self._poller.check_now(task_id):
+                self._callbacks.relayed += 1
+        except ClientClosedError:
+            pass  # closing: nobody here waits any more
 
     def webhook_counts(self) -> dict[str, int]:
         """Callbacks handed to ``notify`` so far: ``received``, ``checked`` (a followed task,

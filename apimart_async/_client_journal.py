@@ -1,8 +1,10 @@
 """The client's own journal (issue 21): no paid task is ever unreachable.
 
 ``AsyncApimart(journal=...)`` records every submit made through the client (``videos.submit``,
-``videos.generate``, and the submits of its batches) in the table ``submits`` of an SQLite
-journal (the same file format as a batch's, ``_journal``), one row per idempotency key::
+``videos.generate``, and the submits of its batches) in a table ``submits``, one row per
+idempotency key: in an SQLite journal (the same file format as a batch's, ``_journal``;
+``SqliteSubmits``) or in PostgreSQL (``_pg_submits.PgSubmits``, shared by the replicas of a
+web app). The logic below is the same for both; a ``SubmitStore`` only reads and writes rows::
 
     submitting  the key (with the request's fingerprint, model and body) is durable BEFORE the
                 POST: the POST may or may not have created a task
@@ -38,7 +40,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
@@ -56,9 +58,17 @@ from ._errors import (
 from ._jobs import definitive
 from ._journal import SqliteJournal
 from ._models import Task, VideoRequest
-from ._pg_journal import is_url, redact_url
+from ._pg_journal import PostgresJournal, is_postgres_url, is_url, redact_url
+from ._pg_submits import PgSubmits
 
-__all__ = ["ClientJournal", "UnfinishedTask", "notify_submitted"]
+__all__ = [
+    "ClientJournal",
+    "SqliteSubmits",
+    "SubmitStore",
+    "UnfinishedTask",
+    "notify_submitted",
+    "unfinished_of",
+]
 
 logger = logging.getLogger("apimart_async")
 
@@ -97,43 +107,206 @@ def _end_of(result: Task | ApimartError) -> tuple[str, dict[str, Any] | None, st
     return None
 
 
-class ClientJournal:
-    """The submits of one client, in the ``submits`` table of an ``SqliteJournal``."""
+#: An end to record: (task id, status, the task in wire form as JSON text or None, error).
+EndRow = tuple[str, str, str | None, str | None]
 
-    def __init__(self, store: SqliteJournal, *, wall: Callable[[], float] = time.time) -> None:
-        self.store: SqliteJournal = store
+
+class SubmitStore(Protocol):
+    """Where a ``ClientJournal`` keeps its rows (one per idempotency key; the states of the
+    module doc): ``SqliteSubmits`` (a file, one client at a time) or ``PgSubmits`` (a
+    PostgreSQL schema shared by the replicas of an app). The logic (what is recorded when,
+    what a fault does) is ``ClientJournal``'s; a store only reads and writes rows, every
+    method durable on return or a ``JournalError`` naming the store."""
+
+    where: str
+    """The store, for messages (a path, or a URL without its password)."""
+    shared: bool
+    """Whether other clients (replicas) use the same rows at the same time."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
+        """A ``submitting`` row for ``key``; nothing if the key has one already."""
+        ...
+
+    async def set_task(self, key: str, task_id: str, at: float) -> None: ...
+    async def set_refused(self, key: str, error: str, at: float) -> None:
+        """``refused``, for a key still ``submitting``."""
+        ...
+
+    async def set_ends(self, rows: list[EndRow], at: float) -> None:
+        """``done`` (with status, task, error), for tasks still ``pending``."""
+        ...
+
+    async def unfinished(
+        self, build: Callable[[list[Any]], list[UnfinishedTask]]
+    ) -> list[UnfinishedTask]:
+        """``build`` of the ``submitting`` and ``pending`` rows (task_id, key, model,
+        submitted_at, fingerprint), oldest first."""
+        ...
+
+    async def end_text(self, task_id: str) -> str | None:
+        """The recorded end (``task``, JSON text) of a ``done`` task, or None."""
+        ...
+
+    async def body_text(self, key: str) -> str | None:
+        """The request body (JSON text) recorded with ``key``, or None."""
+        ...
+
+
+def unfinished_of(rows: list[Any], where: str) -> list[UnfinishedTask]:
+    """``UnfinishedTask``s of rows (task_id, key, model, submitted_at, fingerprint); a row
+    that is not one is a ``JournalError`` naming the store."""
+    try:
+        return [
+            UnfinishedTask(
+                task_id=_text_or_none(task_id),
+                idempotency_key=_text(key),
+                model=_text(model),
+                submitted_at=float(at),
+                fingerprint=_text(fingerprint),
+            )
+            for task_id, key, model, at, fingerprint in rows
+        ]
+    except (TypeError, ValueError) as exc:
+        raise JournalError(f"cannot read the journal {where}: {exc}") from None
+
+
+class SqliteSubmits:
+    """The table ``submits`` of an ``SqliteJournal`` (its lock: one client per file)."""
+
+    shared = False
+
+    def __init__(self, journal: SqliteJournal) -> None:
+        self.journal = journal
+        self.where: str = str(journal.path)
+
+    async def open(self) -> None:
+        await self.journal.open()
+
+    async def close(self) -> None:
+        await self.journal.close()
+
+    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, args)
+
+        await self.journal.call("write", write)
+
+    async def _one(self, sql: str, args: tuple[Any, ...]) -> str | None:
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(sql, args).fetchone()
+
+        row = await self.journal.call("read", read)
+        value: str | None = None if row is None else row[0]  # checked by the caller's parse
+        return value
+
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
+        await self._write(
+            "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
+            " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
+            " ON CONFLICT (idempotency_key) DO NOTHING",
+            (key, fingerprint, model, body, at, at),
+        )
+
+    async def set_task(self, key: str, task_id: str, at: float) -> None:
+        await self._write(
+            "UPDATE submits SET state='pending', task_id=?, updated_at=? WHERE idempotency_key=?",
+            (task_id, at, key),
+        )
+
+    async def set_refused(self, key: str, error: str, at: float) -> None:
+        await self._write(
+            "UPDATE submits SET state='refused', error=?, updated_at=?"
+            " WHERE idempotency_key=? AND state='submitting'",
+            (error, at, key),
+        )
+
+    async def set_ends(self, rows: list[EndRow], at: float) -> None:
+        args = [(status, task, error, at, task_id) for task_id, status, task, error in rows]
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE submits SET state='done', status=?, task=?, error=?, updated_at=?"
+                " WHERE task_id=? AND state='pending'",
+                args,
+            )
+
+        await self.journal.call("write", write)
+
+    async def unfinished(
+        self, build: Callable[[list[Any]], list[UnfinishedTask]]
+    ) -> list[UnfinishedTask]:
+        def read(conn: sqlite3.Connection) -> list[UnfinishedTask]:
+            rows = conn.execute(
+                "SELECT task_id, idempotency_key, model, submitted_at, fingerprint FROM submits"
+                " WHERE state IN ('submitting', 'pending') ORDER BY submitted_at, rowid"
+            ).fetchall()
+            return build(rows)  # built on the journal's thread
+
+        return await self.journal.call("read", read)
+
+    async def end_text(self, task_id: str) -> str | None:
+        return await self._one(
+            "SELECT task FROM submits WHERE task_id=? AND state='done' AND task IS NOT NULL",
+            (task_id,),
+        )
+
+    async def body_text(self, key: str) -> str | None:
+        return await self._one("SELECT body FROM submits WHERE idempotency_key=?", (key,))
+
+
+class ClientJournal:
+    """The submits of one client, in a ``SubmitStore``."""
+
+    def __init__(self, store: SubmitStore, *, wall: Callable[[], float] = time.time) -> None:
+        self.store: SubmitStore = store
         self._wall = wall
         self._ends: dict[str, tuple[str, dict[str, Any] | None, str | None]] = {}
         self._wake: anyio.Event = anyio.Event()
         self._flushing: anyio.Lock = anyio.Lock()
         self.is_open: bool = False
+        self.on_relay: Callable[[str], object] | None = None
+        """Given each task id another replica's callback named (a shared store only)."""
+        if isinstance(store, PgSubmits):
+            store.on_task = self._relayed
+
+    @property
+    def shared(self) -> bool:
+        """Whether replicas share the store (PostgreSQL): callbacks are relayed among them."""
+        return self.store.shared
 
     @classmethod
     def of(cls, journal: object) -> ClientJournal | None:
-        """The journal of ``AsyncApimart(journal=...)``: a path, an ``SqliteJournal`` or None."""
+        """The journal of ``AsyncApimart(journal=...)``: a path, an ``SqliteJournal``, a
+        ``postgresql://`` URL, a ``PostgresJournal`` (its schema; its ``name`` names the
+        client: replicas of one app share it), or None."""
         if journal is None:
             return None
         if isinstance(journal, str) and is_url(journal):  # never a file named by the URL
-            raise ConfigurationError(
-                f"journal: the client's journal is an SQLite file (a path); got a URL"
-                f" ({redact_url(journal)}): a PostgreSQL client journal is not built yet"
-                " (a batch's journal= takes one)"
-            )
+            if not is_postgres_url(journal):
+                raise ConfigurationError(
+                    f"journal: a client's journal is an SQLite file (a path) or a"
+                    f" postgresql:// URL; got {redact_url(journal)}"
+                )
+            return cls(PgSubmits(PostgresJournal(journal, name=PgSubmits.DEFAULT_CLIENT)))
         if isinstance(journal, (str, os.PathLike)):
             if "\x00" in str(os.fspath(journal)):  # no file system takes one
                 raise ValidationError(
                     [FieldError("journal", "must not contain a NUL character", "...\\x00...")]
                 )
-            return cls(SqliteJournal(os.fspath(journal)))
+            return cls(SqliteSubmits(SqliteJournal(os.fspath(journal))))
         if isinstance(journal, SqliteJournal):
-            return cls(journal)
+            return cls(SqliteSubmits(journal))
+        if isinstance(journal, PostgresJournal):
+            return cls(PgSubmits(journal))
         raise ConfigurationError(
-            f"journal must be a path to an SQLite file or an SqliteJournal, got"
-            f" {type(journal).__name__}"
+            f"journal must be a path to an SQLite file, an SqliteJournal, a postgresql:// URL"
+            f" or a PostgresJournal, got {type(journal).__name__}"
         )
 
     def __repr__(self) -> str:
-        return f"<ClientJournal {str(self.store.path)!r} {'open' if self.is_open else 'closed'}>"
+        return f"<ClientJournal {self.store.where!r} {'open' if self.is_open else 'closed'}>"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -158,38 +331,40 @@ class ClientJournal:
                     logger.warning("the client journal did not close cleanly: %s", exc)
 
     async def run(self) -> None:
-        """Write the ends the poller reports, as they come (the client's task group runs it)."""
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            await self.flush()
+        """Write the ends the poller reports, as they come, and with a shared store relay
+        the callbacks other replicas receive (the client's task group runs it)."""
+        async with anyio.create_task_group() as tg:
+            if isinstance(self.store, PgSubmits):
+                tg.start_soon(self.store.listen)
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await self.flush()
+
+    def _relayed(self, task_id: str) -> None:
+        if self.on_relay is not None:
+            self.on_relay(task_id)
+
+    async def publish(self, task_id: str) -> bool:
+        """Hand a callback for a task nobody here follows to the other replicas (a shared
+        store; only for a task of this journal still pending). Never raises: a callback is
+        a hint, and polling the fallback."""
+        if not self.is_open or not isinstance(self.store, PgSubmits):
+            return False
+        return await self.store.publish(task_id)
 
     # -- submits (``_api.SubmitLog``) ----------------------------------------------------------
 
     async def before_submit(self, key: str, request: VideoRequest) -> None:
         """Record ``key`` (state ``submitting``) before the POST; ``JournalError`` if not."""
         body = json.dumps(request.to_body(), sort_keys=True)
-        row = (key, request.fingerprint(), request.model, body, self._wall())
-
-        def insert(conn: sqlite3.Connection) -> None:
-            # a key already recorded (``recover`` sends it again) keeps its row
-            conn.execute(
-                "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
-                " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
-                " ON CONFLICT (idempotency_key) DO NOTHING",
-                (*row, row[-1]),
-            )
-
-        await self.store.call("write", insert)
+        # a key already recorded (``recover`` sends it again) keeps its row
+        await self.store.add(key, request.fingerprint(), request.model, body, self._wall())
 
     async def submitted(self, key: str, task_id: str) -> None:
         """Record the task id (state ``pending``); a failure is logged with the id."""
         try:
-            await self._update(
-                "UPDATE submits SET state='pending', task_id=?, updated_at=?"
-                " WHERE idempotency_key=?",
-                (task_id, self._wall(), key),
-            )
+            await self.store.set_task(key, task_id, self._wall())
         except JournalError as exc:
             logger.warning(
                 "task %s was submitted but its id could not be recorded (%s); tasks.unfinished()"
@@ -204,19 +379,9 @@ class ClientJournal:
         if not (definitive(exc) or exc.submit_not_taken):
             return  # the POST may have created a task: the key stays listed
         try:
-            await self._update(
-                "UPDATE submits SET state='refused', error=?, updated_at=?"
-                " WHERE idempotency_key=? AND state='submitting'",
-                (str(exc), self._wall(), key),
-            )
+            await self.store.set_refused(key, str(exc), self._wall())
         except JournalError as fault:
             logger.warning("the refused submit %s could not be recorded: %s", key, fault)
-
-    async def _update(self, sql: str, args: tuple[Any, ...]) -> None:
-        def update(conn: sqlite3.Connection) -> None:
-            conn.execute(sql, args)
-
-        await self.store.call("write", update)
 
     # -- ends ----------------------------------------------------------------------------------
 
@@ -233,21 +398,12 @@ class ClientJournal:
             ends, self._ends = self._ends, {}
             if not ends or not self.is_open:
                 return
-            now = self._wall()
-            rows = [
-                (status, json.dumps(task) if task is not None else None, error, now, task_id)
+            rows: list[EndRow] = [
+                (task_id, status, json.dumps(task) if task is not None else None, error)
                 for task_id, (status, task, error) in ends.items()
             ]
-
-            def write(conn: sqlite3.Connection) -> None:
-                conn.executemany(
-                    "UPDATE submits SET state='done', status=?, task=?, error=?, updated_at=?"
-                    " WHERE task_id=? AND state='pending'",
-                    rows,
-                )
-
             try:
-                await self.store.call("write", write)
+                await self.store.set_ends(rows, self._wall())
             except Exception as exc:  # noqa: BLE001 - never ends the client's task group
                 logger.warning(
                     "the end of tasks %s could not be recorded in the client journal (%s);"
@@ -265,68 +421,34 @@ class ClientJournal:
     # -- reading -------------------------------------------------------------------------------
 
     async def unfinished(self) -> list[UnfinishedTask]:
-        """The submits whose end nobody saw, oldest first (read and built on the journal's
-        thread: a long list never holds the event loop)."""
+        """The submits whose end nobody saw, oldest first (with an SQLite store, read and
+        built on the journal's thread: a long list never holds the event loop)."""
         await self.flush()
-        path = self.store.path
-
-        def read(conn: sqlite3.Connection) -> list[UnfinishedTask]:
-            rows = conn.execute(
-                "SELECT task_id, idempotency_key, model, submitted_at, fingerprint FROM submits"
-                " WHERE state IN ('submitting', 'pending') ORDER BY submitted_at, rowid"
-            ).fetchall()
-            try:
-                return [
-                    UnfinishedTask(
-                        task_id=_text_or_none(task_id),
-                        idempotency_key=_text(key),
-                        model=_text(model),
-                        submitted_at=float(at),
-                        fingerprint=_text(fingerprint),
-                    )
-                    for task_id, key, model, at, fingerprint in rows
-                ]
-            except (TypeError, ValueError) as exc:
-                raise JournalError(f"cannot read the journal {path}: {exc}") from None
-
-        return await self.store.call("read", read)
+        where = self.store.where
+        return await self.store.unfinished(lambda rows: unfinished_of(rows, where))
 
     async def end_of(self, task_id: str) -> Task | None:
         """The end of ``task_id`` as recorded (a task seen terminal), or None."""
         await self.flush()
-
-        def read(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "SELECT task FROM submits WHERE task_id=? AND state='done' AND task IS NOT NULL",
-                (task_id,),
-            ).fetchone()
-
-        row = await self.store.call("read", read)
-        if row is None:
+        text = await self.store.end_text(task_id)
+        if text is None:
             return None
         try:
-            return structure_task(json.loads(row[0]))
+            return structure_task(json.loads(text))
         except (ValueError, ApimartError):
             logger.warning("the recorded end of task %s is unreadable; reading it again", task_id)
             return None
 
     async def request_of(self, key: str) -> VideoRequest | None:
         """The request recorded with ``key`` (None if there is none)."""
-
-        def read(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "SELECT body FROM submits WHERE idempotency_key=?", (key,)
-            ).fetchone()
-
-        row = await self.store.call("read", read)
-        if row is None:
+        text = await self.store.body_text(key)
+        if text is None:
             return None
         try:
-            body = json.loads(row[0])
-            return VideoRequest.from_dict(body)
+            return VideoRequest.from_dict(json.loads(text))
         except (ValueError, TypeError, ApimartError) as exc:
             raise JournalError(
-                f"cannot read the journal {self.store.path}: the request of {key} is"
+                f"cannot read the journal {self.store.where}: the request of {key} is"
                 f" unreadable ({exc})"
             ) from None
 

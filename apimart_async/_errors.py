@@ -383,10 +383,17 @@ class JournalError(ApimartError):
 class JournalLockedError(JournalError):
     """Another run holds the journal (one run per journal at a time), or the CLI's output
     directory (``what``): ``pid`` is its process id and ``started`` when it took it (seconds
-    since the epoch); either is None if the run had not written them yet."""
+    since the epoch); either is None if the run had not written them yet. ``host``: the
+    machine it runs on, when the journal records it (a PostgreSQL journal does)."""
 
     def __init__(
-        self, path: str, pid: int | None, started: float | None, *, what: str = "journal"
+        self,
+        path: str,
+        pid: int | None,
+        started: float | None,
+        *,
+        what: str = "journal",
+        host: str | None = None,
     ) -> None:
         self.path = path
         """The journal (or directory) the other run holds."""
@@ -394,13 +401,19 @@ class JournalLockedError(JournalError):
         """The other run's process id (None if not known yet)."""
         self.started = started
         """When the other run took it, in seconds since the epoch (None if not known yet)."""
+        self.host = host
+        """The machine of the other run (None when the journal does not say: a file's lock
+        is held on this machine)."""
         when = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
             if started is not None
             else "at an unknown time"
         )
         who = f"pid {pid}" if pid is not None else "pid unknown"
-        if what == "journal" and pid is not None and pid == os.getpid():
+        if host is not None:
+            who += f" on {host}"
+        here = host is None or host == _hostname()
+        if what == "journal" and pid is not None and pid == os.getpid() and here:
             # opened twice in this process: a client's journal= given to a batch as well
             super().__init__(
                 f"this process (pid {pid}) already uses this journal {path} (since {when}):"
@@ -408,6 +421,12 @@ class JournalLockedError(JournalError):
             )
             return
         super().__init__(f"another run ({who}, started {when}) is using this {what} {path}")
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 class JournalMismatchError(JournalError):

@@ -10,6 +10,7 @@ are ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -19,7 +20,14 @@ import attrs
 from ._errors import FieldError, ValidationError, WebhookError
 from ._models import VideoRequest, hide_userinfo, is_unicode_text, url_rule
 
-__all__ = ["WebhookCounts", "check_webhook_url", "task_id_of", "with_webhook"]
+__all__ = [
+    "WebhookCounts",
+    "check_webhook_url",
+    "is_loopback_url",
+    "task_id_of",
+    "unreachable_reason",
+    "with_webhook",
+]
 
 #: Longest callback body read (a task object is a few kB; anything far larger is not one).
 MAX_BODY = 1 << 20
@@ -36,6 +44,13 @@ def check_webhook_url(value: object, field: str = "webhook_url") -> str | None:
         raise ValidationError([FieldError(field, rule, hide_userinfo(value))])
     assert isinstance(value, str)
     parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        rule = "must have a port from 1 to 65535"
+        raise ValidationError([FieldError(field, rule, hide_userinfo(value))])
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         rule = (
             "must have no query or fragment: the service calls <webhook_url>/callback, which"
@@ -43,6 +58,39 @@ def check_webhook_url(value: object, field: str = "webhook_url") -> str | None:
         )
         raise ValidationError([FieldError(field, rule, hide_userinfo(value))])
     return value
+
+
+#: Host names only a private network resolves (RFC 6762, 6761, 8375, common practice).
+_PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa", ".intranet")
+
+
+def _host_ip(url: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    host = (urlsplit(url).hostname or "").lower()
+    try:
+        return host, ipaddress.ip_address(host)
+    except ValueError:
+        return host, None
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host, ip = _host_ip(url)
+    return host == "localhost" or (ip is not None and ip.is_loopback)
+
+
+def unreachable_reason(url: str) -> str | None:
+    """Why the real service would never call ``url`` (a checked ``webhook_url``) back: it
+    calls public hosts on ports 80 and 443 only (apimart-api.md). None: it may."""
+    host, ip = _host_ip(url)
+    if ip is not None and not ip.is_global:
+        return f"{host} is not a public address"
+    if ip is None and (host == "localhost" or "." not in host or host.endswith(_PRIVATE_SUFFIXES)):
+        return f"{host} is not a public host name"
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    if port not in (80, 443):
+        return f"port {port}: it calls ports 80 and 443 only"
+    return None
 
 
 def with_webhook(request: VideoRequest, webhook_url: str | None) -> VideoRequest:
@@ -99,6 +147,12 @@ class WebhookCounts:
     """Callbacks for a task nobody here follows (unknown, or already ended: a repeat)."""
     malformed: int = 0
     """Callbacks refused with ``WebhookError`` (the handler's 400s)."""
+    forwarded: int = 0
+    """Of the ``ignored``: passed on to the other replicas of a shared (PostgreSQL) client
+    journal, for a task of that journal still pending (a wait may follow it there)."""
+    relayed: int = 0
+    """Callbacks another replica passed on, for a task a wait of this client follows: it is
+    read in the next round, as a ``checked`` one."""
 
     def as_dict(self) -> dict[str, int]:
         return attrs.asdict(self)

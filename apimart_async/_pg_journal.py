@@ -535,7 +535,8 @@ class PostgresJournal(Journal):
                 if not (host == socket.gethostname() and _gone(pid)) or not await self._lock_soon(
                     lock_conn
                 ):
-                    raise JournalLockedError(f"{self.url} (batch {self.name!r})", pid, started)
+                    where = f"{self.url} (batch {self.name!r})"
+                    raise JournalLockedError(where, pid, started, host=host)
         except JournalError:
             raise
         except Exception as exc:
@@ -568,26 +569,7 @@ class PostgresJournal(Journal):
         """Create or migrate the tables, check the batch's list, note this run, read the jobs."""
         q = self._q
         async with conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('apimart-async:schema'), hashtext($1))",
-                self.schema,
-            )
-            version = await self._version(conn)
-            if version is None:
-                statements = _schema_sql(q)
-                exists = await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", self.schema
-                )
-                if exists:  # made by a DBA, maybe: creating it would need CREATE on the database
-                    statements = statements[1:]
-                for statement in statements:
-                    await conn.execute(statement)
-                await conn.execute(
-                    f"INSERT INTO {q}.meta VALUES ('format', $1), ('schema', $2)"
-                    " ON CONFLICT (key) DO NOTHING",
-                    MARKER,
-                    str(PG_SCHEMA_VERSION),
-                )
+            await self._ensure_tables(conn)
             now = time.time()
             await conn.execute(
                 f"INSERT INTO {q}.batches (name, created_at) VALUES ($1, $2)"
@@ -607,6 +589,31 @@ class PostgresJournal(Journal):
                 f"SELECT {_COLUMNS} FROM {q}.jobs WHERE batch=$1 ORDER BY idx", self.name
             )
         return self._records(rows)
+
+    async def _ensure_tables(self, conn: Any) -> None:
+        """Create (or migrate) the tables of the schema, under the schema's transaction-level
+        advisory lock: call it inside a transaction."""
+        q = self._q
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('apimart-async:schema'), hashtext($1))",
+            self.schema,
+        )
+        version = await self._version(conn)
+        if version is None:
+            statements = _schema_sql(q)
+            exists = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", self.schema
+            )
+            if exists:  # made by a DBA, maybe: creating it would need CREATE on the database
+                statements = statements[1:]
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute(
+                f"INSERT INTO {q}.meta VALUES ('format', $1), ('schema', $2)"
+                " ON CONFLICT (key) DO NOTHING",
+                MARKER,
+                str(PG_SCHEMA_VERSION),
+            )
 
     async def _version(self, conn: Any) -> int | None:
         """The tables' version in the schema (None: no tables yet); refuses what is not ours."""

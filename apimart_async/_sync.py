@@ -36,6 +36,7 @@ from ._interrupt import refuse, sigint_is_ours_to_take
 from ._journal import SqliteJournal
 from ._options import BatchOptions
 from ._outcomes import Failure, Success
+from ._pg_journal import PostgresJournal
 from ._poll_schedule import PollPolicy
 from ._references import UploadStats
 
@@ -361,7 +362,7 @@ class Apimart(_Facade):
         proxy: str | None = None,
         trust_env: bool = True,
         wait_unreachable: float | None = DEFAULT_WAIT_UNREACHABLE,
-        journal: str | os.PathLike[str] | SqliteJournal | None = None,
+        journal: str | os.PathLike[str] | SqliteJournal | PostgresJournal | None = None,
     ) -> None:
         stack = contextlib.ExitStack()
         loop = _Loop(stack.enter_context(start_blocking_portal()))

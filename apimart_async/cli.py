@@ -1059,7 +1059,87 @@ async def cmd_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+def _batch_journal(args: argparse.Namespace) -> Path | am.PostgresJournal:
+    """The journal ``manifest`` and ``status --journal`` read: a file, or the batch ``--name``
+    of a ``postgresql://`` database (``--schema``)."""
+    from ._pg_journal import is_url
+
+    if not is_url(args.journal):  # a URL this SDK cannot use is refused by PostgresJournal
+        if args.name is not None or args.schema is not None:
+            raise UsageError("--name and --schema are for a --journal postgresql://... only")
+        return Path(args.journal)
+    if args.name is None:
+        raise UsageError("--name NAME is required with a postgresql:// journal (the batch)")
+    if args.schema is None:
+        return am.PostgresJournal(args.journal, name=args.name)
+    return am.PostgresJournal(args.journal, name=args.name, schema=args.schema)
+
+
+async def cmd_manifest(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``manifest``: OUT/manifest.jsonl rebuilt from the journal, which is only read."""
+    from ._batch_view import read_batch, write_manifest
+    from ._journal import RunLock
+
+    journal = _batch_journal(args)
+    out = Path(args.out)
+    view = await read_batch(journal)
+    _check_out(out)
+    # a run writing its own manifest there holds the directory: it is left to it
+    lock = RunLock.acquire(out, what="output directory", lock_file=out / OUT_LOCK)
+    try:
+        path = out / "manifest.jsonl"
+        lines = await write_manifest(view.records, path)
+    finally:
+        lock.release()
+    if args.as_json:
+        _print_json({"path": str(path), "lines": lines, "journal": view.journal})
+    else:
+        print(f"{path}: {lines} line(s) from {view.journal}")
+    return EXIT_OK
+
+
+def _fleet_text(view: Any) -> list[str]:
+    from ._batch_view import age_text
+
+    states: dict[str, int] = view.states()
+    total = view.size if view.size is not None else len(view.records)
+    counts = ", ".join(f"{n} {state}" for state, n in states.items()) or "none recorded"
+    lines = [
+        f"batch     {view.journal}",
+        f"jobs      {total}: {counts}",
+        f"cost      ${view.cost():.2f} (recorded)",
+        f"workers   {len(view.workers)}",
+    ]
+    for w in view.workers:
+        pid = w.pid if w.pid is not None else "-"
+        lines.append(
+            f"  {w.worker}  host {w.host or '-'}  pid {pid}  heartbeat {age_text(w.heartbeat_age)}"
+            f"  holds {w.held}"
+        )
+    return lines
+
+
+async def cmd_fleet_status(args: argparse.Namespace) -> int:
+    """``status --journal``: the batch's progress, read from its journal (no API key)."""
+    from ._batch_view import read_batch
+
+    if args.task_ids:
+        raise UsageError("give TASK_IDs or --journal, not both")
+    view = await read_batch(_batch_journal(args))
+    if args.as_json:
+        _print_json(view.to_dict())
+    else:
+        print("\n".join(_fleet_text(view)))
+    return EXIT_OK
+
+
 async def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.journal is not None:
+        return await cmd_fleet_status(args)
+    if args.name is not None or args.schema is not None:
+        raise UsageError("--name and --schema go with --journal")
+    if not args.task_ids:
+        raise UsageError("give one or more TASK_IDs, or --journal J (a batch's progress)")
     async with _client(args) as client:
         tasks = await client.tasks.get_many(args.task_ids)
     found = {t.id: t for t in tasks}
@@ -1300,6 +1380,23 @@ DOCTOR_HELP = "check connectivity, TLS, proxy, key and the service's variants; r
 _LATE_COMMANDS = {"emulator": EMULATOR_HELP, "doctor": DOCTOR_HELP}
 
 
+def _batch_flags(p: argparse.ArgumentParser, what: str, *, required: bool = False) -> None:
+    """--journal, --name, --schema: a batch's journal, to read (``manifest``, ``status``)."""
+    p.add_argument(
+        "--journal",
+        metavar="J",
+        required=required,
+        help=f"{what}: a journal file, or a postgresql://user@host/db URL (the password from"
+        " the URL or PGPASSWORD; never printed)",
+    )
+    p.add_argument("--name", metavar="NAME", help="with a postgresql:// journal: the batch")
+    p.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="with a postgresql:// journal: the schema of its tables (default: apimart)",
+    )
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line. ``command``: the subcommand the command line names (``""``
     for none); ``emulator`` and ``doctor`` then get their options only if it is theirs (a
@@ -1458,9 +1555,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     submit.set_defaults(func=cmd_submit)
 
-    status = add("status", "status of tasks", [common])
-    status.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="task ids")
+    status = add(
+        "status",
+        "status of tasks; with --journal, a batch's progress (its workers, cost)",
+        [common],
+    )
+    status.add_argument("task_ids", nargs="*", metavar="TASK_ID", help="task ids")
+    _batch_flags(status, "read this batch's journal (no API key needed)")
     status.set_defaults(func=cmd_status)
+
+    manifest = add(
+        "manifest",
+        "rebuild OUT/manifest.jsonl from a batch's journal (read only; no API key needed)",
+        [_common(network=False)],
+    )
+    _batch_flags(manifest, "the batch's journal", required=True)
+    manifest.add_argument(
+        "-o", "--out", metavar="DIR", required=True, help="where manifest.jsonl is written"
+    )
+    manifest.set_defaults(func=cmd_manifest)
 
     wait = add("wait", "wait for tasks to end (live status on a terminal)", [common])
     wait.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="task ids")

@@ -30,6 +30,12 @@ What it shows:
 - One process per journal file: a second process on the same journal (``uvicorn --workers 2``
   on this app) is refused with ``JournalLockedError`` at startup; give each worker its own
   ``--journal`` and ``--batch-dir``.
+- Replicas: with ``--journal postgresql://user@host/db`` (``--schema``, default ``apimart``)
+  every replica shares one client journal. A task submitted on one is listed by
+  ``/videos/unfinished`` and answered by ``/videos/{id}/wait`` on any other, across restarts;
+  a webhook callback that lands on a replica where nobody waits for its task is passed on to
+  the others (PostgreSQL ``NOTIFY``), so the wait ends wherever it is. Each replica keeps its
+  own ``--batch-dir``.
 - Webhooks (``--webhook-url https://this.host/apimart``, or ``self`` for the address it
   listens on): every submit carries it, and APIMart calls ``/apimart/callback`` when a task
   ends. The route hands the body to ``client.tasks.notify``: the callback is only a hint (it
@@ -66,6 +72,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import uvicorn
@@ -284,7 +291,7 @@ def create_app(
     *,
     api_key: str | None = None,
     base_url: str | None = None,
-    journal: str | os.PathLike[str] = "apimart-web.sqlite",
+    journal: str | os.PathLike[str] | am.PostgresJournal = "apimart-web.sqlite",
     batch_dir: str | os.PathLike[str] = "batches",
     poll: am.PollPolicy | None = None,
     grace: float = 10.0,
@@ -294,6 +301,7 @@ def create_app(
     background batches go on (set uvicorn's ``timeout_graceful_shutdown`` to match).
     ``webhook_url``: the base URL APIMart calls back (``<webhook_url>/callback``, this app's
     ``/apimart/callback``); ``"self"``: the address ``serve`` listens on."""
+    webhook_url = check_webhook_url(webhook_url)  # the server's setting: refused now, by name
     # Web backends want results soon after they exist: checks at most 1 s apart near the end.
     policy = poll or am.PollPolicy(target_lag=1.0)
     folder = Path(batch_dir)
@@ -330,6 +338,22 @@ def create_app(
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
     return app
+
+
+def check_webhook_url(url: str | None) -> str | None:
+    """``url`` if it is None, ``"self"`` or a base URL the service can call back (http(s), no
+    query or fragment: it calls ``<url>/callback``); else a ``ValidationError`` naming
+    ``webhook_url``, at startup rather than on every caller's request."""
+    if url is None or url == "self":
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        rule = "must be an http(s) URL"
+    elif parts.query or parts.fragment or url.endswith(("?", "#")):
+        rule = "must have no query or fragment (the service calls <webhook_url>/callback)"
+    else:
+        return url
+    raise am.ValidationError([am.FieldError("webhook_url", rule, url)])
 
 
 async def settle_lost_replies(client: am.AsyncApimart) -> None:
@@ -626,13 +650,22 @@ async def serve_emulated(ns: argparse.Namespace, folder: str) -> None:
         app = create_app(
             api_key=emu.api_key,
             base_url=emu.base_url,
-            journal=ns.journal or os.path.join(folder, "apimart-web.sqlite"),
+            journal=_journal(ns, os.path.join(folder, "apimart-web.sqlite")),
             batch_dir=ns.batch_dir or os.path.join(folder, "batches"),
             poll=_poll(ns.poll_lag),
             grace=ns.grace,
             webhook_url=ns.webhook_url,
         )
         await serve(app, ns.host, ns.port, ns.grace)
+
+
+def _journal(ns: argparse.Namespace, default: str) -> str | am.PostgresJournal:
+    """``--journal``: a file, or a ``postgresql://`` database shared by every replica (the
+    replicas share the client name ``web-backend``, in ``--schema``)."""
+    journal: str = ns.journal or default
+    if journal.startswith(("postgresql://", "postgres://")):
+        return am.PostgresJournal(journal, name="web-backend", schema=ns.schema)
+    return journal
 
 
 def _poll(lag: float) -> am.PollPolicy:
@@ -646,7 +679,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate", action="store_true", help="run against the built-in emulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free one")
-    parser.add_argument("--journal", help="the client's journal (default apimart-web.sqlite)")
+    parser.add_argument(
+        "--journal",
+        help="the client's journal: a file (default apimart-web.sqlite), or a"
+        " postgresql://user@host/db URL shared by every replica",
+    )
+    parser.add_argument(
+        "--schema", default="apimart", help="with a postgresql:// journal: its schema"
+    )
     parser.add_argument("--batch-dir", help="the batches' inputs and journals (default batches/)")
     parser.add_argument(
         "--grace", type=int, default=10, help="seconds a shutdown waits (default 10)"
@@ -662,6 +702,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if not ns.emulate and not os.environ.get("APIMART_API_KEY"):
         parser.error("set APIMART_API_KEY to your key, or use --emulate")
+    try:  # a journal URL, a schema or a webhook URL that cannot be used: said now
+        _journal(ns, "apimart-web.sqlite")
+        check_webhook_url(ns.webhook_url)
+    except am.ApimartError as exc:
+        parser.error(str(exc))
     with contextlib.suppress(KeyboardInterrupt):
         if ns.emulate:
             # uvicorn raises SIGTERM again once it has shut down: end as Ctrl-C does, so that
@@ -671,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(serve_emulated(ns, folder))
         else:
             app = create_app(
-                journal=ns.journal or "apimart-web.sqlite",
+                journal=_journal(ns, "apimart-web.sqlite"),
                 batch_dir=ns.batch_dir or "batches",
                 poll=_poll(ns.poll_lag),
                 grace=ns.grace,

@@ -227,7 +227,7 @@ LAYERS: list[set[str]] = [
     {"_batch"},
     {
         "_options", "_ledger", "_roster", "_interrupt", "_jobs", "_jobsfile", "_client_journal",
-        "_pg_claims", "_fleet",
+        "_pg_claims", "_fleet", "_batch_view", "_pg_submits",
     },
     {
         "_poller", "_download", "_journal", "_pg_journal", "_manifest", "_admission",

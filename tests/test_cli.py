@@ -603,7 +603,7 @@ def test_every_network_command_takes_emulate_base_url_and_the_output_flags() -> 
         if name == "emulator":
             continue
         assert {"--json", "-q", "-v", "--no-progress", "--color"} <= flags, name
-        if name not in ("models", "report"):  # these two read only local data
+        if name not in ("models", "report", "manifest"):  # these read only local data
             assert {"--emulate", "--base-url", "--api-key", "--api-key-file"} <= flags, name
 
 

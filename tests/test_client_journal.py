@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +51,57 @@ def rows(path: Path) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+class Store:
+    """A client journal of either store: ``journal`` (what ``AsyncApimart(journal=)`` is
+    given) and ``rows()``, its ``submits`` as another process reads them."""
+
+    def __init__(self, journal: Any, rows: Callable[[], Awaitable[list[tuple[Any, ...]]]]):
+        self.journal = journal
+        self.rows = rows
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The client-journal contract runs against both stores (issue 15: PostgreSQL)."""
+    if request.param == "sqlite":
+        path = tmp_path / "client.sqlite"
+        return Store(path, lambda: anyio.to_thread.run_sync(rows, path))
+    from apimart_async._pg_journal import PostgresJournal
+
+    server = request.getfixturevalue("postgres")
+    schema = request.getfixturevalue("pg_schema")
+
+    async def pg_rows() -> list[tuple[Any, ...]]:
+        import asyncpg
+
+        conn = await asyncpg.connect(server.url)
+        try:
+            found = await conn.fetch(
+                f"SELECT idempotency_key, state, task_id, status FROM {schema}.submits"
+                " ORDER BY submitted_at, idempotency_key"
+            )
+        finally:
+            await conn.close()
+        return [tuple(r) for r in found]
+
+    return Store(PostgresJournal(server.url, name="web", schema=schema), pg_rows)
+
+
 # -- unfinished() across restarts, wait() from the journal ---------------------------------------
 
 
 async def test_the_end_a_wait_saw_right_before_a_clean_close_is_recorded(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, store: Store
 ) -> None:
     """Closing cancelled the journal's writer in the middle of writing the last ends it had
     taken: they were lost, and the next process listed (and read again) a task whose end the
     wait had seen."""
-    path = tmp_path / "client.sqlite"
+    path = store.journal
     async with client_for(manual_emu, path) as client:
         task_id = await client.videos.submit(REQUEST)
         manual_emu.complete(task_id)
         assert (await client.tasks.wait(task_id)).ok
-    assert [row[1:] for row in rows(path)] == [("done", task_id, "completed")]
+    assert [row[1:] for row in (await store.rows())] == [("done", task_id, "completed")]
     async with client_for(manual_emu, path) as client:
         before = status_reads(manual_emu)
         assert await client.tasks.unfinished() == []
@@ -73,9 +110,9 @@ async def test_the_end_a_wait_saw_right_before_a_clean_close_is_recorded(
 
 
 async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, store: Store
 ) -> None:
-    path = tmp_path / "client.sqlite"
+    path = store.journal
     async with client_for(manual_emu, path) as client:
         task_id = await client.videos.submit(REQUEST)
         [item] = await client.tasks.unfinished()
@@ -90,7 +127,7 @@ async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
         task = await client.tasks.wait(task_id)
         assert task.ok and task.id == task_id
         assert await client.tasks.unfinished() == []
-    assert rows(path) == [(item.idempotency_key, "done", task_id, "completed")]
+    assert (await store.rows()) == [(item.idempotency_key, "done", task_id, "completed")]
 
     # and again: the end is known, so the wait answers from the journal with no request
     async with client_for(manual_emu, path) as client:
@@ -104,9 +141,9 @@ async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
 
 
 async def test_a_failed_end_is_recorded_and_answered_from_the_journal(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, store: Store
 ) -> None:
-    path = tmp_path / "client.sqlite"
+    path = store.journal
     async with client_for(manual_emu, path) as client:
         task_id = await client.videos.submit(REQUEST)
         manual_emu.fail(task_id)
@@ -121,8 +158,8 @@ async def test_a_failed_end_is_recorded_and_answered_from_the_journal(
         assert status_reads(manual_emu) == before
 
 
-async def test_generate_records_its_submit_and_its_end(emu: Emulator, tmp_path: Path) -> None:
-    path = tmp_path / "client.sqlite"
+async def test_generate_records_its_submit_and_its_end(emu: Emulator, store: Store) -> None:
+    path = store.journal
     async with client_for(emu, path) as client:
         async with anyio.create_task_group() as tg:
 
@@ -133,13 +170,13 @@ async def test_generate_records_its_submit_and_its_end(emu: Emulator, tmp_path: 
             await emu.wait_until(lambda: emu.tasks_created == 1)
             emu.advance(10)
         assert await client.tasks.unfinished() == []
-    [(key, state, task_id, status)] = rows(path)
+    [(key, state, task_id, status)] = await store.rows()
     assert (state, task_id, status) == ("done", emu.task_ids()[0], "completed")
     assert emu.tasks_per_key == {key: 1}
 
 
-async def test_the_key_is_committed_before_the_post(manual_emu: Emulator, tmp_path: Path) -> None:
-    path = tmp_path / "client.sqlite"
+async def test_the_key_is_committed_before_the_post(manual_emu: Emulator, store: Store) -> None:
+    path = store.journal
     seen: list[list[tuple[Any, ...]]] = []
     async with client_for(manual_emu, path) as client:
         transport = client._transport
@@ -147,13 +184,13 @@ async def test_the_key_is_committed_before_the_post(manual_emu: Emulator, tmp_pa
 
         async def spy(*args: Any, **kwargs: Any) -> Any:
             if kwargs.get("kind") == "submit":
-                seen.append(await anyio.to_thread.run_sync(rows, path))
+                seen.append(await store.rows())
             return await real(*args, **kwargs)
 
         transport.request = spy  # type: ignore[method-assign]
         task_id = await client.videos.submit(REQUEST, idempotency_key="my-key-1")
     assert seen == [[("my-key-1", "submitting", None, None)]]
-    assert rows(path) == [("my-key-1", "pending", task_id, None)]
+    assert (await store.rows()) == [("my-key-1", "pending", task_id, None)]
 
 
 # -- settling a submit whose reply was never read -----------------------------------------------
@@ -165,9 +202,9 @@ async def test_the_key_is_committed_before_the_post(manual_emu: Emulator, tmp_pa
     ids=["reply lost", "first POST never arrived"],
 )
 async def test_recover_settles_a_lost_submit_with_the_same_key_and_one_task(
-    manual_emu: Emulator, tmp_path: Path, fault: Fault, created_by_first_post: int
+    manual_emu: Emulator, store: Store, fault: Fault, created_by_first_post: int
 ) -> None:
-    path = tmp_path / "client.sqlite"
+    path = store.journal
     async with client_for(manual_emu, path, max_retries=0) as client:
         manual_emu.faults.inject("submit", fault, times=1)
         with pytest.raises(am.SubmitIndeterminateError) as info:
@@ -189,14 +226,14 @@ async def test_recover_settles_a_lost_submit_with_the_same_key_and_one_task(
         assert await client.tasks.unfinished() == []
 
 
-async def test_a_refused_submit_is_not_listed(manual_emu: Emulator, tmp_path: Path) -> None:
-    path = tmp_path / "client.sqlite"
+async def test_a_refused_submit_is_not_listed(manual_emu: Emulator, store: Store) -> None:
+    path = store.journal
     async with client_for(manual_emu, path) as client:
         manual_emu.faults.inject("submit", Fault.error(400, "invalid_request_error"), times=1)
         with pytest.raises(am.BadRequestError):
             await client.videos.submit(REQUEST)
         assert await client.tasks.unfinished() == []
-    assert [r[1] for r in rows(path)] == ["refused"]
+    assert [r[1] for r in (await store.rows())] == ["refused"]
 
 
 async def test_unfinished_and_recover_need_a_journal(client: am.AsyncApimart) -> None:
@@ -208,9 +245,9 @@ async def test_unfinished_and_recover_need_a_journal(client: am.AsyncApimart) ->
 
 
 async def test_recover_refuses_what_is_not_an_item_of_this_journal(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, store: Store
 ) -> None:
-    async with client_for(manual_emu, tmp_path / "c.sqlite") as client:
+    async with client_for(manual_emu, store.journal) as client:
         with pytest.raises(am.ValidationError, match="item"):
             await client.tasks.recover("k")  # type: ignore[arg-type]
         stranger = am.UnfinishedTask(None, "not-ours", "sora-2-preview", 1.0, "fp")
@@ -228,9 +265,9 @@ def test_a_journal_of_the_wrong_type_is_refused() -> None:
 
 
 async def test_a_batchs_billed_tasks_are_listed_when_it_is_left_early(
-    manual_emu: Emulator, tmp_path: Path
+    manual_emu: Emulator, store: Store
 ) -> None:
-    path = tmp_path / "client.sqlite"
+    path = store.journal
     jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(3)]
     async with client_for(manual_emu, path) as client:
         async with client.batch(jobs) as results:
@@ -247,8 +284,10 @@ async def test_a_batchs_billed_tasks_are_listed_when_it_is_left_early(
     assert manual_emu.tasks_created == 3
 
 
-async def test_a_batch_that_ends_leaves_nothing_unfinished(emu: Emulator, tmp_path: Path) -> None:
-    path = tmp_path / "client.sqlite"
+async def test_a_batch_that_ends_leaves_nothing_unfinished(
+    emu: Emulator, store: Store, tmp_path: Path
+) -> None:
+    path = store.journal
     jobs = [am.VideoRequest("sora-2-preview", f"prompt {i}") for i in range(3)]
     async with client_for(emu, path) as client:
         async with client.batch(jobs, journal=tmp_path / "batch.sqlite") as results:
@@ -256,7 +295,7 @@ async def test_a_batch_that_ends_leaves_nothing_unfinished(emu: Emulator, tmp_pa
             emu.advance(10)
             assert [o.ok async for o in results] == [True] * 3
         assert await client.tasks.unfinished() == []
-    assert sorted(r[1] for r in rows(path)) == ["done"] * 3
+    assert sorted(r[1] for r in (await store.rows())) == ["done"] * 3
 
 
 # -- on_submitted ---------------------------------------------------------------------------------
@@ -320,10 +359,10 @@ async def test_on_submitted_must_be_callable(client: am.AsyncApimart, emu: Emula
 
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal"])
 async def test_a_generate_cancelled_after_its_submit_logs_the_task_id(
-    manual_emu: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture, journal: bool
+    manual_emu: Emulator, store: Store, caplog: pytest.LogCaptureFixture, journal: bool
 ) -> None:
     caplog.set_level(logging.WARNING, logger="apimart_async")
-    path = tmp_path / "c.sqlite" if journal else None
+    path = store.journal if journal else None
     async with client_for(manual_emu, path) as client:
         with anyio.CancelScope() as scope:  # the handler's scope, cancelled when its client leaves
             async with anyio.create_task_group() as tg:
@@ -558,3 +597,67 @@ async def test_a_submit_every_attempt_of_which_was_answered_429_is_not_listed(
             with pytest.raises(am.RateLimitError):
                 await client.videos.submit(am.VideoRequest("sora-2-preview", "y"))
             assert len(await client.tasks.unfinished()) == 1  # the 500 may have made it
+
+
+# -- PostgreSQL: one journal shared by the replicas of a web app (issue 15) ------------------------
+
+
+async def test_replicas_on_one_postgres_journal_list_and_wait_for_each_others_tasks(
+    manual_emu: Emulator, postgres: Any, pg_schema: str
+) -> None:
+    from apimart_async._pg_journal import PostgresJournal
+
+    def journal(name: str = "web") -> PostgresJournal:
+        return PostgresJournal(postgres.url, name=name, schema=pg_schema)
+
+    async with (
+        client_for(manual_emu, journal()) as a,
+        client_for(manual_emu, journal()) as b,  # no lock: both at once
+        client_for(manual_emu, journal("other-app")) as other,
+    ):
+        task_id = await a.videos.submit(REQUEST)
+        [item] = await b.tasks.unfinished()
+        assert item.task_id == task_id
+        assert await other.tasks.unfinished() == []  # another client name: its own rows
+        manual_emu.complete(task_id)
+        assert (await b.tasks.wait(task_id)).ok  # B follows A's task to its end
+        assert await b.tasks.unfinished() == []  # the end B saw, written (flushed)...
+        assert await a.tasks.unfinished() == []  # ...for A too
+        before = status_reads(manual_emu)
+        assert (await a.tasks.wait(task_id)).ok  # A is answered from the shared journal
+        assert status_reads(manual_emu) == before
+    assert manual_emu.tasks_created == 1
+
+
+async def test_a_postgres_client_journal_keeps_the_password_out_and_refuses_what_it_cannot_use(
+    postgres: Any, pg_schema: str
+) -> None:
+    from apimart_async._pg_journal import PostgresJournal
+
+    with pytest.raises(am.ConfigurationError, match=r"postgresql:// URL; got mysql://u:\*\*\*@h"):
+        am.AsyncApimart("sk-test", journal="mysql://u:s3cret@h/db")
+    wrong = postgres.url.replace(postgres.password, "not-the-pw-77")
+    client = am.AsyncApimart(
+        "sk-test", journal=PostgresJournal(wrong, name="web", schema=pg_schema)
+    )
+    assert "not-the-pw-77" not in repr(client._journal)
+    with pytest.raises(am.JournalError) as caught:
+        await client.open()
+    assert "not-the-pw-77" not in str(caught.value) and "postgres:***@127.0.0.1" in str(
+        caught.value
+    )
+    assert client._transport.is_open is False
+    # a submits table of a newer release is refused, left as it is
+    good = PostgresJournal(postgres.url, name="web", schema=pg_schema)
+    async with am.AsyncApimart("sk-test", journal=good):
+        pass
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        await conn.execute(f"UPDATE {pg_schema}.meta SET value='2' WHERE key='submits'")
+    finally:
+        await conn.close()
+    with pytest.raises(am.JournalError, match="submits version 2; this one knows 1"):
+        async with am.AsyncApimart("sk-test", journal=good):
+            pass

@@ -651,3 +651,39 @@ async def test_a_silent_database_gives_an_error_that_says_it_timed_out() -> None
     message = str(info.value)
     assert not message.endswith(": "), message  # before the fix: '...: TimeoutError: '
     assert "0.5" in message or "no answer" in message or "timed out" in message, message
+
+
+# -- the lock error names the other run's machine (brk15 F15, F22) -----------------------------
+
+
+async def _held_elsewhere(pg: PgServer, schema: str, host: str, pid: int) -> str:
+    """The message of the JournalLockedError a second run gets, the first run's row saying
+    it runs as ``pid`` on ``host``."""
+    first = journal(pg, schema, "spring-ads")
+    await first.open()
+    try:
+        await fetchval(pg.url, f'UPDATE "{schema}".batches SET run_host=$1, run_pid=$2', host, pid)
+        with pytest.raises(am.JournalLockedError) as info:
+            await journal(pg, schema, "spring-ads").open()
+    finally:
+        await first.close()
+    assert info.value.pid == pid and info.value.host == host
+    return str(info.value)
+
+
+async def test_the_lock_error_names_the_machine_of_the_other_run(
+    pg: PgServer, pg_schema: str
+) -> None:
+    message = await _held_elsewhere(pg, pg_schema, "worker-7.internal", 4242)
+    assert "another run (pid 4242 on worker-7.internal, started " in message
+
+
+async def test_a_holder_on_another_machine_with_our_pid_is_not_this_process(
+    pg: PgServer, pg_schema: str
+) -> None:
+    """Containers run as pid 1 on every machine: the same pid elsewhere is another run."""
+    import os
+
+    message = await _held_elsewhere(pg, pg_schema, "node-b.internal", os.getpid())
+    assert "this process" not in message and "each its own file" not in message
+    assert f"another run (pid {os.getpid()} on node-b.internal" in message

@@ -508,3 +508,85 @@ async def test_a_batch_naming_a_file_of_the_server_is_refused_before_anything_ru
         assert "jobs[1].image_urls[0]" in reply.text and "http(s) URL" in reply.text
         assert (await http.get(f"{app.url}/batches/b1")).status_code == 404
     assert emu.uploads_per_hash == {} and emu.tasks_created == 0
+
+
+async def test_two_replicas_behind_one_postgres_journal(tmp_path: Path, postgres: Any) -> None:
+    """Issue 15: replica 1 submits and waits; the service calls replica 2 back (its
+    ``--webhook-url``), which passes the callback on through PostgreSQL, and the one status
+    read it asks for, on replica 1, ends the wait. Then replica 1 dies with a task running:
+    replica 2 lists it, and so does replica 1 once restarted."""
+    import secrets
+
+    shared = ["--journal", postgres.url, "--schema", f"web_{secrets.token_hex(4)}"]
+    r1_dir, r2_dir = tmp_path / "r1", tmp_path / "r2"
+    r1_dir.mkdir()
+    r2_dir.mkdir()
+    async with (
+        Emulator(frozen_clock=True, task_duration=4.0) as emu,
+        backend(emu, r2_dir, *shared, "--webhook-url", "self") as r2,
+        http_client() as http,
+    ):
+        async with backend(emu, r1_dir, *shared, "--webhook-url", f"{r2.url}/apimart") as r1:
+            task_id = (await http.post(f"{r1.url}/videos", json=job(0))).json()["task_id"]
+            waited: list[httpx.Response] = []
+
+            async def wait() -> None:
+                waited.append(await http.get(f"{r1.url}/videos/{task_id}/wait"))
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(wait)
+                    while (await r1.metrics(http))["requests_in_flight"] < 1:  # noqa: ASYNC110 (another process)
+                        await anyio.sleep(0.01)  # until replica 1 is waiting
+                    emu.advance(4)  # it ends: the emulator calls replica 2 back
+            assert waited[0].status_code == 200, waited[0].text
+            assert waited[0].json()["id"] == task_id
+            assert waited[0].json()["status"] == "completed"
+            assert emu.webhook_deliveries == [(f"{r2.url}/apimart/callback", task_id, 200)]
+            assert status_reads(emu) == 1  # replica 1's one read, when the callback said so
+            # a second task, running when replica 1 dies
+            running = (await http.post(f"{r1.url}/videos", json=job(1))).json()["task_id"]
+            listed = (await http.get(f"{r1.url}/videos/unfinished")).json()
+            assert [t["task_id"] for t in listed["tasks"]] == [running]
+            r1.proc.kill()
+            await r1.proc.wait()
+        listed = (await http.get(f"{r2.url}/videos/unfinished")).json()
+        assert [t["task_id"] for t in listed["tasks"]] == [running]
+        async with backend(emu, r1_dir, *shared) as r1:  # replica 1 again
+            listed = (await http.get(f"{r1.url}/videos/unfinished")).json()
+            assert [t["task_id"] for t in listed["tasks"]] == [running]
+        # the first task's end is known: replica 2 answers from the journal, with no read
+        reply = await http.get(f"{r2.url}/videos/{task_id}/wait")
+        assert reply.status_code == 200 and reply.json()["status"] == "completed"
+        assert status_reads(emu) == 1
+    assert postgres.password not in r2.stderr + r1.stderr
+
+
+def test_a_bad_webhook_url_is_refused_at_startup_not_blamed_on_each_caller() -> None:
+    """brk15 F19: ``--webhook-url ftp://nope`` started, and every POST /videos answered 422
+    "webhook_url: must be an http(s) URL": the server's own setting blamed on each caller."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    import apimart_async as am
+
+    for bad in ("ftp://nope", "https://host/apimart?token=1", "not a url"):
+        with pytest.raises(am.ValidationError, match=r"^webhook_url: "):
+            web_backend.create_app(webhook_url=bad)
+    web_backend.create_app(webhook_url="self")
+    web_backend.create_app(webhook_url="https://backend.example.com/apimart")
+
+
+async def test_a_bad_webhook_url_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": "sk-test"}
+    done = await anyio.run_process(
+        [sys.executable, str(EXAMPLE), "--webhook-url", "ftp://nope", "--port", "0"],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"webhook_url: must be an http(s) URL" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written

@@ -365,6 +365,8 @@ async def test_a_callback_for_an_unknown_task_is_acknowledged_and_a_malformed_on
             "checked": 0,
             "ignored": 2,
             "malformed": 3,
+            "forwarded": 0,
+            "relayed": 0,
         }
         assert client.request_counts().get("task", 0) == 0  # nothing was read for them
     assert emu.api_key not in caplog.text
@@ -842,3 +844,53 @@ async def test_the_credentials_of_a_refused_webhook_url_are_not_echoed(url: str)
     good = am.VideoRequest("sora-2-preview", "a cat", webhook="https://u:HOOKSECRET@h.example/a")
     assert "HOOKSECRET" not in repr(good) and "https://***@h.example/a" in repr(good)
     assert good.to_dict()["webhook"] == "https://u:HOOKSECRET@h.example/a"
+
+
+# -- a webhook_url the service will never call (brk15 F20) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:8000/apimart", "127.0.0.1 is not a public address"),
+        ("http://10.0.0.5/apimart", "10.0.0.5 is not a public address"),
+        ("http://[::1]/apimart", "::1 is not a public address"),
+        ("http://localhost/apimart", "localhost is not a public host name"),
+        ("https://web/apimart", "web is not a public host name"),
+        ("https://api.svc.internal/apimart", "api.svc.internal is not a public host name"),
+        ("https://hooks.example.com:8443/apimart", "port 8443: it calls ports 80 and 443 only"),
+        ("http://u:HOOKSECRET@10.0.0.5/apimart", "10.0.0.5 is not a public address"),
+    ],
+)
+def test_a_webhook_url_the_service_cannot_reach_is_warned_about_once(
+    caplog: pytest.LogCaptureFixture, url: str, reason: str
+) -> None:
+    """The service calls back public hosts on ports 80 and 443 only: such a URL's callbacks
+    never come, and every task waits for its safety check (a batch ~8x slower in brk15)."""
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    client = am.AsyncApimart("sk-test", base_url="https://api.example.com")
+    for _ in range(3):
+        client.batch([request()], webhook_url=url)
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = record.getMessage()
+    shown = url.replace("u:HOOKSECRET@", "***@")  # a secret in the URL is not logged (F9)
+    assert f"webhook_url {shown}: {reason}" in message
+    assert "callbacks will never come" in message and "polled" in message
+
+
+def test_a_public_webhook_url_or_one_for_a_loopback_emulator_is_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    client = am.AsyncApimart("sk-test", base_url="https://api.example.com")
+    client.batch([request()], webhook_url="https://hooks.example.com/apimart")
+    client.batch([request()], webhook_url="http://hooks.example.com:80/apimart")
+    emulated = am.AsyncApimart("sk-test", base_url="http://127.0.0.1:9/")  # an emulator
+    emulated.batch([request()], webhook_url="http://127.0.0.1:8000/apimart")
+    assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+
+
+def test_a_webhook_url_with_a_port_out_of_range_is_refused_by_name() -> None:
+    with pytest.raises(am.ValidationError, match=r"webhook_url: .*port") as info:
+        am.AsyncApimart("sk-test").batch([request()], webhook_url="http://u:S3@host:99999/a")
+    assert "S3" not in str(info.value)
