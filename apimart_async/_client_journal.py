@@ -40,7 +40,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import attrs
@@ -291,11 +291,12 @@ class ClientJournal:
                 )
             return cls(PgSubmits(PostgresJournal(journal, name=PgSubmits.DEFAULT_CLIENT)))
         if isinstance(journal, (str, os.PathLike)):
-            if "\x00" in str(os.fspath(journal)):  # no file system takes one
+            path = os.fspath(cast("str | os.PathLike[str]", journal))
+            if "\x00" in path:  # no file system takes one
                 raise ValidationError(
                     [FieldError("journal", "must not contain a NUL character", "...\\x00...")]
                 )
-            return cls(SqliteSubmits(SqliteJournal(os.fspath(journal))))
+            return cls(SqliteSubmits(SqliteJournal(path)))
         if isinstance(journal, SqliteJournal):
             return cls(SqliteSubmits(journal))
         if isinstance(journal, PostgresJournal):

@@ -52,7 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -134,15 +134,14 @@ def _parsed(text: str | None, index: int, what: str) -> dict[str, Any] | None:
     another kind) is a ``JournalError``, as any fault of a journal is."""
     if text is None:
         return None
-    try:
+    value: object = None
+    with contextlib.suppress(ValueError, RecursionError):
         value = json.loads(text)
-    except (ValueError, RecursionError):
-        value = None
     if not isinstance(value, dict):
         raise JournalError(
             f"the journal's record of job {index} holds a {what} that is not a JSON object"
         )
-    return value
+    return cast("dict[str, Any]", value)
 
 
 class Journal(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
@@ -219,5 +219,7 @@ class BatchOptions:
 def _has_nul(path: object) -> bool:
     if not isinstance(path, (str, os.PathLike)):
         return False
-    text = os.fspath(path)
-    return ("\x00" if isinstance(text, str) else b"\x00") in text
+    text: str | bytes = os.fspath(cast("str | os.PathLike[str] | os.PathLike[bytes]", path))
+    if isinstance(text, str):
+        return "\x00" in text
+    return b"\x00" in text
