@@ -170,26 +170,30 @@ class Claims:
     async def heartbeat(self) -> set[int]:
         """Renew the lease of every job this worker still holds; returns them (a job it
         claimed and that is missing here was taken over by another worker)."""
-        q = self._q
 
         async def run(conn: Any) -> set[int]:
             async with conn.transaction():
-                rows = await conn.fetch(
-                    f"UPDATE {q}.claims SET lease_until = {_NOW} + $3"
-                    " WHERE batch = $1 AND worker = $2 RETURNING idx",
-                    self.journal.name,
-                    self.worker,
-                    self.lease,
-                )
-                await conn.execute(
-                    f"UPDATE {q}.workers SET heartbeat_at = {_NOW} WHERE batch = $1"
-                    " AND worker = $2",
-                    self.journal.name,
-                    self.worker,
-                )
-            return {int(r["idx"]) for r in rows}
+                return await self._renew(conn)
 
         return await self._call("renew the leases in", run)
+
+    async def _renew(self, conn: Any) -> set[int]:
+        """Renew the lease of every job this worker holds and its heartbeat (in the caller's
+        transaction); the jobs it still holds."""
+        q = self._q
+        rows = await conn.fetch(
+            f"UPDATE {q}.claims SET lease_until = {_NOW} + $3"
+            " WHERE batch = $1 AND worker = $2 RETURNING idx",
+            self.journal.name,
+            self.worker,
+            self.lease,
+        )
+        await conn.execute(
+            f"UPDATE {q}.workers SET heartbeat_at = {_NOW} WHERE batch = $1 AND worker = $2",
+            self.journal.name,
+            self.worker,
+        )
+        return {int(r["idx"]) for r in rows}
 
     async def beat(self) -> set[int]:
         """The worker's heartbeat (issue 15): let go of the jobs it holds that are done (the
@@ -206,20 +210,7 @@ class Claims:
                     self.journal.name,
                     self.worker,
                 )
-                rows = await conn.fetch(
-                    f"UPDATE {q}.claims SET lease_until = {_NOW} + $3"
-                    " WHERE batch = $1 AND worker = $2 RETURNING idx",
-                    self.journal.name,
-                    self.worker,
-                    self.lease,
-                )
-                await conn.execute(
-                    f"UPDATE {q}.workers SET heartbeat_at = {_NOW} WHERE batch = $1"
-                    " AND worker = $2",
-                    self.journal.name,
-                    self.worker,
-                )
-            return {int(r["idx"]) for r in rows}
+                return await self._renew(conn)
 
         return await self._call("renew the leases in", run)
 
