@@ -250,7 +250,7 @@ class BatchRun:
                     continue
                 take = intake.take(index, item)
                 if take.refused is not None:
-                    self._refuse(take.refused)
+                    self._refuse(take.refused, carried=take.carried)
                     continue
                 if take.plan is not None and not take.submits:
                     while self.outbox.replays_full and not self.stopped:
@@ -459,9 +459,9 @@ class BatchRun:
         self._emit(end.outcome)
         self.report(end.event)
 
-    def _refuse(self, outcome: Success | Failure) -> None:
+    def _refuse(self, outcome: Success | Failure, *, carried: float = 0.0) -> None:
         """Hand out the outcome of a job that ended before any submit."""
-        self.roster.refused()
+        self.roster.refused(carried)
         self._emit(outcome)
 
     def _emit(self, outcome: Success | Failure) -> None:

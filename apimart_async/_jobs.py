@@ -248,6 +248,9 @@ class ResumePlan:
     task: Task | None = None
     outcome: Success | Failure | None = None
     ended: Ended | None = None
+    carried: float = 0.0
+    """A ``mismatch``: what the recorded job (another input's) cost, counted at the start
+    among this batch's costs and taken out again."""
 
 
 def reopens(
@@ -297,7 +300,9 @@ def resume_plan(
         # This job may have a task for the old request: leave it alone, report it.
         mismatch = JournalMismatchError(record.index, record.fingerprint, fingerprint)
         return ResumePlan(
-            "mismatch", outcome=outcome_of(record.index, request, error=mismatch, name=name)
+            "mismatch",
+            outcome=outcome_of(record.index, request, error=mismatch, name=name),
+            carried=(record.cost or 0.0) if record.state in ("done", "downloading") else 0.0,
         )
     job = Job(record.index, request, record.idempotency_key, name or record.name, journaled=True)
     if record.state == "submitting":
@@ -429,6 +434,11 @@ class Take:
     """The recorded idempotency key to submit with again (``resubmit``)."""
     webhook: bool = False
     """Whether the request carries the batch's ``webhook_url`` (issue 15)."""
+
+    @property
+    def carried(self) -> float:
+        """The recorded cost of a job refused as a mismatch (see ``ResumePlan.carried``)."""
+        return self.plan.carried if self.plan is not None else 0.0
 
     @property
     def submits(self) -> bool:

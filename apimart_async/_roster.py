@@ -68,9 +68,11 @@ class Roster:
         self.counts.read += 1
         return index
 
-    def refused(self) -> None:
-        """A job ended before any submit (bad input, a name clash, the budget, a stop...)."""
+    def refused(self, carried: float = 0.0) -> None:
+        """A job ended before any submit (bad input, a name clash, the budget, a stop...);
+        ``carried``: the cost counted for it at the start, another input's (a mismatch)."""
         self.counts.errored += 1
+        self.counts.cost -= carried
 
     # -- submitting ----------------------------------------------------------------------------
 

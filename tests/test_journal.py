@@ -690,3 +690,27 @@ def _fields(record: Any) -> dict[str, Any]:
     names = ("index", "fingerprint", "idempotency_key", "state", "name", "task_id", "status")
     more = ("cost", "error", "error_type", "files", "request")
     return {name: getattr(record, name) for name in (*names, *more)}
+
+
+async def test_a_job_whose_input_changed_under_the_journal_adds_no_old_cost(
+    tmp_path: Path,
+) -> None:
+    """Reusing a journal with new input (the reference app does when a batch name is posted
+    again): job 0 is refused as a mismatch, nothing sent, yet ``stats().cost`` added what
+    the journal recorded for the OLD job 0 (0.8 reported, 0.4 paid: brk21b 15)."""
+    journal = tmp_path / "j.sqlite"
+    async with (
+        Emulator(task_duration=0.01) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+    ):
+        async with client.batch([am.VideoRequest("sora-2-preview", "cats")], journal=journal) as r:
+            assert [o.ok async for o in r] == [True]
+        jobs = [
+            am.VideoRequest("sora-2-preview", "dogs"),
+            am.VideoRequest("sora-2-preview", "birds"),
+        ]
+        async with client.batch(jobs, journal=journal) as results:
+            outcomes = [o async for o in results]
+    assert isinstance(outcomes[0].error, am.JournalMismatchError)
+    paid = sum(o.task.cost or 0.0 for o in outcomes if o.task is not None)
+    assert paid > 0 and results.stats().cost == pytest.approx(paid)
