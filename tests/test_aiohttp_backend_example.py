@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -73,3 +74,31 @@ async def test_sdk_errors_get_the_reference_apps_http_statuses() -> None:
             resp = await http.post("/videos", json={"model": "sora-2-preview", "prompt": "x"})
             assert resp.status == 429
         assert emu.tasks_created == 0
+
+
+async def test_generate_and_unfinished_with_a_journal(tmp_path: Path) -> None:
+    """The reference app's parts on aiohttp.web (brk21b 13): a client journal, so a billed
+    task whose end nobody saw is listed after a restart; ``generate`` answered with the
+    task's ``to_dict()``; the status too."""
+    journal = str(tmp_path / "client.sqlite")
+    async with Emulator(mode="manual") as emu:
+        async with TestClient(
+            TestServer(create_app(api_key=emu.api_key, base_url=emu.base_url, journal=journal))
+        ) as http:
+            resp = await http.post("/videos", json={"model": "sora-2-preview", "prompt": "x"})
+            task_id = (await resp.json())["task_id"]
+        # a restart: the task was submitted, nobody saw it end
+        app = create_app(api_key=emu.api_key, base_url=emu.base_url, journal=journal)
+        async with TestClient(TestServer(app)) as http:
+            listed = await (await http.get("/videos/unfinished")).json()
+            assert listed["count"] == 1 and listed["tasks"][0]["task_id"] == task_id
+            emu.complete(task_id)
+            body = await (await http.get(f"/videos/{task_id}")).json()
+            assert body["id"] == task_id and body["status"] == "completed" and body["video_urls"]
+            generating = asyncio.ensure_future(
+                http.post("/videos/generate", json={"model": "sora-2-preview", "prompt": "y"})
+            )
+            await emu.wait_until(lambda: emu.tasks_created == 2)
+            emu.complete_all()
+            done = await (await generating).json()
+            assert done["status"] == "completed" and done["id"] != task_id
