@@ -110,9 +110,10 @@ async def test_replica_a_waits_for_a_task_replica_b_submitted_and_b_gets_its_cal
 
                 tg.start_soon(wait)
                 # A knows the task only by its id: it reads it at once, then as its estimate says
-                await emu.wait_until(lambda: sum(status_reads(a)) == 1)
-                planned = a._poller.schedule.next_check(task_id)
-                assert planned is not None and planned > 1.0
+                await emu.wait_until(lambda: sum(status_reads(a)) == 1)  # counted when sent
+                while (planned := a._poller.schedule.next_check(task_id)) is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.001)  # its reply is being handled (bounded: fail_after)
+                assert planned > 1.0
                 emu.complete(task_id)
                 await emu.wait_until(lambda: a.tasks.webhook_counts()["relayed"] == 1)
                 # min_interval (1 s) after its first look, well before the check it planned
