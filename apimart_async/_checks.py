@@ -11,7 +11,9 @@ setting keeps working wherever the setting is given.
 from __future__ import annotations
 
 import math
+import os
 import sys
+from typing import cast
 
 from ._errors import FieldError, OptionError
 
@@ -22,6 +24,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_number",
     "check_seconds",
+    "has_nul",
 ]
 
 
@@ -92,3 +95,14 @@ def check_non_negative_seconds(name: str, value: object) -> None:
     """Zero or more seconds, or None."""
     if value is not None:
         check_non_negative_number(name, value, unit="seconds", finite=False)
+
+
+def has_nul(path: object) -> bool:
+    """Whether a path (str, bytes or os.PathLike) holds a NUL character, which no file system
+    takes (``open`` would raise a raw ``ValueError``)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False
+    text: str | bytes = os.fspath(cast("str | bytes | os.PathLike[str] | os.PathLike[bytes]", path))
+    if isinstance(text, str):
+        return "\x00" in text
+    return b"\x00" in text

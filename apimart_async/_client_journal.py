@@ -45,6 +45,7 @@ from typing import Any, Protocol, cast
 import anyio
 import attrs
 
+from ._checks import has_nul
 from ._converter import structure_task, task_to_wire
 from ._errors import (
     ApimartError,
@@ -292,7 +293,7 @@ class ClientJournal:
             return cls(PgSubmits(PostgresJournal(journal, name=PgSubmits.DEFAULT_CLIENT)))
         if isinstance(journal, (str, os.PathLike)):
             path = os.fspath(cast("str | os.PathLike[str]", journal))
-            if "\x00" in path:  # no file system takes one
+            if has_nul(path):
                 raise ValidationError(
                     [FieldError("journal", "must not contain a NUL character", "...\\x00...")]
                 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import attrs
@@ -23,6 +23,7 @@ from ._checks import (
     check_positive_int,
     check_positive_number,
     check_seconds,
+    has_nul,
 )
 from ._download import RateFloor
 from ._errors import FieldError, ValidationError
@@ -126,7 +127,7 @@ class BatchOptions:
             "journal": [self.journal] if isinstance(self.journal, (str, os.PathLike)) else [],
         }
         for name, values in paths.items():
-            if any(_has_nul(v) for v in values):  # no file system takes one
+            if any(has_nul(v) for v in values):  # no file system takes one
                 bad.append(FieldError(name, "must not contain a NUL character", "...\\x00..."))
         journal = self.journal
         if not (
@@ -214,12 +215,3 @@ class BatchOptions:
         if self.max_cost is None:
             return None
         return Budget(self.max_cost, self.cost_estimate)
-
-
-def _has_nul(path: object) -> bool:
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    text: str | bytes = os.fspath(cast("str | os.PathLike[str] | os.PathLike[bytes]", path))
-    if isinstance(text, str):
-        return "\x00" in text
-    return b"\x00" in text
