@@ -725,8 +725,8 @@ class Tasks:
             return True
         self._callbacks.ignored += 1
         # a replica sharing the (PostgreSQL) journal may be the one waiting for it
-        shared = self._journal is not None and self._journal.shared
-        if shared and self._journal is not None and await self._journal.publish(task_id):
+        journal = self._journal
+        if journal is not None and journal.shared and await journal.publish(task_id):
             self._callbacks.forwarded += 1
         return False
 
@@ -881,6 +881,15 @@ def _settled(task: Task) -> Task:
     return task
 
 
+async def _let_the_loop_run(since: float) -> float:
+    """Once ``LOOP_SLICE`` seconds of work have passed since ``since``, let the event loop run;
+    when the next slice starts."""
+    if time.perf_counter() - since <= LOOP_SLICE:
+        return since
+    await anyio.lowlevel.checkpoint()
+    return time.perf_counter()
+
+
 class TaskWatch:
     """The async context manager of ``tasks.watch``: an async iterator of ended tasks.
 
@@ -907,17 +916,13 @@ class TaskWatch:
         try:
             for given in self._given:
                 ids[check_task_id(given, "task_ids[]")] = None
-                if time.perf_counter() - since > LOOP_SLICE:
-                    await anyio.lowlevel.checkpoint()
-                    since = time.perf_counter()
+                since = await _let_the_loop_run(since)
             self._ids, self._remaining = list(ids), set(ids)
             if not self._ids:
                 self._send.close()
             for task_id in self._ids:
                 self._poller.watch(task_id, self._on_done, reattach=True)
-                if time.perf_counter() - since > LOOP_SLICE:
-                    await anyio.lowlevel.checkpoint()
-                    since = time.perf_counter()
+                since = await _let_the_loop_run(since)
         except BaseException:  # a bad id, or cancelled: nothing is left watched
             await self.__aexit__()
             raise
