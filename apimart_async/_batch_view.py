@@ -25,7 +25,7 @@ import attrs
 from ._errors import JournalError
 from ._journal import JobRecord, SqliteJournal, _holder, lock_path
 from ._manifest import record_line
-from ._pg_journal import _COLUMNS, PostgresJournal, _close_quietly, _gone
+from ._pg_journal import _COLUMNS, DB_NOW, PostgresJournal, _close_quietly, _gone
 
 __all__ = [
     "BatchView",
@@ -36,7 +36,7 @@ __all__ = [
     "write_manifest",
 ]
 
-_NOW = "extract(epoch from clock_timestamp())"
+_NOW = DB_NOW
 
 
 @attrs.frozen

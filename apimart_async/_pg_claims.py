@@ -37,13 +37,13 @@ import attrs
 
 from ._errors import BudgetExceededError, FieldError, JournalError, ValidationError
 from ._journal import JobRecord
-from ._pg_journal import _COLUMNS, PostgresJournal, _Link
+from ._pg_journal import _COLUMNS, DB_NOW, PostgresJournal, _Link
 
 __all__ = ["Claim", "Claims"]
 
 T = TypeVar("T")
 
-_NOW = "extract(epoch from clock_timestamp())"
+_NOW = DB_NOW
 
 
 @attrs.frozen

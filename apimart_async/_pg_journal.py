@@ -99,6 +99,11 @@ _SCHEMES = ("postgresql://", "postgres://")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
+#: The database's clock, in seconds since the epoch: leases and heartbeats are timed by it, so
+#: the machines' clocks need not agree.
+DB_NOW = "extract(epoch from clock_timestamp())"
+
+
 def is_postgres_url(value: object) -> bool:
     """Whether ``value`` is a ``postgresql://`` or ``postgres://`` URL (a journal in
     PostgreSQL, not a file path)."""
