@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, ClassVar
@@ -399,10 +400,25 @@ async def test_a_failed_flush_is_a_download_error_and_keeps_the_part(
     monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
     monkeypatch.setattr(_download, "CHUNK", 64 * 1024)
 
+    monkeypatch.setattr(_download, "_READ", 16 * 1024)  # a batch: 64 KiB to 80 KiB
+    failed_at: list[int] = []
+    flush_failed = threading.Event()
+    real_write = _PartFile.write_many_sync
+
     def broken(self: _PartFile) -> None:
+        failed_at.append(self.size)
+        flush_failed.set()
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
+    def write(self: _PartFile, pieces: list[bytes]) -> None:
+        # the flush's thread may start late (a busy machine): writes past the first flush
+        # wait for its failure, so the test sees what the writer does once it is known
+        if self.size >= 256 * 1024:
+            flush_failed.wait(timeout=30)
+        real_write(self, pieces)
+
     monkeypatch.setattr(_PartFile, "flush_sync", broken)
+    monkeypatch.setattr(_PartFile, "write_many_sync", write)
     async with emulated(video_bytes=2 * 1024 * 1024) as (_emu, client):
         task = await client.videos.generate(sora(0))
         with pytest.raises(am.DownloadError, match=r"\[Errno 5\] Input/output error") as caught:
@@ -411,4 +427,8 @@ async def test_a_failed_flush_is_a_download_error_and_keeps_the_part(
     assert str(dest) in str(caught.value)
     assert not dest.exists()
     part = tmp_path / f"{task.id}.mp4.part"
-    assert 0 < part.stat().st_size < 2 * 1024 * 1024  # what arrived is kept for a resume
+    # what arrived is kept for a resume; the writer stops once the flush has failed: at most
+    # the batch it was waiting to write then and one more (the two threads' ends race)
+    assert failed_at == [failed_at[0]] and failed_at[0] >= 256 * 1024  # one flush, one failure
+    assert failed_at[0] <= part.stat().st_size <= failed_at[0] + 2 * 80 * 1024
+    assert part.stat().st_size < 2 * 1024 * 1024
