@@ -573,6 +573,8 @@ async def test_a_client_journal_given_a_postgres_url_is_refused_not_made_a_local
     local journal while the user believes it shared. Expected: refused by name (or a real
     PostgreSQL client journal), before any request."""
     monkeypatch.chdir(tmp_path)
+    # db.internal does not resolve: the journal would wait 60 s for it (a lost database)
+    monkeypatch.setitem(PostgresJournal.__init__.__kwdefaults__, "reconnect_for", 0.5)
     url = f"postgresql://app:{SECRET}@db.internal:5432/videos"
     async with Emulator(task_duration=0.0) as emu:
         try:

@@ -607,8 +607,9 @@ async def test_a_callback_before_the_wait_is_not_lost() -> None:
         with anyio.move_on_after(GUARD):  # the frozen clock stays at 10.3 s from here
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait)
-                await until(lambda: client._poller.watching() == [task_id])  # the wait began
-                advance(emu, client, 0.3)  # webhook_gather: the next round
+                # the wait began (or is over already: the remembered callback asked for a read)
+                await until(lambda: bool(box) or client._poller.watching() == [task_id])
+                await advance_when_idle(emu, client, 0.3)  # webhook_gather: the next round
         assert box and box[0].ok  # before the fix: still waiting for the safety check at 50 s
 
 
@@ -637,8 +638,9 @@ async def test_generate_a_callback_during_on_submitted_is_not_lost() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(generate)
                 await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
-                await until(lambda: len(client._poller.watching()) == 1)  # the wait began
-                advance(emu, client, 0.3)
+                # the wait began (or is over already: the remembered callback asked for a read)
+                await until(lambda: bool(box) or len(client._poller.watching()) == 1)
+                await advance_when_idle(emu, client, 0.3)
         assert box and box[0].ok  # before the fix: waits for the safety check at 50 s
 
 
@@ -674,8 +676,9 @@ async def test_a_batch_callback_during_the_journal_write_of_the_task_id_is_not_l
                 advance(emu, client, 10)  # the task ends; its callback comes
                 await emu.wait_until(lambda: client.tasks.webhook_counts()["received"] == 1)
                 released.set()  # the write goes through; the batch follows the task
-                await until(lambda: len(client._poller.watching()) == 1)
-                advance(emu, client, 0.3)
+                # the task is followed (and may be read already: the callback was remembered)
+                await until(lambda: results.stats().submitted == 1)
+                await advance_when_idle(emu, client, 0.3)
                 outcomes.extend([o async for o in results])
         assert outcomes and outcomes[0].ok  # before the fix: waits for the safety check at 50 s
 

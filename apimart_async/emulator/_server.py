@@ -60,6 +60,9 @@ from ._store import StateFile
 
 __all__ = ["Emulator"]
 
+#: Real seconds ``stop()`` lets the requests in flight finish before it cuts them off.
+_SHUTDOWN_GRACE = 0.5
+
 
 class Emulator:
     """A local APIMart on loopback, for tests, demos and benchmarks.
@@ -305,7 +308,11 @@ class Emulator:
             middlewares.insert(0, self.rtt.middleware)
         app = web.Application(client_max_size=MAX_UPLOAD + 1024 * 1024, middlewares=middlewares)
         self._routes.add_to(app.router)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # stop() ends the requests in flight after _SHUTDOWN_GRACE (a slow fault holds its
+        # reply for seconds): the service goes away as a real one does, its clients cut off
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE
+        )
         await self._runner.setup()
         server_ssl: ssl.SSLContext | None = None
         if isinstance(self._tls, ssl.SSLContext):
