@@ -139,11 +139,13 @@ class PollPolicy:
     webhook_interval: float = attrs.field(default=120.0, validator=_positive)
     """After its safety check, a task with a webhook is checked this many seconds apart (the
     slow cadence that stays the fallback when no callback comes)."""
-    webhook_gather: float = attrs.field(default=0.2, validator=_positive)
+    webhook_gather: float = attrs.field(default=0.27, validator=_positive)
     """With the batch status route, the callbacks that arrive within this many seconds of a
     first one are read together at the end of that window (at once when they fill a request
-    of 100 ids): the trade between a callback's latency and status requests per job. Without
-    the route, a callback's task is read at once."""
+    of 100 ids): the trade between a callback's latency and status requests per job (the
+    default keeps a callback's outcome within 0.3 s of it with a read of up to 30 ms, and
+    reads about 50 callbacks per request when 200 come a second). Without the route, a
+    callback's task is read at once."""
 
 
 #: What ``_plan`` reads of a policy at every check, worked out once per policy (``_derive``):

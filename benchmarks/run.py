@@ -1319,7 +1319,8 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             "aiohttp route in the client's process hands each callback to "
             "`webhooks.aiohttp_handler(client)`. The callback is a hint: the task is read in "
             "the poller's next status round (on the batch route, the callbacks of a "
-            "`PollPolicy.webhook_gather` window of 0.2 s share one request). Tasks with a "
+            f"`PollPolicy.webhook_gather` window of {am.PollPolicy().webhook_gather:g} s share "
+            "one request). Tasks with a "
             "webhook are polled only as a fallback: a safety check 10 s past the latest "
             "plausible end, then every 120 s. The same jobs polled, for the baseline.",
             "",
@@ -1346,9 +1347,12 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             ),
             "",
             "On the batch route, status requests per job fall with the rate at which callbacks "
-            "come: a request carries the callbacks of one 0.2 s window (100 at most), so "
-            "0.02 requests per job needs about 250 callbacks a second; fewer, and each "
-            "window's request carries fewer. Without the route, each callback costs one read.",
+            f"come: a request carries the callbacks of one {am.PollPolicy().webhook_gather:g} s "
+            "window (100 at most), so 0.02 requests per job needs about "
+            f"{50 / am.PollPolicy().webhook_gather:.0f} callbacks a second; fewer, and each "
+            "window's request carries fewer. Without the route, each callback costs one read. "
+            "The window is the trade: a callback's outcome comes at most a window and a read "
+            "after it; the default (0.27 s) leaves 30 ms of the 0.3 s latency target to the read.",
         ]
     if "workers" in sc:
         w = sc["workers"]
