@@ -154,6 +154,8 @@ class _PartFile:
         self.origin_tag: str | None = None
         #: Where the origin is kept beside the part, for a resume by a later process.
         self.origin_path = path.with_name(path.name + ".origin")
+        #: The free bytes where the part is, read when it was opened (None: cannot tell).
+        self.free: int | None = None
 
     def open_sync(self, *, resume: bool) -> None:
         self.hash = hashlib.sha256()
@@ -170,6 +172,7 @@ class _PartFile:
             self._fh = self.path.open("wb")
             self.origin_total = self.origin_tag = None
             self.origin_path.unlink(missing_ok=True)
+        self.free = _free_bytes(self.path.parent)
 
     def _read_origin(self) -> None:
         """The origin kept beside the part (none for a part made by other means: a part
@@ -187,11 +190,6 @@ class _PartFile:
     def record_origin_sync(self, total: int | None, tag: str | None) -> None:
         self.origin_total, self.origin_tag = total, tag
         self.origin_path.write_text(json.dumps({"total": total, "tag": tag}), encoding="utf-8")
-
-    def begin_sync(self, total: int | None, tag: str | None) -> int | None:
-        """A part begun from its first byte: its origin recorded; the free bytes where it is."""
-        self.record_origin_sync(total, tag)
-        return _free_bytes(self.path.parent)
 
     def write_many_sync(self, pieces: list[bytes]) -> None:
         assert self._fh is not None
@@ -254,6 +252,9 @@ class _Pipe:
     def __init__(self, part: _PartFile, loop: asyncio.AbstractEventLoop) -> None:
         self.part = part
         self._loop = loop
+        #: The origin of a part begun from its first byte, recorded before that byte.
+        self.origin: tuple[int | None, str | None] | None = None
+        self._closed = False
         self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._sent = 0  # batches queued by the reader
@@ -264,8 +265,11 @@ class _Pipe:
         self.failed: list[OSError] = []
 
     async def run(self) -> None:
-        """The writer, on a worker thread until ``close``."""
-        await anyio.to_thread.run_sync(self.drain)
+        """The writer, on a worker thread until ``close`` (which the reader always calls):
+        shielded, so that what was queued is written also when the download is cancelled
+        before the thread has started."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.drain)
 
     async def send(self, batch: list[bytes]) -> None:
         """Queue ``batch``; wait while more than ``_QUEUED`` wait for the writer."""
@@ -278,13 +282,17 @@ class _Pipe:
         await room.wait()
 
     def close(self, pieces: list[bytes]) -> None:
-        """No more batches: ``pieces`` (if any, and nothing failed) is the last."""
+        """No more batches: ``pieces`` (if any, and nothing failed) is the last. Once."""
+        if self._closed:
+            return
+        self._closed = True
         if pieces and not self.failed:
             self._queue.put(pieces)
         self._queue.put(None)
 
     def drain(self) -> None:
-        """The writer thread: each batch written and hashed in order, until ``close``."""
+        """The writer thread: the part's origin recorded (a part begun from its first byte),
+        then each batch written and hashed in order, until ``close``."""
         try:
             while (batch := self._queue.get()) is not None:
                 with self._lock:
@@ -295,6 +303,9 @@ class _Pipe:
                 if self.failed:
                     continue  # dropped: the reader stops at its next batch
                 try:
+                    if self.origin is not None:  # before the part's first byte
+                        origin, self.origin = self.origin, None
+                        self.part.record_origin_sync(*origin)
                     self.part.write_many_sync(batch)
                 except OSError as exc:  # disk full, say
                     self.failed.append(exc)
@@ -417,7 +428,44 @@ class Downloader:
     async def _stream(
         self, url: str, part: _PartFile, max_bytes: int | None, floor: RateFloor | None
     ) -> bool | None:
-        """One GET. True: complete. False: cut short. None: start again from zero."""
+        """One GET. True: complete. False: cut short. None: start again from zero.
+
+        The writer thread (``_Pipe``) starts as the request goes out, so it is ready when
+        the first MiB arrives (started then, it waited for the loop, busy with the reply)."""
+        pipe = _Pipe(part, asyncio.get_running_loop())
+        copied: tuple[int | None] | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipe.run)
+            try:
+                copied = await self._get(url, part, max_bytes, floor, pipe)
+            except Exception as exc:  # noqa: BLE001 - raised below, not as a group
+                error = exc
+            finally:
+                pipe.close([])  # the writer stores what was queued, then ends
+        if error is not None:
+            raise error
+        if pipe.failed:
+            raise disk_error(part.dest, pipe.failed[0]) from pipe.failed[0]
+        if copied is None:
+            return None
+        (total,) = copied
+        if total is None:
+            return True
+        if part.size > total:
+            return None
+        return part.size == total
+
+    async def _get(
+        self,
+        url: str,
+        part: _PartFile,
+        max_bytes: int | None,
+        floor: RateFloor | None,
+        pipe: _Pipe,
+    ) -> tuple[int | None] | None:
+        """The GET of ``_stream``, its body to ``pipe``: the file's total size, if known; None
+        when the part must start again from zero."""
         offset = part.size
         headers: dict[str, str] | None = None
         if offset:
@@ -448,9 +496,8 @@ class Downloader:
                 return None
             total = _total_size(resp.status, resp.headers, offset)
             tag = _validator(resp.headers)
-            free: int | None = None
-            if not offset:  # one trip to a worker thread: the origin kept, the free space read
-                free = await anyio.to_thread.run_sync(part.begin_sync, total, tag)
+            if not offset:  # kept on disk by the writer thread before the part's first byte
+                pipe.origin = part.origin_total, part.origin_tag = total, tag
             elif (None not in (total, part.origin_total) and total != part.origin_total) or (
                 None not in (tag, part.origin_tag) and tag != part.origin_tag
             ):
@@ -462,78 +509,60 @@ class Downloader:
                     f"file is {total} bytes, more than max_bytes={max_bytes}", url=url
                 )
             if total is not None:
-                if free is None:
-                    free = await anyio.to_thread.run_sync(_free_bytes, part.path.parent)
-                _reserve(part, total - part.size, free)
-            await self._copy(resp, part, url, max_bytes, floor)
-            if total is None:
-                return True
-            if part.size > total:
-                return None
-            return part.size == total
+                _reserve(part, total - part.size, part.free)
+            await self._copy(resp, pipe, url, max_bytes, floor)
+            return (total,)
 
     async def _copy(
         self,
         resp: StreamReply,
-        part: _PartFile,
+        pipe: _Pipe,
         url: str,
         max_bytes: int | None,
         floor: RateFloor | None,
     ) -> None:
-        """Body to the part file. One worker thread hashes and writes about 1 MiB at a time
-        while the next MiB arrives (``_Pipe``); at most ``_QUEUED`` MiB wait in memory, so
+        """Body to the part file through ``pipe``: its writer thread hashes and writes about
+        1 MiB at a time while the next MiB arrives; at most ``_QUEUED`` MiB wait in memory, so
         memory stays flat whatever the file size. Every ``_FLUSH_EVERY`` bytes written are
         flushed to disk on another thread meanwhile (write-behind). Each ``floor.window`` must
         bring ``floor.quota`` bytes: a window that does not is cut (``APIConnectionError``,
-        retried)."""
-        pipe = _Pipe(part, asyncio.get_running_loop())
-        received = part.size
-        error: Exception | None = None
+        retried). A failed write stops the copy (``pipe.failed``, raised by ``_stream``)."""
+        received = pipe.part.size
         pieces: list[bytes] = []
         # the window: a new one starts each time the last one's quota has arrived
         window_start = received
         pace = anyio.CancelScope()
         if floor is not None:
             pace.deadline = anyio.current_time() + floor.window
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pipe.run)
-            try:
-                size = 0
-                with pace:
-                    async for chunk in resp.chunks(_READ):
-                        received += len(chunk)
-                        if floor is not None and received - window_start >= floor.quota:
-                            window_start = received
-                            pace.deadline = anyio.current_time() + floor.window
-                        if max_bytes is not None and received > max_bytes:
-                            raise DownloadTooLargeError(
-                                f"file exceeds max_bytes={max_bytes}", url=url
-                            )
-                        pieces.append(chunk)
-                        size += len(chunk)
-                        if size >= CHUNK:
-                            batch, pieces, size = pieces, [], 0
-                            await pipe.send(batch)
-                            if pipe.failed:
-                                break  # the disk: raised below
-                if pace.cancelled_caught:
-                    assert floor is not None
-                    raise APIConnectionError(
-                        f"download slower than {floor.bytes_per_second:g} bytes/s over "
-                        f"{floor.window:g} s ({received - window_start} bytes); resuming",
-                        method="GET",
-                        path=urlsplit(url).path,
-                    )
-            except Exception as exc:  # noqa: BLE001 - raised below, not as a group
-                error = exc
-            finally:
-                # what arrived is kept, also from a window or a deadline cut short: the
-                # writer stores it after what was queued (no gap), then ends
-                pipe.close(pieces)
-        if error is not None:
-            raise error
-        if pipe.failed:
-            raise disk_error(part.dest, pipe.failed[0]) from pipe.failed[0]
+        try:
+            size = 0
+            with pace:
+                async for chunk in resp.chunks(_READ):
+                    received += len(chunk)
+                    if floor is not None and received - window_start >= floor.quota:
+                        window_start = received
+                        pace.deadline = anyio.current_time() + floor.window
+                    if max_bytes is not None and received > max_bytes:
+                        raise DownloadTooLargeError(f"file exceeds max_bytes={max_bytes}", url=url)
+                    pieces.append(chunk)
+                    size += len(chunk)
+                    if size >= CHUNK:
+                        batch, pieces, size = pieces, [], 0
+                        await pipe.send(batch)
+                        if pipe.failed:
+                            return  # the disk: raised by _stream
+            if pace.cancelled_caught:
+                assert floor is not None
+                raise APIConnectionError(
+                    f"download slower than {floor.bytes_per_second:g} bytes/s over "
+                    f"{floor.window:g} s ({received - window_start} bytes); resuming",
+                    method="GET",
+                    path=urlsplit(url).path,
+                )
+        finally:
+            # what arrived is kept, also from a window or a deadline cut short: the writer
+            # stores it after what was queued (no gap)
+            pipe.close(pieces)
 
     async def task_files_by(
         self,
