@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,15 +68,16 @@ CHUNK = 1 << 20
 #: Most bytes taken from the reply at a time (a read returns as soon as any have arrived,
 #: so the floor rate sees progress as it comes, however large this is).
 _READ = 1 << 20
-#: Buffers of CHUNK bytes that may wait for the writer thread (memory per download:
-#: (_QUEUED + 2) buffers: these, the one being written, the one being filled).
+#: Batches of about CHUNK bytes that may wait for the writer thread (memory per download:
+#: about (_QUEUED + 2) MiB).
 _QUEUED = 2
-#: The most buffers a downloader keeps for its next downloads.
-_POOLED = 8
 #: Write-behind: after this many bytes written since the last flush, they are flushed to
 #: disk (fdatasync) on another worker thread while the rest arrives, so the fsync before
 #: the rename waits only for the tail of the file.
-_FLUSH_EVERY = 4 << 20
+_FLUSH_EVERY = 8 << 20
+#: The first flush comes sooner, so that a file of a few MiB has one under way before its
+#: end (flushing every 4 MiB throughout cost large files a tenth under a loaded CPU).
+_FIRST_FLUSH = 4 << 20
 #: fdatasync where there is one (not on macOS): data, and only the metadata needed to read it.
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -193,7 +194,7 @@ class _PartFile:
         self.origin_total, self.origin_tag = total, tag
         self.origin_path.write_text(json.dumps({"total": total, "tag": tag}), encoding="utf-8")
 
-    def write_many_sync(self, pieces: Sequence[bytes | memoryview]) -> None:
+    def write_many_sync(self, pieces: list[bytes]) -> None:
         assert self._fh is not None
         self._fh.writelines(pieces)
         for data in pieces:
@@ -243,35 +244,29 @@ class _PartFile:
 
 class _Pipe:
     """Between the event loop, which reads a body, and one worker thread, which hashes and
-    writes it to the part (``drain``), through ``_QUEUED + 2`` buffers of ``CHUNK`` bytes
-    that go round: the loop copies what arrives into a free one, the writer hands it back
-    once written. A plain queue, so a buffer costs the loop no trip to a thread and the
-    writer no trip back (those trips, one per MiB, were a fifth of a 10 MB download on
-    loopback); the loop is woken only when it waits for a buffer. The buffers come from
-    the downloader's ``pool`` and go back to it (``release``): a body kept in the objects
-    aiohttp hands out, freed on the writer's thread, made the allocator give the memory
-    back and fault it in again, 1,600 page faults per 10 MB (issue 16).
+    writes it to the part (``drain``): a plain queue, so a batch costs the loop no trip to
+    a thread and the writer no trip back (issue 16: those trips, one per MiB, were a fifth
+    of a 10 MB download on loopback). The loop is woken only when it waits for room.
 
-    Every ``_FLUSH_EVERY`` bytes written are flushed (fdatasync) on a thread of their own
-    while the writer goes on, one flush at a time. A failed write or flush is kept in
-    ``failed``: the writer drops what is queued after it and the reader stops."""
+    Every ``_FLUSH_EVERY`` bytes written (the first time ``_FIRST_FLUSH``) are flushed
+    (fdatasync) on a thread of their own while the writer goes on, one flush at a time. A
+    failed write or flush is kept in ``failed``: the writer drops what is queued after it
+    and the reader stops."""
 
-    def __init__(
-        self, part: _PartFile, loop: asyncio.AbstractEventLoop, pool: list[bytearray]
-    ) -> None:
+    def __init__(self, part: _PartFile, loop: asyncio.AbstractEventLoop) -> None:
         self.part = part
         self._loop = loop
-        self._pool = pool
         #: The origin of a part begun from its first byte, recorded before that byte.
         self.origin: tuple[int | None, str | None] | None = None
         self._closed = False
-        self._queue: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._spare: list[bytearray] = []  # written, free for the reader
-        self._taken: list[bytearray] = []  # every buffer this pipe took from the pool
-        self._room: asyncio.Event | None = None  # the reader waits for a buffer
+        self._sent = 0  # batches queued by the reader
+        self._taken = 0  # batches the writer took
+        self._room: asyncio.Event | None = None  # the reader waits for the writer
         self._flusher: threading.Thread | None = None
         self._flushed_at = part.size
+        self._flush_after = _FIRST_FLUSH  # bytes written before the next flush
         self.failed: list[OSError] = []
 
     async def run(self) -> None:
@@ -281,71 +276,55 @@ class _Pipe:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self.drain)
 
-    async def buffer(self) -> bytearray:
-        """A free buffer; waits while all are queued or being written."""
-        while True:
-            with self._lock:
-                if self._spare:
-                    return self._spare.pop()
-                if len(self._taken) < _QUEUED + 2:
-                    buffer = self._pool.pop() if self._pool else bytearray(CHUNK)
-                    self._taken.append(buffer)
-                    return buffer
-                room = self._room = asyncio.Event()
-            await room.wait()
+    async def send(self, batch: list[bytes]) -> None:
+        """Queue ``batch``; wait while more than ``_QUEUED`` wait for the writer."""
+        self._queue.put(batch)
+        with self._lock:
+            self._sent += 1
+            if self._sent - self._taken <= _QUEUED:
+                return
+            room = self._room = asyncio.Event()
+        await room.wait()
 
-    def send(self, buffer: bytearray, size: int) -> None:
-        """Queue the first ``size`` bytes of ``buffer`` for the writer."""
-        self._queue.put((buffer, size))
-
-    def close(self, buffer: bytearray | None, size: int) -> None:
-        """No more: the first ``size`` bytes of ``buffer`` (if any, and nothing failed) are
-        the last. Once."""
+    def close(self, pieces: list[bytes]) -> None:
+        """No more batches: ``pieces`` (if any, and nothing failed) is the last. Once."""
         if self._closed:
             return
         self._closed = True
-        if buffer is not None and size and not self.failed:
-            self._queue.put((buffer, size))
+        if pieces and not self.failed:
+            self._queue.put(pieces)
         self._queue.put(None)
-
-    def release(self) -> None:
-        """The buffers back to the pool, once the writer has ended (at most ``_POOLED``)."""
-        room = _POOLED - len(self._pool)
-        self._pool.extend(self._taken[: max(room, 0)])
-        self._taken = []
 
     def drain(self) -> None:
         """The writer thread: the part's origin recorded (a part begun from its first byte),
-        then each buffer written and hashed in order, until ``close``."""
+        then each batch written and hashed in order, until ``close``."""
         try:
-            while (item := self._queue.get()) is not None:
-                buffer, size = item
-                if not self.failed:
-                    self._write(memoryview(buffer)[:size])
+            while (batch := self._queue.get()) is not None:
                 with self._lock:
-                    self._spare.append(buffer)
+                    self._taken += 1
                     room, self._room = self._room, None
                 if room is not None:
                     self._loop.call_soon_threadsafe(room.set)
+                if self.failed:
+                    continue  # dropped: the reader stops at its next batch
+                try:
+                    if self.origin is not None:  # before the part's first byte
+                        origin, self.origin = self.origin, None
+                        self.part.record_origin_sync(*origin)
+                    self.part.write_many_sync(batch)
+                except OSError as exc:  # disk full, say
+                    self.failed.append(exc)
+                    continue
+                if self.part.size - self._flushed_at >= self._flush_after and not (
+                    self._flusher is not None and self._flusher.is_alive()
+                ):
+                    self._flushed_at = self.part.size
+                    self._flush_after = _FLUSH_EVERY
+                    self._flusher = threading.Thread(target=self._flush, daemon=True)
+                    self._flusher.start()
         finally:
             if self._flusher is not None:
                 self._flusher.join()
-
-    def _write(self, data: memoryview) -> None:
-        try:
-            if self.origin is not None:  # before the part's first byte
-                origin, self.origin = self.origin, None
-                self.part.record_origin_sync(*origin)
-            self.part.write_many_sync([data])
-        except OSError as exc:  # disk full, say: what is queued after it is dropped
-            self.failed.append(exc)
-            return
-        if self.part.size - self._flushed_at >= _FLUSH_EVERY and not (
-            self._flusher is not None and self._flusher.is_alive()
-        ):
-            self._flushed_at = self.part.size
-            self._flusher = threading.Thread(target=self._flush, daemon=True)
-            self._flusher.start()
 
     def _flush(self) -> None:
         try:
@@ -373,8 +352,6 @@ class Downloader:
         self._refresh_task = refresh
         self.max_retries = max_retries
         self.limiter: anyio.CapacityLimiter = anyio.CapacityLimiter(concurrency)
-        #: Buffers of ``CHUNK`` bytes the downloads of this downloader reuse (``_Pipe``).
-        self._pool: list[bytearray] = []
 
     async def fetch_url(
         self, url: str, dest: Path, *, max_bytes: int | None = None
@@ -461,7 +438,7 @@ class Downloader:
 
         The writer thread (``_Pipe``) starts as the request goes out, so it is ready when
         the first MiB arrives (started then, it waited for the loop, busy with the reply)."""
-        pipe = _Pipe(part, asyncio.get_running_loop(), self._pool)
+        pipe = _Pipe(part, asyncio.get_running_loop())
         copied: tuple[int | None] | None = None
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
@@ -471,8 +448,7 @@ class Downloader:
             except Exception as exc:  # noqa: BLE001 - raised below, not as a group
                 error = exc
             finally:
-                pipe.close(None, 0)  # the writer stores what was queued, then ends
-        pipe.release()
+                pipe.close([])  # the writer stores what was queued, then ends
         if error is not None:
             raise error
         if pipe.failed:
@@ -558,15 +534,14 @@ class Downloader:
         bring ``floor.quota`` bytes: a window that does not is cut (``APIConnectionError``,
         retried). A failed write stops the copy (``pipe.failed``, raised by ``_stream``)."""
         received = pipe.part.size
-        buffer: bytearray | None = None
-        view = memoryview(b"")
-        filled = 0
+        pieces: list[bytes] = []
         # the window: a new one starts each time the last one's quota has arrived
         window_start = received
         pace = anyio.CancelScope()
         if floor is not None:
             pace.deadline = anyio.current_time() + floor.window
         try:
+            size = 0
             with pace:
                 async for chunk in resp.chunks(_READ):
                     received += len(chunk)
@@ -575,21 +550,13 @@ class Downloader:
                         pace.deadline = anyio.current_time() + floor.window
                     if max_bytes is not None and received > max_bytes:
                         raise DownloadTooLargeError(f"file exceeds max_bytes={max_bytes}", url=url)
-                    at, size = 0, len(chunk)
-                    while at < size:  # copied into the pipe's buffers
-                        if buffer is None:
-                            buffer = await pipe.buffer()
-                            view = memoryview(buffer)
-                            if pipe.failed:
-                                return  # the disk: raised by _stream
-                        n = min(size - at, len(buffer) - filled)
-                        piece = chunk if n == size else memoryview(chunk)[at : at + n]
-                        view[filled : filled + n] = piece
-                        filled += n
-                        at += n
-                        if filled == len(buffer):
-                            pipe.send(buffer, filled)
-                            buffer, view, filled = None, memoryview(b""), 0
+                    pieces.append(chunk)
+                    size += len(chunk)
+                    if size >= CHUNK:
+                        batch, pieces, size = pieces, [], 0
+                        await pipe.send(batch)
+                        if pipe.failed:
+                            return  # the disk: raised by _stream
             if pace.cancelled_caught:
                 assert floor is not None
                 raise APIConnectionError(
@@ -599,10 +566,9 @@ class Downloader:
                     path=urlsplit(url).path,
                 )
         finally:
-            view.release()
             # what arrived is kept, also from a window or a deadline cut short: the writer
             # stores it after what was queued (no gap)
-            pipe.close(buffer, filled)
+            pipe.close(pieces)
 
     async def task_files_by(
         self,

@@ -153,30 +153,3 @@ def test_safe_names(name: str, safe: str, tmp_path: Path) -> None:
 def test_inside_refuses_escapes(tmp_path: Path) -> None:
     with pytest.raises(am.DownloadError, match="would leave"):
         inside(tmp_path, "../x.mp4")
-
-
-@pytest.mark.parametrize("read", [10_000, 16 * 1024, 100_000])
-async def test_buffers_go_round_and_every_file_stays_whole(
-    emu: Emulator,
-    client: am.AsyncApimart,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    read: int,
-) -> None:
-    # issue 16: the body is copied into a few buffers that go round between the reader and
-    # the writer thread, then back to the downloader for its next files; reads that do not
-    # line up with the buffers are split across them
-    from apimart_async import _download
-
-    monkeypatch.setattr(_download, "CHUNK", 20_000)  # a 64 KiB file: three and a part
-    monkeypatch.setattr(_download, "_READ", read)
-    tasks = [await completed_task(emu, client) for _ in range(3)]
-    files = [(await client.download(task, tmp_path))[0] for task in tasks]
-    for task, f in zip(tasks, files, strict=True):
-        data = Path(f.path).read_bytes()
-        assert len(data) == f.bytes == 64 * 1024
-        assert f.sha256 == hashlib.sha256(data).hexdigest() == emu.file_sha256(task.id)
-    assert len({f.sha256 for f in files}) == 3
-    pool = client._downloader._pool  # pyright: ignore[reportPrivateUsage]
-    assert len(pool) == _download._QUEUED + 2  # taken by each file in turn, given back
-    assert all(len(b) == 20_000 for b in pool)
