@@ -272,8 +272,8 @@ def request_shape(
     spec: ModelSpec | None,
     model: object,
     prompt: object,
-    images: object,
-    videos: object,
+    image_urls: object,
+    video_urls: object,
     duration: object,
     resolution: object,
     aspect_ratio: object,
@@ -286,12 +286,15 @@ def request_shape(
     model's limit, Unicode); None when a field holds anything but the plain types a check
     can pass. Two requests of one shape, checked against the same spec (``spec``, that of
     ``model``), get the same verdict: ``VideoRequest`` and a jobs file's check (``_jobsfile``)
-    skip the checks of a shape that passed them."""
-    if type(model) is not str or type(images) is not tuple or type(videos) is not tuple:
+    skip the checks of a shape that passed them.
+
+    Its parameters after ``spec`` are ``model`` and ``_TYPED_FIELDS``, in order: a new field
+    of ``VideoRequest`` must be one of them (``tests/test_jobs_check.py`` checks it)."""
+    if type(model) is not str or type(image_urls) is not tuple or type(video_urls) is not tuple:
         return None
-    image_urls = cast("tuple[object, ...]", images)
-    video_urls = cast("tuple[object, ...]", videos)
-    for url in (*image_urls, *video_urls):
+    images = cast("tuple[object, ...]", image_urls)
+    videos = cast("tuple[object, ...]", video_urls)
+    for url in (*images, *videos):
         if type(url) is not str:
             return None
     said: tuple[bool, bool, bool] | None = None
@@ -311,7 +314,7 @@ def request_shape(
         if number is not None and type(number) is not int:
             return None
     return (
-        model, said, image_urls, video_urls, duration, resolution, aspect_ratio, seed,
+        model, said, images, videos, duration, resolution, aspect_ratio, seed,
         extend_from_task_id, webhook,
     )  # fmt: skip
 

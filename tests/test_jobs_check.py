@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -230,3 +231,21 @@ def test_the_warnings_of_a_remembered_shape_come_with_every_line(tmp_path: Path)
         " by the service"
     )
     assert [job[6] for job in fast] == [(note,)] * 3
+
+
+def test_the_shape_holds_every_field_of_a_request() -> None:
+    # two requests of one shape share a verdict: a field left out of the shape would let a
+    # line through on the verdict of another (VideoRequest's cache and the jobs file's check)
+    import inspect
+
+    assert list(inspect.signature(_models.request_shape).parameters) == [
+        "spec",
+        "model",
+        *_models._TYPED_FIELDS,  # pyright: ignore[reportPrivateUsage]
+    ]
+    assert {f.name for f in attrs.fields(am.VideoRequest)} == {
+        "model",
+        "extra",
+        *_models._TYPED_FIELDS,  # pyright: ignore[reportPrivateUsage]
+    }
+    assert {"model", "name", *_models._TYPED_FIELDS} == _jobsfile._PLAIN_KEYS  # pyright: ignore[reportPrivateUsage]
