@@ -31,18 +31,18 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple, cast
 
 import attrs
 
 from ._errors import FieldError, JobsFileError, ValidationError
 from ._jobs import file_stem
 from ._json import is_object
-from ._models import _TYPED_FIELDS, VideoRequest
+from ._models import _TYPED_FIELDS, VideoRequest, is_local_ref, request_shape
 from ._references import LocalFile, MediaPolicy, MediaRoot, has_local_refs, prepare_request
 from ._specs import MODEL_SPECS
 
-__all__ = ["JobLine", "read_jobs"]
+__all__ = ["JobCheck", "JobLine", "check_jobs", "read_jobs"]
 
 MAX_LINE_BYTES = 1 << 20
 MAX_FILE_BYTES = 512 << 20
@@ -67,6 +67,8 @@ class JobLine:
 
 
 _KNOWN_KEYS = ("model", "name", "extra", *_TYPED_FIELDS)
+_DECODER = json.JSONDecoder()
+_Build = Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]
 
 
 def _distance(a: str, b: str) -> int:
@@ -193,55 +195,220 @@ def iter_jobs(
     problems: list[tuple[int, str]] = []
     names = _FileNames()
     count = 0
-    try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise JobsFileError(str(p), [(0, f"file is larger than {MAX_FILE_BYTES >> 20} MB")])
-        stream = p.open("rb")
-    except OSError as exc:
-        raise JobsFileError(str(p), [(0, f"cannot read: {exc.strerror}")]) from None
-    with stream:
+    with _open(p) as stream:
         if p.suffix.lower() == ".csv":
             rows = _csv_rows(p, stream, problems, allow_unknown_model)
         else:
             rows = _jsonl_rows(stream, problems, allow_unknown_model)
         for n, build in rows:
-            files: tuple[LocalFile, ...] = ()
-            try:
-                name, request, notes = build()
-                if has_local_refs(request):
-                    request, files = prepare_request(request, policy, checked)
-            except ValidationError as exc:
-                problems.extend((n, str(e)) for e in exc.errors)
+            done = _build_line(n, build, policy, checked, problems)
+            if done is None:
                 continue
-            except (ValueError, TypeError, RecursionError) as exc:
-                text = str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply"
-                problems.append((n, text))
-                continue
+            name, request, notes, files = done
             clash = names.add(count, n, name)
             if clash is not None:
                 problems.append(clash)
             count += 1
             if not problems:
                 yield JobLine(n, name, request, notes, files)
+    _end(p, problems, count)
+
+
+def _open(p: Path) -> BinaryIO:
+    """The jobs file, opened for reading, or JobsFileError (too large, cannot be read)."""
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise JobsFileError(str(p), [(0, f"file is larger than {MAX_FILE_BYTES >> 20} MB")])
+        return p.open("rb")
+    except OSError as exc:
+        raise JobsFileError(str(p), [(0, f"cannot read: {exc.strerror}")]) from None
+
+
+def _end(p: Path, problems: list[tuple[int, str]], count: int) -> None:
+    """JobsFileError listing every bad line, or saying there was no job; else nothing."""
     if problems:
         raise JobsFileError(str(p), sorted(problems, key=lambda problem: problem[0]))
     if not count:
         raise JobsFileError(str(p), [(0, "no jobs in the file")])
 
 
-_DECODER = json.JSONDecoder()
-_Build = Callable[[], tuple[str | None, VideoRequest, tuple[str, ...]]]
+_Built = tuple[str | None, VideoRequest, tuple[str, ...], tuple[LocalFile, ...]]
 
 
-def _jsonl_rows(
-    stream: BinaryIO, problems: list[tuple[int, str]], allow_unknown_model: bool
-) -> Iterator[tuple[int, _Build]]:
-    """Each job line of a JSONL file, numbered, read a line at a time (a line longer than
-    ``MAX_LINE_BYTES`` is never held whole)."""
+def _build_line(
+    n: int,
+    build: _Build,
+    policy: MediaPolicy,
+    checked: dict[tuple[str, int, int, int], LocalFile],
+    problems: list[tuple[int, str]],
+) -> _Built | None:
+    """Line ``n``'s name, request, warnings and local files, or None with its problems
+    added to ``problems``."""
+    files: tuple[LocalFile, ...] = ()
+    try:
+        name, request, notes = build()
+        if has_local_refs(request):
+            request, files = prepare_request(request, policy, checked)
+    except ValidationError as exc:
+        problems.extend((n, str(e)) for e in exc.errors)
+        return None
+    except (ValueError, TypeError, RecursionError) as exc:
+        text = str(exc) if not isinstance(exc, RecursionError) else "JSON nested too deeply"
+        problems.append((n, text))
+        return None
+    return name, request, notes, files
+
+
+class JobCheck(NamedTuple):
+    """One good job of a jobs file as ``check_jobs`` tells of it: what a dry run counts."""
+
+    line: int
+    """Its line number in the file, from 1."""
+    name: str | None
+    """Its ``name``, if the line gave one."""
+    model: str
+    duration: int | None
+    resolution: str | None
+    warnings: tuple[str, ...]
+    """What validation warned about (as ``JobLine.warnings``)."""
+    files: tuple[LocalFile, ...]
+    """The local reference files the line names (checked and hashed)."""
+    request: VideoRequest | None
+    """The validated request; None where the line's shape had passed the checks already
+    (unless ``check_jobs(requests=True)``)."""
+
+
+#: The most shapes of lines ``check_jobs`` remembers as passed (emptied when full).
+_PASSED_MAX = 1024
+_PLAIN_KEYS = frozenset(("model", "name", *_TYPED_FIELDS))
+
+
+def check_jobs(
+    path: str | Path,
+    *,
+    allow_unknown_model: bool = False,
+    media_root: MediaRoot | None = None,
+    allow_any_path: bool = False,
+    requests: bool = False,
+) -> Iterator[JobCheck]:
+    """``iter_jobs`` for a check that needs no request: the same lines accepted and refused,
+    with the same problems and warnings (JobsFileError at the end), at a fraction of the cost
+    (issue 16). A JSONL line whose fields are of plain types and whose shape (``request_shape``:
+    every field but the prompt's text) passed on an earlier line is not built into a
+    ``VideoRequest``: it gets that line's verdict. Anything else (a new shape, ``extra``, a
+    local file, a CSV file) takes ``iter_jobs``' way. ``requests``: every line that way,
+    with its request."""
+    p = Path(path)
+    if requests or p.suffix.lower() == ".csv":
+        for job in iter_jobs(
+            p,
+            allow_unknown_model=allow_unknown_model,
+            media_root=media_root,
+            allow_any_path=allow_any_path,
+        ):
+            r = job.request
+            yield JobCheck(
+                job.line, job.name, r.model, r.duration, r.resolution, job.warnings, job.files, r
+            )
+        return
+    policy = media_policy(p, media_root, allow_any_path=allow_any_path)
+    checked: dict[tuple[str, int, int, int], LocalFile] = {}
+    problems: list[tuple[int, str]] = []
+    names = _FileNames()
+    count = 0
+    passed: dict[tuple[Any, ...], tuple[str, ...]] = {}  # shape -> its warnings
+    decode = _DECODER.raw_decode
+    with _open(p) as stream:
+        for n, text in _jsonl_texts(stream, problems):
+            shape = None
+            data: Any = None
+            try:  # ``json.loads`` without its two white-space scans: the text is stripped
+                data, end = decode(text)
+            except (ValueError, RecursionError):
+                data = None
+            else:
+                if end != len(text):
+                    data = None
+            if type(data) is dict:
+                data = cast("dict[str, Any]", data)
+                shape = _line_shape(data)
+                notes = passed.get(shape) if shape is not None else None
+                if notes is not None:
+                    name = data.get("name")
+                    fast = JobCheck(
+                        n,
+                        name,
+                        data["model"],
+                        data.get("duration"),
+                        data.get("resolution"),
+                        notes,
+                        (),
+                        None,
+                    )
+                    clash = names.add(count, n, name)
+                    if clash is not None:
+                        problems.append(clash)
+                    count += 1
+                    if not problems:
+                        yield fast
+                    continue
+                build: _Build = functools.partial(_request, data, allow_unknown_model)
+            else:
+                build = functools.partial(_parse_line, text, allow_unknown_model)
+            done = _build_line(n, build, policy, checked, problems)
+            if done is None:
+                continue
+            name, request, notes, files = done
+            if shape is not None and not files and not any(map(is_local_ref, shape[2] + shape[3])):
+                if len(passed) >= _PASSED_MAX:
+                    passed.clear()
+                passed[shape] = notes
+            clash = names.add(count, n, name)
+            if clash is not None:
+                problems.append(clash)
+            count += 1
+            if not problems:
+                yield JobCheck(
+                    n, name, request.model, request.duration, request.resolution, notes, files,
+                    request,
+                )  # fmt: skip
+    _end(p, problems, count)
+
+
+def _line_shape(data: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The ``request_shape`` of a JSON line's object, as ``_request`` would build it; None
+    when it holds anything but the plain fields (``extra``, other keys, a name that is not a
+    string, values of other types)."""
+    if not data.keys() <= _PLAIN_KEYS:
+        return None
+    name = data.get("name")
+    if name is not None and type(name) is not str:
+        return None
+    model = data.get("model")
+    if type(model) is not str:
+        return None
+    images: object = data.get("image_urls", ())
+    if type(images) is list:
+        images = tuple(cast("list[object]", images))
+    videos: object = data.get("video_urls", ())
+    if type(videos) is list:
+        videos = tuple(cast("list[object]", videos))
+    get = data.get
+    return request_shape(
+        MODEL_SPECS.get(model), model, get("prompt"), images, videos, get("duration"),
+        get("resolution"), get("aspect_ratio"), get("seed"), get("extend_from_task_id"),
+        get("webhook"),
+    )  # fmt: skip
+
+
+def _jsonl_texts(stream: BinaryIO, problems: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """Each job line of a JSONL file, numbered and stripped, read a line at a time (a line
+    longer than ``MAX_LINE_BYTES`` is never held whole)."""
     n = 0
+    readline = stream.readline
     while True:
-        raw_line = stream.readline(MAX_LINE_BYTES + 1)
+        raw_line = readline(MAX_LINE_BYTES + 1)
         if not raw_line:
             return
         n += 1
@@ -249,7 +416,7 @@ def _jsonl_rows(
             raw_line = raw_line[3:]
         if len(raw_line) > MAX_LINE_BYTES and not raw_line.endswith(b"\n"):
             while raw_line and not raw_line.endswith(b"\n"):  # the rest of the long line
-                raw_line = stream.readline(MAX_LINE_BYTES)
+                raw_line = readline(MAX_LINE_BYTES)
             problems.append((n, f"line longer than {MAX_LINE_BYTES >> 10} KB"))
             continue
         stripped = raw_line.strip()
@@ -260,20 +427,31 @@ def _jsonl_rows(
         except UnicodeDecodeError:
             problems.append((n, "not valid UTF-8"))
             continue
+        yield n, text
 
-        def build(text: str = text) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
-            try:  # ``json.loads`` without its two white-space scans: the text is stripped
-                data, end = _DECODER.raw_decode(text)
-                if end != len(text):
-                    raise ValueError("extra data")
-            except ValueError:
-                try:  # json.loads says what is wrong, as it would have
-                    data = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
-            return _request(data, allow_unknown_model)
 
-        yield n, build
+def _parse_line(
+    text: str, allow_unknown_model: bool
+) -> tuple[str | None, VideoRequest, tuple[str, ...]]:
+    """A stripped JSONL line's job (``_request``), or ValueError naming what is wrong."""
+    try:  # ``json.loads`` without its two white-space scans: the text is stripped
+        data, end = _DECODER.raw_decode(text)
+        if end != len(text):
+            raise ValueError("extra data")
+    except ValueError:
+        try:  # json.loads says what is wrong, as it would have
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    return _request(data, allow_unknown_model)
+
+
+def _jsonl_rows(
+    stream: BinaryIO, problems: list[tuple[int, str]], allow_unknown_model: bool
+) -> Iterator[tuple[int, _Build]]:
+    """Each job line of a JSONL file, numbered, with the way to build its job."""
+    for n, text in _jsonl_texts(stream, problems):
+        yield n, functools.partial(_parse_line, text, allow_unknown_model)
 
 
 def _csv_rows(
@@ -359,6 +537,11 @@ class _FileNames:
 
     def add(self, index: int, line: int, name: str | None) -> tuple[int, str] | None:
         """Job ``index`` (on ``line``): the problem, if its file is an earlier job's."""
+        if name is None and not self._named and self._runs:  # a file of unnamed jobs
+            start, first_line, end = self._runs[-1]
+            if end == index and first_line + (index - start) == line:
+                self._runs[-1] = (start, first_line, end + 1)
+                return None
         stem = file_stem(index, name).lower()  # the batch's own rule (_jobs.FileNames)
         first = self._named.get(stem)
         if first is None and name is not None and stem.isascii() and stem.isdigit():

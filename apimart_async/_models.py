@@ -256,21 +256,47 @@ _CLEAN_MAX = 1024
 
 
 def _shape(req: VideoRequest, spec: ModelSpec | None) -> tuple[Any, ...] | None:
-    """Everything ``check_request`` reads of ``req``, with the prompt reduced to what its
-    rules look at (set, blank, over the model's limit); None when a field holds anything but
-    the plain types a check can pass (a request with ``extra`` is always checked in full).
-    Two requests of one shape, checked against the same spec, get the same verdict."""
-    images: object = req.image_urls
-    videos: object = req.video_urls
+    """Everything ``check_request`` reads of ``req`` (``request_shape``); None when a field
+    holds anything but the plain types a check can pass, or ``extra`` is not empty (a request
+    with ``extra`` is always checked in full)."""
     extra: object = req.extra
-    if type(req.model) is not str or type(images) is not tuple or type(videos) is not tuple:
-        return None
     if type(extra) is not types.MappingProxyType or extra:
         return None
+    return request_shape(
+        spec, req.model, req.prompt, req.image_urls, req.video_urls, req.duration,
+        req.resolution, req.aspect_ratio, req.seed, req.extend_from_task_id, req.webhook,
+    )  # fmt: skip
+
+
+def request_shape(
+    spec: ModelSpec | None,
+    model: object,
+    prompt: object,
+    image_urls: object,
+    video_urls: object,
+    duration: object,
+    resolution: object,
+    aspect_ratio: object,
+    seed: object,
+    extend_from_task_id: object,
+    webhook: object,
+) -> tuple[Any, ...] | None:
+    """The fields of a request without ``extra`` (as ``VideoRequest`` holds them, after its
+    converters), with the prompt reduced to what its rules look at (set, blank, over the
+    model's limit, Unicode); None when a field holds anything but the plain types a check
+    can pass. Two requests of one shape, checked against the same spec (``spec``, that of
+    ``model``), get the same verdict: ``VideoRequest`` and a jobs file's check (``_jobsfile``)
+    skip the checks of a shape that passed them.
+
+    Its parameters after ``spec`` are ``model`` and ``_TYPED_FIELDS``, in order: a new field
+    of ``VideoRequest`` must be one of them (``tests/test_jobs_check.py`` checks it)."""
+    if type(model) is not str or type(image_urls) is not tuple or type(video_urls) is not tuple:
+        return None
+    images = cast("tuple[object, ...]", image_urls)
+    videos = cast("tuple[object, ...]", video_urls)
     for url in (*images, *videos):
         if type(url) is not str:
             return None
-    prompt: object = req.prompt
     said: tuple[bool, bool, bool] | None = None
     if prompt is not None:
         if type(prompt) is not str:
@@ -281,15 +307,15 @@ def _shape(req: VideoRequest, spec: ModelSpec | None) -> tuple[Any, ...] | None:
             limit is not None and len(prompt) > limit,
             prompt.isascii() or is_unicode_text(prompt),
         )
-    for text in (req.resolution, req.aspect_ratio, req.extend_from_task_id, req.webhook):
+    for text in (resolution, aspect_ratio, extend_from_task_id, webhook):
         if text is not None and type(text) is not str:
             return None
-    for number in (req.duration, req.seed):
+    for number in (duration, seed):
         if number is not None and type(number) is not int:
             return None
     return (
-        req.model, said, images, videos, req.duration, req.resolution, req.aspect_ratio,
-        req.seed, req.extend_from_task_id, req.webhook,
+        model, said, images, videos, duration, resolution, aspect_ratio, seed,
+        extend_from_task_id, webhook,
     )  # fmt: skip
 
 

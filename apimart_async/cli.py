@@ -31,6 +31,7 @@ from ._errors import UsageError as UsageError
 from ._json import is_array, is_object
 
 if TYPE_CHECKING:
+    from ._jobsfile import JobCheck
     from ._journal import RunLock
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -482,7 +483,7 @@ def _submitted(record: am.JobRecord, request: am.VideoRequest, *, retry_failed: 
     )
 
 
-def _add_uploads(files: dict[str, am.LocalFile], job: am.JobLine) -> None:
+def _add_uploads(files: dict[str, am.LocalFile], job: am.JobLine | JobCheck) -> None:
     """The job's local images, by content, first path kept (videos go as data: URIs)."""
     for f in job.files:
         if f.kind == "image":
@@ -595,19 +596,22 @@ class _Tally:
         self.prices: dict[tuple[Any, ...], float] = {}
         self.uploads: dict[str, am.LocalFile] = {}
 
-    def add(self, job: am.JobLine) -> None:
-        index, request = self.jobs, job.request
+    def add(self, job: JobCheck) -> None:
+        index = self.jobs
         self.jobs += 1
-        self.models[request.model] = self.models.get(request.model, 0) + 1
-        kind = _kind(request)
-        record = self.records.get(index)
+        self.models[job.model] = self.models.get(job.model, 0) + 1
+        kind = (job.model, job.duration, job.resolution)  # _kind
+        record = self.records.get(index) if self.records else None
         if record is not None:
+            request = job.request
+            assert request is not None  # check_jobs(requests=True) when there are records
             _learn_price(self.prices, record, request)
             if _submitted(record, request, retry_failed=self.retry_failed):
                 return
         self.todo += 1
         self.todo_kinds[kind] = self.todo_kinds.get(kind, 0) + 1
-        _add_uploads(self.uploads, job)
+        if job.files:
+            _add_uploads(self.uploads, job)
 
     def estimate(self) -> tuple[float, list[tuple[Any, ...]]]:
         """As ``_estimate``: the cost of the jobs to submit, and the kinds of unknown price."""
@@ -628,10 +632,11 @@ def _check_pass(
 ) -> _Tally:
     """One pass over the jobs file (streamed: no list of jobs), every line checked; prints
     the warnings of its lines with ``warn``. Raises JobsFileError listing every bad line."""
-    from ._jobsfile import iter_jobs
+    from ._jobsfile import check_jobs
 
     tally = _Tally(records, retry_failed=args.retry_failed)
-    for job in iter_jobs(args.jobs, **_read_options(args)):
+    # the requests only to match the journal's records (their fingerprints)
+    for job in check_jobs(args.jobs, **_read_options(args), requests=bool(records)):
         tally.add(job)
         if warn:
             for note in job.warnings:

@@ -359,6 +359,7 @@ def _download_figures(size: int, times: list[float], meter: Meter) -> dict[str, 
         "reps": len(times),
         "median_s": round(median, 4),
         "mb_per_s": round(size / median / 1e6, 1),
+        "times_s": [round(t, 5) for t in times],
         **meter.figures(),
     }
 

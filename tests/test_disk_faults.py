@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -370,10 +371,11 @@ async def test_a_read_only_download_dir_on_a_real_mount(
 async def test_written_bytes_are_flushed_to_disk_while_the_rest_arrives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Write-behind (issue 16): every ``_FLUSH_EVERY`` bytes written are flushed before the
-    file is whole, so the fsync before the rename waits only for the tail; the file is the
-    same."""
+    """Write-behind (issue 16): every ``_FLUSH_EVERY`` bytes written (the first time
+    ``_FIRST_FLUSH``) are flushed before the file is whole, so the fsync before the rename
+    waits only for the tail; the file is the same."""
     monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
+    monkeypatch.setattr(_download, "_FIRST_FLUSH", 128 * 1024)
     monkeypatch.setattr(_download, "CHUNK", 64 * 1024)  # batches of 64 KiB for the writer
     flushed_at: list[int] = []
     real_flush = _PartFile.flush_sync
@@ -390,14 +392,17 @@ async def test_written_bytes_are_flushed_to_disk_while_the_rest_arrives(
     assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == emu.file_sha256(task.id)
     assert flushed_at and flushed_at[0] < file.bytes, "nothing was flushed before the end"
     assert flushed_at == sorted(flushed_at)
-    # one flush at a time, each after at least _FLUSH_EVERY more bytes than the one before
-    assert all(b - a >= 256 * 1024 for a, b in zip([0, *flushed_at], flushed_at, strict=False))
+    # one flush at a time: the first after at least _FIRST_FLUSH bytes, each later one after
+    # at least _FLUSH_EVERY more than the one before
+    assert flushed_at[0] >= 128 * 1024
+    assert all(b - a >= 256 * 1024 for a, b in itertools.pairwise(flushed_at))
 
 
 async def test_a_failed_flush_is_a_download_error_and_keeps_the_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
+    monkeypatch.setattr(_download, "_FIRST_FLUSH", 256 * 1024)
     monkeypatch.setattr(_download, "CHUNK", 64 * 1024)
 
     monkeypatch.setattr(_download, "_READ", 16 * 1024)  # a batch: 64 KiB to 80 KiB
