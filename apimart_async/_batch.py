@@ -358,6 +358,7 @@ class BatchRun:
             if job.index in indexes:
                 self._poller.unwatch(task_id, self._on_done)
                 self.roster.ended(task_id)
+        self._notify()  # their places are free: the feeder may admit another job
         self._maybe_close()
 
     def _unfollow_all(self) -> None:

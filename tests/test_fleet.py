@@ -474,3 +474,39 @@ async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path
     assert completed == 5  # each job ended by one worker; each run counts the other's too
     videos = [p.name for tag in "ab" for p in (tmp_path / tag).glob("*.mp4")]
     assert len(videos) == len(set(videos)) == 5
+
+
+async def test_pending_jobs_taken_over_free_their_places_for_the_next_job(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """Worker B's only pending task (max_pending=1) is taken over by another worker while B's
+    feeder waits for a free place: the heartbeat lets it go, and the feeder must be woken to
+    submit the next job (it waited forever, renewing the lease of that job: nobody ran it)."""
+    from .test_pg_journal import fetchval
+
+    n = 2
+    jobs = fleet_jobs(n)
+    other = pg_journal(postgres.url, pg_schema, n)
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                jobs,
+                concurrency=1,
+                max_pending=1,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=0.6,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == 1)
+                # another worker took job 0 over (B stalled past its lease) and ended it
+                await fetchval(postgres.url, f"UPDATE {pg_schema}.claims SET worker = 'a' WHERE idx = 0")  # fmt: skip
+                await other.open()
+                await other.finish(
+                    0, status="completed", cost=0.1, task=None, files=(), error=None,
+                    error_type=None,
+                )  # fmt: skip
+                await emu.wait_until(lambda: emu.tasks_created == 2, timeout=20)
+                emu.complete(sorted(emu.task_ids())[-1])
+                outcomes = [o async for o in results]
+    await other.close()
+    assert [(o.index, o.ok) for o in outcomes] == [(1, True)]
