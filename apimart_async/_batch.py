@@ -113,8 +113,7 @@ class BatchRun:
         self._floor = options.download_floor()
         #: This batch's own requests by kind (its tasks and its reads count them here).
         self._tally: collections.Counter[str] = collections.Counter()
-        # Made on entering, so a Batch that is never entered holds no open stream.
-        self._to_submit: MemoryObjectSendStream[Job]
+        self._to_submit: MemoryObjectSendStream[Job]  # made on entering: none if never entered
         self._submit_queue: MemoryObjectReceiveStream[Job]
 
     # -- context manager -----------------------------------------------------------------------
@@ -138,8 +137,7 @@ class BatchRun:
     async def _enter(self) -> None:
         self.roster.carry_costs(self._records.values())
         self.outbox.open()
-        # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
-        # most), cheaper than a task per job; admission keeps one free for every queued job.
+        # A pool of submitters (concurrency at most, not a task per job) takes admitted jobs.
         self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](
             max_buffer_size=math.inf
         )
@@ -319,7 +317,10 @@ class BatchRun:
         try:
             # local files -> uploaded URLs (a resend: those its first submit named)
             sent = await self.refs.materialize(job.request, key=job.key, resend=job.journaled)
-            await self._ledger.before_submit(job)
+            if not await self._ledger.before_submit(job):  # another worker's now (issue 15)
+                self.roster.taken_over(job)
+                self.let_go({job.index})
+                return
             task_id = await self.refs.submit(job.request, sent, job.key)  # Api.submit, see there
         except ApimartError as exc:
             self.roster.submit_failed(job)
@@ -485,9 +486,8 @@ class BatchRun:
             self.outbox.close()
 
     def journal_fault(self, fault: JournalError) -> None:
-        """The journal could not record a step (``Ledger.fault``): stop submitting, stop
-        following the running tasks (listed in ``pending_task_ids()``), and end the iteration
-        with ``journal_error()`` once the jobs in flight are handed out."""
+        """The journal could not record a step (``Ledger.fault``): stop submitting and following
+        the tasks (``pending_task_ids()``); end with ``journal_error()`` once all is out."""
         self._stop(Stop.JOURNAL_FAILED, str(fault))
         self._unfollow_all()
         self._maybe_close()

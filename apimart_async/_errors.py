@@ -508,6 +508,12 @@ class GalleryError(ApimartError):
     """The gallery could not be read from its source or written to disk."""
 
 
+class TakenOver(Exception):
+    """Issue 15, internal: ``add`` of a job that another worker of the batch holds now (this
+    worker's lease ran out while it waited to record it): nothing was recorded, and the job
+    is not submitted here; the batch lets it go."""
+
+
 class UsageError(Exception):
     """A bad command line (``apimart-async``): the message is printed, the exit status is 2."""
 

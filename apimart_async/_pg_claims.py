@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import anyio
 import attrs
 
-from ._errors import BudgetExceededError, FieldError, JournalError, ValidationError
+from ._errors import BudgetExceededError, FieldError, JournalError, TakenOver, ValidationError
 from ._journal import JobRecord
 from ._pg_journal import _COLUMNS, DB_NOW, PostgresJournal, _Link
 
@@ -255,12 +255,12 @@ class Claims:
     ) -> None:
         """Hold ``max_pending`` (tasks submitted and not ended) and ``max_cost`` (USD) for
         the whole batch, across all its workers: the journal asks ``admits`` in the
-        transaction that records a job before its submit."""
+        transaction that records a job before its submit (limits or not: it also checks that
+        this worker still holds the job)."""
         self.max_pending = max_pending
         self.max_cost = max_cost
         self.estimate = estimate
-        if max_pending is not None or max_cost is not None:
-            self.journal.admission = self.admits
+        self.journal.admission = self.admits
 
     async def admits(self, conn: Any, index: int) -> bool:
         """Whether job ``index`` may be submitted now, fleet-wide (in the caller's
@@ -269,8 +269,18 @@ class Claims:
         ``pending`` (a killed worker's too, until they end). Money: what ended jobs cost,
         plus an estimate for each job in flight (``estimate``, else the dearest job so far;
         none known: one job at a time, to learn it); over ``max_cost`` with nothing in flight
-        to free room: ``BudgetExceededError``."""
+        to free room: ``BudgetExceededError``. A job another worker holds now (this one's
+        lease ran out while it waited) is ``TakenOver``: not recorded, not submitted here."""
         q = self._q
+        holder = await conn.fetchval(
+            f"SELECT worker FROM {q}.claims WHERE batch = $1 AND idx = $2 FOR UPDATE",
+            self.journal.name,
+            index,
+        )  # locked until the job is recorded: no other worker claims it meanwhile
+        if holder != self.worker:
+            raise TakenOver(index)
+        if self.max_pending is None and self.max_cost is None:
+            return True
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('apimart-async:admit:' || $1), hashtext($2))",
             self.journal.schema,

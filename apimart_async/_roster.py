@@ -88,6 +88,12 @@ class Roster:
         if self.budget is not None:
             self.budget.settle(job.index, job.request, None)
 
+    def taken_over(self, job: Job) -> None:
+        """Another worker of the batch took the job over before its submit (issue 15): it
+        is not sent here and ends elsewhere; its slot and reserve are free."""
+        self.submit_failed(job)
+        self.submitting.pop(job.index, None)
+
     def dropped(self, job: Job) -> None:
         """A failed submit's outcome is out: the job ended as an error."""
         self.submitting.pop(job.index, None)

@@ -476,6 +476,61 @@ async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path
     assert len(videos) == len(set(videos)) == 5
 
 
+async def test_a_job_taken_over_while_its_worker_waited_to_record_it_is_dropped_not_a_fault(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """Worker B claimed job 1 and waits to record it (the fleet is at max_pending, or the
+    database is out of reach) past its lease; worker A takes job 1 over and records it with
+    its own key. B must let job 1 go (not submit it, not stop): found by stopping PostgreSQL
+    for longer than --lease with two CLI workers, one of which ended with 'job 26 is already
+    recorded with another key' and exit 1."""
+    from .test_pg_journal import eventually, fetchval
+
+    n = 3
+    jobs = fleet_jobs(n)
+    other = pg_journal(postgres.url, pg_schema, n)
+    await other.open()
+    from apimart_async._pg_claims import Claims
+
+    holder = Claims(other, worker="x", lease=300)
+    await holder.join()
+    assert [c.index for c in await holder.claim(1)] == [0]
+    body = jobs[0][1].to_body()
+    await other.add(0, jobs[0][1].fingerprint(), "key-x", "job0", body)
+    await other.set_task(0, "task_x")  # in flight elsewhere: the fleet is at max_pending=1
+    outcomes: list[am.Outcome] = []
+    async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=5) as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                jobs,
+                concurrency=1,
+                max_pending=1,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=30.0,
+            ) as results:
+                held = f"SELECT worker FROM {pg_schema}.claims WHERE idx = 1"
+
+                async def b_holds_job_1() -> bool:
+                    return (await fetchval(postgres.url, held)) not in (None, "x")
+
+                await eventually(b_holds_job_1)
+                # B's lease ran out; A took job 1 over, recorded it with its key and ended it
+                await fetchval(postgres.url, f"UPDATE {pg_schema}.claims SET worker = 'a' WHERE idx = 1")  # fmt: skip
+                await other.add(1, jobs[1][1].fingerprint(), "key-a", "job1", jobs[1][1].to_body())
+                for i in (0, 1):
+                    await other.finish(
+                        i, status="completed", cost=0.1, task=None, files=(), error=None,
+                        error_type=None,
+                    )  # fmt: skip
+                async for outcome in results:
+                    outcomes.append(outcome)
+        assert emu.tasks_created == 1  # job 2 only: job 1 is A's
+    await holder.close()
+    await other.close()
+    assert [(o.index, o.ok) for o in outcomes] == [(2, True)]
+
+
 async def test_pending_jobs_taken_over_free_their_places_for_the_next_job(
     postgres: Any, pg_schema: str, tmp_path: Path
 ) -> None:
