@@ -850,8 +850,9 @@ class PostgresJournal(Journal):
     async def _update(
         self, assignments: str, index: int, *values: Any, over_done: bool = False
     ) -> str:
-        # with workers, a job ends once: no write over a job another worker ended
-        guard = " AND state <> 'done'" if self.shared and not over_done else ""
+        # with workers, a job ends once: no write over a job another worker ended; a retry of
+        # this write after a lost reply (the same updated_at, $2) finds its own end there
+        guard = " AND (state <> 'done' OR updated_at = $2)" if self.shared and not over_done else ""
         sql = (
             f"UPDATE {self._q}.jobs SET {assignments}, updated_at=$2 WHERE batch=$1"
             f" AND idx=${len(values) + 3}{guard}"
