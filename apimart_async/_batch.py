@@ -138,9 +138,7 @@ class BatchRun:
         self.roster.carry_costs(self._records.values())
         self.outbox.open()
         # A pool of submitters (concurrency at most, not a task per job) takes admitted jobs.
-        self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](
-            max_buffer_size=math.inf
-        )
+        self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](math.inf)
         self._started = time.monotonic()
         self._ends_at = anyio.current_time() + (self.options.timeout or math.inf)
         if self._limiter is not None:
@@ -445,8 +443,7 @@ class BatchRun:
                 )
             end = self.roster.conclude(job, task_id, result, files, download_error)
             concluded = True
-            await self._ledger.finished(job, end, files)
-            self._publish(end)
+            self._publish(end, here=await self._ledger.finished(job, end, files))
         except anyio.get_cancelled_exc_class():
             if not concluded:  # left mid-download: handed out (unread()), the journal keeps it
                 end = self.roster.conclude(job, task_id, result, (), cut_off(task_id))
@@ -457,9 +454,12 @@ class BatchRun:
             self.roster.finishing -= 1
             self._maybe_close()
 
-    def _publish(self, end: Conclusion) -> None:
-        self._emit(end.outcome)
-        self.report(end.event)
+    def _publish(self, end: Conclusion, *, here: bool = True) -> None:
+        if here:
+            self._emit(end.outcome)
+            self.report(end.event)
+        else:  # another worker ended it first (issue 15): that one hands it out
+            self.roster.uncount(end)
 
     def _refuse(self, outcome: Success | Failure, *, carried: float = 0.0) -> None:
         """Hand out the outcome of a job that ended before any submit."""

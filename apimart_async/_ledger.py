@@ -285,14 +285,17 @@ class Ledger:
                 what, self.journal.set_downloading, job.index, task_to_wire(task), task.cost
             )
 
-    async def finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> None:
+    async def finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> bool:
         """Record an ended job: the journal closes it if ``end.closes`` (else a later run picks
         it up again), and the manifest gets its line when the journal closes it or there is
-        no journal."""
+        no journal. False: another worker of the batch ended it first (issue 15), nothing
+        written; its outcome is that worker's to hand out."""
+        here = [True]
         with anyio.CancelScope(shield=True):  # the caller leaving finds it done, or unread
-            await self._finished(job, end, files)
+            here[0] = await self._finished(job, end, files)
+        return here[0]
 
-    async def _finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> None:
+    async def _finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> bool:
         outcome = end.outcome
         if self.journal is None:
             await self.write_manifest(outcome, end.status)
@@ -312,6 +315,8 @@ class Ledger:
             )
             if recorded:  # else the run that records it writes its line
                 await self.write_manifest(outcome, end.status)
+            return recorded or self.fault is not None
+        return True
 
 
 def _index(record: JobRecord) -> int:

@@ -164,6 +164,13 @@ class Roster:
             self.abandoned.append(task_id)
         return end
 
+    def uncount(self, end: Conclusion) -> None:
+        """Another worker of the batch ended the job first (issue 15): what ``conclude``
+        counted is taken back (its budget stays settled: the task's cost was spent)."""
+        self.counts.count(end.ended, -1)
+        if end.cost:
+            self.counts.cost -= end.cost
+
     def stats(self, *, elapsed: float, requests: dict[str, int]) -> BatchStats:
         """The counts now; ``requests`` are the client's counts (the batch's are shown)."""
         base = self.baseline

@@ -565,3 +565,43 @@ async def test_pending_jobs_taken_over_free_their_places_for_the_next_job(
                 outcomes = [o async for o in results]
     await other.close()
     assert [(o.index, o.ok) for o in outcomes] == [(1, True)]
+
+
+async def test_a_job_another_worker_ended_first_is_not_handed_out_twice(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """After an outage longer than the lease, worker A re-attached B's task of job 0 and ended
+    it first; B, still following the same task, sees it end too. B must not hand job 0 out
+    (nor count it, nor its cost): a job ends once in the fleet, not once per worker that saw
+    it (found with two CLI workers: 8 jobs 'completed' in both summaries, $6.40 counted twice)."""
+    from .test_pg_journal import fetchval
+
+    n = 2
+    other = pg_journal(postgres.url, pg_schema, n)
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                fleet_jobs(n),
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=30.0,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == n)
+                first = await fetchval(
+                    postgres.url, f"SELECT task_id FROM {pg_schema}.jobs WHERE idx = 0"
+                )
+                await fetchval(postgres.url, f"UPDATE {pg_schema}.claims SET worker = 'a' WHERE idx = 0")  # fmt: skip
+                await other.open()
+                await other.finish(
+                    0, status="completed", cost=0.8, task=None, files=(), error=None,
+                    error_type=None,
+                )  # fmt: skip
+                for task_id in emu.task_ids():
+                    emu.complete(task_id)
+                outcomes = [o async for o in results]
+                stats = results.stats()
+    await other.close()
+    assert first is not None
+    assert [(o.index, o.ok) for o in outcomes] == [(1, True)]
+    assert (stats.completed, stats.errored) == (1, 0)
+    assert stats.cost == outcomes[0].task.cost  # type: ignore[union-attr]
