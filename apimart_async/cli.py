@@ -761,20 +761,23 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     mine: set[int] = set()  # the jobs this run handed out (a worker's share, issue 15)
     state = emulator_state_path(beside) if args.emulate else None
     async with _client(args, emulator_state=state) as client, gallery:
-        async with client.batch(
-            items,
-            concurrency=args.concurrency,
-            max_pending=args.max_pending,
-            max_cost=args.max_cost,
-            journal=journal,
-            download_dir=out,
-            sigint_grace=args.grace,
-            retry_failed=args.retry_failed,
-            on_event=on_event,
-            media_root=media_roots,
-            allow_any_path=args.allow_any_path,
-            lease=args.lease,
-        ) as results:
+        async with (
+            client.batch(
+                items,
+                concurrency=args.concurrency,
+                max_pending=args.max_pending,
+                max_cost=args.max_cost,
+                journal=journal,
+                download_dir=out,
+                sigint_grace=args.grace,
+                retry_failed=args.retry_failed,
+                on_event=on_event,
+                media_root=media_roots,
+                allow_any_path=args.allow_any_path,
+                lease=args.lease,
+            ) as results,
+            _sigterm_as_ctrl_c(results._on_sigint),
+        ):
             progress.uploads = results.uploads
             async for outcome in results:
                 mine.add(outcome.index)
@@ -862,6 +865,33 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         print(f"\ninterrupted; resume with:\n  {resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if c["completed"] + completed_elsewhere == len(jobs) else EXIT_FAILED
+
+
+@contextlib.asynccontextmanager
+async def _sigterm_as_ctrl_c(callback: Callable[[], None]) -> AsyncGenerator[None, None]:
+    """SIGTERM (a service manager, a CI time limit, a spot machine's notice, ``kill``) stops
+    ``run`` as Ctrl-C does: a worker of a batch lets go of its jobs at once, and the resume
+    line is printed. Left alone where SIGTERM already has a handler, or off the main thread."""
+    import asyncio
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # this loop cannot
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _ended_elsewhere(journal: Path | am.PostgresJournal, mine: set[int]) -> tuple[int, int]:

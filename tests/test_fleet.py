@@ -605,3 +605,39 @@ async def test_a_job_another_worker_ended_first_is_not_handed_out_twice(
     assert [(o.index, o.ok) for o in outcomes] == [(1, True)]
     assert (stats.completed, stats.errored) == (1, 0)
     assert stats.cost == outcomes[0].task.cost  # type: ignore[union-attr]
+
+
+async def test_sigterm_stops_a_cli_worker_as_ctrl_c_does_letting_go_of_its_jobs(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """SIGTERM is how a service manager, a CI time limit or a spot machine's notice stops a
+    worker. It was the default death: no resume line, and the worker's jobs stayed claimed
+    until their --lease ran out (here 300 s). Now it is Ctrl-C: exit 130, claims let go."""
+    from .test_pg_journal import fetchval
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        "".join(
+            json.dumps({"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"}) + "\n"
+            for i in range(6)
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    async with Emulator(mode="manual") as emu:
+        env["APIMART_API_KEY"] = emu.api_key
+        cmd = [
+            sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(tmp_path / "o"),
+            "--base-url", emu.base_url, "--journal", postgres.url, "--schema", pg_schema,
+            "--lease", "300", "--grace", "0", "--concurrency", "2",
+        ]  # fmt: skip
+        async with await anyio.open_process(cmd, env=env) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            await emu.wait_until(lambda: emu.tasks_created >= 2, timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                await proc.wait()
+            err = (await proc.stderr.receive(1 << 20)).decode()
+    assert proc.returncode == 130, err
+    assert "resume with:" in err and postgres.password not in err
+    held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker IS NOT NULL"
+    assert await fetchval(postgres.url, held) == 0  # let go: another worker takes them at once
