@@ -261,7 +261,9 @@ async def fleet_for(journal: object, run: _Run) -> Solo:
             await claims.close()
         raise
     claims.limit(max_pending=options.max_pending, max_cost=options.max_cost)
-    fleet = _ClaimsFleet(claims, chunk=max(1, min(options.concurrency, 32)))
+    # a chunk of what it may run at once: no more claimed than submitted soon (issue 15)
+    chunk = min(options.concurrency, options.max_pending or options.concurrency, 32)
+    fleet = _ClaimsFleet(claims, chunk=max(1, chunk))
     fleet.let_go, fleet.fault = run.let_go, run.journal_fault
     run.report.on_event = fleet.observe(run.report.on_event)
     return fleet

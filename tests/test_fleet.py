@@ -641,3 +641,29 @@ async def test_sigterm_stops_a_cli_worker_as_ctrl_c_does_letting_go_of_its_jobs(
     assert "resume with:" in err and postgres.password not in err
     held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker IS NOT NULL"
     assert await fetchval(postgres.url, held) == 0  # let go: another worker takes them at once
+
+
+async def test_a_worker_claims_no_more_than_it_can_run_soon(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """The claim chunk is sized by what the worker may run: with max_pending=2 it held 8 jobs
+    (its concurrency) while running 2, jobs another worker could have run meanwhile."""
+    from .test_pg_journal import eventually, fetchval
+
+    n = 20
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                fleet_jobs(n),
+                concurrency=8,
+                max_pending=2,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "w",
+                lease=30.0,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == 2)
+                fleet = results._run._fleet
+                await eventually(lambda: fleet.claimed > 2)  # the next chunk, then it waits
+                held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker IS NOT NULL"
+                assert await fetchval(postgres.url, held) == fleet.claimed <= 2 * 2
+                await results.stop()
