@@ -85,6 +85,9 @@ class Claims:
         )
         self._q = journal._q
         self._mutex = anyio.Lock()
+        self.given_back: set[int] = set()
+        """Jobs this worker gave back before their submit (``_unless_orphans``): the
+        ``Fleet`` lets them go, and may claim them again."""
         self.max_pending: int | None = None
         self.max_cost: float | None = None
         self.estimate: float | None = None
@@ -133,8 +136,9 @@ class Claims:
         return await self._call("join", run)
 
     async def claim(self, n: int, *, exclude: Iterable[int] = ()) -> list[Claim]:
-        """Take up to ``n`` jobs (lowest index first) that are not done and are free: never
-        claimed, let go, or with a lease that ran out; none of ``exclude``."""
+        """Take up to ``n`` jobs that are not done and are free: never claimed, let go, or with
+        a lease that ran out; none of ``exclude``. Jobs in flight first (a dead worker's tasks
+        hold places of the fleet's limits until followed to their end), then lowest index."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValidationError([FieldError("n", "must be a whole number, 1 or more", n)])
         q = self._q
@@ -150,7 +154,9 @@ class Claims:
                       AND NOT EXISTS (
                           SELECT 1 FROM {q}.jobs j
                           WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')
-                    ORDER BY c.idx
+                    ORDER BY NOT EXISTS (
+                          SELECT 1 FROM {q}.jobs j WHERE j.batch = c.batch AND j.idx = c.idx
+                          AND j.state IN ('submitting', 'pending', 'downloading')), c.idx
                     LIMIT $3
                     FOR UPDATE OF c SKIP LOCKED
                 )
@@ -295,20 +301,38 @@ class Claims:
         )
         flying: int = row["flying"]
         if self.max_pending is not None and flying >= self.max_pending:
-            return False
+            return await self._unless_orphans(conn, index)
         if self.max_cost is None:
             return True
         est = self.estimate if self.estimate is not None else row["dearest"]
         if est is None:  # nothing tells the price yet: one job at a time learns it
-            return flying == 0
+            return flying == 0 or await self._unless_orphans(conn, index)
         if float(row["spent"]) + (flying + 1) * float(est) <= self.max_cost + 1e-9:
             return True
         if flying:
-            return False
+            return await self._unless_orphans(conn, index)
         raise BudgetExceededError(
             f"budget reached: job {index} not submitted (${float(row['spent']):.2f} spent of"
             f" ${self.max_cost:.2f} by the batch's workers)"
         )
+
+    async def _unless_orphans(self, conn: Any, index: int) -> bool:
+        """The fleet is full: False (wait), unless jobs no worker holds (a dead worker's, its
+        lease run out) fill it. Then job ``index`` is given back (``given_back``; raises
+        ``TakenOver``): this worker's feeder, waiting for the place this job would take, is
+        free to claim those jobs (in flight first) and follow them to their end."""
+        orphans = await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {self._q}.jobs j JOIN {self._q}.claims c"
+            " ON c.batch = j.batch AND c.idx = j.idx WHERE j.batch = $1 AND j.idx <> $2"
+            " AND j.state IN ('submitting', 'pending')"
+            f" AND (c.worker IS NULL OR c.lease_until < {_NOW}))",
+            self.journal.name,
+            index,
+        )
+        if not orphans:
+            return False
+        self.given_back.add(index)
+        raise TakenOver(index)
 
     async def release(self, indexes: Iterable[int]) -> None:
         """Let these jobs go (those this worker holds): any worker may claim them at once."""

@@ -667,3 +667,49 @@ async def test_a_worker_claims_no_more_than_it_can_run_soon(
                 held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker IS NOT NULL"
                 assert await fetchval(postgres.url, held) == fleet.claimed <= 2 * 2
                 await results.stop()
+
+
+async def test_a_worker_blocked_at_the_fleet_limit_takes_over_a_dead_workers_running_jobs(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """Worker x filled the fleet's max_pending=2 (jobs 0 and 1 running) and died. Worker B,
+    started meanwhile, had claimed jobs 2 to 5 and waited for a free place; x's leases ran
+    out, but B never took its jobs over (only its feeder claims, and the feeder waited for
+    that place): B waited forever, renewing its own claims (found with two CLI workers and
+    SIGKILL: the survivor held 16 jobs and submitted none)."""
+    from apimart_async._pg_claims import Claims
+
+    from .test_pg_journal import eventually, fetchval
+
+    n = 6
+    jobs = fleet_jobs(n)
+    other = pg_journal(postgres.url, pg_schema, n)
+    await other.open()
+    x = Claims(other, worker="x", lease=300)
+    await x.join()
+    assert [c.index for c in await x.claim(2)] == [0, 1]
+    outcomes: list[am.Outcome] = []
+    async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=6) as emu:
+        for i, task_id in enumerate(emu.create_tasks(2)):
+            request = jobs[i][1]
+            await other.add(i, request.fingerprint(), f"key-x{i}", f"job{i}", request.to_body())
+            await other.set_task(i, task_id)
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                jobs,
+                concurrency=2,
+                max_pending=2,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=3.0,
+            ) as results:
+                fleet = results._run._fleet  # type: ignore[attr-defined]
+                await eventually(lambda: fleet.claimed >= 4)  # 2, 3 wait in add; 4 at the feeder
+                expire = f"UPDATE {pg_schema}.claims SET lease_until = 0 WHERE worker = 'x'"
+                await fetchval(postgres.url, expire)  # x died
+                with anyio.fail_after(30):
+                    outcomes = [o async for o in results]
+        assert emu.tasks_created == n  # x's two (re-attached here), then 2 to 5
+    await x.close()
+    await other.close()
+    assert sorted((o.index, o.ok) for o in outcomes) == [(i, True) for i in range(n)]
