@@ -622,10 +622,11 @@ class PostgresJournal(Journal):
 
     async def _version(self, conn: Any) -> int | None:
         """The tables' version in the schema (None: no tables yet); refuses what is not ours."""
-        tables = {
-            r["table_name"]
+        tables = {  # from pg_catalog: information_schema hides what the role may not read
+            r["relname"]
             for r in await conn.fetch(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema=$1",
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
                 self.schema,
             )
         }
