@@ -441,8 +441,14 @@ class JournalMismatchError(JournalError):
         self.got = got
         super().__init__(
             f"job {index} differs from the one recorded in the journal "
-            f"(request hash {got[:12]} vs {expected[:12]}); use a new journal for new input"
+            f"(request hash {_short(got)} vs {_short(expected)}); use a new journal for new"
+            " input"
         )
+
+
+def _short(fingerprint: str) -> str:
+    """A request hash cut to 12 characters; a note such as ``(no such job now)`` whole."""
+    return fingerprint if fingerprint.startswith("(") else fingerprint[:12]
 
 
 class BatchStoppedError(ApimartError):

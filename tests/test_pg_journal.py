@@ -214,6 +214,11 @@ async def test_a_different_job_list_under_the_same_name_is_refused_before_any_su
         with pytest.raises(am.JournalMismatchError) as caught:
             await journal(pg, pg_schema, fingerprints=longer).open()
         assert caught.value.index == 3
+        # a list of another length: the missing job named whole, not cut to 12 characters
+        assert f"request hash {longer[3][:12]} vs (no such job)" in str(caught.value)
+        with pytest.raises(am.JournalMismatchError) as caught:
+            await journal(pg, pg_schema, fingerprints=listed[:2]).open()
+        assert f"request hash (no such job now) vs {listed[2][:12]}" in str(caught.value)
         # the same list is welcome: everything replayed
         async with client.batch(
             jobs(3), journal=journal(pg, pg_schema, fingerprints=listed)
