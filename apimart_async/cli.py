@@ -742,6 +742,14 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             cost = _cost_text(total, unknown)
             retry_note = f"{len(failed)} failed job(s) submitted again, estimated {cost}"
             ui.line(f"--retry-failed: {retry_note}", level="info")
+    if args.emulate and isinstance(journal, am.PostgresJournal):
+        ui.line(
+            "warning: --emulate runs an emulator in this worker only: the tasks of the batch's"
+            " other workers are unknown to it (a job taken over from a worker that died ends in"
+            " NotFoundError); for a fleet, run 'apimart-async emulator' once and give every"
+            " worker its --base-url",
+            level="error",
+        )
     emit_json = _print_json if args.as_json else None
     progress = Progress(len(jobs), sys.stderr, ui=ui, labels=_label_for(jobs), emit_json=emit_json)
     todo = _todo(jobs, records, retry_failed=args.retry_failed)

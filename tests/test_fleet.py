@@ -469,6 +469,9 @@ async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path
     for code, stdout, stderr in results:
         assert code == 0, stderr
         assert "JournalLockedError" not in stderr
+        # each runs an emulator of its own: a job taken over from a worker that died would be
+        # unknown to it (NotFoundError); the warning says so and what to run instead
+        assert "--emulate runs an emulator in this worker only" in stderr
         (mine,) = re.findall(r"^completed\s+(\d+)$", stdout, re.MULTILINE)
         completed += int(mine)
     assert completed == 5  # each job ended by one worker; each run counts the other's too
