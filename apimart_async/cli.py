@@ -777,7 +777,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
                 max_cost=args.max_cost,
                 journal=journal,
                 download_dir=out,
-                sigint_grace=args.grace,
+                sigint_grace=args.grace if _sigint_reaches() else None,
                 retry_failed=args.retry_failed,
                 on_event=on_event,
                 media_root=media_roots,
@@ -873,6 +873,15 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         print(f"\ninterrupted; resume with:\n  {resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if c["completed"] + completed_elsewhere == len(jobs) else EXIT_FAILED
+
+
+def _sigint_reaches() -> bool:
+    """Whether Ctrl-C can reach this process: not when it was started with SIGINT ignored
+    (a shell's background job, nohup, some service managers); then ``run`` asks for no
+    Ctrl-C handling (and says nothing about it)."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
 
 @contextlib.asynccontextmanager
