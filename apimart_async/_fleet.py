@@ -234,6 +234,7 @@ class _ClaimsFleet(Fleet):
             return back
 
         self.given_back = given_back
+        claims.not_mine = lambda: self.fed
 
     async def close(self) -> None:
         try:

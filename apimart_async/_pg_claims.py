@@ -88,6 +88,9 @@ class Claims:
         self.given_back: set[int] = set()
         """Jobs this worker gave back before their submit (``_unless_orphans``): the
         ``Fleet`` lets them go, and may claim them again."""
+        self.not_mine: Callable[[], Iterable[int]] = tuple
+        """The jobs this worker never claims again (the ``Fleet``'s: fed to it once): jobs in
+        flight among them are not worth giving a waiting job back for."""
         self.max_pending: int | None = None
         self.max_cost: float | None = None
         self.estimate: float | None = None
@@ -317,17 +320,20 @@ class Claims:
         )
 
     async def _unless_orphans(self, conn: Any, index: int) -> bool:
-        """The fleet is full: False (wait), unless jobs no worker holds (a dead worker's, its
-        lease run out) fill it. Then job ``index`` is given back (``given_back``; raises
-        ``TakenOver``): this worker's feeder, waiting for the place this job would take, is
-        free to claim those jobs (in flight first) and follow them to their end."""
+        """The fleet is full: False (wait), unless some of the jobs in flight are held by no
+        worker (a dead worker's, its lease run out) and this one may take them. Then job
+        ``index`` is given
+        back (``given_back``; raises ``TakenOver``): this worker's feeder, waiting for the
+        place this job would take, is free to claim those jobs (in flight first) and follow
+        them to their end."""
         orphans = await conn.fetchval(
             f"SELECT EXISTS (SELECT 1 FROM {self._q}.jobs j JOIN {self._q}.claims c"
             " ON c.batch = j.batch AND c.idx = j.idx WHERE j.batch = $1 AND j.idx <> $2"
-            " AND j.state IN ('submitting', 'pending')"
+            " AND j.state IN ('submitting', 'pending') AND NOT j.idx = ANY($3::integer[])"
             f" AND (c.worker IS NULL OR c.lease_until < {_NOW}))",
             self.journal.name,
             index,
+            sorted(self.not_mine()),
         )
         if not orphans:
             return False
