@@ -322,10 +322,9 @@ class Claims:
     async def _unless_orphans(self, conn: Any, index: int) -> bool:
         """The fleet is full: False (wait), unless some of the jobs in flight are held by no
         worker (a dead worker's, its lease run out) and this one may take them. Then job
-        ``index`` is given
-        back (``given_back``; raises ``TakenOver``): this worker's feeder, waiting for the
-        place this job would take, is free to claim those jobs (in flight first) and follow
-        them to their end."""
+        ``index`` is given back (``given_back``; raises ``TakenOver``): this worker's feeder,
+        waiting for the place this job would take, is free to claim those jobs (in flight
+        first) and follow them to their end."""
         orphans = await conn.fetchval(
             f"SELECT EXISTS (SELECT 1 FROM {self._q}.jobs j JOIN {self._q}.claims c"
             " ON c.batch = j.batch AND c.idx = j.idx WHERE j.batch = $1 AND j.idx <> $2"
