@@ -633,9 +633,11 @@ class PostgresJournal(Journal):
         if not tables:
             return None
         if "meta" not in tables:
+            names = sorted(tables)
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             raise JournalError(
                 f"cannot use the schema {self.schema} of {self.url} as a journal: it holds"
-                f" another program's tables ({', '.join(sorted(tables))}); it was left"
+                f" another program's tables ({', '.join(names[:5])}{more}); it was left"
                 " unchanged: give the journal another schema="
             )
         meta = {r["key"]: r["value"] for r in await self._meta(conn)}

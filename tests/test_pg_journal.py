@@ -253,6 +253,12 @@ async def test_another_programs_schema_is_left_alone(pg: PgServer, pg_schema: st
         )
         == 1
     )
+    # a schema of many tables (information_schema has 70): a few named, the rest counted
+    for i in range(9):
+        await fetchval(pg.url, f"CREATE TABLE {pg_schema}.t{i} (id int)")
+    with pytest.raises(am.JournalError) as caught:
+        await journal(pg, pg_schema).open()
+    assert "tables (jobs, t0, t1, t2, t3 and 5 more); it was left unchanged" in str(caught.value)
 
 
 async def test_priors_are_kept_per_batch(pg: PgServer, pg_schema: str) -> None:
