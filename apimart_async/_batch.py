@@ -113,8 +113,7 @@ class BatchRun:
         self._floor = options.download_floor()
         #: This batch's own requests by kind (its tasks and its reads count them here).
         self._tally: collections.Counter[str] = collections.Counter()
-        # Made on entering, so a Batch that is never entered holds no open stream.
-        self._to_submit: MemoryObjectSendStream[Job]
+        self._to_submit: MemoryObjectSendStream[Job]  # made on entering: none if never entered
         self._submit_queue: MemoryObjectReceiveStream[Job]
 
     # -- context manager -----------------------------------------------------------------------
@@ -138,11 +137,8 @@ class BatchRun:
     async def _enter(self) -> None:
         self.roster.carry_costs(self._records.values())
         self.outbox.open()
-        # Admitted jobs go to a pool of submitters (as many as the concurrency allows at
-        # most), cheaper than a task per job; admission keeps one free for every queued job.
-        self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](
-            max_buffer_size=math.inf
-        )
+        # A pool of submitters (concurrency at most, not a task per job) takes admitted jobs.
+        self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](math.inf)
         self._started = time.monotonic()
         self._ends_at = anyio.current_time() + (self.options.timeout or math.inf)
         if self._limiter is not None:
@@ -319,7 +315,10 @@ class BatchRun:
         try:
             # local files -> uploaded URLs (a resend: those its first submit named)
             sent = await self.refs.materialize(job.request, key=job.key, resend=job.journaled)
-            await self._ledger.before_submit(job)
+            if not await self._ledger.before_submit(job):  # another worker's now (issue 15)
+                self.roster.taken_over(job)
+                self.let_go({job.index})
+                return
             task_id = await self.refs.submit(job.request, sent, job.key)  # Api.submit, see there
         except ApimartError as exc:
             self.roster.submit_failed(job)
@@ -358,6 +357,7 @@ class BatchRun:
             if job.index in indexes:
                 self._poller.unwatch(task_id, self._on_done)
                 self.roster.ended(task_id)
+        self._notify()  # their places are free: the feeder may admit another job
         self._maybe_close()
 
     def _unfollow_all(self) -> None:
@@ -443,8 +443,7 @@ class BatchRun:
                 )
             end = self.roster.conclude(job, task_id, result, files, download_error)
             concluded = True
-            await self._ledger.finished(job, end, files)
-            self._publish(end)
+            self._publish(end, here=await self._ledger.finished(job, end, files))
         except anyio.get_cancelled_exc_class():
             if not concluded:  # left mid-download: handed out (unread()), the journal keeps it
                 end = self.roster.conclude(job, task_id, result, (), cut_off(task_id))
@@ -455,9 +454,12 @@ class BatchRun:
             self.roster.finishing -= 1
             self._maybe_close()
 
-    def _publish(self, end: Conclusion) -> None:
-        self._emit(end.outcome)
-        self.report(end.event)
+    def _publish(self, end: Conclusion, *, here: bool = True) -> None:
+        if here:
+            self._emit(end.outcome)
+            self.report(end.event)
+        else:  # another worker ended it first (issue 15): that one hands it out
+            self.roster.uncount(end)
 
     def _refuse(self, outcome: Success | Failure, *, carried: float = 0.0) -> None:
         """Hand out the outcome of a job that ended before any submit."""
@@ -484,9 +486,8 @@ class BatchRun:
             self.outbox.close()
 
     def journal_fault(self, fault: JournalError) -> None:
-        """The journal could not record a step (``Ledger.fault``): stop submitting, stop
-        following the running tasks (listed in ``pending_task_ids()``), and end the iteration
-        with ``journal_error()`` once the jobs in flight are handed out."""
+        """The journal could not record a step (``Ledger.fault``): stop submitting and following
+        the tasks (``pending_task_ids()``); end with ``journal_error()`` once all is out."""
         self._stop(Stop.JOURNAL_FAILED, str(fault))
         self._unfollow_all()
         self._maybe_close()

@@ -441,8 +441,14 @@ class JournalMismatchError(JournalError):
         self.got = got
         super().__init__(
             f"job {index} differs from the one recorded in the journal "
-            f"(request hash {got[:12]} vs {expected[:12]}); use a new journal for new input"
+            f"(request hash {_short(got)} vs {_short(expected)}); use a new journal for new"
+            " input"
         )
+
+
+def _short(fingerprint: str) -> str:
+    """A request hash cut to 12 characters; a note such as ``(no such job now)`` whole."""
+    return fingerprint if fingerprint.startswith("(") else fingerprint[:12]
 
 
 class BatchStoppedError(ApimartError):
@@ -506,6 +512,12 @@ class WebhookError(ApimartError, ValueError):
 
 class GalleryError(ApimartError):
     """The gallery could not be read from its source or written to disk."""
+
+
+class TakenOver(Exception):
+    """Issue 15, internal: ``add`` of a job that another worker of the batch holds now (this
+    worker's lease ran out while it waited to record it): nothing was recorded, and the job
+    is not submitted here; the batch lets it go."""
 
 
 class UsageError(Exception):

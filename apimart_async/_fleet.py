@@ -109,6 +109,9 @@ class Fleet(Solo):
         """Told which jobs were taken over (the batch stops following them)."""
         self.fault: Callable[[JournalError], None] = lambda exc: None
         """Told when the heartbeat cannot reach the journal (the batch stops)."""
+        self.given_back: Callable[[], set[int]] = set
+        """The jobs given back since last asked (the fleet was full of a dead worker's jobs:
+        ``Claims.admits``), to let go and claim again."""
 
     @property
     def interval(self) -> float:
@@ -130,6 +133,10 @@ class Fleet(Solo):
         self, items: Sequence[object], known: dict[int, JobRecord]
     ) -> AsyncGenerator[object, None]:
         while True:
+            if back := self.given_back():  # given back before their submit: claimable again
+                await self._release(back)
+                self.fed -= back
+                self.held -= back
             got = [i for i in await self._claim(self.chunk, set(self.fed)) if i < len(items)]
             if not got:
                 if not await self._outstanding(self.fed | self.held):
@@ -222,6 +229,13 @@ class _ClaimsFleet(Fleet):
         )
         self.claims = claims
 
+        def given_back() -> set[int]:
+            back, claims.given_back = claims.given_back, set()
+            return back
+
+        self.given_back = given_back
+        claims.not_mine = lambda: self.fed
+
     async def close(self) -> None:
         try:
             await super().close()
@@ -261,7 +275,9 @@ async def fleet_for(journal: object, run: _Run) -> Solo:
             await claims.close()
         raise
     claims.limit(max_pending=options.max_pending, max_cost=options.max_cost)
-    fleet = _ClaimsFleet(claims, chunk=max(1, min(options.concurrency, 32)))
+    # a chunk of what it may run at once: no more claimed than submitted soon (issue 15)
+    chunk = min(options.concurrency, options.max_pending or options.concurrency, 32)
+    fleet = _ClaimsFleet(claims, chunk=max(1, chunk))
     fleet.let_go, fleet.fault = run.let_go, run.journal_fault
     run.report.on_event = fleet.observe(run.report.on_event)
     return fleet

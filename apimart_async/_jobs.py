@@ -115,14 +115,14 @@ class Counts:
     replayed: int = 0
     cost: float = 0.0
 
-    def count(self, kind: Ended) -> None:
-        """One more job ended as ``kind``."""
+    def count(self, kind: Ended, n: int = 1) -> None:
+        """``n`` more jobs ended as ``kind`` (-1: one less)."""
         if kind == "completed":
-            self.completed += 1
+            self.completed += n
         elif kind == "failed":
-            self.failed += 1
+            self.failed += n
         else:
-            self.errored += 1
+            self.errored += n
 
     def stats(
         self,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._converter import task_to_wire
-from ._errors import ApimartError, BudgetExceededError, JournalError
+from ._errors import ApimartError, BudgetExceededError, JournalError, TakenOver
 from ._jobs import Conclusion, Job, definitive, files_complete, reopens
 from ._journal import JobRecord, Journal
 from ._manifest import Manifest, outcome_line, record_line
@@ -96,7 +96,7 @@ class Ledger:
             return False
         try:
             made = await call(*args, **kw)
-        except BudgetExceededError:  # issue 15: the fleet's max_cost refused the job
+        except (BudgetExceededError, TakenOver):  # issue 15: the fleet's max_cost, a takeover
             raise
         except Exception as exc:  # noqa: BLE001 - any journal's failure becomes a JournalError
             self._failed(exc, what)
@@ -235,8 +235,9 @@ class Ledger:
 
     # -- the steps of a job ------------------------------------------------------------------
 
-    async def before_submit(self, job: Job) -> None:
-        """Record the job (with its key) before its submit is sent."""
+    async def before_submit(self, job: Job) -> bool:
+        """Record the job (with its key) before its submit is sent; False: another worker of
+        the batch took it over meanwhile (issue 15), nothing recorded: not to be sent."""
         if self.journal is not None and not job.journaled:
             if self.fault is not None:
                 raise JournalError(f"job {job.index} not submitted: {self.fault}")
@@ -244,10 +245,15 @@ class Ledger:
             body = job.request.to_body()
             what = f"job {job.index} before its submit"
             args = (job.index, job.request.fingerprint(), job.key, job.name, body)
-            if not await self._write(what, record, *args):
+            try:
+                made = await self._write(what, record, *args)
+            except TakenOver:
+                return False
+            if not made:
                 assert self.fault is not None
                 raise self.fault  # not recorded: not sent
             job.journaled = True
+        return True
 
     async def submit_failed(self, job: Job, exc: ApimartError, outcome: Outcome) -> None:
         """A submit ended with ``exc``: without a journal, the manifest says so; with one, a
@@ -279,14 +285,17 @@ class Ledger:
                 what, self.journal.set_downloading, job.index, task_to_wire(task), task.cost
             )
 
-    async def finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> None:
+    async def finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> bool:
         """Record an ended job: the journal closes it if ``end.closes`` (else a later run picks
         it up again), and the manifest gets its line when the journal closes it or there is
-        no journal."""
+        no journal. False: another worker of the batch ended it first (issue 15), nothing
+        written; its outcome is that worker's to hand out."""
+        here = [True]
         with anyio.CancelScope(shield=True):  # the caller leaving finds it done, or unread
-            await self._finished(job, end, files)
+            here[0] = await self._finished(job, end, files)
+        return here[0]
 
-    async def _finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> None:
+    async def _finished(self, job: Job, end: Conclusion, files: tuple[DownloadedFile, ...]) -> bool:
         outcome = end.outcome
         if self.journal is None:
             await self.write_manifest(outcome, end.status)
@@ -306,6 +315,8 @@ class Ledger:
             )
             if recorded:  # else the run that records it writes its line
                 await self.write_manifest(outcome, end.status)
+            return recorded or self.fault is not None
+        return True
 
 
 def _index(record: JobRecord) -> int:

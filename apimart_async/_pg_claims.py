@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import anyio
 import attrs
 
-from ._errors import BudgetExceededError, FieldError, JournalError, ValidationError
+from ._errors import BudgetExceededError, FieldError, JournalError, TakenOver, ValidationError
 from ._journal import JobRecord
 from ._pg_journal import _COLUMNS, DB_NOW, PostgresJournal, _Link
 
@@ -85,6 +85,12 @@ class Claims:
         )
         self._q = journal._q
         self._mutex = anyio.Lock()
+        self.given_back: set[int] = set()
+        """Jobs this worker gave back before their submit (``_unless_orphans``): the
+        ``Fleet`` lets them go, and may claim them again."""
+        self.not_mine: Callable[[], Iterable[int]] = tuple
+        """The jobs this worker never claims again (the ``Fleet``'s: fed to it once): jobs in
+        flight among them are not worth giving a waiting job back for."""
         self.max_pending: int | None = None
         self.max_cost: float | None = None
         self.estimate: float | None = None
@@ -133,8 +139,9 @@ class Claims:
         return await self._call("join", run)
 
     async def claim(self, n: int, *, exclude: Iterable[int] = ()) -> list[Claim]:
-        """Take up to ``n`` jobs (lowest index first) that are not done and are free: never
-        claimed, let go, or with a lease that ran out; none of ``exclude``."""
+        """Take up to ``n`` jobs that are not done and are free: never claimed, let go, or with
+        a lease that ran out; none of ``exclude``. Jobs in flight first (a dead worker's tasks
+        hold places of the fleet's limits until followed to their end), then lowest index."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValidationError([FieldError("n", "must be a whole number, 1 or more", n)])
         q = self._q
@@ -150,7 +157,9 @@ class Claims:
                       AND NOT EXISTS (
                           SELECT 1 FROM {q}.jobs j
                           WHERE j.batch = c.batch AND j.idx = c.idx AND j.state = 'done')
-                    ORDER BY c.idx
+                    ORDER BY NOT EXISTS (
+                          SELECT 1 FROM {q}.jobs j WHERE j.batch = c.batch AND j.idx = c.idx
+                          AND j.state IN ('submitting', 'pending', 'downloading')), c.idx
                     LIMIT $3
                     FOR UPDATE OF c SKIP LOCKED
                 )
@@ -255,12 +264,12 @@ class Claims:
     ) -> None:
         """Hold ``max_pending`` (tasks submitted and not ended) and ``max_cost`` (USD) for
         the whole batch, across all its workers: the journal asks ``admits`` in the
-        transaction that records a job before its submit."""
+        transaction that records a job before its submit (limits or not: it also checks that
+        this worker still holds the job)."""
         self.max_pending = max_pending
         self.max_cost = max_cost
         self.estimate = estimate
-        if max_pending is not None or max_cost is not None:
-            self.journal.admission = self.admits
+        self.journal.admission = self.admits
 
     async def admits(self, conn: Any, index: int) -> bool:
         """Whether job ``index`` may be submitted now, fleet-wide (in the caller's
@@ -269,8 +278,18 @@ class Claims:
         ``pending`` (a killed worker's too, until they end). Money: what ended jobs cost,
         plus an estimate for each job in flight (``estimate``, else the dearest job so far;
         none known: one job at a time, to learn it); over ``max_cost`` with nothing in flight
-        to free room: ``BudgetExceededError``."""
+        to free room: ``BudgetExceededError``. A job another worker holds now (this one's
+        lease ran out while it waited) is ``TakenOver``: not recorded, not submitted here."""
         q = self._q
+        holder = await conn.fetchval(
+            f"SELECT worker FROM {q}.claims WHERE batch = $1 AND idx = $2 FOR UPDATE",
+            self.journal.name,
+            index,
+        )  # locked until the job is recorded: no other worker claims it meanwhile
+        if holder != self.worker:
+            raise TakenOver(index)
+        if self.max_pending is None and self.max_cost is None:
+            return True
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('apimart-async:admit:' || $1), hashtext($2))",
             self.journal.schema,
@@ -285,20 +304,40 @@ class Claims:
         )
         flying: int = row["flying"]
         if self.max_pending is not None and flying >= self.max_pending:
-            return False
+            return await self._unless_orphans(conn, index)
         if self.max_cost is None:
             return True
         est = self.estimate if self.estimate is not None else row["dearest"]
         if est is None:  # nothing tells the price yet: one job at a time learns it
-            return flying == 0
+            return flying == 0 or await self._unless_orphans(conn, index)
         if float(row["spent"]) + (flying + 1) * float(est) <= self.max_cost + 1e-9:
             return True
         if flying:
-            return False
+            return await self._unless_orphans(conn, index)
         raise BudgetExceededError(
             f"budget reached: job {index} not submitted (${float(row['spent']):.2f} spent of"
             f" ${self.max_cost:.2f} by the batch's workers)"
         )
+
+    async def _unless_orphans(self, conn: Any, index: int) -> bool:
+        """The fleet is full: False (wait), unless some of the jobs in flight are held by no
+        worker (a dead worker's, its lease run out) and this one may take them. Then job
+        ``index`` is given back (``given_back``; raises ``TakenOver``): this worker's feeder,
+        waiting for the place this job would take, is free to claim those jobs (in flight
+        first) and follow them to their end."""
+        orphans = await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {self._q}.jobs j JOIN {self._q}.claims c"
+            " ON c.batch = j.batch AND c.idx = j.idx WHERE j.batch = $1 AND j.idx <> $2"
+            " AND j.state IN ('submitting', 'pending') AND NOT j.idx = ANY($3::integer[])"
+            f" AND (c.worker IS NULL OR c.lease_until < {_NOW}))",
+            self.journal.name,
+            index,
+            sorted(self.not_mine()),
+        )
+        if not orphans:
+            return False
+        self.given_back.add(index)
+        raise TakenOver(index)
 
     async def release(self, indexes: Iterable[int]) -> None:
         """Let these jobs go (those this worker holds): any worker may claim them at once."""

@@ -622,19 +622,22 @@ class PostgresJournal(Journal):
 
     async def _version(self, conn: Any) -> int | None:
         """The tables' version in the schema (None: no tables yet); refuses what is not ours."""
-        tables = {
-            r["table_name"]
+        tables = {  # from pg_catalog: information_schema hides what the role may not read
+            r["relname"]
             for r in await conn.fetch(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema=$1",
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
                 self.schema,
             )
         }
         if not tables:
             return None
         if "meta" not in tables:
+            names = sorted(tables)
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
             raise JournalError(
                 f"cannot use the schema {self.schema} of {self.url} as a journal: it holds"
-                f" another program's tables ({', '.join(sorted(tables))}); it was left"
+                f" another program's tables ({', '.join(names[:5])}{more}); it was left"
                 " unchanged: give the journal another schema="
             )
         meta = {r["key"]: r["value"] for r in await self._meta(conn)}
@@ -850,8 +853,9 @@ class PostgresJournal(Journal):
     async def _update(
         self, assignments: str, index: int, *values: Any, over_done: bool = False
     ) -> str:
-        # with workers, a job ends once: no write over a job another worker ended
-        guard = " AND state <> 'done'" if self.shared and not over_done else ""
+        # with workers, a job ends once: no write over a job another worker ended; a retry of
+        # this write after a lost reply (the same updated_at, $2) finds its own end there
+        guard = " AND (state <> 'done' OR updated_at = $2)" if self.shared and not over_done else ""
         sql = (
             f"UPDATE {self._q}.jobs SET {assignments}, updated_at=$2 WHERE batch=$1"
             f" AND idx=${len(values) + 3}{guard}"

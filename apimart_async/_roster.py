@@ -88,6 +88,12 @@ class Roster:
         if self.budget is not None:
             self.budget.settle(job.index, job.request, None)
 
+    def taken_over(self, job: Job) -> None:
+        """Another worker of the batch took the job over before its submit (issue 15): it
+        is not sent here and ends elsewhere; its slot and reserve are free."""
+        self.submit_failed(job)
+        self.submitting.pop(job.index, None)
+
     def dropped(self, job: Job) -> None:
         """A failed submit's outcome is out: the job ended as an error."""
         self.submitting.pop(job.index, None)
@@ -157,6 +163,13 @@ class Roster:
         if end.abandoned:
             self.abandoned.append(task_id)
         return end
+
+    def uncount(self, end: Conclusion) -> None:
+        """Another worker of the batch ended the job first (issue 15): what ``conclude``
+        counted is taken back (its budget stays settled: the task's cost was spent)."""
+        self.counts.count(end.ended, -1)
+        if end.cost:
+            self.counts.cost -= end.cost
 
     def stats(self, *, elapsed: float, requests: dict[str, int]) -> BatchStats:
         """The counts now; ``requests`` are the client's counts (the batch's are shown)."""

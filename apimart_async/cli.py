@@ -747,6 +747,14 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             cost = _cost_text(total, unknown)
             retry_note = f"{len(failed)} failed job(s) submitted again, estimated {cost}"
             ui.line(f"--retry-failed: {retry_note}", level="info")
+    if args.emulate and isinstance(journal, am.PostgresJournal):
+        ui.line(
+            "warning: --emulate runs an emulator in this worker only: the tasks of the batch's"
+            " other workers are unknown to it (a job taken over from a worker that died ends in"
+            " NotFoundError); for a fleet, run 'apimart-async emulator' once and give every"
+            " worker its --base-url",
+            level="error",
+        )
     emit_json = _print_json if args.as_json else None
     progress = Progress(len(jobs), sys.stderr, ui=ui, labels=_label_for(jobs), emit_json=emit_json)
     todo = _todo(jobs, records, retry_failed=args.retry_failed)
@@ -766,20 +774,23 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
     mine: set[int] = set()  # the jobs this run handed out (a worker's share, issue 15)
     state = emulator_state_path(beside) if args.emulate else None
     async with _client(args, emulator_state=state) as client, gallery:
-        async with client.batch(
-            items,
-            concurrency=args.concurrency,
-            max_pending=args.max_pending,
-            max_cost=args.max_cost,
-            journal=journal,
-            download_dir=out,
-            sigint_grace=args.grace,
-            retry_failed=args.retry_failed,
-            on_event=on_event,
-            media_root=media_roots,
-            allow_any_path=args.allow_any_path,
-            lease=args.lease,
-        ) as results:
+        async with (
+            client.batch(
+                items,
+                concurrency=args.concurrency,
+                max_pending=args.max_pending,
+                max_cost=args.max_cost,
+                journal=journal,
+                download_dir=out,
+                sigint_grace=args.grace if _sigint_reaches() else None,
+                retry_failed=args.retry_failed,
+                on_event=on_event,
+                media_root=media_roots,
+                allow_any_path=args.allow_any_path,
+                lease=args.lease,
+            ) as results,
+            _sigterm_as_ctrl_c(results._on_sigint),
+        ):
             progress.uploads = results.uploads
             async for outcome in results:
                 mine.add(outcome.index)
@@ -867,6 +878,42 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         print(f"\ninterrupted; resume with:\n  {resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if c["completed"] + completed_elsewhere == len(jobs) else EXIT_FAILED
+
+
+def _sigint_reaches() -> bool:
+    """Whether Ctrl-C can reach this process: not when it was started with SIGINT ignored
+    (a shell's background job, nohup, some service managers); then ``run`` asks for no
+    Ctrl-C handling (and says nothing about it)."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+@contextlib.asynccontextmanager
+async def _sigterm_as_ctrl_c(callback: Callable[[], None]) -> AsyncGenerator[None, None]:
+    """SIGTERM (a service manager, a CI time limit, a spot machine's notice, ``kill``) stops
+    ``run`` as Ctrl-C does: a worker of a batch lets go of its jobs at once, and the resume
+    line is printed. Left alone where SIGTERM already has a handler, or off the main thread."""
+    import asyncio
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # this loop cannot
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _ended_elsewhere(journal: Path | am.PostgresJournal, mine: set[int]) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -1057,3 +1058,22 @@ def test_file_name_clashes_are_found_as_the_file_streams(tmp_path: Path) -> None
         (5, f"{same} 3 (000003.mp4); names must differ, got None"),
         (7, f"{same} 6 (clip.mp4); names must differ, got 'clip'"),
     ]
+
+
+async def test_a_run_started_in_the_background_does_not_warn_about_sigint_grace(
+    tmp_path: Path,
+) -> None:
+    """A shell starts a background job (``cmd &``, nohup, a service) with SIGINT ignored:
+    ``run`` warned twice, a Python warning with its source line, that 'sigint_grace is
+    ignored ... stop the batch with await results.stop(grace=...)', advice for Python code,
+    not for a command. No Ctrl-C can reach such a run: nothing to warn about."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("APIMART_API_KEY", None)
+    command = shlex.join(
+        [sys.executable, "-m", "apimart_async.cli", "run", str(JOBS), "--emulate", "--out",
+         str(tmp_path / "o"), "--no-progress"]
+    )  # fmt: skip
+    result = await anyio.run_process(["sh", "-c", f"trap '' INT; exec {command}"], env=env)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert "sigint_grace" not in err and "ApimartWarning" not in err

@@ -469,8 +469,250 @@ async def test_cli_workers_share_a_batch(postgres: Any, pg_schema: str, tmp_path
     for code, stdout, stderr in results:
         assert code == 0, stderr
         assert "JournalLockedError" not in stderr
+        # each runs an emulator of its own: a job taken over from a worker that died would be
+        # unknown to it (NotFoundError); the warning says so and what to run instead
+        assert "--emulate runs an emulator in this worker only" in stderr
         (mine,) = re.findall(r"^completed\s+(\d+)$", stdout, re.MULTILINE)
         completed += int(mine)
     assert completed == 5  # each job ended by one worker; each run counts the other's too
     videos = [p.name for tag in "ab" for p in (tmp_path / tag).glob("*.mp4")]
     assert len(videos) == len(set(videos)) == 5
+
+
+async def test_a_job_taken_over_while_its_worker_waited_to_record_it_is_dropped_not_a_fault(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """Worker B claimed job 1 and waits to record it (the fleet is at max_pending, or the
+    database is out of reach) past its lease; worker A takes job 1 over and records it with
+    its own key. B must let job 1 go (not submit it, not stop): found by stopping PostgreSQL
+    for longer than --lease with two CLI workers, one of which ended with 'job 26 is already
+    recorded with another key' and exit 1."""
+    from .test_pg_journal import eventually, fetchval
+
+    n = 3
+    jobs = fleet_jobs(n)
+    other = pg_journal(postgres.url, pg_schema, n)
+    await other.open()
+    from apimart_async._pg_claims import Claims
+
+    holder = Claims(other, worker="x", lease=300)
+    await holder.join()
+    assert [c.index for c in await holder.claim(1)] == [0]
+    body = jobs[0][1].to_body()
+    await other.add(0, jobs[0][1].fingerprint(), "key-x", "job0", body)
+    await other.set_task(0, "task_x")  # in flight elsewhere: the fleet is at max_pending=1
+    outcomes: list[am.Outcome] = []
+    async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=5) as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                jobs,
+                concurrency=1,
+                max_pending=1,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=30.0,
+            ) as results:
+                held = f"SELECT worker FROM {pg_schema}.claims WHERE idx = 1"
+
+                async def b_holds_job_1() -> bool:
+                    return (await fetchval(postgres.url, held)) not in (None, "x")
+
+                await eventually(b_holds_job_1)
+                # B's lease ran out; A took job 1 over, recorded it with its key and ended it
+                await fetchval(postgres.url, f"UPDATE {pg_schema}.claims SET worker = 'a' WHERE idx = 1")  # fmt: skip
+                await other.add(1, jobs[1][1].fingerprint(), "key-a", "job1", jobs[1][1].to_body())
+                for i in (0, 1):
+                    await other.finish(
+                        i, status="completed", cost=0.1, task=None, files=(), error=None,
+                        error_type=None,
+                    )  # fmt: skip
+                async for outcome in results:
+                    outcomes.append(outcome)
+        assert emu.tasks_created == 1  # job 2 only: job 1 is A's
+    await holder.close()
+    await other.close()
+    assert [(o.index, o.ok) for o in outcomes] == [(2, True)]
+
+
+async def test_pending_jobs_taken_over_free_their_places_for_the_next_job(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """Worker B's only pending task (max_pending=1) is taken over by another worker while B's
+    feeder waits for a free place: the heartbeat lets it go, and the feeder must be woken to
+    submit the next job (it waited forever, renewing the lease of that job: nobody ran it)."""
+    from .test_pg_journal import fetchval
+
+    n = 2
+    jobs = fleet_jobs(n)
+    other = pg_journal(postgres.url, pg_schema, n)
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                jobs,
+                concurrency=1,
+                max_pending=1,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=0.6,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == 1)
+                # another worker took job 0 over (B stalled past its lease) and ended it
+                await fetchval(postgres.url, f"UPDATE {pg_schema}.claims SET worker = 'a' WHERE idx = 0")  # fmt: skip
+                await other.open()
+                await other.finish(
+                    0, status="completed", cost=0.1, task=None, files=(), error=None,
+                    error_type=None,
+                )  # fmt: skip
+                await emu.wait_until(lambda: emu.tasks_created == 2, timeout=20)
+                emu.complete(sorted(emu.task_ids())[-1])
+                outcomes = [o async for o in results]
+    await other.close()
+    assert [(o.index, o.ok) for o in outcomes] == [(1, True)]
+
+
+async def test_a_job_another_worker_ended_first_is_not_handed_out_twice(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """After an outage longer than the lease, worker A re-attached B's task of job 0 and ended
+    it first; B, still following the same task, sees it end too. B must not hand job 0 out
+    (nor count it, nor its cost): a job ends once in the fleet, not once per worker that saw
+    it (found with two CLI workers: 8 jobs 'completed' in both summaries, $6.40 counted twice)."""
+    from .test_pg_journal import fetchval
+
+    n = 2
+    other = pg_journal(postgres.url, pg_schema, n)
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                fleet_jobs(n),
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=30.0,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == n)
+                first = await fetchval(
+                    postgres.url, f"SELECT task_id FROM {pg_schema}.jobs WHERE idx = 0"
+                )
+                await fetchval(postgres.url, f"UPDATE {pg_schema}.claims SET worker = 'a' WHERE idx = 0")  # fmt: skip
+                await other.open()
+                await other.finish(
+                    0, status="completed", cost=0.8, task=None, files=(), error=None,
+                    error_type=None,
+                )  # fmt: skip
+                for task_id in emu.task_ids():
+                    emu.complete(task_id)
+                outcomes = [o async for o in results]
+                stats = results.stats()
+    await other.close()
+    assert first is not None
+    assert [(o.index, o.ok) for o in outcomes] == [(1, True)]
+    assert (stats.completed, stats.errored) == (1, 0)
+    assert stats.cost == outcomes[0].task.cost  # type: ignore[union-attr]
+
+
+async def test_sigterm_stops_a_cli_worker_as_ctrl_c_does_letting_go_of_its_jobs(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """SIGTERM is how a service manager, a CI time limit or a spot machine's notice stops a
+    worker. It was the default death: no resume line, and the worker's jobs stayed claimed
+    until their --lease ran out (here 300 s). Now it is Ctrl-C: exit 130, claims let go."""
+    from .test_pg_journal import fetchval
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        "".join(
+            json.dumps({"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"}) + "\n"
+            for i in range(6)
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    async with Emulator(mode="manual") as emu:
+        env["APIMART_API_KEY"] = emu.api_key
+        cmd = [
+            sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(tmp_path / "o"),
+            "--base-url", emu.base_url, "--journal", postgres.url, "--schema", pg_schema,
+            "--lease", "300", "--grace", "0", "--concurrency", "2",
+        ]  # fmt: skip
+        async with await anyio.open_process(cmd, env=env) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            await emu.wait_until(lambda: emu.tasks_created >= 2, timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            with anyio.fail_after(60):
+                await proc.wait()
+            err = (await proc.stderr.receive(1 << 20)).decode()
+    assert proc.returncode == 130, err
+    assert "resume with:" in err and postgres.password not in err
+    held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker IS NOT NULL"
+    assert await fetchval(postgres.url, held) == 0  # let go: another worker takes them at once
+
+
+async def test_a_worker_claims_no_more_than_it_can_run_soon(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """The claim chunk is sized by what the worker may run: with max_pending=2 it held 8 jobs
+    (its concurrency) while running 2, jobs another worker could have run meanwhile."""
+    from .test_pg_journal import eventually, fetchval
+
+    n = 20
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                fleet_jobs(n),
+                concurrency=8,
+                max_pending=2,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "w",
+                lease=30.0,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == 2)
+                fleet = results._run._fleet
+                await eventually(lambda: fleet.claimed > 2)  # the next chunk, then it waits
+                held = f"SELECT count(*) FROM {pg_schema}.claims WHERE worker IS NOT NULL"
+                assert await fetchval(postgres.url, held) == fleet.claimed <= 2 * 2
+                await results.stop()
+
+
+async def test_a_worker_blocked_at_the_fleet_limit_takes_over_a_dead_workers_running_jobs(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    """Worker x filled the fleet's max_pending=2 (jobs 0 and 1 running) and died. Worker B,
+    started meanwhile, had claimed jobs 2 to 5 and waited for a free place; x's leases ran
+    out, but B never took its jobs over (only its feeder claims, and the feeder waited for
+    that place): B waited forever, renewing its own claims (found with two CLI workers and
+    SIGKILL: the survivor held 16 jobs and submitted none)."""
+    from apimart_async._pg_claims import Claims
+
+    from .test_pg_journal import eventually, fetchval
+
+    n = 6
+    jobs = fleet_jobs(n)
+    other = pg_journal(postgres.url, pg_schema, n)
+    await other.open()
+    x = Claims(other, worker="x", lease=300)
+    await x.join()
+    assert [c.index for c in await x.claim(2)] == [0, 1]
+    outcomes: list[am.Outcome] = []
+    async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=6) as emu:
+        for i, task_id in enumerate(emu.create_tasks(2)):
+            request = jobs[i][1]
+            await other.add(i, request.fingerprint(), f"key-x{i}", f"job{i}", request.to_body())
+            await other.set_task(i, task_id)
+        async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+            async with client.batch(
+                jobs,
+                concurrency=2,
+                max_pending=2,
+                journal=pg_journal(postgres.url, pg_schema, n),
+                download_dir=tmp_path / "b",
+                lease=3.0,
+            ) as results:
+                fleet = results._run._fleet  # type: ignore[attr-defined]
+                await eventually(lambda: fleet.claimed >= 4)  # 2, 3 wait in add; 4 at the feeder
+                expire = f"UPDATE {pg_schema}.claims SET lease_until = 0 WHERE worker = 'x'"
+                await fetchval(postgres.url, expire)  # x died
+                with anyio.fail_after(30):
+                    outcomes = [o async for o in results]
+        assert emu.tasks_created == n  # x's two (re-attached here), then 2 to 5
+    await x.close()
+    await other.close()
+    assert sorted((o.index, o.ok) for o in outcomes) == [(i, True) for i in range(n)]

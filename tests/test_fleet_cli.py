@@ -275,3 +275,33 @@ async def test_status_of_a_single_run_is_one_line_or_none(
     )
     assert code == 0, stderr
     assert json.loads(stdout)["workers"] == []
+
+
+async def test_status_with_a_role_that_may_not_read_the_schema_says_so(
+    postgres: PgServer, pg_schema: str
+) -> None:
+    """A role without USAGE on the schema sees no table of it in information_schema: status
+    said 'schema ... is empty' (a batch that is there, with its jobs), sending the user to
+    look for a wrong name instead of asking for the rights."""
+    import asyncpg
+
+    j = PostgresJournal(postgres.url, name="spring", schema=pg_schema)
+    await j.open()
+    await j.close()
+    conn = await asyncpg.connect(postgres.url)
+    try:
+        await conn.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'outsider') THEN"
+            " CREATE ROLE outsider LOGIN PASSWORD 'outs1der-secret'; END IF; END $$"
+        )
+    finally:
+        await conn.close()
+    url = f"postgresql://outsider:outs1der-secret@127.0.0.1:{postgres.port}/postgres"
+    for command in (["status"], ["manifest", "--out", "/nonexistent-dir/o"]):
+        code, stdout, stderr = await cli(
+            *command, "--journal", url, "--name", "spring", "--schema", pg_schema
+        )
+        assert code == 1, stderr
+        assert "is empty" not in stderr
+        assert f"permission denied for schema {pg_schema}" in stderr
+        assert "outs1der-secret" not in stdout + stderr

@@ -214,6 +214,11 @@ async def test_a_different_job_list_under_the_same_name_is_refused_before_any_su
         with pytest.raises(am.JournalMismatchError) as caught:
             await journal(pg, pg_schema, fingerprints=longer).open()
         assert caught.value.index == 3
+        # a list of another length: the missing job named whole, not cut to 12 characters
+        assert f"request hash {longer[3][:12]} vs (no such job)" in str(caught.value)
+        with pytest.raises(am.JournalMismatchError) as caught:
+            await journal(pg, pg_schema, fingerprints=listed[:2]).open()
+        assert f"request hash (no such job now) vs {listed[2][:12]}" in str(caught.value)
         # the same list is welcome: everything replayed
         async with client.batch(
             jobs(3), journal=journal(pg, pg_schema, fingerprints=listed)
@@ -248,6 +253,12 @@ async def test_another_programs_schema_is_left_alone(pg: PgServer, pg_schema: st
         )
         == 1
     )
+    # a schema of many tables (information_schema has 70): a few named, the rest counted
+    for i in range(9):
+        await fetchval(pg.url, f"CREATE TABLE {pg_schema}.t{i} (id int)")
+    with pytest.raises(am.JournalError) as caught:
+        await journal(pg, pg_schema).open()
+    assert "tables (jobs, t0, t1, t2, t3 and 5 more); it was left unchanged" in str(caught.value)
 
 
 async def test_priors_are_kept_per_batch(pg: PgServer, pg_schema: str) -> None:
@@ -689,3 +700,42 @@ async def test_a_holder_on_another_machine_with_our_pid_is_not_this_process(
     message = await _held_elsewhere(pg, pg_schema, "node-b.internal", os.getpid())
     assert "this process" not in message and "each its own file" not in message
     assert f"another run (pid {os.getpid()} on node-b.internal" in message
+
+
+async def test_a_shared_finish_retried_after_its_reply_was_lost_is_still_this_workers(
+    pg: PgServer, pg_schema: str
+) -> None:
+    """A worker's end of a job is committed, then the connection drops before the reply: the
+    retry finds the job done already. It was this worker's own write, not another worker's
+    end: ``finish`` says True (else the worker would drop its own outcome, and nobody would
+    hand it out). Another worker's end over it still says False."""
+    prints = [f"{i:064x}" for i in range(2)]
+    j = journal(pg, pg_schema, fingerprints=prints)
+    await j.open()
+    try:
+        await j.add(0, prints[0], "key-0", None, {"model": "m"})
+        real_ensure = j._link.ensure
+        lost = []
+
+        class ReplyLost:
+            def __init__(self, conn: Any) -> None:
+                self._conn = conn
+
+            async def execute(self, *args: Any) -> str:
+                status: str = await self._conn.execute(*args)
+                if not lost:  # committed; the reply never comes back
+                    lost.append(args[0])
+                    raise ConnectionResetError("connection reset by peer")
+                return status
+
+        async def ensure() -> Any:
+            return ReplyLost(await real_ensure())
+
+        j._link.ensure = ensure  # type: ignore[method-assign]
+        end = {"status": "completed", "cost": 0.1, "task": None, "files": ()}
+        assert await j.finish(0, **end, error=None, error_type=None) is True
+        assert lost and j.outages == 1
+        j._link.ensure = real_ensure  # type: ignore[method-assign]
+        assert await j.finish(0, **end, error=None, error_type=None) is False  # ended already
+    finally:
+        await j.close()
