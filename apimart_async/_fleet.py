@@ -268,15 +268,16 @@ async def fleet_for(journal: object, run: _Run) -> Solo:
 
     options = run.options
     claims = Claims(journal, lease=options.lease)
+    claims.limit(max_pending=options.max_pending, max_cost=options.max_cost)
     try:
         await claims.join()
     except BaseException:
         with anyio.CancelScope(shield=True):
             await claims.close()
         raise
-    claims.limit(max_pending=options.max_pending, max_cost=options.max_cost)
     # a chunk of what it may run at once: no more claimed than submitted soon (issue 15)
-    chunk = min(options.concurrency, options.max_pending or options.concurrency, 32)
+    max_pending = claims.fleet_limits[0]  # the batch's: the strictest of its workers'
+    chunk = min(options.concurrency, max_pending or options.concurrency, 32)
     fleet = _ClaimsFleet(claims, chunk=max(1, chunk))
     fleet.let_go, fleet.fault = run.let_go, run.journal_fault
     run.report.on_event = fleet.observe(run.report.on_event)

@@ -26,6 +26,7 @@ machines' clocks need not agree. A lost database is waited for as the journal's 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -38,6 +39,8 @@ import attrs
 from ._errors import BudgetExceededError, FieldError, JournalError, TakenOver, ValidationError
 from ._journal import JobRecord
 from ._pg_journal import _COLUMNS, DB_NOW, PostgresJournal, _Link
+
+logger = logging.getLogger("apimart_async")
 
 __all__ = ["Claim", "Claims"]
 
@@ -94,6 +97,8 @@ class Claims:
         self.max_pending: int | None = None
         self.max_cost: float | None = None
         self.estimate: float | None = None
+        self.fleet_limits: tuple[int | None, float | None] = (None, None)
+        """The batch's ``(max_pending, max_cost)`` as last read (``join``, ``admits``)."""
 
     async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """``fn(connection)``, one at a time on the connection (the heartbeat and the claim
@@ -125,6 +130,17 @@ class Claims:
                     name,
                     size,
                 )
+                # this worker's limits join the batch's: the strictest of all holds (a
+                # worker started with looser ones, or none, cannot lift the fleet's)
+                row = await conn.fetchrow(
+                    f"UPDATE {q}.batches SET max_pending = LEAST(max_pending, $2::integer),"
+                    " max_cost = LEAST(max_cost, $3::double precision) WHERE name = $1"
+                    " RETURNING max_pending, max_cost",
+                    name,
+                    self.max_pending,
+                    self.max_cost,
+                )
+                self._told_limits(row["max_pending"], row["max_cost"])
                 await conn.execute(
                     f"INSERT INTO {q}.workers (batch, worker, host, pid, started_at,"
                     f" heartbeat_at) VALUES ($1, $2, $3, $4, {_NOW}, {_NOW})"
@@ -265,11 +281,29 @@ class Claims:
         """Hold ``max_pending`` (tasks submitted and not ended) and ``max_cost`` (USD) for
         the whole batch, across all its workers: the journal asks ``admits`` in the
         transaction that records a job before its submit (limits or not: it also checks that
-        this worker still holds the job)."""
+        this worker still holds the job). Call it before ``join``: the limits are the batch's,
+        kept in its row, the strictest that any of its workers asked for."""
         self.max_pending = max_pending
         self.max_cost = max_cost
         self.estimate = estimate
         self.journal.admission = self.admits
+
+    def _told_limits(self, max_pending: int | None, max_cost: float | None) -> None:
+        """Say once when the batch's limits are stricter than this worker's own."""
+        told = (max_pending, max_cost)
+        if told == self.fleet_limits:
+            return
+        self.fleet_limits = told
+        if (max_pending, max_cost) != (self.max_pending, self.max_cost):
+            logger.warning(
+                "the batch %s runs under max_pending=%s, max_cost=%s: the strictest limits"
+                " its workers were started with (this one: max_pending=%s, max_cost=%s)",
+                self.journal.name,
+                max_pending,
+                max_cost,
+                self.max_pending,
+                self.max_cost,
+            )
 
     async def admits(self, conn: Any, index: int) -> bool:
         """Whether job ``index`` may be submitted now, fleet-wide (in the caller's
@@ -288,7 +322,13 @@ class Claims:
         )  # locked until the job is recorded: no other worker claims it meanwhile
         if holder != self.worker:
             raise TakenOver(index)
-        if self.max_pending is None and self.max_cost is None:
+        limits = await conn.fetchrow(  # the batch's: another worker may have tightened them
+            f"SELECT max_pending, max_cost FROM {q}.batches WHERE name = $1", self.journal.name
+        )
+        max_pending: int | None = limits["max_pending"]
+        max_cost: float | None = limits["max_cost"]
+        self._told_limits(max_pending, max_cost)
+        if max_pending is None and max_cost is None:
             return True
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('apimart-async:admit:' || $1), hashtext($2))",
@@ -303,20 +343,20 @@ class Claims:
             index,
         )
         flying: int = row["flying"]
-        if self.max_pending is not None and flying >= self.max_pending:
+        if max_pending is not None and flying >= max_pending:
             return await self._unless_orphans(conn, index)
-        if self.max_cost is None:
+        if max_cost is None:
             return True
         est = self.estimate if self.estimate is not None else row["dearest"]
         if est is None:  # nothing tells the price yet: one job at a time learns it
             return flying == 0 or await self._unless_orphans(conn, index)
-        if float(row["spent"]) + (flying + 1) * float(est) <= self.max_cost + 1e-9:
+        if float(row["spent"]) + (flying + 1) * float(est) <= max_cost + 1e-9:
             return True
         if flying:
             return await self._unless_orphans(conn, index)
         raise BudgetExceededError(
             f"budget reached: job {index} not submitted (${float(row['spent']):.2f} spent of"
-            f" ${self.max_cost:.2f} by the batch's workers)"
+            f" ${max_cost:.2f} by the batch's workers)"
         )
 
     async def _unless_orphans(self, conn: Any, index: int) -> bool:

@@ -10,9 +10,11 @@ transaction under a transaction-level advisory lock (two processes starting toge
 race), and records its version in the table ``meta``; a newer version is refused with a
 ``JournalError`` naming it::
 
-    meta      key, value                 'format' = 'apimart-async journal', 'schema' = '1'
+    meta      key, value                 'format' = 'apimart-async journal', 'schema' = '2'
     batches   name (key), fingerprints   the job list, when the caller gave it (``fingerprints=``)
               run_host, run_pid, run_started   the run holding the batch, for JournalLockedError
+              max_pending, max_cost      the fleet's limits: the strictest its workers asked
+                                         for (schema 2; a schema 1 is migrated when opened)
     jobs      (batch, idx) key           the columns of the SQLite journal's ``jobs``
     claims    (batch, idx) key           which worker holds each job of the list, until when
               worker, lease_until        (``_pg_claims``, for a batch run by workers)
@@ -93,7 +95,7 @@ _KEEPALIVES = {
 }
 
 #: The version of the tables this release writes (table ``meta``, row ``schema``).
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 
 _SCHEMES = ("postgresql://", "postgres://")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -183,8 +185,16 @@ def _asyncpg() -> Any:
         ) from None
 
 
+#: What takes the tables of version N to N + 1 (index N - 1), ``{s}`` the schema.
+_MIGRATIONS = [
+    # 1 -> 2: the fleet's limits, kept with the batch (a worker's own cannot lift them)
+    "ALTER TABLE {s}.batches ADD COLUMN IF NOT EXISTS max_pending integer,"
+    " ADD COLUMN IF NOT EXISTS max_cost double precision",
+]
+
+
 def _schema_sql(s: str) -> list[str]:
-    """The statements that create the tables of schema version 1 in the schema ``s``."""
+    """The statements that create the tables of schema version 2 in the schema ``s``."""
     return [
         f"CREATE SCHEMA IF NOT EXISTS {s}",
         f"CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL)",
@@ -194,7 +204,9 @@ def _schema_sql(s: str) -> list[str]:
             fingerprints text[],
             run_host text,
             run_pid integer,
-            run_started double precision
+            run_started double precision,
+            max_pending integer,
+            max_cost double precision
         )""",
         f"""CREATE TABLE IF NOT EXISTS {s}.jobs (
             batch text NOT NULL REFERENCES {s}.batches (name) ON DELETE CASCADE,
@@ -619,6 +631,12 @@ class PostgresJournal(Journal):
                 MARKER,
                 str(PG_SCHEMA_VERSION),
             )
+        elif version < PG_SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version - 1 :]:  # 1 -> 2, ...: in this transaction
+                await conn.execute(statement.format(s=q))
+            await conn.execute(
+                f"UPDATE {q}.meta SET value = $1 WHERE key = 'schema'", str(PG_SCHEMA_VERSION)
+            )
 
     async def _version(self, conn: Any) -> int | None:
         """The tables' version in the schema (None: no tables yet); refuses what is not ours."""
@@ -657,8 +675,7 @@ class PostgresJournal(Journal):
                 f"the journal {self._where()} was written by a newer apimart-async (schema"
                 f" {version}; this one knows 1 to {PG_SCHEMA_VERSION})"
             )
-        # older versions would be migrated here, in this transaction (there are none yet)
-        return int(version)
+        return int(version)  # an older one is migrated by _ensure_tables
 
     async def _meta(self, conn: Any) -> list[Any]:
         rows: list[Any] = await conn.fetch(f"SELECT key, value FROM {self._q}.meta")

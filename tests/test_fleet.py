@@ -716,3 +716,84 @@ async def test_a_worker_blocked_at_the_fleet_limit_takes_over_a_dead_workers_run
     await x.close()
     await other.close()
     assert sorted((o.index, o.ok) for o in outcomes) == [(i, True) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"max_pending": 3}, {}),  # the second worker was started without --max-pending
+        ({"max_pending": 3}, {"max_pending": 10}),  # ... or with a looser one
+    ],
+    ids=["second-without-limit", "second-looser"],
+)
+async def test_the_strictest_max_pending_of_the_workers_holds_fleet_wide(
+    postgres: Any,
+    pg_schema: str,
+    tmp_path: Path,
+    first: dict[str, Any],
+    second: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The account's limit is per account: a worker started with other limits (or none)
+    must not lift the fleet's. The limits are the batch's, kept in the database: each
+    worker's tighten them, none loosens them (brk15b finding 13)."""
+    n = 30
+    async with Emulator(task_duration=(0.05, 0.3), video_bytes=1024, seed=5) as emu:
+
+        async def worker(tag: str, limits: dict[str, Any]) -> None:
+            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+                async with client.batch(
+                    fleet_jobs(n),
+                    concurrency=8,
+                    journal=pg_journal(postgres.url, pg_schema, n),
+                    download_dir=tmp_path / tag,
+                    lease=5.0,
+                    **limits,
+                ) as results:
+                    async for outcome in results:
+                        assert outcome.ok, outcome.error
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker, "a", first)
+            await emu.wait_until(lambda: emu.tasks_created >= 1)  # a runs the batch first
+            tg.start_soon(worker, "b", second)
+        assert emu.tasks_created == n and set(emu.tasks_per_key.values()) == {1}
+        assert emu.state.max_unfinished <= 3
+    told = [r.getMessage() for r in caplog.records if "runs under" in r.getMessage()]
+    assert told == [  # the second worker is told, once; the first's are the batch's
+        "the batch fleet runs under max_pending=3, max_cost=None: the strictest limits its"
+        f" workers were started with (this one: max_pending={second.get('max_pending')},"
+        " max_cost=None)"
+    ]
+
+
+async def test_the_strictest_max_cost_of_the_workers_holds_fleet_wide(
+    postgres: Any, pg_schema: str, tmp_path: Path
+) -> None:
+    n = 12
+    outcomes: list[am.Outcome] = []
+    async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=4) as emu:
+
+        async def worker(tag: str, limits: dict[str, Any]) -> None:
+            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+                async with client.batch(
+                    fleet_jobs(n),
+                    concurrency=2,
+                    journal=pg_journal(postgres.url, pg_schema, n),
+                    download_dir=tmp_path / tag,
+                    lease=5.0,
+                    **limits,
+                ) as results:
+                    async for outcome in results:
+                        outcomes.append(outcome)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker, "a", {"max_cost": 1.0})
+            await emu.wait_until(lambda: emu.tasks_created >= 1)
+            tg.start_soon(worker, "b", {})  # no budget of its own: the batch's holds
+        paid = [o for o in outcomes if o.ok]
+        price = paid[0].task.cost if paid and paid[0].task else None
+        assert price is not None and price > 0
+        assert emu.tasks_created == len(paid) == int(1.0 // price)
+        refused = [o for o in outcomes if isinstance(o.error, am.BudgetExceededError)]
+        assert {o.index for o in refused} == set(range(n)) - {o.index for o in paid}

@@ -202,8 +202,8 @@ async def test_a_full_fleet_gives_back_a_waiting_job_only_for_jobs_this_worker_m
     conn = await asyncpg.connect(postgres.url)
     try:
         for w in (fed_0, other):
+            w.limit(max_pending=1, max_cost=None)  # the limits join the batch's at join()
             await w.join()
-            w.limit(max_pending=1, max_cost=None)
         assert [c.index for c in await fed_0.claim(1, exclude=[0])] == [1]
         assert [c.index for c in await other.claim(1, exclude=[0])] == [2]
         fed_0.not_mine = lambda: {0}

@@ -240,6 +240,33 @@ async def test_a_newer_schema_is_refused_naming_it(pg: PgServer, pg_schema: str)
         await journal(pg, pg_schema).open()
 
 
+async def test_a_schema_of_version_1_is_migrated_keeping_its_batches(
+    pg: PgServer, pg_schema: str
+) -> None:
+    """Schema 2 keeps the fleet's limits with the batch. A journal made by a release that
+    wrote schema 1 (no such columns) is migrated when opened, its rows kept."""
+    j = journal(pg, pg_schema)
+    await j.open()
+    await j.add(0, "fp", "key-0", None, {"model": "m"})
+    await j.close()
+    await fetchval(  # what a schema 1 journal looks like
+        pg.url,
+        f"ALTER TABLE {pg_schema}.batches DROP COLUMN max_pending, DROP COLUMN max_cost",
+    )
+    await fetchval(pg.url, f"UPDATE {pg_schema}.meta SET value='1' WHERE key='schema'")
+    j = journal(pg, pg_schema)
+    records = await j.open()
+    assert [r.idempotency_key for r in records.values()] == ["key-0"]
+    await j.close()
+    assert await fetchval(pg.url, f"SELECT value FROM {pg_schema}.meta WHERE key='schema'") == "2"
+    assert (
+        await fetchval(
+            pg.url, f"SELECT count(max_pending) + count(max_cost) FROM {pg_schema}.batches"
+        )
+        == 0
+    )
+
+
 async def test_another_programs_schema_is_left_alone(pg: PgServer, pg_schema: str) -> None:
     await fetchval(pg.url, f"CREATE SCHEMA {pg_schema}")
     await fetchval(pg.url, f"CREATE TABLE {pg_schema}.jobs (id int)")
