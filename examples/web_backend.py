@@ -356,15 +356,27 @@ def check_webhook_url(url: str | None) -> str | None:
     raise am.ValidationError([am.FieldError("webhook_url", rule, url)])
 
 
+#: Lost submits settled at once on startup: a backlog of them (a crash under load) is sent
+#: side by side, not one round trip after another, and without a burst the service refuses.
+RECOVER_CONCURRENCY = 8
+
+
 async def settle_lost_replies(client: am.AsyncApimart) -> None:
     """After a crash: the submits whose reply never arrived get their task id (sent again with
-    the same idempotency key, the service answers with the task the first POST created)."""
-    for item in await client.tasks.unfinished():
-        if item.task_id is None:
+    the same idempotency key, the service answers with the task the first POST created), up
+    to ``RECOVER_CONCURRENCY`` at a time."""
+    lost = iter([item for item in await client.tasks.unfinished() if item.task_id is None])
+
+    async def recover() -> None:  # each worker takes the next lost submit (no task for each)
+        for item in lost:
             try:
                 logger.info("recovered task %s", await client.tasks.recover(item))
             except am.ApimartError as exc:
                 logger.warning("could not recover a submit of an earlier run: %s", exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(RECOVER_CONCURRENCY):
+            tg.start_soon(recover)
 
 
 def get_client(request: Request) -> am.AsyncApimart:

@@ -24,7 +24,8 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from apimart_async.emulator import Emulator  # noqa: E402
+import apimart_async as am  # noqa: E402
+from apimart_async.emulator import Emulator, Fault  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -425,6 +426,30 @@ async def test_sigkill_mid_load_then_a_restart_finds_every_billed_task(tmp_path:
         async with backend(emu, tmp_path) as app, http_client() as http:
             found = (await http.get(f"{app.url}/videos/unfinished")).json()
             assert found["count"] == emu.tasks_created == 30
+
+
+async def test_startup_recovers_a_backlog_of_lost_submits_side_by_side(tmp_path: Path) -> None:
+    """brk21c: the submits whose reply was lost are settled on startup, before the app
+    serves; one after another, a backlog of them held the startup for the sum of their round
+    trips (1,000 lost replies at 0.3 s: five minutes with no request served)."""
+    lost = 12
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, journal=tmp_path / "client.sqlite", max_retries=0
+        ) as client:
+            emu.faults.inject("submit", Fault.drop(), times=lost)  # no reply: indeterminate
+            for i in range(lost):
+                with pytest.raises(am.SubmitIndeterminateError):
+                    await client.videos.submit(am.VideoRequest("sora-2-preview", f"job {i}"))
+        emu.state.max_in_flight.clear()
+        emu.faults.inject("submit", Fault.slow(0.5), times=lost)  # a far-away service
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            found = (await http.get(f"{app.url}/videos/unfinished")).json()
+        assert found["count"] == lost
+        assert all(t["task_id"] is not None for t in found["tasks"])  # every one settled
+        assert emu.tasks_created == lost  # one task a key
+        assert set(emu.tasks_per_key.values()) == {1}
+        assert 1 < emu.state.max_in_flight["submit"] <= 8  # side by side, and bounded
 
 
 async def test_a_batch_cut_short_by_a_crash_resumes_on_startup_paying_nothing_twice(
