@@ -10,7 +10,8 @@ web app). The logic below is the same for both; a ``SubmitStore`` only reads and
                 POST: the POST may or may not have created a task
     pending     the reply gave the task id, recorded right after it (shielded from cancellation)
     refused     the service refused the submit in a way that proves no task exists
-    done        a wait through this client saw the task's end (its status and the task)
+    done        a wait (or a status read) through this client saw the task's end (its
+                status and the task)
 
 ``client.tasks.unfinished()`` lists the ``submitting`` and ``pending`` rows (``UnfinishedTask``):
 the billed tasks whose end nobody saw, across restarts. A ``submitting`` row has no task id

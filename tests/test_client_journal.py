@@ -140,6 +140,32 @@ async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
     assert manual_emu.tasks_created == 1
 
 
+async def test_an_end_a_status_read_returned_is_not_listed_as_unseen(
+    manual_emu: Emulator, store: Store
+) -> None:
+    """brk21c: a web backend that submits and then reads the status (the reference app's
+    ``POST /videos`` + ``GET /videos/{id}``) handed every end to its caller, yet each task
+    stayed in ``unfinished()`` for ever: the list grew by every submit, and said nothing."""
+    path = store.journal
+    async with client_for(manual_emu, path) as client:
+        read, many, running = [await client.videos.submit(REQUEST) for _ in range(3)]
+        manual_emu.complete(read)
+        manual_emu.fail(many)
+        assert (await client.tasks.get(read)).ok
+        assert [t.is_terminal for t in await client.tasks.get_many([many, running])] == [
+            True,
+            False,
+        ]
+        assert [item.task_id for item in await client.tasks.unfinished()] == [running]
+    async with client_for(manual_emu, path) as client:  # and after a restart
+        assert [item.task_id for item in await client.tasks.unfinished()] == [running]
+        before = status_reads(manual_emu)
+        assert (await client.tasks.wait(read)).ok  # answered from the journal
+        with pytest.raises(am.TaskFailedError):
+            await client.tasks.wait(many)
+        assert status_reads(manual_emu) == before
+
+
 async def test_a_failed_end_is_recorded_and_answered_from_the_journal(
     manual_emu: Emulator, store: Store
 ) -> None:
