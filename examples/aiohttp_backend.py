@@ -56,6 +56,8 @@ async def _video_request(request: web.Request) -> am.VideoRequest | web.Response
         return web.json_response({"error": str(exc)}, status=422)
     except RecursionError:  # JSON nested too deep to parse
         return web.json_response({"error": "request: is nested too deep"}, status=422)
+    except ConnectionResetError:  # the caller went away while sending it: nobody reads this
+        return web.json_response({"error": "the client went away"}, status=400)
 
 
 async def create_video(request: web.Request) -> web.Response:

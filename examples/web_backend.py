@@ -78,6 +78,7 @@ import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import apimart_async as am
@@ -335,6 +336,7 @@ def create_app(
     app = FastAPI(title="apimart-async web backend", lifespan=lifespan)
     app.state.webhook_url = webhook_url
     app.add_exception_handler(am.ApimartError, on_sdk_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
     return app
@@ -385,9 +387,20 @@ def get_client(request: Request) -> am.AsyncApimart:
     return client
 
 
+class ClientGone(Exception):
+    """The HTTP client went away before its request body arrived."""
+
+
+async def on_client_gone(request: Request, exc: Exception) -> JSONResponse:
+    return _not_waiting("disconnected", None)  # nobody reads it; no traceback in the log
+
+
 async def json_body(request: Request) -> Any:
     """The request's body as JSON, whatever its Content-Type says (422 naming it if not)."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the caller went away while sending it: not a server error
+        raise ClientGone from None
     try:  # a large body is parsed on a worker thread: the event loop serves everyone else
         return (
             json.loads(raw) if len(raw) < 65536 else await anyio.to_thread.run_sync(json.loads, raw)

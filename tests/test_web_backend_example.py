@@ -264,6 +264,30 @@ async def test_errors_become_http_statuses(tmp_path: Path) -> None:
         assert emu.tasks_created == 0
 
 
+async def test_a_client_gone_while_sending_its_body_is_no_traceback(tmp_path: Path) -> None:
+    """brk21c: a caller that goes away before its body has arrived (a timeout under load,
+    a closed tab) made ``request.body()`` raise Starlette's ``ClientDisconnect`` out of the
+    body dependency: "ERROR: Exception in ASGI application" and a traceback for each."""
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        host, port = app.url.removeprefix("http://").split(":")
+        for path in ("/videos", "/videos/generate", "/batches"):
+            stream = await anyio.connect_tcp(host, int(port))
+            async with stream:
+                await stream.send(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f'Content-Length: 1000\r\n\r\n{{"model": '.encode()
+                )
+                await anyio.sleep(0.2)  # the handler is reading the body
+        await settled(app, http, 10**6)
+        await anyio.sleep(0.2)
+        assert "Traceback" not in app.stderr and "ERROR" not in app.stderr, app.stderr
+        assert emu.tasks_created == 0
+
+
 async def test_a_webhook_callback_ends_the_wait_with_one_status_read(tmp_path: Path) -> None:
     """Issue 15: with ``--webhook-url self`` the emulator calls the app back when the task
     ends; the app's route hands it to ``tasks.notify``, and the one status read it asks for
