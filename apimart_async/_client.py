@@ -23,7 +23,13 @@ import anyio
 import anyio.lowlevel
 
 from ._api import Api, BatchRoute, check_task_id, new_idempotency_key
-from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
+from ._checks import (
+    check_int,
+    check_path,
+    check_positive_int,
+    check_positive_number,
+    check_seconds,
+)
 from ._client_journal import ClientJournal, UnfinishedTask, notify_submitted
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader
@@ -501,6 +507,7 @@ class AsyncApimart:
         file path. Streams to ``.part``, resumes with Range, checks the length, computes the
         sha256, renames when complete. An expired task URL is renewed once by a status request.
         """
+        check_path("dest", dest)
         target = Path(dest)
         if isinstance(item, Task):
             if not item.ok:

@@ -46,16 +46,14 @@ from typing import Any, Protocol, cast
 import anyio
 import attrs
 
-from ._checks import has_nul
+from ._checks import check_path
 from ._converter import structure_task, task_to_wire
 from ._errors import (
     ApimartError,
     ConfigurationError,
-    FieldError,
     JournalError,
     NotFoundError,
     NoVideoError,
-    ValidationError,
 )
 from ._jobs import definitive
 from ._journal import SqliteJournal
@@ -294,10 +292,7 @@ class ClientJournal:
             return cls(PgSubmits(PostgresJournal(journal, name=PgSubmits.DEFAULT_CLIENT)))
         if isinstance(journal, (str, os.PathLike)):
             path = os.fspath(cast("str | os.PathLike[str]", journal))
-            if has_nul(path):
-                raise ValidationError(
-                    [FieldError("journal", "must not contain a NUL character", "...\\x00...")]
-                )
+            check_path("journal", path)  # a NUL, a lone surrogate: no file system takes one
             return cls(SqliteSubmits(SqliteJournal(path)))
         if isinstance(journal, SqliteJournal):
             return cls(SqliteSubmits(journal))
