@@ -116,7 +116,8 @@ class AsyncApimart:
         trust_env: without ``proxy``, follow ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
             (read when the client opens), as requests and httpx do; False ignores them.
         wait_unreachable: seconds without a single status read getting through (connection
-            errors, timeouts, 5xx; counted from the first failed read with no success since)
+            errors, timeouts, 5xx; counted from the first failed read with no success since,
+            or from a read still unanswered)
             after which every wait (``generate``, ``tasks.wait``, ``tasks.watch``, batch jobs)
             ends with ``APIConnectionError``, logged at WARNING; the tasks may still be
             running at the service. Default 300; None waits for ever.
