@@ -2,6 +2,7 @@
 
     POST /videos                  {"model": ..., "prompt": ...}  -> 202 {"task_id": ...}
     GET  /videos/unfinished       the billed tasks whose end nobody saw, across restarts
+                                  (``?offset=&limit=``: a page, 100 by default)
     GET  /videos/{task_id}        the task, as ``Task.to_dict()``
     GET  /videos/{task_id}/wait   wait for it (``?timeout=`` seconds) -> the task
     POST /videos/generate         submit and wait inside the request (``?timeout=``)
@@ -413,6 +414,8 @@ async def json_body(request: Request) -> Any:
 Client = Annotated[am.AsyncApimart, Depends(get_client)]
 JsonBody = Annotated[Any, Depends(json_body)]
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait at most")]
+Offset = Annotated[int, Query(ge=0)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
 async def while_connected(request: Request, work: Callable[[], Awaitable[T]]) -> T | str:
@@ -469,9 +472,12 @@ def _add_routes(app: FastAPI) -> None:
         return {"ok": True, "followed": followed}
 
     @app.get("/videos/unfinished")
-    async def unfinished(client: Client) -> dict[str, Any]:
+    async def unfinished(client: Client, offset: Offset = 0, limit: Limit = 100) -> dict[str, Any]:
+        # a page: after a long outage the list is thousands long (20,000 as one answer: 3 MB
+        # built and encoded on the event loop, every other request held meanwhile)
         items = await client.tasks.unfinished()
-        return {"count": len(items), "tasks": [item.to_dict() for item in items]}
+        page = [item.to_dict() for item in items[offset : offset + limit]]
+        return {"count": len(items), "offset": offset, "tasks": page}
 
     @app.get("/videos/{task_id}")
     async def status(client: Client, task_id: str) -> dict[str, Any]:
@@ -528,7 +534,7 @@ def _add_routes(app: FastAPI) -> None:
     async def batch_status(
         request: Request,
         name: str,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         limit: Annotated[int, Query(ge=0, le=1000)] = 100,
     ) -> dict[str, Any] | JSONResponse:
         batches: Batches = request.app.state.batches

@@ -264,6 +264,27 @@ async def test_errors_become_http_statuses(tmp_path: Path) -> None:
         assert emu.tasks_created == 0
 
 
+async def test_unfinished_is_paged(tmp_path: Path) -> None:
+    """brk21c: ``GET /videos/unfinished`` answered every row at once: 20,000 unfinished tasks
+    (a long outage) were 3 MB built and encoded on the event loop (25-35 ms stalls of every
+    other request). Pages of ``limit`` (default 100, at most 1,000) from ``offset``."""
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        for i in range(5):
+            assert (await http.post(f"{app.url}/videos", json=job(i))).status_code == 202
+        ids = emu.task_ids()
+        page = (await http.get(f"{app.url}/videos/unfinished?limit=2")).json()
+        assert page["count"] == 5 and [t["task_id"] for t in page["tasks"]] == ids[:2]
+        page = (await http.get(f"{app.url}/videos/unfinished?offset=4&limit=2")).json()
+        assert page["count"] == 5 and [t["task_id"] for t in page["tasks"]] == ids[4:]
+        for bad in ("limit=0", "limit=1001", "offset=-1"):
+            reply = await http.get(f"{app.url}/videos/unfinished?{bad}")
+            assert reply.status_code == 422, bad
+
+
 async def test_a_client_gone_while_sending_its_body_is_no_traceback(tmp_path: Path) -> None:
     """brk21c: a caller that goes away before its body has arrived (a timeout under load,
     a closed tab) made ``request.body()`` raise Starlette's ``ClientDisconnect`` out of the
