@@ -820,8 +820,9 @@ class Tasks:
         key: the service answers with the task the first POST created, or creates it now if
         none arrived (one task either way; the service keeps keys for a limited time, so
         recover soon). The id is recorded; ``tasks.wait(id)`` then follows it. Raises the
-        submit's error if it fails (a refusal that proves no task exists takes the item out
-        of ``unfinished()``)."""
+        submit's error if it fails; the item stays in ``unfinished()`` whatever the error
+        (the service out of reach, a key it refuses now: nothing of the first POST is
+        proved), so a later ``recover`` can try again."""
         journal = self._need_journal("tasks.recover()")
         if not isinstance(item, UnfinishedTask):
             raise ValidationError(

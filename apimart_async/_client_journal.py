@@ -125,8 +125,8 @@ class SubmitStore(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
-        """A ``submitting`` row for ``key``; nothing if the key has one already."""
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> bool:
+        """A ``submitting`` row for ``key``; nothing if the key has one already (False)."""
         ...
 
     async def set_task(self, key: str, task_id: str, at: float) -> None: ...
@@ -201,13 +201,19 @@ class SqliteSubmits:
         value: str | None = None if row is None else row[0]  # checked by the caller's parse
         return value
 
-    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
-        await self._write(
-            "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
-            " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
-            " ON CONFLICT (idempotency_key) DO NOTHING",
-            (key, fingerprint, model, body, at, at),
-        )
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
+                    " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
+                    " ON CONFLICT (idempotency_key) DO NOTHING",
+                    (key, fingerprint, model, body, at, at),
+                ).rowcount
+                == 1
+            )
+
+        return await self.journal.call("write", write)
 
     async def set_task(self, key: str, task_id: str, at: float) -> None:
         await self._write(
@@ -265,6 +271,9 @@ class ClientJournal:
         self._ends: dict[str, tuple[str, dict[str, Any] | None, str | None]] = {}
         self._wake: anyio.Event = anyio.Event()
         self._flushing: anyio.Lock = anyio.Lock()
+        #: Keys sent again (``recover``, a resumed batch, a caller's own key): recorded before
+        #: this submit, whose failure proves nothing of the first POST (brk21c).
+        self._resent: set[str] = set()
         self.is_open: bool = False
         self.on_relay: Callable[[str], object] | None = None
         """Given each task id another replica's callback named (a shared store only)."""
@@ -357,10 +366,12 @@ class ClientJournal:
         """Record ``key`` (state ``submitting``) before the POST; ``JournalError`` if not."""
         body = json.dumps(request.to_body(), sort_keys=True)
         # a key already recorded (``recover`` sends it again) keeps its row
-        await self.store.add(key, request.fingerprint(), request.model, body, self._wall())
+        if not await self.store.add(key, request.fingerprint(), request.model, body, self._wall()):
+            self._resent.add(key)
 
     async def submitted(self, key: str, task_id: str) -> None:
         """Record the task id (state ``pending``); a failure is logged with the id."""
+        self._resent.discard(key)
         try:
             await self.store.set_task(key, task_id, self._wall())
         except JournalError as exc:
@@ -373,7 +384,12 @@ class ClientJournal:
             )
 
     async def submit_failed(self, key: str, exc: ApimartError) -> None:
-        """A refusal that proves no task exists closes the key (state ``refused``)."""
+        """A refusal that proves no task exists closes the key (state ``refused``). A key
+        sent again is never closed: an earlier POST with it may have made a task, whatever
+        this one met (the service out of reach, a key it refuses now)."""
+        if key in self._resent:
+            self._resent.discard(key)
+            return
         if not (definitive(exc) or exc.submit_not_taken):
             return  # the POST may have created a task: the key stays listed
         try:

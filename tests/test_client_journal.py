@@ -252,6 +252,39 @@ async def test_recover_settles_a_lost_submit_with_the_same_key_and_one_task(
         assert await client.tasks.unfinished() == []
 
 
+async def test_a_recover_that_fails_keeps_the_lost_submit_listed(
+    manual_emu: Emulator, store: Store
+) -> None:
+    """brk21c: a restart while the service is out of reach (or with a key that no longer
+    works) made ``recover`` close the lost submit as refused: its POST never arrived (or got
+    401), which proves nothing of the FIRST POST, which had created a billed task. The task
+    was no longer listed anywhere. Only a resend's success settles a key recorded before."""
+    path = store.journal
+    async with client_for(manual_emu, path, max_retries=0) as client:
+        manual_emu.faults.inject("submit", Fault.lost_reply(), times=1)
+        with pytest.raises(am.SubmitIndeterminateError):
+            await client.videos.submit(REQUEST)
+    assert manual_emu.tasks_created == 1  # the first POST made the task; its reply was lost
+    async with am.AsyncApimart(
+        "sk-test-unreachable", base_url="http://127.0.0.1:9", journal=path, max_retries=0
+    ) as client:  # a restart while the service is out of reach
+        [item] = await client.tasks.unfinished()
+        with pytest.raises(am.APIConnectionError):
+            await client.tasks.recover(item)
+        assert await client.tasks.unfinished() == [item]
+    async with am.AsyncApimart(
+        "sk-test-rotated-key", base_url=manual_emu.base_url, journal=path, max_retries=0
+    ) as client:  # a restart with a key the service refuses
+        with pytest.raises(am.AuthenticationError):
+            await client.tasks.recover(item)
+        assert await client.tasks.unfinished() == [item]
+    async with client_for(manual_emu, path) as client:
+        assert await client.tasks.recover(item) == manual_emu.task_ids()[0]
+        [listed] = await client.tasks.unfinished()
+        assert listed.task_id == manual_emu.task_ids()[0]
+    assert manual_emu.tasks_created == 1
+
+
 async def test_a_refused_submit_is_not_listed(manual_emu: Emulator, store: Store) -> None:
     path = store.journal
     async with client_for(manual_emu, path) as client:
