@@ -384,13 +384,13 @@ class ClientJournal:
             )
 
     async def submit_failed(self, key: str, exc: ApimartError) -> None:
-        """A refusal that proves no task exists closes the key (state ``refused``). A key
-        sent again is never closed: an earlier POST with it may have made a task, whatever
-        this one met (the service out of reach, a key it refuses now)."""
-        if key in self._resent:
-            self._resent.discard(key)
-            return
-        if not (definitive(exc) or exc.submit_not_taken):
+        """A refusal that proves no task exists closes the key (state ``refused``). For a key
+        sent again, only a refusal of the request itself does: an earlier POST with it may
+        have made a task, whatever this one met (the service out of reach, a key it refuses
+        now)."""
+        resent = key in self._resent
+        self._resent.discard(key)
+        if not (definitive(exc, resent=resent) or (exc.submit_not_taken and not resent)):
             return  # the POST may have created a task: the key stays listed
         try:
             await self.store.set_refused(key, str(exc), self._wall())

@@ -256,7 +256,7 @@ class Ledger:
         with anyio.CancelScope(shield=True):
             if self.journal is None:
                 await self.write_manifest(outcome, "error")
-            elif job.journaled and definitive(exc):
+            elif job.journaled and definitive(exc, resent=job.resent):
                 what = f"the refused submit of job {job.index}"
                 error, error_type = str(exc), type(exc).__name__
                 refused = self.journal.refused

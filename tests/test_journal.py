@@ -116,6 +116,37 @@ async def test_unknown_submit_outcome_is_retried_with_the_same_key(
     assert emu.counters["submit"] == 2
 
 
+async def test_a_lost_submit_resent_with_a_wrong_key_is_not_paid_twice(
+    emu: Emulator, tmp_path: Path, journal_at: JournalAt
+) -> None:
+    """brk21c: a job whose submit reply was lost (its task exists) resumed with a key the
+    service refuses (401: a rotated or mistyped key) was closed as refused; the run after,
+    with the right key, sent it afresh with a NEW key: a second task, paid twice. A 401 to
+    a key sent again proves nothing of the first POST: the job keeps its key."""
+    journal = journal_at("run")
+    emu.faults.inject("submit", Fault.lost_reply())
+    async with (
+        client_for(emu, max_retries=0) as client,
+        client.batch(jobs(1), journal=journal) as results,
+    ):
+        (first,) = [o async for o in results]
+    assert isinstance(first.error, am.APIConnectionError)
+    assert emu.tasks_created == 1  # the task exists; the client does not know its id
+    async with (
+        am.AsyncApimart("sk-wrong-key", base_url=emu.base_url, poll=FAST_POLL) as client,
+        client.batch(jobs(1), journal=journal) as results,
+    ):
+        (refused,) = [o async for o in results]
+    assert isinstance(refused.error, am.AuthenticationError)
+    async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
+        await emu.wait_until(lambda: len(client._poller) == 1)  # submitted, followed
+        emu.advance(10)
+        (again,) = [o async for o in results]
+    assert again.ok
+    assert emu.tasks_created == 1  # before the fix: 2, the first one orphaned and billed
+    assert again.idempotency_key == first.idempotency_key
+
+
 async def test_refused_submits_are_retried_on_resume_with_a_fresh_key(
     emu: Emulator, tmp_path: Path, journal_at: JournalAt
 ) -> None:
