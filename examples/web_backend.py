@@ -163,6 +163,9 @@ class Batches:
         self.outcomes: dict[str, list[str]] = {}
         self.errors: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: The grace of the shutdown once it has begun: a batch still opening its journal
+        #: then (no handle yet to stop) stops itself as soon as it has one.
+        self.stopping: float | None = None
 
     def start(self, name: str, jobs: list[am.VideoRequest]) -> None:
         self.outcomes[name] = []
@@ -186,8 +189,11 @@ class Batches:
                 webhook_url=getattr(self.state, "webhook_url", None),
             ) as results:
                 self.handles[name] = results
-                async for outcome in results:
-                    kept.append(json.dumps(outcome.to_dict()))
+                async with anyio.create_task_group() as tg:
+                    if self.stopping is not None:  # the shutdown began while it opened
+                        tg.start_soon(functools.partial(results.stop, grace=self.stopping))
+                    async for outcome in results:
+                        kept.append(json.dumps(outcome.to_dict()))
         except am.ApimartError as exc:  # the journal cannot be used, the client closed...
             self.errors[name] = error_body(exc)["error"]
             logger.warning("batch %s stopped: %s", name, exc)
@@ -199,10 +205,11 @@ class Batches:
     async def stop(self, grace: float) -> None:
         """Stop every batch (the shutdown step): running tasks are followed for ``grace``
         seconds; what is left is in the journals for the next start."""
+        self.stopping = grace
         async with anyio.create_task_group() as tg:  # side by side: one grace for all
-            for handle in self.handles.values():
+            for handle in list(self.handles.values()):
                 tg.start_soon(functools.partial(handle.stop, grace=grace))
-        for task in self._tasks.values():
+        for task in list(self._tasks.values()):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

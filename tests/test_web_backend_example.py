@@ -342,6 +342,43 @@ async def test_a_webhook_callback_ends_the_wait_with_one_status_read(tmp_path: P
         assert status_reads(emu) == 1
 
 
+async def test_a_shutdown_while_a_batch_opens_its_journal_still_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """brk21c: the shutdown stopped the batches that had a handle; one still opening its
+    journal (a large one, a database that is slow to answer) had none yet, and the shutdown
+    then waited for it to run to its end: the server never stopped."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    from apimart_async._journal import SqliteJournal
+
+    opening, release = anyio.Event(), anyio.Event()
+    real_open = SqliteJournal.open
+
+    async def slow_open(self: SqliteJournal) -> Any:
+        opening.set()
+        await release.wait()
+        return await real_open(self)
+
+    monkeypatch.setattr(SqliteJournal, "open", slow_open)
+    async with (
+        Emulator(mode="manual") as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        batches = web_backend.Batches(client, tmp_path)
+        batches.start("nightly", [am.VideoRequest("sora-2-preview", "a cat")])
+        await opening.wait()
+        with anyio.fail_after(20):  # before the fix: the batch's task waited for ever
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batches.stop, 0.1)
+                await anyio.sleep(0.05)  # the shutdown has begun; the journal opens now
+                release.set()
+        assert not batches.running("nightly")
+
+
 def test_the_status_table() -> None:
     """Each SDK error's HTTP status (the ones the emulator cannot cheaply play end to end)."""
     sys.path.insert(0, str(EXAMPLE.parent))
