@@ -24,6 +24,7 @@ import attrs
 
 from . import _converter as conv
 from . import _retry
+from ._checks import check_path
 from ._config import Timeout
 from ._errors import (
     ApimartError,
@@ -515,6 +516,7 @@ class Api:
             data = bytes(file)
             name = filename or "image"
         elif isinstance(file, (str, os.PathLike)):
+            check_path("file", file)
             path = Path(file)
             try:
                 size = (await anyio.Path(path).stat()).st_size
@@ -564,7 +566,11 @@ class Api:
         if "." not in name:
             name = f"{name}.{ext}"
         # A file name need not be UTF-8 ("caf\udce9.png"): the form sends it as UTF-8.
-        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate no byte stands for ("\ud800.png")
+            raw = name.encode("utf-8", "replace")
+        name = raw.decode("utf-8", "replace")
 
         def form() -> aiohttp.FormData:
             fd = aiohttp.FormData()

@@ -208,14 +208,15 @@ class BatchRun:
         return outcome
 
     async def stop(self, *, grace: float = 0.0) -> None:
-        """Stop submitting now; keep following the tasks already submitted for up to ``grace``
-        seconds, then end the iteration. Unfinished jobs stay in the journal for a resume."""
+        """Stop submitting now; keep following the tasks submitted (or being submitted) for up
+        to ``grace`` seconds, then end the iteration. Unfinished jobs stay for a resume."""
         self._stop(Stop.CALLER)
-        if grace > 0 and self.roster.pending:
+        if grace > 0 and self.roster.in_flight:
             self._notify()
             with anyio.move_on_after(grace):
-                while self.roster.pending:
+                while self.roster.in_flight:
                     await self._changed_wait()
+        self.roster.letting_go = True  # a submit still out: its task is left, not followed
         self._unfollow_all()
         self._maybe_close()
 
@@ -340,9 +341,9 @@ class BatchRun:
         self.roster.running(job, task_id, self._poller.now())
         self._notify()
         self.report.step("submitted", job.index, task_id=task_id)
-        if self._tg is None or self._ledger.fault is not None:  # listed, not followed
-            self.roster.confirmed(job)
-            if self._ledger.fault is not None:
+        if self._tg is None or self._ledger.fault is not None or self.roster.letting_go:
+            self.roster.confirmed(job)  # listed, not followed
+            if self._ledger.fault is not None or self.roster.letting_go:
                 self._unfollow_all()
                 self._maybe_close()
             return

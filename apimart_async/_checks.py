@@ -15,16 +15,18 @@ import os
 import sys
 from typing import cast
 
-from ._errors import FieldError, OptionError
+from ._errors import FieldError, OptionError, ValidationError
 
 __all__ = [
     "check_int",
     "check_non_negative_number",
     "check_non_negative_seconds",
+    "check_path",
     "check_positive_int",
     "check_positive_number",
     "check_seconds",
-    "has_nul",
+    "path_rule",
+    "shown_path",
 ]
 
 
@@ -97,12 +99,39 @@ def check_non_negative_seconds(name: str, value: object) -> None:
         check_non_negative_number(name, value, unit="seconds", finite=False)
 
 
-def has_nul(path: object) -> bool:
-    """Whether a path (str, bytes or os.PathLike) holds a NUL character, which no file system
-    takes (``open`` would raise a raw ``ValueError``)."""
+#: ``path_rule``'s rules, and the value a ``FieldError`` shows for a path that breaks one.
+NUL_RULE = "must not contain a NUL character"
+SURROGATE_RULE = (
+    "must be a path a file system can hold (it holds a lone surrogate, as JSON's \\ud800)"
+)
+
+
+def path_rule(path: object) -> str | None:
+    """The rule a path (str, bytes or os.PathLike) breaks on every file system, or None: a NUL
+    character (``open`` would raise a raw ``ValueError``), or a lone surrogate that no file
+    name holds (a raw ``UnicodeEncodeError``)."""
     if not isinstance(path, (str, bytes, os.PathLike)):
-        return False
+        return None
     text: str | bytes = os.fspath(cast("str | bytes | os.PathLike[str] | os.PathLike[bytes]", path))
-    if isinstance(text, str):
-        return "\x00" in text
-    return b"\x00" in text
+    if isinstance(text, bytes):
+        return NUL_RULE if b"\x00" in text else None
+    if "\x00" in text:
+        return NUL_RULE
+    try:
+        os.fsencode(text)  # the file system's encoding, as open() uses it
+    except UnicodeEncodeError:
+        return SURROGATE_RULE
+    return None
+
+
+def shown_path(path: object) -> str:
+    """A path that breaks ``path_rule`` as an error shows it (a NUL cut out of the middle)."""
+    text = os.fspath(cast("str | os.PathLike[str]", path))
+    return "...\\x00..." if "\x00" in str(text) else ascii(text)
+
+
+def check_path(name: str, path: object) -> None:
+    """``ValidationError`` naming ``name`` for a path that breaks ``path_rule``."""
+    rule = path_rule(path)
+    if rule is not None:
+        raise ValidationError([FieldError(name, rule, shown_path(path))])

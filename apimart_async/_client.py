@@ -23,7 +23,13 @@ import anyio
 import anyio.lowlevel
 
 from ._api import Api, BatchRoute, check_task_id, new_idempotency_key
-from ._checks import check_int, check_positive_int, check_positive_number, check_seconds
+from ._checks import (
+    check_int,
+    check_path,
+    check_positive_int,
+    check_positive_number,
+    check_seconds,
+)
 from ._client_journal import ClientJournal, UnfinishedTask, notify_submitted
 from ._config import DEFAULT_TIMEOUT, LANGUAGES, Timeout, check_base_url, resolve_api_key
 from ._download import Downloader
@@ -110,7 +116,8 @@ class AsyncApimart:
         trust_env: without ``proxy``, follow ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
             (read when the client opens), as requests and httpx do; False ignores them.
         wait_unreachable: seconds without a single status read getting through (connection
-            errors, timeouts, 5xx; counted from the first failed read with no success since)
+            errors, timeouts, 5xx; counted from the first failed read with no success since,
+            or from a read still unanswered)
             after which every wait (``generate``, ``tasks.wait``, ``tasks.watch``, batch jobs)
             ends with ``APIConnectionError``, logged at WARNING; the tasks may still be
             running at the service. Default 300; None waits for ever.
@@ -118,8 +125,9 @@ class AsyncApimart:
             this client: ``videos.submit``, ``videos.generate`` and the submits of its batches
             (whether or not a batch has a journal of its own). The idempotency key is
             committed before each POST and the task id right after its reply; the end of a
-            task is recorded when a wait through this client sees it. After a restart,
-            ``tasks.unfinished()`` lists the tasks whose end nobody saw, ``tasks.wait(id)``
+            task is recorded when a wait or a status read (``tasks.get``, ``get_many``)
+            through this client sees it. After a restart, ``tasks.unfinished()`` lists the
+            tasks whose end nobody saw, ``tasks.wait(id)``
             answers from the journal when the end is known, and ``tasks.recover(item)``
             settles a submit whose reply was lost. Opened with the client (one client per
             file at a time: another gets ``JournalLockedError``); the file may be a batch's
@@ -500,6 +508,7 @@ class AsyncApimart:
         file path. Streams to ``.part``, resumes with Range, checks the length, computes the
         sha256, renames when complete. An expired task URL is renewed once by a status request.
         """
+        check_path("dest", dest)
         target = Path(dest)
         if isinstance(item, Task):
             if not item.ok:
@@ -746,15 +755,27 @@ class Tasks:
         return self._callbacks.as_dict()
 
     async def get(self, task_id: str) -> Task:
-        """``GET /v1/tasks/{task_id}``. Raises ``NotFoundError`` for an unknown or expired task."""
-        return await self._api.get_task(task_id)
+        """``GET /v1/tasks/{task_id}``. Raises ``NotFoundError`` for an unknown or expired task.
+        With a client journal, an end read here is recorded as a wait's is: the task leaves
+        ``unfinished()`` (its caller saw the end)."""
+        return self._saw(await self._api.get_task(task_id))
 
     async def get_many(self, task_ids: Iterable[str]) -> list[Task]:
         """The status of many tasks, in the order asked; tasks the service does not know are
         left out. Uses ``POST /v1/tasks/batch`` (100 ids a request) while that route works,
         per-task GETs for ids it leaves out and while it refuses or keeps failing. Raises the
-        first error of a read that failed otherwise (after its retries)."""
-        return await self._api.get_many(task_ids)
+        first error of a read that failed otherwise (after its retries). With a client
+        journal, the ends read are recorded, as ``get`` does."""
+        tasks = await self._api.get_many(task_ids)
+        for task in tasks:
+            self._saw(task)
+        return tasks
+
+    def _saw(self, task: Task) -> Task:
+        """``task`` as read; its end, if it has ended, noted in the client journal."""
+        if self._journal is not None and task.status.is_terminal:
+            self._journal.saw_end(task.id, task)
+        return task
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
         """Wait for a task submitted earlier (here, in another process, in an earlier run)
@@ -786,9 +807,10 @@ class Tasks:
 
     async def unfinished(self) -> list[UnfinishedTask]:
         """The submits made through this client (any run of it with the same journal) whose
-        task's end no wait saw, oldest first: running tasks, tasks that ended while nobody
-        waited, and submits whose reply was never read (``task_id`` None: settle them with
-        ``recover``). Needs ``AsyncApimart(journal=...)``; ``ConfigurationError`` without."""
+        task's end no wait or status read saw, oldest first: running tasks, tasks that ended
+        while nobody waited, and submits whose reply was never read (``task_id`` None: settle
+        them with ``recover``). Needs ``AsyncApimart(journal=...)``; ``ConfigurationError``
+        without."""
         journal = self._need_journal("tasks.unfinished()")
         return await journal.unfinished()
 
@@ -798,8 +820,9 @@ class Tasks:
         key: the service answers with the task the first POST created, or creates it now if
         none arrived (one task either way; the service keeps keys for a limited time, so
         recover soon). The id is recorded; ``tasks.wait(id)`` then follows it. Raises the
-        submit's error if it fails (a refusal that proves no task exists takes the item out
-        of ``unfinished()``)."""
+        submit's error if it fails; the item stays in ``unfinished()`` whatever the error
+        (the service out of reach, a key it refuses now: nothing of the first POST is
+        proved), so a later ``recover`` can try again."""
         journal = self._need_journal("tasks.recover()")
         if not isinstance(item, UnfinishedTask):
             raise ValidationError(

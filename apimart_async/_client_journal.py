@@ -10,7 +10,8 @@ web app). The logic below is the same for both; a ``SubmitStore`` only reads and
                 POST: the POST may or may not have created a task
     pending     the reply gave the task id, recorded right after it (shielded from cancellation)
     refused     the service refused the submit in a way that proves no task exists
-    done        a wait through this client saw the task's end (its status and the task)
+    done        a wait (or a status read) through this client saw the task's end (its
+                status and the task)
 
 ``client.tasks.unfinished()`` lists the ``submitting`` and ``pending`` rows (``UnfinishedTask``):
 the billed tasks whose end nobody saw, across restarts. A ``submitting`` row has no task id
@@ -45,16 +46,14 @@ from typing import Any, Protocol, cast
 import anyio
 import attrs
 
-from ._checks import has_nul
+from ._checks import check_path
 from ._converter import structure_task, task_to_wire
 from ._errors import (
     ApimartError,
     ConfigurationError,
-    FieldError,
     JournalError,
     NotFoundError,
     NoVideoError,
-    ValidationError,
 )
 from ._jobs import definitive
 from ._journal import SqliteJournal
@@ -126,8 +125,8 @@ class SubmitStore(Protocol):
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
-        """A ``submitting`` row for ``key``; nothing if the key has one already."""
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> bool:
+        """A ``submitting`` row for ``key``; nothing if the key has one already (False)."""
         ...
 
     async def set_task(self, key: str, task_id: str, at: float) -> None: ...
@@ -202,13 +201,19 @@ class SqliteSubmits:
         value: str | None = None if row is None else row[0]  # checked by the caller's parse
         return value
 
-    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
-        await self._write(
-            "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
-            " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
-            " ON CONFLICT (idempotency_key) DO NOTHING",
-            (key, fingerprint, model, body, at, at),
-        )
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "INSERT INTO submits (idempotency_key, fingerprint, model, body, state,"
+                    " submitted_at, updated_at) VALUES (?, ?, ?, ?, 'submitting', ?, ?)"
+                    " ON CONFLICT (idempotency_key) DO NOTHING",
+                    (key, fingerprint, model, body, at, at),
+                ).rowcount
+                == 1
+            )
+
+        return await self.journal.call("write", write)
 
     async def set_task(self, key: str, task_id: str, at: float) -> None:
         await self._write(
@@ -266,6 +271,9 @@ class ClientJournal:
         self._ends: dict[str, tuple[str, dict[str, Any] | None, str | None]] = {}
         self._wake: anyio.Event = anyio.Event()
         self._flushing: anyio.Lock = anyio.Lock()
+        #: Keys sent again (``recover``, a resumed batch, a caller's own key): recorded before
+        #: this submit, whose failure proves nothing of the first POST (brk21c).
+        self._resent: set[str] = set()
         self.is_open: bool = False
         self.on_relay: Callable[[str], object] | None = None
         """Given each task id another replica's callback named (a shared store only)."""
@@ -293,10 +301,7 @@ class ClientJournal:
             return cls(PgSubmits(PostgresJournal(journal, name=PgSubmits.DEFAULT_CLIENT)))
         if isinstance(journal, (str, os.PathLike)):
             path = os.fspath(cast("str | os.PathLike[str]", journal))
-            if has_nul(path):
-                raise ValidationError(
-                    [FieldError("journal", "must not contain a NUL character", "...\\x00...")]
-                )
+            check_path("journal", path)  # a NUL, a lone surrogate: no file system takes one
             return cls(SqliteSubmits(SqliteJournal(path)))
         if isinstance(journal, SqliteJournal):
             return cls(SqliteSubmits(journal))
@@ -361,10 +366,12 @@ class ClientJournal:
         """Record ``key`` (state ``submitting``) before the POST; ``JournalError`` if not."""
         body = json.dumps(request.to_body(), sort_keys=True)
         # a key already recorded (``recover`` sends it again) keeps its row
-        await self.store.add(key, request.fingerprint(), request.model, body, self._wall())
+        if not await self.store.add(key, request.fingerprint(), request.model, body, self._wall()):
+            self._resent.add(key)
 
     async def submitted(self, key: str, task_id: str) -> None:
         """Record the task id (state ``pending``); a failure is logged with the id."""
+        self._resent.discard(key)
         try:
             await self.store.set_task(key, task_id, self._wall())
         except JournalError as exc:
@@ -377,8 +384,13 @@ class ClientJournal:
             )
 
     async def submit_failed(self, key: str, exc: ApimartError) -> None:
-        """A refusal that proves no task exists closes the key (state ``refused``)."""
-        if not (definitive(exc) or exc.submit_not_taken):
+        """A refusal that proves no task exists closes the key (state ``refused``). For a key
+        sent again, only a refusal of the request itself does: an earlier POST with it may
+        have made a task, whatever this one met (the service out of reach, a key it refuses
+        now)."""
+        resent = key in self._resent
+        self._resent.discard(key)
+        if not (definitive(exc, resent=resent) or (exc.submit_not_taken and not resent)):
             return  # the POST may have created a task: the key stays listed
         try:
             await self.store.set_refused(key, str(exc), self._wall())

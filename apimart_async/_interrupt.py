@@ -8,6 +8,8 @@ main task. Anywhere else (a worker thread, a web server such as uvicorn with han
 own) ``sigint_grace`` is a no-op that says so once, as an ``ApimartWarning`` and a WARNING log
 line; a server stops a batch from its own shutdown hook with ``await results.stop(grace=...)``.
 Whatever is installed is removed when the batch ends, and the previous handler put back.
+Batches side by side share the SDK's handler (each gets every Ctrl-C); the last to end puts
+the previous handler back.
 """
 
 from __future__ import annotations
@@ -64,12 +66,22 @@ def refuse(reason: str, *, stacklevel: int = 2) -> None:
     logger.warning("%s", reason)
 
 
+#: The batches whose Ctrl-C callback is in force (side by side, they share the SDK's one
+#: handler), and the handler found before the first of them.
+_active: list[SigintHandler] = []
+_found: list[Any] = []
+
+
+def _on_sigint() -> None:
+    for handler in list(_active):
+        handler._callback()
+
+
 class SigintHandler:
     """Calls ``callback`` on each Ctrl-C while installed (instead of KeyboardInterrupt)."""
 
     def __init__(self, callback: Callable[[], None]) -> None:
         self._callback = callback
-        self._previous: Any = None
         self.installed = False
         #: Set by the sync facade, which installs its own handler on the main thread and
         #: forwards Ctrl-C to the batch: the batch then installs nothing.
@@ -80,17 +92,24 @@ class SigintHandler:
         else warn once and do nothing."""
         if self.forwarded or self.installed:
             return
+        if _active and threading.current_thread() is threading.main_thread():
+            # another batch of this program (its loop: one runs on a thread) has the SDK's
+            # handler in force: share it
+            _active.append(self)
+            self.installed = True
+            return
         reason = sigint_is_ours_to_take()
         if reason is not None:
             refuse(reason, stacklevel=4)
             return
         previous = signal.getsignal(signal.SIGINT)
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._callback)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, _on_sigint)
         except (NotImplementedError, RuntimeError, ValueError) as exc:  # platform / loop
             refuse(f"sigint_grace is ignored: this event loop cannot handle signals ({exc})")
             return
-        self._previous = previous
+        _found[:] = [previous]
+        _active.append(self)
         self.installed = True
 
     def remove(self) -> None:
@@ -98,7 +117,10 @@ class SigintHandler:
         if not self.installed:
             return
         self.installed = False
-        previous, self._previous = self._previous, None
+        _active.remove(self)
+        if _active:  # another batch still runs: the handler stays for it
+            return
+        previous = _found.pop()
         try:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
         except RuntimeError:  # no running loop (torn down): the signal module still works

@@ -99,6 +99,8 @@ class Job:
     journaled: bool = False
     #: Recorded in an earlier run and sent afresh (new key, maybe a new request).
     restart: bool = False
+    #: Sent again with the key an earlier run recorded (its POST may have made the task).
+    resent: bool = False
     #: issue 15: its request carries the batch's ``webhook_url`` (polled as a fallback only)
     webhook: bool = False
 
@@ -153,12 +155,17 @@ class Counts:
 Ended = Literal["completed", "failed", "errored"]
 
 
-def definitive(exc: ApimartError) -> bool:
+def definitive(exc: ApimartError, *, resent: bool = False) -> bool:
     """A submit error after which the task surely does not exist (the job can be closed);
-    otherwise the POST may have created it and a resume retries with the same key."""
+    otherwise the POST may have created it and a resume retries with the same key. For a
+    key sent again (``resent``), only a refusal of the request itself (400, 413, 422)
+    proves it: a 401, 402 or 403 says nothing of the first POST, which may have made the
+    task (brk21c: closed, the job was sent afresh with a new key and paid twice)."""
     if isinstance(exc, ValidationError):
         return True
     if isinstance(exc, APIStatusError):
+        if resent:
+            return exc.status in (400, 413, 422)
         return 400 <= exc.status < 500 and exc.status not in (408, 409, 429)
     return False
 
@@ -304,7 +311,14 @@ def resume_plan(
             outcome=outcome_of(record.index, request, error=mismatch, name=name),
             carried=(record.cost or 0.0) if record.state in ("done", "downloading") else 0.0,
         )
-    job = Job(record.index, request, record.idempotency_key, name or record.name, journaled=True)
+    job = Job(
+        record.index,
+        request,
+        record.idempotency_key,
+        name or record.name,
+        journaled=True,
+        resent=True,
+    )
     if record.state == "submitting":
         return ResumePlan("resubmit", job)
     if record.state == "pending" and record.task_id:
@@ -459,7 +473,13 @@ class Take:
         assert self.request is not None
         if self.key is not None:
             return Job(
-                self.index, self.request, self.key, self.name, journaled=True, webhook=self.webhook
+                self.index,
+                self.request,
+                self.key,
+                self.name,
+                journaled=True,
+                resent=True,
+                webhook=self.webhook,
             )
         afresh = self.plan is not None and self.plan.action == "afresh"
         return Job(

@@ -361,7 +361,10 @@ def hide_userinfo(value: Any) -> Any:
 
 def url_rule(value: Any) -> str | None:
     """The rule ``value`` breaks as an http(s) URL (as ``VideoRequest.webhook``), or None."""
-    return _url_error(value)
+    rule = _url_error(value)
+    if rule is None and isinstance(value, str) and not is_unicode_text(value):
+        return NOT_UNICODE  # a lone surrogate: no URL (or UTF-8 body) can carry it
+    return rule
 
 
 def _url_error(
@@ -494,7 +497,7 @@ def check_request(req: VideoRequest) -> tuple[list[FieldError], list[str]]:
     if req.seed is not None and not _is_int(req.seed):
         errors.append(FieldError("seed", "must be an integer", req.seed))
     if req.webhook is not None:
-        rule = _url_error(req.webhook)
+        rule = url_rule(req.webhook)
         if rule is not None:
             errors.append(FieldError("webhook", rule, hide_userinfo(req.webhook)))
     _check_extra(errors, req)

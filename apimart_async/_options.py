@@ -23,7 +23,8 @@ from ._checks import (
     check_positive_int,
     check_positive_number,
     check_seconds,
-    has_nul,
+    path_rule,
+    shown_path,
 )
 from ._download import RateFloor
 from ._errors import FieldError, ValidationError
@@ -127,8 +128,11 @@ class BatchOptions:
             "journal": [self.journal] if isinstance(self.journal, (str, os.PathLike)) else [],
         }
         for name, values in paths.items():
-            if any(has_nul(v) for v in values):  # no file system takes one
-                bad.append(FieldError(name, "must not contain a NUL character", "...\\x00..."))
+            for value in values:  # a NUL, a lone surrogate: no file system takes one
+                rule = path_rule(value)
+                if rule is not None:
+                    bad.append(FieldError(name, rule, shown_path(value)))
+                    break
         journal = self.journal
         if not (
             journal is None

@@ -157,18 +157,19 @@ class PgSubmits:
 
         await self._call("write", run)
 
-    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> None:
-        await self._execute(
+    async def add(self, key: str, fingerprint: str, model: str, body: str, at: float) -> bool:
+        sql = (
             f"INSERT INTO {self._q}.submits (client, idempotency_key, fingerprint, model, body,"
             " state, submitted_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'submitting', $6, $6)"
-            " ON CONFLICT (client, idempotency_key) DO NOTHING",
-            self.client,
-            key,
-            fingerprint,
-            model,
-            body,
-            at,
+            " ON CONFLICT (client, idempotency_key) DO NOTHING"
         )
+
+        async def run(conn: Any) -> bool:
+            status = await conn.execute(sql, self.client, key, fingerprint, model, body, at)
+            return str(status).endswith(" 1")  # "INSERT 0 1": a new row; "INSERT 0 0": not
+
+        inserted: bool = await self._call("write", run)
+        return inserted
 
     async def set_task(self, key: str, task_id: str, at: float) -> None:
         await self._execute(

@@ -214,6 +214,9 @@ class Poller:
         #: with APIConnectionError (None: never).
         self.unreachable: float | None = unreachable
         self._failing_since: float | None = None
+        #: When (``anyio.current_time``) the oldest status read still out without an answer left
+        #: (brk21c: a service that hangs answers nothing for minutes): failing from then.
+        self._asking_since: float | None = None
         self._last_failure: ApimartError | None = None
         self._warned_since: float | None = None  # the outage already warned about
         #: Called with every watch's end before its waiters are (the client's journal
@@ -273,6 +276,7 @@ class Poller:
         now = self._clock()
         if not self._watchers:  # idle until now: no evidence of an outage in the meantime
             self._failing_since = self._warned_since = None
+            self._asking_since = None if self._asking_since is None else anyio.current_time()
         entry = self._watchers.get(task_id)
         if entry is None:
             entry = self._watchers[task_id] = _Watchers()
@@ -351,14 +355,16 @@ class Poller:
         """Poll until cancelled (the client's task group owns this)."""
         self._reading = reads = _ReadTasks()  # issue 22: per-task reads in flight
         try:
-            while True:
-                try:
-                    await self._round()
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except Exception:
-                    logger.exception("status poller round failed; continuing")
-                    await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_keep_time, self)  # brk21c: deadlines hold while a read is out
+                while True:
+                    try:
+                        await self._round()
+                    except anyio.get_cancelled_exc_class():
+                        raise
+                    except Exception:
+                        logger.exception("status poller round failed; continuing")
+                        await anyio.sleep(self.schedule.policy.min_interval / self.time_scale)
         finally:
             self._reading = None
             await reads.aclose()
@@ -404,6 +410,7 @@ class Poller:
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
         token = request_tally.set(_tallies(self._watchers, ids))
+        self._asking_since = self._asking_since or anyio.current_time()
         try:
             results = await self._fetch(ids)
         except ClientClosedError:
@@ -417,6 +424,7 @@ class Poller:
             return
         finally:
             request_tally.reset(token)
+            self._asking_since = None
         now = self._clock()
         try:  # hundreds of waits may end in one round: in slices, the event loop runs between
             taken = 0
@@ -463,6 +471,7 @@ class Poller:
         trouble = self._trouble()
         result: Task | ApimartError
         request_tally.set(_tallies(self._watchers, [task_id]))  # this task's own context
+        self._asking_since = self._asking_since or anyio.current_time()
         try:
             result = await self._read(task_id)
         except ApimartError as exc:
@@ -470,6 +479,7 @@ class Poller:
         except Exception:  # a bug, never a reason to strand the id: read it again later
             logger.exception("status read of task %s failed; reading it again later", task_id)
             result = APIConnectionError(f"status read of task {task_id} failed")
+        self._asking_since = None
         now = self._clock()
         try:
             congested = self._trouble() != trouble or (
@@ -505,7 +515,7 @@ class Poller:
             try:
                 verdict = self._report_one(task_id, result, now, wall)
             except Exception as exc:  # noqa: BLE001 - a bug met for this task: its problem alone
-                self._unhandled(task_id, exc, now)
+                _unhandled(self, task_id, exc, now)
                 continue
             if verdict == "closed":
                 return len(ids)
@@ -555,19 +565,6 @@ class Poller:
             return "retry"
         return "done"
 
-    def _unhandled(self, task_id: str, exc: Exception, now: float) -> None:
-        """Handling the status of ``task_id`` raised (a bug, or a reply no rule foresaw): it is
-        read again, and after ``hard_error_tries`` such reads its wait ends with a typed error;
-        the other tasks of the round go on."""
-        what = f"cannot handle the status of task {task_id}: {type(exc).__name__}: {exc}"
-        logger.error("%s; reading it again later", what, exc_info=exc)
-        try:
-            if self.schedule.on_hard_error(task_id, now):
-                self._finish(task_id, ResponseValidationError(what))
-        except Exception:  # the schedule itself is broken for this id: stop following it
-            logger.exception("giving up on task %s", task_id)
-            self._finish(task_id, ResponseValidationError(what))
-
     def _note_reachability(self, result: Task | ApimartError | None, now: float) -> None:
         """A read that got an answer from the service (a task, a 4xx, a 429...) restarts the
         count; one that did not (connection error, timeout, 5xx, garbage) starts it."""
@@ -592,10 +589,13 @@ class Poller:
     def _give_up_if_unreachable(self, now: float) -> None:
         """One WARNING once reads have failed for a while (30 s, or half the limit), then
         at the limit: every wait ends with APIConnectionError, said at WARNING too."""
-        since, limit = self._failing_since, self.unreachable
+        limit, since, last = self.unreachable, self._failing_since, self._last_failure
+        asking = self._asking_since  # real time: a clock a test moves on is no outage
+        asked = None if asking is None else now - (anyio.current_time() - asking) * self.time_scale
+        if asked is not None and (since is None or asked < since):  # a read unanswered
+            since, last = asked, None
         if since is None or not self._watchers:
             return
-        last = self._last_failure
         error = f"{type(last).__name__}: {last}" if last is not None else "no answer"
         warn_after = _WARN_AFTER if limit is None else min(_WARN_AFTER, limit / 2)
         if self._warned_since != since and now - since >= warn_after:
@@ -613,6 +613,7 @@ class Poller:
         if limit is None or now - since < limit:
             return
         self._failing_since = None  # a later wait gets its own ``unreachable`` seconds
+        self._asking_since = None if asking is None else anyio.current_time()
         self._warned_since = None
         reason = (
             f"the API has been unreachable for {round(now - since, 1):g}s"
@@ -664,3 +665,32 @@ class Poller:
         for task_id in list(self._watchers):
             self._finish(task_id, ClientClosedError(f"{reason} while waiting for task {task_id}"))
         self._wake.set()
+
+
+def _unhandled(poller: Poller, task_id: str, exc: Exception, now: float) -> None:
+    """Handling the status of ``task_id`` raised (a bug, or a reply no rule foresaw): it is
+    read again, and after ``hard_error_tries`` such reads its wait ends with a typed error;
+    the other tasks of the round go on."""
+    what = f"cannot handle the status of task {task_id}: {type(exc).__name__}: {exc}"
+    logger.error("%s; reading it again later", what, exc_info=exc)
+    try:
+        if poller.schedule.on_hard_error(task_id, now):
+            poller._finish(task_id, ResponseValidationError(what))
+    except Exception:  # the schedule itself is broken for this id: stop following it
+        logger.exception("giving up on task %s", task_id)
+        poller._finish(task_id, ResponseValidationError(what))
+
+
+async def _keep_time(poller: Poller) -> None:
+    """Beside the poller's rounds (brk21c): the waits' deadlines and ``unreachable`` end waits
+    on time even while a round's read is out, which a service that accepts connections and
+    never answers holds for minutes (attempt timeouts times retries). At each deadline, and
+    at least every quarter of a second."""
+    while True:
+        now = poller.now()
+        poller._give_up_if_unreachable(now)
+        for task_id, waiter in poller._expired(now):
+            poller._call(task_id, waiter, TaskTimeoutError(task_id, waiter.timeout or 0.0))
+        deadline = poller._next_deadline()
+        wait = 0.25 if deadline is None else (deadline - now) / poller.time_scale
+        await anyio.sleep(min(0.25, max(0.001, wait)))

@@ -40,6 +40,9 @@ class Roster:
         #: Tasks timed out or no longer followed here (a stop, Ctrl-C, a failed journal), still
         #: running (and billed) at the service.
         self.abandoned: list[str] = []
+        #: After a stop's grace: a task whose submit comes back now is left running, not
+        #: followed (brk21c: one in flight at the stop kept the batch going for ever).
+        self.letting_go = False
         #: The client's request counts when the batch started (``stats`` shows the batch's).
         self.baseline: dict[str, int] = {}
 

@@ -711,14 +711,17 @@ async def _web_sigkill(folder: Path, n: int) -> dict[str, Any]:
         at_kill = (await admin(emu["base_url"], "/_emulator/stats"))["tasks_created"]
         # the restart settles submits whose reply the kill cut off (``tasks.recover``: the same
         # key again; a POST that never reached the service creates its task only now)
-        async with (
-            web_app(emu, folder) as (url, _),
-            aiohttp.ClientSession() as http,
-            http.get(url + "/videos/unfinished") as r,
-        ):
-            found = await r.json()
+        listed: list[dict[str, Any]] = []
+        async with web_app(emu, folder) as (url, _), aiohttp.ClientSession() as http:
+            while True:  # the list comes in pages of at most 1,000
+                page = f"/videos/unfinished?offset={len(listed)}&limit=1000"
+                async with http.get(url + page) as r:
+                    found = await r.json()
+                listed += found["tasks"]
+                if not found["tasks"] or len(listed) >= found["count"]:
+                    break
         created = (await admin(emu["base_url"], "/_emulator/stats"))["tasks_created"]
-    with_id = sum(1 for t in found["tasks"] if t.get("task_id"))
+    with_id = sum(1 for t in listed if t.get("task_id"))
     return {
         "requests": n,
         "tasks_created": created,

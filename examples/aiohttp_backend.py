@@ -56,6 +56,8 @@ async def _video_request(request: web.Request) -> am.VideoRequest | web.Response
         return web.json_response({"error": str(exc)}, status=422)
     except RecursionError:  # JSON nested too deep to parse
         return web.json_response({"error": "request: is nested too deep"}, status=422)
+    except ConnectionResetError:  # the caller went away while sending it: nobody reads this
+        return web.json_response({"error": "the client went away"}, status=400)
 
 
 async def create_video(request: web.Request) -> web.Response:
@@ -127,10 +129,17 @@ def error_response(exc: am.ApimartError) -> web.Response:
     return web.json_response({"error": str(exc)}, status=http_status(exc), headers=headers)
 
 
+def runner_for(app: web.Application) -> web.AppRunner:
+    """How the example serves ``app``: with handler cancellation (aiohttp's default lets a
+    handler run on after its client went away: an abandoned ``/videos/generate`` would keep
+    waiting, and the shared poller reading its task, until the task ends)."""
+    return web.AppRunner(app, handler_cancellation=True)
+
+
 async def main_emulated(port: int, journal: str | None) -> None:
     async with Emulator() as emu:
         app = create_app(api_key=emu.api_key, base_url=emu.base_url, journal=journal)
-        runner = web.AppRunner(app)
+        runner = runner_for(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         print(f"backend on http://127.0.0.1:{port} (emulator at {emu.base_url}); Ctrl-C to stop")
@@ -154,4 +163,4 @@ if __name__ == "__main__":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(main_emulated(ns.port, ns.journal))
     else:
-        web.run_app(create_app(journal=ns.journal), port=ns.port)
+        web.run_app(create_app(journal=ns.journal), port=ns.port, handler_cancellation=True)

@@ -2,6 +2,7 @@
 
     POST /videos                  {"model": ..., "prompt": ...}  -> 202 {"task_id": ...}
     GET  /videos/unfinished       the billed tasks whose end nobody saw, across restarts
+                                  (``?offset=&limit=``: a page, 100 by default)
     GET  /videos/{task_id}        the task, as ``Task.to_dict()``
     GET  /videos/{task_id}/wait   wait for it (``?timeout=`` seconds) -> the task
     POST /videos/generate         submit and wait inside the request (``?timeout=``)
@@ -78,6 +79,7 @@ import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import apimart_async as am
@@ -161,6 +163,9 @@ class Batches:
         self.outcomes: dict[str, list[str]] = {}
         self.errors: dict[str, dict[str, Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: The grace of the shutdown once it has begun: a batch still opening its journal
+        #: then (no handle yet to stop) stops itself as soon as it has one.
+        self.stopping: float | None = None
 
     def start(self, name: str, jobs: list[am.VideoRequest]) -> None:
         self.outcomes[name] = []
@@ -184,8 +189,11 @@ class Batches:
                 webhook_url=getattr(self.state, "webhook_url", None),
             ) as results:
                 self.handles[name] = results
-                async for outcome in results:
-                    kept.append(json.dumps(outcome.to_dict()))
+                async with anyio.create_task_group() as tg:
+                    if self.stopping is not None:  # the shutdown began while it opened
+                        tg.start_soon(functools.partial(results.stop, grace=self.stopping))
+                    async for outcome in results:
+                        kept.append(json.dumps(outcome.to_dict()))
         except am.ApimartError as exc:  # the journal cannot be used, the client closed...
             self.errors[name] = error_body(exc)["error"]
             logger.warning("batch %s stopped: %s", name, exc)
@@ -197,10 +205,11 @@ class Batches:
     async def stop(self, grace: float) -> None:
         """Stop every batch (the shutdown step): running tasks are followed for ``grace``
         seconds; what is left is in the journals for the next start."""
+        self.stopping = grace
         async with anyio.create_task_group() as tg:  # side by side: one grace for all
-            for handle in self.handles.values():
+            for handle in list(self.handles.values()):
                 tg.start_soon(functools.partial(handle.stop, grace=grace))
-        for task in self._tasks.values():
+        for task in list(self._tasks.values()):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -335,6 +344,7 @@ def create_app(
     app = FastAPI(title="apimart-async web backend", lifespan=lifespan)
     app.state.webhook_url = webhook_url
     app.add_exception_handler(am.ApimartError, on_sdk_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
     return app
@@ -356,15 +366,27 @@ def check_webhook_url(url: str | None) -> str | None:
     raise am.ValidationError([am.FieldError("webhook_url", rule, url)])
 
 
+#: Lost submits settled at once on startup: a backlog of them (a crash under load) is sent
+#: side by side, not one round trip after another, and without a burst the service refuses.
+RECOVER_CONCURRENCY = 8
+
+
 async def settle_lost_replies(client: am.AsyncApimart) -> None:
     """After a crash: the submits whose reply never arrived get their task id (sent again with
-    the same idempotency key, the service answers with the task the first POST created)."""
-    for item in await client.tasks.unfinished():
-        if item.task_id is None:
+    the same idempotency key, the service answers with the task the first POST created), up
+    to ``RECOVER_CONCURRENCY`` at a time."""
+    lost = iter([item for item in await client.tasks.unfinished() if item.task_id is None])
+
+    async def recover() -> None:  # each worker takes the next lost submit (no task for each)
+        for item in lost:
             try:
                 logger.info("recovered task %s", await client.tasks.recover(item))
             except am.ApimartError as exc:
                 logger.warning("could not recover a submit of an earlier run: %s", exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(RECOVER_CONCURRENCY):
+            tg.start_soon(recover)
 
 
 def get_client(request: Request) -> am.AsyncApimart:
@@ -373,9 +395,20 @@ def get_client(request: Request) -> am.AsyncApimart:
     return client
 
 
+class ClientGone(Exception):
+    """The HTTP client went away before its request body arrived."""
+
+
+async def on_client_gone(request: Request, exc: Exception) -> JSONResponse:
+    return _not_waiting("disconnected", None)  # nobody reads it; no traceback in the log
+
+
 async def json_body(request: Request) -> Any:
     """The request's body as JSON, whatever its Content-Type says (422 naming it if not)."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the caller went away while sending it: not a server error
+        raise ClientGone from None
     try:  # a large body is parsed on a worker thread: the event loop serves everyone else
         return (
             json.loads(raw) if len(raw) < 65536 else await anyio.to_thread.run_sync(json.loads, raw)
@@ -388,6 +421,8 @@ async def json_body(request: Request) -> Any:
 Client = Annotated[am.AsyncApimart, Depends(get_client)]
 JsonBody = Annotated[Any, Depends(json_body)]
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait at most")]
+Offset = Annotated[int, Query(ge=0)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
 async def while_connected(request: Request, work: Callable[[], Awaitable[T]]) -> T | str:
@@ -444,9 +479,12 @@ def _add_routes(app: FastAPI) -> None:
         return {"ok": True, "followed": followed}
 
     @app.get("/videos/unfinished")
-    async def unfinished(client: Client) -> dict[str, Any]:
+    async def unfinished(client: Client, offset: Offset = 0, limit: Limit = 100) -> dict[str, Any]:
+        # a page: after a long outage the list is thousands long (20,000 as one answer: 3 MB
+        # built and encoded on the event loop, every other request held meanwhile)
         items = await client.tasks.unfinished()
-        return {"count": len(items), "tasks": [item.to_dict() for item in items]}
+        page = [item.to_dict() for item in items[offset : offset + limit]]
+        return {"count": len(items), "offset": offset, "tasks": page}
 
     @app.get("/videos/{task_id}")
     async def status(client: Client, task_id: str) -> dict[str, Any]:
@@ -503,7 +541,7 @@ def _add_routes(app: FastAPI) -> None:
     async def batch_status(
         request: Request,
         name: str,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Offset = 0,
         limit: Annotated[int, Query(ge=0, le=1000)] = 100,
     ) -> dict[str, Any] | JSONResponse:
         batches: Batches = request.app.state.batches

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from apimart_async.emulator import Emulator, Fault
@@ -102,3 +104,65 @@ async def test_generate_and_unfinished_with_a_journal(tmp_path: Path) -> None:
             emu.complete_all()
             done = await (await generating).json()
             assert done["status"] == "completed" and done["id"] != task_id
+
+
+async def test_a_client_gone_while_sending_its_body_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """brk21c: a caller that went away before its body arrived made ``request.json()`` raise
+    ``ConnectionResetError`` out of the handler: "Error handling request" and a traceback at
+    ERROR for each."""
+    async with Emulator(frozen_clock=True) as emu:
+        app = create_app(api_key=emu.api_key, base_url=emu.base_url)
+        runner = web.AppRunner(app)  # as the example serves it (TestServer logs nothing)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = runner.addresses[0][:2]
+            for path in ("/videos", "/videos/generate"):
+                _, writer = await asyncio.open_connection(host, port)
+                writer.write(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    'Content-Length: 1000\r\n\r\n{"model": '.encode()
+                )
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the handler is reading the body
+                writer.close()
+                await writer.wait_closed()
+            await asyncio.sleep(0.2)
+        finally:
+            await runner.cleanup()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert emu.tasks_created == 0
+
+
+async def test_an_abandoned_generate_stops_its_wait() -> None:
+    """brk21c: aiohttp.web lets a handler run on after its client went away unless told
+    otherwise (``handler_cancellation``, off by default): an abandoned ``/videos/generate``
+    kept its wait, and the shared poller read the task, until the task ended. The example
+    serves with handler cancellation: the wait ends with the request (the task's id is
+    logged, and listed by the journal)."""
+    from aiohttp_backend import CLIENT, runner_for
+
+    async with Emulator(mode="manual") as emu:
+        app = create_app(api_key=emu.api_key, base_url=emu.base_url)
+        runner = runner_for(app)  # as the example serves it
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            host, port = runner.addresses[0][:2]
+            client = app[CLIENT]
+            body = b'{"model": "sora-2-preview", "prompt": "a cat"}'
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                b"POST /videos/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+            await emu.wait_until(lambda: len(client._poller) == 1)  # submitted, waiting
+            writer.close()  # the caller goes away
+            await writer.wait_closed()
+            await emu.wait_until(lambda: len(client._poller) == 0, timeout=10)
+        finally:
+            await runner.cleanup()
+        assert emu.tasks_created == 1

@@ -561,3 +561,26 @@ async def test_a_path_with_a_nul_character_is_refused_by_name(
     with pytest.raises(am.ValidationError, match="journal: must not contain a NUL character"):
         am.AsyncApimart("sk-test", base_url=manual_emu.base_url, journal="j\x00.sqlite")
     assert sum(manual_emu.counters.values()) == 0
+
+
+@pytest.mark.parametrize("option", ["manifest", "download_dir", "media_root", "journal"])
+async def test_a_path_with_a_lone_surrogate_is_refused_by_name(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, option: str
+) -> None:
+    """brk21c: a path holding a lone surrogate (JSON's \\ud800, in a name a web app took
+    from its caller) raised a raw ``UnicodeEncodeError`` out of ``async with``, of the
+    client's ``open``, of ``download`` and of ``uploads.image``: no file name holds one."""
+    rule = "must be a path a file system can hold"
+    with pytest.raises(am.ValidationError, match=f"{option}: {rule}"):
+        manual_client.batch([sora(0)], **{option: "x\ud800"})
+    with pytest.raises(am.ValidationError, match=f"journal: {rule}"):
+        am.AsyncApimart("sk-test", base_url=manual_emu.base_url, journal="j\ud800.sqlite")
+    url = f"{manual_emu.base_url}/files/task_x/0.mp4"
+    with pytest.raises(am.ValidationError, match=f"dest: {rule}"):
+        await manual_client.download(url, "v\ud800.mp4")
+    with pytest.raises(am.ValidationError, match=f"file: {rule}"):
+        await manual_client.uploads.image("i\ud800.png")
+    assert sum(manual_emu.counters.values()) == 0
+    # a file name is only a label: sent with the character replaced, as a non-UTF-8 one is
+    png = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    assert (await manual_client.uploads.image(png, filename="\ud800.png")).startswith("http")

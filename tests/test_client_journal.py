@@ -140,6 +140,32 @@ async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
     assert manual_emu.tasks_created == 1
 
 
+async def test_an_end_a_status_read_returned_is_not_listed_as_unseen(
+    manual_emu: Emulator, store: Store
+) -> None:
+    """brk21c: a web backend that submits and then reads the status (the reference app's
+    ``POST /videos`` + ``GET /videos/{id}``) handed every end to its caller, yet each task
+    stayed in ``unfinished()`` for ever: the list grew by every submit, and said nothing."""
+    path = store.journal
+    async with client_for(manual_emu, path) as client:
+        read, many, running = [await client.videos.submit(REQUEST) for _ in range(3)]
+        manual_emu.complete(read)
+        manual_emu.fail(many)
+        assert (await client.tasks.get(read)).ok
+        assert [t.is_terminal for t in await client.tasks.get_many([many, running])] == [
+            True,
+            False,
+        ]
+        assert [item.task_id for item in await client.tasks.unfinished()] == [running]
+    async with client_for(manual_emu, path) as client:  # and after a restart
+        assert [item.task_id for item in await client.tasks.unfinished()] == [running]
+        before = status_reads(manual_emu)
+        assert (await client.tasks.wait(read)).ok  # answered from the journal
+        with pytest.raises(am.TaskFailedError):
+            await client.tasks.wait(many)
+        assert status_reads(manual_emu) == before
+
+
 async def test_a_failed_end_is_recorded_and_answered_from_the_journal(
     manual_emu: Emulator, store: Store
 ) -> None:
@@ -224,6 +250,39 @@ async def test_recover_settles_a_lost_submit_with_the_same_key_and_one_task(
         manual_emu.complete(task_id)
         assert (await client.tasks.wait(task_id)).ok
         assert await client.tasks.unfinished() == []
+
+
+async def test_a_recover_that_fails_keeps_the_lost_submit_listed(
+    manual_emu: Emulator, store: Store
+) -> None:
+    """brk21c: a restart while the service is out of reach (or with a key that no longer
+    works) made ``recover`` close the lost submit as refused: its POST never arrived (or got
+    401), which proves nothing of the FIRST POST, which had created a billed task. The task
+    was no longer listed anywhere. Only a resend's success settles a key recorded before."""
+    path = store.journal
+    async with client_for(manual_emu, path, max_retries=0) as client:
+        manual_emu.faults.inject("submit", Fault.lost_reply(), times=1)
+        with pytest.raises(am.SubmitIndeterminateError):
+            await client.videos.submit(REQUEST)
+    assert manual_emu.tasks_created == 1  # the first POST made the task; its reply was lost
+    async with am.AsyncApimart(
+        "sk-test-unreachable", base_url="http://127.0.0.1:9", journal=path, max_retries=0
+    ) as client:  # a restart while the service is out of reach
+        [item] = await client.tasks.unfinished()
+        with pytest.raises(am.APIConnectionError):
+            await client.tasks.recover(item)
+        assert await client.tasks.unfinished() == [item]
+    async with am.AsyncApimart(
+        "sk-test-rotated-key", base_url=manual_emu.base_url, journal=path, max_retries=0
+    ) as client:  # a restart with a key the service refuses
+        with pytest.raises(am.AuthenticationError):
+            await client.tasks.recover(item)
+        assert await client.tasks.unfinished() == [item]
+    async with client_for(manual_emu, path) as client:
+        assert await client.tasks.recover(item) == manual_emu.task_ids()[0]
+        [listed] = await client.tasks.unfinished()
+        assert listed.task_id == manual_emu.task_ids()[0]
+    assert manual_emu.tasks_created == 1
 
 
 async def test_a_refused_submit_is_not_listed(manual_emu: Emulator, store: Store) -> None:

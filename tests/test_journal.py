@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import apimart_async as am
@@ -114,6 +115,37 @@ async def test_unknown_submit_outcome_is_retried_with_the_same_key(
     assert emu.tasks_created == 1
     assert emu.tasks_per_key == {outcome.idempotency_key: 1}
     assert emu.counters["submit"] == 2
+
+
+async def test_a_lost_submit_resent_with_a_wrong_key_is_not_paid_twice(
+    emu: Emulator, tmp_path: Path, journal_at: JournalAt
+) -> None:
+    """brk21c: a job whose submit reply was lost (its task exists) resumed with a key the
+    service refuses (401: a rotated or mistyped key) was closed as refused; the run after,
+    with the right key, sent it afresh with a NEW key: a second task, paid twice. A 401 to
+    a key sent again proves nothing of the first POST: the job keeps its key."""
+    journal = journal_at("run")
+    emu.faults.inject("submit", Fault.lost_reply())
+    async with (
+        client_for(emu, max_retries=0) as client,
+        client.batch(jobs(1), journal=journal) as results,
+    ):
+        (first,) = [o async for o in results]
+    assert isinstance(first.error, am.APIConnectionError)
+    assert emu.tasks_created == 1  # the task exists; the client does not know its id
+    async with (
+        am.AsyncApimart("sk-wrong-key", base_url=emu.base_url, poll=FAST_POLL) as client,
+        client.batch(jobs(1), journal=journal) as results,
+    ):
+        (refused,) = [o async for o in results]
+    assert isinstance(refused.error, am.AuthenticationError)
+    async with client_for(emu) as client, client.batch(jobs(1), journal=journal) as results:
+        await emu.wait_until(lambda: len(client._poller) == 1)  # submitted, followed
+        emu.advance(10)
+        (again,) = [o async for o in results]
+    assert again.ok
+    assert emu.tasks_created == 1  # before the fix: 2, the first one orphaned and billed
+    assert again.idempotency_key == first.idempotency_key
 
 
 async def test_refused_submits_are_retried_on_resume_with_a_fresh_key(
@@ -325,6 +357,31 @@ async def test_stop_with_grace_leaves_a_resumable_journal(
         manual_emu.complete_all()
         assert len([o async for o in results]) == 3
     assert manual_emu.tasks_created == 3
+
+
+async def test_stop_while_a_submit_is_in_flight_still_ends_after_the_grace(
+    manual_emu: Emulator, tmp_path: Path, journal_at: JournalAt
+) -> None:
+    """brk21c: ``stop(grace=...)`` waited for the pending tasks only: a submit in flight then
+    (a web app shut down right after it started a batch) came back after the stop, its task
+    was followed, and the iteration never ended (the server's shutdown hung until the task
+    did). The submit in flight is waited for within the grace; what comes back after it is
+    left to a resume (``pending_task_ids()``, the journal), not followed."""
+    journal = journal_at("run")
+    manual_emu.faults.inject("submit", Fault.slow(0.5))
+    async with client_for(manual_emu) as client:
+        with anyio.fail_after(20):  # before the fix: waited for the task, for ever
+            async with client.batch(jobs(1), journal=journal) as results:
+                await manual_emu.wait_until(lambda: manual_emu.counters.get("submit", 0) == 1)
+                await results.stop(grace=0.05)  # the submit is still out
+                assert [o async for o in results] == []
+        assert results.pending_task_ids() == manual_emu.task_ids()
+        assert len(client._poller) == 0  # not followed
+    async with client_for(manual_emu) as client, client.batch(jobs(1), journal=journal) as results:
+        await manual_emu.wait_until(lambda: len(client._poller) == 1)  # re-attached
+        manual_emu.complete_all()
+        assert [o.ok async for o in results] == [True]
+    assert manual_emu.tasks_created == 1
 
 
 # -- every SQLite connection the journal opens is closed, on every path ----------------------

@@ -203,6 +203,8 @@ def test_to_dict_round_trips_through_from_dict() -> None:
         ({"model": "sora-2-preview", "prompt": "x", "duration": "8"}, "duration"),
         ({"model": "viduq3", "prompt": "x", "image_urls": {"a": 1}}, "image_urls"),
         ({"model": "viduq3", "prompt": "x", "image_urls": [{"a": 1}]}, "image_urls[0]"),
+        # brk21c: the only text field that let a lone surrogate through to the POST
+        ({"model": "sora-2-preview", "prompt": "x", "webhook": "https://e.com/\ud800"}, "webhook"),
     ],
 )
 def test_from_dict_bad_values_name_the_field(data: dict[str, Any], field: str) -> None:

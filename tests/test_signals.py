@@ -169,6 +169,45 @@ def test_ctrl_c_reaches_the_batch_and_the_handler_is_put_back() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_two_batches_side_by_side_both_get_ctrl_c_and_the_handler_is_put_back() -> None:
+    """brk21c: a second batch with ``sigint_grace`` beside the first took the first's handler
+    (the SDK's own) for the application's: it warned "the application has its own SIGINT
+    handler (_sighandler_noop)" and got no Ctrl-C. The batches of a program share the SDK's
+    handler: each one gets every Ctrl-C, and the last to end puts the old handler back."""
+
+    async def main() -> tuple[list[int], int]:
+        async with Emulator(mode="manual", frozen_clock=True) as emu:
+            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+
+                async def batch(tag: str) -> int:
+                    jobs = [am.VideoRequest("sora-2-preview", f"{tag}{i}") for i in range(4)]
+                    async with client.batch(jobs, max_pending=1, sigint_grace=0.0) as results:
+                        await emu.wait_until(lambda: emu.tasks_created >= 2)
+                        async for _ in results:
+                            pass
+                    return results.interrupted
+
+                async with anyio.create_task_group() as tg:
+                    interrupted: list[int] = []
+
+                    async def run(tag: str) -> None:
+                        interrupted.append(await batch(tag))
+
+                    tg.start_soon(run, "a")
+                    tg.start_soon(run, "b")
+                    await emu.wait_until(lambda: emu.tasks_created >= 2)
+                    await anyio.sleep(0.05)  # both are inside their ``async with``
+                    signal.raise_signal(signal.SIGINT)
+                return interrupted, emu.counters["submit"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", am.ApimartWarning)  # honoured for both: no warning
+        interrupted, submits = _run_on_fresh_loop(main())
+    assert interrupted == [1, 1]
+    assert submits == 2  # one each (max_pending=1), nothing after Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("custom", [False, True], ids=["default handler", "own handler"])
 def test_sync_client_follows_the_same_rule(custom: bool, caplog: pytest.LogCaptureFixture) -> None:
     def mine(signum: int, frame: object) -> None:

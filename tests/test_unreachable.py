@@ -238,3 +238,63 @@ async def test_every_kind_of_wait_fails_loud_when_status_reads_all_fail(
         assert all(isinstance(o.error, am.APIConnectionError) for o in outcomes), outcomes
         assert "unreachable" in str(ended["wait"])
         assert manual_emu.tasks_created == 4  # every task was created: only reads failed
+
+
+# -- a service that hangs (brk21c) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["batch route", "per-task reads"])
+async def test_a_status_read_that_hangs_still_ends_waits_on_time(route: str) -> None:
+    """brk21c: a service that accepts connections and never answers (a stopped process
+    behind its address, a stuck proxy) held the round's read for minutes (four 60 s
+    attempts): a ``tasks.wait(id, timeout=3)`` ended after 121 s, ``wait_unreachable=5``
+    did nothing, and nothing was logged. The waits' deadlines and ``wait_unreachable`` now
+    hold while a read is out (a read unanswered counts as failing since it left). On the
+    real clock, with fractions of a second."""
+
+    async def fetch(ids: list[str]) -> dict[str, am.Task | ApimartError]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def read(task_id: str) -> am.Task:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    batched = route == "batch route"
+    poller = Poller(fetch, POLICY, batched=lambda now: batched, read=read, unreachable=1.0)
+    ended: dict[str, tuple[float, am.Task | ApimartError]] = {}
+
+    def on_done(task_id: str, result: am.Task | ApimartError) -> None:
+        ended[task_id] = (anyio.current_time() - start, result)
+
+    start = anyio.current_time()
+    with anyio.fail_after(30):  # a hang guard: before the fix, nothing ended at all
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poller.run)
+            poller.watch("task_a", on_done, timeout=0.2, reattach=True)
+            poller.watch("task_b", on_done, reattach=True)
+            while len(ended) < 2:  # noqa: ASYNC110 - the poller has no event to wait on
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    after_a, result_a = ended["task_a"]
+    after_b, result_b = ended["task_b"]
+    assert isinstance(result_a, am.TaskTimeoutError) and after_a < 1.0
+    assert isinstance(result_b, am.APIConnectionError) and 1.0 <= after_b < 5.0
+    assert "wait_unreachable=1" in str(result_b) and "no answer" in str(result_b)
+
+
+async def test_a_client_wait_on_a_hung_service_ends_at_its_timeout(manual_emu: Emulator) -> None:
+    """The same through the client: every status route holds its reply for 5 s (longer than
+    both waits; not for ever, so that the emulator's shutdown need not wait for them)."""
+    async with am.AsyncApimart(
+        manual_emu.api_key, base_url=manual_emu.base_url, poll=FAST_POLL, wait_unreachable=2
+    ) as client:
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "w"))
+        manual_emu.faults.set_rate(1.0, endpoints=["task", "batch"], faults=[Fault.slow(5)])
+        with anyio.fail_after(30):  # a hang guard (before the fix: four minutes)
+            start = anyio.current_time()
+            with pytest.raises(am.TaskTimeoutError):
+                await client.tasks.wait(task_id, timeout=0.3)
+            assert anyio.current_time() - start < 2.0  # not when the held read comes back
+            with pytest.raises(am.APIConnectionError, match="unreachable"):
+                await client.tasks.wait(task_id)

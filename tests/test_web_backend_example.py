@@ -24,7 +24,8 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from apimart_async.emulator import Emulator  # noqa: E402
+import apimart_async as am  # noqa: E402
+from apimart_async.emulator import Emulator, Fault  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -263,6 +264,51 @@ async def test_errors_become_http_statuses(tmp_path: Path) -> None:
         assert emu.tasks_created == 0
 
 
+async def test_unfinished_is_paged(tmp_path: Path) -> None:
+    """brk21c: ``GET /videos/unfinished`` answered every row at once: 20,000 unfinished tasks
+    (a long outage) were 3 MB built and encoded on the event loop (25-35 ms stalls of every
+    other request). Pages of ``limit`` (default 100, at most 1,000) from ``offset``."""
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        for i in range(5):
+            assert (await http.post(f"{app.url}/videos", json=job(i))).status_code == 202
+        ids = emu.task_ids()
+        page = (await http.get(f"{app.url}/videos/unfinished?limit=2")).json()
+        assert page["count"] == 5 and [t["task_id"] for t in page["tasks"]] == ids[:2]
+        page = (await http.get(f"{app.url}/videos/unfinished?offset=4&limit=2")).json()
+        assert page["count"] == 5 and [t["task_id"] for t in page["tasks"]] == ids[4:]
+        for bad in ("limit=0", "limit=1001", "offset=-1"):
+            reply = await http.get(f"{app.url}/videos/unfinished?{bad}")
+            assert reply.status_code == 422, bad
+
+
+async def test_a_client_gone_while_sending_its_body_is_no_traceback(tmp_path: Path) -> None:
+    """brk21c: a caller that goes away before its body has arrived (a timeout under load,
+    a closed tab) made ``request.body()`` raise Starlette's ``ClientDisconnect`` out of the
+    body dependency: "ERROR: Exception in ASGI application" and a traceback for each."""
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        host, port = app.url.removeprefix("http://").split(":")
+        for path in ("/videos", "/videos/generate", "/batches"):
+            stream = await anyio.connect_tcp(host, int(port))
+            async with stream:
+                await stream.send(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f'Content-Length: 1000\r\n\r\n{{"model": '.encode()
+                )
+                await anyio.sleep(0.2)  # the handler is reading the body
+        await settled(app, http, 10**6)
+        await anyio.sleep(0.2)
+        assert "Traceback" not in app.stderr and "ERROR" not in app.stderr, app.stderr
+        assert emu.tasks_created == 0
+
+
 async def test_a_webhook_callback_ends_the_wait_with_one_status_read(tmp_path: Path) -> None:
     """Issue 15: with ``--webhook-url self`` the emulator calls the app back when the task
     ends; the app's route hands it to ``tasks.notify``, and the one status read it asks for
@@ -294,6 +340,43 @@ async def test_a_webhook_callback_ends_the_wait_with_one_status_read(tmp_path: P
         assert bad.status_code == 400
         assert bad.json()["error"]["type"] == "WebhookError"
         assert status_reads(emu) == 1
+
+
+async def test_a_shutdown_while_a_batch_opens_its_journal_still_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """brk21c: the shutdown stopped the batches that had a handle; one still opening its
+    journal (a large one, a database that is slow to answer) had none yet, and the shutdown
+    then waited for it to run to its end: the server never stopped."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    from apimart_async._journal import SqliteJournal
+
+    opening, release = anyio.Event(), anyio.Event()
+    real_open = SqliteJournal.open
+
+    async def slow_open(self: SqliteJournal) -> Any:
+        opening.set()
+        await release.wait()
+        return await real_open(self)
+
+    monkeypatch.setattr(SqliteJournal, "open", slow_open)
+    async with (
+        Emulator(mode="manual") as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
+    ):
+        batches = web_backend.Batches(client, tmp_path)
+        batches.start("nightly", [am.VideoRequest("sora-2-preview", "a cat")])
+        await opening.wait()
+        with anyio.fail_after(20):  # before the fix: the batch's task waited for ever
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batches.stop, 0.1)
+                await anyio.sleep(0.05)  # the shutdown has begun; the journal opens now
+                release.set()
+        assert not batches.running("nightly")
 
 
 def test_the_status_table() -> None:
@@ -425,6 +508,30 @@ async def test_sigkill_mid_load_then_a_restart_finds_every_billed_task(tmp_path:
         async with backend(emu, tmp_path) as app, http_client() as http:
             found = (await http.get(f"{app.url}/videos/unfinished")).json()
             assert found["count"] == emu.tasks_created == 30
+
+
+async def test_startup_recovers_a_backlog_of_lost_submits_side_by_side(tmp_path: Path) -> None:
+    """brk21c: the submits whose reply was lost are settled on startup, before the app
+    serves; one after another, a backlog of them held the startup for the sum of their round
+    trips (1,000 lost replies at 0.3 s: five minutes with no request served)."""
+    lost = 12
+    async with Emulator(mode="manual") as emu:
+        async with am.AsyncApimart(
+            emu.api_key, base_url=emu.base_url, journal=tmp_path / "client.sqlite", max_retries=0
+        ) as client:
+            emu.faults.inject("submit", Fault.drop(), times=lost)  # no reply: indeterminate
+            for i in range(lost):
+                with pytest.raises(am.SubmitIndeterminateError):
+                    await client.videos.submit(am.VideoRequest("sora-2-preview", f"job {i}"))
+        emu.state.max_in_flight.clear()
+        emu.faults.inject("submit", Fault.slow(0.5), times=lost)  # a far-away service
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            found = (await http.get(f"{app.url}/videos/unfinished")).json()
+        assert found["count"] == lost
+        assert all(t["task_id"] is not None for t in found["tasks"])  # every one settled
+        assert emu.tasks_created == lost  # one task a key
+        assert set(emu.tasks_per_key.values()) == {1}
+        assert 1 < emu.state.max_in_flight["submit"] <= 8  # side by side, and bounded
 
 
 async def test_a_batch_cut_short_by_a_crash_resumes_on_startup_paying_nothing_twice(

@@ -209,6 +209,16 @@ async def test_a_bad_webhook_url_is_refused_by_name_before_any_request() -> None
             await client.videos.generate(request, webhook_url="not a url")
         with pytest.raises(am.ValidationError, match="webhook_url: must be an http"):
             client.batch([request], webhook_url=12)  # type: ignore[arg-type]
+        # brk21c: a lone surrogate (JSON's \ud800) cannot be sent in a URL
+        lone = "https://u:HOOKSECRET@e.example/\ud800"
+        with pytest.raises(am.ValidationError, match="webhook_url: must be valid Unicode") as info:
+            await client.videos.submit(request, webhook_url=lone)
+        assert "HOOKSECRET" not in str(info.value)
+        str(info.value).encode()  # a message any log can print
+        with pytest.raises(am.ValidationError, match="webhook: must be valid Unicode") as info:
+            am.VideoRequest("sora-2-preview", "a cat", webhook=lone)
+        assert "HOOKSECRET" not in str(info.value)
+        str(info.value).encode()
         assert client.request_counts().get("submit", 0) == 0
         assert emu.state.tasks == {}
 
