@@ -326,8 +326,7 @@ class BatchRun:
             outcome = outcome_of(
                 job.index, job.request, error=exc, idempotency_key=job.key, name=job.name
             )
-            # The job stays in submitting until its outcome is sent: while it awaits the
-            # journal and the manifest, no other job may close the stream under it.
+            # still submitting until its outcome is out: no other job closes the stream meanwhile
             await self._ledger.submit_failed(job, exc, outcome)
             self.roster.dropped(job)
             self._emit(outcome)
