@@ -488,7 +488,20 @@ class Transport:
         elif retry == "submit":
             result = await self._waiting_out_in_progress(args)
         else:
-            result = await self._retried(args, submit=False)
+            # ``_retried`` inlined: a read's first attempt is awaited here, not two coroutines
+            # deeper (every status read takes this path; each extra frame costs it CPU)
+            try:
+                data = data_factory() if data_factory is not None else None
+                return parse(
+                    await self._attempt(
+                        method, path, kind, json_body, data, query, headers, timeout, track
+                    )
+                )
+            except ApimartError as exc:
+                if not _retry.is_retryable_failure(exc, submit=False):
+                    raise
+                failed = [exc]
+            result = await self._retrying_read(failed, *args)
         return result
 
     async def _retried(self, args: tuple[Any, ...], *, submit: bool) -> Any:
@@ -592,16 +605,9 @@ class Transport:
         track: SendTrack | None = None,
     ) -> T:
         """One attempt, parsed (so a reply that is not even JSON is retried like a lost one)."""
+        data = data_factory() if data_factory is not None else None
         reply = await self._attempt(
-            method,
-            path,
-            kind=kind,
-            json_body=json_body,
-            data=data_factory() if data_factory is not None else None,
-            query=query,
-            headers=headers,
-            timeout=timeout,
-            track=track,
+            method, path, kind, json_body, data, query, headers, timeout, track
         )
         return parse(reply)
 
@@ -609,7 +615,6 @@ class Transport:
         self,
         method: str,
         path: str,
-        *,
         kind: str,
         json_body: Any,
         data: aiohttp.FormData | None,
