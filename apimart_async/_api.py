@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import anyio
@@ -276,6 +276,7 @@ class Api:
     ) -> None:
         self.transport = transport
         self.language = language
+        self._query = ("", "")
         self.status_concurrency = status_concurrency
         #: The adaptive window of per-task reads (issue 22); without one, status_concurrency.
         self.reads = reads
@@ -286,6 +287,14 @@ class Api:
 
     def __repr__(self) -> str:
         return f"<Api {self.transport.base_url} {self.route!r}>"
+
+    def _language_query(self) -> str:
+        """``language=...`` encoded, once per language rather than from a dict per read."""
+        language, query = self._query
+        if language != self.language:
+            query = urlencode({"language": self.language})
+            self._query = (self.language, query)
+        return query
 
     def ensure_open(self) -> None:
         """Raise ``ClientClosedError`` unless the transport's session is open."""
@@ -395,7 +404,7 @@ class Api:
             kind="task",
             retry="read",
             parse=parse,
-            params={"language": self.language},
+            query=self._language_query(),
         )
 
     async def get_many(self, task_ids: Iterable[str]) -> list[Task]:

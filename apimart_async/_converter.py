@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import cattrs
-from cattrs.gen import make_dict_structure_fn
 
 from ._errors import APIStatusError, ResponseValidationError, status_error_class
 from ._json import is_array, is_object
@@ -150,40 +149,58 @@ _conv.register_structure_hook(TaskError | None, _task_error)
 # union's: register the class too, so ``error.code`` as an int or a string reads the same.
 _conv.register_structure_hook(TaskError, _task_error)
 
-_structure_task_fields = make_dict_structure_fn(Task, _conv)
-
 
 def _structure_task(value: Any, _: Any) -> Task:
+    """A task object of a status reply, field by field with the hooks above (as cattrs'
+    generated function for ``Task`` would call them, without copying the object first)."""
     if not is_object(value):
         raise TypeError(f"task must be an object, got {type(value).__name__}")
-    data = dict(value)
-    if "id" not in data and "task_id" in data:
-        data["id"] = data["task_id"]
-    if not isinstance(data.get("id"), str) or not data["id"]:
+    task_id = value["id"] if "id" in value else value.get("task_id")
+    if not isinstance(task_id, str) or not task_id:
         raise TypeError("task has no id")
-    if "status" not in data:
+    if "status" not in value:
         raise TypeError("task has no status")
-    if not isinstance(data["status"], str):
-        raise TypeError(f"status must be a string, got {type(data['status']).__name__}")
-    result = data.get("result")
+    status = value["status"]
+    if not isinstance(status, str):
+        raise TypeError(f"status must be a string, got {type(status).__name__}")
+    result = value.get("result")
     if is_object(result) and "videos" in result:
-        data["videos"] = result["videos"]
+        videos = result["videos"]
     elif result is not None and not is_object(result):
         raise TypeError(f"result must be an object, got {type(result).__name__}")
-    data["raw_status"] = data["status"]
-    for name in _HINTS:
+    else:
+        videos = value.get("videos")
+    hints: dict[str, float | int] = {}
+    for name, whole in _HINTS:
         # only hints (the schedule's, a report's): one written as "60s", "50%" or an ISO
         # date is dropped, not allowed to make a running or finished task unreadable
-        if data.get(name) is not None:
+        raw = value.get(name)
+        if raw is not None:
             try:
-                _number(data[name])
+                number = _number(raw)
             except (TypeError, ValueError):
-                del data[name]
-    return _structure_task_fields(data, Task)
+                continue
+            hints[name] = round(number) if whole else number
+    return Task(
+        task_id,
+        TaskStatus.parse(status),
+        cost=_opt_float(value.get("cost"), None),
+        credits_cost=_opt_float(value.get("credits_cost"), None),
+        videos=_videos(videos, None),
+        error=_task_error(value.get("error"), None),
+        raw_status=status,
+        **hints,  # type: ignore[arg-type]
+    )
 
 
-#: Task fields that only steer the schedule or fill a report.
-_HINTS: Final = ("progress", "estimated_time", "actual_time", "created", "completed")
+#: Task fields that only steer the schedule or fill a report, and whether each is whole.
+_HINTS: Final = (
+    ("progress", True),
+    ("estimated_time", False),
+    ("actual_time", False),
+    ("created", True),
+    ("completed", True),
+)
 
 
 _conv.register_structure_hook(Task, _structure_task)

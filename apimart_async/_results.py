@@ -53,11 +53,7 @@ class TaskStatus(enum.StrEnum):
     def parse(cls, value: str) -> TaskStatus:
         """The member for a status string as the service sends it (case and spaces ignored);
         ``UNKNOWN`` for a value never seen."""
-        word = value.strip().lower()
-        try:
-            return cls(_STATUS_SYNONYMS.get(word, word))
-        except ValueError:
-            return cls.UNKNOWN
+        return _BY_WORD.get(value.strip().lower(), cls.UNKNOWN)
 
     @property
     def is_terminal(self) -> bool:
@@ -75,6 +71,11 @@ _STATUS_SYNONYMS: dict[str, str] = {
     "failure": "failed",
     "error": "failed",
     "canceled": "cancelled",
+}
+#: Every status word read, and its member (a dict look-up: an enum call costs more).
+_BY_WORD: dict[str, TaskStatus] = {
+    **{status.value: status for status in TaskStatus},
+    **{word: TaskStatus(status) for word, status in _STATUS_SYNONYMS.items()},
 }
 
 

@@ -470,7 +470,7 @@ class Transport:
         parse: Callable[[Reply], T],
         json_body: Any = None,
         data_factory: Callable[[], aiohttp.FormData] | None = None,
-        params: Mapping[str, str] | None = None,
+        query: str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: Timeout | None = None,
         track: SendTrack | None = None,
@@ -478,16 +478,30 @@ class Transport:
         """Send one API request with the retry policy of ``retry`` and return ``parse(reply)``
         of its 2xx reply, or raise a typed error. Parsing is part of each attempt, so a reply
         that is not even JSON is retried like a dropped one. ``data_factory`` builds a fresh
-        multipart body per attempt. ``track`` counts attempts that may have reached the
-        service without a reply."""
+        multipart body per attempt. ``query`` is the URL's query string, already encoded
+        (``language=en``: built once by the caller rather than from a dict per request).
+        ``track`` counts attempts that may have reached the service without a reply."""
 
-        args = (method, path, kind, parse, json_body, data_factory, params, headers, timeout, track)
+        args = (method, path, kind, parse, json_body, data_factory, query, headers, timeout, track)
         if retry == "never" or self.max_retries <= 0:
             result: T = await self._parsed_attempt(*args)
         elif retry == "submit":
             result = await self._waiting_out_in_progress(args)
         else:
-            result = await self._retried(args, submit=False)
+            # ``_retried`` inlined: a read's first attempt is awaited here, not two coroutines
+            # deeper (every status read takes this path; each extra frame costs it CPU)
+            try:
+                data = data_factory() if data_factory is not None else None
+                return parse(
+                    await self._attempt(
+                        method, path, kind, json_body, data, query, headers, timeout, track
+                    )
+                )
+            except ApimartError as exc:
+                if not _retry.is_retryable_failure(exc, submit=False):
+                    raise
+                failed = [exc]
+            result = await self._retrying_read(failed, *args)
         return result
 
     async def _retried(self, args: tuple[Any, ...], *, submit: bool) -> Any:
@@ -585,22 +599,15 @@ class Transport:
         parse: Callable[[Reply], T],
         json_body: Any,
         data_factory: Callable[[], aiohttp.FormData] | None,
-        params: Mapping[str, str] | None,
+        query: str | None,
         headers: Mapping[str, str] | None,
         timeout: Timeout | None,
         track: SendTrack | None = None,
     ) -> T:
         """One attempt, parsed (so a reply that is not even JSON is retried like a lost one)."""
+        data = data_factory() if data_factory is not None else None
         reply = await self._attempt(
-            method,
-            path,
-            kind=kind,
-            json_body=json_body,
-            data=data_factory() if data_factory is not None else None,
-            params=params,
-            headers=headers,
-            timeout=timeout,
-            track=track,
+            method, path, kind, json_body, data, query, headers, timeout, track
         )
         return parse(reply)
 
@@ -608,11 +615,10 @@ class Transport:
         self,
         method: str,
         path: str,
-        *,
         kind: str,
         json_body: Any,
         data: aiohttp.FormData | None,
-        params: Mapping[str, str] | None,
+        query: str | None,
         headers: Mapping[str, str] | None,
         timeout: Timeout | None,
         track: SendTrack | None = None,
@@ -632,7 +638,7 @@ class Transport:
         options: dict[str, Any] = {}
         if timeout is not None:  # else the session's; passing None would mean "no limit"
             options["timeout"] = self.client_timeout(timeout)
-        url = self.url(path)
+        url = self.base_url + path if query is None else f"{self.base_url}{path}?{query}"
         proxy, proxy_headers = self.proxies.for_url(url)
         if proxy is not None:
             options["proxy"] = proxy
@@ -644,7 +650,6 @@ class Transport:
                 url,
                 json=json_body if data is None else None,
                 data=data,
-                params=params,
                 headers=all_headers,
                 allow_redirects=False,
                 **options,
