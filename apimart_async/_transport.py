@@ -488,20 +488,7 @@ class Transport:
         elif retry == "submit":
             result = await self._waiting_out_in_progress(args)
         else:
-            # ``_retried`` inlined: a read's first attempt is awaited here, not two coroutines
-            # deeper (every status read takes this path; each extra frame costs it CPU)
-            try:
-                data = data_factory() if data_factory is not None else None
-                return parse(
-                    await self._attempt(
-                        method, path, kind, json_body, data, query, headers, timeout, track
-                    )
-                )
-            except ApimartError as exc:
-                if not _retry.is_retryable_failure(exc, submit=False):
-                    raise
-                failed = [exc]
-            result = await self._retrying_read(failed, *args)
+            result = await self._retried(args, submit=False)
         return result
 
     async def _retried(self, args: tuple[Any, ...], *, submit: bool) -> Any:
