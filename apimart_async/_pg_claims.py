@@ -315,16 +315,17 @@ class Claims:
         to free room: ``BudgetExceededError``. A job another worker holds now (this one's
         lease ran out while it waited) is ``TakenOver``: not recorded, not submitted here."""
         q = self._q
-        holder = await conn.fetchval(
-            f"SELECT worker FROM {q}.claims WHERE batch = $1 AND idx = $2 FOR UPDATE",
+        # the claim, locked until the job is recorded (no other worker claims it meanwhile),
+        # and the batch's limits (another worker may have tightened them), in one round trip
+        limits = await conn.fetchrow(
+            f"SELECT c.worker, b.max_pending, b.max_cost FROM {q}.claims c"
+            f" JOIN {q}.batches b ON b.name = c.batch WHERE c.batch = $1 AND c.idx = $2"
+            " FOR UPDATE OF c",
             self.journal.name,
             index,
-        )  # locked until the job is recorded: no other worker claims it meanwhile
-        if holder != self.worker:
-            raise TakenOver(index)
-        limits = await conn.fetchrow(  # the batch's: another worker may have tightened them
-            f"SELECT max_pending, max_cost FROM {q}.batches WHERE name = $1", self.journal.name
         )
+        if limits is None or limits["worker"] != self.worker:
+            raise TakenOver(index)
         max_pending: int | None = limits["max_pending"]
         max_cost: float | None = limits["max_cost"]
         self._told_limits(max_pending, max_cost)
