@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,29 @@ async def pg_rows(url: str, sql: str) -> list[Any]:
 FAST = am.PollPolicy(first_check=0.05, min_interval=0.05, max_interval=0.2, jitter=0.0)
 
 
+async def run_worker(
+    emu: Emulator,
+    url: str,
+    schema: str,
+    n: int,
+    out: Path,
+    outcomes: list[am.Outcome],
+    **options: Any,
+) -> None:
+    """One worker of the batch of ``n`` fleet jobs (its own client, a 5 s lease, files to
+    ``out``), its outcomes appended to ``outcomes``."""
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
+        async with client.batch(
+            fleet_jobs(n),
+            journal=pg_journal(url, schema, n),
+            download_dir=out,
+            lease=5.0,
+            **options,
+        ) as results:
+            async for outcome in results:
+                outcomes.append(outcome)
+
+
 async def test_two_workers_share_one_batch_each_job_once_within_a_fleet_wide_limit(
     postgres: Any, pg_schema: str, tmp_path: Path
 ) -> None:
@@ -296,23 +320,12 @@ async def test_a_batch_run_by_workers_keeps_a_fleet_wide_max_cost(
     async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=4) as emu:
         price = None
         outcomes: list[am.Outcome] = []
-
-        async def worker(tag: str) -> None:
-            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
-                async with client.batch(
-                    fleet_jobs(n),
-                    concurrency=2,
-                    max_cost=1.0,
-                    journal=pg_journal(postgres.url, pg_schema, n),
-                    download_dir=tmp_path / tag,
-                    lease=5.0,
-                ) as results:
-                    async for outcome in results:
-                        outcomes.append(outcome)
-
+        run = (emu, postgres.url, pg_schema, n)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(worker, "a")
-            tg.start_soon(worker, "b")
+            for tag in ("a", "b"):
+                tg.start_soon(
+                    partial(run_worker, *run, tmp_path / tag, outcomes, concurrency=2, max_cost=1.0)
+                )
         paid = [o for o in outcomes if o.ok]
         price = paid[0].task.cost if paid and paid[0].task else None
         assert price is not None and price > 0
@@ -738,25 +751,18 @@ async def test_the_strictest_max_pending_of_the_workers_holds_fleet_wide(
     must not lift the fleet's. The limits are the batch's, kept in the database: each
     worker's tighten them, none loosens them (brk15b finding 13)."""
     n = 30
+    outcomes: list[am.Outcome] = []
     async with Emulator(task_duration=(0.05, 0.3), video_bytes=1024, seed=5) as emu:
-
-        async def worker(tag: str, limits: dict[str, Any]) -> None:
-            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
-                async with client.batch(
-                    fleet_jobs(n),
-                    concurrency=8,
-                    journal=pg_journal(postgres.url, pg_schema, n),
-                    download_dir=tmp_path / tag,
-                    lease=5.0,
-                    **limits,
-                ) as results:
-                    async for outcome in results:
-                        assert outcome.ok, outcome.error
-
+        run = (emu, postgres.url, pg_schema, n)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(worker, "a", first)
+            tg.start_soon(
+                partial(run_worker, *run, tmp_path / "a", outcomes, concurrency=8, **first)
+            )
             await emu.wait_until(lambda: emu.tasks_created >= 1)  # a runs the batch first
-            tg.start_soon(worker, "b", second)
+            tg.start_soon(
+                partial(run_worker, *run, tmp_path / "b", outcomes, concurrency=8, **second)
+            )
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
         assert emu.tasks_created == n and set(emu.tasks_per_key.values()) == {1}
         assert emu.state.max_unfinished <= 3
     told = [r.getMessage() for r in caplog.records if "runs under" in r.getMessage()]
@@ -773,24 +779,14 @@ async def test_the_strictest_max_cost_of_the_workers_holds_fleet_wide(
     n = 12
     outcomes: list[am.Outcome] = []
     async with Emulator(task_duration=(0.05, 0.2), video_bytes=1024, seed=4) as emu:
-
-        async def worker(tag: str, limits: dict[str, Any]) -> None:
-            async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST) as client:
-                async with client.batch(
-                    fleet_jobs(n),
-                    concurrency=2,
-                    journal=pg_journal(postgres.url, pg_schema, n),
-                    download_dir=tmp_path / tag,
-                    lease=5.0,
-                    **limits,
-                ) as results:
-                    async for outcome in results:
-                        outcomes.append(outcome)
-
+        run = (emu, postgres.url, pg_schema, n)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(worker, "a", {"max_cost": 1.0})
+            tg.start_soon(
+                partial(run_worker, *run, tmp_path / "a", outcomes, concurrency=2, max_cost=1.0)
+            )
             await emu.wait_until(lambda: emu.tasks_created >= 1)
-            tg.start_soon(worker, "b", {})  # no budget of its own: the batch's holds
+            # no budget of its own: the batch's holds
+            tg.start_soon(partial(run_worker, *run, tmp_path / "b", outcomes, concurrency=2))
         paid = [o for o in outcomes if o.ok]
         price = paid[0].task.cost if paid and paid[0].task else None
         assert price is not None and price > 0
