@@ -40,6 +40,7 @@ from ._errors import (
     FieldError,
     NoVideoError,
     TaskFailedError,
+    TaskTimeoutError,
     ValidationError,
     WebhookError,
 )
@@ -598,7 +599,11 @@ class Videos:
     ) -> Task:
         """Submit and wait (through the shared poller) until the task ends. Raises
         ``TaskFailedError`` if it failed and ``TaskTimeoutError`` after ``timeout`` seconds
-        (the task itself keeps running at the service, and is billed).
+        (the task itself keeps running at the service, and is billed). The ``timeout`` is the
+        whole call's, the submit included: run out before the submit's reply came, the error
+        has no ``task_id`` and carries the POST's ``idempotency_key`` (the service may have
+        created the task; as for a cancel during the submit, below, the key is logged at
+        WARNING and with a journal ``tasks.unfinished()`` lists it).
 
         The wait learns from and uses what the client's earlier tasks of the same kind (model,
         duration, resolution, references or not) showed about how long they take, as a
@@ -629,15 +634,22 @@ class Videos:
             raise ValidationError(
                 [FieldError("on_submitted", "must be a function of the task id", on_submitted)]
             )
-        submitted_at = self._tasks._poller.now()
+        poller = self._tasks._poller
+        submitted_at = poller.now()
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        where = self._hint(
+            "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
+            "submit the same request with this idempotency_key to get it",
+        )
+        task_id: str | None = None
         try:
-            task_id = await self._api.submit(request, idempotency_key=key)
+            # fix21: ``timeout`` covers the submit too (a service holding the POST held the
+            # call for the attempts' timeouts times the retries). The poller's seconds, as
+            # the wait's deadline (an emulator's compressed clock divides the real wait).
+            limit = None if timeout is None else timeout / poller.time_scale
+            with anyio.move_on_after(limit):
+                task_id = await self._api.submit(request, idempotency_key=key)
         except anyio.get_cancelled_exc_class():
-            where = self._hint(
-                "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
-                "submit the same request with this idempotency_key to get it",
-            )
             logger.warning(
                 "generate() was cancelled during its submit (idempotency key %s): the service"
                 " may have created a task; %s",
@@ -645,6 +657,16 @@ class Videos:
                 where,
             )
             raise
+        if task_id is None:  # the time ran out during the submit: in doubt, as a cancel is
+            assert timeout is not None
+            logger.warning(
+                "generate() reached its timeout (%g s) during its submit (idempotency key %s):"
+                " the service may have created a task; %s",
+                timeout,
+                key,
+                where,
+            )
+            raise TaskTimeoutError(None, timeout, idempotency_key=key)
         try:
             if on_submitted is not None:
                 await notify_submitted(on_submitted, task_id)
@@ -654,6 +676,7 @@ class Videos:
                 submitted_at=submitted_at,
                 kind=kind_of(request),
                 webhook=webhook_url is not None and request.webhook == webhook_url,
+                started=submitted_at,
             )
         except anyio.get_cancelled_exc_class():
             where = self._hint(
@@ -854,8 +877,15 @@ class Tasks:
         submitted_at: float | None,
         kind: str | None = None,
         webhook: bool = False,
+        started: float | None = None,
     ) -> Task:
+        """Follow ``task_id`` until it ends. ``started``: when (the poller's clock) the
+        ``timeout`` began (``generate``: before its submit), so the wait gets what is left of
+        it; a ``TaskTimeoutError`` still names the whole ``timeout``."""
         poller = self._poller
+        left = timeout
+        if timeout is not None and started is not None:
+            left = max(0.0, timeout - (poller.now() - started))
         done = anyio.Event()
         box: list[Task | ApimartError] = []
 
@@ -866,7 +896,7 @@ class Tasks:
         poller.watch(
             task_id,
             on_done,
-            timeout=timeout,
+            timeout=left,
             submitted_at=submitted_at,
             reattach=submitted_at is None,
             kind=kind,  # issue 22: learned priors by kind (None: a bare id, no kind)
@@ -878,6 +908,8 @@ class Tasks:
             if not box:
                 poller.unwatch(task_id, on_done)
         result = box[0]
+        if isinstance(result, TaskTimeoutError) and timeout is not None and left != timeout:
+            raise TaskTimeoutError(task_id, timeout, result.task)
         if isinstance(result, ApimartError):
             raise result
         return _settled(result)

@@ -351,14 +351,33 @@ class TaskTimeoutError(ApimartError, TimeoutError):
     """Waiting for a task took longer than allowed. The task may still finish (and be billed).
 
     ``task_id`` is the task, ``timeout`` the seconds waited, ``task`` its last status if read.
+    A ``videos.generate(timeout=...)`` whose time ran out during its submit has no task id:
+    ``task_id`` is None and ``idempotency_key`` the key of that POST, which the service may
+    have acted on (submit the same request with that key to get the task, if there is one;
+    with a client journal ``tasks.recover`` does).
     """
 
-    def __init__(self, task_id: str, timeout: float, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        task_id: str | None,
+        timeout: float,
+        task: Task | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> None:
         self.task_id = task_id
         self.timeout = timeout
         self.task = task
-        last = f"; last status {task.status.value}" if task is not None else ""
-        super().__init__(f"task {task_id} not finished after {timeout:g} s{last}")
+        self.idempotency_key = idempotency_key
+        if task_id is None:
+            message = (
+                f"submit not answered after {timeout:g} s (idempotency key {idempotency_key}):"
+                " the service may have created the task"
+            )
+        else:
+            last = f"; last status {task.status.value}" if task is not None else ""
+            message = f"task {task_id} not finished after {timeout:g} s{last}"
+        super().__init__(message)
 
 
 class JobsFileError(ApimartError, ValueError):

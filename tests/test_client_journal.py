@@ -23,6 +23,7 @@ import pytest
 
 import apimart_async as am
 from apimart_async.emulator import Emulator, Fault
+from apimart_async.testing import follow_clock
 
 from .conftest import FAST_POLL
 from .test_journal_faults import _FullDisk
@@ -656,6 +657,65 @@ async def test_a_submit_every_attempt_of_which_was_answered_429_is_not_listed(
             with pytest.raises(am.RateLimitError):
                 await client.videos.submit(am.VideoRequest("sora-2-preview", "y"))
             assert len(await client.tasks.unfinished()) == 1  # the 500 may have made it
+
+
+# -- generate(timeout=) bounds the whole call, the submit included (fix21 1) ----------------------
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no journal"])
+async def test_generate_timeout_cuts_a_submit_the_service_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, journal: bool
+) -> None:
+    """brk21d: ``generate(timeout=3)`` on a service that held its POST took 122 s (the
+    attempts' own timeouts times the retries) before the wait's timeout even started. The
+    timeout is the whole call's: it ends with ``TaskTimeoutError`` while the service still
+    holds the POST, and that POST, which may have been billed, is not lost: its key is logged,
+    carried by the error, listed by ``unfinished()`` and settled by ``recover`` (one task).
+    Time is the emulator's (ten times real time: 3 s of it are 0.3 real s); the submit is held
+    for 2 real seconds (20 s of the emulator's)."""
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    path = tmp_path / "c.sqlite" if journal else None
+    async with Emulator(mode="manual", time_scale=10.0) as emu:
+        emu.faults.inject("submit", Fault.slow(2.0))
+        async with client_for(emu, path) as client:
+            follow_clock(client, emu)
+            started = emu.clock.monotonic()
+            with anyio.fail_after(30), pytest.raises(am.TaskTimeoutError) as caught:  # hang guard
+                await client.videos.generate(REQUEST, timeout=3)
+            took = emu.clock.monotonic() - started
+            assert emu.state.in_flight["submit"] == 1  # ended while the service holds the POST
+            assert 3 <= took < 15, took  # the emulator's seconds (before: 20 and more)
+            error = caught.value
+            key = error.idempotency_key
+            assert error.task_id is None and error.timeout == 3 and key is not None
+            assert f"idempotency key {key}" in str(error)
+            [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert key in record.getMessage() and "timeout" in record.getMessage()
+            await emu.wait_until(lambda: emu.tasks_created == 1, timeout=30)  # billed after all
+            if journal:
+                [item] = await client.tasks.unfinished()
+                assert item.task_id is None and item.idempotency_key == key
+                task_id = await client.tasks.recover(item)
+            else:
+                task_id = await client.videos.submit(REQUEST, idempotency_key=key)
+            assert emu.tasks_per_key == {key: 1} and emu.task_ids() == [task_id]
+
+
+async def test_generate_timeout_counts_the_submit_then_the_wait() -> None:
+    """The submit took 4 s of the emulator's clock; a ``generate(timeout=6)`` then waits 2 s
+    more, not 6: it ends 6 s after it started (before: 10), with the caller's ``timeout``."""
+    async with Emulator(mode="manual", time_scale=10.0) as emu:
+        emu.faults.inject("submit", Fault.slow(0.4))
+        async with client_for(emu, None) as client:
+            follow_clock(client, emu)
+            started = emu.clock.monotonic()
+            with anyio.fail_after(30), pytest.raises(am.TaskTimeoutError) as caught:
+                await client.videos.generate(REQUEST, timeout=6)
+            took = emu.clock.monotonic() - started
+            assert 6 <= took < 9, took
+            assert caught.value.timeout == 6
+            assert caught.value.task_id == emu.task_ids()[0]
+            assert caught.value.idempotency_key is None
 
 
 # -- PostgreSQL: one journal shared by the replicas of a web app (issue 15) ------------------------
