@@ -27,6 +27,7 @@ from . import _retry
 from ._checks import check_path
 from ._config import Timeout
 from ._errors import (
+    APIConnectionError,
     ApimartError,
     APIStatusError,
     ClientClosedError,
@@ -180,13 +181,36 @@ def _refused(exc: ApimartError) -> bool:
     return isinstance(exc, APIStatusError) and not is_retryable_status(exc.status)
 
 
+def _says_nothing_of_the_route(exc: ApimartError) -> bool:
+    """A failed batch request that is no evidence against the route (fix21): no reply at all
+    (connection refused, reset, a timeout: the service is out of reach, every route alike),
+    or a 408 / 429 (the service is busy, not missing a route)."""
+    if isinstance(exc, APIConnectionError):
+        return True
+    return isinstance(exc, APIStatusError) and exc.status in (408, 429)
+
+
+def _answered(result: Task | ApimartError) -> bool:
+    """A per-task read the service answered (a task, or an error that is not transient): it
+    is reachable, so a batch route failing meanwhile is the route's own trouble."""
+    if isinstance(result, Task):
+        return True
+    if isinstance(result, APIConnectionError):
+        return False
+    if isinstance(result, ResponseValidationError):
+        return result.decodable
+    return not (isinstance(result, APIStatusError) and is_retryable_status(result.status))
+
+
 class BatchRoute:
     """Whether status reads go through ``POST /v1/tasks/batch``: logic only, no I/O; times
     are the poller's clock.
 
     The route is the cheaper path, never the only one: a refusal switches to per-task reads
-    at once, ``max_failures`` transient failures in a row do too, and ``retry_after`` seconds
-    later the route is tried again.
+    at once, ``max_failures`` transient failures in a row do too (``Api.get_tasks`` counts
+    only 5xx replies, and switches only once a per-task read shows the service answers: an
+    outage is no evidence against the route), and ``retry_after`` seconds later the route is
+    tried again.
     """
 
     def __init__(
@@ -232,6 +256,15 @@ class BatchRoute:
             return False
         self._off(now)
         return True
+
+    def last_straw(self) -> bool:
+        """Whether one more transient failure would switch the route off."""
+        return self.failures + 1 >= self.max_failures
+
+    def on_outage(self) -> None:
+        """The service answered nothing on any route: not the route's fault; the failures in
+        a row count from zero again."""
+        self.failures = 0
 
     def _off(self, now: float) -> None:
         self.available = False
@@ -446,11 +479,18 @@ class Api:
                 if _refused(exc):
                     self._switch(route.on_refused(now), exc)
                     by_id.extend(chunk)
-                elif route.on_failed(now):
-                    self._switch(route.switches == 1, exc)
-                    by_id.extend(chunk)
-                else:
-                    results.update((task_id, exc) for task_id in chunk)
+                elif _says_nothing_of_the_route(exc) or not route.last_straw():
+                    results.update((task_id, exc) for task_id in chunk)  # backed off, kept
+                    if not _says_nothing_of_the_route(exc):
+                        route.on_failed(now)
+                else:  # failing again: the route's trouble, or the whole service's?
+                    results.update(await self._probe(chunk, exc))
+                    if _answered(results[chunk[0]]):
+                        route.on_failed(self.clock())  # the last straw: off
+                        self._switch(route.switches == 1, exc)
+                        by_id.extend(chunk[1:])
+                    else:
+                        route.on_outage()
                 continue
             route.on_ok()
             wanted = set(chunk)
@@ -458,6 +498,18 @@ class Api:
             by_id.extend(t for t in chunk if t not in results or t in unreadable)
         if by_id:
             results.update(await self._each(by_id))
+        return results
+
+    async def _probe(self, chunk: Sequence[str], exc: ApimartError) -> Statuses:
+        """The batch request failed once more: the first id read by id tells whether the
+        service answers at all; the rest of ``chunk`` keeps the batch request's error."""
+        results: Statuses = dict.fromkeys(chunk, exc)
+        try:
+            results[chunk[0]] = await self.get_task(chunk[0])
+        except ClientClosedError:
+            raise
+        except ApimartError as failed:
+            results[chunk[0]] = failed
         return results
 
     def batch_route_usable(self, now: float) -> bool:

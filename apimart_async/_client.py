@@ -354,8 +354,9 @@ class AsyncApimart:
     @property
     def batch_route_available(self) -> bool | None:
         """True once the batch status route answered, False while status reads go task by
-        task because it refused or kept failing (it is tried again after a while), None
-        before it has answered."""
+        task because it refused or kept failing while the service answered per-task reads
+        (it is tried again after a while; an outage does not switch it off), None before it
+        has answered."""
         return self._api.route.available
 
     def request_counts(self) -> dict[str, int]:

@@ -142,6 +142,53 @@ async def test_consecutive_batch_failures_switch_then_the_route_is_tried_again(
     assert len(warnings_of(caplog)) == 1
 
 
+@pytest.mark.parametrize("outage", ["connection refused", "503 on every route"])
+async def test_an_outage_keeps_the_batch_route_and_uses_it_again_at_recovery(
+    caplog: pytest.LogCaptureFixture, outage: str
+) -> None:
+    """brk21d: an outage (the service down, connections refused) was logged as "batch status
+    route unusable" and status reads went task by task for the next 600 s, one request per
+    task instead of one per hundred. Failing everywhere says nothing of the batch route: the
+    poller keeps it and backs off, and the first round after the recovery goes through it.
+    Only a route failing while the service answers per-task reads is switched off
+    (``test_consecutive_batch_failures_switch_then_the_route_is_tried_again``)."""
+    caplog.set_level(logging.INFO, logger="apimart_async")
+    async with Emulator(mode="manual", frozen_clock=True) as emu:
+        async with client_of(emu, wait_unreachable=None) as client:
+            ids = emu.create_tasks(3)
+            with anyio.fail_after(DEADLINE):
+                async with client.tasks.watch(ids) as stream:
+                    await emu.wait_until(lambda: emu.counters.get("batch", 0) >= 2)
+                    assert client.batch_route_available is True
+                    if outage == "connection refused":
+                        await emu.stop()
+                    else:
+                        emu.faults.set_rate(
+                            1.0, endpoints=["batch", "task"], faults=[Fault.server_error(503)]
+                        )
+
+                    def attempts() -> int:  # status requests tried, refused ones too
+                        counts = client.request_counts()
+                        return counts.get("batch", 0) + counts.get("task", 0)
+
+                    sent = attempts()
+                    # five rounds of status reads failing (each after its retry), and more
+                    await until(lambda: attempts() >= sent + 10)
+                    assert client.batch_route_available is True
+                    if outage == "connection refused":
+                        await emu.start()
+                    else:
+                        emu.faults.clear()
+                    by_id, batched = emu.counters.get("task", 0), emu.counters["batch"]
+                    await emu.wait_until(lambda: emu.counters["batch"] >= batched + 3)
+                    assert emu.counters.get("task", 0) == by_id  # no read task by task
+                    emu.complete_all()
+                    done = [t async for t in stream]
+    assert sorted(t.id for t in done) == sorted(ids)
+    assert not [w for w in warnings_of(caplog) if "unusable" in w]
+    assert not [r for r in caplog.records if "unusable" in r.getMessage()]
+
+
 async def test_refused_route_is_tried_again_after_ten_minutes(manual: Emulator) -> None:
     manual.batch_route = "refuse"
     async with client_of(manual) as client:

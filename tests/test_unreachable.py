@@ -196,8 +196,9 @@ def test_wait_unreachable_default_is_five_minutes() -> None:
 
 
 async def test_every_kind_of_wait_fails_loud_when_status_reads_all_fail(
-    manual_emu: Emulator,
+    manual_emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="apimart_async")
     async with am.AsyncApimart(
         manual_emu.api_key,
         base_url=manual_emu.base_url,
@@ -238,6 +239,9 @@ async def test_every_kind_of_wait_fails_loud_when_status_reads_all_fail(
         assert all(isinstance(o.error, am.APIConnectionError) for o in outcomes), outcomes
         assert "unreachable" in str(ended["wait"])
         assert manual_emu.tasks_created == 4  # every task was created: only reads failed
+        # fix21: an outage is no evidence against the batch route: it is kept
+        assert client.batch_route_available is not False
+        assert not [r for r in caplog.records if "route unusable" in r.getMessage()]
 
 
 # -- a service that hangs (brk21c) ----------------------------------------------------------------
