@@ -54,6 +54,7 @@ from ._transport import Reply, SendTrack, Transport, new_idempotency_key
 __all__ = [
     "BATCH_ROUTE_FAILURES",
     "BATCH_ROUTE_RETRY",
+    "MAX_TASK_ID",
     "MAX_UPLOAD_BYTES",
     "Api",
     "BatchRoute",
@@ -112,15 +113,25 @@ def sniff_image(data: bytes) -> tuple[str, str] | None:
     return None
 
 
-#: White space (the regex ``\s`` is str.isspace's set), control characters and '/'.
-_BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f/]")
+#: White space (the regex ``\s`` is str.isspace's set), control characters (C0, DEL, C1)
+#: and '/': a task id goes into a URL path.
+_BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f/]")
+#: The longest task id sent (fix21): the service's are about 30 characters
+#: (``task_01KS1H7ZYSJWH1N779S2FSHTKA``); a URL path of 10,000 is refused by servers (8 KB).
+MAX_TASK_ID: Final = 256
 
 
 def check_task_id(task_id: Any, field: str = "task_id") -> str:
+    """``task_id`` if it can be a task id of the service; else a ``ValidationError`` naming
+    ``field`` and the rule, before any request."""
     if not isinstance(task_id, str) or not task_id.strip():
         raise ValidationError([FieldError(field, "must be a non-empty string", task_id)])
+    if len(task_id) > MAX_TASK_ID:
+        rule = f"must be at most {MAX_TASK_ID} characters, not {len(task_id)}"
+        raise ValidationError([FieldError(field, rule, task_id)])  # shown cut short
     if _BAD_ID_CHAR.search(task_id) is not None:
-        raise ValidationError([FieldError(field, "must not contain '/' or white space", task_id)])
+        rule = "must not contain '/', white space or control characters"
+        raise ValidationError([FieldError(field, rule, task_id)])
     if not task_id.isascii() and not is_unicode_text(task_id):
         raise ValidationError([FieldError(field, NOT_UNICODE, task_id)])
     return task_id

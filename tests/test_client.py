@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import anyio
 import pytest
@@ -229,6 +230,50 @@ async def test_bad_task_ids_are_refused_before_sending(
     with pytest.raises(am.ValidationError, match="^task_id: "):
         await client.tasks.get(bad)  # type: ignore[arg-type]
     assert emu.counters == {}
+
+
+@pytest.mark.parametrize(
+    ("bad", "rule"),
+    [
+        ("t" * 10_000, "must be at most 256 characters, not 10000"),
+        ("t" * 257, "must be at most 256 characters, not 257"),
+        ("task_\x7f1", "must not contain '/', white space or control characters"),
+        ("task_\x9b1", "must not contain '/', white space or control characters"),
+        ("task_\x001", "must not contain '/', white space or control characters"),
+        ("task/../balance", "must not contain '/', white space or control characters"),
+        ("   ", "must be a non-empty string"),
+    ],
+    ids=["10000 chars", "257 chars", "DEL", "C1 CSI", "NUL", "slash", "blank"],
+)
+async def test_a_bad_task_id_is_refused_by_every_method_before_any_request(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, bad: str, rule: str
+) -> None:
+    """brk21d: a 10,000-character task id went to the service unchecked (``tasks.get``,
+    ``tasks.wait``...): a URL path no server takes. Ids are checked first, by every method
+    that takes one, each error naming the field and the rule; nothing reaches the service.
+    Real ids are about 30 characters (``task_01KS1H7ZYSJWH1N779S2FSHTKA``); 256 leaves room."""
+    calls = {
+        "get": lambda: manual_client.tasks.get(bad),
+        "wait": lambda: manual_client.tasks.wait(bad, timeout=5),
+        "get_many": lambda: manual_client.tasks.get_many(["task_ok", bad]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(am.ValidationError) as caught:
+            await call()
+        field = "task_ids[]" if name == "get_many" else "task_id"
+        assert (caught.value.field, caught.value.rule) == (field, rule), name
+    with pytest.raises(am.ValidationError, match=r"^task_ids\[\]: " + re.escape(rule)):
+        async with manual_client.tasks.watch(["task_ok", bad]):
+            pass
+    assert sum(manual_emu.counters.values()) == 0
+
+
+async def test_a_task_id_of_256_characters_is_sent() -> None:
+    from apimart_async._api import check_task_id
+
+    assert check_task_id("t" * 256) == "t" * 256
+    assert check_task_id("task_01KS1H7ZYSJWH1N779S2FSHTKA") == "task_01KS1H7ZYSJWH1N779S2FSHTKA"
+    assert check_task_id("タスク_1") == "タスク_1"  # not ASCII, but text: passed through
 
 
 # -- get_many -------------------------------------------------------------------------------
