@@ -8,7 +8,8 @@
     POST /videos/generate         submit and wait inside the request (``?timeout=``)
     POST /batches                 {"name": ..., "jobs": [...]} -> 202; runs in the background
     GET  /batches/{name}          its counts (``BatchStats.to_dict()``) and outcomes so far
-    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag
+    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag, whether
+                                  the startup recovery still runs
     POST /apimart/callback        APIMart's webhook callbacks (with ``--webhook-url``)
 
 What it shows:
@@ -23,7 +24,9 @@ What it shows:
   polling left behind) and, when the server shuts down, answers 503 with the task id at once
   instead of holding the shutdown.
 - A background batch has a journal of its own; batches left unfinished are resumed on startup
-  (nothing is submitted twice; finished jobs are replayed from the journal).
+  (nothing is submitted twice; finished jobs are replayed from the journal). That recovery,
+  like the settling of submits whose reply was lost, runs in the background: the app serves
+  at once, however slow the service is to answer it, and a shutdown cancels it.
 - SDK errors become HTTP statuses (``http_status``): 422 for a request that breaks a model's
   rule or that the service refuses (400), 413 a body too large for it, 402 balance, 429 rate
   limit, 404 unknown task, 504 a wait or an upstream timeout, 502 any other upstream failure;
@@ -174,10 +177,14 @@ class Batches:
         )
 
     async def resume_all(self) -> None:
-        """Start every batch of ``folder`` again (the startup step)."""
-        for path in sorted(self.folder.glob("*.jobs.json")):
+        """Start every batch of ``folder`` again (the startup step, while the app serves: a
+        batch a request started meanwhile under the same name is left alone)."""
+        paths = await anyio.to_thread.run_sync(lambda: sorted(self.folder.glob("*.jobs.json")))
+        for path in paths:
             name = path.name.removesuffix(".jobs.json")
-            self.start(name, await anyio.to_thread.run_sync(_read_jobs, path))
+            jobs = await anyio.to_thread.run_sync(_read_jobs, path)
+            if not self.running(name) and self.stopping is None:
+                self.start(name, jobs)
 
     async def _run(self, name: str, jobs: list[am.VideoRequest]) -> None:
         kept = self.outcomes[name]
@@ -325,9 +332,13 @@ def create_app(
             api_key, base_url=base_url, poll=policy, journal=journal
         ) as client:
             app.state.client = client
-            await settle_lost_replies(client)
             app.state.batches = Batches(client, folder, app.state)
-            await app.state.batches.resume_all()
+            # The recovery of an earlier run (lost submits settled, batches resumed) talks to
+            # the service: in the background, so that the app serves at once however slow
+            # the service is to answer it; cancelled by the shutdown.
+            recovery = app.state.recovery = asyncio.get_running_loop().create_task(
+                recover_earlier_run(client, app.state.batches), name="startup recovery"
+            )
             # What startup made (the framework's and the SDK's modules, the app) lives as long
             # as the process: out of the cyclic GC's way, so that its full collections, which
             # hold the event loop, walk only what requests and batches make afterwards.
@@ -336,6 +347,9 @@ def create_app(
                 yield
             finally:
                 app.state.stopping.set()
+                recovery.cancel()  # a submit it was settling stays listed for the next start
+                with contextlib.suppress(asyncio.CancelledError):
+                    await recovery
                 await app.state.batches.stop(grace)
                 lag_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -369,6 +383,22 @@ def check_webhook_url(url: str | None) -> str | None:
 #: Lost submits settled at once on startup: a backlog of them (a crash under load) is sent
 #: side by side, not one round trip after another, and without a burst the service refuses.
 RECOVER_CONCURRENCY = 8
+
+
+async def recover_earlier_run(client: am.AsyncApimart, batches: Batches) -> None:
+    """The startup step, run in the background while the app serves: the submits of an
+    earlier run whose reply was lost get their task id, and its unfinished batches run again,
+    side by side. A failure is logged; the app serves on."""
+
+    async def step(name: str, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except am.ApimartError as exc:  # the journal cannot be read, the client closed...
+            logger.warning("startup recovery: %s stopped: %s", name, exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(step, "settling lost submits", lambda: settle_lost_replies(client))
+        tg.start_soon(step, "resuming batches", batches.resume_all)
 
 
 async def settle_lost_replies(client: am.AsyncApimart) -> None:
@@ -571,6 +601,7 @@ def _add_routes(app: FastAPI) -> None:
         if reset_lag or reset_all:
             lag.reset(everything=reset_all)
         return {
+            "recovering": not request.app.state.recovery.done(),  # the startup recovery
             "asyncio_tasks": len(asyncio.all_tasks()),
             "requests_in_flight": request.app.state.in_flight - 1,  # not this one
             "loop_lag": window,
