@@ -222,6 +222,8 @@ class Poller:
         #: Called with every watch's end before its waiters are (the client's journal
         #: records the ends it sees, issue 21); it must not raise.
         self.on_end: WatchCallback | None = None
+        #: Keeps the deadlines and ``unreachable`` while a round's read is out (brk21c, fix21).
+        self.keeper: Keeper = Keeper()
         #: Check rounds run and task statuses read, for stats and benchmarks.
         self.rounds: int = 0
         self.checks: int = 0
@@ -248,6 +250,7 @@ class Poller:
         self._wall = wall
         self.time_scale = float(time_scale)
         self._wake.set()
+        self.keeper.wake()
 
     # -- registration --------------------------------------------------------------------------
 
@@ -277,6 +280,7 @@ class Poller:
         if not self._watchers:  # idle until now: no evidence of an outage in the meantime
             self._failing_since = self._warned_since = None
             self._asking_since = None if self._asking_since is None else anyio.current_time()
+            self.keeper.wake()  # a read still out times this wait from now
         entry = self._watchers.get(task_id)
         if entry is None:
             entry = self._watchers[task_id] = _Watchers()
@@ -285,6 +289,7 @@ class Poller:
         entry.waiters.append(waiter)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), task_id, waiter))
+            self.keeper.wake()  # a deadline to keep
         self.schedule.add(
             task_id,
             now=now,
@@ -356,7 +361,7 @@ class Poller:
         self._reading = reads = _ReadTasks()  # issue 22: per-task reads in flight
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_keep_time, self)  # brk21c: deadlines hold while a read is out
+                tg.start_soon(self.keeper.run, self)  # brk21c: deadlines hold while a read is out
                 while True:
                     try:
                         await self._round()
@@ -410,7 +415,7 @@ class Poller:
     async def _check(self, ids: list[str]) -> None:
         self.rounds += 1
         token = request_tally.set(_tallies(self._watchers, ids))
-        self._asking_since = self._asking_since or anyio.current_time()
+        _start_asking(self)
         try:
             results = await self._fetch(ids)
         except ClientClosedError:
@@ -437,16 +442,9 @@ class Poller:
 
     # -- issue 22: per-task reads, each on its own ---------------------------------------------
 
-    def _rate(self) -> float | None:
-        """The requests-per-second cap in force (the tightest, scaled by the throttle)."""
-        pacing = self._pacing
-        if pacing is None or not pacing.limiters:
-            return None
-        return min(limiter.rate for limiter in pacing.limiters) * pacing.throttle.factor
-
     def _per_task_due(self, now: float) -> tuple[list[str], bool]:
         """The ids whose reads may leave now, and whether the window held some back."""
-        free = self.reads.free(self._rate())
+        free = self.reads.free(_rate(self._pacing))
         ids = self.schedule.due(now, batched=False, limit=free)
         wakeup = self.schedule.next_wakeup() if len(ids) == free else None
         held = wakeup is not None and wakeup <= now
@@ -471,7 +469,7 @@ class Poller:
         trouble = self._trouble()
         result: Task | ApimartError
         request_tally.set(_tallies(self._watchers, [task_id]))  # this task's own context
-        self._asking_since = self._asking_since or anyio.current_time()
+        _start_asking(self)
         try:
             result = await self._read(task_id)
         except ApimartError as exc:
@@ -597,8 +595,7 @@ class Poller:
         if since is None or not self._watchers:
             return
         error = f"{type(last).__name__}: {last}" if last is not None else "no answer"
-        warn_after = _WARN_AFTER if limit is None else min(_WARN_AFTER, limit / 2)
-        if self._warned_since != since and now - since >= warn_after:
+        if self._warned_since is None and now - since >= _warn_after(limit):  # once an outage
             self._warned_since = since
             logger.warning(
                 "status reads have failed for %gs (%s); %d wait(s) %s",
@@ -681,16 +678,78 @@ def _unhandled(poller: Poller, task_id: str, exc: Exception, now: float) -> None
         poller._finish(task_id, ResponseValidationError(what))
 
 
-async def _keep_time(poller: Poller) -> None:
-    """Beside the poller's rounds (brk21c): the waits' deadlines and ``unreachable`` end waits
-    on time even while a round's read is out, which a service that accepts connections and
-    never answers holds for minutes (attempt timeouts times retries). At each deadline, and
-    at least every quarter of a second."""
-    while True:
-        now = poller.now()
-        poller._give_up_if_unreachable(now)
-        for task_id, waiter in poller._expired(now):
-            poller._call(task_id, waiter, TaskTimeoutError(task_id, waiter.timeout or 0.0))
+def _rate(pacing: Pacing | None) -> float | None:
+    """The requests-per-second cap in force (the tightest, scaled by the throttle)."""
+    if pacing is None or not pacing.limiters:
+        return None
+    return min(limiter.rate for limiter in pacing.limiters) * pacing.throttle.factor
+
+
+def _warn_after(limit: float | None) -> float:
+    """Seconds of failed reads before the WARNING: 30, or half ``unreachable`` if less."""
+    return _WARN_AFTER if limit is None else min(_WARN_AFTER, limit / 2)
+
+
+def _start_asking(poller: Poller) -> None:
+    """A status read leaves: if none was out, the oldest unanswered read is this one, and
+    the keeper times it from now."""
+    if poller._asking_since is None:
+        poller._asking_since = anyio.current_time()
+        poller.keeper.wake()
+
+
+class Keeper:
+    """Beside the poller's rounds (brk21c): the waits' deadlines and ``unreachable`` end
+    waits on time even while a round's read is out, which a service that accepts
+    connections and never answers holds for minutes (attempt timeouts times retries).
+
+    It sleeps until there is something to do (fix21: it woke every quarter of a second, for
+    the life of the client): the earliest deadline, or, while a read is out, the moment that
+    read would be warned about or given up; for ever when nothing is watched, until ``wake``
+    (a deadline added, a read leaving, another clock)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        #: Times it woke up (tests count them).
+        self.wakeups: int = 0
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def woken(self) -> None:
+        """Until ``wake`` is called."""
+        await self._event.wait()
+
+    async def pause(self, seconds: float) -> None:
+        """``seconds`` of real time (at least a millisecond), or until ``wake``."""
+        with anyio.move_on_after(max(0.001, seconds)):
+            await self._event.wait()
+
+    def delay(self, poller: Poller, now: float) -> float:
+        """The poller's seconds from ``now`` until there is something to do (``inf``: none)."""
+        if not poller._watchers:
+            return math.inf
+        times: list[float] = []
         deadline = poller._next_deadline()
-        wait = 0.25 if deadline is None else (deadline - now) / poller.time_scale
-        await anyio.sleep(min(0.25, max(0.001, wait)))
+        if deadline is not None:
+            times.append(deadline)
+        asking, limit = poller._asking_since, poller.unreachable
+        if asking is not None:  # as ``_give_up_if_unreachable`` counts it
+            since = now - (anyio.current_time() - asking) * poller.time_scale
+            if poller._failing_since is not None:
+                since = min(since, poller._failing_since)
+            if poller._warned_since is None:
+                times.append(since + _warn_after(limit))
+            if limit is not None:
+                times.append(since + limit)
+        return max(0.0, min(times) - now) if times else math.inf
+
+    async def run(self, poller: Poller) -> None:
+        while True:
+            now = poller.now()
+            poller._give_up_if_unreachable(now)
+            for task_id, waiter in poller._expired(now):
+                poller._call(task_id, waiter, TaskTimeoutError(task_id, waiter.timeout or 0.0))
+            self._event = anyio.Event()  # a wake from here on ends the pause
+            await self.pause(self.delay(poller, poller.now()) / poller.time_scale)
+            self.wakeups += 1

@@ -248,7 +248,9 @@ async def test_every_kind_of_wait_fails_loud_when_status_reads_all_fail(
 
 
 @pytest.mark.parametrize("route", ["batch route", "per-task reads"])
-async def test_a_status_read_that_hangs_still_ends_waits_on_time(route: str) -> None:
+async def test_a_status_read_that_hangs_still_ends_waits_on_time(
+    route: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """brk21c: a service that accepts connections and never answers (a stopped process
     behind its address, a stuck proxy) held the round's read for minutes (four 60 s
     attempts): a ``tasks.wait(id, timeout=3)`` ended after 121 s, ``wait_unreachable=5``
@@ -285,6 +287,12 @@ async def test_a_status_read_that_hangs_still_ends_waits_on_time(route: str) -> 
     assert isinstance(result_a, am.TaskTimeoutError) and after_a < 1.0
     assert isinstance(result_b, am.APIConnectionError) and 1.0 <= after_b < 5.0
     assert "wait_unreachable=1" in str(result_b) and "no answer" in str(result_b)
+    # fix21: one WARNING at half the limit, not one at each look of the keeper (its float
+    # "since" moved with real time: 4 a second until the waits ended), then the give-up
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("status reads have failed for ")
+    assert warnings[1].startswith("the API has been unreachable")
 
 
 async def test_a_client_wait_on_a_hung_service_ends_at_its_timeout(manual_emu: Emulator) -> None:
@@ -302,3 +310,73 @@ async def test_a_client_wait_on_a_hung_service_ends_at_its_timeout(manual_emu: E
             assert anyio.current_time() - start < 2.0  # not when the held read comes back
             with pytest.raises(am.APIConnectionError, match="unreachable"):
                 await client.tasks.wait(task_id)
+
+
+# -- the keeper beside the rounds sleeps until there is something to time (fix21 5) -----------
+
+
+async def test_the_keeper_sleeps_until_the_next_deadline_or_outage_step_and_never_when_idle() -> (
+    None
+):
+    """brk21d: the task keeping the waits' deadlines while a read is out (``Keeper``) woke
+    every 0.25 s for the life of the client, even with nothing watched (an idle client in a
+    web app: four wake-ups a second, for ever). What it sleeps, on a fake clock: for ever
+    while nothing is watched, nor any deadline or read out; else until the earliest deadline,
+    or the moment a read out now would be warned about (30 s) or given up (``unreachable``)."""
+    clock = FakeClock()
+
+    async def fetch(ids: list[str]) -> dict[str, am.Task | ApimartError]:
+        raise AssertionError("no round runs here")
+
+    poller = Poller(fetch, POLICY, clock=clock, wall=clock, unreachable=300.0)
+    keeper = poller.keeper
+    assert keeper.delay(poller, clock.now) == math.inf  # nothing watched: never
+    poller.watch("task_a", lambda i, r: None)
+    assert keeper.delay(poller, clock.now) == math.inf  # no deadline, no read out
+    poller.watch("task_b", lambda i, r: None, timeout=100)
+    assert keeper.delay(poller, clock.now) == 100.0
+    poller._asking_since = anyio.current_time()  # a read leaves and hangs
+    assert 29.0 < keeper.delay(poller, clock.now) <= 30.0  # its warning is due first
+    poller._warned_since = clock.now  # the outage was warned about
+    assert 99.0 < keeper.delay(poller, clock.now) <= 100.0  # warned: the deadline next
+    poller.unreachable = 50.0
+    assert 49.0 < keeper.delay(poller, clock.now) <= 50.0  # given up at 50 s
+    poller.unwatch("task_b", poller._watchers["task_b"].waiters[0].done)
+    poller.unwatch("task_a", poller._watchers["task_a"].waiters[0].done)
+    assert keeper.delay(poller, clock.now) == math.inf  # nothing watched again
+
+
+async def test_the_keeper_wakes_only_when_there_is_something_to_do() -> None:
+    """Its wake-ups counted, with the pauses it asks for taken on the fake clock (no real
+    time): idle it pauses for ever; a watch with a deadline wakes it, it pauses until that
+    deadline, ends that wait, and pauses for ever again."""
+    clock = FakeClock()
+
+    async def fetch(ids: list[str]) -> dict[str, am.Task | ApimartError]:
+        raise AssertionError("no round runs here")
+
+    poller = Poller(fetch, POLICY, clock=clock, wall=clock, unreachable=300.0)
+    keeper = poller.keeper
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if math.isinf(seconds):
+            await keeper.woken()
+        else:
+            clock.now += seconds
+
+    keeper.pause = pause  # type: ignore[method-assign]
+    ended: dict[str, am.Task | ApimartError] = {}
+    with anyio.fail_after(10):  # a hang guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keeper.run, poller)
+            for _ in range(100):  # the event loop runs on: nothing wakes the keeper
+                await anyio.lowlevel.checkpoint()
+            assert pauses == [math.inf]
+            poller.watch("task_a", lambda i, r: ended.setdefault(i, r), timeout=10)
+            await anyio.wait_all_tasks_blocked()
+            assert pauses == [math.inf, 10.0, math.inf]
+            assert isinstance(ended["task_a"], am.TaskTimeoutError)
+            assert keeper.wakeups == 2
+            tg.cancel_scope.cancel()
