@@ -19,9 +19,14 @@ How the next check is chosen (``PollPolicy``), issue 22:
    A kind whose progress proved to move in a straight line (``_priors``, issue 11) gets the
    window its last progress implies, when that is the narrower one and lies within the
    estimate's (partly outside it, the task's progress is not what the kind taught, and the
-   estimate's window stands). A learned window narrower
-   than ``target_lag`` gets a single check, at its latest end; if that check finds the task
-   still running, the task is followed from then on as if nothing had been learned.
+   estimate's window stands). The trust is what tasks that ended taught, and tasks in flight
+   may show it no longer holds (the service's progress turned uneven): a task whose own
+   readings fit no straight line from its start within the kind's trusted spread (each
+   reading widened by its request's time) is followed as if nothing had been learned, and its
+   kind's trust is in doubt until it leaves the schedule: used for none of the kind's tasks,
+   and those whose next check it set fall back to the window without it. A learned window
+   narrower than ``target_lag`` gets a single check, at its latest end; if that check finds
+   the task still running, the task is followed from then on as if nothing had been learned.
 3. Before the window, nothing is checked (the window's edge is the next check; ``max_interval``
    still caps every wait). From the window's edge until the task ends, two checks never leave
    more than ``target_lag`` seconds apart. With the batch route the checks sit on a grid of a
@@ -210,9 +215,22 @@ class _Watch:
     implied_ceiling: float | None = None
     implied_floor: float | None = None
     #: the end of the narrow window the next check was set at (see ``_plan``); a check that
-    #: still finds the task running past it sets ``narrow_missed`` for good
+    #: still finds the task running past it sets ``distrusted``
     narrow_until: float | None = None
-    narrow_missed: bool = False
+    #: the kind's progress trust no longer applies to this task, for good: a narrow window's
+    #: check still found it running past the window's end, or its own readings do not fit one
+    #: straight line within the kind's trusted spread (``_plan``)
+    distrusted: bool = False
+    #: its readings put its kind's trust in doubt (``_Doubts``) until it leaves the schedule
+    doubting: bool = False
+    #: the next check was set from the kind's trusted window; the window without the trust
+    #: starts at ``fallback`` (``_fall_back``)
+    trusted: bool = False
+    fallback: float = 0.0
+    #: the largest floor and the smallest ceiling of its readings, each widened by the time of
+    #: its request (``_fits``)
+    line_floor: float = 0.0
+    line_ceiling: float = math.inf
     #: issue 15: a webhook will say when the task ends (polled slowly, as a fallback); a
     #: callback came while a check was in flight (the check may predate the end)
     webhook: bool = False
@@ -278,6 +296,34 @@ class _Gathering:
         return [(x, now) for x in full]
 
 
+class _Doubts:
+    """Kinds whose progress trust tasks in flight put in doubt: a task whose own readings fit
+    no straight line within its kind's trusted spread holds a doubt on the kind until it
+    leaves the schedule (it has ended, and taught the kind what it showed). While a kind is in
+    doubt its trust is used for none of its tasks (``PollSchedule._plan``): trust learned from
+    tasks that ended is not taken over what tasks in flight show."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._held
+
+    def hold(self, kind: str) -> bool:
+        """One more doubt on ``kind``; True when it was not in doubt (its tasks whose next
+        check the trust set must fall back: ``_fall_back``)."""
+        held = self._held.get(kind, 0)
+        self._held[kind] = held + 1
+        return held == 0
+
+    def release(self, kind: str) -> None:
+        held = self._held.pop(kind, 0)
+        if held > 1:
+            self._held[kind] = held - 1
+
+
 class PollSchedule:
     """The next-check times of every watched task. All times are the caller's monotonic clock.
 
@@ -309,6 +355,8 @@ class PollSchedule:
         self._gathering = _Gathering()
         #: callbacks for tasks not followed (yet)
         self._early = _EarlyHints()
+        #: kinds whose progress trust tasks in flight put in doubt
+        self._doubts = _Doubts()
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -473,6 +521,8 @@ class PollSchedule:
             del self._watches[task.id]
             w.version += 1  # ``_drop``, inline
             self._learn(w, task, now)
+            if w.doubting:  # what it showed is learned: the doubt it held goes
+                self._drop(w)
             return True
         if w.t0 is None and task.created is not None and wall_now is not None:
             age = wall_now - task.created
@@ -537,49 +587,30 @@ class PollSchedule:
 
     def _learn(self, w: _Watch, task: Task, now: float) -> None:
         """A task ended: a completed one of a known kind and start teaches its kind's prior."""
-        if w.kind is None or w.t0 is None or not task.ok:
+        kind = w.kind
+        if kind is None or w.t0 is None or not task.ok:
             return
         running = None if w.running_sent is None else w.running_sent - w.t0
         estimate = task.estimated_time if task.estimated_time else w.estimate
         extrapolated = None
         if w.implied_ceiling is not None and w.implied_floor is not None:
             extrapolated = (w.implied_ceiling, w.implied_floor)
-        trusted = self._trust(w.kind) is not None
+        earned = self.priors.progress_trust(kind) is not None  # doubts aside: earned before
         self.priors.observe(
-            w.kind,
+            kind,
             seen_running=running,
             seen_done=now - w.t0,
             estimate=estimate,
             extrapolated=extrapolated,
             implied=None if w.implied is None else sum(w.implied) / 2,
         )
-        if not trusted and self._trust(w.kind) is not None:
-            self._replan_kind(w.kind, now)
+        if not earned and self._trust(kind) is not None:
+            _replan_kind(self, kind, now)
 
     def _trust(self, kind: str | None) -> tuple[float, float] | None:
-        """The range of ``duration / extrapolated`` the kind's progress earned, or None."""
-        return self.priors.progress_trust(kind)
-
-    def _replan_kind(self, kind: str, now: float) -> None:
-        """The kind's progress has just earned trust: its tasks waiting for a check are moved
-        to the end their last progress implies, when that window is narrower than target_lag
-        (as ``_plan`` would have done had the trust been there)."""
-        trust = self._trust(kind)
-        if trust is None:
-            return
-        for w in self._watches.values():
-            if w.kind != kind or w.checking or w.narrow_missed or w.t0 is None:
-                continue
-            if w.implied is None:
-                continue
-            lag = min(w.policy.target_lag, w.policy.max_interval)
-            lo, hi = w.t0 + w.implied[0] * trust[0], w.t0 + w.implied[1] * trust[1]
-            if now < hi and hi - lo <= lag:
-                w.narrow_until = hi
-                soonest = now + min(w.policy.min_interval, lag) * 0.5
-                # max_interval from its last check still caps the wait
-                cap = (now if w.last_at is None else w.last_at) + w.policy.max_interval
-                self._set(w, max(soonest, min(hi, cap)))
+        """The range of ``duration / extrapolated`` the kind's progress earned, or None (also
+        while tasks in flight put it in doubt)."""
+        return None if kind in self._doubts else self.priors.progress_trust(kind)
 
     @staticmethod
     def _backoff(w: _Watch) -> float:
@@ -596,11 +627,14 @@ class PollSchedule:
         w.next_at = at
         heapq.heappush(self._heap, (at, next(self._seq), w, version))
 
-    @staticmethod
-    def _drop(w: _Watch | None) -> None:
-        """``w`` has left the schedule: its heap entries are stale from now on."""
+    def _drop(self, w: _Watch | None) -> None:
+        """``w`` has left the schedule: its heap entries are stale from now on, and the doubt
+        it held on its kind's trust goes."""
         if w is not None:
             w.version += 1
+            if w.doubting and w.kind is not None:
+                w.doubting = False
+                self._doubts.release(w.kind)
 
     def _prune(self) -> None:
         heap = self._heap
@@ -673,7 +707,7 @@ class PollSchedule:
             # a narrow window's check found the task still running (a check that rode along
             # before the window's end, on the batch route, proves nothing against it)
             if sent >= w.narrow_until - 1e-9:
-                w.narrow_missed = True
+                w.distrusted = True
             w.narrow_until = None
         # the duration the progress implies, as of when the service read it (about halfway
         # through the request): learned from at every check, trusted once a kind taught it
@@ -684,8 +718,10 @@ class PollSchedule:
             floor, ceiling = age * 100.0 / (progress + 1), age * 100.0 / progress
             implied = (floor, ceiling)
             f, c = w.implied_floor, w.implied_ceiling
-            w.implied_floor = floor if f is None or floor > f else f
-            w.implied_ceiling = ceiling if c is None or ceiling < c else c
+            f = floor if f is None or floor > f else f
+            c = ceiling if c is None or ceiling < c else c
+            w.implied_floor, w.implied_ceiling = f, c
+            _read_line(self, w, trust, (start, sent, now), progress)
         w.implied = implied
         # The earliest and latest plausible ends. An estimate is off by up to estimate_margin
         # either way; progress may lag elapsed time and stall, so it only ever stands in for a
@@ -714,8 +750,10 @@ class PollSchedule:
         else:
             lo = start + default_lo
             hi = start + default_hi
-        if w.narrow_missed:
+        if w.distrusted or (trust is not None and w.kind in self._doubts):
             trust = None
+        w.trusted = False
+        w.fallback = lo
         if trust is not None and implied is not None and start is not None:
             # a kind whose progress proved straight: its window, when it lies within the one
             # the estimate gives (if any). Partly outside it, this task's progress is not what
@@ -726,8 +764,10 @@ class PollSchedule:
             inside = estimate is None or (lo <= lo_p and hi_p <= hi)
             if inside and lo_p <= hi_p and hi_p - lo_p < hi - lo:
                 lo, hi = lo_p, hi_p
+                w.trusted = True
                 learned = True
         if w.webhook:  # age unknown: no end to expect, the slow cadence
+            w.trusted = False  # (a callback says when it ends: nothing to fall back to)
             at = _webhook_check(w.policy, now, hi if start is not None else -math.inf)
             if w.look_by is not None and now < w.look_by < at:
                 at = w.look_by  # the last look before a wait gives up
@@ -736,7 +776,7 @@ class PollSchedule:
         span = hi - (start if start is not None else now)
         if lag > span:
             span = lag
-        if learned and not w.narrow_missed and now < hi and hi - lo <= lag:
+        if learned and not w.distrusted and now < hi and hi - lo <= lag:
             # A window narrower than target_lag (learned): one check at its latest end sees
             # the end within target_lag. If that check finds the task running, the window was
             # wrong for this task: from then on it is followed as any other.
@@ -800,6 +840,84 @@ def _rejoin(
         heapq.heappush(s._deadlines, (deadline, w.task_id, w.version))
     if check_now and not w.checking:
         s._set(w, now)
+
+
+def _replan_kind(s: PollSchedule, kind: str, now: float) -> None:
+    """The kind's progress has just earned trust: its tasks waiting for a check are moved
+    to the end their last progress implies, when that window is narrower than target_lag
+    (as ``_plan`` would have done had the trust been there)."""
+    trust = s._trust(kind)
+    if trust is None:
+        return
+    for w in s._watches.values():
+        if w.kind != kind or w.checking or w.distrusted or w.t0 is None:
+            continue
+        if w.implied is None:
+            continue
+        lag = min(w.policy.target_lag, w.policy.max_interval)
+        lo, hi = w.t0 + w.implied[0] * trust[0], w.t0 + w.implied[1] * trust[1]
+        if now < hi and hi - lo <= lag:
+            w.narrow_until = hi
+            w.trusted = True
+            soonest = now + min(w.policy.min_interval, lag) * 0.5
+            # max_interval from its last check still caps the wait
+            cap = (now if w.last_at is None else w.last_at) + w.policy.max_interval
+            s._set(w, max(soonest, min(hi, cap)))
+
+
+def _read_line(
+    s: PollSchedule,
+    w: _Watch,
+    trust: tuple[float, float] | None,
+    times: tuple[float, float, float],
+    progress: float,
+) -> None:
+    """A reading of ``progress`` % of ``w`` (``times``: when it started, when the request left,
+    when it came back). The end a straight line through it implies, as wide as the
+    request's time makes it (the service read the progress at some moment of it, and the
+    submit took about as long), is kept with the others'; when no straight line within the
+    kind's trusted spread passes through all of them (a plateau, a slow start, a change of
+    pace), the trust is not for this task, and in doubt for its kind's tasks in flight until
+    it leaves the schedule (``_Doubts``)."""
+    start, sent, now = times
+    f = (sent - (now - sent) - start) * 100.0 / (progress + 1)
+    c = (now - start) * 100.0 / progress
+    if w.line_floor > f:
+        f = w.line_floor
+    if w.line_ceiling < c:
+        c = w.line_ceiling
+    w.line_floor, w.line_ceiling = f, c
+    if trust is not None and not w.distrusted and not _fits(f, c, trust):
+        w.distrusted = w.doubting = True
+        w.trusted = False
+        if w.kind is not None and s._doubts.hold(w.kind):
+            _fall_back(s, w.kind, now)
+
+
+def _fits(floor: float, ceiling: float, trust: tuple[float, float]) -> bool:
+    """Whether a straight line from the submit, within the kind's trusted spread (and at least
+    the whole percents' rounding), passes through every reading of a task: the largest
+    ``floor`` and the smallest ``ceiling`` they implied leave room for one end."""
+    lo, hi = trust
+    return floor * (lo if lo < 1.0 else 1.0) <= ceiling * (hi if hi > 1.0 else 1.0)
+
+
+def _fall_back(s: PollSchedule, kind: str, now: float) -> None:
+    """The kind's trust has just been put in doubt: its tasks whose next check the trusted
+    window set get the check the window without it gives (its early edge, or target_lag
+    after the last check, at once if that is past), when that is sooner."""
+    for w in s._watches.values():
+        if w.kind != kind or not w.trusted or w.checking:
+            continue
+        w.trusted = False
+        w.narrow_until = None
+        lag, nudge = w.derived[0], w.derived[8]
+        last = now if w.running_sent is None else w.running_sent
+        at = w.fallback if w.fallback > last + lag else last + lag
+        if at < now + nudge:
+            at = now + nudge
+        if at < w.next_at:
+            s._set(w, at)
 
 
 def _not_before(w: _Watch, at: float) -> float:

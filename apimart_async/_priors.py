@@ -29,7 +29,8 @@ the extremes of a sample and those of the whole population):
   policy's ``estimate_margin`` either way; a ratio far outside the range (``OUTLIER``, an
   absurd ``estimated_time``) is set aside rather than learned;
 - after ``min_samples`` tasks that reported progress (``Priors.progress_trust``), the window
-  the last progress implies (widened by what was learned) is used when it is the narrower one.
+  the last progress implies (widened by what was learned) is used when it is the narrower one
+  (and while no task in flight shows progress that is not straight: ``_poll_schedule``).
 
 A batch with a journal loads the kinds' priors when it starts and stores them when it ends
 (``SqliteJournal`` table ``priors``: durations and estimate ratios since schema 3, progress
