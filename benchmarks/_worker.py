@@ -7,7 +7,9 @@ process, counted from after the imports). Kinds:
 
 - ``sdk-poll`` / ``fixed-poll``: submit jobs and follow them; report when each task's end
   became known (Unix time), for latency against the emulator's exact finish times.
-- ``sdk-overhead`` / ``bare-overhead``: many near-instant jobs, CPU and memory per job.
+- ``sdk-overhead`` / ``bare-overhead``: many near-instant jobs, CPU and memory per job;
+  ``bare-post-overhead``: the bare client's POSTs alone; ``get-overhead``: status reads of
+  completed tasks, a bare aiohttp GET against ``Api.get_task``, in turns (issue 16's parts).
 - ``scale``: hold many pending tasks in the poller; memory per task, CPU per poll round.
 - ``sdk-download`` / ``bare-download`` / ``bare-verified-download``: one result file fetched
   several times (the last: by hand, with the SDK's sha256, fsync and rename).
@@ -199,6 +201,72 @@ async def bare_overhead(base_url: str, key: str, jobs: int, concurrency: int) ->
 
         await asyncio.gather(*(one(i) for i in range(jobs)))
     return {"jobs": jobs, "ok": ok, **meter.figures()}
+
+
+async def bare_post_overhead(
+    base_url: str, key: str, jobs: int, concurrency: int
+) -> dict[str, Any]:
+    """Half the floor: the bare client's POST alone (its GET costs the difference)."""
+    meter = Meter()
+    ok = 0
+    sem = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=100)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(base_url, headers=headers, connector=connector) as http:
+
+        async def one(i: int) -> None:
+            nonlocal ok
+            async with sem:
+                body = {"model": MODEL, "prompt": f"{PROMPT} {i}"}
+                async with http.post("/v1/videos/generations", json=body) as r:
+                    ok += bool((await r.json())["data"][0]["task_id"])
+
+        await asyncio.gather(*(one(i) for i in range(jobs)))
+    return {"jobs": jobs, "ok": ok, **meter.figures()}
+
+
+async def get_overhead(
+    base_url: str, key: str, jobs: int, concurrency: int, reps: int
+) -> dict[str, Any]:
+    """CPU per status read of a completed task, ``concurrency`` at a time: a bare aiohttp GET
+    (its JSON decoded) against the SDK's ``Api.get_task`` (transport, retries' first
+    attempt, typed parse), the two in turns ``reps`` times over the same ``jobs`` tasks."""
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession(base_url, headers=headers) as http,
+        am.AsyncApimart(key, base_url=base_url) as client,
+    ):
+        ids: list[str] = []
+
+        async def submit(i: int) -> None:
+            body = {"model": MODEL, "prompt": f"{PROMPT} {i}"}
+            async with sem, http.post("/v1/videos/generations", json=body) as r:
+                ids.append((await r.json())["data"][0]["task_id"])
+
+        async def bare(task_id: str) -> bool:
+            async with sem, http.get(f"/v1/tasks/{task_id}") as r:
+                return bool((await r.json())["data"]["status"] == "completed")
+
+        async def sdk(task_id: str) -> bool:
+            async with sem:
+                return (await client._api.get_task(task_id)).ok  # the poller's read
+
+        await asyncio.gather(*(submit(i) for i in range(jobs)))
+        cpu: dict[str, list[float]] = {"bare": [], "sdk": []}
+        for rep in range(reps + 1):  # the first round of each warms up, uncounted
+            for name, read in (("bare", bare), ("sdk", sdk)):
+                cpu0 = cpu_seconds()
+                ok = sum(await asyncio.gather(*(read(t) for t in ids)))
+                if ok != jobs:
+                    raise RuntimeError(f"{name}: {ok} of {jobs} reads saw a completed task")
+                if rep:
+                    cpu[name].append(round((cpu_seconds() - cpu0) / jobs * 1e6, 1))
+    return {
+        "jobs": jobs,
+        "us_per_read": cpu,
+        "median_us": {k: statistics.median(v) for k, v in cpu.items()},
+    }
 
 
 # -- scale -----------------------------------------------------------------------------------
@@ -502,6 +570,8 @@ def main() -> None:
         "fixed-poll": lambda: fixed_poll(u, k, a.jobs, a.concurrency, a.interval),
         "sdk-overhead": lambda: sdk_overhead(u, k, a.jobs, a.concurrency),
         "bare-overhead": lambda: bare_overhead(u, k, a.jobs, a.concurrency),
+        "bare-post-overhead": lambda: bare_post_overhead(u, k, a.jobs, a.concurrency),
+        "get-overhead": lambda: get_overhead(u, k, a.jobs, a.concurrency, a.reps),
         "scale": lambda: scale(u, k, a.tasks, a.rounds),
         "sdk-download": lambda: sdk_download(u, k, a.reps),
         "bare-download": lambda: bare_download(u, k, a.reps),

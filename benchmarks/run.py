@@ -16,7 +16,9 @@ Scenarios:
    ``target_lag`` + 0.5 s), fixed-interval per-job
    loops at 0.5/1/2/3 s, and the lower bound (one check exactly at completion).
 2. Client overhead: near-instant jobs, client CPU seconds per job and peak RSS, against a
-   bare-aiohttp client doing exactly one POST and one GET per job at the same concurrency.
+   bare-aiohttp client doing exactly one POST and one GET per job at the same concurrency;
+   the parts (issue 16): the bare POST alone, and one status read, bare GET against
+   ``Api.get_task``.
 3. Scale: pending tasks held by one poller (emulator in manual mode): memory per pending
    task, CPU per poll round.
 4. Downloads: throughput against bare aiohttp ``iter_chunked`` and against a bare client
@@ -162,6 +164,7 @@ WEBHOOK_REQ_PER_JOB_BATCH = 0.02
 WEBHOOK_REQ_PER_JOB_PER_TASK = 1.2
 WEBHOOK_P99_S = 0.3
 WEBHOOKS_ON = "webhooks on"
+BARE_POST = "bare aiohttp, POST only (half the floor)"
 
 
 async def worker(kind: str, emu: dict[str, Any], *args: str) -> dict[str, Any]:
@@ -258,6 +261,8 @@ async def overhead(cfg: dict[str, Any]) -> dict[str, Any]:
         ("bare aiohttp (1 POST + 1 GET per job)", "bare-overhead", []),
         ("apimart-async, batch route", "sdk-overhead", []),
         ("apimart-async, per-task GETs", "sdk-overhead", ["--no-batch-route"]),
+        # issue 16: half the floor, so that a bare GET's share is the difference
+        (BARE_POST, "bare-post-overhead", []),
     )
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     # Interleaved repetitions, best of each: the figures of a noisy 2-core machine.
@@ -287,7 +292,14 @@ async def overhead(cfg: dict[str, Any]) -> dict[str, Any]:
     floor = runs[variants[0][0]]["cpu_s"]
     for name in runs:
         runs[name]["cpu_ratio_to_bare"] = round(runs[name]["cpu_s"] / floor, 2)
-    return {"jobs": jobs, "concurrency": CONCURRENCY, "runs": runs}
+    # One status read alone: bare GET against Api.get_task, in turns in one process.
+    log("overhead: status reads of completed tasks, bare GET and Api.get_task in turns")
+    read_jobs = min(jobs, 2000)
+    async with emulator_process("--duration", "0") as emu:
+        reads = await worker(
+            "get-overhead", emu, "--jobs", str(read_jobs), *args[2:], "--reps", "5"
+        )
+    return {"jobs": jobs, "concurrency": CONCURRENCY, "runs": runs, "reads": reads}
 
 
 # -- 3. scale ----------------------------------------------------------------------------------
@@ -1145,6 +1157,28 @@ def report(results: dict[str, Any], plot: str | None) -> str:
                 ],
             ),
         ]
+        if "reads" in o:
+            rd = o["reads"]
+            parts += [
+                "",
+                f"One status read of a completed task, {rd['jobs']} reads {o['concurrency']} at"
+                " a time, the two in turns (CPU per read, us; median of the runs listed):",
+                "",
+                _table(
+                    ["read", "median (us)", "runs (us)"],
+                    [
+                        [
+                            name,
+                            rd["median_us"][key],
+                            ", ".join(str(v) for v in rd["us_per_read"][key]),
+                        ]
+                        for name, key in (
+                            ("bare aiohttp GET, JSON decoded", "bare"),
+                            ("Api.get_task (the poller's read)", "sdk"),
+                        )
+                    ],
+                ),
+            ]
     if "scale" in sc:
         s = sc["scale"]
         parts += [

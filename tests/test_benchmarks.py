@@ -81,6 +81,11 @@ def test_quick_benchmark_run_writes_every_scenario(tmp_path: Path) -> None:
     overhead = scenarios["overhead"]["runs"]
     assert overhead["bare aiohttp (1 POST + 1 GET per job)"]["requests_per_job"] == 2.0
     assert all(run["cpu_s"] > 0 and run["peak_rss_mb"] > 0 for run in overhead.values())
+    # issue 16's parts: the bare POST alone, and one status read each way
+    assert overhead["bare aiohttp, POST only (half the floor)"]["requests_per_job"] == 1.0
+    reads = scenarios["overhead"]["reads"]
+    assert set(reads["median_us"]) == {"bare", "sdk"}
+    assert all(len(runs) == 5 and min(runs) > 0 for runs in reads["us_per_read"].values())
 
     scale = scenarios["scale"]
     assert scale["pending"] == scale["tasks"]
