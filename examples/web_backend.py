@@ -8,7 +8,8 @@
     POST /videos/generate         submit and wait inside the request (``?timeout=``)
     POST /batches                 {"name": ..., "jobs": [...]} -> 202; runs in the background
     GET  /batches/{name}          its counts (``BatchStats.to_dict()``) and outcomes so far
-    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag
+    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag, the
+                                  loop's CPU, full collections (``?heap=true``: objects)
     POST /apimart/callback        APIMart's webhook callbacks (with ``--webhook-url``)
 
 What it shows:
@@ -220,21 +221,32 @@ class Batches:
 class LagMonitor:
     """How late a 5 ms sleep wakes up: what every request on this replica waits on top of its
     own work when something holds the event loop. Two windows: since the last ``reset()``
-    (``window``) and since the last ``reset(everything=True)`` (``total``)."""
+    (``window``) and since the last ``reset(everything=True)`` (``total``).
+
+    Beside the lag, the loop thread's CPU time in each wake-up window with the GC's taken out
+    (``work``): what this process's own work held the loop for. The lag also counts the time
+    the machine gave other processes; this does not."""
 
     def __init__(self) -> None:
         self.window: list[float] = []
         self.total: list[float] = []
+        self.work_window: list[float] = []
+        self.work_total: list[float] = []
         #: Pauses of Python's cyclic garbage collector (seconds), which hold the loop too: a
         #: full collection scans every container object the process holds.
         self.gc_window: list[float] = []
         self.gc_total: list[float] = []
         self._gc_started = 0.0
+        self._gc_cpu_started = 0.0
+        self._gc_cpu = 0.0  # the loop thread's CPU in collections, this wake-up window
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
-        elif info.get("generation") == 2:  # the young generations take well under a ms
+            self._gc_cpu_started = time.thread_time()
+            return
+        self._gc_cpu += time.thread_time() - self._gc_cpu_started
+        if info.get("generation") == 2:  # the young generations take well under a ms
             pause = time.perf_counter() - self._gc_started
             self.gc_window.append(pause)
             self.gc_total.append(pause)
@@ -244,22 +256,35 @@ class LagMonitor:
         gc.callbacks.append(self._on_gc)
         try:
             while True:
-                start = loop.time()
+                start, cpu = loop.time(), time.thread_time()
+                self._gc_cpu = 0.0
                 await asyncio.sleep(0.005)
                 late = loop.time() - start - 0.005
-                self.window.append(late)
-                self.total.append(late)
+                work = max(0.0, time.thread_time() - cpu - self._gc_cpu)
+                for samples, value in (
+                    (self.window, late),
+                    (self.total, late),
+                    (self.work_window, work),
+                    (self.work_total, work),
+                ):
+                    samples.append(value)
                 if len(self.total) > 1_000_000:  # about 1.5 hours: keep the memory bounded
-                    del self.total[:500_000]
-                    del self.window[: max(0, len(self.window) - 500_000)]
+                    for everything, window in (
+                        (self.total, self.window),
+                        (self.work_total, self.work_window),
+                    ):
+                        del everything[:500_000]
+                        del window[: max(0, len(window) - 500_000)]
         finally:
             gc.callbacks.remove(self._on_gc)
 
     def reset(self, *, everything: bool = False) -> None:
         self.window = []
+        self.work_window = []
         self.gc_window = []
         if everything:
             self.total = []
+            self.work_total = []
             self.gc_total = []
 
     @staticmethod
@@ -561,12 +586,20 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/debug/metrics")
     async def metrics(
-        request: Request, client: Client, reset_lag: bool = False, reset_all: bool = False
+        request: Request,
+        client: Client,
+        reset_lag: bool = False,
+        reset_all: bool = False,
+        heap: bool = False,
     ) -> dict[str, Any]:
         """Debugging figures (keep this route private): ``loop_lag`` since the last
-        ``?reset_lag=true``, ``loop_lag_total`` since the last ``?reset_all=true``."""
+        ``?reset_lag=true``, ``loop_lag_total`` since the last ``?reset_all=true``;
+        ``loop_work_cpu``: the loop thread's CPU per wake-up window, the GC's apart. With
+        ``?heap=true``, ``gc_objects``: the container objects a full collection walks (those
+        made since startup; it takes a few ms to count them)."""
         lag: LagMonitor = request.app.state.lag
         window, total = lag.figures(lag.window), lag.figures(lag.total)
+        work_window, work_total = lag.figures(lag.work_window), lag.figures(lag.work_total)
         gc_window, gc_total = lag.figures(lag.gc_window), lag.figures(lag.gc_total)
         if reset_lag or reset_all:
             lag.reset(everything=reset_all)
@@ -575,9 +608,12 @@ def _add_routes(app: FastAPI) -> None:
             "requests_in_flight": request.app.state.in_flight - 1,  # not this one
             "loop_lag": window,
             "loop_lag_total": total,
+            "loop_work_cpu": work_window,
+            "loop_work_cpu_total": work_total,
             "gc_full_collections": gc_window,
             "gc_full_collections_total": gc_total,
             "sdk_requests": client.request_counts(),
+            **({"gc_objects": len(gc.get_objects())} if heap else {}),
         }
 
 
