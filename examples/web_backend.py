@@ -168,7 +168,10 @@ class Batches:
         #: then (no handle yet to stop) stops itself as soon as it has one.
         self.stopping: float | None = None
 
-    def start(self, name: str, jobs: list[am.VideoRequest]) -> None:
+    def start(self, name: str, jobs: list[str]) -> None:
+        """Run the batch of ``jobs`` (each job as JSON text, ``VideoRequest.to_dict()``: text
+        is no container for the GC to walk, where 20,000 ``VideoRequest`` objects held for the
+        whole batch were; the batch makes each request as it reads it)."""
         self.outcomes[name] = []
         self._tasks[name] = asyncio.get_running_loop().create_task(
             self._run(name, jobs), name=f"batch {name}"
@@ -180,11 +183,11 @@ class Batches:
             name = path.name.removesuffix(".jobs.json")
             self.start(name, await anyio.to_thread.run_sync(_read_jobs, path))
 
-    async def _run(self, name: str, jobs: list[am.VideoRequest]) -> None:
+    async def _run(self, name: str, jobs: list[str]) -> None:
         kept = self.outcomes[name]
         try:
             async with self.client.batch(
-                jobs,
+                (am.VideoRequest.from_dict(json.loads(job)) for job in jobs),
                 journal=self.folder / f"{name}.sqlite",
                 concurrency=16,
                 webhook_url=getattr(self.state, "webhook_url", None),
@@ -644,15 +647,18 @@ def _not_waiting(reason: str, task_id: str | None) -> JSONResponse:
     )
 
 
-def _write_jobs(path: Path, jobs: list[am.VideoRequest]) -> None:
-    path.write_text(json.dumps([job.to_dict() for job in jobs]))
+def _write_jobs(path: Path, jobs: list[str]) -> None:
+    path.write_text(f"[{', '.join(jobs)}]")
 
 
-def _read_jobs(path: Path) -> list[am.VideoRequest]:
-    return [am.VideoRequest.from_dict(job) for job in json.loads(path.read_text())]
+def _read_jobs(path: Path) -> list[str]:
+    return [json.dumps(job) for job in json.loads(path.read_text())]
 
 
-def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
+def _batch_input(body: Any) -> tuple[str, list[str]]:
+    """The batch's name and its jobs, each checked (as a ``VideoRequest``) and kept as JSON
+    text: one request at a time, none held (20,000 of them at once are as many objects that
+    live long enough for the GC to count them as long-lived)."""
     if not isinstance(body, dict):
         raise am.ValidationError([am.FieldError("request", "must be a JSON object", body)])
     name = body.get("name")
@@ -664,19 +670,22 @@ def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
     jobs = body.get("jobs")
     if not isinstance(jobs, list) or not jobs:
         raise am.ValidationError([am.FieldError("jobs", "must be a non-empty list", jobs)])
-    requests = [am.VideoRequest.from_dict(job) for job in jobs]
-    # A batch uploads the local files its jobs name: from untrusted callers, only URLs (a
-    # path would have this server upload one of its own files as the caller's reference).
-    local = [
-        am.FieldError(f"jobs[{i}].{field}[{k}]", "must be an http(s) URL", url)
-        for i, request in enumerate(requests)
-        for field in ("image_urls", "video_urls")
-        for k, url in enumerate(getattr(request, field))
-        if url.split(":", 1)[0].lower() not in ("http", "https", "data")
-    ]
+    texts: list[str] = []
+    local: list[am.FieldError] = []
+    for i, job in enumerate(jobs):
+        request = am.VideoRequest.from_dict(job)
+        # A batch uploads the local files its jobs name: from untrusted callers, only URLs (a
+        # path would have this server upload one of its own files as the caller's reference).
+        local += [
+            am.FieldError(f"jobs[{i}].{field}[{k}]", "must be an http(s) URL", url)
+            for field in ("image_urls", "video_urls")
+            for k, url in enumerate(getattr(request, field))
+            if url.split(":", 1)[0].lower() not in ("http", "https", "data")
+        ]
+        texts.append(json.dumps(request.to_dict()))
     if local:
         raise am.ValidationError(local)
-    return name, requests
+    return name, texts
 
 
 # -- running it under uvicorn -----------------------------------------------------------------
