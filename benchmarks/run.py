@@ -620,7 +620,8 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
                 return bool(stats["tasks_created"] >= n)
 
             await _until("every submit", all_submitted)
-            arrivals = (await lag("reset_lag"))["loop_lag"]
+            arrivals_metrics = await lag("reset_lag")
+            arrivals = arrivals_metrics["loop_lag"]
             async with http.post(url + "/batches", json=body) as r:
                 if r.status != 202:
                     raise RuntimeError(f"web: POST /batches answered {r.status}")
@@ -662,6 +663,15 @@ async def web(cfg: dict[str, Any]) -> dict[str, Any]:
                 "gc_full_collections": metrics["gc_full_collections_total"]["samples"],
                 "gc_pause_max_ms": metrics["gc_full_collections_total"]["max_ms"],
                 "replay_gc_pause_max_ms": replay_metrics["gc_full_collections"]["max_ms"],
+                "arrivals_gc_full_collections": arrivals_metrics["gc_full_collections"]["samples"],
+                "replay_gc_full_collections": replay_metrics["gc_full_collections"]["samples"],
+                # the app's loop thread's CPU per wake-up window of its lag probe, the GC's
+                # apart: what the app's own work held the loop for (the lag adds the time the
+                # machine gave other processes)
+                "arrivals_work_cpu_p99_ms": arrivals_metrics["loop_work_cpu"]["p99_ms"],
+                "arrivals_work_cpu_max_ms": arrivals_metrics["loop_work_cpu"]["max_ms"],
+                "replay_work_cpu_p99_ms": replay_metrics["loop_work_cpu"]["p99_ms"],
+                "replay_work_cpu_max_ms": replay_metrics["loop_work_cpu"]["max_ms"],
                 "replay_outcomes": batch["outcomes_count"],
                 "replay_replayed": batch["stats"]["replayed"] if batch["stats"] else None,
                 "replay_s": round(replay_s, 1),
@@ -1349,7 +1359,14 @@ def report(results: dict[str, Any], plot: str | None) -> str:
             "Where the lag comes from. The app's full garbage collections (the cyclic GC walks "
             "every container object of the process, holding the loop): "
             f"{w.get('gc_full_collections', '?')}, the longest {w.get('gc_pause_max_ms', '?')} "
-            "ms. The same load on the SDK alone (`_worker.py sdk-replica`: the awaiting "
+            f"ms ({w.get('arrivals_gc_full_collections', '?')} while the requests arrive, "
+            f"{w.get('replay_gc_full_collections', '?')} during the replay). The app's own work "
+            "(its loop thread's CPU time in a wake-up window of its lag probe, the GC's apart: "
+            "other processes on the machine do not inflate it), p99 / max: "
+            f"{w.get('arrivals_work_cpu_p99_ms', '?')} / {w.get('arrivals_work_cpu_max_ms', '?')} "
+            f"ms while the requests arrive, {w.get('replay_work_cpu_p99_ms', '?')} / "
+            f"{w.get('replay_work_cpu_max_ms', '?')} ms during the replay. The same load on "
+            "the SDK alone (`_worker.py sdk-replica`: the awaiting "
             "`generate()` calls and the replay in one process, no web framework, `gc.freeze()` "
             "after startup as the app does), lag p99 / max in ms, the max of what is left "
             "once the GC's pauses in each window are taken out, and the loop thread's CPU time "

@@ -8,8 +8,9 @@
     POST /videos/generate         submit and wait inside the request (``?timeout=``)
     POST /batches                 {"name": ..., "jobs": [...]} -> 202; runs in the background
     GET  /batches/{name}          its counts (``BatchStats.to_dict()``) and outcomes so far
-    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag, whether
-                                  the startup recovery still runs
+    GET  /debug/metrics           asyncio tasks, requests in flight, event-loop lag, the
+                                  loop's CPU, full collections (``?heap=true``: objects),
+                                  whether the startup recovery still runs
     POST /apimart/callback        APIMart's webhook callbacks (with ``--webhook-url``)
 
 What it shows:
@@ -170,7 +171,10 @@ class Batches:
         #: then (no handle yet to stop) stops itself as soon as it has one.
         self.stopping: float | None = None
 
-    def start(self, name: str, jobs: list[am.VideoRequest]) -> None:
+    def start(self, name: str, jobs: list[str]) -> None:
+        """Run the batch of ``jobs`` (each job as JSON text, ``VideoRequest.to_dict()``: text
+        is no container for the GC to walk, where 20,000 ``VideoRequest`` objects held for the
+        whole batch were; the batch makes each request as it reads it)."""
         self.outcomes[name] = []
         self._tasks[name] = asyncio.get_running_loop().create_task(
             self._run(name, jobs), name=f"batch {name}"
@@ -186,11 +190,11 @@ class Batches:
             if not self.running(name) and self.stopping is None:
                 self.start(name, jobs)
 
-    async def _run(self, name: str, jobs: list[am.VideoRequest]) -> None:
+    async def _run(self, name: str, jobs: list[str]) -> None:
         kept = self.outcomes[name]
         try:
             async with self.client.batch(
-                jobs,
+                (am.VideoRequest.from_dict(json.loads(job)) for job in jobs),
                 journal=self.folder / f"{name}.sqlite",
                 concurrency=16,
                 webhook_url=getattr(self.state, "webhook_url", None),
@@ -227,21 +231,32 @@ class Batches:
 class LagMonitor:
     """How late a 5 ms sleep wakes up: what every request on this replica waits on top of its
     own work when something holds the event loop. Two windows: since the last ``reset()``
-    (``window``) and since the last ``reset(everything=True)`` (``total``)."""
+    (``window``) and since the last ``reset(everything=True)`` (``total``).
+
+    Beside the lag, the loop thread's CPU time in each wake-up window with the GC's taken out
+    (``work``): what this process's own work held the loop for. The lag also counts the time
+    the machine gave other processes; this does not."""
 
     def __init__(self) -> None:
         self.window: list[float] = []
         self.total: list[float] = []
+        self.work_window: list[float] = []
+        self.work_total: list[float] = []
         #: Pauses of Python's cyclic garbage collector (seconds), which hold the loop too: a
         #: full collection scans every container object the process holds.
         self.gc_window: list[float] = []
         self.gc_total: list[float] = []
         self._gc_started = 0.0
+        self._gc_cpu_started = 0.0
+        self._gc_cpu = 0.0  # the loop thread's CPU in collections, this wake-up window
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
-        elif info.get("generation") == 2:  # the young generations take well under a ms
+            self._gc_cpu_started = time.thread_time()
+            return
+        self._gc_cpu += time.thread_time() - self._gc_cpu_started
+        if info.get("generation") == 2:  # the young generations take well under a ms
             pause = time.perf_counter() - self._gc_started
             self.gc_window.append(pause)
             self.gc_total.append(pause)
@@ -251,22 +266,35 @@ class LagMonitor:
         gc.callbacks.append(self._on_gc)
         try:
             while True:
-                start = loop.time()
+                start, cpu = loop.time(), time.thread_time()
+                self._gc_cpu = 0.0
                 await asyncio.sleep(0.005)
                 late = loop.time() - start - 0.005
-                self.window.append(late)
-                self.total.append(late)
+                work = max(0.0, time.thread_time() - cpu - self._gc_cpu)
+                for samples, value in (
+                    (self.window, late),
+                    (self.total, late),
+                    (self.work_window, work),
+                    (self.work_total, work),
+                ):
+                    samples.append(value)
                 if len(self.total) > 1_000_000:  # about 1.5 hours: keep the memory bounded
-                    del self.total[:500_000]
-                    del self.window[: max(0, len(self.window) - 500_000)]
+                    for everything, window in (
+                        (self.total, self.window),
+                        (self.work_total, self.work_window),
+                    ):
+                        del everything[:500_000]
+                        del window[: max(0, len(window) - 500_000)]
         finally:
             gc.callbacks.remove(self._on_gc)
 
     def reset(self, *, everything: bool = False) -> None:
         self.window = []
+        self.work_window = []
         self.gc_window = []
         if everything:
             self.total = []
+            self.work_total = []
             self.gc_total = []
 
     @staticmethod
@@ -324,7 +352,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncGenerator[None, None]:
-        app.state.stopping = asyncio.Event()
+        app.state.waits = Waits()
         app.state.lag = LagMonitor()
         lag_task = asyncio.get_running_loop().create_task(app.state.lag.run(), name="lag")
         await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
@@ -346,7 +374,7 @@ def create_app(
             try:
                 yield
             finally:
-                app.state.stopping.set()
+                app.state.waits.stop()
                 recovery.cancel()  # a submit it was settling stays listed for the next start
                 with contextlib.suppress(asyncio.CancelledError):
                     await recovery
@@ -425,6 +453,29 @@ def get_client(request: Request) -> am.AsyncApimart:
     return client
 
 
+class Waits:
+    """The requests waiting in ``while_connected``: a shutdown cancels them all at once (one
+    registry, rather than a task in every request watching for the shutdown)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._scopes: set[anyio.CancelScope] = set()
+
+    def add(self, scope: anyio.CancelScope) -> None:
+        self._scopes.add(scope)
+        if self.stopping:
+            scope.cancel()
+
+    def discard(self, scope: anyio.CancelScope) -> None:
+        self._scopes.discard(scope)
+
+    def stop(self) -> None:
+        """The shutdown began: every wait ends now (its caller gets a 503 with the task id)."""
+        self.stopping = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
 class ClientGone(Exception):
     """The HTTP client went away before its request body arrived."""
 
@@ -457,41 +508,32 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 
 async def while_connected(request: Request, work: Callable[[], Awaitable[T]]) -> T | str:
     """Run ``work()``, unless the HTTP client goes away first or the server starts shutting
-    down: then ``work`` is cancelled and the reason returned ("disconnected" or "stopping")."""
-    stopping: asyncio.Event = request.app.state.stopping
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-    reason = ""
+    down: then ``work`` is cancelled and the reason returned ("disconnected" or "stopping").
 
-    async with anyio.create_task_group() as tg:
+    ``work`` runs in the request's own task; one small task watches for the disconnect, and
+    the shutdown cancels every wait through ``Waits`` (a task group of three tasks per
+    request was some 100 more objects per awaiting request for the GC to walk)."""
+    waits: Waits = request.app.state.waits
+    reason = ""
+    with anyio.CancelScope() as scope:
+        waits.add(scope)
 
         async def client_gone() -> None:
             nonlocal reason
             # the body was read: the next message an ASGI server sends is http.disconnect
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
+            with contextlib.suppress(Exception):  # a failed receive: the connection is gone
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
             reason = reason or "disconnected"
-            tg.cancel_scope.cancel()
+            scope.cancel()
 
-        async def shutdown() -> None:
-            nonlocal reason
-            await stopping.wait()
-            reason = reason or "stopping"
-            tg.cancel_scope.cancel()
-
-        async def run() -> None:
-            try:
-                outcome.append(await work())
-            except am.ApimartError as exc:  # raised below, outside the task group
-                failure.append(exc)
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(client_gone)
-        tg.start_soon(shutdown)
-        tg.start_soon(run)
-    if failure:
-        raise failure[0]
-    return outcome[0] if outcome else reason
+        watcher = asyncio.get_running_loop().create_task(client_gone())
+        try:
+            return await work()
+        finally:
+            waits.discard(scope)
+            watcher.cancel()
+    return reason or "stopping"  # the scope was cancelled: by the watcher or the shutdown
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -591,12 +633,20 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/debug/metrics")
     async def metrics(
-        request: Request, client: Client, reset_lag: bool = False, reset_all: bool = False
+        request: Request,
+        client: Client,
+        reset_lag: bool = False,
+        reset_all: bool = False,
+        heap: bool = False,
     ) -> dict[str, Any]:
         """Debugging figures (keep this route private): ``loop_lag`` since the last
-        ``?reset_lag=true``, ``loop_lag_total`` since the last ``?reset_all=true``."""
+        ``?reset_lag=true``, ``loop_lag_total`` since the last ``?reset_all=true``;
+        ``loop_work_cpu``: the loop thread's CPU per wake-up window, the GC's apart. With
+        ``?heap=true``, ``gc_objects``: the container objects a full collection walks (those
+        made since startup; it takes a few ms to count them)."""
         lag: LagMonitor = request.app.state.lag
         window, total = lag.figures(lag.window), lag.figures(lag.total)
+        work_window, work_total = lag.figures(lag.work_window), lag.figures(lag.work_total)
         gc_window, gc_total = lag.figures(lag.gc_window), lag.figures(lag.gc_total)
         if reset_lag or reset_all:
             lag.reset(everything=reset_all)
@@ -606,9 +656,12 @@ def _add_routes(app: FastAPI) -> None:
             "requests_in_flight": request.app.state.in_flight - 1,  # not this one
             "loop_lag": window,
             "loop_lag_total": total,
+            "loop_work_cpu": work_window,
+            "loop_work_cpu_total": work_total,
             "gc_full_collections": gc_window,
             "gc_full_collections_total": gc_total,
             "sdk_requests": client.request_counts(),
+            **({"gc_objects": len(gc.get_objects())} if heap else {}),
         }
 
 
@@ -639,15 +692,18 @@ def _not_waiting(reason: str, task_id: str | None) -> JSONResponse:
     )
 
 
-def _write_jobs(path: Path, jobs: list[am.VideoRequest]) -> None:
-    path.write_text(json.dumps([job.to_dict() for job in jobs]))
+def _write_jobs(path: Path, jobs: list[str]) -> None:
+    path.write_text(f"[{', '.join(jobs)}]")
 
 
-def _read_jobs(path: Path) -> list[am.VideoRequest]:
-    return [am.VideoRequest.from_dict(job) for job in json.loads(path.read_text())]
+def _read_jobs(path: Path) -> list[str]:
+    return [json.dumps(job) for job in json.loads(path.read_text())]
 
 
-def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
+def _batch_input(body: Any) -> tuple[str, list[str]]:
+    """The batch's name and its jobs, each checked (as a ``VideoRequest``) and kept as JSON
+    text: one request at a time, none held (20,000 of them at once are as many objects that
+    live long enough for the GC to count them as long-lived)."""
     if not isinstance(body, dict):
         raise am.ValidationError([am.FieldError("request", "must be a JSON object", body)])
     name = body.get("name")
@@ -659,19 +715,22 @@ def _batch_input(body: Any) -> tuple[str, list[am.VideoRequest]]:
     jobs = body.get("jobs")
     if not isinstance(jobs, list) or not jobs:
         raise am.ValidationError([am.FieldError("jobs", "must be a non-empty list", jobs)])
-    requests = [am.VideoRequest.from_dict(job) for job in jobs]
-    # A batch uploads the local files its jobs name: from untrusted callers, only URLs (a
-    # path would have this server upload one of its own files as the caller's reference).
-    local = [
-        am.FieldError(f"jobs[{i}].{field}[{k}]", "must be an http(s) URL", url)
-        for i, request in enumerate(requests)
-        for field in ("image_urls", "video_urls")
-        for k, url in enumerate(getattr(request, field))
-        if url.split(":", 1)[0].lower() not in ("http", "https", "data")
-    ]
+    texts: list[str] = []
+    local: list[am.FieldError] = []
+    for i, job in enumerate(jobs):
+        request = am.VideoRequest.from_dict(job)
+        # A batch uploads the local files its jobs name: from untrusted callers, only URLs (a
+        # path would have this server upload one of its own files as the caller's reference).
+        local += [
+            am.FieldError(f"jobs[{i}].{field}[{k}]", "must be an http(s) URL", url)
+            for field in ("image_urls", "video_urls")
+            for k, url in enumerate(getattr(request, field))
+            if url.split(":", 1)[0].lower() not in ("http", "https", "data")
+        ]
+        texts.append(json.dumps(request.to_dict()))
     if local:
         raise am.ValidationError(local)
-    return name, requests
+    return name, texts
 
 
 # -- running it under uvicorn -----------------------------------------------------------------
@@ -691,9 +750,9 @@ class Server(uvicorn.Server):
         await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        stopping: asyncio.Event | None = getattr(self._app.state, "stopping", None)
-        if stopping is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(stopping.set)
+        waits: Waits | None = getattr(self._app.state, "waits", None)
+        if waits is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(waits.stop)
         super().handle_exit(sig, frame)
 
 

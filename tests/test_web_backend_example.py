@@ -183,6 +183,74 @@ async def test_abandoned_requests_leave_no_task_no_watcher_and_no_polling(tmp_pa
         assert "Traceback" not in app.stderr
 
 
+async def heap(app: Backend, http: httpx.AsyncClient) -> dict[str, Any]:
+    """The metrics with ``gc_objects``: the container objects a full collection walks."""
+    reply = await http.get(f"{app.url}/debug/metrics?heap=true")
+    assert reply.status_code == 200
+    result: dict[str, Any] = reply.json()
+    return result
+
+
+async def test_an_awaiting_request_holds_one_watcher_task_and_few_objects(tmp_path: Path) -> None:
+    """An awaiting ``/videos/generate`` holds its own task and one watching for the
+    disconnect (the shutdown ends every wait through one registry). A task group of three
+    per request was 270 objects per awaiting request for every full garbage collection to
+    walk: 500 of them, a pause of 50 ms and more on the event loop (issue 21's web row)."""
+    n = 100
+    async with (
+        Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:  # warm up: what requests build once
+                for i in range(3):
+                    tg.start_soon(post_generate, http, app.url, -1 - i)
+                await emu.wait_until(lambda: emu.tasks_created == 3, timeout=60)
+                emu.complete_all()
+        await settled(app, http, tasks=10**6)
+        before = await heap(app, http)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(post_generate, http, app.url, i)
+                await emu.wait_until(lambda: emu.tasks_created == 3 + n, timeout=60)
+                during = await heap(app, http)
+                emu.complete_all()
+        assert during["requests_in_flight"] == n
+        assert during["asyncio_tasks"] - before["asyncio_tasks"] == 2 * n
+        per_request = (during["gc_objects"] - before["gc_objects"]) / n
+        assert per_request < 220, per_request  # 189 measured: uvicorn, FastAPI, SDK, app
+        after = await settled(app, http, tasks=before["asyncio_tasks"])
+        assert after["asyncio_tasks"] == before["asyncio_tasks"]
+
+
+async def test_a_running_batch_holds_its_jobs_as_text_not_as_objects(tmp_path: Path) -> None:
+    """The jobs of a background batch are kept as JSON text until the batch reads them (a
+    ``VideoRequest`` each, made as it goes): 20,000 requests held for a whole replay were
+    20,000 more objects for every full garbage collection to walk (issue 21's web row)."""
+    n = 6000
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        await settled(app, http, tasks=10**6)
+        before = await heap(app, http)
+        # the batch's 16 submitters each wait on a slow submit: the other jobs stay unread
+        emu.faults.inject("submit", Fault.slow(10), times=16)
+        reply = await http.post(
+            f"{app.url}/batches", json={"name": "big", "jobs": [job(i) for i in range(n)]}
+        )
+        assert reply.status_code == 202 and reply.json() == {"name": "big", "jobs": n}
+        await emu.wait_until(lambda: emu.counters.get("submit", 0) == 16, timeout=60)
+        during = await heap(app, http)
+        # the batch's machinery and its 16 submits (some 2,000 objects), none per job
+        assert during["gc_objects"] - before["gc_objects"] < n / 2
+        status = (await http.get(f"{app.url}/batches/big?limit=0")).json()
+        assert status["running"] and status["outcomes_count"] == 0
+
+
 async def test_two_waiters_on_one_task_keep_their_own_timeouts(tmp_path: Path) -> None:
     async with (
         Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu,
@@ -370,7 +438,7 @@ async def test_a_shutdown_while_a_batch_opens_its_journal_still_stops_it(
         am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client,
     ):
         batches = web_backend.Batches(client, tmp_path)
-        batches.start("nightly", [am.VideoRequest("sora-2-preview", "a cat")])
+        batches.start("nightly", [json.dumps(am.VideoRequest("sora-2-preview", "a cat").to_dict())])
         await opening.wait()
         with anyio.fail_after(20):  # before the fix: the batch's task waited for ever
             async with anyio.create_task_group() as tg:
@@ -479,6 +547,14 @@ async def test_sigterm_with_requests_in_flight_exits_in_the_grace_and_a_restart_
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
                     replies = await _generate_in_flight(app, emu, http, 20, tg)
+                    # the app has read every submit's reply (the task ids are in its journal;
+                    # the emulator's count comes before its replies): a shutdown now finds
+                    # every request waiting for its task, none still submitting
+                    while True:
+                        found = (await http.get(f"{app.url}/videos/unfinished")).json()
+                        if sum(1 for t in found["tasks"] if t.get("task_id")) == 20:
+                            break
+                        await anyio.sleep(0.02)
                     app.proc.send_signal(signal.SIGTERM)
                     with anyio.fail_after(GRACE + 5):  # the grace, and the interpreter's exit
                         await app.proc.wait()
