@@ -132,6 +132,8 @@ def check_task_id(task_id: Any, field: str = "task_id") -> str:
     if _BAD_ID_CHAR.search(task_id) is not None:
         rule = "must not contain '/', white space or control characters"
         raise ValidationError([FieldError(field, rule, task_id)])
+    if task_id in (".", ".."):  # a path step: GET /v1/tasks/.. would read /v1/
+        raise ValidationError([FieldError(field, "must not be '.' or '..'", task_id)])
     if not task_id.isascii() and not is_unicode_text(task_id):
         raise ValidationError([FieldError(field, NOT_UNICODE, task_id)])
     return task_id

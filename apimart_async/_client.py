@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 import anyio
 import anyio.lowlevel
@@ -912,7 +912,7 @@ class Tasks:
         if isinstance(result, TaskTimeoutError) and timeout is not None and left != timeout:
             raise TaskTimeoutError(task_id, timeout, result.task)
         if isinstance(result, ApimartError):
-            raise result
+            raise _own(result)
         return _settled(result)
 
     def watch(self, task_ids: Iterable[str]) -> TaskWatch:
@@ -926,6 +926,23 @@ class Tasks:
             rule = "must be a list of task ids"
             raise ValidationError([FieldError("task_ids", rule, type(task_ids).__name__)])
         return TaskWatch(self._poller, list(task_ids))  # checked as they are registered
+
+
+def _own(exc: ApimartError) -> ApimartError:
+    """A copy of ``exc`` for one waiter. The waits of one task share the poller's one error
+    (the client closed, the API out of reach, the task gone): raised as one object in every
+    waiting task, each raise chained its frames onto the same traceback and shared its notes.
+    Built without ``__init__`` (whose arguments differ by class): the same type, message and
+    attributes."""
+    copy = type(exc).__new__(type(exc), *exc.args)
+    copy.args = exc.args
+    copy.__dict__.update(exc.__dict__)
+    notes: object = exc.__dict__.get("__notes__")
+    if isinstance(notes, list):
+        copy.__notes__ = [str(note) for note in cast("list[object]", notes)]
+    copy.__cause__ = exc.__cause__
+    copy.__suppress_context__ = exc.__suppress_context__
+    return copy
 
 
 def _settled(task: Task) -> Task:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -60,9 +62,22 @@ def sigint_is_ours_to_take() -> str | None:
     return None
 
 
-def refuse(reason: str, *, stacklevel: int = 2) -> None:
-    """Say once, as a warning and a log line, that ``sigint_grace`` is not honoured."""
-    warnings.warn(reason, ApimartWarning, stacklevel=stacklevel + 1)
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package: the application's line
+    that opened the batch (however many SDK frames, sync facade or not, lie between)."""
+    package = os.path.dirname(__file__) + os.sep
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def refuse(reason: str) -> None:
+    """Say once, as a warning (pointing at the application's line) and a log line, that
+    ``sigint_grace`` is not honoured."""
+    warnings.warn(reason, ApimartWarning, stacklevel=_caller_level())
     logger.warning("%s", reason)
 
 
@@ -100,7 +115,7 @@ class SigintHandler:
             return
         reason = sigint_is_ours_to_take()
         if reason is not None:
-            refuse(reason, stacklevel=4)
+            refuse(reason)
             return
         previous = signal.getsignal(signal.SIGINT)
         try:

@@ -8,7 +8,7 @@ import os
 import re
 import types
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -507,6 +507,63 @@ def check_request(req: VideoRequest) -> tuple[list[FieldError], list[str]]:
     return errors, notes
 
 
+#: How deep a value of ``extra`` may nest. json.loads takes a body nested ~900 deep; the
+#: submit encodes it again from a handler a few hundred frames down, where that overflowed
+#: the stack (a raw RecursionError after the journal recorded the submit).
+MAX_EXTRA_DEPTH = 64
+_TOO_DEEP = f"must be JSON at most {MAX_EXTRA_DEPTH} levels deep"
+_DEEPER = f"more than {MAX_EXTRA_DEPTH} levels"
+
+
+def _children(item: object) -> Iterator[object] | None:
+    if isinstance(item, Mapping):
+        return iter(cast("Mapping[object, object]", item).values())
+    if isinstance(item, (list, tuple)):
+        return iter(cast("Iterable[object]", item))
+    return None  # a leaf
+
+
+def _too_deep(value: object) -> bool:
+    """Whether ``value`` nests lists/dicts more than ``MAX_EXTRA_DEPTH`` deep (a cycle is
+    endless). Without recursion; a container shared between branches is measured once."""
+    children = _children(value)
+    if children is None:
+        return False
+    path: list[tuple[int, Iterator[object]]] = [(id(value), children)]
+    on_path = {id(value)}
+    height: dict[int, int] = {}  # the levels of each container measured, by id
+    tallest = [0]  # per open container: the tallest child measured so far
+    while path:
+        key, rest = path[-1]
+        child = next(rest, _END)
+        if child is _END:  # this container is measured
+            path.pop()
+            on_path.discard(key)
+            height[key] = levels = tallest.pop() + 1
+            if tallest:
+                tallest[-1] = max(tallest[-1], levels)
+            continue
+        grand = _children(child)
+        if grand is None:
+            continue
+        if id(child) in on_path:
+            return True
+        if id(child) in height:
+            tallest[-1] = max(tallest[-1], height[id(child)])
+        elif len(path) >= MAX_EXTRA_DEPTH:
+            return True
+        else:
+            path.append((id(child), grand))
+            on_path.add(id(child))
+            tallest.append(0)
+        if len(path) + tallest[-1] > MAX_EXTRA_DEPTH:
+            return True
+    return False
+
+
+_END = object()
+
+
 def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
     extra: Any = req.extra
     if not isinstance(extra, Mapping):
@@ -521,6 +578,9 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
             continue
         if key in _TYPED_FIELDS and getattr(req, key) not in (None, ()):
             errors.append(FieldError(f"extra[{key!r}]", f"{key} is already set as a field", value))
+            continue
+        if _too_deep(value):
+            errors.append(FieldError(f"extra[{key!r}]", _TOO_DEEP, _DEEPER))
             continue
         try:
             json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")

@@ -21,6 +21,7 @@ import math
 from collections.abc import Generator
 
 from ._checks import check_positive_number
+from ._retry import MAX_RETRY_AFTER
 
 __all__ = ["Pacing", "RateLimiter", "Throttle"]
 
@@ -31,7 +32,8 @@ class Throttle:
     ``client.throttle`` is the client's; read it, the client drives it. Each 429 multiplies
     ``factor`` by ``decrease`` (at most once per ``cut_cooldown`` seconds, never below
     ``min_factor``) and pauses every request until ``pause_until`` (the server's
-    ``Retry-After``, else ``default_pause`` seconds); each success adds ``increase`` back.
+    ``Retry-After`` up to 120 s, the longest a retry waits, else ``default_pause`` seconds); each
+    success adds ``increase`` back.
     """
 
     def __init__(
@@ -60,6 +62,10 @@ class Throttle:
         """A 429 arrived at ``now``: pause, and cut the factor."""
         self.rate_limited += 1
         pause = self.default_pause if retry_after is None else retry_after
+        # at most the longest Retry-After a retry waits for: the request given a longer one
+        # fails at once (RateLimitError), and every other request of the client must not
+        # sleep for it unsent (an hour, under no timeout); past the cap, one probes again
+        pause = min(pause, MAX_RETRY_AFTER)
         self.pause_until = max(self.pause_until, now + pause)
         if now - self._last_cut >= self.cut_cooldown:
             self.factor = max(self.min_factor, self.factor * self.decrease)

@@ -263,7 +263,7 @@ class SyncBatch(_Facade):
             return
         reason = sigint_is_ours_to_take()
         if reason is not None:
-            refuse(reason, stacklevel=4)
+            refuse(reason)
             return
         self._saved_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         self._sigint_installed = True

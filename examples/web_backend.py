@@ -447,8 +447,10 @@ async def settle_lost_replies(client: am.AsyncApimart) -> None:
             tg.start_soon(recover)
 
 
-def get_client(request: Request) -> am.AsyncApimart:
-    """The dependency: the one client of this process."""
+async def get_client(request: Request) -> am.AsyncApimart:
+    """The dependency: the one client of this process. ``async def``: FastAPI runs a plain
+    ``def`` dependency in its threadpool, so every request would wait for a worker thread
+    (behind any sync endpoint holding them all) just to be handed the client."""
     client: am.AsyncApimart = request.app.state.client
     return client
 

@@ -223,7 +223,7 @@ async def test_expired_task_is_not_found(emu: Emulator, client: am.AsyncApimart)
         await client.tasks.get(task_id)
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "a b", None])
+@pytest.mark.parametrize("bad", ["", "a/b", "a b", None, ".", ".."])  # dots: /v1/tasks/.. is /v1/
 async def test_bad_task_ids_are_refused_before_sending(
     emu: Emulator, client: am.AsyncApimart, bad: object
 ) -> None:

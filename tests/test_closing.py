@@ -115,6 +115,39 @@ async def test_aclose_ends_every_wait_in_flight_with_client_closed_error(
     assert manual_emu.tasks_created == 4  # nothing more submitted after the close
 
 
+async def test_waiters_of_one_task_each_get_an_error_of_their_own(manual_emu: Emulator) -> None:
+    """Three requests of a web backend wait for one task; the client closes. The poller ends
+    the task's watch with one error: raised as that same object in the three waiting tasks,
+    each raise chained the frames of every waiter onto the one traceback (a request's log
+    showed the others' stacks, and its notes were theirs)."""
+    import traceback
+
+    client = await _client(manual_emu).open()
+    task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "shared"))
+    errors: list[BaseException] = []
+
+    async def wait(name: str) -> None:
+        try:
+            await client.tasks.wait(task_id)
+        except am.ClientClosedError as exc:
+            exc.add_note(f"waiter {name}")
+            errors.append(exc)
+            await anyio.lowlevel.checkpoint()  # the others raise and note theirs meanwhile
+
+    async with anyio.create_task_group() as tg:
+        for name in "abc":
+            tg.start_soon(wait, name)
+        await manual_emu.wait_until(lambda: len(client._poller) == 1)
+        await anyio.lowlevel.checkpoint()
+        await client.aclose()
+    assert len(errors) == 3 and len({id(e) for e in errors}) == 3
+    for exc in errors:
+        assert str(exc) == f"the client was closed while waiting for task {task_id}"
+        assert len(getattr(exc, "__notes__", [])) == 1
+        frames = [f.name for f in traceback.extract_tb(exc.__traceback__)]
+        assert frames.count("_wait") == 1, frames  # its own call, once
+
+
 async def test_aclose_during_the_submit_of_generate_ends_it_with_client_closed_error(
     manual_emu: Emulator,
 ) -> None:

@@ -580,3 +580,43 @@ def test_a_url_list_longer_than_any_model_takes_is_refused_before_each_url_is_ch
     with pytest.raises(am.ValidationError, match="video_urls: must hold at most 100 URLs"):
         am.VideoRequest("some-new-model", "x", video_urls=["http://a/b.mp4"] * 101)
     am.VideoRequest("some-new-model", "x", image_urls=["http://a/b.png"] * 100)  # the limit
+
+
+# -- a JSON body nested deep enough for json.loads but not for the submit's own encoding (a
+# web backend's request handler runs a few hundred frames down): refused by name up front --
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_extra_nested_too_deep_is_a_validation_error_naming_the_field() -> None:
+    # json.loads parses ~900 levels; encoding them again from deep in a server did not
+    for depth in (900, 5000):
+        with pytest.raises(am.ValidationError) as caught:
+            am.VideoRequest.from_dict({"model": "veo3.1", "prompt": "x", "k": _nested(depth)})
+        assert str(caught.value) == (
+            "extra['k']: must be JSON at most 64 levels deep, got 'more than 64 levels'"
+        )
+    # as deep as any machine-made body is: accepted, and encodable from a deep stack
+    ok = am.VideoRequest("veo3.1", "x", extra={"k": _nested(64)})
+    assert json.loads(json.dumps(ok.to_body()))["k"] == _nested(64)
+    with pytest.raises(am.ValidationError, match=r"^extra\['k'\]: must be JSON at most 64"):
+        am.VideoRequest("veo3.1", "x", extra={"k": {"a": _nested(64)}})
+
+
+def test_extra_shared_and_self_referencing_values_are_measured_once() -> None:
+    shared: list[Any] = []
+    for _ in range(12):
+        shared = [shared, shared]  # 4,096 paths, 12 containers
+    am.VideoRequest("veo3.1", "x", extra={"k": shared})
+    deep = _nested(60)
+    with pytest.raises(am.ValidationError, match=r"^extra\['k'\]: must be JSON at most 64"):
+        am.VideoRequest("veo3.1", "x", extra={"k": [deep, [[[[[deep]]]]]]})
+    loop: list[Any] = []
+    loop.append([loop])
+    with pytest.raises(am.ValidationError, match=r"^extra\['k'\]: must be JSON at most 64"):
+        am.VideoRequest("veo3.1", "x", extra={"k": loop})

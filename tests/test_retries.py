@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import apimart_async as am
@@ -284,3 +286,18 @@ async def test_retry_after_header_reaches_the_error(emu: Emulator) -> None:
             await c.balance()
     assert info.value.retry_after == 500.0
     assert emu.counters["balance"] == 1  # 500 s is past the cap: not waited for
+
+
+async def test_a_retry_after_past_the_cap_does_not_hold_every_later_request(
+    emu: Emulator,
+) -> None:
+    """The request given ``Retry-After: 3600`` fails at once (past the cap); the client-wide
+    pause it sets must not make every other request (each web request's status read, the
+    poller) sleep an hour before it is even sent, bounded by no timeout: it was 3600 s."""
+    emu.faults.inject("submit", Fault.rate_limited(retry_after=3600))
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url) as c:
+        with pytest.raises(am.RateLimitError) as info:
+            await c.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+        assert info.value.retry_after == 3600.0
+        pause = c.throttle.wait_time(time.monotonic())
+    assert 0 < pause <= _retry.MAX_RETRY_AFTER

@@ -89,7 +89,9 @@ def test_an_application_handler_is_left_alone_with_one_warning(
         with pytest.warns(am.ApimartWarning, match="sigint_grace") as record:
             with caplog.at_level(logging.WARNING, logger="apimart_async"):
                 _run_on_fresh_loop(_batch(end, seen))
-        assert len([w for w in record if issubclass(w.category, am.ApimartWarning)]) == 1
+        ours = [w for w in record if issubclass(w.category, am.ApimartWarning)]
+        assert len(ours) == 1
+        assert ours[0].filename == __file__  # the caller's `async with client.batch(...)`
         assert seen == [mine]  # no SDK handler at all
         assert signal.getsignal(signal.SIGINT) is mine
         lines = [r for r in caplog.records if "sigint_grace" in r.getMessage()]
@@ -124,6 +126,7 @@ def test_off_the_main_thread_it_is_a_no_op_with_one_warning(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     ours = [w for w in caught if issubclass(w.category, am.ApimartWarning)]
     assert len(ours) == 1 and "main thread" in str(ours[0].message)
+    assert ours[0].filename == __file__  # the caller's line, not the SDK's
     assert len([r for r in caplog.records if "sigint_grace" in r.getMessage()]) == 1
 
 
@@ -230,6 +233,7 @@ def test_sync_client_follows_the_same_rule(custom: bool, caplog: pytest.LogCaptu
         if custom:
             assert during is mine
             assert len(ours) == 1 and "own SIGINT handler" in str(ours[0].message)
+            assert ours[0].filename == __file__  # the caller's `with client.batch(...)`
             assert len(logged) == 1
         else:
             assert during is not before

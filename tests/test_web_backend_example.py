@@ -816,3 +816,52 @@ async def test_a_bad_webhook_url_on_the_command_line_is_a_usage_error(tmp_path: 
     assert done.returncode == 2
     assert b"webhook_url: must be an http(s) URL" in done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+
+
+async def test_async_routes_answer_while_every_worker_thread_is_busy(tmp_path: Path) -> None:
+    """Sync endpoints of the same app (the sync facade, say) can hold all of the threadpool's
+    tokens for a generation's length. The async routes must not queue behind them: the
+    client dependency was a plain ``def``, which FastAPI runs in that pool, so ``GET
+    /videos/unfinished`` waited 7 s behind 45 sync ``generate`` calls."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import web_backend
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    import threading
+
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    async with Emulator(mode="manual") as emu:
+        app = web_backend.create_app(
+            api_key=emu.api_key,
+            base_url=emu.base_url,
+            journal=tmp_path / "client.sqlite",
+            batch_dir=tmp_path / "batches",
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://web") as web,
+        ):
+            released = threading.Event()
+            holding = anyio.Event()
+
+            def hold() -> None:  # a sync endpoint's long call, on the only worker thread
+                anyio.from_thread.run_sync(holding.set)
+                released.wait()
+
+            saved, limiter.total_tokens = limiter.total_tokens, 1
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(anyio.to_thread.run_sync, hold)
+                    await holding.wait()
+                    try:
+                        with anyio.fail_after(10):
+                            reply = await web.get("/videos/unfinished")
+                            submitted = await web.post("/videos", json=job(0))
+                    finally:
+                        released.set()
+            finally:
+                limiter.total_tokens = saved
+            assert reply.status_code == 200 and reply.json()["count"] == 0
+            assert submitted.status_code == 202 and emu.tasks_created == 1
