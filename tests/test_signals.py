@@ -186,21 +186,28 @@ def test_two_batches_side_by_side_both_get_ctrl_c_and_the_handler_is_put_back() 
                     jobs = [am.VideoRequest("sora-2-preview", f"{tag}{i}") for i in range(4)]
                     async with client.batch(jobs, max_pending=1, sigint_grace=0.0) as results:
                         await emu.wait_until(lambda: emu.tasks_created >= 2)
+                        inside.append(results)
                         async for _ in results:
                             pass
                     return results.interrupted
 
-                async with anyio.create_task_group() as tg:
-                    interrupted: list[int] = []
+                inside: list[am.Batch] = []  # the batches inside their ``async with``
+                interrupted: list[int] = []
 
-                    async def run(tag: str) -> None:
-                        interrupted.append(await batch(tag))
+                async def run(tag: str) -> None:
+                    interrupted.append(await batch(tag))
 
-                    tg.start_soon(run, "a")
-                    tg.start_soon(run, "b")
-                    await emu.wait_until(lambda: emu.tasks_created >= 2)
-                    await anyio.sleep(0.05)  # both are inside their ``async with``
-                    signal.raise_signal(signal.SIGINT)
+                # bounded: a batch that missed the Ctrl-C would follow its task for ever
+                with anyio.fail_after(20):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(run, "a")
+                        tg.start_soon(run, "b")
+                        # both inside, each with its task submitted (not a sleep-and-hope)
+                        while not (  # noqa: ASYNC110 - no event to wait on
+                            len(inside) == 2 and all(r.stats().pending == 1 for r in inside)
+                        ):
+                            await anyio.sleep(0.001)
+                        signal.raise_signal(signal.SIGINT)
                 return interrupted, emu.counters["submit"]
 
     with warnings.catch_warnings():

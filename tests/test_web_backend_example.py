@@ -128,6 +128,13 @@ async def settled(backend: Backend, http: httpx.AsyncClient, tasks: int) -> dict
             await anyio.sleep(0.05)
 
 
+async def requests_in_flight(backend: Backend, http: httpx.AsyncClient, n: int) -> None:
+    """Wait until the app is handling ``n`` HTTP requests (besides the metrics one)."""
+    with anyio.fail_after(20):
+        while (await backend.metrics(http))["requests_in_flight"] != n:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
 async def test_200_concurrent_awaiting_requests_each_get_their_own_task(tmp_path: Path) -> None:
     async with (
         Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu,
@@ -371,9 +378,18 @@ async def test_a_client_gone_while_sending_its_body_is_no_traceback(tmp_path: Pa
                     f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     f'Content-Length: 1000\r\n\r\n{{"model": '.encode()
                 )
-                await anyio.sleep(0.2)  # the handler is reading the body
+                await requests_in_flight(app, http, 1)  # its handler has started on the body
+            await requests_in_flight(app, http, 0)  # and has ended
         await settled(app, http, 10**6)
-        await anyio.sleep(0.2)
+        # A traceback would be logged as the error leaves the app, just after its request
+        # stops being counted. Then a request that is not HTTP: uvicorn logs a warning on
+        # stderr after whatever the three wrote; once that is read, so is all before it.
+        stream = await anyio.connect_tcp(host, int(port))
+        async with stream:
+            await stream.send(b"not http\r\n\r\n")
+            with anyio.fail_after(20):
+                while "Invalid HTTP request received" not in app.stderr:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
         assert "Traceback" not in app.stderr and "ERROR" not in app.stderr, app.stderr
         assert emu.tasks_created == 0
 
@@ -443,8 +459,9 @@ async def test_a_shutdown_while_a_batch_opens_its_journal_still_stops_it(
         with anyio.fail_after(20):  # before the fix: the batch's task waited for ever
             async with anyio.create_task_group() as tg:
                 tg.start_soon(batches.stop, 0.1)
-                await anyio.sleep(0.05)  # the shutdown has begun; the journal opens now
-                release.set()
+                while batches.stopping is None:  # noqa: ASYNC110 - no event to wait on
+                    await anyio.sleep(0.001)
+                release.set()  # the shutdown has begun; the journal opens now
         assert not batches.running("nightly")
 
 
