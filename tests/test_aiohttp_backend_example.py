@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from apimart_async.emulator import Emulator, Fault
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from aiohttp_backend import create_app
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 pytestmark = pytest.mark.anyio
 
@@ -114,6 +117,27 @@ async def test_a_client_gone_while_sending_its_body_is_no_error(
     ERROR for each."""
     async with Emulator(frozen_clock=True) as emu:
         app = create_app(api_key=emu.api_key, base_url=emu.base_url)
+        handling = 0  # requests between the outermost middleware's start and end
+        changed = asyncio.Event()
+
+        @web.middleware
+        async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+            nonlocal handling
+            handling += 1
+            changed.set()
+            try:
+                return await handler(request)
+            finally:
+                handling -= 1
+                changed.set()
+
+        async def until(n: int) -> None:
+            async with asyncio.timeout(20):
+                while handling != n:
+                    changed.clear()
+                    await changed.wait()
+
+        app.middlewares.insert(0, count)  # outside the example's own
         runner = web.AppRunner(app)  # as the example serves it (TestServer logs nothing)
         await runner.setup()
         try:
@@ -126,12 +150,12 @@ async def test_a_client_gone_while_sending_its_body_is_no_error(
                     'Content-Length: 1000\r\n\r\n{"model": '.encode()
                 )
                 await writer.drain()
-                await asyncio.sleep(0.2)  # the handler is reading the body
+                await until(1)  # the handler is reading the body
                 writer.close()
                 await writer.wait_closed()
-            await asyncio.sleep(0.2)
+                await until(0)  # and has ended
         finally:
-            await runner.cleanup()
+            await runner.cleanup()  # waits for every handler: whatever they log is logged
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         assert emu.tasks_created == 0
 
