@@ -110,6 +110,20 @@ class ApimartError(Exception):
     """On the error of a submit: True when no attempt was taken by the service (none reached
     it, or each was answered 429), so no task exists and nothing was billed."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its state, not as ``cls(*args)`` (Exception's way): most of these take
+        # other arguments than their message (``status=``, a ``Task``), so a worker process's
+        # error failed to unpickle in its parent, or came back with its message doubled.
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[ApimartError], args: tuple[Any, ...]) -> ApimartError:
+    """An ``ApimartError`` of ``cls`` with ``args``, without its ``__init__``; pickle then sets
+    its attributes."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
+
 
 class ConfigurationError(ApimartError, ValueError):
     """The client was configured in a way that cannot work (no key, insecure URL, ...)."""

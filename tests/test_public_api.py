@@ -186,3 +186,70 @@ def test_unfinished_task_is_a_frozen_public_record_with_a_json_dict() -> None:
         "submitted_at": 1.5,
         "fingerprint": "ab",
     }
+
+
+_FAILED = am.Task(
+    id="task_2",
+    status=am.TaskStatus.FAILED,
+    error=am.TaskError(code=1301, message="blocked", type="content_policy_violation"),
+    raw_status="failed",
+)
+_STATUS = {"status": 429, "type": "rate_limit", "code": 42, "request_id": "r1", "body": b"{}"}
+
+#: One instance of every public exception, built as the SDK builds it.
+_EXCEPTIONS: list[BaseException] = [
+    am.ApimartError("x"),
+    am.ConfigurationError("no key"),
+    am.ClientClosedError("closed"),
+    am.ValidationError([am.FieldError("prompt", "must not be empty", "")]),
+    am.OptionError([am.FieldError("concurrency", "must be at least 1", 0)]),
+    am.APIConnectionError("refused", method="GET", path="/v1/tasks/t"),
+    am.APITimeoutError("slow", method="GET", path="/v1/tasks/t"),
+    am.SubmitIndeterminateError("lost", idempotency_key="k-1", path="/v1/videos/generations"),
+    am.ResponseValidationError("bad body", body=b"<html>", status=200, decodable=False),
+    am.NoVideoError(_FAILED),
+    am.APIStatusError("teapot", **{**_STATUS, "status": 418}),
+    am.BadRequestError("bad", **{**_STATUS, "status": 400, "param": "prompt"}),
+    am.AuthenticationError("key", **{**_STATUS, "status": 401}),
+    am.InsufficientBalanceError("money", **{**_STATUS, "status": 402}),
+    am.PermissionDeniedError("no", **{**_STATUS, "status": 403}),
+    am.NotFoundError("gone", **{**_STATUS, "status": 404}),
+    am.ConflictError("busy", **{**_STATUS, "status": 409, "sub_code": "idempotency_in_progress"}),
+    am.RateLimitError("slow down", **_STATUS, retry_after=3.0),
+    am.ServerError("oops", **{**_STATUS, "status": 503}),
+    am.TaskFailedError(_FAILED),
+    am.TaskTimeoutError("task_1", 30.0, _FAILED),
+    am.TaskTimeoutError(None, 3.0, idempotency_key="k-2"),
+    am.JobsFileError("jobs.jsonl", [(3, "prompt: must not be empty")]),
+    am.JournalError("disk full"),
+    am.JournalLockedError("run.sqlite", 1234, 1779246294.0, host="box"),
+    am.JournalMismatchError(2, "ab", "cd"),
+    am.BatchStoppedError("stopped"),
+    am.BudgetExceededError("budget"),
+    am.UploadError("image_urls[0]", "a.png", "too large"),
+    am.ReplayedError("blocked", "TaskFailedError"),
+    am.DownloadError("reset", url="https://cdn.example.com/a.mp4", status=None),
+    am.DownloadExpiredError("expired", url="https://cdn.example.com/a.mp4", status=403),
+    am.DownloadTooLargeError("big", url="https://cdn.example.com/a.mp4"),
+    am.WebhookError("no task id"),
+]
+
+
+def test_the_pickle_list_names_every_public_exception() -> None:
+    public = {
+        obj
+        for name in am.__all__
+        if isinstance(obj := getattr(am, name, None), type) and issubclass(obj, BaseException)
+    } - {am.ApimartWarning}
+    assert public == {type(e) for e in _EXCEPTIONS}
+
+
+@pytest.mark.parametrize("error", _EXCEPTIONS, ids=lambda e: type(e).__name__)
+def test_every_public_exception_survives_pickle(error: BaseException) -> None:
+    """A worker process (multiprocessing, concurrent.futures, Celery) sends its exception to
+    the parent pickled; built as ``cls(*args)``, a class whose ``__init__`` takes other
+    arguments than its message failed to unpickle (``TypeError``) or came back different."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error) and copy.args == error.args
+    assert vars(copy) == vars(error)
