@@ -15,6 +15,7 @@ closed when collected, or at interpreter exit).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -54,6 +55,8 @@ class _Loop:
     def __init__(self, portal: BlockingPortal) -> None:
         self.portal = portal
         self.closed = False
+        #: ``close()`` has begun: a call its loop's stop cancels ends with ClientClosedError
+        self.closing = False
 
     def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` in the loop and wait for its result. If the wait is interrupted
@@ -63,6 +66,12 @@ class _Loop:
         future = self.portal.start_task_soon(fn)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            # Nobody here cancelled it: ``close()`` (from another thread, e.g. a web app's
+            # shutdown while a sync endpoint calls) stopped the loop while it still ran.
+            if self.closing or self.closed:
+                raise ClientClosedError("the client was closed while this call ran") from None
+            raise
         except BaseException:
             future.cancel()
             raise
@@ -441,6 +450,7 @@ class Apimart(_Facade):
 def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> None:
     if loop.closed:
         return
+    loop.closing = True
     try:
         loop.call(client.aclose)
         # Whatever still runs there (a batch left open) is cancelled, so it leaves cleanly.

@@ -23,7 +23,7 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 import apimart_async as am
-from apimart_async.emulator import Emulator
+from apimart_async.emulator import Emulator, Fault
 
 from .conftest import FAST_POLL
 
@@ -493,3 +493,42 @@ def test_the_facade_lists_unfinished_tasks_of_its_journal(
         manual_temu.call(emu.complete, task_id)
         assert client.tasks.wait(task_id).ok
         assert client.tasks.unfinished() == []
+
+
+@pytest.mark.parametrize("call", ["submit", "generate", "balance", "on_submitted"])
+def test_closing_while_another_thread_calls_ends_that_call_with_client_closed_error(
+    temu: ThreadedEmulator, call: str
+) -> None:
+    """A sync web endpoint (FastAPI's threadpool) calling the shared client while the app
+    shuts down: its call ends with ``ClientClosedError``, not a bare ``CancelledError`` (the
+    client's loop stops, cancelling what still runs there, once the client is closed)."""
+    endpoint = "balance" if call == "balance" else "submit"
+    if call != "on_submitted":  # held in the POST; else in the caller's own callback
+        temu.call(temu.emu.faults.inject, endpoint, Fault.slow(30.0))
+    client = sync_client(temu)
+    request = am.VideoRequest("sora-2-preview", "a cat")
+    run: Callable[[], object] = {
+        "submit": lambda: client.videos.submit(request),
+        "generate": lambda: client.videos.generate(request),
+        "balance": client.balance,
+        "on_submitted": lambda: client.videos.generate(request, on_submitted=never_done),
+    }[call]
+    raised: list[BaseException] = []
+
+    async def never_done(task_id: str) -> None:  # where aclose() has nothing to end
+        await anyio.Event().wait()
+
+    def endpoint_thread() -> None:
+        try:
+            run()
+        except BaseException as exc:  # what the endpoint sees
+            raised.append(exc)
+
+    thread = threading.Thread(target=endpoint_thread)
+    thread.start()
+    temu.wait_until(lambda: temu.emu.counters.get(endpoint, 0) == 1)
+    client.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(raised) == 1
+    assert isinstance(raised[0], am.ClientClosedError), repr(raised[0])
