@@ -272,11 +272,28 @@ def test_a_retry_after_beyond_the_cap_is_not_waited_for() -> None:
         ("soon", None),
         (None, None),
         ("Wed, 21 Oct 2015 07:28:00 GMT", 10.0),
+        # not a number of seconds (RFC 9110: digits): no wait said, never an infinite one,
+        # which ``round()`` (a web app's own Retry-After header) cannot take
+        ("inf", None),
+        ("Infinity", None),
+        ("1e999", None),
+        ("-inf", None),
+        ("nan", None),
     ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     now = 1445412470.0  # 10 s before the date above
     assert _retry.parse_retry_after(value, now=now) == expected
+
+
+async def test_an_infinite_retry_after_reaches_the_error_as_none(emu: Emulator) -> None:
+    """A web app answers its own 429 with ``Retry-After: round(exc.retry_after)`` (as both
+    examples do): an ``inf`` there was an OverflowError in its error handler, a 500."""
+    emu.faults.inject("balance", Fault.rate_limited(retry_after="inf"))
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=0) as client:
+        with pytest.raises(am.RateLimitError) as caught:
+            await client.balance()
+    assert caught.value.retry_after is None
 
 
 async def test_retry_after_header_reaches_the_error(emu: Emulator) -> None:
