@@ -87,7 +87,13 @@ async def generate_video(request: web.Request) -> web.Response:
 
 
 async def unfinished(request: web.Request) -> web.Response:
-    items = await request.app[CLIENT].tasks.unfinished()
+    try:
+        items = await request.app[CLIENT].tasks.unfinished()
+    except am.ConfigurationError:  # the client has no journal: nothing to list
+        error = "this server keeps no journal of its submits (start it with --journal FILE)"
+        return web.json_response({"error": error}, status=501)
+    except am.ApimartError as exc:  # the journal cannot be read
+        return error_response(exc)
     return web.json_response({"count": len(items), "tasks": [i.to_dict() for i in items]})
 
 

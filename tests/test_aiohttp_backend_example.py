@@ -109,6 +109,17 @@ async def test_generate_and_unfinished_with_a_journal(tmp_path: Path) -> None:
             assert done["status"] == "completed" and done["id"] != task_id
 
 
+async def test_unfinished_without_a_journal_says_so_instead_of_a_500() -> None:
+    """``--journal`` is optional (the default is none): ``GET /videos/unfinished`` then
+    raised ``ConfigurationError`` out of its handler, a 500 with a traceback in the log."""
+    async with Emulator(mode="manual") as emu:
+        app = create_app(api_key=emu.api_key, base_url=emu.base_url)
+        async with TestClient(TestServer(app)) as http:
+            resp = await http.get("/videos/unfinished")
+            assert resp.status == 501
+            assert "--journal" in (await resp.json())["error"]
+
+
 async def test_a_client_gone_while_sending_its_body_is_no_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
