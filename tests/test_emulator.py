@@ -55,6 +55,17 @@ async def test_auth_required_on_every_api_route(emu: Emulator, http: aiohttp.Cli
                 assert body["error"]["message"].startswith("API key is required")
 
 
+async def test_a_non_ascii_key_is_a_401_not_a_500(
+    emu: Emulator, http: aiohttp.ClientSession
+) -> None:
+    """A key pasted with a typographic quote (``sk-...\u2019``): the emulator's comparison
+    raised TypeError (non-ASCII str), a 500 the SDK retried and reported as a ServerError."""
+    for key in ("sk-nope\u2019", emu.api_key + "\u00e9"):
+        headers = {"Authorization": f"Bearer {key}"}
+        async with http.get(f"{emu.base_url}/v1/balance", headers=headers) as r:
+            assert r.status == 401
+
+
 async def test_submit_shapes(emu: Emulator, http: aiohttp.ClientSession) -> None:
     status, body = await submit(http, emu)
     assert status == 200

@@ -143,8 +143,10 @@ class Routes:
                 return await self._truncated(request)
         if auth:
             header = request.headers.get("Authorization", "")
+            # as bytes: compare_digest refuses a str that is not ASCII (a pasted "’")
             if not header.startswith("Bearer ") or not secrets.compare_digest(
-                header[7:].strip(), self._emu.api_key
+                header[7:].strip().encode("utf-8", "surrogateescape"),
+                self._emu.api_key.encode("utf-8", "surrogateescape"),
             ):
                 return web.json_response(
                     {
