@@ -287,6 +287,12 @@ class AsyncApimart:
         """Close the client: running waits and batches end with ``ClientClosedError``."""
         self._poller.close("the client was closed")
         runner, self._runner = self._runner, None
+        if runner is not None and self._transport.in_another_loop():
+            # opened in another event loop (an earlier asyncio.run()): its background task
+            # belongs there and cannot be awaited here; it ends with its loop
+            if not runner.get_loop().is_closed():
+                runner.get_loop().call_soon_threadsafe(runner.cancel)
+            runner = None
         try:
             if runner is not None:
                 self._stop_runner.set()

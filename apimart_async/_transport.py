@@ -17,6 +17,7 @@ without one, ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` are honoured when set.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import contextlib
@@ -96,6 +97,12 @@ def counting_into(tally: collections.Counter[str]) -> Generator[None]:
 
 RetryMode = Literal["read", "submit", "never"]
 T = TypeVar("T")
+
+#: A client used in an event loop other than the one it was opened in.
+ANOTHER_LOOP: Final = (
+    "the client was opened in another event loop (an earlier asyncio.run(), another test's"
+    " loop); a client serves the loop it was opened in: open one in this loop"
+)
 
 #: Largest API reply read into memory (result files are streamed, not read through here).
 MAX_REPLY_BYTES = 16 * 1024 * 1024
@@ -395,6 +402,9 @@ class Transport:
         self.connection_limit = connection_limit
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        #: The event loop the session was opened in: it serves no other (its connections
+        #: belong to that loop; used from another, aiohttp fails with raw RuntimeErrors).
+        self.loop: asyncio.AbstractEventLoop | None = None
         #: Attempts made, by kind of request ("submit", "task", "batch", ...), and "retries".
         self.counters: collections.Counter[str] = collections.Counter()
         self._retrying_read = self._retrying(submit=False)
@@ -424,6 +434,7 @@ class Transport:
         if self._closed:
             raise ClientClosedError("this client was closed; create a new AsyncApimart")
         if self._session is None:
+            self.loop = asyncio.get_running_loop()
             ssl_option = self._ssl_context if self._ssl_context is not None else _default_ssl()
             self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
             self._session = aiohttp.ClientSession(
@@ -436,8 +447,15 @@ class Transport:
     async def aclose(self) -> None:
         self._closed = True
         session, self._session = self._session, None
-        if session is not None:
+        if session is None:
+            return
+        if not self.in_another_loop():
             await session.close()
+        elif self.loop is not None and not self.loop.is_closed():
+            # its own loop still runs (on another thread): the session is closed there
+            asyncio.run_coroutine_threadsafe(session.close(), self.loop)
+        else:  # its loop is gone, and its connections with it: nothing to await
+            session.detach()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -447,7 +465,15 @@ class Transport:
                 "the client is not open: use 'async with AsyncApimart() as client:' "
                 "or 'await client.open()'"
             )
+        if self.in_another_loop():
+            raise ClientClosedError(ANOTHER_LOOP)
         return self._session
+
+    def in_another_loop(self) -> bool:
+        """Whether the session was opened in an event loop other than the running one (a
+        client opened by one ``asyncio.run`` or test's loop, used in the next one's)."""
+        running = asyncio._get_running_loop()
+        return running is not None and self.loop is not None and running is not self.loop
 
     @staticmethod
     def client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:

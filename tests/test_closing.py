@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import warnings
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -167,3 +168,45 @@ async def test_aclose_during_the_submit_of_generate_ends_it_with_client_closed_e
         await manual_emu.wait_until(lambda: manual_emu.state.in_flight["submit"] == 1)
         await client.aclose()
     assert len(ended) == 1 and isinstance(ended[0], am.ClientClosedError), ended
+
+
+async def test_a_client_opened_in_another_event_loop_fails_typed_and_closes(
+    manual_emu: Emulator, tmp_path: Path
+) -> None:
+    """A client opened by an earlier ``asyncio.run()`` (a script's setup, a session-scoped
+    test fixture's loop) and used in this loop: aiohttp raised a bare ``RuntimeError: Event
+    loop is closed`` from every request, and ``aclose()`` a bare ``CancelledError``. Each
+    call now says what happened (``ClientClosedError``) and ``aclose()`` closes it."""
+    client = am.AsyncApimart(
+        manual_emu.api_key,
+        base_url=manual_emu.base_url,
+        poll=FAST_POLL,
+        journal=tmp_path / "client.sqlite",
+    )
+
+    async def open_elsewhere() -> None:  # in a loop of its own, which then ends
+        await client.open()
+        for _ in range(5):  # its background tasks get going there
+            await asyncio.sleep(0)
+
+    await anyio.to_thread.run_sync(asyncio.run, open_elsewhere())
+    request = am.VideoRequest("sora-2-preview", "a cat")
+    calls = [
+        client.balance,
+        lambda: client.videos.submit(request),
+        lambda: client.videos.generate(request),
+        lambda: client.tasks.get("task_x"),
+        lambda: client.tasks.wait("task_x"),
+        client.tasks.unfinished,
+    ]
+    with anyio.fail_after(10):
+        for call in calls:
+            with pytest.raises(am.ClientClosedError, match="another event loop"):
+                await call()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)  # no "Unclosed client session"
+            await client.aclose()
+            gc.collect()
+    with pytest.raises(am.ClientClosedError, match="closed"):
+        await client.balance()
+    assert manual_emu.tasks_created == 0
