@@ -98,6 +98,9 @@ def counting_into(tally: collections.Counter[str]) -> Generator[None]:
 RetryMode = Literal["read", "submit", "never"]
 T = TypeVar("T")
 
+#: Keys this long or longer are blanked out of replies (``_without_key``); real ones are ~40.
+_REDACTED_KEY_MIN: Final = 16
+
 #: A client used in an event loop other than the one it was opened in.
 ANOTHER_LOOP: Final = (
     "the client was opened in another event loop (an earlier asyncio.run(), another test's"
@@ -715,6 +718,7 @@ class Transport:
                 method=method,
                 path=path,
             )
+        body = self._without_key(body)
         if 300 <= status < 400:
             raise APIStatusError(
                 f"{method} {path} answered with a redirect; redirects are not followed "
@@ -730,6 +734,15 @@ class Transport:
             error.http_status = status  # the error came inside a 2xx reply
             raise error
         return Reply(status=status, headers=reply_headers, body=body)
+
+    def _without_key(self, body: bytes) -> bytes:
+        """``body`` with the API key blanked out: a gateway quoting it in an error ("invalid
+        key sk-...") would put it in the error's message and body, and from there in logs
+        and in whatever a web app answers its own callers."""
+        key = self._key.reveal().encode("utf-8", "surrogateescape")
+        if len(key) < _REDACTED_KEY_MIN or key not in body:  # a short test key ("test") is
+            return body  # no secret, and blanking it would garble replies that hold it
+        return body.replace(key, b"***")
 
     def _pause(self) -> float:
         """Seconds to wait before a request: a server-requested pause (not under

@@ -75,6 +75,27 @@ async def test_key_absent_everywhere_under_faults(caplog: pytest.LogCaptureFixtu
         assert PREFIX not in text
 
 
+@pytest.mark.parametrize("status", [401, 400, 500, 200])
+async def test_a_service_echoing_the_key_does_not_put_it_in_the_error(status: int) -> None:
+    """Some gateways quote the key in their error ("invalid key sk-..."): the SDK's error
+    carried it in its message and body, and a web app answering ``str(exc)`` (as the
+    examples do) handed the server's key to whoever called it."""
+    echo = {"error": {"message": f"Incorrect API key provided: {KEY}", "type": "x"}}
+    if status == 200:  # an error inside a 200, and a 200 that is no JSON
+        echo = {"code": 401, "message": f"bad token {KEY}", "data": None}
+    async with Emulator(api_key=KEY, frozen_clock=True) as emu:
+        async with am.AsyncApimart(KEY, base_url=emu.base_url, max_retries=0) as client:
+            errors = []
+            for body in (echo, f"<html>bad key {KEY}</html>".encode()):
+                emu.faults.inject("balance", Fault.reply(status, body))
+                with pytest.raises(am.ApimartError) as info:
+                    await client.balance()
+                errors.append(info.value)
+    for exc in errors:
+        text = _all_text(exc) + repr(getattr(exc, "body", b""))
+        assert PREFIX not in text, text
+
+
 def test_secret_never_shows() -> None:
     s = Secret(KEY)
     assert KEY not in f"{s} {s!r} {s:>40}"
