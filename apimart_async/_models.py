@@ -523,9 +523,19 @@ def _children(item: object) -> Iterator[object] | None:
     return None  # a leaf
 
 
-def _too_deep(value: object) -> bool:
+#: The most fields ``extra`` may hold, and JSON values (every item of every list or object,
+#: at any depth) in all: a real model takes a few dozen fields; an untrusted body of 50,000
+#: keys or a list of 200,000 numbers, checked value by value, held a server's event loop for
+#: 250-500 ms (refused by its size instead, as image_urls is by MAX_URLS).
+MAX_EXTRA_FIELDS: Final = 200
+MAX_EXTRA_VALUES: Final = 10_000
+
+
+def _too_deep(value: object, budget: list[int] | None = None) -> bool:
     """Whether ``value`` nests lists/dicts more than ``MAX_EXTRA_DEPTH`` deep (a cycle is
-    endless). Without recursion; a container shared between branches is measured once."""
+    endless). Without recursion; a container shared between branches is measured once.
+    ``budget``: ``[values left]``, lowered by every item walked; below 0 the walk stops
+    (the caller reports the size, not the depth)."""
     children = _children(value)
     if children is None:
         return False
@@ -536,6 +546,10 @@ def _too_deep(value: object) -> bool:
     while path:
         key, rest = path[-1]
         child = next(rest, _END)
+        if budget is not None and child is not _END:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return False  # too large to walk on: the caller says so
         if child is _END:  # this container is measured
             path.pop()
             on_path.discard(key)
@@ -569,6 +583,11 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
     if not isinstance(extra, Mapping):
         errors.append(FieldError("extra", "must be a mapping of field names to JSON values", extra))
         return
+    if len(extra) > MAX_EXTRA_FIELDS:  # one error, before any of them is looked at
+        rule = f"must hold at most {MAX_EXTRA_FIELDS} fields"
+        errors.append(FieldError("extra", rule, f"{len(extra)} fields"))
+        return
+    budget = [MAX_EXTRA_VALUES - len(extra)]
     for key, value in cast("Mapping[object, object]", extra).items():
         if not isinstance(key, str) or not key:
             errors.append(FieldError("extra", "keys must be non-empty strings", key))
@@ -579,9 +598,13 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
         if key in _TYPED_FIELDS and getattr(req, key) not in (None, ()):
             errors.append(FieldError(f"extra[{key!r}]", f"{key} is already set as a field", value))
             continue
-        if _too_deep(value):
+        if _too_deep(value, budget):
             errors.append(FieldError(f"extra[{key!r}]", _TOO_DEEP, _DEEPER))
             continue
+        if budget[0] < 0:
+            rule = f"must hold at most {MAX_EXTRA_VALUES} JSON values in all"
+            errors.append(FieldError(f"extra[{key!r}]", rule, f"more than {MAX_EXTRA_VALUES}"))
+            return
         try:
             json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
