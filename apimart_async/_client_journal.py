@@ -216,9 +216,11 @@ class SqliteSubmits:
         return await self.journal.call("write", write)
 
     async def set_task(self, key: str, task_id: str, at: float) -> None:
+        # a key sent again after its task's end was seen gets that task back: it stays done
         await self._write(
-            "UPDATE submits SET state='pending', task_id=?, updated_at=? WHERE idempotency_key=?",
-            (task_id, at, key),
+            "UPDATE submits SET state='pending', task_id=?, updated_at=? WHERE idempotency_key=?"
+            " AND NOT (state='done' AND task_id IS ?)",
+            (task_id, at, key, task_id),
         )
 
     async def set_refused(self, key: str, error: str, at: float) -> None:

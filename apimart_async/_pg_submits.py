@@ -174,7 +174,9 @@ class PgSubmits:
     async def set_task(self, key: str, task_id: str, at: float) -> None:
         await self._execute(
             f"UPDATE {self._q}.submits SET state='pending', task_id=$3, updated_at=$4"
-            " WHERE client=$1 AND idempotency_key=$2",
+            " WHERE client=$1 AND idempotency_key=$2"
+            # a key sent again after its task's end was seen gets that task back: still done
+            " AND NOT (state='done' AND task_id IS NOT DISTINCT FROM $3)",
             self.client,
             key,
             task_id,

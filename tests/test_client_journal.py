@@ -141,6 +141,23 @@ async def test_a_submit_is_listed_until_a_wait_sees_its_end_across_restarts(
     assert manual_emu.tasks_created == 1
 
 
+async def test_a_key_sent_again_after_its_end_was_seen_is_not_listed_again(
+    manual_emu: Emulator, store: Store
+) -> None:
+    """A web app passing its caller's Idempotency-Key on: the caller retries after the video
+    is done, the service answers with the same task. Recording that task id put the row back
+    to ``pending``: the finished task was listed by ``unfinished()`` again, across restarts."""
+    async with client_for(manual_emu, store.journal) as client:
+        task_id = await client.videos.submit(REQUEST, idempotency_key="order-42")
+        manual_emu.complete(task_id)
+        assert (await client.tasks.wait(task_id)).ok
+        assert await client.tasks.unfinished() == []
+        assert await client.videos.submit(REQUEST, idempotency_key="order-42") == task_id
+        assert await client.tasks.unfinished() == []
+    assert (await store.rows()) == [("order-42", "done", task_id, "completed")]
+    assert manual_emu.tasks_created == 1
+
+
 async def test_an_end_a_status_read_returned_is_not_listed_as_unseen(
     manual_emu: Emulator, store: Store
 ) -> None:
