@@ -405,6 +405,8 @@ class Transport:
         self.connection_limit = connection_limit
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        #: The downloads streaming now (``stream``), each in a cancel scope ``aclose`` cancels.
+        self._streams: set[anyio.CancelScope] = set()
         #: The event loop the session was opened in: it serves no other (its connections
         #: belong to that loop; used from another, aiohttp fails with raw RuntimeErrors).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -449,6 +451,8 @@ class Transport:
 
     async def aclose(self) -> None:
         self._closed = True
+        for scope in list(self._streams):  # downloads in flight end (ClientClosedError)
+            scope.cancel()
         session, self._session = self._session, None
         if session is None:
             return
@@ -763,18 +767,29 @@ class Transport:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read
         )
+        # aclose() cancels it: a closed session stops reading its connections, and a read
+        # waiting for the next bytes would wait for the read timeout (30 s by default)
+        scope = anyio.CancelScope()
+        self._streams.add(scope)
         try:
             proxy, proxy_headers = self.proxies.for_url(url)
-            async with session.get(
-                url,
-                headers=_with_proxy_auth(url, headers, proxy_headers),
-                timeout=timeout,
-                proxy=proxy,
-                proxy_headers=proxy_headers,
-            ) as resp:
-                yield StreamReply(resp)
+            with scope:
+                async with session.get(
+                    url,
+                    headers=_with_proxy_auth(url, headers, proxy_headers),
+                    timeout=timeout,
+                    proxy=proxy,
+                    proxy_headers=proxy_headers,
+                ) as resp:
+                    yield StreamReply(resp)
+            if scope.cancelled_caught:
+                raise ClientClosedError("the client was closed during a download")
         except TimeoutError:
             raise APITimeoutError("download timed out", method="GET", path=_url_path(url)) from None
+        except RuntimeError:  # aiohttp: "Connection closed." (read after the session closed)
+            if self._closed:
+                raise ClientClosedError("the client was closed during a download") from None
+            raise
         except aiohttp.ClientError as exc:
             if self._closed:
                 raise ClientClosedError("the client was closed during a download") from None
@@ -783,6 +798,8 @@ class Transport:
                 method="GET",
                 path=_url_path(url),
             ) from None
+        finally:
+            self._streams.discard(scope)
 
 
 async def _read_whole(resp: aiohttp.ClientResponse, method: str, path: str) -> bytes:

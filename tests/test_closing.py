@@ -210,3 +210,22 @@ async def test_a_client_opened_in_another_event_loop_fails_typed_and_closes(
     with pytest.raises(am.ClientClosedError, match="closed"):
         await client.balance()
     assert manual_emu.tasks_created == 0
+
+
+async def test_aclose_ends_a_download_in_flight_with_client_closed_error(tmp_path: Path) -> None:
+    """A web app shutting down while a handler downloads a result: the download went on
+    waiting for the next bytes of a connection the closed session no longer read, until the
+    read timeout (30 s by default, past any shutdown grace), or raised aiohttp's bare
+    ``RuntimeError('Connection closed.')``. It now ends at once with ``ClientClosedError``."""
+    async with Emulator(mode="manual", video_bytes=2 * 1024 * 1024, file_chunk_delay=60) as emu:
+        client = _client(emu)
+        await client.open()
+        task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "a cat"))
+        emu.complete(task_id)
+        task = await client.tasks.get(task_id)
+        download = asyncio.ensure_future(client.download(task, tmp_path))
+        await emu.wait_until(lambda: emu.counters.get("file", 0) == 1)  # the first part sent
+        with anyio.fail_after(5):
+            await client.aclose()
+            with pytest.raises(am.ClientClosedError, match="download"):
+                await download
