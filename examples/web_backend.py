@@ -186,7 +186,11 @@ class Batches:
         paths = await anyio.to_thread.run_sync(lambda: sorted(self.folder.glob("*.jobs.json")))
         for path in paths:
             name = path.name.removesuffix(".jobs.json")
-            jobs = await anyio.to_thread.run_sync(_read_jobs, path)
+            try:
+                jobs = await anyio.to_thread.run_sync(_read_jobs, path)
+            except (OSError, ValueError, TypeError) as exc:  # unreadable: the others resume
+                logger.warning("batch %s not resumed: its input %s: %s", name, path, exc)
+                continue
             if not self.running(name) and self.stopping is None:
                 self.start(name, jobs)
 
@@ -695,7 +699,11 @@ def _not_waiting(reason: str, task_id: str | None) -> JSONResponse:
 
 
 def _write_jobs(path: Path, jobs: list[str]) -> None:
-    path.write_text(f"[{', '.join(jobs)}]")
+    """Whole or not at all (a crash mid-write left a file cut short, which a restart could
+    not read): written beside it, then renamed over it."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(f"[{', '.join(jobs)}]")
+    os.replace(part, path)
 
 
 def _read_jobs(path: Path) -> list[str]:

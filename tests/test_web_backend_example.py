@@ -882,3 +882,28 @@ async def test_async_routes_answer_while_every_worker_thread_is_busy(tmp_path: P
                 limiter.total_tokens = saved
             assert reply.status_code == 200 and reply.json()["count"] == 0
             assert submitted.status_code == 202 and emu.tasks_created == 1
+
+
+async def test_a_cut_short_jobs_file_does_not_stop_the_other_batches_resuming(
+    tmp_path: Path,
+) -> None:
+    """A crash while ``POST /batches`` wrote a batch's input left ``<name>.jobs.json`` cut
+    short: on startup its JSON error ended the whole recovery (a bare JSONDecodeError in an
+    exception group, a traceback at shutdown), so every batch after it in the folder, with
+    tasks already paid for, was never resumed. The broken one is now skipped, and said."""
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    (batches / "a_broken.jobs.json").write_text('[{"model": "sora-2-pre')
+    (batches / "b_fine.jobs.json").write_text(json.dumps([job(0), job(1)]))
+    async with Emulator(task_duration=0.2, estimate_error=0.0) as emu:
+        async with backend(emu, tmp_path) as app, http_client() as http:
+            with anyio.fail_after(60):
+                while (body := (await http.get(f"{app.url}/batches/b_fine")).json()).get(  # noqa: ASYNC110 (another process)
+                    "running", True
+                ):
+                    await anyio.sleep(0.05)
+            assert sorted(o["index"] for o in body["outcomes"]) == [0, 1]
+            metrics = await app.metrics(http)
+            assert metrics["recovering"] is False
+        assert "a_broken" in app.stderr
+        assert "Traceback" not in app.stderr
