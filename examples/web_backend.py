@@ -31,7 +31,8 @@ What it shows:
 - SDK errors become HTTP statuses (``http_status``): 422 for a request that breaks a model's
   rule or that the service refuses (400), 413 a body too large for it, 402 balance, 429 rate
   limit, 404 unknown task, 504 a wait or an upstream timeout, 502 any other upstream failure;
-  every body is JSON from ``to_dict()``.
+  every body is JSON from ``to_dict()``. A request body past 1 MiB (64 MiB for a batch) is a
+  413 as soon as it is past (Starlette itself reads a body of any size into memory).
 - One process per journal file: a second process on the same journal (``uvicorn --workers 2``
   on this app) is refused with ``JournalLockedError`` at startup; give each worker its own
   ``--journal`` and ``--batch-dir``.
@@ -391,6 +392,7 @@ def create_app(
     app.state.webhook_url = webhook_url
     app.add_exception_handler(am.ApimartError, on_sdk_error)
     app.add_exception_handler(ClientGone, on_client_gone)
+    app.add_exception_handler(RequestTooLarge, on_too_large)
     app.add_middleware(CountInFlight, state=app.state)
     _add_routes(app)
     return app
@@ -490,12 +492,54 @@ async def on_client_gone(request: Request, exc: Exception) -> JSONResponse:
     return _not_waiting("disconnected", None)  # nobody reads it; no traceback in the log
 
 
-async def json_body(request: Request) -> Any:
-    """The request's body as JSON, whatever its Content-Type says (422 naming it if not)."""
+class RequestTooLarge(Exception):
+    """The request's body is larger than its route takes (413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+
+
+async def on_too_large(request: Request, exc: Exception) -> JSONResponse:
+    error = {"type": "RequestTooLarge", "message": str(exc), "status": None}
+    return JSONResponse({"error": error}, status_code=413)
+
+
+#: The largest body a route reads (Starlette has no limit of its own: a body of gigabytes
+#: was read whole into memory): a video request or a webhook callback, and a batch of jobs.
+MAX_BODY = 1 << 20
+MAX_BATCH_BODY = 64 << 20
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or ``RequestTooLarge`` as soon as it is past ``limit`` bytes
+    (by its Content-Length, or as it arrives), or ``ClientGone``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
     try:
-        raw = await request.body()
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(limit)
+            parts.append(chunk)
     except ClientDisconnect:  # the caller went away while sending it: not a server error
         raise ClientGone from None
+    return b"".join(parts)
+
+
+def json_body(limit: int) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency: the request's body (at most ``limit`` bytes) as JSON, whatever its
+    Content-Type says (422 naming it if not)."""
+
+    async def parse(request: Request) -> Any:
+        return await _json(await read_body(request, limit))
+
+    return parse
+
+
+async def _json(raw: bytes) -> Any:
     try:  # a large body is parsed on a worker thread: the event loop serves everyone else
         return (
             json.loads(raw) if len(raw) < 65536 else await anyio.to_thread.run_sync(json.loads, raw)
@@ -506,7 +550,8 @@ async def json_body(request: Request) -> Any:
 
 
 Client = Annotated[am.AsyncApimart, Depends(get_client)]
-JsonBody = Annotated[Any, Depends(json_body)]
+JsonBody = Annotated[Any, Depends(json_body(MAX_BODY))]
+BatchBody = Annotated[Any, Depends(json_body(MAX_BATCH_BODY))]
 Timeout = Annotated[float | None, Query(gt=0, description="seconds to wait at most")]
 Offset = Annotated[int, Query(ge=0)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -553,7 +598,7 @@ def _add_routes(app: FastAPI) -> None:
     async def apimart_callback(client: Client, request: Request) -> dict[str, Any]:
         # a hint, never a result: the task is read in the poller's next round (400 for a
         # body naming no task, through on_sdk_error)
-        followed = await client.tasks.notify(await request.body())
+        followed = await client.tasks.notify(await read_body(request, MAX_BODY))
         return {"ok": True, "followed": followed}
 
     @app.get("/videos/unfinished")
@@ -602,7 +647,7 @@ def _add_routes(app: FastAPI) -> None:
         return result.to_dict()
 
     @app.post("/batches", status_code=202)
-    async def start_batch(request: Request, body: JsonBody) -> dict[str, Any]:
+    async def start_batch(request: Request, body: BatchBody) -> dict[str, Any]:
         batches: Batches = request.app.state.batches
         # thousands of jobs take a while to check: on a worker thread, as their file is written
         name, jobs = await anyio.to_thread.run_sync(_batch_input, body)

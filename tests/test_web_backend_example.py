@@ -907,3 +907,24 @@ async def test_a_cut_short_jobs_file_does_not_stop_the_other_batches_resuming(
             assert metrics["recovering"] is False
         assert "a_broken" in app.stderr
         assert "Traceback" not in app.stderr
+
+
+async def test_a_body_too_large_is_a_413_before_it_is_all_read(tmp_path: Path) -> None:
+    """Starlette sets no limit on a request body: ``POST /videos`` (or the public, unsigned
+    ``/apimart/callback``) with a body of gigabytes was read whole into the server's memory
+    before anything looked at it. Past the route's limit the app now answers 413."""
+    big = b'{"model": "sora-2-preview", "prompt": "' + b"x" * (8 << 20) + b'"}'
+    async with (
+        Emulator(mode="manual") as emu,
+        backend(emu, tmp_path) as app,
+        http_client() as http,
+    ):
+        for path in ("/videos", "/videos/generate", "/apimart/callback"):
+            reply = await http.post(f"{app.url}{path}", content=big)
+            assert reply.status_code == 413, path
+            assert reply.json()["error"]["type"] == "RequestTooLarge", path
+        # a batch may be large (thousands of jobs): its own, higher limit
+        jobs = [job(i) for i in range(2000)]
+        reply = await http.post(f"{app.url}/batches", json={"name": "big", "jobs": jobs})
+        assert reply.status_code == 202
+        assert emu.counters.get("submit", 0) >= 0
