@@ -55,6 +55,8 @@ def aiohttp_handler(client: AsyncApimart) -> Callable[[web.Request], Awaitable[w
             body = await request.read()  # at most the app's client_max_size (1 MiB default)
         except web.HTTPRequestEntityTooLarge:
             return web.Response(status=413, text="the body is too large\n")
+        except ConnectionResetError:  # the caller went away while sending it: nobody reads this
+            return web.Response(status=400, text="the body did not arrive\n")
         try:
             await client.tasks.notify(body)
         except WebhookError as exc:

@@ -531,6 +531,22 @@ async def test_the_aiohttp_handler_answers_400_not_500_to_a_deeply_nested_body()
         assert reply.status == 400
 
 
+async def test_the_aiohttp_handler_answers_a_caller_gone_mid_body_without_an_error() -> None:
+    """A caller that went away while sending its body: ``request.read()`` raised
+    ``ConnectionResetError`` out of the SDK's handler ("Error handling request" and a
+    traceback at ERROR for each)."""
+
+    class Gone:
+        async def read(self) -> bytes:
+            raise ConnectionResetError("Connection lost")
+
+    async with Emulator() as emu, am.AsyncApimart(emu.api_key, base_url=emu.base_url) as client:
+        handler = webhooks.aiohttp_handler(client)
+        reply = await handler(Gone())  # type: ignore[arg-type]
+        assert reply.status == 400
+        assert client.tasks.webhook_counts()["received"] == 0
+
+
 # -- a wait with a deadline looks at its task once before giving up (brk15 F12) ------------
 
 
