@@ -1015,7 +1015,8 @@ class TaskWatch:
 
     def _on_done(self, task_id: str, result: Task | ApimartError) -> None:
         self._remaining.discard(task_id)
-        self._send.send_nowait(result)
+        # an error of its own: the poller ends every watch and wait of the task with one
+        self._send.send_nowait(_own(result) if isinstance(result, ApimartError) else result)
         if not self._remaining:
             self._send.close()
 

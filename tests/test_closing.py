@@ -229,3 +229,38 @@ async def test_aclose_ends_a_download_in_flight_with_client_closed_error(tmp_pat
             await client.aclose()
             with pytest.raises(am.ClientClosedError, match="download"):
                 await download
+
+
+async def test_watches_of_one_task_each_get_an_error_of_their_own(manual_emu: Emulator) -> None:
+    """As for waits: two requests streaming one task's end (``tasks.watch``, an SSE route,
+    say) and a wait, then the client closes. The two watches raised the one error object the
+    poller ended the task with (each raise chained its frames onto the other's traceback)."""
+    client = await _client(manual_emu).open()
+    task_id = await client.videos.submit(am.VideoRequest("sora-2-preview", "shared"))
+    errors: list[BaseException] = []
+
+    async def watch(name: str) -> None:
+        async with client.tasks.watch([task_id]) as stream:
+            try:
+                async for _ in stream:
+                    pass
+            except am.ClientClosedError as exc:
+                exc.add_note(f"watch {name}")
+                errors.append(exc)
+                await anyio.lowlevel.checkpoint()
+
+    async def wait() -> None:
+        with contextlib.suppress(am.ClientClosedError):
+            await client.tasks.wait(task_id)
+
+    async with anyio.create_task_group() as tg:
+        for name in "ab":
+            tg.start_soon(watch, name)
+        tg.start_soon(wait)
+        await manual_emu.wait_until(lambda: len(client._poller) == 1)
+        await anyio.lowlevel.checkpoint()
+        await client.aclose()
+    assert len(errors) == 2 and errors[0] is not errors[1]
+    for exc in errors:
+        assert isinstance(exc, am.ClientClosedError)
+        assert len(getattr(exc, "__notes__", [])) == 1
