@@ -1038,7 +1038,7 @@ class TaskWatch:
             )
         try:
             item = await self._receive.receive()
-        except anyio.EndOfStream:
+        except (anyio.EndOfStream, anyio.ClosedResourceError):  # ended, or its block left
             raise StopAsyncIteration from None
         if isinstance(item, ApimartError):
             raise item

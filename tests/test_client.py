@@ -268,6 +268,17 @@ async def test_a_bad_task_id_is_refused_by_every_method_before_any_request(
     assert sum(manual_emu.counters.values()) == 0
 
 
+async def test_a_watch_iterated_after_its_block_ends_its_iteration(
+    manual_client: am.AsyncApimart, manual_emu: Emulator
+) -> None:
+    """Leaving the block stops following the rest: an ``async for`` over the stream after it
+    (a handler that kept it) raised anyio's bare ``ClosedResourceError``."""
+    task_id = await manual_client.videos.submit(am.VideoRequest("sora-2-preview", "x"))
+    async with manual_client.tasks.watch([task_id]) as stream:
+        pass
+    assert [task async for task in stream] == []
+
+
 async def test_a_task_id_of_256_characters_is_sent() -> None:
     from apimart_async._api import check_task_id
 
