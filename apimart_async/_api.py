@@ -121,6 +121,24 @@ _BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f/]")
 MAX_TASK_ID: Final = 256
 
 
+#: The longest file name an upload's form carries (the extension kept).
+MAX_FILE_NAME: Final = 255
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _safe_file_name(name: str) -> str:
+    """``name`` as an upload's form can carry it: a file name may come from a web app's
+    caller (``UploadFile.filename``), and aiohttp refuses a control character in the
+    form's header with a bare ValueError; a name of 100,000 characters makes a header line
+    servers refuse. Control characters become ``_``; a long name is cut, its extension kept."""
+    name = _CONTROL_CHAR.sub("_", name)
+    if len(name) > MAX_FILE_NAME:
+        stem, dot, ext = name.rpartition(".")
+        keep = f".{ext}" if dot and stem and len(ext) <= 10 else ""
+        name = name[: MAX_FILE_NAME - len(keep)] + keep
+    return name
+
+
 def check_task_id(task_id: Any, field: str = "task_id") -> str:
     """``task_id`` if it can be a task id of the service; else a ``ValidationError`` naming
     ``field`` and the rule, before any request."""
@@ -586,6 +604,9 @@ class Api:
         self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
     ) -> UploadedImage:
         """``POST /v1/uploads/images``; type and size are checked first."""
+        if filename is not None and not isinstance(filename, str):
+            rule = "must be a string"
+            raise ValidationError([FieldError("filename", rule, type(filename).__name__)])
         if isinstance(file, (bytes, bytearray, memoryview)):
             data = bytes(file)
             name = filename or "image"
@@ -637,6 +658,7 @@ class Api:
                 [FieldError("file", "must be a JPEG, PNG, WebP or GIF image", name)]
             )
         content_type, ext = kind
+        name = _safe_file_name(name)
         if "." not in name:
             name = f"{name}.{ext}"
         # A file name need not be UTF-8 ("caf\udce9.png"): the form sends it as UTF-8.

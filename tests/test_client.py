@@ -484,6 +484,25 @@ async def test_upload_checked_locally_before_sending(
     assert emu.counters == {}
 
 
+async def test_an_upload_with_a_callers_file_name_is_sent_whatever_the_name(
+    emu: Emulator, client: am.AsyncApimart
+) -> None:
+    """A web app passing on an uploaded file's name (``UploadFile.filename``, the caller's
+    to choose: ``filename*=UTF-8''a%0Ab.png`` decodes to a line break): aiohttp refused a
+    control character in the form's header with a bare ValueError (a 500), and a name of
+    100,000 characters made a header line the server refused. The name is made safe."""
+    for name in ("a\r\nX-Evil: 1.png", "a\x00b.png", "a\nb", "x" * 100_000 + ".png"):
+        info = await client.uploads.create(PNG, filename=name)
+        assert info.url.startswith(f"{emu.base_url}/uploads/"), name
+        assert all(c >= " " and c != "\x7f" for c in info.filename), info.filename
+        assert len(info.filename) <= 255
+    assert info.filename.endswith(".png")
+    for bad in (5, b"x.png"):
+        with pytest.raises(am.ValidationError, match="^filename: must be a string"):
+            await client.uploads.image(PNG, filename=bad)  # type: ignore[arg-type]
+    assert emu.counters["upload"] == 4
+
+
 LONE_SURROGATE_ID = json.loads('"task_\\ud800"')  # what json.loads makes of "task_\ud800"
 
 
