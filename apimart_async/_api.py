@@ -604,9 +604,10 @@ class Api:
         self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
     ) -> UploadedImage:
         """``POST /v1/uploads/images``; type and size are checked first."""
-        if filename is not None and not isinstance(filename, str):
+        given: object = filename  # the caller may pass anything
+        if given is not None and not isinstance(given, str):
             rule = "must be a string"
-            raise ValidationError([FieldError("filename", rule, type(filename).__name__)])
+            raise ValidationError([FieldError("filename", rule, type(given).__name__)])
         if isinstance(file, (bytes, bytearray, memoryview)):
             data = bytes(file)
             name = filename or "image"
