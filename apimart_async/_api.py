@@ -48,6 +48,7 @@ from ._models import (
 )
 from ._poll_schedule import BATCH_IDS
 from ._retry import is_retryable_status
+from ._slices import let_the_loop_run
 from ._status_window import StatusWindow
 from ._transport import Reply, SendTrack, Transport, new_idempotency_key
 
@@ -474,7 +475,13 @@ class Api:
     async def get_many(self, task_ids: Iterable[str]) -> list[Task]:
         """The tasks asked for, in order; those the service does not know are left out. Raises
         the first error of a read that failed otherwise (after its retries)."""
-        ids = list(dict.fromkeys(check_task_id(t, "task_ids[]") for t in task_ids))
+        # in slices: an untrusted list of 50,000 ids held the loop ~50 ms in one stretch
+        checked: dict[str, None] = {}
+        since = time.perf_counter()
+        for given in task_ids:
+            checked[check_task_id(given, "task_ids[]")] = None
+            since = await let_the_loop_run(since, time.perf_counter)
+        ids = list(checked)
         results = await self.get_tasks(ids)
         found: list[Task] = []
         for task_id in ids:

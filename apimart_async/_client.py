@@ -70,7 +70,7 @@ from ._pg_journal import PostgresJournal
 from ._poll_schedule import PollPolicy
 from ._poller import Poller
 from ._priors import kind_of
-from ._slices import LOOP_SLICE
+from ._slices import let_the_loop_run
 from ._status_window import DEFAULT_MAX_STATUS_CONCURRENCY, StatusWindow
 from ._transport import Transport, check_proxy_url
 
@@ -963,10 +963,7 @@ def _settled(task: Task) -> Task:
 async def _let_the_loop_run(since: float) -> float:
     """Once ``LOOP_SLICE`` seconds of work have passed since ``since``, let the event loop run;
     when the next slice starts."""
-    if time.perf_counter() - since <= LOOP_SLICE:
-        return since
-    await anyio.lowlevel.checkpoint()
-    return time.perf_counter()
+    return await let_the_loop_run(since, time.perf_counter)  # this module's clock (tests)
 
 
 class TaskWatch:

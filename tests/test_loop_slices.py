@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 import apimart_async as am
-from apimart_async import _client, _jobs, _ledger, _outcomes, _poller
+from apimart_async import _api, _client, _jobs, _ledger, _outcomes, _poller
 from apimart_async.emulator import Emulator
 
 from .conftest import FAST_POLL
@@ -224,3 +224,37 @@ async def test_watching_thousands_of_tasks_lets_the_event_loop_run(
         async with manual_client.tasks.watch([*ids, "a/b"]):
             pass
     assert len(poller) == 0
+
+
+async def test_get_many_of_thousands_of_ids_lets_the_event_loop_run(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tasks.get_many`` with an untrusted list of 50,000 ids (a web route reading many
+    tasks) checked every id in one stretch before its first request: ~50 ms of the loop
+    here, 200 ms under a profiler. The ids are checked in slices now."""
+    ids = manual_emu.create_tasks(300)
+    checked = 0
+    check = _api.check_task_id
+
+    def counting(task_id: Any, field: str = "task_id") -> str:
+        nonlocal checked
+        checked += 1
+        return check(task_id, field)
+
+    monkeypatch.setattr(_api, "check_task_id", counting)
+    monkeypatch.setattr(_api, "time", SlowClock(), raising=False)
+    runs: list[int] = []  # ids checked between two turns of another task
+    async with anyio.create_task_group() as tg:
+
+        async def other_request() -> None:
+            seen = 0
+            while True:
+                await anyio.lowlevel.checkpoint()
+                runs.append(checked - seen)
+                seen = checked
+
+        tg.start_soon(other_request)
+        tasks = await manual_client.tasks.get_many(ids)
+        tg.cancel_scope.cancel()
+    assert [t.id for t in tasks] == ids
+    assert sum(runs) == 300 and max(runs) <= 10  # without the slices: all 300 in one stretch
