@@ -23,6 +23,16 @@ from .test_priors import run_kind, straight
 KIND = "sora-2/8//text"
 
 
+def teach_straight(s: PollSchedule, rng: random.Random, n: int, lo: float, hi: float) -> None:
+    """``n`` jobs of ``lo``-``hi`` s whose progress is straight, their estimates off by up to
+    20 %, run through ``s``: its kind learns to trust their progress."""
+    run_kind(s, [_straight_job(rng.uniform(lo, hi), rng) for _ in range(n)], KIND)
+
+
+def _straight_job(d: float, rng: random.Random) -> tuple[float, int, Curve]:
+    return (d, round(d * rng.uniform(0.8, 1.2)), straight(d))
+
+
 def trusted(policy: am.PollPolicy, lo: float = 0.999, hi: float = 1.0) -> PollSchedule:
     """A schedule whose kind's progress proved straight (50 tasks, within 0.1 %), or whose
     learned progress trust is ``lo`` to ``hi``."""
@@ -132,11 +142,7 @@ def test_a_kind_whose_straight_progress_turns_uneven_still_sees_ends_within_targ
     rng = random.Random(3)
     policy = am.PollPolicy(jitter=0.0)
     s = PollSchedule(policy)
-    teach = []
-    for _ in range(30):
-        d = rng.uniform(30.0, 60.0)
-        teach.append((d, round(d * rng.uniform(0.8, 1.2)), straight(d)))
-    run_kind(s, teach, KIND)
+    teach_straight(s, rng, 30, 30.0, 60.0)
     assert s.priors.progress_trust(KIND) is not None
     control = PollSchedule(policy)  # nothing learned: the estimate's window
     profile = RealisticProfile(durations={"viduq3": (30, 60)})
@@ -223,11 +229,7 @@ def test_straight_progress_read_over_round_trips_never_puts_the_trust_in_doubt(
     rng = random.Random(5)
     policy = am.PollPolicy(jitter=0.0)
     taught = PollSchedule(policy)
-    teach = []
-    for _ in range(100):
-        d = rng.uniform(5.0, 60.0)
-        teach.append((d, round(d * rng.uniform(0.8, 1.2)), straight(d)))
-    run_kind(taught, teach, KIND)
+    teach_straight(taught, rng, 100, 5.0, 60.0)
     assert taught.priors.progress_trust(KIND) is not None
     durations = [rng.uniform(5.0, 60.0) for _ in range(300)]
     starts = [rng.uniform(0.0, 0.25) for _ in durations]
