@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import Any, Final, Self, cast
 
 import anyio
-import anyio.lowlevel
 
 from ._api import Api, BatchRoute, check_task_id, new_idempotency_key
 from ._checks import (

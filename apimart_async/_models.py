@@ -583,12 +583,13 @@ def _check_extra(errors: list[FieldError], req: VideoRequest) -> None:
     if not isinstance(extra, Mapping):
         errors.append(FieldError("extra", "must be a mapping of field names to JSON values", extra))
         return
-    if len(extra) > MAX_EXTRA_FIELDS:  # one error, before any of them is looked at
+    fields = cast("Mapping[object, object]", extra)
+    if len(fields) > MAX_EXTRA_FIELDS:  # one error, before any of them is looked at
         rule = f"must hold at most {MAX_EXTRA_FIELDS} fields"
-        errors.append(FieldError("extra", rule, f"{len(extra)} fields"))
+        errors.append(FieldError("extra", rule, f"{len(fields)} fields"))
         return
-    budget = [MAX_EXTRA_VALUES - len(extra)]
-    for key, value in cast("Mapping[object, object]", extra).items():
+    budget = [MAX_EXTRA_VALUES - len(fields)]
+    for key, value in fields.items():
         if not isinstance(key, str) or not key:
             errors.append(FieldError("extra", "keys must be non-empty strings", key))
             continue
