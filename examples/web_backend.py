@@ -25,7 +25,9 @@ What it shows:
   polling left behind) and, when the server shuts down, answers 503 with the task id at once
   instead of holding the shutdown.
 - A background batch has a journal of its own; batches left unfinished are resumed on startup
-  (nothing is submitted twice; finished jobs are replayed from the journal). That recovery,
+  (nothing is submitted twice; finished jobs are replayed from the journal). A name is
+  its journal's: ``POST /batches`` with the same name and jobs runs it again the same way,
+  with other jobs it is a 422 (they would not match the journal). That recovery,
   like the settling of submits whose reply was lost, runs in the background: the app serves
   at once, however slow the service is to answer it, and a shutdown cancels it.
 - SDK errors become HTTP statuses (``http_status``): 422 for a request that breaks a model's
@@ -655,8 +657,14 @@ def _add_routes(app: FastAPI) -> None:
             raise am.ValidationError(
                 [am.FieldError("name", "a batch of this name is running", name)]
             )
+        path = batches.folder / f"{name}.jobs.json"
+        # a name that ran before keeps its journal: the same jobs resume it (replayed, none
+        # paid twice); others would meet that journal's jobs (JournalMismatchError each)
+        if not await anyio.to_thread.run_sync(_same_jobs_or_none, path, jobs):
+            rule = "a batch of this name ran with other jobs (its journal is kept): use another"
+            raise am.ValidationError([am.FieldError("name", rule, name)])
         # the input first, so that a restart can resume the batch with the same journal
-        await anyio.to_thread.run_sync(_write_jobs, batches.folder / f"{name}.jobs.json", jobs)
+        await anyio.to_thread.run_sync(_write_jobs, path, jobs)
         batches.start(name, jobs)
         return {"name": name, "jobs": len(jobs)}
 
@@ -753,6 +761,16 @@ def _write_jobs(path: Path, jobs: list[str]) -> None:
 
 def _read_jobs(path: Path) -> list[str]:
     return [json.dumps(job) for job in json.loads(path.read_text())]
+
+
+def _same_jobs_or_none(path: Path, jobs: list[str]) -> bool:
+    """Whether no batch of ``path`` ran before, or it ran with these ``jobs``."""
+    try:
+        return _read_jobs(path) == jobs
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, TypeError):  # cut short or unreadable: its journal stays
+        return False
 
 
 def _batch_input(body: Any) -> tuple[str, list[str]]:

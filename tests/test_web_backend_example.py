@@ -928,3 +928,41 @@ async def test_a_body_too_large_is_a_413_before_it_is_all_read(tmp_path: Path) -
         reply = await http.post(f"{app.url}/batches", json={"name": "big", "jobs": jobs})
         assert reply.status_code == 202
         assert emu.counters.get("submit", 0) >= 0
+
+
+async def test_a_finished_batchs_name_is_refused_for_other_jobs_and_resumes_the_same(
+    tmp_path: Path,
+) -> None:
+    """brk21e: posting ``/batches`` again under a finished batch's name with other jobs
+    overwrote its input and ran the new jobs on the old journal (every job ended with
+    ``JournalMismatchError``). Other jobs under that name are a 422 naming ``name``; the
+    same jobs again run the batch on its journal: its outcomes replayed, nothing paid twice."""
+    async with Emulator(mode="manual", task_duration=0.2, estimate_error=0.0) as emu:
+        async with backend(emu, tmp_path) as app, http_client() as http:
+
+            async def finished() -> dict[str, Any]:
+                with anyio.fail_after(60):
+                    while (body := (await http.get(f"{app.url}/batches/nightly")).json())[  # noqa: ASYNC110 (another process)
+                        "running"
+                    ]:
+                        await anyio.sleep(0.05)
+                return body
+
+            jobs = [job(i) for i in range(2)]
+            reply = await http.post(f"{app.url}/batches", json={"name": "nightly", "jobs": jobs})
+            assert reply.status_code == 202
+            await emu.wait_until(lambda: emu.tasks_created == 2, timeout=30)
+            emu.complete_all()
+            assert all(o["ok"] for o in (await finished())["outcomes"])
+            other = [job(i) for i in range(5, 8)]
+            reply = await http.post(f"{app.url}/batches", json={"name": "nightly", "jobs": other})
+            assert reply.status_code == 422, reply.text
+            error = reply.json()["error"]
+            assert error["type"] == "ValidationError" and error["message"].startswith("name: ")
+            assert "other jobs" in error["message"]
+            reply = await http.post(f"{app.url}/batches", json={"name": "nightly", "jobs": jobs})
+            assert reply.status_code == 202
+            body = await finished()
+        assert sorted(o["index"] for o in body["outcomes"]) == [0, 1]
+        assert all(o["ok"] for o in body["outcomes"]), body["outcomes"]
+        assert emu.tasks_created == 2  # the same jobs again: replayed, not paid twice
