@@ -695,7 +695,9 @@ class Transport:
                 method=method,
                 path=path,
             ) from None
-        except RuntimeError:  # aiohttp: "Session is closed"
+        # aiohttp: "Session is closed"; aiohttp 3.10 also fails on the connector a close has
+        # set to None ("'NoneType' object has no attribute 'connect'")
+        except (RuntimeError, AttributeError):
             if self._closed or session.closed:
                 raise ClientClosedError("the client was closed during the request") from None
             raise
