@@ -42,6 +42,7 @@ from ._errors import (
     TaskTimeoutError,
     ValidationError,
     WebhookError,
+    rebuild_error,
 )
 from ._handle import Batch
 from ._hints import (
@@ -939,8 +940,7 @@ def _own(exc: ApimartError) -> ApimartError:
     waiting task, each raise chained its frames onto the same traceback and shared its notes.
     Built without ``__init__`` (whose arguments differ by class): the same type, message and
     attributes."""
-    copy = type(exc).__new__(type(exc), *exc.args)
-    copy.args = exc.args
+    copy = rebuild_error(type(exc), exc.args)  # as unpickling builds one
     copy.__dict__.update(exc.__dict__)
     notes: object = exc.__dict__.get("__notes__")
     if isinstance(notes, list):

@@ -114,10 +114,10 @@ class ApimartError(Exception):
         # Pickled as its state, not as ``cls(*args)`` (Exception's way): most of these take
         # other arguments than their message (``status=``, a ``Task``), so a worker process's
         # error failed to unpickle in its parent, or came back with its message doubled.
-        return (_rebuild, (type(self), self.args), self.__dict__)
+        return (rebuild_error, (type(self), self.args), self.__dict__)
 
 
-def _rebuild(cls: type[ApimartError], args: tuple[Any, ...]) -> ApimartError:
+def rebuild_error(cls: type[ApimartError], args: tuple[Any, ...]) -> ApimartError:
     """An ``ApimartError`` of ``cls`` with ``args``, without its ``__init__``; pickle then sets
     its attributes."""
     error = cls.__new__(cls, *args)
