@@ -382,17 +382,19 @@ class Api:
                     )
                 ]
             )
-        local = [
-            FieldError(
-                f"{field}[{i}]",
-                "is a local file: client.batch uploads it (or upload it with"
-                " client.uploads.image and pass the URL)",
-                ref,
-            )
-            for field in ("image_urls", "video_urls")
-            for i, ref in enumerate(getattr(request, field))
-            if is_local_ref(ref)
-        ]
+        local: list[FieldError] = []
+        if request.image_urls or request.video_urls:
+            local = [
+                FieldError(
+                    f"{field}[{i}]",
+                    "is a local file: client.batch uploads it (or upload it with"
+                    " client.uploads.image and pass the URL)",
+                    ref,
+                )
+                for field in ("image_urls", "video_urls")
+                for i, ref in enumerate(getattr(request, field))
+                if is_local_ref(ref)
+            ]
         if local:  # never send a local path to the service
             raise ValidationError(local)
         key = (
@@ -419,7 +421,11 @@ class Api:
         track = SendTrack()
         path = "/v1/videos/generations"
         # a data: video (a local one, up to 10 MB) is sent in the body, so like an upload
-        inline = sum(len(url) for url in request.video_urls if url[:5].lower() == "data:")
+        inline = (
+            sum(len(url) for url in request.video_urls if url[:5].lower() == "data:")
+            if request.video_urls
+            else 0
+        )
         try:
             return await self.transport.request(
                 "POST",

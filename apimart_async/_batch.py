@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
+from ._channel import Channel
 from ._download import Downloader
 from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutError
 from ._fleet import Solo, fleet_for, unclaim
@@ -113,8 +113,8 @@ class BatchRun:
         self._floor = options.download_floor()
         #: This batch's own requests by kind (its tasks and its reads count them here).
         self._tally: collections.Counter[str] = collections.Counter()
-        self._to_submit: MemoryObjectSendStream[Job]  # made on entering: none if never entered
-        self._submit_queue: MemoryObjectReceiveStream[Job]
+        #: Admitted jobs for the submitters (issue 16: a Channel, not an anyio stream).
+        self._to_submit: Channel[Job] = Channel()
 
     # -- context manager -----------------------------------------------------------------------
 
@@ -138,7 +138,6 @@ class BatchRun:
         self.roster.carry_costs(self._records.values())
         self.outbox.open()
         # A pool of submitters (concurrency at most, not a task per job) takes admitted jobs.
-        self._to_submit, self._submit_queue = anyio.create_memory_object_stream[Job](math.inf)
         self._started = time.monotonic()
         self._ends_at = anyio.current_time() + (self.options.timeout or math.inf)
         if self._limiter is not None:
@@ -169,7 +168,6 @@ class BatchRun:
                 await tg.__aexit__(None, None, None)
         finally:
             self._to_submit.close()
-            self._submit_queue.close()
             if self._limiter is not None:
                 self._pacing.remove(self._limiter)
             self.outbox.close_all()
@@ -266,7 +264,7 @@ class BatchRun:
                     break
                 job = take.job(new_idempotency_key)
                 self.roster.admitted(job)
-                self._to_submit.send_nowait(job)
+                self._to_submit.put(job)
         except Exception as exc:  # noqa: BLE001 - the caller's iterable failed: re-raised to them
             self.outbox.error = exc
             self._stop(Stop.INPUT_FAILED, f"{exc!r}")
@@ -309,7 +307,7 @@ class BatchRun:
 
     async def _submitter(self) -> None:
         request_tally.set((self._tally,))  # in this task: its requests are the batch's
-        async for job in self._submit_queue:
+        async for job in self._to_submit:
             await self._submit(job)
 
     async def _submit(self, job: Job) -> None:

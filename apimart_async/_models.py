@@ -174,10 +174,15 @@ class VideoRequest:
         body: dict[str, Any] = {"model": self.model}
         for name in _TYPED_FIELDS:
             value = getattr(self, name)
-            if value is None or value == ():
+            if value is None:
                 continue
-            body[name] = list(cast("tuple[str, ...]", value)) if isinstance(value, tuple) else value
-        body.update(self.extra)
+            if type(value) is tuple:
+                if not value:
+                    continue
+                value = list(cast("tuple[str, ...]", value))
+            body[name] = value
+        if self.extra:
+            body.update(self.extra)
         return body
 
     def fingerprint(self) -> str:

@@ -5,16 +5,13 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, final
 
-import anyio
 import attrs
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._channel import Channel
 from ._errors import ApimartError, ReplayedError
 from ._models import DownloadedFile, Task, VideoRequest
 
@@ -244,8 +241,8 @@ class Outbox:
         #: so an early exit loses none (``Batch.unread()``).
         self._unread: collections.deque[Success | Failure] = collections.deque()
         self.error: BaseException | None = None
-        self._send: MemoryObjectSendStream[Success | Failure] | None = None
-        self._receive: MemoryObjectReceiveStream[Success | Failure] | None = None
+        #: What ``get`` hands out (issue 16: a Channel, not an anyio stream); None until open.
+        self._channel: Channel[Success | Failure] | None = None
 
     @property
     def unread(self) -> int:
@@ -258,9 +255,7 @@ class Outbox:
         return len(self._unread) >= MAX_UNREAD_REPLAYS
 
     def open(self) -> None:
-        self._send, self._receive = anyio.create_memory_object_stream[Success | Failure](
-            max_buffer_size=math.inf
-        )
+        self._channel = Channel()
 
     def unread_outcomes(self) -> list[Success | Failure]:
         return list(self._unread)
@@ -268,31 +263,30 @@ class Outbox:
     def put(self, outcome: Success | Failure) -> None:
         self._unread.append(outcome)
         # If the reader already left, the outcome is only kept as unread.
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            if self._send is not None:
-                self._send.send_nowait(outcome)
+        if self._channel is not None and not self._channel.closed:
+            self._channel.put(outcome)
 
     def close(self) -> None:
         """No more outcomes: the reader ends after those already put."""
-        if self._send is not None:
-            self._send.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def close_all(self) -> None:
-        self.close()
-        if self._receive is not None:
-            self._receive.close()
+        """The reader left: ``get`` ends at once; what it did not take stays unread."""
+        if self._channel is not None:
+            self._channel.close(drop=True)
 
     async def get(self) -> Success | Failure:
         """The next outcome; ``StopAsyncIteration`` (or ``error``) once closed and empty."""
         try:
-            if self._receive is None:
-                raise anyio.EndOfStream
-            outcome = await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            if self._channel is None:
+                raise StopAsyncIteration
+            outcome = await self._channel.get()
+        except StopAsyncIteration:
             if self.error is not None:
                 raise self.error from None
-            raise StopAsyncIteration from None
-        self._unread.popleft()  # the stream hands them out in the order they were put
+            raise
+        self._unread.popleft()  # the channel hands them out in the order they were put
         return outcome
 
 

@@ -91,6 +91,8 @@ MediaRoot = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 def has_local_refs(request: VideoRequest) -> bool:
     """Whether ``request`` names any local file (cheap: no file system access)."""
+    if not (request.image_urls or request.video_urls):  # the common case, without a generator
+        return False
     return any(is_local_ref(ref) for field in _FIELDS for ref in getattr(request, field))
 
 

@@ -38,7 +38,7 @@ from collections.abc import (
     Generator,
     Mapping,
 )
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -516,13 +516,20 @@ class Transport:
         ``track`` counts attempts that may have reached the service without a reply."""
 
         args = (method, path, kind, parse, json_body, data_factory, query, headers, timeout, track)
-        if retry == "never" or self.max_retries <= 0:
-            result: T = await self._parsed_attempt(*args)
-        elif retry == "submit":
-            result = await self._waiting_out_in_progress(args)
-        else:
-            result = await self._retried(args, submit=False)
-        return result
+        if retry == "submit" and self.max_retries > 0:
+            result: T = await self._waiting_out_in_progress(args)
+            return result
+        try:  # the first attempt of a read (or of a request never retried), as in _retried
+            return await self._attempt(*args)
+        except ApimartError as exc:
+            if (
+                retry == "never"
+                or self.max_retries <= 0
+                or not _retry.is_retryable_failure(exc, submit=False)
+            ):
+                raise
+            failed = [exc]
+        return cast("T", await self._retrying_read(failed, *args))
 
     async def _retried(self, args: tuple[Any, ...], *, submit: bool) -> Any:
         """The first attempt on its own; only after it failed with a retryable error does the
@@ -530,7 +537,7 @@ class Transport:
         and counters as when backoff runs every attempt, without its bookkeeping on the
         common path (a status read that succeeds at once)."""
         try:
-            return await self._parsed_attempt(*args)
+            return await self._attempt(*args)
         except ApimartError as exc:
             if not _retry.is_retryable_failure(exc, submit=submit):
                 raise
@@ -575,7 +582,7 @@ class Transport:
         again, so backoff counts it as its first try), then real attempts."""
         if failed:
             raise failed.pop()
-        return await self._parsed_attempt(*args)
+        return await self._attempt(*args)
 
     async def _waiting_out_in_progress(self, args: tuple[Any, ...]) -> Any:
         """A submit with its retries for failures (``_retried``), asked again after a pause
@@ -611,7 +618,7 @@ class Transport:
                 )
                 await anyio.sleep(delay)
 
-    async def _parsed_attempt(
+    async def _attempt(
         self,
         method: str,
         path: str,
@@ -624,25 +631,10 @@ class Transport:
         timeout: Timeout | None,
         track: SendTrack | None = None,
     ) -> T:
-        """One attempt, parsed (so a reply that is not even JSON is retried like a lost one)."""
+        """One attempt, parsed (so a reply that is not even JSON is retried like a lost one).
+        One coroutine for the whole attempt: every suspension of the request resumes through
+        each frame of the chain awaiting it (issue 16)."""
         data = data_factory() if data_factory is not None else None
-        reply = await self._attempt(
-            method, path, kind, json_body, data, query, headers, timeout, track
-        )
-        return parse(reply)
-
-    async def _attempt(
-        self,
-        method: str,
-        path: str,
-        kind: str,
-        json_body: Any,
-        data: aiohttp.FormData | None,
-        query: str | None,
-        headers: Mapping[str, str] | None,
-        timeout: Timeout | None,
-        track: SendTrack | None = None,
-    ) -> Reply:
         session = self.session()
         if (wait := self._pause()) > 0:  # a server-requested pause or a requests/s cap
             await anyio.sleep(wait)
@@ -739,7 +731,7 @@ class Transport:
             error = _error_from_reply(embedded, reply_headers, body)
             error.http_status = status  # the error came inside a 2xx reply
             raise error
-        return Reply(status=status, headers=reply_headers, body=body)
+        return parse(Reply(status=status, headers=reply_headers, body=body))
 
     def _without_key(self, body: bytes) -> bytes:
         """``body`` with the API key blanked out: a gateway quoting it in an error ("invalid
