@@ -120,6 +120,8 @@ _BAD_ID_CHAR = re.compile(r"[\s\x00-\x1f\x7f-\x9f/]")
 #: The longest task id sent (fix21): the service's are about 30 characters
 #: (``task_01KS1H7ZYSJWH1N779S2FSHTKA``); a URL path of 10,000 is refused by servers (8 KB).
 MAX_TASK_ID: Final = 256
+#: A task id ``check_task_id`` accepts that ``quote`` leaves as it is (the service's ids).
+_PLAIN_ID: Final = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_TASK_ID}}}\Z")
 
 
 #: The longest file name an upload's form carries (the extension kept).
@@ -459,7 +461,11 @@ class Api:
 
     async def get_task(self, task_id: str) -> Task:
         """``GET /v1/tasks/{task_id}``."""
-        task_id = check_task_id(task_id)
+        if type(task_id) is str and _PLAIN_ID.match(task_id):  # valid, nothing to quote
+            path = "/v1/tasks/" + task_id
+        else:
+            task_id = check_task_id(task_id)
+            path = f"/v1/tasks/{quote(task_id, safe='')}"
 
         def parse(reply: Reply) -> Task:
             task = conv.parse_task(reply.body, status=reply.status)
@@ -471,7 +477,7 @@ class Api:
 
         return await self.transport.request(
             "GET",
-            f"/v1/tasks/{quote(task_id, safe='')}",
+            path,
             kind="task",
             retry="read",
             parse=parse,

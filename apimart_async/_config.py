@@ -63,13 +63,21 @@ DEFAULT_TIMEOUT: Final = Timeout()
 class Secret:
     """Holds the API key. Its repr, str and format never show it; only ``reveal()`` does."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_bytes", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._bytes: bytes | None = None
 
     def reveal(self) -> str:
         return self._value
+
+    def reveal_bytes(self) -> bytes:
+        """The key as the bytes a reply would quote it in (UTF-8, surrogates escaped): made
+        once, kept here, where no repr shows it (every reply is searched for it)."""
+        if self._bytes is None:
+            self._bytes = self._value.encode("utf-8", "surrogateescape")
+        return self._bytes
 
     def __repr__(self) -> str:
         return "Secret('***')"

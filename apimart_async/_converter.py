@@ -35,6 +35,13 @@ _conv = cattrs.Converter(forbid_extra_keys=False, detailed_validation=False)
 
 
 def _number(value: Any) -> float:
+    kind = type(value)  # the common cases first, exactly (bool is an int subclass: not here)
+    if kind is int:
+        return float(value)  # finite, or OverflowError
+    if kind is float:
+        if value - value == 0.0:  # finite: inf - inf and nan - nan are nan
+            return float(value)
+        raise ValueError(f"expected a finite number, got {value!r}")
     if isinstance(value, bool):
         raise TypeError(f"expected a number, got {value!r}")
     if isinstance(value, (int, float)):
@@ -54,6 +61,16 @@ def _opt_float(value: Any, _: Any) -> float | None:
 
 def _opt_int(value: Any, _: Any) -> int | None:
     return None if value is None else round(_number(value))
+
+
+def _int(value: Any) -> int:
+    """``round(_number(value))``, without the float for an int it would not change."""
+    if type(value) is int and -_EXACT <= value <= _EXACT:
+        return value
+    return round(_number(value))
+
+
+_EXACT: Final = 2**53  # ints up to this are exact as floats
 
 
 def _opt_str(value: Any, _: Any) -> str | None:
@@ -99,6 +116,11 @@ def _status(value: Any, _: Any) -> TaskStatus:
 
 
 def _video(value: Any, _: Any) -> Video:
+    if type(value) is dict:  # the common shape, exactly: {"url": [str, ...], "expires_at": n}
+        urls = value.get("url")
+        if type(urls) is list and all(type(u) is str for u in urls):
+            expires = value.get("expires_at")
+            return Video(urls=tuple(urls), expires_at=None if expires is None else _int(expires))
     if isinstance(value, str):  # a bare URL
         return Video(urls=(value,))
     if not is_object(value):
@@ -180,7 +202,7 @@ def _structure_task(value: Any, _: Any) -> Task:
                 number = _number(raw)
             except (TypeError, ValueError):
                 continue
-            hints[name] = round(number) if whole else number
+            hints[name] = round(number) if whole else number  # (as ``_int`` would)
     return Task(
         task_id,
         TaskStatus.parse(status),

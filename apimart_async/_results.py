@@ -53,6 +53,9 @@ class TaskStatus(enum.StrEnum):
     def parse(cls, value: str) -> TaskStatus:
         """The member for a status string as the service sends it (case and spaces ignored);
         ``UNKNOWN`` for a value never seen."""
+        member = _BY_WORD.get(value)  # as sent, most often
+        if member is not None:
+            return member
         return _BY_WORD.get(value.strip().lower(), cls.UNKNOWN)
 
     @property
