@@ -455,7 +455,8 @@ class BatchRun:
     def _publish(self, end: Conclusion, *, here: bool = True) -> None:
         if here:
             self._emit(end.outcome)
-            self.report(end.event)
+            if self.report.on_event is not None:  # else no event is made
+                self.report(end.event)
         else:  # another worker ended it first (issue 15): that one hands it out
             self.roster.uncount(end)
 

@@ -41,7 +41,7 @@ from ._errors import (
 from ._hints import with_webhook
 from ._journal import JobRecord
 from ._models import DownloadedFile, Task, VideoRequest
-from ._outcomes import BatchEvent, BatchStats, Failure, Success, outcome_of
+from ._outcomes import BatchEvent, BatchStats, EventKind, Failure, Success, outcome_of
 from ._slices import LOOP_SLICE
 
 __all__ = [
@@ -183,14 +183,20 @@ class Conclusion:
     """Its status in the manifest (``completed``, ``failed``, ``error``, ``download_failed``...)."""
     closes: bool
     """Whether the journal closes the job (False: a later run picks it up again)."""
-    event: BatchEvent
-    """The event to report."""
+    event_kind: EventKind
+    """The kind of event to report."""
     ended: Ended
     """What it counts as."""
     cost: float | None
     """What to settle the budget with: None when no task ended (an error)."""
     abandoned: bool = False
     """Timed out here and still running (and billed) at the service."""
+
+    @property
+    def event(self) -> BatchEvent:
+        """The event to report (made when asked: most batches have no ``on_event``)."""
+        out = self.outcome
+        return BatchEvent(self.event_kind, out.index, out.task_id, out.task, out.error)
 
 
 def conclude(
@@ -209,7 +215,7 @@ def conclude(
             outcome,
             "error",
             isinstance(result, NotFoundError),  # the service forgot the task
-            BatchEvent("errored", job.index, task_id, None, result),
+            "errored",
             "errored",
             None,
             abandoned=isinstance(result, TaskTimeoutError),
@@ -219,18 +225,15 @@ def conclude(
     if not task.ok:
         error = TaskFailedError(task)
         outcome = outcome_of(job.index, job.request, task_id, task, error, job.key, job.name)
-        event = BatchEvent("failed", job.index, task_id, task, error)
-        return Conclusion(outcome, task.status.value, True, event, "failed", cost)
+        return Conclusion(outcome, task.status.value, True, "failed", "failed", cost)
     if download_error is not None:
         # Paid and completed, files missing: the journal keeps it for a resume.
         outcome = outcome_of(
             job.index, job.request, task_id, task, download_error, job.key, job.name
         )
-        event = BatchEvent("errored", job.index, task_id, task, download_error)
-        return Conclusion(outcome, "download_failed", False, event, "errored", cost)
+        return Conclusion(outcome, "download_failed", False, "errored", "errored", cost)
     outcome = outcome_of(job.index, job.request, task_id, task, None, job.key, job.name, files)
-    event = BatchEvent("completed", job.index, task_id, task)
-    return Conclusion(outcome, "completed", True, event, "completed", cost)
+    return Conclusion(outcome, "completed", True, "completed", "completed", cost)
 
 
 # -- a job an earlier run recorded ---------------------------------------------------------------

@@ -141,6 +141,52 @@ def _tallies(
     return tuple(found.values())
 
 
+class _Alarm:
+    """What a loop of the poller waits on between its rounds: ``set`` (a new watch, a read
+    back, another clock) ends the wait at once, else it ends after the wait's timeout. One
+    asyncio future and at most one timer a wait: an anyio event and cancel scope made one
+    wait cost several times that, paid about once every two jobs (issue 16)."""
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def is_set(self) -> bool:
+        """Whether ``set`` was called since the last wait began."""
+        return self._set
+
+    @property
+    def waiting(self) -> bool:
+        return self._future is not None
+
+    async def wait(self, timeout: float) -> None:
+        """Until ``set`` or ``timeout`` seconds (``inf``: no limit); a ``set`` made before
+        the wait began does not end it."""
+        self._set = False
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        timer = None if timeout == math.inf else loop.call_later(max(0.0, timeout), _ring, future)
+        try:
+            await future
+        finally:
+            self._future = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _ring(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _ReadTasks:
     """The per-task reads in flight, each in a plain asyncio task: a seventh of the CPU of an
     anyio task group's ``start_soon`` (issue 16). A read raises nothing but cancellation."""
@@ -208,7 +254,7 @@ class Poller:
         #: whose waiter left is skipped when it comes up.
         self._deadlines: list[tuple[float, int, str, _Waiter]] = []
         self._seq = itertools.count()
-        self._wake = anyio.Event()
+        self._wake = _Alarm()
         self._closed = False
         #: Seconds without one status read getting through after which every wait ends
         #: with APIConnectionError (None: never).
@@ -378,9 +424,7 @@ class Poller:
         delay = await self.step()
         if delay is None:
             return
-        self._wake = anyio.Event()
-        with anyio.move_on_after(delay / self.time_scale):
-            await self._wake.wait()
+        await self._wake.wait(delay / self.time_scale)
 
     async def step(self) -> float | None:
         """One round, without waiting: end the waits past their deadline, then read the due
@@ -709,21 +753,20 @@ class Keeper:
     (a deadline added, a read leaving, another clock)."""
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._alarm = _Alarm()
         #: Times it woke up (tests count them).
         self.wakeups: int = 0
 
     def wake(self) -> None:
-        self._event.set()
+        self._alarm.set()
 
     async def woken(self) -> None:
         """Until ``wake`` is called."""
-        await self._event.wait()
+        await self._alarm.wait(math.inf)
 
     async def pause(self, seconds: float) -> None:
         """``seconds`` of real time (at least a millisecond), or until ``wake``."""
-        with anyio.move_on_after(max(0.001, seconds)):
-            await self._event.wait()
+        await self._alarm.wait(max(0.001, seconds))
 
     def delay(self, poller: Poller, now: float) -> float:
         """The poller's seconds from ``now`` until there is something to do (``inf``: none)."""
@@ -750,6 +793,5 @@ class Keeper:
             poller._give_up_if_unreachable(now)
             for task_id, waiter in poller._expired(now):
                 poller._call(task_id, waiter, TaskTimeoutError(task_id, waiter.timeout or 0.0))
-            self._event = anyio.Event()  # a wake from here on ends the pause
             await self.pause(self.delay(poller, poller.now()) / poller.time_scale)
             self.wakeups += 1

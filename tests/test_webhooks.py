@@ -266,7 +266,7 @@ async def advance_when_idle(emu: Emulator, client: am.AsyncApimart, seconds: flo
 
     def idle() -> bool:  # waiting for a wake-up no one has given yet
         wake = client._poller._wake
-        return not wake.is_set() and wake.statistics().tasks_waiting > 0
+        return not wake.is_set() and wake.waiting
 
     await until(idle)
     advance(emu, client, seconds)
