@@ -173,3 +173,21 @@ def test_without_matplotlib_the_run_says_so_and_writes_no_plot(
     assert bench.make_plot({"scenarios": {}}, tmp_path / "polling.png") is False
     assert not (tmp_path / "polling.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_instructions_reads_the_count_valgrind_prints_and_fails_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``benchmarks/instructions.py`` takes the last ``Collected :`` line of callgrind's
+    output (a job's instructions are the difference of two such counts) and refuses an output
+    without one rather than report nothing as zero."""
+    path = ROOT / "benchmarks" / "instructions.py"
+    spec = importlib.util.spec_from_file_location("bench_instructions", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec.loader.exec_module(module)
+    output = "==12== Events    : Ir\n==12== Collected : 2575035872\n==12==\n==12== I   refs:"
+    assert module.collected(output) == 2_575_035_872
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        module.collected("valgrind: command failed")
