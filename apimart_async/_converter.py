@@ -11,7 +11,7 @@ import datetime
 import json
 import math
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import cattrs
 
@@ -35,10 +35,10 @@ _conv = cattrs.Converter(forbid_extra_keys=False, detailed_validation=False)
 
 
 def _number(value: Any) -> float:
-    kind = type(value)  # the common cases first, exactly (bool is an int subclass: not here)
-    if kind is int:
+    # the common cases first, exactly (bool, an int subclass, is not one of them)
+    if type(value) is int:
         return float(value)  # finite, or OverflowError
-    if kind is float:
+    if type(value) is float:
         if value - value == 0.0:  # finite: inf - inf and nan - nan are nan
             return float(value)
         raise ValueError(f"expected a finite number, got {value!r}")
@@ -115,12 +115,28 @@ def _status(value: Any, _: Any) -> TaskStatus:
     return TaskStatus.parse(value)
 
 
+def _plain_video(value: object) -> Video | None:
+    """A video of the common shape, exactly ``{"url": [str, ...], "expires_at": n}``, read
+    without the general checks of ``_video``; None for any other."""
+    if type(value) is not dict:
+        return None
+    shape = cast("dict[str, Any]", value)
+    given: object = shape.get("url")
+    if type(given) is not list:
+        return None
+    urls = cast("list[object]", given)
+    if not all(type(u) is str for u in urls):
+        return None
+    expires: Any = shape.get("expires_at")
+    return Video(
+        urls=tuple(cast("list[str]", urls)), expires_at=None if expires is None else _int(expires)
+    )
+
+
 def _video(value: Any, _: Any) -> Video:
-    if type(value) is dict:  # the common shape, exactly: {"url": [str, ...], "expires_at": n}
-        urls = value.get("url")
-        if type(urls) is list and all(type(u) is str for u in urls):
-            expires = value.get("expires_at")
-            return Video(urls=tuple(urls), expires_at=None if expires is None else _int(expires))
+    plain = _plain_video(value)
+    if plain is not None:
+        return plain
     if isinstance(value, str):  # a bare URL
         return Video(urls=(value,))
     if not is_object(value):
