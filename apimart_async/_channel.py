@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from typing import Generic, TypeVar
 
 __all__ = ["Channel"]
@@ -71,8 +72,12 @@ class Channel(Generic[T]):
             try:
                 await waiter
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and self._items:
-                    self._wake_one()  # woken, then cancelled: another waiter takes the item
+                if not waiter.cancelled():
+                    if self._items:
+                        self._wake_one()  # woken, then cancelled: another waiter takes it
+                else:  # gave up waiting: its future goes (a reader that times out again and
+                    with contextlib.suppress(ValueError):  # again would pile them up)
+                        self._waiters.remove(waiter)
                 raise
         return self._items.popleft()
 

@@ -220,7 +220,7 @@ def _structure_task(value: Any, _: Any) -> Task:
             continue
         try:
             number = _number(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # an int no float holds: dropped too
             continue
         hints[name] = round(number) if whole else number
     return Task(

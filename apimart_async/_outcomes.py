@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, final
 
+import anyio.lowlevel
 import attrs
 
 from ._channel import Channel
@@ -277,11 +278,18 @@ class Outbox:
             self._channel.close(drop=True)
 
     async def get(self) -> Success | Failure:
-        """The next outcome; ``StopAsyncIteration`` (or ``error``) once closed and empty."""
+        """The next outcome; ``StopAsyncIteration`` (or ``error``) once closed and empty.
+        A cancellation of the reader (its cancel scope, a deadline passed, its task
+        cancelled) ends it here, before it takes an outcome: that one stays unread. The
+        channel hands a ready item out without a checkpoint, so one is made here, as anyio's
+        stream made one (brk16); a get that waits is a checkpoint of its own."""
+        channel = self._channel
         try:
-            if self._channel is None:
+            if channel is None:
                 raise StopAsyncIteration
-            outcome = await self._channel.get()
+            if len(channel) or channel.closed:
+                await anyio.lowlevel.checkpoint()
+            outcome = await channel.get()
         except StopAsyncIteration:
             if self.error is not None:
                 raise self.error from None

@@ -85,3 +85,19 @@ async def test_a_getter_takes_an_item_ready_without_leaving_the_task() -> None:
     assert await channel.get() == 7
     assert not other_ran  # the get did not yield to the loop
     await task
+
+
+async def test_getters_that_gave_up_leave_nothing_behind() -> None:
+    """A reader that waits with a timeout, again and again, while nothing comes (a progress
+    display's loop, say) leaves no future per wait in the channel (anyio's stream dropped its
+    waiter on cancellation; brk16: these piled up until the next item)."""
+    channel: Channel[int] = Channel()
+    for _ in range(100):
+        getter = asyncio.create_task(channel.get())
+        await asyncio.sleep(0)  # it waits
+        getter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await getter
+    assert len(channel._waiters) == 0
+    channel.put(1)
+    assert await channel.get() == 1

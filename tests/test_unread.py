@@ -4,6 +4,8 @@ and the repr, and the journal holds them as done."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import anyio
@@ -60,6 +62,35 @@ async def test_outcomes_that_arrive_after_the_reader_left_are_kept_too(
     # the two others were still running: listed as pending, not lost
     assert sorted(results.pending_task_ids()) == sorted(manual_emu.task_ids()[1:])
     assert results.stats().unread == 1
+
+
+@pytest.mark.parametrize("how", ["cancel scope", "task cancel"])
+async def test_a_cancel_in_the_loop_ends_it_before_the_next_ready_outcome(
+    manual_emu: Emulator, manual_client: am.AsyncApimart, how: str
+) -> None:
+    # brk16: the Channel hands a ready outcome out without a trip round the event loop, so a
+    # cancellation asked for in the loop's body was only seen once no outcome was ready: the
+    # reader went on taking them all (anyio's stream delivered it at the next outcome)
+    read: list[am.Success | am.Failure] = []
+
+    async def reader(results: am.Batch) -> None:
+        with anyio.CancelScope() as scope:
+            async for outcome in results:
+                read.append(outcome)
+                if how == "cancel scope":
+                    scope.cancel()  # the caller's own "enough", say
+                else:
+                    asyncio.current_task().cancel()  # type: ignore[union-attr]
+
+    async with manual_client.batch([sora(i) for i in range(5)]) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 5)
+        manual_emu.complete_all()
+        await finished_unread(results, 5)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.ensure_future(reader(results))
+    assert len(read) == 1
+    assert len(results.unread()) == 4 and results.stats().unread == 4
+    assert {o.index for o in [*read, *results.unread()]} == set(range(5))
 
 
 async def test_unread_outcomes_are_done_in_the_journal(
