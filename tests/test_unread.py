@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import anyio
@@ -180,3 +181,44 @@ async def test_tasks_a_stop_leaves_running_are_listed_as_pending(
         second = [o async for o in again]
     assert sorted(o.index for o in second) == [0, 1, 2, 3] and all(o.ok for o in second)
     assert manual_emu.tasks_created == 4
+
+
+async def test_a_reader_that_never_awaits_still_lets_the_loop_run_and_deadlines_fire(
+    manual_emu: Emulator, manual_client: am.AsyncApimart
+) -> None:
+    # issue 16: a ready outcome is handed out without a trip round the event loop, but not
+    # for longer than LOOP_SLICE of the reader's time: other tasks run (issue 21), and a
+    # deadline that fell due meanwhile ends the loop with the rest unread
+    async with manual_client.batch([sora(i) for i in range(10)]) as results:
+        await manual_emu.wait_until(lambda: len(manual_client._poller) == 10)
+        manual_emu.complete_all()
+        await finished_unread(results, 10)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await anyio.lowlevel.checkpoint()
+
+        read: list[am.Success | am.Failure] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.lowlevel.checkpoint()  # the ticker is running
+            before = ticks
+            with anyio.move_on_after(0.01):
+                async for outcome in results:
+                    read.append(outcome)
+                    spin(0.004)  # the reader's own work, no await: 40 ms for all 10
+            during = ticks - before
+            tg.cancel_scope.cancel()
+    assert 1 <= len(read) <= 6  # the deadline (10 ms) ended it at a slice's end (5 ms)
+    assert len(results.unread()) == 10 - len(read)
+    assert during >= 1  # the loop ran between outcomes
+
+
+def spin(seconds: float) -> None:
+    """Work on the CPU for ``seconds`` (no await)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
