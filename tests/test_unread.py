@@ -31,13 +31,18 @@ async def finished_unread(results: am.Batch, n: int) -> None:
             await anyio.sleep(0.001)
 
 
+async def all_finished(emu: Emulator, client: am.AsyncApimart, results: am.Batch, n: int) -> None:
+    """Complete the batch's ``n`` tasks and wait until their outcomes are handed out."""
+    await emu.wait_until(lambda: len(client._poller) == n)
+    emu.complete_all()
+    await finished_unread(results, n)
+
+
 async def test_a_reader_that_breaks_early_can_still_list_the_unread_outcomes(
     manual_emu: Emulator, manual_client: am.AsyncApimart
 ) -> None:
     async with manual_client.batch([sora(i) for i in range(5)]) as results:
-        await manual_emu.wait_until(lambda: len(manual_client._poller) == 5)
-        manual_emu.complete_all()
-        await finished_unread(results, 5)
+        await all_finished(manual_emu, manual_client, results, 5)
         assert results.stats().unread == 5
         first = await results.__anext__()
     unread = results.unread()
@@ -84,9 +89,7 @@ async def test_a_cancel_in_the_loop_ends_it_before_the_next_ready_outcome(
                     asyncio.current_task().cancel()  # type: ignore[union-attr]
 
     async with manual_client.batch([sora(i) for i in range(5)]) as results:
-        await manual_emu.wait_until(lambda: len(manual_client._poller) == 5)
-        manual_emu.complete_all()
-        await finished_unread(results, 5)
+        await all_finished(manual_emu, manual_client, results, 5)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.ensure_future(reader(results))
     assert len(read) == 1
@@ -99,9 +102,7 @@ async def test_unread_outcomes_are_done_in_the_journal(
 ) -> None:
     journal = tmp_path / "run.sqlite"
     async with manual_client.batch([sora(i) for i in range(3)], journal=journal) as results:
-        await manual_emu.wait_until(lambda: len(manual_client._poller) == 3)
-        manual_emu.complete_all()
-        await finished_unread(results, 3)
+        await all_finished(manual_emu, manual_client, results, 3)
     assert len(results.unread()) == 3
     # a second run submits nothing and hands the three out as replayed
     async with manual_client.batch([sora(i) for i in range(3)], journal=journal) as again:
@@ -190,9 +191,7 @@ async def test_a_reader_that_never_awaits_still_lets_the_loop_run_and_deadlines_
     # for longer than LOOP_SLICE of the reader's time: other tasks run (issue 21), and a
     # deadline that fell due meanwhile ends the loop with the rest unread
     async with manual_client.batch([sora(i) for i in range(10)]) as results:
-        await manual_emu.wait_until(lambda: len(manual_client._poller) == 10)
-        manual_emu.complete_all()
-        await finished_unread(results, 10)
+        await all_finished(manual_emu, manual_client, results, 10)
         ticks = 0
 
         async def ticker() -> None:
