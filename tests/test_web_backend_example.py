@@ -225,7 +225,10 @@ async def test_an_awaiting_request_holds_one_watcher_task_and_few_objects(tmp_pa
                 during = await heap(app, http)
                 emu.complete_all()
         assert during["requests_in_flight"] == n
-        assert during["asyncio_tasks"] - before["asyncio_tasks"] == 2 * n
+        # two per request; and a status read of the poller may be out as the figures are
+        # taken, in a task or two of aiohttp's (3.10 runs a request's parts in tasks of
+        # their own: CI's lowest-dependency lane saw 201): a third task per request is +100
+        assert 2 * n <= during["asyncio_tasks"] - before["asyncio_tasks"] <= 2 * n + 2
         per_request = (during["gc_objects"] - before["gc_objects"]) / n
         assert per_request < 220, per_request  # 189 measured: uvicorn, FastAPI, SDK, app
         after = await settled(app, http, tasks=before["asyncio_tasks"])
