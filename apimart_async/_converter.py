@@ -63,14 +63,14 @@ def _opt_int(value: Any, _: Any) -> int | None:
     return None if value is None else round(_number(value))
 
 
+_EXACT: Final = 2**53  # ints up to this are exact as floats
+
+
 def _int(value: Any) -> int:
     """``round(_number(value))``, without the float for an int it would not change."""
     if type(value) is int and -_EXACT <= value <= _EXACT:
         return value
     return round(_number(value))
-
-
-_EXACT: Final = 2**53  # ints up to this are exact as floats
 
 
 def _opt_str(value: Any, _: Any) -> str | None:
@@ -215,14 +215,10 @@ def _structure_task(value: Any, _: Any) -> Task:
         raw = value.get(name)
         if raw is None:
             continue
-        if whole and type(raw) is int and -_EXACT <= raw <= _EXACT:
-            hints[name] = raw  # what round(_number(raw)) gives, without the float
-            continue
         try:
-            number = _number(raw)
+            hints[name] = _int(raw) if whole else _number(raw)
         except (TypeError, ValueError, OverflowError):  # an int no float holds: dropped too
             continue
-        hints[name] = round(number) if whole else number
     return Task(
         task_id,
         TaskStatus.parse(status),

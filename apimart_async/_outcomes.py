@@ -17,7 +17,7 @@ import attrs
 from ._channel import Channel
 from ._errors import ApimartError, ReplayedError
 from ._models import DownloadedFile, Task, VideoRequest
-from ._slices import LOOP_SLICE
+from ._slices import let_the_loop_run
 
 __all__ = [
     "MAX_UNREAD_REPLAYS",
@@ -308,13 +308,10 @@ class Outbox:
 
     async def _checkpoint(self) -> None:
         task = asyncio.current_task()
-        if time.perf_counter() - self._slice > LOOP_SLICE or (
-            task is not None and task.cancelling()
-        ):
+        if task is not None and task.cancelling():  # its task cancelled
             await anyio.lowlevel.checkpoint()
-            self._slice = time.perf_counter()
-        else:
-            await anyio.lowlevel.checkpoint_if_cancelled()  # its cancel scope cancelled
+        await anyio.lowlevel.checkpoint_if_cancelled()  # its cancel scope cancelled
+        self._slice = await let_the_loop_run(self._slice)
 
 
 class Reporter:
