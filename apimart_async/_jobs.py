@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from typing import Literal, cast
 
-import anyio.lowlevel
 import attrs
 
 from ._converter import structure_task
@@ -42,7 +41,7 @@ from ._hints import with_webhook
 from ._journal import JobRecord
 from ._models import DownloadedFile, Task, VideoRequest
 from ._outcomes import BatchEvent, BatchStats, EventKind, Failure, Success, outcome_of
-from ._slices import LOOP_SLICE
+from ._slices import let_the_loop_run
 
 __all__ = [
     "Conclusion",
@@ -369,15 +368,11 @@ async def read_inputs(
     last = time.perf_counter()
     if isinstance(requests, AsyncIterable):
         async for item in requests:
-            if time.perf_counter() - last > LOOP_SLICE:
-                await anyio.lowlevel.checkpoint()
-                last = time.perf_counter()
+            last = await let_the_loop_run(last, time.perf_counter)
             yield item
         return
     for item in requests:  # not wrapped in a generator of its own: one frame less per item
-        if time.perf_counter() - last > LOOP_SLICE:
-            await anyio.lowlevel.checkpoint()
-            last = time.perf_counter()
+        last = await let_the_loop_run(last, time.perf_counter)
         yield item
 
 
