@@ -107,6 +107,9 @@ class BatchRun:
         self._stop_reason: Stop | None = None
         self.stopped: str | None = None
         self._changed = anyio.Event()
+        #: Whether ``_changed`` is awaited (``_notify`` sets it only then: most changes come
+        #: while nothing waits, and setting an event is two calls).
+        self._awaited = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = 0.0
         self._ends_at = math.inf  # the batch deadline on anyio's clock
@@ -221,10 +224,13 @@ class BatchRun:
     # -- workers ---------------------------------------------------------------------------------
 
     def _notify(self) -> None:
-        self._changed.set()
+        if self._awaited:
+            self._awaited = False
+            self._changed.set()
 
     async def _changed_wait(self, timeout: float = math.inf) -> None:
-        self._changed = anyio.Event()
+        self._changed = anyio.Event()  # a change before this is not waited for
+        self._awaited = True
         with anyio.move_on_after(timeout):
             await self._changed.wait()
 

@@ -11,7 +11,7 @@ import datetime
 import json
 import math
 from collections.abc import Callable
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 import cattrs
 
@@ -115,22 +115,21 @@ def _status(value: Any, _: Any) -> TaskStatus:
     return TaskStatus.parse(value)
 
 
-def _plain_video(value: object) -> Video | None:
+def _plain_video(value: Any) -> Video | None:
     """A video of the common shape, exactly ``{"url": [str, ...], "expires_at": n}``, read
     without the general checks of ``_video``; None for any other."""
     if type(value) is not dict:
         return None
-    shape = cast("dict[str, Any]", value)
-    given: object = shape.get("url")
-    if type(given) is not list:
+    urls = value.get("url")
+    if type(urls) is not list:
         return None
-    urls = cast("list[object]", given)
-    if not all(type(u) is str for u in urls):
-        return None
-    expires: Any = shape.get("expires_at")
-    return Video(
-        urls=tuple(cast("list[str]", urls)), expires_at=None if expires is None else _int(expires)
-    )
+    for url in urls:
+        if type(url) is not str:
+            return None
+    expires = value.get("expires_at")
+    if expires is not None and (type(expires) is not int or not -_EXACT <= expires <= _EXACT):
+        expires = _int(expires)
+    return Video(urls=tuple(urls), expires_at=expires)
 
 
 def _video(value: Any, _: Any) -> Video:
@@ -215,17 +214,32 @@ def _structure_task(value: Any, _: Any) -> Task:
         raw = value.get(name)
         if raw is None:
             continue
+        if type(raw) is int and -_EXACT <= raw <= _EXACT:  # the common case, as _int reads it
+            hints[name] = raw if whole else float(raw)
+            continue
         try:
             hints[name] = _int(raw) if whole else _number(raw)
         except (TypeError, ValueError, OverflowError):  # an int no float holds: dropped too
             continue
+    cost = value.get("cost")
+    if cost is not None and (type(cost) is not float or cost - cost != 0.0):
+        cost = _number(cost)  # else a finite float, as _number reads it
+    credits_cost = value.get("credits_cost")
+    if credits_cost is not None and (
+        type(credits_cost) is not float or credits_cost - credits_cost != 0.0
+    ):
+        credits_cost = _number(credits_cost)
+    # one video of the common shape (the common result), as _videos reads it
+    plain = _plain_video(videos[0]) if type(videos) is list and len(videos) == 1 else None
+    found = (plain,) if plain is not None else _videos(videos, None)
+    error = value.get("error")
     return Task(
         task_id,
         TaskStatus.parse(status),
-        cost=_opt_float(value.get("cost"), None),
-        credits_cost=_opt_float(value.get("credits_cost"), None),
-        videos=_videos(videos, None),
-        error=_task_error(value.get("error"), None),
+        cost=cost,
+        credits_cost=credits_cost,
+        videos=found,
+        error=None if error is None else _task_error(error, None),
         raw_status=status,
         **hints,  # type: ignore[arg-type]
     )

@@ -55,6 +55,8 @@ def _to_tuple(value: Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
     string is a common slip for a one-element list; a type checker cannot catch it, as a
     ``str`` is a sequence of strings)."""
     kind = type(value)
+    if kind is tuple and not value:  # the default: no URLs
+        return ()
     if (kind is tuple or kind is list) and all(type(v) is str for v in value):
         return cast("tuple[str, ...]", tuple(value))  # the common case, without ABC checks
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):

@@ -127,6 +127,11 @@ class Pacing:
     def add(self, limiter: RateLimiter) -> None:
         self._limiters.append(limiter)
 
+    def idle(self) -> bool:
+        """No cap in force and no server pause ever asked for: no request waits (checked
+        before ``wait_time``, which reads the clock)."""
+        return not self._limiters and self.throttle.pause_until == 0.0
+
     def remove(self, limiter: RateLimiter) -> None:
         """Take ``limiter`` (this very object) out; the others stay."""
         for i, held in enumerate(self._limiters):

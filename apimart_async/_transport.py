@@ -63,6 +63,7 @@ from ._errors import (
 from ._json import is_object
 from ._pacing import Pacing, Throttle
 from ._version import __version__
+from ._watchdog import Watchdog, WatchedConnector
 
 __all__ = [
     "Reply",
@@ -168,6 +169,8 @@ class _Proxies:
                 for k, v in urllib.request.getproxies().items()
                 if k in ("http", "https", "no")
             }
+        #: Whether any URL may go through a proxy (else ``for_url`` need not be asked).
+        self.any = self._fixed is not None or bool(self._env)
 
     def for_url(self, url: str) -> tuple[str | None, Mapping[str, str] | None]:
         if self._fixed is not None:
@@ -196,6 +199,7 @@ class _Proxies:
 
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_NO_PROXY: Final[tuple[None, None]] = (None, None)
 
 
 def _bypassed(host: str, port: int | None, env: Mapping[str, str]) -> bool:
@@ -414,6 +418,9 @@ class Transport:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Attempts made, by kind of request ("submit", "task", "batch", ...), and "retries".
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Times the API requests (``_watchdog``), once the session is open; None: aiohttp
+        #: does (an aiohttp whose connections cannot be counted).
+        self.watchdog: Watchdog | None = None
         self._retrying_read = self._retrying(submit=False)
         self._retrying_submit = self._retrying(submit=True)
 
@@ -444,10 +451,17 @@ class Transport:
             self.loop = asyncio.get_running_loop()
             ssl_option = self._ssl_context if self._ssl_context is not None else _default_ssl()
             self.proxies = _Proxies(self._proxy, trust_env=self.trust_env)
+            connector = WatchedConnector(limit=self.connection_limit, ssl=ssl_option)
+            # the watchdog times API requests; aiohttp's own limits (a timer per request,
+            # and per chunk) only where a request asks for them (uploads)
+            self.watchdog = Watchdog(self.loop) if connector.counts else None
+            timeout = self.timeout
+            if self.watchdog is not None:
+                timeout = attrs.evolve(timeout, read=None, total=None)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.connection_limit, ssl=ssl_option),
+                connector=connector,
                 headers={"User-Agent": f"apimart-async/{__version__}"},
-                timeout=self.client_timeout(self.timeout),
+                timeout=self.client_timeout(timeout),
                 raise_for_status=False,
             )
 
@@ -456,6 +470,8 @@ class Transport:
         for scope in list(self._streams):  # downloads in flight end (ClientClosedError)
             scope.cancel()
         session, self._session = self._session, None
+        if self.watchdog is not None and not self.in_another_loop():
+            self.watchdog.close()
         if session is None:
             return
         if not self.in_another_loop():
@@ -474,7 +490,8 @@ class Transport:
                 "the client is not open: use 'async with AsyncApimart() as client:' "
                 "or 'await client.open()'"
             )
-        if self.in_another_loop():
+        running = asyncio._get_running_loop()  # in_another_loop, without a call per request
+        if running is not None and self.loop is not None and running is not self.loop:
             raise ClientClosedError(ANOTHER_LOOP)
         return self._session
 
@@ -518,20 +535,18 @@ class Transport:
         ``track`` counts attempts that may have reached the service without a reply."""
 
         args = (method, path, kind, parse, json_body, data_factory, query, headers, timeout, track)
-        if retry == "submit" and self.max_retries > 0:
-            result: T = await self._waiting_out_in_progress(args)
-            return result
-        try:  # the first attempt of a read (or of a request never retried), as in _retried
+        try:  # the first attempt, as in _retried (and without its coroutine, issue 16)
             return await self._attempt(*args)
         except ApimartError as exc:
-            if (
-                retry == "never"
-                or self.max_retries <= 0
-                or not _retry.is_retryable_failure(exc, submit=False)
-            ):
+            if retry == "never" or self.max_retries <= 0:
                 raise
-            failed = [exc]
-        return cast("T", await self._retrying_read(failed, *args))
+            if retry != "submit" and not _retry.is_retryable_failure(exc, submit=False):
+                raise
+            first = exc
+        if retry == "submit":
+            result: T = await self._waiting_out_in_progress(args, first)
+            return result
+        return cast("T", await self._retrying_read([first], *args))
 
     async def _retried(self, args: tuple[Any, ...], *, submit: bool) -> Any:
         """The first attempt on its own; only after it failed with a retryable error does the
@@ -586,18 +601,25 @@ class Transport:
             raise failed.pop()
         return await self._attempt(*args)
 
-    async def _waiting_out_in_progress(self, args: tuple[Any, ...]) -> Any:
+    async def _waiting_out_in_progress(self, args: tuple[Any, ...], first: ApimartError) -> Any:
         """A submit with its retries for failures (``_retried``), asked again after a pause
         while the service reports an earlier attempt with the same key still in progress, for
         up to ``_retry.IN_PROGRESS_MAX_WAIT`` seconds of pauses in all. Each answer "in
         progress" proves the service holds the request: it is not a failure, and it does not
         use up the retries for failures (which a slow service would otherwise exhaust, ending
-        a submit about to succeed as indeterminate)."""
+        a submit about to succeed as indeterminate). ``first``: how its first attempt (made by
+        ``request``) failed."""
         waited = 0.0
         rounds = 0
+        failed: ApimartError | None = first  # the first attempt's failure (``request``)
         while True:
             try:
-                return await self._retried(args, submit=True)
+                if failed is None:
+                    return await self._retried(args, submit=True)
+                earlier, failed = failed, None  # as _retried goes on after a failed attempt
+                if not _retry.is_retryable_failure(earlier, submit=True):
+                    raise earlier
+                return await self._retrying_submit([earlier], *args)
             except ConflictError as exc:
                 if not _retry.in_progress(exc) or (
                     exc.retry_after is not None and exc.retry_after > _retry.MAX_RETRY_AFTER
@@ -638,26 +660,33 @@ class Transport:
         each frame of the chain awaiting it (issue 16)."""
         data = data_factory() if data_factory is not None else None
         session = self.session()
-        if (wait := self._pause()) > 0:  # a server-requested pause or a requests/s cap
-            await anyio.sleep(wait)
+        if not self.pacing.idle() and (wait := self._pause()) > 0:
+            await anyio.sleep(wait)  # a server-requested pause or a requests/s cap
         all_headers = {
             "Authorization": f"Bearer {self._key.reveal()}",
             "Accept": "application/json",
         }
         if headers:
             all_headers.update(headers)
-        self._count(kind)
+        self.counters[kind] += 1  # _count, without a call per request
+        for tally in request_tally.get():
+            tally[kind] += 1
         debug = logger.isEnabledFor(logging.DEBUG)
         started = time.perf_counter() if debug else 0.0
         options: dict[str, Any] = {}
-        if timeout is not None:  # else the session's; passing None would mean "no limit"
-            options["timeout"] = self.client_timeout(timeout)
+        watchdog = self.watchdog
+        if timeout is not None or data is not None:
+            # aiohttp's limits (an upload's read clock starts once its body is sent)
+            options["timeout"] = self.client_timeout(timeout or self.timeout)
+            watchdog = None
         url = self.base_url + path if query is None else f"{self.base_url}{path}?{query}"
-        proxy, proxy_headers = self.proxies.for_url(url)
+        proxy, proxy_headers = self.proxies.for_url(url) if self.proxies.any else _NO_PROXY
         if proxy is not None:
             options["proxy"] = proxy
             options["proxy_headers"] = proxy_headers
             all_headers = dict(_with_proxy_auth(url, all_headers, proxy_headers) or {})
+        # else the session's limits, which are the client's (no watchdog) or none
+        watch = None if watchdog is None else watchdog.start(self.timeout.read, self.timeout.total)
         try:
             async with session.request(
                 method,
@@ -670,7 +699,26 @@ class Transport:
             ) as resp:
                 status = resp.status
                 reply_headers = resp.headers  # case-insensitive, read-only
-                body = await _read_whole(resp, method, path)
+                declared = reply_headers.get("Content-Length")
+                if (
+                    declared is not None
+                    and declared.isdigit()
+                    and int(declared) <= MAX_REPLY_BYTES
+                    and "Content-Encoding" not in reply_headers
+                ):  # _read_whole's common case, without its coroutine: aiohttp's parser
+                    body = await resp.read()  # delivers no byte past the declared length
+                else:
+                    body = await _read_whole(resp, method, path)
+        except asyncio.CancelledError:
+            if watchdog is None or not watchdog.timed_out(watch):
+                raise  # the caller's own cancellation
+            assert watch is not None  # timed_out said so
+            if track is not None and watch.sent:
+                track.unanswered += 1
+            logger.debug("%s %s timed out", method, path)
+            raise APITimeoutError(
+                f"{method} {path} timed out ({watch.describe()})", method=method, path=path
+            ) from None
         except TimeoutError as exc:
             if track is not None and not isinstance(exc, _NOT_SENT):
                 track.unanswered += 1
@@ -695,6 +743,9 @@ class Transport:
             if self._closed or session.closed:
                 raise ClientClosedError("the client was closed during the request") from None
             raise
+        finally:
+            if watch is not None and watchdog is not None:
+                watchdog.end(watch)
         if debug:
             elapsed_ms = (time.perf_counter() - started) * 1000
             logger.debug("%s %s -> %d in %.1f ms", method, path, status, elapsed_ms)
@@ -706,7 +757,6 @@ class Transport:
             throttle.on_rate_limited(time.monotonic(), retry_after)
         elif status < 300 and throttle.factor < 1.0:  # else nothing to recover
             throttle.on_success(time.monotonic())
-        declared = reply_headers.get("Content-Length")
         if (
             declared is not None
             and declared.isdigit()
@@ -718,7 +768,9 @@ class Transport:
                 method=method,
                 path=path,
             )
-        body = self._without_key(body)
+        key = self._key.reveal_bytes()  # _without_key, without a call per request
+        if len(key) >= _REDACTED_KEY_MIN and key in body:
+            body = self._without_key(body)
         if 300 <= status < 400:
             raise APIStatusError(
                 f"{method} {path} answered with a redirect; redirects are not followed "
@@ -728,7 +780,8 @@ class Transport:
             )
         if status >= 400:
             raise _error_from_reply(status, reply_headers, body)
-        embedded = _embedded_error(status, body)
+        # a reply with data is never an embedded error (_embedded_error's first test)
+        embedded = None if b'"data"' in body else _embedded_error(status, body)
         if embedded is not None:
             error = _error_from_reply(embedded, reply_headers, body)
             error.http_status = status  # the error came inside a 2xx reply
