@@ -107,9 +107,7 @@ class BatchRun:
         self._stop_reason: Stop | None = None
         self.stopped: str | None = None
         self._changed = anyio.Event()
-        #: Whether ``_changed`` is awaited (``_notify`` sets it only then: most changes come
-        #: while nothing waits, and setting an event is two calls).
-        self._awaited = False
+        self._awaited = False  # whether it is (``_notify`` sets it only then: two calls less)
         self._tg: anyio.abc.TaskGroup | None = None
         self._started = 0.0
         self._ends_at = math.inf  # the batch deadline on anyio's clock
@@ -229,8 +227,7 @@ class BatchRun:
             self._changed.set()
 
     async def _changed_wait(self, timeout: float = math.inf) -> None:
-        self._changed = anyio.Event()  # a change before this is not waited for
-        self._awaited = True
+        self._changed, self._awaited = anyio.Event(), True  # a change before is not waited for
         with anyio.move_on_after(timeout):
             await self._changed.wait()
 
@@ -376,16 +373,12 @@ class BatchRun:
     ) -> None:
         """Have the poller follow a submitted job's task until it ends (``_on_done``)."""
         self._poller.watch(
-            task_id,
-            self._on_done,
-            on_progress=self._on_progress,
-            timeout=timeout,
-            submitted_at=None if reattach else job.submitted_at,
-            reattach=reattach,
+            task_id, self._on_done, on_progress=self._on_progress, timeout=timeout,
+            submitted_at=None if reattach else job.submitted_at, reattach=reattach,
             policy=self.options.poll,
             kind=kind_of(job.request),  # issue 22: learned priors by kind
             webhook=job.webhook,  # issue 15: a callback will come; polled as a fallback
-        )
+        )  # fmt: skip
 
     async def _deadline(self, seconds: float) -> None:
         await anyio.sleep(seconds)

@@ -34,14 +34,20 @@ def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> Non
 class Timeout:
     """Per-phase timeouts in seconds for one attempt of one request; None means no limit.
 
-    ``connect``: to open a connection; ``read``: between two chunks of the reply;
-    ``total``: the whole attempt. ``Timeout.of(5)`` sets all three to 5 s.
+    ``connect``: to open a connection; ``read``: without a byte of the reply, once the
+    request has its connection (before the first byte or between two); ``total``: the whole
+    attempt, a wait for a free connection included. ``Timeout.of(5)`` sets all three to 5 s.
+
+    API requests have ``read`` and ``total`` timed by the client's watchdog (one timer for
+    all requests in flight): ``total`` exactly; ``read`` exactly for a reply that never
+    starts, and within ``read / 8`` after the limit for one that stops halfway. Uploads
+    (and submits carrying a file) and result downloads have aiohttp's timers.
     """
 
     connect: float | None = attrs.field(default=10.0, validator=_non_negative)
     """Seconds to open a connection."""
     read: float | None = attrs.field(default=30.0, validator=_non_negative)
-    """Seconds between two chunks of the reply."""
+    """Seconds without a byte of the reply (before the first, or between two)."""
     total: float | None = attrs.field(default=60.0, validator=_non_negative)
     """Seconds for the whole attempt."""
 

@@ -120,13 +120,15 @@ def _plain_video(value: Any) -> Video | None:
     without the general checks of ``_video``; None for any other."""
     if type(value) is not dict:
         return None
-    urls = value.get("url")
-    if type(urls) is not list:
+    shape: dict[str, Any] = value  # pyright: ignore[reportUnknownVariableType]
+    given: Any = shape.get("url")
+    if type(given) is not list:
         return None
+    urls: list[Any] = given  # pyright: ignore[reportUnknownVariableType]
     for url in urls:
         if type(url) is not str:
             return None
-    expires = value.get("expires_at")
+    expires: Any = shape.get("expires_at")
     if expires is not None and (type(expires) is not int or not -_EXACT <= expires <= _EXACT):
         expires = _int(expires)
     return Video(urls=tuple(urls), expires_at=expires)
@@ -230,7 +232,9 @@ def _structure_task(value: Any, _: Any) -> Task:
     ):
         credits_cost = _number(credits_cost)
     # one video of the common shape (the common result), as _videos reads it
-    plain = _plain_video(videos[0]) if type(videos) is list and len(videos) == 1 else None
+    plain = None
+    if type(videos) is list and len(videos) == 1:  # pyright: ignore[reportUnknownArgumentType]
+        plain = _plain_video(videos[0])
     found = (plain,) if plain is not None else _videos(videos, None)
     error = value.get("error")
     return Task(

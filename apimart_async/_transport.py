@@ -1,4 +1,5 @@
-"""The only module that touches aiohttp: session, auth header, timeouts, retries, error mapping.
+"""The only module that sends with aiohttp: session, auth header, timeouts, retries, error
+mapping. (``_watchdog`` makes its connector, and times its API requests.)
 
 The API key is added per request to API calls only (never to downloads of result files),
 redirects are never followed with it, and no log record, repr or exception built here holds it.
@@ -170,7 +171,7 @@ class _Proxies:
                 if k in ("http", "https", "no")
             }
         #: Whether any URL may go through a proxy (else ``for_url`` need not be asked).
-        self.any = self._fixed is not None or bool(self._env)
+        self.any: bool = self._fixed is not None or bool(self._env)
 
     def for_url(self, url: str) -> tuple[str | None, Mapping[str, str] | None]:
         if self._fixed is not None:

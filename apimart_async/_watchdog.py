@@ -30,6 +30,7 @@ import asyncio
 import contextvars
 import functools
 import math
+import ssl
 import time
 from typing import Any, Final
 
@@ -55,9 +56,10 @@ class CountingHandler(ResponseHandler):
     """aiohttp's protocol of a client connection, counting the pieces of data it received:
     the watchdog's sign of life of a reply (read without a timer per piece)."""
 
-    received = 0
+    received: int = 0
 
     def data_received(self, data: bytes) -> None:
+        """One more piece received (then aiohttp's own handling)."""
         self.received += 1
         ResponseHandler.data_received(self, data)
 
@@ -77,12 +79,14 @@ class WatchedConnector(aiohttp.TCPConnector):
     """aiohttp's connector, whose connections (``CountingHandler``) count what they receive
     and tell the attempt being watched (``Watch``) when it got its connection."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, limit: int, ssl: ssl.SSLContext | bool) -> None:
+        super().__init__(limit=limit, ssl=ssl)  # pyright: ignore[reportUnknownMemberType]
         factory = getattr(self, "_factory", None)
         #: Whether the connections are ``CountingHandler``s (an aiohttp that builds its
         #: protocols otherwise keeps its own timers: ``Transport`` asks).
-        self.counts = isinstance(factory, functools.partial) and factory.func is ResponseHandler
+        self.counts: bool = (
+            isinstance(factory, functools.partial) and factory.func is ResponseHandler
+        )
         if self.counts:
             assert isinstance(factory, functools.partial)
             counting = functools.partial(CountingHandler, *factory.args, **factory.keywords)
@@ -110,22 +114,24 @@ class Watch:
     def __init__(
         self, task: asyncio.Task[Any], read: float | None, total: float | None, now: float
     ):
-        self.task = task
+        self.task: asyncio.Task[Any] = task
         #: The task's pending cancellations when the attempt started (``timed_out``).
-        self.cancelling = task.cancelling()
-        self.read = read
-        self.started = now
-        self.deadline = now + total if total is not None else math.inf
+        self.cancelling: int = task.cancelling()
+        self.read: float | None = read
+        self.started: float = now
+        self.deadline: float = now + total if total is not None else math.inf
         #: When the watchdog looks at it next.
-        self.due = min(now + read / CHECKS, self.deadline) if read is not None else self.deadline
+        self.due: float = (
+            min(now + read / CHECKS, self.deadline) if read is not None else self.deadline
+        )
         #: The connection's protocol, once it has one; what it had received by ``mark``.
         self.protocol: CountingHandler | None = None
-        self.seen = 0
+        self.seen: int = 0
         #: When it got its connection, or the last look that found new bytes.
-        self.mark = now
+        self.mark: float = now
         #: "read" or "total" once the watchdog cancelled it; whether the caller heard.
         self.expired: str | None = None
-        self.reported = False
+        self.reported: bool = False
         self.token: contextvars.Token[Watch | None] | None = None
 
     @property
@@ -149,7 +155,7 @@ class Watchdog:
         self._timer: asyncio.TimerHandle | None = None
         self._when = math.inf
         #: Looks taken (each goes over every attempt in flight); for tests and benchmarks.
-        self.looks = 0
+        self.looks: int = 0
 
     def __len__(self) -> int:
         return len(self._live)
@@ -170,6 +176,7 @@ class Watchdog:
         return watch
 
     def end(self, watch: Watch) -> None:
+        """The attempt ended (in its task), however it did."""
         self._live.discard(watch)
         if watch.token is not None:
             _CURRENT.reset(watch.token)
@@ -186,6 +193,7 @@ class Watchdog:
         return watch.task.uncancel() <= watch.cancelling
 
     def close(self) -> None:
+        """No more looks (the transport closed)."""
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
@@ -197,11 +205,13 @@ class Watchdog:
         self._when = when
         self._timer = self._loop.call_later(max(0.0, when - time.monotonic()), self._look)
 
-    def _look(self) -> None:
+    def _look(self, now: float | None = None) -> None:
+        """The timer's callback: every attempt whose look is due (``now``: for tests)."""
         self._timer = None
         self._when = math.inf
         self.looks += 1
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         soonest = math.inf
         for watch in list(self._live):
             if watch.due <= now + _EPS and self._check(watch, now):

@@ -235,7 +235,7 @@ LAYERS: list[set[str]] = [
     },
     {"_api"},
     {"_transport"},
-    {"_pacing"},
+    {"_pacing", "_watchdog"},
     {
         "_poll_schedule", "_priors", "_status_window", "_prior_store", "_outcomes", "_models",
         "_results", "_converter", "_retry", "_checks", "_config", "_specs", "_errors", "_json",
