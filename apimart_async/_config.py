@@ -32,7 +32,8 @@ def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> Non
 
 @attrs.frozen(kw_only=True)
 class Timeout:
-    """Per-phase timeouts in seconds for one attempt of one request; None means no limit.
+    """Per-phase timeouts in seconds for one attempt of one request; None (or 0, as aiohttp
+    reads it) means no limit.
 
     ``connect``: to open a connection; ``read``: without a byte of the reply, once the
     request has its connection (before the first byte or between two); ``total``: the whole

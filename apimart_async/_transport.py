@@ -471,8 +471,11 @@ class Transport:
         for scope in list(self._streams):  # downloads in flight end (ClientClosedError)
             scope.cancel()
         session, self._session = self._session, None
-        if self.watchdog is not None and not self.in_another_loop():
-            self.watchdog.close()
+        if self.watchdog is not None:  # the requests in flight end (ClientClosedError)
+            if not self.in_another_loop():
+                self.watchdog.close()
+            elif self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.watchdog.close)
         if session is None:
             return
         if not self.in_another_loop():
@@ -687,7 +690,11 @@ class Transport:
             options["proxy_headers"] = proxy_headers
             all_headers = dict(_with_proxy_auth(url, all_headers, proxy_headers) or {})
         # else the session's limits, which are the client's (no watchdog) or none
-        watch = None if watchdog is None else watchdog.start(self.timeout.read, self.timeout.total)
+        watch = (  # a limit of 0 is none, as aiohttp reads it
+            None
+            if watchdog is None
+            else watchdog.start(self.timeout.read or None, self.timeout.total or None)
+        )
         try:
             async with session.request(
                 method,
@@ -712,8 +719,15 @@ class Transport:
                     body = await _read_whole(resp, method, path)
         except asyncio.CancelledError:
             if watchdog is None or not watchdog.timed_out(watch):
+                task = asyncio.current_task()
+                if self._closed and task is not None and task.cancelling() == 0:
+                    # nobody cancelled the task: aiohttp's close cancelled a wait inside it
+                    # (for a connection, as its connector closed)
+                    raise ClientClosedError("the client was closed during the request") from None
                 raise  # the caller's own cancellation
             assert watch is not None  # timed_out said so
+            if watch.expired == "closed":
+                raise ClientClosedError("the client was closed during the request") from None
             if track is not None and watch.sent:
                 track.unanswered += 1
             logger.debug("%s %s timed out", method, path)

@@ -41,9 +41,10 @@ __all__ = ["CHECKS", "CountingHandler", "Watch", "Watchdog", "WatchedConnector"]
 
 #: How often (per ``read`` seconds) an attempt that gets bytes is looked at again.
 CHECKS: Final = 8
-#: Slack for the timer's resolution (asyncio runs a timer up to a clock tick early). The
+#: Slack for the timer's resolution: asyncio runs a timer up to a clock tick early, uvloop
+#: up to a millisecond (a look then would only set the timer again for what is left). The
 #: watchdog's clock is ``time.monotonic`` (asyncio's, without a call to the loop's method).
-_EPS: Final = 1e-6
+_EPS: Final = 1e-3
 
 #: The watch of the attempt this task is making (for its connection's protocol, which meets
 #: the attempt inside aiohttp).
@@ -129,7 +130,8 @@ class Watch:
         self.seen: int = 0
         #: When it got its connection, or the last look that found new bytes.
         self.mark: float = now
-        #: "read" or "total" once the watchdog cancelled it; whether the caller heard.
+        #: "read", "total" or "closed" once the watchdog cancelled it; whether the caller
+        #: heard.
         self.expired: str | None = None
         self.reported: bool = False
         self.token: contextvars.Token[Watch | None] | None = None
@@ -141,6 +143,8 @@ class Watch:
 
     def describe(self) -> str:
         """Which limit ended it, for its error's message."""
+        if self.expired == "closed":
+            return "the client was closed"
         if self.expired == "total":
             return f"total limit of {self.deadline - self.started:g} s"
         return f"no byte of the reply for {self.read:g} s"
@@ -193,7 +197,10 @@ class Watchdog:
         return watch.task.uncancel() <= watch.cancelling
 
     def close(self) -> None:
-        """No more looks (the transport closed)."""
+        """The transport closed: every attempt in flight ends ("closed": a connect in progress
+        or a wait for a connection would not end with the session), and no more looks."""
+        for watch in list(self._live):
+            self._expire(watch, "closed")
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None

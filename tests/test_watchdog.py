@@ -342,3 +342,95 @@ def test_the_connector_counts_what_its_connections_receive() -> None:
             assert connector._factory().__class__ is CountingHandler  # type: ignore[attr-defined]
 
     asyncio.run(main())
+
+
+# -- found by the break-it pass ------------------------------------------------------------------
+
+
+async def test_closing_ends_the_attempts_in_flight_as_closed() -> None:
+    # the transport's close used to cancel the one timer while attempts were still in flight:
+    # one stuck in a connect (no connect limit) then ran past its ``total`` until the
+    # system gave up on the connect (135 s)
+    watchdog = Watchdog(asyncio.get_running_loop())
+    task, watch = await _watched(watchdog, read=None, total=5.0)
+    watchdog.close()
+    assert watch.expired == "closed"
+    assert await _outcome(task) == "timed out (the client was closed)"
+    assert task.cancelling() == 0
+    assert len(watchdog) == 0 and watchdog._timer is None
+
+
+async def test_a_limit_of_zero_is_no_limit(emu: Emulator) -> None:
+    # aiohttp reads 0 as no limit, and so did the client before the watchdog: a limit of 0
+    # must not end every request at once
+    async with am.AsyncApimart(emu.api_key, base_url=emu.base_url, timeout=0) as c:
+        balance = await c.balance()
+        assert c.request_counts() == {"balance": 1}
+    assert balance.remain_balance == 1000.0
+
+
+async def test_a_look_a_moment_early_counts_as_due() -> None:
+    # uvloop runs a timer up to a millisecond early: a look then must still end the attempt,
+    # not set the timer again for what is left (8,421 looks instead of 198 for 300 requests)
+    watchdog = Watchdog(asyncio.get_running_loop())
+    task, watch = await _watched(watchdog, read=None, total=5.0)
+    watchdog._look(watch.started + 5.0 - 0.0009)
+    assert watch.expired == "total"
+    assert await _outcome(task) == "timed out (total limit of 5 s)"
+    watchdog.close()
+
+
+def _blackhole() -> tuple[Any, list[Any]]:
+    """A listening socket whose accept queue is full: a connect to it hangs."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    return listener, fillers
+
+
+async def test_closing_the_client_ends_a_request_stuck_in_its_connect() -> None:
+    listener, fillers = _blackhole()
+    try:
+        url = "http://127.0.0.1:{}".format(listener.getsockname()[1])
+        timeout = am.Timeout(connect=None, read=0.2, total=60.0)
+        client = am.AsyncApimart("sk-test", base_url=url, timeout=timeout, max_retries=0)
+        await client.open()
+        request = asyncio.create_task(client.balance())
+        watchdog = client._transport.watchdog
+        assert watchdog is not None
+        with anyio.fail_after(30):  # a hang bound, not a timing
+            while not len(watchdog):
+                await asyncio.sleep(0.01)
+            await client.aclose()
+            with pytest.raises(am.ClientClosedError, match="closed during the request"):
+                await request
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+
+
+async def test_requests_waiting_for_a_connection_end_as_closed_when_the_client_closes(
+    emu: Emulator,
+) -> None:
+    # aiohttp cancels the waits for a connection when its connector closes: a raw
+    # CancelledError reached the callers, whom nobody had cancelled
+    emu.faults.inject("balance", Fault.slow(30.0))
+    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=0)
+    client._transport.connection_limit = 1
+    await client.open()
+    requests = [asyncio.create_task(client.balance()) for _ in range(3)]
+    with anyio.fail_after(30):  # a hang bound, not a timing
+        while emu.counters.get("balance", 0) < 1:
+            await asyncio.sleep(0.01)
+        await client.aclose()
+        ended = await asyncio.gather(*requests, return_exceptions=True)
+    assert [type(e) for e in ended] == [am.ClientClosedError] * 3, ended
