@@ -191,13 +191,15 @@ class _ReadTasks:
     """The per-task reads in flight, each in a plain asyncio task: a seventh of the CPU of an
     anyio task group's ``start_soon`` (issue 16). A read raises nothing but cancellation."""
 
-    __slots__ = ("tasks",)
+    __slots__ = ("loop", "tasks")
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Made in the poller's loop (asking for the running loop is a system call, getpid).
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
 
     def start(self, read: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(read)
+        task = self.loop.create_task(read)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -169,7 +169,7 @@ class Watchdog:
         ``start`` is followed by ``end`` in the same task."""
         if read is None and total is None:
             return None
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # its loop given: no system call for it
         if task is None:  # not in a task (a bare coroutine driven by hand): nothing to cancel
             return None
         watch = Watch(task, read, total, time.monotonic())
