@@ -49,7 +49,7 @@ from ._outcomes import BatchStats, Failure, JobInput, Outbox, Reporter, Success,
 from ._pacing import Pacing, RateLimiter
 from ._poller import Poller
 from ._priors import kind_of
-from ._references import MediaPolicy, References
+from ._references import MediaPolicy, References, has_local_refs
 from ._roster import Roster
 from ._transport import counting_into, request_tally
 from ._upload_cache import cache_for
@@ -315,10 +315,11 @@ class BatchRun:
 
     async def _submit(self, job: Job) -> None:
         try:
-            # local files -> uploaded URLs (a resend: those its first submit named)
-            sent = await self.refs.materialize(job.request, key=job.key, resend=job.journaled)
-            if not await self._ledger.before_submit(job):  # another worker's now (issue 15)
-                self.roster.taken_over(job)
+            sent = job.request  # local files -> uploaded URLs (a resend: those sent before)
+            if has_local_refs(sent):  # else no coroutine (issue 16), nor without a journal:
+                sent = await self.refs.materialize(sent, key=job.key, resend=job.journaled)
+            if (ledger := self._ledger).journal is not None and not await ledger.before_submit(job):
+                self.roster.taken_over(job)  # another worker's now (issue 15)
                 self.let_go({job.index})
                 return
             task_id = await self.refs.submit(job.request, sent, job.key)  # Api.submit, see there
@@ -337,7 +338,8 @@ class BatchRun:
                 self._stop(*stop)
             self._maybe_close()
             return
-        await self._ledger.submitted(job, task_id)
+        if ledger.journal is not None:
+            await ledger.submitted(job, task_id)
         self.roster.running(job, task_id, self._poller.now())
         self._notify()
         self.report.step("submitted", job.index, task_id=task_id)
