@@ -445,6 +445,14 @@ class Api:
                 exc.sub_code == "idempotency_result_indeterminate"
             ):
                 reason = "the service cannot say whether it created the task"
+            elif track.unanswered and isinstance(exc, ClientClosedError):
+                # the close cut off an attempt that went out: a task may exist
+                closed = ClientClosedError(
+                    f"{exc}; the submit may have reached the service: submit again with "
+                    f"idempotency_key={key!r} to get its task if there is one"
+                )
+                closed.idempotency_key = key
+                raise closed from exc
             elif track.unanswered and _retry.is_retryable(exc, submit=True):
                 reason = f"an attempt reached the service without a reply; last error: {exc}"
             else:

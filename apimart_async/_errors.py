@@ -132,6 +132,11 @@ class ConfigurationError(ApimartError, ValueError):
 class ClientClosedError(ApimartError):
     """The client is not open (use ``async with``), or was closed while work was running."""
 
+    idempotency_key: str | None = None
+    """On the error of a submit that the close cut off after it may have reached the service
+    (``submit_not_taken`` False): its key. Submit again with it (from an open client) to get
+    the task the service created, if it did, instead of a second one."""
+
 
 @attrs.frozen
 class FieldError:

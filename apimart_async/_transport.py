@@ -726,10 +726,10 @@ class Transport:
                     raise ClientClosedError("the client was closed during the request") from None
                 raise  # the caller's own cancellation
             assert watch is not None  # timed_out said so
+            if track is not None and watch.sent:  # it may have reached the service
+                track.unanswered += 1
             if watch.expired == "closed":
                 raise ClientClosedError("the client was closed during the request") from None
-            if track is not None and watch.sent:
-                track.unanswered += 1
             logger.debug("%s %s timed out", method, path)
             raise APITimeoutError(
                 f"{method} {path} timed out ({watch.describe()})", method=method, path=path
@@ -742,10 +742,10 @@ class Transport:
                 f"{method} {path} timed out ({type(exc).__name__})", method=method, path=path
             ) from None
         except aiohttp.ClientError as exc:
+            if track is not None and not isinstance(exc, _NOT_SENT):
+                track.unanswered += 1  # it may have reached the service
             if self._closed:
                 raise ClientClosedError("the client was closed during the request") from None
-            if track is not None and not isinstance(exc, _NOT_SENT):
-                track.unanswered += 1
             logger.debug("%s %s failed: %s", method, path, type(exc).__name__)
             raise APIConnectionError(
                 f"{method} {path} failed: {type(exc).__name__}: {_safe_str(exc)}",

@@ -400,7 +400,7 @@ def _blackhole() -> tuple[Any, list[Any]]:
 async def test_closing_the_client_ends_a_request_stuck_in_its_connect() -> None:
     listener, fillers = _blackhole()
     try:
-        url = "http://127.0.0.1:{}".format(listener.getsockname()[1])
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         timeout = am.Timeout(connect=None, read=0.2, total=60.0)
         client = am.AsyncApimart("sk-test", base_url=url, timeout=timeout, max_retries=0)
         await client.open()
@@ -408,7 +408,7 @@ async def test_closing_the_client_ends_a_request_stuck_in_its_connect() -> None:
         watchdog = client._transport.watchdog
         assert watchdog is not None
         with anyio.fail_after(30):  # a hang bound, not a timing
-            while not len(watchdog):
+            while not len(watchdog):  # noqa: ASYNC110 - the watchdog has no event to wait on
                 await asyncio.sleep(0.01)
             await client.aclose()
             with pytest.raises(am.ClientClosedError, match="closed during the request"):
@@ -429,8 +429,50 @@ async def test_requests_waiting_for_a_connection_end_as_closed_when_the_client_c
     await client.open()
     requests = [asyncio.create_task(client.balance()) for _ in range(3)]
     with anyio.fail_after(30):  # a hang bound, not a timing
-        while emu.counters.get("balance", 0) < 1:
-            await asyncio.sleep(0.01)
+        await emu.wait_until(lambda: emu.state.in_flight["balance"] == 1)
         await client.aclose()
         ended = await asyncio.gather(*requests, return_exceptions=True)
     assert [type(e) for e in ended] == [am.ClientClosedError] * 3, ended
+
+
+async def test_a_submit_cut_by_the_clients_close_after_it_went_out_may_have_a_task(
+    emu: Emulator,
+) -> None:
+    # second break-it pass: the POST had reached the service (which went on to create the
+    # task) and the close cut its reply; the error said ``submit_not_taken``, "no task, not
+    # billed", and carried no key to find the task by
+    emu.faults.inject("submit", Fault.slow(3.0))
+    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=2)
+    await client.open()
+    submit = asyncio.create_task(client.videos.submit(am.VideoRequest("sora-2-preview", "a cat")))
+    with anyio.fail_after(30):  # a hang bound, not a timing
+        await emu.wait_until(lambda: emu.state.in_flight["submit"] == 1)
+        await client.aclose()
+        with pytest.raises(am.ClientClosedError) as info:
+            await submit
+    assert not info.value.submit_not_taken
+    key = info.value.idempotency_key
+    assert key is not None and key.startswith("am-")
+    assert f"submit again with idempotency_key={key!r}" in str(info.value)
+    assert emu.counters["submit"] == 1
+
+
+async def test_a_submit_still_waiting_for_a_connection_at_the_close_was_not_taken(
+    emu: Emulator,
+) -> None:
+    emu.faults.inject("balance", Fault.slow(30.0))
+    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=2)
+    client._transport.connection_limit = 1
+    await client.open()
+    balance = asyncio.create_task(client.balance())
+    submit = asyncio.create_task(client.videos.submit(am.VideoRequest("sora-2-preview", "a cat")))
+    with anyio.fail_after(30):  # a hang bound, not a timing
+        await emu.wait_until(lambda: emu.state.in_flight["balance"] == 1)
+        await asyncio.sleep(0)  # the submit is queued for the one connection
+        await client.aclose()
+        with pytest.raises(am.ClientClosedError) as info:
+            await submit
+        with pytest.raises(am.ClientClosedError):
+            await balance
+    assert info.value.submit_not_taken
+    assert emu.counters.get("submit", 0) == 0
