@@ -419,6 +419,8 @@ class Transport:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Attempts made, by kind of request ("submit", "task", "batch", ...), and "retries".
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Set by ``aclose`` (in the session's loop): requests waiting for their turn end.
+        self._closing: asyncio.Event | None = None
         #: Times the API requests (``_watchdog``), once the session is open; None: aiohttp
         #: does (an aiohttp whose connections cannot be counted).
         self.watchdog: Watchdog | None = None
@@ -476,6 +478,11 @@ class Transport:
                 self.watchdog.close()
             elif self.loop is not None and not self.loop.is_closed():
                 self.loop.call_soon_threadsafe(self.watchdog.close)
+        if self._closing is not None:  # and those waiting for their turn
+            if not self.in_another_loop():
+                self._closing.set()
+            elif self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self._closing.set)
         if session is None:
             return
         if not self.in_another_loop():
@@ -665,7 +672,7 @@ class Transport:
         data = data_factory() if data_factory is not None else None
         session = self.session()
         if not self.pacing.idle() and (wait := self._pause()) > 0:
-            await anyio.sleep(wait)  # a server-requested pause or a requests/s cap
+            await self._wait_turn(wait)  # a server-requested pause or a requests/s cap
         all_headers = {
             "Authorization": f"Bearer {self._key.reveal()}",
             "Accept": "application/json",
@@ -812,6 +819,17 @@ class Transport:
             return body  # no secret, and blanking it would garble replies that hold it
         return body.replace(key, b"***")
 
+    async def _wait_turn(self, wait: float) -> None:
+        """Wait ``wait`` seconds for a request's turn, or until the client closes (then
+        ``ClientClosedError``: a close does not wait for the turns of the requests paced)."""
+        closing = self._closing
+        if closing is None:
+            closing = self._closing = asyncio.Event()
+        with anyio.move_on_after(wait):
+            await closing.wait()
+        if self._closed:
+            raise ClientClosedError("the client was closed while a request waited for its turn")
+
     def _pause(self) -> float:
         """Seconds to wait before a request: a server-requested pause (not under
         ``set_testing``) and the requests-per-second cap, if any (checked without a coroutine:
@@ -826,7 +844,7 @@ class Transport:
         Connection failures and timeouts become APIConnectionError / APITimeoutError."""
         session = self.session()
         if (wait := self._pause()) > 0:
-            await anyio.sleep(wait)
+            await self._wait_turn(wait)
         self._count("download")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.timeout.connect, sock_read=self.timeout.read

@@ -476,3 +476,18 @@ async def test_a_submit_still_waiting_for_a_connection_at_the_close_was_not_take
             await balance
     assert info.value.submit_not_taken
     assert emu.counters.get("submit", 0) == 0
+
+
+async def test_requests_waiting_for_their_turn_end_when_the_client_closes(emu: Emulator) -> None:
+    # second break-it pass: requests waiting out ``requests_per_second`` ended only when
+    # their turn came (10 s and 20 s here), long after the close
+    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, requests_per_second=0.1)
+    await client.open()
+    requests = [asyncio.create_task(client.balance()) for _ in range(3)]
+    with anyio.fail_after(5):  # the turns are 10 s apart: a hang bound, not a timing
+        await emu.wait_until(lambda: emu.counters.get("balance", 0) == 1)
+        await client.aclose()
+        ended = await asyncio.gather(*requests, return_exceptions=True)
+    closed = [e for e in ended if isinstance(e, am.ClientClosedError)]
+    assert len(closed) == 2, ended
+    assert emu.counters["balance"] == 1
