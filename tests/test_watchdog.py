@@ -418,15 +418,20 @@ async def test_closing_the_client_ends_a_request_stuck_in_its_connect() -> None:
             sock.close()
 
 
+async def _one_slow_connection(emu: Emulator) -> am.AsyncApimart:
+    """An open client with one connection, which a balance read will hold for 30 s."""
+    emu.faults.inject("balance", Fault.slow(30.0))
+    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=0)
+    client._transport.connection_limit = 1
+    return await client.open()
+
+
 async def test_requests_waiting_for_a_connection_end_as_closed_when_the_client_closes(
     emu: Emulator,
 ) -> None:
     # aiohttp cancels the waits for a connection when its connector closes: a raw
     # CancelledError reached the callers, whom nobody had cancelled
-    emu.faults.inject("balance", Fault.slow(30.0))
-    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=0)
-    client._transport.connection_limit = 1
-    await client.open()
+    client = await _one_slow_connection(emu)
     requests = [asyncio.create_task(client.balance()) for _ in range(3)]
     with anyio.fail_after(30):  # a hang bound, not a timing
         await emu.wait_until(lambda: emu.state.in_flight["balance"] == 1)
@@ -460,10 +465,7 @@ async def test_a_submit_cut_by_the_clients_close_after_it_went_out_may_have_a_ta
 async def test_a_submit_still_waiting_for_a_connection_at_the_close_was_not_taken(
     emu: Emulator,
 ) -> None:
-    emu.faults.inject("balance", Fault.slow(30.0))
-    client = am.AsyncApimart(emu.api_key, base_url=emu.base_url, max_retries=2)
-    client._transport.connection_limit = 1
-    await client.open()
+    client = await _one_slow_connection(emu)
     balance = asyncio.create_task(client.balance())
     submit = asyncio.create_task(client.videos.submit(am.VideoRequest("sora-2-preview", "a cat")))
     with anyio.fail_after(30):  # a hang bound, not a timing
