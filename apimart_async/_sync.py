@@ -63,7 +63,12 @@ class _Loop:
         (Ctrl-C), the call is cancelled in the loop before the interruption goes on."""
         if self.closed:
             raise ClientClosedError("the client is closed")
-        future = self.portal.start_task_soon(fn)
+        try:
+            future = self.portal.start_task_soon(fn)
+        except RuntimeError:  # anyio: "This portal is not running"
+            if self.closing or self.closed:  # close() (another thread) stopped it just now
+                raise ClientClosedError("the client is closed") from None
+            raise
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -259,7 +264,14 @@ class SyncBatch(_Facade):
         cm, self._cm = self._cm, None
         # After close() the loop is gone; stopping it cancelled the batch, which left then.
         if cm is not None and not self._loop.closed:
-            cm.__exit__(exc_type, exc, tb)
+            try:
+                cm.__exit__(exc_type, exc, tb)
+            except RuntimeError:  # anyio: "This portal is not running"
+                if not (self._loop.closing or self._loop.closed):
+                    raise
+                # close() (another thread) stopped the loop just now, cancelling the batch
+                if exc_type is None:
+                    raise ClientClosedError("the client was closed during the batch") from None
 
     # With sigint_grace, Ctrl-C works as with AsyncApimart: the first stops submitting and
     # follows running tasks for the grace period, the second ends the iteration. The batch

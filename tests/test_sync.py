@@ -532,3 +532,34 @@ def test_closing_while_another_thread_calls_ends_that_call_with_client_closed_er
     assert not thread.is_alive()
     assert len(raised) == 1
     assert isinstance(raised[0], am.ClientClosedError), repr(raised[0])
+
+
+def test_a_call_or_a_batch_exit_meeting_the_loop_stopped_by_close_is_client_closed() -> None:
+    # second break-it pass: ``close()`` from another thread stops the loop's portal before it
+    # marks the loop closed; a call or a batch's exit in that moment raised anyio's bare
+    # ``RuntimeError: This portal is not running`` (6 of 12 runs of a batch iterated by one
+    # thread while another closed the client)
+    from apimart_async._sync import SyncBatch, _Loop
+
+    with start_blocking_portal() as portal:
+        loop = _Loop(portal)
+
+    async def nothing() -> None:
+        return None
+
+    loop.closing = True  # close() has begun, and stopped the portal; ``closed`` comes next
+    with pytest.raises(am.ClientClosedError, match="closed"):
+        loop.call(nothing)
+
+    class _Exiting:
+        def __exit__(self, *exc: object) -> None:
+            raise RuntimeError("This portal is not running")
+
+    batch = SyncBatch.__new__(SyncBatch)
+    batch._loop = loop
+    batch._cm = _Exiting()  # type: ignore[assignment]
+    batch._sigint_installed = False
+    with pytest.raises(am.ClientClosedError, match="closed"):
+        batch.__exit__(None, None, None)
+    batch._cm = _Exiting()  # type: ignore[assignment]
+    batch.__exit__(ValueError, ValueError("the caller's"), None)  # theirs goes on: no raise
