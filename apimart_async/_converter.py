@@ -129,9 +129,7 @@ def _plain_video(value: Any) -> Video | None:
         if type(url) is not str:
             return None
     expires: Any = shape.get("expires_at")
-    if expires is not None and (type(expires) is not int or not -_EXACT <= expires <= _EXACT):
-        expires = _int(expires)
-    return Video(urls=tuple(urls), expires_at=expires)
+    return Video(urls=tuple(urls), expires_at=None if expires is None else _int(expires))
 
 
 def _video(value: Any, _: Any) -> Video:
@@ -216,21 +214,10 @@ def _structure_task(value: Any, _: Any) -> Task:
         raw = value.get(name)
         if raw is None:
             continue
-        if type(raw) is int and -_EXACT <= raw <= _EXACT:  # the common case, as _int reads it
-            hints[name] = raw if whole else float(raw)
-            continue
         try:
             hints[name] = _int(raw) if whole else _number(raw)
         except (TypeError, ValueError, OverflowError):  # an int no float holds: dropped too
             continue
-    cost = value.get("cost")
-    if cost is not None and (type(cost) is not float or cost - cost != 0.0):
-        cost = _number(cost)  # else a finite float, as _number reads it
-    credits_cost = value.get("credits_cost")
-    if credits_cost is not None and (
-        type(credits_cost) is not float or credits_cost - credits_cost != 0.0
-    ):
-        credits_cost = _number(credits_cost)
     # one video of the common shape (the common result), as _videos reads it
     plain = None
     if type(videos) is list and len(videos) == 1:  # pyright: ignore[reportUnknownArgumentType]
@@ -240,8 +227,8 @@ def _structure_task(value: Any, _: Any) -> Task:
     return Task(
         task_id,
         TaskStatus.parse(status),
-        cost=cost,
-        credits_cost=credits_cost,
+        cost=_opt_float(value.get("cost"), None),
+        credits_cost=_opt_float(value.get("credits_cost"), None),
         videos=found,
         error=None if error is None else _task_error(error, None),
         raw_status=status,

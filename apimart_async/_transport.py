@@ -100,7 +100,7 @@ def counting_into(tally: collections.Counter[str]) -> Generator[None]:
 RetryMode = Literal["read", "submit", "never"]
 T = TypeVar("T")
 
-#: Keys this long or longer are blanked out of replies (``_without_key``); real ones are ~40.
+#: Keys this long or longer are blanked out of replies (``_attempt``); real ones are ~40.
 _REDACTED_KEY_MIN: Final = 16
 
 #: A client used in an event loop other than the one it was opened in.
@@ -474,15 +474,9 @@ class Transport:
             scope.cancel()
         session, self._session = self._session, None
         if self.watchdog is not None:  # the requests in flight end (ClientClosedError)
-            if not self.in_another_loop():
-                self.watchdog.close()
-            elif self.loop is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self.watchdog.close)
+            self._in_its_loop(self.watchdog.close)
         if self._closing is not None:  # and those waiting for their turn
-            if not self.in_another_loop():
-                self._closing.set()
-            elif self.loop is not None and not self.loop.is_closed():
-                self.loop.call_soon_threadsafe(self._closing.set)
+            self._in_its_loop(self._closing.set)
         if session is None:
             return
         if not self.in_another_loop():
@@ -492,6 +486,14 @@ class Transport:
             asyncio.run_coroutine_threadsafe(session.close(), self.loop)
         else:  # its loop is gone, and its connections with it: nothing to await
             session.detach()
+
+    def _in_its_loop(self, callback: Callable[[], object]) -> None:
+        """``callback()`` in the session's event loop: now if it runs this code, else soon
+        on its own thread (nothing if that loop is gone)."""
+        if not self.in_another_loop():
+            callback()
+        elif self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(callback)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -790,9 +792,13 @@ class Transport:
                 method=method,
                 path=path,
             )
-        key = self._key.reveal_bytes()  # _without_key, without a call per request
+        # The key blanked out: a gateway quoting it in an error ("invalid key sk-...") would
+        # put it in the error's message and body, and from there in logs and in whatever a
+        # web app answers its own callers. A short test key ("test") is no secret, and
+        # blanking it would garble replies that hold it.
+        key = self._key.reveal_bytes()
         if len(key) >= _REDACTED_KEY_MIN and key in body:
-            body = self._without_key(body)
+            body = body.replace(key, b"***")
         if 300 <= status < 400:
             raise APIStatusError(
                 f"{method} {path} answered with a redirect; redirects are not followed "
@@ -809,15 +815,6 @@ class Transport:
             error.http_status = status  # the error came inside a 2xx reply
             raise error
         return parse(Reply(status=status, headers=reply_headers, body=body))
-
-    def _without_key(self, body: bytes) -> bytes:
-        """``body`` with the API key blanked out: a gateway quoting it in an error ("invalid
-        key sk-...") would put it in the error's message and body, and from there in logs
-        and in whatever a web app answers its own callers."""
-        key = self._key.reveal_bytes()
-        if len(key) < _REDACTED_KEY_MIN or key not in body:  # a short test key ("test") is
-            return body  # no secret, and blanking it would garble replies that hold it
-        return body.replace(key, b"***")
 
     async def _wait_turn(self, wait: float) -> None:
         """Wait ``wait`` seconds for a request's turn, or until the client closes (then
