@@ -153,3 +153,60 @@ def test_safe_names(name: str, safe: str, tmp_path: Path) -> None:
 def test_inside_refuses_escapes(tmp_path: Path) -> None:
     with pytest.raises(am.DownloadError, match="would leave"):
         inside(tmp_path, "../x.mp4")
+
+
+async def test_a_chunked_body_with_empty_chunks_is_read_whole(
+    client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    """A file served with ``Transfer-Encoding: chunked`` and no length: the body is taken
+    piece by piece as it arrives (issue 16), and an HTTP chunk's end is not the body's end."""
+    from aiohttp import web
+
+    body = [bytes([n]) * size for n, size in enumerate((1, 70_000, 3, 300_000, 5, 1 << 20))]
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for piece in body:
+            await resp.write(piece)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v.mp4", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        (file,) = await client.download(f"http://127.0.0.1:{port}/v.mp4", tmp_path / "v.mp4")
+    finally:
+        await runner.cleanup()
+    whole = b"".join(body)
+    assert file.bytes == len(whole)
+    assert (tmp_path / "v.mp4").read_bytes() == whole
+    assert file.sha256 == hashlib.sha256(whole).hexdigest()
+
+
+async def test_the_body_reader_goes_on_past_an_empty_piece_that_ends_an_http_chunk() -> None:
+    """aiohttp's ``readchunk`` says ``(b"", True)`` where an HTTP chunk ends exactly where the
+    reader is: not the end of the body, which is ``(b"", False)``."""
+    from apimart_async._transport import _pieces
+
+    class Reader:
+        def __init__(self) -> None:
+            self.script = [(b"ab", True), (b"", True), (b"c", False), (b"", True), (b"", False)]
+            self.limit: int | None = None
+
+        def set_read_chunk_size(self, n: int) -> None:
+            self.limit = n
+
+        async def readchunk(self) -> tuple[bytes, bool]:
+            return self.script.pop(0)
+
+    reader = Reader()
+    got = [piece async for piece in _pieces(reader, 4096)]  # type: ignore[arg-type]
+    assert got == [b"ab", b"c"]
+    assert reader.script == [] and reader.limit == 4096
