@@ -18,7 +18,8 @@ HERE = Path(__file__).resolve().parent
 @contextlib.asynccontextmanager
 async def emulator_process(*args: str) -> AsyncIterator[dict[str, Any]]:
     """Start ``python -m apimart_async.emulator`` on a free port in a separate process (so the
-    client's CPU and memory figures are the client's own); yields its base_url and api_key."""
+    client's CPU and memory figures are the client's own); yields its base_url, api_key and
+    pid."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -34,7 +35,7 @@ async def emulator_process(*args: str) -> AsyncIterator[dict[str, Any]]:
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        yield json.loads(line)
+        yield {**json.loads(line), "pid": proc.pid}
     finally:
         proc.terminate()
         with contextlib.suppress(ProcessLookupError):

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,32 +328,59 @@ async def _completed_task(base_url: str, key: str) -> str:
     raise SystemExit("the emulator did not complete the download task")
 
 
-async def sdk_download(base_url: str, key: str, reps: int) -> dict[str, Any]:
+class DownloadMeter:
+    """Each download's wall time, the client process's CPU (every thread) and the emulator
+    process's CPU (``server_pid``; Linux's ``/proc``, else nan)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.times: list[float] = []
+        self.cpu_ms: list[float] = []
+        self.server_cpu_ms: list[float] = []
+
+    def server_cpu(self) -> float:
+        """The emulator's CPU seconds, every thread, to the nanosecond (``schedstat``: the
+        ``stat`` file counts in 10 ms ticks, as long as a 10 MB download)."""
+        try:
+            threads = Path(f"/proc/{self.server_pid}/task").iterdir()
+            return sum(int((t / "schedstat").read_text().split()[0]) for t in threads) / 1e9
+        except (OSError, ValueError, IndexError):
+            return math.nan  # not Linux: shown as nan, never as a cost of 0
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        t0, c0, s0 = time.perf_counter(), time.process_time(), self.server_cpu()
+        yield
+        self.times.append(time.perf_counter() - t0)
+        self.cpu_ms.append((time.process_time() - c0) * 1e3)
+        self.server_cpu_ms.append((self.server_cpu() - s0) * 1e3)
+
+
+async def sdk_download(base_url: str, key: str, reps: int, server_pid: int) -> dict[str, Any]:
     task_id = await _completed_task(base_url, key)
-    times, size = [], 0
-    meter = Meter()
+    size = 0
+    meter, each = Meter(), DownloadMeter(server_pid)
     with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
         dest = Path(tmp) / "video.mp4"
         async with am.AsyncApimart(key, base_url=base_url) as client:
             task = await client.tasks.get(task_id)
             for _ in range(reps):
-                t0 = time.perf_counter()
-                [file] = await client.download(task, dest)
-                times.append(time.perf_counter() - t0)
+                with each.one():
+                    [file] = await client.download(task, dest)
                 size = file.bytes
                 dest.unlink()
-    return _download_figures(size, times, meter)
+    return _download_figures(size, each, meter)
 
 
 async def bare_download(
-    base_url: str, key: str, reps: int, *, verified: bool = False
+    base_url: str, key: str, reps: int, server_pid: int, *, verified: bool = False
 ) -> dict[str, Any]:
     """The floor: ``iter_chunked`` into a file, as a hand-written client does. ``verified``:
     the same work as the SDK's, by hand: into ``<name>.part``, sha256 of every chunk, fsync,
     rename into place (hashing and writing on the event loop)."""
     task_id = await _completed_task(base_url, key)
-    times, size = [], 0
-    meter = Meter()
+    size = 0
+    meter, each = Meter(), DownloadMeter(server_pid)
     headers = {"Authorization": f"Bearer {key}"}
     with tempfile.TemporaryDirectory(prefix="apimart-bench-") as tmp:
         dest = Path(tmp) / "video.mp4"
@@ -359,26 +389,25 @@ async def bare_download(
             async with http.get(f"{base_url}/v1/tasks/{task_id}", headers=headers) as r:
                 url = (await r.json())["data"]["result"]["videos"][0]["url"][0]
             for _ in range(reps):
-                t0 = time.perf_counter()
-                size = 0
-                digest = hashlib.sha256()
-                async with http.get(url) as r:
-                    r.raise_for_status()
-                    with part.open("wb") as fh:
-                        async for chunk in r.content.iter_chunked(CHUNK):
-                            fh.write(chunk)
+                with each.one():
+                    size = 0
+                    digest = hashlib.sha256()
+                    async with http.get(url) as r:
+                        r.raise_for_status()
+                        with part.open("wb") as fh:
+                            async for chunk in r.content.iter_chunked(CHUNK):
+                                fh.write(chunk)
+                                if verified:
+                                    digest.update(chunk)
+                                size += len(chunk)
                             if verified:
-                                digest.update(chunk)
-                            size += len(chunk)
-                        if verified:
-                            fh.flush()
-                            os.fsync(fh.fileno())
-                if verified:
-                    os.replace(part, dest)
-                    digest.hexdigest()
-                times.append(time.perf_counter() - t0)
+                                fh.flush()
+                                os.fsync(fh.fileno())
+                    if verified:
+                        os.replace(part, dest)
+                        digest.hexdigest()
                 dest.unlink()
-    return _download_figures(size, times, meter)
+    return _download_figures(size, each, meter)
 
 
 async def ceilings(reps: int) -> dict[str, Any]:
@@ -412,14 +441,16 @@ async def ceilings(reps: int) -> dict[str, Any]:
     }
 
 
-def _download_figures(size: int, times: list[float], meter: Meter) -> dict[str, Any]:
-    median = statistics.median(times)
+def _download_figures(size: int, each: DownloadMeter, meter: Meter) -> dict[str, Any]:
+    median = statistics.median(each.times)
     return {
         "bytes": size,
-        "reps": len(times),
+        "reps": len(each.times),
         "median_s": round(median, 4),
         "mb_per_s": round(size / median / 1e6, 1),
-        "times_s": [round(t, 5) for t in times],
+        "times_s": [round(t, 5) for t in each.times],
+        "cpu_ms_each": [round(t, 2) for t in each.cpu_ms],
+        "server_cpu_ms_each": [round(t, 2) for t in each.server_cpu_ms],
         **meter.figures(),
     }
 
@@ -555,6 +586,7 @@ def main() -> None:
     p.add_argument("--journal")
     p.add_argument("--arrival", type=float, default=2.0)
     p.add_argument("--no-webhooks", action="store_true")
+    p.add_argument("--server-pid", type=int, default=0, help="the emulator's, for its CPU")
     a = p.parse_args()
     u, k = a.base_url, a.api_key
     runs = {
@@ -565,9 +597,9 @@ def main() -> None:
         "bare-post-overhead": lambda: bare_overhead(u, k, a.jobs, a.concurrency, read=False),
         "get-overhead": lambda: get_overhead(u, k, a.jobs, a.concurrency, a.reps),
         "scale": lambda: scale(u, k, a.tasks, a.rounds),
-        "sdk-download": lambda: sdk_download(u, k, a.reps),
-        "bare-download": lambda: bare_download(u, k, a.reps),
-        "bare-verified-download": lambda: bare_download(u, k, a.reps, verified=True),
+        "sdk-download": lambda: sdk_download(u, k, a.reps, a.server_pid),
+        "bare-download": lambda: bare_download(u, k, a.reps, a.server_pid),
+        "bare-verified-download": lambda: bare_download(u, k, a.reps, a.server_pid, verified=True),
         "ceilings": lambda: ceilings(a.reps),
         "sdk-webhooks": lambda: sdk_webhooks(u, k, a.jobs, a.concurrency, not a.no_webhooks),
         "sdk-replica": lambda: sdk_replica(u, k, a.jobs, a.tasks, a.journal, a.arrival),
