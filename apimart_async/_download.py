@@ -261,6 +261,17 @@ class _PartFile:
             self.origin_path.unlink(missing_ok=True)
 
 
+def _started(target: Callable[..., None], *args: object) -> threading.Thread | None:
+    """A daemon thread running ``target(*args)``, or None when the OS refuses a thread
+    (CPython's RuntimeError): the caller then does that work itself, without the overlap."""
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        return None
+    return thread
+
+
 class _Pipe:
     """Between the event loop, which reads a body, and two threads: the writer, a worker
     thread, writes it to the part (``drain``), and hands each batch on to the hasher, a
@@ -275,7 +286,8 @@ class _Pipe:
     ``_FLUSH_EVERY`` bytes written (the first time ``_FIRST_FLUSH``) are flushed (fdatasync)
     on a thread of their own while the writer goes on, one flush at a time. A failed write
     or flush is kept in ``failed``: the writer drops what is queued after it and the reader
-    stops."""
+    stops. When the OS refuses the hasher's or a flusher's thread, the writer hashes or
+    flushes itself."""
 
     def __init__(self, part: _PartFile, loop: asyncio.AbstractEventLoop) -> None:
         self.part = part
@@ -323,8 +335,7 @@ class _Pipe:
         """The writer thread: the part's origin recorded (a part begun from its first byte),
         then each batch written in order and handed to the hasher, until ``close``."""
         hashes: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
-        hasher = threading.Thread(target=self._hash, args=(hashes,), daemon=True)
-        hasher.start()
+        hasher = _started(self._hash, hashes)  # None: the OS refused, this thread hashes
         try:
             while (batch := self._queue.get()) is not None:
                 if self.failed:
@@ -339,26 +350,32 @@ class _Pipe:
                     self.failed.append(exc)
                     self._done()
                     continue
-                hashes.put(batch)
+                if hasher is not None:
+                    hashes.put(batch)
+                else:
+                    self._hash_one(batch)
                 if _start_writeback is None:
                     self._flush_behind()
         finally:
-            hashes.put(None)
-            hasher.join()
+            if hasher is not None:
+                hashes.put(None)
+                hasher.join()
             if self._flusher is not None:
                 self._flusher.join()
 
     def _hash(self, hashes: queue.SimpleQueue[list[bytes] | None]) -> None:
         """The hasher thread: each batch written into the part's sha256, in order."""
-        update = self.part.hash.update
         while (batch := hashes.get()) is not None:
-            if not self.failed:  # else the part is not complete: its hash is not needed
-                try:
-                    for data in batch:
-                        update(data)
-                except MemoryError:  # stop the download, never report a wrong sha256
-                    self.failed.append(OSError(errno.ENOMEM, "out of memory while hashing"))
-            self._done()
+            self._hash_one(batch)
+
+    def _hash_one(self, batch: list[bytes]) -> None:
+        if not self.failed:  # else the part is not complete: its hash is not needed
+            try:
+                for data in batch:
+                    self.part.hash.update(data)
+            except MemoryError:  # stop the download, never report a wrong sha256
+                self.failed.append(OSError(errno.ENOMEM, "out of memory while hashing"))
+        self._done()
 
     def _done(self) -> None:
         """One batch done with: room for the reader, if it waits."""
@@ -375,8 +392,9 @@ class _Pipe:
         ):
             self._flushed_at = self.part.size
             self._flush_after = _FLUSH_EVERY
-            self._flusher = threading.Thread(target=self._flush, daemon=True)
-            self._flusher.start()
+            self._flusher = _started(self._flush)
+            if self._flusher is None:  # the OS refused a thread: flushed here, in turn
+                self._flush()
 
     def _flush(self) -> None:
         try:

@@ -567,3 +567,35 @@ async def test_running_out_of_memory_while_hashing_is_a_download_error_not_a_wro
     assert file.bytes == 1024 * 1024
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == file.sha256
     assert file.sha256 == emu.file_sha256(task.id)
+
+
+class _NoThreads:
+    """``threading`` for ``_download`` on a machine out of threads: ``Thread.start`` fails as
+    CPython's does when the OS refuses one."""
+
+    Lock = threading.Lock
+
+    class Thread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.parametrize("writeback", ["started per batch", "flushed every 256 KiB"])
+async def test_a_refused_thread_costs_the_overlap_not_the_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writeback: str
+) -> None:
+    """The OS refuses the hasher's (or the flusher's) thread: the writer hashes (or flushes)
+    itself, and the download ends as ever; never a raw RuntimeError or an exception group
+    (a break-it pass of issue 16)."""
+    monkeypatch.setattr(_download, "threading", _NoThreads)
+    monkeypatch.setattr(_download, "CHUNK", 64 * 1024)
+    if writeback != "started per batch":
+        monkeypatch.setattr(_download, "_start_writeback", None)
+        monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
+        monkeypatch.setattr(_download, "_FIRST_FLUSH", 256 * 1024)
+    async with emulated(video_bytes=2 * 1024 * 1024) as (emu, client):
+        task = await client.videos.generate(sora(0))
+        (file,) = await client.download(task, tmp_path)
+    assert file.bytes == 2 * 1024 * 1024
+    assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == file.sha256
+    assert file.sha256 == emu.file_sha256(task.id)
