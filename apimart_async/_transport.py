@@ -925,18 +925,30 @@ class StreamReply:
         return _pieces(self._resp.content, size)
 
 
+#: A body's piece smaller than this is joined with what else has arrived, up to _JOINED bytes.
+_SMALL_PIECE = 16 * 1024
+_JOINED = 256 * 1024
+
+
 async def _pieces(content: aiohttp.StreamReader, size: int) -> AsyncIterator[bytes]:
     """The body as aiohttp received it, piece by piece, never joined: ``iter_chunked(n)``
     joins what has arrived into pieces of ``n``, one more copy of every byte on the event
     loop (issue 16: downloads). aiohttp stops reading the socket while twice ``size`` waits
-    unread (where it can be raised: aiohttp 3.11 and later). An empty piece that ends an
-    HTTP chunk is not the end of the body."""
+    unread (where it can be raised: aiohttp 3.11 and later). A piece of a few bytes takes
+    what else has arrived with it, joined. An empty piece that ends an HTTP chunk is not the
+    end of the body."""
     raise_limits = getattr(content, "set_read_chunk_size", None)
     if raise_limits is not None:
         raise_limits(size)
     while True:
         data, end_of_http_chunk = await content.readchunk()
         if data:
+            if len(data) < _SMALL_PIECE:
+                # a server sending its body in tiny pieces (HTTP chunks of a few bytes):
+                # what else has arrived goes with it, joined, not as thousands of objects
+                more = content.read_nowait(_JOINED)
+                if more:
+                    data += more
             yield data
         elif not end_of_http_chunk:
             return
