@@ -543,9 +543,11 @@ class Downloader:
         """The GET of ``_stream``, its body to ``pipe``: the file's total size, if known; None
         when the part must start again from zero."""
         offset = part.size
-        headers: dict[str, str] | None = None
+        # the bytes as they are: a body a server compressed because the client accepts it
+        # has another length than the file, and no Range of it is a range of the file
+        headers = {"Accept-Encoding": "identity"}
         if offset:
-            headers = {"Range": f"bytes={offset}-"}
+            headers["Range"] = f"bytes={offset}-"
             if part.origin_tag is not None:  # the rest of that version, else all of the new
                 headers["If-Range"] = part.origin_tag
         async with self._open_stream(url, headers=headers) as resp:

@@ -261,3 +261,43 @@ async def test_a_body_in_tiny_http_chunks_reaches_the_writer_in_few_pieces(
     assert (tmp_path / "v.mp4").read_bytes() == body
     assert file.sha256 == hashlib.sha256(body).hexdigest()
     assert sum(pieces) <= 256, f"{sum(pieces)} pieces for 16,384 chunks of 16 bytes"
+
+
+async def test_a_file_server_that_compresses_what_the_client_accepts_sends_the_file_whole(
+    client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    """A file GET asks for the bytes as they are (``Accept-Encoding: identity``): a server or
+    CDN that gzips what a client accepts would send a compressed body whose length is not
+    the file's, and a Range resume of it is not a resume of the file (a break-it pass of
+    issue 16: every attempt restarted, then a DownloadError)."""
+    import gzip
+
+    from aiohttp import web
+
+    body = bytes(range(256)) * 4096  # 1 MiB that compresses well
+    asked: list[str] = []
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        accepts = request.headers.get("Accept-Encoding", "")
+        asked.append(accepts)
+        if "gzip" in accepts:
+            packed = gzip.compress(body)
+            return web.Response(
+                body=packed,
+                headers={"Content-Type": "video/mp4", "Content-Encoding": "gzip"},
+            )
+        return web.Response(body=body, headers={"Content-Type": "video/mp4"})
+
+    app = web.Application()
+    app.router.add_get("/v.mp4", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        port = runner.addresses[0][1]
+        (file,) = await client.download(f"http://127.0.0.1:{port}/v.mp4", tmp_path / "v.mp4")
+    finally:
+        await runner.cleanup()
+    assert asked == ["identity"]
+    assert (tmp_path / "v.mp4").read_bytes() == body
+    assert file.bytes == len(body) and file.sha256 == hashlib.sha256(body).hexdigest()

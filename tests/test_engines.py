@@ -268,7 +268,8 @@ async def test_downloader_fetches_a_task_file_and_verifies_it(tmp_path: Path) ->
     assert Path(got.path) == tmp_path / "job-1.mp4"
     assert (tmp_path / "job-1.mp4").read_bytes() == body
     assert got.bytes == len(body) and got.sha256 == hashlib.sha256(body).hexdigest()
-    assert len(files.gets) == 1 and files.gets[0][1] is None  # no Range, no key: a plain GET
+    # no Range, no key: a plain GET, for the bytes as they are
+    assert len(files.gets) == 1 and files.gets[0][1] == {"Accept-Encoding": "identity"}
     assert refresh.asked == []  # nothing expired: no status request
     assert not (tmp_path / "job-1.mp4.part").exists()
 
@@ -631,6 +632,10 @@ def test_a_ctrl_c_says_what_happens_to_the_running_tasks(
     assert caplog.text == ""  # nothing running, nothing to say
 
 
+#: The headers of every file GET: the bytes as they are, never compressed for the client.
+AS_IS = {"Accept-Encoding": "identity"}
+
+
 class ScriptedFiles:
     """``stream`` that answers each GET with the next scripted reply: (status, headers, body,
     cut) where ``cut`` ends the body with a connection error after it was sent."""
@@ -692,7 +697,7 @@ async def test_a_cut_error_page_is_not_the_start_of_the_video(tmp_path: Path) ->
         )
     assert (tmp_path / "a.mp4").read_bytes() == VIDEO
     assert got.sha256 == hashlib.sha256(VIDEO).hexdigest() and got.bytes == len(VIDEO)
-    assert files.gets == [None, {"Range": f"bytes={len(page)}-"}, None]
+    assert files.gets == [AS_IS, {**AS_IS, "Range": f"bytes={len(page)}-"}, AS_IS]
 
 
 async def test_a_resume_is_sent_with_if_range_and_a_changed_file_starts_again(
@@ -714,7 +719,7 @@ async def test_a_resume_is_sent_with_if_range_and_a_changed_file_starts_again(
         )
     assert (tmp_path / "a.mp4").read_bytes() == other
     assert got.sha256 == hashlib.sha256(other).hexdigest()
-    assert files.gets == [None, {"Range": "bytes=1000-", "If-Range": '"v1"'}, None]
+    assert files.gets == [AS_IS, {**AS_IS, "Range": "bytes=1000-", "If-Range": '"v1"'}, AS_IS]
 
 
 async def test_a_resume_of_the_same_version_is_spliced(tmp_path: Path) -> None:
@@ -730,7 +735,7 @@ async def test_a_resume_of_the_same_version_is_spliced(tmp_path: Path) -> None:
         )
     assert (tmp_path / "a.mp4").read_bytes() == VIDEO
     assert got.sha256 == hashlib.sha256(VIDEO).hexdigest()
-    assert files.gets == [None, {"Range": "bytes=1000-", "If-Range": '"v1"'}]
+    assert files.gets == [AS_IS, {**AS_IS, "Range": "bytes=1000-", "If-Range": '"v1"'}]
 
 
 async def test_a_part_left_by_an_earlier_run_is_checked_against_its_first_reply(
@@ -757,7 +762,7 @@ async def test_a_part_left_by_an_earlier_run_is_checked_against_its_first_reply(
             "https://files.example/v.mp4", dest
         )
     assert dest.read_bytes() == VIDEO and got.sha256 == hashlib.sha256(VIDEO).hexdigest()
-    assert second.gets == [{"Range": f"bytes={len(page)}-"}, None]
+    assert second.gets == [{**AS_IS, "Range": f"bytes={len(page)}-"}, AS_IS]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # nothing left beside it
 
 
@@ -780,5 +785,5 @@ async def test_a_garbage_origin_beside_a_part_is_ignored(tmp_path: Path, sidecar
             "https://files.example/v.mp4", dest
         )
     assert dest.read_bytes() == VIDEO and got.sha256 == hashlib.sha256(VIDEO).hexdigest()
-    assert files.gets == [{"Range": "bytes=1000-"}]
+    assert files.gets == [{**AS_IS, "Range": "bytes=1000-"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]
