@@ -10,6 +10,11 @@
   Content-Range and the sha256 is computed on the way; only a complete file is renamed into
   place, so a ``.part`` is never mistaken for a finished one.
 - ``max_bytes`` stops a file that is (or becomes) larger than allowed.
+- A part is locked while a download writes it (``flock``; not on Windows): a second download
+  to the same place, in this process or another, is a ``DownloadError``, never two files
+  written into one.
+- The file is asked for as it is (``Accept-Encoding: identity``): a body compressed for the
+  client is not the file, and no Range of it is a range of the file.
 - A URL that has expired (403/404/410, or past ``expires_at``) costs one fresh status request
   for a new URL before giving up.
 - File names come from the caller (the job's index or name), sanitised; nothing from the
@@ -32,6 +37,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 import unicodedata
@@ -44,6 +50,9 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 import attrs
+
+if sys.platform != "win32":  # Windows: parts are not locked
+    import fcntl
 
 from . import _retry
 from ._errors import (
@@ -93,6 +102,7 @@ _FLUSH_EVERY = 8 << 20
 _FIRST_FLUSH = 4 << 20
 #: fdatasync where there is one (not on macOS): data, and only the metadata needed to read it.
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -144,6 +154,22 @@ def _reserve(part: _PartFile, needed: int, free: int | None) -> None:
         )
 
 
+def _lock(fd: int, path: Path) -> None:
+    """Hold the part while this download writes it: another download to the same place (in
+    this process or another) is refused, instead of both writing one file. Where the OS or
+    the file system has no such lock (Windows, some network mounts), nothing is locked."""
+    if sys.platform == "win32":
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DownloadError(
+            f"another download is writing {path}; run again once it has ended"
+        ) from None
+    except OSError:  # no locks here (ENOLCK, EINVAL): unlocked, as before
+        return
+
+
 def inside(directory: Path, name: str) -> Path:
     """``directory / name`` after checking that it stays inside ``directory``."""
     base = directory.resolve()
@@ -174,20 +200,29 @@ class _PartFile:
         self.free: int | None = None
 
     def open_sync(self, *, resume: bool) -> None:
+        """Open the part for appending, locked (``_lock``) before anything in it changes:
+        resumed (its bytes hashed) or emptied."""
         self.hash = hashlib.sha256()
         self.size = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.path.exists():
-            with self.path.open("rb") as fh:
-                while block := fh.read(CHUNK):
-                    self.hash.update(block)
-                    self.size += len(block)
-            self._fh = self.path.open("ab")
-            self._read_origin()
-        else:
-            self._fh = self.path.open("wb")
-            self.origin_total = self.origin_tag = None
-            self.origin_path.unlink(missing_ok=True)
+        existed = self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _CLOEXEC, 0o666)
+        try:
+            _lock(fd, self.path)
+            if resume and existed:
+                with self.path.open("rb") as fh:
+                    while block := fh.read(CHUNK):
+                        self.hash.update(block)
+                        self.size += len(block)
+                self._read_origin()
+            else:
+                os.ftruncate(fd, 0)
+                self.origin_total = self.origin_tag = None
+                self.origin_path.unlink(missing_ok=True)
+            self._fh = os.fdopen(fd, "ab")
+        except BaseException:
+            os.close(fd)
+            raise
         self.free = _free_bytes(self.path.parent)
 
     def _read_origin(self) -> None:
@@ -231,20 +266,27 @@ class _PartFile:
         """Close, keeping what arrived for a resume (an empty part is removed). Never raises:
         it runs after the error that ended the download (a full disk may refuse the flush)."""
         fh, self._fh = self._fh, None
-        try:
-            if fh is not None:
-                fh.close()
-            if self.size == 0:
-                self.path.unlink(missing_ok=True)
-                self.origin_path.unlink(missing_ok=True)
-        except OSError:
-            pass  # the part is checked (length, sha256) when it is resumed
+        if fh is not None:
+            with contextlib.suppress(OSError):  # the part is checked when it is resumed
+                self._close(fh, remove=self.size == 0)
 
     def discard_sync(self) -> None:
         fh, self._fh = self._fh, None
-        with contextlib.suppress(OSError):
-            if fh is not None:
-                fh.close()
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                self._close(fh, remove=True)
+
+    def _close(self, fh: BinaryIO, *, remove: bool) -> None:
+        """Close the part, removed first (with its origin) if ``remove``: while it is still
+        locked, so that what goes is never another download's part (Windows, which cannot
+        remove an open file, removes it after)."""
+        try:
+            if remove and sys.platform != "win32":
+                self.path.unlink(missing_ok=True)
+                self.origin_path.unlink(missing_ok=True)
+        finally:
+            fh.close()
+        if remove and sys.platform == "win32":
             self.path.unlink(missing_ok=True)
             self.origin_path.unlink(missing_ok=True)
 
@@ -256,7 +298,10 @@ class _PartFile:
         with fh:
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(self.path, dest)
+            if sys.platform != "win32":  # renamed still locked: no other download opens it
+                os.replace(self.path, dest)
+        if sys.platform == "win32":  # which cannot rename an open file
+            os.replace(self.path, dest)
         with contextlib.suppress(OSError):  # the file is whole and in place already
             self.origin_path.unlink(missing_ok=True)
 

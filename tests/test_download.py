@@ -301,3 +301,63 @@ async def test_a_file_server_that_compresses_what_the_client_accepts_sends_the_f
     assert asked == ["identity"]
     assert (tmp_path / "v.mp4").read_bytes() == body
     assert file.bytes == len(body) and file.sha256 == hashlib.sha256(body).hexdigest()
+
+
+async def test_a_second_download_to_a_path_being_written_is_refused_and_spoils_nothing(
+    client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    """Two downloads to one destination at once (two clients, two processes, a mistake):
+    the second finds the ``.part`` locked and raises a DownloadError; the first goes on and
+    its file is whole, with the sha256 of its bytes. Before, the second truncated the part
+    and wrote its own file into it, and the first then wrote into the renamed file: a mix
+    of the two under the final name, reported with the sha256 of one (a break-it pass of
+    issue 16)."""
+    import anyio
+    from aiohttp import web
+
+    first, second = bytes(range(256)) * 4096, b"\x07" * (1 << 20)
+    asked, go_on = anyio.Event(), anyio.Event()
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        body = first if request.path == "/a.mp4" else second
+        resp = web.StreamResponse(
+            headers={"Content-Type": "video/mp4", "Content-Length": str(len(body))}
+        )
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        if body is first:
+            asked.set()  # its part is open: it is opened before the GET is sent
+            await go_on.wait()
+        await resp.write(body[len(body) // 2 :])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    dest, part = tmp_path / "v.mp4", tmp_path / "v.mp4.part"
+    got: list[am.DownloadedFile] = []
+    try:
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with anyio.create_task_group() as tg:
+
+            async def download_first() -> None:
+                got.extend(await client.download(f"{base}/a.mp4", dest))
+
+            tg.start_soon(download_first)
+            try:
+                with anyio.fail_after(10):
+                    await asked.wait()
+                with pytest.raises(am.DownloadError, match="another download") as caught:
+                    await client.download(f"{base}/b.mp4", dest)
+            finally:
+                go_on.set()
+            assert str(part) in str(caught.value)
+    finally:
+        await runner.cleanup()
+    (file,) = got
+    assert dest.read_bytes() == first
+    assert file.sha256 == hashlib.sha256(first).hexdigest()
+    assert not part.exists()
