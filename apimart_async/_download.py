@@ -37,6 +37,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -154,6 +155,17 @@ def _reserve(part: _PartFile, needed: int, free: int | None) -> None:
         )
 
 
+def _refuse_special(dest: Path) -> None:
+    """A destination that exists must be a file (or a link) the rename may replace: never a
+    device, a FIFO or a socket (``/dev/null`` replaced by a video, run as root)."""
+    try:
+        mode = dest.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise DownloadError(f"cannot write {dest}: it exists and is not a regular file")
+
+
 def _lock(fd: int, path: Path) -> None:
     """Hold the part while this download writes it: another download to the same place (in
     this process or another) is refused, instead of both writing one file. Where the OS or
@@ -204,6 +216,7 @@ class _PartFile:
         resumed (its bytes hashed) or emptied."""
         self.hash = hashlib.sha256()
         self.size = 0
+        _refuse_special(self.dest)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         existed = self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _CLOEXEC, 0o666)

@@ -361,3 +361,24 @@ async def test_a_second_download_to_a_path_being_written_is_refused_and_spoils_n
     assert dest.read_bytes() == first
     assert file.sha256 == hashlib.sha256(first).hexdigest()
     assert not part.exists()
+
+
+async def test_a_destination_that_is_not_a_regular_file_is_never_replaced(
+    emu: Emulator, client: am.AsyncApimart, tmp_path: Path
+) -> None:
+    """``download(task, "/dev/null")`` run as root replaced the device with the video (the
+    rename into place; a break-it pass of issue 16). A destination that exists and is not a
+    regular file (a device, a FIFO, a socket) is refused before anything is fetched."""
+    import os
+    import stat
+
+    task = await completed_task(emu, client)
+    fifo = tmp_path / "out.mp4"
+    os.mkfifo(fifo)
+    gets = emu.counters.get("file", 0)
+    with pytest.raises(am.DownloadError, match="not a regular file") as caught:
+        await client.download(task, fifo)
+    assert str(fifo) in str(caught.value)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the FIFO
+    assert not (tmp_path / "out.mp4.part").exists()
+    assert emu.counters.get("file", 0) == gets  # nothing fetched
