@@ -57,6 +57,18 @@ def check_files(emu: Emulator, outcomes: list[am.Outcome]) -> None:
         assert hashlib.sha256(data).hexdigest() == f.sha256 == emu.file_sha256(o.task_id)
 
 
+async def download_whole(where: Path, size: int = 2 * 1024 * 1024) -> am.DownloadedFile:
+    """One task's file of ``size`` bytes downloaded into ``where``, checked whole: its bytes,
+    the sha256 reported and the emulator's."""
+    async with emulated(video_bytes=size) as (emu, client):
+        task = await client.videos.generate(sora(0))
+        (file,) = await client.download(task, where)
+    assert file.bytes == size
+    assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == file.sha256
+    assert file.sha256 == emu.file_sha256(task.id)
+    return file
+
+
 def _mount_tmpfs(where: Path, size: str, *options: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     opts = ",".join((f"size={size}", *options))
@@ -464,12 +476,7 @@ async def test_each_batch_starts_its_write_back_as_it_is_written(
 
     monkeypatch.setattr(_download, "_start_writeback", start_writeback)
     monkeypatch.setattr(_PartFile, "flush_sync", no_flush)
-    async with emulated(video_bytes=2 * 1024 * 1024) as (emu, client):
-        task = await client.videos.generate(sora(0))
-        (file,) = await client.download(task, tmp_path)
-    assert file.bytes == 2 * 1024 * 1024
-    assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == file.sha256
-    assert file.sha256 == emu.file_sha256(task.id)
+    file = await download_whole(tmp_path)
     assert len(advised) >= 4  # one a batch: started long before the file's end
     assert {advice for *_, advice in advised} == {_download._WRITEBACK_ADVICE}
     ends = [0] + [offset + length for offset, length, _ in advised]
@@ -593,9 +600,4 @@ async def test_a_refused_thread_costs_the_overlap_not_the_download(
         monkeypatch.setattr(_download, "_start_writeback", None)
         monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
         monkeypatch.setattr(_download, "_FIRST_FLUSH", 256 * 1024)
-    async with emulated(video_bytes=2 * 1024 * 1024) as (emu, client):
-        task = await client.videos.generate(sora(0))
-        (file,) = await client.download(task, tmp_path)
-    assert file.bytes == 2 * 1024 * 1024
-    assert hashlib.sha256(Path(file.path).read_bytes()).hexdigest() == file.sha256
-    assert file.sha256 == emu.file_sha256(task.id)
+    await download_whole(tmp_path)

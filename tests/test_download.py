@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 import apimart_async as am
 from apimart_async._download import inside, safe_name
@@ -14,6 +17,23 @@ from apimart_async.emulator import Emulator, Fault
 pytestmark = pytest.mark.anyio
 
 SORA = am.VideoRequest("sora-2-preview", "a cat", duration=4)
+
+
+@contextlib.asynccontextmanager
+async def file_server(
+    serve: Callable[[web.Request], Awaitable[web.StreamResponse]], route: str = "/v.mp4"
+) -> AsyncIterator[str]:
+    """A file server of our own on loopback for the bodies the emulator does not send;
+    yields its base URL."""
+    app = web.Application()
+    app.router.add_get(route, serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 async def completed_task(emu: Emulator, client: am.AsyncApimart) -> am.Task:
@@ -160,8 +180,6 @@ async def test_a_chunked_body_with_empty_chunks_is_read_whole(
 ) -> None:
     """A file served with ``Transfer-Encoding: chunked`` and no length: the body is taken
     piece by piece as it arrives (issue 16), and an HTTP chunk's end is not the body's end."""
-    from aiohttp import web
-
     body = [bytes([n]) * size for n, size in enumerate((1, 70_000, 3, 300_000, 5, 1 << 20))]
 
     async def serve(request: web.Request) -> web.StreamResponse:
@@ -173,17 +191,8 @@ async def test_a_chunked_body_with_empty_chunks_is_read_whole(
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/v.mp4", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        (file,) = await client.download(f"http://127.0.0.1:{port}/v.mp4", tmp_path / "v.mp4")
-    finally:
-        await runner.cleanup()
+    async with file_server(serve) as base:
+        (file,) = await client.download(f"{base}/v.mp4", tmp_path / "v.mp4")
     whole = b"".join(body)
     assert file.bytes == len(whole)
     assert (tmp_path / "v.mp4").read_bytes() == whole
@@ -272,8 +281,6 @@ async def test_a_file_server_that_compresses_what_the_client_accepts_sends_the_f
     issue 16: every attempt restarted, then a DownloadError)."""
     import gzip
 
-    from aiohttp import web
-
     body = bytes(range(256)) * 4096  # 1 MiB that compresses well
     asked: list[str] = []
 
@@ -288,16 +295,8 @@ async def test_a_file_server_that_compresses_what_the_client_accepts_sends_the_f
             )
         return web.Response(body=body, headers={"Content-Type": "video/mp4"})
 
-    app = web.Application()
-    app.router.add_get("/v.mp4", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        port = runner.addresses[0][1]
-        (file,) = await client.download(f"http://127.0.0.1:{port}/v.mp4", tmp_path / "v.mp4")
-    finally:
-        await runner.cleanup()
+    async with file_server(serve) as base:
+        (file,) = await client.download(f"{base}/v.mp4", tmp_path / "v.mp4")
     assert asked == ["identity"]
     assert (tmp_path / "v.mp4").read_bytes() == body
     assert file.bytes == len(body) and file.sha256 == hashlib.sha256(body).hexdigest()
@@ -313,7 +312,6 @@ async def test_a_second_download_to_a_path_being_written_is_refused_and_spoils_n
     of the two under the final name, reported with the sha256 of one (a break-it pass of
     issue 16)."""
     import anyio
-    from aiohttp import web
 
     first, second = bytes(range(256)) * 4096, b"\x07" * (1 << 20)
     asked, go_on = anyio.Event(), anyio.Event()
@@ -332,31 +330,22 @@ async def test_a_second_download_to_a_path_being_written_is_refused_and_spoils_n
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/{name}", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     dest, part = tmp_path / "v.mp4", tmp_path / "v.mp4.part"
     got: list[am.DownloadedFile] = []
-    try:
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with anyio.create_task_group() as tg:
+    async with file_server(serve, "/{name}") as base, anyio.create_task_group() as tg:
 
-            async def download_first() -> None:
-                got.extend(await client.download(f"{base}/a.mp4", dest))
+        async def download_first() -> None:
+            got.extend(await client.download(f"{base}/a.mp4", dest))
 
-            tg.start_soon(download_first)
-            try:
-                with anyio.fail_after(10):
-                    await asked.wait()
-                with pytest.raises(am.DownloadError, match="another download") as caught:
-                    await client.download(f"{base}/b.mp4", dest)
-            finally:
-                go_on.set()
-            assert str(part) in str(caught.value)
-    finally:
-        await runner.cleanup()
+        tg.start_soon(download_first)
+        try:
+            with anyio.fail_after(10):
+                await asked.wait()
+            with pytest.raises(am.DownloadError, match="another download") as caught:
+                await client.download(f"{base}/b.mp4", dest)
+        finally:
+            go_on.set()
+        assert str(part) in str(caught.value)
     (file,) = got
     assert dest.read_bytes() == first
     assert file.sha256 == hashlib.sha256(first).hexdigest()
