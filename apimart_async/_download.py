@@ -103,7 +103,18 @@ _FLUSH_EVERY = 8 << 20
 _FIRST_FLUSH = 4 << 20
 #: fdatasync where there is one (not on macOS): data, and only the metadata needed to read it.
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+#: A part is opened for reading (its bytes hashed on a resume) and appending, never through a
+#: link, without waiting (a FIFO's open would wait for a reader), never inherited by an exec.
+_PART_FLAGS: int = (
+    os.O_RDWR
+    | os.O_CREAT
+    | os.O_APPEND
+    | getattr(os, "O_NOFOLLOW", 0)
+    | _NONBLOCK
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -163,7 +174,55 @@ def _refuse_special(dest: Path) -> None:
     except FileNotFoundError:
         return
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-        raise DownloadError(f"cannot write {dest}: it exists and is not a regular file")
+        raise _not_regular(dest)
+
+
+def _not_regular(path: Path) -> DownloadError:
+    return DownloadError(f"cannot write {path}: it exists and is not a regular file")
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one named ``path``."""
+    held = os.fstat(fd)
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+#: The descriptors of the parts this process holds locked. A child forked meanwhile (a
+#: process pool's worker, say) inherits them, and with them the locks: it lets go of them at
+#: once (``_let_go_in_child``), else the download's own retry would find its part locked.
+_HELD: set[int] = set()
+
+
+def _hold(fd: int) -> None:
+    _HELD.add(fd)
+
+
+def _forget(fd: int) -> None:
+    _HELD.discard(fd)
+
+
+def _let_go_in_child() -> None:
+    """In a forked child: each inherited part's descriptor names /dev/null instead, which
+    lets go of the part and its lock, and keeps the number valid for the file object that
+    owns it (closing it later closes /dev/null, and nothing is written to the part)."""
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in list(_HELD):
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -218,30 +277,58 @@ class _PartFile:
         self.size = 0
         _refuse_special(self.dest)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existed = self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _CLOEXEC, 0o666)
+        fd = self._open_locked()
         try:
-            _lock(fd, self.path)
-            if resume and existed:
-                with self.path.open("rb") as fh:
-                    while block := fh.read(CHUNK):
-                        self.hash.update(block)
-                        self.size += len(block)
+            if resume:  # read from its start (appends go to its end whatever the position)
+                while block := os.read(fd, CHUNK):
+                    self.hash.update(block)
+                    self.size += len(block)
+            if self.size:
                 self._read_origin()
-            else:
+            else:  # begun afresh (or empty): no origin yet
                 os.ftruncate(fd, 0)
                 self.origin_total = self.origin_tag = None
                 self.origin_path.unlink(missing_ok=True)
             self._fh = os.fdopen(fd, "ab")
         except BaseException:
+            _forget(fd)
             os.close(fd)
             raise
         self.free = _free_bytes(self.path.parent)
 
+    def _open_locked(self) -> int:
+        """The part, opened for reading and appending and locked (``_lock``): a regular file
+        (never a FIFO, whose open would wait for a reader, nor a link, whose target would
+        take the bytes), and still the part once locked (another download may have renamed
+        it into place meanwhile: then again)."""
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, _PART_FLAGS, 0o666)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a link
+                    raise _not_regular(self.path) from None
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise _not_regular(self.path)
+                if _NONBLOCK:
+                    os.set_blocking(fd, True)
+                _lock(fd, self.path)
+                if _is_at(fd, self.path):
+                    _hold(fd)
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise DownloadError(f"another download is writing {self.path}; run again once it has ended")
+
     def _read_origin(self) -> None:
         """The origin kept beside the part (none for a part made by other means: a part
-        without one is resumed unchecked, as before)."""
+        without one is resumed unchecked, as before; nor from anything but a regular file)."""
         try:
+            if not stat.S_ISREG(self.origin_path.lstat().st_mode):
+                return
             origin = json.loads(self.origin_path.read_text(encoding="utf-8"))
             total, tag = origin["total"], origin["tag"]
         except (OSError, ValueError, TypeError, KeyError, RecursionError):  # garbage: unknown
@@ -253,6 +340,7 @@ class _PartFile:
 
     def record_origin_sync(self, total: int | None, tag: str | None) -> None:
         self.origin_total, self.origin_tag = total, tag
+        self.origin_path.unlink(missing_ok=True)  # whatever was there (a FIFO would block)
         self.origin_path.write_text(json.dumps({"total": total, "tag": tag}), encoding="utf-8")
 
     def write_sync(self, pieces: list[bytes]) -> None:
@@ -298,6 +386,7 @@ class _PartFile:
                 self.path.unlink(missing_ok=True)
                 self.origin_path.unlink(missing_ok=True)
         finally:
+            _forget(fh.fileno())
             fh.close()
         if remove and sys.platform == "win32":
             self.path.unlink(missing_ok=True)
@@ -309,14 +398,19 @@ class _PartFile:
         fh, self._fh = self._fh, None
         assert fh is not None
         with fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-            if sys.platform != "win32":  # renamed still locked: no other download opens it
-                os.replace(self.path, dest)
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+                if sys.platform != "win32":  # renamed still locked: no other download opens it
+                    os.replace(self.path, dest)
+                    with contextlib.suppress(OSError):  # the file is whole and in place already
+                        self.origin_path.unlink(missing_ok=True)
+            finally:
+                _forget(fh.fileno())
         if sys.platform == "win32":  # which cannot rename an open file
             os.replace(self.path, dest)
-        with contextlib.suppress(OSError):  # the file is whole and in place already
-            self.origin_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.origin_path.unlink(missing_ok=True)
 
 
 def _started(target: Callable[..., None], *args: object) -> threading.Thread | None:

@@ -601,3 +601,112 @@ async def test_a_refused_thread_costs_the_overlap_not_the_download(
         monkeypatch.setattr(_download, "_FLUSH_EVERY", 256 * 1024)
         monkeypatch.setattr(_download, "_FIRST_FLUSH", 256 * 1024)
     await download_whole(tmp_path)
+
+
+def test_a_forked_child_does_not_keep_a_downloads_part_locked(tmp_path: Path) -> None:
+    """A process forked while a download writes its part (a process pool's worker, started
+    for other work) inherits the part's descriptor, and with it the lock: the download's own
+    retry was refused as "another download is writing" (a second break-it pass of issue 16).
+    The child lets go of every part it inherited."""
+    import warnings
+
+    path, dest = tmp_path / "v.mp4.part", tmp_path / "v.mp4"
+    part = _PartFile(path, dest)
+    part.open_sync(resume=False)
+    part.write_sync([b"x" * 1000])
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork beside pytest's threads
+        pid = os.fork()
+    if pid == 0:  # the child: an idle worker that outlives the download's first attempt
+        os.write(ready_w, b"r")
+        os.read(done_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        part.close_sync()  # the attempt was cut: the retry opens the part again
+        again = _PartFile(path, dest)
+        again.open_sync(resume=True)
+        assert again.size == 1000
+        again.close_sync()
+    finally:
+        os.write(done_w, b"d")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+
+
+def test_a_part_renamed_away_before_its_lock_is_not_the_one_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download opens the part just as another finishes with it (renames it into place and
+    lets go of its lock): the lock it then takes is on the finished file, which it would
+    have emptied and written (a second break-it pass of issue 16). It opens the part again."""
+    path, dest = tmp_path / "v.mp4.part", tmp_path / "v.mp4"
+    path.write_bytes(b"A" * 100)  # the other download's part, complete
+    real_lock = _download._lock
+    calls: list[int] = []
+
+    def finished_meanwhile(fd: int, where: Path) -> None:
+        if not calls:
+            os.replace(path, dest)  # the other download renames it into place
+        calls.append(fd)
+        real_lock(fd, where)
+
+    monkeypatch.setattr(_download, "_lock", finished_meanwhile)
+    part = _PartFile(path, dest)
+    part.open_sync(resume=False)
+    try:
+        assert dest.read_bytes() == b"A" * 100  # the finished file is untouched
+        assert len(calls) == 2
+        assert part._fh is not None
+        assert os.fstat(part._fh.fileno()).st_ino == path.stat().st_ino
+        part.write_sync([b"B" * 10])
+        assert path.read_bytes() == b"B" * 10
+    finally:
+        part.close_sync()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+async def test_a_part_that_is_not_a_regular_file_is_refused_not_followed(
+    tmp_path: Path, kind: str
+) -> None:
+    """A ``.part`` that is a FIFO hung the download for ever (its open waited for a reader);
+    one that is a link had the video appended to the file it names (a second break-it pass
+    of issue 16). Either is a DownloadError, at once, and the thing itself is left alone."""
+    import anyio
+
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(b"keep")
+    async with emulated(video_bytes=64 * 1024) as (emu, client):
+        task = await client.videos.generate(sora(0))
+        part = tmp_path / f"{task.id}.mp4.part"
+        if kind == "fifo":
+            os.mkfifo(part)
+        else:
+            part.symlink_to(target)
+        with anyio.fail_after(10), pytest.raises(am.DownloadError, match="not a regular file"):
+            await client.download(task, tmp_path)
+        assert emu.counters.get("file", 0) == 0  # nothing fetched
+    assert target.read_bytes() == b"keep"
+    assert not (tmp_path / f"{task.id}.mp4").exists()
+
+
+async def test_an_origin_beside_the_part_that_is_a_fifo_is_not_read(tmp_path: Path) -> None:
+    """The part's origin record is read only from a regular file: a FIFO there hung the
+    resume for ever. It counts as no record (the part resumes unchecked, as one left by an
+    older version)."""
+    import anyio
+
+    async with emulated(video_bytes=64 * 1024) as (_emu, client):
+        task = await client.videos.generate(sora(0))
+        whole = (await client.download(task, tmp_path / "first.mp4"))[0]
+        data = Path(whole.path).read_bytes()
+        part = tmp_path / f"{task.id}.mp4.part"
+        part.write_bytes(data[:1000])
+        os.mkfifo(tmp_path / f"{task.id}.mp4.part.origin")
+        with anyio.fail_after(10):
+            (file,) = await client.download(task, tmp_path)
+    assert Path(file.path).read_bytes() == data
+    assert file.sha256 == whole.sha256
