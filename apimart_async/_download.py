@@ -81,8 +81,8 @@ Refresh = Callable[[str], Awaitable[Task]]
 #: 248-259 ms).
 CHUNK = 1 << 19
 #: The reply's read buffer: aiohttp stops reading the socket while twice this waits unread.
-#: The body is taken as it arrives, piece by piece, never joined (issue 16: a join copied
-#: every byte once more on the loop), so the floor rate sees progress as it comes.
+#: The body is taken as it arrives, piece by piece (``StreamReply.chunks``), so the floor
+#: rate sees progress as it comes.
 _READ = 1 << 19
 #: Batches of about CHUNK bytes that may wait for the writer thread (memory per download:
 #: about (_QUEUED + 2) * CHUNK).
@@ -103,6 +103,9 @@ _FLUSH_EVERY = 8 << 20
 _FIRST_FLUSH = 4 << 20
 #: fdatasync where there is one (not on macOS): data, and only the metadata needed to read it.
 _datasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+#: Whether an open part can be renamed and removed (not on Windows): then it is, while
+#: still locked.
+_WHILE_OPEN = sys.platform != "win32"
 _NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
 #: A part is opened for reading (its bytes hashed on a resume) and appending, never through a
 #: link, without waiting (a FIFO's open would wait for a reader), never inherited by an exec.
@@ -181,6 +184,10 @@ def _not_regular(path: Path) -> DownloadError:
     return DownloadError(f"cannot write {path}: it exists and is not a regular file")
 
 
+def _busy(path: Path) -> DownloadError:
+    return DownloadError(f"another download is writing {path}; run again once it has ended")
+
+
 def _is_at(fd: int, path: Path) -> bool:
     """Whether the open file ``fd`` is still the one named ``path``."""
     held = os.fstat(fd)
@@ -195,14 +202,6 @@ def _is_at(fd: int, path: Path) -> bool:
 #: process pool's worker, say) inherits them, and with them the locks: it lets go of them at
 #: once (``_let_go_in_child``), else the download's own retry would find its part locked.
 _HELD: set[int] = set()
-
-
-def _hold(fd: int) -> None:
-    _HELD.add(fd)
-
-
-def _forget(fd: int) -> None:
-    _HELD.discard(fd)
 
 
 def _let_go_in_child() -> None:
@@ -234,9 +233,7 @@ def _lock(fd: int, path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise DownloadError(
-            f"another download is writing {path}; run again once it has ended"
-        ) from None
+        raise _busy(path) from None
     except OSError:  # no locks here (ENOLCK, EINVAL): unlocked, as before
         return
 
@@ -291,7 +288,7 @@ class _PartFile:
                 self.origin_path.unlink(missing_ok=True)
             self._fh = os.fdopen(fd, "ab")
         except BaseException:
-            _forget(fd)
+            _HELD.discard(fd)
             os.close(fd)
             raise
         self.free = _free_bytes(self.path.parent)
@@ -315,13 +312,13 @@ class _PartFile:
                     os.set_blocking(fd, True)
                 _lock(fd, self.path)
                 if _is_at(fd, self.path):
-                    _hold(fd)
+                    _HELD.add(fd)
                     return fd
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
-        raise DownloadError(f"another download is writing {self.path}; run again once it has ended")
+        raise _busy(self.path)
 
     def _read_origin(self) -> None:
         """The origin kept beside the part (none for a part made by other means: a part
@@ -382,15 +379,17 @@ class _PartFile:
         locked, so that what goes is never another download's part (Windows, which cannot
         remove an open file, removes it after)."""
         try:
-            if remove and sys.platform != "win32":
-                self.path.unlink(missing_ok=True)
-                self.origin_path.unlink(missing_ok=True)
+            if remove and _WHILE_OPEN:
+                self._remove()
         finally:
-            _forget(fh.fileno())
+            _HELD.discard(fh.fileno())
             fh.close()
-        if remove and sys.platform == "win32":
-            self.path.unlink(missing_ok=True)
-            self.origin_path.unlink(missing_ok=True)
+        if remove and not _WHILE_OPEN:
+            self._remove()
+
+    def _remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.origin_path.unlink(missing_ok=True)
 
     def finish_sync(self, dest: Path) -> None:
         """The part is complete: flush it to disk, then rename it into place, so a file under
@@ -401,16 +400,17 @@ class _PartFile:
             try:
                 fh.flush()
                 os.fsync(fh.fileno())
-                if sys.platform != "win32":  # renamed still locked: no other download opens it
-                    os.replace(self.path, dest)
-                    with contextlib.suppress(OSError):  # the file is whole and in place already
-                        self.origin_path.unlink(missing_ok=True)
+                if _WHILE_OPEN:  # renamed still locked: no other download opens it meanwhile
+                    self._into_place(dest)
             finally:
-                _forget(fh.fileno())
-        if sys.platform == "win32":  # which cannot rename an open file
-            os.replace(self.path, dest)
-            with contextlib.suppress(OSError):
-                self.origin_path.unlink(missing_ok=True)
+                _HELD.discard(fh.fileno())
+        if not _WHILE_OPEN:
+            self._into_place(dest)
+
+    def _into_place(self, dest: Path) -> None:
+        os.replace(self.path, dest)
+        with contextlib.suppress(OSError):  # the file is whole and in place already
+            self.origin_path.unlink(missing_ok=True)
 
 
 def _started(target: Callable[..., None], *args: object) -> threading.Thread | None:

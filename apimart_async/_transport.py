@@ -931,12 +931,12 @@ _JOINED = 256 * 1024
 
 
 async def _pieces(content: aiohttp.StreamReader, size: int) -> AsyncIterator[bytes]:
-    """The body as aiohttp received it, piece by piece, never joined: ``iter_chunked(n)``
-    joins what has arrived into pieces of ``n``, one more copy of every byte on the event
-    loop (issue 16: downloads). aiohttp stops reading the socket while twice ``size`` waits
-    unread (where it can be raised: aiohttp 3.11 and later). A piece of a few bytes takes
-    what else has arrived with it, joined. An empty piece that ends an HTTP chunk is not the
-    end of the body."""
+    """The body as aiohttp received it, piece by piece: ``iter_chunked(n)`` joins what has
+    arrived into pieces of ``n``, one more copy of every byte on the event loop (issue 16:
+    downloads). Only a piece of a few bytes is joined, with what else has arrived. aiohttp
+    stops reading the socket while twice ``size`` waits unread (where it can be raised:
+    aiohttp 3.11 and later). An empty piece that ends an HTTP chunk is not the end of the
+    body."""
     raise_limits = getattr(content, "set_read_chunk_size", None)
     if raise_limits is not None:
         raise_limits(size)
