@@ -58,6 +58,12 @@ class _Loop:
         #: ``close()`` has begun: a call its loop's stop cancels ends with ClientClosedError
         self.closing = False
 
+    @property
+    def stopped_by_close(self) -> bool:
+        """Whether ``close()`` (from another thread, maybe) has begun or ended: a call its
+        stop cancelled or refused ends with ClientClosedError, not anyio's own error."""
+        return self.closing or self.closed
+
     def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` in the loop and wait for its result. If the wait is interrupted
         (Ctrl-C), the call is cancelled in the loop before the interruption goes on."""
@@ -66,7 +72,7 @@ class _Loop:
         try:
             future = self.portal.start_task_soon(fn)
         except RuntimeError:  # anyio: "This portal is not running"
-            if self.closing or self.closed:  # close() (another thread) stopped it just now
+            if self.stopped_by_close:  # close() (another thread) stopped it just now
                 raise ClientClosedError("the client is closed") from None
             raise
         try:
@@ -74,7 +80,7 @@ class _Loop:
         except concurrent.futures.CancelledError:
             # Nobody here cancelled it: ``close()`` (from another thread, e.g. a web app's
             # shutdown while a sync endpoint calls) stopped the loop while it still ran.
-            if self.closing or self.closed:
+            if self.stopped_by_close:
                 raise ClientClosedError("the client was closed while this call ran") from None
             raise
         except BaseException:
@@ -267,7 +273,7 @@ class SyncBatch(_Facade):
             try:
                 cm.__exit__(exc_type, exc, tb)
             except RuntimeError:  # anyio: "This portal is not running"
-                if not (self._loop.closing or self._loop.closed):
+                if not self._loop.stopped_by_close:
                     raise
                 # close() (another thread) stopped the loop just now, cancelling the batch
                 if exc_type is None:
