@@ -349,7 +349,8 @@ class DownloadMeter:
 
     @contextlib.contextmanager
     def one(self) -> Iterator[None]:
-        t0, c0, s0 = time.perf_counter(), time.process_time(), self.server_cpu()
+        s0 = self.server_cpu()  # read outside the timed window, as at its end
+        t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.times.append(time.perf_counter() - t0)
         self.cpu_ms.append((time.process_time() - c0) * 1e3)
