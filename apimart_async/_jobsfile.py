@@ -420,14 +420,15 @@ def _jsonl_texts(stream: BinaryIO, problems: list[tuple[int, str]]) -> Iterator[
             problems.append((n, f"line longer than {MAX_LINE_BYTES >> 10} KB"))
             continue
         stripped = raw_line.strip()
-        if not stripped or stripped.startswith(b"#"):
+        if not stripped:
             continue
-        try:
+        try:  # a comment too: a binary file starting with "#" is not a file of no jobs
             text = stripped.decode("utf-8")
         except UnicodeDecodeError:
             problems.append((n, "not valid UTF-8"))
             continue
-        yield n, text
+        if not text.startswith("#"):
+            yield n, text
 
 
 def _parse_line(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -250,11 +251,19 @@ def test_any_name_stays_inside(name: str) -> None:
 # -- jobs files -----------------------------------------------------------------------------
 
 
+GARBAGE = random.Random(20261201).randbytes(4096).replace(b"\n", b"\r").lstrip(b" \t\r#")
+
+
 def test_jobs_files_in_odd_encodings_give_line_numbers(tmp_path: Path) -> None:
     cases = {
         "utf16.jsonl": '{"model": "sora-2-preview", "prompt": "a"}\n'.encode("utf-16"),
         "latin1.jsonl": '{"model": "sora-2-preview", "prompt": "caf\xe9"}\n'.encode("latin-1"),
-        "garbage.jsonl": os.urandom(4096).replace(b"\n", b"\r"),
+        "garbage.jsonl": GARBAGE,
+        # garbage that starts like a comment (1 run in 256 of the random bytes this test
+        # once used): a comment is text too, so the file is not "no jobs" but bad at line 1
+        "comment.jsonl": b"#" + GARBAGE,
+        "spaced-comment.jsonl": b" \t#" + GARBAGE,
+        "latin1-comment.jsonl": "# caf\xe9\n".encode("latin-1"),
         "nul.jsonl": b'{"model": "sora-2-preview", "prompt": "a\x00b"}\n',
         "latin1.csv": "model,prompt\nsora-2-preview,caf\xe9\n".encode("latin-1"),
     }
