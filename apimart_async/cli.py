@@ -188,6 +188,9 @@ class Progress:
         self.replayed: int = 0
         #: Errored jobs that never became a task: a re-run sends them again.
         self.no_task: int = 0
+        #: Errored jobs whose task completed and was paid for, files not all here (the
+        #: journal keeps them open: a resume fetches the rest).
+        self.to_download: int = 0
         self.cost: float = 0.0  # this run only: replayed outcomes were paid for earlier
         self.earlier_cost: float = 0.0
         self.started: float = time.monotonic()
@@ -244,6 +247,9 @@ class Progress:
                 and not isinstance(error, (am.JournalMismatchError, am.ValidationError))
             ):
                 self.no_task += 1
+            task = outcome.task
+            if task is not None and task.ok and isinstance(error, am.DownloadError):
+                self.to_download += 1
             what = type(error).__name__ if error is not None else "error"
             text = f"errored {label}: {what}: {error}{earlier}"
             self.ui.line(self.ui.paint(text, "31"), level="error")
@@ -805,13 +811,19 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
                     )
                 progress.outcome(outcome)
                 gallery.outcome(outcome)
+        # Left early (Ctrl-C, a stop): jobs that ended as the batch was left, among them files
+        # cut off mid-download (paid for: a resume fetches the rest), were not read above.
+        for outcome in results.unread():
+            mine.add(outcome.index)
+            progress.outcome(outcome)
+            gallery.outcome(outcome)
         progress.close()
         running = len(results.pending_task_ids()) + len(results.unconfirmed_submissions())
     seen = progress.done
     elsewhere, completed_elsewhere = await _ended_elsewhere(journal, mine)
     not_started = progress.counts["not started"] + max(0, len(jobs) - seen - running - elsewhere)
     c = progress.counts
-    everything_ended = not_started == 0 and running == 0
+    everything_ended = not_started == 0 and running == 0 and not progress.to_download
     interrupted = bool(results.interrupted) and not everything_ended
     resume = _resume_text(argv, args) if interrupted else None
     summary = {
@@ -821,6 +833,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         "errored": c["errored"],
         "not_started": not_started,
         "running": running,
+        "to_download": progress.to_download,
         "replayed": progress.replayed,
         "cost": round(progress.cost, 6),
         "earlier_cost": round(progress.earlier_cost, 6),
@@ -854,6 +867,14 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
                     "to retry",
                     f"{progress.no_task} errored job(s) never became a task:"
                     " re-running the same command sends them again",
+                )
+            )
+        if progress.to_download:
+            rows.append(
+                (
+                    "to download",
+                    f"{progress.to_download} errored job(s) completed and were paid for, their"
+                    " files not all here: re-running the same command fetches them",
                 )
             )
         if progress.replayed:

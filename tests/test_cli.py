@@ -1077,3 +1077,51 @@ async def test_a_run_started_in_the_background_does_not_warn_about_sigint_grace(
     err = result.stderr.decode()
     assert result.returncode == 0, err
     assert "sigint_grace" not in err and "ApimartWarning" not in err
+
+
+async def test_ctrl_c_while_files_download_counts_the_paid_jobs_and_prints_a_resume(
+    tmp_path: Path,
+) -> None:
+    """brk16g: Ctrl-C with ``--grace 0`` while every job's file was downloading: the summary
+    said all 4 jobs 'not started', cost $0 and 'running 0', though all 4 were paid for and
+    their files half here. Each is counted once, with its cost, as a file still to fetch;
+    the resume line is printed and fetches them without a new task."""
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"} for i in range(4)]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": "sk-cli-cut"}
+    run = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(out), "--json"]
+    async with Emulator(
+        api_key="sk-cli-cut", task_duration=0.0, video_bytes=4 << 20, file_chunk_delay=60
+    ) as emu:
+        cmd = [*run, "--base-url", emu.base_url, "--grace", "0"]
+        async with await anyio.open_process(cmd, env=env) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            await emu.wait_until(lambda: emu.state.in_flight["file"] == 4, timeout=60)
+            proc.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                await proc.wait()
+            stdout = (await read_rest(proc.stdout)).decode()
+            stderr = (await read_rest(proc.stderr)).decode()
+        assert proc.returncode == 130, stderr
+        events = [json.loads(line) for line in stdout.splitlines()]
+        summary = events[-1]
+        assert summary["event"] == "summary"
+        paid = emu.stats()["used_balance"]
+        assert emu.stats()["tasks_created"] == 4 and paid > 0
+        assert summary["not_started"] == 0 and summary["running"] == 0
+        assert summary["to_download"] == 4 and summary["errored"] == 4
+        assert summary["cost"] == pytest.approx(paid)
+        ended = [e for e in events if e["event"] == "errored"]
+        assert sorted(e["index"] for e in ended) == [0, 1, 2, 3]  # each job once
+        assert all("cut off" in e["error"] for e in ended)
+        assert summary["resume"] is not None and "resume with:" in stderr
+        emu.file_chunk_delay = 0
+        resume = shlex.split(summary["resume"])
+        code, stdout, stderr = await cli(*resume[1:], key="sk-cli-cut")
+        assert code == 0, stderr
+        assert emu.stats()["tasks_created"] == 4  # nothing paid twice
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["j0.mp4", "j1.mp4", "j2.mp4", "j3.mp4"]
+    assert all(p.stat().st_size == 4 << 20 for p in out.glob("*.mp4"))
+    assert json.loads(stdout.splitlines()[-1])["completed"] == 4
