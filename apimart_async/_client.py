@@ -512,9 +512,10 @@ class AsyncApimart:
     ) -> list[DownloadedFile]:
         """Download a completed task's videos (or one ``Video`` / URL) to ``dest``.
 
-        ``dest`` is a directory (files named ``<task id>.mp4``, ``-N`` for later videos) or a
-        file path. Streams to ``.part``, resumes with Range, checks the length, computes the
-        sha256, renames when complete. An expired task URL is renewed once by a status request.
+        ``dest`` is a directory (files named ``<task id>.mp4``, then ``<task id>~2.mp4`` and
+        on for later videos) or a file path. Streams to ``.part``, resumes with Range, checks
+        the length, computes the sha256, renames when complete. An expired task URL is renewed
+        once by a status request.
         """
         check_path("dest", dest)
         target = Path(dest)

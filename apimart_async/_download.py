@@ -830,12 +830,14 @@ class Downloader:
         max_bytes: int | None = None,
         floor: RateFloor | None = DEFAULT_FLOOR,
     ) -> tuple[DownloadedFile, ...]:
-        """Every video of a completed task into ``directory`` as ``<stem>.mp4`` (``-N`` for
-        the second and later videos). One fresh status request renews expired URLs."""
+        """Every video of a completed task into ``directory`` as ``<stem>.mp4``, the second
+        and later as ``<stem>~2.mp4``, ``<stem>~3.mp4``: ``~`` is never in a safe name, so
+        no job's own file is another's further video. One fresh status request renews
+        expired URLs."""
         files: list[DownloadedFile] = []
         fresh: Task | None = None
         for n, video in enumerate(task.videos):
-            name = safe_name(stem) + (f"-{n}" if n else "") + ".mp4"
+            name = safe_name(stem) + (f"~{n + 1}" if n else "") + ".mp4"
             try:
                 dest = inside(directory, name)
             except OSError as exc:

@@ -14,6 +14,8 @@ import apimart_async as am
 from apimart_async._download import inside, safe_name
 from apimart_async.emulator import Emulator, Fault
 
+from .conftest import FAST_POLL
+
 pytestmark = pytest.mark.anyio
 
 SORA = am.VideoRequest("sora-2-preview", "a cat", duration=4)
@@ -371,3 +373,33 @@ async def test_a_destination_that_is_not_a_regular_file_is_never_replaced(
     assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the FIFO
     assert not (tmp_path / "out.mp4.part").exists()
     assert emu.counters.get("file", 0) == gets  # nothing fetched
+
+
+async def test_a_second_video_never_takes_another_jobs_file(tmp_path: Path) -> None:
+    """brk16g: the second video of job ``x`` was ``x-1.mp4``, the very file of a job named
+    ``x-1``: one paid video overwrote the other and the manifest listed the survivor twice.
+    Further videos are ``x~2.mp4``, ``x~3.mp4``: ``~`` is never in a job's own file name."""
+    jobs = [("x", SORA), ("x-1", SORA), ("x-2", SORA)]
+    async with (
+        Emulator(mode="manual") as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+        client.batch(jobs, download_dir=tmp_path, journal=tmp_path / "j.sqlite") as results,
+    ):
+        await emu.wait_until(lambda: emu.tasks_created == 3)
+        ids = list(emu.task_ids())
+        for task_id in ids:
+            emu.complete(task_id, videos=3 if task_id == ids[0] else 1)
+        outcomes = sorted([o async for o in results], key=lambda o: o.index)
+    assert all(o.ok for o in outcomes)
+    by_job = {o.name: [Path(f.path).name for f in o.files] for o in outcomes}
+    paths = [f.path for o in outcomes for f in o.files]
+    assert len(set(paths)) == len(paths) == 5
+    first = next(o.name for o in outcomes if o.task_id == ids[0])
+    assert by_job[first] == [f"{first}.mp4", f"{first}~2.mp4", f"{first}~3.mp4"]
+    sums = [f.sha256 for o in outcomes for f in o.files]
+    assert len(set(sums)) == 5  # five different videos, each in its own file
+    assert all(
+        hashlib.sha256(Path(f.path).read_bytes()).hexdigest() == f.sha256
+        for o in outcomes
+        for f in o.files
+    )

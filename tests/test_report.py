@@ -213,7 +213,7 @@ def test_every_video_of_a_multi_video_task_and_failed_cards() -> None:
     page = Page(
         render(
             [
-                job(0, files=("a.mp4", "a-1.mp4", "a-2.mp4"), name="three"),
+                job(0, files=("a.mp4", "a~2.mp4", "a~3.mp4"), name="three"),
                 job(1, "failed", error="task t failed: rejected (code 400)"),
                 job(2, "error", error="DownloadError: gone"),
                 job(3, "pending"),
@@ -222,7 +222,7 @@ def test_every_video_of_a_multi_video_task_and_failed_cards() -> None:
     )
     cards = page.all("article")
     assert [c["id"] for c in cards] == ["job-0", "job-1", "job-2", "job-3"]
-    assert [v["src"] for v in page.all("video")] == ["a.mp4", "a-1.mp4", "a-2.mp4"]
+    assert [v["src"] for v in page.all("video")] == ["a.mp4", "a~2.mp4", "a~3.mp4"]
     assert [v["title"] for v in page.all("video")] == ["three (1/3)", "three (2/3)", "three (3/3)"]
     assert "task t failed: rejected (code 400)" in page.texts
     assert "DownloadError: gone" in page.texts
