@@ -22,6 +22,7 @@ import inspect
 import os
 import signal
 import ssl as _ssl
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
@@ -57,6 +58,10 @@ class _Loop:
         self.closed = False
         #: ``close()`` has begun: a call its loop's stop cancels ends with ClientClosedError
         self.closing = False
+        #: Set when ``close()`` has ended: a second ``close()`` (another thread) waits for it.
+        self.ended = threading.Event()
+        #: The loop's thread (a ``close()`` called there cannot wait for one elsewhere).
+        self.thread_id: int = portal.call(threading.get_ident)
 
     @property
     def stopped_by_close(self) -> bool:
@@ -432,8 +437,11 @@ class Apimart(_Facade):
 
     def close(self) -> None:
         """Close the client (waits and batches still running end with ``ClientClosedError``),
-        then stop its event loop thread. Closing twice is harmless."""
-        self._finalizer()
+        then stop its event loop thread. Closing twice is harmless; a ``close()`` from another
+        thread while one runs returns when the client is closed."""
+        self._finalizer()  # runs once; a second call returns at once
+        if threading.get_ident() != self._loop.thread_id:  # in the loop it would wait for ever
+            self._loop.ended.wait()
 
     def __enter__(self) -> Self:
         return self
@@ -475,7 +483,10 @@ def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> No
         loop.portal.call(loop.portal.stop, True)
     finally:
         loop.closed = True
-        stack.close()
+        try:
+            stack.close()
+        finally:
+            loop.ended.set()
 
 
 async def _open_client(api_key: str | None, **options: Any) -> AsyncApimart:

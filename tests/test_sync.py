@@ -563,3 +563,35 @@ def test_a_call_or_a_batch_exit_meeting_the_loop_stopped_by_close_is_client_clos
         batch.__exit__(None, None, None)
     batch._cm = _Exiting()  # type: ignore[assignment]
     batch.__exit__(ValueError, ValueError("the caller's"), None)  # theirs goes on: no raise
+
+
+def test_a_second_close_returns_only_once_the_client_is_closed(temu: ThreadedEmulator) -> None:
+    """brk16g: ``close()`` from a second thread while the first still closed returned at once,
+    the client not yet closed: the next batch on the same journal (the first's batch still
+    held it) failed with JournalLockedError. The second waits for the first."""
+    client = sync_client(temu)
+    target = client._target
+    original = target.aclose
+    entered, release = threading.Event(), threading.Event()
+
+    async def slow_aclose() -> None:
+        entered.set()
+        await anyio.to_thread.run_sync(release.wait)
+        await original()
+
+    target.aclose = slow_aclose  # type: ignore[method-assign]
+    first = threading.Thread(target=client.close)
+    first.start()
+    assert entered.wait(10)
+    seen: list[bool] = []
+    second = threading.Thread(target=lambda: (client.close(), seen.append(client.closed)))
+    second.start()
+    try:
+        second.join(1.0)
+        assert second.is_alive() and seen == []  # still waiting for the first close
+    finally:
+        release.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [True]
+    assert not first.is_alive() and client.closed
