@@ -32,9 +32,9 @@ from ._errors import (
     FieldError,
     JournalMismatchError,
     NotFoundError,
+    NoVideoError,
     ReplayedError,
     TaskFailedError,
-    TaskTimeoutError,
     ValidationError,
 )
 from ._hints import with_webhook
@@ -189,7 +189,8 @@ class Conclusion:
     cost: float | None
     """What to settle the budget with: None when no task ended (an error)."""
     abandoned: bool = False
-    """Timed out here and still running (and billed) at the service."""
+    """Its end was not seen here (a timeout, the client closed) and it may still run, billed,
+    at the service."""
 
     @property
     def event(self) -> BatchEvent:
@@ -217,7 +218,10 @@ def conclude(
             "errored",
             "errored",
             None,
-            abandoned=isinstance(result, TaskTimeoutError),
+            # its end unseen (timed out, the client closed...): running on, billed, and
+            # listed by ``pending_task_ids()``; not a task the service forgot, nor one that
+            # completed without a video
+            abandoned=not isinstance(result, (NotFoundError, NoVideoError)),
         )
     task = result
     cost = task.cost or 0.0

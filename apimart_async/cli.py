@@ -191,6 +191,9 @@ class Progress:
         #: Errored jobs whose task completed and was paid for, files not all here (the
         #: journal keeps them open: a resume fetches the rest).
         self.to_download: int = 0
+        #: Task ids of errored jobs (a wait ended by an error: the task may still run, and
+        #: ``pending_task_ids()`` lists it too; the summary counts it once, as errored).
+        self.errored_tasks: set[str] = set()
         self.cost: float = 0.0  # this run only: replayed outcomes were paid for earlier
         self.earlier_cost: float = 0.0
         self.started: float = time.monotonic()
@@ -247,6 +250,8 @@ class Progress:
                 and not isinstance(error, (am.JournalMismatchError, am.ValidationError))
             ):
                 self.no_task += 1
+            if outcome.task_id is not None:
+                self.errored_tasks.add(outcome.task_id)
             task = outcome.task
             if task is not None and task.ok and isinstance(error, am.DownloadError):
                 self.to_download += 1
@@ -818,7 +823,9 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             progress.outcome(outcome)
             gallery.outcome(outcome)
         progress.close()
-        running = len(results.pending_task_ids()) + len(results.unconfirmed_submissions())
+        running = len(set(results.pending_task_ids()) - progress.errored_tasks) + len(
+            results.unconfirmed_submissions()
+        )
     seen = progress.done
     elsewhere, completed_elsewhere = await _ended_elsewhere(journal, mine)
     not_started = progress.counts["not started"] + max(0, len(jobs) - seen - running - elsewhere)

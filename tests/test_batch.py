@@ -460,8 +460,30 @@ async def test_closing_the_client_ends_running_batches(manual_emu: Emulator) -> 
         await client.aclose()
         outcomes = await drain(results)
     assert len(outcomes) == 3
-    assert sum(isinstance(o.error, am.ClientClosedError) for o in outcomes) == 2
+    closed = [o for o in outcomes if isinstance(o.error, am.ClientClosedError)]
+    assert len(closed) == 2
     assert results.stopped == "the client was closed"
+    # brk16g: their tasks run on (billed), their ends unseen: listed as a timed-out one's
+    # are, where the docs say to look (it was empty)
+    assert sorted(results.pending_task_ids()) == sorted(manual_emu.task_ids())
+    assert sorted(str(o.task_id) for o in closed) == sorted(manual_emu.task_ids())
+
+
+async def test_a_task_that_completed_without_a_video_is_not_listed_as_running(
+    manual_emu: Emulator,
+) -> None:
+    """Its end was seen (completed, nothing to fetch): not among ``pending_task_ids()``, which
+    lists the tasks that may still run, billed (a wait the client's close or a timeout ended)."""
+    url = manual_emu.base_url
+    async with (
+        am.AsyncApimart(manual_emu.api_key, base_url=url, poll=FAST_POLL) as client,
+        client.batch([sora(0)]) as results,
+    ):
+        await manual_emu.wait_until(lambda: manual_emu.tasks_created == 1)
+        manual_emu.complete(manual_emu.task_ids()[0], videos=0)
+        (outcome,) = await drain(results)
+    assert isinstance(outcome.error, am.NoVideoError)
+    assert results.pending_task_ids() == []
 
 
 async def test_bad_arguments() -> None:
