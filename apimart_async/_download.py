@@ -14,7 +14,9 @@
   to the same place, in this process or another, is a ``DownloadError``, never two files
   written into one.
 - The file is asked for as it is (``Accept-Encoding: identity``): a body compressed for the
-  client is not the file, and no Range of it is a range of the file.
+  client is not the file, and no Range of it is a range of the file. A server that
+  compresses anyway is decoded (the body is then the file, of a size not known beforehand);
+  a compressed reply to a Range starts the file again from zero.
 - A URL that has expired (403/404/410, or past ``expires_at``) costs one fresh status request
   for a new URL before giving up.
 - File names come from the caller (the job's index or name), sanitised; nothing from the
@@ -624,8 +626,11 @@ class Downloader:
             complete: bool | None = False
             try:
                 complete = await self._stream(url, part, max_bytes, floor)
-            except APIConnectionError:  # also a 408/429/5xx from the file server
-                if attempt == attempts:
+            except APIConnectionError as exc:  # also a 408/429/5xx from the file server
+                if attempt == attempts:  # the type kept; the message says it is the last
+                    exc.message = f"{exc.message}; gave up after {attempts} attempts, what"
+                    exc.message += " arrived is kept for a resume"
+                    exc.args = (exc.message,)
                     raise
                 if not _retry.is_testing():
                     await anyio.sleep(_retry.backoff_delay(attempt))
@@ -724,8 +729,13 @@ class Downloader:
                 )
             if offset and resp.status == 200:
                 return None
-            total = _total_size(resp.status, resp.headers, offset)
-            tag = _validator(resp.headers)
+            encoded = _encoded(resp.headers)  # compressed though asked not to: decoded, it is
+            if encoded and offset:  # the file, but a range of it is no range of the file
+                return None
+            # its length (and version tag) are the compressed body's: the file's size is not
+            # known, and the part it leaves, if cut, has no version to resume against
+            total = None if encoded else _total_size(resp.status, resp.headers, offset)
+            tag = None if encoded else _validator(resp.headers)
             if not offset:  # kept on disk by the writer thread before the part's first byte
                 pipe.origin = part.origin_total, part.origin_tag = total, tag
             elif (None not in (total, part.origin_total) and total != part.origin_total) or (
@@ -785,7 +795,7 @@ class Downloader:
                 assert floor is not None
                 raise APIConnectionError(
                     f"download slower than {floor.bytes_per_second:g} bytes/s over "
-                    f"{floor.window:g} s ({received - window_start} bytes); resuming",
+                    f"{floor.window:g} s ({received - window_start} bytes in the last window)",
                     method="GET",
                     path=urlsplit(url).path,
                 )
@@ -907,6 +917,13 @@ def _error_page(headers: Any) -> str | None:
     if kind in ("application/json", "text/html", "application/xhtml+xml") or kind.endswith("+json"):
         return kind
     return None
+
+
+def _encoded(headers: Any) -> bool:
+    """Whether a reply's body is compressed (aiohttp decodes it: the bytes read are the
+    file's, its ``Content-Length`` and ``Content-Range`` are not)."""
+    coding = str(headers.get("Content-Encoding", "")).strip().lower()
+    return coding not in ("", "identity")
 
 
 def _total_size(status: int, headers: Any, offset: int) -> int | None:

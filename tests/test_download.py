@@ -304,6 +304,61 @@ async def test_a_file_server_that_compresses_what_the_client_accepts_sends_the_f
     assert file.bytes == len(body) and file.sha256 == hashlib.sha256(body).hexdigest()
 
 
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut-then-resumed"])
+async def test_a_file_server_that_compresses_though_asked_not_to_still_gives_the_file(
+    client: am.AsyncApimart, tmp_path: Path, cut: bool
+) -> None:
+    """brk16f: a server that gzips the file although the GET asked for ``identity``: its
+    length was the compressed one, so every attempt 'stayed incomplete' (4 GETs, then a
+    generic DownloadError). The body, decoded, is the file: it is taken whole, sha256 and all.
+    A range of a compressed reply is no range of the file: a part cut short starts again
+    from zero if the server compresses the range; an uncompressed 206 resumes it."""
+    import gzip
+
+    body = bytes(range(256)) * 4096  # 1 MiB that compresses well
+    packed = gzip.compress(body)
+    asked: list[tuple[str, str | None]] = []
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        ranged = request.headers.get("Range")
+        asked.append((request.headers.get("Accept-Encoding", ""), ranged))
+        if cut and len(asked) == 1:  # the first reply stops after half the compressed bytes
+            resp = web.StreamResponse(
+                headers={
+                    "Content-Type": "video/mp4",
+                    "Content-Encoding": "gzip",
+                    "Content-Length": str(len(packed)),
+                }
+            )
+            await resp.prepare(request)
+            await resp.write(packed[: len(packed) // 2])
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
+        if ranged:
+            start = int(ranged.removeprefix("bytes=").removesuffix("-"))
+            return web.Response(
+                status=206,
+                body=body[start:],
+                headers={
+                    "Content-Type": "video/mp4",
+                    "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
+                },
+            )
+        return web.Response(
+            body=packed, headers={"Content-Type": "video/mp4", "Content-Encoding": "gzip"}
+        )
+
+    async with file_server(serve) as base:
+        (file,) = await client.download(f"{base}/v.mp4", tmp_path / "v.mp4")
+    assert (tmp_path / "v.mp4").read_bytes() == body
+    assert file.bytes == len(body) and file.sha256 == hashlib.sha256(body).hexdigest()
+    assert [a for a, _ in asked] == ["identity"] * len(asked)
+    if cut:  # the decoded half was kept and resumed with an uncompressed range
+        assert len(asked) == 2 and asked[1][1] is not None and asked[1][1] != "bytes=0-"
+    else:
+        assert asked == [("identity", None)]
+
+
 async def test_a_second_download_to_a_path_being_written_is_refused_and_spoils_nothing(
     client: am.AsyncApimart, tmp_path: Path
 ) -> None:

@@ -193,3 +193,34 @@ async def test_a_download_cancelled_as_it_completes_closes_its_part(tmp_path: Pa
     assert scope.cancelled_caught
     assert open_parts() == []
     assert (tmp_path / "v.mp4.part").read_bytes() == body  # kept whole for a resume
+
+
+async def test_a_download_too_slow_on_every_attempt_ends_saying_what_was_tried(
+    tmp_path: Path,
+) -> None:
+    """brk16f: when the last attempt was cut by the rate floor too, the job's error still said
+    '...; resuming', though nothing resumed. It says how many attempts were made and that
+    what arrived is kept for a resume."""
+    async with (
+        Emulator(mode="manual", video_bytes=16 * 256 * 1024, file_chunk_delay=STALL) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+    ):
+        try:
+            async with client.batch(
+                [sora(0)],
+                download_dir=tmp_path,
+                min_download_rate=64 * 1024,
+                download_rate_window=0.2,
+            ) as results:
+                await emu.wait_until(lambda: emu.tasks_created == 1)
+                emu.complete_all()
+                (outcome,) = await drain(results)
+        finally:
+            emu.file_chunk_delay = 0  # a stalled transfer ends before the server stops
+    assert type(outcome.error) is am.APIConnectionError
+    message = str(outcome.error)
+    assert "resuming" not in message
+    assert "download slower than 65536 bytes/s over 0.2 s" in message
+    assert "4 attempts" in message and "kept for a resume" in message
+    assert emu.counters["file"] == 4
+    assert (tmp_path / "000000.mp4.part").stat().st_size == 4 * 256 * 1024
