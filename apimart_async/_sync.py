@@ -71,11 +71,21 @@ class _Loop:
 
     def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` in the loop and wait for its result. If the wait is interrupted
-        (Ctrl-C), the call is cancelled in the loop before the interruption goes on."""
+        (Ctrl-C), the call is cancelled in the loop, and has ended there, before the
+        interruption goes on: a download cut so has let its ``.part`` go (brk16f: a retry at
+        once found it still locked)."""
         if self.closed:
             raise ClientClosedError("the client is closed")
+        ended = threading.Event()
+
+        async def run() -> T:
+            try:
+                return await fn()
+            finally:
+                ended.set()
+
         try:
-            future = self.portal.start_task_soon(fn)
+            future = self.portal.start_task_soon(run)
         except RuntimeError:  # anyio: "This portal is not running"
             if self.stopped_by_close:  # close() (another thread) stopped it just now
                 raise ClientClosedError("the client is closed") from None
@@ -90,6 +100,9 @@ class _Loop:
             raise
         except BaseException:
             future.cancel()
+            # its cleanup runs in the loop (shielded, short); a second Ctrl-C ends this wait
+            while not ended.wait(0.25) and not self.stopped_by_close:
+                pass
             raise
 
     def call_sync(self, fn: Callable[[], T]) -> T:

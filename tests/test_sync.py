@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import inspect
@@ -595,3 +596,37 @@ def test_a_second_close_returns_only_once_the_client_is_closed(temu: ThreadedEmu
     second.join(10)
     assert seen == [True]
     assert not first.is_alive() and client.closed
+
+
+def test_ctrl_c_during_a_download_returns_once_the_part_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """brk16f: Ctrl-C during the sync facade's ``download`` returned while the download was
+    still stopping in the loop; the same download at once, from another client, found the
+    ``.part`` locked (1 run in 2). The call returns once the download has let the part go
+    (here its close is slowed to widen that moment); the retry then gets the file."""
+    from apimart_async import _download
+
+    closing = _download._PartFile.close_sync
+
+    def slow_close(self: Any) -> None:
+        time.sleep(0.5)  # in a worker thread: the moment a caller must not return in
+        closing(self)
+
+    monkeypatch.setattr(_download._PartFile, "close_sync", slow_close)
+    size = 1 << 20
+    threaded = contextlib.contextmanager(_threaded)
+    with threaded(task_duration=0.05, video_bytes=size, file_chunk_delay=3600) as temu:
+        emu = temu.emu
+        with sync_client(temu) as client, sync_client(temu) as other:
+            task = client.videos.generate(am.VideoRequest("sora-2-preview", "a cat"))
+            _interrupt_main_thread_when(temu, lambda: emu.state.in_flight["file"] == 1)
+            with pytest.raises(KeyboardInterrupt):
+                client.download(task, tmp_path / "v.mp4")
+            temu.call(setattr, emu, "file_chunk_delay", 0)
+            (file,) = other.download(task, tmp_path / "v.mp4")  # was: DownloadError, busy
+        data = (tmp_path / "v.mp4").read_bytes()
+        assert file.bytes == len(data) == size
+        assert file.sha256 == hashlib.sha256(data).hexdigest() == emu.file_sha256(task.id)
+        assert emu.counters["file"] == 2
+        assert not (tmp_path / "v.mp4.part").exists()
