@@ -50,6 +50,7 @@ from ._poll_schedule import BATCH_IDS
 from ._retry import is_retryable_status
 from ._slices import let_the_loop_run
 from ._status_window import StatusWindow
+from ._threads import run_sync
 from ._transport import Reply, SendTrack, Transport, new_idempotency_key
 
 __all__ = [
@@ -642,7 +643,7 @@ class Api:
             check_path("file", file)
             path = Path(file)
             try:
-                size = (await anyio.Path(path).stat()).st_size
+                size = (await run_sync(path.stat)).st_size
             except OSError as exc:
                 raise ValidationError(
                     [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]
@@ -658,7 +659,7 @@ class Api:
                     ]
                 )
             try:
-                data = await anyio.Path(path).read_bytes()
+                data = await run_sync(path.read_bytes)
             except OSError as exc:  # a folder, no permission
                 raise ValidationError(
                     [FieldError("file", f"cannot be read ({exc.strerror})", str(path))]

@@ -18,14 +18,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import attrs
 
 from ._errors import JournalError
 from ._journal import JobRecord, SqliteJournal, _holder, lock_path
 from ._manifest import record_line
 from ._pg_journal import _COLUMNS, DB_NOW, PostgresJournal, _close_quietly, _gone
+from ._threads import run_sync
 
 __all__ = [
     "BatchView",
@@ -125,7 +124,7 @@ async def write_manifest(records: dict[int, JobRecord], path: Path) -> int:
         os.replace(tmp, path)
 
     try:
-        await anyio.to_thread.run_sync(run)
+        await run_sync(run)
     except OSError as exc:
         raise JournalError(f"cannot write the manifest {path}: {exc.strerror or exc}") from None
     return len(lines)
@@ -136,7 +135,7 @@ async def read_batch(journal: Path | PostgresJournal) -> BatchView:
     ``JournalError`` if there is no such journal or batch."""
     if isinstance(journal, PostgresJournal):
         return await _read_pg(journal)
-    return await anyio.to_thread.run_sync(_read_file, journal)
+    return await run_sync(_read_file, journal)
 
 
 def _read_file(path: Path) -> BatchView:

@@ -72,6 +72,7 @@ from ._poller import Poller
 from ._priors import kind_of
 from ._slices import let_the_loop_run
 from ._status_window import DEFAULT_MAX_STATUS_CONCURRENCY, StatusWindow
+from ._threads import run_sync
 from ._transport import Transport, check_proxy_url
 
 __all__ = ["AsyncApimart", "TaskWatch", "Tasks", "Uploads", "Videos"]
@@ -524,7 +525,7 @@ class AsyncApimart:
                 raise ValidationError(
                     [FieldError("task", "must be completed to download", item.status.value)]
                 )
-            is_dir = await anyio.Path(target).is_dir()
+            is_dir = await run_sync(target.is_dir)
             if is_dir or str(dest).endswith(("/", os.sep)):
                 directory, stem = target, item.id
             else:
@@ -535,7 +536,7 @@ class AsyncApimart:
         url = item.url if isinstance(item, Video) else item
         if not isinstance(url, str):
             raise ValidationError([FieldError("item", "must be a Task, a Video or a URL", item)])
-        if await anyio.Path(target).is_dir():
+        if await run_sync(target.is_dir):
             raise ValidationError(
                 [FieldError("dest", "must be a file path for a single URL", str(dest))]
             )

@@ -68,6 +68,7 @@ from ._errors import (
     DownloadTooLargeError,
 )
 from ._models import DownloadedFile, Task
+from ._threads import refused, run_sync
 from ._transport import StreamReply
 
 __all__ = ["DEFAULT_FLOOR", "Downloader", "RateFloor", "Refresh", "Stream", "inside", "safe_name"]
@@ -464,10 +465,23 @@ class _Pipe:
         shielded, so that what was queued is written also when the download is cancelled
         before the thread has started."""
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.drain)
+            try:
+                await anyio.to_thread.run_sync(self.drain)
+            except RuntimeError as exc:
+                if not refused(exc):
+                    raise
+                # no writer: nothing is written, the reader stops at its next batch
+                self.failed.append(
+                    OSError(errno.EAGAIN, f"the system refused a new thread ({exc})")
+                )
+                room, self._room = self._room, None
+                if room is not None:
+                    room.set()
 
     async def send(self, batch: list[bytes]) -> None:
         """Queue ``batch``; wait while more than ``_QUEUED`` wait for the writer."""
+        if self.failed:  # also: no writer to wait for
+            return
         self._queue.put(batch)
         with self._lock:
             self._sent += 1
@@ -622,7 +636,7 @@ class Downloader:
         resume = True
         attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
-            await anyio.to_thread.run_sync(functools.partial(part.open_sync, resume=resume))
+            await run_sync(functools.partial(part.open_sync, resume=resume))
             complete: bool | None = False
             try:
                 complete = await self._stream(url, part, max_bytes, floor)
@@ -636,20 +650,20 @@ class Downloader:
                     await anyio.sleep(_retry.backoff_delay(attempt))
             except DownloadTooLargeError:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(part.discard_sync)
+                    await run_sync(part.discard_sync)
                 raise
             finally:
                 if not complete:  # keep what arrived for a resume; a complete part is kept open
                     with anyio.CancelScope(shield=True):  # also when a deadline ends it
-                        await anyio.to_thread.run_sync(part.close_sync)
+                        await run_sync(part.close_sync)
             if complete:
                 digest = part.hash.hexdigest()
                 size = part.size
                 try:
-                    await anyio.to_thread.run_sync(part.finish_sync, dest)
+                    await run_sync(part.finish_sync, dest)
                 except BaseException:  # the disk, or cancelled before the rename: closed, kept
                     with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(part.close_sync)
+                        await run_sync(part.close_sync)
                     raise
                 return DownloadedFile(path=str(dest), bytes=size, sha256=digest, url=url)
             # None: the server ignored the range or the part was bad: restart; else resume

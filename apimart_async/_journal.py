@@ -55,13 +55,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 import anyio
-import anyio.to_thread
 import attrs
 
 from ._errors import JournalError, JournalLockedError
 from ._json import is_object
 from ._models import DownloadedFile
 from ._priors import KindPrior
+from ._threads import run_sync
 
 __all__ = ["JobRecord", "Journal", "RunLock", "SqliteJournal"]
 
@@ -571,7 +571,7 @@ class SqliteJournal(Journal):
     async def _run(self, fn: Any, *args: Any) -> Any:
         # abandon_on_cancel=False: a write that has started always finishes (and commits or
         # rolls back as a whole) even if the caller is cancelled, so the file stays consistent.
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await run_sync(fn, *args, limiter=self._limiter)
 
     # -- sync parts, run on the worker thread --------------------------------------------------
 

@@ -30,6 +30,7 @@ from ._models import DownloadedFile, Task
 from ._outcomes import Outcome
 from ._prior_store import load_priors, save_priors
 from ._priors import Priors
+from ._threads import run_sync
 
 if TYPE_CHECKING:
     from ._options import BatchOptions
@@ -177,7 +178,7 @@ class Ledger:
                 self._manifest = Manifest(self.manifest_path)
                 # 20,000 done jobs: a stat of each one's files and its line, ~0.25 s of work
                 # that held the event loop (brk21c): on a worker thread
-                lines = await anyio.to_thread.run_sync(self._done_lines, records)
+                lines = await run_sync(self._done_lines, records)
                 await self._manifest.open(lines)
         except BaseException:
             await self.close(keep_priors=False)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
-import anyio.to_thread
 
 from ._errors import JournalError
 from ._journal import JobRecord
 from ._models import DownloadedFile
 from ._outcomes import Outcome
+from ._threads import run_sync
 
 __all__ = ["Manifest", "manifest_line", "outcome_line", "record_line"]
 
@@ -32,7 +32,7 @@ class Manifest:
         """``fn`` on a worker thread; the local disk's errors (full, read-only...) become a
         ``JournalError`` naming the manifest and the OS error."""
         try:
-            await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+            await run_sync(fn, limiter=self._limiter)
         except OSError as exc:
             raise JournalError(
                 f"cannot write the manifest {self.path}: {exc.strerror or exc}"

@@ -42,7 +42,6 @@ from typing import Final, Literal, cast
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import anyio
-import anyio.to_thread
 import attrs
 
 from ._api import MAX_UPLOAD_BYTES, Api, sniff_image
@@ -57,6 +56,7 @@ from ._errors import (
 )
 from ._models import VideoRequest, is_local_ref
 from ._outcomes import Failure, outcome_of
+from ._threads import run_sync
 from ._upload_cache import CachedUpload, UploadCache
 
 __all__ = [
@@ -356,9 +356,7 @@ class References:
         """
         if not has_local_refs(request):
             return request
-        prepared, files = await anyio.to_thread.run_sync(
-            prepare_request, request, self.policy, self._checked
-        )
+        prepared, files = await run_sync(prepare_request, request, self.policy, self._checked)
         for local in files:
             self.files.setdefault(local.sha256, local)
         return prepared
@@ -556,12 +554,12 @@ class References:
     async def _read_verified(self, path: Path, digest: str) -> bytes:
         """The file's bytes, refused if they are no longer those checked by ``prepare``."""
         try:
-            data = await anyio.to_thread.run_sync(_read_regular, path)
+            data = await run_sync(_read_regular, path)
         except OSError as exc:
             raise UploadError("file", str(path), exc) from None
         if data is None:
             raise UploadError("file", str(path), "is no longer a regular file")
-        if await anyio.to_thread.run_sync(_sha256, data) != digest:
+        if await run_sync(_sha256, data) != digest:
             raise UploadError(
                 "file", str(path), "the file changed after it was checked; run the batch again"
             )

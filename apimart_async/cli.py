@@ -466,12 +466,12 @@ async def _journal_records(journal: Path | am.PostgresJournal) -> dict[int, am.J
 
 
 async def _file_records(path: Path) -> dict[int, am.JobRecord]:
-    import anyio.to_thread
+    from ._threads import run_sync
 
-    if not await anyio.Path(path).is_file():
+    if not await run_sync(path.is_file):
         return {}
     # read only, without the journal's lock: a dry run may look while a batch runs
-    return await anyio.to_thread.run_sync(am.SqliteJournal.read, path)
+    return await run_sync(am.SqliteJournal.read, path)
 
 
 def _learn_price(
@@ -957,14 +957,13 @@ async def _ended_elsewhere(journal: Path | am.PostgresJournal, mine: set[int]) -
 async def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import webbrowser
 
-    import anyio.to_thread
-
     from . import report
+    from ._threads import run_sync
 
     out = Path(args.dir)
     source = Path(args.journal) if args.journal else out / "manifest.jsonl"
     try:
-        path = await anyio.to_thread.run_sync(report.write_gallery, source, out)
+        path = await run_sync(report.write_gallery, source, out)
     except (report.GalleryError, am.JournalError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -1277,7 +1276,12 @@ async def cmd_wait(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 return
             d = _task_dict(task)
             if task.ok and args.out:
-                await anyio.Path(args.out).mkdir(parents=True, exist_ok=True)
+                import functools
+
+                from ._threads import run_sync
+
+                out = Path(args.out)
+                await run_sync(functools.partial(out.mkdir, parents=True, exist_ok=True))
                 files = await client.download(task, Path(args.out))
                 d["files"] = [f.path for f in files]
             failed += not task.ok

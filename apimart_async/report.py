@@ -36,12 +36,12 @@ from urllib.parse import quote
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import attrs
 
 import apimart_async as am
 from apimart_async._errors import GalleryError
 from apimart_async._json import is_array, is_object
+from apimart_async._threads import run_sync
 
 __all__ = [
     "GalleryError",
@@ -735,7 +735,7 @@ class LiveGallery:
         page = self.render(final=final)
         self._throttle.wrote(self._clock())
         try:
-            await anyio.to_thread.run_sync(_write_atomic, self.path, page)
+            await run_sync(_write_atomic, self.path, page)
         except GalleryError as exc:
             if self.error is None:
                 logger.warning("the gallery was not updated: %s", exc)
