@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import threading
 import webbrowser
 from html.parser import HTMLParser
 from pathlib import Path
@@ -526,6 +527,40 @@ def test_the_throttle_writes_at_once_then_at_most_once_per_interval() -> None:
     t.wrote(100.0)
     assert t.wait(100.2) == pytest.approx(0.8)
     assert t.wait(101.5) == 0.0
+
+
+def test_the_throttle_spaces_writes_by_ten_times_what_the_last_one_took() -> None:
+    """A page of 200,000 jobs took 1.5 s to render, and was rendered every second on the
+    event loop: a large batch's loop was busy with its gallery most of the time. The next
+    write now waits at least ten times what the last took (the gallery's share <= 10 %)."""
+    t = report._Throttle(1.0)
+    t.wrote(100.0, took=0.5)
+    assert t.wait(100.6) == pytest.approx(4.4)  # 5 s after the last write
+    assert t.wait(105.0) == 0.0
+    t.wrote(105.0, took=0.01)  # a small page again: the interval rules
+    assert t.wait(105.5) == pytest.approx(0.5)
+
+
+async def test_the_live_gallery_renders_and_writes_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread = threading.get_ident()
+    rendered: list[int] = []
+    render = report.render_gallery
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        rendered.append(threading.get_ident())
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(report, "render_gallery", spy)
+    requests = [am.VideoRequest("sora-2-preview", f"p{i}") for i in range(3)]
+    async with report.LiveGallery(tmp_path, requests) as gallery:
+        task = am.Task("task_0", am.TaskStatus.COMPLETED, cost=0.1)
+        gallery.outcome(am.Outcome(0, requests[0], task.id, task))
+    assert len(rendered) == gallery.writes == 2  # on entry, and the final page
+    assert loop_thread not in rendered
+    cards = Page(gallery.path.read_text()).all("article")
+    assert [c["data-status"] for c in cards] == ["completed", "queued", "queued"]
 
 
 async def test_live_gallery_follows_the_batch(manual_emu: Emulator, tmp_path: Path) -> None:
