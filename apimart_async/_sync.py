@@ -59,7 +59,7 @@ class _Loop:
         #: ``close()`` has begun: a call its loop's stop cancels ends with ClientClosedError
         self.closing = False
         #: Set when ``close()`` has ended: a second ``close()`` (another thread) waits for it.
-        self.ended = threading.Event()
+        self.ended: threading.Event = threading.Event()
         #: The loop's thread (a ``close()`` called there cannot wait for one elsewhere).
         self.thread_id: int = portal.call(threading.get_ident)
 
