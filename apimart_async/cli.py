@@ -196,6 +196,9 @@ class Progress:
         self.errored_tasks: set[str] = set()
         self.cost: float = 0.0  # this run only: replayed outcomes were paid for earlier
         self.earlier_cost: float = 0.0
+        #: Jobs whose task an earlier run submitted (and paid for), with its id: followed
+        #: again or their files fetched now, their cost is the earlier run's.
+        self.paid_earlier: dict[int, str] = {}
         self.started: float = time.monotonic()
         #: Distinct local reference files of the run, and the batch's upload counts.
         self.files: int = 0
@@ -227,6 +230,10 @@ class Progress:
         if outcome.replayed:
             self.replayed += 1
             self.earlier_cost += cost
+        elif (
+            outcome.task_id is not None and self.paid_earlier.get(outcome.index) == outcome.task_id
+        ):
+            self.earlier_cost += cost
         else:
             self.cost += cost
         label = self.labels(outcome.index, outcome.name)
@@ -253,7 +260,7 @@ class Progress:
             if outcome.task_id is not None:
                 self.errored_tasks.add(outcome.task_id)
             task = outcome.task
-            if task is not None and task.ok and isinstance(error, am.DownloadError):
+            if task is not None and task.ok:  # completed, its files not fetched (any error)
                 self.to_download += 1
             what = type(error).__name__ if error is not None else "error"
             text = f"errored {label}: {what}: {error}{earlier}"
@@ -768,6 +775,11 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         )
     emit_json = _print_json if args.as_json else None
     progress = Progress(len(jobs), sys.stderr, ui=ui, labels=_label_for(jobs), emit_json=emit_json)
+    progress.paid_earlier = {
+        r.index: r.task_id
+        for r in records.values()
+        if r.task_id is not None and r.state in ("pending", "downloading")
+    }
     todo = _todo(jobs, records, retry_failed=args.retry_failed)
     progress.files = len(_files_to_upload(jobs, todo))  # the images this run may upload
     media_roots = [Path(args.jobs).parent, *(args.media_root or ())]  # as read_jobs allowed

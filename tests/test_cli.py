@@ -1124,4 +1124,39 @@ async def test_ctrl_c_while_files_download_counts_the_paid_jobs_and_prints_a_res
         assert emu.stats()["tasks_created"] == 4  # nothing paid twice
     assert sorted(p.name for p in out.glob("*.mp4")) == ["j0.mp4", "j1.mp4", "j2.mp4", "j3.mp4"]
     assert all(p.stat().st_size == 4 << 20 for p in out.glob("*.mp4"))
-    assert json.loads(stdout.splitlines()[-1])["completed"] == 4
+    resumed = json.loads(stdout.splitlines()[-1])
+    assert resumed["completed"] == 4 and resumed["to_download"] == 0
+    # paid in the first run: this run spent nothing (it counted the $ again, brk16h)
+    assert resumed["cost"] == 0 and resumed["earlier_cost"] == pytest.approx(paid)
+
+
+async def test_a_download_the_file_server_keeps_refusing_counts_as_to_download(
+    tmp_path: Path,
+) -> None:
+    """brk16h: a completed, paid job whose file server answered 503 on every attempt ended
+    with an APIConnectionError, not a DownloadError, and the summary left it out of 'to
+    download': nothing said a re-run fetches it."""
+    from apimart_async.emulator import Fault
+
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"} for i in range(2)]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    async with Emulator(api_key="sk-cli-503", task_duration=0.0) as emu:
+        emu.faults.inject("file", Fault.server_error(503), times=1000)
+        code, stdout, stderr = await cli(
+            "run", str(jobs), "-o", str(tmp_path / "o"), "--json", "--base-url", emu.base_url,
+            key="sk-cli-503",
+        )  # fmt: skip
+        assert code == 1, stderr
+        summary = json.loads(stdout.splitlines()[-1])
+        assert summary["errored"] == 2 and summary["to_download"] == 2
+        assert summary["cost"] == pytest.approx(emu.stats()["used_balance"])
+        emu.faults.clear()
+        code, stdout, stderr = await cli(
+            "run", str(jobs), "-o", str(tmp_path / "o"), "--json", "--base-url", emu.base_url,
+            key="sk-cli-503",
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert emu.tasks_created == 2
+    resumed = json.loads(stdout.splitlines()[-1])
+    assert resumed["completed"] == 2 and resumed["cost"] == 0
