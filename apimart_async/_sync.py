@@ -290,7 +290,8 @@ class SyncBatch(_Facade):
         if cm is not None and not self._loop.closed:
             try:
                 cm.__exit__(exc_type, exc, tb)
-            except RuntimeError:  # anyio: "This portal is not running"
+            except (RuntimeError, concurrent.futures.CancelledError):
+                # anyio: "This portal is not running", or the exit itself cancelled
                 if not self._loop.stopped_by_close:
                     raise
                 # close() (another thread) stopped the loop just now, cancelling the batch
@@ -488,6 +489,14 @@ class Apimart(_Facade):
 
 def _close(loop: _Loop, client: AsyncApimart, stack: contextlib.ExitStack) -> None:
     if loop.closed:
+        return
+    if threading.get_ident() == loop.thread_id:
+        # close() in a callback the loop runs (on_event), or the client collected there: the
+        # loop cannot wait for itself, nor its thread join itself. A thread of its own closes
+        # it once the callback returns (it raised RuntimeError, and the client stayed open).
+        threading.Thread(
+            target=_close, args=(loop, client, stack), name="apimart-async close"
+        ).start()
         return
     loop.closing = True
     try:

@@ -630,3 +630,35 @@ def test_ctrl_c_during_a_download_returns_once_the_part_is_let_go(
         assert file.sha256 == hashlib.sha256(data).hexdigest() == emu.file_sha256(task.id)
         assert emu.counters["file"] == 2
         assert not (tmp_path / "v.mp4.part").exists()
+
+
+def test_close_from_a_callback_on_the_clients_own_thread_closes_it_once_the_callback_returns(
+    temu: ThreadedEmulator, tmp_path: Path
+) -> None:
+    """brk16h: ``close()`` inside an ``on_event`` callback (which runs on the client's own
+    thread) raised a raw ``RuntimeError('cannot join current thread')``, and the client was
+    never closed: its journal stayed locked for the rest of the process. The close now
+    happens on a thread of its own once the callback returns, and the journal is free for
+    the next client."""
+    journal = tmp_path / "j.sqlite"
+    jobs = [am.VideoRequest("sora-2-preview", "a cat")]
+    client = sync_client(temu)
+    raised: list[BaseException] = []
+
+    def on_event(event: am.BatchEvent) -> None:
+        if event.kind == "submitted":
+            try:
+                client.close()
+            except BaseException as exc:
+                raised.append(exc)
+
+    with contextlib.suppress(am.ClientClosedError):  # the batch may see the close, or end
+        with client.batch(jobs, on_event=on_event, journal=journal) as results:
+            for _ in results:
+                pass
+    assert raised == []
+    client.close()  # from this thread: returns once the client is closed
+    assert client.closed
+    with sync_client(temu) as again, again.batch(jobs, journal=journal) as results:
+        (outcome,) = list(results)
+    assert outcome.ok and temu.emu.tasks_created == 1  # its task, followed again
