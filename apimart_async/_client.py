@@ -576,7 +576,9 @@ class Videos:
         Raises ``SubmitIndeterminateError`` (carrying ``idempotency_key``) when the outcome is
         unknown: the service answered ``idempotency_result_indeterminate``, or an attempt
         reached it without a reply and the retries did not settle it. Submit again with that
-        key to get the original task, if one was created, instead of a second one.
+        key to get the original task, if one was created, instead of a second one. Cancelled
+        during the POST (a Ctrl-C, a caller gone), the key is logged at WARNING on the
+        ``apimart_async`` logger, as for ``generate``.
 
         With ``AsyncApimart(journal=...)`` the key is committed before the POST (a journal
         that cannot be written raises ``JournalError`` and nothing is sent) and the task id
@@ -588,7 +590,20 @@ class Videos:
         self._tasks._note_webhook(webhook_url)
         sent = with_webhook(request, webhook_url) if isinstance(request, VideoRequest) else request
         submitted_at = self._tasks._poller.now()
-        task_id = await self._api.submit(sent, idempotency_key=idempotency_key)
+        key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        try:
+            task_id = await self._api.submit(sent, idempotency_key=key)
+        except anyio.get_cancelled_exc_class():
+            logger.warning(
+                "submit() was cancelled during its submit (idempotency key %s): the service"
+                " may have created a task; %s",
+                key,
+                self._hint(
+                    "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
+                    "submit the same request with this idempotency_key to get it",
+                ),
+            )
+            raise
         if webhook_url is not None and sent.webhook == webhook_url:
             self._tasks._covered(task_id, submitted_at)
         return task_id

@@ -85,12 +85,15 @@ class _Loop:
                 ended.set()
 
         try:
-            future = self.portal.start_task_soon(run)
+            with _ctrl_c_held() as held:  # a Ctrl-C in here would lose the future
+                future = self.portal.start_task_soon(run)
         except RuntimeError:  # anyio: "This portal is not running"
             if self.stopped_by_close:  # close() (another thread) stopped it just now
                 raise ClientClosedError("the client is closed") from None
             raise
         try:
+            if held:
+                raise KeyboardInterrupt
             return future.result()
         except concurrent.futures.CancelledError:
             # Nobody here cancelled it: ``close()`` (from another thread, e.g. a web app's
@@ -112,6 +115,26 @@ class _Loop:
             return fn()
 
         return self.call(run)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[list[int]]:
+    """Ctrl-C held back while a call is handed to the loop (brk16h: one landing in anyio's
+    ``start_task_soon`` lost the call's future, and the call ran on in the loop, never
+    cancelled). Only on the main thread and over Python's own handler, which is put back;
+    the list says whether one came (the caller then raises KeyboardInterrupt itself)."""
+    held: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _Facade:
@@ -311,7 +334,14 @@ class SyncBatch(_Facade):
         if reason is not None:
             refuse(reason)
             return
-        self._saved_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        loop, target = self._loop, self._target
+
+        def on_sigint(signum: int, frame: object) -> None:
+            loop.portal.start_task_soon(target._on_sigint)
+
+        # a function, not a bound method: signal.getsignal() makes the repr of a handler it
+        # does not know, and a batch's repr asks the loop (from a call: a recursion)
+        self._saved_sigint = signal.signal(signal.SIGINT, on_sigint)
         self._sigint_installed = True
 
     def _remove_sigint(self) -> None:
@@ -319,9 +349,6 @@ class SyncBatch(_Facade):
             self._sigint_installed = False
             saved = self._saved_sigint
             signal.signal(signal.SIGINT, signal.default_int_handler if saved is None else saved)
-
-    def _on_sigint(self, signum: int, frame: object) -> None:
-        self._loop.portal.start_task_soon(self._target._on_sigint)
 
     def __iter__(self) -> Iterator[Success | Failure]:
         if self._cm is not None:

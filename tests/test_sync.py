@@ -397,7 +397,8 @@ def test_sigint_grace_handler_is_in_place_before_the_batch_starts_submitting(
     real_signal = signal.signal
 
     def spy(signum: int, handler: Any) -> Any:
-        if signum == signal.SIGINT and handler not in (before, signal.default_int_handler):
+        # the batch's handler (not a call's, holding a Ctrl-C back while it is handed over)
+        if signum == signal.SIGINT and getattr(handler, "__name__", "") == "on_sigint":
             started_when_installed.append(results._target._run._tg is not None)
         return real_signal(signum, handler)
 
@@ -662,3 +663,35 @@ def test_close_from_a_callback_on_the_clients_own_thread_closes_it_once_the_call
     with sync_client(temu) as again, again.batch(jobs, journal=journal) as results:
         (outcome,) = list(results)
     assert outcome.ok and temu.emu.tasks_created == 1  # its task, followed again
+
+
+def test_ctrl_c_as_a_sync_call_is_handed_to_the_loop_still_cancels_it(
+    manual_temu: ThreadedEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """brk16h: a Ctrl-C landing while a sync call was being handed to the loop (anyio's
+    ``start_task_soon``) lost the call's future: the call ran on in the loop (a generate()
+    waited on, its task billed and never named; a download kept its part locked), 1 run in
+    40. Ctrl-C is held back for that moment, then ends the call as at any other."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="apimart_async")
+    assert threading.current_thread() is threading.main_thread()
+    with sync_client(manual_temu) as client:
+        portal = client._loop.portal
+        real = portal.start_task_soon
+
+        def start_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+            future = real(*args, **kwargs)
+            signal.raise_signal(signal.SIGINT)  # before the caller holds the future
+            return future
+
+        monkeypatch.setattr(portal, "start_task_soon", start_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            client.videos.generate(am.VideoRequest("sora-2-preview", "a cat"))
+        monkeypatch.undo()
+        assert _watching(client) == []  # the call ended in the loop: nothing waits there
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(said) == 1 and "generate() was cancelled" in said[0]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
