@@ -24,7 +24,7 @@ import signal
 import ssl as _ssl
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, Final, Generic, ParamSpec, Self, TypeVar, overload
 
@@ -118,7 +118,7 @@ class _Loop:
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[list[int]]:
+def _ctrl_c_held() -> Generator[list[int], None, None]:
     """Ctrl-C held back while a call is handed to the loop (brk16h: one landing in anyio's
     ``start_task_soon`` lost the call's future, and the call ran on in the loop, never
     cancelled). Only on the main thread and over Python's own handler, which is put back;

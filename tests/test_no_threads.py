@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Generator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ SIZE = 512 * 1024
 
 
 @contextlib.contextmanager
-def no_new_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def no_new_threads(monkeypatch: pytest.MonkeyPatch) -> Generator[None, None, None]:
     """Every thread started from now on is refused, as CPython does when the OS refuses one
     (anyio's worker threads are ``threading.Thread`` too); threads already running go on."""
 
@@ -38,7 +38,7 @@ def no_new_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def emulated() -> AsyncIterator[tuple[Emulator, am.AsyncApimart]]:
+async def emulated() -> AsyncGenerator[tuple[Emulator, am.AsyncApimart], None]:
     async with (
         Emulator(task_duration=0.0, video_bytes=SIZE) as emu,
         am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
