@@ -28,20 +28,11 @@ import anyio.abc
 from ._admission import SubmitScheduler, admit_job, require_balance
 from ._api import Api, new_idempotency_key
 from ._channel import Channel
-from ._download import Downloader
+from ._download import Cuts, Downloader
 from ._errors import ApimartError, BatchStoppedError, JournalError, TaskTimeoutError
 from ._fleet import Solo, fleet_for, unclaim
 from ._interrupt import SigintHandler, announce_interrupt
-from ._jobs import (
-    Conclusion,
-    Job,
-    ResumePlan,
-    Stop,
-    cut_off,
-    file_stem,
-    read_inputs,
-    stop_after,
-)
+from ._jobs import Conclusion, Job, ResumePlan, Stop, cut_off, file_stem, read_inputs, stop_after
 from ._journal import JobRecord
 from ._ledger import Ledger
 from ._models import DownloadedFile, Task, VideoRequest
@@ -112,6 +103,7 @@ class BatchRun:
         self._started = 0.0
         self._ends_at = math.inf  # the batch deadline on anyio's clock
         self._floor = options.download_floor()
+        self._cuts = Cuts()  # the downloads in flight, cut when a stop's grace is over
         #: This batch's own requests by kind (its tasks and its reads count them here).
         self._tally: collections.Counter[str] = collections.Counter()
         #: Admitted jobs for the submitters (issue 16: a Channel, not an anyio stream).
@@ -210,11 +202,12 @@ class BatchRun:
         """Stop submitting now; keep following the tasks submitted (or being submitted) for up
         to ``grace`` seconds, then end the iteration. Unfinished jobs stay for a resume."""
         self._stop(Stop.CALLER)
-        if grace > 0 and self.roster.in_flight:
+        if grace > 0 and not self.roster.idle:
             self._notify()
             with anyio.move_on_after(grace):
-                while self.roster.in_flight:
+                while not self.roster.idle:  # files being fetched too
                     await self._changed_wait()
+        self._cuts.cut()  # a download still going stops: a resume fetches the rest
         self.roster.letting_go = True  # a submit still out: its task is left, not followed
         self._unfollow_all()
         self._maybe_close()
@@ -432,14 +425,17 @@ class BatchRun:
                 poller = self._poller
                 since = None if job.submitted_at is None else job.submitted_at - poller.now()
                 deadline = self.options.download_deadline(since, poller.time_scale, self._ends_at)
-                files, download_error = await self._downloader.task_files_by(
-                    deadline,
-                    result,
-                    self.download_dir,
-                    file_stem(job.index, job.name),
-                    max_bytes=self.options.max_bytes,
-                    floor=self._floor,
-                )
+                with self._cuts.scope() as cut:
+                    files, download_error = await self._downloader.task_files_by(
+                        deadline,
+                        result,
+                        self.download_dir,
+                        file_stem(job.index, job.name),
+                        max_bytes=self.options.max_bytes,
+                        floor=self._floor,
+                    )
+                if cut.cancelled_caught:  # a stop's grace is over: the part stays
+                    download_error = cut_off(task_id)
             end = self.roster.conclude(job, task_id, result, files, download_error)
             concluded = True
             self._publish(end, here=await self._ledger.finished(job, end, files))
@@ -451,6 +447,7 @@ class BatchRun:
             raise
         finally:
             self.roster.finishing -= 1
+            self._notify()  # a stop's grace may wait for it
             self._maybe_close()
 
     def _publish(self, end: Conclusion, *, here: bool = True) -> None:

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -71,7 +71,9 @@ from ._models import DownloadedFile, Task
 from ._threads import refused, run_sync
 from ._transport import StreamReply
 
-__all__ = ["DEFAULT_FLOOR", "Downloader", "RateFloor", "Refresh", "Stream", "inside", "safe_name"]
+__all__ = [
+    "DEFAULT_FLOOR", "Cuts", "Downloader", "RateFloor", "Refresh", "Stream", "inside", "safe_name",
+]  # fmt: skip
 
 #: Opens a streaming GET of a result file (``Transport.stream``: never with the API key).
 Stream = Callable[..., AbstractAsyncContextManager[StreamReply]]
@@ -569,6 +571,33 @@ class _Pipe:
             self.part.flush_sync()
         except OSError as exc:
             self.failed.append(exc)
+
+
+class Cuts:
+    """Downloads a stop may cut short (a batch's grace is over: brk16h, they went on to their
+    end, for ever from a stalled server): each runs in a cancel scope of its own, all
+    cancelled by ``cut``, and any started after it at once. What arrived stays in the part."""
+
+    def __init__(self) -> None:
+        self._scopes: set[anyio.CancelScope] = set()
+        self._cut = False
+
+    @contextlib.contextmanager
+    def scope(self) -> Generator[anyio.CancelScope, None, None]:
+        """A download's scope (``cancelled_caught``: it was cut)."""
+        with anyio.CancelScope() as scope:
+            if self._cut:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def cut(self) -> None:
+        self._cut = True
+        for scope in self._scopes:
+            scope.cancel()
 
 
 class Downloader:

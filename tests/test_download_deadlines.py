@@ -224,3 +224,37 @@ async def test_a_download_too_slow_on_every_attempt_ends_saying_what_was_tried(
     assert "4 attempts" in message and "kept for a resume" in message
     assert emu.counters["file"] == 4
     assert (tmp_path / "000000.mp4.part").stat().st_size == 4 * 256 * 1024
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.3])
+async def test_a_stop_s_grace_bounds_the_downloads_in_flight_too(
+    tmp_path: Path, grace: float
+) -> None:
+    """brk16h: ``stop(grace=...)`` (and Ctrl-C with ``--grace``) followed the running tasks
+    for the grace, but files already downloading went on to their end: 20 s after Ctrl-C
+    with slow files, and for ever with a stalled file server. Past the grace they are cut:
+    each job ends with a DownloadError (paid, its part kept: a resume fetches the rest)."""
+    async with (
+        Emulator(mode="manual", video_bytes=SIZE, file_chunk_delay=STALL) as emu,
+        am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
+    ):
+        try:
+            with anyio.fail_after(30):  # for ever, before: the CDN never sends the rest
+                async with client.batch(
+                    [sora(0), sora(1)], download_dir=tmp_path, journal=tmp_path / "j.sqlite"
+                ) as results:
+                    await emu.wait_until(lambda: emu.tasks_created == 2)
+                    emu.complete_all()
+                    await emu.wait_until(lambda: emu.state.in_flight["file"] == 2)
+                    await results.stop(grace=grace)
+                    outcomes = [o async for o in results]
+        finally:
+            emu.file_chunk_delay = 0
+    assert sorted(o.index for o in outcomes) == [0, 1]
+    for outcome in outcomes:
+        assert type(outcome.error) is am.DownloadError, outcome.error
+        assert "cut off" in str(outcome.error)
+        assert outcome.task is not None and outcome.task.ok
+    assert results.pending_task_ids() == []
+    records = am.SqliteJournal.read(tmp_path / "j.sqlite")
+    assert {r.state for r in records.values()} == {"downloading"}  # a resume fetches them
