@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -312,6 +313,12 @@ class Progress:
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _looks_like_a_key(value: str) -> bool:
+    """Whether a command-line value that should be a path looks like an API key (``sk-``
+    and a long run of key characters, no folder): then it is never printed back."""
+    return re.fullmatch(r"sk-[A-Za-z0-9_-]{8,}", value) is not None
 
 
 def _read_key(args: argparse.Namespace) -> str | None:
@@ -706,6 +713,12 @@ def _jobs_file_error(exc: am.JobsFileError) -> int:
 
 async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[RunLock]) -> int:
     ui = args.ui
+    if _looks_like_a_key(args.jobs) and not Path(args.jobs).exists():  # noqa: ASYNC240
+        # brk16h: the key given where the path goes was printed back in the error
+        raise UsageError(
+            "the jobs file does not exist (the value is not shown: it looks like an API key;"
+            " run takes the path of a JSONL or CSV jobs file)"
+        )
     try:
         # every line is checked before anything is sent, the file streamed (issue 16)
         tally = _check_pass(args, {}, warn=True)

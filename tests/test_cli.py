@@ -1160,3 +1160,16 @@ async def test_a_download_the_file_server_keeps_refusing_counts_as_to_download(
         assert emu.tasks_created == 2
     resumed = json.loads(stdout.splitlines()[-1])
     assert resumed["completed"] == 2 and resumed["cost"] == 0
+
+
+async def test_a_key_given_where_the_jobs_file_goes_is_not_printed_back(tmp_path: Path) -> None:
+    """brk16h: ``apimart-async run sk-...`` (the key where the jobs file's path goes) printed
+    'error: 1 problem(s) in sk-...': the key, on the terminal and in CI logs. A missing file
+    whose name looks like a key is not named; any other missing file still is."""
+    code, out, err = await cli("run", SECRET, "-o", str(tmp_path / "o"), key="sk-env-key-1234")
+    assert code == 2
+    assert SECRET not in out + err and SECRET[:12] not in out + err
+    assert "the jobs file does not exist" in err and "looks like an API key" in err
+    missing = tmp_path / "jobs.jsonl"
+    code, _, err = await cli("run", str(missing), "-o", str(tmp_path / "o"), key="sk-env-1234")
+    assert code == 2 and str(missing) in err  # a path is still named
