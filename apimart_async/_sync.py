@@ -32,7 +32,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._client import DEFAULT_WAIT_UNREACHABLE, AsyncApimart, Tasks, Uploads, Videos
 from ._config import DEFAULT_TIMEOUT, Timeout
-from ._errors import ClientClosedError
+from ._errors import ApimartError, ClientClosedError
 from ._handle import Batch
 from ._interrupt import refuse, sigint_is_ours_to_take
 from ._journal import SqliteJournal
@@ -41,6 +41,7 @@ from ._outcomes import Failure, Success
 from ._pg_journal import PostgresJournal
 from ._poll_schedule import PollPolicy
 from ._references import UploadStats
+from ._threads import refused
 
 __all__ = ["Apimart", "SyncBatch"]
 
@@ -438,7 +439,14 @@ class Apimart(_Facade):
         journal: str | os.PathLike[str] | SqliteJournal | PostgresJournal | None = None,
     ) -> None:
         stack = contextlib.ExitStack()
-        loop = _Loop(stack.enter_context(start_blocking_portal()))
+        try:
+            loop = _Loop(stack.enter_context(start_blocking_portal()))
+        except RuntimeError as exc:
+            if not refused(exc):
+                raise
+            raise ApimartError(
+                f"cannot start the client's event loop: the system refused a new thread ({exc})"
+            ) from None
         try:
             # Made and opened in the loop that runs it: its events belong to that loop.
             client = loop.call(

@@ -112,3 +112,13 @@ async def test_a_journal_without_threads_is_written_on_the_loop(
     assert {r.state for r in records.values()} == {"done"}
     assert {r.task_id for r in records.values()} == {o.task_id for o in outcomes}
     assert emu.tasks_created == 2
+
+
+def test_a_sync_client_without_threads_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """brk16h: ``Apimart()`` (its event loop runs on a thread of its own) raised a raw
+    ``RuntimeError: can't start new thread``."""
+    before = threading.active_count()
+    with no_new_threads(monkeypatch), pytest.raises(am.ApimartError) as info:
+        am.Apimart("sk-test-key-123456", base_url="http://127.0.0.1:9")
+    assert "refused a new thread" in str(info.value) and "sk-test" not in str(info.value)
+    assert threading.active_count() == before
