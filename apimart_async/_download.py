@@ -69,7 +69,7 @@ from ._errors import (
 )
 from ._models import DownloadedFile, Task
 from ._threads import refused, run_sync
-from ._transport import StreamReply
+from ._transport import DECODABLE, StreamReply
 
 __all__ = [
     "DEFAULT_FLOOR", "Cuts", "Downloader", "RateFloor", "Refresh", "Stream", "inside", "safe_name",
@@ -750,6 +750,27 @@ class Downloader:
             headers["Range"] = f"bytes={offset}-"
             if part.origin_tag is not None:  # the rest of that version, else all of the new
                 headers["If-Range"] = part.origin_tag
+        coding: list[str] = []  # the body's compression, once the headers are read
+        try:
+            return await self._get_in(url, part, max_bytes, floor, pipe, headers, coding)
+        except APIConnectionError as exc:  # aiohttp: "Can not decode content-encoding: gzip"
+            said = re.search(r"decode content-encoding: ([\w.-]+)(?: \(([\w.-]+)\))?", str(exc))
+            if said is None:
+                raise
+            raise _undecodable(url, coding[0] if coding else said[2] or said[1]) from None
+
+    async def _get_in(
+        self,
+        url: str,
+        part: _PartFile,
+        max_bytes: int | None,
+        floor: RateFloor | None,
+        pipe: _Pipe,
+        headers: dict[str, str],
+        coding: list[str],
+    ) -> tuple[int | None] | None:
+        """``_get`` with its ``headers``; ``coding`` gets the body's compression, if any."""
+        offset = part.size
         async with self._open_stream(url, headers=headers) as resp:
             if resp.status in (403, 404, 410):
                 raise DownloadGoneError(resp.status)
@@ -773,8 +794,12 @@ class Downloader:
             if offset and resp.status == 200:
                 return None
             encoded = _encoded(resp.headers)  # compressed though asked not to: decoded, it is
-            if encoded and offset:  # the file, but a range of it is no range of the file
-                return None
+            if encoded:  # the file, but a range of it is no range of the file
+                coding.append(str(resp.headers.get("Content-Encoding", "")).strip().lower())
+                if coding[0] not in DECODABLE:
+                    raise _undecodable(url, coding[0])
+                if offset:
+                    return None
             # its length (and version tag) are the compressed body's: the file's size is not
             # known, and the part it leaves, if cut, has no version to resume against
             total = None if encoded else _total_size(resp.status, resp.headers, offset)
@@ -960,6 +985,16 @@ def _error_page(headers: Any) -> str | None:
     if kind in ("application/json", "text/html", "application/xhtml+xml") or kind.endswith("+json"):
         return kind
     return None
+
+
+def _undecodable(url: str, coding: str) -> DownloadError:
+    """A file sent compressed (``coding``) although asked for as it is, that this client
+    cannot decode: sent so again on a retry, so none is made."""
+    return DownloadError(
+        f"the file server sent the file compressed ({coding}) although asked for it as it is,"
+        " and it cannot be decoded here",
+        url=url,
+    )
 
 
 def _encoded(headers: Any) -> bool:

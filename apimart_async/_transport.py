@@ -46,6 +46,7 @@ import aiohttp
 import anyio
 import attrs
 import backoff
+from aiohttp import compression_utils
 
 from . import _retry
 from ._config import Secret, Timeout
@@ -67,6 +68,7 @@ from ._version import __version__
 from ._watchdog import Watchdog, WatchedConnector
 
 __all__ = [
+    "DECODABLE",
     "Reply",
     "RetryMode",
     "SendTrack",
@@ -879,6 +881,14 @@ class Transport:
             ) from None
         finally:
             self._streams.discard(scope)
+
+
+#: Content codings the client decodes (br and zstd only with aiohttp's optional packages).
+DECODABLE: frozenset[str] = frozenset(
+    ("gzip", "x-gzip", "deflate")
+    + (("br",) if compression_utils.HAS_BROTLI else ())
+    + (("zstd",) if getattr(compression_utils, "HAS_ZSTD", False) else ())
+)
 
 
 async def _read_whole(resp: aiohttp.ClientResponse, method: str, path: str) -> bytes:

@@ -359,6 +359,33 @@ async def test_a_file_server_that_compresses_though_asked_not_to_still_gives_the
         assert asked == [("identity", None)]
 
 
+@pytest.mark.parametrize("coding", ["gzip", "zstd", "x-unknown"])
+async def test_a_body_compressed_past_decoding_is_one_clear_error_not_four_gets(
+    client: am.AsyncApimart, tmp_path: Path, coding: str
+) -> None:
+    """brk16h: a body compressed in a way that cannot be decoded (a broken gzip, a coding
+    this client has no decoder for) was retried 4 times, then 'download failed:
+    ClientPayloadError: 400, message:\n  Can not decode ...; what arrived is kept'."""
+    gets = 0
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        nonlocal gets
+        gets += 1
+        body = b"\x1f\x8b\x08\x00" + b"not gzip at all" * 100 if coding == "gzip" else b"x" * 999
+        return web.Response(
+            body=body, headers={"Content-Type": "video/mp4", "Content-Encoding": coding}
+        )
+
+    async with file_server(serve) as base:
+        with pytest.raises(am.DownloadError) as info:
+            await client.download(f"{base}/v.mp4", tmp_path / "v.mp4")
+    message = str(info.value)
+    assert gets == 1
+    assert f"compressed ({coding})" in message and "cannot be decoded" in message
+    assert "\n" not in message and "400" not in message
+    assert not (tmp_path / "v.mp4").exists()
+
+
 async def test_a_second_download_to_a_path_being_written_is_refused_and_spoils_nothing(
     client: am.AsyncApimart, tmp_path: Path
 ) -> None:
