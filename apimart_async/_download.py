@@ -123,7 +123,11 @@ _PART_FLAGS: int = (
     | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_BINARY", 0)
 )
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: What a file name keeps: letters and digits of any script, ``_``, ``.`` and ``-`` (brk16h:
+#: ASCII alone made every Chinese or Japanese name "video"); anything else becomes ``_``.
+_SAFE = re.compile(r"[^\w.-]+")
+#: The longest name kept, in UTF-8 bytes: room for ``~99.mp4.part.origin`` in 255.
+_NAME_BYTES = 200
 
 
 @attrs.frozen
@@ -148,7 +152,9 @@ def safe_name(name: str, *, fallback: str = "video") -> str:
     """A file name that is safe on every OS and cannot name another directory."""
     text = unicodedata.normalize("NFKC", str(name))
     text = _SAFE.sub("_", text).strip("._")[:120]
-    return text or fallback
+    while len(text.encode()) > _NAME_BYTES:
+        text = text[:-1]
+    return text.rstrip("._") or fallback
 
 
 def disk_error(path: Path, exc: OSError) -> DownloadError:

@@ -162,13 +162,18 @@ async def test_only_http_urls(client: am.AsyncApimart, tmp_path: Path) -> None:
         ("", "video"),
         ("a\x00b", "a_b"),
         ("ｆｕｌｌｗｉｄｔｈ", "fullwidth"),
-        ("名前", "video"),
+        ("名前", "名前"),  # brk16h: every name in another script was "video"
+        ("猫", "猫"),
+        ("Ünïcode ✓ café", "Ünïcode_café"),
+        ("\u202eevil\u202c.exe", "evil_.exe"),  # a direction override is no letter
+        ("猫" * 100, "猫" * 66),  # 198 bytes: room for ~2.mp4.part.origin in 255
         ("C:\\win\\x", "C_win_x"),
         ("ok-name_1.2", "ok-name_1.2"),
     ],
 )
 def test_safe_names(name: str, safe: str, tmp_path: Path) -> None:
     assert safe_name(name) == safe
+    assert len(safe.encode()) <= 200
     assert inside(tmp_path, safe_name(name) + ".mp4").parent == tmp_path.resolve()
 
 
