@@ -27,9 +27,11 @@ from ._download import safe_name
 from ._errors import (
     ApimartError,
     APIStatusError,
+    AuthenticationError,
     ClientClosedError,
     DownloadError,
     FieldError,
+    InsufficientBalanceError,
     JournalMismatchError,
     NotFoundError,
     NoVideoError,
@@ -74,6 +76,7 @@ class Stop(enum.Enum):
     JOB_FAILED = "a job failed"
     INPUT_FAILED = "reading the requests failed"
     JOURNAL_FAILED = "the journal cannot be written"
+    ACCOUNT = "the service refused the account"
 
     def describe(self, detail: str | None = None) -> str:
         """The description ``Batch.stopped`` shows: a failed job's own words, the input's
@@ -563,9 +566,15 @@ def stop_after(
     result: Task | ApimartError, *, stop_on_error: bool, what: str
 ) -> tuple[Stop, str | None] | None:
     """Whether a job's end (a task, or an error) stops the batch, and why: the client was
-    closed, or the job failed under ``stop_on_error`` (``what`` says which); None: go on."""
+    closed; the key was refused (401) or the balance is too low (402), which every later
+    submit would meet too (brk16h: a wrong key sent every job's POST); or the job failed
+    under ``stop_on_error`` (``what`` says which). None: go on."""
     if isinstance(result, ClientClosedError):
         return Stop.CLIENT_CLOSED, None
+    if isinstance(result, AuthenticationError):
+        return Stop.ACCOUNT, f"the API key was refused ({result}); fix it and run again"
+    if isinstance(result, InsufficientBalanceError):
+        return Stop.ACCOUNT, f"the balance is too low ({result}); top it up and run again"
     if stop_on_error and (isinstance(result, ApimartError) or not result.ok):
         return Stop.JOB_FAILED, what
     return None

@@ -606,3 +606,31 @@ async def test_a_path_with_a_lone_surrogate_is_refused_by_name(
     # a file name is only a label: sent with the character replaced, as a non-UTF-8 one is
     png = b"\x89PNG\r\n\x1a\n" + bytes(64)
     assert (await manual_client.uploads.image(png, filename="\ud800.png")).startswith("http")
+
+
+@pytest.mark.parametrize("refusal", ["wrong key", "no balance"])
+async def test_a_refused_key_or_an_empty_balance_stops_submitting(refusal: str) -> None:
+    """brk16h: a wrong key sent all 200 jobs' POSTs, each answered 401 (and an empty balance
+    each 402): every later submit gets the same answer. The first such answer stops the
+    batch, as ``stop_on_error`` would: the jobs not yet sent are not (a re-run, key or
+    balance fixed, sends them), nothing billed."""
+    options: dict[str, object] = {"api_key": "sk-right-key-123456"}
+    if refusal == "no balance":
+        options["balance"] = 0.0
+    async with Emulator(**options) as emu:  # type: ignore[arg-type]
+        key = "sk-wrong-key-123456" if refusal == "wrong key" else emu.api_key
+        async with (
+            am.AsyncApimart(key, base_url=emu.base_url, poll=FAST_POLL) as client,
+            client.batch([sora(i) for i in range(40)], concurrency=2) as results,
+        ):
+            outcomes = await drain(results)
+    indexes = [o.index for o in outcomes]
+    assert len(set(indexes)) == len(indexes) == results.stats().read  # each job read, once
+    expected = am.AuthenticationError if refusal == "wrong key" else am.InsufficientBalanceError
+    refused = [o for o in outcomes if isinstance(o.error, expected)]
+    stopped = [o for o in outcomes if isinstance(o.error, am.BatchStoppedError)]
+    assert 1 <= len(refused) <= 2 and len(refused) + len(stopped) == len(outcomes) <= 4
+    assert emu.counters["submit"] == len(refused)  # at most the two already in flight
+    assert emu.tasks_created == 0
+    assert results.stopped is not None
+    assert ("API key" if refusal == "wrong key" else "balance") in results.stopped
