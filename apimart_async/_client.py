@@ -594,15 +594,7 @@ class Videos:
         try:
             task_id = await self._api.submit(sent, idempotency_key=key)
         except anyio.get_cancelled_exc_class():
-            logger.warning(
-                "submit() was cancelled during its submit (idempotency key %s): the service"
-                " may have created a task; %s",
-                key,
-                self._hint(
-                    "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
-                    "submit the same request with this idempotency_key to get it",
-                ),
-            )
+            self._in_doubt("submit() was cancelled during its submit", key)
             raise
         if webhook_url is not None and sent.webhook == webhook_url:
             self._tasks._covered(task_id, submitted_at)
@@ -611,6 +603,18 @@ class Videos:
     def _hint(self, journaled: str, plain: str) -> str:
         """Where a caller finds a task a cancelled ``generate()`` left (with a journal, or not)."""
         return journaled if self._tasks._journal is not None else plain
+
+    def _in_doubt(self, what: str, key: str) -> None:
+        """Say, at WARNING, that a submit ended without its reply: the task may exist."""
+        logger.warning(
+            "%s (idempotency key %s): the service may have created a task; %s",
+            what,
+            key,
+            self._hint(
+                "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
+                "submit the same request with this idempotency_key to get it",
+            ),
+        )
 
     async def generate(
         self,
@@ -661,10 +665,6 @@ class Videos:
         poller = self._tasks._poller
         submitted_at = poller.now()
         key = new_idempotency_key() if idempotency_key is None else idempotency_key
-        where = self._hint(
-            "client.tasks.unfinished() lists the key and tasks.recover() finds the task",
-            "submit the same request with this idempotency_key to get it",
-        )
         task_id: str | None = None
         try:
             # fix21: ``timeout`` covers the submit too (a service holding the POST held the
@@ -674,22 +674,11 @@ class Videos:
             with anyio.move_on_after(limit):
                 task_id = await self._api.submit(request, idempotency_key=key)
         except anyio.get_cancelled_exc_class():
-            logger.warning(
-                "generate() was cancelled during its submit (idempotency key %s): the service"
-                " may have created a task; %s",
-                key,
-                where,
-            )
+            self._in_doubt("generate() was cancelled during its submit", key)
             raise
         if task_id is None:  # the time ran out during the submit: in doubt, as a cancel is
             assert timeout is not None
-            logger.warning(
-                "generate() reached its timeout (%g s) during its submit (idempotency key %s):"
-                " the service may have created a task; %s",
-                timeout,
-                key,
-                where,
-            )
+            self._in_doubt(f"generate() reached its timeout ({timeout:g} s) during its submit", key)
             raise TaskTimeoutError(None, timeout, idempotency_key=key)
         try:
             if on_submitted is not None:

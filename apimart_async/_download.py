@@ -467,6 +467,8 @@ class _Pipe:
         self._flushed_at = part.size
         self._flush_after = _FIRST_FLUSH  # bytes written before the next flush
         self.failed: list[OSError] = []
+        #: The body's compression, when the server compressed it though asked not to.
+        self.coding: str | None = None
 
     async def run(self) -> None:
         """The writer, on a worker thread until ``close`` (which the reader always calls):
@@ -726,7 +728,7 @@ class Downloader:
             finally:
                 pipe.close([])  # the writer stores what was queued, then ends
         if error is not None:
-            raise error
+            raise _undecoded(error, url, pipe.coding)
         if pipe.failed:
             raise disk_error(part.dest, pipe.failed[0]) from pipe.failed[0]
         if copied is None:
@@ -756,27 +758,6 @@ class Downloader:
             headers["Range"] = f"bytes={offset}-"
             if part.origin_tag is not None:  # the rest of that version, else all of the new
                 headers["If-Range"] = part.origin_tag
-        coding: list[str] = []  # the body's compression, once the headers are read
-        try:
-            return await self._get_in(url, part, max_bytes, floor, pipe, headers, coding)
-        except APIConnectionError as exc:  # aiohttp: "Can not decode content-encoding: gzip"
-            said = re.search(r"decode content-encoding: ([\w.-]+)(?: \(([\w.-]+)\))?", str(exc))
-            if said is None:
-                raise
-            raise _undecodable(url, coding[0] if coding else said[2] or said[1]) from None
-
-    async def _get_in(
-        self,
-        url: str,
-        part: _PartFile,
-        max_bytes: int | None,
-        floor: RateFloor | None,
-        pipe: _Pipe,
-        headers: dict[str, str],
-        coding: list[str],
-    ) -> tuple[int | None] | None:
-        """``_get`` with its ``headers``; ``coding`` gets the body's compression, if any."""
-        offset = part.size
         async with self._open_stream(url, headers=headers) as resp:
             if resp.status in (403, 404, 410):
                 raise DownloadGoneError(resp.status)
@@ -801,9 +782,9 @@ class Downloader:
                 return None
             encoded = _encoded(resp.headers)  # compressed though asked not to: decoded, it is
             if encoded:  # the file, but a range of it is no range of the file
-                coding.append(str(resp.headers.get("Content-Encoding", "")).strip().lower())
-                if coding[0] not in DECODABLE:
-                    raise _undecodable(url, coding[0])
+                pipe.coding = str(resp.headers.get("Content-Encoding", "")).strip().lower()
+                if pipe.coding not in DECODABLE:
+                    raise _undecodable(url, pipe.coding)
                 if offset:
                     return None
             # its length (and version tag) are the compressed body's: the file's size is not
@@ -1001,6 +982,15 @@ def _undecodable(url: str, coding: str) -> DownloadError:
         " and it cannot be decoded here",
         url=url,
     )
+
+
+def _undecoded(error: Exception, url: str, coding: str | None) -> Exception:
+    """``error``, or the ``_undecodable`` it means (aiohttp: "Can not decode
+    content-encoding: gzip", also before the headers reach the downloader)."""
+    said = re.search(r"decode content-encoding: ([\w.-]+)(?: \(([\w.-]+)\))?", str(error))
+    if not isinstance(error, APIConnectionError) or said is None:
+        return error
+    return _undecodable(url, coding or said[2] or said[1])
 
 
 def _encoded(headers: Any) -> bool:

@@ -62,6 +62,18 @@ def whole(emu: Emulator, outcome: am.Outcome) -> bool:
     )
 
 
+async def one_job_under_a_floor(emu: Emulator, client: am.AsyncApimart, where: Path) -> am.Outcome:
+    """One job, completed at once, its file downloaded into ``where`` under a floor of
+    64 KiB per 0.2 s window; its outcome."""
+    async with client.batch(
+        [sora(0)], download_dir=where, min_download_rate=64 * 1024, download_rate_window=0.2
+    ) as results:
+        await emu.wait_until(lambda: emu.tasks_created == 1)
+        emu.complete_all()
+        (outcome,) = await drain(results)
+    return outcome
+
+
 async def test_a_stalled_download_is_cut_by_the_rate_floor_and_resumed(
     emu: Emulator, client: am.AsyncApimart, tmp_path: Path
 ) -> None:
@@ -77,15 +89,7 @@ async def test_a_stalled_download_is_cut_by_the_rate_floor_and_resumed(
         return real_stream(url, **kwargs)
 
     client._downloader._open_stream = stream
-    async with client.batch(
-        [sora(0)],
-        download_dir=tmp_path,
-        min_download_rate=64 * 1024,
-        download_rate_window=0.2,
-    ) as results:
-        await emu.wait_until(lambda: emu.tasks_created == 1)
-        emu.complete_all()
-        (outcome,) = await drain(results)
+    outcome = await one_job_under_a_floor(emu, client, tmp_path)
     assert outcome.ok, outcome.error
     assert whole(emu, outcome)
     assert opened == 2 and emu.counters["file"] == 2
@@ -206,15 +210,7 @@ async def test_a_download_too_slow_on_every_attempt_ends_saying_what_was_tried(
         am.AsyncApimart(emu.api_key, base_url=emu.base_url, poll=FAST_POLL) as client,
     ):
         try:
-            async with client.batch(
-                [sora(0)],
-                download_dir=tmp_path,
-                min_download_rate=64 * 1024,
-                download_rate_window=0.2,
-            ) as results:
-                await emu.wait_until(lambda: emu.tasks_created == 1)
-                emu.complete_all()
-                (outcome,) = await drain(results)
+            outcome = await one_job_under_a_floor(emu, client, tmp_path)
         finally:
             emu.file_chunk_delay = 0  # a stalled transfer ends before the server stops
     assert type(outcome.error) is am.APIConnectionError
