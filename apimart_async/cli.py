@@ -848,14 +848,15 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             progress.outcome(outcome)
             gallery.outcome(outcome)
         progress.close()
-        running = len(set(results.pending_task_ids()) - progress.errored_tasks) + len(
-            results.unconfirmed_submissions()
-        )
+        running = len(set(results.pending_task_ids()) - progress.errored_tasks)
+        # submits cut off before their reply: a task may exist (brk16h: counted as running)
+        unconfirmed = len(results.unconfirmed_submissions())
     seen = progress.done
     elsewhere, completed_elsewhere = await _ended_elsewhere(journal, mine)
-    not_started = progress.counts["not started"] + max(0, len(jobs) - seen - running - elsewhere)
+    left = running + unconfirmed + elsewhere
+    not_started = progress.counts["not started"] + max(0, len(jobs) - seen - left)
     c = progress.counts
-    everything_ended = not_started == 0 and running == 0 and not progress.to_download
+    everything_ended = not (not_started or running or unconfirmed or progress.to_download)
     interrupted = bool(results.interrupted) and not everything_ended
     resume = _resume_text(argv, args) if interrupted else None
     summary = {
@@ -865,6 +866,7 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
         "errored": c["errored"],
         "not_started": not_started,
         "running": running,
+        "unconfirmed": unconfirmed,
         "to_download": progress.to_download,
         "replayed": progress.replayed,
         "cost": round(progress.cost, 6),
@@ -893,6 +895,14 @@ async def _cmd_run(args: argparse.Namespace, argv: Sequence[str], held: list[Run
             rows.append(("elsewhere", f"{elsewhere} ended by other workers of the batch"))
         if running:
             rows.append(("running", f"{running} (at the service; a resume picks them up)"))
+        if unconfirmed:
+            rows.append(
+                (
+                    "unconfirmed",
+                    f"{unconfirmed} submit(s) cut off before their reply: a task may exist; a"
+                    " resume sends each again with its key (never billed twice)",
+                )
+            )
         if progress.no_task:
             rows.append(
                 (

@@ -1173,3 +1173,42 @@ async def test_a_key_given_where_the_jobs_file_goes_is_not_printed_back(tmp_path
     missing = tmp_path / "jobs.jsonl"
     code, _, err = await cli("run", str(missing), "-o", str(tmp_path / "o"), key="sk-env-1234")
     assert code == 2 and str(missing) in err  # a path is still named
+
+
+async def test_submits_cut_off_by_ctrl_c_are_unconfirmed_not_running(tmp_path: Path) -> None:
+    """brk16h: Ctrl-C (``--grace 0``) while two POSTs waited for their replies: the summary
+    said 'running 2 (at the service...)' though the service had created no task yet. They
+    are 'unconfirmed' (a task may exist), counted once; the resume sends each again with its
+    key, and the service bills one task per job whatever the first POST became."""
+    from apimart_async.emulator import Fault
+
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"} for i in range(4)]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": "sk-cli-unconfirmed"}
+    run = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(out), "--json"]
+    async with Emulator(api_key="sk-cli-unconfirmed", task_duration=0.0) as emu:
+        emu.faults.inject("submit", Fault.slow(2.0), times=2)  # the replies come late
+        cmd = [*run, "--base-url", emu.base_url, "--grace", "0", "--concurrency", "2"]
+        async with await anyio.open_process(cmd, env=env) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            await emu.wait_until(lambda: emu.state.in_flight["submit"] == 2, timeout=60)
+            proc.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                await proc.wait()
+            stdout = (await read_rest(proc.stdout)).decode()
+            stderr = (await read_rest(proc.stderr)).decode()
+        assert proc.returncode == 130, stderr
+        summary = json.loads(stdout.splitlines()[-1])
+        assert summary["unconfirmed"] == 2 and summary["running"] == 0
+        total = sum(summary[k] for k in ("completed", "failed", "errored", "not_started"))
+        assert total + summary["unconfirmed"] == 4  # each job once
+        assert summary["resume"] is not None
+        await emu.wait_until(lambda: emu.tasks_created == 2, timeout=30)  # the late POSTs
+        code, stdout, stderr = await cli(
+            *shlex.split(summary["resume"])[1:], key="sk-cli-unconfirmed"
+        )
+        assert code == 0, stderr
+        assert emu.tasks_created == 4 and set(emu.tasks_per_key.values()) == {1}
+    assert json.loads(stdout.splitlines()[-1])["completed"] == 4
