@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -1079,6 +1080,34 @@ async def test_a_run_started_in_the_background_does_not_warn_about_sigint_grace(
     assert "sigint_grace" not in err and "ApimartWarning" not in err
 
 
+def four_jobs(tmp_path: Path) -> Path:
+    """A jobs file of four named jobs (``j0``..``j3``) in ``tmp_path``."""
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"} for i in range(4)]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return jobs
+
+
+async def ctrl_c_run(
+    emu: Emulator, jobs: Path, out: Path, when: Callable[[], bool], *flags: str
+) -> tuple[str, str]:
+    """``run --json --grace 0`` against ``emu`` with its key, SIGINT once ``when()`` holds;
+    its stdout and stderr (it must end with 130, interrupted)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": emu.api_key}
+    cmd = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(out)]
+    cmd += ["--json", "--base-url", emu.base_url, "--grace", "0", *flags]
+    async with await anyio.open_process(cmd, env=env) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        await emu.wait_until(when, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+        stdout = (await read_rest(proc.stdout)).decode()
+        stderr = (await read_rest(proc.stderr)).decode()
+    assert proc.returncode == 130, stderr
+    return stdout, stderr
+
+
 async def test_ctrl_c_while_files_download_counts_the_paid_jobs_and_prints_a_resume(
     tmp_path: Path,
 ) -> None:
@@ -1086,25 +1115,11 @@ async def test_ctrl_c_while_files_download_counts_the_paid_jobs_and_prints_a_res
     said all 4 jobs 'not started', cost $0 and 'running 0', though all 4 were paid for and
     their files half here. Each is counted once, with its cost, as a file still to fetch;
     the resume line is printed and fetches them without a new task."""
-    jobs = tmp_path / "jobs.jsonl"
-    lines = [{"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"} for i in range(4)]
-    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = tmp_path / "o"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": "sk-cli-cut"}
-    run = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(out), "--json"]
+    jobs, out = four_jobs(tmp_path), tmp_path / "o"
     async with Emulator(
         api_key="sk-cli-cut", task_duration=0.0, video_bytes=4 << 20, file_chunk_delay=60
     ) as emu:
-        cmd = [*run, "--base-url", emu.base_url, "--grace", "0"]
-        async with await anyio.open_process(cmd, env=env) as proc:
-            assert proc.stdout is not None and proc.stderr is not None
-            await emu.wait_until(lambda: emu.state.in_flight["file"] == 4, timeout=60)
-            proc.send_signal(signal.SIGINT)
-            with anyio.fail_after(60):
-                await proc.wait()
-            stdout = (await read_rest(proc.stdout)).decode()
-            stderr = (await read_rest(proc.stderr)).decode()
-        assert proc.returncode == 130, stderr
+        stdout, stderr = await ctrl_c_run(emu, jobs, out, lambda: emu.state.in_flight["file"] == 4)
         events = [json.loads(line) for line in stdout.splitlines()]
         summary = events[-1]
         assert summary["event"] == "summary"
@@ -1182,24 +1197,11 @@ async def test_submits_cut_off_by_ctrl_c_are_unconfirmed_not_running(tmp_path: P
     key, and the service bills one task per job whatever the first POST became."""
     from apimart_async.emulator import Fault
 
-    jobs = tmp_path / "jobs.jsonl"
-    lines = [{"name": f"j{i}", "model": "sora-2-preview", "prompt": f"p {i}"} for i in range(4)]
-    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = tmp_path / "o"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "APIMART_API_KEY": "sk-cli-unconfirmed"}
-    run = [sys.executable, "-m", "apimart_async.cli", "run", str(jobs), "-o", str(out), "--json"]
+    jobs, out = four_jobs(tmp_path), tmp_path / "o"
     async with Emulator(api_key="sk-cli-unconfirmed", task_duration=0.0) as emu:
         emu.faults.inject("submit", Fault.slow(2.0), times=2)  # the replies come late
-        cmd = [*run, "--base-url", emu.base_url, "--grace", "0", "--concurrency", "2"]
-        async with await anyio.open_process(cmd, env=env) as proc:
-            assert proc.stdout is not None and proc.stderr is not None
-            await emu.wait_until(lambda: emu.state.in_flight["submit"] == 2, timeout=60)
-            proc.send_signal(signal.SIGINT)
-            with anyio.fail_after(60):
-                await proc.wait()
-            stdout = (await read_rest(proc.stdout)).decode()
-            stderr = (await read_rest(proc.stderr)).decode()
-        assert proc.returncode == 130, stderr
+        held = lambda: emu.state.in_flight["submit"] == 2  # noqa: E731
+        stdout, stderr = await ctrl_c_run(emu, jobs, out, held, "--concurrency", "2")
         summary = json.loads(stdout.splitlines()[-1])
         assert summary["unconfirmed"] == 2 and summary["running"] == 0
         total = sum(summary[k] for k in ("completed", "failed", "errored", "not_started"))
