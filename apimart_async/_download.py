@@ -780,17 +780,18 @@ class Downloader:
                 )
             if offset and resp.status == 200:
                 return None
-            encoded = _encoded(resp.headers)  # compressed though asked not to: decoded, it is
-            if encoded:  # the file, but a range of it is no range of the file
-                pipe.coding = str(resp.headers.get("Content-Encoding", "")).strip().lower()
-                if pipe.coding not in DECODABLE:
-                    raise _undecodable(url, pipe.coding)
+            # compressed though asked not to: decoded, it is the file, but a range of it is no
+            # range of the file
+            pipe.coding = coding = _coding(resp.headers)
+            if coding is not None:
+                if coding not in DECODABLE:
+                    raise _undecodable(url, coding)
                 if offset:
                     return None
             # its length (and version tag) are the compressed body's: the file's size is not
             # known, and the part it leaves, if cut, has no version to resume against
-            total = None if encoded else _total_size(resp.status, resp.headers, offset)
-            tag = None if encoded else _validator(resp.headers)
+            total = None if coding else _total_size(resp.status, resp.headers, offset)
+            tag = None if coding else _validator(resp.headers)
             if not offset:  # kept on disk by the writer thread before the part's first byte
                 pipe.origin = part.origin_total, part.origin_tag = total, tag
             elif (None not in (total, part.origin_total) and total != part.origin_total) or (
@@ -993,11 +994,11 @@ def _undecoded(error: Exception, url: str, coding: str | None) -> Exception:
     return _undecodable(url, coding or said[2] or said[1])
 
 
-def _encoded(headers: Any) -> bool:
-    """Whether a reply's body is compressed (aiohttp decodes it: the bytes read are the
+def _coding(headers: Any) -> str | None:
+    """A reply body's compression, if any (aiohttp decodes it: the bytes read are the
     file's, its ``Content-Length`` and ``Content-Range`` are not)."""
     coding = str(headers.get("Content-Encoding", "")).strip().lower()
-    return coding not in ("", "identity")
+    return None if coding in ("", "identity") else coding
 
 
 def _total_size(status: int, headers: Any, offset: int) -> int | None:
